@@ -1,0 +1,107 @@
+"""DeepSeek-V4 attention: shared-KV MQA (one 512-wide head used as key and value), low-rank
+queries with a weightless per-head norm, partial interleaved RoPE, a sliding window, compressed
+entries (CSA / HCA), per-head sinks, inverse RoPE on the output, grouped low-rank output.
+
+`attend` is the core both the full-sequence and the cached paths call: queries against an
+explicit key set with an explicit visibility mask, so the cache only has to supply keys."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atom_jax.config import CSA, HCA, SLIDING, ModelConfig
+from atom_jax.models.compressor import Compressor, Indexer, visible_entries
+from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
+
+
+def attend(q, keys, visible, sinks, scale):
+    """q [B,S,H,D]; keys [B,K,D] (also the values); visible bool [B,S,K]; sinks [H] -> [B,S,H,D].
+
+    Softmax over the keys plus one sink logit per head whose probability is dropped."""
+    logits = jnp.einsum("bshd,bkd->bhsk", q.astype(jnp.float32), keys.astype(jnp.float32)) * scale
+    logits = jnp.where(visible[:, None], logits, -jnp.inf)
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (*logits.shape[:3], 1))
+    full = jnp.concatenate([logits, sink], axis=-1)
+    probs = jax.nn.softmax(full, axis=-1)[..., :-1]
+    out = jnp.einsum("bhsk,bkd->bshd", probs, keys.astype(jnp.float32))
+    return out.astype(q.dtype)
+
+
+def sliding_visible(q_pos, k_pos, window):
+    """Key at position p is visible to query t iff t - window < p <= t. -> bool [B,S,K]."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    return (diff >= 0) & (diff < window)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.kind = cfg.attn_kinds[layer]
+        self.ratio = cfg.ratio(layer)
+        h, d = cfg.num_heads, cfg.head_dim
+        self.wq_a = normal_param(rngs, (cfg.hidden_size, cfg.q_lora_rank), dtype)
+        self.q_norm = const_param((cfg.q_lora_rank,), 1.0)
+        self.wq_b = normal_param(rngs, (cfg.q_lora_rank, h * d), dtype)
+        self.wkv = normal_param(rngs, (cfg.hidden_size, d), dtype)
+        self.kv_norm = const_param((d,), 1.0)
+        # grouped output: [G, H*D/G, o_lora] then [G*o_lora, hidden]
+        self.wo_a = normal_param(rngs, (cfg.o_groups, h * d // cfg.o_groups, cfg.o_lora_rank), dtype)
+        self.wo_b = normal_param(rngs, (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size), dtype)
+        self.sinks = const_param((h,), 0.0)
+        if self.kind != SLIDING:
+            self.compressor = Compressor(cfg, self.ratio, d, self.kind == CSA, rngs, dtype)
+        if self.kind == CSA:
+            self.indexer = Indexer(cfg, rngs, dtype)
+
+    @property
+    def inv_freq(self):
+        # a trace-time constant; kept off the module so nnx never treats it as state
+        return rope_inv_freq(self.cfg, compressed=self.kind != SLIDING)
+
+    # ---- pieces shared with the cached path ------------------------------------------------
+    def queries(self, x, positions):
+        """x [B,S,D] -> (q [B,S,H,hd] roped, q_lora [B,S,R] for the indexer)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q_lora = rms_norm(x @ self.wq_a[...], self.q_norm[...], cfg.rms_norm_eps)
+        q = (q_lora @ self.wq_b[...]).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        q = rms_norm(q, None, cfg.rms_norm_eps)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        return apply_rope(q, cos[:, :, None], sin[:, :, None]), q_lora
+
+    def keys(self, x, positions):
+        """x [B,S,D] -> sliding-window key/value rows [B,S,hd], roped."""
+        kv = rms_norm(x @ self.wkv[...], self.kv_norm[...], self.cfg.rms_norm_eps)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        return apply_rope(kv, cos, sin)
+
+    def output(self, attn, positions):
+        """attn [B,S,H,hd] -> [B,S,hidden]: undo RoPE at the query position, grouped projection."""
+        cfg = self.cfg
+        b, s = attn.shape[:2]
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        attn = apply_rope(attn, cos[:, :, None], sin[:, :, None], inverse=True)
+        grouped = attn.reshape(b, s, cfg.o_groups, -1)
+        mid = jnp.einsum("bsgi,gio->bsgo", grouped, self.wo_a[...]).reshape(b, s, -1)
+        return mid @ self.wo_b[...]
+
+    # ---- full-sequence forward ---------------------------------------------------------------
+    def __call__(self, x, positions):
+        """x [B,S,D] with positions [B,S] = 0..S-1 -> [B,S,D]."""
+        cfg = self.cfg
+        q, q_lora = self.queries(x, positions)
+        keys = self.keys(x, positions)
+        visible = sliding_visible(positions, positions, cfg.sliding_window)
+        if self.kind != SLIDING:
+            entries = self.compressor.full_sequence(x, self.inv_freq).astype(keys.dtype)
+            seen = visible_entries(positions, entries.shape[1], self.ratio)
+            if self.kind == CSA:
+                ikeys = self.indexer.compressor.full_sequence(x, self.inv_freq)
+                scores = self.indexer.scores(x, q_lora, positions, ikeys, self.inv_freq)
+                seen = self.indexer.select(scores, seen)
+            keys = jnp.concatenate([keys, entries], axis=1)
+            visible = jnp.concatenate([visible, seen], axis=-1)
+        out = attend(q, keys, visible, self.sinks[...], cfg.head_dim ** -0.5)
+        return self.output(out, positions)

@@ -1,0 +1,116 @@
+"""KV compressors (CSA with overlapping windows, HCA without) and CSA's lightning indexer.
+
+A compressor turns every `ratio` source tokens into one entry: a per-channel softmax over the
+window of (gate + learned position bias) weights the projected KV, then RMSNorm and RoPE at the
+window's first position. CSA projects two series per token (Ca | Cb): entry w mixes window w-1's
+Ca with window w's Cb, so its effective window is 2 * ratio with stride ratio.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atom_jax.config import ModelConfig
+from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin
+
+
+def pool_windows(kv, gate, overlap: bool, prev_ca_kv=None, prev_ca_gate=None):
+    """kv/gate [B, W, ratio, c*d] (gate already has the position bias) -> pooled [B, W, d] float32.
+
+    overlap: c == 2; window w's pool covers Ca of window w-1 then Cb of window w. For w == 0 the
+    Ca half comes from `prev_ca_*` ([B, ratio, d]) when given, else has zero weight."""
+    kv = kv.astype(jnp.float32)
+    gate = gate.astype(jnp.float32)
+    if overlap:
+        d = kv.shape[-1] // 2
+        b, w, r, _ = kv.shape
+        ca_kv, cb_kv = kv[..., :d], kv[..., d:]
+        ca_g, cb_g = gate[..., :d], gate[..., d:]
+        if prev_ca_kv is None:
+            first_kv = jnp.zeros((b, 1, r, d), jnp.float32)
+            first_g = jnp.full((b, 1, r, d), -jnp.inf, jnp.float32)
+        else:
+            first_kv = prev_ca_kv.astype(jnp.float32)[:, None]
+            first_g = prev_ca_gate.astype(jnp.float32)[:, None]
+        shifted_kv = jnp.concatenate([first_kv, ca_kv[:, :-1]], axis=1)
+        shifted_g = jnp.concatenate([first_g, ca_g[:, :-1]], axis=1)
+        kv = jnp.concatenate([shifted_kv, cb_kv], axis=2)
+        gate = jnp.concatenate([shifted_g, cb_g], axis=2)
+    weights = jax.nn.softmax(gate, axis=2)
+    return jnp.sum(kv * weights, axis=2)
+
+
+class Compressor(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, overlap: bool, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        self.cfg = cfg
+        self.ratio = ratio
+        self.head_dim = head_dim
+        self.overlap = overlap
+        c = 2 if overlap else 1
+        self.wkv = normal_param(rngs, (cfg.hidden_size, c * head_dim), dtype)
+        self.wgate = normal_param(rngs, (cfg.hidden_size, c * head_dim), dtype)
+        self.ape = const_param((ratio, c * head_dim), 0.0)
+        self.norm = const_param((head_dim,), 1.0)
+
+    def project(self, x):
+        """Per-token (kv, gate) projections [.., c*d]; what a cache accumulates between windows."""
+        return x @ self.wkv[...], x @ self.wgate[...]
+
+    def finish(self, pooled, first_positions, inv_freq):
+        """RMSNorm then RoPE at each window's first position."""
+        out = rms_norm(pooled, self.norm[...], self.cfg.rms_norm_eps)
+        cos, sin = rope_cos_sin(first_positions, inv_freq)
+        return apply_rope(out, cos, sin)
+
+    def full_sequence(self, x, inv_freq):
+        """x [B, S, D] from position 0 -> entries [B, S // ratio, d] (float32)."""
+        b, s, _ = x.shape
+        nw = s // self.ratio
+        kv, gate = self.project(x[:, : nw * self.ratio])
+        kv = kv.reshape(b, nw, self.ratio, -1)
+        gate = gate.reshape(b, nw, self.ratio, -1) + self.ape[...]
+        pooled = pool_windows(kv, gate, self.overlap)
+        first = jnp.broadcast_to(jnp.arange(nw) * self.ratio, (b, nw))
+        return self.finish(pooled, first, inv_freq)
+
+
+def visible_entries(positions, n_entries, ratio):
+    """Query at position t sees compressed entry w iff w < (t + 1) // ratio. -> bool [B, S, T]."""
+    limit = (positions + 1) // ratio
+    return jnp.arange(n_entries)[None, None, :] < limit[..., None]
+
+
+class Indexer(nnx.Module):
+    """Lightning indexer: score_t(w) = sum_h weight_{t,h} * relu(q_{t,h} . k_w), keep the top-k
+    causally visible entries per query."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim, True, rngs, dtype)
+        self.wq_b = normal_param(rngs, (cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim), dtype)
+        self.weights_proj = normal_param(rngs, (cfg.hidden_size, cfg.index_n_heads), dtype)
+
+    def scores(self, x, q_lora, positions, keys, inv_freq):
+        """x [B,S,D], q_lora [B,S,R], keys [B,T,di] -> index scores [B,S,T] float32 (no mask)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = (q_lora @ self.wq_b[...]).reshape(b, s, cfg.index_n_heads, cfg.index_head_dim)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        dots = jnp.einsum("bshd,btd->bsht", q.astype(jnp.float32), keys.astype(jnp.float32))
+        dots = jax.nn.relu(dots) * cfg.index_head_dim ** -0.5
+        w = (x @ self.weights_proj[...]).astype(jnp.float32) * cfg.index_n_heads ** -0.5
+        return jnp.einsum("bsht,bsh->bst", dots, w)
+
+    def select(self, scores, visible):
+        """Top-k of the visible entries -> bool mask [B, S, T]."""
+        t = scores.shape[-1]
+        k = min(self.cfg.index_topk, t)
+        masked = jnp.where(visible, scores, -jnp.inf)
+        _, top = jax.lax.top_k(masked, k)
+        chosen = jnp.zeros(scores.shape, bool)
+        chosen = jnp.put_along_axis(chosen, top, True, axis=-1, inplace=False)
+        return chosen & visible

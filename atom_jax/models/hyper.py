@@ -1,0 +1,62 @@
+"""Manifold-constrained hyper-connections (mHC): `hc_mult` residual streams, collapsed before
+each block with `pre` weights, re-expanded with `post` weights and mixed with a Sinkhorn-
+normalised (doubly stochastic) `comb` matrix."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atom_jax.config import ModelConfig
+from atom_jax.models.layers import const_param, normal_param, rms_norm
+
+
+class HyperConnection(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n = cfg.hc_mult
+        self.fn = normal_param(rngs, (n * cfg.hidden_size, (2 + n) * n), jnp.float32)
+        self.base = const_param(((2 + n) * n,), 0.0)
+        self.scale = const_param((3,), 1.0)
+
+    def __call__(self, streams):
+        """streams [..., N, D] -> (post [..., N], comb [..., N, N], collapsed [..., D]); float32 weights."""
+        n, eps = self.cfg.hc_mult, self.cfg.hc_eps
+        flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+        mixes = rms_norm(flat, None, self.cfg.rms_norm_eps) @ self.fn[...]
+        base, scale = self.base[...], self.scale[...]
+        pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
+        post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+        comb = mixes[..., 2 * n:].reshape(*mixes.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
+        comb = jax.nn.softmax(comb, axis=-1) + eps
+        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+        for _ in range(self.cfg.hc_sinkhorn_iters - 1):
+            comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
+            comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+        collapsed = jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+        return post, comb, collapsed
+
+
+def hc_merge(streams, block_out, post, comb):
+    """New streams: post[k] * block_out + sum_j comb[j, k] * streams[j]."""
+    dtype = streams.dtype
+    mixed = jnp.einsum("...jk,...jd->...kd", comb.astype(dtype), streams)
+    return post.astype(dtype)[..., None] * block_out[..., None, :] + mixed
+
+
+class HyperHead(nnx.Module):
+    """Collapses the streams once at the end, before the final norm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n = cfg.hc_mult
+        self.fn = normal_param(rngs, (n * cfg.hidden_size, n), jnp.float32)
+        self.base = const_param((n,), 0.0)
+        self.scale = const_param((1,), 1.0)
+
+    def __call__(self, streams):
+        flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+        mixes = rms_norm(flat, None, self.cfg.rms_norm_eps) @ self.fn[...]
+        pre = jax.nn.sigmoid(mixes * self.scale[...][0] + self.base[...]) + self.cfg.hc_eps
+        return jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)

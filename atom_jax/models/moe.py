@@ -1,0 +1,94 @@
+"""DeepSeek-V4 MoE: sqrt-softplus router (learned or token-id hashed), routed experts through
+the grouped-GEMM seam, one shared expert; SwiGLU clamped at `swiglu_limit`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atom_jax.config import ModelConfig
+from atom_jax.kernels import grouped_gemm
+from atom_jax.models.layers import normal_param, swiglu_clamped
+
+
+class Table(nnx.Variable):
+    """A frozen integer lookup table (the hash router's token-id -> expert-id map)."""
+
+
+def router_scores(x, gate_w):
+    logits = jnp.dot(x.astype(jnp.float32), gate_w.astype(jnp.float32))
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def normalise_weights(scores, idx, cfg: ModelConfig):
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling_factor
+
+
+def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot"):
+    """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
+
+    x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D]. Choices of experts
+    held elsewhere contribute nothing (sorted past the last group, weight zeroed)."""
+    gemm = grouped_gemm.get(backend)
+    n, k = idx.shape
+    e_local = w1.shape[0]
+    local = idx.reshape(-1) - expert_offset
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)
+    order = jnp.argsort(key, stable=True)
+    token = order // k
+    rows = x[token]
+    sizes = jnp.bincount(jnp.where(valid, local, e_local), length=e_local + 1)[:e_local]
+    h = swiglu_clamped(gemm(rows, w1, sizes).astype(jnp.float32),
+                       gemm(rows, w3, sizes).astype(jnp.float32), limit)
+    out = gemm(h.astype(x.dtype), w2, sizes).astype(jnp.float32)
+    wsorted = jnp.where(valid, weights.reshape(-1), 0.0)[order]
+    out = out * wsorted[:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out).astype(x.dtype)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.is_hash = is_hash
+        d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        si = i * cfg.n_shared_experts
+        self.gate_w = normal_param(rngs, (d, e), dtype)
+        if is_hash:
+            self.tid2eid = Table(jax.vmap(lambda kk: jax.random.permutation(kk, e)[: cfg.num_experts_per_tok])(
+                jax.random.split(rngs.params(), cfg.vocab_size)).astype(jnp.int32))
+        else:
+            self.gate_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
+        self.w1 = normal_param(rngs, (e, d, i), dtype)
+        self.w3 = normal_param(rngs, (e, d, i), dtype)
+        self.w2 = normal_param(rngs, (e, i, d), dtype)
+        self.s_w1 = normal_param(rngs, (d, si), dtype)
+        self.s_w3 = normal_param(rngs, (d, si), dtype)
+        self.s_w2 = normal_param(rngs, (si, d), dtype)
+
+    def route(self, x, token_ids):
+        """x [N, D] -> (weights [N, k] float32, expert ids [N, k] int32)."""
+        scores = router_scores(x, self.gate_w[...])
+        if self.is_hash:
+            idx = self.tid2eid[...][token_ids]
+        else:
+            _, idx = jax.lax.top_k(scores + self.gate_bias[...], self.cfg.num_experts_per_tok)
+        idx = idx.astype(jnp.int32)
+        return normalise_weights(scores, idx, self.cfg), idx
+
+    def shared(self, x):
+        h = swiglu_clamped(x @ self.s_w1[...], x @ self.s_w3[...], self.cfg.swiglu_limit)
+        return h @ self.s_w2[...]
+
+    def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot"):
+        return routed_experts(x, idx, weights, self.w1[...], self.w3[...], self.w2[...],
+                              self.cfg.swiglu_limit, expert_offset, backend)
+
+    def __call__(self, x, token_ids, backend="ragged_dot"):
+        """x [N, D], token_ids [N] -> [N, D]."""
+        weights, idx = self.route(x, token_ids)
+        return self.routed(x, weights, idx, backend=backend) + self.shared(x)

@@ -1,0 +1,114 @@
+"""Where each canonical checkpoint tensor (DeepSeek's official names, no `model.` prefix) lives
+in the NNX model, and how it is laid out there (our matrices are [in, out])."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from atom_jax.config import CSA, SLIDING, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: tuple  # attribute names / list indices from the model root
+    transform: Callable[[np.ndarray], np.ndarray]
+    expert: int | None = None  # set for one expert's slice of a stacked [E, ...] parameter
+    integer: bool = False
+
+
+def _t(a):
+    return np.ascontiguousarray(a.T)
+
+
+def _same(a):
+    return a
+
+
+def _wo_a(groups):
+    def f(a):  # [G*o_lora, in_per_group] -> [G, in_per_group, o_lora]
+        return np.ascontiguousarray(a.reshape(groups, -1, a.shape[-1]).transpose(0, 2, 1))
+    return f
+
+
+def _compressor(prefix: str, path: tuple) -> dict[str, Target]:
+    return {
+        f"{prefix}.wkv.weight": Target(path + ("wkv",), _t),
+        f"{prefix}.wgate.weight": Target(path + ("wgate",), _t),
+        f"{prefix}.ape": Target(path + ("ape",), _same),
+        f"{prefix}.norm.weight": Target(path + ("norm",), _same),
+    }
+
+
+def _block(cfg: ModelConfig, layer: int, prefix: str, path: tuple) -> dict[str, Target]:
+    m: dict[str, Target] = {}
+    a, f = prefix + ".attn", prefix + ".ffn"
+    ap, fp = path + ("attn",), path + ("ffn",)
+    m[f"{prefix}.attn_norm.weight"] = Target(path + ("attn_norm",), _same)
+    m[f"{prefix}.ffn_norm.weight"] = Target(path + ("ffn_norm",), _same)
+    for site in ("attn", "ffn"):
+        m[f"{prefix}.hc_{site}_fn"] = Target(path + (f"hc_{site}", "fn"), _t)
+        m[f"{prefix}.hc_{site}_base"] = Target(path + (f"hc_{site}", "base"), _same)
+        m[f"{prefix}.hc_{site}_scale"] = Target(path + (f"hc_{site}", "scale"), _same)
+    m.update({
+        f"{a}.wq_a.weight": Target(ap + ("wq_a",), _t),
+        f"{a}.q_norm.weight": Target(ap + ("q_norm",), _same),
+        f"{a}.wq_b.weight": Target(ap + ("wq_b",), _t),
+        f"{a}.wkv.weight": Target(ap + ("wkv",), _t),
+        f"{a}.norm.weight": Target(ap + ("kv_norm",), _same),
+        f"{a}.wo_a.weight": Target(ap + ("wo_a",), _wo_a(cfg.o_groups)),
+        f"{a}.wo_b.weight": Target(ap + ("wo_b",), _t),
+        f"{a}.attn_sink": Target(ap + ("sinks",), _same),
+    })
+    kind = cfg.attn_kinds[layer]
+    if kind != SLIDING:
+        m.update(_compressor(f"{a}.compressor", ap + ("compressor",)))
+    if kind == CSA:
+        m.update(_compressor(f"{a}.indexer.compressor", ap + ("indexer", "compressor")))
+        m[f"{a}.indexer.wq_b.weight"] = Target(ap + ("indexer", "wq_b"), _t)
+        m[f"{a}.indexer.weights_proj.weight"] = Target(ap + ("indexer", "weights_proj"), _t)
+    m[f"{f}.gate.weight"] = Target(fp + ("gate_w",), _t)
+    if cfg.hash_layers[layer]:
+        m[f"{f}.gate.tid2eid"] = Target(fp + ("tid2eid",), _same, integer=True)
+    else:
+        m[f"{f}.gate.bias"] = Target(fp + ("gate_bias",), _same)
+    for e in range(cfg.n_routed_experts):
+        for w in ("w1", "w2", "w3"):
+            m[f"{f}.experts.{e}.{w}.weight"] = Target(fp + (w,), _t, expert=e)
+    for w in ("w1", "w2", "w3"):
+        m[f"{f}.shared_experts.{w}.weight"] = Target(fp + (f"s_{w}",), _t)
+    return m
+
+
+def param_map(cfg: ModelConfig, with_mtp: bool = False) -> dict[str, Target]:
+    m: dict[str, Target] = {
+        "embed.weight": Target(("embed",), _same),
+        "head.weight": Target(("head",), _t),
+        "norm.weight": Target(("norm",), _same),
+        "hc_head_fn": Target(("hc_head", "fn"), _t),
+        "hc_head_base": Target(("hc_head", "base"), _same),
+        "hc_head_scale": Target(("hc_head", "scale"), _same),
+    }
+    for i in range(cfg.num_layers):
+        m.update(_block(cfg, i, f"layers.{i}", ("layers", i)))
+    if with_mtp:
+        for j in range(cfg.num_nextn_predict_layers):
+            p, root = f"mtp.{j}", ("mtp", j)
+            m.update(_block(cfg, cfg.num_layers - 1, p, root + ("block",)))
+            m.update({
+                f"{p}.enorm.weight": Target(root + ("enorm",), _same),
+                f"{p}.hnorm.weight": Target(root + ("hnorm",), _same),
+                f"{p}.e_proj.weight": Target(root + ("e_proj",), _t),
+                f"{p}.h_proj.weight": Target(root + ("h_proj",), _t),
+                f"{p}.norm.weight": Target(root + ("norm",), _same),
+                f"{p}.hc_head_fn": Target(root + ("hc_head", "fn"), _t),
+                f"{p}.hc_head_base": Target(root + ("hc_head", "base"), _same),
+                f"{p}.hc_head_scale": Target(root + ("hc_head", "scale"), _same),
+            })
+    return m
+
+
+MTP_NAME = re.compile(r"^mtp\.")
