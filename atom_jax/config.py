@@ -313,6 +313,7 @@ def v4_pro(num_layers: int = 61) -> ModelConfig:
     return ModelConfig(
         hidden_size=7168, num_layers=num_layers, num_heads=128, head_dim=512, rope_head_dim=64,
         q_lora_rank=1536, o_groups=16, o_lora_rank=1024, n_routed_experts=384, num_experts_per_tok=6,
+        routed_scaling_factor=2.5,
         moe_intermediate_size=3072, index_n_heads=64, index_head_dim=128, index_topk=1024,
         attn_kinds=tuple([HCA] * min(num_layers, 2)
                          + [CSA if i % 2 == 0 else HCA for i in range(max(num_layers - 2, 0))]),

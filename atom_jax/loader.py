@@ -56,35 +56,34 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
     for t in iter_checkpoint(path, dtype=_np_dtype(dtype), ignore=ignore):
         target = targets.get(t.name)
         if target is None:
-            raise CheckpointError(f"tensor {t.source_name!r} in {t.source} does not belong to this model "
-                                  f"(canonical name {t.name!r})")
+            raise CheckpointError(t.source, t.source_name, f"does not belong to this model (canonical name {t.name!r})")
         if t.name in filled:
-            raise CheckpointError(f"tensor {t.name!r} appears twice (again in {t.source})")
+            raise CheckpointError(t.source, t.source_name, "appears twice in the checkpoint")
         var = _variable(model, target.path)
-        want = var.value.shape if target.expert is None else var.value.shape[1:]
+        want = var.get_value().shape if target.expert is None else var.get_value().shape[1:]
         value = target.transform(np.asarray(t.array))
         if value.shape != tuple(want):
-            raise CheckpointError(f"tensor {t.source_name!r} in {t.source}: shape {tuple(t.array.shape)} "
-                                  f"does not fit parameter {'.'.join(map(str, target.path))} {tuple(want)}")
-        np_dtype = np.int32 if target.integer else np.dtype(var.value.dtype)
+            raise CheckpointError(t.source, t.source_name, f"shape {tuple(t.array.shape)} does not fit parameter "
+                                  f"{'.'.join(map(str, target.path))} {tuple(want)}")
+        np_dtype = np.int32 if target.integer else np.dtype(var.get_value().dtype)
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
-            raise CheckpointError(f"tensor {t.source_name!r} in {t.source}: expert ids outside [0, {cfg.n_routed_experts})")
+            raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")
         if target.expert is None:
-            var.value = jnp.asarray(value.astype(np_dtype))
+            var.set_value(jnp.asarray(value.astype(np_dtype)))
         else:
             key = target.path
             if key not in staged:
-                staged[key] = np.zeros(var.value.shape, np_dtype)
-                remaining_experts[key] = var.value.shape[0]
+                staged[key] = np.zeros(var.get_value().shape, np_dtype)
+                remaining_experts[key] = var.get_value().shape[0]
             staged[key][target.expert] = value
             remaining_experts[key] -= 1
             if remaining_experts[key] == 0:  # whole stack read: move it to the device, free host copy
-                var.value = jnp.asarray(staged.pop(key))
+                var.set_value(jnp.asarray(staged.pop(key)))
         filled.add(t.name)
     missing = sorted(set(targets) - filled)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(missing[:5])}{more}")
+        raise CheckpointError(path, missing[0], f"missing from the checkpoint: {', '.join(missing[:5])}{more}")
     return model
 
 

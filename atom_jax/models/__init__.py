@@ -1,3 +1,3 @@
-from atom_jax.models.deepseek_v4 import Block, DeepseekV4, MTPBlock
+from atom_jax.models.deepseek_v4 import Block, DeepseekV4, MTPBlock, jit_forward
 
-__all__ = ["Block", "DeepseekV4", "MTPBlock"]
+__all__ = ["Block", "DeepseekV4", "MTPBlock", "jit_forward"]

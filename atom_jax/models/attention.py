@@ -36,10 +36,10 @@ def sliding_visible(q_pos, k_pos, window):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.kind = cfg.attn_kinds[layer]
-        self.ratio = cfg.ratio(layer)
+        self.kind = kind
+        self.ratio = {SLIDING: 0, CSA: cfg.csa_ratio, HCA: cfg.hca_ratio}[kind]
         h, d = cfg.num_heads, cfg.head_dim
         self.wq_a = normal_param(rngs, (cfg.hidden_size, cfg.q_lora_rank), dtype)
         self.q_norm = const_param((cfg.q_lora_rank,), 1.0)

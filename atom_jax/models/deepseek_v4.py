@@ -11,18 +11,18 @@ from atom_jax.models.attention import Attention
 from atom_jax.models.hyper import HyperConnection, HyperHead, hc_merge
 from atom_jax.models.layers import const_param, normal_param, rms_norm
 from atom_jax.models.moe import MoE
+from atom_jax.models.param_map import MTP_KIND
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, kind: str, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.layer = layer
         self.attn_norm = const_param((cfg.hidden_size,), 1.0)
         self.ffn_norm = const_param((cfg.hidden_size,), 1.0)
         self.hc_attn = HyperConnection(cfg, rngs)
         self.hc_ffn = HyperConnection(cfg, rngs)
-        self.attn = Attention(cfg, layer, rngs, dtype)
-        self.ffn = MoE(cfg, cfg.hash_layers[layer], rngs, dtype)
+        self.attn = Attention(cfg, kind, rngs, dtype)
+        self.ffn = MoE(cfg, is_hash, rngs, dtype)
 
     def attn_in(self, streams):
         post, comb, x = self.hc_attn(streams)
@@ -50,12 +50,13 @@ class DeepseekV4(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([Block(cfg, i, rngs, dtype) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, cfg.attn_kinds[i], cfg.hash_layers[i], rngs, dtype)
+                                for i in range(cfg.num_layers)])
         self.hc_head = HyperHead(cfg, rngs)
         self.norm = const_param((cfg.hidden_size,), 1.0)
         self.head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
-        self.mtp = nnx.List([MTPBlock(cfg, cfg.num_layers - 1, rngs, dtype) for _ in range(n_mtp)])
+        self.mtp = nnx.List([MTPBlock(cfg, rngs, dtype) for _ in range(n_mtp)])
 
     def embed_streams(self, token_ids):
         x = self.embed[...][token_ids]
@@ -94,14 +95,14 @@ class MTPBlock(nnx.Module):
     embedding and the main model's streams are normed, projected and summed, then run through
     one decoder block and its own HC head and norm; the LM head is shared with the main model."""
 
-    def __init__(self, cfg: ModelConfig, layer_kind_of: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
         d = cfg.hidden_size
         self.enorm = const_param((d,), 1.0)
         self.hnorm = const_param((d,), 1.0)
         self.e_proj = normal_param(rngs, (d, d), dtype)
         self.h_proj = normal_param(rngs, (d, d), dtype)
-        self.block = Block(cfg, layer_kind_of, rngs, dtype)
+        self.block = Block(cfg, MTP_KIND, False, rngs, dtype)
         self.hc_head = HyperHead(cfg, rngs)
         self.norm = const_param((d,), 1.0)
 
@@ -114,3 +115,16 @@ class MTPBlock(nnx.Module):
     def logits(self, streams, head):
         x = rms_norm(self.hc_head(streams), self.norm[...], self.cfg.rms_norm_eps)
         return (x @ head).astype(jnp.float32)
+
+
+def jit_forward(model: DeepseekV4, moe_backend: str = "ragged_dot"):
+    """A jitted full-sequence forward: split outside, merge inside the traced function."""
+    import jax
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, token_ids):
+        return nnx.merge(graphdef, state)(token_ids, moe_backend=moe_backend)
+
+    return lambda token_ids: forward(state, jnp.asarray(token_ids))

@@ -11,6 +11,9 @@ import numpy as np
 
 from atom_jax.config import CSA, SLIDING, ModelConfig
 
+# DeepSeek's released MTP blocks: sliding-window attention, learned routing
+MTP_KIND = SLIDING
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -43,7 +46,7 @@ def _compressor(prefix: str, path: tuple) -> dict[str, Target]:
     }
 
 
-def _block(cfg: ModelConfig, layer: int, prefix: str, path: tuple) -> dict[str, Target]:
+def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple) -> dict[str, Target]:
     m: dict[str, Target] = {}
     a, f = prefix + ".attn", prefix + ".ffn"
     ap, fp = path + ("attn",), path + ("ffn",)
@@ -58,12 +61,11 @@ def _block(cfg: ModelConfig, layer: int, prefix: str, path: tuple) -> dict[str, 
         f"{a}.q_norm.weight": Target(ap + ("q_norm",), _same),
         f"{a}.wq_b.weight": Target(ap + ("wq_b",), _t),
         f"{a}.wkv.weight": Target(ap + ("wkv",), _t),
-        f"{a}.norm.weight": Target(ap + ("kv_norm",), _same),
+        f"{a}.kv_norm.weight": Target(ap + ("kv_norm",), _same),
         f"{a}.wo_a.weight": Target(ap + ("wo_a",), _wo_a(cfg.o_groups)),
         f"{a}.wo_b.weight": Target(ap + ("wo_b",), _t),
         f"{a}.attn_sink": Target(ap + ("sinks",), _same),
     })
-    kind = cfg.attn_kinds[layer]
     if kind != SLIDING:
         m.update(_compressor(f"{a}.compressor", ap + ("compressor",)))
     if kind == CSA:
@@ -71,7 +73,7 @@ def _block(cfg: ModelConfig, layer: int, prefix: str, path: tuple) -> dict[str, 
         m[f"{a}.indexer.wq_b.weight"] = Target(ap + ("indexer", "wq_b"), _t)
         m[f"{a}.indexer.weights_proj.weight"] = Target(ap + ("indexer", "weights_proj"), _t)
     m[f"{f}.gate.weight"] = Target(fp + ("gate_w",), _t)
-    if cfg.hash_layers[layer]:
+    if is_hash:
         m[f"{f}.gate.tid2eid"] = Target(fp + ("tid2eid",), _same, integer=True)
     else:
         m[f"{f}.gate.bias"] = Target(fp + ("gate_bias",), _same)
@@ -93,11 +95,11 @@ def param_map(cfg: ModelConfig, with_mtp: bool = False) -> dict[str, Target]:
         "hc_head_scale": Target(("hc_head", "scale"), _same),
     }
     for i in range(cfg.num_layers):
-        m.update(_block(cfg, i, f"layers.{i}", ("layers", i)))
+        m.update(_block(cfg, cfg.attn_kinds[i], cfg.hash_layers[i], f"layers.{i}", ("layers", i)))
     if with_mtp:
         for j in range(cfg.num_nextn_predict_layers):
             p, root = f"mtp.{j}", ("mtp", j)
-            m.update(_block(cfg, cfg.num_layers - 1, p, root + ("block",)))
+            m.update(_block(cfg, MTP_KIND, False, p, root + ("block",)))
             m.update({
                 f"{p}.enorm.weight": Target(root + ("enorm",), _same),
                 f"{p}.hnorm.weight": Target(root + ("hnorm",), _same),

@@ -1,0 +1,64 @@
+"""Greedy generation with the embedded tiny model (or a model directory), full recompute.
+
+    python -m atom_jax.demo "Once upon a time" --max-tokens 32
+
+A stand-in for the server until the engine exists: the sequence is padded to a fixed length so
+one compiled forward serves every step (the model is causal, so padding after position t never
+changes the logits at t)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from atom_jax.config import tiny
+from atom_jax.loader import load_model, random_model
+from atom_jax.models import jit_forward
+from atom_jax.tokenizer import ByteTokenizer
+
+
+def greedy(forward, prompt_ids: list[int], max_tokens: int, eos_ids=(), pad_to: int | None = None) -> list[int]:
+    total = pad_to or len(prompt_ids) + max_tokens
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(prompt_ids)] = prompt_ids
+    n, out = len(prompt_ids), []
+    for _ in range(max_tokens):
+        if n >= total:
+            break
+        logits = forward(buf)
+        tok = int(np.argmax(np.asarray(logits[0, n - 1])))
+        out.append(tok)
+        if tok in eos_ids:
+            break
+        buf[0, n] = tok
+        n += 1
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", nargs="?", default="The quick brown fox")
+    ap.add_argument("--model", help="checkpoint directory (default: embedded tiny random model)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    tok = ByteTokenizer()
+    if args.model:
+        model = load_model(args.model)
+        ids = [int(x) for x in args.prompt.split(",")] if args.prompt[:1].isdigit() else tok.encode(args.prompt)
+    else:
+        model = random_model(tiny(vocab_size=512), seed=args.seed)
+        ids = tok.encode(args.prompt)
+    t0 = time.time()
+    out = greedy(jit_forward(model), ids, args.max_tokens, eos_ids=(tok.eos_token_id,))
+    dt = time.time() - t0
+    print(f"prompt: {args.prompt!r}")
+    print(f"tokens: {out}")
+    print(f"text:   {tok.decode(out)!r}")
+    print(f"{len(out)} tokens in {dt:.2f}s (includes compile; embedded model is random until issue 12)")
+
+
+if __name__ == "__main__":
+    main()

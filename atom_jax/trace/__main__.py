@@ -1,0 +1,89 @@
+"""``python -m atom_jax.trace <subcommand>``.
+
+Subcommands:
+  hlo   collective/GEMM overlap check over scheduled HLO (a saved file or a --module build)
+
+Each subcommand registers itself through an ``_add_<name>_parser`` function below, so
+others (``report``, ``plot``) can be added without touching the existing ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+
+def _load_target(spec: str):
+    """'pkg.mod:function' -> function() which must return (fn, args)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise SystemExit(f"--module wants 'pkg.mod:function', got {spec!r}")
+    built = getattr(importlib.import_module(module_name), attr)()
+    fn, args = built
+    return fn, tuple(args)
+
+
+def _run_hlo(ns: argparse.Namespace) -> int:
+    from atom_jax.trace.hlo import MOE_KINDS, analyze_hlo, compiled_text
+
+    if (ns.file is None) == (ns.module is None):
+        raise SystemExit("give exactly one of FILE or --module")
+    if ns.module is not None:
+        fn, args = _load_target(ns.module)
+        text = compiled_text(fn, *args)
+        if ns.save_hlo:
+            Path(ns.save_hlo).write_text(text)
+    else:
+        text = Path(ns.file).read_text()
+
+    report = analyze_hlo(text)
+    print(report.format_table())
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+    if ns.require_overlap:
+        exposed = report.not_overlapped(MOE_KINDS, min_bytes=ns.min_bytes)
+        if exposed:
+            names = ", ".join(f"{c.kind}:{c.name}" for c in exposed)
+            print(f"FAIL: {len(exposed)} MoE collective(s) not overlapped with a GEMM: {names}",
+                  file=sys.stderr)
+            return 1
+        print("OK: no MoE collective is left without a GEMM to overlap")
+    return 0
+
+
+def _add_hlo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "hlo",
+        help="check that async collectives overlap GEMMs in scheduled HLO",
+        description="Analyze scheduled HLO (compiled.as_text()) for collective/GEMM overlap.",
+    )
+    p.add_argument("file", nargs="?", help="saved HLO text (jax ... .compile().as_text())")
+    p.add_argument("--module", help="pkg.mod:function returning (fn, args); compiled here")
+    p.add_argument("--save-hlo", metavar="OUT", help="with --module: also write the HLO text")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--require-overlap", action="store_true",
+                   help="exit 1 if any all-gather/reduce-scatter/all-reduce is not overlapped")
+    p.add_argument("--min-bytes", type=int, default=0,
+                   help="with --require-overlap: ignore collectives smaller than this")
+    p.set_defaults(func=_run_hlo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m atom_jax.trace")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_hlo_parser(sub)
+    # Future: _add_report_parser(sub), _add_plot_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Checkpoint loading end to end: DeepSeek's official FP8/FP4 layout against the reference,
+orbax round trip, random init, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from atom_jax.config import ConfigError, tiny, v4_flash
+from atom_jax.loader import load_model, random_model, save_orbax
+from atom_jax.models import jit_forward
+from atom_jax.weights import quant
+from atom_jax.weights.reader import CheckpointError, iter_checkpoint
+from hf_reference import hf_logits, make_hf_model
+
+FP8_LEAVES = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|shared_experts\.w[123]\.weight$")
+FP4_LEAVES = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
+
+
+@pytest.fixture(scope="module")
+def saved_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    hf = make_hf_model("a", 11)
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+def _official_copy(src: str, dst: str):
+    """Quantise a transformers-saved tiny model into DeepSeek's official layout (2 shards + index).
+    Also write the dequantised float weights back in the transformers layout, for the reference."""
+    os.makedirs(dst, exist_ok=True)
+    original = load_file(os.path.join(src, "model.safetensors"))
+    canon = {t.source_name: t.name for t in iter_checkpoint(src)}
+    shards, dequantised = [{}, {}], {}
+    for i, (orig_name, w) in enumerate(sorted(original.items())):
+        name = canon[orig_name]
+        shard = shards[i % 2]
+        if FP4_LEAVES.search(name):
+            q, s = quant.quantize_fp4(w)
+            shard[name], shard[name[: -len("weight")] + "scale"] = q, s.view(np.uint8)
+            w = quant.dequantize_fp4(q, s)
+        elif FP8_LEAVES.search(name):
+            q, s = quant.quantize_fp8(w)
+            shard[name], shard[name[: -len("weight")] + "scale"] = q.view(np.uint8), s.view(np.uint8)
+            w = quant.dequantize_fp8(q, s)
+        else:
+            shard[name] = w
+        dequantised[orig_name] = np.ascontiguousarray(w.astype(np.float32))
+    return shards, dequantised
+
+
+def _write_safetensors_with_dtypes(path, tensors: dict, fp8_names: set, e8m0_names: set):
+    """safetensors.numpy cannot write float8: write uint8 and patch the dtype strings in the header."""
+    save_file(tensors, path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    for k in header:
+        if k in fp8_names:
+            header[k]["dtype"] = "F8_E4M3"
+        elif k in e8m0_names:
+            header[k]["dtype"] = "F8_E8M0"
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb + raw[8 + n:])
+
+
+def test_official_fp8_fp4_layout_matches_reference(saved_hf, tmp_path):
+    from transformers import DeepseekV4ForCausalLM
+
+    hf, src = saved_hf
+    shards, dequantised = _official_copy(src, str(tmp_path / "official"))
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        fp8 = {k for k in shard if k.endswith(".weight") and FP8_LEAVES.search(k)}
+        e8m0 = {k for k in shard if k.endswith(".scale")}
+        _write_safetensors_with_dtypes(str(tmp_path / "official" / fname), shard, fp8, e8m0)
+        weight_map.update({k: fname for k in shard})
+    (tmp_path / "official" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "official" / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    # the reference runs on exactly the dequantised weights
+    (tmp_path / "deq").mkdir()
+    save_file(dequantised, str(tmp_path / "deq" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "deq" / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    ref_model = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "deq")).eval()
+
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 96))
+    ours = np.asarray(jit_forward(load_model(str(tmp_path / "official")))(ids))
+    ref = hf_logits(ref_model, ids)
+    assert np.max(np.abs(ours - ref)) < 1e-4
+    # and the quantisation really changed the weights (the test would be vacuous otherwise)
+    assert np.max(np.abs(ref - hf_logits(hf, ids))) > 1e-4
+
+
+def test_orbax_round_trip(saved_hf, tmp_path):
+    _, src = saved_hf
+    model = load_model(src)
+    out = save_orbax(model, str(tmp_path / "ckpt"))
+    restored = load_model(out)
+    ids = np.random.default_rng(1).integers(0, 256, size=(1, 40))
+    np.testing.assert_array_equal(np.asarray(jit_forward(model)(ids)), np.asarray(jit_forward(restored)(ids)))
+
+
+def test_random_init_any_config():
+    model = random_model(tiny(), seed=3)
+    logits = jit_forward(model)(np.arange(50)[None] % 500)
+    assert logits.shape == (1, 50, 512) and bool(jnp.all(jnp.isfinite(logits)))
+    # V4-Flash shapes trace without allocating (one layer of each kind would be ~GBs)
+    flash = v4_flash(num_layers=3)
+    out = jax.eval_shape(lambda ids: random_model(flash, dtype=jnp.bfloat16)(ids),
+                         jax.ShapeDtypeStruct((1, 256), jnp.int32))
+    assert out.shape == (1, 256, flash.vocab_size)
+
+
+# ---- bad input: one clear error naming the tensor and the file ------------------------------
+
+def _copy_with(src, dst, edit):
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = f.read()
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        f.write(cfg)
+    return os.path.join(dst, "model.safetensors")
+
+
+def test_missing_tensor_is_named(saved_hf, tmp_path):
+    _, src = saved_hf
+    _copy_with(src, tmp_path, lambda t: t.pop("model.layers.2.attn.compressor.ape"))
+    with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.compressor\.ape"):
+        load_model(str(tmp_path))
+
+
+def test_wrong_shape_names_tensor_and_file(saved_hf, tmp_path):
+    _, src = saved_hf
+
+    def edit(t):
+        t["model.layers.1.attn.wq_a.weight"] = np.zeros((31, 64), np.float32)
+
+    f = _copy_with(src, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.wq_a\.weight") as e:
+        load_model(str(tmp_path))
+    assert f in str(e.value) or os.path.basename(f) in str(e.value)
+
+
+def test_unexpected_tensor_is_named(saved_hf, tmp_path):
+    _, src = saved_hf
+    _copy_with(src, tmp_path, lambda t: t.__setitem__("model.layers.0.attn.compressor.ape", np.zeros((4, 64), np.float32)))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attn\.compressor\.ape"):
+        load_model(str(tmp_path))
+
+
+def test_truncated_file_is_named(saved_hf, tmp_path):
+    _, src = saved_hf
+    f = _copy_with(src, tmp_path, lambda t: None)
+    size = os.path.getsize(f)
+    with open(f, "r+b") as fh:
+        fh.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match="model.safetensors") as e:
+        load_model(str(tmp_path))
+    assert re.search(r"'[\w.]+'", str(e.value)), f"no tensor named in: {e.value}"
+
+
+def test_unknown_dtype_is_named(saved_hf, tmp_path):
+    _, src = saved_hf
+    f = _copy_with(src, tmp_path, lambda t: None)
+    raw = open(f, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    header["norm.weight" if "norm.weight" in header else "model.norm.weight"]["dtype"] = "Q3_K"
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    open(f, "wb").write(len(hb).to_bytes(8, "little") + hb + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=r"norm\.weight.*|Q3_K"):
+        load_model(str(tmp_path))
+
+
+def test_wrong_model_type(saved_hf, tmp_path):
+    _, src = saved_hf
+    _copy_with(src, tmp_path, lambda t: None)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="llama"):
+        load_model(str(tmp_path))
