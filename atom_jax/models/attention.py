@@ -97,7 +97,7 @@ class Attention(nnx.Module):
         if self.kind != SLIDING:
             entries = self.compressor.full_sequence(x, self.inv_freq).astype(keys.dtype)
             seen = visible_entries(positions, entries.shape[1], self.ratio)
-            if self.kind == CSA:
+            if self.kind == CSA and entries.shape[1] > 0:
                 ikeys = self.indexer.compressor.full_sequence(x, self.inv_freq)
                 scores = self.indexer.scores(x, q_lora, positions, ikeys, self.inv_freq)
                 seen = self.indexer.select(scores, seen)

@@ -69,6 +69,8 @@ class Compressor(nnx.Module):
         """x [B, S, D] from position 0 -> entries [B, S // ratio, d] (float32)."""
         b, s, _ = x.shape
         nw = s // self.ratio
+        if nw == 0:  # shorter than one window: no entries yet
+            return jnp.zeros((b, 0, self.head_dim), jnp.float32)
         kv, gate = self.project(x[:, : nw * self.ratio])
         kv = kv.reshape(b, nw, self.ratio, -1)
         gate = gate.reshape(b, nw, self.ratio, -1) + self.ape[...]
