@@ -88,17 +88,27 @@ class Attention(nnx.Module):
         return mid @ self.wo_b[...]
 
     # ---- full-sequence forward ---------------------------------------------------------------
-    def __call__(self, x, positions):
-        """x [B,S,D] with positions [B,S] = 0..S-1 -> [B,S,D]."""
+    def __call__(self, x, positions, prefix=None):
+        """x [B,S,D] at `positions` [B,S] -> [B,S,D].
+
+        Without `prefix` the rows start at position 0. With `prefix` [B,P,D] (this layer's
+        attention input for positions 0..P-1 of the same rows) x continues those rows at P: this
+        is how a micro-batch cut inside a request attends to the part the other chain holds."""
         cfg = self.cfg
         q, q_lora = self.queries(x, positions)
-        keys = self.keys(x, positions)
-        visible = sliding_visible(positions, positions, cfg.sliding_window)
+        if prefix is None:
+            kv_x, kv_pos = x, positions
+        else:
+            p = prefix.shape[1]
+            kv_x = jnp.concatenate([prefix, x], axis=1)
+            kv_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (x.shape[0], p)), positions], axis=1)
+        keys = self.keys(kv_x, kv_pos)
+        visible = sliding_visible(positions, kv_pos, cfg.sliding_window)
         if self.kind != SLIDING:
-            entries = self.compressor.full_sequence(x, self.inv_freq).astype(keys.dtype)
+            entries = self.compressor.full_sequence(kv_x, self.inv_freq).astype(keys.dtype)
             seen = visible_entries(positions, entries.shape[1], self.ratio)
             if self.kind == CSA and entries.shape[1] > 0:
-                ikeys = self.indexer.compressor.full_sequence(x, self.inv_freq)
+                ikeys = self.indexer.compressor.full_sequence(kv_x, self.inv_freq)
                 scores = self.indexer.scores(x, q_lora, positions, ikeys, self.inv_freq)
                 seen = self.indexer.select(scores, seen)
             keys = jnp.concatenate([keys, entries], axis=1)

@@ -1,0 +1,45 @@
+"""Where parameters live: everything replicated except the routed experts, which are sharded
+over `dp` by expert (each rank holds E/dp whole experts) or by intermediate dim (each rank
+holds a slice of every expert)."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from atom_jax.sharding.mesh import DP
+
+BY_EXPERT, BY_INTERMEDIATE = "expert", "intermediate"
+EXPERT_MODES = (BY_EXPERT, BY_INTERMEDIATE)
+
+# routed expert stacks: w1/w3 [E, D, I], w2 [E, I, D]
+_EXPERT_SPECS = {
+    BY_EXPERT: {"w1": P(DP, None, None), "w3": P(DP, None, None), "w2": P(DP, None, None)},
+    BY_INTERMEDIATE: {"w1": P(None, None, DP), "w3": P(None, None, DP), "w2": P(None, DP, None)},
+}
+
+
+def param_specs(pure_params: dict, mode: str = BY_EXPERT):
+    """PartitionSpecs matching a pure param dict (nnx `State.to_pure_dict()`)."""
+    if mode not in EXPERT_MODES:
+        raise ValueError(f"expert sharding mode {mode!r}; choose from {EXPERT_MODES}")
+
+    def spec(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        if len(keys) >= 2 and keys[-2] == "ffn" and keys[-1] in _EXPERT_SPECS[mode]:
+            return _EXPERT_SPECS[mode][keys[-1]]
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, pure_params)
+
+
+def check_divisible(cfg, dp: int, mode: str):
+    if mode == BY_EXPERT and cfg.n_routed_experts % dp:
+        raise ValueError(f"{cfg.n_routed_experts} experts do not split over dp={dp}; use mode 'intermediate'")
+    if mode == BY_INTERMEDIATE and cfg.moe_intermediate_size % dp:
+        raise ValueError(f"moe_intermediate_size {cfg.moe_intermediate_size} does not split over dp={dp}")
+
+
+def shard_params(pure_params: dict, mesh, mode: str = BY_EXPERT):
+    specs = param_specs(pure_params, mode)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure_params, specs)

@@ -1,0 +1,200 @@
+"""The data-parallel step: every layer inside one `jax.shard_map` over `dp`.
+
+Attention runs per rank on the rank's own tokens; the MoE gathers every rank's tokens with
+`all_gather(tiled=True)`, computes the experts this rank holds, and returns each rank its own
+tokens summed over ranks with `psum_scatter(tiled=True)`. The shared expert runs locally.
+
+Two-batch overlap (TBO): the rank's tokens are cut into two equal micro-batch chains, A and B,
+interleaved per layer with `optimization_barrier` so that each collective of one chain has the
+other chain's compute to hide behind (DESIGN.md section 3):
+    attn(A) | AG(A) || attn(B) | MoE(A) || AG(B) | RS(A) || MoE(B) | RS(B) || attn(A, next layer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from atom_jax.loader import abstract_model
+from atom_jax.models.deepseek_v4 import Block, DeepseekV4
+from atom_jax.models.hyper import hc_merge
+from atom_jax.models.layers import rms_norm
+from atom_jax.sharding.mesh import DP
+from atom_jax.sharding.microbatch import Segment, split_two, whole
+from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    expert_mode: str = BY_EXPERT
+    # None: TBO when a rank has at least `tbo_min_tokens` tokens (below that the split loses:
+    # DESIGN.md section 3 measured 256 tokens per rank slower with TBO)
+    tbo: bool | None = None
+    tbo_min_tokens: int = 1024
+    moe_backend: str = "ragged_dot"
+    # True: route locally, gather (weights, ids); False: gather token ids, route gathered tokens
+    gather_routing: bool = True
+    output: str = "logits"  # "logits" [.., vocab] float32 or "hidden" (final normed hidden)
+
+    def use_tbo(self, tokens_per_rank: int) -> bool:
+        if self.tbo is None:
+            return tokens_per_rank >= self.tbo_min_tokens
+        return self.tbo
+
+
+@dataclasses.dataclass
+class _Chain:
+    """One micro-batch: its segments of the rank block, flat token ids and mHC streams."""
+
+    segments: tuple[Segment, ...]
+    ids: jax.Array  # [T]
+    streams: jax.Array  # [T, N, D]
+    attn_in: Any = None  # per-segment attention inputs of the current layer (prefix source)
+    mid: Any = None  # state between the attention half and the MoE half of a layer
+
+
+def _take(block, seg: Segment):
+    return block[seg.row0: seg.row0 + seg.rows, seg.start: seg.start + seg.length]
+
+
+class _RankStep:
+    """The per-rank body; `model` holds this rank's parameter shards."""
+
+    def __init__(self, model: DeepseekV4, opts: StepOptions, dp: int):
+        self.model, self.opts, self.dp = model, opts, dp
+        self.cfg = model.cfg
+
+    # ---- attention half ------------------------------------------------------------------
+    def attention(self, block: Block, chain: _Chain, other: _Chain | None):
+        post, comb, x = block.attn_in(chain.streams)
+        outs, attn_in, off = [], {}, 0
+        for seg in chain.segments:
+            xs = x[off: off + seg.tokens].reshape(seg.rows, seg.length, -1)
+            pos = jnp.broadcast_to(seg.start + jnp.arange(seg.length), (seg.rows, seg.length))
+            prefix = None
+            if seg.start > 0:  # this row's first part lives in the other chain, one stage earlier
+                prefix = other.attn_in[(seg.row0, seg.start)]
+            attn_in[(seg.row0, seg.start + seg.length)] = xs
+            outs.append(block.attn(xs, pos, prefix).reshape(seg.tokens, -1))
+            off += seg.tokens
+        chain.attn_in = attn_in
+        streams = hc_merge(chain.streams, jnp.concatenate(outs, axis=0), post, comb)
+        post, comb, x = block.ffn_in(streams)
+        mid = {"streams": streams, "post": post, "comb": comb, "x": x}
+        if self.opts.gather_routing:
+            mid["weights"], mid["idx"] = block.ffn.route(x, chain.ids)
+        chain.mid = mid
+
+    # ---- MoE pieces ------------------------------------------------------------------------
+    def dispatch(self, chain: _Chain):
+        mid = chain.mid
+        gather = lambda a: jax.lax.all_gather(a, DP, axis=0, tiled=True)  # noqa: E731
+        if self.opts.gather_routing:
+            return {"x": gather(mid["x"]), "weights": gather(mid["weights"]), "idx": gather(mid["idx"])}
+        return {"x": gather(mid["x"]), "ids": gather(chain.ids)}
+
+    def experts(self, block: Block, gathered):
+        if "weights" in gathered:
+            weights, idx = gathered["weights"], gathered["idx"]
+        else:
+            weights, idx = block.ffn.route(gathered["x"], gathered["ids"])
+        offset = 0
+        if self.opts.expert_mode == BY_EXPERT:
+            offset = jax.lax.axis_index(DP) * (self.cfg.n_routed_experts // self.dp)
+        return block.ffn.routed(gathered["x"], weights, idx, expert_offset=offset, backend=self.opts.moe_backend)
+
+    def combine(self, partial):
+        return jax.lax.psum_scatter(partial, DP, scatter_dimension=0, tiled=True)
+
+    def finish(self, block: Block, chain: _Chain, reduced):
+        mid = chain.mid
+        y = reduced + block.ffn.shared(mid["x"])
+        chain.streams = hc_merge(mid["streams"], y, mid["post"], mid["comb"])
+        chain.mid = None
+
+    # ---- schedules ------------------------------------------------------------------------
+    def run_one_chain(self, chain: _Chain):
+        for block in self.model.layers:
+            self.attention(block, chain, None)
+            self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
+
+    def run_two_chains(self, a: _Chain, b: _Chain):
+        barrier = jax.lax.optimization_barrier
+        layers = list(self.model.layers)
+        self.attention(layers[0], a, None)
+        for i, block in enumerate(layers):
+            ga = self.dispatch(a)
+            self.attention(block, b, a)  # attn(B) || AG(A)
+            ga, b.mid = barrier((ga, b.mid))
+            pa = self.experts(block, ga)
+            gb = self.dispatch(b)  # MoE(A) || AG(B)
+            pa, gb = barrier((pa, gb))
+            ra = self.combine(pa)
+            pb = self.experts(block, gb)  # RS(A) || MoE(B)
+            ra, pb = barrier((ra, pb))
+            self.finish(block, a, ra)
+            rb = self.combine(pb)
+            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
+                self.attention(layers[i + 1], a, b)
+                rb, a.mid = barrier((rb, a.mid))
+            self.finish(block, b, rb)
+
+    def __call__(self, ids):
+        rows, seq = ids.shape
+        tbo = self.opts.use_tbo(rows * seq) and rows * seq >= 2
+        seg_sets = split_two(rows, seq) if tbo else (whole(rows, seq),)
+        chains = []
+        for segs in seg_sets:
+            flat = jnp.concatenate([_take(ids, s).reshape(-1) for s in segs])
+            chains.append(_Chain(segs, flat, self.model.embed_streams(flat)))
+        if tbo:
+            self.run_two_chains(*chains)
+        else:
+            self.run_one_chain(chains[0])
+        return self.assemble(chains, rows, seq)
+
+    def assemble(self, chains, rows, seq):
+        m = self.model
+        width = self.cfg.vocab_size if self.opts.output == "logits" else self.cfg.hidden_size
+        out = jnp.zeros((rows, seq, width), jnp.float32 if self.opts.output == "logits" else m.dtype)
+        for chain in chains:
+            if self.opts.output == "logits":
+                vals = m.logits(chain.streams)
+            else:
+                vals = rms_norm(m.hc_head(chain.streams), m.norm[...], self.cfg.rms_norm_eps)
+            off = 0
+            for seg in chain.segments:
+                piece = vals[off: off + seg.tokens].reshape(seg.rows, seg.length, width).astype(out.dtype)
+                out = jax.lax.dynamic_update_slice(out, piece, (seg.row0, seg.start, 0))
+                off += seg.tokens
+        return out
+
+
+def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions()):
+    """-> (step, params): `step(params, token_ids)` with token_ids [dp * rows, seq] sharded by
+    rows over `dp`; returns [dp * rows, seq, vocab] logits (or hidden). `params` are the model's
+    parameters placed on the mesh (experts sharded per `opts.expert_mode`)."""
+    dp = mesh.shape[DP]
+    check_divisible(model.cfg, dp, opts.expert_mode)
+    graphdef, state = nnx.split(model)
+    pure = state.to_pure_dict()
+    specs = param_specs(pure, opts.expert_mode)
+    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
+    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0)
+
+    def body(local_params, ids):
+        st = nnx.split(skeleton)[1]
+        nnx.replace_by_pure_dict(st, local_params)
+        return _RankStep(nnx.merge(graphdef, st), opts, dp)(ids)
+
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(DP)), out_specs=P(DP), check_vma=False)
+    return jax.jit(sharded), params
+
+
+def shard_tokens(ids, mesh):
+    return jax.device_put(jnp.asarray(ids, jnp.int32), NamedSharding(mesh, P(DP)))
