@@ -28,7 +28,7 @@ def normalise_weights(scores, idx, cfg: ModelConfig):
     return w * cfg.routed_scaling_factor
 
 
-def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot"):
+def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot", n_experts=None):
     """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
 
     x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D]. Choices of experts
@@ -43,9 +43,10 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     token = order // k
     rows = x[token]
     sizes = jnp.bincount(jnp.where(valid, local, e_local), length=e_local + 1)[:e_local]
-    h = swiglu_clamped(gemm(rows, w1, sizes).astype(jnp.float32),
-                       gemm(rows, w3, sizes).astype(jnp.float32), limit)
-    out = gemm(h.astype(x.dtype), w2, sizes).astype(jnp.float32)
+    mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
+    h = swiglu_clamped(gemm(rows, w1, sizes, mean_group=mean).astype(jnp.float32),
+                       gemm(rows, w3, sizes, mean_group=mean).astype(jnp.float32), limit)
+    out = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean).astype(jnp.float32)
     wsorted = jnp.where(valid, weights.reshape(-1), 0.0)[order]
     out = out * wsorted[:, None]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out).astype(x.dtype)
@@ -86,7 +87,7 @@ class MoE(nnx.Module):
 
     def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot"):
         return routed_experts(x, idx, weights, self.w1[...], self.w3[...], self.w2[...],
-                              self.cfg.swiglu_limit, expert_offset, backend)
+                              self.cfg.swiglu_limit, expert_offset, backend, self.cfg.n_routed_experts)
 
     def __call__(self, x, token_ids, backend="ragged_dot"):
         """x [N, D], token_ids [N] -> [N, D]."""

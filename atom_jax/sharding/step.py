@@ -175,16 +175,19 @@ class _RankStep:
         return out
 
 
-def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions()):
+def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place: bool = True):
     """-> (step, params): `step(params, token_ids)` with token_ids [dp * rows, seq] sharded by
     rows over `dp`; returns [dp * rows, seq, vocab] logits (or hidden). `params` are the model's
-    parameters placed on the mesh (experts sharded per `opts.expert_mode`)."""
+    parameters placed on the mesh (experts sharded per `opts.expert_mode`); with `place=False`
+    (an abstract model, e.g. for benchmarks that initialise on device) params is None."""
     dp = mesh.shape[DP]
     check_divisible(model.cfg, dp, opts.expert_mode)
     graphdef, state = nnx.split(model)
     pure = state.to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)
-    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
+    params = None
+    if place:
+        params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
     skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0)
 
     def body(local_params, ids):
@@ -194,6 +197,28 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions()):
 
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(DP)), out_specs=P(DP), check_vma=False)
     return jax.jit(sharded), params
+
+
+def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0):
+    """Random parameters created directly on the devices, already sharded (a V4-Flash layer is
+    ~13 GB of experts: building it on the host first would not fit)."""
+    model = abstract_model(cfg, dtype)
+    pure = nnx.split(model)[1].to_pure_dict()
+    specs = param_specs(pure, opts.expert_mode)
+    leaves, treedef = jax.tree.flatten(pure)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    out = []
+    for i, (leaf, spec) in enumerate(zip(leaves, spec_leaves)):
+        sharding = NamedSharding(mesh, spec)
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        if jnp.issubdtype(leaf.dtype, jnp.integer):
+            make = lambda k, l=leaf: jax.random.randint(k, l.shape, 0, cfg.n_routed_experts, l.dtype)  # noqa: E731
+        elif leaf.ndim == 1:  # norms, biases, sinks: ones / small values
+            make = lambda k, l=leaf: (1.0 + 0.02 * jax.random.normal(k, l.shape)).astype(l.dtype)  # noqa: E731
+        else:
+            make = lambda k, l=leaf: (0.02 * jax.random.normal(k, l.shape)).astype(l.dtype)  # noqa: E731
+        out.append(jax.jit(make, out_shardings=sharding)(key))
+    return model, jax.tree.unflatten(treedef, out)
 
 
 def shard_tokens(ids, mesh):

@@ -1,0 +1,139 @@
+"""Benchmark the sharded DP step, TBO on vs off, at V4-Flash layer dimensions.
+
+    python scripts/bench_dp_step.py --layers 6 --json out.json --hlo-dir hlo/
+
+Prefill sizes are tokens per rank made of 1024-token sequences; decode sizes are that many
+one-token rows per rank (no KV cache yet: attention is trivial there, the MoE is real).
+Also times the step's collectives alone (same shapes, no compute), and checks in the compiled
+HLO of each TBO step which collectives overlap GEMMs. Prints a table and writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from atom_jax.config import tiny, v4_flash  # noqa: E402
+from atom_jax.kernels import grouped_gemm  # noqa: E402
+from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh  # noqa: E402
+from atom_jax.trace.hlo import analyze_hlo  # noqa: E402
+
+
+def time_fn(fn, inputs, iters):
+    """Median wall time (ms) per call after warm-up, cycling through several input sets."""
+    for x in inputs[:2]:
+        jax.block_until_ready(fn(x))
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(inputs[i % len(inputs)]))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def comm_only(mesh, cfg, tokens, layers, dtype):
+    """The collectives of one non-TBO step: per layer AG(x, weights, ids) and RS(partial)."""
+    k = cfg.num_experts_per_tok
+
+    def body(x, w, i):
+        acc = x
+        for _ in range(layers):
+            xg = jax.lax.all_gather(acc, DP, axis=0, tiled=True)
+            wg = jax.lax.all_gather(w, DP, axis=0, tiled=True)
+            ig = jax.lax.all_gather(i, DP, axis=0, tiled=True)
+            part = xg * (1 + wg[:, :1].astype(dtype)) + ig[:, :1].astype(dtype)
+            acc = jax.lax.psum_scatter(part, DP, scatter_dimension=0, tiled=True)
+        return acc
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(DP), P(DP), P(DP)), out_specs=P(DP), check_vma=False))
+    dp = mesh.shape[DP]
+    sh = NamedSharding(mesh, P(DP))
+    x = jax.device_put(jnp.ones((dp * tokens, cfg.hidden_size), dtype), sh)
+    w = jax.device_put(jnp.ones((dp * tokens, k), jnp.float32), sh)
+    i = jax.device_put(jnp.ones((dp * tokens, k), jnp.int32), sh)
+    return time_fn(lambda _: f(x, w, i), [0], 10)[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--prefill", default="1024,4096,8192")
+    ap.add_argument("--decode", default="32,128,256,512")
+    ap.add_argument("--seq", type=int, default=1024, help="prefill sequence length")
+    ap.add_argument("--backend", default="capacity")
+    ap.add_argument("--expert-mode", default="expert")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--json")
+    ap.add_argument("--hlo-dir")
+    args = ap.parse_args(argv)
+
+    mesh = make_dp_mesh()
+    dp = mesh.shape[DP]
+    cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    base = StepOptions(expert_mode=args.expert_mode, moe_backend=args.backend, output="hidden")
+    model, params = random_params_on_mesh(cfg, mesh, base, dtype)
+    print(f"devices: {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
+          f"backend {args.backend}; capacity factor {grouped_gemm.CAPACITY_FACTOR}", flush=True)
+
+    cases = [("prefill", t, args.seq) for t in map(int, args.prefill.split(",")) if t] + \
+            [("decode", t, 1) for t in map(int, args.decode.split(",")) if t]
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for phase, tokens, seq in cases:
+        rows = max(1, tokens // seq)
+        inputs = [jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (dp * rows, seq)), jnp.int32),
+                                 NamedSharding(mesh, P(DP))) for _ in range(3)]
+        res = {"phase": phase, "tokens_per_rank": rows * seq, "rows": rows, "seq": seq}
+        for tbo in (False, True):
+            opts = StepOptions(**{**base.__dict__, "tbo": tbo})
+            step, _ = make_step(model, mesh, opts, place=False)
+            t0 = time.perf_counter()
+            compiled = step.lower(params, inputs[0]).compile()
+            res[f"compile_s_{'tbo' if tbo else 'base'}"] = round(time.perf_counter() - t0, 2)
+            med, best = time_fn(lambda x: compiled(params, x), inputs, args.iters)
+            res["tbo_ms" if tbo else "base_ms"] = round(med, 3)
+            res["tbo_min_ms" if tbo else "base_min_ms"] = round(best, 3)
+            if tbo:
+                report = analyze_hlo(compiled.as_text())
+                moe = [c for c in report.collectives if c.kind in ("all-gather", "reduce-scatter", "all-reduce")]
+                res["hlo"] = {"collectives": len(moe), "overlapped": sum(c.overlapped for c in moe),
+                              "sync": sum(c.is_sync for c in moe)}
+                if args.hlo_dir and phase == "prefill" and tokens == max(t for p, t, _ in cases if p == "prefill"):
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    with open(os.path.join(args.hlo_dir, f"tbo_{tokens}.hlo.txt"), "w") as f:
+                        f.write(compiled.as_text())
+                    with open(os.path.join(args.hlo_dir, f"tbo_{tokens}.overlap.json"), "w") as f:
+                        json.dump(report.to_dict(), f, indent=1)
+                    print(report.format_table(), flush=True)
+            del compiled, step
+        res["ratio"] = round(res["tbo_ms"] / res["base_ms"], 3)
+        res["comm_only_ms"] = round(comm_only(mesh, cfg, rows * seq, cfg.num_layers, dtype), 3)
+        rows_out.append(res)
+        print(json.dumps(res), flush=True)
+
+    print(f"\n{'phase':8} {'tok/rank':>8} {'base ms':>9} {'TBO ms':>9} {'TBO/base':>8} {'comm ms':>8} "
+          f"{'overlap':>9} {'sync':>4}")
+    for r in rows_out:
+        h = r["hlo"]
+        print(f"{r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f} {r['tbo_ms']:9.3f} {r['ratio']:8.3f} "
+              f"{r['comm_only_ms']:8.3f} {h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "dp": dp, "layers": cfg.num_layers,
+                       "backend": args.backend, "jax": jax.__version__, "results": rows_out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
