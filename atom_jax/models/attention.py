@@ -19,13 +19,15 @@ from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_no
 def attend(q, keys, visible, sinks, scale):
     """q [B,S,H,D]; keys [B,K,D] (also the values); visible bool [B,S,K]; sinks [H] -> [B,S,H,D].
 
-    Softmax over the keys plus one sink logit per head whose probability is dropped."""
-    logits = jnp.einsum("bshd,bkd->bhsk", q.astype(jnp.float32), keys.astype(jnp.float32)) * scale
+    Softmax over the keys plus one sink logit per head whose probability is dropped. The
+    products take the inputs' dtype (bf16 runs on the tensor cores) and accumulate in float32."""
+    keys = keys.astype(q.dtype)
+    logits = jnp.einsum("bshd,bkd->bhsk", q, keys, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(visible[:, None], logits, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (*logits.shape[:3], 1))
     full = jnp.concatenate([logits, sink], axis=-1)
     probs = jax.nn.softmax(full, axis=-1)[..., :-1]
-    out = jnp.einsum("bhsk,bkd->bshd", probs, keys.astype(jnp.float32))
+    out = jnp.einsum("bhsk,bkd->bshd", probs.astype(q.dtype), keys, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 

@@ -58,6 +58,29 @@ class _Chain:
     mid: Any = None  # state between the attention half and the MoE half of a layer
 
 
+def _as_u16(a):
+    """[T, n] of any 16/32-bit dtype -> [T, n * itemsize / 2] uint16 (bit-exact)."""
+    if a.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(a, jnp.uint16)
+    return jax.lax.bitcast_convert_type(a, jnp.uint16).reshape(a.shape[0], -1)
+
+
+def pack_rows(arrays):
+    return jnp.concatenate([_as_u16(a) for a in arrays], axis=1)
+
+
+def unpack_rows(packed, like):
+    out, off = [], 0
+    for a in like:
+        width = a.shape[1] * a.dtype.itemsize // 2
+        piece = packed[:, off: off + width]
+        if a.dtype.itemsize == 4:
+            piece = piece.reshape(piece.shape[0], a.shape[1], 2)
+        out.append(jax.lax.bitcast_convert_type(piece, a.dtype))
+        off += width
+    return out
+
+
 def _take(block, seg: Segment):
     return block[seg.row0: seg.row0 + seg.rows, seg.start: seg.start + seg.length]
 
@@ -92,11 +115,14 @@ class _RankStep:
 
     # ---- MoE pieces ------------------------------------------------------------------------
     def dispatch(self, chain: _Chain):
+        """One all-gather per chain and layer: tokens and their routing travel packed together."""
         mid = chain.mid
-        gather = lambda a: jax.lax.all_gather(a, DP, axis=0, tiled=True)  # noqa: E731
+        extras = [mid["weights"], mid["idx"]] if self.opts.gather_routing else [chain.ids[:, None]]
+        packed = jax.lax.all_gather(pack_rows([mid["x"], *extras]), DP, axis=0, tiled=True)
+        parts = unpack_rows(packed, [mid["x"], *extras])
         if self.opts.gather_routing:
-            return {"x": gather(mid["x"]), "weights": gather(mid["weights"]), "idx": gather(mid["idx"])}
-        return {"x": gather(mid["x"]), "ids": gather(chain.ids)}
+            return {"x": parts[0], "weights": parts[1], "idx": parts[2]}
+        return {"x": parts[0], "ids": parts[1][:, 0]}
 
     def experts(self, block: Block, gathered):
         if "weights" in gathered:
