@@ -1,0 +1,60 @@
+"""The packed, ragged token buffer one step processes on one rank.
+
+Tokens of many sequences (decode tokens and prefill chunks) lie back to back; each token knows
+its slot, its position and where its chunk starts and ends, so attention and the compressors
+can tell tokens of the same chunk (read from the buffer) from earlier ones (read from the
+cache). Padding tokens have valid=False and never write the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    ids: np.ndarray  # [T] int32
+    pos: np.ndarray  # [T] int32
+    slot: np.ndarray  # [T] int32
+    valid: np.ndarray  # [T] bool
+    seg_start_idx: np.ndarray  # [T] buffer index of this token's chunk start
+    seg_start_pos: np.ndarray  # [T] position at the chunk start
+    seg_end_pos: np.ndarray  # [T] position just past the chunk end
+    sample_idx: np.ndarray  # [S] buffer indices whose logits are wanted (padding: 0)
+    num_samples: int  # real entries in sample_idx
+
+    def arrays(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "sample_idx")}
+
+
+def pack_chunks(chunks, size: int, max_samples: int) -> PackedBatch:
+    """chunks: list of (slot, start_pos, token_ids, sample) -> a PackedBatch padded to `size`.
+
+    `sample` marks chunks whose last token's logits are wanted."""
+    ids = np.zeros(size, np.int32)
+    pos = np.zeros(size, np.int32)
+    slot = np.zeros(size, np.int32)
+    valid = np.zeros(size, bool)
+    s_idx = np.zeros(size, np.int32)
+    s_pos = np.zeros(size, np.int32)
+    e_pos = np.zeros(size, np.int32)
+    sample = np.zeros(max_samples, np.int32)
+    off, ns = 0, 0
+    for sl, start, toks, want in chunks:
+        n = len(toks)
+        if off + n > size:
+            raise ValueError(f"chunks hold more than {size} tokens")
+        sl_ = slice(off, off + n)
+        ids[sl_], pos[sl_], slot[sl_], valid[sl_] = toks, start + np.arange(n), sl, True
+        s_idx[sl_], s_pos[sl_], e_pos[sl_] = off, start, start + n
+        if want:
+            if ns >= max_samples:
+                raise ValueError(f"more than {max_samples} sampling positions")
+            sample[ns] = off + n - 1
+            ns += 1
+        off += n
+    # padding: its own empty "chunk" so it never looks like part of a real one
+    s_idx[off:] = np.arange(off, size)
+    return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, sample, ns)

@@ -1,0 +1,71 @@
+"""Per-rank KV cache state for DeepSeek-V4 (DESIGN.md section 5).
+
+Per layer:
+- `ring_kv` [slots, W, hd] / `ring_pos` [slots, W]: the last W (sliding window) key/value rows of
+  each sequence slot, with their positions (-1 = empty).
+- compressed layers: `entries` [pages * entries_per_page, hd], a paged pool of compressed entries
+  (entry w of a slot lives on page page_table[slot, w // entries_per_page]); `tail_kv` /
+  `tail_gate` [slots, R, c*hd]: the per-token compressor projections of the last R positions
+  (R = ratio for HCA; 2 * ratio for CSA, whose entries also read the previous window), so a
+  window cut by a chunk boundary completes exactly in the next chunk.
+- CSA layers: the same for the indexer (`ientries`, `itail_kv`, `itail_gate`).
+
+A page covers `page_tokens` positions of a sequence (a multiple of every compression ratio);
+the host allocates pages (atom_jax.scheduler.pages) and passes each slot's page table in."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from atom_jax.config import CSA, SLIDING, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    num_slots: int  # sequences resident at once per rank
+    num_pages: int  # pages per rank
+    page_tokens: int  # sequence positions per page
+    max_pages_per_seq: int  # page-table width: max context = page_tokens * max_pages_per_seq
+
+    @property
+    def max_context(self) -> int:
+        return self.page_tokens * self.max_pages_per_seq
+
+    def check(self, cfg: ModelConfig):
+        for r in (cfg.csa_ratio, cfg.hca_ratio):
+            if self.page_tokens % r:
+                raise ValueError(f"page_tokens {self.page_tokens} must be a multiple of compression ratio {r}")
+
+    def entries_per_page(self, ratio: int) -> int:
+        return self.page_tokens // ratio
+
+
+def _ratio(cfg: ModelConfig, kind: str) -> int:
+    return cfg.csa_ratio if kind == CSA else cfg.hca_ratio
+
+
+def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) -> dict:
+    s, w, d = layout.num_slots, cfg.sliding_window, cfg.head_dim
+    layer = {"ring_kv": jnp.zeros((s, w, d), dtype), "ring_pos": jnp.full((s, w), -1, jnp.int32)}
+    if kind == SLIDING:
+        return layer
+    r = _ratio(cfg, kind)
+    overlap = kind == CSA
+    span, c = (2 * r, 2) if overlap else (r, 1)
+    pool = layout.num_pages * layout.entries_per_page(r)
+    layer.update(entries=jnp.zeros((pool, d), dtype),
+                 tail_kv=jnp.zeros((s, span, c * d), jnp.float32),
+                 tail_gate=jnp.zeros((s, span, c * d), jnp.float32))
+    if overlap:
+        di = cfg.index_head_dim
+        layer.update(ientries=jnp.zeros((pool, di), dtype),
+                     itail_kv=jnp.zeros((s, span, 2 * di), jnp.float32),
+                     itail_gate=jnp.zeros((s, span, 2 * di), jnp.float32))
+    return layer
+
+
+def init_cache(cfg: ModelConfig, layout: CacheLayout, dtype=jnp.float32) -> list[dict]:
+    layout.check(cfg)
+    return [init_layer_cache(cfg, layout, kind, dtype) for kind in cfg.attn_kinds]

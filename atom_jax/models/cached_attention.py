@@ -1,0 +1,148 @@
+"""Attention over a packed token buffer with the per-rank cache (prefill chunks and decode).
+
+For token t (slot s, position p) the visible keys are: the slot's ring rows from before this
+chunk (position in (p - W, p]), rows of the same chunk in the buffer (same window rule), and
+compressed entries w < (p + 1) // ratio (HCA: all of them; CSA: the indexer's top-k). Entries
+completed inside this step are written to the paged pool first, so later tokens see them.
+The math is the full-sequence path's (attention.py); only where keys come from differs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from atom_jax.config import CSA, SLIDING
+from atom_jax.models.attention import Attention
+from atom_jax.models.compressor import Compressor
+
+
+def _write_last(buf, slot, idx, values, keep):
+    """buf[slot, idx] = values where keep (others dropped: their slot index goes out of range)."""
+    slot = jnp.where(keep, slot, buf.shape[0])
+    return buf.at[slot, idx].set(values.astype(buf.dtype), mode="drop")
+
+
+def _window_rows(proj, tail, b, positions):
+    """Projections of `positions` [T, n] for each token's slot: from this chunk where the position
+    is at or after the chunk start, else from the slot's tail (indexed by position mod span)."""
+    span = tail.shape[1]
+    in_chunk = positions >= b["seg_start_pos"][:, None]
+    idx = jnp.clip(b["seg_start_idx"][:, None] + positions - b["seg_start_pos"][:, None], 0, proj.shape[0] - 1)
+    from_chunk = proj[idx]
+    from_tail = tail[b["slot"][:, None], jnp.mod(positions, span)]
+    return jnp.where(in_chunk[..., None], from_chunk, from_tail)
+
+
+def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq):
+    """Emit the entries completed in this step, write them and the new tails. -> (pool, tails)."""
+    r, d = comp.ratio, comp.head_dim
+    kv, gate = comp.project(x)
+    kv = kv.astype(jnp.float32)
+    gate = gate.astype(jnp.float32) + comp.ape[...][jnp.mod(b["pos"], r)]
+    pos = b["pos"]
+    done = b["valid"] & (jnp.mod(pos + 1, r) == 0)
+    w = (pos + 1) // r - 1
+    if comp.overlap:  # Ca of window w-1 (first r slots) then Cb of window w
+        win = (w[:, None] - 1) * r + jnp.arange(2 * r)[None, :]
+        rows_kv = _window_rows(kv, tail_kv, b, win)
+        rows_g = _window_rows(gate, tail_gate, b, win)
+        first = jnp.arange(2 * r)[None, :] < r
+        wkv = jnp.where(first[..., None], rows_kv[..., :d], rows_kv[..., d:])
+        wg = jnp.where(first[..., None], rows_g[..., :d], rows_g[..., d:])
+        wg = jnp.where((win < 0)[..., None], -jnp.inf, wg)
+    else:
+        win = w[:, None] * r + jnp.arange(r)[None, :]
+        wkv = _window_rows(kv, tail_kv, b, win)
+        wg = _window_rows(gate, tail_gate, b, win)
+    pooled = jnp.sum(wkv * jax.nn.softmax(wg, axis=1), axis=1)
+    entries = comp.finish(pooled, w * r, inv_freq)
+    page = page_table[b["slot"], jnp.maximum(w, 0) // epp]
+    addr = jnp.where(done, page * epp + jnp.mod(w, epp), pool.shape[0])
+    pool = pool.at[addr].set(entries.astype(pool.dtype), mode="drop")
+    span = tail_kv.shape[1]
+    keep = b["valid"] & (pos >= b["seg_end_pos"] - span)  # only the chunk's last `span` survive
+    tail_kv = _write_last(tail_kv, b["slot"], jnp.mod(pos, span), kv, keep)
+    tail_gate = _write_last(tail_gate, b["slot"], jnp.mod(pos, span), gate, keep)
+    return pool, tail_kv, tail_gate
+
+
+def _slot_entry_addresses(page_table, epp):
+    """[slots, max_pages * epp] pool address of every entry index of every slot."""
+    w = jnp.arange(page_table.shape[1] * epp)
+    return page_table[:, w // epp] * epp + jnp.mod(w, epp)
+
+
+def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout):
+    """x [T, D] normed attention input; b: the PackedBatch arrays (jnp); cache: this layer's.
+
+    -> (out [T, D], new layer cache)."""
+    cfg = attn.cfg
+    inv = attn.inv_freq
+    pos, slot, valid = b["pos"], b["slot"], b["valid"]
+    win = cfg.sliding_window
+    q, q_lora = attn.queries(x[None], pos[None])
+    q, q_lora = q[0], q_lora[0]  # [T, H, hd], [T, R]
+    kv = attn.keys(x[None], pos[None])[0]  # [T, hd]
+    cache = dict(cache)
+
+    # sliding window: the ring as it was before this chunk, and this chunk's own rows
+    ring_kv, ring_pos = cache["ring_kv"][slot], cache["ring_pos"][slot]  # [T, W, hd], [T, W]
+    d_ring = pos[:, None] - ring_pos
+    vis_ring = (ring_pos >= 0) & (ring_pos < b["seg_start_pos"][:, None]) & (d_ring >= 0) & (d_ring < win)
+    d_chunk = pos[:, None] - pos[None, :]
+    same_chunk = valid[None, :] & (b["seg_start_idx"][:, None] == b["seg_start_idx"][None, :])
+    vis_chunk = same_chunk & (d_chunk >= 0) & (d_chunk < win)
+
+    ent, vis_ent = None, None
+    if attn.kind != SLIDING:
+        r = attn.ratio
+        epp = layout.entries_per_page(r)
+        pool, tkv, tg = _compress_step(attn.compressor, x, b, cache["tail_kv"], cache["tail_gate"],
+                                       cache["entries"], page_table, epp, inv)
+        cache.update(entries=pool, tail_kv=tkv, tail_gate=tg)
+        addrs = _slot_entry_addresses(page_table, epp)[slot]  # [T, E]
+        n_visible = (pos + 1) // r
+        if attn.kind == CSA:
+            ipool, itkv, itg = _compress_step(attn.indexer.compressor, x, b, cache["itail_kv"], cache["itail_gate"],
+                                              cache["ientries"], page_table, epp, inv)
+            cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg)
+            scores = attn.indexer.scores(x[:, None], q_lora[:, None], pos[:, None], ipool[addrs], inv)[:, 0]
+            visible = jnp.arange(addrs.shape[1])[None, :] < n_visible[:, None]
+            k = min(cfg.index_topk, addrs.shape[1])
+            _, top = jax.lax.top_k(jnp.where(visible, scores, -jnp.inf), k)  # [T, k]
+            ent = pool[jnp.take_along_axis(addrs, top, axis=1)]
+            vis_ent = top < n_visible[:, None]
+        else:
+            ent = pool[addrs]
+            vis_ent = jnp.arange(addrs.shape[1])[None, :] < n_visible[:, None]
+
+    out = _attend_mixed(q, [(ring_kv, vis_ring, True), (kv, vis_chunk, False)]
+                        + ([(ent, vis_ent, True)] if ent is not None else []),
+                        attn.sinks[...], cfg.head_dim ** -0.5)
+    out = attn.output(out[None], pos[None])[0]
+
+    # ring update after reading: each chunk's last W rows replace the slot's oldest
+    keep = valid & (pos >= b["seg_end_pos"] - win)
+    cache["ring_kv"] = _write_last(cache["ring_kv"], slot, jnp.mod(pos, win), kv, keep)
+    cache["ring_pos"] = _write_last(cache["ring_pos"], slot, jnp.mod(pos, win), pos, keep)
+    return out, cache
+
+
+def _attend_mixed(q, key_sets, sinks, scale):
+    """One softmax (plus per-head sink) over several key sets. q [T,H,D]; each set is
+    (keys, visible, per_token): keys [T,K,D] with visible [T,K] when per_token, else keys [K,D]
+    shared by all tokens with visible [T,K] (this chunk's own rows). Keys double as values."""
+    logits = []
+    for keys, vis, per_token in key_sets:
+        spec = "thd,tkd->thk" if per_token else "thd,kd->thk"
+        lg = jnp.einsum(spec, q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+        logits.append(jnp.where(vis[:, None], lg, -jnp.inf))
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (*logits[0].shape[:2], 1))
+    probs = jax.nn.softmax(jnp.concatenate(logits + [sink], axis=-1), axis=-1)
+    out, off = 0.0, 0
+    for (keys, _, per_token), lg in zip(key_sets, logits):
+        p = probs[..., off: off + lg.shape[-1]].astype(q.dtype)
+        spec = "thk,tkd->thd" if per_token else "thk,kd->thd"
+        out = out + jnp.einsum(spec, p, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        off += lg.shape[-1]
+    return out.astype(q.dtype)
