@@ -93,25 +93,28 @@ class _RankStep:
         self.cfg = model.cfg
 
     # ---- attention half ------------------------------------------------------------------
-    def attention(self, block: Block, chain: _Chain, other: _Chain | None):
+    def attention(self, layer: int, block: Block, chain: _Chain, other: _Chain | None):
         post, comb, x = block.attn_in(chain.streams)
-        outs, attn_in, off = [], {}, 0
-        for seg in chain.segments:
-            xs = x[off: off + seg.tokens].reshape(seg.rows, seg.length, -1)
-            pos = jnp.broadcast_to(seg.start + jnp.arange(seg.length), (seg.rows, seg.length))
-            prefix = None
-            if seg.start > 0:  # this row's first part lives in the other chain, one stage earlier
-                prefix = other.attn_in[(seg.row0, seg.start)]
-            attn_in[(seg.row0, seg.start + seg.length)] = xs
-            outs.append(block.attn(xs, pos, prefix).reshape(seg.tokens, -1))
-            off += seg.tokens
-        chain.attn_in = attn_in
-        streams = hc_merge(chain.streams, jnp.concatenate(outs, axis=0), post, comb)
+        streams = hc_merge(chain.streams, self.attend_chain(layer, block, chain, other, x), post, comb)
         post, comb, x = block.ffn_in(streams)
         mid = {"streams": streams, "post": post, "comb": comb, "x": x}
         if self.opts.gather_routing:
             mid["weights"], mid["idx"] = block.ffn.route(x, chain.ids)
         chain.mid = mid
+
+    def attend_chain(self, layer: int, block: Block, chain: _Chain, other: _Chain | None, x):
+        """Full-sequence attention per segment; a segment continuing a row the other chain
+        started reads that chain's attention input of this layer as its prefix."""
+        outs, attn_in, off = [], {}, 0
+        for seg in chain.segments:
+            xs = x[off: off + seg.tokens].reshape(seg.rows, seg.length, -1)
+            pos = jnp.broadcast_to(seg.start + jnp.arange(seg.length), (seg.rows, seg.length))
+            prefix = other.attn_in[(seg.row0, seg.start)] if seg.start > 0 else None
+            attn_in[(seg.row0, seg.start + seg.length)] = xs
+            outs.append(block.attn(xs, pos, prefix).reshape(seg.tokens, -1))
+            off += seg.tokens
+        chain.attn_in = attn_in
+        return jnp.concatenate(outs, axis=0)
 
     # ---- MoE pieces ------------------------------------------------------------------------
     def dispatch(self, chain: _Chain):
@@ -145,17 +148,17 @@ class _RankStep:
 
     # ---- schedules ------------------------------------------------------------------------
     def run_one_chain(self, chain: _Chain):
-        for block in self.model.layers:
-            self.attention(block, chain, None)
+        for i, block in enumerate(self.model.layers):
+            self.attention(i, block, chain, None)
             self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
 
     def run_two_chains(self, a: _Chain, b: _Chain):
         barrier = jax.lax.optimization_barrier
         layers = list(self.model.layers)
-        self.attention(layers[0], a, None)
+        self.attention(0, layers[0], a, None)
         for i, block in enumerate(layers):
             ga = self.dispatch(a)
-            self.attention(block, b, a)  # attn(B) || AG(A)
+            self.attention(i, block, b, a)  # attn(B) || AG(A)
             ga, b.mid = barrier((ga, b.mid))
             pa = self.experts(block, ga)
             gb = self.dispatch(b)  # MoE(A) || AG(B)
@@ -166,7 +169,7 @@ class _RankStep:
             self.finish(block, a, ra)
             rb = self.combine(pb)
             if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
-                self.attention(layers[i + 1], a, b)
+                self.attention(i + 1, layers[i + 1], a, b)
                 rb, a.mid = barrier((rb, a.mid))
             self.finish(block, b, rb)
 

@@ -1,10 +1,13 @@
 """``python -m atom_jax.trace <subcommand>``.
 
 Subcommands:
-  hlo   collective/GEMM overlap check over scheduled HLO (a saved file or a --module build)
+  hlo     collective/GEMM overlap check over scheduled HLO (a saved file or a --module build)
+  report  per-device summary of a jax.profiler trace directory (step time, categories,
+          communication overlapped vs exposed, mb_a/mb_b attribution, top kernels)
+  plot    timeline PNG of one step: compute and communication lanes per device
 
 Each subcommand registers itself through an ``_add_<name>_parser`` function below, so
-others (``report``, ``plot``) can be added without touching the existing ones.
+more can be added without touching the existing ones.
 """
 
 from __future__ import annotations
@@ -72,11 +75,57 @@ def _add_hlo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_hlo)
 
 
+def _run_report(ns: argparse.Namespace) -> int:
+    from atom_jax.trace.report import format_report, report
+
+    rep = report(ns.dir, top=ns.top, steps=ns.steps)
+    print(format_report(rep))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(rep, indent=2) + "\n")
+    return 0 if rep["devices"] else 1
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="summarise a profiler trace per device",
+        description="Summarise the newest trace under DIR (jax.profiler.start_trace log dir).",
+    )
+    p.add_argument("dir", help="trace log dir, a plugins/profile/<run> dir, or an xplane/json file")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    p.add_argument("--top", type=int, default=10, help="kernels to list per device (default 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps in the capture when it has no step annotations")
+    p.set_defaults(func=_run_report)
+
+
+def _run_plot(ns: argparse.Namespace) -> int:
+    from atom_jax.trace.plot import plot_timeline
+
+    out = plot_timeline(ns.dir, ns.output, step=ns.step)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="timeline PNG of one step (compute / communication lane per device)",
+        description="Plot one step of the newest trace under DIR (needs matplotlib).",
+    )
+    p.add_argument("dir", help="trace log dir, a plugins/profile/<run> dir, or an xplane/json file")
+    p.add_argument("-o", "--output", default="timeline.png", help="PNG to write")
+    p.add_argument("--step", type=int, default=None,
+                   help="annotated step_num to draw (default: the last step)")
+    p.set_defaults(func=_run_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m atom_jax.trace")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_hlo_parser(sub)
-    # Future: _add_report_parser(sub), _add_plot_parser(sub)
+    _add_report_parser(sub)
+    _add_plot_parser(sub)
     return parser
 
 

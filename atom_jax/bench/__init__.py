@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m atom_jax.bench sim ...` (scheduler simulator, no model)."""

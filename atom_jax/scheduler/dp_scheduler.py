@@ -1,0 +1,193 @@
+"""The step planner over all DP ranks: one prefill gate, one bucket and one TBO choice.
+
+Every host runs an identical DPScheduler over the same request stream, so every host plans
+the same step (all decisions are functions of scheduler state and tick counts only).
+
+Driving it (one engine loop iteration):
+
+    for seq in new_requests: sched.add(seq)          # also: sched.abort(id), sched.fail(id)
+    plan = sched.schedule()
+    if not plan.is_empty:
+        # per rank r: pack plan.per_rank[r] (c.token_ids(), positions c.start_pos..,
+        # c.seq.slot, c.seq.pages) into a plan.bucket-token buffer, zero real tokens allowed;
+        # run the step (TBO if plan.tbo); sample after every chunk with c.sample.
+        out = sched.on_step_done(plan, {request_id: token_id, ...})
+        # out.new_tokens: stream them; out.finished: final responses (any reason).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+from atom_jax.scheduler.delayer import DelayDecision, make_delayer
+from atom_jax.scheduler.metrics import SchedulerMetrics, StepRecord
+from atom_jax.scheduler.rank_scheduler import ChunkWork, RankConfig, RankScheduler
+from atom_jax.scheduler.sequence import Sequence
+
+
+def default_buckets(max_tokens_per_step: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below the budget, plus the budget itself."""
+    out, b = [], smallest
+    while b < max_tokens_per_step:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_tokens_per_step,)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    step: int                          # tick index (0-based)
+    per_rank: list[list[ChunkWork]]    # every rank's chunks, in running order
+    bucket: int                        # tokens per rank buffer; 0 = nothing to run anywhere
+    tbo: bool                          # two-batch overlap for this step (same on all ranks)
+    real_tokens: list[int]             # per rank
+    padding_waste: float               # 1 - sum(real) / (dp * bucket)
+    decision: DelayDecision
+
+    @property
+    def is_empty(self) -> bool:
+        """No rank has a real token: the engine may skip the model for this tick."""
+        return self.bucket == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    new_tokens: list[tuple[Sequence, int]]  # every token appended this step
+    finished: list[Sequence]  # everything that finished since the last step (any reason)
+
+
+class DPScheduler:
+    def __init__(self, dp: int, rank_config: RankConfig | None = None, buckets=None,
+                 delayer=None, tbo_min_tokens: int | None = 1024, eos_token_ids=()):
+        if dp <= 0:
+            raise ValueError(f"dp must be > 0, got {dp}")
+        self.dp = dp
+        self.rank_config = (rank_config or RankConfig()).validate()
+        budget = self.rank_config.max_tokens_per_step
+        self.buckets = tuple(sorted(set(buckets))) if buckets else default_buckets(budget)
+        if self.buckets[0] <= 0 or self.buckets[-1] < budget:
+            raise ValueError(f"buckets {self.buckets} must be > 0 and reach "
+                             f"max_tokens_per_step ({budget})")
+        self.delayer = delayer if delayer is not None else make_delayer("on")
+        self.tbo_min_tokens = tbo_min_tokens
+        self.ranks = [RankScheduler(self.rank_config, r, eos_token_ids) for r in range(dp)]
+        self.metrics = SchedulerMetrics(dp)
+        self._tick = 0
+        self._in_flight: StepPlan | None = None
+
+    # -- requests --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> int:
+        """Queue a new request on the rank with the least pending prefill tokens (ties: lower
+        KV usage, then lower rank id). Returns the rank."""
+        seq.params.validate()
+        if self.get(seq.request_id) is not None:
+            raise ValueError(f"request id {seq.request_id!r} is already live")
+        rank = min(self.ranks, key=lambda r: (r.pending_prefill_tokens, r.kv_usage, r.rank))
+        seq.arrival_tick = self._tick
+        rank.add(seq)
+        return rank.rank
+
+    def get(self, request_id: str) -> Sequence | None:
+        for r in self.ranks:
+            seq = r.get(request_id)
+            if seq is not None:
+                return seq
+        return None
+
+    def finish(self, request_id: str, reason: str) -> Sequence | None:
+        """End a live request (e.g. a stop string matched by the engine); None if not live."""
+        for r in self.ranks:
+            seq = r.finish(request_id, reason)
+            if seq is not None:
+                return seq
+        return None
+
+    def abort(self, request_id: str) -> Sequence | None:
+        return self.finish(request_id, "abort")
+
+    def fail(self, request_id: str) -> Sequence | None:
+        return self.finish(request_id, "error")
+
+    def has_work(self) -> bool:
+        return any(r.has_work() for r in self.ranks)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r.num_running for r in self.ranks)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.num_waiting for r in self.ranks)
+
+    # -- steps -----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Plan the next step for every rank. The engine runs it (unless `is_empty`) and then
+        calls `on_step_done` with the sampled tokens."""
+        if self._in_flight is not None and not self._in_flight.is_empty:
+            raise RuntimeError("schedule() called twice without on_step_done()")
+        decision = self.delayer.decide([r.outlook() for r in self.ranks])
+        self.metrics.record_decision(decision)
+        per_rank = [r.schedule(allow_prefill=decision.allow) for r in self.ranks]
+        real = [sum(c.num_tokens for c in work) for work in per_rank]
+        top = max(real)
+        if top == 0:
+            bucket, tbo, waste = 0, False, 0.0
+        else:
+            bucket = self.buckets[bisect.bisect_left(self.buckets, top)]
+            tbo = self.tbo_min_tokens is not None and bucket >= self.tbo_min_tokens
+            waste = 1.0 - sum(real) / (self.dp * bucket)
+        plan = StepPlan(self._tick, per_rank, bucket, tbo, real, waste, decision)
+        self._tick += 1
+        self._record(plan)
+        self._in_flight = plan
+        return plan
+
+    def on_step_done(self, plan: StepPlan, sampled: dict) -> StepOutput:
+        """`sampled` maps request_id -> token id for every chunk with `sample` set."""
+        if plan is not self._in_flight:
+            raise RuntimeError("on_step_done() got a plan that is not the last scheduled one")
+        self._in_flight = None
+        new_tokens = []
+        for rank, work in zip(self.ranks, plan.per_rank):
+            new_tokens += rank.on_step_done(work, sampled)
+        finished = [s for r in self.ranks for s in r.pop_finished()]
+        for s in finished:
+            self.metrics.finished[s.finish_reason] += 1
+        self._update_gauges()
+        return StepOutput(new_tokens, finished)
+
+    def pop_finished(self) -> list[Sequence]:
+        """Finished sequences not yet returned by on_step_done (e.g. after abort/fail)."""
+        finished = [s for r in self.ranks for s in r.pop_finished()]
+        for s in finished:
+            self.metrics.finished[s.finish_reason] += 1
+        return finished
+
+    def check_invariants(self) -> None:
+        for r in self.ranks:
+            r.check_invariants()
+
+    # -- internals -------------------------------------------------------------------------
+    def _record(self, plan: StepPlan) -> None:
+        if plan.is_empty:
+            self.metrics.record_step(None)
+        else:
+            prefill = decode = 0
+            for work in plan.per_rank:
+                for c in work:
+                    if c.is_decode:
+                        decode += 1
+                    else:
+                        prefill += c.num_tokens
+            self.metrics.record_step(StepRecord(
+                plan.step, plan.bucket, plan.tbo, sum(plan.real_tokens),
+                self.dp * plan.bucket, plan.padding_waste, prefill, decode,
+                plan.decision.outcome))
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.num_running = self.num_running
+        m.num_waiting = self.num_waiting
+        m.num_preemptions = sum(r.num_preemptions for r in self.ranks)

@@ -1,0 +1,327 @@
+"""Continuous batching for one DP rank: decode first, then chunked prefill, under a token budget.
+
+Memory policy (decided here, documented for the engine):
+- Admission needs a free slot and free pages for the sequence's first chunk; pages are then
+  extended chunk by chunk and token by token.
+- When a running sequence cannot get a page, the newest running sequence is preempted
+  (recompute: its slot and pages are freed, it goes back to the front of the waiting queue
+  and later re-prefills prompt + output). The oldest sequence is therefore never preempted,
+  so it always progresses: no livelock.
+- A sequence that cannot get a page while it is the only one running can never fit in this
+  rank's cache: it fails with finish_reason "error". A prompt whose pages exceed the whole
+  cache, or longer than `max_seq_len`, fails the same way as soon as it is added.
+- A sequence reaching `max_seq_len` tokens (prompt + output) finishes with "length", as
+  vLLM does at max_model_len.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from atom_jax.scheduler.pages import PageAllocator, SlotAllocator
+from atom_jax.scheduler.sequence import Sequence, SeqStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class RankConfig:
+    num_slots: int = 64            # max running sequences (fixed per-sequence state slots)
+    num_pages: int = 2048          # KV pages in this rank's cache
+    page_tokens: int = 128         # tokens per page
+    max_tokens_per_step: int = 2048  # real tokens this rank may feed in one step
+    chunk_size: int = 2048         # max prefill tokens of one sequence in one step
+    # Longest sequence (prompt + output) the model's page table can address
+    # (page_tokens * max_pages_per_seq of the cache layout); None = only the cache limits it.
+    max_seq_len: int | None = None
+
+    def validate(self) -> "RankConfig":
+        for name in ("num_slots", "num_pages", "page_tokens", "max_tokens_per_step",
+                     "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RankConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len <= 0:
+            raise ValueError(f"RankConfig.max_seq_len must be > 0, got {self.max_seq_len}")
+        # Every running decode gets its token each step, so the budget must cover all slots.
+        if self.max_tokens_per_step < self.num_slots:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= "
+                             f"num_slots ({self.num_slots}) so every decode fits in a step")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkWork:
+    """Feed tokens [start_pos, start_pos + num_tokens) of `seq`; sample after the last one
+    when `sample` (the chunk reaches the end of the known tokens)."""
+
+    seq: Sequence
+    start_pos: int
+    num_tokens: int
+    sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start_pos >= self.seq.num_prompt_tokens
+
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids(self.start_pos, self.num_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillOutlook:
+    """What a rank would do with prefill this tick if allowed (input to the delayer)."""
+
+    prefillable: bool   # would admit or continue at least one prefill
+    ready_tokens: int   # prefill tokens it would feed this tick
+    num_decodes: int    # running decode sequences (each feeds one token)
+    kv_usage: float     # fraction of pages in use
+    token_budget: int = 0  # the rank's max_tokens_per_step
+
+
+class RankScheduler:
+    def __init__(self, config: RankConfig, rank: int = 0, eos_token_ids=()):
+        self.config = config.validate()
+        self.rank = rank
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pages = PageAllocator(config.num_pages, config.page_tokens)
+        self.slots = SlotAllocator(config.num_slots)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self._live: dict[str, Sequence] = {}
+        self._finished: list[Sequence] = []  # finished since the last pop_finished()
+        self._in_flight: list[ChunkWork] | None = None
+        self._work: dict[str, ChunkWork] | None = None  # only set inside schedule()
+        self._budget = 0
+        self.num_preemptions = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.pages.usage
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._live.get(request_id)
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt (or recompute) tokens not yet in the cache: used to place new requests."""
+        return (sum(s.num_uncomputed for s in self.waiting)
+                + sum(s.remaining_prefill_tokens for s in self.running))
+
+    # -- requests --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._live:
+            raise ValueError(f"request id {seq.request_id!r} is already live on rank {self.rank}")
+        if seq.status is not SeqStatus.WAITING or seq.num_computed or seq.pages:
+            raise ValueError(f"{seq!r} is not a fresh waiting sequence")
+        seq.params.validate()
+        seq.rank = self.rank
+        self._live[seq.request_id] = seq
+        self.waiting.append(seq)
+        too_long = self.config.max_seq_len is not None and seq.total_len > self.config.max_seq_len
+        if too_long or self.pages.pages_for(seq.total_len) > self.pages.num_pages:
+            self._release(seq, "error")  # the prompt alone can never be cached
+
+    def finish(self, request_id: str, reason: str) -> Sequence | None:
+        """End a live request now (any state) and free everything it holds.
+        Returns the sequence, or None if it is not live here (unknown or already finished)."""
+        seq = self._live.get(request_id)
+        if seq is not None:
+            self._release(seq, reason)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        return self.finish(request_id, "abort")
+
+    def fail(self, request_id: str) -> Sequence | None:
+        return self.finish(request_id, "error")
+
+    def pop_finished(self) -> list[Sequence]:
+        out, self._finished = self._finished, []
+        return out
+
+    # -- one step --------------------------------------------------------------------------
+    def outlook(self) -> PrefillOutlook:
+        """Dry run of the prefill part of `schedule` (no allocation), for the delayer."""
+        cfg = self.config
+        decodes = [s for s in self.running if not s.is_prefilling]
+        left = cfg.max_tokens_per_step - len(decodes)
+        ready = 0
+        for s in self.running:
+            if s.is_prefilling and left > 0:
+                n = min(cfg.chunk_size, s.num_uncomputed, left)
+                ready, left = ready + n, left - n
+        free_slots = self.slots.num_free
+        free_pages = self.pages.num_free - sum(
+            self.pages.extra_pages(s.pages, s.total_len) for s in decodes)
+        for s in self.waiting:
+            if left <= 0 or free_slots == 0:
+                break
+            n = min(cfg.chunk_size, s.num_uncomputed, left)
+            need = self.pages.pages_for(n)
+            if need > free_pages:
+                break
+            ready, left = ready + n, left - n
+            free_slots, free_pages = free_slots - 1, free_pages - need
+        return PrefillOutlook(ready > 0, ready, len(decodes), self.kv_usage,
+                              cfg.max_tokens_per_step)
+
+    def schedule(self, allow_prefill: bool = True) -> list[ChunkWork]:
+        """Plan this rank's work for one step. Call `on_step_done` before the next schedule."""
+        if self._in_flight:
+            raise RuntimeError(f"rank {self.rank}: schedule() called twice without on_step_done()")
+        cfg = self.config
+        self._work = {}
+        self._budget = cfg.max_tokens_per_step
+
+        # 1. Decodes first: every running decode sequence gets its one token.
+        for seq in list(self.running):
+            if seq.status is SeqStatus.RUNNING and not seq.is_prefilling:
+                if self._reserve(seq, seq.total_len):
+                    self._put(ChunkWork(seq, seq.num_computed, 1, True))
+
+        if allow_prefill:
+            # 2. Continue prefills already holding a slot (oldest first).
+            for seq in list(self.running):
+                if self._budget <= 0:
+                    break
+                if seq.status is SeqStatus.RUNNING and seq.is_prefilling:
+                    n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
+                    if self._reserve(seq, seq.num_computed + n):
+                        self._put(ChunkWork(seq, seq.num_computed, n,
+                                            seq.num_computed + n == seq.total_len))
+            # 3. Admit waiting sequences in arrival order (no skipping: FCFS, no starvation).
+            while self.waiting and self._budget > 0 and self.slots.num_free:
+                seq = self.waiting[0]
+                n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
+                if not self.pages.can_fit(seq.pages, n):
+                    break
+                self.waiting.popleft()
+                seq.slot = self.slots.allocate()
+                seq.pages = self.pages.allocate(n)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                self._put(ChunkWork(seq, 0, n, n == seq.total_len))
+
+        # Keep the engine's view stable: running order (oldest first).
+        order = {id(s): i for i, s in enumerate(self.running)}
+        work = sorted(self._work.values(), key=lambda c: order[id(c.seq)])
+        self._in_flight = work
+        self._work = None
+        return work
+
+    def on_step_done(self, work: list[ChunkWork], sampled: dict) -> list[tuple[Sequence, int]]:
+        """Mark the step's KV as cached and append sampled tokens. Sequences finished while the
+        step ran (abort) are skipped. Returns (sequence, token) for every appended token."""
+        if work is not self._in_flight and work != self._in_flight:
+            raise RuntimeError(f"rank {self.rank}: on_step_done() got a plan that is not the "
+                               "one last returned by schedule()")
+        self._in_flight = None
+        out = []
+        for c in work:
+            seq = c.seq
+            if seq.is_finished:
+                continue
+            assert seq.num_computed == c.start_pos, (seq, c)
+            seq.num_computed = c.start_pos + c.num_tokens
+            if c.sample:
+                if seq.request_id not in sampled:
+                    raise KeyError(f"no sampled token for request {seq.request_id!r} "
+                                   f"(rank {self.rank}), whose chunk asked for a sample")
+                tok = int(sampled[seq.request_id])
+                self.on_tokens(seq, tok)
+                out.append((seq, tok))
+        return out
+
+    def on_tokens(self, seq: Sequence, token_id: int) -> bool:
+        """Append a sampled token; finish on a stop id or max_tokens. True if it finished."""
+        seq.output_token_ids.append(token_id)
+        p = seq.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            self._release(seq, "stop")
+        elif seq.num_output_tokens >= p.max_tokens or (
+                self.config.max_seq_len is not None and seq.total_len >= self.config.max_seq_len):
+            self._release(seq, "length")
+        return seq.is_finished
+
+    # -- internals -------------------------------------------------------------------------
+    def _put(self, chunk: ChunkWork) -> None:
+        self._work[chunk.request_id] = chunk
+        self._budget -= chunk.num_tokens
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` pages for `num_tokens` tokens, preempting the newest running sequences
+        if needed. False if `seq` itself was preempted or failed."""
+        while not self.pages.extend(seq.pages, num_tokens):
+            if self.running == [seq]:
+                self._release(seq, "error")  # alone and still too big: can never fit
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        chunk = self._work.pop(seq.request_id, None)
+        if chunk is not None:
+            self._budget += chunk.num_tokens
+        self._free_resources(seq)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # preempted work goes first when memory returns
+
+    def _free_resources(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.pages.free(seq.pages)
+            seq.pages = []
+        if seq.slot is not None:
+            self.slots.free(seq.slot)
+            seq.slot = None
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        if self._work is not None:  # failing inside schedule(): drop its chunk
+            chunk = self._work.pop(seq.request_id, None)
+            if chunk is not None:
+                self._budget += chunk.num_tokens
+        self._free_resources(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        del self._live[seq.request_id]
+        self._finished.append(seq)
+
+    def check_invariants(self) -> None:
+        """Cross-check bookkeeping (tests and debug runs)."""
+        held_pages = [p for s in self.running for p in s.pages]
+        assert len(held_pages) == len(set(held_pages)), "a page is held twice"
+        assert len(held_pages) == self.pages.num_used, (len(held_pages), self.pages.num_used)
+        held_slots = [s.slot for s in self.running]
+        assert None not in held_slots and len(set(held_slots)) == len(held_slots)
+        assert len(held_slots) == self.slots.num_slots - self.slots.num_free
+        for s in self.waiting:
+            assert s.status is SeqStatus.WAITING and not s.pages and s.slot is None, s
+        for s in self.running:
+            assert s.status is SeqStatus.RUNNING, s
+            assert self.pages.pages_for(s.num_computed) <= len(s.pages), s
+        assert len(self._live) == len(self.running) + len(self.waiting)

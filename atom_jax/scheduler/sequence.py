@@ -1,0 +1,93 @@
+"""One request as the scheduler sees it: tokens, state, and the cache resources it holds."""
+
+from __future__ import annotations
+
+import enum
+
+from atom_jax.scheduler.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # holds no slot and no pages
+    RUNNING = "running"  # holds a slot and pages (prefilling or decoding)
+    FINISHED = "finished"
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Sequence:
+    """A request's token history and scheduling state.
+
+    Token positions: the known tokens are prompt + output (`total_len`). `num_computed` of them
+    have their KV in the cache. Work left before the next sample is `total_len - num_computed`
+    tokens; it is 1 while decoding (the last sampled token) and more while prefilling. A
+    preempted sequence loses its cache and recomputes prompt + output as one long prefill.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
+                 arrival_time: float | None = None):
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params if params is not None else SamplingParams()
+        self.status = SeqStatus.WAITING
+        self.finish_reason: str | None = None
+        self.rank: int | None = None
+        self.slot: int | None = None
+        self.pages: list[int] = []
+        self.num_computed = 0
+        self.arrival_tick: int | None = None
+        self.arrival_time = arrival_time
+        self.num_preemptions = 0
+
+    # -- lengths -------------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Known tokens whose KV is not cached yet (what the next chunks must feed)."""
+        return self.total_len - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        # Prefill until the prompt (or, after preemption, everything but the newest token)
+        # is cached; from then on each step feeds exactly one token.
+        return self.num_computed < max(self.num_prompt_tokens, self.total_len - 1)
+
+    @property
+    def remaining_prefill_tokens(self) -> int:
+        return self.num_uncomputed if self.is_prefilling else 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[pos] if pos < n else self.output_token_ids[pos - n]
+
+    def token_ids(self, start: int, num: int) -> list[int]:
+        """Known tokens [start, start+num): what the engine feeds for a chunk."""
+        n, end = len(self.prompt_token_ids), start + num
+        head = self.prompt_token_ids[start:end] if start < n else []
+        tail = self.output_token_ids[max(start - n, 0):max(end - n, 0)] if end > n else []
+        return head + tail
+
+    def __repr__(self):
+        return (f"Sequence({self.request_id!r}, {self.status.value}, rank={self.rank}, "
+                f"slot={self.slot}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed}, "
+                f"pages={len(self.pages)}, finish={self.finish_reason})")

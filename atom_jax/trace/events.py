@@ -1,0 +1,253 @@
+"""Load a ``jax.profiler`` trace directory into flat per-device events.
+
+Layout written by ``jax.profiler.start_trace(DIR)`` / ``stop_trace()``::
+
+    DIR/plugins/profile/<YYYY_MM_DD_hh_mm_ss>/<host>.xplane.pb       (always)
+    DIR/plugins/profile/<YYYY_MM_DD_hh_mm_ss>/<host>.trace.json.gz   (jax also writes this)
+
+The xplane is preferred: it carries the compiled HLO modules (see
+:mod:`.hlo_index`), which name the ops fused into each kernel and their
+``jax.named_scope`` path. The Chrome JSON has only names and string stats.
+
+Where device work lives:
+  * GPU: planes ``/device:GPU:N``; kernels and memcpys on lines ``Stream #K(...)``,
+    each with stats ``hlo_op``, ``hlo_module``, ``program_id``.
+  * CPU backend: no device planes. Each executed HLO op (thunk) is an event on a
+    host thread line of ``/host:CPU`` (``tf_XLAPjRtCpuClient/...``) with stats
+    ``hlo_op``, ``hlo_module``, ``device_ordinal``; those become per-device events
+    for ``/device:CPU:<device_ordinal>``.
+  * Step markers: ``jax.profiler.StepTraceAnnotation`` events (stat ``step_num``)
+    on the host ``python`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from atom_jax.trace.categories import classify, micro_batch as micro_batch_of
+from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, hlo_index_from_xspace
+
+XPLANE_GLOB = "*.xplane.pb"
+CHROME_GLOB = "*.trace.json.gz"
+HOST_CPU_PLANE = "/host:CPU"
+# Lines the xprof converters derive from the kernels; counting them would double count.
+DERIVED_LINES = frozenset({
+    "XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope",
+    "Framework Ops", "TensorFlow Name Scope", "TensorFlow Ops", "Source code", "Launch Stats",
+})
+_DEVICE_PLANE_RE = re.compile(r"^/device:([A-Z_]+):(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    device: str  # "/device:GPU:0", "/device:CPU:1"
+    lane: str  # line (stream or thread) it was recorded on
+    name: str  # kernel name (GPU) or HLO op name (CPU thunk)
+    start_ns: float
+    dur_ns: float
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hlo: HloOpInfo | None = None  # the HLO instruction it ran, when the trace has the module
+
+    @property
+    def end_ns(self) -> float:
+        return self.start_ns + self.dur_ns
+
+    @property
+    def hlo_op(self) -> str:
+        return str(self.stats.get("hlo_op", "") or "")
+
+    @functools.cached_property  # regex work; events are immutable
+    def category(self) -> str:
+        h = self.hlo
+        if h is None:
+            return classify([self.name, self.hlo_op])
+        return classify([self.name, h.custom_call_target, self.hlo_op], h.opcode, h.fused_opcodes)
+
+    @functools.cached_property
+    def micro_batch(self) -> str:
+        texts = [self.name, self.hlo_op]
+        texts += [str(v) for k, v in self.stats.items() if k in _SCOPE_STATS]
+        if self.hlo is not None:
+            texts += [self.hlo.op_name, *self.hlo.fused_op_names]
+        return micro_batch_of(texts)
+
+
+# Stats that may hold the op_name path; GPU kernels carry it as "name"
+# ("jit(step)/shard_map/mb_b/dot_general"), also in the Chrome JSON. Scanned for mb_a / mb_b.
+_SCOPE_STATS = frozenset({"name", "tf_op", "long_name", "name_scope"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    num: int
+    start_ns: float
+    dur_ns: float
+
+    @property
+    def end_ns(self) -> float:
+        return self.start_ns + self.dur_ns
+
+
+@dataclasses.dataclass
+class Trace:
+    path: Path
+    source: str  # "xplane" | "chrome"
+    platform: str  # "gpu" | "cpu" | "tpu" | ...
+    events: list[Event]
+    steps: list[Step]
+    hlo: HloIndex
+    lanes: dict[str, list[str]]  # plane name -> its line names, for diagnostics
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({e.device for e in self.events}, key=_device_sort_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawEvent:
+    """One event as recorded, before deciding which device it belongs to."""
+    plane: str
+    line: str
+    name: str
+    start_ns: float
+    dur_ns: float
+    stats: dict
+
+
+def _device_sort_key(name: str):
+    m = _DEVICE_PLANE_RE.match(name)
+    return (0, m.group(1), int(m.group(2))) if m else (1, name, 0)
+
+
+# --- finding the file -------------------------------------------------------------------
+
+def find_trace_file(path: str | Path) -> Path:
+    """The newest ``*.xplane.pb`` (else ``*.trace.json.gz``) for a log dir, run dir or file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such trace directory: {path}")
+    for pattern in (XPLANE_GLOB, CHROME_GLOB):
+        found = [p for root in (path / "plugins" / "profile", path)
+                 for p in root.glob(f"*/{pattern}")] + list(path.glob(pattern))
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    raise FileNotFoundError(f"no {XPLANE_GLOB} or {CHROME_GLOB} under {path}/plugins/profile/*/")
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def read_xplane(data: bytes) -> tuple[list[RawEvent], dict[str, list[str]]]:
+    from jax.profiler import ProfileData  # the heavy import only when a trace is read
+
+    profile = ProfileData.from_serialized_xspace(data)
+    raw, lanes = [], {}
+    for plane in profile.planes:
+        lanes[plane.name] = []
+        for line in plane.lines:
+            lanes[plane.name].append(line.name)
+            for ev in line.events:
+                raw.append(RawEvent(plane.name, line.name, ev.name, float(ev.start_ns),
+                                    float(ev.duration_ns), dict(ev.stats)))
+    return raw, lanes
+
+
+def _maybe_number(v):
+    """Chrome JSON args are strings; numeric ones (step_num, device_ordinal) become ints."""
+    if isinstance(v, str) and re.fullmatch(r"-?\d+", v):
+        return int(v)
+    return v
+
+
+def read_chrome_trace(data: bytes) -> tuple[list[RawEvent], dict[str, list[str]]]:
+    doc = json.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    processes: dict[Any, str] = {}
+    threads: dict[tuple, str] = {}
+    for ev in events:
+        if ev.get("ph") == "M" and ev.get("name") == "process_name":
+            processes[ev["pid"]] = ev["args"]["name"]
+        elif ev.get("ph") == "M" and ev.get("name") == "thread_name":
+            threads[(ev["pid"], ev.get("tid"))] = ev["args"]["name"]
+    raw, lanes = [], {}
+    for ev in events:
+        if ev.get("ph") != "X":
+            continue
+        plane = processes.get(ev.get("pid"), str(ev.get("pid")))
+        line = threads.get((ev.get("pid"), ev.get("tid")), str(ev.get("tid")))
+        lanes.setdefault(plane, [])
+        if line not in lanes[plane]:
+            lanes[plane].append(line)
+        stats = {k: _maybe_number(v) for k, v in (ev.get("args") or {}).items()}
+        raw.append(RawEvent(plane, line, ev.get("name", ""), float(ev["ts"]) * 1e3,
+                            float(ev.get("dur", 0.0)) * 1e3, stats))
+    return raw, lanes
+
+
+# --- normalising ----------------------------------------------------------------------------
+
+def _kernel_lines(line_names: Iterable[str]) -> set[str]:
+    """Lines of a device plane that hold the kernels themselves."""
+    names = set(line_names)
+    streams = {n for n in names if n.startswith("Stream")}
+    if streams:
+        return streams
+    if "XLA Ops" in names:  # TPU: ops are the finest device events there
+        return {"XLA Ops"}
+    return names - DERIVED_LINES
+
+
+def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
+              hlo: HloIndex | None = None) -> tuple[list[Event], list[Step], str]:
+    """Device events, step markers and platform from raw recorded events."""
+    hlo = hlo or HloIndex()
+    device_planes = {p for p in lanes if _DEVICE_PLANE_RE.match(p)}
+    kernel_lines = {p: _kernel_lines(lanes[p]) for p in device_planes}
+    events: list[Event] = []
+
+    def make(device, r: RawEvent) -> Event:
+        info = hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
+        return Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
+
+    for r in raw:
+        if r.dur_ns > 0 and r.plane in device_planes and r.line in kernel_lines[r.plane]:
+            events.append(make(r.plane, r))
+    if not events:
+        # CPU backend: the executed HLO ops are host-thread events tagged with hlo_op.
+        for r in raw:
+            if r.dur_ns > 0 and r.plane.startswith("/host:") and r.stats.get("hlo_op"):
+                ordinal = r.stats.get("device_ordinal")
+                device = f"/device:CPU:{ordinal}" if ordinal not in (None, "") else r.plane
+                events.append(make(device, r))
+    events.sort(key=lambda e: (e.device, e.start_ns))
+
+    steps: dict[int, Step] = {}
+    for r in raw:
+        if r.plane.startswith("/host:") and "step_num" in r.stats and r.dur_ns > 0:
+            num = int(r.stats["step_num"])
+            steps.setdefault(num, Step(num, r.start_ns, r.dur_ns))
+
+    m = next((_DEVICE_PLANE_RE.match(p) for p in sorted(device_planes)), None)
+    platform = m.group(1).lower() if m else "cpu"
+    return events, sorted(steps.values(), key=lambda s: s.start_ns), platform
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read the newest trace under ``path`` (log dir, run dir, or a file)."""
+    file = find_trace_file(path)
+    data = file.read_bytes()
+    if file.name.endswith(".xplane.pb"):
+        raw, lanes = read_xplane(data)
+        hlo, source = hlo_index_from_xspace(data), "xplane"
+    else:
+        raw, lanes = read_chrome_trace(data)
+        hlo, source = HloIndex(), "chrome"
+    events, steps, platform = normalise(raw, lanes, hlo)
+    return Trace(file, source, platform, events, steps, hlo, lanes)

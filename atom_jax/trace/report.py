@@ -1,0 +1,223 @@
+"""Per-device summary of a profiler trace: step time, kernel time by category,
+communication overlapped vs exposed, micro-batch (mb_a / mb_b) attribution, top kernels.
+
+``python -m atom_jax.trace report DIR [--json OUT] [--top N] [--steps N]``
+
+All times in the report are milliseconds *per step* (mean over the captured
+steps) except ``top_kernels[].total_ms``, which sums the whole capture.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from pathlib import Path
+from typing import Iterable
+
+from atom_jax.trace import intervals as iv
+from atom_jax.trace.categories import (
+    CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, UNKNOWN_MB,
+)
+from atom_jax.trace.events import Event, Trace, load_trace
+
+MS = 1e6  # ns per ms
+MB_ORDER = (*MICRO_BATCHES, MIXED_MB, UNKNOWN_MB)
+
+
+def _spans(events: Iterable[Event]) -> list[iv.Interval]:
+    return [(e.start_ns, e.end_ns) for e in events]
+
+
+def step_windows(trace: Trace, device_events: list[Event]) -> list[tuple[float, float]]:
+    """Annotated step windows, else the span of the device's events as one window."""
+    if trace.steps:
+        return [(s.start_ns, s.end_ns) for s in trace.steps]
+    if not device_events:
+        return []
+    return [(min(e.start_ns for e in device_events), max(e.end_ns for e in device_events))]
+
+
+def infer_step_count(events: list[Event]) -> int:
+    """Executions in an unannotated capture: distinct ``run_id`` stats (CPU runtime sets one
+    per execution), else 1."""
+    run_ids = {e.stats.get("run_id") for e in events}
+    run_ids.discard(None)
+    return max(1, len(run_ids))
+
+
+def in_windows(events: list[Event], windows: list[tuple[float, float]]) -> list[Event]:
+    """Events that start inside some window (a kernel belongs to the step that launched it)."""
+    return [e for e in events if any(s <= e.start_ns < t for s, t in windows)]
+
+
+def communication_split(events: list[Event], compute: list[iv.Interval]) -> dict:
+    comm = _spans(e for e in events if e.category == COLLECTIVE)
+    overlapped, exposed = iv.split_communication(comm, compute)
+    total = overlapped + exposed
+    return {"total_ns": total, "overlapped_ns": overlapped, "exposed_ns": exposed}
+
+
+def _ms(ns: float, steps: int) -> float:
+    return round(ns / MS / steps, 6)
+
+
+def _pct(part: float, whole: float) -> float | None:
+    return round(100.0 * part / whole, 2) if whole > 0 else None
+
+
+def _comm_dict(split: dict, steps: int) -> dict:
+    return {
+        "total_ms": _ms(split["total_ns"], steps),
+        "overlapped_ms": _ms(split["overlapped_ns"], steps),
+        "exposed_ms": _ms(split["exposed_ns"], steps),
+        "overlapped_pct": _pct(split["overlapped_ns"], split["total_ns"]),
+        "exposed_pct": _pct(split["exposed_ns"], split["total_ns"]),
+    }
+
+
+def _top_kernels(events: list[Event], top: int, steps: int) -> list[dict]:
+    groups: dict[str, list[Event]] = collections.defaultdict(list)
+    for e in events:
+        groups[e.name].append(e)
+    rows = []
+    for name, evs in groups.items():
+        dur = sum(e.dur_ns for e in evs)
+        mbs = sorted({e.micro_batch for e in evs}, key=MB_ORDER.index)
+        rows.append({
+            "name": name,
+            "category": collections.Counter(e.category for e in evs).most_common(1)[0][0],
+            "micro_batch": "+".join(mbs),
+            "count": len(evs),
+            "total_ms": round(dur / MS, 6),
+            "per_step_ms": _ms(dur, steps),
+            "mean_us": round(dur / len(evs) / 1e3, 3),
+            "hlo_ops": sorted({e.hlo_op for e in evs if e.hlo_op})[:3],
+        })
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:top]
+
+
+def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | None = None) -> dict:
+    all_events = [e for e in trace.events if e.device == device]
+    windows = step_windows(trace, all_events)
+    events = in_windows(all_events, windows) if trace.steps else all_events
+    if trace.steps:
+        n = len(windows)
+        step_ms = statistics.fmean(t - s for s, t in windows) / MS
+        step_source = "annotation"
+    else:
+        n = steps or infer_step_count(events)
+        step_ms = (windows[0][1] - windows[0][0]) / MS / n if windows else 0.0
+        step_source = "event span / steps"
+    spans_per_step = []
+    for s, t in windows:
+        inside = [e for e in events if s <= e.start_ns < t]
+        if inside:
+            spans_per_step.append(max(e.end_ns for e in inside) - min(e.start_ns for e in inside))
+
+    by_cat = {c: [e for e in events if e.category == c] for c in CATEGORIES}
+    compute = _spans(e for e in events if e.category in COMPUTE_CATEGORIES)
+    categories = {
+        c: {"union_ms": _ms(iv.total(_spans(evs)), n), "sum_ms": _ms(sum(e.dur_ns for e in evs), n),
+            "count": len(evs)}
+        for c, evs in by_cat.items() if evs
+    }
+
+    micro = {}
+    for mb in MB_ORDER:
+        evs = [e for e in events if e.micro_batch == mb]
+        if not evs:
+            continue
+        micro[mb] = {
+            "busy_ms": _ms(iv.total(_spans(evs)), n),
+            "sum_ms": _ms(sum(e.dur_ns for e in evs), n),
+            "by_category_ms": {c: _ms(sum(e.dur_ns for e in evs if e.category == c), n)
+                               for c in CATEGORIES if any(e.category == c for e in evs)},
+            # Hidden = overlapped with compute of either micro-batch (that is the TBO goal).
+            "communication": _comm_dict(communication_split(evs, compute), n),
+        }
+
+    return {
+        "events": len(events),
+        "steps": n,
+        "step_source": step_source,
+        "step_time_ms": round(step_ms, 6),
+        "device_span_ms": round(statistics.fmean(spans_per_step) / MS, 6) if spans_per_step else 0.0,
+        "busy_ms": _ms(iv.total(_spans(events)), n),
+        "categories": categories,
+        "communication": _comm_dict(communication_split(events, compute), n),
+        "micro_batches": micro,
+        "top_kernels": _top_kernels(events, top, n),
+    }
+
+
+def analyse(trace: Trace, *, top: int = 10, steps: int | None = None) -> dict:
+    return {
+        "trace": str(trace.path),
+        "source": trace.source,
+        "platform": trace.platform,
+        "units": "ms per step (top_kernels.total_ms: whole capture)",
+        "annotated_steps": [{"num": s.num, "ms": round(s.dur_ns / MS, 6)} for s in trace.steps],
+        "hlo_modules": trace.hlo.module_names,
+        "devices": {d: analyse_device(trace, d, top=top, steps=steps) for d in trace.devices},
+    }
+
+
+def report(path: str | Path, *, top: int = 10, steps: int | None = None) -> dict:
+    """Load the newest trace under ``path`` and summarise it (see module docstring)."""
+    return analyse(load_trace(path), top=top, steps=steps)
+
+
+# --- text table ---------------------------------------------------------------------------
+
+def _f(x: float | None, width: int = 9, digits: int = 3) -> str:
+    return f"{x:{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+
+
+def _pct_text(p: float | None) -> str:
+    return f"{p:.1f}%" if p is not None else "-"
+
+
+def _device_lines(device: str, d: dict) -> list[str]:
+    out = [f"== {device}: {d['events']} events over {d['steps']} step(s) ({d['step_source']})",
+           f"   step {d['step_time_ms']:.3f} ms | device span {d['device_span_ms']:.3f} ms"
+           f" | busy {d['busy_ms']:.3f} ms  (per step)",
+           f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% step':>8}"]
+    for c, v in d["categories"].items():
+        pct = _pct(v["union_ms"], d["step_time_ms"])
+        out.append(f"   {c:<12}{_f(v['union_ms'], 10)}{_f(v['sum_ms'], 10)}{v['count']:>8}"
+                   f"{_f(pct, 8, 1)}")
+    cm = d["communication"]
+    out.append(f"   communication {cm['total_ms']:.3f} ms:"
+               f" overlapped {cm['overlapped_ms']:.3f} ms ({_pct_text(cm['overlapped_pct'])}),"
+               f" exposed {cm['exposed_ms']:.3f} ms ({_pct_text(cm['exposed_pct'])})")
+    mbs = d["micro_batches"]
+    if mbs:
+        cats = [c for c in CATEGORIES if any(c in m["by_category_ms"] for m in mbs.values())]
+        out.append(f"   {'micro-batch':<12}{'busy ms':>10}" + "".join(f"{c:>11}" for c in cats)
+                   + f"{'comm exp':>10}")
+        for mb, m in mbs.items():
+            out.append(f"   {mb:<12}{_f(m['busy_ms'], 10)}"
+                       + "".join(_f(m["by_category_ms"].get(c), 11) for c in cats)
+                       + _f(m["communication"]["exposed_ms"], 10))
+    if d["top_kernels"]:
+        out.append(f"   top kernels: {'total ms':>10}{'count':>7}{'mean us':>10}  "
+                   f"{'category':<11}{'mb':<12}name")
+        for k in d["top_kernels"]:
+            name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
+            out.append(f"   {'':<13}{_f(k['total_ms'], 10)}{k['count']:>7}"
+                       f"{_f(k['mean_us'], 10, 1)}  {k['category']:<11}{k['micro_batch']:<12}{name}")
+    return out
+
+
+def format_report(rep: dict) -> str:
+    """The report as a plain-text table, one block per device."""
+    out = [f"trace: {rep['trace']}  ({rep['source']}, {rep['platform']})"]
+    if rep["annotated_steps"]:
+        ms = ", ".join(f"{s['ms']:.3f}" for s in rep["annotated_steps"])
+        out.append(f"annotated steps ({len(rep['annotated_steps'])}): {ms} ms")
+    if not rep["devices"]:
+        out.append("no device events found")
+    for device, d in rep["devices"].items():
+        out += ["", *_device_lines(device, d)]
+    return "\n".join(out)

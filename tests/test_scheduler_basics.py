@@ -1,0 +1,102 @@
+"""SamplingParams validation, Sequence bookkeeping, page and slot allocators."""
+
+import pytest
+
+from atom_jax.scheduler import PageAllocator, SamplingParams, Sequence, SlotAllocator, pages_for
+
+
+def test_sampling_defaults_validate():
+    p = SamplingParams().validate()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k) == (16, 0.0, 1.0, 0)
+    assert p.seed is None and p.stop_token_ids == () and p.stop == ()
+    assert not p.ignore_eos and not p.logprobs and p.greedy
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(max_tokens=2.5), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(seed="x"), "seed"),
+    (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(stop=("",)), "stop"),
+])
+def test_sampling_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs).validate()
+
+
+def test_sampling_normalises_lists_and_single_stop_string():
+    p = SamplingParams(stop_token_ids=[3, 4], stop="END")
+    assert p.stop_token_ids == (3, 4) and p.stop == ("END",)
+    hash(p)
+
+
+def test_sequence_lengths_and_prefill_state():
+    s = Sequence("a", [5, 6, 7, 8])
+    assert s.total_len == 4 and s.num_uncomputed == 4
+    assert s.is_prefilling and s.remaining_prefill_tokens == 4
+    s.num_computed = 4
+    s.output_token_ids.append(9)
+    assert not s.is_prefilling and s.remaining_prefill_tokens == 0 and s.num_uncomputed == 1
+    assert s.token_ids(2, 3) == [7, 8, 9] and s.token_ids(4, 1) == [9]
+    # After preemption the whole history is recomputed as one prefill.
+    s.num_computed = 0
+    assert s.is_prefilling and s.remaining_prefill_tokens == 5
+    with pytest.raises(ValueError):
+        Sequence("empty", [])
+
+
+def test_pages_for_is_ceil():
+    assert [pages_for(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_page_allocator_allocate_extend_free():
+    pa = PageAllocator(num_pages=8, page_tokens=4)
+    table = pa.allocate(5)
+    assert len(table) == 2 and pa.num_free == 6 and pa.usage == pytest.approx(0.25)
+    assert pa.extend(table, 8) and len(table) == 2  # still fits
+    assert pa.extend(table, 9) and len(table) == 3
+    assert not pa.extend(table, 100) and len(table) == 3  # too big: unchanged
+    other = pa.allocate(20)
+    assert pa.num_free == 0 and pa.usage == 1.0
+    with pytest.raises(MemoryError):
+        pa.allocate(1)
+    pa.free(table)
+    pa.free(other)
+    assert pa.num_free == 8 and pa.usage == 0.0
+
+
+def test_page_allocator_double_free_is_an_error():
+    pa = PageAllocator(4, 16)
+    t = pa.allocate(16)
+    pa.free(t)
+    with pytest.raises(ValueError, match="already free"):
+        pa.free(t)
+    with pytest.raises(ValueError, match="out of range"):
+        pa.free([99])
+    t = pa.allocate(32)
+    with pytest.raises(ValueError, match="twice"):
+        pa.free([t[0], t[0]])
+
+
+def test_slot_allocator():
+    sa = SlotAllocator(2)
+    a, b = sa.allocate(), sa.allocate()
+    assert {a, b} == {0, 1} and sa.allocate() is None and sa.num_free == 0
+    sa.free(a)
+    with pytest.raises(ValueError):
+        sa.free(a)
+    assert sa.allocate() == a
+
+
+def test_allocators_reject_bad_sizes():
+    with pytest.raises(ValueError):
+        PageAllocator(0, 4)
+    with pytest.raises(ValueError):
+        PageAllocator(4, 0)
+    with pytest.raises(ValueError):
+        SlotAllocator(0)

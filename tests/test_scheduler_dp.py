@@ -1,0 +1,185 @@
+"""DP layer: placement, one bucket for all ranks, padding waste, TBO, gating, liveness."""
+
+import json
+import random
+
+import pytest
+
+from atom_jax.scheduler import (DPScheduler, RankConfig, SamplingParams, Sequence,
+                                default_buckets, make_delayer)
+
+
+def seq(rid, n, max_tokens=4, **kw):
+    return Sequence(rid, [11] * n, SamplingParams(max_tokens=max_tokens, **kw))
+
+
+def run_step(sched, token=7):
+    plan = sched.schedule()
+    out = sched.on_step_done(plan, {c.request_id: token for w in plan.per_rank for c in w
+                                    if c.sample})
+    return plan, out
+
+
+def test_default_buckets_reach_the_budget():
+    assert default_buckets(2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert default_buckets(3000)[-2:] == (2048, 3000)
+    with pytest.raises(ValueError, match="buckets"):
+        DPScheduler(2, RankConfig(max_tokens_per_step=64), buckets=(16, 32))
+
+
+def test_placement_least_pending_then_kv_usage_then_rank():
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=256,
+                     chunk_size=256)
+    sched = DPScheduler(3, cfg, delayer=make_delayer("off"))
+    assert sched.add(seq("a", 100)) == 0
+    assert sched.add(seq("b", 50)) == 1
+    assert sched.add(seq("c", 70)) == 2
+    assert sched.add(seq("d", 10)) == 1  # rank 1 has the least pending (50)
+    run_step(sched)  # every prompt is cached now: nothing pending anywhere
+    usage = [r.kv_usage for r in sched.ranks]
+    assert sched.add(seq("e", 5)) == min(range(3), key=lambda r: (usage[r], r))
+    with pytest.raises(ValueError, match="already live"):
+        sched.add(seq("a", 3))
+
+
+def test_one_bucket_for_all_ranks_waste_and_tbo():
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=64,
+                     chunk_size=64)
+    sched = DPScheduler(4, cfg, buckets=(8, 16, 64), delayer=make_delayer("off"),
+                        tbo_min_tokens=16)
+    sched.add(seq("a", 10))
+    plan, _ = run_step(sched)
+    assert len(plan.per_rank) == 4 and plan.per_rank[1:] == [[], [], []]
+    assert plan.real_tokens == [10, 0, 0, 0] and plan.bucket == 16 and plan.tbo
+    assert plan.padding_waste == pytest.approx(1 - 10 / (4 * 16))
+    plan, _ = run_step(sched)  # decode: one token
+    assert plan.bucket == 8 and not plan.tbo
+    assert plan.padding_waste == pytest.approx(1 - 1 / 32)
+
+
+def test_delayer_holds_a_lone_prefill_then_times_out():
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=64,
+                     chunk_size=64)
+    sched = DPScheduler(2, cfg, delayer=make_delayer("on", max_delay_passes=3))
+    assert sched.schedule().is_empty  # first tick
+    sched.add(seq("a", 10))
+    outcomes = []
+    for _ in range(4):
+        plan = sched.schedule()
+        outcomes.append(plan.decision.outcome)
+        if not plan.is_empty:
+            sched.on_step_done(plan, {"a": 7})
+    assert outcomes == ["delay", "delay", "delay", "timeout"]
+    snap = sched.metrics.snapshot()
+    assert snap["delayer"]["delay"] == 3 and snap["delayer"]["timeout"] == 1
+    assert snap["idle_ticks"] == 4 and snap["steps"] == 1 and snap["wait_passes_max"] == 3
+
+
+def test_metrics_snapshot_is_consistent_and_json_ready():
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=64,
+                     chunk_size=32)
+    sched = DPScheduler(2, cfg, delayer=make_delayer("off"), tbo_min_tokens=64)
+    for i in range(4):
+        sched.add(seq(f"r{i}", 20 + 10 * i, max_tokens=3))
+    finished = []
+    while sched.has_work():
+        finished += run_step(sched)[1].finished
+    snap = json.loads(json.dumps(sched.metrics.snapshot()))
+    assert snap["real_tokens"] + snap["padded_tokens"] == snap["slot_tokens"]
+    assert snap["padding_waste"] == pytest.approx(snap["padded_tokens"] / snap["slot_tokens"])
+    assert snap["real_tokens"] == snap["prefill_tokens"] + snap["decode_tokens"]
+    assert snap["prefill_tokens"] == 20 + 30 + 40 + 50
+    assert snap["decode_tokens"] == 4 * 2  # the first token of each comes from prefill
+    assert snap["tbo_on_steps"] + snap["tbo_off_steps"] == snap["steps"]
+    assert snap["finished"] == {"length": 4} and len(finished) == 4
+    assert snap["num_running"] == snap["num_waiting"] == 0
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_liveness_random_mixes(seed):
+    """Random arrivals, lengths, stop tokens, aborts and failures on idle, prefilling and
+    decoding ranks: every request finishes within the liveness bound, all ranks share one
+    bucket each step, and every page and slot comes back."""
+    rng = random.Random(seed)
+    dp = rng.choice([1, 2, 3, 8])
+    slots = rng.choice([1, 2, 4, 8])
+    cfg = RankConfig(num_slots=slots, num_pages=rng.choice([6, 16, 64]),
+                     page_tokens=rng.choice([4, 16]),
+                     max_tokens_per_step=max(slots, rng.choice([8, 32, 64])),
+                     chunk_size=rng.choice([4, 16, 64]))
+    mode = rng.choice(["off", "on", "coalesce"])
+    max_delay = rng.choice([0, 3, 10])
+    sched = DPScheduler(dp, cfg, delayer=make_delayer(
+        mode, max_delay_passes=max_delay, max_wait_ticks=max_delay,
+        target_fraction=rng.choice([0.3, 0.9])), tbo_min_tokens=32, eos_token_ids=(2,))
+    reqs = {}
+    for i in range(rng.randint(10, 50)):
+        reqs[f"r{i}"] = (rng.randint(0, 80), rng.randint(1, 60), rng.randint(1, 20))
+    arrivals = sorted(reqs.items(), key=lambda kv: kv[1][0])
+    total = sum(n + m for _, n, m in reqs.values())
+    bound = max(t for t, _, _ in reqs.values()) + (max_delay + 1) * total + 10
+    finished, tick = {}, 0
+
+    def note(seqs):
+        for s in seqs:
+            assert s.request_id not in finished, "finished twice"
+            finished[s.request_id] = s
+
+    while arrivals or sched.has_work():
+        while arrivals and arrivals[0][1][0] <= tick:
+            rid, (_, n, m) = arrivals.pop(0)
+            sched.add(seq(rid, n, max_tokens=m, ignore_eos=rng.random() < 0.3))
+        live = [rid for rid in reqs if rid not in finished and sched.get(rid)]
+        # Aborts and failures are reported through the next step's `finished`.
+        if live and rng.random() < 0.03:
+            assert sched.abort(rng.choice(live)).finish_reason == "abort"
+        elif live and rng.random() < 0.01:
+            assert sched.fail(rng.choice(live)).finish_reason == "error"
+        plan = sched.schedule()
+        assert len(plan.per_rank) == dp
+        assert plan.real_tokens == [sum(c.num_tokens for c in w) for w in plan.per_rank]
+        assert max(plan.real_tokens) <= cfg.max_tokens_per_step
+        if plan.is_empty:
+            assert max(plan.real_tokens) == 0
+        else:
+            fits = [b for b in sched.buckets if b >= max(plan.real_tokens)]
+            assert plan.bucket == fits[0]  # the smallest bucket that fits every rank
+            assert plan.tbo == (plan.bucket >= 32)
+            assert plan.padding_waste == pytest.approx(
+                1 - sum(plan.real_tokens) / (dp * plan.bucket))
+        for r, work in enumerate(plan.per_rank):
+            for c in work:
+                assert c.seq.rank == r and c.start_pos == c.seq.num_computed
+                assert c.sample == (c.start_pos + c.num_tokens == c.seq.total_len)
+        sampled = {c.request_id: (2 if rng.random() < 0.05 else 7)
+                   for w in plan.per_rank for c in w if c.sample}
+        note(sched.on_step_done(plan, sampled).finished)
+        sched.check_invariants()
+        tick += 1
+        assert tick <= bound, f"not live: {tick} ticks > bound {bound}"
+    note(sched.pop_finished())
+
+    assert set(finished) == set(reqs)
+    for rid, s in finished.items():
+        assert s.finish_reason in ("stop", "length", "abort", "error")
+        if s.finish_reason == "length":
+            assert s.num_output_tokens == reqs[rid][2]
+        if s.finish_reason == "stop":
+            assert s.output_token_ids[-1] == 2 and not s.params.ignore_eos
+    for r in sched.ranks:
+        assert r.pages.num_free == cfg.num_pages and r.slots.num_free == cfg.num_slots
+
+
+def test_atom_example_one_prefill_seven_decodes_wastes_86_percent():
+    # DESIGN.md section 6: 8 ranks x 1024 slots, 1024 + 7 x 16 real tokens.
+    cfg = RankConfig(num_slots=16, num_pages=256, page_tokens=16, max_tokens_per_step=1024,
+                     chunk_size=1024)
+    sched = DPScheduler(8, cfg, delayer=make_delayer("off"))
+    for r in range(1, 8):
+        for i in range(16):
+            sched.ranks[r].add(seq(f"d{r}.{i}", 1, max_tokens=50))
+    run_step(sched)
+    sched.ranks[0].add(seq("p", 1024))
+    plan, _ = run_step(sched)
+    assert plan.real_tokens == [1024] + [16] * 7 and plan.bucket == 1024
+    assert plan.padding_waste == pytest.approx(1 - 1136 / 8192)  # 86.1%

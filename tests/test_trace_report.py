@@ -1,0 +1,349 @@
+"""Profiler-trace tooling (atom_jax.trace events/report/plot): interval arithmetic,
+the classification table, a synthetic GPU-layout xspace, and a real CPU trace captured
+in a subprocess with 2 host devices (shard_map all_gather / psum_scatter under mb_a / mb_b)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from atom_jax.trace import intervals as iv
+from atom_jax.trace.__main__ import main as trace_main
+from atom_jax.trace.categories import (
+    ATTENTION, COLLECTIVE, COPY, GEMM, OTHER, classify, micro_batch,
+)
+from atom_jax.trace.events import Event, find_trace_file, load_trace, normalise, RawEvent
+from atom_jax.trace.report import analyse, format_report, report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- interval arithmetic --------------------------------------------------------------------
+
+def test_union_merges_nested_overlapping_and_adjacent():
+    assert iv.union([(5, 6), (0, 10), (2, 3)]) == [(0, 10)]  # nested
+    assert iv.union([(0, 2), (1, 4)]) == [(0, 4)]  # overlapping
+    assert iv.union([(0, 2), (2, 4)]) == [(0, 4)]  # adjacent
+    assert iv.union([(6, 8), (0, 2)]) == [(0, 2), (6, 8)]  # disjoint, unsorted
+    assert iv.union([(3, 3), (5, 4)]) == []  # empty and inverted dropped
+    assert iv.union([]) == []
+
+
+def test_total_counts_overlap_once():
+    assert iv.total([(0, 10), (5, 15), (20, 25)]) == 20
+    assert iv.total([(0, 10), (2, 3)]) == 10
+    assert iv.total([]) == 0
+
+
+def test_intersect_and_subtract():
+    a = [(0, 10), (20, 30)]
+    b = [(5, 25)]
+    assert iv.intersect(a, b) == [(5, 10), (20, 25)]
+    assert iv.subtract(a, b) == [(0, 5), (25, 30)]
+    assert iv.subtract(b, a) == [(10, 20)]
+    # one b interval spanning several a intervals, and b touching a's edges
+    assert iv.subtract([(0, 2), (3, 5), (6, 8)], [(1, 7)]) == [(0, 1), (7, 8)]
+    assert iv.intersect([(0, 2)], [(2, 4)]) == []
+    assert iv.subtract([(0, 2)], [(2, 4)]) == [(0, 2)]
+    assert iv.clip([(0, 10)], 3, 4) == [(3, 4)]
+
+
+@pytest.mark.parametrize("comm, compute, overlapped, exposed", [
+    ([(0, 10)], [], 0, 10),  # nothing to hide behind
+    ([(0, 10)], [(0, 10)], 10, 0),  # fully hidden
+    ([(2, 4)], [(0, 10)], 2, 0),  # collective nested inside a GEMM
+    ([(0, 10)], [(2, 4), (6, 8)], 4, 6),  # GEMMs nested inside a collective
+    ([(0, 5)], [(5, 10)], 0, 5),  # adjacent: no overlap
+    ([(0, 4), (10, 14)], [(2, 12)], 4, 4),  # partial overlap at both ends
+    ([(0, 4), (2, 6)], [(3, 5), (4, 8)], 3, 3),  # overlapping collectives on two streams
+])
+def test_split_communication_cases(comm, compute, overlapped, exposed):
+    assert iv.split_communication(comm, compute) == (overlapped, exposed)
+
+
+def test_split_communication_adds_up_on_random_intervals():
+    rng = random.Random(0)
+
+    def rand_intervals(n):
+        out = []
+        for _ in range(n):
+            s = rng.uniform(0, 100)
+            out.append((s, s + rng.uniform(0, 15)))
+        return out
+
+    for _ in range(200):
+        comm, compute = rand_intervals(rng.randint(0, 8)), rand_intervals(rng.randint(0, 8))
+        overlapped, exposed = iv.split_communication(comm, compute)
+        assert overlapped + exposed == pytest.approx(iv.total(comm))
+        assert overlapped == pytest.approx(iv.total(iv.intersect(comm, compute)))
+        assert 0 <= overlapped <= min(iv.total(comm), iv.total(compute)) + 1e-9
+
+
+# --- classification table ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", GEMM),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", GEMM),
+    ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8", GEMM),
+    ("__triton_gemm_fusion_17", GEMM),
+    ("dot_general.8", GEMM),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", ATTENTION),
+    ("flash_fwd_splitkv_kernel", ATTENTION),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", ATTENTION),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", COLLECTIVE),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL", COLLECTIVE),
+    ("all-gather-start.3", COLLECTIVE),
+    ("reduce_scatter.7", COLLECTIVE),
+    ("all-reduce.1", COLLECTIVE),
+    ("collective-permute-start", COLLECTIVE),
+    ("MemcpyD2D", COPY),
+    ("Memset 3", COPY),
+    ("loop_transpose_fusion", COPY),
+    ("dynamic-update-slice.4", COPY),
+    ("loop_concatenate_fusion", COPY),
+    ("loop_multiply_fusion", OTHER),
+    ("input_reduce_fusion", OTHER),
+    ("loop_softmax_fusion", OTHER),  # router softmax is not attention
+])
+def test_classify_by_name(name, category):
+    assert classify([name]) == category
+
+
+def test_classify_uses_hlo_opcodes_when_names_say_nothing():
+    assert classify(["ynn_fusion.1", "ynn_fusion.1"], "fusion", {"parameter", "dot"}) == GEMM
+    assert classify(["loop_fusion_3"], "fusion", {"parameter", "transpose", "bitcast"}) == COPY
+    # a fusion that computes something besides moving data is not a copy
+    assert classify(["loop_fusion_3"], "fusion", {"parameter", "copy", "multiply"}) == OTHER
+    assert classify(["custom-call.2"], "custom-call") == OTHER
+    assert classify(["custom-call.2", "__cublas$lt$matmul"], "custom-call") == GEMM
+    assert classify(["all_gather.3"], "all-gather") == COLLECTIVE
+    assert classify(["x.1"], "all-to-all") == COLLECTIVE
+
+
+def test_kernel_name_decides_before_the_hlo_op_it_came_from():
+    # cuDNN attention custom call launching a memset: the memset is a copy
+    assert classify(["Memset 3", "__cudnn$fmhaSoftmax", "custom-call.4"], "custom-call") == COPY
+
+
+def test_micro_batch_attribution():
+    assert micro_batch(["jit(step)/shard_map/mb_a/dot_general"]) == "mb_a"
+    assert micro_batch(["fusion.3", "jit(step)/mb_b/mul"]) == "mb_b"
+    assert micro_batch(["jit(step)/mb_a/x", "jit(step)/mb_b/y"]) == "mixed"
+    assert micro_batch(["jit(step)/mlp/dot_general", ""]) == "unknown"
+    assert micro_batch(["jit(step)/mb_abc/dot"]) == "unknown"  # a different scope
+
+
+# --- synthetic GPU-layout xspace ----------------------------------------------------------------
+
+def _gpu_xspace_text() -> str:
+    """Two GPUs with a compute and an NCCL stream each, a derived 'XLA Ops' line (must be
+    ignored), and two annotated steps on the host python thread. Times in us from 0."""
+    stat_ids = {"hlo_op": 1, "name": 2, "step_num": 3, "hlo_module": 4}
+    event_ids = {"nvjet_tst_gemm": 1, "ncclDevKernel_AllGather_RING_LL": 2, "loop_fusion": 3,
+                 "fusion.9": 4, "step": 5, "MemcpyD2D": 6}
+
+    def meta():
+        ev = "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}\n'
+                     for n, i in event_ids.items())
+        st = "".join(f'stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}\n'
+                     for n, i in stat_ids.items())
+        return ev + st
+
+    def event(kernel, start_us, dur_us, **stats):
+        s = "".join(
+            f'stats {{ metadata_id: {stat_ids[k]} '
+            + (f"int64_value: {v}" if isinstance(v, int) else f'str_value: "{v}"') + " }"
+            for k, v in stats.items())
+        return (f"events {{ metadata_id: {event_ids[kernel]} offset_ps: {int(start_us * 1e6)} "
+                f"duration_ps: {int(dur_us * 1e6)} {s} }}\n")
+
+    planes = []
+    for gpu in range(2):
+        compute, comm = [], []
+        for step in range(2):
+            t0 = 1000 * step + 100
+            # mb_a GEMM 0..300, NCCL 200..500 (100 hidden, 200 exposed), mb_b fusion 500..600
+            compute.append(event("nvjet_tst_gemm", t0, 300, hlo_op="custom-call.1",
+                                 name="jit(step)/mb_a/dot_general"))
+            comm.append(event("ncclDevKernel_AllGather_RING_LL", t0 + 200, 300,
+                              hlo_op="all-gather-start.2", name="jit(step)/mb_b/all_gather"))
+            compute.append(event("loop_fusion", t0 + 500, 100, hlo_op="fusion.9",
+                                 name="jit(step)/mb_b/add"))
+            compute.append(event("MemcpyD2D", t0 + 650, 10))
+        ops = [event("fusion.9", 100, 100)]
+        planes.append(f"""planes {{ id: {10 + gpu} name: "/device:GPU:{gpu}"
+  lines {{ id: 1 name: "Stream #14(Compute)" timestamp_ns: 0 {''.join(compute)} }}
+  lines {{ id: 2 name: "Stream #20(Compute)" timestamp_ns: 0 {''.join(comm)} }}
+  lines {{ id: 3 name: "XLA Ops" timestamp_ns: 0 {''.join(ops)} }}
+  {meta()} }}""")
+    steps = [event("step", 1000 * i, 900, step_num=i) for i in range(2)]
+    planes.append(f"""planes {{ id: 1 name: "/host:CPU"
+  lines {{ id: 1 name: "python" timestamp_ns: 0 {''.join(steps)} }}
+  {meta()} }}""")
+    return "\n".join(planes)
+
+
+@pytest.fixture(scope="module")
+def gpu_like_trace(tmp_path_factory) -> Path:
+    from jax.profiler import ProfileData
+
+    root = tmp_path_factory.mktemp("gpu_trace")
+    run = root / "plugins" / "profile" / "2026_01_01_00_00_00"
+    run.mkdir(parents=True)
+    (run / "gpuhost.xplane.pb").write_bytes(
+        ProfileData.text_proto_to_serialized_xspace(_gpu_xspace_text()))
+    return root
+
+
+def test_gpu_layout_parses_streams_and_steps(gpu_like_trace):
+    trace = load_trace(gpu_like_trace)
+    assert trace.platform == "gpu"
+    assert trace.devices == ["/device:GPU:0", "/device:GPU:1"]
+    assert [s.num for s in trace.steps] == [0, 1]
+    assert all(e.lane.startswith("Stream") for e in trace.events)  # "XLA Ops" not counted
+    assert len(trace.events) == 2 * 2 * 4
+
+
+def test_gpu_layout_report_numbers(gpu_like_trace):
+    rep = report(gpu_like_trace)
+    d = rep["devices"]["/device:GPU:0"]
+    assert d["steps"] == 2 and d["step_source"] == "annotation"
+    assert d["step_time_ms"] == pytest.approx(0.9)
+    assert d["categories"][GEMM]["union_ms"] == pytest.approx(0.3)
+    assert d["categories"][COLLECTIVE]["union_ms"] == pytest.approx(0.3)
+    assert d["categories"][COPY]["count"] == 2
+    cm = d["communication"]
+    assert cm["overlapped_ms"] == pytest.approx(0.1)
+    assert cm["exposed_ms"] == pytest.approx(0.2)
+    assert cm["overlapped_pct"] == pytest.approx(100 / 3, abs=0.01)
+    mbs = d["micro_batches"]
+    assert mbs["mb_a"]["by_category_ms"] == {GEMM: pytest.approx(0.3)}
+    assert mbs["mb_b"]["by_category_ms"][COLLECTIVE] == pytest.approx(0.3)
+    assert mbs["mb_b"]["communication"]["exposed_ms"] == pytest.approx(0.2)
+    assert d["top_kernels"][0]["name"] in ("nvjet_tst_gemm", "ncclDevKernel_AllGather_RING_LL")
+    assert "communication 0.300 ms" in format_report(rep)
+
+
+def test_unannotated_capture_divides_span_by_steps():
+    raw = [RawEvent("/device:GPU:0", "Stream #1", "nvjet_gemm", s, 100.0, {"hlo_op": "c.1"})
+           for s in (0.0, 1000.0, 2000.0, 3000.0)]
+    events, steps, platform = normalise(raw, {"/device:GPU:0": ["Stream #1"]})
+    assert steps == [] and platform == "gpu"
+    from atom_jax.trace.events import Trace
+    from atom_jax.trace.hlo_index import HloIndex
+    trace = Trace(Path("x"), "xplane", platform, events, steps, HloIndex(), {})
+    d = analyse(trace, steps=4)["devices"]["/device:GPU:0"]
+    assert d["step_time_ms"] == pytest.approx(3100 / 4 / 1e6)
+    assert d["categories"][GEMM]["union_ms"] == pytest.approx(100 / 1e6)
+
+
+# --- a real CPU trace ---------------------------------------------------------------------------
+
+CAPTURE_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope, profile_steps
+
+    assert len(jax.devices()) == 2, jax.devices()
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def body(x, w):
+        with micro_batch_scope(MB_A):
+            g = jax.lax.all_gather(x, "x", tiled=True)
+            h = jnp.tanh(g @ w) @ w
+        with micro_batch_scope(MB_B):
+            y = jax.lax.psum_scatter(h @ w, "x", tiled=True)
+        return y
+
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"), P()), out_specs=P("x")))
+    x = jnp.ones((256, 256), jnp.float32)
+    w = jnp.full((256, 256), 1e-3, jnp.float32)
+    run = profile_steps(sys.argv[1], lambda: step(x, w), steps=3)
+    print("steps", run.step_seconds)
+""")
+
+
+@pytest.fixture(scope="module")
+def cpu_trace(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("cpu_trace")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT, str(log_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return log_dir
+
+
+def test_cpu_trace_events_and_hlo(cpu_trace):
+    assert find_trace_file(cpu_trace).name.endswith(".xplane.pb")
+    trace = load_trace(cpu_trace)
+    assert trace.platform == "cpu" and trace.source == "xplane"
+    assert trace.devices == ["/device:CPU:0", "/device:CPU:1"]
+    assert [s.num for s in trace.steps] == [0, 1, 2]
+    assert any(m.startswith("jit_") for m in trace.hlo.module_names)
+    assert "/host:CPU" in trace.lanes
+    cats = {e.category for e in trace.events}
+    assert {GEMM, COLLECTIVE} <= cats
+    gemms = [e for e in trace.events if e.category == GEMM]
+    assert all(e.hlo is not None for e in gemms)  # classified through the HLO module
+    assert {e.micro_batch for e in gemms} == {"mb_a", "mb_b"}
+    collectives = {e.micro_batch for e in trace.events if e.category == COLLECTIVE}
+    assert collectives == {"mb_a", "mb_b"}  # all-gather under mb_a, reduce-scatter under mb_b
+
+
+def test_cpu_trace_report_and_json(cpu_trace, tmp_path, capsys):
+    out_json = tmp_path / "report.json"
+    assert trace_main(["report", str(cpu_trace), "--json", str(out_json), "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "/device:CPU:0" in printed and "gemm" in printed
+    rep = json.loads(out_json.read_text())
+    assert set(rep["devices"]) == {"/device:CPU:0", "/device:CPU:1"}
+    for d in rep["devices"].values():
+        assert d["events"] > 0
+        assert d["step_time_ms"] > 0 and d["steps"] == 3
+        assert d["categories"][GEMM]["union_ms"] > 0
+        cm = d["communication"]
+        assert cm["total_ms"] > 0
+        assert cm["overlapped_ms"] + cm["exposed_ms"] == pytest.approx(cm["total_ms"], abs=1e-5)
+        assert {"mb_a", "mb_b"} <= set(d["micro_batches"])
+        assert 0 < len(d["top_kernels"]) <= 3
+
+
+def test_cpu_trace_chrome_json_fallback(cpu_trace):
+    (chrome,) = cpu_trace.glob("plugins/profile/*/*.trace.json.gz")
+    trace = load_trace(chrome)
+    assert trace.source == "chrome"
+    assert trace.devices == ["/device:CPU:0", "/device:CPU:1"]
+    assert len(trace.steps) == 3
+    assert any(e.category == COLLECTIVE for e in trace.events)
+
+
+def test_cpu_trace_plot_writes_png(cpu_trace, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "timeline.png"
+    assert trace_main(["plot", str(cpu_trace), "-o", str(out), "--step", "1"]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_report_cli_subprocess(cpu_trace):
+    proc = subprocess.run([sys.executable, "-m", "atom_jax.trace", "report", str(cpu_trace)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "communication" in proc.stdout
+
+
+def test_event_properties():
+    e = Event("/device:GPU:0", "Stream #1", "loop_fusion", 10.0, 5.0,
+              {"hlo_op": "fusion.1", "name": "jit(f)/mb_b/mul"})
+    assert e.end_ns == 15.0 and e.hlo_op == "fusion.1"
+    assert e.category == OTHER and e.micro_batch == "mb_b"
