@@ -1,0 +1,219 @@
+"""`Engine`: the offline API (in the spirit of vLLM's `LLM`): add requests, step, stream
+outputs, abort. Wires the DP scheduler (host), the model runner (device) and the tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+
+import jax.numpy as jnp
+
+from atom_jax.cache import CacheLayout
+from atom_jax.config import tiny
+from atom_jax.engine.runner import ModelRunner
+from atom_jax.engine.tokenizer import load_tokenizer
+from atom_jax.loader import load_model, random_model
+from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
+from atom_jax.sharding import StepOptions, make_dp_mesh
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str | None = None  # directory; None: the embedded tiny model ("random" too)
+    dp: int = 1
+    dtype: str = "float32"
+    num_slots: int = 16  # sequences resident per rank
+    num_pages: int = 256  # cache pages per rank
+    page_tokens: int = 128  # positions per page (multiple of the compression ratios)
+    max_pages_per_seq: int = 32  # max context = page_tokens * max_pages_per_seq
+    max_tokens_per_step: int = 256  # per rank
+    chunk_size: int = 256
+    buckets: tuple[int, ...] | None = None
+    tbo: bool | None = None  # None: on for steps >= tbo_min_tokens per rank
+    tbo_min_tokens: int = 1024
+    delayer: str = "auto"  # off | on | coalesce | auto (on for dp > 1)
+    expert_mode: str = "expert"
+    moe_backend: str = "ragged_dot"
+    seed: int = 0
+    compilation_cache_dir: str | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all output tokens so far
+    new_token_ids: list[int]
+    text: str | None
+    delta_text: str | None
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[float]
+
+
+class _Tracked:
+    def __init__(self, seq: Sequence, params: SamplingParams, seed: int):
+        self.seq, self.params, self.seed = seq, params, seed
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.sent_tokens = 0
+        self.stopped_by_string = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer="auto"):
+        self.config = cfg = config or EngineConfig()
+        if cfg.compilation_cache_dir:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
+        dtype = jnp.dtype(cfg.dtype)
+        if model is None:
+            if cfg.model in (None, "random"):
+                model = random_model(tiny(), seed=cfg.seed, dtype=dtype)
+            else:
+                model = load_model(cfg.model, dtype=dtype)
+        self.model = model
+        self.tokenizer = load_tokenizer(None if cfg.model in (None, "random") else cfg.model) if tokenizer == "auto" else tokenizer
+        self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, cfg.max_pages_per_seq)
+        self.layout.check(model.cfg)
+        opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
+                           moe_backend=cfg.moe_backend)
+        self.mesh = make_dp_mesh(cfg.dp)
+        self.runner = ModelRunner(model, self.mesh, self.layout, opts)
+        delayer = cfg.delayer if cfg.delayer != "auto" else ("on" if cfg.dp > 1 else "off")
+        rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
+                          max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
+                          max_seq_len=self.layout.max_context)
+        tbo_min = 10**12 if cfg.tbo is False else (0 if cfg.tbo is True else cfg.tbo_min_tokens)
+        eos = set(model.cfg.eos_token_ids)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = DPScheduler(cfg.dp, rank, buckets=cfg.buckets, delayer=make_delayer(delayer),
+                                     tbo_min_tokens=tbo_min, eos_token_ids=tuple(sorted(eos)))
+        self._requests: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(cfg.seed)
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                    messages: list[dict] | None = None) -> str:
+        params = (params or SamplingParams()).validate()
+        ids = self.encode_prompt(prompt, prompt_token_ids, messages)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(ids) + params.max_tokens > self.layout.max_context:
+            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.layout.max_context} tokens")
+        seq = Sequence(request_id, ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        self._requests[request_id] = _Tracked(seq, params, seed)
+        self.scheduler.add(seq)
+        return request_id
+
+    def encode_prompt(self, prompt=None, prompt_token_ids=None, messages=None) -> list[int]:
+        if messages is not None:
+            prompt = self._require_tokenizer().apply_chat_template(messages)
+        if prompt_token_ids is None and isinstance(prompt, list):
+            prompt_token_ids = prompt
+        if prompt_token_ids is not None:
+            ids = [int(t) for t in prompt_token_ids]
+            bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token ids out of range [0, {self.model.cfg.vocab_size}): {bad[:5]}")
+        elif isinstance(prompt, str):
+            ids = self._require_tokenizer().encode(prompt)
+        else:
+            raise ValueError("give a prompt string, prompt_token_ids or messages")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer: send prompt_token_ids")
+        return self.tokenizer
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        sampled = {}
+        if not plan.is_empty:
+            try:
+                result = self.runner.execute(plan, self._sampling_of)
+            except Exception:
+                # a failed step fails the requests in it, never the engine
+                for work in plan.per_rank:
+                    for w in work:
+                        self.scheduler.fail(w.request_id)
+                result = {}
+            for rid, (tok, lp) in result.items():
+                sampled[rid] = tok
+                self._requests[rid].logprobs.append(lp)
+        out = self.scheduler.on_step_done(plan, sampled)
+        touched = {seq.request_id for seq, _ in out.new_tokens} | {s.request_id for s in out.finished}
+        outputs = []
+        for rid in touched:
+            tr = self._requests.get(rid)
+            if tr is None:
+                continue
+            self._check_stop_strings(tr)
+            outputs.append(self._output(tr))
+            if tr.seq.is_finished:
+                del self._requests[rid]
+        return outputs
+
+    def _sampling_of(self, seq):
+        tr = self._requests[seq.request_id]
+        p = tr.params
+        return (p.temperature, p.top_k, p.top_p, tr.seed)
+
+    def _check_stop_strings(self, tr: _Tracked):
+        if not tr.params.stop or self.tokenizer is None or tr.seq.is_finished:
+            return
+        text = self.tokenizer.decode(tr.seq.output_token_ids)
+        hits = [text.find(s) for s in tr.params.stop if s and s in text]
+        if hits:
+            tr.stopped_by_string = True
+            tr.text_cut = min(hits)
+            self.scheduler.finish(tr.seq.request_id, "stop")
+
+    def _output(self, tr: _Tracked) -> RequestOutput:
+        seq = tr.seq
+        toks = list(seq.output_token_ids)
+        new = toks[tr.sent_tokens:]
+        tr.sent_tokens = len(toks)
+        text = delta = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(toks)
+            if tr.stopped_by_string:
+                text = text[: tr.text_cut]
+            delta = text[len(tr.text):] if text.startswith(tr.text) else text
+            tr.text = text
+        return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
+                             seq.is_finished, seq.finish_reason, list(tr.logprobs))
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict:
+        return self.scheduler.metrics.snapshot()
