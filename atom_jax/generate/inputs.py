@@ -1,0 +1,188 @@
+"""Reading and validating the input JSONL, in two passes so `--strict` can refuse a file
+before any work: `parse_input` checks syntax and field types without the engine (fast, runs
+before the model loads); `encode_requests` then asks the engine to tokenise each prompt and
+checks it fits the context."""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import json
+import zlib
+
+from atom_jax.scheduler import SamplingParams
+
+PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+# field -> (accepted JSON types, description for the error message); bool is rejected separately
+# for numbers because json gives True/False as Python bools, which are ints.
+SAMPLING_FIELDS = {
+    "max_tokens": ((int,), "an int"),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "top_k": ((int,), "an int"),
+    "seed": ((int,), "an int"),
+    "ignore_eos": ((bool,), "a bool"),
+}
+
+
+@dataclasses.dataclass
+class BadLine:
+    line_no: int
+    reason: str
+
+
+@dataclasses.dataclass
+class InputRequest:
+    line_no: int
+    id: str | int  # as given, echoed in the output
+    key: str  # json.dumps(id): 1 and "1" stay different ids
+    params: SamplingParams
+    prompt: dict  # the one prompt field given, e.g. {"messages": [...]}; dropped once encoded
+    prompt_token_ids: array.array | None = None  # set by encode_requests (compact: many prompts)
+
+
+@dataclasses.dataclass
+class ParsedInput:
+    requests: list[InputRequest]
+    bad: list[BadLine]
+    skipped: int  # ids already in the output (a resumed run)
+    total_lines: int  # non-blank lines
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """The flag values; a line's own fields override them."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # base seed: each request gets its own, derived from it and its id
+
+    def params_for(self, fields: dict, key: str) -> SamplingParams:
+        values = {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                  "top_p": self.top_p, "top_k": self.top_k, "seed": self.request_seed(key)}
+        values.update(fields)
+        if isinstance(values["temperature"], int):
+            values["temperature"] = float(values["temperature"])
+        return SamplingParams(**values).validate()
+
+    def request_seed(self, key: str) -> int | None:
+        # One shared seed would give identical samples for identical prompts; a seed derived
+        # from the id differs per request yet is the same on a rerun (resume stays reproducible).
+        if self.seed is None:
+            return None
+        return zlib.crc32(f"{self.seed}:{key}".encode())
+
+
+def parse_input(path: str, defaults: SamplingDefaults, done_keys=frozenset()) -> ParsedInput:
+    requests, bad = [], []
+    first_line_of: dict[str, int] = {}
+    skipped = total = 0
+    with open(path, "rb") as f:  # bytes, so one line of bad UTF-8 is one bad line
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                req = _parse_line(raw, line_no, defaults)
+            except ValueError as e:
+                bad.append(BadLine(line_no, str(e)))
+                continue
+            if req.key in first_line_of:
+                bad.append(BadLine(line_no, f"duplicate id {req.id!r} (first on line {first_line_of[req.key]})"))
+                continue
+            first_line_of[req.key] = line_no
+            if req.key in done_keys:
+                skipped += 1
+                continue
+            requests.append(req)
+    return ParsedInput(requests, bad, skipped, total)
+
+
+def _parse_line(raw: bytes, line_no: int, defaults: SamplingDefaults) -> InputRequest:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8: {e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        raise ValueError("missing id" if rid is None else f"id must be a non-empty string or an int, got {rid!r}")
+    given = [k for k in PROMPT_FIELDS if obj.get(k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
+    prompt = {given[0]: _check_prompt(given[0], obj[given[0]])}
+    key = json.dumps(rid)
+    fields = _sampling_fields(obj)
+    try:
+        params = defaults.params_for(fields, key)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return InputRequest(line_no, rid, key, params, prompt)
+
+
+def _check_prompt(field: str, value):
+    if field == "prompt":
+        if not isinstance(value, str) or not value:
+            raise ValueError("prompt must be a non-empty string")
+    elif field == "prompt_token_ids":
+        if (not isinstance(value, list) or not value
+                or any(isinstance(t, bool) or not isinstance(t, int) for t in value)):
+            raise ValueError("prompt_token_ids must be a non-empty list of ints")
+    else:
+        if not isinstance(value, list) or not value:
+            raise ValueError("messages must be a non-empty list")
+        for i, m in enumerate(value):
+            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                    or not isinstance(m.get("content"), str)):
+                raise ValueError(f"messages[{i}] must be an object with string role and content")
+    return value
+
+
+def _sampling_fields(obj: dict) -> dict:
+    fields = {}
+    for name, (types, what) in SAMPLING_FIELDS.items():
+        v = obj.get(name)
+        if v is None:
+            continue
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            raise ValueError(f"{name} must be {what}, got {v!r}")
+        fields[name] = v
+    stop = obj.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        fields["stop"] = tuple(stop)
+    stop_ids = obj.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be a list of ints, got {stop_ids!r}")
+        fields["stop_token_ids"] = tuple(stop_ids)
+    return fields
+
+
+def encode_requests(requests: list[InputRequest], engine) -> tuple[list[InputRequest], list[BadLine]]:
+    """Tokenise every prompt with the engine (chat template for messages) and check it fits the
+    context, so the engine's own ValueErrors surface before any generation."""
+    ok, bad = [], []
+    max_context = getattr(getattr(engine, "layout", None), "max_context", None)
+    for req in requests:
+        try:
+            ids = engine.encode_prompt(**req.prompt)
+        except Exception as e:  # a chat template may raise anything (jinja, KeyError)
+            bad.append(BadLine(req.line_no, f"rejected by the engine: {e}"))
+            continue
+        if max_context is not None and len(ids) + req.params.max_tokens > max_context:
+            bad.append(BadLine(req.line_no, f"prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_tokens}) "
+                                            f"exceeds the context of {max_context} tokens"))
+            continue
+        req.prompt_token_ids = array.array("i", ids)
+        req.prompt = {}
+        ok.append(req)
+    return ok, bad
