@@ -83,19 +83,25 @@ class Engine:
                            moe_backend=cfg.moe_backend)
         self.mesh = make_dp_mesh(cfg.dp)
         self.runner = ModelRunner(model, self.mesh, self.layout, opts)
-        delayer = cfg.delayer if cfg.delayer != "auto" else ("on" if cfg.dp > 1 else "off")
+        self.reset_scheduler(cfg.delayer)
+        self._ids = itertools.count()
+        self._rng = random.Random(cfg.seed)
+
+    def reset_scheduler(self, delayer: str = "auto"):
+        """A fresh scheduler (all requests dropped) over the same compiled model runner: lets a
+        benchmark compare scheduling policies without recompiling."""
+        cfg = self.config
+        delayer = delayer if delayer != "auto" else ("on" if cfg.dp > 1 else "off")
         rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
                           max_seq_len=self.layout.max_context)
         tbo_min = 10**12 if cfg.tbo is False else (0 if cfg.tbo is True else cfg.tbo_min_tokens)
-        eos = set(model.cfg.eos_token_ids)
+        eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = DPScheduler(cfg.dp, rank, buckets=cfg.buckets, delayer=make_delayer(delayer),
                                      tbo_min_tokens=tbo_min, eos_token_ids=tuple(sorted(eos)))
         self._requests: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
-        self._rng = random.Random(cfg.seed)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
