@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atom_jax.bench import sim
+from atom_jax.bench import serve_client, sim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="atom_jax benchmarks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sim.add_parser(sub)
+    serve_client.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,205 @@
+"""The FastAPI app: OpenAI-compatible routes over one EngineLoop.
+
+    /v1/completions, /v1/chat/completions   (JSON, or SSE with "stream": true)
+    /v1/models, /health, /metrics, /debug/engine
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import inspect
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from atom_jax.serve.engine_loop import EngineLoop, RequestStream
+from atom_jax.serve.errors import OpenAIError, install_error_handlers, unavailable
+from atom_jax.serve.metrics import ServeMetrics
+from atom_jax.serve.middleware import ApiKeyAuth, BodySizeLimit
+from atom_jax.serve.prepare import PreparedRequest, prepare_chat, prepare_completion
+from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
+from atom_jax.serve.responses import ChunkWriter, full_response, sse
+from atom_jax.serve.streaming import EventStreamResponse, result_or_disconnect
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    model_name: str = "atom-jax-tiny"
+    api_key: str | None = None
+    max_waiting: int | None = None  # requests queued for a slot; None: unbounded
+    max_body_bytes: int = 4 * 1024 * 1024
+    warmup: bool = False
+    shutdown_timeout: float = 10.0  # seconds to wait for the engine thread on shutdown
+
+
+def create_app(settings: ServerSettings, build_engine) -> FastAPI:
+    """`build_engine()` is called once, on the engine thread, when the app starts."""
+    from atom_jax.serve.warmup import warm_up
+
+    metrics = ServeMetrics()
+    engine_loop = EngineLoop(build_engine, settings.model_name,
+                             warmup=warm_up if settings.warmup else None,
+                             max_waiting=settings.max_waiting, metrics=metrics)
+    metrics.engine_stats.snapshot = engine_loop.snapshot
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        engine_loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine_loop.shutdown, settings.shutdown_timeout)
+
+    options = {}
+    if "strict_content_type" in inspect.signature(FastAPI).parameters:
+        options["strict_content_type"] = False  # accept JSON bodies sent without Content-Type
+    app = FastAPI(title="atom_jax", summary="OpenAI-compatible API over the atom_jax engine",
+                  lifespan=lifespan, **options)
+    app.state.engine_loop = engine_loop
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    # The last added runs first: check the key before buffering any body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+
+    default_openapi = app.openapi
+
+    def openapi_with_engine_limits():
+        """The generated document plus the bounds only the built engine knows (token ids below
+        the vocabulary size, output within the context), so clients and fuzzers see them."""
+        doc = copy.deepcopy(default_openapi())
+        document_error_responses(doc)
+        if engine_loop.info is not None:
+            apply_engine_limits(doc, engine_loop.info)
+        return doc
+
+    app.openapi = openapi_with_engine_limits
+
+    def engine_info():
+        if engine_loop.failure:
+            raise OpenAIError(503, f"the engine is unavailable: {engine_loop.failure}",
+                              type="service_unavailable_error", code="engine_failed")
+        if not engine_loop.ready.is_set() or engine_loop.info is None:
+            raise unavailable("the engine is still loading; retry shortly", "server_starting", 5)
+        return engine_loop.info
+
+    @app.get("/health", summary="200 once the engine is ready (after --warmup), else 503")
+    async def health():
+        if engine_loop.failure:
+            return JSONResponse({"status": "failed", "error": engine_loop.failure}, status_code=503)
+        if not engine_loop.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if engine_loop.stopped.is_set() or not engine_loop.snapshot().get("accepting", True):
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models", summary="The served model")
+    async def models():
+        info = engine_loop.info
+        card = {"id": settings.model_name, "object": "model", "created": started,
+                "owned_by": "atom_jax",
+                "max_model_len": info.max_context if info else None,
+                "vocab_size": info.vocab_size if info else None}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/debug/engine", summary="Free pages and slots per rank, running/waiting counts")
+    async def debug_engine():
+        return engine_loop.snapshot()
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI legacy completions API)")
+    async def completions(body: CompletionRequest, request: Request):
+        arrival = time.perf_counter()
+        prepared = prepare_completion(body, engine_info(), arrival)
+        return await _respond(prepared, request)
+
+    @app.post("/v1/chat/completions", summary="Chat completion")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrival = time.perf_counter()
+        prepared = prepare_chat(body, engine_info(), arrival)
+        return await _respond(prepared, request)
+
+    async def _respond(prepared: PreparedRequest, request: Request):
+        info = engine_loop.info
+        stream = await engine_loop.submit(prepared)
+        rid = prepared.request_id
+
+        def abort_unless_finished():
+            if not stream.finished:
+                engine_loop.abort(rid)
+
+        if prepared.stream:
+            return EventStreamResponse(_events(stream, prepared, info), abort_unless_finished)
+        result = asyncio.ensure_future(stream.final_output())
+        try:
+            final = await result_or_disconnect(result, request)
+        finally:
+            abort_unless_finished()  # client gone or handler cancelled: free the pages now
+            result.cancel()
+        if final is None:  # the client is gone; nobody reads this
+            return Response(status_code=499)
+        if final.finish_reason == "abort":
+            raise unavailable("the request was aborted: the server is shutting down",
+                              "request_aborted", 5)
+        return JSONResponse(full_response(prepared, info, final))
+
+    async def _events(stream: RequestStream, prepared: PreparedRequest, info):
+        writer = ChunkWriter(prepared, info)
+        for chunk in writer.start():
+            yield chunk
+        final = None
+        try:
+            async for out in stream:
+                for chunk in writer.output(out):
+                    yield chunk
+                if out.finished:
+                    final = out
+        except OpenAIError as e:  # headers are sent: report in-band, as OpenAI does
+            yield sse(e.body())
+            yield sse("[DONE]")
+            return
+        for chunk in writer.end(final):
+            yield chunk
+
+    return app
+
+
+def _cap_integers(node, maximum: int) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = min(node.get("maximum", maximum), maximum)
+        for value in node.values():
+            _cap_integers(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _cap_integers(value, maximum)
+
+
+def document_error_responses(doc: dict) -> None:
+    """Validation errors are 400s with an OpenAI error body here, not FastAPI's 422."""
+    error = {"description": "Invalid request: {\"error\": {message, type, param, code}}"}
+    for operations in doc.get("paths", {}).values():
+        for op in operations.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = error
+
+
+def apply_engine_limits(doc: dict, info) -> None:
+    caps = {"prompt": info.vocab_size - 1, "stop_token_ids": info.vocab_size - 1,
+            "max_tokens": info.max_context - 1, "max_completion_tokens": info.max_context - 1}
+    for component in doc.get("components", {}).get("schemas", {}).values():
+        props = component.get("properties", {})
+        for name, cap in caps.items():
+            if name in props:
+                _cap_integers(props[name], cap)

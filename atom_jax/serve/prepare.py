@@ -1,0 +1,210 @@
+"""Turn a validated request body into what the engine takes (prompt token ids + SamplingParams),
+raising a 400 that names the parameter for everything the engine would refuse or misread.
+
+Runs on the event loop, not the engine thread: it only reads `EngineInfo` (facts fixed once
+the engine is built) and the tokenizer, never the engine itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from atom_jax.scheduler import SamplingParams
+from atom_jax.serve.errors import OpenAIError, bad_request
+from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """Read-only facts about the built engine, safe to use from any thread."""
+
+    model_name: str
+    vocab_size: int
+    max_context: int  # longest prompt + output one request may have
+    tokenizer: object | None
+    dp: int
+    num_slots: int  # per rank
+    num_pages: int  # per rank
+    page_tokens: int
+    buckets: tuple[int, ...]
+
+    @classmethod
+    def from_engine(cls, engine, model_name: str) -> "EngineInfo":
+        cfg = engine.config
+        # A request must fit both the page table (layout.max_context) and one rank's pages.
+        max_context = min(engine.layout.max_context, cfg.num_pages * cfg.page_tokens)
+        return cls(model_name, int(engine.model.cfg.vocab_size), int(max_context),
+                   engine.tokenizer, cfg.dp, cfg.num_slots, cfg.num_pages, cfg.page_tokens,
+                   tuple(engine.scheduler.buckets))
+
+
+@dataclasses.dataclass
+class PreparedRequest:
+    request_id: str
+    kind: str  # "completion" | "chat"
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    return_token_ids: bool
+    arrival: float  # time.perf_counter() when the request reached the handler
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def check_model(requested: str | None, info: EngineInfo) -> None:
+    if requested is not None and requested != info.model_name:
+        raise OpenAIError(404, f"The model '{requested}' does not exist; this server serves "
+                               f"'{info.model_name}'", param="model", code="model_not_found")
+
+
+def reject_unsupported(body) -> None:
+    """400 for fields this server cannot honour (silently ignoring them would change results)."""
+    checks = [
+        ("n", body.n != 1, "n > 1 is not supported: send one request per completion"),
+        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+        ("presence_penalty", bool(body.presence_penalty), "presence_penalty is not supported (only 0)"),
+        ("frequency_penalty", bool(body.frequency_penalty), "frequency_penalty is not supported (only 0)"),
+    ]
+    if isinstance(body, CompletionRequest):
+        checks += [
+            ("best_of", body.best_of not in (None, 1), "best_of is not supported"),
+            ("echo", body.echo, "echo is not supported"),
+            ("suffix", bool(body.suffix), "suffix is not supported"),
+        ]
+    else:
+        checks += [
+            ("tools", bool(body.tools), "tools are not supported"),
+            ("functions", bool(body.functions), "functions are not supported"),
+            ("tool_choice", body.tool_choice not in (None, "none"), "tool_choice is not supported"),
+            ("response_format", bool(body.response_format)
+             and body.response_format.get("type") not in (None, "text"),
+             "response_format other than text is not supported"),
+            ("top_logprobs", bool(body.top_logprobs),
+             "top_logprobs is not supported: only the chosen tokens' logprobs are returned"),
+        ]
+    for param, bad, message in checks:
+        if bad:
+            raise bad_request(message, param=param, code="unsupported_parameter")
+
+
+def _check_token_ids(ids, info: EngineInfo, param: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise bad_request(f"token ids out of range [0, {info.vocab_size}): {bad[:5]}",
+                          param=param, code="token_id_out_of_range")
+    return list(ids)
+
+
+def _require_tokenizer(info: EngineInfo, what: str):
+    if info.tokenizer is None:
+        raise bad_request(f"this model has no tokenizer, so {what} cannot be used: send the "
+                          "prompt as token ids to /v1/completions", code="no_tokenizer")
+    return info.tokenizer
+
+
+def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"batched prompts ({len(prompt)} prompts) are not supported: send "
+                              "one prompt per request", param="prompt", code="unsupported_parameter")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
+        ids = _require_tokenizer(info, "a text prompt").encode(prompt)
+    else:
+        ids = _check_token_ids(prompt, info, "prompt")
+    if not ids:
+        raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
+    return ids
+
+
+def _message_text(i: int, content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise bad_request(f"messages[{i}]: only text content parts are supported "
+                              f"(got type {part.type!r})", param="messages", code="unsupported_content")
+        if part.text is None:
+            raise bad_request(f"messages[{i}]: a text part needs 'text'", param="messages")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> list[int]:
+    tok = _require_tokenizer(info, "chat messages")
+    messages = [{"role": m.role, "content": _message_text(i, m.content)}
+                for i, m in enumerate(body.messages)]
+    try:
+        text = tok.apply_chat_template(messages)
+    except Exception as e:  # a template's raise_exception() or a jinja error: the input's fault
+        raise bad_request(f"messages do not fit the chat template: {e}", param="messages") from e
+    ids = tok.encode(text)  # as Engine.encode_prompt does for `messages`
+    if not ids:
+        raise bad_request("the chat prompt is empty", param="messages", code="empty_prompt")
+    return ids
+
+
+def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | None,
+                    prompt_param: str) -> SamplingParams:
+    if prompt_len >= info.max_context:
+        raise bad_request(f"the prompt has {prompt_len} tokens; this server's context is "
+                          f"{info.max_context} tokens (prompt + output)", param=prompt_param,
+                          code="context_length_exceeded")
+    if max_tokens is None:  # chat: whatever the context leaves
+        max_tokens = info.max_context - prompt_len
+    if prompt_len + max_tokens > info.max_context:
+        raise bad_request(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
+                          f"the context of {info.max_context} tokens", param="max_tokens",
+                          code="context_length_exceeded")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", param="stop")
+    if stop:
+        _require_tokenizer(info, "stop strings")
+    stop_ids = _check_token_ids(body.stop_token_ids or [], info, "stop_token_ids")
+    top_k = body.top_k or 0
+    top_k = 0 if top_k < 0 or top_k >= info.vocab_size else top_k  # >= vocab: no filtering
+    seed = None if body.seed is None else body.seed % 2**32  # the sampler keys on uint32
+    temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
+                              top_p=1.0 if body.top_p is None else float(body.top_p), top_k=top_k,
+                              seed=seed, stop_token_ids=tuple(stop_ids), stop=tuple(stop),
+                              ignore_eos=body.ignore_eos, logprobs=False).validate()
+    except ValueError as e:
+        raise bad_request(str(e)) from e
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
+    check_model(body.model, info)
+    reject_unsupported(body)
+    ids = completion_prompt_ids(body, info)
+    max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = sampling_params(body, info, len(ids), max_tokens, "prompt")
+    want_logprobs = body.logprobs is not None and body.logprobs is not False
+    return PreparedRequest(_new_id("cmpl"), "completion", ids, params, body.stream,
+                           bool(body.stream_options and body.stream_options.include_usage),
+                           want_logprobs, body.return_token_ids, arrival)
+
+
+def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
+    check_model(body.model, info)
+    reject_unsupported(body)
+    ids = chat_prompt_ids(body, info)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(body, info, len(ids), max_tokens, "messages")
+    return PreparedRequest(_new_id("chatcmpl"), "chat", ids, params, body.stream,
+                           bool(body.stream_options and body.stream_options.include_usage),
+                           body.logprobs, body.return_token_ids, arrival)

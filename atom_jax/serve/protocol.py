@@ -1,0 +1,118 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic; they also make /openapi.json).
+
+Types are strict (no "5" for 5, no 1 for true), as OpenAI's API is. Unknown fields are
+ignored, so clients that send extra OpenAI or vendor fields (`user`, `metadata`, ...) keep
+working; fields that exist but would change the result in a way this server cannot honour
+(`n` > 1, `best_of`, `logit_bias`, `tools`, penalties, `echo`, ...) are rejected with a 400
+naming the parameter (see `prepare.reject_unsupported`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+
+def _integral_float_to_int(value):
+    # JSON Schema counts 3.0 as an integer and some clients send it; strict mode would not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**constraints):  # noqa: N802 - reads like a type in the field declarations
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral_float_to_int)]
+
+
+def unsupported(**schema) -> dict:
+    """Advertise only the supported values in /openapi.json; out-of-range values are still
+    parsed and then refused by `prepare.reject_unsupported` with a message saying why."""
+    return {"json_schema_extra": schema}
+
+
+# Bounds keep every accepted value meaningful for the sampler (float32 / uint32 on device).
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Int(ge=-1, le=2**31 - 1)  # -1 or 0: off (vLLM's convention)
+Seed = Int(ge=-(2**63), le=2**64 - 1)
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MaxTokens = Int(ge=1, le=2**31 - 1)
+StopString = Annotated[str, Field(min_length=1)]
+Stop = Union[StopString, Annotated[list[StopString], Field(max_length=16)]]
+TokenIds = list[Int(ge=-(2**63), le=2**63 - 1)]
+
+_TOKEN_LIST = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+PROMPT_SCHEMA = {
+    "description": "A string, a list of token ids, or a one-element list of either "
+                   "(batches of prompts are not supported).",
+    "anyOf": [{"type": "string", "minLength": 1}, _TOKEN_LIST,
+              {"type": "array", "minItems": 1, "maxItems": 1,
+               "items": {"type": "string", "minLength": 1}},
+              {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_LIST}]}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str | None = Field(None, description="Served model name; optional (defaults to it).")
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+    stop_token_ids: list[Int(ge=0, le=2**63 - 1)] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Int(ge=1, le=128) = Field(1, **unsupported(maximum=1))
+    presence_penalty: Penalty | None = Field(None, **unsupported(minimum=0, maximum=0))
+    frequency_penalty: Penalty | None = Field(None, **unsupported(minimum=0, maximum=0))
+    logit_bias: dict[str, float] | None = Field(None, **unsupported(maxProperties=0))
+    user: str | None = None
+    return_token_ids: bool = Field(
+        False, description="Extension: add the generated token ids to each choice (and stream "
+                           "a chunk for every step that produced tokens, even with no text).")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Annotated[Union[str, TokenIds, list[str], list[TokenIds]], WithJsonSchema(PROMPT_SCHEMA)]
+    logprobs: Union[bool, Int(ge=0, le=20), None] = Field(
+        None, description="true or an int: return the chosen tokens' logprobs "
+                          "(top_logprobs is always null: alternatives are not computed).")
+    echo: bool = Field(False, **unsupported(enum=[False]))
+    suffix: str | None = Field(None, **unsupported(maxLength=0))
+    best_of: Int(ge=0, le=128) | None = Field(None, **unsupported(minimum=1, maximum=1))
+
+
+class ContentPart(_Strict):
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(..., **unsupported(enum=["text"]))
+    text: str | None = Field(None, **unsupported(type="string"))
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: Int(ge=0, le=20) | None = Field(None, **unsupported(maximum=0))
+    tools: list[dict[str, Any]] | None = Field(None, **unsupported(maxItems=0))
+    tool_choice: Union[str, dict[str, Any], None] = Field(None, **unsupported(enum=["none", None]))
+    functions: list[dict[str, Any]] | None = Field(None, **unsupported(maxItems=0))
+    response_format: dict[str, Any] | None = Field(
+        None, **unsupported(properties={"type": {"enum": ["text"]}}))

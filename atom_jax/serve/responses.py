@@ -1,0 +1,158 @@
+"""Engine outputs -> OpenAI response bodies and stream chunks (completions and chat)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from atom_jax.serve.prepare import EngineInfo, PreparedRequest
+
+# Finish reasons pass through ("stop", "length"); "abort" (client gone, server stopping) is
+# vLLM's spelling. "error" never reaches here: the engine loop turns it into a failure.
+
+
+def usage(out) -> dict:
+    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _finite(lp: float) -> float:
+    # JSON has no -inf; OpenAI reports impossible tokens as -9999.0.
+    return lp if math.isfinite(lp) else -9999.0
+
+
+class Deltas:
+    """What is new in each cumulative output: text (held back where a stop string or an
+    incomplete UTF-8 character may still change it), token ids and their logprobs."""
+
+    def __init__(self, request: PreparedRequest, info: EngineInfo):
+        self.tokenizer = info.tokenizer
+        stops = request.params.stop
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.sent_text = ""
+        self.sent_tokens = 0
+
+    def update(self, out) -> tuple[str, list[int], list[float]]:
+        ids = out.token_ids[self.sent_tokens:]
+        lps = [_finite(x) for x in out.logprobs[self.sent_tokens:len(out.token_ids)]]
+        self.sent_tokens = len(out.token_ids)
+        text = out.text or ""
+        if not out.finished:
+            safe = len(text) - self.holdback
+            while safe > 0 and text[safe - 1] == "\ufffd":  # a multi-byte char still arriving
+                safe -= 1
+            text = text[:max(safe, 0)]
+        if not text.startswith(self.sent_text):
+            # Decoding changed text already sent (tokenizer merge): nothing safe to add.
+            return "", ids, lps
+        delta, self.sent_text = text[len(self.sent_text):], text
+        return delta, ids, lps
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+
+def completion_logprobs(deltas: Deltas, ids: list[int], lps: list[float], offset: int) -> dict:
+    tokens = [deltas.token_text(t) for t in ids]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_logprobs(deltas: Deltas, ids: list[int], lps: list[float]) -> dict:
+    content = []
+    for t, lp in zip(ids, lps):
+        s = deltas.token_text(t)
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
+                        "top_logprobs": []})
+    return {"content": content}
+
+
+def _envelope(req: PreparedRequest, model: str, obj: str, choices: list) -> dict:
+    return {"id": req.request_id, "object": obj, "created": req.created, "model": model,
+            "choices": choices}
+
+
+def full_response(req: PreparedRequest, info: EngineInfo, out) -> dict:
+    """The non-streaming body for a finished output."""
+    deltas = Deltas(req, info)
+    text, ids, lps = deltas.update(out)
+    if req.kind == "completion":
+        choice = {"index": 0, "text": text, "finish_reason": out.finish_reason,
+                  "logprobs": completion_logprobs(deltas, ids, lps, 0) if req.logprobs else None}
+        obj = "text_completion"
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": out.finish_reason,
+                  "logprobs": chat_logprobs(deltas, ids, lps) if req.logprobs else None}
+        obj = "chat.completion"
+    if req.return_token_ids:
+        choice["token_ids"] = ids
+    body = _envelope(req, info.model_name, obj, [choice])
+    body["usage"] = usage(out)
+    return body
+
+
+def sse(data) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
+    return f"data: {payload}\n\n"
+
+
+class ChunkWriter:
+    """Stream chunks for one request, in OpenAI's order: (chat: a role chunk,) content chunks,
+    a chunk carrying finish_reason, (with include_usage: a usage chunk,) then [DONE]."""
+
+    def __init__(self, req: PreparedRequest, info: EngineInfo):
+        self.req, self.info = req, info
+        self.deltas = Deltas(req, info)
+        self.obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+        self.text_offset = 0
+        self.pending_ids: list[int] = []  # tokens not yet sent in a chunk
+        self.pending_lps: list[float] = []
+
+    def _chunk(self, choice: dict) -> str:
+        body = _envelope(self.req, self.info.model_name, self.obj, [choice])
+        if self.req.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def start(self) -> list[str]:
+        if self.req.kind == "chat":
+            return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None, "logprobs": None})]
+        return []
+
+    def output(self, out) -> list[str]:
+        text, ids, lps = self.deltas.update(out)
+        self.pending_ids += ids
+        self.pending_lps += lps
+        if not (text or out.finished or (self.req.return_token_ids and self.pending_ids)):
+            return []  # nothing a text client could see yet: carry the tokens to the next chunk
+        ids, lps, self.pending_ids, self.pending_lps = self.pending_ids, self.pending_lps, [], []
+        finish = out.finish_reason if out.finished else None
+        if self.req.kind == "completion":
+            logprobs = None
+            if self.req.logprobs:
+                logprobs = completion_logprobs(self.deltas, ids, lps, self.text_offset)
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        else:
+            delta = {"content": text} if text else {}
+            logprobs = chat_logprobs(self.deltas, ids, lps) if self.req.logprobs else None
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        if self.req.return_token_ids:
+            choice["token_ids"] = ids
+        self.text_offset += len(text)
+        return [self._chunk(choice)]
+
+    def end(self, final) -> list[str]:
+        chunks = []
+        if self.req.include_usage and final is not None:
+            body = _envelope(self.req, self.info.model_name, self.obj, [])
+            body["usage"] = usage(final)
+            chunks.append(sse(body))
+        return chunks + [sse("[DONE]")]

@@ -1,0 +1,48 @@
+"""--warmup: compile every step shape before the server reports ready.
+
+XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
+on first use, and the sampler one per number of sampled rows; on CPU each costs seconds. Run
+on the engine thread before serving, so the first real requests do not pay for it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from atom_jax.scheduler import SamplingParams
+
+log = logging.getLogger("atom_jax.serve")
+
+MAX_SAMPLER_WARMUP = 64
+
+
+def _prompt_lengths(bucket: int, budget: int, chunk: int, slots: int) -> list[int]:
+    """Prompt lengths that make one rank feed exactly min(bucket, budget) tokens in one step
+    (one chunk per sequence, at most one sequence per slot)."""
+    target, out = min(bucket, budget), []
+    while target > 0 and len(out) < slots:
+        n = min(chunk, target)
+        out.append(n)
+        target -= n
+    return out
+
+
+def warm_up(engine) -> None:
+    cfg, sched = engine.config, engine.scheduler
+    max_prompt = max(1, min(engine.layout.max_context, cfg.num_pages * cfg.page_tokens) - 1)
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    for bucket in sched.buckets:
+        t0 = time.perf_counter()
+        lengths = [min(n, max_prompt) for n in
+                   _prompt_lengths(bucket, cfg.max_tokens_per_step, cfg.chunk_size, cfg.num_slots)]
+        # The same set per rank: new requests go to the rank with the least pending prefill.
+        prompts = [[1] * n for n in lengths] * sched.dp
+        engine.generate(prompts, one)
+        log.info("warmup: bucket %d compiled in %.1f s", bucket, time.perf_counter() - t0)
+    # Sampler batch sizes 1..all slots: request i stops after i tokens, so every step samples
+    # one row fewer than the last.
+    # Capped: each size is its own compile (see the report's open points).
+    t0 = time.perf_counter()
+    n = min(cfg.num_slots * sched.dp, MAX_SAMPLER_WARMUP, max_prompt)
+    engine.generate([[1]] * n, [SamplingParams(max_tokens=i + 1, ignore_eos=True) for i in range(n)])
+    log.info("warmup: sampler batch sizes 1..%d in %.1f s", n, time.perf_counter() - t0)
