@@ -40,7 +40,17 @@ class NoDelayer:
         return DelayDecision(True, "allow", classify(outlooks), 0)
 
 
-class PrefillDelayer:
+class _TickGate:
+    """Shared by the gates that hold prefill back: a run of delayed ticks ends on an allow."""
+
+    _delayed = 0
+
+    def _allow(self, outcome: str, state: str, waited: int) -> DelayDecision:
+        self._delayed = 0
+        return DelayDecision(True, outcome, state, waited)
+
+
+class PrefillDelayer(_TickGate):
     """Mode "on" (SGLang/ATOM PrefillDelayer).
 
     all / none -> allow. mixed -> delay; a run of `max_delay_passes` consecutive delayed
@@ -71,12 +81,9 @@ class PrefillDelayer:
         self._delayed += 1
         return DelayDecision(False, "delay", state, self._delayed)
 
-    def _allow(self, outcome: str, state: str, waited: int) -> DelayDecision:
-        self._delayed = 0
-        return DelayDecision(True, outcome, state, waited)
 
 
-class PrefillCoalescer:
+class PrefillCoalescer(_TickGate):
     """Mode "coalesce" (ATOM's successor to the delayer): hold prefill until the tokens the
     ranks could prefill this tick fill `target_fraction` of their total token budget, so
     prefill steps run with full buckets on every rank.
@@ -124,9 +131,6 @@ class PrefillCoalescer:
         self._delayed += 1
         return DelayDecision(False, "delay", state, self._delayed)
 
-    def _allow(self, outcome: str, state: str, waited: int) -> DelayDecision:
-        self._delayed = 0
-        return DelayDecision(True, outcome, state, waited)
 
 
 def make_delayer(mode: str = "on", *, max_delay_passes: int = 30,
