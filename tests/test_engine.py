@@ -28,8 +28,13 @@ def hf_dir(tmp_path_factory):
 
 
 def _hf_greedy(hf, prompt, n):
+    """transformers' greedy generate with EOS neither stopping nor suppressed (as ignore_eos):
+    min_new_tokens would forbid EOS and pick the runner-up instead."""
+    hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt):].tolist()
 
 
