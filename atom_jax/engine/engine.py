@@ -60,6 +60,7 @@ class _Tracked:
         self.text = ""
         self.sent_tokens = 0
         self.stopped_by_string = False
+        self.text_cut = 0  # where a matched stop string starts in the decoded text
 
 
 class Engine:

@@ -53,10 +53,18 @@ class ModelRunner:
                 seqs.append(seq)
         if not seqs:
             return {}
-        flat = logits.reshape(-1, logits.shape[-1])[jnp.asarray(rows)]
-        params = np.array([sampling_of(s) for s in seqs], np.float64)
+        # pad to every possible sampling row so the sampler compiles once
+        n = len(seqs)
+        cap = self.dp * self.layout.num_slots
+        idx = np.zeros(cap, np.int32)
+        idx[:n] = rows
+        params = np.zeros((cap, 4), np.float64)
+        params[:n] = [sampling_of(s) for s in seqs]
+        counters = np.zeros(cap, np.uint32)
+        counters[:n] = [len(s.output_token_ids) for s in seqs]
+        flat = logits.reshape(-1, logits.shape[-1])[jnp.asarray(idx)]
         toks, lps = self._sample(flat, jnp.asarray(params[:, 0], jnp.float32), jnp.asarray(params[:, 1], jnp.int32),
                                  jnp.asarray(params[:, 2], jnp.float32), jnp.asarray(params[:, 3], jnp.uint32),
-                                 jnp.asarray([len(s.output_token_ids) for s in seqs], jnp.uint32))
-        toks, lps = np.asarray(toks), np.asarray(lps)
+                                 jnp.asarray(counters))
+        toks, lps = np.asarray(toks)[:n], np.asarray(lps)[:n]
         return {s.request_id: (int(t), float(lp)) for s, t, lp in zip(seqs, toks, lps)}
