@@ -1,8 +1,8 @@
 """--warmup: compile every step shape before the server reports ready.
 
 XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
-on first use, and the sampler one per number of sampled rows; on CPU each costs seconds. Run
-on the engine thread before serving, so the first real requests do not pay for it."""
+on first use (the sampler's rows are padded, so it compiles once); on CPU each costs seconds.
+Run on the engine thread before serving, so the first real requests do not pay for it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import time
 from atom_jax.scheduler import SamplingParams
 
 log = logging.getLogger("atom_jax.serve")
-
-MAX_SAMPLER_WARMUP = 64
 
 
 def _prompt_lengths(bucket: int, budget: int, chunk: int, slots: int) -> list[int]:
@@ -39,10 +37,3 @@ def warm_up(engine) -> None:
         prompts = [[1] * n for n in lengths] * sched.dp
         engine.generate(prompts, one)
         log.info("warmup: bucket %d compiled in %.1f s", bucket, time.perf_counter() - t0)
-    # Sampler batch sizes 1..all slots: request i stops after i tokens, so every step samples
-    # one row fewer than the last.
-    # Capped: each size is its own compile (see the report's open points).
-    t0 = time.perf_counter()
-    n = min(cfg.num_slots * sched.dp, MAX_SAMPLER_WARMUP, max_prompt)
-    engine.generate([[1]] * n, [SamplingParams(max_tokens=i + 1, ignore_eos=True) for i in range(n)])
-    log.info("warmup: sampler batch sizes 1..%d in %.1f s", n, time.perf_counter() - t0)
