@@ -222,5 +222,12 @@ class Engine:
                     final[o.request_id] = o
         return [final[i] for i in ids]
 
+    def warmup(self) -> None:
+        """Compile every bucket's step now (with `compilation_cache_dir`, later runs reuse it)."""
+        from atom_jax.engine.warmup import warm_up
+
+        warm_up(self)
+        self.reset_scheduler(self.config.delayer)  # warm-up requests leave no trace in metrics
+
     def stats(self) -> dict:
         return self.scheduler.metrics.snapshot()

@@ -39,7 +39,7 @@ class ServerSettings:
 
 def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     """`build_engine()` is called once, on the engine thread, when the app starts."""
-    from atom_jax.serve.warmup import warm_up
+    from atom_jax.engine.warmup import warm_up
 
     metrics = ServeMetrics()
     engine_loop = EngineLoop(build_engine, settings.model_name,

@@ -1,4 +1,4 @@
-"""--warmup: compile every step shape before the server reports ready.
+"""Compile every step shape before serving (`Engine.warmup`, `serve --warmup`).
 
 XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
 on first use (the sampler's rows are padded, so it compiles once); on CPU each costs seconds.
