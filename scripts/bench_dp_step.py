@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from atom_jax.config import tiny, v4_flash  # noqa: E402
 from atom_jax.kernels import grouped_gemm  # noqa: E402
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh  # noqa: E402
+from atom_jax.trace.capture import profile_steps  # noqa: E402
 from atom_jax.trace.hlo import analyze_hlo  # noqa: E402
 
 
@@ -76,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--json")
     ap.add_argument("--hlo-dir")
+    ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
+                    "(DIR/base, DIR/tbo; read with python -m atom_jax.trace report)")
     args = ap.parse_args(argv)
 
     mesh = make_dp_mesh()
@@ -89,6 +92,7 @@ def main(argv=None):
 
     cases = [("prefill", t, args.seq) for t in map(int, args.prefill.split(",")) if t] + \
             [("decode", t, 1) for t in map(int, args.decode.split(",")) if t]
+    largest = max(cases, key=lambda c: c[1])  # prefill first on a tie
     rng = np.random.default_rng(0)
     rows_out = []
     for phase, tokens, seq in cases:
@@ -105,6 +109,9 @@ def main(argv=None):
             med, best = time_fn(lambda x: compiled(params, x), inputs, args.iters)
             res["tbo_ms" if tbo else "base_ms"] = round(med, 3)
             res["tbo_min_ms" if tbo else "base_min_ms"] = round(best, 3)
+            if args.profile and (phase, tokens, seq) == largest:
+                profile_steps(os.path.join(args.profile, "tbo" if tbo else "base"),
+                              lambda: compiled(params, inputs[0]), steps=3, warmup=0)
             if tbo:
                 report = analyze_hlo(compiled.as_text())
                 moe = [c for c in report.collectives if c.kind in ("all-gather", "reduce-scatter", "all-reduce")]

@@ -28,6 +28,7 @@ from atom_jax.cache import CacheLayout, init_cache, pack_chunks  # noqa: E402
 from atom_jax.config import CSA, HCA, tiny, v4_flash  # noqa: E402
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, random_params_on_mesh  # noqa: E402
 from atom_jax.sharding.cached_step import make_cached_step  # noqa: E402
+from atom_jax.trace.capture import profile_steps  # noqa: E402
 
 
 def timed(fn, iters=10):
@@ -72,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--prefill", default="2048")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
+                    "(largest dp and size; read with python -m atom_jax.trace report)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
@@ -139,6 +142,8 @@ def run_dp(dp, cfg, dtype, ceil, args):
             jax.block_until_ready(run())
             compile_s = time.perf_counter() - t0
             sec = timed(run)
+            if args.profile and dp == max(map(int, args.dp.split(","))) and n == max(decode + prefill):
+                profile_steps(os.path.join(args.profile, f"dp{dp}_{phase}_{n}"), run, steps=3, warmup=0)
             cache = state["cache"]
             tokens = n
             kv_bytes = 0

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
 from atom_jax.config import tiny
+from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.engine.tokenizer import load_tokenizer
 from atom_jax.loader import load_model, random_model
@@ -87,6 +88,7 @@ class Engine:
         self.reset_scheduler(cfg.delayer)
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
+        self._profiler = StepProfiler()
 
     def reset_scheduler(self, delayer: str = "auto"):
         """A fresh scheduler (all requests dropped) over the same compiled model runner: lets a
@@ -158,7 +160,8 @@ class Engine:
         sampled = {}
         if not plan.is_empty:
             try:
-                result = self.runner.execute(plan, self._sampling_of)
+                with self._profiler.step(lambda: self.runner.cache):
+                    result = self.runner.execute(plan, self._sampling_of)
             except Exception:
                 # a failed step fails the requests in it, never the engine
                 for work in plan.per_rank:
@@ -228,6 +231,15 @@ class Engine:
 
         warm_up(self)
         self.reset_scheduler(self.config.delayer)  # warm-up requests leave no trace in metrics
+
+    def start_profile(self, log_dir: str, steps: int | None = None) -> None:
+        """Start a jax.profiler trace into `log_dir`; each model step is annotated. With `steps`,
+        it stops by itself after that many model steps. ValueError if a trace is running."""
+        self._profiler.start(log_dir, steps)
+
+    def stop_profile(self) -> str | None:
+        """Stop the trace and write it; its log dir, or None when none was running."""
+        return self._profiler.stop()
 
     def stats(self) -> dict:
         return self.scheduler.metrics.snapshot()

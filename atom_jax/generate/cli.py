@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary-json", help="also write the summary here")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--fsync-interval", type=float, default=5.0, help="seconds between fsyncs of the output")
+    g.add_argument("--profile", metavar="DIR",
+                   help="write a jax.profiler trace of the first model steps here "
+                        "(read it with: python -m atom_jax.trace report DIR)")
+    g.add_argument("--profile-steps", type=_positive_int, default=5, metavar="N",
+                   help="model steps to trace with --profile (default 5)")
     return ap
 
 
@@ -166,6 +171,8 @@ def main(argv=None, engine=None) -> int:
     progress = Progress(len(requests), enabled=not args.no_progress)
     max_in_flight = args.max_in_flight or _default_in_flight(engine)
     t_gen = time.monotonic()
+    if args.profile and engine is not None:
+        engine.start_profile(args.profile, args.profile_steps)
     try:
         with ResultWriter(args.output, args.fsync_interval) as writer:
             if requests:
@@ -178,6 +185,9 @@ def main(argv=None, engine=None) -> int:
         rc = 130
     finally:
         progress.close()
+        if args.profile and engine is not None:
+            engine.stop_profile()  # no-op if it already stopped after --profile-steps
+            _log(f"profiler trace in {args.profile} (python -m atom_jax.trace report {args.profile})")
         stats.generate_s = time.monotonic() - t_gen
         stats.wall_s = time.monotonic() - t_start
         after = engine.stats() if engine is not None else None

@@ -2,6 +2,7 @@
 
     /v1/completions, /v1/chat/completions   (JSON, or SSE with "stream": true)
     /v1/models, /health, /metrics, /debug/engine
+    /start_profile, /stop_profile           (jax.profiler trace of engine steps)
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import os
+import tempfile
 import time
 
 from fastapi import FastAPI, Request
@@ -22,7 +25,7 @@ from atom_jax.serve.errors import OpenAIError, install_error_handlers, unavailab
 from atom_jax.serve.metrics import ServeMetrics
 from atom_jax.serve.middleware import ApiKeyAuth, BodySizeLimit
 from atom_jax.serve.prepare import PreparedRequest, prepare_chat, prepare_completion
-from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
+from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, ProfileRequest
 from atom_jax.serve.responses import ChunkWriter, full_response, sse
 from atom_jax.serve.streaming import EventStreamResponse, result_or_disconnect
 
@@ -35,15 +38,23 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     warmup: bool = False
     shutdown_timeout: float = 10.0  # seconds to wait for the engine thread on shutdown
+    profile_dir: str | None = None  # default trace dir of /start_profile
+    profile_steps: int | None = None  # with profile_dir: trace the first model steps after warm-up
 
 
 def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     """`build_engine()` is called once, on the engine thread, when the app starts."""
     from atom_jax.engine.warmup import warm_up
 
+    def prepare(engine):
+        if settings.warmup:
+            warm_up(engine)
+        if settings.profile_dir and settings.profile_steps:
+            engine.start_profile(settings.profile_dir, settings.profile_steps)
+
     metrics = ServeMetrics()
     engine_loop = EngineLoop(build_engine, settings.model_name,
-                             warmup=warm_up if settings.warmup else None,
+                             warmup=prepare if settings.warmup or settings.profile_steps else None,
                              max_waiting=settings.max_waiting, metrics=metrics)
     metrics.engine_stats.snapshot = engine_loop.snapshot
     started = int(time.time())
@@ -116,6 +127,24 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     @app.get("/debug/engine", summary="Free pages and slots per rank, running/waiting counts")
     async def debug_engine():
         return engine_loop.snapshot()
+
+    @app.post("/start_profile", summary="Start a jax.profiler trace of engine steps")
+    async def start_profile(body: ProfileRequest | None = None):
+        body = body or ProfileRequest()
+        log_dir = os.path.abspath(body.dir or settings.profile_dir
+                                  or tempfile.mkdtemp(prefix="atom_jax_profile_"))
+        try:
+            await engine_loop.start_profile(log_dir, body.steps)
+        except (ValueError, RuntimeError) as e:  # one is running (here or another jax trace)
+            raise OpenAIError(400, f"could not start the profiler: {e}", code="profile_running")
+        return {"dir": log_dir, "steps": body.steps}
+
+    @app.post("/stop_profile", summary="Stop the profiler trace and write it; its dir")
+    async def stop_profile():
+        log_dir = await engine_loop.stop_profile()
+        if log_dir is None:
+            raise OpenAIError(400, "no profiler trace is running", code="profile_not_running")
+        return {"dir": log_dir}
 
     @app.post("/v1/completions", summary="Text completion (OpenAI legacy completions API)")
     async def completions(body: CompletionRequest, request: Request):

@@ -5,6 +5,10 @@
 
 SIGTERM / Ctrl-C: new requests get 503, in-flight ones are aborted (streams end with
 finish_reason "abort"), then the engine thread stops and the process exits.
+
+Profiling: `--profile DIR --profile-steps N` traces the first N model steps after warm-up;
+POST /start_profile {"dir": ..., "steps": N} and POST /stop_profile trace on demand. Read a
+trace with `python -m atom_jax.trace report DIR`.
 """
 
 from __future__ import annotations
@@ -70,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("ATOM_JAX_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 and /debug "
+                   help="require 'Authorization: Bearer KEY' on /v1, /debug and the profile routes "
                         "(default: $ATOM_JAX_API_KEY; unset: no auth)")
     s.add_argument("--max-waiting", type=_positive, default=None,
                    help="requests that may wait for a slot; more get 503 + Retry-After "
                         "(default: unbounded)")
     s.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
     s.add_argument("--shutdown-timeout", type=float, default=10.0)
+    s.add_argument("--profile", metavar="DIR", default=None,
+                   help="default trace dir of POST /start_profile (default: a new temp dir)")
+    s.add_argument("--profile-steps", type=_positive, default=None, metavar="N",
+                   help="with --profile: trace the first N model steps after warm-up")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--no-access-log", action="store_true")
@@ -112,7 +120,10 @@ def served_model_name(args) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.profile_steps and not args.profile:
+        parser.error("--profile-steps needs --profile DIR")
     _prepare_jax_env(args.dp)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -133,7 +144,8 @@ def main(argv=None) -> int:
 
     settings = ServerSettings(model_name=served_model_name(args), api_key=args.api_key,
                               max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-                              warmup=args.warmup, shutdown_timeout=args.shutdown_timeout)
+                              warmup=args.warmup, shutdown_timeout=args.shutdown_timeout,
+                              profile_dir=args.profile, profile_steps=args.profile_steps)
     app = create_app(settings, build_engine)
     server = AbortingServer(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level,

@@ -2,9 +2,10 @@
 
 One background thread builds and owns the Engine: it is the only thread that ever touches it
 (the engine and its scheduler are not thread-safe). Handlers talk to it through a thread-safe
-command queue (add / abort / abort_all / stop) and get results back on a per-request asyncio
-queue, fed with `loop.call_soon_threadsafe`. The thread steps the engine while it has work and
-blocks on the command queue when idle, so an idle server burns no CPU.
+command queue (add / abort / abort_all / call / stop) and get results back on a per-request
+asyncio queue (or, for `call`, a future), fed with `loop.call_soon_threadsafe`. The thread
+steps the engine while it has work and blocks on the command queue when idle, so an idle
+server burns no CPU.
 
 Accounting that handlers read (admission against --max-waiting, /debug/engine, /metrics) is
 published by the thread into plain values under a lock after every iteration.
@@ -152,6 +153,23 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def call(self, fn):
+        """Run `fn(engine)` on the engine thread (between steps); returns its result or raises
+        its exception. 503 (OpenAIError) when the engine is not ready or has stopped."""
+        if not self.ready.is_set():
+            raise unavailable("the engine is still loading; retry shortly", "server_starting", 5)
+        if self.stopped.is_set() or not self._accepting:
+            raise unavailable("the server is shutting down", "server_shutting_down", 5)
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", (fn, future)))
+        return await future
+
+    async def start_profile(self, log_dir: str, steps: int | None = None) -> None:
+        await self.call(lambda engine: engine.start_profile(log_dir, steps))
+
+    async def stop_profile(self) -> str | None:
+        return await self.call(lambda engine: engine.stop_profile())
+
     def begin_shutdown(self) -> None:
         """Refuse new requests and abort the in-flight ones (their streams end with 'abort').
         Called from a signal handler too, so no lock: a bool store and SimpleQueue.put are
@@ -214,6 +232,8 @@ class EngineLoop:
                 elif kind == "abort_all":
                     for rid in list(self._streams):
                         self._abort(engine, rid)
+                elif kind == "call":
+                    self._call(engine, *arg)
                 elif kind == "stop":
                     stop = True
             if stop:
@@ -257,6 +277,26 @@ class EngineLoop:
                 engine.abort(request_id)
             except Exception:  # noqa: BLE001
                 log.exception("abort of %s failed", request_id)
+
+    def _call(self, engine, fn, future) -> None:
+        try:
+            result, error = fn(engine), None
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            result, error = None, e
+        self._settle(future, result, error)
+
+    def _settle(self, future, result=None, error: BaseException | None = None) -> None:
+        def settle():
+            if future.done():  # the caller went away
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        try:
+            self._aio_loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed
+            pass
 
     def _step(self, engine) -> None:
         try:
@@ -322,6 +362,11 @@ class EngineLoop:
             self._step(engine)  # deliver the aborts' final outputs
         except Exception:  # noqa: BLE001
             log.exception("final step failed")
+        try:
+            if getattr(engine, "stop_profile", None) and engine.stop_profile():
+                log.info("profiler trace stopped and written")
+        except Exception:  # noqa: BLE001
+            log.exception("stopping the profiler trace failed")
         self._refuse_all(OpenAIError(503, "the server shut down", type=UNAVAILABLE,
                                      code="server_shutting_down"))
         self._publish(engine)
@@ -334,6 +379,8 @@ class EngineLoop:
         for kind, arg in self._drain(block=False):
             if kind == "add":
                 self._fail(arg, error)
+            elif kind == "call":
+                self._settle(arg[1], error=error)
 
     def _fail(self, stream: RequestStream, error: OpenAIError) -> None:
         self._finish(stream)

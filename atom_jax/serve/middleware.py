@@ -8,7 +8,8 @@ import json
 
 from atom_jax.serve.errors import error_body
 
-PROTECTED_PREFIXES = ("/v1/", "/debug/")  # /health, /metrics and the docs stay open
+# /health, /metrics and the docs stay open
+PROTECTED_PREFIXES = ("/v1/", "/debug/", "/start_profile", "/stop_profile")
 
 
 async def _send_error(send, status: int, message: str, code: str, headers=()) -> None:

@@ -116,3 +116,12 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[dict[str, Any]] | None = Field(None, **unsupported(maxItems=0))
     response_format: dict[str, Any] | None = Field(
         None, **unsupported(properties={"type": {"enum": ["text"]}}))
+
+
+class ProfileRequest(_Strict):
+    """Body of POST /start_profile (optional)."""
+
+    dir: str | None = Field(None, min_length=1, description="trace log dir (default: --profile "
+                            "or a new temporary dir)")
+    steps: Int(ge=1, le=2**31 - 1) | None = Field(None, description="stop by itself after this "
+                                                   "many model steps (default: at /stop_profile)")

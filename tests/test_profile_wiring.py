@@ -1,0 +1,129 @@
+"""Profiler trace capture wired into the tools: Engine.start_profile / stop_profile on the
+embedded model (the trace has annotated steps the report finds), the server's /start_profile
+and /stop_profile over a fake engine (in-process, no real server), and the CLI flags."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from atom_jax.engine import Engine, EngineConfig, SamplingParams
+
+SMALL = dict(num_slots=2, num_pages=16, page_tokens=32, max_pages_per_seq=8, max_tokens_per_step=32,
+             buckets=(16, 32))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(**SMALL))
+
+
+def test_engine_traces_the_given_number_of_steps(engine, tmp_path):
+    from atom_jax.trace.report import report
+
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.generate([[1, 2, 3, 4, 5]], params)  # compile outside the trace (slow under it)
+    engine.start_profile(str(tmp_path), steps=2)
+    with pytest.raises(ValueError, match="already running"):
+        engine.start_profile(str(tmp_path / "other"))
+    engine.generate([[1, 2, 3, 4, 5]], params)
+    assert engine.stop_profile() is None  # stopped by itself after 2 model steps
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    rep = report(tmp_path)
+    assert [s["num"] for s in rep["annotated_steps"]] == [0, 1]
+
+
+def test_stop_without_a_trace_returns_none_and_a_manual_stop_returns_the_dir(engine, tmp_path):
+    assert engine.stop_profile() is None
+    engine.start_profile(str(tmp_path))
+    assert engine.stop_profile() == str(tmp_path)
+    assert engine.stop_profile() is None
+
+
+# ---- server endpoints over a fake engine ---------------------------------------------------
+def _fake_engine():
+    from test_serve_units import FakeEngine
+
+    class ProfilingFake(FakeEngine):
+        def __init__(self):
+            super().__init__()
+            self.profile, self.profile_threads = None, set()
+
+        def start_profile(self, log_dir, steps=None):
+            self.profile_threads.add(threading.get_ident())
+            if self.profile is not None:
+                raise ValueError("a profiler trace is already running")
+            self.profile = (log_dir, steps)
+
+        def stop_profile(self):
+            self.profile_threads.add(threading.get_ident())
+            log_dir, self.profile = (self.profile or (None,))[0], None
+            return log_dir
+
+    return ProfilingFake()
+
+
+def _client(fake, **settings):
+    from fastapi.testclient import TestClient
+
+    from atom_jax.serve.app import ServerSettings, create_app
+
+    app = create_app(ServerSettings(**settings), lambda: fake)
+    return TestClient(app), app.state.engine_loop
+
+
+def _wait_ready(loop):
+    deadline = time.monotonic() + 10
+    while not loop.ready.is_set():
+        assert time.monotonic() < deadline and not loop.failure
+        time.sleep(0.01)
+
+
+def test_profile_endpoints(tmp_path):
+    fake = _fake_engine()
+    client, loop = _client(fake, profile_dir=str(tmp_path / "default"))
+    with client:
+        _wait_ready(loop)
+        r = client.post("/stop_profile")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "profile_not_running"
+        r = client.post("/start_profile", json={"dir": str(tmp_path / "a"), "steps": 3})
+        assert r.status_code == 200 and r.json() == {"dir": str(tmp_path / "a"), "steps": 3}
+        assert fake.profile == (str(tmp_path / "a"), 3)
+        r = client.post("/start_profile")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "profile_running"
+        r = client.post("/stop_profile")
+        assert r.status_code == 200 and r.json() == {"dir": str(tmp_path / "a")}
+        r = client.post("/start_profile")  # no body: the --profile dir
+        assert r.json()["dir"] == str(tmp_path / "default") and fake.profile[1] is None
+        assert client.post("/start_profile", json={"steps": 0}).status_code == 400
+        assert client.post("/stop_profile").status_code == 200
+    assert fake.profile_threads and threading.get_ident() not in fake.profile_threads
+    assert len(fake.profile_threads | fake.thread_ids) == 1  # all on the engine thread
+
+
+def test_profile_endpoints_need_the_api_key_and_startup_profile(tmp_path):
+    fake = _fake_engine()
+    client, loop = _client(fake, api_key="k", profile_dir=str(tmp_path), profile_steps=4)
+    with client:
+        _wait_ready(loop)
+        assert fake.profile == (str(tmp_path), 4)  # --profile DIR --profile-steps 4
+        assert client.post("/stop_profile").status_code == 401
+        assert client.post("/start_profile").status_code == 401
+        r = client.post("/stop_profile", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.json() == {"dir": str(tmp_path)}
+
+
+# ---- CLI flags -----------------------------------------------------------------------------
+def test_generate_and_serve_profile_flags():
+    from atom_jax.generate.cli import build_parser as generate_parser
+    from atom_jax.serve.cli import build_parser as serve_parser
+
+    args = generate_parser().parse_args(["--input", "i", "--output", "o", "--profile", "/tmp/t"])
+    assert (args.profile, args.profile_steps) == ("/tmp/t", 5)
+    args = generate_parser().parse_args(["--input", "i", "--output", "o", "--profile-steps", "2"])
+    assert (args.profile, args.profile_steps) == (None, 2)
+    args = serve_parser().parse_args(["--profile", "/tmp/t", "--profile-steps", "3"])
+    assert (args.profile, args.profile_steps) == ("/tmp/t", 3)
+    assert serve_parser().parse_args([]).profile is None
