@@ -43,9 +43,8 @@ class _CachedRankStep(_RankStep):
         bounds = [(0, t // 2), (t // 2, t)] if tbo else [(0, t)]
         chains = []
         for lo, hi in bounds:
-            chain = _Chain((), b["ids"][lo:hi], self.model.embed_streams(b["ids"][lo:hi]))
-            chain.batch = _slice_batch(b, lo, hi)
-            chains.append(chain)
+            ids = b["ids"][lo:hi]
+            chains.append(_Chain((), ids, self.model.embed_streams(ids), batch=_slice_batch(b, lo, hi)))
         if tbo:
             self.run_two_chains(*chains)
         else:

@@ -56,6 +56,7 @@ class _Chain:
     streams: jax.Array  # [T, N, D]
     attn_in: Any = None  # per-segment attention inputs of the current layer (prefix source)
     mid: Any = None  # state between the attention half and the MoE half of a layer
+    batch: Any = None  # cached step: this chain's slice of the packed buffer
 
 
 def _as_u16(a):
