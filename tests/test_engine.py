@@ -9,7 +9,7 @@ import torch
 
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
-from atom_jax.loader import load_model, random_model
+from atom_jax.loader import random_model
 from atom_jax.config import tiny
 from atom_jax.models import jit_forward
 from atom_jax.models.cached_forward import as_jnp, cached_forward

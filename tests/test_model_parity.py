@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from atom_jax.config import CSA, HCA, SLIDING
 from atom_jax.loader import load_model

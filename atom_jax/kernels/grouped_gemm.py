@@ -58,7 +58,7 @@ def capacity_padded(rows, weights, group_sizes, mean_group=None):
     Rows past a group's capacity are DROPPED (output zero): lossy unless routing is balanced.
     Fast on GPU (plain batched GEMM, no dense product over all groups); benchmarks only until
     the dropless GPU kernels of the grouped-GEMM issue land."""
-    g, k = weights.shape[0], rows.shape[1]
+    g = weights.shape[0]
     mean = mean_group if mean_group is not None else rows.shape[0] / g
     cap = max(8, int(-(-CAPACITY_FACTOR * mean // 8) * 8))
     starts = jnp.cumsum(group_sizes) - group_sizes
