@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from atom_jax.bench.timing import median_time  # noqa: E402
 from atom_jax.config import tiny, v4_flash  # noqa: E402
 from atom_jax.kernels import grouped_gemm  # noqa: E402
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh  # noqa: E402
@@ -31,15 +31,9 @@ from atom_jax.trace.hlo import analyze_hlo  # noqa: E402
 
 
 def time_fn(fn, inputs, iters):
-    """Median wall time (ms) per call after warm-up, cycling through several input sets."""
-    for x in inputs[:2]:
-        jax.block_until_ready(fn(x))
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(inputs[i % len(inputs)]))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
+    """Median and min wall time (ms) per call after warm-up, cycling through the inputs."""
+    med, best = median_time(fn, inputs, iters)
+    return med * 1e3, best * 1e3
 
 
 def comm_only(mesh, cfg, tokens, layers, dtype):

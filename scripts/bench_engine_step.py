@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from atom_jax.bench.timing import device_ceilings, median_time  # noqa: E402
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks  # noqa: E402
 from atom_jax.config import CSA, HCA, tiny, v4_flash  # noqa: E402
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, random_params_on_mesh  # noqa: E402
@@ -32,22 +32,11 @@ from atom_jax.trace.capture import profile_steps  # noqa: E402
 
 
 def timed(fn, iters=10):
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(lambda _: fn(), iters=iters)[0]
 
 
 def ceilings():
-    x = jnp.ones((1 << 29,), jnp.bfloat16) * 1.5  # 1 GiB
-    copy_s = timed(lambda: x * 1.0001, 20)
-    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
-    mm_s = timed(lambda: a @ a, 10)
-    return {"copy_GBps": 2 * x.nbytes / copy_s / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12}
+    return device_ceilings()
 
 
 def param_bytes_per_rank(params):

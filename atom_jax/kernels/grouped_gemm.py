@@ -58,9 +58,7 @@ def capacity_padded(rows, weights, group_sizes, mean_group=None):
     Rows past a group's capacity are DROPPED (output zero): lossy unless routing is balanced.
     Fast on GPU (plain batched GEMM, no dense product over all groups); benchmarks only until
     the dropless GPU kernels of the grouped-GEMM issue land."""
-    g = weights.shape[0]
-    mean = mean_group if mean_group is not None else rows.shape[0] / g
-    cap = max(8, int(-(-CAPACITY_FACTOR * mean // 8) * 8))
+    cap = _capacity_of(rows, weights, mean_group)
     starts = jnp.cumsum(group_sizes) - group_sizes
     slot = jnp.arange(cap)
     src = starts[:, None] + slot[None, :]  # [G, C] row index of each slot
@@ -72,6 +70,97 @@ def capacity_padded(rows, weights, group_sizes, mean_group=None):
     res = jnp.zeros((rows.shape[0], weights.shape[2]), jnp.float32)
     res = res.at[dest.reshape(-1)].set(out.reshape(-1, out.shape[-1]), mode="drop")
     return res.astype(rows.dtype)
+
+
+def _capacity_of(rows, weights, mean_group) -> int:
+    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+    return max(8, int(-(-CAPACITY_FACTOR * mean // 8) * 8))
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+@register("pallas")
+def pallas(rows, weights, group_sizes, mean_group=None):
+    """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
+    from atom_jax.kernels import pallas_grouped_gemm
+    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes,
+                                            cfg=pallas_grouped_gemm.default_tiles(mean),
+                                            interpret=_on_cpu())
+
+
+@register("capacity_dropless")
+def capacity_dropless(rows, weights, group_sizes, mean_group=None):
+    """The capacity batched GEMM for each group's first C rows, plus the Pallas kernel for
+    the rows past C: exact for any routing, and as fast as `capacity` when routing is even."""
+    from atom_jax.kernels import pallas_grouped_gemm
+    cap = _capacity_of(rows, weights, mean_group)
+    bulk = capacity_padded(rows, weights, group_sizes, mean_group)
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    over_starts = jnp.minimum(starts + cap, ends)
+    over = pallas_grouped_gemm.grouped_gemm_ranges(
+        rows, weights, over_starts, ends, pallas_grouped_gemm.DECODE_TILES, interpret=_on_cpu())
+    r = jnp.arange(rows.shape[0])
+    gid = jnp.minimum(jnp.searchsorted(ends, r, side="right"), weights.shape[0] - 1)
+    in_overflow = (r >= over_starts[gid]) & (r < ends[gid])
+    return jnp.where(in_overflow[:, None], over, bulk).astype(rows.dtype)
+
+
+@register("tokamax")
+def tokamax_ragged(rows, weights, group_sizes, mean_group=None):
+    """tokamax's Mosaic GPU ragged_dot (Hopper only; `pip install tokamax`)."""
+    try:
+        import tokamax
+    except ImportError as e:  # optional dependency
+        raise RuntimeError("the 'tokamax' grouped-GEMM backend needs `pip install tokamax` "
+                           f"(import failed: {e})") from e
+    sizes = group_sizes.astype(jnp.int32)
+    out = tokamax.ragged_dot(rows, weights, sizes, implementation="mosaic",
+                             preferred_element_type=jnp.float32)
+    valid = jnp.arange(rows.shape[0]) < jnp.sum(sizes)
+    return jnp.where(valid[:, None], out, 0.0).astype(rows.dtype)
+
+
+def tokamax_usable() -> bool:
+    """tokamax's Mosaic kernel needs an NVIDIA Hopper (sm_90) GPU and the package."""
+    try:
+        import tokamax  # noqa: F401
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    except Exception:
+        return False
+
+
+def choose(rows_per_group: float, platform: str | None = None, has_tokamax: bool | None = None) -> str:
+    """The backend `auto` resolves to, by platform and by rows per expert (routing shape).
+
+    CPU: XLA's ragged_dot. GPU: the crossovers measured by scripts/bench_grouped_gemm.py
+    (docs/benchmarks.md, 'Grouped GEMM'): see AUTO_TABLE."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "ragged_dot"
+    if has_tokamax is None:
+        has_tokamax = tokamax_usable()
+    for limit, name, needs_tokamax in AUTO_TABLE:
+        if rows_per_group <= limit and (has_tokamax or not needs_tokamax):
+            return name
+    return "pallas"
+
+
+# (rows per group at most, backend, needs tokamax), first match wins.
+AUTO_TABLE: list[tuple[float, str, bool]] = [
+    (float("inf"), "pallas", False),
+]
+
+
+@register("auto")
+def auto(rows, weights, group_sizes, mean_group=None):
+    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+    return get(choose(mean))(rows, weights, group_sizes, mean_group)
 
 
 def get(name: str) -> GroupedGemm:
