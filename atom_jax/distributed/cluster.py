@@ -1,0 +1,200 @@
+"""The multi-host run as the engine sees it.
+
+Process 0 (the leader) owns the front end and the scheduler. For every model step it builds
+the step's host inputs (`ModelRunner.host_inputs`), broadcasts them (`PlanChannel`), then runs
+the step like every other process; sampled tokens come back replicated, so only the leader's
+copy is used. While idle it broadcasts an empty plan every `keepalive` seconds, so followers
+know it is alive and a dead follower is noticed even without traffic.
+
+Failure: a process that dies makes the others' next collective raise (CPU collectives see the
+closed connection at once) or hang (NCCL may wait forever). Every broadcast and step runs under
+a watchdog, so either way a surviving process stops within `step_timeout` (+ `compile_timeout`
+for a shape not compiled yet; a follower waiting for a plan allows `keepalive` more): it runs
+its failure hooks (the server fails every request in flight with a 503), logs why, and exits
+with EXIT_CLUSTER_FAILURE. Behind it, jax's coordination service terminates every process
+`heartbeat_timeout` seconds after one stopped sending heartbeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+
+from atom_jax.distributed.init import DistributedConfig
+from atom_jax.distributed.plan_channel import NOOP, STEP, STOP, PlanChannel, inline_capacity
+
+log = logging.getLogger("atom_jax.distributed")
+
+EXIT_CLUSTER_FAILURE = 3
+
+
+class Watchdog:
+    """One guarded section at a time; `on_expire(message)` runs on the watchdog thread when
+    a section outlives its deadline (the guarded thread is then stuck in a collective)."""
+
+    def __init__(self, on_expire, poll: float = 0.1):
+        self._on_expire, self._poll = on_expire, poll
+        self._lock = threading.Lock()
+        self._deadline: float | None = None
+        self._what = ""
+        self._seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="atom-jax-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def guard(self, seconds: float, what: str):
+        with self._lock:
+            self._deadline, self._what, self._seconds = time.monotonic() + seconds, what, seconds
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deadline = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._poll)
+            with self._lock:
+                expired = self._deadline is not None and time.monotonic() > self._deadline
+                what, seconds = self._what, self._seconds
+            if expired:
+                self._on_expire(f"{what} did not finish within {seconds:.0f} s")
+                return
+
+
+class Cluster:
+    def __init__(self, cfg: DistributedConfig, process_id: int, num_processes: int):
+        self.cfg, self.process_id, self.num_processes = cfg, process_id, num_processes
+        self.failed: str | None = None
+        self._hooks: list = []
+        self._fail_lock = threading.Lock()
+        self._channel: PlanChannel | None = None
+        self._compiled: set = set()  # (bucket, tbo) shapes this process has run
+        self._last_send = 0.0
+        self._started = False
+        self.watchdog = Watchdog(self.fail)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.process_id == 0
+
+    def attach(self, runner, engine_config) -> None:
+        """Bind to the engine's runner (every process builds the same engine)."""
+        import jax
+
+        if runner.dp != jax.device_count():
+            raise ValueError(f"a multi-host run uses every device: dp must be {jax.device_count()} "
+                             f"({self.num_processes} processes), got {runner.dp}")
+        cap = inline_capacity(runner.dp, engine_config.num_slots, engine_config.max_tokens_per_step)
+        self._channel = PlanChannel(runner.dp, cap, is_source=self.is_leader)
+        self._runner = runner
+        self._handshake()
+
+    def _handshake(self) -> None:
+        """Start together: wait until every process has built its engine, then run one
+        collective over all devices and one plan message while all are present. The first
+        collective over a group of devices sets up its communicator, and on CPU (gloo) that
+        set-up gives up after 30 s if a peer is late (later waits are unbounded)."""
+        from jax._src import distributed
+        from jax.experimental import multihost_utils
+
+        timeout = self.cfg.init_timeout + self.cfg.compile_timeout
+        client = distributed.global_state.client
+        try:
+            with self.watchdog.guard(timeout + self.cfg.step_timeout, "waiting for every process's engine"):
+                if client is not None and hasattr(client, "wait_at_barrier"):
+                    client.wait_at_barrier("atom_jax_engine_ready", int(timeout * 1000))
+                multihost_utils.sync_global_devices("atom_jax_engine_ready")
+                if self.is_leader:
+                    self._channel.send(NOOP)
+                    self._last_send = time.monotonic()
+                else:
+                    kind, _ = self._channel.recv()
+                    if kind != NOOP:
+                        raise RuntimeError(f"expected the opening message, got kind {kind}")
+        except Exception as e:
+            self.fail(f"start-up handshake failed: {type(e).__name__}: {e}")
+
+    def add_failure_hook(self, fn) -> None:
+        """`fn(reason)` runs when the run fails, before the process exits (any thread)."""
+        self._hooks.append(fn)
+
+    def fail(self, reason: str):
+        """Stop this process: the run cannot go on. Never returns."""
+        with self._fail_lock:  # the watchdog and the stepping thread may both get here
+            self.failed = reason
+            message = (f"atom_jax multi-host: process {self.process_id} of {self.num_processes} stops: "
+                       f"{reason}. Another process died or hung (see its log); requests in flight "
+                       f"were failed. Restart every process to recover.")
+            log.error("%s", message)
+            print(message, file=sys.stderr, flush=True)
+            for hook in self._hooks:
+                try:
+                    hook(reason)
+                except Exception:  # noqa: BLE001 - exit regardless
+                    log.exception("failure hook raised")
+            if self._hooks:
+                time.sleep(1.0)  # let the front end's error responses leave
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Not sys.exit: jax's atexit shutdown would wait for the dead peer.
+            os._exit(EXIT_CLUSTER_FAILURE)
+
+    def _timeout(self, shape=None) -> float:
+        t = self.cfg.step_timeout
+        if shape is not None and shape not in self._compiled:
+            t += self.cfg.compile_timeout
+        return t
+
+    # ---- leader --------------------------------------------------------------------------
+    def execute(self, plan, sampling_of) -> dict:
+        """Leader: ship the plan, run the step, return {request_id: (token, logprob)}."""
+        runner = self._runner
+        inputs, seqs = runner.host_inputs(plan, sampling_of)
+        shape = (inputs.bucket, inputs.tbo)
+        what = f"step {self._channel.seq} (bucket {inputs.bucket}, tbo {inputs.tbo})"
+        try:
+            with self.watchdog.guard(self._timeout(shape), what):
+                self._channel.send(STEP, inputs)
+                self._last_send = time.monotonic()
+                toks, lps = runner.run(inputs)
+        except Exception as e:
+            self.fail(f"{what} failed: {type(e).__name__}: {e}")
+        self._compiled.add(shape)
+        return runner.results(seqs, toks, lps)
+
+    def keepalive(self, force: bool = False) -> None:
+        """Leader: an empty plan if none was sent for `keepalive` seconds."""
+        if self._channel is None or self.failed:
+            return
+        if not force and time.monotonic() - self._last_send < self.cfg.keepalive:
+            return
+        what = f"keepalive {self._channel.seq}"
+        try:
+            with self.watchdog.guard(self._timeout(), what):
+                self._channel.send(NOOP)
+        except Exception as e:
+            self.fail(f"{what} failed: {type(e).__name__}: {e}")
+        self._last_send = time.monotonic()
+
+    def stop(self) -> None:
+        """Leader: release the followers (they return from `follow`). Safe to call twice."""
+        if self._channel is None or self.failed or not self.is_leader or getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        try:
+            with self.watchdog.guard(self._timeout(), "stop message"):
+                self._channel.send(STOP)
+        except Exception as e:
+            self.fail(f"stop message failed: {type(e).__name__}: {e}")
+
+    # ---- followers -----------------------------------------------------------------------
+    def follow(self) -> int:
+        """Follower: run every step process 0 plans until it says stop. -> steps run."""
+        from atom_jax.distributed.follower import follow
+
+        return follow(self, self._runner, self._channel)
