@@ -65,7 +65,9 @@ class _Tracked:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer="auto"):
+    def __init__(self, config: EngineConfig | None = None, model=None, tokenizer="auto", cluster=None):
+        """`cluster`: the `atom_jax.distributed` Cluster of a multi-host run (every process
+        builds the same Engine; process 0 schedules, the others call `cluster.follow()`)."""
         self.config = cfg = config or EngineConfig()
         if cfg.compilation_cache_dir:
             import jax
@@ -85,6 +87,9 @@ class Engine:
                            moe_backend=cfg.moe_backend)
         self.mesh = make_dp_mesh(cfg.dp)
         self.runner = ModelRunner(model, self.mesh, self.layout, opts)
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.attach(self.runner, cfg)
         self.reset_scheduler(cfg.delayer)
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
@@ -161,7 +166,10 @@ class Engine:
         if not plan.is_empty:
             try:
                 with self._profiler.step(lambda: self.runner.cache):
-                    result = self.runner.execute(plan, self._sampling_of)
+                    if self.cluster is not None:  # ships the plan first; a failure ends the process
+                        result = self.cluster.execute(plan, self._sampling_of)
+                    else:
+                        result = self.runner.execute(plan, self._sampling_of)
             except Exception:
                 # a failed step fails the requests in it, never the engine
                 for work in plan.per_rank:
@@ -171,6 +179,8 @@ class Engine:
             for rid, (tok, lp) in result.items():
                 sampled[rid] = tok
                 self._requests[rid].logprobs.append(lp)
+        elif self.cluster is not None:
+            self.cluster.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
         touched = {seq.request_id for seq, _ in out.new_tokens} | {s.request_id for s in out.finished}
         outputs = []
@@ -183,6 +193,20 @@ class Engine:
             if tr.seq.is_finished:
                 del self._requests[rid]
         return outputs
+
+    @property
+    def idle_interval(self) -> float | None:
+        """Multi-host: call `keepalive()` at least this often while idle (None: never needed)."""
+        return self.cluster.cfg.keepalive if self.cluster is not None else None
+
+    def keepalive(self) -> None:
+        if self.cluster is not None:
+            self.cluster.keepalive()
+
+    def close(self) -> None:
+        """Multi-host: release the other processes (their `follow()` returns). No-op otherwise."""
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def _sampling_of(self, seq):
         tr = self._requests[seq.request_id]

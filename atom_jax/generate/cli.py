@@ -9,8 +9,13 @@ Output lines: {"id", "text" (when the model has a tokenizer), "token_ids", "fini
                "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}, appended and
                flushed as each request finishes. A rerun skips ids already in the output.
 
+Multi-host: start one process per host with --coordinator-address / --num-processes /
+--process-id (or under SLURM's srun); process 0 reads the input and writes the output, the
+others run its steps (README "Multi-host").
+
 Exit status: 0 done (bad lines, if any, were reported and skipped); 1 --strict found bad lines,
-the input could not be read, or the engine broke (rerun to resume); 130 interrupted."""
+the input could not be read, or the engine broke (rerun to resume); 3 a process of a multi-host
+run died or hung (rerun to resume); 130 interrupted."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import os
 import sys
 import time
 
+from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
 from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(read it with: python -m atom_jax.trace report DIR)")
     g.add_argument("--profile-steps", type=_positive_int, default=5, metavar="N",
                    help="model steps to trace with --profile (default 5)")
+    add_distributed_args(ap)
     return ap
 
 
@@ -119,6 +126,44 @@ class BadLineReporter:
 def main(argv=None, engine=None) -> int:
     """CLI entry. `engine`: a prebuilt Engine (tests; its engine flags are then ignored)."""
     args = build_parser().parse_args(argv)
+    try:
+        dist = resolve_distributed(args) if engine is None else None
+    except ValueError as e:
+        _log(str(e))
+        return 1
+    if dist is not None:
+        return _main_multihost(args, dist)
+    return _main(args, engine)
+
+
+def _main_multihost(args, dist) -> int:
+    """Every process builds the engine over all hosts' devices; process 0 runs the batch and
+    the others run its steps until it is done."""
+    from atom_jax.distributed import initialize
+    from atom_jax.engine import Engine
+
+    cluster = initialize(dist)
+    import jax
+
+    args.dp = args.dp or jax.device_count()
+    role = "runs the batch" if cluster.is_leader else "follows process 0"
+    _log(f"process {cluster.process_id} of {cluster.num_processes} {role} (dp={args.dp})")
+    try:
+        engine = Engine(engine_config(args), cluster=cluster)
+    except Exception as e:
+        _log(f"could not start the engine: {e!r}")
+        return 1
+    if not cluster.is_leader:
+        steps = cluster.follow()
+        _log(f"process {cluster.process_id}: done after {steps} steps")
+        return 0
+    try:
+        return _main(args, engine)
+    finally:
+        engine.close()  # release the other processes
+
+
+def _main(args, engine) -> int:
     t_start = time.monotonic()
     stats = RunStats()
     if not os.path.isfile(args.input):

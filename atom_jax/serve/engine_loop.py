@@ -186,6 +186,15 @@ class EngineLoop:
                 log.warning("engine thread still busy after %.0f s (a step or compile in "
                             "progress); leaving it to exit with the process", timeout)
 
+    def cluster_failed(self, reason: str) -> None:
+        """A multi-host run lost a process: every request in flight and queued gets a 503 now
+        (the process exits right after). Called from any thread; the engine thread is then
+        stuck in a collective or is the caller, so touching the streams here is safe."""
+        self._accepting = False
+        self.failure = f"multi-host run failed: {reason}"
+        self._refuse_all(OpenAIError(503, f"the multi-host run failed ({reason}); the server is stopping",
+                                     type=UNAVAILABLE, code="cluster_failure"))
+
     def snapshot(self) -> dict:
         with self._lock:
             return dict(self._snapshot, in_flight=self._in_flight, accepting=self._accepting)
@@ -222,7 +231,8 @@ class EngineLoop:
     def _serve(self, engine) -> None:
         while True:
             busy = engine.has_unfinished()
-            commands = self._drain(block=not busy)
+            idle_interval = getattr(engine, "idle_interval", None)  # multi-host keepalive
+            commands = self._drain(block=not busy, timeout=idle_interval)
             stop = False
             for kind, arg in commands:
                 if kind == "add":
@@ -243,10 +253,17 @@ class EngineLoop:
             # a step (abort, or refused on add), which frees their bookkeeping.
             if engine.has_unfinished() or commands:
                 self._step(engine)
+            elif idle_interval is not None:
+                engine.keepalive()
             self._publish(engine)
 
-    def _drain(self, block: bool) -> list:
-        commands = [self._commands.get()] if block else []
+    def _drain(self, block: bool, timeout: float | None = None) -> list:
+        commands = []
+        if block:
+            try:
+                commands.append(self._commands.get(timeout=timeout))
+            except queue.Empty:
+                return commands
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -367,6 +384,11 @@ class EngineLoop:
                 log.info("profiler trace stopped and written")
         except Exception:  # noqa: BLE001
             log.exception("stopping the profiler trace failed")
+        try:
+            if getattr(engine, "close", None):
+                engine.close()  # multi-host: releases the other processes
+        except Exception:  # noqa: BLE001
+            log.exception("closing the engine failed")
         self._refuse_all(OpenAIError(503, "the server shut down", type=UNAVAILABLE,
                                      code="server_shutting_down"))
         self._publish(engine)
