@@ -38,10 +38,11 @@ SHAPES = {
 }
 TOPK = 6
 SWEEP = [
-    pg.TileConfig(16, 128, 128, 4, 4), pg.TileConfig(16, 64, 256, 4, 3),
-    pg.TileConfig(32, 128, 128, 4, 4), pg.TileConfig(64, 128, 64, 4, 3),
-    pg.TileConfig(64, 128, 64, 4, 4), pg.TileConfig(128, 128, 64, 8, 3),
-    pg.TileConfig(128, 256, 64, 8, 3), pg.TileConfig(128, 128, 32, 4, 4),
+    pg.TileConfig(16, 128, 128, 4, 4), pg.TileConfig(16, 128, 128, 4, 4, True),
+    pg.TileConfig(16, 256, 128, 4, 3, True), pg.TileConfig(32, 256, 64, 4, 4, True),
+    pg.TileConfig(64, 256, 64, 8, 3), pg.TileConfig(64, 256, 64, 8, 3, True),
+    pg.TileConfig(128, 256, 64, 8, 3), pg.TileConfig(128, 256, 64, 8, 3, True),
+    pg.TileConfig(128, 256, 64, 8, 4, True), pg.TileConfig(128, 128, 64, 8, 3, True),
 ]
 
 
@@ -86,8 +87,8 @@ def time_case(fn, groups, k, n, tokens, rng, iters):
     sizes = [jnp.asarray(uniform_sizes(rng, rows, groups)) for _ in range(2)]
     xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
     w = jax.random.normal(jax.random.key(7), (groups, k, n), jnp.bfloat16) * 0.02
-    f = jax.jit(lambda a, s: fn(a, w, s, mean_group=rows / groups))
-    sec = back_to_back_time(lambda i: f(xs[i], sizes[i]), [0, 1], iters=iters)
+    f = jax.jit(lambda a, b, s: fn(a, b, s, mean_group=rows / groups))  # weights as an argument,
+    sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i]), [0, 1], iters=iters)  # not a constant
     streamed = int(sum((np.asarray(s) > 0).sum() for s in sizes) / 2) * k * n * 2
     return sec, 2.0 * rows * k * n, streamed
 
@@ -96,8 +97,8 @@ def dense_case(k, n, tokens, iters):
     rows = tokens * TOPK
     xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
     w = jax.random.normal(jax.random.key(7), (k, n), jnp.bfloat16)
-    f = jax.jit(lambda a: a @ w)
-    return back_to_back_time(lambda i: f(xs[i]), [0, 1], iters=iters)
+    f = jax.jit(lambda a, b: a @ b)
+    return back_to_back_time(lambda i: f(xs[i], w), [0, 1], iters=iters)
 
 
 def tiles_backend(cfg):
@@ -105,12 +106,19 @@ def tiles_backend(cfg):
         rows, weights, sizes, cfg=cfg, interpret=jax.default_backend() == "cpu")
 
 
+def save(out, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="64,128,256,512,1024,2048,4096,8192,16384")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="pallas,capacity_dropless,tokamax,capacity,ragged_dot")
-    ap.add_argument("--sweep-tokens", default="64,256,1024,4096,16384")
+    ap.add_argument("--sweep-tokens", default="64,1024,4096,16384")
+    ap.add_argument("--sweep-shapes", type=int, default=1, help="sweep tiles on the first N shapes")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     ap.add_argument("--json")
@@ -137,20 +145,7 @@ def main(argv=None):
         out["checks"][shape] = check({b: f for b, f in backends.items() if b != "ragged_dot"},
                                      g, k, n, 8 * g if not args.tiny else 40, rng)
         print(f"check {shape}: {out['checks'][shape]}", flush=True)
-
-    # Tile sweep on the first shape: which Pallas tiles win where.
-    first = next(iter(shapes))
-    g, k, n = shapes[first]
-    for t in sweep_tokens:
-        for cfg in sweep:
-            try:
-                sec, flops, streamed = time_case(tiles_backend(cfg), g, k, n, t, rng, args.iters)
-                row = {"shape": first, "tokens": t, "tiles": dataclasses.asdict(cfg), "ms": sec * 1e3,
-                       "TFLOPs": flops / sec / 1e12, "GBps": streamed / sec / 1e9}
-            except Exception as e:
-                row = {"shape": first, "tokens": t, "tiles": dataclasses.asdict(cfg), "error": str(e)[:300]}
-            out["sweep"].append(row)
-            print("sweep", json.dumps(row), flush=True)
+    save(out, args.json)
 
     print(f"{'shape':10} {'tok':>6} {'backend':18} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5}")
     for shape, (g, k, n) in shapes.items():
@@ -182,12 +177,20 @@ def main(argv=None):
                 out["results"].append(row)
             if dense_tf:
                 print(f"{shape:10} {t:6d} {'dense_matmul':18} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
-        if args.json:  # partial results survive a timeout
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        save(out, args.json)  # partial results survive a timeout
+    # Tile sweep on the first shapes: which Pallas tiles win where.
+    for first, (g, k, n), t, cfg in ((s, shapes[s], t, c) for s in list(shapes)[:args.sweep_shapes]
+                                     for t in sweep_tokens for c in sweep):
+        try:
+            sec, flops, streamed = time_case(tiles_backend(cfg), g, k, n, t, rng, args.iters)
+            row = {"shape": first, "tokens": t, "tiles": dataclasses.asdict(cfg), "ms": sec * 1e3,
+                   "TFLOPs": flops / sec / 1e12, "GBps": streamed / sec / 1e9}
+        except Exception as e:
+            row = {"shape": first, "tokens": t, "tiles": dataclasses.asdict(cfg), "error": str(e)[:300]}
+        out["sweep"].append(row)
+        print("sweep", json.dumps(row), flush=True)
+
+    save(out, args.json)
 
 
 if __name__ == "__main__":

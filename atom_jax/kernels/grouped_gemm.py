@@ -151,8 +151,12 @@ def choose(rows_per_group: float, platform: str | None = None, has_tokamax: bool
     return "pallas"
 
 
-# (rows per group at most, backend, needs tokamax), first match wins.
+# (rows per group at most, backend, needs tokamax), first match wins. From the H100 table in
+# docs/benchmarks.md ('Grouped GEMM'): tokamax streams weights faster while groups are small
+# (93% vs 86-90% of copy bandwidth up to 512 tokens/rank); our Pallas kernel with 128x256
+# tiles is faster from ~1K tokens/rank (48 rows per expert) up, and is the only one on ROCm.
 AUTO_TABLE: list[tuple[float, str, bool]] = [
+    (32.0, "tokamax", True),
     (float("inf"), "pallas", False),
 ]
 

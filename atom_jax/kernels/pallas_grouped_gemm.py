@@ -26,12 +26,17 @@ class TileConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    # Launch order: column tiles of one work item back to back (the row tile stays in L2) or
+    # work items of one column tile back to back (the weight tile stays in L2).
+    n_fastest: bool = False
 
 
-# Chosen from scripts/bench_grouped_gemm.py sweeps on H100 (docs/benchmarks.md): small row
-# tiles when groups hold a few rows each (decode: weight streaming), large ones for prefill.
-DECODE_TILES = TileConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
-PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+# Chosen from the tile sweep of scripts/bench_grouped_gemm.py on H100 (docs/benchmarks.md,
+# 'Grouped GEMM'): 16-row tiles when groups hold a few rows each (decode: weight streaming,
+# 86-90% of copy bandwidth), 128x256 for prefill (the best of the sweep from 1K tokens/rank);
+# column tiles of one work item launched back to back won at every size.
+DECODE_TILES = TileConfig(block_m=16, block_n=256, block_k=128, num_warps=4, num_stages=3, n_fastest=True)
+PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4, n_fastest=True)
 
 
 def default_tiles(rows_per_group: float) -> TileConfig:
@@ -59,8 +64,8 @@ def work_items(starts, ends, block_m: int, num_row_tiles: int):
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, *,
             cfg: TileConfig, k_steps: int):
-    i = pl.program_id(0)
-    j = pl.program_id(1)
+    i = pl.program_id(1 if cfg.n_fastest else 0)
+    j = pl.program_id(0 if cfg.n_fastest else 1)
 
     @pl.when(i < count_ref[0])
     def _():
@@ -105,7 +110,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
-        grid=(group.shape[0], n // bn),
+        grid=(n // bn, group.shape[0]) if cfg.n_fastest else (group.shape[0], n // bn),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm",
