@@ -6,6 +6,10 @@
 SIGTERM / Ctrl-C: new requests get 503, in-flight ones are aborted (streams end with
 finish_reason "abort"), then the engine thread stops and the process exits.
 
+Multi-host: run the same command on every host with --coordinator-address / --num-processes /
+--process-id (or under SLURM's srun); process 0 serves HTTP and schedules, the others run its
+steps. If a process dies, the others fail their requests with 503 and exit with status 3.
+
 Profiling: `--profile DIR --profile-steps N` traces the first N model steps after warm-up;
 POST /start_profile {"dir": ..., "steps": N} and POST /stop_profile trace on demand. Read a
 trace with `python -m atom_jax.trace report DIR`.
@@ -18,6 +22,8 @@ import logging
 import os
 
 import uvicorn
+
+from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
 
 log = logging.getLogger("atom_jax.serve")
 
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32")
     m.add_argument("--seed", type=int, default=0)
     e = p.add_argument_group("engine (per DP rank)")
-    e.add_argument("--dp", type=_positive, default=1, help="data-parallel ranks (devices)")
+    e.add_argument("--dp", type=_positive, default=None,
+                   help="data-parallel ranks (devices; default 1, multi-host: every device)")
     e.add_argument("--max-tokens-per-step", type=_positive, default=256)
     e.add_argument("--chunk-size", type=_positive, default=256)
     e.add_argument("--buckets", type=_buckets, default=None,
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--no-access-log", action="store_true")
+    add_distributed_args(p)
     return p
 
 
@@ -124,9 +132,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile_steps and not args.profile:
         parser.error("--profile-steps needs --profile DIR")
-    _prepare_jax_env(args.dp)
+    try:
+        dist = resolve_distributed(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if dist is None:
+        args.dp = args.dp or 1
+        _prepare_jax_env(args.dp)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = None
+    if dist is not None:
+        from atom_jax.distributed import initialize
+
+        cluster = initialize(dist)
+        import jax
+
+        args.dp = args.dp or jax.device_count()
+        if not cluster.is_leader:
+            return _follow(args, cluster)
 
     from atom_jax.serve.app import ServerSettings, create_app
 
@@ -140,7 +164,10 @@ def main(argv=None) -> int:
     def build_engine():
         from atom_jax.engine.engine import Engine
 
-        return Engine(config)
+        engine = Engine(config, cluster=cluster)
+        if cluster is not None:  # a lost process fails every request in flight, then exits
+            cluster.add_failure_hook(app.state.engine_loop.cluster_failed)
+        return engine
 
     settings = ServerSettings(model_name=served_model_name(args), api_key=args.api_key,
                               max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
@@ -153,6 +180,18 @@ def main(argv=None) -> int:
                                            timeout_graceful_shutdown=args.shutdown_timeout),
                             on_exit=app.state.engine_loop.begin_shutdown)
     server.run()
+    return 0
+
+
+def _follow(args, cluster) -> int:
+    """A process other than 0: build the same engine, run process 0's steps until it stops."""
+    from atom_jax.engine.engine import Engine
+
+    log.info("process %d of %d: following process 0 (dp=%d)", cluster.process_id,
+             cluster.num_processes, args.dp)
+    Engine(engine_config(args), cluster=cluster)
+    steps = cluster.follow()
+    log.info("process %d: process 0 stopped; exiting after %d steps", cluster.process_id, steps)
     return 0
 
 
