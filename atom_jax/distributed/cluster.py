@@ -130,8 +130,10 @@ class Cluster:
             message = (f"atom_jax multi-host: process {self.process_id} of {self.num_processes} stops: "
                        f"{reason}. Another process died or hung (see its log); requests in flight "
                        f"were failed. Restart every process to recover.")
-            log.error("%s", message)
-            print(message, file=sys.stderr, flush=True)
+            if logging.getLogger().handlers:  # the front end configured logging (serve)
+                log.error("%s", message)
+            else:
+                print(message, file=sys.stderr, flush=True)
             for hook in self._hooks:
                 try:
                     hook(reason)
