@@ -75,7 +75,7 @@ class Cluster:
         self._channel: PlanChannel | None = None
         self._compiled: set = set()  # (bucket, tbo) shapes this process has run
         self._last_send = 0.0
-        self._started = False
+        self._stopped = False
         self.watchdog = Watchdog(self.fail)
 
     @property
@@ -109,6 +109,7 @@ class Cluster:
                 if client is not None and hasattr(client, "wait_at_barrier"):
                     client.wait_at_barrier("atom_jax_engine_ready", int(timeout * 1000))
                 multihost_utils.sync_global_devices("atom_jax_engine_ready")
+                self._probe_dp_group()
                 if self.is_leader:
                     self._channel.send(NOOP)
                     self._last_send = time.monotonic()
@@ -118,6 +119,18 @@ class Cluster:
                         raise RuntimeError(f"expected the opening message, got kind {kind}")
         except Exception as e:
             self.fail(f"start-up handshake failed: {type(e).__name__}: {e}")
+
+    def _probe_dp_group(self) -> None:
+        """One all-reduce over the engine's `dp` mesh: the group every model step uses."""
+        import jax
+        import numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        runner = self._runner
+        ones = runner._global(np.ones((runner.dp, 1), np.int32))
+        total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(runner.mesh, P()))(ones)
+        if int(total) != runner.dp:
+            raise RuntimeError(f"all-reduce over dp={runner.dp} gave {int(total)}")
 
     def add_failure_hook(self, fn) -> None:
         """`fn(reason)` runs when the run fails, before the process exits (any thread)."""
@@ -185,7 +198,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Leader: release the followers (they return from `follow`). Safe to call twice."""
-        if self._channel is None or self.failed or not self.is_leader or getattr(self, "_stopped", False):
+        if self._channel is None or self.failed or not self.is_leader or self._stopped:
             return
         self._stopped = True
         try:
@@ -193,10 +206,25 @@ class Cluster:
                 self._channel.send(STOP)
         except Exception as e:
             self.fail(f"stop message failed: {type(e).__name__}: {e}")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Leave the run now, together with the others (jax's shutdown barrier): a front end
+        that dies of its signal afterwards (uvicorn re-raises SIGTERM) must not leave the
+        followers waiting at that barrier for a process that never comes."""
+        import jax
+
+        try:
+            with self.watchdog.guard(self.cfg.init_timeout, "leaving the run"):
+                jax.distributed.shutdown()
+        except Exception:  # noqa: BLE001 - the run is over either way
+            log.exception("jax.distributed.shutdown failed")
 
     # ---- followers -----------------------------------------------------------------------
     def follow(self) -> int:
         """Follower: run every step process 0 plans until it says stop. -> steps run."""
         from atom_jax.distributed.follower import follow
 
-        return follow(self, self._runner, self._channel)
+        steps = follow(self, self._runner, self._channel)
+        self.shutdown()
+        return steps

@@ -137,6 +137,12 @@ def initialize(cfg: DistributedConfig):
     # ignore this setting.
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's preemption service watches SIGTERM itself, and the front end's graceful shutdown
+    # (abort requests, release the followers) never ran: leave SIGTERM to the front end.
+    try:
+        jax.config.update("jax_enable_preemption_service", False)
+    except (AttributeError, KeyError):  # a jax without the option
+        pass
     kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                   process_id=cfg.process_id, initialization_timeout=cfg.init_timeout,
                   heartbeat_timeout_seconds=cfg.heartbeat_timeout)
