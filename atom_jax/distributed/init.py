@@ -137,8 +137,8 @@ def initialize(cfg: DistributedConfig):
     # ignore this setting.
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # jax's preemption service watches SIGTERM itself, and the front end's graceful shutdown
-    # (abort requests, release the followers) never ran: leave SIGTERM to the front end.
+    # No preemption sync points are used; leave SIGTERM to the front end's own shutdown
+    # (abort requests, release the followers) rather than jax's preemption notifier.
     try:
         jax.config.update("jax_enable_preemption_service", False)
     except (AttributeError, KeyError):  # a jax without the option
