@@ -11,18 +11,16 @@ import random
 import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
-from atom_jax.config import tiny
+from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
-from atom_jax.engine.tokenizer import load_tokenizer
-from atom_jax.loader import load_model, random_model
 from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
 from atom_jax.sharding import StepOptions, make_dp_mesh
 
 
 @dataclasses.dataclass
 class EngineConfig:
-    model: str | None = None  # directory; None: the embedded tiny model ("random" too)
+    model: str | None = None  # directory; None: the embedded trained tiny model; "random": random tiny
     dp: int = 1
     dtype: str = "float32"
     num_slots: int = 16  # sequences resident per rank
@@ -74,13 +72,11 @@ class Engine:
 
             jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
         dtype = jnp.dtype(cfg.dtype)
+        source = resolve_model(cfg.model)  # the one place --model is interpreted
         if model is None:
-            if cfg.model in (None, "random"):
-                model = random_model(tiny(), seed=cfg.seed, dtype=dtype)
-            else:
-                model = load_model(cfg.model, dtype=dtype)
+            model = load_resolved(source, seed=cfg.seed, dtype=dtype)
         self.model = model
-        self.tokenizer = load_tokenizer(None if cfg.model in (None, "random") else cfg.model) if tokenizer == "auto" else tokenizer
+        self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, cfg.max_pages_per_seq)
         self.layout.check(model.cfg)
         opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,

@@ -36,7 +36,8 @@ MAX_BAD_LINES_SHOWN = 100
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m atom_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the embedded tiny random model)")
+    ap.add_argument("--model", help="model directory (default: the embedded tiny model trained on stdlib "
+                    "docstrings; 'random': the same shapes with random weights)")
     ap.add_argument("--input", required=True, help="input JSONL")
     ap.add_argument("--output", required=True, help="output JSONL (appended to; existing ids are skipped)")
     g = ap.add_argument_group("sampling defaults (a line's own fields win)")

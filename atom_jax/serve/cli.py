@@ -1,6 +1,6 @@
 """`python -m atom_jax.serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
-    python -m atom_jax.serve                      # embedded tiny random model, 127.0.0.1:8000
+    python -m atom_jax.serve                      # embedded tiny trained model, 127.0.0.1:8000
     python -m atom_jax.serve --model /models/DeepSeek-V4-Flash --dp 8 --warmup --port 8000
 
 SIGTERM / Ctrl-C: new requests get 503, in-flight ones are aborted (streams end with
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="model directory (default: the embedded tiny "
-                   "random model with a byte tokenizer)")
+                   "model trained on stdlib docstrings, byte tokenizer; 'random': the same shapes "
+                   "with random weights)")
     m.add_argument("--served-model-name", default=None, help="name in /v1/models and the "
                    "'model' field (default: the model directory's name, or atom-jax-tiny)")
     m.add_argument("--dtype", default="float32")

@@ -1,0 +1,66 @@
+"""Which model a front end gets for `--model`: the one resolver that `serve`, `generate` and
+`demo` (through `Engine`) share.
+
+    None        the embedded default: the tiny DeepSeek-V4 trained on the standard library's
+                docstrings (`scripts/train_tiny.py`), shipped in atom_jax/assets/tiny_default
+    "random"    the tiny preset with random weights (seeded; noise, but no checkpoint needed)
+    a directory an HF / DeepSeek-official / orbax checkpoint (its own tokenizer, if it has one)
+
+The two embedded models use the byte tokenizer (`atom_jax.tokenizer`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+RANDOM = "random"
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_default")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "default" (the shipped trained model), "random" or "dir"
+    path: str | None  # checkpoint directory; None for "random"
+
+    @property
+    def byte_tokenizer(self) -> bool:
+        """The embedded models (trained default and random) read and write bytes."""
+        return self.kind in ("default", RANDOM)
+
+    @property
+    def description(self) -> str:
+        return {"default": "the embedded tiny model (trained on stdlib docstrings)",
+                RANDOM: "the embedded tiny model with random weights"}.get(self.kind, f"model {self.path}")
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """`--model` value -> where its weights come from."""
+    if model is None:
+        return ModelSource("default", DEFAULT_MODEL_DIR)
+    if model == RANDOM:
+        return ModelSource(RANDOM, None)
+    return ModelSource("dir", model)
+
+
+def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
+    """Build the model `source` names (float32 unless `dtype` says otherwise)."""
+    import jax.numpy as jnp
+
+    from atom_jax.config import tiny
+    from atom_jax.loader import load_model, random_model
+
+    dtype = jnp.float32 if dtype is None else dtype
+    if source.kind == "default" and not os.path.isdir(os.path.join(source.path, "orbax")):
+        raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
+                                "pass --model random, or rebuild it with scripts/train_tiny.py")
+    if source.kind == RANDOM:
+        return random_model(tiny(), seed=seed, dtype=dtype)
+    return load_model(source.path, dtype=dtype)
+
+
+def load_resolved_tokenizer(source: ModelSource):
+    """The byte tokenizer (with its plain chat format) for the embedded models, else the
+    directory's own tokenizer (None when it has none: token-id prompts only)."""
+    from atom_jax.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(None if source.byte_tokenizer else source.path)
