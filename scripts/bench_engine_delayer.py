@@ -3,8 +3,10 @@
 
     python scripts/bench_engine_delayer.py --dp 2 --num-prompts 64 --input-len 1024 --output-len 128
 
-Arrivals: all prompts queued up front, at most --max-concurrency in flight (bench_serving's
-max-concurrency mode, offline). Reports wall time, output tokens/s, steps, padding waste."""
+Arrivals: Poisson at --request-rate requests/s (wall clock, bench_serving's request-rate
+mode; `inf` queues everything at t=0), at most --max-concurrency in flight, the same arrival
+times and prompts for every mode. Every bucket is compiled first (Engine.warmup), so no compile
+lands in a timed run. Reports wall time, output tokens/s, mean TTFT, steps, padding waste."""
 
 from __future__ import annotations
 
@@ -33,16 +35,25 @@ def mid_config() -> ModelConfig:
         moe_intermediate_size=512, num_layers=4)
 
 
-def run_mode(engine, mode, prompts, out_len, concurrency):
+def run_mode(engine, mode, prompts, arrivals, out_len, concurrency):
     engine.reset_scheduler(mode)
     params = SamplingParams(max_tokens=out_len, ignore_eos=True)
-    pending, active, done, out_tokens = list(prompts), 0, 0, 0
+    pending = list(zip(arrivals, prompts))
+    active, done, out_tokens, ttft, started = 0, 0, 0, [], {}
     t0 = time.perf_counter()
     while pending or engine.has_unfinished():
-        while pending and active < concurrency:
-            engine.add_request(prompt_token_ids=pending.pop(), params=params)
+        now = time.perf_counter() - t0
+        while pending and active < concurrency and pending[0][0] <= now:
+            arrival, prompt = pending.pop(0)
+            rid = engine.add_request(prompt_token_ids=prompt, params=params)
+            started[rid] = t0 + arrival
             active += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(pending[0][0] - now, 0.01)))
+            continue
         for o in engine.step():
+            if o.new_token_ids and o.request_id in started:
+                ttft.append(time.perf_counter() - started.pop(o.request_id))
             out_tokens += len(o.new_token_ids)
             if o.finished:
                 active -= 1
@@ -50,6 +61,7 @@ def run_mode(engine, mode, prompts, out_len, concurrency):
     wall = time.perf_counter() - t0
     st = engine.stats()
     return {"delayer": mode, "wall_s": round(wall, 2), "output_tok_s": round(out_tokens / wall, 1),
+            "mean_ttft_ms": round(1e3 * float(np.mean(ttft)), 1) if ttft else None,
             "requests": done, "steps": st["steps"], "ticks": st["ticks"], "padding_waste": round(st["padding_waste"], 4),
             "mean_step_padding_waste": round(st["mean_step_padding_waste"], 4), "delayer_counts": st["delayer"],
             "tbo_on_steps": st["tbo_on_steps"]}
@@ -63,6 +75,8 @@ def main(argv=None):
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--range-ratio", type=float, default=0.5)
     ap.add_argument("--max-concurrency", type=int, default=32)
+    ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    ap.add_argument("--moe-backend", default=None, help="default: ragged_dot on CPU, pallas on GPU")
     ap.add_argument("--modes", default="off,on,coalesce")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
@@ -72,20 +86,28 @@ def main(argv=None):
     model = random_model(cfg, seed=0, dtype=dtype)
     ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=32, num_pages=32 * 12, page_tokens=128,
                       max_pages_per_seq=12, max_tokens_per_step=1024, chunk_size=1024,
-                      buckets=(32, 64, 128, 256, 512, 1024), tbo_min_tokens=1024, moe_backend="ragged_dot" if args.tiny else "capacity")
+                      buckets=(32, 64, 128, 256, 512, 1024), tbo_min_tokens=1024, moe_backend=args.moe_backend or ("ragged_dot" if args.tiny else "pallas"))
     engine = Engine(ec, model=model, tokenizer=None)
     rng = np.random.default_rng(0)
     lens = rng.integers(int(args.input_len * args.range_ratio), args.input_len + 1, args.num_prompts)
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, n))) for n in lens]
-    run_mode(engine, "off", prompts[:16], 8, 16)  # compile the buckets outside the timed runs
-    rows = [run_mode(engine, m, prompts, args.output_len, args.max_concurrency) for m in args.modes.split(",")]
-    print(f"{'delayer':9} {'wall s':>7} {'out tok/s':>10} {'steps':>6} {'ticks':>6} {'waste':>7} {'step-mean':>9}")
+    gaps = rng.exponential(1.0 / args.request_rate, args.num_prompts) if np.isfinite(args.request_rate) \
+        else np.zeros(args.num_prompts)
+    arrivals = list(np.cumsum(gaps) - gaps[0])
+    t0 = time.perf_counter()
+    engine.warmup()  # every bucket compiled outside the timed runs
+    warm_s = time.perf_counter() - t0
+    rows = [run_mode(engine, m, prompts, arrivals, args.output_len, args.max_concurrency)
+            for m in args.modes.split(",")]
+    print(f"warm-up {warm_s:.1f} s; rate {args.request_rate}/s, {args.num_prompts} prompts")
+    print(f"{'delayer':9} {'wall s':>7} {'out tok/s':>10} {'TTFT ms':>8} {'steps':>6} {'ticks':>6} {'waste':>7} {'step-mean':>9}")
     for r in rows:
-        print(f"{r['delayer']:9} {r['wall_s']:7.2f} {r['output_tok_s']:10.1f} {r['steps']:6d} {r['ticks']:6d} "
-              f"{r['padding_waste']:7.3f} {r['mean_step_padding_waste']:9.3f}")
+        print(f"{r['delayer']:9} {r['wall_s']:7.2f} {r['output_tok_s']:10.1f} {r['mean_ttft_ms']:8.1f} {r['steps']:6d} "
+              f"{r['ticks']:6d} {r['padding_waste']:7.3f} {r['mean_step_padding_waste']:9.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dp": args.dp, "config": "mid" if not args.tiny else "tiny", "results": rows}, f, indent=1)
+            json.dump({"dp": args.dp, "config": "mid" if not args.tiny else "tiny", "request_rate": args.request_rate,
+                       "num_prompts": args.num_prompts, "warmup_s": round(warm_s, 1), "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ SHAPES = {
     "pro_down": (192, 3072, 7168),
 }
 TOPK = 6
+# Second round, prefill only (>= 4K tokens/rank), around the first round's winner.
+PREFILL_SWEEP = [
+    pg.TileConfig(128, 256, 64, 8, 4, True), pg.TileConfig(128, 256, 64, 8, 3, True),
+    pg.TileConfig(256, 128, 64, 8, 3, True), pg.TileConfig(128, 256, 32, 8, 6, True),
+    pg.TileConfig(128, 128, 128, 8, 3, True), pg.TileConfig(128, 256, 64, 4, 4, True),
+    pg.TileConfig(64, 256, 64, 4, 4, True), pg.TileConfig(128, 256, 128, 8, 2, True),
+]
 SWEEP = [
     pg.TileConfig(16, 128, 128, 4, 4), pg.TileConfig(16, 128, 128, 4, 4, True),
     pg.TileConfig(16, 256, 128, 4, 3, True), pg.TileConfig(32, 256, 64, 4, 4, True),
@@ -118,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="pallas,capacity_dropless,tokamax,capacity,ragged_dot")
     ap.add_argument("--sweep-tokens", default="64,1024,4096,16384")
+    ap.add_argument("--sweep", default="default", choices=["default", "prefill"])
     ap.add_argument("--sweep-shapes", type=int, default=1, help="sweep tiles on the first N shapes")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
@@ -128,7 +136,7 @@ def main(argv=None):
     sweep_tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else []
     shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     names = args.backends.split(",")
-    sweep = SWEEP
+    sweep = SWEEP if args.sweep == "default" else PREFILL_SWEEP
     if args.tiny:
         shapes = {"tiny_up": (4, 64, 128)}
         tokens, sweep_tokens = [8, 32], [8]

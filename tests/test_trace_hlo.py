@@ -361,3 +361,27 @@ def test_compiled_text_accepts_plain_and_jitted_functions():
     for text in (plain, jitted):
         assert text.startswith("HloModule") and "ENTRY" in text
         assert analyze_hlo(text).total == 0
+
+
+def _rs_around(kernel_line: str) -> str:
+    return module(f"""\
+  %param.3 = bf16[512,2048]{{1,0}} parameter(2)
+  %param.2 = bf16[2048,1024]{{1,0}} parameter(1)
+  %reduce-scatter-start = ((bf16[512,2048]{{1,0}}), bf16[256,2048]{{1,0}}) reduce-scatter-start(%param.3), channel_id=3, replica_groups={{{{0,1}}}}, dimensions={{0}}, to_apply=%add.clone
+{kernel_line}
+  ROOT %reduce-scatter-done = bf16[256,2048]{{1,0}} reduce-scatter-done(%reduce-scatter-start)
+""")
+
+
+def test_pallas_grouped_gemm_kernel_counts_as_gemm_but_other_kernels_do_not():
+    """A Pallas (Triton) kernel is an opaque custom call: it counts when named as a GEMM (our
+    grouped GEMM, as it appears in a real H200 compile), not when it is e.g. a softmax."""
+    gemm = ('  %pallas_call.113 = bf16[512,1024]{1,0} custom-call(%param.3, %param.2), '
+            'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(body)/shard_map/'
+            'grouped_gemm/pallas_call" scheduling_name="pallas_call.113"}, backend_config={'
+            '"name":"grouped_gemm","ir":"..."}')
+    rs = only(analyze_hlo(_rs_around(gemm)), "reduce-scatter")
+    assert rs.gemm_names == ["pallas_call.113"] and rs.overlapped
+    other = gemm.replace("grouped_gemm", "row_softmax")
+    rs = only(analyze_hlo(_rs_around(other)), "reduce-scatter")
+    assert rs.gemm_names == [] and not rs.overlapped

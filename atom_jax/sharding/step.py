@@ -157,6 +157,9 @@ class _RankStep:
         barrier = jax.lax.optimization_barrier
         layers = list(self.model.layers)
         self.attention(0, layers[0], a, None)
+        # Make attn(B) of layer 0 wait for attn(A), as later layers' do (through the RS(B)
+        # barrier): otherwise XLA runs it first and AG(A) of layer 0 has nothing to hide behind.
+        a.mid, b.streams = barrier((a.mid, b.streams))
         for i, block in enumerate(layers):
             ga = self.dispatch(a)
             self.attention(i, block, b, a)  # attn(B) || AG(A)

@@ -31,6 +31,9 @@ COLLECTIVE_KINDS = (
 MOE_KINDS = ("all-gather", "reduce-scatter", "all-reduce")
 
 _GEMM_TARGET_RE = re.compile(r"gemm|cublas|matmul", re.IGNORECASE)
+_KERNEL_TARGET_RE = re.compile(r"triton|mosaic", re.IGNORECASE)
+_GEMM_KERNEL_NAME_RE = re.compile(r'(?:name\s*=\s*\\?"|op_name="[^"]*/)[^"/]*(?:gemm|matmul|ragged_dot)',
+                                  re.IGNORECASE)
 # Called-computation attributes; ``{...}`` lists are used by conditionals.
 _CALLED_RE = re.compile(
     r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation)"
@@ -295,6 +298,10 @@ class _Analyzer:
         if instr.opcode in ("custom-call", "custom-call-start"):
             m = re.search(r'custom_call_target="([^"]*)"', instr.attrs)
             if m and _GEMM_TARGET_RE.search(m.group(1)):
+                return True
+            # Hand-written kernels (Pallas on Triton or Mosaic GPU, e.g. our grouped GEMM) are
+            # opaque custom calls: they count when their kernel name or op_name says GEMM.
+            if m and _KERNEL_TARGET_RE.search(m.group(1)) and _GEMM_KERNEL_NAME_RE.search(instr.attrs):
                 return True
         if instr.opcode == "fusion":
             # kCustom GEMM fusions name themselves: "__triton_gemm", "__triton_nested_gemm_fusion"
