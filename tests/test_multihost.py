@@ -5,7 +5,8 @@ collectives on 127.0.0.1), each with its own simulated devices.
   sampling) as 1 process with dp=4, through `python -m atom_jax.generate`.
 - A follower killed mid-request: the server answers the request with an error and exits 3
   within the bound; a follower frozen (SIGSTOP) while idle: the watchdog stops the server
-  after --step-timeout; the leader killed: the follower exits 3.
+  after --step-timeout; the leader killed: the follower exits 3; the leader stopped by
+  SIGTERM: the follower exits 0.
 - Plan encoding round trips (with the overflow broadcast) and flag / env / SLURM resolution.
 
 The model is a 2-layer transformers-saved checkpoint and XLA's CPU optimisation is turned
@@ -214,6 +215,21 @@ def test_frozen_follower_trips_the_watchdog(model_dir, tmp_path):
     assert code == 3, log[-3000:]
     assert waited < 20  # keepalive 0.5 s + step timeout 3 s, well before jax's 120 s heartbeat
     assert "did not finish within 3 s" in log
+
+
+@pytest.mark.slow
+def test_sigterm_on_process_0_releases_the_followers(model_dir, tmp_path):
+    procs, logs, base = _serve(tmp_path, model_dir, [])
+    try:
+        time.sleep(1.5)  # a few idle keepalives
+        os.kill(procs[0].pid, signal.SIGTERM)
+        follower, waited = _wait_exit(procs[1], 60)
+        leader, _ = _wait_exit(procs[0], 30)
+    finally:
+        _kill_all(procs)
+    # uvicorn re-raises the signal after its graceful shutdown, as with one process
+    assert leader == -signal.SIGTERM, logs[0].read_text()[-3000:]
+    assert follower == 0, logs[1].read_text()[-3000:]
 
 
 @pytest.mark.slow
