@@ -127,7 +127,7 @@ class ModelRunner:
     def _global(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places
         only the rows of its own devices (every process holds the same host array)."""
-        return jax.make_array_from_callback(x.shape, self._dp_sharding, lambda idx: x[idx])
+        return _place(x, self._dp_sharding)
 
 
 def _place(x, sharding):
