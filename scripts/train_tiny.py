@@ -154,9 +154,11 @@ class Trainer:
 
     def __init__(self, cfg: ModelConfig, seed: int, lr: float, steps: int, warmup: int):
         self.cfg, self.seed = cfg, seed
-        self.graphdef, self.params, self.rest = nnx.split(random_model(cfg, seed=seed), nnx.Param, ...)
+        self.graphdef, params, rest = nnx.split(random_model(cfg, seed=seed), nnx.Param, ...)
         self.tx = make_tx(lr, steps, warmup)
-        self.opt_state = self.tx.init(self.params)
+        # committed to one device, as restored arrays are, so both share one compiled step
+        self.params, self.rest, self.opt_state = jax.device_put((params, rest, self.tx.init(params)),
+                                                                jax.devices()[0])
         self._step = train_step_fn(cfg, self.graphdef, self.tx)
         self.step = 0
         self.losses: list[float] = []
@@ -195,7 +197,8 @@ class Trainer:
             progress = json.load(f)
         if progress["seed"] != self.seed:
             raise SystemExit(f"{path} was trained with --seed {progress['seed']}, not {self.seed}")
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._tree())
+        # same shapes, dtypes and shardings as this trainer's own arrays: the compiled step is reused
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self._tree())
         with ocp.StandardCheckpointer() as ckpt:
             tree = ckpt.restore(os.path.join(path, "state"), abstract)
         self.params, self.rest, self.opt_state = tree["params"], tree["rest"], tree["opt_state"]
@@ -212,18 +215,43 @@ def latest_checkpoint(work: str) -> str | None:
 
 
 # ---- generation check and plot ------------------------------------------------------------------
-def greedy_texts(model, prompts, max_tokens: int = 48, pad_to: int = 128) -> list[str]:
-    """Greedy continuations (each stops at EOS) through one compiled full-sequence forward."""
-    from atom_jax.demo import greedy
-    from atom_jax.models import jit_forward
+def greedy_texts(model, prompts, max_tokens: int = 48, state=None) -> list[str]:
+    """Greedy continuations of all `prompts` at once (each stops at EOS) through one compiled
+    full-sequence forward over [len(prompts), longest prompt + max_tokens]. `state`: run these
+    weights (an `nnx.state` of a model with `model`'s structure) through the same compilation."""
+    graphdef, own = nnx.split(model)
+    forward = _forward(graphdef)
+    tok = ByteTokenizer()
+    ids = [tok.encode(p) for p in prompts]
+    buf = np.zeros((len(ids), max(map(len, ids)) + max_tokens), np.int32)
+    for i, row in enumerate(ids):
+        buf[i, : len(row)] = row
+    n = np.array([len(row) for row in ids])
+    out: list[list[int]] = [[] for _ in ids]
+    live = np.ones(len(ids), bool)
+    for _ in range(max_tokens):
+        logits = np.asarray(forward(own if state is None else state, jnp.asarray(buf)))
+        nxt = logits[np.arange(len(ids)), n - 1].argmax(-1)
+        for i in np.flatnonzero(live):
+            out[i].append(int(nxt[i]))
+            if nxt[i] == EOS_ID:
+                live[i] = False
+            else:
+                buf[i, n[i]] = nxt[i]
+                n[i] += 1
+        if not live.any():
+            break
+    return [tok.decode(o) for o in out]
 
-    tok, forward = ByteTokenizer(), jit_forward(model)
-    outs = []
-    for prompt in prompts:
-        ids = tok.encode(prompt)
-        outs.append(tok.decode(greedy(forward, ids, max_tokens, eos_ids=(EOS_ID,),
-                                      pad_to=max(pad_to, len(ids) + max_tokens))))
-    return outs
+
+_FORWARDS: dict[str, object] = {}
+
+
+def _forward(graphdef):
+    key = repr(graphdef)
+    if key not in _FORWARDS:
+        _FORWARDS[key] = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    return _FORWARDS[key]
 
 
 PROMPTS = ("Return the number of ", "Create a new ", "If the file ", "This module provides ")
