@@ -26,6 +26,7 @@ from atom_jax.models.hyper import hc_merge
 from atom_jax.models.layers import rms_norm
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
+from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
 
 
@@ -155,27 +156,41 @@ class _RankStep:
 
     def run_two_chains(self, a: _Chain, b: _Chain):
         barrier = jax.lax.optimization_barrier
+        # Named scopes put "mb_a" / "mb_b" into each op's metadata, so profiler traces can tell
+        # the chains apart (`python -m atom_jax.trace report / plot`).
+        in_a, in_b = (lambda: micro_batch_scope(MB_A)), (lambda: micro_batch_scope(MB_B))
         layers = list(self.model.layers)
-        self.attention(0, layers[0], a, None)
+        with in_a():
+            self.attention(0, layers[0], a, None)
         # Make attn(B) of layer 0 wait for attn(A), as later layers' do (through the RS(B)
         # barrier): otherwise XLA runs it first and AG(A) of layer 0 has nothing to hide behind.
         a.mid, b.streams = barrier((a.mid, b.streams))
         for i, block in enumerate(layers):
-            ga = self.dispatch(a)
-            self.attention(i, block, b, a)  # attn(B) || AG(A)
+            with in_a():
+                ga = self.dispatch(a)
+            with in_b():
+                self.attention(i, block, b, a)  # attn(B) || AG(A)
             ga, b.mid = barrier((ga, b.mid))
-            pa = self.experts(block, ga)
-            gb = self.dispatch(b)  # MoE(A) || AG(B)
+            with in_a():
+                pa = self.experts(block, ga)
+            with in_b():
+                gb = self.dispatch(b)  # MoE(A) || AG(B)
             pa, gb = barrier((pa, gb))
-            ra = self.combine(pa)
-            pb = self.experts(block, gb)  # RS(A) || MoE(B)
+            with in_a():
+                ra = self.combine(pa)
+            with in_b():
+                pb = self.experts(block, gb)  # RS(A) || MoE(B)
             ra, pb = barrier((ra, pb))
-            self.finish(block, a, ra)
-            rb = self.combine(pb)
+            with in_a():
+                self.finish(block, a, ra)
+            with in_b():
+                rb = self.combine(pb)
             if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
-                self.attention(i + 1, layers[i + 1], a, b)
+                with in_a():
+                    self.attention(i + 1, layers[i + 1], a, b)
                 rb, a.mid = barrier((rb, a.mid))
-            self.finish(block, b, rb)
+            with in_b():
+                self.finish(block, b, rb)
 
     def __call__(self, ids):
         rows, seq = ids.shape
