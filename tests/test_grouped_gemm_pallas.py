@@ -128,3 +128,8 @@ def test_pallas_backend_runs_inside_the_moe():
     a = routed_experts(x, idx, w, w1, w3, w2, 7.0, backend="pallas")
     b = routed_experts(x, idx, w, w1, w3, w2, 7.0, backend="ragged_dot")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_backend_names_match_the_registry():
+    from atom_jax.kernels.names import MOE_BACKENDS
+    assert sorted(MOE_BACKENDS) == grouped_gemm.available()

@@ -34,7 +34,7 @@ class EngineConfig:
     tbo_min_tokens: int = 1024
     delayer: str = "auto"  # off | on | coalesce | auto (on for dp > 1)
     expert_mode: str = "expert"
-    moe_backend: str = "ragged_dot"
+    moe_backend: str = "auto"  # grouped-GEMM backend (atom_jax.kernels.grouped_gemm; auto: by platform and size)
     seed: int = 0
     compilation_cache_dir: str | None = None
 

@@ -25,6 +25,7 @@ import sys
 import time
 
 from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
+from atom_jax.kernels.names import MOE_BACKENDS
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
 from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp", type=int)
     g.add_argument("--tbo", choices=("on", "off", "auto"))
     g.add_argument("--tbo-min-tokens", type=int)
+    g.add_argument("--moe-backend", choices=MOE_BACKENDS, help="routed-expert grouped GEMM (default auto)")
     g.add_argument("--delayer", choices=("off", "on", "coalesce", "auto"))
     g.add_argument("--num-slots", type=int)
     g.add_argument("--num-pages", type=int)
@@ -101,7 +103,7 @@ def engine_config(args):
     from atom_jax.engine import EngineConfig
 
     names = ("dp", "tbo_min_tokens", "delayer", "num_slots", "num_pages", "page_tokens", "max_pages_per_seq",
-             "max_tokens_per_step", "chunk_size", "buckets", "dtype", "compilation_cache_dir")
+             "max_tokens_per_step", "chunk_size", "buckets", "dtype", "compilation_cache_dir", "moe_backend")
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.tbo is not None:
         given["tbo"] = {"on": True, "off": False, "auto": None}[args.tbo]

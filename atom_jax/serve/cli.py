@@ -24,6 +24,7 @@ import os
 import uvicorn
 
 from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
+from atom_jax.kernels.names import MOE_BACKENDS
 
 log = logging.getLogger("atom_jax.serve")
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tbo", choices=("on", "off", "auto"), default="auto",
                    help="two-batch overlap (auto: on for steps of >= --tbo-min-tokens per rank)")
     e.add_argument("--tbo-min-tokens", type=_positive, default=1024)
+    e.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto",
+                   help="routed-expert grouped GEMM (auto: ragged_dot on CPU; on GPU tokamax for "
+                   "small groups on Hopper when installed, else the Pallas kernel)")
     e.add_argument("--delayer", choices=("off", "on", "coalesce", "auto"), default="auto",
                    help="cross-rank prefill gate (auto: on for dp > 1)")
     e.add_argument("--compilation-cache-dir", default=None,
@@ -117,7 +121,8 @@ def engine_config(args):
         max_pages_per_seq=args.max_pages_per_seq, max_tokens_per_step=args.max_tokens_per_step,
         chunk_size=args.chunk_size, buckets=args.buckets,
         tbo={"on": True, "off": False, "auto": None}[args.tbo], tbo_min_tokens=args.tbo_min_tokens,
-        delayer=args.delayer, seed=args.seed, compilation_cache_dir=args.compilation_cache_dir)
+        delayer=args.delayer, seed=args.seed, compilation_cache_dir=args.compilation_cache_dir,
+        moe_backend=args.moe_backend)
 
 
 def served_model_name(args) -> str:
