@@ -347,3 +347,37 @@ def test_event_properties():
               {"hlo_op": "fusion.1", "name": "jit(f)/mb_b/mul"})
     assert e.end_ns == 15.0 and e.hlo_op == "fusion.1"
     assert e.category == OTHER and e.micro_batch == "mb_b"
+
+
+TBO_STEP_CAPTURE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from atom_jax.config import tiny
+    from atom_jax.loader import random_model
+    from atom_jax.sharding import StepOptions, make_dp_mesh, make_step
+    from atom_jax.sharding.step import shard_tokens
+    from atom_jax.trace.capture import profile_steps
+
+    model = random_model(tiny(), seed=0)
+    mesh = make_dp_mesh(2)
+    step, params = make_step(model, mesh, StepOptions(tbo=True))
+    ids = shard_tokens(np.random.default_rng(0).integers(0, 512, (2, 24)), mesh)
+    profile_steps(sys.argv[1], lambda: step(params, ids), steps=2)
+""")
+
+
+def test_tbo_step_trace_is_attributed_to_both_micro_batches(tmp_path):
+    """The real TBO step names its chains: a captured trace splits GEMMs and collectives into
+    mb_a and mb_b (what `trace report` and `trace plot` colour by)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", TBO_STEP_CAPTURE, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trace = load_trace(tmp_path)
+    gemm_mbs = {e.micro_batch for e in trace.events if e.category == GEMM}
+    comm_mbs = {e.micro_batch for e in trace.events if e.category == COLLECTIVE}
+    assert {"mb_a", "mb_b"} <= gemm_mbs
+    assert {"mb_a", "mb_b"} <= comm_mbs
+    per_mb = analyse(trace)["devices"]["/device:CPU:0"]["micro_batches"]
+    assert per_mb["mb_a"]["busy_ms"] > 0 and per_mb["mb_b"]["busy_ms"] > 0
