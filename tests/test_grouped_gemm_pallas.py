@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grouped_reference import grouped_reference
 
 from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
@@ -23,15 +24,6 @@ def _random_sizes(rng, g, total):
     return sizes
 
 
-def _reference(rows, weights, sizes):
-    out = np.zeros((rows.shape[0], weights.shape[2]))
-    start = 0
-    for g, n in enumerate(sizes):
-        out[start:start + n] = rows[start:start + n].astype(np.float64) @ weights[g].astype(np.float64)
-        start += n
-    return out
-
-
 @pytest.mark.parametrize("trial", range(3))
 def test_pallas_matches_ragged_dot_and_float64(trial):
     rng = np.random.default_rng()
@@ -42,7 +34,7 @@ def test_pallas_matches_ragged_dot_and_float64(trial):
     weights = rng.standard_normal((g, k, n)).astype(np.float32)
     out = np.asarray(pg.grouped_gemm(jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(sizes),
                                      cfg=SMALL, interpret=True))
-    ref = _reference(rows, weights, sizes)
+    ref = grouped_reference(rows, weights, sizes)
     xla = np.asarray(grouped_gemm.ragged_dot(jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(sizes)))
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
     np.testing.assert_allclose(out, xla, rtol=1e-4, atol=1e-4)
@@ -57,7 +49,7 @@ def test_pallas_bf16_inputs_accumulate_in_float32():
     weights = jnp.asarray(rng.standard_normal((g, k, n)), jnp.bfloat16)
     out = pg.grouped_gemm(rows, weights, jnp.asarray(sizes), cfg=SMALL, interpret=True)
     assert out.dtype == jnp.bfloat16
-    ref = _reference(np.asarray(rows, np.float32), np.asarray(weights, np.float32), sizes)
+    ref = grouped_reference(np.asarray(rows, np.float32), np.asarray(weights, np.float32), sizes)
     # bf16 operands and output, float32 accumulation over K=256: ~bf16 output rounding only.
     assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 8e-3
 
@@ -102,7 +94,7 @@ def test_capacity_dropless_is_exact_when_groups_overflow(mean_group):
     weights = rng.standard_normal((g, k, n)).astype(np.float32)
     out = np.asarray(grouped_gemm.get("capacity_dropless")(
         jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(sizes), mean_group=mean_group))
-    ref = _reference(rows, weights, sizes)
+    ref = grouped_reference(rows, weights, sizes)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
     assert np.all(out[sizes.sum():] == 0)
 
