@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from atom_jax.bench.routings import skewed_sizes, uniform_sizes  # noqa: E402
 from atom_jax.bench.timing import back_to_back_time, device_ceilings  # noqa: E402
 from atom_jax.kernels import grouped_gemm  # noqa: E402
 from atom_jax.kernels import pallas_grouped_gemm as pg  # noqa: E402
@@ -51,19 +52,6 @@ SWEEP = [
     pg.TileConfig(128, 256, 64, 8, 3), pg.TileConfig(128, 256, 64, 8, 3, True),
     pg.TileConfig(128, 256, 64, 8, 4, True), pg.TileConfig(128, 128, 64, 8, 3, True),
 ]
-
-
-def uniform_sizes(rng, rows, groups):
-    return np.bincount(rng.integers(0, groups, rows), minlength=groups).astype(np.int32)
-
-
-def skewed_sizes(rng, rows, groups):
-    w = rng.exponential(size=groups)
-    w[rng.choice(groups, groups // 4, replace=False)] = 0.0
-    w[rng.integers(groups)] += w.sum() * 2
-    s = np.floor(w / w.sum() * rows).astype(np.int32)
-    s[np.argmax(s)] += rows - s.sum()
-    return s
 
 
 def check(backends, groups, k, n, rows, rng):

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 from grouped_reference import grouped_reference
 
+from atom_jax.bench.routings import skewed_sizes
 from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
 
 pytestmark = pytest.mark.gpu
-
-
-def _skewed_sizes(rng, rows, groups):
-    w = rng.exponential(size=groups)
-    w[rng.choice(groups, groups // 4, replace=False)] = 0.0
-    w[rng.integers(groups)] += w.sum() * 2
-    s = np.floor(w / w.sum() * rows).astype(np.int64)
-    s[np.argmax(s)] += rows - s.sum()
-    return s
 
 
 @pytest.mark.parametrize("tiles", [pg.DECODE_TILES, pg.PREFILL_TILES])
@@ -28,7 +20,7 @@ def _skewed_sizes(rng, rows, groups):
 def test_compiled_kernels_match_float32_reference(tiles, backend):
     rng = np.random.default_rng()
     g, k, n, m = 16, 512, 512, 1000
-    sizes = _skewed_sizes(rng, m - 7, g)  # 7 trailing rows in no group
+    sizes = skewed_sizes(rng, m - 7, g)  # 7 trailing rows in no group
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
     if backend == "pallas":
