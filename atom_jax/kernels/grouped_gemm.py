@@ -27,13 +27,22 @@ def register(name: str):
     return deco
 
 
+def _rows_per_group(rows, weights, mean_group) -> float:
+    """The caller's mean rows per expert (from the routing shape), else this call's average."""
+    return mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+
+
+def _zero_rows_past_groups(out, group_sizes, dtype):
+    """Rows past the last group come out zero (some kernels leave them unspecified)."""
+    valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], out, 0.0).astype(dtype)
+
+
 @register("ragged_dot")
 def ragged_dot(rows, weights, group_sizes, mean_group=None):
     out = jax.lax.ragged_dot(rows, weights, group_sizes.astype(jnp.int32),
                              preferred_element_type=jnp.float32)
-    # ragged_dot leaves rows past the last group unspecified on some backends: zero them.
-    valid = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], out, 0.0).astype(rows.dtype)
+    return _zero_rows_past_groups(out, group_sizes, rows.dtype)
 
 
 @register("dense")
@@ -73,7 +82,7 @@ def capacity_padded(rows, weights, group_sizes, mean_group=None):
 
 
 def _capacity_of(rows, weights, mean_group) -> int:
-    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+    mean = _rows_per_group(rows, weights, mean_group)
     return max(8, int(-(-CAPACITY_FACTOR * mean // 8) * 8))
 
 
@@ -85,10 +94,8 @@ def _on_cpu() -> bool:
 def pallas(rows, weights, group_sizes, mean_group=None):
     """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
     from atom_jax.kernels import pallas_grouped_gemm
-    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
-    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes,
-                                            cfg=pallas_grouped_gemm.default_tiles(mean),
-                                            interpret=_on_cpu())
+    tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group))
+    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu())
 
 
 @register("capacity_dropless")
@@ -118,11 +125,9 @@ def tokamax_ragged(rows, weights, group_sizes, mean_group=None):
     except ImportError as e:  # optional dependency
         raise RuntimeError("the 'tokamax' grouped-GEMM backend needs `pip install tokamax` "
                            f"(import failed: {e})") from e
-    sizes = group_sizes.astype(jnp.int32)
-    out = tokamax.ragged_dot(rows, weights, sizes, implementation="mosaic",
+    out = tokamax.ragged_dot(rows, weights, group_sizes.astype(jnp.int32), implementation="mosaic",
                              preferred_element_type=jnp.float32)
-    valid = jnp.arange(rows.shape[0]) < jnp.sum(sizes)
-    return jnp.where(valid[:, None], out, 0.0).astype(rows.dtype)
+    return _zero_rows_past_groups(out, group_sizes, rows.dtype)
 
 
 def tokamax_usable() -> bool:
@@ -163,8 +168,8 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 
 @register("auto")
 def auto(rows, weights, group_sizes, mean_group=None):
-    mean = mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
-    return get(choose(mean))(rows, weights, group_sizes, mean_group)
+    backend = get(choose(_rows_per_group(rows, weights, mean_group)))
+    return backend(rows, weights, group_sizes, mean_group)
 
 
 def get(name: str) -> GroupedGemm:

@@ -5,7 +5,8 @@ weights [G, K, N]. The work list pairs each non-empty group with every row tile 
 empty groups cost nothing and a tile that straddles a boundary is computed once per group
 with a row mask. Each program writes only its own group's rows (masked store): no two programs
 write the same element, so no atomics and no zero-fill pass. Rows outside every range are left
-unwritten; callers mask them (`valid_rows`). bf16 in, float32 accumulate.
+unwritten: `grouped_gemm_ranges` leaves them so (the dropless capacity path fills them),
+`grouped_gemm` zeroes them. bf16 in, float32 accumulate.
 """
 
 from __future__ import annotations

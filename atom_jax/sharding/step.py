@@ -26,8 +26,8 @@ from atom_jax.models.hyper import hc_merge
 from atom_jax.models.layers import rms_norm
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
-from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
+from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 
 
 @dataclasses.dataclass(frozen=True)
