@@ -35,10 +35,6 @@ def timed(fn, iters=10):
     return median_time(lambda _: fn(), iters=iters)[0]
 
 
-def ceilings():
-    return device_ceilings()
-
-
 def param_bytes_per_rank(params):
     return sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards[:1])
 
@@ -68,7 +64,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    ceil = ceilings()
+    ceil = device_ceilings()
     print(f"device {jax.devices()[0].device_kind}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     results = []
