@@ -175,8 +175,8 @@ class Engine:
             for rid, (tok, lp) in result.items():
                 sampled[rid] = tok
                 self._requests[rid].logprobs.append(lp)
-        elif self.cluster is not None:
-            self.cluster.keepalive()
+        else:
+            self.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
         touched = {seq.request_id for seq, _ in out.new_tokens} | {s.request_id for s in out.finished}
         outputs = []

@@ -15,6 +15,7 @@ from atom_jax.cache import CacheLayout, init_cache, pack_chunks
 from atom_jax.engine.sampling import sample_tokens
 from atom_jax.sharding import DP, StepOptions
 from atom_jax.sharding.cached_step import make_cached_step
+from atom_jax.sharding.placement import place, shard_params
 
 
 @dataclasses.dataclass
@@ -49,12 +50,12 @@ class ModelRunner:
         self.cfg = model.cfg
         self._steps = {}
         for tbo in (False, True):
-            self._steps[tbo], specs = make_cached_step(model, mesh, layout, StepOptions(**{**opts.__dict__, "tbo": tbo}))
-        pure = nnx.split(model)[1].to_pure_dict()
-        self.params = jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), pure, specs)
+            self._steps[tbo], _ = make_cached_step(model, mesh, layout, StepOptions(**{**opts.__dict__, "tbo": tbo}))
+        # the same specs make_cached_step compiled against (param_specs of this expert mode)
+        self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode)
         shard = self._dp_sharding = NamedSharding(mesh, P(DP))
         one = init_cache(self.cfg, layout, model.dtype)
-        self.cache = jax.tree.map(lambda a: _place(jnp.broadcast_to(a, (self.dp,) + a.shape), shard), one)
+        self.cache = jax.tree.map(lambda a: place(jnp.broadcast_to(a, (self.dp,) + a.shape), shard), one)
         self.page_table = np.zeros((self.dp, layout.num_slots, layout.max_pages_per_seq), np.int32)
         # tokens come back replicated, so every process (the scheduler's too) can read them
         self._sample = jax.jit(_gather_sample, out_shardings=NamedSharding(mesh, P()))
@@ -127,16 +128,7 @@ class ModelRunner:
     def _global(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places
         only the rows of its own devices (every process holds the same host array)."""
-        return _place(x, self._dp_sharding)
-
-
-def _place(x, sharding):
-    """device_put onto a mesh. With several processes each places its own shards of its own
-    (identical) copy: device_put would first check every array equal across processes, one
-    all-gather of the whole array per parameter."""
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return place(x, self._dp_sharding)
 
 
 def _gather_sample(logits, rows, temperature, top_k, top_p, seeds, counters):

@@ -229,9 +229,9 @@ class EngineLoop:
             self.stopped.set()
 
     def _serve(self, engine) -> None:
+        idle_interval = getattr(engine, "idle_interval", None)  # multi-host keepalive; fixed
         while True:
             busy = engine.has_unfinished()
-            idle_interval = getattr(engine, "idle_interval", None)  # multi-host keepalive
             commands = self._drain(block=not busy, timeout=idle_interval)
             stop = False
             for kind, arg in commands:

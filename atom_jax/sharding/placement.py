@@ -40,6 +40,15 @@ def check_divisible(cfg, dp: int, mode: str):
         raise ValueError(f"moe_intermediate_size {cfg.moe_intermediate_size} does not split over dp={dp}")
 
 
+def place(x, sharding):
+    """device_put onto a mesh. With several processes each places its own shards of its own
+    (identical) copy: device_put would first check every array equal across processes, one
+    all-gather of the whole array per parameter."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def shard_params(pure_params: dict, mesh, mode: str = BY_EXPERT):
     specs = param_specs(pure_params, mode)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure_params, specs)
+    return jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), pure_params, specs)
