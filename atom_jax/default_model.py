@@ -27,11 +27,6 @@ class ModelSource:
         """The embedded models (trained default and random) read and write bytes."""
         return self.kind in ("default", RANDOM)
 
-    @property
-    def description(self) -> str:
-        return {"default": "the embedded tiny model (trained on stdlib docstrings)",
-                RANDOM: "the embedded tiny model with random weights"}.get(self.kind, f"model {self.path}")
-
 
 def resolve_model(model: str | None) -> ModelSource:
     """`--model` value -> where its weights come from."""
@@ -47,10 +42,10 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
     import jax.numpy as jnp
 
     from atom_jax.config import tiny
-    from atom_jax.loader import load_model, random_model
+    from atom_jax.loader import ORBAX_SUBDIR, load_model, random_model
 
     dtype = jnp.float32 if dtype is None else dtype
-    if source.kind == "default" and not os.path.isdir(os.path.join(source.path, "orbax")):
+    if source.kind == "default" and not os.path.isdir(os.path.join(source.path, ORBAX_SUBDIR)):
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
                                 "pass --model random, or rebuild it with scripts/train_tiny.py")
     if source.kind == RANDOM:

@@ -37,10 +37,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from atom_jax.config import ModelConfig, tiny  # noqa: E402
+from atom_jax.default_model import DEFAULT_MODEL_DIR  # noqa: E402
 from atom_jax.loader import random_model, save_orbax  # noqa: E402
+from atom_jax.models import jit_forward  # noqa: E402
 from atom_jax.tokenizer import BOS_ID, EOS_ID, ByteTokenizer  # noqa: E402
 
-DEFAULT_OUT = os.path.join(REPO, "atom_jax", "assets", "tiny_default")
+DEFAULT_OUT = DEFAULT_MODEL_DIR
 DEFAULT_PLOT = os.path.join(REPO, "docs", "train_tiny_loss.png")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 WORD = re.compile(r"[A-Za-z]+")
@@ -215,12 +217,10 @@ def latest_checkpoint(work: str) -> str | None:
 
 
 # ---- generation check and plot ------------------------------------------------------------------
-def greedy_texts(model, prompts, max_tokens: int = 48, state=None) -> list[str]:
+def greedy_texts(model, prompts, max_tokens: int = 48) -> list[str]:
     """Greedy continuations of all `prompts` at once (each stops at EOS) through one compiled
-    full-sequence forward over [len(prompts), longest prompt + max_tokens]. `state`: run these
-    weights (an `nnx.state` of a model with `model`'s structure) through the same compilation."""
-    graphdef, own = nnx.split(model)
-    forward = _forward(graphdef)
+    full-sequence forward over [len(prompts), longest prompt + max_tokens]."""
+    forward = jit_forward(model)
     tok = ByteTokenizer()
     ids = [tok.encode(p) for p in prompts]
     buf = np.zeros((len(ids), max(map(len, ids)) + max_tokens), np.int32)
@@ -230,7 +230,7 @@ def greedy_texts(model, prompts, max_tokens: int = 48, state=None) -> list[str]:
     out: list[list[int]] = [[] for _ in ids]
     live = np.ones(len(ids), bool)
     for _ in range(max_tokens):
-        logits = np.asarray(forward(own if state is None else state, jnp.asarray(buf)))
+        logits = np.asarray(forward(buf))
         nxt = logits[np.arange(len(ids)), n - 1].argmax(-1)
         for i in np.flatnonzero(live):
             out[i].append(int(nxt[i]))
@@ -242,16 +242,6 @@ def greedy_texts(model, prompts, max_tokens: int = 48, state=None) -> list[str]:
         if not live.any():
             break
     return [tok.decode(o) for o in out]
-
-
-_FORWARDS: dict[str, object] = {}
-
-
-def _forward(graphdef):
-    key = repr(graphdef)
-    if key not in _FORWARDS:
-        _FORWARDS[key] = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
-    return _FORWARDS[key]
 
 
 PROMPTS = ("Return the number of ", "Create a new ", "If the file ", "This module provides ")

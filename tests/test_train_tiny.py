@@ -16,6 +16,7 @@ import pytest
 
 from atom_jax.config import HCA, SLIDING
 from atom_jax.default_model import DEFAULT_MODEL_DIR, RANDOM, load_resolved, resolve_model
+from atom_jax.loader import ORBAX_SUBDIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +27,10 @@ STEPS, BATCH, SEQ, LR, WARMUP = 30, 8, 64, 5e-3, 5
 MEASURED_DROP = 3.15
 MIN_DROP = 2.1
 
-# Greedy continuations of these prompts by the shipped model (48 bytes each, batched): 40 of
+# Greedy continuations of the script's PROMPTS by the shipped model (48 bytes each, batched): 40 of
 # their 41 words are in the corpus dictionary (the one miss is a word cut off by the byte limit),
 # measured when it was trained (jax 0.10.2, CPU). A random model of the same shape writes bytes
 # like '"\x8f\xa3R\xe4(RF', which hold almost no words at all.
-PROMPTS = ("Return the number of ", "Create a new ", "If the file ", "This module provides ")
 RECORDED_WORD_RATE = 40 / 41
 MIN_WORD_RATE = 0.8
 
@@ -113,7 +113,7 @@ def test_resume_from_orbax_matches_an_uninterrupted_run(tt, tokens, trained, tmp
 def test_default_resolves_to_the_shipped_model_and_random_stays_random():
     src = resolve_model(None)
     assert src.kind == "default" and src.path == DEFAULT_MODEL_DIR and src.byte_tokenizer
-    assert os.path.isdir(os.path.join(DEFAULT_MODEL_DIR, "orbax"))
+    assert os.path.isdir(os.path.join(DEFAULT_MODEL_DIR, ORBAX_SUBDIR))
     assert resolve_model(RANDOM).path is None and resolve_model(RANDOM).byte_tokenizer
     d = resolve_model("/some/dir")
     assert d.kind == "dir" and not d.byte_tokenizer
@@ -130,7 +130,7 @@ def test_shipped_model_writes_dictionary_words(tt):
     assert {"return", "number", "file", "module", "the"} <= words and "qzxv" not in words
     assert tt.word_rate("the set of qzxv", words) == (0.75, 4)  # the measure can fail
     assert tt.word_rate('"\x8f\xa3R\xe4(RF', words)[1] <= 2
-    texts = tt.greedy_texts(model, PROMPTS)
+    texts = tt.greedy_texts(model, tt.PROMPTS)
     rate, n = tt.word_rate(" ".join(texts), words)
     assert n >= 20, texts
     assert rate >= MIN_WORD_RATE, f"{rate:.0%} dictionary words (recorded {RECORDED_WORD_RATE:.0%}): {texts}"
