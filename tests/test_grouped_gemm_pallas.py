@@ -54,18 +54,33 @@ def test_pallas_bf16_inputs_accumulate_in_float32():
     assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 8e-3
 
 
-def test_work_items_cover_each_group_row_tile_once():
+def test_work_items_tile_each_group_from_its_first_row():
     rng = np.random.default_rng()
     sizes = _random_sizes(rng, 9, 150)
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    bm, tiles = 16, -(-160 // 16)
+    bm = 16
     group, tile, count = jax.jit(pg.work_items, static_argnums=(2, 3))(
-        jnp.asarray(starts), jnp.asarray(ends), bm, tiles)
-    pairs = sorted(zip(np.asarray(group)[:int(count[0])].tolist(), np.asarray(tile)[:int(count[0])].tolist()))
-    expected = sorted((g, t) for g in range(9) if sizes[g]
-                      for t in range(starts[g] // bm, (ends[g] - 1) // bm + 1))
-    assert pairs == expected
+        jnp.asarray(starts), jnp.asarray(ends), bm, -(-150 // bm) + 9)
+    pairs = list(zip(np.asarray(group)[:int(count[0])].tolist(), np.asarray(tile)[:int(count[0])].tolist()))
+    expected = [(g, t) for g in range(9) for t in range(-(-int(sizes[g]) // bm))]
+    assert pairs == expected  # group order, ceil(size / block_m) tiles each, none for empty groups
+
+
+def test_tiles_start_at_group_starts_with_several_column_tiles():
+    """Group sizes around block_m and 3 column tiles: every tile begins at its group's first
+    row, so sizes of block_m - 1, block_m and block_m + 1 take 1, 1 and 2 tiles."""
+    rng = np.random.default_rng()
+    g, k, n = 8, 32, 96
+    sizes = rng.choice([0, 1, 15, 16, 17, 31, 32, 33, 48, 70], size=g)
+    m = int(sizes.sum()) + 5
+    rows = rng.standard_normal((m, k)).astype(np.float32)
+    weights = rng.standard_normal((g, k, n)).astype(np.float32)
+    out = np.asarray(pg.grouped_gemm(jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(sizes),
+                                     cfg=SMALL, interpret=True))
+    ref = grouped_reference(rows, weights, sizes)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.all(out[sizes.sum():] == 0)
 
 
 def test_ranges_leave_rows_outside_untouched_by_other_groups():
@@ -125,3 +140,20 @@ def test_pallas_backend_runs_inside_the_moe():
 def test_cli_backend_names_match_the_registry():
     from atom_jax.kernels.names import MOE_BACKENDS
     assert sorted(MOE_BACKENDS) == grouped_gemm.available()
+
+
+def test_mosaic_kernel_lowers_for_hopper_on_this_jax():
+    """The Mosaic GPU kernel cannot run on CPU (no interpreter for its warp-specialized
+    pipeline), but it must build for CUDA with this jax; its numerics are checked by the
+    GPU-marked test. Unaligned group starts take the 8-row-aligned tiling path."""
+    from atom_jax.kernels import mosaic_grouped_gemm as mg
+    x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((5, 256, 256), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((5,), jnp.int32)
+    lowered = jax.jit(mg.grouped_gemm).trace(x, w, sizes).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_mosaic_backend_refuses_cpu_with_a_clear_error():
+    with pytest.raises(RuntimeError, match="Hopper"):
+        grouped_gemm.get("mosaic")(jnp.zeros((8, 64)), jnp.zeros((2, 64, 256)), jnp.array([4, 4]))
