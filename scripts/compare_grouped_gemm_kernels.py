@@ -1,0 +1,38 @@
+"""Our Mosaic GPU grouped GEMM (several tile configs) beside the Triton kernel and the same-size
+dense matmul, same run; correctness vs float32 first (GPU only).
+
+    python scripts/compare_grouped_gemm_kernels.py out.json flash_up,flash_down,pro_up 4096,8192,16384
+"""
+import dataclasses, json, os, sys, time, traceback
+sys.path.insert(0, os.path.dirname(__file__)); sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax, jax.numpy as jnp, numpy as np
+import bench_grouped_gemm as b
+from atom_jax.kernels import mosaic_grouped_gemm as mg, pallas_grouped_gemm as pg
+path = sys.argv[1]; shapes = sys.argv[2].split(","); tokens = [int(t) for t in sys.argv[3].split(",")]
+CFGS = [mg.MosaicTiles(stages=4, band=4), mg.MosaicTiles(stages=3, band=4), mg.MosaicTiles(stages=3, epi_m=128), mg.MosaicTiles(stages=3, band=2),
+        mg.MosaicTiles(stages=3, band=8)]
+def mosaic_backend(cfg):
+    return lambda x, w, s, mean_group=None: mg.grouped_gemm(x, w, s, cfg)
+out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": {}, "rows": []}
+rng = np.random.default_rng(0)
+for shape in shapes:
+    g, k, n = b.SHAPES[shape]
+    t0 = time.time()
+    out["checks"][shape] = b.check({json.dumps(dataclasses.asdict(c)): mosaic_backend(c) for c in CFGS[:3]}, g, k, n, 8 * g, rng)
+    print("check", shape, out["checks"][shape], f"{time.time()-t0:.0f}s", flush=True)
+json.dump(out, open(path, "w"), indent=1)
+for shape in shapes:
+    g, k, n = b.SHAPES[shape]
+    for t in tokens:
+        dense = b.dense_case(k, n, t, 10)
+        cases = [("triton " + json.dumps(dataclasses.asdict(pg.PREFILL_TILES)), b.tiles_backend(pg.PREFILL_TILES))]
+        cases += [("mosaic " + json.dumps(dataclasses.asdict(c)), mosaic_backend(c)) for c in CFGS]
+        for name, fn in cases:
+            try:
+                sec, flops, _ = b.time_case(fn, g, k, n, t, rng, 10)
+                row = dict(shape=shape, tokens=t, cfg=name, ms=sec * 1e3, frac=dense / sec, dense_ms=dense * 1e3)
+            except Exception as e:
+                row = dict(shape=shape, tokens=t, cfg=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            out["rows"].append(row)
+            print(f"{shape} {t} {row.get('ms', 0):.3f}ms {100*row.get('frac', 0):.1f}% dense={dense*1e3:.3f} {name} {row.get('error','')}", flush=True)
+        json.dump(out, open(path, "w"), indent=1)
