@@ -2,6 +2,9 @@
 dense matmul, same run; correctness vs float32 first (GPU only).
 
     python scripts/compare_grouped_gemm_kernels.py out.json flash_up,flash_down,pro_up 4096,8192,16384
+
+Also times each kernel on a one-group problem of the first shape (every row in one expert, the
+dense matmul's own shape) to separate per-work-item overhead from grouped-specific costs.
 """
 import dataclasses, json, os, sys, time, traceback
 sys.path.insert(0, os.path.dirname(__file__)); sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -9,8 +12,7 @@ import jax, jax.numpy as jnp, numpy as np
 import bench_grouped_gemm as b
 from atom_jax.kernels import mosaic_grouped_gemm as mg, pallas_grouped_gemm as pg
 path = sys.argv[1]; shapes = sys.argv[2].split(","); tokens = [int(t) for t in sys.argv[3].split(",")]
-CFGS = [mg.MosaicTiles(stages=4, band=4), mg.MosaicTiles(stages=3, band=4), mg.MosaicTiles(stages=3, epi_m=128), mg.MosaicTiles(stages=3, band=2),
-        mg.MosaicTiles(stages=3, band=8)]
+CFGS = [mg.PREFILL_MOSAIC, mg.MosaicTiles(stages=4, band=4), mg.MosaicTiles(stages=3, epi_m=128)]
 def mosaic_backend(cfg):
     return lambda x, w, s, mean_group=None: mg.grouped_gemm(x, w, s, cfg)
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": {}, "rows": []}
@@ -18,7 +20,7 @@ rng = np.random.default_rng(0)
 for shape in shapes:
     g, k, n = b.SHAPES[shape]
     t0 = time.time()
-    out["checks"][shape] = b.check({json.dumps(dataclasses.asdict(c)): mosaic_backend(c) for c in CFGS[:3]}, g, k, n, 8 * g, rng)
+    out["checks"][shape] = b.check({json.dumps(dataclasses.asdict(c)): mosaic_backend(c) for c in CFGS}, g, k, n, 8 * g, rng)
     print("check", shape, out["checks"][shape], f"{time.time()-t0:.0f}s", flush=True)
 json.dump(out, open(path, "w"), indent=1)
 for shape in shapes:
@@ -36,3 +38,20 @@ for shape in shapes:
             out["rows"].append(row)
             print(f"{shape} {t} {row.get('ms', 0):.3f}ms {100*row.get('frac', 0):.1f}% dense={dense*1e3:.3f} {name} {row.get('error','')}", flush=True)
         json.dump(out, open(path, "w"), indent=1)
+
+# One group holding every row: the dense matmul's problem through each kernel.
+g, k, n = b.SHAPES[shapes[0]]
+for t in tokens[:1]:
+    rows = t * 6
+    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+    w1 = jax.random.normal(jax.random.key(7), (1, k, n), jnp.bfloat16)
+    one = jnp.asarray([rows], jnp.int32)
+    dense = b.dense_case(k, n, t, 10)
+    cases = [("triton", b.tiles_backend(pg.PREFILL_TILES))] + [("mosaic " + json.dumps(dataclasses.asdict(c)), mosaic_backend(c)) for c in CFGS]
+    for name, fn in cases:
+        f = jax.jit(lambda a, w, s, fn=fn: fn(a, w, s))
+        sec = b.back_to_back_time(lambda i: f(xs[i], w1, one), [0, 1], iters=10)
+        row = dict(shape=shapes[0] + "_one_group", tokens=t, cfg=name, ms=sec * 1e3, frac=dense / sec, dense_ms=dense * 1e3)
+        out["rows"].append(row)
+        print(f"one_group {t} {row['ms']:.3f}ms {100*row['frac']:.1f}% dense={dense*1e3:.3f} {name}", flush=True)
+    json.dump(out, open(path, "w"), indent=1)

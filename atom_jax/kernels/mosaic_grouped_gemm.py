@@ -6,10 +6,12 @@ warpgroup streaming row and weight tiles through a `stages`-deep shared-memory r
 and two compute warpgroups, each owning a tile_m x tile_n accumulator of the CTA's
 tile_m x 2*tile_n output tile. CTAs are persistent and walk the (work item, column tile) grid.
 
-Why: the Triton kernel loads tiles through registers and stalls on L2 bandwidth near 45% of a
-dense matmul at 4K tokens/rank (docs/benchmarks.md); jax's warp-specialized Mosaic matmul reaches
-~97% of cuBLAS on the same M x K x N, so the same pipeline over a ragged work list is the fast
-prefill path on Hopper. The Triton kernel stays for ROCm and for decode.
+Why: jax's warp-specialized Mosaic matmul reaches ~97% of cuBLAS on our dense M x K x N, while
+the Triton kernel (register-path loads) stays near 63%. Measured (docs/benchmarks.md, grouped
+GEMM round 4): this kernel reaches 69% on that dense problem (one group), ties the Triton kernel
+from 8K tokens/rank up and is slower at 4K, so it is an opt-in backend; where the remaining gap
+to jax's dense kernel comes from is open (not the epilogue, the work-list reads, or the lowering
+semantics: each was measured). The Triton kernel stays the default, for ROCm and for decode.
 
 Row tiles start at their group's first row rounded down to 8 (TMA into the tiled shared-memory
 layout needs 8-row-aligned starts), so a tile may begin with up to 7 rows of the previous group
@@ -146,7 +148,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
                         return acc_ref
 
                     pipeline(mma, compute_context)(
-                        x_ref.at[pl.ds(row0, bm), :], w_ref.at[gi].at[:, pl.ds(j * cta_n, cta_n)],
+                        # multiple_of: the 8-row alignment; warpgroup layout inference fails without it
+                        x_ref.at[pl.ds(pl.multiple_of(row0, ROW_ALIGN), bm), :], w_ref.at[gi].at[:, pl.ds(j * cta_n, cta_n)],
                         allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -154,9 +157,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
     call = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((m, n), rows.dtype),
         grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
-        # Lane semantics: the warpgroup semantics' layout inference rejects the per-item scalar
-        # reads from global memory (work list) that this kernel needs.
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        # Warpgroup semantics, as jax's Hopper matmul (lane semantics measured 0-3% slower).
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     return call(item_row0, item_lo, item_hi, group, count, x, weights)
 
