@@ -157,3 +157,32 @@ def test_mosaic_kernel_lowers_for_hopper_on_this_jax():
 def test_mosaic_backend_refuses_cpu_with_a_clear_error():
     with pytest.raises(RuntimeError, match="Hopper"):
         grouped_gemm.get("mosaic")(jnp.zeros((8, 64)), jnp.zeros((2, 64, 256)), jnp.array([4, 4]))
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_mosaic_work_list_stores_every_group_row_once_from_aligned_tiles(trial):
+    """The Mosaic kernel's work list (CPU-checkable part of a GPU-only kernel): tiles start on
+    8-row boundaries, and the stored ranges [row0 + lo, row0 + hi) cover each group's rows
+    exactly once and nothing else, for fresh routings with empty groups and unaligned starts."""
+    from atom_jax.kernels import mosaic_grouped_gemm as mg
+    rng = np.random.default_rng()
+    g, bm = int(rng.integers(3, 12)), 32
+    sizes = _random_sizes(rng, g, int(rng.integers(50, 400)))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    m = int(ends[-1]) + int(rng.integers(0, 9))
+    items = mg.max_work_items(m, g, bm)
+    row0, lo, hi, group, count = (np.asarray(a) for a in mg.aligned_work_list(
+        jnp.asarray(starts), jnp.asarray(ends), bm, items))
+    n = int(count[0])
+    assert n <= items
+    assert np.all(row0[:n] % mg.ROW_ALIGN == 0)
+    assert np.all((0 <= lo[:n]) & (lo[:n] < hi[:n]) & (hi[:n] <= bm))
+    owner = np.full(m, -1)
+    for r0, a, b, gi in zip(row0[:n], lo[:n], hi[:n], group[:n]):
+        assert np.all(owner[r0 + a:r0 + b] == -1)  # no row stored twice
+        owner[r0 + a:r0 + b] = gi
+    expected = np.full(m, -1)
+    for gi in range(g):
+        expected[starts[gi]:ends[gi]] = gi
+    np.testing.assert_array_equal(owner, expected)

@@ -55,6 +55,29 @@ def _num_sms() -> int:
     return getattr(dev, "core_count", None) or 132  # 132: H100/H200 SXM (CPU lowering tests)
 
 
+def max_work_items(m: int, g: int, tile_m: int) -> int:
+    """Static bound on the work list: each group adds at most one tile beyond its rows plus
+    the up to 7 rows of alignment before it."""
+    return -(-(m + g * (ROW_ALIGN - 1)) // tile_m) + g
+
+
+def aligned_work_list(starts, ends, tile_m: int, max_items: int):
+    """Work items for the Mosaic kernel: (row0, lo, hi, group) per item and the item count.
+
+    TMA loads into the 8-row tiled shared-memory layout must start on an 8-row boundary (an
+    unaligned start zero-filled half the rows on H100), so a group's tiles start at its first
+    row rounded down to 8: tile rows [row0, row0 + tile_m) are loaded and rows [row0 + lo,
+    row0 + hi) stored; the first tile of a group skips up to 7 rows of the previous group."""
+    starts = starts.astype(jnp.int32)
+    ends = ends.astype(jnp.int32)
+    first = starts - starts % ROW_ALIGN
+    group, tile, count = work_items(first, jnp.where(ends > starts, ends, first), tile_m, max_items)
+    row0 = first[group] + tile * tile_m
+    lo = jnp.maximum(starts[group] - row0, 0)
+    hi = jnp.minimum(ends[group] - row0, tile_m)
+    return row0, lo, hi, group, count
+
+
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC,
                         interpret: bool = False):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); other rows unspecified."""
@@ -68,17 +91,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
-    starts = starts.astype(jnp.int32)
-    ends = ends.astype(jnp.int32)
-    # TMA loads into the 8-row tiled shared-memory layout must start on an 8-row boundary (an
-    # unaligned start zero-filled half the rows on H100), so a group's tiles start at its first
-    # row rounded down to 8 and the first tile skips up to 7 rows of the previous group.
-    first = starts - starts % ROW_ALIGN
-    items = -(-(m + g * (ROW_ALIGN - 1)) // bm) + g
-    group, tile, count = work_items(first, jnp.where(ends > starts, ends, first), bm, items)
-    item_row0 = first[group] + tile * bm
-    item_lo = jnp.maximum(starts[group] - item_row0, 0)  # first row of the tile to store
-    item_hi = jnp.minimum(ends[group] - item_row0, bm)  # one past the last
+    items = max_work_items(m, g, bm)
+    item_row0, item_lo, item_hi, group, count = aligned_work_list(starts, ends, bm, items)
     # The last tile's TMA load may run past row m; TMA into the tiled layout also needs a row
     # count that is a multiple of 8.
     x = jnp.pad(rows, ((0, bm + (-m) % ROW_ALIGN), (0, 0)))
