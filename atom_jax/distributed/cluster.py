@@ -104,21 +104,18 @@ class Cluster:
 
         timeout = self.cfg.init_timeout + self.cfg.compile_timeout
         client = distributed.global_state.client
-        try:
-            with self.watchdog.guard(timeout + self.cfg.step_timeout, "waiting for every process's engine"):
-                if client is not None and hasattr(client, "wait_at_barrier"):
-                    client.wait_at_barrier("atom_jax_engine_ready", int(timeout * 1000))
-                multihost_utils.sync_global_devices("atom_jax_engine_ready")
-                self._probe_dp_group()
-                if self.is_leader:
-                    self._channel.send(NOOP)
-                    self._last_send = time.monotonic()
-                else:
-                    kind, _ = self._channel.recv()
-                    if kind != NOOP:
-                        raise RuntimeError(f"expected the opening message, got kind {kind}")
-        except Exception as e:
-            self.fail(f"start-up handshake failed: {type(e).__name__}: {e}")
+        with self.guarded(timeout + self.cfg.step_timeout, "waiting for every process's engine",
+                          failure="start-up handshake failed"):
+            if client is not None and hasattr(client, "wait_at_barrier"):
+                client.wait_at_barrier("atom_jax_engine_ready", int(timeout * 1000))
+            multihost_utils.sync_global_devices("atom_jax_engine_ready")
+            self._probe_dp_group()
+            if self.is_leader:
+                self._send(NOOP)
+            else:
+                kind, _ = self._channel.recv()
+                if kind != NOOP:
+                    raise RuntimeError(f"expected the opening message, got kind {kind}")
 
     def _probe_dp_group(self) -> None:
         """One all-reduce over the engine's `dp` mesh: the group every model step uses."""
@@ -165,22 +162,37 @@ class Cluster:
             t += self.cfg.compile_timeout
         return t
 
+    @contextlib.contextmanager
+    def guarded(self, seconds: float, what: str, failure: str | None = None):
+        """Run the block under the watchdog; any exception in it stops the run (`fail`)."""
+        try:
+            with self.watchdog.guard(seconds, what):
+                yield
+        except Exception as e:
+            self.fail(f"{failure or what + ' failed'}: {type(e).__name__}: {e}")
+
+    def run_step(self, inputs, what: str, before=None):
+        """Run one model step (every process) under the watchdog; `before()` runs first inside
+        the same guard (the leader's broadcast). -> the runner's (tokens, logprobs)."""
+        shape = (inputs.bucket, inputs.tbo)
+        with self.guarded(self._timeout(shape), what):
+            if before is not None:
+                before()
+            out = self._runner.run(inputs)
+        self._compiled.add(shape)
+        return out
+
+    def _send(self, kind, inputs=None) -> None:
+        self._channel.send(kind, inputs)
+        self._last_send = time.monotonic()
+
     # ---- leader --------------------------------------------------------------------------
     def execute(self, plan, sampling_of) -> dict:
         """Leader: ship the plan, run the step, return {request_id: (token, logprob)}."""
-        runner = self._runner
-        inputs, seqs = runner.host_inputs(plan, sampling_of)
-        shape = (inputs.bucket, inputs.tbo)
+        inputs, seqs = self._runner.host_inputs(plan, sampling_of)
         what = f"step {self._channel.seq} (bucket {inputs.bucket}, tbo {inputs.tbo})"
-        try:
-            with self.watchdog.guard(self._timeout(shape), what):
-                self._channel.send(STEP, inputs)
-                self._last_send = time.monotonic()
-                toks, lps = runner.run(inputs)
-        except Exception as e:
-            self.fail(f"{what} failed: {type(e).__name__}: {e}")
-        self._compiled.add(shape)
-        return runner.results(seqs, toks, lps)
+        toks, lps = self.run_step(inputs, what, before=lambda: self._send(STEP, inputs))
+        return self._runner.results(seqs, toks, lps)
 
     def keepalive(self, force: bool = False) -> None:
         """Leader: an empty plan if none was sent for `keepalive` seconds."""
@@ -189,23 +201,16 @@ class Cluster:
         if not force and time.monotonic() - self._last_send < self.cfg.keepalive:
             return
         what = f"keepalive {self._channel.seq}"
-        try:
-            with self.watchdog.guard(self._timeout(), what):
-                self._channel.send(NOOP)
-        except Exception as e:
-            self.fail(f"{what} failed: {type(e).__name__}: {e}")
-        self._last_send = time.monotonic()
+        with self.guarded(self._timeout(), what):
+            self._send(NOOP)
 
     def stop(self) -> None:
         """Leader: release the followers (they return from `follow`). Safe to call twice."""
         if self._channel is None or self.failed or not self.is_leader or self._stopped:
             return
         self._stopped = True
-        try:
-            with self.watchdog.guard(self._timeout(), "stop message"):
-                self._channel.send(STOP)
-        except Exception as e:
-            self.fail(f"stop message failed: {type(e).__name__}: {e}")
+        with self.guarded(self._timeout(), "stop message"):
+            self._channel.send(STOP)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -225,6 +230,6 @@ class Cluster:
         """Follower: run every step process 0 plans until it says stop. -> steps run."""
         from atom_jax.distributed.follower import follow
 
-        steps = follow(self, self._runner, self._channel)
+        steps = follow(self, self._channel)
         self.shutdown()
         return steps
