@@ -37,11 +37,19 @@ def resolve_model(model: str | None) -> ModelSource:
     return ModelSource("dir", model)
 
 
+def byte_model_config():
+    """The embedded models' config: the tiny preset with the byte tokenizer's BOS / EOS ids
+    (the trained default was trained with them; the random model must stop on the same EOS)."""
+    from atom_jax.config import tiny
+    from atom_jax.tokenizer import BOS_ID, EOS_ID
+
+    return tiny().replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
 def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
     """Build the model `source` names (float32 unless `dtype` says otherwise)."""
     import jax.numpy as jnp
 
-    from atom_jax.config import tiny
     from atom_jax.loader import ORBAX_SUBDIR, load_model, random_model
 
     dtype = jnp.float32 if dtype is None else dtype
@@ -49,7 +57,7 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
                                 "pass --model random, or rebuild it with scripts/train_tiny.py")
     if source.kind == RANDOM:
-        return random_model(tiny(), seed=seed, dtype=dtype)
+        return random_model(byte_model_config(), seed=seed, dtype=dtype)
     return load_model(source.path, dtype=dtype)
 
 

@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from atom_jax.config import ModelConfig, tiny  # noqa: E402
-from atom_jax.default_model import DEFAULT_MODEL_DIR  # noqa: E402
+from atom_jax.config import ModelConfig  # noqa: E402
+from atom_jax.default_model import DEFAULT_MODEL_DIR, byte_model_config  # noqa: E402
 from atom_jax.loader import random_model, save_orbax  # noqa: E402
 from atom_jax.models import jit_forward  # noqa: E402
 from atom_jax.tokenizer import BOS_ID, EOS_ID, ByteTokenizer  # noqa: E402
@@ -113,7 +113,7 @@ def batch_at(tokens: np.ndarray, step: int, seed: int, batch: int, seq: int) -> 
 # ---- model and optimizer ------------------------------------------------------------------------
 def model_config() -> ModelConfig:
     """The tiny preset with the byte tokenizer's BOS / EOS ids."""
-    return tiny().replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    return byte_model_config()
 
 
 @functools.lru_cache(maxsize=None)

@@ -119,6 +119,16 @@ def test_default_resolves_to_the_shipped_model_and_random_stays_random():
     assert d.kind == "dir" and not d.byte_tokenizer
 
 
+def test_random_model_stops_on_the_byte_tokenizers_eos_like_the_shipped_one():
+    """Both embedded models use the byte tokenizer, so both configs carry its BOS / EOS (a
+    plain tiny() config would also stop the random model on byte 0x01)."""
+    from atom_jax.tokenizer import BOS_ID, EOS_ID
+    shipped = load_resolved(resolve_model(None)).cfg
+    rnd = load_resolved(resolve_model(RANDOM)).cfg
+    assert (rnd.bos_token_id, rnd.eos_token_ids) == (shipped.bos_token_id, shipped.eos_token_ids)
+    assert (rnd.bos_token_id, rnd.eos_token_ids) == (BOS_ID, (EOS_ID,))
+
+
 def test_shipped_model_writes_dictionary_words(tt):
     model = load_resolved(resolve_model(None))
     with open(os.path.join(DEFAULT_MODEL_DIR, "training.json")) as f:
