@@ -108,6 +108,18 @@ def test_pages_return_after_finish_abort_and_failure(monkeypatch):
     assert len(out[0].token_ids) == 3
 
 
+def test_compilation_cache_dir_caches_every_compile(monkeypatch, tmp_path):
+    """The engine (every front end, every multi-host process) sets the cache dir and drops the
+    minimum compile time, so restarts reuse even fast compiles. Recorded, not applied: the
+    settings are process-global."""
+    import jax
+    seen = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: seen.__setitem__(name, value))
+    Engine(EngineConfig(compilation_cache_dir=str(tmp_path), **SMALL))
+    assert seen == {"jax_compilation_cache_dir": str(tmp_path),
+                    "jax_persistent_cache_min_compile_time_secs": 0}
+
+
 def test_bad_requests_are_rejected_clearly():
     eng = Engine(EngineConfig(**SMALL))
     with pytest.raises(ValueError, match="empty"):

@@ -71,6 +71,9 @@ class Engine:
             import jax
 
             jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
+            # A restart runs the same shapes: cache every compile, not only slow ones (here, so
+            # every front end and every process of a multi-host run gets it).
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         dtype = jnp.dtype(cfg.dtype)
         source = resolve_model(cfg.model)  # the one place --model is interpreted
         if model is None:

@@ -161,11 +161,6 @@ def main(argv=None) -> int:
     from atom_jax.serve.app import ServerSettings, create_app
 
     config = engine_config(args)
-    if args.compilation_cache_dir:
-        import jax
-
-        # A server restarts with the same shapes: cache every compile, not only slow ones.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     def build_engine():
         from atom_jax.engine.engine import Engine
