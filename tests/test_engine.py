@@ -131,3 +131,25 @@ def test_bad_requests_are_rejected_clearly():
     with pytest.raises(ValueError, match="max_tokens"):
         eng.add_request(prompt="hi", params=SamplingParams(max_tokens=0))
     assert not eng.has_unfinished()
+
+
+def test_streamed_delta_text_adds_up_to_the_final_text_with_a_stop_string():
+    """A stop string whose first characters arrive one token before the rest: delta_text must
+    hold them back (not stream then retract them), so the deltas join to the cut final text."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    eng = Engine(EngineConfig(model="random", **SMALL))  # byte tokenizer: one token per byte
+    free = eng.generate(["Return the "], params)[0].text
+    whole = [p for p in range(1, len(free) - 1) if "\ufffd" not in free[p:p + 2]]
+    assert whole, free  # the seeded model's greedy text has a pair of whole characters
+    p = whole[0]
+    stop = free[p:p + 2]
+    rid = eng.add_request("Return the ", SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)))
+    deltas, final = [], None
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.request_id == rid:
+                deltas.append(out.delta_text)
+                final = out
+    assert final.finished and final.finish_reason == "stop"
+    assert final.text == free[:free.find(stop)]
+    assert "".join(deltas) == final.text

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
 from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
+from atom_jax.engine import stream_text
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
@@ -56,7 +57,7 @@ class _Tracked:
     def __init__(self, seq: Sequence, params: SamplingParams, seed: int):
         self.seq, self.params, self.seed = seq, params, seed
         self.logprobs: list[float] = []
-        self.text = ""
+        self.text = ""  # the text streamed so far (delta_text)
         self.sent_tokens = 0
         self.stopped_by_string = False
         self.text_cut = 0  # where a matched stop string starts in the decoded text
@@ -232,8 +233,10 @@ class Engine:
             text = self.tokenizer.decode(toks)
             if tr.stopped_by_string:
                 text = text[: tr.text_cut]
-            delta = text[len(tr.text):] if text.startswith(tr.text) else text
-            tr.text = text
+            # delta_text holds back a tail that a stop string or a multi-byte character may
+            # still change, so the deltas of a request always add up to its final text.
+            safe = stream_text.streamable(text, stream_text.stop_holdback(tr.params.stop), seq.is_finished)
+            delta, tr.text = stream_text.delta(tr.text, safe)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
                              seq.is_finished, seq.finish_reason, list(tr.logprobs))
 

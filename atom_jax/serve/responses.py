@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from atom_jax.engine import stream_text
 from atom_jax.serve.prepare import EngineInfo, PreparedRequest
 
 # Finish reasons pass through ("stop", "length"); "abort" (client gone, server stopping) is
@@ -28,8 +29,7 @@ class Deltas:
 
     def __init__(self, request: PreparedRequest, info: EngineInfo):
         self.tokenizer = info.tokenizer
-        stops = request.params.stop
-        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.holdback = stream_text.stop_holdback(request.params.stop)
         self.sent_text = ""
         self.sent_tokens = 0
 
@@ -37,16 +37,8 @@ class Deltas:
         ids = out.token_ids[self.sent_tokens:]
         lps = [_finite(x) for x in out.logprobs[self.sent_tokens:len(out.token_ids)]]
         self.sent_tokens = len(out.token_ids)
-        text = out.text or ""
-        if not out.finished:
-            safe = len(text) - self.holdback
-            while safe > 0 and text[safe - 1] == "\ufffd":  # a multi-byte char still arriving
-                safe -= 1
-            text = text[:max(safe, 0)]
-        if not text.startswith(self.sent_text):
-            # Decoding changed text already sent (tokenizer merge): nothing safe to add.
-            return "", ids, lps
-        delta, self.sent_text = text[len(self.sent_text):], text
+        text = stream_text.streamable(out.text or "", self.holdback, out.finished)
+        delta, self.sent_text = stream_text.delta(self.sent_text, text)
         return delta, ids, lps
 
     def token_text(self, token_id: int) -> str:
