@@ -183,3 +183,18 @@ def test_atom_example_one_prefill_seven_decodes_wastes_86_percent():
     plan, _ = run_step(sched)
     assert plan.real_tokens == [1024] + [16] * 7 and plan.bucket == 1024
     assert plan.padding_waste == pytest.approx(1 - 1136 / 8192)  # 86.1%
+
+
+def test_tbo_auto_threshold_is_one_default_everywhere():
+    """Scheduler, step options, engine config and server flag share one threshold, above the
+    largest size at which TBO was measured to lose on two GPUs (8K tokens per rank)."""
+    from atom_jax.engine import EngineConfig
+    from atom_jax.scheduler import TBO_MIN_TOKENS
+    from atom_jax.serve.cli import build_parser
+    from atom_jax.sharding.step import StepOptions
+    assert TBO_MIN_TOKENS > 8192
+    assert DPScheduler(2).tbo_min_tokens == TBO_MIN_TOKENS
+    assert StepOptions().tbo_min_tokens == TBO_MIN_TOKENS
+    assert EngineConfig().tbo_min_tokens == TBO_MIN_TOKENS
+    assert build_parser().parse_args([]).tbo_min_tokens == TBO_MIN_TOKENS
+    assert not StepOptions().use_tbo(8192) and StepOptions().use_tbo(TBO_MIN_TOKENS)

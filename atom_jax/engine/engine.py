@@ -15,7 +15,8 @@ from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resol
 from atom_jax.engine import stream_text
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
-from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
+from atom_jax.scheduler import (TBO_MIN_TOKENS, DPScheduler, RankConfig, SamplingParams, Sequence,
+                                make_delayer)
 from atom_jax.sharding import StepOptions, make_dp_mesh
 
 
@@ -32,7 +33,7 @@ class EngineConfig:
     chunk_size: int = 256
     buckets: tuple[int, ...] | None = None
     tbo: bool | None = None  # None: on for steps >= tbo_min_tokens per rank
-    tbo_min_tokens: int = 1024
+    tbo_min_tokens: int = TBO_MIN_TOKENS
     delayer: str = "auto"  # off | on | coalesce | auto (on for dp > 1)
     expert_mode: str = "expert"
     moe_backend: str = "auto"  # grouped-GEMM backend (atom_jax.kernels.grouped_gemm; auto: by platform and size)

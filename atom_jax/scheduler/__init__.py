@@ -4,7 +4,8 @@ Pure Python; the model runner drives it one step at a time (see DPScheduler)."""
 
 from atom_jax.scheduler.delayer import (DelayDecision, NoDelayer, PrefillCoalescer,
                                         PrefillDelayer, make_delayer)
-from atom_jax.scheduler.dp_scheduler import DPScheduler, StepOutput, StepPlan, default_buckets
+from atom_jax.scheduler.dp_scheduler import (TBO_MIN_TOKENS, DPScheduler, StepOutput, StepPlan,
+                                             default_buckets)
 from atom_jax.scheduler.metrics import SchedulerMetrics, StepRecord
 from atom_jax.scheduler.pages import PageAllocator, SlotAllocator, pages_for
 from atom_jax.scheduler.rank_scheduler import (ChunkWork, PrefillOutlook, RankConfig,
@@ -16,6 +17,6 @@ __all__ = [
     "ChunkWork", "DPScheduler", "DelayDecision", "FINISH_REASONS", "NoDelayer",
     "PageAllocator", "PrefillCoalescer", "PrefillDelayer", "PrefillOutlook", "RankConfig",
     "RankScheduler", "SamplingParams", "SchedulerMetrics", "Sequence", "SeqStatus",
-    "SlotAllocator", "StepOutput", "StepPlan", "StepRecord", "default_buckets",
+    "SlotAllocator", "StepOutput", "StepPlan", "StepRecord", "TBO_MIN_TOKENS", "default_buckets",
     "make_delayer", "pages_for",
 ]

@@ -57,9 +57,17 @@ class StepOutput:
     finished: list[Sequence]  # everything that finished since the last step (any reason)
 
 
+# Tokens per rank from which `auto` runs a step as two overlapped micro-batches. On 2 GPUs
+# (docs/benchmarks.md, DP step) TBO lost at every measured size up to 8K tokens per rank
+# (1.29x at 1K, 1.16x at 4K, 1.04-1.08x at 8K): the collectives are ~4% of the step there. So
+# auto keeps it off through the measured range; `--tbo on` or a lower threshold where the
+# all-gather grows (more ranks) and measurements show a gain.
+TBO_MIN_TOKENS = 16384
+
+
 class DPScheduler:
     def __init__(self, dp: int, rank_config: RankConfig | None = None, buckets=None,
-                 delayer=None, tbo_min_tokens: int | None = 1024, eos_token_ids=()):
+                 delayer=None, tbo_min_tokens: int | None = TBO_MIN_TOKENS, eos_token_ids=()):
         if dp <= 0:
             raise ValueError(f"dp must be > 0, got {dp}")
         self.dp = dp

@@ -25,6 +25,7 @@ import uvicorn
 
 from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
 from atom_jax.kernels.names import MOE_BACKENDS
+from atom_jax.scheduler import TBO_MIN_TOKENS
 
 log = logging.getLogger("atom_jax.serve")
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context = page-tokens * max-pages-per-seq")
     e.add_argument("--tbo", choices=("on", "off", "auto"), default="auto",
                    help="two-batch overlap (auto: on for steps of >= --tbo-min-tokens per rank)")
-    e.add_argument("--tbo-min-tokens", type=_positive, default=1024)
+    e.add_argument("--tbo-min-tokens", type=_positive, default=TBO_MIN_TOKENS)
     e.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto",
                    help="routed-expert grouped GEMM (auto: ragged_dot on CPU; on GPU tokamax for "
                    "small groups on Hopper when installed, else the Pallas kernel)")

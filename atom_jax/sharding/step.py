@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atom_jax.loader import abstract_model
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.hyper import hc_merge
+from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.models.layers import rms_norm
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
@@ -33,10 +34,10 @@ from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     expert_mode: str = BY_EXPERT
-    # None: TBO when a rank has at least `tbo_min_tokens` tokens (below that the split loses:
-    # DESIGN.md section 3 measured 256 tokens per rank slower with TBO)
+    # None: TBO when a rank has at least `tbo_min_tokens` tokens (below that the split loses;
+    # see atom_jax.scheduler.TBO_MIN_TOKENS for the measurements behind the default)
     tbo: bool | None = None
-    tbo_min_tokens: int = 1024
+    tbo_min_tokens: int = TBO_MIN_TOKENS
     moe_backend: str = "ragged_dot"
     # True: route locally, gather (weights, ids); False: gather token ids, route gathered tokens
     gather_routing: bool = True
