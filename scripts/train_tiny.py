@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import json
 import os
 import re
@@ -116,10 +115,9 @@ def model_config() -> ModelConfig:
     return byte_model_config()
 
 
-@functools.lru_cache(maxsize=None)
 def make_tx(lr: float, steps: int, warmup: int, weight_decay: float = 0.01, clip: float = 1.0):
     """AdamW, linear warm-up then cosine decay to lr / 10, global-norm clipping; weight decay on
-    matrices only. Cached so equal settings share one object (and one compiled train step)."""
+    matrices only."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr / 10)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(optax.clip_by_global_norm(clip),
@@ -135,11 +133,14 @@ def loss_fn(params, graphdef, rest, batch):
 _STEPS: dict[tuple, object] = {}
 
 
-def train_step_fn(cfg: ModelConfig, graphdef, tx):
-    """The jitted step for one (model config, optimizer); one per process, so trainers with equal
-    settings share its compilation (the config holds a dict, so it cannot be a static jit arg)."""
-    key = (repr(cfg), id(tx))
+def train_step_fn(cfg: ModelConfig, graphdef, tx_settings: tuple):
+    """The jitted step for one (model config, `make_tx` settings); one per process, so trainers
+    with equal settings share its compilation (the config holds a dict, so it cannot be a
+    static jit arg)."""
+    key = (repr(cfg), tx_settings)
     if key not in _STEPS:
+        tx = make_tx(*tx_settings)
+
         @jax.jit
         def step(params, rest, opt_state, batch):
             loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, rest, batch)
@@ -157,11 +158,12 @@ class Trainer:
     def __init__(self, cfg: ModelConfig, seed: int, lr: float, steps: int, warmup: int):
         self.cfg, self.seed = cfg, seed
         self.graphdef, params, rest = nnx.split(random_model(cfg, seed=seed), nnx.Param, ...)
-        self.tx = make_tx(lr, steps, warmup)
+        tx_settings = (lr, steps, warmup)
+        self.tx = make_tx(*tx_settings)
         # committed to one device, as restored arrays are, so both share one compiled step
         self.params, self.rest, self.opt_state = jax.device_put((params, rest, self.tx.init(params)),
                                                                 jax.devices()[0])
-        self._step = train_step_fn(cfg, self.graphdef, self.tx)
+        self._step = train_step_fn(cfg, self.graphdef, tx_settings)
         self.step = 0
         self.losses: list[float] = []
 
