@@ -39,7 +39,7 @@ from atom_jax.config import ModelConfig  # noqa: E402
 from atom_jax.default_model import DEFAULT_MODEL_DIR, byte_model_config  # noqa: E402
 from atom_jax.loader import random_model, save_orbax  # noqa: E402
 from atom_jax.models import jit_forward  # noqa: E402
-from atom_jax.tokenizer import BOS_ID, EOS_ID, ByteTokenizer  # noqa: E402
+from atom_jax.tokenizer import EOS_ID, ByteTokenizer  # noqa: E402
 
 DEFAULT_OUT = DEFAULT_MODEL_DIR
 DEFAULT_PLOT = os.path.join(REPO, "docs", "train_tiny_loss.png")

@@ -17,6 +17,7 @@ import pytest
 from atom_jax.config import HCA, SLIDING
 from atom_jax.default_model import DEFAULT_MODEL_DIR, RANDOM, load_resolved, resolve_model
 from atom_jax.loader import ORBAX_SUBDIR
+from atom_jax.tokenizer import BOS_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def test_corpus_is_stdlib_docstrings_in_a_fixed_order(tt, tokens):
     assert not any(os.sep + "site-packages" + os.sep in f for f in files)
     docs = tt.docstrings(files[:40])
     assert len(docs) > 100 and all(d == d.strip() and d for d in docs)
-    assert tokens[0] == tt.BOS_ID and (tokens == tt.EOS_ID).sum() == len(docs)
+    assert tokens[0] == BOS_ID and (tokens == tt.EOS_ID).sum() == len(docs)
     # windows are a function of (seed, step) alone
     a, b = tt.batch_at(tokens, 7, 0, 4, 32), tt.batch_at(tokens, 7, 0, 4, 32)
     np.testing.assert_array_equal(a, b)
@@ -122,7 +123,7 @@ def test_default_resolves_to_the_shipped_model_and_random_stays_random():
 def test_random_model_stops_on_the_byte_tokenizers_eos_like_the_shipped_one():
     """Both embedded models use the byte tokenizer, so both configs carry its BOS / EOS (a
     plain tiny() config would also stop the random model on byte 0x01)."""
-    from atom_jax.tokenizer import BOS_ID, EOS_ID
+    from atom_jax.tokenizer import EOS_ID
     shipped = load_resolved(resolve_model(None)).cfg
     rnd = load_resolved(resolve_model(RANDOM)).cfg
     assert (rnd.bos_token_id, rnd.eos_token_ids) == (shipped.bos_token_id, shipped.eos_token_ids)
