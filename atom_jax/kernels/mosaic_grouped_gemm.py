@@ -78,8 +78,7 @@ def aligned_work_list(starts, ends, tile_m: int, max_items: int):
     return row0, lo, hi, group, count
 
 
-def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC,
-                        interpret: bool = False):
+def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); other rows unspecified."""
     m, k = rows.shape
     g, k2, n = weights.shape
@@ -172,15 +171,14 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
         kernel, out_type=jax.ShapeDtypeStruct((m, n), rows.dtype),
         grid=(_num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
         # Warpgroup semantics, as jax's Hopper matmul (lane semantics measured 0-3% slower).
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret)
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return call(item_row0, item_lo, item_hi, group, count, x, weights)
 
 
-def grouped_gemm(rows, weights, group_sizes, cfg: MosaicTiles = PREFILL_MOSAIC, interpret: bool = False):
+def grouped_gemm(rows, weights, group_sizes, cfg: MosaicTiles = PREFILL_MOSAIC):
     """The seam's contract: contiguous groups by size; rows past the last group are zero."""
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
-    out = grouped_gemm_ranges(rows, weights, ends - sizes, ends, cfg, interpret)
+    out = grouped_gemm_ranges(rows, weights, ends - sizes, ends, cfg)
     valid = jnp.arange(rows.shape[0]) < ends[-1]
     return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
