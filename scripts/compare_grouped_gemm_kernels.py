@@ -12,7 +12,7 @@ import jax, jax.numpy as jnp, numpy as np
 import bench_grouped_gemm as b
 from atom_jax.kernels import mosaic_grouped_gemm as mg, pallas_grouped_gemm as pg
 path = sys.argv[1]; shapes = sys.argv[2].split(","); tokens = [int(t) for t in sys.argv[3].split(",")]
-CFGS = [mg.PREFILL_MOSAIC, mg.MosaicTiles(stages=4, band=4), mg.MosaicTiles(stages=3, epi_m=128)]
+CFGS = [mg.PREFILL_MOSAIC, mg.MosaicTiles(stages=4, band=4), mg.MosaicTiles(epi_m=128, band=4)]
 def mosaic_backend(cfg):
     return lambda x, w, s, mean_group=None: mg.grouped_gemm(x, w, s, cfg)
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": {}, "rows": []}

@@ -105,9 +105,7 @@ def capacity_dropless(rows, weights, group_sizes, mean_group=None):
     from atom_jax.kernels import pallas_grouped_gemm
     cap = _capacity_of(rows, weights, mean_group)
     bulk = capacity_padded(rows, weights, group_sizes, mean_group)
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    starts, ends = pallas_grouped_gemm.group_ranges(group_sizes)
     over_starts = jnp.minimum(starts + cap, ends)
     over = pallas_grouped_gemm.grouped_gemm_ranges(
         rows, weights, over_starts, ends, pallas_grouped_gemm.DECODE_TILES, interpret=_on_cpu())

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from atom_jax.kernels.pallas_grouped_gemm import work_items
+from atom_jax.kernels.pallas_grouped_gemm import from_group_sizes, work_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +38,15 @@ class MosaicTiles:
     tile_m: int = 128  # rows per work item, shared by both compute warpgroups
     tile_n: int = 128  # columns per compute warpgroup (a CTA covers 2 * tile_n)
     tile_k: int = 64
-    stages: int = 4  # shared-memory ring depth of the TMA pipeline
+    stages: int = 3  # shared-memory ring depth of the TMA pipeline
     epi_m: int = 64  # accumulator rows stored per epilogue chunk
     # Launch order: the (item, column tile) grid is walked in bands of `band` column tiles,
     # snaking, so neighbouring CTAs share row tiles and weight tiles in L2.
-    band: int = 4
+    band: int = 8
 
 
-# 3 stages, bands of 8 column tiles: best of the H100 comparison (docs/benchmarks.md, round 4).
-PREFILL_MOSAIC = MosaicTiles(stages=3, band=8)
+# The defaults (3 stages, bands of 8): best of the H100 comparison (docs/benchmarks.md, round 4).
+PREFILL_MOSAIC = MosaicTiles()
 ROW_ALIGN = 8
 
 
@@ -177,8 +177,4 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
 
 def grouped_gemm(rows, weights, group_sizes, cfg: MosaicTiles = PREFILL_MOSAIC):
     """The seam's contract: contiguous groups by size; rows past the last group are zero."""
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    out = grouped_gemm_ranges(rows, weights, ends - sizes, ends, cfg)
-    valid = jnp.arange(rows.shape[0]) < ends[-1]
-    return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg)

@@ -107,14 +107,24 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     return call(group, tile, count, starts.astype(jnp.int32), ends.astype(jnp.int32), x, weights)[:m]
 
 
+def group_ranges(group_sizes):
+    """Contiguous groups by size -> (starts, ends), int32."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return ends - group_sizes.astype(jnp.int32), ends
+
+
+def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args):
+    """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
+    ends, *args)`): contiguous groups by size; rows past the last group are zero."""
+    starts, ends = group_ranges(group_sizes)
+    out = ranges_kernel(rows, weights, starts, ends, *args)
+    valid = jnp.arange(rows.shape[0]) < ends[-1]
+    return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+
+
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
                  interpret: bool = False):
     """The seam's contract: contiguous groups by size; rows past the last group are zero."""
-    sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
     if cfg is None:
         cfg = default_tiles(rows.shape[0] / max(weights.shape[0], 1))
-    out = grouped_gemm_ranges(rows, weights, starts, ends, cfg, interpret)
-    valid = jnp.arange(rows.shape[0]) < ends[-1]
-    return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret)

@@ -23,8 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atom_jax.loader import abstract_model
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.hyper import hc_merge
-from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.models.layers import rms_norm
+from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
 from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
