@@ -9,7 +9,7 @@ from atom_jax.kernels import grouped_gemm
 
 
 @pytest.mark.parametrize("backend", ["ragged_dot", "dense", "capacity"])
-def test_backend_matchesgrouped_reference(backend):
+def test_backend_matches_reference(backend):
     rng = np.random.default_rng()
     g, k, n = 6, 16, 12
     sizes = np.array([0, 9, 1, 0, 14, 3])  # empty and large groups
