@@ -18,22 +18,37 @@ from atom_jax.models import jit_forward
 from atom_jax.tokenizer import ByteTokenizer
 
 
-def greedy(forward, prompt_ids: list[int], max_tokens: int, eos_ids=(), pad_to: int | None = None) -> list[int]:
-    total = pad_to or len(prompt_ids) + max_tokens
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
-    n, out = len(prompt_ids), []
+def greedy_batch(forward, prompts: list[list[int]], max_tokens: int, eos_ids=(),
+                 width: int | None = None) -> list[list[int]]:
+    """Greedy continuations of several prompts at once through one full-sequence `forward` over
+    [len(prompts), width] (default: longest prompt + max_tokens). A row stops at an EOS id
+    (kept in its output) or when it fills `width`."""
+    width = width or max(map(len, prompts)) + max_tokens
+    buf = np.zeros((len(prompts), width), np.int32)
+    for i, ids in enumerate(prompts):
+        buf[i, : len(ids)] = ids
+    n = np.array([len(ids) for ids in prompts])
+    out: list[list[int]] = [[] for _ in prompts]
+    live = n < width
     for _ in range(max_tokens):
-        if n >= total:
+        if not live.any():
             break
-        logits = forward(buf)
-        tok = int(np.argmax(np.asarray(logits[0, n - 1])))
-        out.append(tok)
-        if tok in eos_ids:
-            break
-        buf[0, n] = tok
-        n += 1
+        logits = np.asarray(forward(buf))
+        nxt = logits[np.arange(len(prompts)), n - 1].argmax(-1)
+        for i in np.flatnonzero(live):
+            tok = int(nxt[i])
+            out[i].append(tok)
+            if tok in eos_ids:
+                live[i] = False
+                continue
+            buf[i, n[i]] = tok
+            n[i] += 1
+            live[i] = n[i] < width
     return out
+
+
+def greedy(forward, prompt_ids: list[int], max_tokens: int, eos_ids=(), pad_to: int | None = None) -> list[int]:
+    return greedy_batch(forward, [prompt_ids], max_tokens, eos_ids, width=pad_to)[0]
 
 
 def main(argv=None):

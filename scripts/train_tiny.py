@@ -38,6 +38,7 @@ from flax import nnx  # noqa: E402
 from atom_jax.config import ModelConfig  # noqa: E402
 from atom_jax.default_model import DEFAULT_MODEL_DIR, byte_model_config  # noqa: E402
 from atom_jax.loader import random_model, save_orbax  # noqa: E402
+from atom_jax.demo import greedy_batch  # noqa: E402
 from atom_jax.models import jit_forward  # noqa: E402
 from atom_jax.tokenizer import EOS_ID, ByteTokenizer  # noqa: E402
 
@@ -110,11 +111,6 @@ def batch_at(tokens: np.ndarray, step: int, seed: int, batch: int, seq: int) -> 
 
 
 # ---- model and optimizer ------------------------------------------------------------------------
-def model_config() -> ModelConfig:
-    """The tiny preset with the byte tokenizer's BOS / EOS ids."""
-    return byte_model_config()
-
-
 def make_tx(lr: float, steps: int, warmup: int, weight_decay: float = 0.01, clip: float = 1.0):
     """AdamW, linear warm-up then cosine decay to lr / 10, global-norm clipping; weight decay on
     matrices only."""
@@ -222,28 +218,9 @@ def latest_checkpoint(work: str) -> str | None:
 def greedy_texts(model, prompts, max_tokens: int = 48) -> list[str]:
     """Greedy continuations of all `prompts` at once (each stops at EOS) through one compiled
     full-sequence forward over [len(prompts), longest prompt + max_tokens]."""
-    forward = jit_forward(model)
     tok = ByteTokenizer()
-    ids = [tok.encode(p) for p in prompts]
-    buf = np.zeros((len(ids), max(map(len, ids)) + max_tokens), np.int32)
-    for i, row in enumerate(ids):
-        buf[i, : len(row)] = row
-    n = np.array([len(row) for row in ids])
-    out: list[list[int]] = [[] for _ in ids]
-    live = np.ones(len(ids), bool)
-    for _ in range(max_tokens):
-        logits = np.asarray(forward(buf))
-        nxt = logits[np.arange(len(ids)), n - 1].argmax(-1)
-        for i in np.flatnonzero(live):
-            out[i].append(int(nxt[i]))
-            if nxt[i] == EOS_ID:
-                live[i] = False
-            else:
-                buf[i, n[i]] = nxt[i]
-                n[i] += 1
-        if not live.any():
-            break
-    return [tok.decode(o) for o in out]
+    outs = greedy_batch(jit_forward(model), [tok.encode(p) for p in prompts], max_tokens, eos_ids=(EOS_ID,))
+    return [tok.decode(o) for o in outs]
 
 
 PROMPTS = ("Return the number of ", "Create a new ", "If the file ", "This module provides ")
@@ -337,7 +314,7 @@ def main(argv=None) -> int:
     tokens = encode_corpus(docs)
     print(f"corpus: {len(docs)} docstrings from {len(files)} stdlib files "
           f"({sysconfig.get_paths()['stdlib']}), {len(tokens)} tokens", flush=True)
-    cfg = model_config()
+    cfg = byte_model_config()
     trainer = Trainer(cfg, args.seed, args.lr, args.steps, args.warmup)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(trainer.params))
     print(f"model: tiny DeepSeek-V4, {n_params} parameters, layers {cfg.attn_kinds}, "

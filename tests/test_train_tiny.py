@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from atom_jax.config import HCA, SLIDING
-from atom_jax.default_model import DEFAULT_MODEL_DIR, RANDOM, load_resolved, resolve_model
+from atom_jax.default_model import DEFAULT_MODEL_DIR, RANDOM, byte_model_config, load_resolved, resolve_model
 from atom_jax.loader import ORBAX_SUBDIR
 from atom_jax.tokenizer import BOS_ID
 
@@ -50,7 +50,7 @@ def tokens(tt):
 
 
 def new_trainer(tt, seed=0):
-    cfg = tt.model_config().replace(num_layers=2, attn_kinds=(SLIDING, HCA), hash_layers=(True, False))
+    cfg = byte_model_config().replace(num_layers=2, attn_kinds=(SLIDING, HCA), hash_layers=(True, False))
     return tt.Trainer(cfg, seed=seed, lr=LR, steps=STEPS, warmup=WARMUP)
 
 
