@@ -15,12 +15,15 @@ from atom_jax.kernels import pallas_grouped_gemm as pg
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("trailing", [0, 7])
 @pytest.mark.parametrize("tiles", [pg.DECODE_TILES, pg.PREFILL_TILES], ids=["decode", "prefill"])
 @pytest.mark.parametrize("backend", ["pallas", "capacity_dropless"])
-def test_compiled_kernels_match_float32_reference(tiles, backend):
+def test_compiled_kernels_match_float32_reference(tiles, backend, trailing):
+    """`trailing` rows in no group come out zero; with none, the last tile runs past row M of
+    the unpadded rows (masked loads and stores)."""
     rng = np.random.default_rng()
     g, k, n, m = 16, 512, 512, 1000
-    sizes = skewed_sizes(rng, m - 7, g)  # 7 trailing rows in no group
+    sizes = skewed_sizes(rng, m - trailing, g)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
     if backend == "pallas":
@@ -34,14 +37,16 @@ def test_compiled_kernels_match_float32_reference(tiles, backend):
     assert np.all(out[sizes.sum():] == 0)
 
 
-@pytest.mark.parametrize("trial", range(2))
-def test_mosaic_kernel_matches_float32_reference(trial):
+@pytest.mark.parametrize("m,trailing", [(1500, 5), (1496, 0), (1496, 9)])
+def test_mosaic_kernel_matches_float32_reference(m, trailing):
     """Our Mosaic GPU (Hopper) kernel: skewed sizes put group starts off 8-row boundaries, the
-    case that zero-filled rows before tiles were aligned down to 8 rows."""
+    case that zero-filled rows before tiles were aligned down to 8 rows. M = 1500 takes the
+    padded path (M not a multiple of 8); M = 1496 reads the rows in place, so the last tile's
+    TMA load runs past row M; `trailing` rows past the last group come out zero."""
     from atom_jax.kernels import mosaic_grouped_gemm as mg
     rng = np.random.default_rng()
-    g, k, n, m = 24, 512, 512, 1500
-    sizes = skewed_sizes(rng, m - 5, g)
+    g, k, n = 24, 512, 512
+    sizes = skewed_sizes(rng, m - trailing, g)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
     out = np.asarray(jax.jit(mg.grouped_gemm)(x, w, jnp.asarray(sizes)), np.float32)

@@ -186,3 +186,25 @@ def test_mosaic_work_list_stores_every_group_row_once_from_aligned_tiles(trial):
     for gi in range(g):
         expected[starts[gi]:ends[gi]] = gi
     np.testing.assert_array_equal(owner, expected)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_gpu_kernels_read_rows_in_place_and_return_their_output(kernel):
+    """Built for CUDA, each kernel takes `rows` and `weights` as they are and its output is the
+    function's result: no pad of the rows, no slice of the output and no zeroing pass (rows past
+    the last group are zeroed inside the kernel). Each of those is a copy of a whole
+    [M, K] or [M, N] array (~0.2 ms of 1.24 ms at 4K tokens/rank on H100)."""
+    import re
+    from atom_jax.kernels import mosaic_grouped_gemm as mg
+    fn = {"triton": lambda a, b, s: pg.grouped_gemm(a, b, s, cfg=pg.PREFILL_TILES),
+          "mosaic": mg.grouped_gemm}[kernel]
+    x = jax.ShapeDtypeStruct((1024, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((5, 256, 256), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((5,), jnp.int32)
+    text = jax.jit(fn).trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"(%\w+) = stablehlo\.custom_call @\S+\(([^)]*)\)", text)
+    kernel_calls = [(out, args) for out, args in calls if "%arg0" in args.split(", ")]
+    assert len(kernel_calls) == 1, calls
+    out, args = kernel_calls[0]
+    assert "%arg1" in args.split(", ")
+    assert re.search(rf"^\s*return {out} : tensor<1024x256xbf16>", text, re.M)

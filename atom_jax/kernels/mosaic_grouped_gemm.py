@@ -78,8 +78,10 @@ def aligned_work_list(starts, ends, tile_m: int, max_items: int):
     return row0, lo, hi, group, count
 
 
-def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC):
-    """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); other rows unspecified."""
+def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC,
+                        zero_from=None):
+    """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
+    when zero_from (a scalar at or past the last range) is given; other rows unspecified."""
     m, k = rows.shape
     g, k2, n = weights.shape
     bm, bn, bk = cfg.tile_m, cfg.tile_n, cfg.tile_k
@@ -90,11 +92,15 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
-    items = max_work_items(m, g, bm)
+    starts, ends = starts.astype(jnp.int32), ends.astype(jnp.int32)
+    if zero_from is not None:  # range g: the zero range, stored from a zero accumulator
+        starts = jnp.append(starts, jnp.asarray(zero_from, jnp.int32))
+        ends = jnp.append(ends, jnp.int32(m))
+    items = max_work_items(m, starts.shape[0], bm)
     item_row0, item_lo, item_hi, group, count = aligned_work_list(starts, ends, bm, items)
-    # The last tile's TMA load may run past row m; TMA into the tiled layout also needs a row
-    # count that is a multiple of 8.
-    x = jnp.pad(rows, ((0, bm + (-m) % ROW_ALIGN), (0, 0)))
+    # TMA zero-fills the rows of the last tile that run past M, but the tiled layout needs a row
+    # count that is a multiple of 8: pad only then (a pad is a copy of all of `rows`).
+    x = jnp.pad(rows, ((0, (-m) % ROW_ALIGN), (0, 0))) if m % ROW_ALIGN else rows
     n_iters, k_iters = n // cta_n, k // bk
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(rows.dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(rows.dtype).itemsize)),
@@ -129,8 +135,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
                     row0, lo, hi, gi = row0_ref[i], lo_ref[i], hi_ref[i], group_ref[i]
                     cols = pl.ds(j * cta_n + wg * bn, bn)
 
-                    def store(acc_ref):
-                        acc = acc_ref[...].astype(o_ref.dtype)
+                    def store(acc):
+                        acc = acc.astype(o_ref.dtype)
                         for c in range(bm // cfg.epi_m):
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot free again
                             out_smem[wg] = acc[c * cfg.epi_m:(c + 1) * cfg.epi_m]
@@ -153,17 +159,24 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
                         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
                         def _(acc_ref):
                             run_pipeline(acc_ref)
-                            store(acc_ref)
+                            store(acc_ref[...])
 
                     def mma(_, a_smem, b_smem, acc_ref):
                         plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * bn, bn)])
                         plgpu.wgmma_wait(0)
                         return acc_ref
 
-                    pipeline(mma, compute_context)(
-                        # multiple_of: the 8-row alignment; warpgroup layout inference fails without it
-                        x_ref.at[pl.ds(pl.multiple_of(row0, ROW_ALIGN), bm), :], w_ref.at[gi].at[:, pl.ds(j * cta_n, cta_n)],
-                        allocations=allocs)
+                    @pl.when(gi < g)
+                    def _matmul():
+                        pipeline(mma, compute_context)(
+                            # multiple_of: the 8-row alignment; layout inference fails without it
+                            x_ref.at[pl.ds(pl.multiple_of(row0, ROW_ALIGN), bm), :],
+                            w_ref.at[gi].at[:, pl.ds(j * cta_n, cta_n)],
+                            allocations=allocs)
+
+                    @pl.when((gi == g) & (wg < 2))  # the zero range: compute warpgroups only
+                    def _zeros():
+                        store(plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

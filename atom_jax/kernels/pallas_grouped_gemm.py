@@ -5,8 +5,14 @@ weights [G, K, N]. The work list holds, for each non-empty group, the row tiles 
 the group's first row, so empty groups cost nothing and a tile never mixes two groups (its rows
 past the group's end are masked). Each program writes only its own group's rows (masked store):
 no two programs write the same element, so no atomics and no zero-fill pass. Rows outside every
-range are left unwritten: `grouped_gemm_ranges` leaves them so (the dropless capacity path fills them),
-`grouped_gemm` zeroes them. bf16 in, float32 accumulate.
+range are left unwritten, except [zero_from, M) when given: `grouped_gemm` zeroes the rows past
+the last group that way, as one more work-list range whose row loads are masked off, instead of
+a pass over the output. bf16 in, float32 accumulate.
+
+On GPU the kernel reads and writes `rows` and the output in place: masked loads and stores
+never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
+~0.2 of 1.24 ms, docs/benchmarks.md round 5). Interpret mode (CPU) clamps out-of-range slices
+instead of masking, so there both are padded by one row tile.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def work_items(starts, ends, block_m: int, max_items: int):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, *,
-            cfg: TileConfig, k_steps: int):
+            cfg: TileConfig, k_steps: int, num_groups: int):
     j = pl.program_id(0)  # column tile: fastest, so one work item's column tiles run together
     i = pl.program_id(1)
 
@@ -67,20 +73,24 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, 
         g = group_ref[i]
         row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
         mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
+        # Range num_groups is the zero range: no row is loaded, so its tiles store zeros.
+        load = mine & (g < num_groups)
+        w = jnp.minimum(g, num_groups - 1)
         cols = pl.ds(j * cfg.block_n, cfg.block_n)
 
         def step(kk, acc):
             ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
-            a = plt.load(x_ref.at[pl.ds(row0, cfg.block_m), ks], mask=mine, other=0.0)
-            return acc + plt.dot(a, w_ref[g, ks, cols])
+            a = plt.load(x_ref.at[pl.ds(row0, cfg.block_m), ks], mask=load, other=0.0)
+            return acc + plt.dot(a, w_ref[w, ks, cols])
 
         acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
         plt.store(o_ref.at[pl.ds(row0, cfg.block_m), cols], acc.astype(o_ref.dtype), mask=mine)
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False):
-    """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); other rows unspecified."""
+                        interpret: bool = False, zero_from=None):
+    """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
+    when zero_from (a scalar at or past the last range) is given; other rows unspecified."""
     m, k = rows.shape
     g, k2, n = weights.shape
     if k != k2:
@@ -91,20 +101,26 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     if k % bk or n % bn:
         raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} and block_n={bn}")
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
-    # Tiles start at group starts, so the last may run up to block_m - 1 rows past the buffer:
-    # pad (a masked read never touches the pad on GPU; interpret mode would clamp the slice).
-    x = jnp.pad(rows, ((0, cfg.block_m), (0, 0)))
-    items = -(-m // cfg.block_m) + g  # each group adds at most one partly filled tile
-    group, tile, count = work_items(starts.astype(jnp.int32), ends.astype(jnp.int32), cfg.block_m, items)
+    starts, ends = starts.astype(jnp.int32), ends.astype(jnp.int32)
+    if zero_from is not None:
+        starts = jnp.append(starts, jnp.asarray(zero_from, jnp.int32))
+        ends = jnp.append(ends, jnp.int32(m))
+    # Tiles start at group starts, so the last may run up to block_m - 1 rows past M: masked on
+    # GPU, but interpret mode clamps the slice, so pad there only.
+    pad = cfg.block_m if interpret else 0
+    x = jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows
+    items = -(-m // cfg.block_m) + starts.shape[0]  # each range adds at most one partly filled tile
+    group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, k_steps=k // bk),
-        out_shape=jax.ShapeDtypeStruct((m + cfg.block_m, n), rows.dtype),
+        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g),
+        out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm",
     )
-    return call(group, tile, count, starts.astype(jnp.int32), ends.astype(jnp.int32), x, weights)[:m]
+    out = call(group, tile, count, starts, ends, x, weights)
+    return out[:m] if pad else out
 
 
 def group_ranges(group_sizes):
@@ -115,11 +131,9 @@ def group_ranges(group_sizes):
 
 def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args):
     """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
-    ends, *args)`): contiguous groups by size; rows past the last group are zero."""
+    ends, *args, zero_from=...)`): contiguous groups by size; rows past the last group are zero."""
     starts, ends = group_ranges(group_sizes)
-    out = ranges_kernel(rows, weights, starts, ends, *args)
-    valid = jnp.arange(rows.shape[0]) < ends[-1]
-    return jnp.where(valid[:, None], out, 0).astype(rows.dtype)
+    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1])
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
