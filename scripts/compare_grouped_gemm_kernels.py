@@ -65,6 +65,11 @@ for t in tokens[:1]:
     one = jnp.asarray([rows], jnp.int32)
     dense = b.dense_case(k, n, t, 10)
     cases = [("triton", b.tiles_backend(pg.PREFILL_TILES))] + [("mosaic " + json.dumps(dataclasses.asdict(c)), mosaic_backend(c)) for c in CFGS]
+    # jax's own warp-specialized dense Mosaic matmul on the same problem: the ceiling for ours
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    hm_cfg = hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                             grid_minor_dim=hm.MatmulDimension.N, grid_tile_width=8)
+    cases.append(("jax_hopper_matmul_mgpu (dense)", lambda a, w, s: hm.matmul(a, w[0], None, hm_cfg)))
     for name, fn in cases:
         f = jax.jit(lambda a, w, s, fn=fn: fn(a, w, s))
         sec = b.back_to_back_time(lambda i: f(xs[i], w1, one), [0, 1], iters=10)
