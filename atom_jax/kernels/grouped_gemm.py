@@ -118,7 +118,8 @@ def capacity_dropless(rows, weights, group_sizes, mean_group=None):
 @register("mosaic")
 def mosaic(rows, weights, group_sizes, mean_group=None):
     """Our Mosaic GPU kernel (TMA + wgmma, warp-specialized): NVIDIA Hopper only, prefill-sized
-    groups (128-row tiles). Measured level with the Triton kernel at 4-16K tokens/rank."""
+    groups (128-row tiles). On H100 faster than the Triton kernel on V4-Flash at 8-16K
+    tokens/rank, slower on V4-Pro at 4-8K (docs/benchmarks.md, grouped GEMM round 5)."""
     if jax.default_backend() != "gpu":
         raise RuntimeError("the 'mosaic' grouped-GEMM backend needs an NVIDIA Hopper GPU "
                            f"(this run's backend is {jax.default_backend()!r}); use 'pallas' or 'auto'")

@@ -6,12 +6,11 @@ warpgroup streaming row and weight tiles through a `stages`-deep shared-memory r
 and two compute warpgroups, each owning a tile_m x tile_n accumulator of the CTA's
 tile_m x 2*tile_n output tile. CTAs are persistent and walk the (work item, column tile) grid.
 
-Why: jax's warp-specialized Mosaic matmul reaches ~97% of cuBLAS on our dense M x K x N, while
-the Triton kernel (register-path loads) stays near 63%. Measured (docs/benchmarks.md, grouped
-GEMM round 4): this kernel reaches 69% on that dense problem (one group), ties the Triton kernel
-from 8K tokens/rank up and is slower at 4K, so it is an opt-in backend; where the remaining gap
-to jax's dense kernel comes from is open (not the epilogue, the work-list reads, or the lowering
-semantics: each was measured). The Triton kernel stays the default, for ROCm and for decode.
+Why: TMA loads and warp specialization are what dense Hopper matmuls need. Measured
+(docs/benchmarks.md, grouped GEMM round 5, H100): on the dense problem (one group) this kernel
+reaches 93% of cuBLAS (Triton kernel 83%, jax's dense Mosaic matmul 97%); on routed problems it
+beats the Triton kernel on V4-Flash at 8-16K tokens/rank and loses on V4-Pro at 4-8K, so it is an
+opt-in backend. The Triton kernel stays the default, for ROCm and for decode.
 
 Row tiles start at their group's first row rounded down to 8 (TMA into the tiled shared-memory
 layout needs 8-row-aligned starts), so a tile may begin with up to 7 rows of the previous group
