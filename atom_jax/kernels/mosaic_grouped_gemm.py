@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from atom_jax.kernels.pallas_grouped_gemm import from_group_sizes, work_items
+from atom_jax.kernels.pallas_grouped_gemm import from_group_sizes, with_zero_range, work_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
-    starts, ends = starts.astype(jnp.int32), ends.astype(jnp.int32)
-    if zero_from is not None:  # range g: the zero range, stored from a zero accumulator
-        starts = jnp.append(starts, jnp.asarray(zero_from, jnp.int32))
-        ends = jnp.append(ends, jnp.int32(m))
+    starts, ends = with_zero_range(starts, ends, zero_from, m)  # range g: stored as zeros
     items = max_work_items(m, starts.shape[0], bm)
     item_row0, item_lo, item_hi, group, count = aligned_work_list(starts, ends, bm, items)
     # TMA zero-fills the rows of the last tile that run past M, but the tiled layout needs a row

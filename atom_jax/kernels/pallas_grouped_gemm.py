@@ -101,10 +101,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     if k % bk or n % bn:
         raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} and block_n={bn}")
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
-    starts, ends = starts.astype(jnp.int32), ends.astype(jnp.int32)
-    if zero_from is not None:
-        starts = jnp.append(starts, jnp.asarray(zero_from, jnp.int32))
-        ends = jnp.append(ends, jnp.int32(m))
+    starts, ends = with_zero_range(starts, ends, zero_from, m)
     # Tiles start at group starts, so the last may run up to block_m - 1 rows past M: masked on
     # GPU, but interpret mode clamps the slice, so pad there only.
     pad = cfg.block_m if interpret else 0
@@ -121,6 +118,16 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     )
     out = call(group, tile, count, starts, ends, x, weights)
     return out[:m] if pad else out
+
+
+def with_zero_range(starts, ends, zero_from, m: int):
+    """int32 (starts, ends), plus [zero_from, m) as one more range when zero_from is given: the
+    kernels store zeros for range len(starts) (rows past the last group)."""
+    starts, ends = starts.astype(jnp.int32), ends.astype(jnp.int32)
+    if zero_from is None:
+        return starts, ends
+    return (jnp.append(starts, jnp.asarray(zero_from, jnp.int32)),
+            jnp.append(ends, jnp.int32(m)))
 
 
 def group_ranges(group_sizes):
