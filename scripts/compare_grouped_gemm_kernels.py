@@ -5,7 +5,9 @@ correctness vs float32 first (GPU only).
     python scripts/compare_grouped_gemm_kernels.py out.json flash_up,flash_down,pro_up 4096,8192,16384
 
 Also times each kernel on a one-group problem of the first shape (every row in one expert, the
-dense matmul's own shape) to separate per-work-item overhead from grouped-specific costs.
+dense matmul's own shape) to separate per-work-item overhead from grouped-specific costs, and
+on a problem with half the rows past the last group (dp=2 with experts sharded), all rows vs the
+local half alone, for what zeroing those rows costs.
 """
 import dataclasses, json, os, sys, time, traceback
 sys.path.insert(0, os.path.dirname(__file__)); sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -76,4 +78,25 @@ for t in tokens[:1]:
         row = dict(shape=shapes[0] + "_one_group", tokens=t, cfg=name, ms=sec * 1e3, frac=dense / sec, dense_ms=dense * 1e3)
         out["rows"].append(row)
         print(f"one_group {t} {row['ms']:.3f}ms {100*row['frac']:.1f}% dense={dense*1e3:.3f} {name}", flush=True)
+    json.dump(out, open(path, "w"), indent=1)
+
+# Half the rows past the last group, as under dp=2 with experts sharded (choices of the other
+# rank's experts sort there and must come out zero): each kernel on all rows vs on the local
+# half alone; the difference is what the zero range costs.
+from atom_jax.bench.routings import uniform_sizes
+g, k, n = b.SHAPES[shapes[0]]
+for t in tokens[:1]:
+    rows = t * 6
+    sizes = [jnp.asarray(uniform_sizes(rng, rows // 2, g)) for _ in range(2)]
+    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+    w = jax.random.normal(jax.random.key(7), (g, k, n), jnp.bfloat16) * 0.02
+    cases = [("triton", b.tiles_backend(pg.PREFILL_TILES)), ("triton_with_round4_copies", triton_with_copies)]
+    cases += [("mosaic " + json.dumps(dataclasses.asdict(c)), mosaic_backend(c)) for c in CFGS]
+    for name, fn in cases:
+        f = jax.jit(lambda a, w, s, fn=fn: fn(a, w, s))
+        full = b.back_to_back_time(lambda i: f(xs[i], w, sizes[i]), [0, 1], iters=10)
+        local = b.back_to_back_time(lambda i: f(xs[i][:rows // 2], w, sizes[i]), [0, 1], iters=10)
+        row = dict(shape=shapes[0] + "_half_past_last_group", tokens=t, cfg=name, ms=full * 1e3, local_half_ms=local * 1e3)
+        out["rows"].append(row)
+        print(f"half_past_last_group {t} all rows {full*1e3:.3f}ms, local half alone {local*1e3:.3f}ms {name}", flush=True)
     json.dump(out, open(path, "w"), indent=1)

@@ -6,8 +6,8 @@ the group's first row, so empty groups cost nothing and a tile never mixes two g
 past the group's end are masked). Each program writes only its own group's rows (masked store):
 no two programs write the same element, so no atomics and no zero-fill pass. Rows outside every
 range are left unwritten, except [zero_from, M) when given: `grouped_gemm` zeroes the rows past
-the last group that way, as one more work-list range whose row loads are masked off, instead of
-a pass over the output. bf16 in, float32 accumulate.
+the last group that way, as one more work-list range whose tiles store zeros without a K loop,
+instead of a read-and-write pass over the output. bf16 in, float32 accumulate.
 
 On GPU the kernel reads and writes `rows` and the output in place: masked loads and stores
 never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
@@ -73,18 +73,24 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, 
         g = group_ref[i]
         row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
         mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
-        # Range num_groups is the zero range: no row is loaded, so its tiles store zeros.
-        load = mine & (g < num_groups)
-        w = jnp.minimum(g, num_groups - 1)
         cols = pl.ds(j * cfg.block_n, cfg.block_n)
+        out = o_ref.at[pl.ds(row0, cfg.block_m), cols]
 
-        def step(kk, acc):
-            ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
-            a = plt.load(x_ref.at[pl.ds(row0, cfg.block_m), ks], mask=load, other=0.0)
-            return acc + plt.dot(a, w_ref[w, ks, cols])
+        @pl.when(g < num_groups)
+        def _matmul():
+            def step(kk, acc):
+                ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
+                a = plt.load(x_ref.at[pl.ds(row0, cfg.block_m), ks], mask=mine, other=0.0)
+                return acc + plt.dot(a, w_ref[g, ks, cols])
 
-        acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
-        plt.store(o_ref.at[pl.ds(row0, cfg.block_m), cols], acc.astype(o_ref.dtype), mask=mine)
+            acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
+
+        # Range num_groups is the zero range: stored without a K loop (under DP with experts
+        # sharded, most rows are choices of other ranks' experts and land here).
+        @pl.when(g == num_groups)
+        def _zeros():
+            plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
