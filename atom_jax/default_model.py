@@ -64,6 +64,6 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
 def load_resolved_tokenizer(source: ModelSource):
     """The byte tokenizer (with its plain chat format) for the embedded models, else the
     directory's own tokenizer (None when it has none: token-id prompts only)."""
-    from atom_jax.engine.tokenizer import load_tokenizer
+    from atom_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(None if source.byte_tokenizer else source.path)

@@ -13,6 +13,7 @@ from flax import nnx
 from atom_jax.config import ModelConfig
 from atom_jax.models import DeepseekV4
 from atom_jax.models.param_map import MTP_NAME, param_map
+from atom_jax.weights.config_io import read_config, to_hf_dict
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint
 
 ORBAX_SUBDIR = "orbax"
@@ -45,7 +46,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
     filled; otherwise a CheckpointError names the tensor (and its file)."""
     if os.path.isdir(os.path.join(path, ORBAX_SUBDIR)):
         return restore_orbax(path, dtype=dtype, with_mtp=with_mtp)
-    cfg = cfg or ModelConfig.from_dir(path)
+    cfg = cfg or read_config(path)
     model = abstract_model(cfg, dtype, with_mtp)
     targets = param_map(cfg, with_mtp)
     ignore = [] if with_mtp else [MTP_NAME.pattern]
@@ -95,7 +96,7 @@ def save_orbax(model: DeepseekV4, out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.cfg.to_hf_dict(), f, indent=1)
+        json.dump(to_hf_dict(model.cfg), f, indent=1)
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, ORBAX_SUBDIR), state, force=True)
@@ -105,7 +106,7 @@ def save_orbax(model: DeepseekV4, out_dir: str) -> str:
 def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False) -> DeepseekV4:
     import orbax.checkpoint as ocp
 
-    cfg = ModelConfig.from_dir(path)
+    cfg = read_config(path)
     abstract = abstract_model(cfg, dtype, with_mtp)
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as ckpt:

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atom_jax.config import ConfigError, ModelConfig, tiny, v4_flash
+from atom_jax.config import ConfigError, tiny, v4_flash
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
-from atom_jax.engine.tokenizer import load_tokenizer
 from atom_jax.loader import random_model
+from atom_jax.tokenizer import load_tokenizer
+from atom_jax.weights.config_io import from_hf_dict, read_config, to_hf_dict
 from hf_reference import make_hf_model
 from test_weights_io import V4_FLASH_OFFICIAL
 
@@ -19,19 +20,19 @@ from test_weights_io import V4_FLASH_OFFICIAL
 def test_official_config_gives_the_flash_preset(tmp_path):
     (tmp_path / "inference").mkdir()
     (tmp_path / "inference" / "config.json").write_text(json.dumps(V4_FLASH_OFFICIAL))
-    assert ModelConfig.from_dir(str(tmp_path)) == v4_flash()
+    assert read_config(str(tmp_path)) == v4_flash()
 
 
 def test_legacy_and_converted_hf_keys_agree():
-    converted = ModelConfig.from_hf_dict(v4_flash().to_hf_dict())
-    legacy = v4_flash().to_hf_dict()
+    converted = from_hf_dict(to_hf_dict(v4_flash()))
+    legacy = to_hf_dict(v4_flash())
     legacy.pop("layer_types")
     legacy.pop("mlp_layer_types")
     legacy["compress_ratios"] = [{"sliding": 0, "csa": 4, "hca": 128}[k] for k in v4_flash().attn_kinds]
     legacy["num_hash_layers"] = 3
-    assert ModelConfig.from_hf_dict(legacy) == converted == v4_flash()
+    assert from_hf_dict(legacy) == converted == v4_flash()
     with pytest.raises(ConfigError, match="model_type"):
-        ModelConfig.from_hf_dict({**legacy, "model_type": "deepseek_v3"})
+        from_hf_dict({**legacy, "model_type": "deepseek_v3"})
 
 
 def _write_word_tokenizer(path, vocab_size):

@@ -12,7 +12,7 @@ from atom_jax.engine import Engine, EngineConfig, SamplingParams
 from atom_jax.loader import random_model
 from atom_jax.config import tiny
 from atom_jax.models import jit_forward
-from atom_jax.models.cached_forward import as_jnp, cached_forward
+from cached_forward import as_jnp, cached_forward
 from hf_reference import make_hf_model
 
 SMALL = dict(num_slots=4, num_pages=48, page_tokens=32, max_pages_per_seq=8, max_tokens_per_step=32,

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from atom_jax.engine.sampling import sample_tokens
+from atom_jax.engine.sampler import sample_tokens
 
 
 def _draw(logits, t, k, p, seeds, counters):

@@ -10,10 +10,11 @@ import types
 
 import pytest
 
+from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.engine_loop import EngineLoop
 from atom_jax.serve.errors import OpenAIError
-from atom_jax.serve.prepare import EngineInfo, PreparedRequest
+from atom_jax.serve.prepare import PreparedRequest
 from atom_jax.serve.responses import ChunkWriter, Deltas
 
 

@@ -149,7 +149,7 @@ def test_shipped_model_writes_dictionary_words(tt):
 
 def test_engine_default_is_the_trained_model():
     from atom_jax.engine import Engine, EngineConfig
-    from atom_jax.engine.tokenizer import ByteChatTokenizer
+    from atom_jax.tokenizer import ByteChatTokenizer
 
     small = dict(num_slots=2, num_pages=16, page_tokens=32, max_pages_per_seq=4, max_tokens_per_step=32,
                  buckets=(8, 16, 32))

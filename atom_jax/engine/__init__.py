@@ -1,4 +1,16 @@
-from atom_jax.engine.engine import Engine, EngineConfig, RequestOutput
-from atom_jax.scheduler import SamplingParams
+"""The engine: `Engine` (offline API), its config and the model runner. Names load lazily so
+that jax-free parts (`atom_jax.engine.args`, `atom_jax.engine.info`) import without jax."""
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name):
+    if name in ("Engine", "EngineConfig", "RequestOutput"):
+        from atom_jax.engine import engine
+
+        return getattr(engine, name)
+    if name == "SamplingParams":
+        from atom_jax.scheduler import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'atom_jax.engine' has no attribute {name!r}")

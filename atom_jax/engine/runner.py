@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
-from atom_jax.engine.sampling import sample_tokens
+from atom_jax.engine.sampler import sample_tokens
 from atom_jax.sharding import DP, StepOptions
 from atom_jax.sharding.cached_step import make_cached_step
 from atom_jax.sharding.placement import place, shard_params

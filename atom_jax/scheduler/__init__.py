@@ -10,7 +10,7 @@ from atom_jax.scheduler.metrics import SchedulerMetrics, StepRecord
 from atom_jax.scheduler.pages import PageAllocator, SlotAllocator, pages_for
 from atom_jax.scheduler.rank_scheduler import (ChunkWork, PrefillOutlook, RankConfig,
                                                RankScheduler)
-from atom_jax.scheduler.sampling import SamplingParams
+from atom_jax.scheduler.sampling_params import SamplingParams
 from atom_jax.scheduler.sequence import FINISH_REASONS, Sequence, SeqStatus
 
 __all__ = [

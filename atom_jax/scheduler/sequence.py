@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from atom_jax.scheduler.sampling import SamplingParams
+from atom_jax.scheduler.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -21,8 +21,9 @@ import threading
 import time
 import traceback
 
+from atom_jax.engine.info import EngineInfo
 from atom_jax.serve.errors import SERVER_ERROR, UNAVAILABLE, OpenAIError, unavailable
-from atom_jax.serve.prepare import EngineInfo, PreparedRequest
+from atom_jax.serve.prepare import PreparedRequest
 
 log = logging.getLogger("atom_jax.serve")
 

@@ -10,35 +10,12 @@ import dataclasses
 import time
 import uuid
 
+from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.errors import OpenAIError, bad_request
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineInfo:
-    """Read-only facts about the built engine, safe to use from any thread."""
-
-    model_name: str
-    vocab_size: int
-    max_context: int  # longest prompt + output one request may have
-    tokenizer: object | None
-    dp: int
-    num_slots: int  # per rank
-    num_pages: int  # per rank
-    page_tokens: int
-    buckets: tuple[int, ...]
-
-    @classmethod
-    def from_engine(cls, engine, model_name: str) -> "EngineInfo":
-        cfg = engine.config
-        # A request must fit both the page table (layout.max_context) and one rank's pages.
-        max_context = min(engine.layout.max_context, cfg.num_pages * cfg.page_tokens)
-        return cls(model_name, int(engine.model.cfg.vocab_size), int(max_context),
-                   engine.tokenizer, cfg.dp, cfg.num_slots, cfg.num_pages, cfg.page_tokens,
-                   tuple(engine.scheduler.buckets))
 
 
 @dataclasses.dataclass

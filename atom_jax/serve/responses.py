@@ -6,7 +6,8 @@ import json
 import math
 
 from atom_jax.engine import stream_text
-from atom_jax.serve.prepare import EngineInfo, PreparedRequest
+from atom_jax.engine.info import EngineInfo
+from atom_jax.serve.prepare import PreparedRequest
 
 # Finish reasons pass through ("stop", "length"); "abort" (client gone, server stopping) is
 # vLLM's spelling. "error" never reaches here: the engine loop turns it into a failure.

@@ -1,6 +1,6 @@
 """DeepSeek's official `inference/config.json` (the `ModelArgs` of `inference/model.py`) -> the HF
 `config.json` form (model_type "deepseek_v4"), as transformers' `DeepseekV4Config` and
-`atom_jax.config.ModelConfig.from_hf_dict` read it.
+`atom_jax.weights.config_io.from_hf_dict` read it.
 
 Official `compress_ratios` has one entry per block *including* the MTP blocks (layer ids
 n_layers.. are MTP); it is passed through whole, as the released HF `config.json` does, and HF

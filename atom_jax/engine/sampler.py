@@ -1,5 +1,6 @@
-"""On-device sampling: greedy, temperature, top-k, top-p, per-request seeds; logprob of the
-chosen token (from the model's unscaled distribution)."""
+"""The on-device sampler the compiled step runs: greedy, temperature, top-k, top-p,
+per-request seeds; logprob of the chosen token (from the model's unscaled distribution).
+The per-request parameters it reads are `atom_jax.scheduler.sampling_params.SamplingParams`."""
 
 from __future__ import annotations
 
