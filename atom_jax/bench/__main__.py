@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atom_jax.bench import serve_client, sim
+from atom_jax.bench import serve_client, sim, w4a16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sim.add_parser(sub)
     serve_client.add_parser(sub)
+    w4a16.add_parser(sub)
     return parser
 
 

@@ -5,6 +5,10 @@ rows [M, K] are sorted by group; group g owns `group_sizes[g]` consecutive rows;
 group implied by the routing shape) lets capacity-based backends size themselves statically. Backends register by name;
 `jax.lax.ragged_dot` is the portable default (fine on CPU; on GPU it lowers to a dense masked
 product, see DESIGN.md section 4, so GPU backends plug in here).
+
+`weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
+W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and
+runs the named bf16 backend (CPU, references); see `w4a16`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
 
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None)
 
@@ -182,10 +188,36 @@ def auto(rows, weights, group_sizes, mean_group=None):
     return backend(rows, weights, group_sizes, mean_group)
 
 
+# Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16
+# Triton kernel (the Mosaic and tokamax kernels take bf16 weights only).
+W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
+
+
+def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None):
+    """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
+    for the GPU-kernel names and for 'auto' on GPU; otherwise the weights decoded to rows.dtype
+    in jnp (exact) and the named bf16 backend ('auto' on CPU: ragged_dot)."""
+    if name == "auto":
+        name = "ragged_dot" if _on_cpu() else "pallas"
+    if name in W4A16_KERNEL_NAMES:
+        from atom_jax.kernels import w4a16_grouped_gemm
+        tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group))
+        return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu())
+    return _BACKENDS[name](rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group)
+
+
 def get(name: str) -> GroupedGemm:
+    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-GEMM backend {name!r}; known: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]
+    backend = _BACKENDS[name]
+
+    def run(rows, weights, group_sizes, mean_group=None):
+        if isinstance(weights, Fp4Weights):
+            return w4a16(name, rows, weights, group_sizes, mean_group)
+        return backend(rows, weights, group_sizes, mean_group)
+
+    return run
 
 
 def available() -> list[str]:

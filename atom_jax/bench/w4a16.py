@@ -1,0 +1,195 @@
+"""`python -m atom_jax.bench w4a16`: the W4A16 grouped GEMM (FP4 experts decoded in the kernel)
+beside the bf16 Triton kernel at DeepSeek-V4 expert shapes per rank (experts over 2 ranks), the
+dense bf16 matmul of the same M x K x N, and the copy bandwidth measured in the same run.
+
+Rows per rank = tokens per rank x top-6, routed uniformly over the rank's experts. GB/s counts
+the expert weight bytes each kernel must stream (non-empty groups x K x N x 2 bytes for bf16,
+x (1/2 + 1/32) bytes for FP4 codes + scales). The issue's targets: decode (64-256 tokens) FP4
+streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul rate. Each
+kernel is first checked against a float32 reference on a skewed routing (empty and very large
+groups). `--sweep` also times other W4A16 tile shapes.
+
+    python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
+    python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+TOPK = 6
+# (local experts, K, N) per rank with 2 ranks: gate/up (hidden -> I) and down (I -> hidden)
+SHAPES = {
+    "flash_up": (128, 4096, 2048),
+    "flash_down": (128, 2048, 4096),
+    "pro_up": (192, 7168, 3072),
+    "pro_down": (192, 3072, 7168),
+}
+FP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32
+
+
+def random_fp4(key, g, k, n):
+    """Random packed experts on the device: uniform codes, scales 2**-8 .. 2**-5."""
+    import jax
+    import jax.numpy as jnp
+
+    from atom_jax.kernels.packed import Fp4Weights
+    kc, ks = jax.random.split(key)
+    codes = jax.random.randint(kc, (g, k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+    scales = jax.random.randint(ks, (g, k // 32, n), 119, 123, jnp.int32).astype(jnp.uint8)
+    return Fp4Weights(codes, scales)
+
+
+def _check(k, n, g, rows, rng, fns):
+    """Max relative row error of each kernel vs float32 on a skewed routing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from atom_jax.bench.routings import skewed_sizes
+    from atom_jax.kernels.packed import fp4_dequantize
+    sizes = skewed_sizes(rng, rows, g)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    w4 = random_fp4(jax.random.key(3), g, k, n)
+    dense = np.asarray(fp4_dequantize(w4, jnp.float32))
+    xf = np.asarray(x, np.float32)
+    ends = np.cumsum(sizes)
+    ref = np.zeros((rows, n), np.float32)
+    for e in range(g):
+        if sizes[e]:
+            ref[ends[e] - sizes[e]:ends[e]] = xf[ends[e] - sizes[e]:ends[e]] @ dense[e]
+    out = {}
+    for name, (fn, packed) in fns.items():
+        w = w4 if packed else jnp.asarray(dense, jnp.bfloat16)
+        got = np.asarray(jax.jit(fn)(x, w, jnp.asarray(sizes)), np.float32)
+        err = np.linalg.norm(got - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
+        out[name] = float(err[:ends[-1]].max())
+    return out
+
+
+def _time(fn, w, g, k, tokens, rng, iters):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from atom_jax.bench.routings import uniform_sizes
+    from atom_jax.bench.timing import back_to_back_time
+    rows = tokens * TOPK
+    sizes = [jnp.asarray(uniform_sizes(rng, rows, g)) for _ in range(2)]
+    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+    f = jax.jit(fn)
+    sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i]), [0, 1], iters=iters)
+    nonempty = sum(int((np.asarray(s) > 0).sum()) for s in sizes) / 2
+    return sec, nonempty
+
+
+def _dense(k, n, tokens, iters):
+    import jax
+    import jax.numpy as jnp
+
+    from atom_jax.bench.timing import back_to_back_time
+    rows = tokens * TOPK
+    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+    w = jax.random.normal(jax.random.key(7), (k, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    return back_to_back_time(lambda i: f(xs[i], w), [0, 1], iters=iters)
+
+
+def _save(out, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from atom_jax.bench.timing import device_ceilings
+    from atom_jax.kernels import pallas_grouped_gemm as pg
+    from atom_jax.kernels import w4a16_grouped_gemm as wg
+
+    on_cpu = jax.default_backend() == "cpu"
+    rng = np.random.default_rng(0)
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.tiny:
+        shapes, tokens = {"tiny_up": (4, 128, 128)}, [8, 32]
+    ceil = {"copy_GBps": None, "matmul_TFLOPs": None} if on_cpu else device_ceilings()
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil, "topk": TOPK,
+           "checks": {}, "results": [], "sweep": []}
+    print(f"# {out['device']}  copy {ceil['copy_GBps']} GB/s  matmul {ceil['matmul_TFLOPs']} TFLOP/s", flush=True)
+
+    def bf16(rows, w, sizes):
+        return pg.grouped_gemm(rows, w, sizes, interpret=on_cpu)
+
+    def fp4(cfg=None):
+        return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu)
+
+    for shape, (g, k, n) in shapes.items():
+        out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
+                                      {"bf16": (bf16, False), "w4a16": (fp4(), True)})
+        print(f"check {shape}: max row rel err {out['checks'][shape]}", flush=True)
+    print(f"{'shape':10} {'tok':>6} {'kernel':8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
+    for shape, (g, k, n) in shapes.items():
+        w_bf16 = jax.random.normal(jax.random.key(7), (g, k, n), jnp.bfloat16) * 0.02
+        w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        for t in tokens:
+            flops = 2.0 * t * TOPK * k * n
+            dense_s = None if on_cpu else _dense(k, n, t, args.iters)
+            dense_tf = dense_s and flops / dense_s / 1e12
+            base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
+                    "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
+            secs = {}
+            for name, fn, w, bpw in (("bf16", bf16, w_bf16, 2.0), ("w4a16", fp4(), w_fp4, FP4_BYTES_PER_WEIGHT)):
+                sec, nonempty = _time(fn, w, g, k, t, rng, args.iters)
+                secs[name] = sec
+                row = dict(base, kernel=name, ms=sec * 1e3, TFLOPs=flops / sec / 1e12,
+                           GBps=nonempty * k * n * bpw / sec / 1e9)
+                row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
+                row["frac_of_copy"] = ceil["copy_GBps"] and row["GBps"] / ceil["copy_GBps"]
+                row["speedup_vs_bf16"] = secs["bf16"] / sec
+                out["results"].append(row)
+                print(f"{shape:10} {t:6d} {name:8} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
+                      f"{100 * (row['frac_of_dense'] or 0):5.0f} {row['GBps']:7.0f} "
+                      f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16']:6.2f}", flush=True)
+            if dense_s:
+                print(f"{shape:10} {t:6d} {'dense':8} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
+        _save(out, args.json)
+    if args.sweep:
+        T = pg.TileConfig
+        cfgs = [T(16, 128, 256, 4, 3), T(16, 256, 512, 4, 3), T(16, 256, 128, 4, 4), T(32, 128, 256, 4, 3),
+                T(64, 128, 128, 4, 3), T(128, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(128, 128, 128, 8, 4)]
+        if args.tiny:
+            cfgs = [T(16, 64, 64, 4, 2)]
+        first, (g, k, n) = next(iter(shapes.items()))
+        w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        for t in tokens:
+            for cfg in cfgs:
+                row = {"shape": first, "tokens": t, "tiles": dataclasses.asdict(cfg)}
+                try:
+                    sec, nonempty = _time(fp4(cfg), w_fp4, g, k, t, rng, args.iters)
+                    row.update(ms=sec * 1e3, GBps=nonempty * k * n * FP4_BYTES_PER_WEIGHT / sec / 1e9,
+                               TFLOPs=2.0 * t * TOPK * k * n / sec / 1e12)
+                except Exception as e:  # a tile shape the compiler rejects is a result too
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                out["sweep"].append(row)
+                print("sweep", json.dumps(row), flush=True)
+    _save(out, args.json)
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("w4a16", help="W4A16 (FP4 experts) grouped GEMM vs bf16, copy and matmul rates",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="64,128,256,1024,8192", help="tokens per rank (x top-6 rows)")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="also time other W4A16 tiles on the first shape")
+    p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
+    p.add_argument("--json")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,114 @@
+"""Weights kept in DeepSeek's packed formats on the device, and their jnp decoders (the CPU path
+and the kernels' oracle). Everything is stored as uint8 bytes (orbax and every backend handle
+those), decoded with integer ops and a bitcast (exact, no lookup table):
+
+* `Fp4Weights` (routed experts, W4A16): codes [..., K/2, N] uint8, byte r of column n holds input
+  2r in its low nibble and input 2r + 1 in its high nibble (e2m1: sign bit 3, exponent bits 1-2,
+  mantissa bit 0); scales [..., K/32, N] uint8 ue8m0 (2**(s - 127)), one per 32 inputs. This is
+  the checkpoint's [out, in/2] tensor transposed to our [in, out] convention, bytes unchanged.
+* FP8 dense weights: e4m3fn codes kept in the checkpoint's [out, in] orientation as uint8, with
+  float32 scales [ceil(out/128), ceil(in/128)] (V4's ue8m0 and V3's float32 scales alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+FP4_BLOCK = 32  # inputs per FP4 scale
+FP8_BLOCK = 128  # FP8 block edge
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp4Weights:
+    """A stack of FP4 matrices [..., K, N] (see the module docstring for the byte layout)."""
+
+    codes: jax.Array  # uint8 [..., K/2, N]
+    scales: jax.Array  # uint8 [..., K/32, N]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-2], 2 * self.codes.shape[-2], self.codes.shape[-1])
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+
+def fp4_check(codes_shape, scales_shape):
+    *lead, kh, n = codes_shape
+    k = 2 * kh
+    want = (*lead, -(-k // FP4_BLOCK), n)
+    if tuple(scales_shape) != want:
+        raise ValueError(f"FP4 scales {tuple(scales_shape)} do not fit codes {tuple(codes_shape)} (want {want})")
+
+
+def e2m1_to_float32(nibble):
+    """int32 4-bit e2m1 codes -> float32 values (exact): bits built directly, then bitcast."""
+    sign = (nibble >> 3) & 1
+    e = (nibble >> 1) & 3
+    m = nibble & 1
+    normal = (sign << 31) | ((e + 126) << 23) | (m << 22)  # (1 + m/2) * 2**(e - 1)
+    sub = (sign << 31) | ((m * 126) << 23)  # e == 0: 0.5 * m
+    return jax.lax.bitcast_convert_type(jnp.where(e == 0, sub, normal), jnp.float32)
+
+
+def ue8m0_to_float32(s):
+    """int32 e8m0 exponents -> 2**(s - 127) as float32 (s = 0 gives 0, not 2**-127)."""
+    return jax.lax.bitcast_convert_type(s << 23, jnp.float32)
+
+
+def expand_rows(a, factor: int):
+    """[R, N] -> [R * factor, N], each row repeated `factor` times (broadcast + reshape: lowers
+    inside Triton kernels too)."""
+    r, n = a.shape
+    return jnp.broadcast_to(a[:, None, :], (r, factor, n)).reshape(r * factor, n)
+
+
+def fp4_decode_halves(codes, scales):
+    """codes uint8 [Kh, N], scales uint8 [Kh/16, N] -> (even-input values, odd-input values), each
+    float32 [Kh, N]: the form the kernel multiplies (row r of each half is input 2r / 2r + 1)."""
+    c = codes.astype(jnp.int32)
+    s = expand_rows(ue8m0_to_float32(scales.astype(jnp.int32)), FP4_BLOCK // 2)
+    return e2m1_to_float32(c & 0xF) * s, e2m1_to_float32(c >> 4) * s
+
+
+def fp4_dequantize(w: Fp4Weights, dtype=jnp.bfloat16):
+    """Fp4Weights [..., K/2, N] -> dense [..., K, N] `dtype` (exact in bf16 and float32)."""
+    *lead, kh, n = w.codes.shape
+    codes = w.codes.reshape(-1, kh, n)
+    scales = w.scales.reshape(-1, w.scales.shape[-2], n)
+    lo, hi = jax.vmap(fp4_decode_halves)(codes, scales)
+    dense = jnp.stack([lo, hi], axis=2).reshape(*lead, 2 * kh, n)  # interleave: input 2r, 2r + 1
+    return dense.astype(dtype)
+
+
+def split_even_odd(x):
+    """[M, K] -> [M, K] with the even columns first, then the odd ones: the activation order the
+    W4A16 kernel reads (a tile's even inputs meet the low nibbles, odd inputs the high ones)."""
+    return jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
+
+
+def fp8_dequantize(codes, scale, dtype=jnp.bfloat16):
+    """e4m3fn codes [..., out, in] (uint8) times float32 128x128 block scales -> [..., out, in]."""
+    *lead, out_f, in_f = codes.shape
+    w = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
+    rb, cb = scale.shape[-2], scale.shape[-1]
+    if (rb, cb) != (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK)):
+        raise ValueError(f"FP8 block scales {scale.shape} do not fit weight {codes.shape}")
+    s = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)
+    return (w * s[..., :out_f, :in_f]).astype(dtype)
+
+
+def fp8_linear(x, codes, scale):
+    """x [..., in] @ W^T for an FP8 weight W [out, in] with block scales -> [..., out] in x.dtype.
+
+    Dequantised per 128x128 block in jnp then one matmul (the simplest correct choice: XLA fuses
+    the decode into one pass that writes the bf16 weight, and the GEMM is cuBLAS/hipBLASLt's; a
+    fused in-kernel decode only pays off when decode-time weight streaming of these projections
+    matters, which the memory plan shows is small beside the experts)."""
+    w = fp8_dequantize(codes, scale, x.dtype)
+    return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -1,0 +1,112 @@
+"""W4A16 dropless grouped GEMM in Pallas for the Triton backend (NVIDIA and ROCm): bf16 rows
+times FP4 expert weights (`packed.Fp4Weights`: e2m1 codes + one ue8m0 scale per 32 inputs),
+decoded to bf16 inside the kernel, float32 accumulate.
+
+The work list, masking, in-place rows/output and zero range are exactly those of the bf16 kernel
+(`pallas_grouped_gemm`): only the K loop differs. Each K step reads a [block_k/2, block_n] tile of
+code bytes and its [block_k/32, block_n] scales, decodes the low nibbles (even inputs) and the
+high nibbles (odd inputs) into two bf16 tiles, and multiplies them by the matching halves of the
+rows, which the wrapper has reordered once with the even columns first (`packed.split_even_odd`),
+so both halves are contiguous loads and no in-register interleave is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from atom_jax.kernels import packed
+from atom_jax.kernels.pallas_grouped_gemm import TileConfig, from_group_sizes, with_zero_range, work_items
+
+# block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
+# scale groups). Starting points; `python -m atom_jax.bench w4a16 --sweep` measures others.
+DECODE_TILES = TileConfig(block_m=16, block_n=256, block_k=256, num_warps=4, num_stages=3)
+PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+
+
+def default_tiles(rows_per_group: float) -> TileConfig:
+    return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
+
+
+def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, c_ref, s_ref, o_ref, *,
+            cfg: TileConfig, k_steps: int, half_k: int, num_groups: int):
+    j = pl.program_id(0)
+    i = pl.program_id(1)
+    bkh = cfg.block_k // 2  # code rows (bytes) per K step
+    bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
+
+    @pl.when(i < count_ref[0])
+    def _():
+        g = group_ref[i]
+        row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
+        mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
+        cols = pl.ds(j * cfg.block_n, cfg.block_n)
+        rows = pl.ds(row0, cfg.block_m)
+        out = o_ref.at[rows, cols]
+
+        @pl.when(g < num_groups)
+        def _matmul():
+            def step(kk, acc):
+                kb = pl.ds(pl.multiple_of(kk * bkh, bkh), bkh)
+                ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
+                ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
+                even, odd = packed.fp4_decode_halves(c_ref[g, kb, cols], s_ref[g, ks, cols])
+                a_even = plt.load(x_ref.at[rows, kb], mask=mine, other=0.0)
+                a_odd = plt.load(x_ref.at[rows, ko], mask=mine, other=0.0)
+                acc = acc + plt.dot(a_even, even.astype(a_even.dtype))
+                return acc + plt.dot(a_odd, odd.astype(a_odd.dtype))
+
+            acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
+
+        @pl.when(g == num_groups)
+        def _zeros():
+            plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
+
+
+def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
+                        interpret: bool = False, zero_from=None):
+    """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
+    zero when zero_from is given; other rows unspecified. rows bf16 [M, K]."""
+    m, k = rows.shape
+    g, k2, n = weights.shape
+    if k != k2:
+        raise ValueError(f"rows have K={k}, weights K={k2}")
+    packed.fp4_check(weights.codes.shape, weights.scales.shape)
+    cfg = cfg or PREFILL_TILES
+    bk = min(cfg.block_k, k)
+    bn = min(cfg.block_n, n)
+    if bk % packed.FP4_BLOCK or k % bk or n % bn:
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} (itself a multiple of "
+                         f"{packed.FP4_BLOCK}) and block_n={bn}")
+    cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
+    starts, ends = with_zero_range(starts, ends, zero_from, m)
+    x = packed.split_even_odd(rows)
+    pad = cfg.block_m if interpret else 0
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+    items = -(-m // cfg.block_m) + starts.shape[0]
+    group, tile, count = work_items(starts, ends, cfg.block_m, items)
+    call = pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g),
+        out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
+        grid=(n // bn, items),
+        compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="w4a16_grouped_gemm",
+    )
+    out = call(group, tile, count, starts, ends, x, weights.codes, weights.scales)
+    return out[:m] if pad else out
+
+
+def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
+                 interpret: bool = False):
+    """The seam's contract: contiguous groups by size; rows past the last group are zero."""
+    if cfg is None:
+        cfg = default_tiles(rows.shape[0] / max(weights.shape[0], 1))
+    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret)
