@@ -189,6 +189,7 @@ def test_tbo_auto_threshold_is_one_default_everywhere():
     """Scheduler, step options, engine config and server flag share one threshold, above the
     largest size at which TBO was measured to lose on two GPUs (8K tokens per rank)."""
     from atom_jax.engine import EngineConfig
+    from atom_jax.engine.args import engine_config
     from atom_jax.scheduler import TBO_MIN_TOKENS
     from atom_jax.serve.cli import build_parser
     from atom_jax.sharding.step import StepOptions
@@ -196,5 +197,5 @@ def test_tbo_auto_threshold_is_one_default_everywhere():
     assert DPScheduler(2).tbo_min_tokens == TBO_MIN_TOKENS
     assert StepOptions().tbo_min_tokens == TBO_MIN_TOKENS
     assert EngineConfig().tbo_min_tokens == TBO_MIN_TOKENS
-    assert build_parser().parse_args([]).tbo_min_tokens == TBO_MIN_TOKENS
+    assert engine_config(build_parser().parse_args([])).tbo_min_tokens == TBO_MIN_TOKENS
     assert not StepOptions().use_tbo(8192) and StepOptions().use_tbo(TBO_MIN_TOKENS)

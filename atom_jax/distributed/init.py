@@ -58,13 +58,16 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                    help="comma list of this host's accelerators to use (default: "
                         f"${ENV_LOCAL_DEVICE_IDS}; jax's default is all, but one per task under SLURM)")
     g.add_argument("--heartbeat-timeout", type=int, default=100,
-                   help="seconds without heartbeats before jax declares a process dead and stops all")
+                   help="seconds without heartbeats before jax declares a process dead and stops all "
+                        "(default: 100)")
     g.add_argument("--step-timeout", type=float, default=60.0,
-                   help="seconds a multi-host step may take before the run is declared failed")
+                   help="seconds a multi-host step may take before the run is declared failed "
+                        "(default: 60)")
     g.add_argument("--compile-timeout", type=float, default=1800.0,
-                   help="extra seconds allowed for a step of a shape not compiled yet")
+                   help="extra seconds allowed for a step of a shape not compiled yet (default: 1800)")
     g.add_argument("--keepalive", type=float, default=1.0,
-                   help="seconds between empty plans the idle process 0 sends (liveness check)")
+                   help="seconds between empty plans the idle process 0 sends, a liveness check "
+                        "(default: 1.0)")
 
 
 def _env_int(environ, name: str) -> int | None:

@@ -5,7 +5,11 @@ __all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name):
-    if name in ("Engine", "EngineConfig", "RequestOutput"):
+    if name == "EngineConfig":
+        from atom_jax.engine.args import EngineConfig
+
+        return EngineConfig
+    if name in ("Engine", "RequestOutput"):
         from atom_jax.engine import engine
 
         return getattr(engine, name)

@@ -13,32 +13,11 @@ import jax.numpy as jnp
 from atom_jax.cache import CacheLayout
 from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
 from atom_jax.engine import stream_text
+from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
-from atom_jax.scheduler import (TBO_MIN_TOKENS, DPScheduler, RankConfig, SamplingParams, Sequence,
-                                make_delayer)
+from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
 from atom_jax.sharding import StepOptions, make_dp_mesh
-
-
-@dataclasses.dataclass
-class EngineConfig:
-    model: str | None = None  # directory; None: the embedded trained tiny model; "random": random tiny
-    dp: int = 1
-    dtype: str = "float32"
-    num_slots: int = 16  # sequences resident per rank
-    num_pages: int = 256  # cache pages per rank
-    page_tokens: int = 128  # positions per page (multiple of the compression ratios)
-    max_pages_per_seq: int = 32  # max context = page_tokens * max_pages_per_seq
-    max_tokens_per_step: int = 256  # per rank
-    chunk_size: int = 256
-    buckets: tuple[int, ...] | None = None
-    tbo: bool | None = None  # None: on for steps >= tbo_min_tokens per rank
-    tbo_min_tokens: int = TBO_MIN_TOKENS
-    delayer: str = "auto"  # off | on | coalesce | auto (on for dp > 1)
-    expert_mode: str = "expert"
-    moe_backend: str = "auto"  # grouped-GEMM backend (atom_jax.kernels.grouped_gemm; auto: by platform and size)
-    seed: int = 0
-    compilation_cache_dir: str | None = None
 
 
 @dataclasses.dataclass

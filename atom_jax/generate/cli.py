@@ -24,8 +24,8 @@ import os
 import sys
 import time
 
-from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
-from atom_jax.kernels.names import MOE_BACKENDS
+from atom_jax.distributed import add_distributed_args
+from atom_jax.engine.args import add_engine_args, positive_int, start_engine
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
 from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
@@ -37,77 +37,44 @@ MAX_BAD_LINES_SHOWN = 100
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m atom_jax.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model directory (default: the embedded tiny model trained on stdlib "
-                    "docstrings; 'random': the same shapes with random weights)")
-    ap.add_argument("--input", required=True, help="input JSONL")
-    ap.add_argument("--output", required=True, help="output JSONL (appended to; existing ids are skipped)")
+    g = ap.add_argument_group("files")
+    g.add_argument("--input", required=True, help="input JSONL (required)")
+    g.add_argument("--output", required=True,
+                   help="output JSONL, appended to; ids already in it are skipped (required)")
+    # --seed is a sampling default here (below); it also seeds the engine
+    add_engine_args(ap, exclude=("seed",))
     g = ap.add_argument_group("sampling defaults (a line's own fields win)")
-    g.add_argument("--max-tokens", type=_positive_int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--max-tokens", type=positive_int, default=256,
+                   help="most tokens to generate per request (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (default: 0.0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass; 1 is off (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 is off (default: 0)")
     g.add_argument("--seed", type=int, default=None,
-                   help="base seed: each request without its own seed gets one derived from this and its id "
-                        "(reproducible across reruns)")
-    g = ap.add_argument_group("engine (defaults: EngineConfig's)")
-    g.add_argument("--dp", type=int)
-    g.add_argument("--tbo", choices=("on", "off", "auto"))
-    g.add_argument("--tbo-min-tokens", type=int)
-    g.add_argument("--moe-backend", choices=MOE_BACKENDS, help="routed-expert grouped GEMM (default auto)")
-    g.add_argument("--delayer", choices=("off", "on", "coalesce", "auto"))
-    g.add_argument("--num-slots", type=int)
-    g.add_argument("--num-pages", type=int)
-    g.add_argument("--page-tokens", type=int)
-    g.add_argument("--max-pages-per-seq", type=int)
-    g.add_argument("--max-tokens-per-step", type=int)
-    g.add_argument("--chunk-size", type=int)
-    g.add_argument("--buckets", type=_int_list, help="comma-separated step sizes, e.g. 64,128,256")
-    g.add_argument("--dtype")
-    g.add_argument("--compilation-cache-dir", help="persistent XLA compilation cache (faster restarts)")
+                   help="base seed: each request without its own seed gets one derived from this and "
+                        "its id, reproducible across reruns; also the engine's seed (default: none, "
+                        "engine seed 0)")
     g = ap.add_argument_group("run")
-    g.add_argument("--max-in-flight", type=_positive_int,
-                   help="requests held by the engine at once (default: 2 x dp x num_slots)")
-    g.add_argument("--strict", action="store_true", help="run nothing if any input line is bad")
+    g.add_argument("--max-in-flight", type=positive_int,
+                   help="requests held by the engine at once (default: 2 x dp x num-slots)")
+    g.add_argument("--strict", action="store_true",
+                   help="run nothing if any input line is bad (default: skip bad lines)")
     g.add_argument("--retry-errors", action="store_true",
-                   help="rerun ids whose earlier result was finish_reason error (their old lines are removed)")
-    g.add_argument("--summary-json", help="also write the summary here")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--fsync-interval", type=float, default=5.0, help="seconds between fsyncs of the output")
+                   help="rerun ids whose earlier result was finish_reason error, removing their "
+                        "old lines (default: keep them)")
+    g.add_argument("--summary-json", help="also write the summary here (default: none)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress line on stderr (default: shown)")
+    g.add_argument("--fsync-interval", type=float, default=5.0,
+                   help="seconds between fsyncs of the output (default: 5.0)")
     g.add_argument("--profile", metavar="DIR",
-                   help="write a jax.profiler trace of the first model steps here "
-                        "(read it with: python -m atom_jax.trace report DIR)")
-    g.add_argument("--profile-steps", type=_positive_int, default=5, metavar="N",
-                   help="model steps to trace with --profile (default 5)")
+                   help="write a jax.profiler trace of the first model steps here; read it with "
+                        "python -m atom_jax.trace report DIR (default: none)")
+    g.add_argument("--profile-steps", type=positive_int, default=5, metavar="N",
+                   help="model steps to trace with --profile (default: 5)")
     add_distributed_args(ap)
     return ap
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
-def engine_config(args):
-    from atom_jax.engine import EngineConfig
-
-    names = ("dp", "tbo_min_tokens", "delayer", "num_slots", "num_pages", "page_tokens", "max_pages_per_seq",
-             "max_tokens_per_step", "chunk_size", "buckets", "dtype", "compilation_cache_dir", "moe_backend")
-    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.tbo is not None:
-        given["tbo"] = {"on": True, "off": False, "auto": None}[args.tbo]
-    return EngineConfig(model=args.model, **given)
 
 
 def _log(msg: str) -> None:
@@ -129,44 +96,42 @@ class BadLineReporter:
 def main(argv=None, engine=None) -> int:
     """CLI entry. `engine`: a prebuilt Engine (tests; its engine flags are then ignored)."""
     args = build_parser().parse_args(argv)
+    if engine is not None:
+        return _main(args, engine)
     try:
-        dist = resolve_distributed(args) if engine is None else None
+        start = start_engine(args, seed=args.seed or 0)
     except ValueError as e:
         _log(str(e))
         return 1
-    if dist is not None:
-        return _main_multihost(args, dist)
-    return _main(args, engine)
+    if start.cluster is None:
+        return _main(args, None, start)
+    return _main_multihost(args, start)
 
 
-def _main_multihost(args, dist) -> int:
+def _main_multihost(args, start) -> int:
     """Every process builds the engine over all hosts' devices; process 0 runs the batch and
     the others run its steps until it is done."""
-    from atom_jax.distributed import initialize
-    from atom_jax.engine import Engine
-
-    cluster = initialize(dist)
-    import jax
-
-    args.dp = args.dp or jax.device_count()
+    cluster = start.cluster
     role = "runs the batch" if cluster.is_leader else "follows process 0"
-    _log(f"process {cluster.process_id} of {cluster.num_processes} {role} (dp={args.dp})")
+    _log(f"process {cluster.process_id} of {cluster.num_processes} {role} (dp={start.config.dp})")
+    if not cluster.is_leader:
+        try:
+            return start.follow()
+        except Exception as e:
+            _log(f"could not start the engine: {e!r}")
+            return 1
     try:
-        engine = Engine(engine_config(args), cluster=cluster)
+        engine = start.build()
     except Exception as e:
         _log(f"could not start the engine: {e!r}")
         return 1
-    if not cluster.is_leader:
-        steps = cluster.follow()
-        _log(f"process {cluster.process_id}: done after {steps} steps")
-        return 0
     try:
         return _main(args, engine)
     finally:
         engine.close()  # release the other processes
 
 
-def _main(args, engine) -> int:
+def _main(args, engine, start=None) -> int:
     t_start = time.monotonic()
     stats = RunStats()
     if not os.path.isfile(args.input):
@@ -192,11 +157,9 @@ def _main(args, engine) -> int:
         return 1
 
     if engine is None and parsed.requests:
-        from atom_jax.engine import Engine
-
         _log(f"loading {'model ' + args.model if args.model else 'the embedded model'} ...")
         try:
-            engine = Engine(engine_config(args))
+            engine = start.build()
         except Exception as e:  # bad directory or settings: one clear line, nothing written yet
             _log(f"could not start the engine: {e!r}")
             return 1

@@ -23,107 +23,46 @@ import os
 
 import uvicorn
 
-from atom_jax.distributed import add_distributed_args, resolve as resolve_distributed
-from atom_jax.kernels.names import MOE_BACKENDS
-from atom_jax.scheduler import TBO_MIN_TOKENS
+from atom_jax.distributed import add_distributed_args
+from atom_jax.engine.args import add_engine_args, configure_logging, positive_int, start_engine
 
 log = logging.getLogger("atom_jax.serve")
 
 
-def _buckets(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--buckets takes a comma list of ints, got {text!r}")
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"--buckets needs positive ints, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    # Defaults mirror EngineConfig's; it is not imported here because that imports jax.
     p = argparse.ArgumentParser(prog="python -m atom_jax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="model directory (default: the embedded tiny "
-                   "model trained on stdlib docstrings, byte tokenizer; 'random': the same shapes "
-                   "with random weights)")
+    add_engine_args(p)
+    m = p.add_argument_group("served model")
     m.add_argument("--served-model-name", default=None, help="name in /v1/models and the "
                    "'model' field (default: the model directory's name, or atom-jax-tiny)")
-    m.add_argument("--dtype", default="float32")
-    m.add_argument("--seed", type=int, default=0)
-    e = p.add_argument_group("engine (per DP rank)")
-    e.add_argument("--dp", type=_positive, default=None,
-                   help="data-parallel ranks (devices; default 1, multi-host: every device)")
-    e.add_argument("--max-tokens-per-step", type=_positive, default=256)
-    e.add_argument("--chunk-size", type=_positive, default=256)
-    e.add_argument("--buckets", type=_buckets, default=None,
-                   help="comma list of step token buckets (default: powers of 2 up to the budget)")
-    e.add_argument("--num-slots", type=_positive, default=16)
-    e.add_argument("--num-pages", type=_positive, default=256)
-    e.add_argument("--page-tokens", type=_positive, default=128)
-    e.add_argument("--max-pages-per-seq", type=_positive, default=32,
-                   help="context = page-tokens * max-pages-per-seq")
-    e.add_argument("--tbo", choices=("on", "off", "auto"), default="auto",
-                   help="two-batch overlap (auto: on for steps of >= --tbo-min-tokens per rank)")
-    e.add_argument("--tbo-min-tokens", type=_positive, default=TBO_MIN_TOKENS)
-    e.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto",
-                   help="routed-expert grouped GEMM (auto: ragged_dot on CPU; on GPU tokamax for "
-                   "small groups on Hopper when installed, else the Pallas kernel)")
-    e.add_argument("--delayer", choices=("off", "on", "coalesce", "auto"), default="auto",
-                   help="cross-rank prefill gate (auto: on for dp > 1)")
-    e.add_argument("--compilation-cache-dir", default=None,
-                   help="persistent XLA compilation cache (makes restarts fast)")
-    e.add_argument("--warmup", action="store_true",
-                   help="compile every step shape before /health reports ready")
+    m.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before /health reports ready (default: off)")
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     s.add_argument("--api-key", default=os.environ.get("ATOM_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1, /debug and the profile routes "
                         "(default: $ATOM_JAX_API_KEY; unset: no auth)")
-    s.add_argument("--max-waiting", type=_positive, default=None,
+    s.add_argument("--max-waiting", type=positive_int, default=None,
                    help="requests that may wait for a slot; more get 503 + Retry-After "
                         "(default: unbounded)")
-    s.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024)
-    s.add_argument("--shutdown-timeout", type=float, default=10.0)
+    s.add_argument("--max-body-bytes", type=positive_int, default=4 * 1024 * 1024,
+                   help="largest request body; larger ones get 413 (default: 4194304)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds to wait for in-flight work on shutdown (default: 10)")
     s.add_argument("--profile", metavar="DIR", default=None,
                    help="default trace dir of POST /start_profile (default: a new temp dir)")
-    s.add_argument("--profile-steps", type=_positive, default=None, metavar="N",
-                   help="with --profile: trace the first N model steps after warm-up")
+    s.add_argument("--profile-steps", type=positive_int, default=None, metavar="N",
+                   help="with --profile: trace the first N model steps after warm-up "
+                        "(default: none; trace on demand)")
     s.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
-    s.add_argument("--no-access-log", action="store_true")
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="log level of atom_jax and uvicorn (default: info)")
+    s.add_argument("--no-access-log", action="store_true",
+                   help="do not log each HTTP request (default: logged)")
     add_distributed_args(p)
     return p
-
-
-def _prepare_jax_env(dp: int) -> None:
-    """Before jax is imported: give the CPU backend `dp` devices when asked for more than one
-    (harmless on GPU hosts, where it only affects the unused host platform)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if dp > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={dp}".strip()
-
-
-def engine_config(args):
-    from atom_jax.engine.engine import EngineConfig
-
-    return EngineConfig(
-        model=args.model, dp=args.dp, dtype=args.dtype, num_slots=args.num_slots,
-        num_pages=args.num_pages, page_tokens=args.page_tokens,
-        max_pages_per_seq=args.max_pages_per_seq, max_tokens_per_step=args.max_tokens_per_step,
-        chunk_size=args.chunk_size, buckets=args.buckets,
-        tbo={"on": True, "off": False, "auto": None}[args.tbo], tbo_min_tokens=args.tbo_min_tokens,
-        delayer=args.delayer, seed=args.seed, compilation_cache_dir=args.compilation_cache_dir,
-        moe_backend=args.moe_backend)
 
 
 def served_model_name(args) -> str:
@@ -139,36 +78,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile_steps and not args.profile:
         parser.error("--profile-steps needs --profile DIR")
+    configure_logging(args.log_level)
     try:
-        dist = resolve_distributed(args)
+        start = start_engine(args)
     except ValueError as e:
         parser.error(str(e))
-    if dist is None:
-        args.dp = args.dp or 1
-        _prepare_jax_env(args.dp)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cluster = None
-    if dist is not None:
-        from atom_jax.distributed import initialize
-
-        cluster = initialize(dist)
-        import jax
-
-        args.dp = args.dp or jax.device_count()
-        if not cluster.is_leader:
-            return _follow(args, cluster)
+    if not start.is_leader:
+        return start.follow()
 
     from atom_jax.serve.app import ServerSettings, create_app
 
-    config = engine_config(args)
-
     def build_engine():
-        from atom_jax.engine.engine import Engine
-
-        engine = Engine(config, cluster=cluster)
-        if cluster is not None:  # a lost process fails every request in flight, then exits
-            cluster.add_failure_hook(app.state.engine_loop.cluster_failed)
+        engine = start.build()
+        if start.cluster is not None:  # a lost process fails every request in flight, then exits
+            start.cluster.add_failure_hook(app.state.engine_loop.cluster_failed)
         return engine
 
     settings = ServerSettings(model_name=served_model_name(args), api_key=args.api_key,
@@ -182,18 +105,6 @@ def main(argv=None) -> int:
                                            timeout_graceful_shutdown=args.shutdown_timeout),
                             on_exit=app.state.engine_loop.begin_shutdown)
     server.run()
-    return 0
-
-
-def _follow(args, cluster) -> int:
-    """A process other than 0: build the same engine, run process 0's steps until it stops."""
-    from atom_jax.engine.engine import Engine
-
-    log.info("process %d of %d: following process 0 (dp=%d)", cluster.process_id,
-             cluster.num_processes, args.dp)
-    Engine(engine_config(args), cluster=cluster)
-    steps = cluster.follow()
-    log.info("process %d: process 0 stopped; exiting after %d steps", cluster.process_id, steps)
     return 0
 
 

@@ -1,0 +1,233 @@
+"""The engine's settings, stated once: `EngineConfig` (every field with its default, type and
+help text), the command-line flags built from it (`add_engine_args`), `EngineConfig` from
+parsed flags (`engine_config`), and the start-up every front end shares (`start_engine`:
+single host, or a multi-host run where process 0 runs the front end and the others follow).
+
+Adding an engine flag is one change here: a field of `EngineConfig` made with `setting(...)`;
+`serve` and `generate` pick it up. Nothing here imports jax: the CLIs parse flags (and set
+XLA_FLAGS) before jax starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+from atom_jax.kernels.names import MOE_BACKENDS
+from atom_jax.scheduler import TBO_MIN_TOKENS
+
+log = logging.getLogger("atom_jax.engine")
+
+
+# ---- flag value types (argparse `type=`: a clear usage error, never a traceback) ---------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of ints, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+_TBO = {"on": True, "off": False, "auto": None}
+
+
+def tbo_choice(text: str) -> bool | None:
+    if text not in _TBO:
+        raise argparse.ArgumentTypeError(f"expected one of on, off, auto; got {text!r}")
+    return _TBO[text]
+
+
+def cache_dir(text: str) -> str:
+    """A directory, or '' (no cache) for 'off' / 'none' / ''."""
+    return "" if text.strip().lower() in ("", "off", "none") else text
+
+
+def default_cache_dir() -> str:
+    """The per-user persistent compilation cache the CLIs use unless told otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "atom_jax", "xla")
+
+
+def setting(default, help: str, *, type: Callable | None = None, choices=None, metavar=None,
+            flag: bool = True, cli_default: Any = dataclasses.MISSING,
+            show_default: str | None = None):
+    """An `EngineConfig` field and its command-line flag (`--field-name`).
+
+    `cli_default`: the flag's default when it differs from the library's (e.g. the persistent
+    compilation cache, on for the CLIs); `show_default`: how --help states the default when
+    the value itself does not say it (None values)."""
+    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar, "flag": flag,
+            "cli_default": cli_default, "show_default": show_default}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str | None = setting(
+        None, "model directory (an HF, DeepSeek-official or orbax checkpoint); 'random': the "
+        "tiny model's shapes with random weights", show_default="the embedded tiny model "
+        "trained on stdlib docstrings, byte tokenizer")
+    dp: int = setting(1, "data-parallel ranks (one device each)", type=positive_int,
+                      show_default="1; multi-host: every device of the run")
+    dtype: str = setting("float32", "dtype of the weights and activations",
+                         choices=("float32", "bfloat16", "float16"))
+    num_slots: int = setting(16, "sequences resident at once per rank", type=positive_int)
+    num_pages: int = setting(256, "cache pages per rank", type=positive_int)
+    page_tokens: int = setting(128, "positions per cache page (a multiple of the compression "
+                               "ratios)", type=positive_int)
+    max_pages_per_seq: int = setting(32, "pages one sequence may hold: context = page-tokens x "
+                                     "max-pages-per-seq (and at most num-pages x page-tokens)",
+                                     type=positive_int)
+    max_tokens_per_step: int = setting(256, "token budget of one step per rank", type=positive_int)
+    chunk_size: int = setting(256, "longest prefill chunk of one sequence in a step",
+                              type=positive_int)
+    buckets: tuple[int, ...] | None = setting(
+        None, "comma list of step token buckets (each step is padded up to one)", type=int_list,
+        show_default="powers of 2 up to the step budget")
+    tbo: bool | None = setting(
+        None, "two-batch overlap: on, off, or auto (on for steps of >= --tbo-min-tokens per "
+        "rank)", type=tbo_choice, metavar="{on,off,auto}", show_default="auto")
+    tbo_min_tokens: int = setting(TBO_MIN_TOKENS, "with --tbo auto: smallest step (tokens per "
+                                  "rank) that runs as two overlapped micro-batches",
+                                  type=positive_int)
+    delayer: str = setting("auto", "cross-rank prefill gate (auto: on for dp > 1)",
+                           choices=("off", "on", "coalesce", "auto"))
+    expert_mode: str = setting("expert", "how routed experts are sharded over the DP ranks",
+                               flag=False)
+    moe_backend: str = setting(
+        "auto", "routed-expert grouped GEMM (auto: ragged_dot on CPU; on GPU tokamax for small "
+        "groups on Hopper when installed, else the Pallas kernel)", choices=MOE_BACKENDS)
+    seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
+    compilation_cache_dir: str | None = setting(
+        None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",
+        type=cache_dir, metavar="DIR", cli_default=default_cache_dir())
+
+
+FLAG_FIELDS = tuple(f for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag"))
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["show_default"] is not None:
+        return meta["show_default"]
+    value = meta["cli_default"] if meta["cli_default"] is not dataclasses.MISSING else f.default
+    return str(value)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per `EngineConfig` field (`exclude`: fields a front end states itself). Every
+    flag's default is None: `engine_config` then takes the field's (CLI) default, so a front
+    end can tell what the user set."""
+    model = parser.add_argument_group("model")
+    engine = parser.add_argument_group("engine (sizes are per DP rank)")
+    for f in FLAG_FIELDS:
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        group = model if f.name in ("model", "dtype", "seed") else engine
+        kw = {"default": None, "help": f"{meta['help']} (default: {_default_text(f)})"}
+        if meta["type"] is not None:
+            kw["type"] = meta["type"]
+        if meta["choices"] is not None:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"] is not None:
+            kw["metavar"] = meta["metavar"]
+        group.add_argument(_flag_name(f.name), **kw)
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """`EngineConfig` from parsed flags: a flag left unset takes the field's CLI default."""
+    values = {}
+    for f in FLAG_FIELDS:
+        value = getattr(args, f.name, None)
+        if value is None:
+            cli = f.metadata["cli_default"]
+            value = f.default if cli is dataclasses.MISSING else cli
+        values[f.name] = value
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+# ---- start-up: single host, or one process per host --------------------------------------------
+def prepare_jax_env(dp: int) -> None:
+    """Before jax is imported: give the CPU backend `dp` devices when asked for more than one
+    (harmless on GPU hosts, where it only affects the unused host platform)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if dp > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={dp}".strip()
+
+
+def configure_logging(level: str = "info") -> None:
+    """atom_jax's own loggers at `level`; everything else (jax's 'Unable to initialize backend
+    tpu', orbax's flag probes, absl) only from WARNING up, so start-up shows what matters."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("atom_jax").setLevel(level.upper())
+
+
+@dataclasses.dataclass
+class EngineStart:
+    """What `start_engine` decided: the engine's config and, in a multi-host run, the cluster."""
+
+    config: EngineConfig
+    cluster: Any = None  # atom_jax.distributed Cluster; None on a single host
+
+    @property
+    def is_leader(self) -> bool:
+        """Runs the front end: the single host, or process 0 of a multi-host run."""
+        return self.cluster is None or self.cluster.is_leader
+
+    def build(self):
+        """The Engine (every process of a multi-host run builds the same one)."""
+        from atom_jax.engine.engine import Engine
+
+        return Engine(self.config, cluster=self.cluster)
+
+    def follow(self) -> int:
+        """A process other than 0: build the engine, run process 0's steps until it stops."""
+        c = self.cluster
+        log.info("process %d of %d: following process 0 (dp=%d)", c.process_id,
+                 c.num_processes, self.config.dp)
+        self.build()
+        steps = c.follow()
+        log.info("process %d: process 0 stopped; exiting after %d steps", c.process_id, steps)
+        return 0
+
+
+def start_engine(args: argparse.Namespace, **overrides) -> EngineStart:
+    """Read the multi-host flags (`atom_jax.distributed.add_distributed_args`); on a single
+    host prepare jax's environment, in a multi-host run join it (dp defaults to every device
+    of the run). ValueError for inconsistent multi-host settings."""
+    from atom_jax.distributed import initialize, resolve
+
+    dist = resolve(args)
+    if dist is None:
+        dp = getattr(args, "dp", None) or 1
+        prepare_jax_env(dp)
+        return EngineStart(engine_config(args, dp=dp, **overrides))
+    cluster = initialize(dist)
+    import jax
+
+    dp = getattr(args, "dp", None) or jax.device_count()
+    return EngineStart(engine_config(args, dp=dp, **overrides), cluster)

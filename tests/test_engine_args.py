@@ -1,0 +1,65 @@
+"""The engine flags, stated once in `atom_jax.engine.args`: both CLIs expose the same ones, every
+option's --help states its default, flags map onto EngineConfig, and parsing needs no jax."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from atom_jax.engine.args import FLAG_FIELDS, EngineConfig, engine_config
+from atom_jax.generate.cli import build_parser as generate_parser
+from atom_jax.serve.cli import build_parser as serve_parser
+
+GEN_REQUIRED = ["--input", "i", "--output", "o"]
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.option_strings[-1]: a for a in parser._actions
+            if a.option_strings and not isinstance(a, argparse._HelpAction)}
+
+
+@pytest.mark.parametrize("parser", [serve_parser, generate_parser])
+def test_help_states_a_default_for_every_option(parser):
+    missing = [name for name, a in _options(parser()).items()
+               if not a.help or "default" not in a.help and "required" not in a.help]
+    assert not missing, f"options without a stated default: {missing}"
+
+
+def test_both_clis_expose_every_engine_flag():
+    flags = {"--" + f.name.replace("_", "-") for f in FLAG_FIELDS}
+    assert flags <= set(_options(serve_parser())) and flags <= set(_options(generate_parser()))
+
+
+def test_unset_flags_give_the_config_defaults_and_set_ones_map_onto_fields():
+    cfg = engine_config(serve_parser().parse_args([]))
+    # The CLIs keep a persistent compilation cache (a per-user directory); the library does not.
+    assert cfg.compilation_cache_dir and EngineConfig().compilation_cache_dir is None
+    assert dataclasses.replace(cfg, compilation_cache_dir=None) == EngineConfig()
+    args = generate_parser().parse_args(GEN_REQUIRED + [
+        "--tbo", "off", "--buckets", "8,16", "--num-slots", "3", "--dp", "2", "--seed", "7",
+        "--compilation-cache-dir", "off", "--dtype", "bfloat16"])
+    cfg = engine_config(args, seed=args.seed)
+    assert (cfg.tbo, cfg.buckets, cfg.num_slots, cfg.dp, cfg.seed, cfg.compilation_cache_dir,
+            cfg.dtype) == (False, (8, 16), 3, 2, 7, "", "bfloat16")
+    assert engine_config(serve_parser().parse_args(["--tbo", "on"])).tbo is True
+
+
+@pytest.mark.parametrize("argv", [["--num-slots", "0"], ["--buckets", "8,x"], ["--tbo", "maybe"],
+                                  ["--dtype", "int3"]])
+def test_bad_engine_flags_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_parser().parse_args(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_parsing_flags_imports_no_jax():
+    code = ("import sys; from atom_jax.serve.cli import build_parser as s; "
+            "from atom_jax.generate.cli import build_parser as g; "
+            "from atom_jax.engine.args import engine_config; "
+            "engine_config(s().parse_args([])); g().parse_args(['--input', 'i', '--output', 'o']); "
+            "assert 'jax' not in sys.modules, 'jax was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
