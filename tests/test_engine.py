@@ -153,3 +153,8 @@ def test_streamed_delta_text_adds_up_to_the_final_text_with_a_stop_string():
     assert final.finished and final.finish_reason == "stop"
     assert final.text == free[:free.find(stop)]
     assert "".join(deltas) == final.text
+    # One source of truth: the stop is counted, and nothing is left running, everywhere.
+    snap = eng.snapshot()
+    assert snap["stats"]["finished"] == {"length": 1, "stop": 1}
+    assert snap["num_running"] == snap["stats"]["num_running"] == 0
+    assert sum(r["running"] for r in snap["ranks"]) == 0

@@ -38,13 +38,9 @@ class FakeEngine:
         self.live, self.done = {}, []
         self.poison, self.fail_steps = set(poison), fail_steps
         self.thread_ids = set()
-        pages = types.SimpleNamespace(num_pages=8, num_free=8)
-        slots = types.SimpleNamespace(num_slots=2, num_free=2)
-        rank = types.SimpleNamespace(rank=0, pages=pages, slots=slots, num_running=0,
-                                     num_waiting=0, kv_usage=0.0)
-        self.scheduler = types.SimpleNamespace(ranks=[rank], buckets=(8,))
+        self.buckets = (8,)
         self.config = types.SimpleNamespace(num_pages=8, page_tokens=16, dp=1, num_slots=2)
-        self.layout = types.SimpleNamespace(max_context=128)
+        self.max_context = 128
         self.model = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=256))
         self.tokenizer = types.SimpleNamespace(decode=lambda ids: bytes(ids).decode("utf-8", "replace"),
                                                encode=lambda s: list(s.encode()))
@@ -92,6 +88,12 @@ class FakeEngine:
 
     def stats(self):
         return {"steps": 0}
+
+    def snapshot(self):
+        rank = {"rank": 0, "num_pages": 8, "free_pages": 8, "num_slots": 2, "free_slots": 2,
+                "running": len(self.live), "waiting": 0, "kv_usage": 0.0}
+        return {"ranks": [rank], "num_running": len(self.live), "num_waiting": 0,
+                "stats": self.stats()}
 
 
 def prepared(rid, max_tokens=3, prompt=(1, 2), stop=()):
@@ -234,25 +236,17 @@ def _out(text, n, finished=False, reason=None):
     return Output("r", [1], list(range(n)), [n - 1], text, None, finished, reason, [-1.0] * n)
 
 
-def test_stop_string_prefixes_are_held_back():
+def test_deltas_follow_the_engines_growing_text():
     d = Deltas(prepared("r", stop=("STOP",)), INFO)
-    assert d.update(_out("abcST", 1))[0] == "ab"  # "cST" could still become "STOP"
-    assert d.update(_out("abcSTx", 2))[0] == "c"  # "STx" held back
-    assert d.update(_out("abcSTxyz", 3))[0] == "ST"
-    # The engine cut the text at a stop string: the rest comes with the final output.
-    assert d.update(_out("abcSTxyz", 3, True, "stop"))[0] == "xyz"
-
-
-def test_incomplete_utf8_is_held_back():
-    d = Deltas(prepared("r"), INFO)
-    assert d.update(_out("a\ufffd", 2))[0] == "a"
-    assert d.update(_out("a\u00e9", 3))[0] == "\u00e9"
+    assert d.update(_out("ab", 1))[0] == "ab"
+    assert d.update(_out("ab", 2))[0] == ""  # text held back by the engine: nothing new
+    assert d.update(_out("abc\u00e9", 3, True, "stop"))[0] == "c\u00e9"
 
 
 def test_chunks_carry_held_back_tokens_forward():
     req = dataclasses.replace(prepared("r"), logprobs=True)
     w = ChunkWriter(req, INFO)
-    assert w.output(_out("\ufffd", 1)) == []  # no visible text yet
+    assert w.output(_out("", 1)) == []  # no visible text yet
     chunk = w.output(_out("\u00e9", 2))[0]
     assert '"tokens"' in chunk and chunk.count("-1.0") == 2  # both tokens' logprobs
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
 from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
-from atom_jax.engine import stream_text
 from atom_jax.engine.args import EngineConfig
+from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
@@ -26,21 +26,20 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # all output tokens so far
     new_token_ids: list[int]
-    text: str | None
-    delta_text: str | None
+    text: str | None  # the text that is final so far (None without a tokenizer); only grows
+    delta_text: str | None  # what `text` gained since this request's previous output
     finished: bool
     finish_reason: str | None
     logprobs: list[float]
 
 
 class _Tracked:
-    def __init__(self, seq: Sequence, params: SamplingParams, seed: int):
+    def __init__(self, seq: Sequence, params: SamplingParams, seed: int, tokenizer):
         self.seq, self.params, self.seed = seq, params, seed
         self.logprobs: list[float] = []
-        self.text = ""  # the text streamed so far (delta_text)
         self.sent_tokens = 0
-        self.stopped_by_string = False
-        self.text_cut = 0  # where a matched stop string starts in the decoded text
+        # None without a tokenizer (token-id prompts only: no text, no stop strings)
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop) if tokenizer is not None else None
 
 
 class Engine:
@@ -63,6 +62,8 @@ class Engine:
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, cfg.max_pages_per_seq)
         self.layout.check(model.cfg)
+        # The one context limit: a request must fit the page table and one rank's pages.
+        self.max_context = min(self.layout.max_context, cfg.num_pages * cfg.page_tokens)
         opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
                            moe_backend=cfg.moe_backend)
         self.mesh = make_dp_mesh(cfg.dp)
@@ -82,7 +83,7 @@ class Engine:
         delayer = delayer if delayer != "auto" else ("on" if cfg.dp > 1 else "off")
         rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
-                          max_seq_len=self.layout.max_context)
+                          max_seq_len=self.max_context)
         tbo_min = 10**12 if cfg.tbo is False else (0 if cfg.tbo is True else cfg.tbo_min_tokens)
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -101,12 +102,12 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if len(ids) + params.max_tokens > self.layout.max_context:
+        if len(ids) + params.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"context of {self.layout.max_context} tokens")
+                             f"context of {self.max_context} tokens")
         seq = Sequence(request_id, ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        self._requests[request_id] = _Tracked(seq, params, seed)
+        self._requests[request_id] = _Tracked(seq, params, seed, self.tokenizer)
         self.scheduler.add(seq)
         return request_id
 
@@ -194,29 +195,27 @@ class Engine:
         return (p.temperature, p.top_k, p.top_p, tr.seed)
 
     def _check_stop_strings(self, tr: _Tracked):
-        if not tr.params.stop or self.tokenizer is None or tr.seq.is_finished:
+        """Feed the request's new tokens to its detokenizer; a stop string ends it."""
+        if tr.detok is None:
             return
-        text = self.tokenizer.decode(tr.seq.output_token_ids)
-        hits = [text.find(s) for s in tr.params.stop if s and s in text]
-        if hits:
-            tr.stopped_by_string = True
-            tr.text_cut = min(hits)
+        was_finished = tr.seq.is_finished
+        new = tr.seq.output_token_ids[len(tr.detok.ids):]
+        if tr.detok.add(new) and not was_finished:
             self.scheduler.finish(tr.seq.request_id, "stop")
+        if tr.seq.is_finished:
+            tr.detok.finish()
 
     def _output(self, tr: _Tracked) -> RequestOutput:
+        """`text`: the request's text that is final so far (all of it once finished, cut at a
+        stop string); `delta_text`: what of it is new since the last output."""
         seq = tr.seq
         toks = list(seq.output_token_ids)
         new = toks[tr.sent_tokens:]
         tr.sent_tokens = len(toks)
         text = delta = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(toks)
-            if tr.stopped_by_string:
-                text = text[: tr.text_cut]
-            # delta_text holds back a tail that a stop string or a multi-byte character may
-            # still change, so the deltas of a request always add up to its final text.
-            safe = stream_text.streamable(text, stream_text.stop_holdback(tr.params.stop), seq.is_finished)
-            delta, tr.text = stream_text.delta(tr.text, safe)
+        if tr.detok is not None:
+            text = tr.detok.text(seq.is_finished)
+            delta = tr.detok.delta(seq.is_finished)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
                              seq.is_finished, seq.finish_reason, list(tr.logprobs))
 
@@ -247,5 +246,18 @@ class Engine:
         """Stop the trace and write it; its log dir, or None when none was running."""
         return self._profiler.stop()
 
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Token buckets a step is padded to (one compiled program each)."""
+        return tuple(self.scheduler.buckets)
+
     def stats(self) -> dict:
+        """The scheduler's counters (cumulative, plus the last step)."""
         return self.scheduler.metrics.snapshot()
+
+    def snapshot(self) -> dict:
+        """The engine's state in one consistent read, for /debug/engine and /metrics: per
+        rank pages and slots, running / waiting totals and the scheduler's counters."""
+        stats = self.stats()
+        return {"ranks": self.scheduler.rank_states(), "num_running": stats["num_running"],
+                "num_waiting": stats["num_waiting"], "stats": stats}

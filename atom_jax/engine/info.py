@@ -24,8 +24,6 @@ class EngineInfo:
     @classmethod
     def from_engine(cls, engine, model_name: str) -> "EngineInfo":
         cfg = engine.config
-        # A request must fit both the page table (layout.max_context) and one rank's pages.
-        max_context = min(engine.layout.max_context, cfg.num_pages * cfg.page_tokens)
-        return cls(model_name, int(engine.model.cfg.vocab_size), int(max_context),
+        return cls(model_name, int(engine.model.cfg.vocab_size), int(engine.max_context),
                    engine.tokenizer, cfg.dp, cfg.num_slots, cfg.num_pages, cfg.page_tokens,
-                   tuple(engine.scheduler.buckets))
+                   engine.buckets)

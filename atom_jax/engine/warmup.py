@@ -26,14 +26,14 @@ def _prompt_lengths(bucket: int, budget: int, chunk: int, slots: int) -> list[in
 
 
 def warm_up(engine) -> None:
-    cfg, sched = engine.config, engine.scheduler
-    max_prompt = max(1, min(engine.layout.max_context, cfg.num_pages * cfg.page_tokens) - 1)
+    cfg = engine.config
+    max_prompt = max(1, engine.max_context - 1)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
-    for bucket in sched.buckets:
+    for bucket in engine.buckets:
         t0 = time.perf_counter()
         lengths = [min(n, max_prompt) for n in
                    _prompt_lengths(bucket, cfg.max_tokens_per_step, cfg.chunk_size, cfg.num_slots)]
         # The same set per rank: new requests go to the rank with the least pending prefill.
-        prompts = [[1] * n for n in lengths] * sched.dp
+        prompts = [[1] * n for n in lengths] * cfg.dp
         engine.generate(prompts, one)
         log.info("warmup: bucket %d compiled in %.1f s", bucket, time.perf_counter() - t0)

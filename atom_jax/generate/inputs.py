@@ -171,7 +171,7 @@ def encode_requests(requests: list[InputRequest], engine) -> tuple[list[InputReq
     """Tokenise every prompt with the engine (chat template for messages) and check it fits the
     context, so the engine's own ValueErrors surface before any generation."""
     ok, bad = [], []
-    max_context = getattr(getattr(engine, "layout", None), "max_context", None)
+    max_context = getattr(engine, "max_context", None)
     for req in requests:
         try:
             ids = engine.encode_prompt(**req.prompt)

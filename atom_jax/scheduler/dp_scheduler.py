@@ -81,6 +81,7 @@ class DPScheduler:
         self.tbo_min_tokens = tbo_min_tokens
         self.ranks = [RankScheduler(self.rank_config, r, eos_token_ids) for r in range(dp)]
         self.metrics = SchedulerMetrics(dp)
+        self._done: list[Sequence] = []  # finished and counted, not yet returned
         self._tick = 0
         self._in_flight: StepPlan | None = None
 
@@ -94,6 +95,7 @@ class DPScheduler:
         rank = min(self.ranks, key=lambda r: (r.pending_prefill_tokens, r.kv_usage, r.rank))
         seq.arrival_tick = self._tick
         rank.add(seq)
+        self._collect_finished()  # a prompt that can never fit fails on add
         return rank.rank
 
     def get(self, request_id: str) -> Sequence | None:
@@ -108,6 +110,7 @@ class DPScheduler:
         for r in self.ranks:
             seq = r.finish(request_id, reason)
             if seq is not None:
+                self._collect_finished()  # counted and gauged now, returned at the next step
                 return seq
         return None
 
@@ -159,18 +162,13 @@ class DPScheduler:
         new_tokens = []
         for rank, work in zip(self.ranks, plan.per_rank):
             new_tokens += rank.on_step_done(work, sampled)
-        finished = [s for r in self.ranks for s in r.pop_finished()]
-        for s in finished:
-            self.metrics.finished[s.finish_reason] += 1
-        self._update_gauges()
-        return StepOutput(new_tokens, finished)
+        return StepOutput(new_tokens, self.pop_finished())
 
     def pop_finished(self) -> list[Sequence]:
         """Finished sequences not yet returned by on_step_done (e.g. after abort/fail)."""
-        finished = [s for r in self.ranks for s in r.pop_finished()]
-        for s in finished:
-            self.metrics.finished[s.finish_reason] += 1
-        return finished
+        self._collect_finished()
+        out, self._done = self._done, []
+        return out
 
     def check_invariants(self) -> None:
         for r in self.ranks:
@@ -193,6 +191,22 @@ class DPScheduler:
                 self.dp * plan.bucket, plan.padding_waste, prefill, decode,
                 plan.decision.outcome))
         self._update_gauges()
+
+    def _collect_finished(self) -> None:
+        """Count every sequence that finished (any reason) the moment it does, so the metrics
+        never disagree with the ranks about what is running."""
+        for r in self.ranks:
+            for s in r.pop_finished():
+                self.metrics.finished[s.finish_reason] += 1
+                self._done.append(s)
+        self._update_gauges()
+
+    def rank_states(self) -> list[dict]:
+        """Per rank: pages, slots, running / waiting counts and KV usage (plain numbers)."""
+        return [{"rank": r.rank, "num_pages": r.pages.num_pages, "free_pages": r.pages.num_free,
+                 "num_slots": r.slots.num_slots, "free_slots": r.slots.num_free,
+                 "running": r.num_running, "waiting": r.num_waiting, "kv_usage": r.kv_usage}
+                for r in self.ranks]
 
     def _update_gauges(self) -> None:
         m = self.metrics

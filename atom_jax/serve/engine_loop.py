@@ -423,16 +423,7 @@ class EngineLoop:
             pass
 
     def _publish(self, engine) -> None:
-        ranks = []
-        for r in engine.scheduler.ranks:
-            ranks.append({"rank": r.rank, "num_pages": r.pages.num_pages,
-                          "free_pages": r.pages.num_free, "num_slots": r.slots.num_slots,
-                          "free_slots": r.slots.num_free, "running": r.num_running,
-                          "waiting": r.num_waiting, "kv_usage": r.kv_usage})
-        snap = {"ready": True, "ranks": ranks, "stats": engine.stats(),
-                "num_running": sum(r["running"] for r in ranks),
-                "num_waiting": sum(r["waiting"] for r in ranks),
-                "live_requests": len(self._streams),
+        snap = {"ready": True, **engine.snapshot(), "live_requests": len(self._streams),
                 "consecutive_step_failures": self.consecutive_step_failures}
         with self._lock:
             self._snapshot = snap

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-from atom_jax.engine import stream_text
 from atom_jax.engine.info import EngineInfo
 from atom_jax.serve.prepare import PreparedRequest
 
@@ -25,21 +24,21 @@ def _finite(lp: float) -> float:
 
 
 class Deltas:
-    """What is new in each cumulative output: text (held back where a stop string or an
-    incomplete UTF-8 character may still change it), token ids and their logprobs."""
+    """What is new in each cumulative output: text, token ids and their logprobs. The engine's
+    `out.text` only grows (its detokenizer holds back what a stop string or an incomplete
+    UTF-8 character may still change), so the new text is what follows the part sent."""
 
     def __init__(self, request: PreparedRequest, info: EngineInfo):
         self.tokenizer = info.tokenizer
-        self.holdback = stream_text.stop_holdback(request.params.stop)
-        self.sent_text = ""
+        self.sent_text = 0
         self.sent_tokens = 0
 
     def update(self, out) -> tuple[str, list[int], list[float]]:
         ids = out.token_ids[self.sent_tokens:]
         lps = [_finite(x) for x in out.logprobs[self.sent_tokens:len(out.token_ids)]]
         self.sent_tokens = len(out.token_ids)
-        text = stream_text.streamable(out.text or "", self.holdback, out.finished)
-        delta, self.sent_text = stream_text.delta(self.sent_text, text)
+        text = out.text or ""
+        delta, self.sent_text = text[self.sent_text:], max(len(text), self.sent_text)
         return delta, ids, lps
 
     def token_text(self, token_id: int) -> str:
