@@ -96,3 +96,50 @@ def test_w4a16_kernel_lowers_for_gpu(platform):
     exported = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert "w4a16_grouped_gemm" in exported.mlir_module()
+
+
+def _emulate_ptx_decode(codes: np.ndarray, scales_bf16: np.ndarray):
+    """numpy model of `w4a16_grouped_gemm._PTX_DECODE` on one 4-byte word per row: prmt, shifts,
+    masks and lop3 on uint32, bf16x2 lanes multiplied in float64 and rounded to bf16 as fma.rn does."""
+    b = codes.astype(np.uint32)
+
+    def lanes(word):  # uint32 -> two bf16 values (low lane first) as float64
+        lo = (word & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+        hi = (word >> 16).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
+        return np.stack([lo, hi], -1)
+
+    def rne(x):
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    outs = []
+    for pair in ((0, 1), (2, 3)):
+        t = b[:, pair[0]] | (b[:, pair[1]] << 16)  # prmt 0x4140 / 0x4342
+        for lo_shift, sign_shift in ((6, 12), (2, 8)):
+            d = ((t << sign_shift) & 0x80008000) | ((t << lo_shift) & 0x01C001C0)
+            v = rne(lanes(d.astype(np.uint32)) * 2.0 ** 126)
+            outs.append(rne(v * scales_bf16[:, list(pair)].astype(np.float64)))
+    even = np.concatenate([outs[0], outs[2]], -1)
+    odd = np.concatenate([outs[1], outs[3]], -1)
+    return even, odd
+
+
+def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
+    """The inline-assembly decoder's bit logic (emulated) on all 256 code bytes and scales from
+    2**-127 (s = 0 gives 0) to 2**100: the checkpoint decoder's values exactly."""
+    rng = np.random.default_rng()
+    codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
+    s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
+    s[0] = 0
+    sc = (s.astype(np.int16) << 7).view(ml_dtypes.bfloat16)
+    even, odd = _emulate_ptx_decode(codes, sc)
+    scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
+    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    np.testing.assert_array_equal(even, e2m1[codes & 0xF] * scale)
+    np.testing.assert_array_equal(odd, e2m1[codes >> 4] * scale)
+
+
+def test_ptx_decoder_refused_in_interpret_mode():
+    w, _ = random_fp4_experts(np.random.default_rng(), 2, 64, 32)
+    with pytest.raises(ValueError, match="ptx"):
+        wg.grouped_gemm(jnp.zeros((8, 64), jnp.bfloat16), w, jnp.asarray([4, 4]), cfg=SMALL,
+                        interpret=True, decode="ptx")

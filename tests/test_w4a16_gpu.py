@@ -17,15 +17,16 @@ from atom_jax.weights import quant
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("decode", ["ptx", "alu"])
 @pytest.mark.parametrize("trailing", [0, 7])
 @pytest.mark.parametrize("tiles", [wg.DECODE_TILES, wg.PREFILL_TILES], ids=["decode", "prefill"])
-def test_compiled_w4a16_matches_float32_reference(tiles, trailing):
+def test_compiled_w4a16_matches_float32_reference(tiles, trailing, decode):
     rng = np.random.default_rng()
     g, k, n, m = 16, 512, 512, 1000
     sizes = skewed_sizes(rng, m - trailing, g)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w, dense = random_fp4_experts(rng, g, k, n)
-    out = np.asarray(jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles))(x, w, jnp.asarray(sizes)),
+    out = np.asarray(jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles, decode=decode))(x, w, jnp.asarray(sizes)),
                      np.float32)
     ref = grouped_reference(np.asarray(x, np.float32), dense, sizes)
     assert np.all(np.isfinite(out))

@@ -126,12 +126,15 @@ def run(args) -> int:
     def bf16(rows, w, sizes):
         return pg.grouped_gemm(rows, w, sizes, interpret=on_cpu)
 
-    def fp4(cfg=None):
-        return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu)
+    def fp4(cfg=None, decode=None):
+        return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode)
+
+    # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
+    fp4_kernels = {"w4a16": fp4()} if on_cpu else {"w4a16": fp4(), "w4a16_alu": fp4(decode="alu")}
 
     for shape, (g, k, n) in shapes.items():
         out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
-                                      {"bf16": (bf16, False), "w4a16": (fp4(), True)})
+                                      {"bf16": (bf16, False), **{n: (f, True) for n, f in fp4_kernels.items()}})
         print(f"check {shape}: max row rel err {out['checks'][shape]}", flush=True)
     print(f"{'shape':10} {'tok':>6} {'kernel':8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
     for shape, (g, k, n) in shapes.items():
@@ -144,7 +147,8 @@ def run(args) -> int:
             base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
                     "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
             secs = {}
-            for name, fn, w, bpw in (("bf16", bf16, w_bf16, 2.0), ("w4a16", fp4(), w_fp4, FP4_BYTES_PER_WEIGHT)):
+            runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_fp4, FP4_BYTES_PER_WEIGHT) for n, f in fp4_kernels.items()]
+            for name, fn, w, bpw in runs:
                 sec, nonempty = _time(fn, w, g, k, t, rng, args.iters)
                 secs[name] = sec
                 row = dict(base, kernel=name, ms=sec * 1e3, TFLOPs=flops / sec / 1e12,
@@ -177,7 +181,8 @@ def run(args) -> int:
                 except Exception as e:  # a tile shape the compiler rejects is a result too
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 out["sweep"].append(row)
-                print("sweep", json.dumps(row), flush=True)
+                print("sweep", t, "x".join(map(str, dataclasses.astuple(cfg))),
+                      row.get("error") or f"{row['ms']:.3f} ms {row['GBps']:.0f} GB/s {row['TFLOPs']:.1f} TF", flush=True)
     _save(out, args.json)
     return 0
 

@@ -8,6 +8,14 @@ code bytes and its [block_k/32, block_n] scales, decodes the low nibbles (even i
 high nibbles (odd inputs) into two bf16 tiles, and multiplies them by the matching halves of the
 rows, which the wrapper has reordered once with the even columns first (`packed.split_even_odd`),
 so both halves are contiguous loads and no in-register interleave is needed.
+
+Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
+integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
+bytes on an H200 (the bf16 kernel streams 3.6 TB/s). `ptx` (CUDA) decodes four code bytes per
+inline-assembly instance with byte permutes and 3-input logic ops, about 3 operations per weight:
+sign and magnitude bits land where a bf16 holds them (value = e2m1 * 2**-126, subnormal for the
+e2m1 subnormal 0.5), one multiply by 2**126 makes them exact e2m1 values, a second applies the
+ue8m0 scale (two multiplies so that scales above 2**1 cannot overflow).
 """
 
 from __future__ import annotations
@@ -33,8 +41,49 @@ def default_tiles(rows_per_group: float) -> TileConfig:
     return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
 
 
+# Four code bytes in $2 (elements e0..e3), their bf16 scales in $3 (e0, e1) and $4 (e2, e3); out
+# $0/$1 bf16x2 values of the low (even-input) or the high (odd-input) nibbles. prmt spreads two
+# bytes to the two 16-bit lanes; (t << LO) & 0x01C001C0 puts a nibble's magnitude in bf16's
+# exponent-low/mantissa-high bits and (t << SG) & 0x80008000 its sign (lop3 0xEA = (a & b) | c);
+# low nibbles shift by 6 and 12, high nibbles by 2 and 8. (One instance per half: Pallas' Triton
+# lowering of jax 0.10 mishandles inline assembly with several results.)
+_PTX_DECODE = """{
+.reg .b32 t, u, v, d, k, z;
+mov.b32 k, 0x7E807E80;
+mov.b32 z, 0x80008000;
+prmt.b32 t, $2, 0, 0x4140;
+shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $0, d, $3, z;
+prmt.b32 t, $2, 0, 0x4342;
+shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, $4, z;
+}"""
+
+
+def _decode_ptx(codes, scales):
+    """codes uint8 [Kh, N], scales uint8 [Kh/16, N] -> (even, odd) bf16 [Kh, N] via `_PTX_DECODE`."""
+    sc = jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
+    sc = packed.expand_rows(sc, packed.FP4_BLOCK // 2)
+    out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+
+    def half(lo, sg):
+        asm = _PTX_DECODE.replace("LO", str(lo)).replace("SG", str(sg))
+        return plt.elementwise_inline_asm(asm, args=[codes, sc], constraints="=r,=r,r,r,r", pack=4,
+                                          result_shape_dtypes=[out])[0]
+
+    return half(6, 12), half(2, 8)
+
+
+def _decode_alu(codes, scales):
+    even, odd = packed.fp4_decode_halves(codes, scales)
+    return even.astype(jnp.bfloat16), odd.astype(jnp.bfloat16)
+
+
+DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
+
+
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, c_ref, s_ref, o_ref, *,
-            cfg: TileConfig, k_steps: int, half_k: int, num_groups: int):
+            cfg: TileConfig, k_steps: int, half_k: int, num_groups: int, decode: str):
     j = pl.program_id(0)
     i = pl.program_id(1)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
@@ -55,7 +104,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, c_ref, 
                 kb = pl.ds(pl.multiple_of(kk * bkh, bkh), bkh)
                 ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
                 ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
-                even, odd = packed.fp4_decode_halves(c_ref[g, kb, cols], s_ref[g, ks, cols])
+                even, odd = DECODERS[decode](c_ref[g, kb, cols], s_ref[g, ks, cols])
                 a_even = plt.load(x_ref.at[rows, kb], mask=mine, other=0.0)
                 a_odd = plt.load(x_ref.at[rows, ko], mask=mine, other=0.0)
                 acc = acc + plt.dot(a_even, even.astype(a_even.dtype))
@@ -70,9 +119,19 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, c_ref, 
 
 
 def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None):
+                        interpret: bool = False, zero_from=None, decode: str | None = None):
     """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
-    zero when zero_from is given; other rows unspecified. rows bf16 [M, K]."""
+    zero when zero_from is given; other rows unspecified. rows bf16 [M, K]. `decode`: "alu",
+    "ptx" (CUDA only), or None: `ptx` where the program runs on CUDA, `alu` elsewhere and in
+    interpret mode."""
+    if decode is None and not interpret:
+        # One branch per platform, chosen when the program is lowered (export to rocm included).
+        def run(d):
+            return lambda: grouped_gemm_ranges(rows, weights, starts, ends, cfg, False, zero_from, d)
+        return jax.lax.platform_dependent(cuda=run("ptx"), default=run("alu"))
+    decode = decode or "alu"
+    if decode not in DECODERS or (interpret and decode == "ptx"):
+        raise ValueError(f"decode {decode!r}: choose from {sorted(DECODERS)} (ptx needs a CUDA GPU)")
     m, k = rows.shape
     g, k2, n = weights.shape
     if k != k2:
@@ -93,7 +152,7 @@ def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: Til
     items = -(-m // cfg.block_m) + starts.shape[0]
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g),
+        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g, decode=decode),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -105,8 +164,9 @@ def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: Til
 
 
 def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False):
+                 interpret: bool = False, decode: str | None = None):
     """The seam's contract: contiguous groups by size; rows past the last group are zero."""
     if cfg is None:
         cfg = default_tiles(rows.shape[0] / max(weights.shape[0], 1))
-    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret)
+    ranges = functools.partial(grouped_gemm_ranges, decode=decode)
+    return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret)
