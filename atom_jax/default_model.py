@@ -2,7 +2,7 @@
 `demo` (through `Engine`) share.
 
     None        the embedded default: the tiny DeepSeek-V4 trained on the standard library's
-                docstrings (`scripts/train_tiny.py`), shipped in atom_jax/assets/tiny_default
+                docstrings (`python -m atom_jax.train_tiny`), shipped in atom_jax/assets/tiny_default
     "random"    the tiny preset with random weights (seeded; noise, but no checkpoint needed)
     a directory an HF / DeepSeek-official / orbax checkpoint (its own tokenizer, if it has one)
 
@@ -55,7 +55,7 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
     dtype = jnp.float32 if dtype is None else dtype
     if source.kind == "default" and not os.path.isdir(os.path.join(source.path, ORBAX_SUBDIR)):
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
-                                "pass --model random, or rebuild it with scripts/train_tiny.py")
+                                "pass --model random, or rebuild it with python -m atom_jax.train_tiny")
     if source.kind == RANDOM:
         return random_model(byte_model_config(), seed=seed, dtype=dtype)
     return load_model(source.path, dtype=dtype)

@@ -1,4 +1,4 @@
-"""scripts/train_tiny.py and the embedded default model it produced (CPU).
+"""atom_jax.train_tiny (the trainer) and the embedded default model it produced (CPU).
 
 The training tests use a two-layer cut of the tiny preset (sliding + hash-routed MoE, HCA +
 score-routed MoE) to keep compilation short; every trainer here has the same model config and
@@ -6,7 +6,6 @@ optimizer settings, so one compiled train step serves the whole module."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -18,8 +17,6 @@ from atom_jax.config import HCA, SLIDING
 from atom_jax.default_model import DEFAULT_MODEL_DIR, RANDOM, byte_model_config, load_resolved, resolve_model
 from atom_jax.loader import ORBAX_SUBDIR
 from atom_jax.tokenizer import BOS_ID
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Measured (seed 0, first 40 stdlib files, batch 8 x 64, lr 5e-3 with 5 warm-up steps, jax 0.10.2
 # CPU): the mean loss of steps 1-3 is 6.217 nats, of steps 28-30 3.066, a drop of 3.15 nats;
@@ -38,10 +35,8 @@ MIN_WORD_RATE = 0.8
 
 @pytest.fixture(scope="module")
 def tt():
-    spec = importlib.util.spec_from_file_location("train_tiny", os.path.join(ROOT, "scripts", "train_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from atom_jax import train_tiny
+    return train_tiny
 
 
 @pytest.fixture(scope="module")

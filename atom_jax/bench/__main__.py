@@ -1,26 +1,39 @@
-"""`python -m atom_jax.bench <subcommand>`. Subcommands register themselves on the parser
-(`add_parser(subparsers)` + a `func` default), so `serve` and others can be added later."""
+"""`python -m atom_jax.bench <subcommand>`. Each subcommand lives in its own module with an
+`add_parser(subparsers)` that sets a `func` default; only the module of the command being run
+is imported (the `serve` client and `sim` stay jax-free)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from atom_jax.bench import serve_client, sim, w4a16
+# command -> module (in --help order)
+COMMANDS = {
+    "sim": "atom_jax.bench.sim",
+    "serve": "atom_jax.bench.serve_client",
+    "gemm": "atom_jax.bench.gemm",
+    "gemm-compare": "atom_jax.bench.gemm_compare",
+    "w4a16": "atom_jax.bench.w4a16",
+    "dp-step": "atom_jax.bench.dp_step",
+    "engine-step": "atom_jax.bench.engine_step",
+    "engine-delayer": "atom_jax.bench.engine_delayer",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m atom_jax.bench",
-                                     description="atom_jax benchmarks")
+                                     description="atom_jax benchmarks: " + ", ".join(COMMANDS))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sim.add_parser(sub)
-    serve_client.add_parser(sub)
-    w4a16.add_parser(sub)
+    for name in commands or COMMANDS:
+        importlib.import_module(COMMANDS[name]).add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = [argv[0]] if argv and argv[0] in COMMANDS else None
+    args = build_parser(chosen).parse_args(argv)
     return args.func(args) or 0
 
 

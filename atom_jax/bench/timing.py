@@ -1,4 +1,4 @@
-"""Timing helpers shared by the GPU benchmark scripts (warm-up, then medians; see the device
+"""Timing helpers shared by the GPU benchmarks (warm-up, then medians; see the device
 method notes: device work is asynchronous, so every timed call is synchronised)."""
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ def back_to_back_time(fn, inputs=(None,), iters: int = 20, warmup: int = 2, repe
 
 
 def device_ceilings():
-    """Measured copy bandwidth (bytes read + written) and dense bf16 8192^3 matmul rate."""
-    x = jnp.ones((1 << 29,), jnp.bfloat16) * 1.5  # 1 GiB
+    """Measured copy bandwidth (bytes read + written) and dense bf16 n^3 matmul rate: 1 GiB and
+    n = 8192 on an accelerator, 64 MiB and n = 1024 on CPU (smoke runs)."""
+    cpu = jax.default_backend() == "cpu"
+    x = jnp.ones((1 << (25 if cpu else 29),), jnp.bfloat16) * 1.5
     copy = jax.jit(lambda v: v * 1.0001)
     copy_s = back_to_back_time(copy, [x], iters=20)
-    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    n = 1024 if cpu else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda v: v @ v)
     mm_s = back_to_back_time(mm, [a], iters=10)
-    return {"copy_GBps": 2 * x.nbytes / copy_s / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12}
+    return {"copy_GBps": 2 * x.nbytes / copy_s / 1e9, "matmul_TFLOPs": 2 * n ** 3 / mm_s / 1e12}

@@ -159,7 +159,7 @@ def tokamax_usable() -> bool:
 def choose(rows_per_group: float, platform: str | None = None, has_tokamax: bool | None = None) -> str:
     """The backend `auto` resolves to, by platform and by rows per expert (routing shape).
 
-    CPU: XLA's ragged_dot. GPU: the crossovers measured by scripts/bench_grouped_gemm.py
+    CPU: XLA's ragged_dot. GPU: the crossovers measured by `python -m atom_jax.bench gemm`
     (docs/benchmarks.md, 'Grouped GEMM'): see AUTO_TABLE."""
     platform = platform or jax.default_backend()
     if platform == "cpu":

@@ -35,7 +35,7 @@ class TileConfig:
     num_stages: int = 3
 
 
-# Chosen from the tile sweeps of scripts/bench_grouped_gemm.py on H100 (docs/benchmarks.md,
+# Chosen from the tile sweeps of `python -m atom_jax.bench gemm` on H100 (docs/benchmarks.md,
 # 'Grouped GEMM'): 16-row tiles when groups hold a few rows each (decode: weight streaming,
 # 86-90% of copy bandwidth), 128x256 for prefill. Launch order: the column tiles of one work
 # item run back to back (its row tile stays in L2); grouping a group's row tiles per column

@@ -1,7 +1,7 @@
-"""The real engine on a random workload, PrefillDelayer off vs on vs coalesce, in one run
+"""`python -m atom_jax.bench engine-delayer`: the real engine on a random workload, PrefillDelayer off vs on vs coalesce, in one run
 (one compiled engine; the scheduler is reset between modes).
 
-    python scripts/bench_engine_delayer.py --dp 2 --num-prompts 64 --input-len 1024 --output-len 128
+    python -m atom_jax.bench engine-delayer --dp 2 --num-prompts 64 --input-len 1024 --output-len 128
 
 Arrivals: Poisson at --request-rate requests/s (wall clock, bench_serving's request-rate
 mode; `inf` queues everything at t=0), at most --max-concurrency in flight, the same arrival
@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from atom_jax.config import ModelConfig, tiny  # noqa: E402
-from atom_jax.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from atom_jax.loader import random_model  # noqa: E402
+from atom_jax.config import ModelConfig, tiny
+from atom_jax.engine import Engine, EngineConfig, SamplingParams
+from atom_jax.loader import random_model
 
 
 def mid_config() -> ModelConfig:
@@ -67,8 +63,9 @@ def run_mode(engine, mode, prompts, arrivals, out_len, concurrency):
             "tbo_on_steps": st["tbo_on_steps"]}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("engine-delayer", help="the real engine, PrefillDelayer off/on/coalesce",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=1024)
@@ -80,7 +77,11 @@ def main(argv=None):
     ap.add_argument("--modes", default="off,on,coalesce")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def run_cli(args) -> int:
     cfg = tiny() if args.tiny else mid_config()
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     model = random_model(cfg, seed=0, dtype=dtype)
@@ -108,7 +109,4 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"dp": args.dp, "config": "mid" if not args.tiny else "tiny", "request_rate": args.request_rate,
                        "num_prompts": args.num_prompts, "warmup_s": round(warm_s, 1), "results": rows}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

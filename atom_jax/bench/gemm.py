@@ -1,8 +1,8 @@
-"""Benchmark the grouped-GEMM backends at DeepSeek-V4 expert shapes per rank (experts sharded
+"""`python -m atom_jax.bench gemm`: the grouped-GEMM backends at DeepSeek-V4 expert shapes per rank (experts sharded
 over two GPUs), beside a dense bf16 matmul of the same M x K x N and the measured copy bandwidth.
 
-    python scripts/bench_grouped_gemm.py --json out.json            # GPU
-    python scripts/bench_grouped_gemm.py --tiny                      # CPU smoke run
+    python -m atom_jax.bench gemm --json out.json            # GPU
+    python -m atom_jax.bench gemm --tiny                      # CPU smoke run
 
 Rows per rank = tokens per rank x top-6, routed uniformly at random over the rank's experts.
 Reports TFLOP/s (useful FLOPs, 2*M*K*N) and GB/s of expert weights streamed (non-empty groups
@@ -15,19 +15,16 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from atom_jax.bench.routings import skewed_sizes, uniform_sizes  # noqa: E402
-from atom_jax.bench.timing import back_to_back_time, device_ceilings  # noqa: E402
-from atom_jax.kernels import grouped_gemm  # noqa: E402
-from atom_jax.kernels import pallas_grouped_gemm as pg  # noqa: E402
+from atom_jax.bench.routings import skewed_sizes, uniform_sizes
+from atom_jax.bench.timing import back_to_back_time, device_ceilings
+from atom_jax.kernels import grouped_gemm
+from atom_jax.kernels import pallas_grouped_gemm as pg
 
 # (name, local experts, K, N): V4 gate/up projection (hidden -> I) and down projection (I ->
 # hidden), 256 / 384 experts split over 2 ranks.
@@ -104,8 +101,9 @@ def save(out, path):
             json.dump(out, f, indent=1)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("gemm", help="grouped-GEMM backends at V4 expert shapes (GPU; --tiny on CPU)",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="64,128,256,512,1024,2048,4096,8192,16384")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="pallas,mosaic,capacity_dropless,tokamax,capacity,ragged_dot")
@@ -115,7 +113,11 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def run_cli(args) -> int:
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in args.tokens.split(",")]
     sweep_tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else []
@@ -184,7 +186,4 @@ def main(argv=None):
         print("sweep", json.dumps(row), flush=True)
 
     save(out, args.json)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

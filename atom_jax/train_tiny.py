@@ -3,9 +3,9 @@ attention; hash- and score-routed MoE; ~0.4 M parameters, 1.7 MB in float32) as 
 language model on the docstrings of the Python standard library's own sources, a corpus that
 every machine with Python has offline.
 
-    python scripts/train_tiny.py                       # the shipped model (CPU, ~15 min on 2 cores)
-    python scripts/train_tiny.py --resume              # continue from the latest checkpoint in --work
-    python scripts/train_tiny.py --steps 50 --out /tmp/m --plot /tmp/loss.png   # a quick try
+    python -m atom_jax.train_tiny                       # the shipped model (CPU, ~15 min on 2 cores)
+    python -m atom_jax.train_tiny --resume              # continue from the latest checkpoint in --work
+    python -m atom_jax.train_tiny --steps 50 --out /tmp/m --plot /tmp/loss.png   # a quick try
 
 Deterministic from --seed: the initial weights come from it and batch i is drawn by
 numpy.random.default_rng([seed, i]), so a run resumed from step N (`--resume`, the optimizer
@@ -25,22 +25,20 @@ import sys
 import sysconfig
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax  # the `train` extra: pip install -e '.[train]'
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+from atom_jax.config import ModelConfig
+from atom_jax.default_model import DEFAULT_MODEL_DIR, byte_model_config
+from atom_jax.demo import greedy_batch
+from atom_jax.loader import random_model, save_orbax
+from atom_jax.models import jit_forward
+from atom_jax.tokenizer import EOS_ID, ByteTokenizer
 
-from atom_jax.config import ModelConfig  # noqa: E402
-from atom_jax.default_model import DEFAULT_MODEL_DIR, byte_model_config  # noqa: E402
-from atom_jax.loader import random_model, save_orbax  # noqa: E402
-from atom_jax.demo import greedy_batch  # noqa: E402
-from atom_jax.models import jit_forward  # noqa: E402
-from atom_jax.tokenizer import EOS_ID, ByteTokenizer  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (editable install)
 
 DEFAULT_OUT = DEFAULT_MODEL_DIR
 DEFAULT_PLOT = os.path.join(REPO, "docs", "train_tiny_loss.png")
@@ -352,7 +350,7 @@ def main(argv=None) -> int:
         samples[p] = {"text": text, "word_rate": rate, "words": n}
         print(f"  {p!r} -> {text!r}  (dictionary words {rate:.0%} of {n})", flush=True)
     info = {
-        "command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m atom_jax.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:]),
         **meta, "seed": args.seed, "python": sys.version.split()[0], "jax": jax.__version__,
         "corpus_docstrings": len(docs), "corpus_tokens": int(len(tokens)), "parameters": n_params,
         "train_seconds": round(train_s, 1), "first_loss": losses[0] if losses else None,

@@ -1,6 +1,7 @@
-"""Benchmark the sharded DP step, TBO on vs off, at V4-Flash layer dimensions.
+"""`python -m atom_jax.bench dp-step`: the sharded DP step, TBO on vs off, at V4-Flash layer
+dimensions.
 
-    python scripts/bench_dp_step.py --layers 6 --json out.json --hlo-dir hlo/
+    python -m atom_jax.bench dp-step --layers 6 --json out.json --hlo-dir hlo/
 
 Prefill sizes are tokens per rank made of 1024-token sequences; decode sizes are that many
 one-token rows per rank (no KV cache yet: attention is trivial there, the MoE is real).
@@ -12,22 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from atom_jax.bench.timing import median_time  # noqa: E402
-from atom_jax.config import tiny, v4_flash  # noqa: E402
-from atom_jax.kernels import grouped_gemm  # noqa: E402
-from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh  # noqa: E402
-from atom_jax.trace.capture import profile_steps  # noqa: E402
-from atom_jax.trace.hlo import analyze_hlo  # noqa: E402
+from atom_jax.bench.timing import median_time
+from atom_jax.config import tiny, v4_flash
+from atom_jax.kernels import grouped_gemm
+from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh
+from atom_jax.trace.capture import profile_steps
+from atom_jax.trace.hlo import analyze_hlo
 
 
 def time_fn(fn, inputs, iters):
@@ -59,8 +57,9 @@ def comm_only(mesh, cfg, tokens, layers, dtype):
     return time_fn(lambda _: f(x, w, i), [0], 10)[0]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("dp-step", help="sharded DP step, TBO on vs off (GPU; --tiny on CPU)",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--prefill", default="1024,4096,8192")
     ap.add_argument("--decode", default="32,128,256,512")
@@ -73,7 +72,11 @@ def main(argv=None):
     ap.add_argument("--hlo-dir")
     ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
                     "(DIR/base, DIR/tbo; read with python -m atom_jax.trace report)")
-    args = ap.parse_args(argv)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def run_cli(args) -> int:
 
     mesh = make_dp_mesh()
     dp = mesh.shape[DP]
@@ -134,7 +137,4 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "dp": dp, "layers": cfg.num_layers,
                        "backend": args.backend, "jax": jax.__version__, "results": rows_out}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

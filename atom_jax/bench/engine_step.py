@@ -1,7 +1,7 @@
-"""Decode and prefill throughput of the engine's cached step at V4-Flash layer dimensions,
+"""`python -m atom_jax.bench engine-step`: decode and prefill throughput of the engine's cached step at V4-Flash layer dimensions,
 against rooflines from ceilings measured in the same run (device copy bandwidth, bf16 matmul).
 
-    python scripts/bench_engine_step.py --layers 4 --dp 1,2 --decode 64,256 --prefill 2048 --json out.json
+    python -m atom_jax.bench engine-step --layers 4 --dp 1,2 --decode 64,256 --prefill 2048 --json out.json
 
 Decode: B sequences per rank, one token each, at context --context (cache pages allocated,
 contents random). Prefill: one chunk of N tokens per rank at position 0. Roofline bytes per
@@ -13,45 +13,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from atom_jax.bench.timing import device_ceilings, median_time  # noqa: E402
-from atom_jax.cache import CacheLayout, init_cache, pack_chunks  # noqa: E402
-from atom_jax.config import CSA, HCA, tiny, v4_flash  # noqa: E402
-from atom_jax.sharding import DP, StepOptions, make_dp_mesh, random_params_on_mesh  # noqa: E402
-from atom_jax.sharding.cached_step import make_cached_step  # noqa: E402
-from atom_jax.trace.capture import profile_steps  # noqa: E402
+from atom_jax.bench.roofline import decode_kv_bytes, param_bytes_per_rank, prefill_flops, step_floor
+from atom_jax.bench.timing import device_ceilings, median_time
+from atom_jax.cache import CacheLayout, init_cache, pack_chunks
+from atom_jax.config import tiny, v4_flash
+from atom_jax.sharding import DP, StepOptions, make_dp_mesh, random_params_on_mesh
+from atom_jax.sharding.cached_step import make_cached_step
+from atom_jax.trace.capture import profile_steps
 
 
 def timed(fn, iters=10):
     return median_time(lambda _: fn(), iters=iters)[0]
 
 
-def param_bytes_per_rank(params):
-    return sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards[:1])
-
-
-def prefill_flops(cfg, n):
-    """Per rank, per step: 2 * MACs of projections, active experts and causal attention."""
-    d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    proj = d * cfg.q_lora_rank + cfg.q_lora_rank * h * hd + d * hd + h * hd * cfg.o_lora_rank + \
-        cfg.o_groups * cfg.o_lora_rank * d
-    moe = 3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
-    per_tok = (proj + moe) * cfg.num_layers
-    attn = sum(2 * h * hd * min(n / 2, cfg.sliding_window) for _ in range(cfg.num_layers))
-    return 2 * n * (per_tok + attn)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("engine-step", help="the cached step vs rooflines (GPU; --tiny on CPU)",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dp", default="1,2")
     ap.add_argument("--decode", default="64,256")
@@ -61,7 +45,11 @@ def main(argv=None):
     ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
                     "(largest dp and size; read with python -m atom_jax.trace report)")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def run_cli(args) -> int:
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     ceil = device_ceilings()
@@ -79,6 +67,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil,
                        "layers": cfg.num_layers, "results": results}, f, indent=1)
+    return 0
 
 
 def run_dp(dp, cfg, dtype, ceil, args):
@@ -131,15 +120,8 @@ def run_dp(dp, cfg, dtype, ceil, args):
                 profile_steps(os.path.join(args.profile, f"dp{dp}_{phase}_{n}"), run, steps=3, warmup=0)
             cache = state["cache"]
             tokens = n
-            kv_bytes = 0
-            for kind in cfg.attn_kinds:
-                rows = cfg.sliding_window + (min(cfg.index_topk, ctx // cfg.csa_ratio) if kind == CSA else
-                                             ctx // cfg.hca_ratio if kind == HCA else 0)
-                kv_bytes += rows * cfg.head_dim * jnp.dtype(dtype).itemsize
-            kv_bytes *= tokens if phase == "decode" else 0
-            byte_floor = (pbytes + kv_bytes) / (ceil["copy_GBps"] * 1e9)
-            flop_floor = prefill_flops(cfg, n) / (ceil["matmul_TFLOPs"] * 1e12) if phase == "prefill" else 0.0
-            floor = max(byte_floor, flop_floor)
+            kv_bytes = decode_kv_bytes(cfg, ctx, dtype) * tokens if phase == "decode" else 0
+            floor = step_floor(ceil, pbytes + kv_bytes, prefill_flops(cfg, n) if phase == "prefill" else 0.0)
             r = {"dp": dp, "phase": phase, "tokens_per_rank": tokens, "context": ctx if phase == "decode" else 0,
                  "step_ms": round(sec * 1e3, 3), "tok_s_total": round(dp * tokens / sec, 1),
                  "roofline_ms": round(floor * 1e3, 3), "of_roofline": round(floor / sec, 3),
@@ -147,7 +129,3 @@ def run_dp(dp, cfg, dtype, ceil, args):
             results.append(r)
             print(json.dumps(r), flush=True)
     return results
-
-
-if __name__ == "__main__":
-    main()
