@@ -40,6 +40,16 @@ class HFTokenizer:
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size()
+        # Special tokens that decoding drops; V4's think and DSML tokens are chat markup that
+        # the reasoning and tool-call parsers must see, so they stay even when marked special.
+        self._skip_ids = {i for i, t in self._tok.get_added_tokens_decoder().items()
+                          if t.special and not _is_chat_markup(t.content)}
+
+    @property
+    def chat_format(self) -> str:
+        """How `atom_jax.chat.plan_chat` renders messages by default: the directory's own
+        template, or DeepSeek-V4's encoding when it has none."""
+        return "tokenizer" if self.chat_template else "v4"
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -48,7 +58,7 @@ class HFTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return self._tok.decode([i for i in ids if i not in self._skip_ids], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -64,6 +74,8 @@ class HFTokenizer:
 
 class ByteChatTokenizer(ByteTokenizer):
     """The embedded model's byte tokenizer with a plain-text chat format."""
+
+    chat_format = "tokenizer"
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return default_chat_prompt(messages, add_generation_prompt)
@@ -87,6 +99,10 @@ def _token_text(tok):
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
+
+
+def _is_chat_markup(token: str) -> bool:
+    return token in ("<think>", "</think>") or "DSML" in token
 
 
 def _raise(msg):

@@ -80,7 +80,12 @@ MARKERS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML)
 
 
 class EncodingError(ValueError):
-    """The messages cannot be written in this format (the caller's input is at fault)."""
+    """The messages cannot be written in this format (the caller's input is at fault);
+    `param` names the request field (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 def to_json(value) -> str:
@@ -95,7 +100,8 @@ def text_of(content, where: str) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise EncodingError(f"{where}: only text content parts are supported")
+                raise EncodingError(f"{where}: only text content parts ({{'type': 'text', "
+                                    "'text': ...}) are supported")
             texts.append(part["text"])
         return "".join(texts)
     raise EncodingError(f"{where}: content must be a string or a list of text parts")
@@ -109,7 +115,7 @@ def tool_functions(tools) -> list[dict]:
         if tool.get("type", "function") != "function" or not isinstance(fn, dict) \
                 or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise EncodingError(f"tools[{i}] must be {{'type': 'function', 'function': "
-                                "{'name': ..., 'parameters': ...}}")
+                                "{'name': ..., 'parameters': ...}}", "tools")
         functions.append(fn)
     return functions
 
@@ -198,7 +204,7 @@ def encode_messages(messages: list[dict], tools=None, *, thinking: bool = False,
     `<｜Assistant｜><think>`) when the last message is a user, developer or tool message."""
     if reasoning_effort not in REASONING_EFFORTS:
         raise EncodingError(f"reasoning_effort must be one of {REASONING_EFFORTS[1:]}, "
-                            f"got {reasoning_effort!r}")
+                            f"got {reasoning_effort!r}", "chat_template_kwargs")
     turns = _merge_turns(list(messages))
     functions = tool_functions(tools)
     if functions:

@@ -21,6 +21,9 @@ from atom_jax.chat.tools import ToolCallParser, new_call_id
 
 TEMPLATES = ("auto", "v4", "tokenizer")
 REASONING_PARSERS = ("auto", "deepseek-v4", "none")
+_KWARGS, _CHOICE = "chat_template_kwargs", "tool_choice"
+_CHOICE_FORMS = ("tool_choice must be 'none', 'auto', 'required' or "
+                 "{'type': 'function', 'function': {'name': ...}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,27 +108,30 @@ class ChatPlan:
     def message(self, text: str, make_id=new_call_id) -> tuple[dict, ChatParser]:
         """A whole output -> the OpenAI assistant message (and the parser, for finish_reason)."""
         parser = self.parser(make_id)
-        d = parser.parse(text)
+        return self.to_message(parser.parse(text)), parser
+
+    def to_message(self, d: ChatDelta) -> dict:
+        """All of an output's deltas, joined -> the OpenAI assistant message."""
         msg = {"role": "assistant", "content": d.content}
         if self.parse_reasoning and self.thinking:
             msg["reasoning_content"] = d.reasoning
         if d.tool_calls:
             msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in d.tool_calls]
             msg["content"] = d.content or None
-        return msg, parser
+        return msg
 
 
 def _template_kwargs(settings: ChatSettings, kwargs) -> tuple[bool, str | None]:
     kwargs = kwargs or {}
     if not isinstance(kwargs, dict):
-        raise EncodingError("chat_template_kwargs must be an object")
+        raise EncodingError("chat_template_kwargs must be an object", _KWARGS)
     thinking = kwargs.get("thinking", kwargs.get("enable_thinking", settings.thinking))
     if not isinstance(thinking, bool):
-        raise EncodingError("chat_template_kwargs.thinking must be true or false")
+        raise EncodingError("chat_template_kwargs.thinking must be true or false", _KWARGS)
     effort = kwargs.get("reasoning_effort")
     if effort not in encoding.REASONING_EFFORTS:
         raise EncodingError(f"chat_template_kwargs.reasoning_effort must be one of "
-                            f"{encoding.REASONING_EFFORTS[1:]}, got {effort!r}")
+                            f"{encoding.REASONING_EFFORTS[1:]}, got {effort!r}", _KWARGS)
     return thinking, effort
 
 
@@ -136,23 +142,21 @@ def _tool_choice(tool_choice, functions: list[dict], thinking: bool) -> str:
         return ""
     if tool_choice == "required" or isinstance(tool_choice, dict):
         if not functions:
-            raise EncodingError("tool_choice needs tools")
+            raise EncodingError("tool_choice needs tools", _CHOICE)
         if isinstance(tool_choice, dict):
             fn = tool_choice.get("function")
             if tool_choice.get("type", "function") != "function" or not isinstance(fn, dict) \
                     or not isinstance(fn.get("name"), str):
-                raise EncodingError("tool_choice must be 'none', 'auto', 'required' or "
-                                    "{'type': 'function', 'function': {'name': ...}}")
+                raise EncodingError(_CHOICE_FORMS, _CHOICE)
             if fn["name"] not in names:
                 raise EncodingError(f"tool_choice names {fn['name']!r}, which is not in tools "
-                                    f"({', '.join(names)})")
+                                    f"({', '.join(names)})", _CHOICE)
         if thinking:
             raise EncodingError("tool_choice 'required' or a named function is only supported "
                                 "with thinking off (the call is forced by starting the answer "
-                                "with it, which thinking would have to come before)")
+                                "with it, which thinking would have to come before)", _CHOICE)
         return encoding.forced_tool_prefix(tool_choice)
-    raise EncodingError("tool_choice must be 'none', 'auto', 'required' or "
-                        "{'type': 'function', 'function': {'name': ...}}")
+    raise EncodingError(_CHOICE_FORMS, _CHOICE)
 
 
 def plan_chat(settings: ChatSettings, tokenizer, messages: list[dict], tools=None,
@@ -167,9 +171,10 @@ def plan_chat(settings: ChatSettings, tokenizer, messages: list[dict], tools=Non
     use_tools = bool(tools) and tool_choice != "none"
     if fmt != "v4":
         if use_tools:
-            raise EncodingError("tools need the V4 chat encoding (serve with --chat-template v4)")
+            raise EncodingError("tools need the V4 chat encoding (serve with --chat-template v4)",
+                                "tools")
         if tool_choice not in (None, "none", "auto"):
-            raise EncodingError("tool_choice needs tools")
+            raise EncodingError("tool_choice needs tools", _CHOICE)
         try:
             prompt = tokenizer.apply_chat_template(
                 [{"role": m.get("role"), "content": encoding.text_of(m.get("content"), f"messages[{i}]")}

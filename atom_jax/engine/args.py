@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any, Callable
 
+from atom_jax.chat.plan import REASONING_PARSERS, TEMPLATES as CHAT_TEMPLATES
 from atom_jax.kernels.names import MOE_BACKENDS
 from atom_jax.scheduler import TBO_MIN_TOKENS
 
@@ -44,6 +45,12 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 _TBO = {"on": True, "off": False, "auto": None}
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 def tbo_choice(text: str) -> bool | None:
@@ -118,8 +125,20 @@ class EngineConfig:
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",
         type=cache_dir, metavar="DIR", cli_default=default_cache_dir())
+    chat_template: str = setting(
+        "auto", "how chat messages become the prompt: v4 is DeepSeek-V4's encoding (thinking "
+        "mode, tools in DSML), tokenizer the model directory's own template; auto: the "
+        "directory's template if it has one, else v4 (the embedded tiny model keeps its plain "
+        "format)", choices=CHAT_TEMPLATES)
+    reasoning_parser: str = setting(
+        "auto", "deepseek-v4: V4's thinking goes to reasoning_content, not content (auto: on "
+        "with the v4 template)", choices=REASONING_PARSERS)
+    thinking: bool = setting(
+        False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
+        "thinking", type=on_off, metavar="{on,off}", show_default="off")
 
 
+_MODEL_FLAGS = ("model", "dtype", "seed", "chat_template", "reasoning_parser", "thinking")
 FLAG_FIELDS = tuple(f for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag"))
 
 
@@ -145,7 +164,7 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         if f.name in exclude:
             continue
         meta = f.metadata
-        group = model if f.name in ("model", "dtype", "seed") else engine
+        group = model if f.name in _MODEL_FLAGS else engine
         kw = {"default": None, "help": f"{meta['help']} (default: {_default_text(f)})"}
         if meta["type"] is not None:
             kw["type"] = meta["type"]

@@ -11,6 +11,7 @@ import random
 import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
+from atom_jax.chat import ChatDelta, ChatPlan, ChatSettings, plan_chat
 from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
 from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
@@ -31,6 +32,8 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list[float]
+    chat: ChatDelta | None = None  # chat requests: this output's reasoning / content / tool calls
+    message: dict | None = None  # chat requests, once finished: the OpenAI assistant message
 
 
 class _Tracked:
@@ -40,6 +43,9 @@ class _Tracked:
         self.sent_tokens = 0
         # None without a tokenizer (token-id prompts only: no text, no stop strings)
         self.detok = IncrementalDetokenizer(tokenizer, params.stop) if tokenizer is not None else None
+        self.chat: ChatPlan | None = None
+        self.chat_parser = None
+        self.chat_total = ChatDelta()
 
 
 class Engine:
@@ -60,6 +66,7 @@ class Engine:
             model = load_resolved(source, seed=cfg.seed, dtype=dtype)
         self.model = model
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
+        self.chat_settings = ChatSettings(cfg.chat_template, cfg.reasoning_parser, cfg.thinking)
         self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, cfg.max_pages_per_seq)
         self.layout.check(model.cfg)
         # The one context limit: a request must fit the page table and one rank's pages.
@@ -95,9 +102,18 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                    messages: list[dict] | None = None) -> str:
+                    messages: list[dict] | None = None, tools: list[dict] | None = None,
+                    tool_choice=None, chat_template_kwargs: dict | None = None,
+                    chat: ChatPlan | None = None) -> str:
+        """`messages` (OpenAI chat messages, with `tools`, `tool_choice`, `chat_template_kwargs`
+        as the server takes them) are rendered by `plan_chat`; their outputs carry the parsed
+        `chat` delta and, once finished, the assistant `message` (content, reasoning_content,
+        tool_calls; finish_reason "tool_calls" when the model called tools). `chat`: a plan
+        made earlier with `plan_chat` (then `prompt_token_ids` may be its encoded prompt)."""
         params = (params or SamplingParams()).validate()
-        ids = self.encode_prompt(prompt, prompt_token_ids, messages)
+        if messages is not None:
+            chat = self.plan_chat(messages, tools, tool_choice, chat_template_kwargs)
+        ids = self.encode_prompt(prompt, prompt_token_ids, chat=chat)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -107,13 +123,25 @@ class Engine:
                              f"context of {self.max_context} tokens")
         seq = Sequence(request_id, ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        self._requests[request_id] = _Tracked(seq, params, seed, self.tokenizer)
+        tracked = _Tracked(seq, params, seed, self.tokenizer)
+        if chat is not None and self.tokenizer is not None:
+            tracked.chat, tracked.chat_parser = chat, chat.parser()
+        self._requests[request_id] = tracked
         self.scheduler.add(seq)
         return request_id
 
-    def encode_prompt(self, prompt=None, prompt_token_ids=None, messages=None) -> list[int]:
+    def plan_chat(self, messages: list[dict], tools=None, tool_choice=None,
+                  chat_template_kwargs=None) -> ChatPlan:
+        """The prompt and output parsing of a chat request (ValueError for bad input)."""
+        return plan_chat(self.chat_settings, self._require_tokenizer(), messages, tools,
+                         tool_choice, chat_template_kwargs)
+
+    def encode_prompt(self, prompt=None, prompt_token_ids=None, messages=None,
+                      chat: ChatPlan | None = None) -> list[int]:
         if messages is not None:
-            prompt = self._require_tokenizer().apply_chat_template(messages)
+            chat = self.plan_chat(messages)
+        if chat is not None and prompt_token_ids is None:
+            prompt_token_ids = self._require_tokenizer().encode(chat.prompt, add_bos=chat.add_bos)
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt_token_ids = prompt
         if prompt_token_ids is not None:
@@ -216,8 +244,17 @@ class Engine:
         if tr.detok is not None:
             text = tr.detok.text(seq.is_finished)
             delta = tr.detok.delta(seq.is_finished)
+        reason, chat, message = seq.finish_reason, None, None
+        if tr.chat_parser is not None:
+            chat = tr.chat_parser.feed(delta or "")
+            if seq.is_finished:
+                chat.extend(tr.chat_parser.finish())
+                reason = tr.chat_parser.finish_reason(reason)
+            tr.chat_total.extend(dataclasses.replace(chat, tool_calls=list(chat.tool_calls)))
+            if seq.is_finished:
+                message = tr.chat.to_message(tr.chat_total)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
-                             seq.is_finished, seq.finish_reason, list(tr.logprobs))
+                             seq.is_finished, reason, list(tr.logprobs), chat, message)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""

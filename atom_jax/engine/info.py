@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from atom_jax.chat import ChatSettings
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineInfo:
@@ -20,10 +22,11 @@ class EngineInfo:
     num_pages: int  # per rank
     page_tokens: int
     buckets: tuple[int, ...]
+    chat: ChatSettings = ChatSettings()  # chat template, reasoning parser, default thinking
 
     @classmethod
     def from_engine(cls, engine, model_name: str) -> "EngineInfo":
         cfg = engine.config
         return cls(model_name, int(engine.model.cfg.vocab_size), int(engine.max_context),
                    engine.tokenizer, cfg.dp, cfg.num_slots, cfg.num_pages, cfg.page_tokens,
-                   engine.buckets)
+                   engine.buckets, getattr(engine, "chat_settings", None) or ChatSettings())

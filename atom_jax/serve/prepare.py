@@ -10,6 +10,7 @@ import dataclasses
 import time
 import uuid
 
+from atom_jax.chat import ChatPlan, EncodingError, plan_chat
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.errors import OpenAIError, bad_request
@@ -29,6 +30,7 @@ class PreparedRequest:
     logprobs: bool
     return_token_ids: bool
     arrival: float  # time.perf_counter() when the request reached the handler
+    chat: ChatPlan | None = None  # chat: how the output splits into reasoning, content, tool calls
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -54,9 +56,7 @@ def reject_unsupported(body) -> None:
         ]
     else:
         checks += [
-            ("tools", bool(body.tools), "tools are not supported"),
             ("functions", bool(body.functions), "functions are not supported"),
-            ("tool_choice", body.tool_choice not in (None, "none"), "tool_choice is not supported"),
             ("response_format", bool(body.response_format)
              and body.response_format.get("type") not in (None, "text"),
              "response_format other than text is not supported"),
@@ -101,32 +101,22 @@ def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int
     return ids
 
 
-def _message_text(i: int, content) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for part in content:
-        if part.type != "text":
-            raise bad_request(f"messages[{i}]: only text content parts are supported "
-                              f"(got type {part.type!r})", param="messages", code="unsupported_content")
-        if part.text is None:
-            raise bad_request(f"messages[{i}]: a text part needs 'text'", param="messages")
-        texts.append(part.text)
-    return "".join(texts)
-
-
-def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> list[int]:
+def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[list[int], ChatPlan]:
+    """The prompt ids and the plan for the output (reasoning / tool-call parsing)."""
     tok = _require_tokenizer(info, "chat messages")
-    messages = [{"role": m.role, "content": _message_text(i, m.content)}
-                for i, m in enumerate(body.messages)]
+    tool_choice = body.tool_choice
+    if tool_choice is not None and not isinstance(tool_choice, str):
+        tool_choice = tool_choice.model_dump()
     try:
-        text = tok.apply_chat_template(messages)
-    except Exception as e:  # a template's raise_exception() or a jinja error: the input's fault
-        raise bad_request(f"messages do not fit the chat template: {e}", param="messages") from e
-    ids = tok.encode(text)  # as Engine.encode_prompt does for `messages`
+        plan = plan_chat(info.chat, tok, [m.model_dump(exclude_none=True) for m in body.messages],
+                         [t.model_dump(exclude_none=True) for t in body.tools or []],
+                         tool_choice, body.chat_template_kwargs)
+    except EncodingError as e:  # includes a template's raise_exception() or jinja error
+        raise bad_request(str(e), param=e.param) from e
+    ids = tok.encode(plan.prompt, add_bos=plan.add_bos)
     if not ids:
         raise bad_request("the chat prompt is empty", param="messages", code="empty_prompt")
-    return ids
+    return ids, plan
 
 
 def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | None,
@@ -179,9 +169,9 @@ def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float
 def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
     check_model(body.model, info)
     reject_unsupported(body)
-    ids = chat_prompt_ids(body, info)
+    ids, plan = chat_prompt_ids(body, info)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = sampling_params(body, info, len(ids), max_tokens, "messages")
     return PreparedRequest(_new_id("chatcmpl"), "chat", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
-                           body.logprobs, body.return_token_ids, arrival)
+                           body.logprobs, body.return_token_ids, arrival, chat=plan)

@@ -3,7 +3,7 @@
 Types are strict (no "5" for 5, no 1 for true), as OpenAI's API is. Unknown fields are
 ignored, so clients that send extra OpenAI or vendor fields (`user`, `metadata`, ...) keep
 working; fields that exist but would change the result in a way this server cannot honour
-(`n` > 1, `best_of`, `logit_bias`, `tools`, penalties, `echo`, ...) are rejected with a 400
+(`n` > 1, `best_of`, `logit_bias`, `functions`, penalties, `echo`, ...) are rejected with a 400
 naming the parameter (see `prepare.reject_unsupported`).
 """
 
@@ -100,10 +100,46 @@ class ContentPart(_Strict):
     text: str | None = Field(None, **unsupported(type="string"))
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON object in a string")
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant turns: the calls made")
+    tool_call_id: str | None = Field(None, description="tool turns: the call this answers")
+    reasoning_content: str | None = Field(None, description="assistant turns: the reasoning "
+                                          "(kept in the prompt only where V4's format keeps it)")
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(..., min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -111,8 +147,16 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Int(ge=0, le=20) | None = Field(None, **unsupported(maximum=0))
-    tools: list[dict[str, Any]] | None = Field(None, **unsupported(maxItems=0))
-    tool_choice: Union[str, dict[str, Any], None] = Field(None, **unsupported(enum=["none", None]))
+    tools: list[Tool] | None = Field(None, description="functions the model may call (rendered "
+                                     "into the prompt in DeepSeek-V4's DSML; needs the V4 "
+                                     "chat encoding)")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description="'required' and a named function force a call by starting the answer "
+                          "with the tool-call block (thinking off only)")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; the model decides")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="{'thinking': bool} (V4 thinking mode; default: the server's "
+                          "--thinking), {'reasoning_effort': 'high' | 'max'}")
     functions: list[dict[str, Any]] | None = Field(None, **unsupported(maxItems=0))
     response_format: dict[str, Any] | None = Field(
         None, **unsupported(properties={"type": {"enum": ["text"]}}))

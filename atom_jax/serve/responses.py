@@ -79,8 +79,11 @@ def full_response(req: PreparedRequest, info: EngineInfo, out) -> dict:
                   "logprobs": completion_logprobs(deltas, ids, lps, 0) if req.logprobs else None}
         obj = "text_completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": out.finish_reason,
+        message, finish = {"role": "assistant", "content": text}, out.finish_reason
+        if req.chat is not None:
+            message, parser = req.chat.message(text)
+            finish = parser.finish_reason(out.finish_reason)
+        choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": chat_logprobs(deltas, ids, lps) if req.logprobs else None}
         obj = "chat.completion"
     if req.return_token_ids:
@@ -106,6 +109,7 @@ class ChunkWriter:
         self.text_offset = 0
         self.pending_ids: list[int] = []  # tokens not yet sent in a chunk
         self.pending_lps: list[float] = []
+        self.chat = req.chat.parser() if req.kind == "chat" and req.chat is not None else None
 
     def _chunk(self, choice: dict) -> str:
         body = _envelope(self.req, self.info.model_name, self.obj, [choice])
@@ -119,21 +123,41 @@ class ChunkWriter:
                                  "finish_reason": None, "logprobs": None})]
         return []
 
+    def _chat_delta(self, text: str, finished: bool) -> dict:
+        """The text delta split into reasoning_content, content and tool_calls (markup held
+        back until it is decided)."""
+        if self.chat is None:
+            return {"content": text} if text else {}
+        d = self.chat.feed(text)
+        if finished:
+            d.extend(self.chat.finish())
+        delta = {}
+        if d.reasoning:
+            delta["reasoning_content"] = d.reasoning
+        if d.content:
+            delta["content"] = d.content
+        if d.tool_calls:
+            delta["tool_calls"] = d.tool_calls
+        return delta
+
     def output(self, out) -> list[str]:
         text, ids, lps = self.deltas.update(out)
         self.pending_ids += ids
         self.pending_lps += lps
-        if not (text or out.finished or (self.req.return_token_ids and self.pending_ids)):
+        delta = self._chat_delta(text, out.finished) if self.req.kind == "chat" else None
+        visible = delta if delta is not None else text
+        if not (visible or out.finished or (self.req.return_token_ids and self.pending_ids)):
             return []  # nothing a text client could see yet: carry the tokens to the next chunk
         ids, lps, self.pending_ids, self.pending_lps = self.pending_ids, self.pending_lps, [], []
         finish = out.finish_reason if out.finished else None
+        if self.chat is not None and finish is not None:
+            finish = self.chat.finish_reason(finish)
         if self.req.kind == "completion":
             logprobs = None
             if self.req.logprobs:
                 logprobs = completion_logprobs(self.deltas, ids, lps, self.text_offset)
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
         else:
-            delta = {"content": text} if text else {}
             logprobs = chat_logprobs(self.deltas, ids, lps) if self.req.logprobs else None
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         if self.req.return_token_ids:
