@@ -277,3 +277,26 @@ def test_markers_never_reach_content_for_wellformed_output():
     more, late = parser.finish()
     assert not any(m in content + more for m in MARKERS)
     assert [c["id"] for c in calls + late] == ["0", "1"]
+
+
+def test_hf_tokenizer_keeps_chat_markup_and_defaults_to_v4(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from atom_jax.tokenizer import load_tokenizer
+
+    special = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>", "<｜DSML｜"]
+    vocab = {w: i for i, w in enumerate(special + ["[UNK]", "hi", "x"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(special)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": special[0], "eos_token": special[1]}))
+    hf = load_tokenizer(str(tmp_path))
+    assert hf.chat_format == "v4"
+    text = hf.decode([0, 2, 6, 3, 4, 7, 1])
+    assert "<think>" in text and "</think>" in text and "<｜DSML｜" in text
+    assert "begin▁of" not in text and "end▁of" not in text
+    plan = plan_chat(ChatSettings(), hf, [{"role": "user", "content": "hi"}])
+    ids = hf.encode(plan.prompt, add_bos=plan.add_bos)
+    assert ids.count(0) == 1 and ids[0] == 0  # one BOS, from the encoded prompt text

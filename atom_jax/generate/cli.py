@@ -4,10 +4,14 @@
 
 Input lines:  {"id": ..., "prompt": "..." | "messages": [...] | "prompt_token_ids": [...],
                optional "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-               "stop_token_ids", "ignore_eos"}  (a line's fields override the flag defaults)
+               "stop_token_ids", "ignore_eos"}  (a line's fields override the flag defaults);
+               with messages also "tools", "tool_choice", "chat_template_kwargs" as in
+               /v1/chat/completions
 Output lines: {"id", "text" (when the model has a tokenizer), "token_ids", "finish_reason",
                "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}, appended and
-               flushed as each request finishes. A rerun skips ids already in the output.
+               flushed as each request finishes; messages lines add "message" (the parsed
+               assistant message: content, reasoning_content, tool_calls). A rerun skips ids
+               already in the output.
 
 Multi-host: start one process per host with --coordinator-address / --num-processes /
 --process-id (or under SLURM's srun); process 0 reads the input and writes the output, the

@@ -13,6 +13,7 @@ import zlib
 from atom_jax.scheduler import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+CHAT_FIELDS = ("tools", "tool_choice", "chat_template_kwargs")  # with messages, as the server takes them
 # field -> (accepted JSON types, description for the error message); bool is rejected separately
 # for numbers because json gives True/False as Python bools, which are ints.
 SAMPLING_FIELDS = {
@@ -37,8 +38,9 @@ class InputRequest:
     id: str | int  # as given, echoed in the output
     key: str  # json.dumps(id): 1 and "1" stay different ids
     params: SamplingParams
-    prompt: dict  # the one prompt field given, e.g. {"messages": [...]}; dropped once encoded
+    prompt: dict  # the prompt field given (and chat fields), e.g. {"messages": [...]}; dropped once encoded
     prompt_token_ids: array.array | None = None  # set by encode_requests (compact: many prompts)
+    chat: object | None = None  # messages: the ChatPlan parsing the output (its prompt text dropped)
 
 
 @dataclasses.dataclass
@@ -116,6 +118,10 @@ def _parse_line(raw: bytes, line_no: int, defaults: SamplingDefaults) -> InputRe
     if len(given) != 1:
         raise ValueError(f"give exactly one of {', '.join(PROMPT_FIELDS)} (got {', '.join(given) or 'none'})")
     prompt = {given[0]: _check_prompt(given[0], obj[given[0]])}
+    chat_fields = [k for k in CHAT_FIELDS if obj.get(k) is not None]
+    if chat_fields and given[0] != "messages":
+        raise ValueError(f"{', '.join(chat_fields)} need messages")
+    prompt.update({k: obj[k] for k in chat_fields})
     key = json.dumps(rid)
     fields = _sampling_fields(obj)
     try:
@@ -136,10 +142,9 @@ def _check_prompt(field: str, value):
     else:
         if not isinstance(value, list) or not value:
             raise ValueError("messages must be a non-empty list")
-        for i, m in enumerate(value):
-            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-                    or not isinstance(m.get("content"), str)):
-                raise ValueError(f"messages[{i}] must be an object with string role and content")
+        for i, m in enumerate(value):  # the rest is checked by the engine's chat encoding
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"messages[{i}] must be an object with a string role")
     return value
 
 
@@ -174,7 +179,12 @@ def encode_requests(requests: list[InputRequest], engine) -> tuple[list[InputReq
     max_context = getattr(engine, "max_context", None)
     for req in requests:
         try:
-            ids = engine.encode_prompt(**req.prompt)
+            if "messages" in req.prompt:
+                req.chat = engine.plan_chat(**req.prompt)
+                ids = engine.encode_prompt(chat=req.chat)
+                req.chat = dataclasses.replace(req.chat, prompt="")  # only the parsing is kept
+            else:
+                ids = engine.encode_prompt(**req.prompt)
         except Exception as e:  # a chat template may raise anything (jinja, KeyError)
             bad.append(BadLine(req.line_no, f"rejected by the engine: {e}"))
             continue

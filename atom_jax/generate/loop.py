@@ -47,7 +47,8 @@ def run_requests(engine, requests: list[InputRequest], writer: ResultWriter, sta
                 req = pending.popleft()
                 rid = f"generate-{run}-{req.line_no}"
                 try:
-                    engine.add_request(prompt_token_ids=req.prompt_token_ids, params=req.params, request_id=rid)
+                    engine.add_request(prompt_token_ids=req.prompt_token_ids, params=req.params,
+                                       request_id=rid, chat=req.chat)
                 except ValueError as e:  # the engine's own input checks (beyond encode_requests)
                     stats.bad += 1
                     report_bad(BadLine(req.line_no, f"rejected by the engine: {e}"))

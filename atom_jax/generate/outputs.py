@@ -119,6 +119,8 @@ def result_record(req, output, has_tokenizer: bool) -> dict:
     rec = {"id": req.id}
     if has_tokenizer:
         rec["text"] = output.text
+    if getattr(output, "message", None) is not None:  # messages: content, reasoning, tool calls
+        rec["message"] = output.message
     rec.update(token_ids=list(output.token_ids), finish_reason=output.finish_reason,
                usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion})
