@@ -4,7 +4,6 @@ client against the real app over HTTP (stream on and off)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import threading
@@ -16,6 +15,7 @@ import pytest
 from atom_jax.chat import ChatSettings, plan_chat
 from atom_jax.chat.encoding import MARKERS
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
+from atom_jax.engine.engine import RequestOutput as Output
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.prepare import PreparedRequest
@@ -74,19 +74,6 @@ CALL = ("東京の天気を調べる。</think>Checking ✓\n\n<｜DSML｜tool_c
         "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
 ANSWER = "It is sunny in 東京."
 CALL_ARGS = {"city": "東京", "days": 2}
-
-
-@dataclasses.dataclass
-class Output:
-    request_id: str
-    prompt_token_ids: list
-    token_ids: list
-    new_token_ids: list
-    text: str | None
-    delta_text: str | None
-    finished: bool
-    finish_reason: str | None
-    logprobs: list
 
 
 def outputs_token_by_token(script: str, rid="r"):
