@@ -10,14 +10,15 @@ from atom_jax.models.deepseek_v4 import DeepseekV4
 from atom_jax.models.hyper import hc_merge
 
 
-def cached_forward(model: DeepseekV4, cache: list[dict], b: dict, page_table, layout, moe_backend="ragged_dot"):
+def cached_forward(model: DeepseekV4, cache: list[dict], b: dict, page_table, layout, moe_backend="ragged_dot",
+                   attn_backend="jnp"):
     """-> (logits [S, vocab] at b["sample_idx"], new cache)."""
     ids = b["ids"]
     streams = model.embed_streams(ids)  # [T, N, D]
     new_cache = []
     for block, layer_cache in zip(model.layers, cache):
         post, comb, x = block.attn_in(streams)
-        a, layer_cache = cached_attention(block.attn, x, b, layer_cache, page_table, layout)
+        a, layer_cache = cached_attention(block.attn, x, b, layer_cache, page_table, layout, attn_backend)
         streams = hc_merge(streams, a, post, comb)
         post, comb, x = block.ffn_in(streams)
         streams = hc_merge(streams, block.ffn(x, ids, moe_backend), post, comb)

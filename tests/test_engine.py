@@ -53,7 +53,8 @@ def test_greedy_matches_transformers_generate(hf_dir, dp, tbo, chunk):
     eng.scheduler.check_invariants()
 
 
-def test_incremental_logits_equal_full_sequence():
+@pytest.mark.parametrize("attn_backend", ["jnp", "pallas"])  # pallas: the kernels, interpreted
+def test_incremental_logits_equal_full_sequence(attn_backend):
     cfg = tiny()
     model = random_model(cfg, seed=int(np.random.SeedSequence().entropy % 2**31))
     layout = CacheLayout(num_slots=3, num_pages=24, page_tokens=32, max_pages_per_seq=8)
@@ -64,7 +65,7 @@ def test_incremental_logits_equal_full_sequence():
     page_table = np.arange(24, dtype=np.int32).reshape(3, 8)
     import jax
 
-    step = jax.jit(lambda c, b, p: cached_forward(model, c, b, p, layout))
+    step = jax.jit(lambda c, b, p: cached_forward(model, c, b, p, layout, attn_backend=attn_backend))
     cache, done, worst, i = init_cache(cfg, layout), [0, 0, 0], 0.0, 0
     while any(d < n for d, n in zip(done, lengths)):
         chunks = []

@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable
 
 from atom_jax.chat.plan import REASONING_PARSERS, TEMPLATES as CHAT_TEMPLATES
-from atom_jax.kernels.names import MOE_BACKENDS
+from atom_jax.kernels.names import ATTN_BACKENDS, MOE_BACKENDS
 from atom_jax.scheduler import TBO_MIN_TOKENS
 
 log = logging.getLogger("atom_jax.engine")
@@ -121,6 +121,9 @@ class EngineConfig:
     moe_backend: str = setting(
         "auto", "routed-expert grouped GEMM (auto: ragged_dot on CPU; on GPU tokamax for small "
         "groups on Hopper when installed, else the Pallas kernel)", choices=MOE_BACKENDS)
+    attn_backend: str = setting(
+        "auto", "cached attention and lightning indexer: jnp (reference) or pallas (the Triton "
+        "kernels of atom_jax.kernels.sparse_*; auto: jnp on CPU, pallas on GPU)", choices=ATTN_BACKENDS)
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",

@@ -72,7 +72,7 @@ class Engine:
         # The one context limit: a request must fit the page table and one rank's pages.
         self.max_context = min(self.layout.max_context, cfg.num_pages * cfg.page_tokens)
         opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
-                           moe_backend=cfg.moe_backend)
+                           moe_backend=cfg.moe_backend, attn_backend=cfg.attn_backend)
         self.mesh = make_dp_mesh(cfg.dp)
         self.runner = ModelRunner(model, self.mesh, self.layout, opts)
         self.cluster = cluster

@@ -12,7 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from atom_jax.config import CSA, SLIDING
+from atom_jax.kernels.names import ATTN_BACKENDS
 from atom_jax.models.attention import Attention
+from atom_jax.models.cache_reads import (entry_addresses, jnp_index_scorer, max_windows, running_topk,
+                                         visible_counts)
 from atom_jax.models.compressor import Compressor
 
 
@@ -33,31 +36,37 @@ def _window_rows(proj, tail, b, positions):
     return jnp.where(in_chunk[..., None], from_chunk, from_tail)
 
 
-def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq):
-    """Emit the entries completed in this step, write them and the new tails. -> (pool, tails)."""
+def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq, max_segments):
+    """Emit the entries completed in this step, write them and the new tails. -> (pool, tails).
+
+    Works per completed window (at most T // ratio + chunks of them, `max_windows`), not per
+    token: only the tokens that close a window gather their window's rows."""
     r, d = comp.ratio, comp.head_dim
     kv, gate = comp.project(x)
     kv = kv.astype(jnp.float32)
     gate = gate.astype(jnp.float32) + comp.ape[...][jnp.mod(b["pos"], r)]
     pos = b["pos"]
-    done = b["valid"] & (jnp.mod(pos + 1, r) == 0)
-    w = (pos + 1) // r - 1
+    n = pos.shape[0]
+    (src,) = jnp.nonzero(b["valid"] & (jnp.mod(pos + 1, r) == 0), size=max_windows(n, r, max_segments),
+                         fill_value=n)
+    done = src < n
+    wb = {k: b[k][jnp.minimum(src, n - 1)] for k in ("pos", "slot", "seg_start_idx", "seg_start_pos")}
+    w = (wb["pos"] + 1) // r - 1
     if comp.overlap:  # Ca of window w-1 (first r slots) then Cb of window w
         win = (w[:, None] - 1) * r + jnp.arange(2 * r)[None, :]
-        rows_kv = _window_rows(kv, tail_kv, b, win)
-        rows_g = _window_rows(gate, tail_gate, b, win)
+        rows_kv = _window_rows(kv, tail_kv, wb, win)
+        rows_g = _window_rows(gate, tail_gate, wb, win)
         first = jnp.arange(2 * r)[None, :] < r
         wkv = jnp.where(first[..., None], rows_kv[..., :d], rows_kv[..., d:])
         wg = jnp.where(first[..., None], rows_g[..., :d], rows_g[..., d:])
         wg = jnp.where((win < 0)[..., None], -jnp.inf, wg)
     else:
         win = w[:, None] * r + jnp.arange(r)[None, :]
-        wkv = _window_rows(kv, tail_kv, b, win)
-        wg = _window_rows(gate, tail_gate, b, win)
+        wkv = _window_rows(kv, tail_kv, wb, win)
+        wg = _window_rows(gate, tail_gate, wb, win)
     pooled = jnp.sum(wkv * jax.nn.softmax(wg, axis=1), axis=1)
     entries = comp.finish(pooled, w * r, inv_freq)
-    page = page_table[b["slot"], jnp.maximum(w, 0) // epp]
-    addr = jnp.where(done, page * epp + jnp.mod(w, epp), pool.shape[0])
+    addr = jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pool.shape[0])
     pool = pool.at[addr].set(entries.astype(pool.dtype), mode="drop")
     span = tail_kv.shape[1]
     keep = b["valid"] & (pos >= b["seg_end_pos"] - span)  # only the chunk's last `span` survive
@@ -66,59 +75,53 @@ def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table,
     return pool, tail_kv, tail_gate
 
 
-def _slot_entry_addresses(page_table, epp):
-    """[slots, max_pages * epp] pool address of every entry index of every slot."""
-    w = jnp.arange(page_table.shape[1] * epp)
-    return page_table[:, w // epp] * epp + jnp.mod(w, epp)
-
-
-def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout):
+def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, backend: str = "jnp"):
     """x [T, D] normed attention input; b: the PackedBatch arrays (jnp); cache: this layer's.
+    backend: "jnp" (reference, CPU path) or "pallas" (kernels/sparse_*.py; interpreted on CPU).
 
     -> (out [T, D], new layer cache)."""
     cfg = attn.cfg
     inv = attn.inv_freq
     pos, slot, valid = b["pos"], b["slot"], b["valid"]
     win = cfg.sliding_window
+    kernels = _kernels(backend)
     q, q_lora = attn.queries(x[None], pos[None])
     q, q_lora = q[0], q_lora[0]  # [T, H, hd], [T, R]
     kv = attn.keys(x[None], pos[None])[0]  # [T, hd]
     cache = dict(cache)
+    segs = layout.num_slots  # a buffer (or each TBO half) holds at most one chunk per slot
 
-    # sliding window: the ring as it was before this chunk, and this chunk's own rows
-    ring_kv, ring_pos = cache["ring_kv"][slot], cache["ring_pos"][slot]  # [T, W, hd], [T, W]
-    d_ring = pos[:, None] - ring_pos
-    vis_ring = (ring_pos >= 0) & (ring_pos < b["seg_start_pos"][:, None]) & (d_ring >= 0) & (d_ring < win)
-    d_chunk = pos[:, None] - pos[None, :]
-    same_chunk = valid[None, :] & (b["seg_start_idx"][:, None] == b["seg_start_idx"][None, :])
-    vis_chunk = same_chunk & (d_chunk >= 0) & (d_chunk < win)
-
-    ent, vis_ent = None, None
+    pool, top, n_vis = None, None, None
     if attn.kind != SLIDING:
         r = attn.ratio
         epp = layout.entries_per_page(r)
         pool, tkv, tg = _compress_step(attn.compressor, x, b, cache["tail_kv"], cache["tail_gate"],
-                                       cache["entries"], page_table, epp, inv)
+                                       cache["entries"], page_table, epp, inv, segs)
         cache.update(entries=pool, tail_kv=tkv, tail_gate=tg)
-        addrs = _slot_entry_addresses(page_table, epp)[slot]  # [T, E]
-        n_visible = (pos + 1) // r
+        n_vis = visible_counts(b, r)
         if attn.kind == CSA:
             ipool, itkv, itg = _compress_step(attn.indexer.compressor, x, b, cache["itail_kv"], cache["itail_gate"],
-                                              cache["ientries"], page_table, epp, inv)
+                                              cache["ientries"], page_table, epp, inv, segs)
             cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg)
-            scores = attn.indexer.scores(x[:, None], q_lora[:, None], pos[:, None], ipool[addrs], inv)[:, 0]
-            visible = jnp.arange(addrs.shape[1])[None, :] < n_visible[:, None]
-            k = min(cfg.index_topk, addrs.shape[1])
-            _, top = jax.lax.top_k(jnp.where(visible, scores, -jnp.inf), k)  # [T, k]
-            ent = pool[jnp.take_along_axis(addrs, top, axis=1)]
-            vis_ent = top < n_visible[:, None]
-        else:
-            ent = pool[addrs]
-            vis_ent = jnp.arange(addrs.shape[1])[None, :] < n_visible[:, None]
+            qi, wi = attn.indexer.query(x, q_lora, pos, inv)
+            k = min(cfg.index_topk, page_table.shape[1] * epp)
+            if kernels is None:
+                block = min(INDEX_BLOCK_JNP, page_table.shape[1] * epp)
+                scorer = jnp_index_scorer(qi, wi, ipool, page_table, slot, epp, block)
+            else:
+                block = kernels.sparse_indexer.outer_block(page_table.shape[1] * epp)
+                scorer = kernels.sparse_indexer.scorer(qi, wi, ipool, page_table, b, n_vis, epp, block, segs,
+                                                       interpret=kernels.interpret)
+            top, _ = running_topk(scorer, n_vis, k, block)
 
-    out = _attend_mixed(q, [(ring_kv, vis_ring, True), (kv, vis_chunk, False)]
-                        + ([(ent, vis_ent, True)] if ent is not None else []),
-                        attn.sinks[...], cfg.head_dim ** -0.5)
+    keys = dict(pool=pool, page_table=page_table, epp=layout.entries_per_page(attn.ratio) if pool is not None else 1,
+                n_visible=n_vis, selected=top)
+    if kernels is not None:
+        out = kernels.sparse_attention.attend(q, kv, cache["ring_kv"], cache["ring_pos"], b, attn.sinks[...],
+                                              cfg.head_dim ** -0.5, interpret=kernels.interpret, **keys)
+    else:
+        out = reference_attend(q, kv, cache["ring_kv"], cache["ring_pos"], b, attn.sinks[...], cfg.head_dim ** -0.5,
+                               **keys)
     out = attn.output(out[None], pos[None])[0]
 
     # ring update after reading: each chunk's last W rows replace the slot's oldest
@@ -126,6 +129,60 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout):
     cache["ring_kv"] = _write_last(cache["ring_kv"], slot, jnp.mod(pos, win), kv, keep)
     cache["ring_pos"] = _write_last(cache["ring_pos"], slot, jnp.mod(pos, win), pos, keep)
     return out, cache
+
+
+INDEX_BLOCK_JNP = 512  # entries scored per running-top-k step on the jnp path ([T, heads, block])
+
+
+class _Kernels:
+    def __init__(self, interpret: bool):
+        from atom_jax.kernels import sparse_attention, sparse_indexer
+        self.sparse_attention, self.sparse_indexer, self.interpret = sparse_attention, sparse_indexer, interpret
+
+
+def _kernels(backend: str):
+    """None for the jnp path, else the Pallas kernel modules (interpreted on CPU)."""
+    name = resolve_attn_backend(backend)
+    if name == "jnp":
+        return None
+    return _Kernels(interpret=jax.default_backend() == "cpu")
+
+
+def resolve_attn_backend(backend: str, platform: str | None = None) -> str:
+    """`auto`: the jnp path on CPU, the Pallas (Triton) kernels on GPUs (NVIDIA and ROCm)."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {list(ATTN_BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "jnp" if (platform or jax.default_backend()) == "cpu" else "pallas"
+
+
+def reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
+                     n_visible=None, selected=None):
+    """The jnp path and oracle (same contract as kernels.sparse_attention.attend): explicit key
+    sets and masks, one softmax with the sink (models/attention.py's math).
+
+    q [T,H,hd]; kv [T,hd] this step's rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as before
+    this step; pool [N,hd] compressed entries (None: sliding only); n_visible [T]; selected
+    [T,k] entry indices (CSA; None: all visible entries, HCA)."""
+    pos, slot, valid = b["pos"], b["slot"], b["valid"]
+    win = ring_kv.shape[1]
+    # sliding window: the ring as it was before this chunk, and this chunk's own rows
+    ring_kv, ring_pos = ring_kv[slot], ring_pos[slot]  # [T, W, hd], [T, W]
+    d_ring = pos[:, None] - ring_pos
+    vis_ring = (ring_pos >= 0) & (ring_pos < b["seg_start_pos"][:, None]) & (d_ring >= 0) & (d_ring < win)
+    d_chunk = pos[:, None] - pos[None, :]
+    same_chunk = valid[None, :] & (b["seg_start_idx"][:, None] == b["seg_start_idx"][None, :])
+    vis_chunk = same_chunk & (d_chunk >= 0) & (d_chunk < win)
+    sets = [(ring_kv, vis_ring, True), (kv, vis_chunk, False)]
+    if pool is not None:
+        if selected is None:  # HCA: every entry of the slot, masked to the visible ones
+            cap = page_table.shape[1] * epp
+            selected = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), (pos.shape[0], cap))
+        ok = selected < n_visible[:, None]
+        ent = pool[entry_addresses(page_table, slot[:, None], jnp.where(ok, selected, 0), epp)]
+        sets.append((ent, ok, True))
+    return _attend_mixed(q, sets, sinks, scale)
 
 
 def _attend_mixed(q, key_sets, sinks, scale):

@@ -95,20 +95,25 @@ class Indexer(nnx.Module):
         self.wq_b = normal_param(rngs, (cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim), dtype)
         self.weights_proj = normal_param(rngs, (cfg.hidden_size, cfg.index_n_heads), dtype)
 
+    def query(self, x, q_lora, positions, inv_freq):
+        """x [..,S,D], q_lora [..,S,R] -> (q [..,S,H,di] float32 roped, w [..,S,H] float32 with the
+        1/sqrt(di) and 1/sqrt(H) scales folded in): score(w) = sum_h w_h * relu(q_h . k_w)."""
+        cfg = self.cfg
+        q = (q_lora @ self.wq_b[...]).reshape(*q_lora.shape[:-1], cfg.index_n_heads, cfg.index_head_dim)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q = apply_rope(q, cos[..., None, :], sin[..., None, :]).astype(jnp.float32)
+        w = (x @ self.weights_proj[...]).astype(jnp.float32)
+        return q, w * (cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5)
+
     def scores(self, x, q_lora, positions, keys, inv_freq):
         """x [B,S,D], q_lora [B,S,R], keys [B,T,di] -> index scores [B,S,T] float32 (no mask)."""
-        cfg = self.cfg
-        b, s, _ = x.shape
-        q = (q_lora @ self.wq_b[...]).reshape(b, s, cfg.index_n_heads, cfg.index_head_dim)
-        cos, sin = rope_cos_sin(positions, inv_freq)
-        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
-        dots = jnp.einsum("bshd,btd->bsht", q.astype(jnp.float32), keys.astype(jnp.float32))
-        dots = jax.nn.relu(dots) * cfg.index_head_dim ** -0.5
-        w = (x @ self.weights_proj[...]).astype(jnp.float32) * cfg.index_n_heads ** -0.5
-        return jnp.einsum("bsht,bsh->bst", dots, w)
+        q, w = self.query(x, q_lora, positions, inv_freq)
+        dots = jnp.einsum("bshd,btd->bsht", q, keys.astype(jnp.float32))
+        return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w)
 
     def select(self, scores, visible):
-        """Top-k of the visible entries -> bool mask [B, S, T]."""
+        """Top-k of the visible entries -> bool mask [B, S, T]. Ties: lowest entry index first
+        (lax.top_k's rule; the cached path's running top-k keeps it, models/cache_reads.py)."""
         t = scores.shape[-1]
         k = min(self.cfg.index_topk, t)
         masked = jnp.where(visible, scores, -jnp.inf)

@@ -34,7 +34,7 @@ class _CachedRankStep(_RankStep):
 
     def attend_chain(self, layer, block, chain, other, x):
         out, self.cache[layer] = cached_attention(block.attn, x, chain.batch, self.cache[layer],
-                                                  self.page_table, self.layout)
+                                                  self.page_table, self.layout, self.opts.attn_backend)
         return out
 
     def __call__(self, b: dict):

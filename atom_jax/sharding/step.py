@@ -39,6 +39,8 @@ class StepOptions:
     tbo: bool | None = None
     tbo_min_tokens: int = TBO_MIN_TOKENS
     moe_backend: str = "ragged_dot"
+    # cached attention (atom_jax.models.cached_attention): auto = jnp on CPU, Pallas kernels on GPU
+    attn_backend: str = "auto"
     # True: route locally, gather (weights, ids); False: gather token ids, route gathered tokens
     gather_routing: bool = True
     output: str = "logits"  # "logits" [.., vocab] float32 or "hidden" (final normed hidden)

@@ -1,0 +1,143 @@
+"""Sparse flash attention over the paged cache in Pallas (Triton backend: NVIDIA and ROCm;
+interpreted on CPU). Same contract as models/cached_attention.reference_attend.
+
+One program per (token, block of heads): the heads are the rows of the dots (V4's attention is
+MQA: one 512-wide key/value head shared by all query heads), so a token's keys are read once
+per head block. Keys, in blocks of `block_k`, with one online softmax (float32 running max,
+sum and accumulator; dots in the inputs' dtype, bf16 on GPU, accumulating in float32):
+
+1. the sliding window, positions p - W + 1 .. p: rows of the token's own chunk straight from
+   this step's key rows (causal, never another chunk's: row = chunk start + offset), earlier
+   positions from the slot's ring (valid where the ring still holds that position);
+2. compressed entries through the slot's page table: every entry w < n_visible[t] (HCA; the
+   trip count follows the token's real context) or the indexer's selection (CSA; NO_ENTRY and
+   entries at or past n_visible are masked);
+3. the per-head sink, which joins the denominator only.
+
+Cost per token: W + (visible or selected entries) keys, never the cache capacity and never the
+other tokens of the packed buffer."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTiles:
+    block_h: int = 32  # query heads per program (rows of the dots; >= 16 on GPU)
+    block_k: int = 32  # keys per step
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TILES = AttentionTiles()
+_NEG = -1e30  # running max start: finite, so fully masked blocks give exp(-inf) = 0, never NaN
+
+
+def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_ref, rpos_ref,
+            pool_ref, pt_ref, sel_ref, sink_ref, o_ref, *, tiles: AttentionTiles, dim: int, win: int,
+            scale: float, mode: str, epp: int, max_pages: int, n_sel: int):
+    t = pl.program_id(0)
+    hb = pl.program_id(1)
+    bh, bk = tiles.block_h, tiles.block_k
+    heads = hb * bh + jnp.arange(bh, dtype=jnp.int32)
+    d = jnp.arange(dim, dtype=jnp.int32)
+    trow = jnp.zeros((bh, 1), jnp.int32) + t
+    q = q_ref[trow, heads[:, None] * dim + d[None, :]]  # [bh, dim]
+    p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
+    cols = jnp.arange(bk, dtype=jnp.int32)
+
+    def update(carry, keys, ok):
+        m, l, acc = carry
+        s = plt.dot(q, keys, trans_b=True) * scale  # [bh, bk] float32
+        s = jnp.where(ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        pr = jnp.exp(s - m_new[:, None])
+        l = l * alpha + jnp.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + plt.dot(pr.astype(keys.dtype), keys)
+        return m_new, l, acc
+
+    def window(i, carry):
+        j = p - win + 1 + i * bk + cols  # positions
+        in_win = i * bk + cols < win
+        in_chunk = j >= ssp
+        ring_row = slot * win + jax.lax.rem(j + win, win)
+        rp = plt.load(rpos_ref.at[ring_row], mask=~in_chunk, other=-1)
+        ok_chunk = in_win & in_chunk
+        ok_ring = in_win & ~in_chunk & (j >= 0) & (rp == j)
+        chunk_row = jnp.where(ok_chunk, ssi + j - ssp, 0)
+        kc = plt.load(kv_ref.at[chunk_row[:, None], d[None, :]], mask=ok_chunk[:, None], other=0.0)
+        kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], d[None, :]],
+                      mask=ok_ring[:, None], other=0.0)
+        return update(carry, jnp.where(ok_chunk[:, None], kc, kr), ok_chunk | ok_ring)
+
+    def entries(i, carry):
+        if mode == "all":
+            e = i * bk + cols
+            ok = e < nvis
+        else:
+            e = plt.load(sel_ref.at[jnp.zeros((bk,), jnp.int32) + t, i * bk + cols],
+                         mask=i * bk + cols < n_sel, other=-1)
+            ok = (e >= 0) & (e < nvis)
+        e = jnp.where(ok, e, 0)
+        page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
+        addr = jnp.where(ok, page * epp + e % epp, 0)
+        keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=ok[:, None], other=0.0)
+        return update(carry, keys, ok)
+
+    carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
+             jnp.zeros((bh, dim), jnp.float32))
+    carry = jax.lax.fori_loop(0, -(-win // bk), window, carry)
+    if mode != "none":
+        nvis = nvis_ref[t]
+        n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
+        carry = jax.lax.fori_loop(0, n_blocks, entries, carry)
+    m, l, acc = carry
+    sink = sink_ref[heads]
+    m_new = jnp.maximum(m, sink)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + jnp.exp(sink - m_new)
+    out = acc * (alpha / l)[:, None]
+    o_ref[trow, heads[:, None] * dim + d[None, :]] = out.astype(o_ref.dtype)
+
+
+def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
+           n_visible=None, selected=None, tiles: AttentionTiles = TILES, interpret: bool = False):
+    """q [T,H,hd]; kv [T,hd] this step's key rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as
+    before this step; pool [N,hd] compressed entries (None: sliding only); page_table
+    [slots, max_pages]; n_visible [T]; selected [T,k] entry indices (CSA) or None (HCA: every
+    visible entry). -> [T,H,hd] in q's dtype."""
+    t, h, dim = q.shape
+    slots, win, _ = ring_kv.shape
+    bh = min(tiles.block_h, h)
+    if h % bh:
+        raise ValueError(f"{h} heads do not split into blocks of {bh}")
+    tiles = dataclasses.replace(tiles, block_h=bh)
+    mode = "none" if pool is None else ("all" if selected is None else "list")
+    if pool is None:
+        pool = jnp.zeros((1, dim), kv.dtype)
+        page_table = jnp.zeros((slots, 1), jnp.int32)
+        n_visible = jnp.zeros((t,), jnp.int32)
+    sel = selected if selected is not None else jnp.zeros((t, 1), jnp.int32)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    call = pl.pallas_call(
+        functools.partial(_kernel, tiles=tiles, dim=dim, win=win, scale=float(scale), mode=mode, epp=epp,
+                          max_pages=page_table.shape[1], n_sel=sel.shape[1]),
+        out_shape=jax.ShapeDtypeStruct((t, h * dim), q.dtype),
+        grid=(t, h // bh),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name=f"sparse_attention_{mode}",
+    )
+    out = call(i32(b["pos"]), i32(b["slot"]), i32(b["seg_start_idx"]), i32(b["seg_start_pos"]), i32(n_visible),
+               q.reshape(t, h * dim), kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype),
+               i32(ring_pos).reshape(-1), pool.astype(q.dtype), i32(page_table).reshape(-1),
+               jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32))
+    return out.reshape(t, h, dim)

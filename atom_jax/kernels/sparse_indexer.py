@@ -1,0 +1,118 @@
+"""Lightning-indexer scores in Pallas (Triton backend: NVIDIA and ROCm; interpreted on CPU).
+
+One call scores the entries [e0, e0 + block) of each token's slot: out[t, j] =
+sum_h w[t, h] * relu(q[t, h] . key[e0 + j]), keys read straight from the paged pool through the
+slot's page table. The caller (models/cache_reads.running_topk) loops over blocks up to the
+step's longest visible prefix and keeps a running top-k, so neither a [T, heads, E] nor a
+[T, capacity] tensor exists.
+
+Programs: (entry sub-block, work item); a work item is a tile of `block_t` consecutive tokens
+of ONE chunk of the packed buffer (tiles start at the chunk's first token, as the grouped GEMM's
+start at a group's first row), so its tokens share one slot and one key block, loaded once for
+all tokens and heads. The heads loop runs `block_t x block_e` dots over the index head dim.
+Scores at or past a token's visible count are -inf; rows of padding tokens are unspecified
+(the caller masks them by the visible count, which is 0 there)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from atom_jax.kernels.pallas_grouped_gemm import work_items
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerTiles:
+    block_t: int = 32  # tokens of one chunk per program
+    block_e: int = 64  # entries per program
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+TILES = IndexerTiles()
+OUTER_BLOCK = 4096  # entries per call (the running top-k merges [T, k + OUTER_BLOCK])
+
+
+def outer_block(capacity: int, tiles: IndexerTiles = TILES) -> int:
+    """Entries per call: OUTER_BLOCK, or the capacity rounded up to block_e when smaller."""
+    return min(OUTER_BLOCK, -(-capacity // tiles.block_e) * tiles.block_e)
+
+
+def chunk_ranges(b):
+    """Per buffer index t: [t, t + chunk length) when a real chunk starts at t, else empty."""
+    t = jnp.arange(b["pos"].shape[0], dtype=jnp.int32)
+    first = b["valid"] & (b["seg_start_idx"] == t)
+    return t, jnp.where(first, t + b["seg_end_pos"] - b["seg_start_pos"], t).astype(jnp.int32)
+
+
+def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis_ref, e0_ref,
+            q_ref, w_ref, pool_ref, pt_ref, o_ref, *, tiles: IndexerTiles, heads: int, dim: int,
+            epp: int, max_pages: int, n_rows: int):
+    j = pl.program_id(0)
+    i = pl.program_id(1)
+    bt, be = tiles.block_t, tiles.block_e
+
+    @pl.when(i < count_ref[0])
+    def _():
+        g = group_ref[i]
+        row0 = starts_ref[g] + tile_ref[i] * bt
+        rows = row0 + jnp.arange(bt, dtype=jnp.int32)
+        mine = rows < ends_ref[g]
+        out_rows = rows % n_rows  # distinct (interpret mode stores masked rows back as they were)
+        rows = jnp.where(mine, rows, row0)
+        slot = slot_ref[row0]
+        nvis = jnp.where(mine, nvis_ref[rows], 0)
+        e = e0_ref[0] + j * be + jnp.arange(be, dtype=jnp.int32)
+        live = e < jnp.max(nvis)
+        page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
+        addr = jnp.where(live, page * epp + e % epp, 0)
+        d = jnp.arange(dim, dtype=jnp.int32)
+        keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
+
+        def head(h, acc):
+            qh = q_ref[rows[:, None], h * dim + d[None, :]].astype(keys.dtype)
+            s = plt.dot(qh, keys, trans_b=True)  # [bt, be] float32
+            return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
+
+        acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
+        out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
+        cols = j * be + jnp.arange(be, dtype=jnp.int32)
+        plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
+
+
+def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int, max_segments: int,
+                 tiles: IndexerTiles = TILES, interpret: bool = False):
+    """q [T, H, di] (roped; cast to the pool's dtype for the dots), w [T, H] float32 (scales
+    folded in), ipool [N, di], page_table [slots, max_pages], b: the packed batch arrays,
+    n_visible [T] (entries each token may see), e0: traced first entry index, max_segments: at
+    most this many chunks in the buffer -> [T, block] float32 (block a multiple of block_e)."""
+    t, heads, dim = q.shape
+    if block % tiles.block_e:
+        raise ValueError(f"block {block} must be a multiple of block_e {tiles.block_e}")
+    starts, ends = chunk_ranges(b)
+    items = min(t, -(-t // tiles.block_t) + max_segments)
+    group, tile, count = work_items(starts, ends, tiles.block_t, items)
+    call = pl.pallas_call(
+        functools.partial(_kernel, tiles=tiles, heads=heads, dim=dim, epp=epp, max_pages=page_table.shape[1],
+                          n_rows=t),
+        out_shape=jax.ShapeDtypeStruct((t, block), jnp.float32),
+        grid=(block // tiles.block_e, items),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="indexer_scores",
+    )
+    return call(group, tile, count, starts, ends, b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32),
+                jnp.asarray(e0, jnp.int32).reshape(1), q.reshape(t, heads * dim).astype(ipool.dtype),
+                w.astype(jnp.float32).reshape(-1), ipool, page_table.reshape(-1).astype(jnp.int32))
+
+
+def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
+           tiles: IndexerTiles = TILES, interpret: bool = False):
+    """The block scorer `running_topk` calls: e0 -> [T, block]."""
+    return lambda e0: block_scores(q, w, ipool, page_table, b, n_visible, e0, epp, block, max_segments,
+                                   tiles, interpret)

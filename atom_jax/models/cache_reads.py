@@ -1,0 +1,78 @@
+"""Reading a rank's paged cache for the tokens of a packed buffer, at the cost of the context
+each token really has rather than the cache's capacity (both attention backends use these).
+
+- `entry_addresses`: pool address of entry w of a slot, through its page table.
+- `running_topk`: the lightning indexer's top-k, scored block by block of entries up to the
+  longest visible prefix of the step (a while loop whose trip count follows the real context),
+  merging each block into a running top-k: no [T, heads, entries] or [T, capacity] tensor.
+- `max_windows`: how many compression windows one step can complete (the compressor works on
+  those windows only, never one window per token).
+
+Tie rule of the indexer (both backends, and the full-sequence path): among equal scores the
+LOWER entry index wins. `jax.lax.top_k` documents that rule for one call ("if two elements are
+equal, the lower-index element appears first"); the merge keeps it because the running top-k
+always comes first in the concatenation, holds only lower entry indices than the new block, and
+is itself ordered lowest index first among equal scores. With few indexer heads relu makes exact
+zero scores common, so the rule decides real selections (DESIGN.md section 8)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NO_ENTRY = jnp.iinfo(jnp.int32).max  # index of an unfilled top-k place (never visible)
+
+
+def entry_addresses(page_table, slot, w, epp: int):
+    """Pool address of entry index `w` of `slot` (broadcasting). Indices past the page table
+    are clamped to its last column: callers mask entries at or past the visible count."""
+    col = jnp.minimum(w // epp, page_table.shape[1] - 1)
+    return page_table[slot, col] * epp + jnp.mod(w, epp)
+
+
+def visible_counts(b, ratio: int):
+    """Compressed entries token t may use: w < (pos + 1) // ratio; 0 for padding tokens."""
+    return jnp.where(b["valid"], (b["pos"] + 1) // ratio, 0).astype(jnp.int32)
+
+
+def running_topk(block_scores, n_visible, k: int, block: int):
+    """Top-k entry indices per token, scanning entry blocks [e0, e0 + block) for e0 < max(n_visible).
+
+    block_scores(e0) -> [T, block] float32 scores of entries e0.. of each token's slot (values at
+    or past a token's visible count are ignored). -> (idx [T, k] int32, ok [T, k] bool): ok marks
+    real visible entries; other places hold NO_ENTRY. Ties: lowest entry index first."""
+    t = n_visible.shape[0]
+    n_blocks = (jnp.max(n_visible, initial=0) + block - 1) // block
+    cols = jnp.arange(block, dtype=jnp.int32)
+
+    def merge(i, carry):
+        vals, idx = carry
+        e = i * block + cols
+        s = jnp.where(e[None, :] < n_visible[:, None], block_scores(i * block), -jnp.inf)
+        v, j = jax.lax.top_k(jnp.concatenate([vals, s], axis=1), k)
+        both = jnp.concatenate([idx, jnp.broadcast_to(e, (t, block))], axis=1)
+        idx = jnp.take_along_axis(both, j, axis=1)
+        return v, jnp.where(v > -jnp.inf, idx, NO_ENTRY)
+
+    init = (jnp.full((t, k), -jnp.inf, jnp.float32), jnp.full((t, k), NO_ENTRY, jnp.int32))
+    _, idx = jax.lax.fori_loop(0, n_blocks, merge, init)
+    return idx, idx < n_visible[:, None]
+
+
+def jnp_index_scorer(q, w, ipool, page_table, slot, epp: int, block: int):
+    """The jnp block scorer (CPU path and oracle): q [T, H, di] float32 (roped), w [T, H] float32
+    (scales folded in) -> e0 -> [T, block] sum_h w[t,h] * relu(q[t,h] . key[e]). Gathers one
+    block of keys per token ([T, block, di]), never the slot's whole capacity."""
+    def scores(e0):
+        e = e0 + jnp.arange(block, dtype=jnp.int32)
+        keys = ipool[entry_addresses(page_table, slot[:, None], e[None, :], epp)].astype(jnp.float32)
+        dots = jnp.einsum("thd,tbd->thb", q, keys)
+        return jnp.einsum("thb,th->tb", jax.nn.relu(dots), w)
+
+    return scores
+
+
+def max_windows(tokens: int, ratio: int, max_segments: int) -> int:
+    """Windows a step of `tokens` tokens in at most `max_segments` chunks can complete: a chunk
+    of n tokens completes at most n // ratio + 1."""
+    return max(1, min(tokens, tokens // ratio + max_segments))
