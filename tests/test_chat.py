@@ -225,6 +225,10 @@ def test_forced_tool_choice_output_parses():
             "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
     for chunks in _splits(text):
         assert _run(plan, chunks)[:3] == ("", "", [("get_weather", {"city": "Rome"})])
+    # a forced call the model does not complete: its output is content, without the prefix
+    # (which is prompt, not output)
+    for chunks in _splits("- not a parameter"):
+        assert _run(plan, chunks)[:3] == ("", "- not a parameter", [])
 
 
 @pytest.mark.parametrize("text,calls", [

@@ -64,8 +64,8 @@ class ChatParser:
         self.reasoning = ReasoningParser(plan.thinking) if plan.parse_reasoning else None
         self.tools = ToolCallParser(plan.functions, make_id) if plan.functions is not None else None
         self.num_calls = 0
-        if plan.prefix:  # the forced opening of a tool-call block: markup, never content
-            self._answer(plan.prefix, final=False)
+        if plan.prefix and self.tools is not None:  # a forced call's opening, in the prompt
+            self.tools.prime(plan.prefix)
 
     def _answer(self, text: str, final: bool) -> ChatDelta:
         if self.tools is None:

@@ -100,6 +100,13 @@ class ToolCallParser:
     def finish(self) -> tuple[str, list[dict]]:
         return self._drain(final=True)
 
+    def prime(self, markup: str) -> None:
+        """Start inside markup the prompt already wrote (a forced tool call's opening): it is
+        parsed, but it is not output, so a fallback to content does not repeat it."""
+        content, calls = self.feed(markup)
+        assert not content and not calls and not self.buf.strip(), "not a call's opening"
+        self.raw = self.buf = ""  # (what is left is whitespace the next tag may follow)
+
     # ---- the state machine -------------------------------------------------------------
     def _drain(self, final: bool) -> tuple[str, list[dict]]:
         content, calls = [], []
