@@ -252,6 +252,14 @@ def test_malformed_markup_falls_back_to_content(text, calls):
     assert "<｜DSML｜" in content and text.endswith(content.lstrip("x"))
 
 
+def test_a_tool_call_block_ends_the_reasoning():
+    plan = _plan(thinking=True)
+    text = ("thinking\nmore\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"search\">\n"
+            "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
+    for chunks in _splits(text):
+        assert _run(plan, chunks)[:3] == ("thinking\nmore", "", [("search", {})])
+
+
 def test_no_tools_means_no_tool_parsing_and_unclosed_thinking_is_reasoning():
     plan = _plan(thinking=True, tools=())
     reasoning, content, calls, _ = _run(plan, ["<think>", "abc </thi", "nk", "> tail"])

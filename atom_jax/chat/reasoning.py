@@ -2,12 +2,16 @@
 
 In thinking mode V4's prompt ends with `<think>`, so the output starts inside the reasoning and
 `</think>` ends it (a repeated `<think>` at the very start is dropped); the rest is the answer.
+As in DeepSeek's own parser, a tool-call block (`\n\n<｜DSML｜tool_calls>`) also ends the
+reasoning: the block goes on to the tool-call parser, never into reasoning_content.
 Fed text in chunks of any size, it returns the same split as for the whole text at once."""
 
 from __future__ import annotations
 
-from atom_jax.chat.encoding import THINK_END, THINK_START
+from atom_jax.chat.encoding import THINK_END, THINK_START, TOOL_CALLS_START
 from atom_jax.chat.scan import held_suffix
+
+CALLS_START = "\n\n" + TOOL_CALLS_START  # ends the reasoning too; kept for the tool parser
 
 
 class ReasoningParser:
@@ -34,13 +38,15 @@ class ReasoningParser:
                 if self.buf.startswith(THINK_START):
                     self.buf = self.buf[len(THINK_START):]
                 self.at_start = False
-            end = self.buf.find(THINK_END)
-            if end < 0:
-                keep = 0 if final else held_suffix(self.buf, (THINK_END,))
+            hits = [(at, m) for m in (THINK_END, CALLS_START) if (at := self.buf.find(m)) >= 0]
+            if not hits:
+                keep = 0 if final else held_suffix(self.buf, (THINK_END, CALLS_START))
                 cut = len(self.buf) - keep
                 reasoning, self.buf = self.buf[:cut], self.buf[cut:]
                 return reasoning, ""
-            reasoning, self.buf = self.buf[:end], self.buf[end + len(THINK_END):]
+            end, marker = min(hits)
+            skip = len(marker) if marker == THINK_END else 0
+            reasoning, self.buf = self.buf[:end], self.buf[end + skip:]
             self.in_reasoning = False
         content, self.buf = self.buf, ""
         return reasoning, content
