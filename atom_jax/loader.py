@@ -12,20 +12,24 @@ from flax import nnx
 
 from atom_jax.config import ModelConfig
 from atom_jax.models import DeepseekV4
-from atom_jax.models.param_map import MTP_NAME, param_map
+from atom_jax.models.packed_params import AUTO, BF16, NATIVE, SCALE, WEIGHT_FORMATS
+from atom_jax.models.param_map import FP4, FP8, MTP_NAME, param_map
+from atom_jax.weights import quant
 from atom_jax.weights.config_io import read_config, to_hf_dict
-from atom_jax.weights.reader import CheckpointError, iter_checkpoint
+from atom_jax.weights.reader import CheckpointError, iter_checkpoint, plan_checkpoint
 
 ORBAX_SUBDIR = "orbax"
+WEIGHTS_FILE = "atom_jax_weights.json"  # beside an orbax checkpoint: {"weights": "bf16" | "native"}
 
 
-def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, with_mtp: bool = False) -> DeepseekV4:
-    return DeepseekV4(cfg, nnx.Rngs(seed), dtype=dtype, with_mtp=with_mtp)
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, with_mtp: bool = False,
+                 weights: str = BF16) -> DeepseekV4:
+    return DeepseekV4(cfg, nnx.Rngs(seed), dtype=dtype, with_mtp=with_mtp, weights=weights)
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.float32, with_mtp: bool = False) -> DeepseekV4:
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32, with_mtp: bool = False, weights: str = BF16) -> DeepseekV4:
     """Shapes only, no memory: the skeleton that loading fills."""
-    return nnx.eval_shape(lambda: DeepseekV4(cfg, nnx.Rngs(0), dtype=dtype, with_mtp=with_mtp))
+    return nnx.eval_shape(lambda: DeepseekV4(cfg, nnx.Rngs(0), dtype=dtype, with_mtp=with_mtp, weights=weights))
 
 
 def _variable(model, path):
@@ -39,46 +43,117 @@ def _np_dtype(dtype):
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
 
 
-def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelConfig | None = None) -> DeepseekV4:
+def resolve_weights(path: str, weights: str = AUTO) -> str:
+    """`auto` -> native when the checkpoint stores FP4 experts (its headers say so), else bf16."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"--weights {weights!r}: choose from {WEIGHT_FORMATS}")
+    if weights != AUTO:
+        return weights
+    if os.path.isdir(os.path.join(path, ORBAX_SUBDIR)):
+        return _orbax_weights(path)
+    return NATIVE if any(p.kind == FP4 for p in plan_checkpoint(path).tensors) else BF16
+
+
+def _e8m0_bytes(scale: np.ndarray, source, name) -> np.ndarray:
+    """FP4 scales as raw ue8m0 bytes (float scales must be powers of two to stay packed)."""
+    if scale.dtype in (np.dtype(ml_dtypes.float8_e8m0fnu), np.dtype(np.uint8)):
+        return scale.view(np.uint8)
+    f = quant.scale_to_float32(scale)
+    e = np.round(np.log2(f)).astype(np.int32)
+    if not np.array_equal(np.ldexp(np.float32(1), e), f):
+        raise CheckpointError(source, name, "FP4 scales that are not powers of two cannot stay packed; "
+                                            "load with --weights bf16")
+    return (e + 127).astype(np.uint8)
+
+
+def _packed(t, native: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) in the model's packed layout (packed_params) for one checkpoint tensor:
+    as stored when its format matches, else quantised from its float values."""
+    if native == FP4:
+        if t.kind == FP4:
+            codes, scales = t.array, _e8m0_bytes(t.scale, t.source, t.source_name)
+        else:
+            q, sc = quant.quantize_fp4(np.asarray(t.array, np.float32))
+            codes, scales = q.view(np.uint8), sc.view(np.uint8)
+        return np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T)  # [in/2, out], [in/32, out]
+    if t.kind == FP8:
+        return t.array, quant.scale_to_float32(t.scale)
+    q, sc = quant.quantize_fp8(np.asarray(t.array, np.float32))
+    return q.view(np.uint8), quant.scale_to_float32(sc)
+
+
+class _Filler:
+    """Puts values into the abstract model's variables; expert slices are staged on the host
+    and moved to the device once the whole stack is read."""
+
+    def __init__(self, model):
+        self.model = model
+        self.staged: dict[tuple, np.ndarray] = {}
+        self.remaining: dict[tuple, int] = {}
+
+    def put(self, t, path: tuple, value: np.ndarray, expert: int | None, np_dtype=None):
+        var = _variable(self.model, path)
+        full = tuple(var.get_value().shape)
+        want = full if expert is None else full[1:]
+        if value.shape != want:
+            raise CheckpointError(t.source, t.source_name, f"shape {tuple(t.array.shape)} does not fit parameter "
+                                  f"{'.'.join(map(str, path))} {want}")
+        np_dtype = np_dtype or np.dtype(var.get_value().dtype)
+        if expert is None:
+            var.set_value(jnp.asarray(value.astype(np_dtype)))
+            return
+        if path not in self.staged:
+            self.staged[path] = np.zeros(full, np_dtype)
+            self.remaining[path] = full[0]
+        self.staged[path][expert] = value
+        self.remaining[path] -= 1
+        if self.remaining[path] == 0:  # whole stack read: move it to the device, free host copy
+            var.set_value(jnp.asarray(self.staged.pop(path)))
+
+
+def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelConfig | None = None,
+               weights: str = AUTO) -> DeepseekV4:
     """Stream a safetensors checkpoint into the model, tensor by tensor.
 
+    `weights`: "bf16" dequantises FP8/FP4 tensors to `dtype`; "native" keeps the experts FP4 and
+    the attention / shared-expert projections FP8 (packed_params; float tensors there are
+    quantised); "auto" is native when the checkpoint's experts are FP4.
     Every tensor must map to a parameter with the right shape and every parameter must be
     filled; otherwise a CheckpointError names the tensor (and its file)."""
+    weights = resolve_weights(path, weights)
     if os.path.isdir(os.path.join(path, ORBAX_SUBDIR)):
-        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp)
+        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp, weights=weights)
     cfg = cfg or read_config(path)
-    model = abstract_model(cfg, dtype, with_mtp)
+    model = abstract_model(cfg, dtype, with_mtp, weights)
     targets = param_map(cfg, with_mtp)
+    native = weights == NATIVE
+
+    def keep_packed(name, kind):  # stored in the format the model keeps: no decode, no re-encode
+        return native and name in targets and targets[name].native == kind
+
     ignore = [] if with_mtp else [MTP_NAME.pattern]
-    staged: dict[tuple, np.ndarray] = {}  # stacked expert params being filled
-    remaining_experts: dict[tuple, int] = {}
+    filler = _Filler(model)
     filled: set[str] = set()
-    for t in iter_checkpoint(path, dtype=_np_dtype(dtype), ignore=ignore):
+    for t in iter_checkpoint(path, dtype=_np_dtype(dtype), ignore=ignore, keep_packed=keep_packed):
         target = targets.get(t.name)
         if target is None:
             raise CheckpointError(t.source, t.source_name, f"does not belong to this model (canonical name {t.name!r})")
         if t.name in filled:
             raise CheckpointError(t.source, t.source_name, "appears twice in the checkpoint")
-        var = _variable(model, target.path)
-        want = var.get_value().shape if target.expert is None else var.get_value().shape[1:]
+        if native and target.native is not None:
+            try:
+                codes, scales = _packed(t, target.native)
+            except ValueError as e:
+                raise CheckpointError(t.source, t.source_name, str(e)) from None
+            scale_path = target.path[:-1] + (target.path[-1] + SCALE,)
+            filler.put(t, target.path, codes, target.expert, np.dtype(np.uint8))
+            filler.put(t, scale_path, scales, target.expert)
+            filled.add(t.name)
+            continue
         value = target.transform(np.asarray(t.array))
-        if value.shape != tuple(want):
-            raise CheckpointError(t.source, t.source_name, f"shape {tuple(t.array.shape)} does not fit parameter "
-                                  f"{'.'.join(map(str, target.path))} {tuple(want)}")
-        np_dtype = np.int32 if target.integer else np.dtype(var.get_value().dtype)
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
             raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")
-        if target.expert is None:
-            var.set_value(jnp.asarray(value.astype(np_dtype)))
-        else:
-            key = target.path
-            if key not in staged:
-                staged[key] = np.zeros(var.get_value().shape, np_dtype)
-                remaining_experts[key] = var.get_value().shape[0]
-            staged[key][target.expert] = value
-            remaining_experts[key] -= 1
-            if remaining_experts[key] == 0:  # whole stack read: move it to the device, free host copy
-                var.set_value(jnp.asarray(staged.pop(key)))
+        filler.put(t, target.path, value, target.expert, np.dtype(np.int32) if target.integer else None)
         filled.add(t.name)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -97,17 +172,35 @@ def save_orbax(model: DeepseekV4, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(to_hf_dict(model.cfg), f, indent=1)
+    with open(os.path.join(out_dir, WEIGHTS_FILE), "w") as f:
+        json.dump({"weights": getattr(model, "weights", BF16)}, f)
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, ORBAX_SUBDIR), state, force=True)
     return out_dir
 
 
-def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False) -> DeepseekV4:
+def _orbax_weights(path: str) -> str:
+    """The weight format an orbax checkpoint was saved in (bf16 when it predates the record)."""
+    import json
+
+    f = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(f):
+        return BF16
+    with open(f) as fh:
+        return json.load(fh).get("weights", BF16)
+
+
+def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights: str = AUTO) -> DeepseekV4:
+    """Restore as saved: the packed form stays packed. Asking for another format than the saved
+    one is an error (convert from the safetensors checkpoint instead)."""
     import orbax.checkpoint as ocp
 
+    saved = _orbax_weights(path)
+    if weights not in (AUTO, saved):
+        raise CheckpointError(path, None, f"this orbax checkpoint holds {saved!r} weights, not {weights!r}")
     cfg = read_config(path)
-    abstract = abstract_model(cfg, dtype, with_mtp)
+    abstract = abstract_model(cfg, dtype, with_mtp, saved)
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as ckpt:
         state = ckpt.restore(os.path.join(os.path.abspath(path), ORBAX_SUBDIR), abstract_state)

@@ -19,6 +19,7 @@ from atom_jax.models import jit_forward
 from atom_jax.weights import quant
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint
 from hf_reference import hf_logits, make_hf_model
+from official_checkpoint import write_safetensors_with_dtypes
 
 FP8_LEAVES = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|shared_experts\.w[123]\.weight$")
 FP4_LEAVES = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
@@ -56,24 +57,6 @@ def _official_copy(src: str, dst: str):
     return shards, dequantised
 
 
-def _write_safetensors_with_dtypes(path, tensors: dict, fp8_names: set, e8m0_names: set):
-    """safetensors.numpy cannot write float8: write uint8 and patch the dtype strings in the header."""
-    save_file(tensors, path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8: 8 + n])
-    for k in header:
-        if k in fp8_names:
-            header[k]["dtype"] = "F8_E4M3"
-        elif k in e8m0_names:
-            header[k]["dtype"] = "F8_E8M0"
-    hb = json.dumps(header).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little") + hb + raw[8 + n:])
-
-
 def test_official_fp8_fp4_layout_matches_reference(saved_hf, tmp_path):
     from transformers import DeepseekV4ForCausalLM
 
@@ -84,7 +67,7 @@ def test_official_fp8_fp4_layout_matches_reference(saved_hf, tmp_path):
         fname = f"model-0000{i + 1}-of-00002.safetensors"
         fp8 = {k for k in shard if k.endswith(".weight") and FP8_LEAVES.search(k)}
         e8m0 = {k for k in shard if k.endswith(".scale")}
-        _write_safetensors_with_dtypes(str(tmp_path / "official" / fname), shard, fp8, e8m0)
+        write_safetensors_with_dtypes(str(tmp_path / "official" / fname), shard, fp8, e8m0)
         weight_map.update({k: fname for k in shard})
     (tmp_path / "official" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "official" / "config.json").write_text(open(os.path.join(src, "config.json")).read())

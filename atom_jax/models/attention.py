@@ -13,6 +13,8 @@ from flax import nnx
 
 from atom_jax.config import CSA, HCA, SLIDING, ModelConfig
 from atom_jax.models.compressor import Compressor, Indexer, visible_entries
+from atom_jax.kernels.packed import fp8_dequantize
+from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
 
 
@@ -38,19 +40,28 @@ def sliding_visible(q_pos, k_pos, window):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = pp.BF16):
         self.cfg = cfg
         self.kind = kind
         self.ratio = {SLIDING: 0, CSA: cfg.csa_ratio, HCA: cfg.hca_ratio}[kind]
         h, d = cfg.num_heads, cfg.head_dim
-        self.wq_a = normal_param(rngs, (cfg.hidden_size, cfg.q_lora_rank), dtype)
+        # [in, out]; grouped output: wo_a [G, H*D/G, o_lora] then wo_b [G*o_lora, hidden]
+        shapes = {"wq_a": (cfg.hidden_size, cfg.q_lora_rank), "wq_b": (cfg.q_lora_rank, h * d),
+                  "wkv": (cfg.hidden_size, d), "wo_b": (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)}
+        native = pp.check_format(weights) == pp.NATIVE
+        for name, (i, o) in shapes.items():
+            if native:  # FP8 codes [out, in] + block scales (packed_params)
+                codes, scale = pp.fp8_matrix(rngs, i, o)
+                setattr(self, name, codes)
+                setattr(self, name + pp.SCALE, scale)
+            else:
+                setattr(self, name, normal_param(rngs, (i, o), dtype))
+        if native:  # the checkpoint's [G*o_lora, H*D/G], unscrambled at use
+            self.wo_a, self.wo_a_scale = pp.fp8_matrix(rngs, h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        else:
+            self.wo_a = normal_param(rngs, (cfg.o_groups, h * d // cfg.o_groups, cfg.o_lora_rank), dtype)
         self.q_norm = const_param((cfg.q_lora_rank,), 1.0)
-        self.wq_b = normal_param(rngs, (cfg.q_lora_rank, h * d), dtype)
-        self.wkv = normal_param(rngs, (cfg.hidden_size, d), dtype)
         self.kv_norm = const_param((d,), 1.0)
-        # grouped output: [G, H*D/G, o_lora] then [G*o_lora, hidden]
-        self.wo_a = normal_param(rngs, (cfg.o_groups, h * d // cfg.o_groups, cfg.o_lora_rank), dtype)
-        self.wo_b = normal_param(rngs, (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size), dtype)
         self.sinks = const_param((h,), 0.0)
         if self.kind != SLIDING:
             self.compressor = Compressor(cfg, self.ratio, d, self.kind == CSA, rngs, dtype)
@@ -67,15 +78,15 @@ class Attention(nnx.Module):
         """x [B,S,D] -> (q [B,S,H,hd] roped, q_lora [B,S,R] for the indexer)."""
         cfg = self.cfg
         b, s, _ = x.shape
-        q_lora = rms_norm(x @ self.wq_a[...], self.q_norm[...], cfg.rms_norm_eps)
-        q = (q_lora @ self.wq_b[...]).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        q_lora = rms_norm(pp.linear(x, self, "wq_a"), self.q_norm[...], cfg.rms_norm_eps)
+        q = pp.linear(q_lora, self, "wq_b").reshape(b, s, cfg.num_heads, cfg.head_dim)
         q = rms_norm(q, None, cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         return apply_rope(q, cos[:, :, None], sin[:, :, None]), q_lora
 
     def keys(self, x, positions):
         """x [B,S,D] -> sliding-window key/value rows [B,S,hd], roped."""
-        kv = rms_norm(x @ self.wkv[...], self.kv_norm[...], self.cfg.rms_norm_eps)
+        kv = rms_norm(pp.linear(x, self, "wkv"), self.kv_norm[...], self.cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         return apply_rope(kv, cos, sin)
 
@@ -86,8 +97,16 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         attn = apply_rope(attn, cos[:, :, None], sin[:, :, None], inverse=True)
         grouped = attn.reshape(b, s, cfg.o_groups, -1)
-        mid = jnp.einsum("bsgi,gio->bsgo", grouped, self.wo_a[...]).reshape(b, s, -1)
-        return mid @ self.wo_b[...]
+        mid = jnp.einsum("bsgi,gio->bsgo", grouped, self.wo_a_matrix(grouped.dtype)).reshape(b, s, -1)
+        return pp.linear(mid, self, "wo_b")
+
+    def wo_a_matrix(self, dtype):
+        """wo_a as [G, H*D/G, o_lora] (FP8 weights decoded from the checkpoint's [G*o_lora, H*D/G])."""
+        if not hasattr(self, "wo_a_scale"):
+            return self.wo_a[...]
+        cfg = self.cfg
+        w = fp8_dequantize(self.wo_a[...], self.wo_a_scale[...], dtype)
+        return w.reshape(cfg.o_groups, cfg.o_lora_rank, -1).transpose(0, 2, 1)
 
     # ---- full-sequence forward ---------------------------------------------------------------
     def __call__(self, x, positions, prefix=None):

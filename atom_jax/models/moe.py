@@ -9,6 +9,7 @@ from flax import nnx
 
 from atom_jax.config import ModelConfig
 from atom_jax.kernels import grouped_gemm
+from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import normal_param, swiglu_clamped
 
 
@@ -31,7 +32,8 @@ def normalise_weights(scores, idx, cfg: ModelConfig):
 def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot", n_experts=None):
     """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
 
-    x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D]. Choices of experts
+    x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D] (dense, or packed
+    `Fp4Weights` of those shapes: the seam runs them W4A16). Choices of experts
     held elsewhere contribute nothing (sorted past the last group, weight zeroed)."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
@@ -53,7 +55,7 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = pp.BF16):
         self.cfg = cfg
         self.is_hash = is_hash
         d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -64,12 +66,21 @@ class MoE(nnx.Module):
                 jax.random.split(rngs.params(), cfg.vocab_size)).astype(jnp.int32))
         else:
             self.gate_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
-        self.w1 = normal_param(rngs, (e, d, i), dtype)
-        self.w3 = normal_param(rngs, (e, d, i), dtype)
-        self.w2 = normal_param(rngs, (e, i, d), dtype)
-        self.s_w1 = normal_param(rngs, (d, si), dtype)
-        self.s_w3 = normal_param(rngs, (d, si), dtype)
-        self.s_w2 = normal_param(rngs, (si, d), dtype)
+        native = pp.check_format(weights) == pp.NATIVE
+        for name, (k, n) in {"w1": (d, i), "w3": (d, i), "w2": (i, d)}.items():
+            if native:  # FP4 codes + ue8m0 scales (packed_params)
+                codes, scales = pp.fp4_stack(rngs, e, k, n)
+                setattr(self, name, codes)
+                setattr(self, name + pp.SCALE, scales)
+            else:
+                setattr(self, name, normal_param(rngs, (e, k, n), dtype))
+        for name, (k, n) in {"s_w1": (d, si), "s_w3": (d, si), "s_w2": (si, d)}.items():
+            if native:  # FP8 codes [out, in] + block scales
+                codes, scale = pp.fp8_matrix(rngs, k, n)
+                setattr(self, name, codes)
+                setattr(self, name + pp.SCALE, scale)
+            else:
+                setattr(self, name, normal_param(rngs, (k, n), dtype))
 
     def route(self, x, token_ids):
         """x [N, D] -> (weights [N, k] float32, expert ids [N, k] int32)."""
@@ -82,11 +93,11 @@ class MoE(nnx.Module):
         return normalise_weights(scores, idx, self.cfg), idx
 
     def shared(self, x):
-        h = swiglu_clamped(x @ self.s_w1[...], x @ self.s_w3[...], self.cfg.swiglu_limit)
-        return h @ self.s_w2[...]
+        h = swiglu_clamped(pp.linear(x, self, "s_w1"), pp.linear(x, self, "s_w3"), self.cfg.swiglu_limit)
+        return pp.linear(h, self, "s_w2")
 
     def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot"):
-        return routed_experts(x, idx, weights, self.w1[...], self.w3[...], self.w2[...],
+        return routed_experts(x, idx, weights, *(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS),
                               self.cfg.swiglu_limit, expert_offset, backend, self.cfg.n_routed_experts)
 
     def __call__(self, x, token_ids, backend="ragged_dot"):

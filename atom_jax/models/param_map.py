@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from atom_jax.config import CSA, SLIDING, ModelConfig
+from atom_jax.weights.reader import FP4, FP8
 
 # DeepSeek's released MTP blocks: sliding-window attention, learned routing
 MTP_KIND = SLIDING
@@ -21,6 +22,9 @@ class Target:
     transform: Callable[[np.ndarray], np.ndarray]
     expert: int | None = None  # set for one expert's slice of a stacked [E, ...] parameter
     integer: bool = False
+    # FP8 / FP4: kept packed under `--weights native` (packed_params): then the parameter holds the
+    # codes (FP8 [out, in] as stored; FP4 transposed to [in/2, out]) and `<leaf>_scale` the scales
+    native: str | None = None
 
 
 def _t(a):
@@ -29,6 +33,7 @@ def _t(a):
 
 def _same(a):
     return a
+
 
 
 def _wo_a(groups):
@@ -57,13 +62,13 @@ def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple)
         m[f"{prefix}.hc_{site}_base"] = Target(path + (f"hc_{site}", "base"), _same)
         m[f"{prefix}.hc_{site}_scale"] = Target(path + (f"hc_{site}", "scale"), _same)
     m.update({
-        f"{a}.wq_a.weight": Target(ap + ("wq_a",), _t),
+        f"{a}.wq_a.weight": Target(ap + ("wq_a",), _t, native=FP8),
         f"{a}.q_norm.weight": Target(ap + ("q_norm",), _same),
-        f"{a}.wq_b.weight": Target(ap + ("wq_b",), _t),
-        f"{a}.wkv.weight": Target(ap + ("wkv",), _t),
+        f"{a}.wq_b.weight": Target(ap + ("wq_b",), _t, native=FP8),
+        f"{a}.wkv.weight": Target(ap + ("wkv",), _t, native=FP8),
         f"{a}.kv_norm.weight": Target(ap + ("kv_norm",), _same),
-        f"{a}.wo_a.weight": Target(ap + ("wo_a",), _wo_a(cfg.o_groups)),
-        f"{a}.wo_b.weight": Target(ap + ("wo_b",), _t),
+        f"{a}.wo_a.weight": Target(ap + ("wo_a",), _wo_a(cfg.o_groups), native=FP8),
+        f"{a}.wo_b.weight": Target(ap + ("wo_b",), _t, native=FP8),
         f"{a}.attn_sink": Target(ap + ("sinks",), _same),
     })
     if kind != SLIDING:
@@ -79,9 +84,9 @@ def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple)
         m[f"{f}.gate.bias"] = Target(fp + ("gate_bias",), _same)
     for e in range(cfg.n_routed_experts):
         for w in ("w1", "w2", "w3"):
-            m[f"{f}.experts.{e}.{w}.weight"] = Target(fp + (w,), _t, expert=e)
+            m[f"{f}.experts.{e}.{w}.weight"] = Target(fp + (w,), _t, expert=e, native=FP4)
     for w in ("w1", "w2", "w3"):
-        m[f"{f}.shared_experts.{w}.weight"] = Target(fp + (f"s_{w}",), _t)
+        m[f"{f}.shared_experts.{w}.weight"] = Target(fp + (f"s_{w}",), _t, native=FP8)
     return m
 
 

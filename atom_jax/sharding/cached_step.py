@@ -60,10 +60,10 @@ def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
     dicts whose arrays carry a leading [dp] axis; batch: PackedBatch arrays stacked to [dp, ...];
     page_table [dp, slots, max_pages]. The cache is donated (updated in place)."""
     dp = mesh.shape[DP]
-    check_divisible(model.cfg, dp, opts.expert_mode)
+    check_divisible(model.cfg, dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
     specs = param_specs(state.to_pure_dict(), opts.expert_mode)
-    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0)
+    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
 
     def body(local_params, cache, batch, page_table):
         st = nnx.split(skeleton)[1]

@@ -12,11 +12,14 @@ from atom_jax.sharding.mesh import DP
 BY_EXPERT, BY_INTERMEDIATE = "expert", "intermediate"
 EXPERT_MODES = (BY_EXPERT, BY_INTERMEDIATE)
 
-# routed expert stacks: w1/w3 [E, D, I], w2 [E, I, D]
-_EXPERT_SPECS = {
+# routed expert stacks: w1/w3 [E, D, I], w2 [E, I, D]; packed FP4 (`--weights native`) keeps the
+# same axes: codes w1 [E, D/2, I] and scales w1_scale [E, D/32, I], likewise w2 [E, I/2, D] ...
+_DENSE_EXPERT_SPECS = {
     BY_EXPERT: {"w1": P(DP, None, None), "w3": P(DP, None, None), "w2": P(DP, None, None)},
     BY_INTERMEDIATE: {"w1": P(None, None, DP), "w3": P(None, None, DP), "w2": P(None, DP, None)},
 }
+_EXPERT_SPECS = {mode: {**specs, **{k + "_scale": v for k, v in specs.items()}}
+                 for mode, specs in _DENSE_EXPERT_SPECS.items()}
 
 
 def param_specs(pure_params: dict, mode: str = BY_EXPERT):
@@ -33,11 +36,15 @@ def param_specs(pure_params: dict, mode: str = BY_EXPERT):
     return jax.tree_util.tree_map_with_path(spec, pure_params)
 
 
-def check_divisible(cfg, dp: int, mode: str):
+def check_divisible(cfg, dp: int, mode: str, weights: str = "bf16"):
     if mode == BY_EXPERT and cfg.n_routed_experts % dp:
         raise ValueError(f"{cfg.n_routed_experts} experts do not split over dp={dp}; use mode 'intermediate'")
     if mode == BY_INTERMEDIATE and cfg.moe_intermediate_size % dp:
         raise ValueError(f"moe_intermediate_size {cfg.moe_intermediate_size} does not split over dp={dp}")
+    if mode == BY_INTERMEDIATE and weights == "native" and cfg.moe_intermediate_size % (32 * dp):
+        raise ValueError(f"FP4 experts split by intermediate dim need moe_intermediate_size "
+                         f"{cfg.moe_intermediate_size} to be a multiple of 32 x dp={dp} (whole scale groups); "
+                         "use mode 'expert'")
 
 
 def place(x, sharding):

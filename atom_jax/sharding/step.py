@@ -24,6 +24,7 @@ from atom_jax.loader import abstract_model
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.hyper import hc_merge
 from atom_jax.models.layers import rms_norm
+from atom_jax.models.packed_params import BF16, SCALE, random_leaf
 from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
@@ -232,14 +233,14 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
     parameters placed on the mesh (experts sharded per `opts.expert_mode`); with `place=False`
     (an abstract model, e.g. for benchmarks that initialise on device) params is None."""
     dp = mesh.shape[DP]
-    check_divisible(model.cfg, dp, opts.expert_mode)
+    check_divisible(model.cfg, dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
     pure = state.to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)
     params = None
     if place:
         params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
-    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0)
+    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
 
     def body(local_params, ids):
         st = nnx.split(skeleton)[1]
@@ -250,19 +251,23 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
     return jax.jit(sharded), params
 
 
-def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0):
+def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0, weights: str = BF16):
     """Random parameters created directly on the devices, already sharded (a V4-Flash layer is
-    ~13 GB of experts: building it on the host first would not fit)."""
-    model = abstract_model(cfg, dtype)
+    ~13 GB of experts: building it on the host first would not fit). `weights` "native" makes
+    the packed FP4 / FP8 parameters directly (packed_params.random_leaf)."""
+    model = abstract_model(cfg, dtype, weights=weights)
     pure = nnx.split(model)[1].to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)
-    leaves, treedef = jax.tree.flatten(pure)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(pure)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     out = []
-    for i, (leaf, spec) in enumerate(zip(leaves, spec_leaves)):
+    for i, ((path, leaf), spec) in enumerate(zip(leaves_with_path, spec_leaves)):
         sharding = NamedSharding(mesh, spec)
         key = jax.random.fold_in(jax.random.key(seed), i)
-        if jnp.issubdtype(leaf.dtype, jnp.integer):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if leaf.dtype == jnp.uint8 or name.endswith(SCALE):
+            make = lambda k, l=leaf, n=name: random_leaf(k, n, l.shape, l.dtype)  # noqa: E731
+        elif jnp.issubdtype(leaf.dtype, jnp.integer):
             make = lambda k, l=leaf: jax.random.randint(k, l.shape, 0, cfg.n_routed_experts, l.dtype)  # noqa: E731
         elif leaf.ndim == 1:  # norms, biases, sinks: ones / small values
             make = lambda k, l=leaf: (1.0 + 0.02 * jax.random.normal(k, l.shape)).astype(l.dtype)  # noqa: E731

@@ -36,6 +36,8 @@ class CheckpointTensor:
     array: np.ndarray  # dequantised [out, in] torch layout; integer tables (tid2eid) as stored
     source: str  # file it came from
     source_name: str  # name in that file
+    kind: str = PLAIN  # FP8 / FP4 when yielded packed (`iter_checkpoint(keep_packed=...)`)
+    scale: np.ndarray | None = None  # packed only: the scales as stored
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -210,11 +212,14 @@ def _materialise(p: PlannedTensor, headers: dict[str, SafetensorsFile], dtype) -
         raise CheckpointError(p.source, p.source_name, str(e)) from None
 
 
-def iter_checkpoint(path: str | os.PathLike, dtype=np.float32, ignore=None) -> Iterator[CheckpointTensor]:
+def iter_checkpoint(path: str | os.PathLike, dtype=np.float32, ignore=None,
+                    keep_packed=None) -> Iterator[CheckpointTensor]:
     """Yield every tensor of the checkpoint under its canonical name, dequantised to `dtype`.
 
     Float tensors are cast to `dtype` (a read-only view of the file when already `dtype`);
-    integer tables (`ffn.gate.tid2eid`) come as stored. Scale companions are consumed."""
+    integer tables (`ffn.gate.tid2eid`) come as stored. Scale companions are consumed, except
+    for the quantised tensors `keep_packed(canonical name, kind)` accepts: those come as
+    stored, uint8 codes (FP8 [out, in], FP4 [out, in/2]) with `kind` and `scale` set."""
     dtype = np.dtype(dtype)
     plan = plan_checkpoint(path, ignore)
     headers: dict[str, SafetensorsFile] = {}
@@ -227,6 +232,11 @@ def iter_checkpoint(path: str | os.PathLike, dtype=np.float32, ignore=None) -> I
         for f in (p.source, p.scale_source):
             if f is not None and f not in headers:
                 headers[f] = SafetensorsFile(f)
+        if keep_packed is not None and p.kind in (FP8, FP4) and p.select is None and keep_packed(p.name, p.kind):
+            codes = headers[p.source].get(p.source_name).view(np.uint8)
+            scale = headers[p.scale_source].get(p.scale_name)
+            yield CheckpointTensor(p.name, codes, p.source, p.source_name, p.kind, scale)
+            continue
         yield CheckpointTensor(p.name, _materialise(p, headers, dtype), p.source, p.source_name)
     for h in headers.values():
         h.close()

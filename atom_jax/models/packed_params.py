@@ -1,0 +1,86 @@
+"""Parameters kept in DeepSeek's packed formats (`--weights native`): which weights, how they are
+stored in the model, their random initialisation, and the matmuls that read them.
+
+* routed experts w1/w3/w2: FP4 (`kernels.packed.Fp4Weights` layout): `w1` holds uint8 codes
+  [E, K/2, N] and `w1_scale` uint8 ue8m0 [E, K/32, N]; the grouped-GEMM seam takes them packed.
+* attention wq_a, wq_b, wkv, wo_a, wo_b and the shared expert: FP8 e4m3 codes as uint8 in the
+  checkpoint's [out, in] orientation, `<name>_scale` float32 128x128 block scales.
+Everything else (embeddings, head, norms, mHC, router, compressor, indexer) stays `dtype`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atom_jax.kernels import packed
+
+BF16, NATIVE, AUTO = "bf16", "native", "auto"
+WEIGHT_FORMATS = (AUTO, BF16, NATIVE)  # `--weights`; models take BF16 or NATIVE
+SCALE = "_scale"  # suffix of a packed weight's scale parameter
+
+FP8_ATTENTION = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
+FP8_SHARED = ("s_w1", "s_w3", "s_w2")
+FP4_EXPERTS = ("w1", "w3", "w2")
+
+# Random packed weights with about the spread of `normal_param`'s 0.02: uniform e2m1 codes have
+# rms 2.93, so ue8m0 scale 2**-7 (code 120) gives rms 0.023; uniform e4m3 codes with the NaN
+# codes clamped away have rms ~150, so the FP8 block scale is 0.02 / 150.
+FP4_RANDOM_SCALE_CODE = 120
+FP8_RANDOM_SCALE = 0.02 / 150.0
+
+
+def check_format(weights: str) -> str:
+    if weights not in (BF16, NATIVE):
+        raise ValueError(f"model weight format {weights!r}: choose {BF16!r} or {NATIVE!r} "
+                         f"({AUTO!r} is resolved by the loader)")
+    return weights
+
+
+def random_codes(key, shape):
+    """Uniform uint8 codes without e4m3's NaN codes (0x7F / 0xFF); every byte is valid FP4."""
+    c = jax.random.randint(key, shape, 0, 256, jnp.int32)
+    return (jnp.minimum(c & 0x7F, 0x7E) | (c & 0x80)).astype(jnp.uint8)
+
+
+def random_leaf(key, name: str, shape, dtype):
+    """Random value of a packed parameter leaf named `name` (None if the leaf is not packed)."""
+    if name.endswith(SCALE):
+        if dtype == jnp.uint8:  # FP4 ue8m0 scales
+            return jnp.full(shape, FP4_RANDOM_SCALE_CODE, jnp.uint8)
+        return jnp.full(shape, FP8_RANDOM_SCALE, dtype)
+    if dtype == jnp.uint8:
+        return random_codes(key, shape)
+    return None
+
+
+def fp4_stack(rngs: nnx.Rngs, e: int, k: int, n: int):
+    """(codes Param uint8 [e, k/2, n], scales Param uint8 [e, k/32, n]) for experts [e, k, n]."""
+    if k % packed.FP4_BLOCK:
+        raise ValueError(f"FP4 experts need K a multiple of {packed.FP4_BLOCK}, got {k}")
+    codes = random_codes(rngs.params(), (e, k // 2, n))
+    return nnx.Param(codes), nnx.Param(jnp.full((e, k // packed.FP4_BLOCK, n), FP4_RANDOM_SCALE_CODE, jnp.uint8))
+
+
+def fp8_matrix(rngs: nnx.Rngs, in_f: int, out_f: int):
+    """(codes Param uint8 [out, in], block scales Param float32) for a weight used as [in, out]."""
+    b = packed.FP8_BLOCK
+    codes = random_codes(rngs.params(), (out_f, in_f))
+    return nnx.Param(codes), nnx.Param(jnp.full((-(-out_f // b), -(-in_f // b)), FP8_RANDOM_SCALE, jnp.float32))
+
+
+def linear(x, module, name: str):
+    """x @ module.<name> for a [in, out] weight, or its FP8 packed form when `<name>_scale` exists."""
+    scale = getattr(module, name + SCALE, None)
+    if scale is None:
+        return x @ getattr(module, name)[...]
+    return packed.fp8_linear(x, getattr(module, name)[...], scale[...])
+
+
+def expert_weights(module, name: str):
+    """The grouped-GEMM operand of an expert stack: the dense [E, K, N] array or Fp4Weights."""
+    scale = getattr(module, name + SCALE, None)
+    if scale is None:
+        return getattr(module, name)[...]
+    return packed.Fp4Weights(getattr(module, name)[...], scale[...])

@@ -1,0 +1,82 @@
+"""`--weights native`: a small official-layout checkpoint (FP4 experts, FP8 projections) made by
+the test loads packed (uint8 codes + scales), and its logits match the same checkpoint
+dequantised to dense weights, single device and DP 2 with TBO on and off; orbax keeps the packed
+form; `auto` picks native for a quantised checkpoint.
+
+Bound: the packed values decode exactly (e2m1 x 2**k and e4m3 x 2**k are exact in float32 and
+bf16), so native and dequantised models multiply the same numbers; in float32 the logits differ
+only by summation order: max |diff| <= 1e-4 x max |logit|."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from official_checkpoint import write_official_checkpoint
+
+from atom_jax.config import tiny
+from atom_jax.loader import load_model, random_model, resolve_weights, save_orbax
+from atom_jax.models import jit_forward
+from atom_jax.sharding import StepOptions, make_dp_mesh, make_step, shard_tokens
+
+BOUND = 1e-4
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    model = random_model(tiny(), seed=int(np.random.SeedSequence().entropy % 2**31))
+    return write_official_checkpoint(model, str(tmp_path_factory.mktemp("official")))
+
+
+@pytest.fixture(scope="module")
+def models(official):
+    return load_model(official, weights="native"), load_model(official, weights="bf16")
+
+
+@pytest.fixture(scope="module")
+def ids_and_ref(models):
+    """Token ids and the dequantised model's logits for them (one compile for every test)."""
+    dense = models[1]
+    ids = np.random.default_rng().integers(0, dense.cfg.vocab_size, size=(4, 21))
+    return ids, np.asarray(jit_forward(dense)(ids))
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_ref):
+    native, dense = models
+    ffn, attn = native.layers[0].ffn, native.layers[0].attn
+    assert ffn.w1.get_value().dtype == jnp.uint8 and ffn.w1_scale.get_value().dtype == jnp.uint8
+    assert attn.wq_a.get_value().dtype == jnp.uint8 and attn.wq_a_scale.get_value().dtype == jnp.float32
+    assert ffn.w1.get_value().shape == (dense.cfg.n_routed_experts, dense.cfg.hidden_size // 2,
+                                        dense.cfg.moe_intermediate_size)
+    assert resolve_weights(official) == "native"
+    ids, ref = ids_and_ref
+    assert _rel(np.asarray(jit_forward(native)(ids)), ref) < BOUND  # (the kernels: test_w4a16.py)
+
+
+@pytest.mark.parametrize("tbo", [False, True])
+def test_native_dp2_matches_dequantised(models, ids_and_ref, tbo):
+    native, _ = models
+    mesh = make_dp_mesh(2)
+    ids, ref = ids_and_ref
+    step, params = make_step(native, mesh, StepOptions(tbo=tbo))
+    assert params["layers"][0]["ffn"]["w1_scale"].sharding.spec[0] == "dp"  # scales follow their experts
+    assert _rel(np.asarray(step(params, shard_tokens(ids, mesh))), ref) < BOUND
+
+
+def test_orbax_round_trip_keeps_packed(models, tmp_path):
+    native, _ = models
+    out = save_orbax(native, str(tmp_path / "ckpt"))
+    restored = load_model(out)  # auto: as saved
+    assert restored.weights == "native"
+    assert restored.layers[0].ffn.w2.get_value().dtype == jnp.uint8
+    saved = nnx.state(native).to_pure_dict()
+    back = nnx.state(restored).to_pure_dict()
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
