@@ -159,3 +159,17 @@ def test_streamed_delta_text_adds_up_to_the_final_text_with_a_stop_string():
     assert snap["stats"]["finished"] == {"length": 1, "stop": 1}
     assert snap["num_running"] == snap["stats"]["num_running"] == 0
     assert sum(r["running"] for r in snap["ranks"]) == 0
+
+
+def test_a_warmed_engine_never_compiles_on_a_request():
+    eng = Engine(EngineConfig(model="random", dp=2, **{**SMALL, "buckets": (16, 32)}))
+    eng.warmup()
+    warm = eng.snapshot()["step_compiles"]
+    assert warm["count"] > 0 and warm["after_warmup"] == 0  # (a persistent cache: count 0)
+    rng = np.random.default_rng()
+    lengths = [int(n) for n in rng.integers(1, 60, size=6)] + [1, 32, 33]
+    prompts = [list(map(int, rng.integers(0, 256, size=n))) for n in lengths]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=int(rng.integers(2, 9)), ignore_eos=True,
+                                                temperature=0.7, top_k=5))
+    assert all(o.finished for o in outs)
+    assert eng.snapshot()["step_compiles"] == warm, "a request compiled after warm-up"

@@ -145,7 +145,7 @@ def _serve(tmp_path, model_dir, extra: list[str]):
     procs, logs = [], []
     for i in range(2):
         log = tmp_path / f"serve.{i}.log"
-        args = ["--model", model_dir, "--served-model-name", "m", "--port", str(http), "--no-access-log", "--log-level", "warning",
+        args = ["--model", model_dir, "--served-model-name", "m", "--port", str(http), "--no-access-log", "--no-warmup", "--log-level", "warning",
                 *ENGINE_FLAGS, *extra, *_multihost(2, i, port)]
         procs.append(_spawn("atom_jax.serve", args, 1, log))
         logs.append(log)

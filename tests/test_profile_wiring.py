@@ -35,6 +35,19 @@ def test_engine_traces_the_given_number_of_steps(engine, tmp_path):
     assert [s["num"] for s in rep["annotated_steps"]] == [0, 1]
 
 
+def test_steps_that_compile_do_not_count_as_traced_steps(engine, tmp_path):
+    from atom_jax.trace.report import report
+
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))  # bucket 16
+    engine.start_profile(str(tmp_path), steps=1)
+    # a 20-token prompt: its prefill is the first bucket-32 step (compiles), then decode steps
+    engine.generate([list(range(1, 21))], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert engine.stop_profile() is None  # stopped after one step that did not compile
+    rep = report(tmp_path)
+    assert [s["num"] for s in rep["annotated_steps"]] == [0, 1]
+    assert rep["compiled_steps"] == [0]
+
+
 def test_stop_without_a_trace_returns_none_and_a_manual_stop_returns_the_dir(engine, tmp_path):
     assert engine.stop_profile() is None
     engine.start_profile(str(tmp_path))

@@ -77,11 +77,11 @@ def jax_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(jax_cache, tmp_path_factory):
-    proc = ServerProcess([*SMALL, "--warmup", "--compilation-cache-dir", jax_cache],
+    proc = ServerProcess([*SMALL, "--compilation-cache-dir", jax_cache],  # warm-up: the default
                          tmp_path_factory.mktemp("serve") / "server.log")
     try:
         took = proc.wait_ready(timeout=420)
-        print(f"\nserver ready (with --warmup) in {took:.1f} s")
+        print(f"\nserver ready (warmed up) in {took:.1f} s")
         yield proc
     finally:
         proc.stop()
@@ -89,8 +89,8 @@ def server(jax_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def limited_server(server, jax_cache, tmp_path_factory):
-    """--max-waiting 1 and an API key; no warmup (the shared cache has the shapes)."""
-    proc = ServerProcess([*SMALL, "--max-waiting", "1", "--api-key", API_KEY,
+    """--max-waiting 1 and an API key; no warm-up (the shared cache has the shapes)."""
+    proc = ServerProcess([*SMALL, "--no-warmup", "--max-waiting", "1", "--api-key", API_KEY,
                           "--compilation-cache-dir", jax_cache, "--log-level", "info"],
                          tmp_path_factory.mktemp("serve-limited") / "server.log")
     try:
@@ -359,6 +359,8 @@ def test_metrics(server):
     # Earlier tests generated tokens, so the counters moved.
     gen = [line for line in text.splitlines() if line.startswith("atom_jax_generation_tokens_total")]
     assert float(gen[0].split()[-1]) > 0
+    # ... and none of their requests compiled: warm-up covered every step shape.
+    assert engine_state(server)["step_compiles"]["after_warmup"] == 0
 
 
 def test_disconnects_abort_and_free_pages(server):

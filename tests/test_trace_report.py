@@ -381,3 +381,37 @@ def test_tbo_step_trace_is_attributed_to_both_micro_batches(tmp_path):
     assert {"mb_a", "mb_b"} <= comm_mbs
     per_mb = analyse(trace)["devices"]["/device:CPU:0"]["micro_batches"]
     assert per_mb["mb_a"]["busy_ms"] > 0 and per_mb["mb_b"]["busy_ms"] > 0
+
+
+def test_steps_that_compile_are_flagged(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from atom_jax.trace.capture import STEP_NAME
+
+    n = random.randrange(100, 1000)  # a shape no cache has seen
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0)
+    jax.profiler.start_trace(str(tmp_path))
+    try:
+        for i in range(2):  # step 0 compiles, step 1 reuses the program
+            with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=i):
+                f(jnp.ones(n)).block_until_ready()
+    finally:
+        jax.profiler.stop_trace()
+    rep = report(tmp_path)
+    assert rep["compiled_steps"] == [0]
+    first, second = rep["annotated_steps"]
+    assert first["compile_ms"] > 0 and second["compile_ms"] == 0
+    assert first["compile_ms"] <= first["ms"]
+    assert "WARNING: step 0" in format_report(rep)
+
+
+def test_a_warmed_capture_has_no_compiled_steps(cpu_trace):
+    assert report(cpu_trace)["compiled_steps"] == []
+
+
+def test_plot_without_matplotlib_prints_the_install_line(cpu_trace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert trace_main(["plot", str(cpu_trace), "-o", str(tmp_path / "t.png")]) == 2
+    assert "pip install 'atom_jax[trace]'" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()

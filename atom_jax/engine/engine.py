@@ -82,6 +82,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self._profiler = StepProfiler()
+        self._warm = None  # compiles when warm-up ended
 
     def reset_scheduler(self, delayer: str = "auto"):
         """A fresh scheduler (all requests dropped) over the same compiled model runner: lets a
@@ -174,7 +175,8 @@ class Engine:
         sampled = {}
         if not plan.is_empty:
             try:
-                with self._profiler.step(lambda: self.runner.cache):
+                what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
+                with self._profiler.step(lambda: self.runner.cache, what):
                     if self.cluster is not None:  # ships the plan first; a failure ends the process
                         result = self.cluster.execute(plan, self._sampling_of)
                     else:
@@ -273,6 +275,7 @@ class Engine:
 
         warm_up(self)
         self.reset_scheduler(self.config.delayer)  # warm-up requests leave no trace in metrics
+        self._warm = self._profiler.compiles
 
     def start_profile(self, log_dir: str, steps: int | None = None) -> None:
         """Start a jax.profiler trace into `log_dir`; each model step is annotated. With `steps`,
@@ -296,5 +299,10 @@ class Engine:
         """The engine's state in one consistent read, for /debug/engine and /metrics: per
         rank pages and slots, running / waiting totals and the scheduler's counters."""
         stats = self.stats()
+        compiles = self._profiler.compiles  # inside model steps (warm-up included)
+        after = None if self._warm is None else (compiles - self._warm).count
         return {"ranks": self.scheduler.rank_states(), "num_running": stats["num_running"],
-                "num_waiting": stats["num_waiting"], "stats": stats}
+                "num_waiting": stats["num_waiting"], "stats": stats,
+                # after_warmup > 0: a step shape warm-up did not cover compiled on a request
+                "step_compiles": {"count": compiles.count, "seconds": round(compiles.seconds, 3),
+                                  "after_warmup": after}}

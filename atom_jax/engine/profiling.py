@@ -1,16 +1,23 @@
-"""`StepProfiler`: a `jax.profiler` trace over engine steps, each model step marked with
+"""`StepProfiler`: wraps every model step. It notes steps that compiled (logged; counted in
+`compiles`), and while a `jax.profiler` trace runs it marks each step with
 `StepTraceAnnotation("step", step_num=i)` (what `python -m atom_jax.trace report` keys on).
-Used by `Engine.start_profile` / `Engine.stop_profile`; not thread-safe (engine thread only)."""
+A trace of N steps runs until N steps that did not compile were traced (the report flags the
+ones that did). Used by `Engine.start_profile` / `Engine.stop_profile`; not thread-safe
+(engine thread only)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Callable, Iterator
 
 import jax
 
+from atom_jax.engine import compiles as compile_count
 from atom_jax.trace.capture import STEP_NAME
+
+log = logging.getLogger("atom_jax.engine")
 
 
 class StepProfiler:
@@ -18,6 +25,9 @@ class StepProfiler:
         self.log_dir: str | None = None  # set while a trace runs
         self.steps_left: int | None = None  # None: until stop()
         self.step_num = 0
+        self.compiles = compile_count.Compiles()  # compiles inside model steps, this engine
+        self.last_step_compiles = compile_count.Compiles()
+        compile_count.install()
 
     @property
     def active(self) -> bool:
@@ -41,20 +51,27 @@ class StepProfiler:
         return log_dir
 
     @contextlib.contextmanager
-    def step(self, wait_for: Callable[[], Any] | None = None) -> Iterator[None]:
+    def step(self, wait_for: Callable[[], Any] | None = None, what: str = "step") -> Iterator[None]:
         """Wrap one model step; `wait_for()` returns arrays to wait on before the annotation
-        ends, so the step's kernels land inside it. Stops the trace after `steps` steps."""
-        if not self.active:
-            yield
-            return
+        ends, so the step's kernels land inside it. Stops the trace after `steps` steps that
+        did not compile. `what` names the step in the compile log line."""
+        before = compile_count.so_far()
         try:
-            with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=self.step_num):
+            if not self.active:
                 yield
-                if wait_for is not None:
-                    jax.block_until_ready(wait_for())
+            else:
+                with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=self.step_num):
+                    yield
+                    if wait_for is not None:
+                        jax.block_until_ready(wait_for())
         finally:
-            self.step_num += 1
-            if self.steps_left is not None:
-                self.steps_left -= 1
-                if self.steps_left <= 0:
-                    self.stop()
+            new = self.last_step_compiles = compile_count.so_far() - before
+            if new.count:
+                self.compiles += new
+                log.info("%s: compiled %d XLA program(s) in %.1f s", what, new.count, new.seconds)
+            if self.active:
+                self.step_num += 1
+                if self.steps_left is not None and not new.count:
+                    self.steps_left -= 1
+                    if self.steps_left <= 0:
+                        self.stop()

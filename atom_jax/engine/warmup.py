@@ -1,4 +1,5 @@
-"""Compile every step shape before serving (`Engine.warmup`, `serve --warmup`).
+"""Compile every step shape before serving (`Engine.warmup`; `serve` does it by default,
+`generate` before a `--profile` trace).
 
 XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
 on first use (the sampler's rows are padded, so it compiles once); on CPU each costs seconds.
@@ -11,7 +12,7 @@ import time
 
 from atom_jax.scheduler import SamplingParams
 
-log = logging.getLogger("atom_jax.serve")
+log = logging.getLogger("atom_jax.engine")
 
 
 def _prompt_lengths(bucket: int, budget: int, chunk: int, slots: int) -> list[int]:
@@ -29,6 +30,8 @@ def warm_up(engine) -> None:
     cfg = engine.config
     max_prompt = max(1, engine.max_context - 1)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
+    log.info("warm-up: compiling the step for each token bucket %s (a persistent compilation "
+             "cache makes the next start fast)", list(engine.buckets))
     for bucket in engine.buckets:
         t0 = time.perf_counter()
         lengths = [min(n, max_prompt) for n in
@@ -36,4 +39,4 @@ def warm_up(engine) -> None:
         # The same set per rank: new requests go to the rank with the least pending prefill.
         prompts = [[1] * n for n in lengths] * cfg.dp
         engine.generate(prompts, one)
-        log.info("warmup: bucket %d compiled in %.1f s", bucket, time.perf_counter() - t0)
+        log.info("warm-up: bucket %d ready in %.1f s", bucket, time.perf_counter() - t0)

@@ -29,7 +29,7 @@ import sys
 import time
 
 from atom_jax.distributed import add_distributed_args
-from atom_jax.engine.args import add_engine_args, positive_int, start_engine
+from atom_jax.engine.args import add_engine_args, configure_logging, positive_int, start_engine
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
 from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a jax.profiler trace of the first model steps here; read it with "
                         "python -m atom_jax.trace report DIR (default: none)")
     g.add_argument("--profile-steps", type=positive_int, default=5, metavar="N",
-                   help="model steps to trace with --profile (default: 5)")
+                   help="model steps to trace with --profile; steps that compile are traced "
+                        "but not counted (default: 5)")
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the step for every token bucket before generating "
+                        "(default: on with --profile, so the trace holds run times; else off)")
     add_distributed_args(ap)
     return ap
 
@@ -100,6 +104,7 @@ class BadLineReporter:
 def main(argv=None, engine=None) -> int:
     """CLI entry. `engine`: a prebuilt Engine (tests; its engine flags are then ignored)."""
     args = build_parser().parse_args(argv)
+    configure_logging("info")  # the engine's compile and warm-up lines; jax's noise hidden
     if engine is not None:
         return _main(args, engine)
     try:
@@ -182,6 +187,10 @@ def _main(args, engine, start=None) -> int:
     if parsed.skipped:
         _log(f"{parsed.skipped} id(s) already in {args.output}: skipped")
     rc = 0
+    warmup = args.warmup if args.warmup is not None else bool(args.profile)
+    if warmup and engine is not None and requests:
+        _log("warming up: compiling the step for every token bucket ...")
+        engine.warmup()
     before = engine.stats() if engine is not None else None
     progress = Progress(len(requests), enabled=not args.no_progress)
     max_in_flight = args.max_in_flight or _default_in_flight(engine)

@@ -44,11 +44,9 @@ class ServerSettings:
 
 def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     """`build_engine()` is called once, on the engine thread, when the app starts."""
-    from atom_jax.engine.warmup import warm_up
-
     def prepare(engine):
         if settings.warmup:
-            warm_up(engine)
+            engine.warmup()
         if settings.profile_dir and settings.profile_steps:
             engine.start_profile(settings.profile_dir, settings.profile_steps)
 

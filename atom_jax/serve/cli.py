@@ -1,7 +1,11 @@
 """`python -m atom_jax.serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
     python -m atom_jax.serve                      # embedded tiny trained model, 127.0.0.1:8000
-    python -m atom_jax.serve --model /models/DeepSeek-V4-Flash --dp 8 --warmup --port 8000
+    python -m atom_jax.serve --model /models/DeepSeek-V4-Flash --dp 8 --port 8000
+
+Start-up compiles the step for every token bucket before /health turns ok (--no-warmup skips
+that: then each new bucket compiles on the request that first needs it), with a persistent
+compilation cache in ~/.cache/atom_jax/xla so a restart skips compiling.
 
 SIGTERM / Ctrl-C: new requests get 503, in-flight ones are aborted (streams end with
 finish_reason "abort"), then the engine thread stops and the process exits.
@@ -36,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("served model")
     m.add_argument("--served-model-name", default=None, help="name in /v1/models and the "
                    "'model' field (default: the model directory's name, or atom-jax-tiny)")
-    m.add_argument("--warmup", action="store_true",
-                   help="compile every step shape before /health reports ready (default: off)")
+    m.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every step shape before /health reports ready, so no request "
+                        "waits for a compile (default: on; --no-warmup to skip)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")

@@ -99,9 +99,18 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_report)
 
 
+PLOT_INSTALL = "pip install 'atom_jax[trace]'  (or: pip install matplotlib)"
+
+
 def _run_plot(ns: argparse.Namespace) -> int:
     from atom_jax.trace.plot import plot_timeline
 
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"trace plot needs matplotlib, which is not installed: {PLOT_INSTALL}",
+              file=sys.stderr)
+        return 2
     out = plot_timeline(ns.dir, ns.output, step=ns.step)
     print(f"wrote {out}")
     return 0
@@ -111,10 +120,12 @@ def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plot",
         help="timeline PNG of one step (compute / communication lane per device)",
-        description="Plot one step of the newest trace under DIR (needs matplotlib).",
+        description="Plot one step of the newest trace under DIR (needs matplotlib: "
+                    f"{PLOT_INSTALL}).",
     )
     p.add_argument("dir", help="trace log dir, a plugins/profile/<run> dir, or an xplane/json file")
-    p.add_argument("-o", "--output", default="timeline.png", help="PNG to write")
+    p.add_argument("-o", "--output", default="timeline.png",
+                   help="PNG to write (default: timeline.png)")
     p.add_argument("--step", type=int, default=None,
                    help="annotated step_num to draw (default: the last step)")
     p.set_defaults(func=_run_plot)

@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from atom_jax.trace import intervals as iv
 from atom_jax.trace.categories import classify, micro_batch as micro_batch_of
 from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, hlo_index_from_xspace
 
@@ -88,6 +89,7 @@ class Step:
     num: int
     start_ns: float
     dur_ns: float
+    compile_ns: float = 0.0  # XLA compilation on the host inside this step (0: none)
 
     @property
     def end_ns(self) -> float:
@@ -118,6 +120,11 @@ class RawEvent:
     start_ns: float
     dur_ns: float
     stats: dict
+
+
+# jax's host-side marker around an XLA compile ("backend_compile_and_load" in current jax,
+# "backend_compile" before), else the PjRt client's own
+COMPILE_EVENT_RE = re.compile(r"^(backend_compile|PjRt\w*Client::Compile$)")
 
 
 def _device_sort_key(name: str):
@@ -233,6 +240,12 @@ def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
         if r.plane.startswith("/host:") and "step_num" in r.stats and r.dur_ns > 0:
             num = int(r.stats["step_num"])
             steps.setdefault(num, Step(num, r.start_ns, r.dur_ns))
+    compiles = [r for r in raw if r.plane.startswith("/host:") and COMPILE_EVENT_RE.match(r.name)]
+    for num, st in steps.items():
+        inside = [(r.start_ns, r.start_ns + r.dur_ns) for r in compiles
+                  if st.start_ns <= r.start_ns < st.start_ns + st.dur_ns]
+        if inside:
+            steps[num] = dataclasses.replace(st, compile_ns=iv.total(inside))
 
     m = next((_DEVICE_PLANE_RE.match(p) for p in sorted(device_planes)), None)
     platform = m.group(1).lower() if m else "cpu"

@@ -157,7 +157,10 @@ def analyse(trace: Trace, *, top: int = 10, steps: int | None = None) -> dict:
         "source": trace.source,
         "platform": trace.platform,
         "units": "ms per step (top_kernels.total_ms: whole capture)",
-        "annotated_steps": [{"num": s.num, "ms": round(s.dur_ns / MS, 6)} for s in trace.steps],
+        "annotated_steps": [{"num": s.num, "ms": round(s.dur_ns / MS, 6),
+                             "compile_ms": round(s.compile_ns / MS, 6)} for s in trace.steps],
+        # steps that include XLA compilation: their times are not run times
+        "compiled_steps": [s.num for s in trace.steps if s.compile_ns > 0],
         "hlo_modules": trace.hlo.module_names,
         "devices": {d: analyse_device(trace, d, top=top, steps=steps) for d in trace.devices},
     }
@@ -216,6 +219,11 @@ def format_report(rep: dict) -> str:
     if rep["annotated_steps"]:
         ms = ", ".join(f"{s['ms']:.3f}" for s in rep["annotated_steps"])
         out.append(f"annotated steps ({len(rep['annotated_steps'])}): {ms} ms")
+    if rep.get("compiled_steps"):
+        compiled = [s for s in rep["annotated_steps"] if s["num"] in rep["compiled_steps"]]
+        what = ", ".join(f"step {s['num']} ({s['compile_ms'] / 1e3:.1f} s)" for s in compiled)
+        out.append(f"WARNING: {what} include XLA compilation, so their times (and the "
+                   "per-step means below) are not run times: warm the engine up before tracing")
     if not rep["devices"]:
         out.append("no device events found")
     for device, d in rep["devices"].items():
