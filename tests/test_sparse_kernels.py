@@ -16,20 +16,26 @@ from atom_jax.kernels import sparse_attention, sparse_indexer
 from atom_jax.models.cache_reads import NO_ENTRY, jnp_index_scorer, running_topk, visible_counts
 
 RATIO = 4
-EPP = 4  # entries per page: page_tokens 16
+EPP = 4  # entries per page at RATIO: page_tokens 16
 
 
-def _batch(rng, size=64):
-    """A packed buffer of 3 prefill chunks (starts inside windows) and 2 decode tokens, with
-    a page table per slot whose unused columns point at pages other slots own."""
-    n_slots, max_pages = 6, 12
-    starts = [int(rng.integers(0, 150)) for _ in range(5)]
-    lens = [int(rng.integers(5, 17)), int(rng.integers(1, 12)), int(rng.integers(3, 9)), 1, 1]
+def _batch(rng, size=64, max_start=150, page_tokens=16, scale=1):
+    """A packed buffer of 3 prefill chunks (ragged lengths, starts inside compression windows)
+    and 2 decode tokens. Each slot's page table holds distinct pages for the positions it has;
+    its other columns are holes pointing at pages other slots own (stale rows of reused pages),
+    which no kernel may read."""
+    n_slots = 6
+    max_pages = -(-(max_start + 17 * scale) // page_tokens)
+    starts = [int(rng.integers(0, max_start)) for _ in range(5)]
+    lens = [int(rng.integers(5, 17)) * scale, int(rng.integers(1, 12)) * scale, int(rng.integers(3, 9)) * scale, 1, 1]
     slots = rng.permutation(n_slots)[:5]
     chunks = [(int(s), st, np.zeros(n, np.int32), True) for s, st, n in zip(slots, starts, lens)]
     b = pack_chunks(chunks, size, n_slots)
-    pages = rng.permutation(n_slots * max_pages).astype(np.int32)  # each page once: no two slots share
-    page_table = pages.reshape(n_slots, max_pages)
+    free = list(rng.permutation(n_slots * max_pages))
+    page_table = rng.integers(0, n_slots * max_pages, size=(n_slots, max_pages)).astype(np.int32)
+    for s, st, n in zip(slots, starts, lens):
+        used = -(-(st + n) // page_tokens)
+        page_table[s, :used] = [free.pop() for _ in range(used)]
     return {k: jnp.asarray(v) for k, v in b.arrays().items()}, jnp.asarray(page_table), n_slots
 
 
@@ -46,7 +52,7 @@ def test_indexer_kernel_and_running_topk_match_reference():
     rng = np.random.default_rng()
     b, page_table, n_slots = _batch(rng)
     t, heads, dim = b["pos"].shape[0], 2, 16
-    pool = jnp.asarray(rng.standard_normal((n_slots * 12 * EPP, dim)), jnp.float32)
+    pool = jnp.asarray(rng.standard_normal((page_table.size * EPP, dim)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
     n_vis = visible_counts(b, RATIO)
@@ -67,9 +73,9 @@ def test_indexer_kernel_and_running_topk_match_reference():
             assert np.all(idx[r][~ok[r]] == NO_ENTRY)
 
 
-def _attention_inputs(rng, kind, dtype=jnp.float32):
-    b, page_table, n_slots = _batch(rng)
-    t, heads, d, win = b["pos"].shape[0], 4, 32, 8
+def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, ratio=RATIO, **batch):
+    b, page_table, n_slots = _batch(rng, **batch)
+    t = b["pos"].shape[0]
     q = jnp.asarray(rng.standard_normal((t, heads, d)), dtype)
     kv = jnp.asarray(rng.standard_normal((t, d)), dtype)
     ring_kv = jnp.asarray(rng.standard_normal((n_slots, win, d)), dtype)
@@ -78,18 +84,20 @@ def _attention_inputs(rng, kind, dtype=jnp.float32):
     for s, st in zip(np.asarray(b["slot"]), np.asarray(b["seg_start_pos"])):
         for p in range(max(0, st - win), st):
             ring_pos[s, p % win] = p
-    pool = jnp.asarray(rng.standard_normal((n_slots * 12 * EPP, d)), dtype)
-    n_vis = visible_counts(b, RATIO)
+    epp = batch.get("page_tokens", 16) // ratio
+    pool = jnp.asarray(rng.standard_normal((page_table.size * epp, d)), dtype)
+    n_vis = visible_counts(b, ratio)
     sel = None
     if kind == "csa":
-        k = 6
         sel = np.full((t, k), NO_ENTRY, np.int32)
         for r, n in enumerate(np.asarray(n_vis)):
             pick = rng.permutation(n)[:k]
             sel[r, : len(pick)] = pick
         sel = jnp.asarray(sel)
     sinks = jnp.asarray(rng.standard_normal(heads), jnp.float32)
-    return b, page_table, q, kv, ring_kv, jnp.asarray(ring_pos), pool, n_vis, sel, sinks
+    args = dict(pool=None if kind == "sliding" else pool, page_table=page_table, epp=epp,
+                n_visible=None if kind == "sliding" else n_vis, selected=sel)
+    return b, q, kv, ring_kv, jnp.asarray(ring_pos), sinks, args
 
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
@@ -97,9 +105,7 @@ def test_attention_kernel_matches_reference(kind):
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
-    b, pt, q, kv, ring_kv, ring_pos, pool, n_vis, sel, sinks = _attention_inputs(rng, kind)
-    args = dict(pool=None if kind == "sliding" else pool, page_table=pt, epp=EPP,
-                n_visible=None if kind == "sliding" else n_vis, selected=sel)
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind)
     scale = q.shape[-1] ** -0.5
     tiles = sparse_attention.AttentionTiles(block_h=4, block_k=16)
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True, **args)
@@ -138,3 +144,50 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots),
            jax.ShapeDtypeStruct((t, 64, 128), jnp.float32), jax.ShapeDtypeStruct((t, 64), jnp.float32),
            bf(slots * pages * epp, 128), i32(slots, pages), b, i32(t))
+
+
+# ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_sparse_kernels.py`
+V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_tokens=256, scale=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_compiled_attention_kernel_at_v4_flash_dims(kind):
+    """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K)."""
+    from atom_jax.models.cached_attention import reference_attend
+
+    rng = np.random.default_rng()
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(
+        rng, kind, jnp.bfloat16, ratio=4 if kind == "csa" else 128, **V4)
+    scale = q.shape[-1] ** -0.5
+    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, **args))(q, kv, ring_kv, ring_pos, b, sinks)
+    f32 = lambda a: a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a  # noqa: E731
+    ref = reference_attend(f32(q), f32(kv), f32(ring_kv), ring_pos, b, sinks, scale,
+                           **{k: f32(v) for k, v in args.items()})
+    valid = np.asarray(b["valid"])
+    out, ref = np.asarray(out, np.float32)[valid], np.asarray(ref)[valid]
+    assert np.all(np.isfinite(out))
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_compiled_indexer_at_v4_flash_dims():
+    """64 heads x 128 dims, bf16 keys: block scores match the float32 scorer; the running top-k
+    of 512 picks nearly the same entries (bf16 rounding may swap near-ties)."""
+    rng = np.random.default_rng()
+    b, page_table, _ = _batch(rng, size=1024, max_start=40000, page_tokens=256, scale=16)
+    t, epp = b["pos"].shape[0], 64
+    pool = jnp.asarray(rng.standard_normal((page_table.size * epp, 128)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((t, 64, 128)), jnp.bfloat16).astype(jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
+    n_vis = visible_counts(b, 4)
+    block = sparse_indexer.outer_block(page_table.shape[1] * epp)
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6)
+    ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, block)
+    live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
+    got, want = np.asarray(jax.jit(ker)(0)), np.asarray(ref(0))
+    assert np.linalg.norm(np.where(live, got - want, 0)) / np.linalg.norm(np.where(live, want, 0)) < 1e-3
+    (ki, kok), (ri, rok) = [jax.jit(lambda: running_topk(f, n_vis, 512, block))() for f in (ker, ref)]
+    for r in np.flatnonzero(np.asarray(b["valid"])):
+        a, c = set(np.asarray(ki)[r][np.asarray(kok)[r]]), set(np.asarray(ri)[r][np.asarray(rok)[r]])
+        assert len(a) == len(c) and len(a & c) >= 0.98 * len(c)

@@ -37,6 +37,7 @@ class AttentionTiles:
 
 
 TILES = AttentionTiles()
+MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 _NEG = -1e30  # running max start: finite, so fully masked blocks give exp(-inf) = 0, never NaN
 
 
@@ -114,7 +115,11 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
     before this step; pool [N,hd] compressed entries (None: sliding only); page_table
     [slots, max_pages]; n_visible [T]; selected [T,k] entry indices (CSA) or None (HCA: every
     visible entry). -> [T,H,hd] in q's dtype."""
-    t, h, dim = q.shape
+    t, h0, dim = q.shape
+    if h0 < MIN_ROWS:  # Triton dots need >= 16 rows: zero heads (a sink of 0) fill up, then go
+        q = jnp.pad(q, ((0, 0), (0, MIN_ROWS - h0), (0, 0)))
+        sinks = jnp.pad(sinks, (0, MIN_ROWS - h0))
+    h = q.shape[1]
     slots, win, _ = ring_kv.shape
     bh = min(tiles.block_h, h)
     if h % bh:
@@ -140,4 +145,4 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
                q.reshape(t, h * dim), kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype),
                i32(ring_pos).reshape(-1), pool.astype(q.dtype), i32(page_table).reshape(-1),
                jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32))
-    return out.reshape(t, h, dim)
+    return out.reshape(t, h, dim)[:, :h0]
