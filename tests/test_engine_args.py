@@ -63,3 +63,17 @@ def test_parsing_flags_imports_no_jax():
             "engine_config(s().parse_args([])); g().parse_args(['--input', 'i', '--output', 'o']); "
             "assert 'jax' not in sys.modules, 'jax was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_max_model_len_sizes_the_page_table_and_is_bounded_by_the_pages():
+    """--max-model-len: default the model's max_position_embeddings bounded by the pages that
+    fit; the page table is sized from it; one that cannot fit names both flags."""
+    base = dict(num_pages=8192, page_tokens=256)
+    assert EngineConfig(**base).context(1 << 20) == (1 << 20, 4096)  # 1M: 2M tokens of pages fit
+    assert EngineConfig(num_pages=64, page_tokens=128).context(1 << 20) == (8192, 64)  # bounded by pages
+    assert EngineConfig(**base, max_model_len=5000).context(1 << 20) == (5000, 20)
+    assert EngineConfig(**base, max_pages_per_seq=10).context(1 << 20) == (2560, 10)
+    with pytest.raises(ValueError, match="--max-model-len 300000 needs 2344 pages.*--num-pages is 1000"):
+        EngineConfig(num_pages=1000, page_tokens=128, max_model_len=300000).context(1 << 20)
+    args = serve_parser().parse_args(["--max-model-len", "4000"])
+    assert engine_config(args).max_model_len == 4000

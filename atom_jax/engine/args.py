@@ -99,9 +99,14 @@ class EngineConfig:
     num_pages: int = setting(256, "cache pages per rank", type=positive_int)
     page_tokens: int = setting(128, "positions per cache page (a multiple of the compression "
                                "ratios)", type=positive_int)
-    max_pages_per_seq: int = setting(32, "pages one sequence may hold: context = page-tokens x "
-                                     "max-pages-per-seq (and at most num-pages x page-tokens)",
-                                     type=positive_int)
+    max_model_len: int | None = setting(
+        None, "longest prompt + output of one request; sizes each sequence's page table "
+        "(ceil(max-model-len / page-tokens) pages). More than num-pages x page-tokens is an error",
+        type=positive_int, show_default="the model's max_position_embeddings, at most num-pages x "
+        "page-tokens")
+    max_pages_per_seq: int | None = setting(
+        None, "pages one sequence may hold (page-table width); with --max-model-len unset the "
+        "context is page-tokens x this", type=positive_int, show_default="from --max-model-len")
     max_tokens_per_step: int = setting(256, "token budget of one step per rank", type=positive_int)
     chunk_size: int = setting(256, "longest prefill chunk of one sequence in a step",
                               type=positive_int)
@@ -139,6 +144,26 @@ class EngineConfig:
     thinking: bool = setting(
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
+
+    def context(self, max_position_embeddings: int) -> tuple[int, int]:
+        """The one context decision -> (max_model_len, pages per sequence). ValueError, naming
+        the flags, when the context asked for cannot fit one rank's pages."""
+        pt, fit = self.page_tokens, self.num_pages * self.page_tokens
+        if self.max_model_len is not None:
+            if self.max_model_len > fit:
+                raise ValueError(f"--max-model-len {self.max_model_len} needs {-(-self.max_model_len // pt)} "
+                                 f"pages of {pt} tokens per rank; --num-pages is {self.num_pages} "
+                                 f"({fit} tokens): raise --num-pages or lower --max-model-len")
+            length = self.max_model_len
+        elif self.max_pages_per_seq is not None:
+            length = min(self.max_pages_per_seq * pt, fit, max_position_embeddings)
+        else:
+            length = min(max_position_embeddings, fit)
+        pages = self.max_pages_per_seq if self.max_pages_per_seq is not None else -(-length // pt)
+        if pages * pt < length:
+            raise ValueError(f"--max-pages-per-seq {pages} holds {pages * pt} tokens, less than "
+                             f"--max-model-len {length}")
+        return length, pages
 
 
 _MODEL_FLAGS = ("model", "dtype", "seed", "chat_template", "reasoning_parser", "thinking")

@@ -67,10 +67,11 @@ class Engine:
         self.model = model
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.chat_settings = ChatSettings(cfg.chat_template, cfg.reasoning_parser, cfg.thinking)
-        self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, cfg.max_pages_per_seq)
+        # The one context limit (--max-model-len): a request must fit its page table and one
+        # rank's pages; the page table is sized from it.
+        self.max_context, pages_per_seq = cfg.context(model.cfg.max_position_embeddings)
+        self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, pages_per_seq)
         self.layout.check(model.cfg)
-        # The one context limit: a request must fit the page table and one rank's pages.
-        self.max_context = min(self.layout.max_context, cfg.num_pages * cfg.page_tokens)
         opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
                            moe_backend=cfg.moe_backend, attn_backend=cfg.attn_backend)
         self.mesh = make_dp_mesh(cfg.dp)
