@@ -1,10 +1,12 @@
-"""Greedy generation with the embedded tiny model (or `--model random` / a model directory), full recompute.
+"""Greedy generation with the embedded tiny model (or `--model random` / a model directory)
+through the plain full-sequence forward: no cache, no scheduler, one prompt.
 
     python -m atom_jax.demo "Once upon a time" --max-tokens 32
 
-A stand-in for the server until the engine exists: the sequence is padded to a fixed length so
-one compiled forward serves every step (the model is causal, so padding after position t never
-changes the logits at t)."""
+The smallest path through the model, for a first look and as a check of the engine (which
+caches, batches and samples: use `python -m atom_jax.serve` or `python -m atom_jax.generate`).
+The sequence is padded to a fixed length so one compiled forward serves every step (the model
+is causal, so padding after position t never changes the logits at t)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 import numpy as np
 
 from atom_jax.default_model import load_resolved, resolve_model
+from atom_jax.engine.args import positive_int
 from atom_jax.models import jit_forward
 from atom_jax.tokenizer import ByteTokenizer
 
@@ -53,11 +56,15 @@ def greedy(forward, prompt_ids: list[int], max_tokens: int, eos_ids=(), pad_to: 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("prompt", nargs="?", default="The quick brown fox")
+    ap.add_argument("prompt", nargs="?", default="The quick brown fox",
+                    help="text, or comma-separated token ids for a model without the byte "
+                         "tokenizer (default: 'The quick brown fox')")
     ap.add_argument("--model", help="checkpoint directory (default: the embedded tiny model trained on "
                     "stdlib docstrings; 'random': random weights)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=positive_int, default=32,
+                    help="tokens to generate (default: 32)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the random weights with --model random (default: 0)")
     args = ap.parse_args(argv)
     tok = ByteTokenizer()
     source = resolve_model(args.model)

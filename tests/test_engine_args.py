@@ -77,3 +77,12 @@ def test_max_model_len_sizes_the_page_table_and_is_bounded_by_the_pages():
         EngineConfig(num_pages=1000, page_tokens=128, max_model_len=300000).context(1 << 20)
     args = serve_parser().parse_args(["--max-model-len", "4000"])
     assert engine_config(args).max_model_len == 4000
+
+
+@pytest.mark.parametrize("argv", [["sim", "--dp", "0"], ["sim", "--num-slots", "-1"]])
+def test_bench_sim_bad_sizes_are_usage_errors(argv, capsys):
+    from atom_jax.bench.__main__ import main as bench_main
+
+    with pytest.raises(SystemExit) as e:
+        bench_main(argv)
+    assert e.value.code == 2 and "expected an int > 0" in capsys.readouterr().err

@@ -99,7 +99,8 @@ def test_greedy_outputs_equal_engine_api(engine, tmp_path):
     prompts = ["Hello", "The quick brown fox jumps over the lazy dog", "a" * 40, "Once upon a time",
                "x", "JAX on CPU, prompts longer than one prefill chunk of sixteen tokens"]
     records = [{"id": i, "prompt": p} for i, p in enumerate(prompts)]
-    rc, out = _run(engine, tmp_path, records, "--max-tokens", "12", "--max-in-flight", "8")
+    rc, out = _run(engine, tmp_path, records, "--max-tokens", "12", "--max-in-flight", "8",
+                   "--temperature", "0")
     assert rc == 0
     got = {r["id"]: r for r in _read(out)}
     want = engine.generate(prompts, SamplingParams(max_tokens=12))
@@ -141,7 +142,8 @@ def test_messages_and_token_id_prompts(engine, tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     token_ids = [256, 72, 105, 33, 10, 20, 30]
     rc, out = _run(engine, tmp_path, [{"id": "chat", "messages": messages, "max_tokens": 6},
-                                      {"id": "ids", "prompt_token_ids": token_ids, "max_tokens": 6}])
+                                      {"id": "ids", "prompt_token_ids": token_ids, "max_tokens": 6}],
+                   "--temperature", "0")
     assert rc == 0
     got = {r["id"]: r for r in _read(out)}
     chat = _engine_api(engine, messages=messages, params=SamplingParams(max_tokens=6))

@@ -89,7 +89,7 @@ def _kill_all(procs):
 
 # ---- same outputs as one process -----------------------------------------------------------
 REQUESTS = [{"id": f"g{i}", "prompt_token_ids": [(7 * i + 3 * j) % 256 for j in range(5 + 9 * i)],
-             "max_tokens": 6, "ignore_eos": True} for i in range(7)]
+             "max_tokens": 6, "ignore_eos": True, "temperature": 0} for i in range(7)]
 REQUESTS.append({"id": "sampled", "prompt_token_ids": list(range(40, 71)), "max_tokens": 8, "ignore_eos": True,
                  "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 7})
 

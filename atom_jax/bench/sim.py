@@ -34,6 +34,7 @@ import numpy as np
 
 from atom_jax.bench.cost_model import StepCostModel
 from atom_jax.bench.workload import SimRequest, random_requests
+from atom_jax.engine.args import positive_int
 from atom_jax.scheduler import (DPScheduler, RankConfig, SamplingParams, Sequence,
                                 make_delayer)
 
@@ -136,14 +137,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "sim", help="replay a random request stream through the scheduler (no model)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dp", type=int, default=8)
+    p.add_argument("--dp", type=positive_int, default=8)
     p.add_argument("--delayer", choices=MODES, default="on")
     p.add_argument("--compare", action="store_true",
                    help="run off, on and coalesce on the same arrivals and compare")
     w = p.add_argument_group("workload (bench_serving `random` dataset)")
-    w.add_argument("--num-prompts", type=int, default=512)
-    w.add_argument("--random-input-len", type=int, default=1024)
-    w.add_argument("--random-output-len", type=int, default=128)
+    w.add_argument("--num-prompts", type=positive_int, default=512)
+    w.add_argument("--random-input-len", type=positive_int, default=1024)
+    w.add_argument("--random-output-len", type=positive_int, default=128)
     w.add_argument("--random-range-ratio", type=float, default=0.0)
     w.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrivals per modelled second (default inf: all at once)")
@@ -151,13 +152,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=1)
     s = p.add_argument_group("scheduler (per rank)")
     d = RankConfig()
-    s.add_argument("--num-slots", type=int, default=d.num_slots)
-    s.add_argument("--num-pages", type=int, default=d.num_pages)
-    s.add_argument("--page-tokens", type=int, default=d.page_tokens)
-    s.add_argument("--max-tokens-per-step", type=int, default=d.max_tokens_per_step)
-    s.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    s.add_argument("--num-slots", type=positive_int, default=d.num_slots)
+    s.add_argument("--num-pages", type=positive_int, default=d.num_pages)
+    s.add_argument("--page-tokens", type=positive_int, default=d.page_tokens)
+    s.add_argument("--max-tokens-per-step", type=positive_int, default=d.max_tokens_per_step)
+    s.add_argument("--chunk-size", type=positive_int, default=d.chunk_size)
     s.add_argument("--buckets", type=str, default=None, help="comma list; default powers of 2")
-    s.add_argument("--tbo-min-tokens", type=int, default=1024)
+    s.add_argument("--tbo-min-tokens", type=positive_int, default=1024)
     g = p.add_argument_group("prefill gate")
     g.add_argument("--max-delay-passes", type=int, default=30, help="on: delay limit (ticks)")
     g.add_argument("--low-watermark", type=float, default=None,

@@ -64,6 +64,12 @@ def cache_dir(text: str) -> str:
     return "" if text.strip().lower() in ("", "off", "none") else text
 
 
+# The one temperature rule of the front ends: a request (HTTP body or generate input line) that
+# gives no temperature samples at 1.0, OpenAI's and vLLM's default; 0 is greedy. (The Python
+# API's `SamplingParams()` is greedy unless told otherwise.)
+REQUEST_DEFAULT_TEMPERATURE = 1.0
+
+
 def default_cache_dir() -> str:
     """The per-user persistent compilation cache the CLIs use unless told otherwise."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -29,7 +29,8 @@ import sys
 import time
 
 from atom_jax.distributed import add_distributed_args
-from atom_jax.engine.args import add_engine_args, configure_logging, positive_int, start_engine
+from atom_jax.engine.args import (REQUEST_DEFAULT_TEMPERATURE, add_engine_args, configure_logging,
+                                  positive_int, start_engine)
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
 from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("sampling defaults (a line's own fields win)")
     g.add_argument("--max-tokens", type=positive_int, default=256,
                    help="most tokens to generate per request (default: 256)")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy (default: 0.0)")
+    g.add_argument("--temperature", type=float, default=REQUEST_DEFAULT_TEMPERATURE,
+                   help="sampling temperature; 0 is greedy (default: 1.0, OpenAI's default, as "
+                        "the server's)")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass; 1 is off (default: 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 is off (default: 0)")

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import zlib
 
+from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.scheduler import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
@@ -56,7 +57,7 @@ class SamplingDefaults:
     """The flag values; a line's own fields override them."""
 
     max_tokens: int = 256
-    temperature: float = 0.0
+    temperature: float = REQUEST_DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None  # base seed: each request gets its own, derived from it and its id

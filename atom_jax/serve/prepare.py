@@ -11,6 +11,7 @@ import time
 import uuid
 
 from atom_jax.chat import ChatPlan, EncodingError, plan_chat
+from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.errors import OpenAIError, bad_request
@@ -140,7 +141,7 @@ def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | N
     top_k = body.top_k or 0
     top_k = 0 if top_k < 0 or top_k >= info.vocab_size else top_k  # >= vocab: no filtering
     seed = None if body.seed is None else body.seed % 2**32  # the sampler keys on uint32
-    temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
+    temperature = REQUEST_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
                               top_p=1.0 if body.top_p is None else float(body.top_p), top_k=top_k,
