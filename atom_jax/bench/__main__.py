@@ -18,6 +18,7 @@ COMMANDS = {
     "dp-step": "atom_jax.bench.dp_step",
     "engine-step": "atom_jax.bench.engine_step",
     "engine-delayer": "atom_jax.bench.engine_delayer",
+    "long-context": "atom_jax.bench.long_context",
 }
 
 

@@ -1,0 +1,206 @@
+"""`python -m atom_jax.bench long-context`: prefill tok/s and decode ms/token of the real Engine
+(dp=1, one request at a time, chunked prefill) for long prompts with a long-context cache,
+beside the FLOP and byte floors of the same work, for each attention backend in one run.
+
+    python -m atom_jax.bench long-context --layers 4 --prompts 4096,16384,131072,1048576 \\
+        --cache-len 1048576 --chunk 8192 --json long_context.json      # GPU, V4-Flash dims
+    python -m atom_jax.bench long-context --tiny                       # CPU smoke run
+
+Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
+prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and
+[T, T] chunk logits do not fit 8K chunks at 1M capacity); a case that fails (out of memory)
+is reported as such. Weights are random bf16 at V4-Flash layer dims (float32 tiny model with
+--tiny). FLOP floor: projections, active experts (top-k + shared), compressors, the indexer
+over every visible CSA entry and attention over each token's window + selected CSA + visible
+HCA entries, at the measured bf16 matmul rate. Decode byte floor: active weights plus the
+cache rows one token reads (window, indexer keys, selected CSA and all HCA entries), at the
+measured copy bandwidth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atom_jax.bench.timing import device_ceilings
+from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("long-context", help="long prompts with a 1M cache: prefill tok/s, decode ms/token "
+                               "vs FLOP and byte floors, kernels vs reference (GPU; --tiny on CPU)",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompts", default=None, help="prompt lengths (default 4096,16384,131072,1048576; "
+                    "--tiny: 200,1000,3000)")
+    ap.add_argument("--cache-len", type=int, default=None, help="--max-model-len of the engine (default "
+                    "1048576; --tiny 4096)")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 8192; --tiny 256)")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--backends", default=None, help="attention backends to run, in order (default "
+                    "pallas,jnp; --tiny: jnp, as pallas is interpreted on CPU)")
+    ap.add_argument("--reference-max-prompt", type=int, default=16384)
+    ap.add_argument("--reference-chunk", type=int, default=2048)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--json")
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+# ---- floors --------------------------------------------------------------------------------
+def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:
+    return (positions + 1) // ratio
+
+
+def prompt_flops(cfg: ModelConfig, length: int, start: int = 0) -> float:
+    """FLOPs (2 x MACs) of prefilling positions [start, start + length)."""
+    d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    p = np.arange(start, start + length, dtype=np.float64)
+    proj = d * cfg.q_lora_rank + cfg.q_lora_rank * h * hd + d * hd + h * hd * cfg.o_lora_rank + \
+        cfg.o_groups * cfg.o_lora_rank * d
+    moe = 3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    macs = 0.0
+    for kind in cfg.attn_kinds:
+        keys = np.minimum(p + 1, cfg.sliding_window)
+        extra = 0.0
+        if kind == CSA:
+            n = _visible(cfg.csa_ratio, p)
+            keys = keys + np.minimum(n, cfg.index_topk)
+            extra = cfg.index_n_heads * cfg.index_head_dim * n.sum()  # indexer dots
+            extra += length * (cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + d * cfg.index_n_heads)
+            extra += length * 2 * d * 2 * (hd + cfg.index_head_dim)  # both compressors' (kv, gate)
+        elif kind == HCA:
+            keys = keys + _visible(cfg.hca_ratio, p)
+            extra = length * 2 * d * hd
+        macs += length * (proj + moe) + 2 * h * hd * keys.sum() + extra
+    return 2.0 * macs
+
+
+def active_weight_bytes(cfg: ModelConfig, total_param_bytes: int, itemsize: int) -> float:
+    """Weights one decode token must read: all but the routed experts it does not use."""
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * itemsize
+    unused = cfg.num_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert
+    return total_param_bytes - unused
+
+
+def decode_cache_bytes(cfg: ModelConfig, context: int, itemsize: int) -> float:
+    """Cache rows one decode token at `context` reads, all layers."""
+    rows = 0.0
+    for kind in cfg.attn_kinds:
+        rows += min(context, cfg.sliding_window) * cfg.head_dim
+        if kind == CSA:
+            n = context // cfg.csa_ratio
+            rows += n * cfg.index_head_dim + min(n, cfg.index_topk) * cfg.head_dim
+        elif kind == HCA:
+            rows += context // cfg.hca_ratio * cfg.head_dim
+    return rows * itemsize
+
+
+# ---- measurement ---------------------------------------------------------------------------
+def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens):
+    from atom_jax.engine import Engine, EngineConfig
+
+    buckets = tuple(sorted({16, chunk} | {min(p, chunk) for p in prompts}))
+    ec = EngineConfig(dtype=str(jnp.dtype(dtype)), num_slots=2, page_tokens=page_tokens,
+                      num_pages=-(-cache_len // page_tokens) + 1, max_model_len=cache_len,
+                      max_tokens_per_step=chunk, chunk_size=chunk, buckets=buckets, tbo=False,
+                      attn_backend=backend, compilation_cache_dir=None)
+    engine = Engine(ec, model=model, tokenizer=None)
+    t0 = time.perf_counter()
+    engine.warmup()
+    return engine, time.perf_counter() - t0
+
+
+def _run_prompt(engine, vocab: int, length: int, decode_tokens: int, rng):
+    from atom_jax.engine import SamplingParams
+
+    prompt = list(map(int, rng.integers(2, vocab, length)))
+    t0 = time.perf_counter()
+    engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True))
+    stamps = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.new_token_ids:
+                stamps.append(time.perf_counter())
+    prefill = stamps[0] - t0
+    gaps = np.diff(stamps)
+    return prefill, (statistics.median(gaps) if len(gaps) else float("nan"))
+
+
+def run_cli(args) -> int:
+    from atom_jax.loader import random_model
+
+    cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    prompts = [int(x) for x in (args.prompts or ("200,1000,3000" if args.tiny else
+                                                 "4096,16384,131072,1048576")).split(",")]
+    cache_len = args.cache_len or (4096 if args.tiny else 1 << 20)
+    chunk = args.chunk or (256 if args.tiny else 8192)
+    page_tokens = 64 if args.tiny else 256
+    if max(prompts) + args.decode_tokens + 1 > cache_len:
+        raise SystemExit(f"the longest prompt plus {args.decode_tokens + 1} tokens exceeds --cache-len {cache_len}")
+    ceil = device_ceilings()
+    print(f"device {jax.devices()[0].device_kind}: copy {ceil['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    model = random_model(cfg, seed=0, dtype=dtype)
+    from flax import nnx
+
+    total_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    itemsize = jnp.dtype(dtype).itemsize
+    weights = active_weight_bytes(cfg, total_bytes, itemsize)
+    results = []
+    for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
+        reference = backend == "jnp"
+        lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
+        b_chunk = min(chunk, args.reference_chunk) if reference else chunk
+        if not lens:
+            continue
+        try:
+            engine, warm_s = _engine(model, dtype, backend, cache_len, b_chunk, lens, page_tokens)
+        except Exception as e:  # noqa: BLE001 (out of memory is a result here)
+            results.append({"backend": backend, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        rng = np.random.default_rng(0)
+        for n in lens:
+            row = {"backend": backend, "prompt": n, "cache_len": cache_len, "chunk": b_chunk,
+                   "warmup_s": round(warm_s, 1)}
+            try:
+                prefill_s, decode_s = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            flop_floor = prompt_flops(cfg, n) / (ceil["matmul_TFLOPs"] * 1e12)
+            # prefill also streams every weight once per chunk
+            byte_floor = -(-n // b_chunk) * total_bytes / (ceil["copy_GBps"] * 1e9)
+            dec_floor = (weights + decode_cache_bytes(cfg, n, itemsize)) / (ceil["copy_GBps"] * 1e9)
+            row.update(prefill_s=round(prefill_s, 3), prefill_tok_s=round(n / prefill_s, 1),
+                       prefill_floor_s=round(max(flop_floor, byte_floor), 4),
+                       prefill_of_floor=round(max(flop_floor, byte_floor) / prefill_s, 3),
+                       decode_ms=round(decode_s * 1e3, 3), decode_floor_ms=round(dec_floor * 1e3, 4),
+                       decode_of_floor=round(dec_floor / decode_s, 3))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del engine
+        jax.clear_caches()
+    print(f"\n{'backend':7} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
+          f"{'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['backend']:7} {r.get('prompt', '-'):>8} failed: {r['error'][:80]}")
+            continue
+        print(f"{r['backend']:7} {r['prompt']:8d} {r['chunk']:6d} {r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
+              f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil,
+                       "layers": cfg.num_layers, "dtype": str(jnp.dtype(dtype)), "results": results}, f, indent=1)
+    return 0
+
