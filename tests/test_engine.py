@@ -92,13 +92,13 @@ def test_pages_return_after_finish_abort_and_failure(monkeypatch):
         eng.step()
     eng.abort(ids[1])  # aborted mid-prefill or decode
     # the next step raises inside the runner: the requests in it fail, the engine lives on
-    real = eng.runner.execute
-    monkeypatch.setattr(eng.runner, "execute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = eng.runner.run
+    monkeypatch.setattr(eng.runner, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     failed = set()
     for o in eng.step():
         if o.finish_reason == "error":
             failed.add(o.request_id)
-    monkeypatch.setattr(eng.runner, "execute", real)
+    monkeypatch.setattr(eng.runner, "run", real)
     while eng.has_unfinished():
         eng.step()
     assert failed, "the failing step should have failed the requests it carried"

@@ -176,16 +176,16 @@ def test_line_sampling_fields_override_flags(engine, tmp_path):
 
 
 def test_failed_model_step_writes_error_lines(engine, tmp_path, monkeypatch):
-    real_execute = engine.runner.execute
+    real_run = engine.runner.run
     calls = []
 
-    def flaky(plan, sampling_of):  # the first step fails, later ones run
+    def flaky(inputs):  # the first step fails, later ones run
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("device fell over")
-        return real_execute(plan, sampling_of)
+        return real_run(inputs)
 
-    monkeypatch.setattr(engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.runner, "run", flaky)
     records = [{"id": "first", "prompt": "a", "max_tokens": 3}, {"id": "second", "prompt": "b", "max_tokens": 3}]
     rc, out = _run(engine, tmp_path, records, "--max-in-flight", "1", "--summary-json", str(tmp_path / "s.json"))
     assert rc == 0

@@ -186,16 +186,34 @@ def test_atom_example_one_prefill_seven_decodes_wastes_86_percent():
 
 
 def test_tbo_auto_threshold_is_one_default_everywhere():
-    """Scheduler, step options, engine config and server flag share one threshold, above the
-    largest size at which TBO was measured to lose on two GPUs (8K tokens per rank)."""
+    """Scheduler, engine config and server flag share one threshold, above the largest size at
+    which TBO was measured to lose on two GPUs (8K tokens per rank); the scheduler alone
+    decides (the step options carry no TBO setting)."""
+    import dataclasses
+
     from atom_jax.engine import EngineConfig
     from atom_jax.engine.args import engine_config
     from atom_jax.scheduler import TBO_MIN_TOKENS
     from atom_jax.serve.cli import build_parser
-    from atom_jax.sharding.step import StepOptions
+    from atom_jax.sharding import StepOptions
     assert TBO_MIN_TOKENS > 8192
     assert DPScheduler(2).tbo_min_tokens == TBO_MIN_TOKENS
-    assert StepOptions().tbo_min_tokens == TBO_MIN_TOKENS
     assert EngineConfig().tbo_min_tokens == TBO_MIN_TOKENS
     assert engine_config(build_parser().parse_args([])).tbo_min_tokens == TBO_MIN_TOKENS
-    assert not StepOptions().use_tbo(8192) and StepOptions().use_tbo(TBO_MIN_TOKENS)
+    assert not any("tbo" in f.name for f in dataclasses.fields(StepOptions))
+    assert not DPScheduler(2).use_tbo(8192) and DPScheduler(2).use_tbo(TBO_MIN_TOKENS)
+
+
+def test_tbo_decision_modes():
+    """auto follows the threshold; on / off force it; a bucket that cannot split never splits."""
+    auto = DPScheduler(1, tbo_min_tokens=1024)
+    assert not auto.use_tbo(1022) and auto.use_tbo(1024) and auto.use_tbo(4096)
+    assert not DPScheduler(1, tbo_min_tokens=None).use_tbo(10**6)
+    on, off = DPScheduler(1, tbo=True), DPScheduler(1, tbo=False, tbo_min_tokens=16)
+    assert on.use_tbo(16) and not on.use_tbo(1) and not on.use_tbo(17)
+    assert not off.use_tbo(10**6)
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=64, chunk_size=64)
+    sched = DPScheduler(1, cfg, delayer=make_delayer("off"), tbo=True)
+    sched.add(Sequence("a", [1] * 40, SamplingParams(max_tokens=2)))
+    plan = sched.schedule()
+    assert plan.bucket == 64 and plan.tbo

@@ -21,10 +21,10 @@ def _rel_err(out, ref):
     return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
 
-def _run(model, dp, ids, **opts):
+def _run(model, dp, ids, tbo=False, **opts):
     mesh = make_dp_mesh(dp)
     step, params = make_step(model, mesh, StepOptions(**opts))
-    return np.asarray(step(params, shard_tokens(ids, mesh)))
+    return np.asarray(step(params, shard_tokens(ids, mesh), tbo=tbo))
 
 
 # rows per rank: 2 (cut between rows), 1 (cut inside the request), 3 (cut inside the middle row)
@@ -60,12 +60,6 @@ def test_rank_with_no_real_tokens(model):
     ref = np.asarray(jit_forward(model)(ids[real]))
     assert _rel_err(out[real], ref) <= 1e-5
     assert np.all(np.isfinite(out))
-
-
-def test_tbo_threshold_switches_itself_off():
-    opts = StepOptions(tbo_min_tokens=1024)
-    assert not opts.use_tbo(1023) and opts.use_tbo(1024)
-    assert StepOptions(tbo=False).use_tbo(10**6) is False
 
 
 def test_split_is_token_balanced():

@@ -360,9 +360,9 @@ TBO_STEP_CAPTURE = textwrap.dedent("""
 
     model = random_model(tiny(), seed=0)
     mesh = make_dp_mesh(2)
-    step, params = make_step(model, mesh, StepOptions(tbo=True))
+    step, params = make_step(model, mesh, StepOptions())
     ids = shard_tokens(np.random.default_rng(0).integers(0, 512, (2, 24)), mesh)
-    profile_steps(sys.argv[1], lambda: step(params, ids), steps=2)
+    profile_steps(sys.argv[1], lambda: step(params, ids, tbo=True), steps=2)
 """)
 
 

@@ -73,7 +73,7 @@ def run_cli(args) -> int:
 def run_dp(dp, cfg, dtype, ceil, args):
     results = []
     mesh = make_dp_mesh(dp)
-    opts = StepOptions(moe_backend="capacity", tbo=False)
+    opts = StepOptions(moe_backend="capacity")
     model, params = random_params_on_mesh(cfg, mesh, opts, dtype)
     pbytes = param_bytes_per_rank(params)
     decode = [int(b) for b in args.decode.split(",") if b]

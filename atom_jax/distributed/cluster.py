@@ -124,7 +124,7 @@ class Cluster:
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         runner = self._runner
-        ones = runner._global(np.ones((runner.dp, 1), np.int32))
+        ones = runner.global_array(np.ones((runner.dp, 1), np.int32))
         total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(runner.mesh, P()))(ones)
         if int(total) != runner.dp:
             raise RuntimeError(f"all-reduce over dp={runner.dp} gave {int(total)}")
@@ -187,12 +187,10 @@ class Cluster:
         self._last_send = time.monotonic()
 
     # ---- leader --------------------------------------------------------------------------
-    def execute(self, plan, sampling_of) -> dict:
-        """Leader: ship the plan, run the step, return {request_id: (token, logprob)}."""
-        inputs, seqs = self._runner.host_inputs(plan, sampling_of)
+    def lead_step(self, inputs):
+        """Leader: broadcast the step's inputs, run the step. -> the runner's (tokens, logprobs)."""
         what = f"step {self._channel.seq} (bucket {inputs.bucket}, tbo {inputs.tbo})"
-        toks, lps = self.run_step(inputs, what, before=lambda: self._send(STEP, inputs))
-        return self._runner.results(seqs, toks, lps)
+        return self.run_step(inputs, what, before=lambda: self._send(STEP, inputs))
 
     def keepalive(self, force: bool = False) -> None:
         """Leader: an empty plan if none was sent for `keepalive` seconds."""

@@ -37,12 +37,12 @@ class RequestOutput:
 
 
 class _Tracked:
-    def __init__(self, seq: Sequence, params: SamplingParams, seed: int, tokenizer):
-        self.seq, self.params, self.seed = seq, params, seed
+    def __init__(self, seq: Sequence, tokenizer):
+        self.seq, self.params = seq, seq.params
         self.logprobs: list[float] = []
         self.sent_tokens = 0
         # None without a tokenizer (token-id prompts only: no text, no stop strings)
-        self.detok = IncrementalDetokenizer(tokenizer, params.stop) if tokenizer is not None else None
+        self.detok = IncrementalDetokenizer(tokenizer, seq.params.stop) if tokenizer is not None else None
         self.chat: ChatPlan | None = None
         self.chat_parser = None
         self.chat_total = ChatDelta()
@@ -72,8 +72,8 @@ class Engine:
         self.max_context, pages_per_seq = cfg.context(model.cfg.max_position_embeddings)
         self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, pages_per_seq)
         self.layout.check(model.cfg)
-        opts = StepOptions(expert_mode=cfg.expert_mode, tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
-                           moe_backend=cfg.moe_backend, attn_backend=cfg.attn_backend)
+        opts = StepOptions(expert_mode=cfg.expert_mode, moe_backend=cfg.moe_backend,
+                           attn_backend=cfg.attn_backend)
         self.mesh = make_dp_mesh(cfg.dp)
         self.runner = ModelRunner(model, self.mesh, self.layout, opts)
         self.cluster = cluster
@@ -93,12 +93,12 @@ class Engine:
         rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
                           max_seq_len=self.max_context)
-        tbo_min = 10**12 if cfg.tbo is False else (0 if cfg.tbo is True else cfg.tbo_min_tokens)
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = DPScheduler(cfg.dp, rank, buckets=cfg.buckets, delayer=make_delayer(delayer),
-                                     tbo_min_tokens=tbo_min, eos_token_ids=tuple(sorted(eos)))
+                                     tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
+                                     eos_token_ids=tuple(sorted(eos)))
         self._requests: dict[str, _Tracked] = {}
 
     # ---- requests ------------------------------------------------------------------------
@@ -123,9 +123,10 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"context of {self.max_context} tokens")
+        if params.seed is None:  # resolved now: the runner samples from seq.params alone
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(32))
         seq = Sequence(request_id, ids, params)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        tracked = _Tracked(seq, params, seed, self.tokenizer)
+        tracked = _Tracked(seq, self.tokenizer)
         if chat is not None and self.tokenizer is not None:
             tracked.chat, tracked.chat_parser = chat, chat.parser()
         self._requests[request_id] = tracked
@@ -178,19 +179,16 @@ class Engine:
             try:
                 what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
                 with self._profiler.step(lambda: self.runner.cache, what):
-                    if self.cluster is not None:  # ships the plan first; a failure ends the process
-                        result = self.cluster.execute(plan, self._sampling_of)
-                    else:
-                        result = self.runner.execute(plan, self._sampling_of)
+                    toks, lps = self._run(self.runner.host_inputs(plan))
             except Exception:
                 # a failed step fails the requests in it, never the engine
                 for work in plan.per_rank:
                     for w in work:
                         self.scheduler.fail(w.request_id)
-                result = {}
-            for rid, (tok, lp) in result.items():
-                sampled[rid] = tok
-                self._requests[rid].logprobs.append(lp)
+            else:
+                for seq, tok, lp in zip(plan.sampled(), toks, lps):
+                    sampled[seq.request_id] = int(tok)
+                    self._requests[seq.request_id].logprobs.append(float(lp))
         else:
             self.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
@@ -220,10 +218,12 @@ class Engine:
         if self.cluster is not None:
             self.cluster.stop()
 
-    def _sampling_of(self, seq):
-        tr = self._requests[seq.request_id]
-        p = tr.params
-        return (p.temperature, p.top_k, p.top_p, tr.seed)
+    def _run(self, inputs):
+        """One model step on the device(s). Multi-host: the cluster broadcasts `inputs` first
+        and runs the step under its watchdog (a failure there ends the process)."""
+        if self.cluster is not None:
+            return self.cluster.lead_step(inputs)
+        return self.runner.run(inputs)
 
     def _check_stop_strings(self, tr: _Tracked):
         """Feed the request's new tokens to its detokenizer; a stop string ends it."""

@@ -44,13 +44,15 @@ class StepInputs:
 
 
 class ModelRunner:
+    """The device side of the engine. One step is `run(host_inputs(plan))`: `host_inputs` is
+    numpy only (what a multi-host leader broadcasts), `run` is what every process executes."""
+
     def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions()):
         self.model, self.mesh, self.layout = model, mesh, layout
         self.dp = mesh.shape[DP]
         self.cfg = model.cfg
-        self._steps = {}
-        for tbo in (False, True):
-            self._steps[tbo], _ = make_cached_step(model, mesh, layout, StepOptions(**{**opts.__dict__, "tbo": tbo}))
+        # one jitted step; it compiles once per (bucket, tbo)
+        self._step, _ = make_cached_step(model, mesh, layout, opts)
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
         self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode)
         shard = self._dp_sharding = NamedSharding(mesh, P(DP))
@@ -60,17 +62,12 @@ class ModelRunner:
         # tokens come back replicated, so every process (the scheduler's too) can read them
         self._sample = jax.jit(_gather_sample, out_shardings=NamedSharding(mesh, P()))
 
-    def execute(self, plan, sampling_of) -> dict:
-        """Run one planned step. `sampling_of(seq)` -> (temperature, top_k, top_p, seed).
-        -> {request_id: (token, logprob)} for every chunk that samples."""
-        inputs, seqs = self.host_inputs(plan, sampling_of)
-        return self.results(seqs, *self.run(inputs))
-
-    def host_inputs(self, plan, sampling_of) -> tuple[StepInputs, list]:
+    def host_inputs(self, plan) -> StepInputs:
         """The host side of a step (numpy only, no device work): what every process of a
-        multi-host run needs to execute it, and the sampled sequences in sampling-row order.
+        multi-host run needs to execute it. Sampling rows follow `plan.sampled()`; each
+        sequence's parameters (its seed resolved when it was added) come from `seq.params`.
         Page-table rows are sent only when they differ from the table as it stands."""
-        chunks, page_rows, rows, seqs = [], [], [], []
+        chunks, page_rows, rows, params, counters = [], [], [], [], []
         for r, work in enumerate(plan.per_rank):
             rank_chunks, j = [], 0
             for w in work:
@@ -82,19 +79,18 @@ class ModelRunner:
                 rank_chunks.append((seq.slot, w.start_pos, np.asarray(w.token_ids(), np.int32), bool(w.sample)))
                 if w.sample:
                     rows.append(r * self.layout.num_slots + j)
-                    seqs.append(seq)
+                    params.append(seq.params)
+                    counters.append(len(seq.output_token_ids))
                     j += 1
             chunks.append(rank_chunks)
-        n = len(seqs)
-        params = [sampling_of(s) for s in seqs]
         sampling = SamplingRows(
-            rows=np.asarray(rows, np.int32),
-            temperature=np.asarray([p[0] for p in params], np.float32).reshape(n),
-            top_k=np.asarray([p[1] for p in params], np.int32).reshape(n),
-            top_p=np.asarray([p[2] for p in params], np.float32).reshape(n),
-            seed=np.asarray([int(p[3]) % 2**32 for p in params], np.uint32).reshape(n),
-            counter=np.asarray([len(s.output_token_ids) for s in seqs], np.uint32).reshape(n))
-        return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling), seqs
+            rows=np.asarray(rows, np.int32).reshape(-1),
+            temperature=np.asarray([p.temperature for p in params], np.float32).reshape(-1),
+            top_k=np.asarray([p.top_k for p in params], np.int32).reshape(-1),
+            top_p=np.asarray([p.top_p for p in params], np.float32).reshape(-1),
+            seed=np.asarray([p.seed % 2**32 for p in params], np.uint32).reshape(-1),
+            counter=np.asarray(counters, np.uint32).reshape(-1))
+        return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling)
 
     def run(self, inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
         """The device side of a step; every process of a multi-host run calls it with the same
@@ -103,8 +99,9 @@ class ModelRunner:
             self.page_table[r, slot] = 0
             self.page_table[r, slot, : len(pages)] = pages
         per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
-        batch = {k: self._global(np.stack([b.arrays()[k] for b in per_rank])) for k in per_rank[0].arrays()}
-        logits, self.cache = self._steps[inputs.tbo](self.params, self.cache, batch, self._global(self.page_table))
+        batch = {k: self.global_array(np.stack([b.arrays()[k] for b in per_rank])) for k in per_rank[0].arrays()}
+        logits, self.cache = self._step(self.params, self.cache, batch, self.global_array(self.page_table),
+                                        tbo=inputs.tbo)
         s = inputs.sampling
         n = len(s.rows)
         if not n:
@@ -121,11 +118,7 @@ class ModelRunner:
                                  pad(s.seed), pad(s.counter))
         return np.asarray(toks)[:n], np.asarray(lps)[:n]
 
-    @staticmethod
-    def results(seqs, toks, lps) -> dict:
-        return {s.request_id: (int(t), float(lp)) for s, t, lp in zip(seqs, toks, lps)}
-
-    def _global(self, x: np.ndarray):
+    def global_array(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places
         only the rows of its own devices (every process holds the same host array)."""
         return place(x, self._dp_sharding)

@@ -50,6 +50,11 @@ class StepPlan:
         """No rank has a real token: the engine may skip the model for this tick."""
         return self.bucket == 0
 
+    def sampled(self) -> list[Sequence]:
+        """The sequences this step samples a token for, rank by rank in running order: the
+        order of the model runner's sampling rows (and of the tokens it returns)."""
+        return [c.seq for work in self.per_rank for c in work if c.sample]
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
@@ -57,17 +62,20 @@ class StepOutput:
     finished: list[Sequence]  # everything that finished since the last step (any reason)
 
 
-# Tokens per rank from which `auto` runs a step as two overlapped micro-batches. On 2 GPUs
-# (docs/benchmarks.md, DP step) TBO lost at every measured size up to 8K tokens per rank
-# (1.29x at 1K, 1.16x at 4K, 1.04-1.08x at 8K): the collectives are ~4% of the step there. So
-# auto keeps it off through the measured range; `--tbo on` or a lower threshold where the
-# all-gather grows (more ranks) and measurements show a gain.
+# Tokens per rank (the step's bucket) from which `auto` runs a step as two overlapped
+# micro-batches. On 2 GPUs (docs/benchmarks.md, DP step) TBO lost at every measured size up to
+# 8K tokens per rank (1.29x at 1K, 1.16x at 4K, 1.04-1.08x at 8K): the collectives are ~4% of
+# the step there. So auto keeps it off through the measured range; `--tbo on` or a lower
+# threshold where the all-gather grows (more ranks) and measurements show a gain.
 TBO_MIN_TOKENS = 16384
 
 
 class DPScheduler:
     def __init__(self, dp: int, rank_config: RankConfig | None = None, buckets=None,
-                 delayer=None, tbo_min_tokens: int | None = TBO_MIN_TOKENS, eos_token_ids=()):
+                 delayer=None, tbo_min_tokens: int | None = TBO_MIN_TOKENS, eos_token_ids=(),
+                 tbo: bool | None = None):
+        """`tbo`: True / False force two-batch overlap on / off for every step that can split;
+        None (auto) turns it on for buckets of at least `tbo_min_tokens` (None: never)."""
         if dp <= 0:
             raise ValueError(f"dp must be > 0, got {dp}")
         self.dp = dp
@@ -78,7 +86,7 @@ class DPScheduler:
             raise ValueError(f"buckets {self.buckets} must be > 0 and reach "
                              f"max_tokens_per_step ({budget})")
         self.delayer = delayer if delayer is not None else make_delayer("on")
-        self.tbo_min_tokens = tbo_min_tokens
+        self.tbo, self.tbo_min_tokens = tbo, tbo_min_tokens
         self.ranks = [RankScheduler(self.rank_config, r, eos_token_ids) for r in range(dp)]
         self.metrics = SchedulerMetrics(dp)
         self._done: list[Sequence] = []  # finished and counted, not yet returned
@@ -146,7 +154,7 @@ class DPScheduler:
             bucket, tbo, waste = 0, False, 0.0
         else:
             bucket = self.buckets[bisect.bisect_left(self.buckets, top)]
-            tbo = self.tbo_min_tokens is not None and bucket >= self.tbo_min_tokens
+            tbo = self.use_tbo(bucket)
             waste = 1.0 - sum(real) / (self.dp * bucket)
         plan = StepPlan(self._tick, per_rank, bucket, tbo, real, waste, decision)
         self._tick += 1
@@ -173,6 +181,16 @@ class DPScheduler:
     def check_invariants(self) -> None:
         for r in self.ranks:
             r.check_invariants()
+
+    def use_tbo(self, bucket: int) -> bool:
+        """The engine's one two-batch-overlap decision (the compiled step only obeys it): a step
+        of `bucket` tokens per rank runs as two micro-batches. The packer cuts the buffer at
+        bucket // 2, so an odd or one-token bucket never splits."""
+        if bucket < 2 or bucket % 2:
+            return False
+        if self.tbo is not None:
+            return self.tbo
+        return self.tbo_min_tokens is not None and bucket >= self.tbo_min_tokens
 
     # -- internals -------------------------------------------------------------------------
     def _record(self, plan: StepPlan) -> None:

@@ -1,11 +1,13 @@
 """The DP step over packed buffers with the KV cache: the engine's step.
 
-Same MoE / two-batch-overlap machinery as the full-sequence step (step.py); attention reads
+Same MoE / two-batch-overlap machinery as the full-sequence step (overlap.py); attention reads
 and writes the rank's cache. With TBO the buffer's halves are the two chains (the packer cut
 them at half the real tokens); chain A writes layer l's cache before chain B reads it, so a
 request cut between the halves sees its first part exactly as a cached prefix."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,8 @@ from jax.sharding import PartitionSpec as P
 from atom_jax.loader import abstract_model
 from atom_jax.models.cached_attention import cached_attention
 from atom_jax.sharding.mesh import DP
+from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import check_divisible, param_specs
-from atom_jax.sharding.step import StepOptions, _Chain, _RankStep
 
 PER_TOKEN = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos")
 
@@ -27,52 +29,53 @@ def _slice_batch(b: dict, lo: int, hi: int) -> dict:
     return out
 
 
-class _CachedRankStep(_RankStep):
+class CachedRankStep(RankStep):
     def __init__(self, model, opts, dp, cache, page_table, layout):
         super().__init__(model, opts, dp)
         self.cache, self.page_table, self.layout = list(cache), page_table, layout
 
     def attend_chain(self, layer, block, chain, other, x):
-        out, self.cache[layer] = cached_attention(block.attn, x, chain.batch, self.cache[layer],
+        out, self.cache[layer] = cached_attention(block.attn, x, chain.context, self.cache[layer],
                                                   self.page_table, self.layout, self.opts.attn_backend)
         return out
 
-    def __call__(self, b: dict):
+    def __call__(self, b: dict, tbo: bool):
         t = b["ids"].shape[0]
-        tbo = self.opts.use_tbo(t)
         bounds = [(0, t // 2), (t // 2, t)] if tbo else [(0, t)]
         chains = []
         for lo, hi in bounds:
             ids = b["ids"][lo:hi]
-            chains.append(_Chain((), ids, self.model.embed_streams(ids), batch=_slice_batch(b, lo, hi)))
-        if tbo:
-            self.run_two_chains(*chains)
-        else:
-            self.run_one_chain(chains[0])
+            chains.append(Chain(ids, self.model.embed_streams(ids), context=_slice_batch(b, lo, hi)))
+        self.run(chains)
         streams = jnp.concatenate([c.streams for c in chains], axis=0)
         return self.model.logits(streams[b["sample_idx"]]), self.cache
 
 
 def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
-    """-> step(params, cache, batch, page_table) -> (logits [dp, S, vocab], cache).
+    """-> (step, specs): `step(params, cache, batch, page_table, tbo=False)` ->
+    (logits [dp, S, vocab], cache).
 
     params: the model's pure param dict placed per `param_specs`; cache: list of per-layer
-    dicts whose arrays carry a leading [dp] axis; batch: PackedBatch arrays stacked to [dp, ...];
-    page_table [dp, slots, max_pages]. The cache is donated (updated in place)."""
+    dicts whose arrays carry a leading [dp] axis; batch: PackedBatch arrays stacked to [dp, ...]
+    (packed with `split=tbo`); page_table [dp, slots, max_pages]; tbo: a static bool, the
+    scheduler's `StepPlan.tbo`. The cache is donated (updated in place)."""
     dp = mesh.shape[DP]
     check_divisible(model.cfg, dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
     specs = param_specs(state.to_pure_dict(), opts.expert_mode)
     skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
 
-    def body(local_params, cache, batch, page_table):
+    def body(local_params, cache, batch, page_table, tbo):
         st = nnx.split(skeleton)[1]
         nnx.replace_by_pure_dict(st, local_params)
         squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
-        runner = _CachedRankStep(nnx.merge(graphdef, st), opts, dp, squeeze(cache), page_table[0], layout)
-        logits, new_cache = runner(squeeze(batch))
+        runner = CachedRankStep(nnx.merge(graphdef, st), opts, dp, squeeze(cache), page_table[0], layout)
+        logits, new_cache = runner(squeeze(batch), tbo)
         return logits[None], jax.tree.map(lambda a: a[None], new_cache)
 
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(DP), P(DP), P(DP)),
-                            out_specs=(P(DP), P(DP)), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(1,)), specs
+    def step(params, cache, batch, page_table, tbo: bool = False):
+        sharded = jax.shard_map(partial(body, tbo=bool(tbo)), mesh=mesh, in_specs=(specs, P(DP), P(DP), P(DP)),
+                                out_specs=(P(DP), P(DP)), check_vma=False)
+        return sharded(params, cache, batch, page_table)
+
+    return jax.jit(step, donate_argnums=(1,), static_argnames=("tbo",)), specs

@@ -1,0 +1,191 @@
+"""The per-rank layer loop shared by the full-sequence step (step.py) and the engine's cached
+step (cached_step.py): attention half, MoE dispatch / experts / combine, and the two schedules.
+
+Attention runs per rank on the rank's own tokens; the MoE gathers every rank's tokens with
+`all_gather(tiled=True)`, computes the experts this rank holds, and returns each rank its own
+tokens summed over ranks with `psum_scatter(tiled=True)`. The shared expert runs locally.
+
+Two-batch overlap (TBO): the rank's tokens are cut into two micro-batch chains, A and B,
+interleaved per layer with `optimization_barrier` so that each collective of one chain has the
+other chain's compute to hide behind (docs/design.md, "two-batch overlap"):
+    attn(A) | AG(A) || attn(B) | MoE(A) || AG(B) | RS(A) || MoE(B) | RS(B) || attn(A, next layer)
+
+Whether a step uses TBO is decided by the host scheduler (`StepPlan.tbo`); the compiled steps
+take it as a static bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from atom_jax.models.deepseek_v4 import Block, DeepseekV4
+from atom_jax.models.hyper import hc_merge
+from atom_jax.sharding.mesh import DP
+from atom_jax.sharding.placement import BY_EXPERT
+from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a compiled step is built (not what it runs: the TBO choice is a call argument)."""
+
+    expert_mode: str = BY_EXPERT
+    moe_backend: str = "ragged_dot"
+    # cached attention (atom_jax.models.cached_attention): auto = jnp on CPU, Pallas kernels on GPU
+    attn_backend: str = "auto"
+    # True: route locally, gather (weights, ids); False: gather token ids, route gathered tokens
+    gather_routing: bool = True
+    output: str = "logits"  # "logits" [.., vocab] float32 or "hidden" (final normed hidden)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerMid:
+    """A chain's state between the attention half and the MoE half of one layer."""
+
+    streams: jax.Array  # [T, N, D] mHC streams after attention
+    post: jax.Array
+    comb: jax.Array
+    x: jax.Array  # [T, D] the FFN input
+    weights: jax.Array | None = None  # routing, when computed before the gather
+    idx: jax.Array | None = None
+
+
+@dataclasses.dataclass
+class Chain:
+    """One micro-batch: flat token ids and mHC streams, plus what its step kind needs."""
+
+    ids: jax.Array  # [T]
+    streams: jax.Array  # [T, N, D]
+    mid: LayerMid | None = None
+    context: Any = None  # per step kind: the full-sequence step's segments, the cached step's batch slice
+
+
+def _as_u16(a):
+    """[T, n] of any 16/32-bit dtype -> [T, n * itemsize / 2] uint16 (bit-exact)."""
+    if a.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(a, jnp.uint16)
+    return jax.lax.bitcast_convert_type(a, jnp.uint16).reshape(a.shape[0], -1)
+
+
+def pack_rows(arrays):
+    return jnp.concatenate([_as_u16(a) for a in arrays], axis=1)
+
+
+def unpack_rows(packed, like):
+    out, off = [], 0
+    for a in like:
+        width = a.shape[1] * a.dtype.itemsize // 2
+        piece = packed[:, off: off + width]
+        if a.dtype.itemsize == 4:
+            piece = piece.reshape(piece.shape[0], a.shape[1], 2)
+        out.append(jax.lax.bitcast_convert_type(piece, a.dtype))
+        off += width
+    return out
+
+
+class RankStep:
+    """The per-rank body; `model` holds this rank's parameter shards. Subclasses say how a
+    chain attends (`attend_chain`) and how a step's tokens become chains."""
+
+    def __init__(self, model: DeepseekV4, opts: StepOptions, dp: int):
+        self.model, self.opts, self.dp = model, opts, dp
+        self.cfg = model.cfg
+
+    # ---- attention half ------------------------------------------------------------------
+    def attend_chain(self, layer: int, block: Block, chain: Chain, other: Chain | None, x):
+        raise NotImplementedError
+
+    def attention(self, layer: int, block: Block, chain: Chain, other: Chain | None):
+        post, comb, x = block.attn_in(chain.streams)
+        streams = hc_merge(chain.streams, self.attend_chain(layer, block, chain, other, x), post, comb)
+        post, comb, x = block.ffn_in(streams)
+        mid = LayerMid(streams, post, comb, x)
+        if self.opts.gather_routing:
+            mid.weights, mid.idx = block.ffn.route(x, chain.ids)
+        chain.mid = mid
+
+    # ---- MoE pieces ------------------------------------------------------------------------
+    def dispatch(self, chain: Chain):
+        """One all-gather per chain and layer: tokens and their routing travel packed together."""
+        mid = chain.mid
+        extras = [mid.weights, mid.idx] if self.opts.gather_routing else [chain.ids[:, None]]
+        packed = jax.lax.all_gather(pack_rows([mid.x, *extras]), DP, axis=0, tiled=True)
+        parts = unpack_rows(packed, [mid.x, *extras])
+        if self.opts.gather_routing:
+            return {"x": parts[0], "weights": parts[1], "idx": parts[2]}
+        return {"x": parts[0], "ids": parts[1][:, 0]}
+
+    def experts(self, block: Block, gathered):
+        if "weights" in gathered:
+            weights, idx = gathered["weights"], gathered["idx"]
+        else:
+            weights, idx = block.ffn.route(gathered["x"], gathered["ids"])
+        offset = 0
+        if self.opts.expert_mode == BY_EXPERT:
+            offset = jax.lax.axis_index(DP) * (self.cfg.n_routed_experts // self.dp)
+        return block.ffn.routed(gathered["x"], weights, idx, expert_offset=offset, backend=self.opts.moe_backend)
+
+    def combine(self, partial):
+        return jax.lax.psum_scatter(partial, DP, scatter_dimension=0, tiled=True)
+
+    def finish(self, block: Block, chain: Chain, reduced):
+        mid = chain.mid
+        y = reduced + block.ffn.shared(mid.x)
+        chain.streams = hc_merge(mid.streams, y, mid.post, mid.comb)
+        chain.mid = None
+
+    # ---- schedules ------------------------------------------------------------------------
+    def run_one_chain(self, chain: Chain):
+        for i, block in enumerate(self.model.layers):
+            self.attention(i, block, chain, None)
+            self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
+
+    def run_two_chains(self, a: Chain, b: Chain):
+        barrier = jax.lax.optimization_barrier
+        # Named scopes put "mb_a" / "mb_b" into each op's metadata, so profiler traces can tell
+        # the chains apart (`python -m atom_jax.trace report / plot`).
+        in_a, in_b = (lambda: micro_batch_scope(MB_A)), (lambda: micro_batch_scope(MB_B))
+        layers = list(self.model.layers)
+        with in_a():
+            self.attention(0, layers[0], a, None)
+        # Make attn(B) of layer 0 wait for attn(A), as later layers' do (through the RS(B)
+        # barrier): otherwise XLA runs it first and AG(A) of layer 0 has nothing to hide behind.
+        a.mid, b.streams = barrier((a.mid, b.streams))
+        for i, block in enumerate(layers):
+            with in_a():
+                ga = self.dispatch(a)
+            with in_b():
+                self.attention(i, block, b, a)  # attn(B) || AG(A)
+            ga, b.mid = barrier((ga, b.mid))
+            with in_a():
+                pa = self.experts(block, ga)
+            with in_b():
+                gb = self.dispatch(b)  # MoE(A) || AG(B)
+            pa, gb = barrier((pa, gb))
+            with in_a():
+                ra = self.combine(pa)
+            with in_b():
+                pb = self.experts(block, gb)  # RS(A) || MoE(B)
+            ra, pb = barrier((ra, pb))
+            with in_a():
+                self.finish(block, a, ra)
+            with in_b():
+                rb = self.combine(pb)
+            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
+                with in_a():
+                    self.attention(i + 1, layers[i + 1], a, b)
+                rb, a.mid = barrier((rb, a.mid))
+            with in_b():
+                self.finish(block, b, rb)
+
+    def run(self, chains: list[Chain]) -> None:
+        """One chain: the plain layer loop; two: the overlapped schedule."""
+        if len(chains) == 2:
+            self.run_two_chains(*chains)
+        else:
+            self.run_one_chain(chains[0])
