@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from atom_jax.kernels.platform import is_cpu, is_rocm, target_platform
 from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
 
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None)
@@ -93,7 +94,7 @@ def _capacity_of(rows, weights, mean_group) -> int:
 
 
 def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    return is_cpu()
 
 
 @register("pallas")
@@ -126,9 +127,9 @@ def mosaic(rows, weights, group_sizes, mean_group=None):
     """Our Mosaic GPU kernel (TMA + wgmma, warp-specialized): NVIDIA Hopper only, prefill-sized
     groups (128-row tiles). On H100 faster than the Triton kernel on V4-Flash at 8-16K
     tokens/rank, slower on V4-Pro at 4-8K (docs/benchmarks.md, grouped GEMM round 5)."""
-    if jax.default_backend() != "gpu":
+    if target_platform() not in ("gpu", "cuda") or is_rocm():
         raise RuntimeError("the 'mosaic' grouped-GEMM backend needs an NVIDIA Hopper GPU "
-                           f"(this run's backend is {jax.default_backend()!r}); use 'pallas' or 'auto'")
+                           f"(this run's backend is {target_platform()!r}); use 'pallas' or 'auto'")
     from atom_jax.kernels import mosaic_grouped_gemm
     return mosaic_grouped_gemm.grouped_gemm(rows, weights, group_sizes)
 
@@ -157,13 +158,16 @@ def tokamax_usable() -> bool:
 
 
 def choose(rows_per_group: float, platform: str | None = None, has_tokamax: bool | None = None) -> str:
-    """The backend `auto` resolves to, by platform and by rows per expert (routing shape).
+    """The backend `auto` resolves to, by platform (default: the target platform, see
+    kernels/platform.py) and by rows per expert (routing shape).
 
     CPU: XLA's ragged_dot. GPU: the crossovers measured by `python -m atom_jax.bench gemm`
-    (docs/benchmarks.md, 'Grouped GEMM'): see AUTO_TABLE."""
-    platform = platform or jax.default_backend()
+    (docs/benchmarks.md, 'Grouped GEMM'): see AUTO_TABLE. ROCm: never tokamax (NVIDIA only)."""
+    platform = platform or target_platform()
     if platform == "cpu":
         return "ragged_dot"
+    if platform == "rocm" or (platform == "gpu" and is_rocm()):
+        has_tokamax = False
     if has_tokamax is None:
         has_tokamax = tokamax_usable()
     for limit, name, needs_tokamax in AUTO_TABLE:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from atom_jax.config import CSA, SLIDING
 from atom_jax.kernels.names import ATTN_BACKENDS
+from atom_jax.kernels.platform import is_cpu, target_platform
 from atom_jax.models.attention import Attention
 from atom_jax.models.cache_reads import (entry_addresses, jnp_index_scorer, max_windows, running_topk,
                                          visible_counts)
@@ -145,7 +146,7 @@ def _kernels(backend: str):
     name = resolve_attn_backend(backend)
     if name == "jnp":
         return None
-    return _Kernels(interpret=jax.default_backend() == "cpu")
+    return _Kernels(interpret=is_cpu())
 
 
 def resolve_attn_backend(backend: str, platform: str | None = None) -> str:
@@ -154,7 +155,7 @@ def resolve_attn_backend(backend: str, platform: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; known: {list(ATTN_BACKENDS)}")
     if backend != "auto":
         return backend
-    return "jnp" if (platform or jax.default_backend()) == "cpu" else "pallas"
+    return "jnp" if (platform or target_platform()) == "cpu" else "pallas"
 
 
 def reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
