@@ -305,5 +305,5 @@ class Engine:
         return {"ranks": self.scheduler.rank_states(), "num_running": stats["num_running"],
                 "num_waiting": stats["num_waiting"], "stats": stats,
                 # after_warmup > 0: a step shape warm-up did not cover compiled on a request
-                "step_compiles": {"count": compiles.count, "seconds": round(compiles.seconds, 3),
-                                  "after_warmup": after}}
+                "step_compiles": {"count": compiles.count, "cached": compiles.cached,
+                                  "seconds": round(compiles.seconds, 3), "after_warmup": after}}

@@ -68,7 +68,7 @@ class StepProfiler:
             new = self.last_step_compiles = compile_count.so_far() - before
             if new.count:
                 self.compiles += new
-                log.info("%s: compiled %d XLA program(s) in %.1f s", what, new.count, new.seconds)
+                log.info("%s: %s", what, new.describe())
             if self.active:
                 self.step_num += 1
                 if self.steps_left is not None and not new.count:
