@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plt
 class AttentionTiles:
     block_h: int = 32  # query heads per program (rows of the dots; >= 16 on GPU)
     block_k: int = 32  # keys per step
-    num_warps: int = 4
+    num_warps: int = 8  # the [block_h, 512] float32 accumulator needs the registers
     num_stages: int = 2
 
 
@@ -56,13 +56,14 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     def update(carry, keys, ok):
         m, l, acc = carry
-        s = plt.dot(q, keys, trans_b=True) * scale  # [bh, bk] float32
+        exact = keys.dtype == jnp.float32  # float32 models (tests): no TF32 rounding
+        s = plt.dot(q, keys, trans_b=True, allow_tf32=not exact) * scale  # [bh, bk] float32
         s = jnp.where(ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         pr = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + plt.dot(pr.astype(keys.dtype), keys)
+        acc = acc * alpha[:, None] + plt.dot(pr.astype(keys.dtype), keys, allow_tf32=not exact)
         return m_new, l, acc
 
     def window(i, carry):

@@ -29,7 +29,7 @@ from atom_jax.kernels.pallas_grouped_gemm import work_items
 @dataclasses.dataclass(frozen=True)
 class IndexerTiles:
     block_t: int = 32  # tokens of one chunk per program
-    block_e: int = 64  # entries per program
+    block_e: int = 128  # entries per program (each head's q tile is reused over them)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -76,7 +76,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
 
         def head(h, acc):
             qh = q_ref[rows[:, None], h * dim + d[None, :]].astype(keys.dtype)
-            s = plt.dot(qh, keys, trans_b=True)  # [bt, be] float32
+            s = plt.dot(qh, keys, trans_b=True, allow_tf32=keys.dtype != jnp.float32)  # [bt, be] float32
             return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
