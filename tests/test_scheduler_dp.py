@@ -171,7 +171,7 @@ def test_liveness_random_mixes(seed):
 
 
 def test_atom_example_one_prefill_seven_decodes_wastes_86_percent():
-    # DESIGN.md section 6: 8 ranks x 1024 slots, 1024 + 7 x 16 real tokens.
+    # ATOM's example (docs/design.md, "Keeping the ranks in step"): 8 ranks x 1024 slots, 1024 + 7 x 16 real tokens.
     cfg = RankConfig(num_slots=16, num_pages=256, page_tokens=16, max_tokens_per_step=1024,
                      chunk_size=1024)
     sched = DPScheduler(8, cfg, delayer=make_delayer("off"))

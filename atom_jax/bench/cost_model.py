@@ -9,8 +9,8 @@
 - c: cost per causal query-key pair of real tokens on the busiest rank (ranks run in lockstep,
   the slowest sets the pace); chunk [s, s+n) has n*s + n*(n+1)/2 pairs. V4's sliding window
   and compressed entries make true attention cheaper; this is an "attention-ish" term.
-- tbo_factor: DESIGN.md section 3 measured the TBO step at 0.90x of one chain at 4K tokens
-  per rank (it is only switched on above tbo_min_tokens).
+- tbo_factor: the TBO step measured 0.90x of one chain at 4K tokens per rank (docs/design.md,
+  "Measured facts"; it is only switched on above tbo_min_tokens).
 Defaults are illustrative orders of magnitude for a large MoE on one H100-class GPU per rank
 (2048-token bucket about 70 ms, 64-token decode step about 12 ms), not a measurement.
 An empty tick (no rank has a real token; the delayer is holding work back) runs no model and

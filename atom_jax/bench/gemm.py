@@ -152,7 +152,7 @@ def run_cli(args) -> int:
                                    "TFLOPs": dense_tf})
             for b, fn in backends.items():
                 if b == "ragged_dot" and on_gpu and t > 256:
-                    continue  # dense masked product on GPU: memory blows up (DESIGN.md section 4)
+                    continue  # dense masked product on GPU: memory blows up (docs/design.md)
                 row = dict(base, backend=b)
                 try:
                     sec, flops, streamed = time_case(fn, g, k, n, t, rng, args.iters)

@@ -1,4 +1,4 @@
-"""Per-rank KV cache state for DeepSeek-V4 (DESIGN.md section 5).
+"""Per-rank KV cache state for DeepSeek-V4 (docs/design.md, "The step").
 
 Per layer:
 - `ring_kv` [slots, W, hd] / `ring_pos` [slots, W]: the last W (sliding window) key/value rows of

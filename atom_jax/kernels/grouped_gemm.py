@@ -4,7 +4,7 @@ rows [M, K] are sorted by group; group g owns `group_sizes[g]` consecutive rows;
 [G, K, N]. Rows past sum(group_sizes) must come out as zeros. `mean_group` (the average rows per
 group implied by the routing shape) lets capacity-based backends size themselves statically. Backends register by name;
 `jax.lax.ragged_dot` is the portable default (fine on CPU; on GPU it lowers to a dense masked
-product, see DESIGN.md section 4, so GPU backends plug in here).
+product, see docs/design.md "Measured facts", so GPU backends plug in here).
 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and

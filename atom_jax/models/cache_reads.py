@@ -13,7 +13,7 @@ LOWER entry index wins. `jax.lax.top_k` documents that rule for one call ("if tw
 equal, the lower-index element appears first"); the merge keeps it because the running top-k
 always comes first in the concatenation, holds only lower entry indices than the new block, and
 is itself ordered lowest index first among equal scores. With few indexer heads relu makes exact
-zero scores common, so the rule decides real selections (DESIGN.md section 8)."""
+zero scores common, so the rule decides real selections (docs/design.md, "Kernels and weights")."""
 
 from __future__ import annotations
 

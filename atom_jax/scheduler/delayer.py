@@ -1,4 +1,5 @@
-"""Cross-rank prefill gating: keep the DP ranks in the same phase (DESIGN.md section 6).
+"""Cross-rank prefill gating: keep the DP ranks in the same phase (docs/design.md, "Keeping
+the ranks in step").
 
 All ranks share one step shape, so one rank prefilling while the others decode pads the
 decoders up to the prefill bucket. Each tick a gate looks at every rank's PrefillOutlook and
