@@ -17,6 +17,7 @@ COMMANDS = {
     "w4a16": "atom_jax.bench.w4a16",
     "dp-step": "atom_jax.bench.dp_step",
     "engine-step": "atom_jax.bench.engine_step",
+    "engine": "atom_jax.bench.engine",
     "engine-delayer": "atom_jax.bench.engine_delayer",
     "long-context": "atom_jax.bench.long_context",
 }

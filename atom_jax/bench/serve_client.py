@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from atom_jax.bench.workload import random_requests
+from atom_jax.bench.metrics import format_latency_sections, new_record, summarize_records
+from atom_jax.bench.workload import random_prompt_ids, random_requests
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
           "juliet", "kilo", "lima", "mike", "november", "oscar", "papa")
@@ -63,8 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 # ---- one request ---------------------------------------------------------------------------
 async def _one_request(client, url: str, payload: dict, headers: dict) -> dict:
     """Stream one request; returns timings and token counts (or an error)."""
-    rec = {"ok": False, "ttft": None, "itl": [], "latency": None, "output_len": 0,
-           "prompt_len": None, "error": None}
+    rec = new_record()
     t0 = last = time.perf_counter()
     tokens = 0
     try:
@@ -130,9 +130,9 @@ async def benchmark(args) -> dict:
         vocab = args.vocab_size or card.get("vocab_size") or 256
         reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.request_rate, args.seed)
-        rng = np.random.default_rng(args.seed + 1)
-        jobs = [(_payload(args, model, rng.integers(0, vocab, size=r.input_len).tolist(),
-                          r.output_len, rng), r) for r in reqs]
+        words_rng = np.random.default_rng(args.seed + 2)  # --endpoint chat
+        jobs = [(_payload(args, model, ids, r.output_len, words_rng), r)
+                for ids, r in zip(random_prompt_ids(reqs, vocab, args.seed), reqs)]
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
         async def run(job):
@@ -157,21 +157,7 @@ async def benchmark(args) -> dict:
     return summarize(args, model, results, duration)
 
 
-def _stats(xs: list[float]) -> dict:
-    """mean / median / p99 in milliseconds (zeros when empty)."""
-    if not xs:
-        return {"mean_ms": 0.0, "median_ms": 0.0, "p99_ms": 0.0}
-    a = np.asarray(xs) * 1000.0
-    return {"mean_ms": float(a.mean()), "median_ms": float(np.median(a)),
-            "p99_ms": float(np.percentile(a, 99))}
-
-
 def summarize(args, model: str, results: list[dict], duration: float) -> dict:
-    ok = [r for r in results if r["ok"]]
-    total_in = sum(r["prompt_len"] for r in ok)
-    total_out = sum(r["output_len"] for r in ok)
-    tpot = [(r["latency"] - r["ttft"]) / (r["output_len"] - 1) for r in ok if r["output_len"] > 1]
-    errors = [r["error"] for r in results if not r["ok"]]
     return {
         "base_url": args.base_url, "endpoint": args.endpoint, "model": model,
         "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
@@ -179,17 +165,7 @@ def summarize(args, model: str, results: list[dict], duration: float) -> dict:
         "random_range_ratio": args.random_range_ratio,
         "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
         "max_concurrency": args.max_concurrency, "seed": args.seed,
-        "completed": len(ok), "failed": len(results) - len(ok), "errors": errors[:10],
-        "duration_s": duration,
-        "total_input_tokens": total_in, "total_output_tokens": total_out,
-        "request_throughput": len(ok) / duration if duration else 0.0,
-        "input_throughput": total_in / duration if duration else 0.0,
-        "output_throughput": total_out / duration if duration else 0.0,
-        "total_token_throughput": (total_in + total_out) / duration if duration else 0.0,
-        "ttft": _stats([r["ttft"] for r in ok]),
-        "tpot": _stats(tpot),
-        "itl": _stats([x for r in ok for x in r["itl"]]),
-        "e2e_latency": _stats([r["latency"] for r in ok]),
+        **summarize_records(results, duration),
     }
 
 
@@ -208,12 +184,7 @@ def format_table(res: dict) -> str:
     ]
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
     lines += [f"{k + ':':<42}{v}" for k, v in rows]
-    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
-                       ("itl", "Inter-token Latency"), ("e2e_latency", "End-to-end Latency")):
-        lines.append("{:-^60}".format(f" {title} "))
-        short = key.upper() if key != "e2e_latency" else "E2E Latency"
-        for stat, label in (("mean_ms", "Mean"), ("median_ms", "Median"), ("p99_ms", "P99")):
-            lines.append(f"{f'{label} {short} (ms):':<42}{res[key][stat]:.2f}")
+    lines += format_latency_sections(res)
     lines.append("=" * 60)
     if res["errors"]:
         lines.append("first errors: " + "; ".join(res["errors"][:3]))

@@ -33,3 +33,10 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
         arrivals = np.cumsum(rng.exponential(1.0 / request_rate, size=num_prompts))
     return [SimRequest(f"req-{i}", int(ins[i]), int(outs[i]), float(arrivals[i]))
             for i in range(num_prompts)]
+
+
+def random_prompt_ids(requests: list[SimRequest], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids of each request's input length (the same for `bench serve` and
+    `bench engine` given the same seed)."""
+    rng = np.random.default_rng(seed + 1)
+    return [rng.integers(0, vocab_size, size=r.input_len).tolist() for r in requests]

@@ -120,21 +120,26 @@ def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed
     specs = param_specs(pure, opts.expert_mode)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(pure)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    makers = {}  # one compiled maker per (shape, dtype, spec): layers repeat, so few compiles
     out = []
     for i, ((path, leaf), spec) in enumerate(zip(leaves_with_path, spec_leaves)):
-        sharding = NamedSharding(mesh, spec)
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        name = str(getattr(path[-1], "key", path[-1]))
-        if leaf.dtype == jnp.uint8 or name.endswith(SCALE):
-            make = lambda k, l=leaf, n=name: random_leaf(k, n, l.shape, l.dtype)  # noqa: E731
-        elif jnp.issubdtype(leaf.dtype, jnp.integer):
-            make = lambda k, l=leaf: jax.random.randint(k, l.shape, 0, cfg.n_routed_experts, l.dtype)  # noqa: E731
-        elif leaf.ndim == 1:  # norms, biases, sinks: ones / small values
-            make = lambda k, l=leaf: (1.0 + 0.02 * jax.random.normal(k, l.shape)).astype(l.dtype)  # noqa: E731
-        else:
-            make = lambda k, l=leaf: (0.02 * jax.random.normal(k, l.shape)).astype(l.dtype)  # noqa: E731
-        out.append(jax.jit(make, out_shardings=sharding)(key))
+        scale = str(getattr(path[-1], "key", path[-1])).endswith(SCALE)
+        sig = (scale, leaf.shape, jnp.dtype(leaf.dtype), spec)
+        if sig not in makers:
+            makers[sig] = jax.jit(partial(_random_leaf, scale, leaf.shape, jnp.dtype(leaf.dtype), cfg.n_routed_experts),
+                                  out_shardings=NamedSharding(mesh, spec))
+        out.append(makers[sig](jax.random.fold_in(jax.random.key(seed), i)))
     return model, jax.tree.unflatten(treedef, out)
+
+
+def _random_leaf(scale: bool, shape, dtype, n_experts, key):
+    if dtype == jnp.uint8 or scale:  # packed FP4 / FP8 codes and their scales
+        return random_leaf(key, SCALE if scale else "codes", shape, dtype)
+    if jnp.issubdtype(dtype, jnp.integer):  # hash-routing tables: expert ids
+        return jax.random.randint(key, shape, 0, n_experts, dtype)
+    if len(shape) == 1:  # norms, biases, sinks: ones / small values
+        return (1.0 + 0.02 * jax.random.normal(key, shape)).astype(dtype)
+    return (0.02 * jax.random.normal(key, shape)).astype(dtype)
 
 
 def shard_tokens(ids, mesh):

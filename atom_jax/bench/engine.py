@@ -1,0 +1,310 @@
+"""`python -m atom_jax.bench engine`: the real Engine in process (no HTTP) on SGLang
+bench_serving's `random` workload, reported the way SGLang publishes it.
+
+    python -m atom_jax.bench engine --preset v4-flash --layers 43 --dp 2 --weights native \\
+        --random-input-len 8192 --random-output-len 1024 --random-range-ratio 1 \\
+        --num-prompts 256 --max-concurrency 64 --json engine.json
+
+Model: a preset's shapes (`--preset`, `--layers` cuts the depth) with random weights (V4
+presets: created on the devices already sharded, so a full-depth model never exists on one
+device; tiny / mid: on the host), or a
+checkpoint (`--model DIR`). Engine flags are the engine's own (`python -m atom_jax.serve`'s:
+--num-slots, --buckets, --tbo, --delayer, --moe-backend, --compilation-cache-dir, ...); the
+cache is sized to the workload (--max-model-len = the longest request, pages for every slot)
+unless --max-model-len / --max-pages-per-seq / --num-pages are given.
+
+Workload (atom_jax.bench.workload, the same prompts `bench serve` sends for the same seed):
+lengths uniform in [len * range_ratio, len], random token ids, greedy, `ignore_eos`, so each
+request produces exactly its output length. Arrivals are Poisson at --request-rate in wall
+time (inf: all at t=0); at most --max-concurrency requests are in flight; TTFT counts from
+when a request is added to the engine (bench_serving's semaphore).
+
+Every bucket is compiled first (Engine.warmup, for each --tbo-modes entry), outside the timed
+runs; the persistent compilation cache (on by default, like the CLIs) makes a rerun skip most
+compiling. --delayer-modes / --tbo-modes run each combination on the same compiled engine and
+the same workload (the scheduler is reset between runs).
+
+Reported per run (atom_jax.bench.metrics, as bench_serving defines them): total (input +
+output) and output tokens/s, also per GPU (one GPU per DP rank); TTFT, TPOT, ITL, E2E mean /
+median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table,
+and JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import time
+
+from atom_jax.bench.metrics import new_record, summarize_records
+from atom_jax.bench.workload import random_prompt_ids, random_requests
+from atom_jax.engine.args import EngineConfig, add_engine_args, engine_config, tbo_choice
+
+TBO_NAMES = {True: "on", False: "off", None: "auto"}
+SMALL_PRESETS = ("tiny", "mid")
+
+
+# ---- model ----------------------------------------------------------------------------------
+def mid_config():
+    """V4-shaped, small enough to build on one device quickly: every attention and routing kind."""
+    from atom_jax.config import tiny
+
+    return tiny(vocab_size=32000).replace(
+        hidden_size=1024, num_heads=16, head_dim=128, rope_head_dim=64, q_lora_rank=256, o_groups=4,
+        o_lora_rank=256, sliding_window=128, csa_ratio=4, hca_ratio=128, index_n_heads=16,
+        index_head_dim=64, index_topk=128, n_routed_experts=32, num_experts_per_tok=4,
+        moe_intermediate_size=512, num_layers=4)
+
+
+def preset_config(preset: str, layers: int | None):
+    from atom_jax.config import PRESETS
+
+    if preset == "mid":
+        cfg = mid_config()
+        if layers is not None and layers != cfg.num_layers:
+            raise SystemExit("--layers: the mid preset has 4 layers")
+        return cfg
+    make = PRESETS[preset]
+    if layers is None:
+        return make()
+    if preset == "tiny":
+        raise SystemExit("--layers: the tiny preset has 4 layers")
+    return make(num_layers=layers)
+
+
+def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int):
+    """An NNX model whose random parameters are created on the devices, sharded as the engine
+    places them (so placing them again moves nothing)."""
+    from flax import nnx
+
+    from atom_jax.sharding import StepOptions, make_dp_mesh, random_params_on_mesh
+
+    skeleton, params = random_params_on_mesh(cfg, make_dp_mesh(dp), StepOptions(expert_mode=expert_mode),
+                                             dtype, seed)
+    graphdef, state = nnx.split(skeleton)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _has_field(name: str) -> bool:
+    import dataclasses
+
+    return any(f.name == name for f in dataclasses.fields(EngineConfig))
+
+
+def build_engine(args):
+    """-> (Engine, ModelConfig) from parsed flags."""
+    import jax.numpy as jnp
+
+    from atom_jax.engine import Engine
+
+    if args.model is None:
+        cfg = preset_config(args.preset, args.layers)
+        dtype = args.dtype or ("float32" if args.preset == "tiny" else "bfloat16")
+    else:
+        cfg, dtype = None, args.dtype or "bfloat16"
+    page_tokens = args.page_tokens or EngineConfig.page_tokens
+    overrides = {"dtype": dtype, "model": args.model}
+    longest = args.random_input_len + args.random_output_len
+    if args.max_model_len is None and args.max_pages_per_seq is None:  # sized to the longest request
+        overrides["max_model_len"] = longest
+    if args.num_pages is None:  # every slot can hold a longest request
+        slots = args.num_slots or EngineConfig.num_slots
+        per_seq = args.max_pages_per_seq or -(-(args.max_model_len or longest) // page_tokens)
+        overrides["num_pages"] = slots * per_seq
+    weights = getattr(args, "weights", None)
+    if weights not in (None, "dense") and not _has_field("weights"):
+        raise SystemExit(f"--weights {weights}: this checkout's EngineConfig has no `weights` setting yet")
+    ec = engine_config(args, **overrides)
+    if cfg is None:
+        engine = Engine(ec, tokenizer=None)
+        return engine, engine.model.cfg
+    if args.preset in SMALL_PRESETS:  # built on the host like `--model random`
+        from atom_jax.loader import random_model
+
+        model = random_model(cfg, seed=ec.seed, dtype=jnp.dtype(dtype))
+    else:
+        model = random_model_on_mesh(cfg, ec.dp, jnp.dtype(dtype), ec.expert_mode, ec.seed)
+    return Engine(ec, model=model, tokenizer=None), cfg
+
+
+def configure(engine, delayer: str, tbo: bool | None) -> None:
+    """Select the delayer and TBO mode for the next run: a fresh scheduler over the same
+    compiled runner."""
+    engine.config.tbo = tbo
+    engine.reset_scheduler(delayer)
+
+
+# ---- one timed run --------------------------------------------------------------------------
+def run_workload(engine, requests, prompts, max_concurrency: int | None) -> dict:
+    """Feed `requests` (arrival times in seconds from the start) into the engine, step it
+    until every request finished; -> bench_serving summary + the scheduler's counters."""
+    from atom_jax.engine import SamplingParams
+
+    pending = collections.deque(zip(requests, prompts))
+    records, sent, last = {}, {}, {}
+    in_flight = max_in_flight = 0
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while pending and pending[0][0].arrival_time <= now and (
+                max_concurrency is None or in_flight < max_concurrency):
+            req, ids = pending.popleft()
+            params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+            rid = engine.add_request(prompt_token_ids=ids, params=params)
+            records[rid] = new_record(len(ids))
+            sent[rid] = last[rid] = time.perf_counter()
+            in_flight += 1
+            max_in_flight = max(max_in_flight, in_flight)
+        if not engine.has_unfinished():
+            if pending:  # idle until the next arrival
+                time.sleep(max(0.0, min(pending[0][0].arrival_time - (time.perf_counter() - t0), 0.01)))
+            continue
+        outputs = engine.step()
+        t = time.perf_counter()
+        for o in outputs:
+            rec = records[o.request_id]
+            if o.new_token_ids:
+                if rec["ttft"] is None:
+                    rec["ttft"] = t - sent[o.request_id]
+                else:
+                    rec["itl"].append(t - last[o.request_id])
+                last[o.request_id] = t
+                rec["output_len"] += len(o.new_token_ids)
+            if o.finished:
+                rec["latency"] = t - sent[o.request_id]
+                rec["ok"] = o.finish_reason in ("stop", "length") and rec["ttft"] is not None
+                if not rec["ok"]:
+                    rec["error"] = f"finish_reason {o.finish_reason}"
+                in_flight -= 1
+    duration = time.perf_counter() - t0
+    st = engine.stats()
+    out = summarize_records(list(records.values()), duration)
+    gpus = engine.config.dp
+    out.update({
+        "gpus": gpus,
+        "total_token_throughput_per_gpu": out["total_token_throughput"] / gpus,
+        "output_throughput_per_gpu": out["output_throughput"] / gpus,
+        "max_in_flight": max_in_flight,
+        "steps": st["steps"], "idle_ticks": st["idle_ticks"],
+        "padding_waste": st["padding_waste"], "mean_step_padding_waste": st["mean_step_padding_waste"],
+        "delayer_outcomes": st["delayer"], "tbo_on_steps": st["tbo_on_steps"],
+        "tbo_off_steps": st["tbo_off_steps"], "bucket_steps": st["bucket_steps"],
+        "num_preemptions": st["num_preemptions"],
+    })
+    return out
+
+
+_ROWS = (
+    ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}"),
+    ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
+    ("duration (s)", lambda r: f"{r['duration_s']:.2f}"),
+    ("total tok/s per GPU", lambda r: f"{r['total_token_throughput_per_gpu']:.0f}"),
+    ("output tok/s per GPU", lambda r: f"{r['output_throughput_per_gpu']:.0f}"),
+    ("total tok/s (all GPUs)", lambda r: f"{r['total_token_throughput']:.0f}"),
+    ("TTFT mean / p50 / p99 (ms)", lambda r: "{mean_ms:.0f} / {median_ms:.0f} / {p99_ms:.0f}".format(**r["ttft"])),
+    ("TPOT mean / p50 / p99 (ms)", lambda r: "{mean_ms:.1f} / {median_ms:.1f} / {p99_ms:.1f}".format(**r["tpot"])),
+    ("padding waste (token-weighted)", lambda r: f"{r['padding_waste']:.1%}"),
+    ("padding waste (mean per step)", lambda r: f"{r['mean_step_padding_waste']:.1%}"),
+    ("steps / idle ticks", lambda r: f"{r['steps']} / {r['idle_ticks']}"),
+    ("delay/timeout/watermark/stall", lambda r: "{delay}/{timeout}/{watermark}/{stall}".format(**r["delayer_outcomes"])),
+    ("TBO on / off steps", lambda r: f"{r['tbo_on_steps']} / {r['tbo_off_steps']}"),
+    ("max in flight", lambda r: f"{r['max_in_flight']}"),
+)
+
+
+def format_table(runs: list[dict]) -> str:
+    width = max(24, *(len(f(r)) + 2 for r in runs for _, f in _ROWS))
+    lines = []
+    for label, cell in _ROWS:
+        lines.append(f"{label:32}" + "".join(f"{cell(r):>{width}}" for r in runs))
+    return "\n".join(lines)
+
+
+# ---- command line ---------------------------------------------------------------------------
+def _modes(text: str, parse) -> list:
+    return [parse(m.strip()) for m in text.split(",") if m.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from atom_jax.config import PRESETS
+
+    p = subparsers.add_parser("engine", help="the real Engine in process on a random workload (SGLang-style report)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model shapes")
+    m.add_argument("--preset", choices=sorted(PRESETS) + ["mid"], default="tiny",
+                   help="shapes of the random model (default: tiny; ignored with --model)")
+    m.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
+    if not _has_field("weights"):  # the engine's own flag once EngineConfig has the setting
+        m.add_argument("--weights", choices=("dense", "native"), default="dense",
+                       help="dense: random weights in --dtype; native: packed FP8/FP4 (needs "
+                            "EngineConfig.weights)")
+    add_engine_args(p)
+    w = p.add_argument_group("workload (bench_serving `random` dataset)")
+    w.add_argument("--num-prompts", type=int, default=64)
+    w.add_argument("--random-input-len", type=int, default=1024)
+    w.add_argument("--random-output-len", type=int, default=128)
+    w.add_argument("--random-range-ratio", type=float, default=0.0)
+    w.add_argument("--request-rate", type=float, default=math.inf,
+                   help="Poisson arrivals per second (default inf: all at once)")
+    w.add_argument("--max-concurrency", type=int, default=None)
+    w.add_argument("--workload-seed", type=int, default=1)
+    c = p.add_argument_group("comparisons (one compiled engine, the same workload)")
+    c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
+    c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
+    p.add_argument("--json", default=None, help="write the results to this path")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run(args) -> dict:
+    if args.num_prompts <= 0:
+        raise SystemExit("--num-prompts must be > 0")
+    engine, cfg = build_engine(args)
+    ec = engine.config
+    delayers = _modes(args.delayer_modes, str) if args.delayer_modes else [ec.delayer]
+    tbos = _modes(args.tbo_modes, tbo_choice) if args.tbo_modes else [ec.tbo]
+    requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, args.request_rate, args.workload_seed)
+    prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
+    warm = {}
+    for tbo in tbos:  # every bucket compiled (or read from the persistent cache), untimed
+        t0 = time.perf_counter()
+        configure(engine, ec.delayer, tbo)
+        engine.warmup()
+        warm[TBO_NAMES[tbo]] = round(time.perf_counter() - t0, 2)
+        print(f"warm-up (TBO {TBO_NAMES[tbo]}): {warm[TBO_NAMES[tbo]]:.1f} s, buckets {list(engine.buckets)}",
+              flush=True)
+    runs = []
+    for tbo in tbos:
+        for delayer in delayers:
+            configure(engine, delayer, tbo)
+            r = run_workload(engine, requests, prompts, args.max_concurrency)
+            runs.append({"delayer": delayer, "tbo": TBO_NAMES[tbo], **r})
+            print(f"delayer {delayer}, TBO {TBO_NAMES[tbo]}: {r['total_token_throughput_per_gpu']:.0f} total tok/s "
+                  f"per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms, TPOT p50 {r['tpot']['median_ms']:.1f} ms",
+                  flush=True)
+    import dataclasses
+
+    import jax
+
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    if math.isinf(args.request_rate):
+        config["request_rate"] = "inf"
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "model": {"preset": args.preset if args.model is None else None, "path": args.model,
+                      "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                      "routed_experts": cfg.n_routed_experts},
+            "engine": dataclasses.asdict(ec), "config": config, "warmup_s": warm, "runs": runs}
+
+
+def run_cli(args) -> int:
+    res = run(args)
+    print(format_table(res["runs"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if all(r["completed"] for r in res["runs"]) else 1

@@ -1,0 +1,47 @@
+"""`python -m atom_jax.bench engine` on the tiny model (CPU, dp=2): every request of the random
+workload completes with exactly its lengths, the concurrency cap holds, and the reported
+throughputs and latencies agree with the token counts and with each other."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from atom_jax.bench import engine as engine_bench
+from atom_jax.bench.workload import random_requests
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    engine_bench.add_parser(parser.add_subparsers())
+    return parser.parse_args(["engine", *argv])
+
+
+def test_engine_bench_tiny_dp2(tmp_path):
+    out = tmp_path / "engine.json"
+    argv = ["--preset", "tiny", "--dp", "2", "--num-slots", "4", "--page-tokens", "32",
+            "--max-tokens-per-step", "64", "--chunk-size", "32", "--buckets", "16,64",
+            "--compilation-cache-dir", "off", "--num-prompts", "6", "--random-input-len", "40",
+            "--random-output-len", "5", "--random-range-ratio", "0.5", "--max-concurrency", "3",
+            "--delayer-modes", "off,on", "--json", str(out)]
+    args = parse(argv)
+    assert engine_bench.run_cli(args) == 0
+    res = json.loads(out.read_text())
+    reqs = random_requests(6, 40, 5, 0.5, seed=args.workload_seed)
+    # sized to the longest request: 45 tokens, 2 pages of 32 for each of the 4 slots
+    assert (res["engine"]["max_model_len"], res["engine"]["num_pages"]) == (45, 8)
+    assert [r["delayer"] for r in res["runs"]] == ["off", "on"]
+    for r in res["runs"]:
+        assert (r["completed"], r["failed"]) == (6, 0)
+        assert r["total_input_tokens"] == sum(q.input_len for q in reqs)
+        assert r["total_output_tokens"] == sum(q.output_len for q in reqs)
+        assert r["max_in_flight"] == 3  # all arrive at t=0, the cap holds them to 3
+        d = r["duration_s"]
+        assert abs(r["total_token_throughput"] * d - (r["total_input_tokens"] + r["total_output_tokens"])) < 1e-6
+        assert abs(2 * r["total_token_throughput_per_gpu"] - r["total_token_throughput"]) < 1e-6
+        ttft, tpot, e2e = r["ttft"], r["tpot"], r["e2e_latency"]
+        assert 0 < ttft["median_ms"] <= ttft["p99_ms"] <= e2e["p99_ms"] <= 1e3 * d
+        assert tpot["mean_ms"] > 0
+        assert 0 <= r["padding_waste"] < 1 and r["steps"] > 0
+        assert r["tbo_on_steps"] == 0 and r["tbo_off_steps"] == r["steps"]  # below tbo_min_tokens
+    assert res["runs"][0]["delayer_outcomes"]["delay"] == 0  # off never delays
