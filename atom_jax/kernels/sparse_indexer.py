@@ -35,12 +35,16 @@ class IndexerTiles:
 
 
 TILES = IndexerTiles()
-OUTER_BLOCK = 4096  # entries per call (the running top-k merges [T, k + OUTER_BLOCK])
+SCORE_BUDGET = 1 << 24  # float32 scores one call may write ([T, block]: 64 MiB)
+MIN_OUTER_BLOCK = 4096
 
 
-def outer_block(capacity: int, tiles: IndexerTiles = TILES) -> int:
-    """Entries per call: OUTER_BLOCK, or the capacity rounded up to block_e when smaller."""
-    return min(OUTER_BLOCK, -(-capacity // tiles.block_e) * tiles.block_e)
+def outer_block(capacity: int, tokens: int, tiles: IndexerTiles = TILES) -> int:
+    """Entries per call (and per running top-k merge of [T, k + block]): as many as
+    SCORE_BUDGET allows, at least MIN_OUTER_BLOCK, at most the capacity rounded up to block_e.
+    Decode steps (few tokens) then scan a 1M-token context in one or a few calls."""
+    per_token = max(MIN_OUTER_BLOCK, 1 << max(0, (SCORE_BUDGET // max(tokens, 1)).bit_length() - 1))
+    return min(per_token, -(-capacity // tiles.block_e) * tiles.block_e)
 
 
 def chunk_ranges(b):

@@ -110,7 +110,7 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
                 block = min(INDEX_BLOCK_JNP, page_table.shape[1] * epp)
                 scorer = jnp_index_scorer(qi, wi, ipool, page_table, slot, epp, block)
             else:
-                block = kernels.sparse_indexer.outer_block(page_table.shape[1] * epp)
+                block = kernels.sparse_indexer.outer_block(page_table.shape[1] * epp, pos.shape[0])
                 scorer = kernels.sparse_indexer.scorer(qi, wi, ipool, page_table, b, n_vis, epp, block, segs,
                                                        interpret=kernels.interpret)
             top, _ = running_topk(scorer, n_vis, k, block)
