@@ -161,7 +161,7 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
         rng, kind, jnp.bfloat16, ratio=4 if kind == "csa" else 128, **V4)
     scale = q.shape[-1] ** -0.5
     out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, **args))(q, kv, ring_kv, ring_pos, b, sinks)
-    f32 = lambda a: a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a  # noqa: E731
+    f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731
     ref = reference_attend(f32(q), f32(kv), f32(ring_kv), ring_pos, b, sinks, scale,
                            **{k: f32(v) for k, v in args.items()})
     valid = np.asarray(b["valid"])

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                "vs FLOP and byte floors, kernels vs reference (GPU; --tiny on CPU)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--prompts", default=None, help="prompt lengths (default 4096,16384,131072,1048576; "
+    ap.add_argument("--prompts", default=None, help="prompt lengths (default 4096,16384,131072 and cache-len minus decode-tokens minus 1; "
                     "--tiny: 200,1000,3000)")
     ap.add_argument("--cache-len", type=int, default=None, help="--max-model-len of the engine (default "
                     "1048576; --tiny 4096)")
@@ -137,9 +137,10 @@ def run_cli(args) -> int:
 
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    prompts = [int(x) for x in (args.prompts or ("200,1000,3000" if args.tiny else
-                                                 "4096,16384,131072,1048576")).split(",")]
     cache_len = args.cache_len or (4096 if args.tiny else 1 << 20)
+    # "1M" by default is the longest prompt that still leaves room for the decoded tokens.
+    prompts = [int(x) for x in (args.prompts or ("200,1000,3000" if args.tiny else
+                                                 f"4096,16384,131072,{cache_len - args.decode_tokens - 1}")).split(",")]
     chunk = args.chunk or (256 if args.tiny else 8192)
     page_tokens = 64 if args.tiny else 256
     if max(prompts) + args.decode_tokens + 1 > cache_len:

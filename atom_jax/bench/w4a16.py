@@ -109,7 +109,6 @@ def run(args) -> int:
     import numpy as np
 
     from atom_jax.bench.timing import device_ceilings
-    from atom_jax.kernels import grouped_gemm
     from atom_jax.kernels import pallas_grouped_gemm as pg
     from atom_jax.kernels import w4a16_grouped_gemm as wg
     from atom_jax.kernels.packed import fp4_dequantize
@@ -134,11 +133,8 @@ def run(args) -> int:
     def dequant_bf16(rows, w, sizes):  # one XLA decode pass, then the bf16 kernel
         return pg.grouped_gemm(rows, fp4_dequantize(w, rows.dtype), sizes, interpret=on_cpu)
 
-    def seam(rows, w, sizes):  # what the engine runs: kernel or decode pass by rows per expert
-        return grouped_gemm.get("pallas")(rows, w, sizes)
-
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
-    fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16, "seam": seam}
+    fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
 

@@ -197,25 +197,17 @@ def auto(rows, weights, group_sizes, mean_group=None):
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
 
 
-# From this many rows per expert on, a GPU-kernel name decodes the FP4 experts to bf16 in one
-# XLA pass and runs the bf16 kernel: on an H200 at 8K tokens/rank (256-384 rows per expert) that
-# pass (~0.6 ms per V4-Flash projection) plus the bf16 kernel beats decoding each weight tile once
-# per row tile inside the W4A16 kernel (which then ran at 28% of the dense matmul rate).
-DEQUANT_ROWS_PER_GROUP = 128.0
-
-
 def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None):
-    """Packed FP4 experts through backend `name`: for the GPU-kernel names and for 'auto' on GPU,
-    the W4A16 Pallas kernel (interpreted on CPU) below `DEQUANT_ROWS_PER_GROUP` rows per expert
-    and the weights decoded to bf16 for the bf16 kernel from there on; for the other names the
-    weights decoded to rows.dtype in jnp (exact) and the named bf16 backend ('auto' on CPU:
-    ragged_dot)."""
+    """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
+    for the GPU-kernel names and for 'auto' on GPU, at every rows-per-expert (decoding the experts
+    to bf16 in one XLA pass for the bf16 kernel measured slower on an H200, 1.1-1.4x at 8K
+    tokens/rank); otherwise the weights decoded to rows.dtype in jnp (exact) and the named bf16
+    backend ('auto' on CPU: ragged_dot)."""
     if name == "auto":
         name = "ragged_dot" if _on_cpu() else "pallas"
-    rpg = _rows_per_group(rows, weights, mean_group)
-    if name in W4A16_KERNEL_NAMES and rpg < DEQUANT_ROWS_PER_GROUP:
+    if name in W4A16_KERNEL_NAMES:
         from atom_jax.kernels import w4a16_grouped_gemm
-        tiles = w4a16_grouped_gemm.default_tiles(rpg)
+        tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group))
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu())
     return _BACKENDS[name](rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group)
 
