@@ -86,3 +86,20 @@ def test_bench_sim_bad_sizes_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(argv)
     assert e.value.code == 2 and "expected an int > 0" in capsys.readouterr().err
+
+
+def test_startup_logging_shows_atom_jax_and_hides_backend_probes(monkeypatch):
+    """serve --log-level info: atom_jax's lines at INFO; jax's probe of absent backends
+    ('Unable to initialize backend tpu') and orbax's flag lookups, logged at INFO, stay hidden."""
+    import logging
+
+    from atom_jax.engine.args import configure_logging
+
+    root, ours = logging.getLogger(), logging.getLogger("atom_jax")
+    monkeypatch.setattr(root, "level", root.level)  # restored after the test
+    monkeypatch.setattr(ours, "level", ours.level)
+    root.setLevel(logging.INFO)  # as a host application (or an old basicConfig) might leave it
+    configure_logging("info")
+    assert logging.getLogger("atom_jax.serve").isEnabledFor(logging.INFO)
+    for noisy in ("jax._src.xla_bridge", "absl", "orbax"):
+        assert not logging.getLogger(noisy).isEnabledFor(logging.INFO), noisy

@@ -234,8 +234,8 @@ def prepare_jax_env(dp: int) -> None:
 def configure_logging(level: str = "info") -> None:
     """atom_jax's own loggers at `level`; everything else (jax's 'Unable to initialize backend
     tpu', orbax's flag probes, absl) only from WARNING up, so start-up shows what matters."""
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("atom_jax").setLevel(level.upper())
 
 
