@@ -1,6 +1,6 @@
 """`python -m atom_jax.bench <subcommand>`. Each subcommand lives in its own module with an
 `add_parser(subparsers)` that sets a `func` default; only the module of the command being run
-is imported (the `serve` client and `sim` stay jax-free)."""
+is imported (the `serve` client, `sim` and `tbo-model` stay jax-free)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "gemm-compare": "atom_jax.bench.gemm_compare",
     "w4a16": "atom_jax.bench.w4a16",
     "dp-step": "atom_jax.bench.dp_step",
+    "tbo-model": "atom_jax.bench.tbo_model",
     "engine-step": "atom_jax.bench.engine_step",
     "engine": "atom_jax.bench.engine",
     "engine-delayer": "atom_jax.bench.engine_delayer",
