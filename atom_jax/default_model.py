@@ -46,8 +46,9 @@ def byte_model_config():
     return tiny().replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
-def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
-    """Build the model `source` names (float32 unless `dtype` says otherwise)."""
+def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto"):
+    """Build the model `source` names (float32 unless `dtype` says otherwise) in weight format
+    `weights` (auto / bf16 / native: `loader.load_model`; random weights: native or not)."""
     import jax.numpy as jnp
 
     from atom_jax.loader import ORBAX_SUBDIR, load_model, random_model
@@ -57,8 +58,9 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None):
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
                                 "pass --model random, or rebuild it with python -m atom_jax.train_tiny")
     if source.kind == RANDOM:
-        return random_model(byte_model_config(), seed=seed, dtype=dtype)
-    return load_model(source.path, dtype=dtype)
+        return random_model(byte_model_config(), seed=seed, dtype=dtype,
+                            weights="native" if weights == "native" else "bf16")
+    return load_model(source.path, dtype=dtype, weights=weights)
 
 
 def load_resolved_tokenizer(source: ModelSource):

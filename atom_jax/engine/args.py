@@ -101,6 +101,11 @@ class EngineConfig:
                       show_default="1; multi-host: every device of the run")
     dtype: str = setting("float32", "dtype of the weights and activations",
                          choices=("float32", "bfloat16", "float16"))
+    weights: str = setting(
+        "auto", "weight format on the device: bf16 dequantises DeepSeek's FP8 / FP4 tensors to "
+        "--dtype; native keeps the routed experts FP4 (W4A16 grouped GEMM) and the attention and "
+        "shared-expert projections FP8; auto: native when the checkpoint's experts are FP4",
+        choices=("auto", "bf16", "native"))
     num_slots: int = setting(16, "sequences resident at once per rank", type=positive_int)
     num_pages: int = setting(256, "cache pages per rank", type=positive_int)
     page_tokens: int = setting(128, "positions per cache page (a multiple of the compression "
@@ -172,7 +177,7 @@ class EngineConfig:
         return length, pages
 
 
-_MODEL_FLAGS = ("model", "dtype", "seed", "chat_template", "reasoning_parser", "thinking")
+_MODEL_FLAGS = ("model", "dtype", "weights", "seed", "chat_template", "reasoning_parser", "thinking")
 FLAG_FIELDS = tuple(f for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag"))
 
 

@@ -63,7 +63,7 @@ class Engine:
         dtype = jnp.dtype(cfg.dtype)
         source = resolve_model(cfg.model)  # the one place --model is interpreted
         if model is None:
-            model = load_resolved(source, seed=cfg.seed, dtype=dtype)
+            model = load_resolved(source, seed=cfg.seed, dtype=dtype, weights=cfg.weights)
         self.model = model
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.chat_settings = ChatSettings(cfg.chat_template, cfg.reasoning_parser, cfg.thinking)

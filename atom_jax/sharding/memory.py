@@ -1,0 +1,130 @@
+"""The memory plan of a DP deployment, from shapes alone (nothing is allocated): weight bytes per
+GPU (experts sharded over dp, everything else replicated), KV-cache bytes per token and per
+sequence slot, and how many tokens of KV fit in what is left of a GPU.
+
+The cache has a paged part (compressed entries: grows with tokens) and a per-slot part (the
+sliding-window ring and the compressor tails: fixed per resident sequence); both come from
+`cache.layout.init_layer_cache` through `jax.eval_shape`, so the plan follows the cache code."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from atom_jax.cache.layout import CacheLayout, init_cache
+from atom_jax.config import ModelConfig
+from atom_jax.loader import abstract_model
+from atom_jax.sharding.mesh import DP
+from atom_jax.sharding.placement import BY_EXPERT, param_specs
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    dp: int
+    weights: str
+    weight_bytes_per_gpu: int
+    weight_bytes_by_part: dict  # per GPU: experts / attention / shared / embed+head / other
+    kv_bytes_per_token: float  # paged compressed entries, all layers
+    kv_bytes_per_slot: int  # ring + compressor tails, all layers
+    gpu_bytes: int
+    reserve_bytes: int  # activations, workspace, compiled programs
+    num_slots: int
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.gpu_bytes - self.weight_bytes_per_gpu - self.reserve_bytes - self.num_slots * self.kv_bytes_per_slot
+
+    @property
+    def kv_tokens_per_gpu(self) -> int:
+        return max(0, int(self.kv_budget_bytes // self.kv_bytes_per_token)) if self.kv_bytes_per_token else 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(kv_budget_bytes=self.kv_budget_bytes, kv_tokens_per_gpu=self.kv_tokens_per_gpu)
+        return d
+
+    def format(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.weight_bytes_by_part.items())
+        lines = [
+            f"weights ({self.weights}) per GPU at dp={self.dp}: {self.weight_bytes_per_gpu / GiB:.2f} GiB ({parts})",
+            f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries) + "
+            f"{self.kv_bytes_per_slot / 2**20:.2f} MiB per sequence slot (windows, tails) x {self.num_slots} slots",
+            f"GPU {self.gpu_bytes / GiB:.1f} GiB - weights - {self.reserve_bytes / GiB:.1f} GiB reserve - slots = "
+            f"{self.kv_budget_bytes / GiB:.2f} GiB for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
+            f"({self.kv_tokens_per_gpu * self.dp:,} over dp={self.dp})",
+        ]
+        if self.kv_budget_bytes < 0:
+            lines.append("DOES NOT FIT: the weights and slots exceed the GPU")
+        return "\n".join(lines)
+
+
+def _part(path: tuple) -> str:
+    keys = [str(k) for k in path]
+    if "ffn" in keys:
+        leaf = keys[-1].removesuffix("_scale")
+        if leaf in ("w1", "w2", "w3"):
+            return "experts"
+        if leaf.startswith("s_w"):
+            return "shared"
+        return "other"
+    if "attn" in keys:
+        return "attention"
+    if keys[0] in ("embed", "head"):
+        return "embed+head"
+    return "other"
+
+
+def weight_bytes(cfg: ModelConfig, dp: int, weights: str, dtype=jnp.bfloat16, mode: str = BY_EXPERT,
+                 with_mtp: bool = False) -> dict:
+    """{part: bytes per GPU}: a leaf sharded over dp counts 1/dp of its bytes."""
+    model = abstract_model(cfg, dtype, with_mtp, weights)
+    pure = nnx.state(model).to_pure_dict()
+    specs = param_specs(pure, mode)
+    out: dict[str, int] = {}
+    leaves = jax.tree_util.tree_leaves_with_path(pure)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), spec in zip(leaves, spec_leaves):
+        n = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        if DP in tuple(spec):
+            n //= dp
+        key = _part(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16) -> tuple[float, int]:
+    """(bytes per token of the paged part, bytes per sequence slot), all layers."""
+    def total(slots, pages):
+        layout = CacheLayout(slots, pages, page_tokens, 1)
+        shapes = jax.eval_shape(lambda: init_cache(cfg, layout, dtype))
+        return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
+
+    base = total(1, 1)
+    per_page = total(1, 2) - base
+    per_slot = total(2, 1) - base
+    return per_page / page_tokens, per_slot
+
+
+def memory_plan(cfg: ModelConfig, dp: int, weights: str, gpu_bytes: int, dtype=jnp.bfloat16,
+                page_tokens: int = 128, num_slots: int = 64, reserve_bytes: int = 8 * GiB,
+                mode: str = BY_EXPERT) -> MemoryPlan:
+    parts = weight_bytes(cfg, dp, weights, dtype, mode)
+    per_token, per_slot = kv_bytes(cfg, page_tokens, dtype)
+    return MemoryPlan(dp, weights, sum(parts.values()), parts, per_token, per_slot, gpu_bytes,
+                      reserve_bytes, num_slots)
+
+
+def measured_bytes_per_device(tree) -> dict:
+    """{device: bytes of the tree's shards on it} for placed arrays."""
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
