@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import time
@@ -48,6 +49,8 @@ def simulate(requests: list[SimRequest], *, dp: int, mode: str, rank_config: Ran
              max_ticks: int | None = None) -> dict:
     """Run one mode over `requests`; returns the result dict (see `summarize`)."""
     cost = cost or StepCostModel()
+    # dummy token ids make every prompt the same to a prefix cache: lengths only, no reuse
+    rank_config = dataclasses.replace(rank_config, enable_prefix_caching=False)
     sched = DPScheduler(dp, rank_config, buckets, make_delayer(mode, **(delayer_kwargs or {})),
                         tbo_min_tokens)
     pending = collections.deque(sorted(requests, key=lambda r: r.arrival_time))

@@ -11,7 +11,18 @@ Per layer:
 - CSA layers: the same for the indexer (`ientries`, `itail_kv`, `itail_gate`).
 
 A page covers `page_tokens` positions of a sequence (a multiple of every compression ratio);
-the host allocates pages (atom_jax.scheduler.pages) and passes each slot's page table in."""
+the host allocates pages (atom_jax.scheduler.pages) and passes each slot's page table in.
+
+With `page_state` (prefix caching), each page also keeps what a sequence continuing right
+after it needs beyond the compressed entries, written by the step as tokens pass:
+- every layer: `page_ring` [pages, min(W, page_tokens), hd], the KV rows of the page's last
+  positions (the sliding window at the page's end; with pages shorter than W the window spans
+  several pages, all of whose rows are kept);
+- CSA layers: `page_tail_kv` / `page_tail_gate` [pages, ratio, 2*hd], the compressor
+  projections of the page's last `ratio` positions (their Ca half feeds the next page's first
+  entry), and the indexer's (`page_itail_kv`, `page_itail_gate`). HCA needs nothing: a page
+  ends on a window boundary and no HCA window overlaps the previous one.
+`atom_jax.cache.restore` copies them into a slot when a sequence starts on cached pages."""
 
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ class CacheLayout:
     num_pages: int  # pages per rank
     page_tokens: int  # sequence positions per page
     max_pages_per_seq: int  # page-table width: max context = page_tokens * max_pages_per_seq
+    page_state: bool = False  # keep per-page window/compressor state (prefix caching)
 
     @property
     def max_context(self) -> int:
@@ -49,6 +61,8 @@ def _ratio(cfg: ModelConfig, kind: str) -> int:
 def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) -> dict:
     s, w, d = layout.num_slots, cfg.sliding_window, cfg.head_dim
     layer = {"ring_kv": jnp.zeros((s, w, d), dtype), "ring_pos": jnp.full((s, w), -1, jnp.int32)}
+    if layout.page_state:
+        layer["page_ring"] = jnp.zeros((layout.num_pages, min(w, layout.page_tokens), d), dtype)
     if kind == SLIDING:
         return layer
     r = _ratio(cfg, kind)
@@ -63,6 +77,10 @@ def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) ->
         layer.update(ientries=jnp.zeros((pool, di), dtype),
                      itail_kv=jnp.zeros((s, span, 2 * di), jnp.float32),
                      itail_gate=jnp.zeros((s, span, 2 * di), jnp.float32))
+        if layout.page_state:
+            for pre, width in (("", d), ("i", di)):
+                for part in ("kv", "gate"):
+                    layer[f"page_{pre}tail_{part}"] = jnp.zeros((layout.num_pages, r, 2 * width), jnp.float32)
     return layer
 
 

@@ -11,6 +11,7 @@ Layout of the payload of a STEP message (all int32; floats and uint32 by bit pat
     per rank: n_chunks, then n_chunks x (slot, start_pos, n_tokens, sample)
     all chunks' token ids, in order
     n_page_rows, then per row: rank, slot, n_pages, pages...
+    n_restores, then per restore: rank, slot, start_pos
     sampling: rows[n], temperature[n], top_k[n], top_p[n], seed[n], counter[n]
 """
 
@@ -37,7 +38,8 @@ def inline_capacity(dp: int, num_slots: int, max_tokens_per_step: int) -> int:
     tokens = dp * max_tokens_per_step
     sampling = 6 * dp * num_slots
     page_rows = 1 + dp * 2 * (3 + 8)
-    return max(1024, chunks + tokens + sampling + page_rows)
+    restores = 1 + dp * 2 * 3
+    return max(1024, chunks + tokens + sampling + page_rows + restores)
 
 
 def encode_step(inputs: StepInputs) -> tuple[np.ndarray, dict]:
@@ -52,6 +54,8 @@ def encode_step(inputs: StepInputs) -> tuple[np.ndarray, dict]:
     for r, slot, pages in inputs.page_rows:
         parts.append([r, slot, len(pages)])
         parts.append(np.asarray(pages, np.int32))
+    parts.append([len(inputs.restores)])
+    parts.extend([r, slot, start] for r, slot, start in inputs.restores)
     s = inputs.sampling
     parts.extend([s.rows.astype(np.int32), s.temperature.astype(np.float32).view(np.int32),
                   s.top_k.astype(np.int32), s.top_p.astype(np.float32).view(np.int32),
@@ -85,13 +89,15 @@ def decode_step(payload: np.ndarray, bucket: int, tbo: bool, dp: int, n_samples:
     for _ in range(n_rows):
         r, slot, n = (int(v) for v in take(3))
         page_rows.append((r, slot, take(n).copy()))
+    (n_restores,) = take(1)
+    restores = [tuple(int(v) for v in take(3)) for _ in range(n_restores)]
     n = n_samples
     sampling = SamplingRows(rows=take(n).copy(), temperature=take(n).view(np.float32).copy(),
                             top_k=take(n).copy(), top_p=take(n).view(np.float32).copy(),
                             seed=take(n).view(np.uint32).copy(), counter=take(n).view(np.uint32).copy())
     if at != len(p):
         raise ChannelError(f"step payload has {len(p) - at} trailing ints")
-    return StepInputs(bucket, bool(tbo), chunks, page_rows, sampling)
+    return StepInputs(bucket, bool(tbo), chunks, page_rows, sampling, restores)
 
 
 def _rest_size(n: int) -> int:

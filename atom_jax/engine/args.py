@@ -78,14 +78,15 @@ def default_cache_dir() -> str:
 
 def setting(default, help: str, *, type: Callable | None = None, choices=None, metavar=None,
             flag: bool = True, cli_default: Any = dataclasses.MISSING,
-            show_default: str | None = None):
+            show_default: str | None = None, negatable: bool = False):
     """An `EngineConfig` field and its command-line flag (`--field-name`).
 
     `cli_default`: the flag's default when it differs from the library's (e.g. the persistent
     compilation cache, on for the CLIs); `show_default`: how --help states the default when
-    the value itself does not say it (None values)."""
+    the value itself does not say it (None values); `negatable`: a bool flag given as
+    --name / --no-name."""
     meta = {"help": help, "type": type, "choices": choices, "metavar": metavar, "flag": flag,
-            "cli_default": cli_default, "show_default": show_default}
+            "cli_default": cli_default, "show_default": show_default, "negatable": negatable}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed")
     return dataclasses.field(default=default, metadata=meta)
@@ -152,6 +153,10 @@ class EngineConfig:
     reasoning_parser: str = setting(
         "auto", "deepseek-v4: V4's thinking goes to reasoning_content, not content (auto: on "
         "with the v4 template)", choices=REASONING_PARSERS)
+    enable_prefix_caching: bool = setting(
+        True, "reuse the cache pages of equal prompt prefixes (page-aligned blocks; each page "
+        "also keeps the sliding window's rows at its end: more memory per page)", negatable=True,
+        show_default="on")
     thinking: bool = setting(
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
@@ -211,6 +216,8 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
             kw["choices"] = meta["choices"]
         if meta["metavar"] is not None:
             kw["metavar"] = meta["metavar"]
+        if meta["negatable"]:
+            kw["action"] = argparse.BooleanOptionalAction
         group.add_argument(_flag_name(f.name), **kw)
 
 

@@ -34,6 +34,7 @@ class RequestOutput:
     logprobs: list[float]
     chat: ChatDelta | None = None  # chat requests: this output's reasoning / content / tool calls
     message: dict | None = None  # chat requests, once finished: the OpenAI assistant message
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.cached_tokens)
 
 
 class _Tracked:
@@ -70,7 +71,8 @@ class Engine:
         # The one context limit (--max-model-len): a request must fit its page table and one
         # rank's pages; the page table is sized from it.
         self.max_context, pages_per_seq = cfg.context(model.cfg.max_position_embeddings)
-        self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, pages_per_seq)
+        self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, pages_per_seq,
+                                  page_state=cfg.enable_prefix_caching)
         self.layout.check(model.cfg)
         opts = StepOptions(expert_mode=cfg.expert_mode, moe_backend=cfg.moe_backend,
                            attn_backend=cfg.attn_backend)
@@ -85,14 +87,20 @@ class Engine:
         self._profiler = StepProfiler()
         self._warm = None  # compiles when warm-up ended
 
-    def reset_scheduler(self, delayer: str = "auto"):
-        """A fresh scheduler (all requests dropped) over the same compiled model runner: lets a
-        benchmark compare scheduling policies without recompiling."""
+    def reset_scheduler(self, delayer: str = "auto", prefix_caching: bool | None = None):
+        """A fresh scheduler (all requests dropped, prefix cache emptied) over the same compiled
+        model runner: lets a benchmark compare scheduling policies without recompiling.
+        `prefix_caching`: None keeps the config's; False turns the cache off; True needs an
+        engine built with it."""
         cfg = self.config
         delayer = delayer if delayer != "auto" else ("on" if cfg.dp > 1 else "off")
+        if prefix_caching is None:
+            prefix_caching = cfg.enable_prefix_caching
+        if prefix_caching and not self.layout.page_state:
+            raise ValueError("prefix caching needs an engine built with enable_prefix_caching")
         rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
-                          max_seq_len=self.max_context)
+                          max_seq_len=self.max_context, enable_prefix_caching=prefix_caching)
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -257,7 +265,7 @@ class Engine:
             if seq.is_finished:
                 message = tr.chat.to_message(tr.chat_total)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
-                             seq.is_finished, reason, list(tr.logprobs), chat, message)
+                             seq.is_finished, reason, list(tr.logprobs), chat, message, seq.num_cached_tokens or 0)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
 from atom_jax.engine.sampler import sample_tokens
 from atom_jax.sharding import DP, StepOptions
-from atom_jax.sharding.cached_step import make_cached_step
+from atom_jax.sharding.cached_step import make_cached_step, make_restore
 from atom_jax.sharding.placement import place, shard_params
 
 
@@ -41,6 +41,9 @@ class StepInputs:
     chunks: list  # per rank: [(slot, start_pos, token_ids int32 array, sample bool)]
     page_rows: list  # [(rank, slot, pages int32 array)]: page-table rows to (re)write
     sampling: SamplingRows
+    # [(rank, slot, start_pos)]: slots admitted onto cached pages; their state is rebuilt
+    # at start_pos from the pages before the step runs (prefix caching)
+    restores: list = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -59,6 +62,7 @@ class ModelRunner:
         one = init_cache(self.cfg, layout, model.dtype)
         self.cache = jax.tree.map(lambda a: place(jnp.broadcast_to(a, (self.dp,) + a.shape), shard), one)
         self.page_table = np.zeros((self.dp, layout.num_slots, layout.max_pages_per_seq), np.int32)
+        self._restore = make_restore(mesh, layout) if layout.page_state else None
         # tokens come back replicated, so every process (the scheduler's too) can read them
         self._sample = jax.jit(_gather_sample, out_shardings=NamedSharding(mesh, P()))
 
@@ -67,7 +71,7 @@ class ModelRunner:
         multi-host run needs to execute it. Sampling rows follow `plan.sampled()`; each
         sequence's parameters (its seed resolved when it was added) come from `seq.params`.
         Page-table rows are sent only when they differ from the table as it stands."""
-        chunks, page_rows, rows, params, counters = [], [], [], [], []
+        chunks, page_rows, rows, params, counters, restores = [], [], [], [], [], []
         for r, work in enumerate(plan.per_rank):
             rank_chunks, j = [], 0
             for w in work:
@@ -77,6 +81,8 @@ class ModelRunner:
                 if np.any(row[: len(pages)] != pages) or np.any(row[len(pages):]):
                     page_rows.append((r, seq.slot, pages))
                 rank_chunks.append((seq.slot, w.start_pos, np.asarray(w.token_ids(), np.int32), bool(w.sample)))
+                if w.restore:
+                    restores.append((r, seq.slot, w.start_pos))
                 if w.sample:
                     rows.append(r * self.layout.num_slots + j)
                     params.append(seq.params)
@@ -90,7 +96,7 @@ class ModelRunner:
             top_p=np.asarray([p.top_p for p in params], np.float32).reshape(-1),
             seed=np.asarray([p.seed % 2**32 for p in params], np.uint32).reshape(-1),
             counter=np.asarray(counters, np.uint32).reshape(-1))
-        return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling)
+        return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling, restores)
 
     def run(self, inputs: StepInputs) -> tuple[np.ndarray, np.ndarray]:
         """The device side of a step; every process of a multi-host run calls it with the same
@@ -98,6 +104,8 @@ class ModelRunner:
         for r, slot, pages in inputs.page_rows:
             self.page_table[r, slot] = 0
             self.page_table[r, slot, : len(pages)] = pages
+        if inputs.restores:
+            self.restore_slots(inputs.restores)
         per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
         batch = {k: self.global_array(np.stack([b.arrays()[k] for b in per_rank])) for k in per_rank[0].arrays()}
         logits, self.cache = self._step(self.params, self.cache, batch, self.global_array(self.page_table),
@@ -117,6 +125,20 @@ class ModelRunner:
         toks, lps = self._sample(logits, pad(s.rows), pad(s.temperature), pad(s.top_k), pad(s.top_p),
                                  pad(s.seed), pad(s.counter))
         return np.asarray(toks)[:n], np.asarray(lps)[:n]
+
+    def restore_slots(self, restores) -> None:
+        """Rebuild the listed (rank, slot, start_pos) slots' state from their pages (the page
+        table must already hold their rows)."""
+        if self._restore is None:
+            raise ValueError("a step restores cached prefix state but the cache layout keeps no page state")
+        slots = np.full((self.dp, self.layout.num_slots), self.layout.num_slots, np.int32)  # padding: dropped
+        starts = np.zeros_like(slots)
+        used = [0] * self.dp
+        for r, slot, start in restores:
+            slots[r, used[r]], starts[r, used[r]] = slot, start
+            used[r] += 1
+        self.cache = self._restore(self.cache, self.global_array(slots), self.global_array(starts),
+                                   self.global_array(self.page_table))
 
     def global_array(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places

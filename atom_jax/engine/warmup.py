@@ -29,6 +29,10 @@ def _prompt_lengths(bucket: int, budget: int, chunk: int, slots: int) -> list[in
 def warm_up(engine) -> None:
     cfg = engine.config
     max_prompt = max(1, engine.max_context - 1)
+    # the warm-up prompts repeat one token: a prefix cache would shorten them below the bucket
+    engine.reset_scheduler(cfg.delayer, prefix_caching=False)
+    if engine.layout.page_state:
+        engine.runner.restore_slots([])  # compiles the prefix-cache restore (no slot changes)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     log.info("warm-up: compiling the step for each token bucket %s (a persistent compilation "
              "cache makes the next start fast)", list(engine.buckets))
@@ -40,3 +44,4 @@ def warm_up(engine) -> None:
         prompts = [[1] * n for n in lengths] * cfg.dp
         engine.generate(prompts, one)
         log.info("warm-up: bucket %d ready in %.1f s", bucket, time.perf_counter() - t0)
+    engine.reset_scheduler(cfg.delayer)  # the configured prefix cache, empty

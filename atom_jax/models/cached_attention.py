@@ -37,8 +37,23 @@ def _window_rows(proj, tail, b, positions):
     return jnp.where(in_chunk[..., None], from_chunk, from_tail)
 
 
-def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq, max_segments):
-    """Emit the entries completed in this step, write them and the new tails. -> (pool, tails).
+def _page_rows(store, page_table, b, values, page_tokens):
+    """Keep the rows of each page's last positions with the page (prefix caching): row i of
+    a page in store [pages, n, ...] holds its position page_tokens - n + i."""
+    n = store.shape[1]
+    pos = b["pos"]
+    off = jnp.mod(pos, page_tokens) - (page_tokens - n)
+    keep = b["valid"] & (off >= 0)
+    page = page_table[b["slot"], pos // page_tokens]
+    addr = jnp.where(keep, page, store.shape[0])
+    return store.at[addr, jnp.maximum(off, 0)].set(values.astype(store.dtype), mode="drop")
+
+
+def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq, max_segments,
+                   page_tails=None, page_tokens=0):
+    """Emit the entries completed in this step, write them and the new tails (and, given
+    `page_tails` (kv, gate) of the layout's page state, each page's last tail rows).
+    -> (pool, tail_kv, tail_gate, page_tails).
 
     Works per completed window (at most T // ratio + chunks of them, `max_windows`), not per
     token: only the tokens that close a window gather their window's rows."""
@@ -73,7 +88,9 @@ def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table,
     keep = b["valid"] & (pos >= b["seg_end_pos"] - span)  # only the chunk's last `span` survive
     tail_kv = _write_last(tail_kv, b["slot"], jnp.mod(pos, span), kv, keep)
     tail_gate = _write_last(tail_gate, b["slot"], jnp.mod(pos, span), gate, keep)
-    return pool, tail_kv, tail_gate
+    if page_tails is not None:
+        page_tails = tuple(_page_rows(t, page_table, b, v, page_tokens) for t, v in zip(page_tails, (kv, gate)))
+    return pool, tail_kv, tail_gate, page_tails
 
 
 def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, backend: str = "jnp"):
@@ -96,14 +113,16 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     if attn.kind != SLIDING:
         r = attn.ratio
         epp = layout.entries_per_page(r)
-        pool, tkv, tg = _compress_step(attn.compressor, x, b, cache["tail_kv"], cache["tail_gate"],
-                                       cache["entries"], page_table, epp, inv, segs)
-        cache.update(entries=pool, tail_kv=tkv, tail_gate=tg)
+        pool, tkv, tg, pt = _compress_step(attn.compressor, x, b, cache["tail_kv"], cache["tail_gate"],
+                                           cache["entries"], page_table, epp, inv, segs,
+                                           _page_tails(cache, ""), layout.page_tokens)
+        cache.update(entries=pool, tail_kv=tkv, tail_gate=tg, **_page_tail_entries(pt, ""))
         n_vis = visible_counts(b, r)
         if attn.kind == CSA:
-            ipool, itkv, itg = _compress_step(attn.indexer.compressor, x, b, cache["itail_kv"], cache["itail_gate"],
-                                              cache["ientries"], page_table, epp, inv, segs)
-            cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg)
+            ipool, itkv, itg, pt = _compress_step(attn.indexer.compressor, x, b, cache["itail_kv"],
+                                                  cache["itail_gate"], cache["ientries"], page_table, epp, inv,
+                                                  segs, _page_tails(cache, "i"), layout.page_tokens)
+            cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg, **_page_tail_entries(pt, "i"))
             qi, wi = attn.indexer.query(x, q_lora, pos, inv)
             k = min(cfg.index_topk, page_table.shape[1] * epp)
             if kernels is None:
@@ -129,7 +148,22 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     keep = valid & (pos >= b["seg_end_pos"] - win)
     cache["ring_kv"] = _write_last(cache["ring_kv"], slot, jnp.mod(pos, win), kv, keep)
     cache["ring_pos"] = _write_last(cache["ring_pos"], slot, jnp.mod(pos, win), pos, keep)
+    if "page_ring" in cache:  # prefix caching: the window rows at each page's end
+        cache["page_ring"] = _page_rows(cache["page_ring"], page_table, b, kv, layout.page_tokens)
     return out, cache
+
+
+def _page_tails(cache, pre):
+    """The layout's per-page compressor state (kv, gate) for compressor `pre` ("" or the
+    indexer's "i"), or None when the cache keeps no page state."""
+    key = f"page_{pre}tail_kv"
+    return (cache[key], cache[f"page_{pre}tail_gate"]) if key in cache else None
+
+
+def _page_tail_entries(page_tails, pre) -> dict:
+    if page_tails is None:
+        return {}
+    return {f"page_{pre}tail_kv": page_tails[0], f"page_{pre}tail_gate": page_tails[1]}
 
 
 INDEX_BLOCK_JNP = 512  # entries scored per running-top-k step on the jnp path ([T, heads, block])

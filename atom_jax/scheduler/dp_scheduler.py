@@ -22,7 +22,7 @@ import dataclasses
 
 from atom_jax.scheduler.delayer import DelayDecision, make_delayer
 from atom_jax.scheduler.metrics import SchedulerMetrics, StepRecord
-from atom_jax.scheduler.rank_scheduler import ChunkWork, RankConfig, RankScheduler
+from atom_jax.scheduler.rank_scheduler import ChunkWork, PrefixCacheStats, RankConfig, RankScheduler
 from atom_jax.scheduler.sequence import Sequence
 
 
@@ -95,12 +95,17 @@ class DPScheduler:
 
     # -- requests --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> int:
-        """Queue a new request on the rank with the least pending prefill tokens (ties: lower
-        KV usage, then lower rank id). Returns the rank."""
+        """Queue a new request on the rank that would then have the least prefill work: its
+        pending prefill tokens plus the request's tokens not in that rank's prefix cache. So
+        a request goes to the rank holding its longest cached prefix unless that rank's queued
+        prefill exceeds another rank's by more than the cache saves (ties: longer cached
+        prefix, lower KV usage, lower rank id). Returns the rank."""
         seq.params.validate()
         if self.get(seq.request_id) is not None:
             raise ValueError(f"request id {seq.request_id!r} is already live")
-        rank = min(self.ranks, key=lambda r: (r.pending_prefill_tokens, r.kv_usage, r.rank))
+        hit = {r.rank: r.cached_prefix_tokens(seq) for r in self.ranks}
+        rank = min(self.ranks, key=lambda r: (r.pending_prefill_tokens + seq.total_len - hit[r.rank],
+                                              -hit[r.rank], r.kv_usage, r.rank))
         seq.arrival_tick = self._tick
         rank.add(seq)
         self._collect_finished()  # a prompt that can never fit fails on add
@@ -223,7 +228,8 @@ class DPScheduler:
         """Per rank: pages, slots, running / waiting counts and KV usage (plain numbers)."""
         return [{"rank": r.rank, "num_pages": r.pages.num_pages, "free_pages": r.pages.num_free,
                  "num_slots": r.slots.num_slots, "free_slots": r.slots.num_free,
-                 "running": r.num_running, "waiting": r.num_waiting, "kv_usage": r.kv_usage}
+                 "running": r.num_running, "waiting": r.num_waiting, "kv_usage": r.kv_usage,
+                 "cached_pages": r.pages.num_cached, "cached_free_pages": r.pages.num_cached_free}
                 for r in self.ranks]
 
     def _update_gauges(self) -> None:
@@ -231,3 +237,7 @@ class DPScheduler:
         m.num_running = self.num_running
         m.num_waiting = self.num_waiting
         m.num_preemptions = sum(r.num_preemptions for r in self.ranks)
+        m.prefix_cache = {f.name: sum(getattr(r.prefix_stats, f.name) for r in self.ranks)
+                          for f in dataclasses.fields(PrefixCacheStats)}
+        m.prefix_cache["cached_pages"] = sum(r.pages.num_cached for r in self.ranks)
+        m.prefix_cache["evictions"] = sum(r.pages.num_evictions for r in self.ranks)

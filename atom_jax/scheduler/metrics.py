@@ -43,6 +43,9 @@ class SchedulerMetrics:
         self.num_running = 0
         self.num_waiting = 0
         self.num_preemptions = 0
+        # prefix cache, all ranks: queries, hits, queried_tokens, hit_tokens (per admission),
+        # cached_pages (registered now), evictions
+        self.prefix_cache: dict[str, int] = {}
         self.last_step: StepRecord | None = None
 
     @property
@@ -108,5 +111,6 @@ class SchedulerMetrics:
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "num_preemptions": self.num_preemptions,
+            "prefix_cache": dict(self.prefix_cache),
             "last_step": dataclasses.asdict(self.last_step) if self.last_step else None,
         }

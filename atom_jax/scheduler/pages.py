@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import heapq
+
+import numpy as np
 
 
 def pages_for(num_tokens: int, page_tokens: int) -> int:
@@ -46,17 +50,29 @@ class _IdPool:
 
 
 class PageAllocator:
-    """Fixed pool of `num_pages` pages of `page_tokens` tokens each.
+    """Fixed pool of `num_pages` pages of `page_tokens` tokens each, reference counted, with an
+    optional prefix cache (DESIGN.md section 5; docs/design.md, "Prefix caching").
 
     A sequence of L tokens holds ceil(L / page_tokens) pages; the page list is the sequence's
-    page table, grown in place by `extend` as the sequence grows.
+    page table, grown in place by `extend` as the sequence grows. With `prefix_caching`, a
+    full page whose contents are final is `register`ed under the key of the token block it holds
+    (`block_keys`); later sequences starting with the same blocks `match` and `acquire` it
+    instead of recomputing it (several sequences then hold the same page: its reference count).
+    A registered page nobody holds stays cached and counts as free: it is evicted, least
+    recently released first, only when the free pool is empty.
     """
 
-    def __init__(self, num_pages: int, page_tokens: int):
+    def __init__(self, num_pages: int, page_tokens: int, prefix_caching: bool = False):
         if page_tokens <= 0:
             raise ValueError(f"page_tokens must be > 0, got {page_tokens}")
         self.page_tokens = page_tokens
-        self._pool = _IdPool(num_pages, "page")
+        self.prefix_caching = prefix_caching
+        self._pool = _IdPool(num_pages, "page")  # pages neither held nor cached
+        self._refs = [0] * num_pages
+        self._key: dict[int, bytes] = {}  # registered page -> block key
+        self._index: dict[bytes, int] = {}  # block key -> page
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unheld
+        self.num_evictions = 0
 
     @property
     def num_pages(self) -> int:
@@ -64,16 +80,31 @@ class PageAllocator:
 
     @property
     def num_free(self) -> int:
-        return self._pool.num_free
+        """Pages an allocation can take: never-used ones plus cached pages nobody holds."""
+        return self._pool.num_free + len(self._lru)
 
     @property
     def num_used(self) -> int:
-        return self._pool.size - self._pool.num_free
+        """Pages held by at least one sequence."""
+        return self._pool.size - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Registered pages (held or not): what the prefix cache can hand out."""
+        return len(self._key)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Registered pages nobody holds (evictable)."""
+        return len(self._lru)
 
     @property
     def usage(self) -> float:
-        """Fraction of pages in use, in [0, 1]."""
+        """Fraction of pages held, in [0, 1] (cached pages nobody holds count as free)."""
         return self.num_used / self._pool.size
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
 
     def pages_for(self, num_tokens: int) -> int:
         return pages_for(num_tokens, self.page_tokens)
@@ -87,19 +118,103 @@ class PageAllocator:
 
     def allocate(self, num_tokens: int) -> list[int]:
         """A new page table for `num_tokens` tokens; MemoryError if too few pages are free."""
-        return self._pool.take(self.pages_for(num_tokens))
+        return self._take(self.pages_for(num_tokens))
 
     def extend(self, pages: list[int], num_tokens: int) -> bool:
         """Grow `pages` in place to hold `num_tokens` tokens. False (and no change) if short."""
         extra = self.extra_pages(pages, num_tokens)
         if extra > self.num_free:
             return False
-        pages.extend(self._pool.take(extra))
+        pages.extend(self._take(extra))
         return True
 
     def free(self, pages: list[int]) -> None:
-        """Return every page of a page table; ValueError on a page that is not in use."""
-        self._pool.give(pages)
+        """Drop one reference to every page of a page table; a page nobody holds any more goes
+        back to the pool, or, when registered, to the cache. ValueError on a page not held."""
+        pages = list(pages)
+        for p in pages:
+            if not 0 <= p < self._pool.size:
+                raise ValueError(f"page {p} freed but out of range (double free?)")
+        counts = collections.Counter(pages)
+        for p, n in counts.items():
+            if self._refs[p] < n:
+                raise ValueError(f"page {p} freed but already free (double free?)"
+                                 if self._refs[p] == 0 else f"page ids {pages} freed twice in one call")
+        unheld = []
+        for p in pages:
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                if p in self._key:
+                    self._lru[p] = None
+                else:
+                    unheld.append(p)
+        self._pool.give(unheld)
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def match(self, keys) -> list[int]:
+        """The pages of the longest run of `keys` (from the first) that are registered."""
+        out = []
+        if self.prefix_caching:
+            for k in keys:
+                p = self._index.get(k)
+                if p is None:
+                    break
+                out.append(p)
+        return out
+
+    def num_free_after_acquire(self, pages: list[int]) -> int:
+        """`num_free` once `pages` (from `match`) are acquired: cached unheld ones stop counting."""
+        return self.num_free - sum(1 for p in pages if p in self._lru)
+
+    def acquire(self, pages: list[int]) -> list[int]:
+        """Hold matched pages (one more reference each); returns a new page table of them."""
+        for p in pages:
+            if p not in self._key:
+                raise ValueError(f"page {p} is not a cached page")
+            self._lru.pop(p, None)
+            self._refs[p] += 1
+        return list(pages)
+
+    def register(self, page: int, key: bytes) -> None:
+        """Offer a held, full page whose contents are final under its block key. A key already
+        cached keeps its page (the same block computed twice: this copy stays private)."""
+        if not self.prefix_caching or key in self._index or page in self._key:
+            return
+        if self._refs[page] <= 0:
+            raise ValueError(f"page {page} registered but not held")
+        self._index[key] = page
+        self._key[page] = key
+
+    def _take(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} pages, only {self.num_free} free")
+        fresh = min(n, self._pool.num_free)
+        ids = self._pool.take(fresh)
+        while len(ids) < n:  # evict the least recently released cached pages
+            p, _ = self._lru.popitem(last=False)
+            del self._index[self._key.pop(p)]
+            self.num_evictions += 1
+            ids.append(p)
+        for p in ids:
+            self._refs[p] = 1
+        return ids
+
+    def check(self) -> None:
+        """Bookkeeping cross-check (tests)."""
+        for p in range(self._pool.size):
+            held, cached, in_lru = self._refs[p] > 0, p in self._key, p in self._lru
+            free = p not in self._pool._used
+            assert self._refs[p] >= 0, p
+            assert in_lru == (cached and not held), p
+            assert free == (not held and not cached), p
+        assert all(self._index[k] == p for p, k in self._key.items())
+        assert len(self._index) == len(self._key)
+
+
+def chain_key(prev: bytes, block_tokens) -> bytes:
+    """Key of a full token block given the key of the block before it (b"" for the first): a
+    digest of the whole prefix, so equal keys mean equal prefixes (sha256 chain, as vLLM)."""
+    return hashlib.sha256(prev + np.asarray(block_tokens, np.int64).tobytes()).digest()
 
 
 class SlotAllocator:

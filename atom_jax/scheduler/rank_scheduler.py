@@ -12,6 +12,14 @@ Memory policy (decided here, documented for the engine):
   cache, or longer than `max_seq_len`, fails the same way as soon as it is added.
 - A sequence reaching `max_seq_len` tokens (prompt + output) finishes with "length", as
   vLLM does at max_model_len.
+
+Prefix caching (`enable_prefix_caching`): admission looks the sequence's full token blocks up
+in the rank's page cache (`PageAllocator.match`), holds the longest cached run of pages and
+starts the first chunk after it (at least one token is always computed, for the logits); the
+chunk carries `restore=True`, so the runner first rebuilds the slot's per-sequence state at
+that position from the state stored with the pages. Every page a step fills completely is
+registered when the step is done. Finished and preempted sequences drop their references;
+cached pages nobody holds are evicted least recently used first when pages run out.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class RankConfig:
     # Longest sequence (prompt + output) the model's page table can address
     # (page_tokens * max_pages_per_seq of the cache layout); None = only the cache limits it.
     max_seq_len: int | None = None
+    enable_prefix_caching: bool = True  # reuse cached full pages of equal token prefixes
 
     def validate(self) -> "RankConfig":
         for name in ("num_slots", "num_pages", "page_tokens", "max_tokens_per_step",
@@ -57,6 +66,9 @@ class ChunkWork:
     start_pos: int
     num_tokens: int
     sample: bool
+    # the sequence was just admitted onto cached pages: restore its slot's state (sliding
+    # window ring, compressor tails) at start_pos from the pages before running the chunk
+    restore: bool = False
 
     @property
     def request_id(self) -> str:
@@ -81,12 +93,23 @@ class PrefillOutlook:
     token_budget: int = 0  # the rank's max_tokens_per_step
 
 
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """Prefix-cache lookups of one rank, one per admission (re-admissions after preemption too)."""
+
+    queries: int = 0         # admissions that looked the cache up
+    hits: int = 0            # of those, admissions that reused at least one page
+    queried_tokens: int = 0  # tokens to compute at those admissions without the cache
+    hit_tokens: int = 0      # tokens reused instead
+
+
 class RankScheduler:
     def __init__(self, config: RankConfig, rank: int = 0, eos_token_ids=()):
         self.config = config.validate()
         self.rank = rank
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.pages = PageAllocator(config.num_pages, config.page_tokens)
+        self.pages = PageAllocator(config.num_pages, config.page_tokens, config.enable_prefix_caching)
+        self.prefix_stats = PrefixCacheStats()
         self.slots = SlotAllocator(config.num_slots)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: oldest first
@@ -121,6 +144,17 @@ class RankScheduler:
         """Prompt (or recompute) tokens not yet in the cache: used to place new requests."""
         return (sum(s.num_uncomputed for s in self.waiting)
                 + sum(s.remaining_prefill_tokens for s in self.running))
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Pages of `seq`'s longest cached prefix on this rank (read only). At least the last
+        known token is left to compute: a step must produce its logits."""
+        if not self.pages.prefix_caching:
+            return []
+        pt = self.config.page_tokens
+        return self.pages.match(seq.block_keys(pt, (seq.total_len - 1) // pt))
+
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        return len(self.cached_prefix(seq)) * self.config.page_tokens
 
     # -- requests --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -171,8 +205,9 @@ class RankScheduler:
         for s in self.waiting:
             if left <= 0 or free_slots == 0:
                 break
-            n = min(cfg.chunk_size, s.num_uncomputed, left)
-            need = self.pages.pages_for(n)
+            hit = self.cached_prefix_tokens(s)  # the delayer sees only the uncached work
+            n = min(cfg.chunk_size, s.total_len - hit, left)
+            need = self.pages.pages_for(hit + n)  # (cached pages counted as taken: a bound)
             if need > free_pages:
                 break
             ready, left = ready + n, left - n
@@ -206,16 +241,8 @@ class RankScheduler:
                                             seq.num_computed + n == seq.total_len))
             # 3. Admit waiting sequences in arrival order (no skipping: FCFS, no starvation).
             while self.waiting and self._budget > 0 and self.slots.num_free:
-                seq = self.waiting[0]
-                n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
-                if not self.pages.can_fit(seq.pages, n):
+                if not self._admit(self.waiting[0]):
                     break
-                self.waiting.popleft()
-                seq.slot = self.slots.allocate()
-                seq.pages = self.pages.allocate(n)
-                seq.status = SeqStatus.RUNNING
-                self.running.append(seq)
-                self._put(ChunkWork(seq, 0, n, n == seq.total_len))
 
         # Keep the engine's view stable: running order (oldest first).
         order = {id(s): i for i, s in enumerate(self.running)}
@@ -238,6 +265,7 @@ class RankScheduler:
                 continue
             assert seq.num_computed == c.start_pos, (seq, c)
             seq.num_computed = c.start_pos + c.num_tokens
+            self._register_full_pages(seq)
             if c.sample:
                 if seq.request_id not in sampled:
                     raise KeyError(f"no sampled token for request {seq.request_id!r} "
@@ -259,6 +287,43 @@ class RankScheduler:
         return seq.is_finished
 
     # -- internals -------------------------------------------------------------------------
+    def _admit(self, seq: Sequence) -> bool:
+        """Admit the first waiting sequence onto its cached prefix plus fresh pages for its
+        first chunk; False (nothing changed) if the pages are not there."""
+        pt = self.config.page_tokens
+        hit = self.cached_prefix(seq)
+        start = len(hit) * pt
+        n = min(self.config.chunk_size, seq.total_len - start, self._budget)
+        if self.pages.pages_for(start + n) - len(hit) > self.pages.num_free_after_acquire(hit):
+            return False
+        self.waiting.popleft()
+        seq.slot = self.slots.allocate()
+        seq.pages = self.pages.acquire(hit)
+        self.pages.extend(seq.pages, start + n)
+        seq.num_computed = start
+        seq.num_registered_pages = len(hit)
+        if self.pages.prefix_caching:
+            st = self.prefix_stats
+            st.queries += 1
+            st.hits += bool(hit)
+            st.queried_tokens += seq.total_len
+            st.hit_tokens += start
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = min(start, seq.num_prompt_tokens)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        self._put(ChunkWork(seq, start, n, start + n == seq.total_len, restore=start > 0))
+        return True
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Offer the pages this sequence has filled completely to the prefix cache."""
+        full = seq.num_computed // self.config.page_tokens
+        if self.pages.prefix_caching and full > seq.num_registered_pages:
+            keys = seq.block_keys(self.config.page_tokens, full)
+            for k in range(seq.num_registered_pages, full):
+                self.pages.register(seq.pages[k], keys[k])
+            seq.num_registered_pages = full
+
     def _put(self, chunk: ChunkWork) -> None:
         self._work[chunk.request_id] = chunk
         self._budget -= chunk.num_tokens
@@ -284,6 +349,7 @@ class RankScheduler:
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
+        seq.num_registered_pages = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)  # preempted work goes first when memory returns
@@ -313,9 +379,12 @@ class RankScheduler:
 
     def check_invariants(self) -> None:
         """Cross-check bookkeeping (tests and debug runs)."""
-        held_pages = [p for s in self.running for p in s.pages]
-        assert len(held_pages) == len(set(held_pages)), "a page is held twice"
-        assert len(held_pages) == self.pages.num_used, (len(held_pages), self.pages.num_used)
+        refs = collections.Counter(p for s in self.running for p in s.pages)
+        for s in self.running:
+            assert len(set(s.pages)) == len(s.pages), f"{s!r} holds a page twice"
+        assert all(self.pages.refcount(p) == n for p, n in refs.items()), "page reference counts"
+        assert len(refs) == self.pages.num_used, (len(refs), self.pages.num_used)
+        self.pages.check()
         held_slots = [s.slot for s in self.running]
         assert None not in held_slots and len(set(held_slots)) == len(held_slots)
         assert len(held_slots) == self.slots.num_slots - self.slots.num_free

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from atom_jax.scheduler.pages import chain_key
 from atom_jax.scheduler.sampling_params import SamplingParams
 
 
@@ -42,6 +43,11 @@ class Sequence:
         self.arrival_tick: int | None = None
         self.arrival_time = arrival_time
         self.num_preemptions = 0
+        # prefix cache: prompt tokens found cached at the first admission (None: not admitted
+        # yet), block keys computed so far, and how many of `pages` are registered
+        self.num_cached_tokens: int | None = None
+        self._block_keys: list[bytes] = []
+        self.num_registered_pages = 0
 
     # -- lengths -------------------------------------------------------------------------
     @property
@@ -85,6 +91,13 @@ class Sequence:
         head = self.prompt_token_ids[start:end] if start < n else []
         tail = self.output_token_ids[max(start - n, 0):max(end - n, 0)] if end > n else []
         return head + tail
+
+    def block_keys(self, page_tokens: int, num_blocks: int) -> list[bytes]:
+        """Prefix-cache keys of the first `num_blocks` full blocks of the known tokens."""
+        keys = self._block_keys
+        for k in range(len(keys), num_blocks):
+            keys.append(chain_key(keys[-1] if keys else b"", self.token_ids(k * page_tokens, page_tokens)))
+        return keys[:num_blocks]
 
     def __repr__(self):
         return (f"Sequence({self.request_id!r}, {self.status.value}, rank={self.rank}, "

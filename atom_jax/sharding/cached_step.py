@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from atom_jax.cache.restore import restore_slots
 from atom_jax.loader import abstract_model
 from atom_jax.models.cached_attention import cached_attention
 from atom_jax.sharding.mesh import DP
@@ -79,3 +80,17 @@ def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
         return sharded(params, cache, batch, page_table)
 
     return jax.jit(step, donate_argnums=(1,), static_argnames=("tbo",)), specs
+
+
+def make_restore(mesh, layout):
+    """-> restore(cache, slots [dp, K], starts [dp, K], page_table [dp, slots, max_pages]) ->
+    cache: each rank rebuilds its listed slots' state from their pages (cache/restore.py);
+    padding rows carry slot >= num_slots. The cache is donated."""
+
+    def body(cache, slots, starts, page_table):
+        squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+        out = restore_slots(squeeze(cache), slots[0], starts[0], page_table[0], layout.page_tokens)
+        return jax.tree.map(lambda a: a[None], out)
+
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(DP),) * 4, out_specs=P(DP), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
