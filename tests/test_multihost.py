@@ -271,7 +271,8 @@ def _inputs(rng, dp, tokens_per_chunk) -> StepInputs:
                             seed=rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
                             counter=rng.integers(0, 9, n).astype(np.uint32))
     rows = [(1, 0, np.array([3, 9, 4], np.int32)), (0, 1, np.array([7], np.int32))]
-    return StepInputs(32, True, chunks, rows, sampling)
+    restores = [(2, 1, 64), (0, 0, 128)]
+    return StepInputs(32, True, chunks, rows, sampling, restores)
 
 
 def _same(a: StepInputs, b: StepInputs):
@@ -281,6 +282,7 @@ def _same(a: StepInputs, b: StepInputs):
             assert ca[:2] == cb[:2] and ca[3] == cb[3] and np.array_equal(ca[2], cb[2])
     for pa, pb in zip(a.page_rows, b.page_rows, strict=True):
         assert pa[:2] == pb[:2] and np.array_equal(pa[2], pb[2])
+    assert a.restores == b.restores
     for f in ("rows", "temperature", "top_k", "top_p", "seed", "counter"):
         x, y = getattr(a.sampling, f), getattr(b.sampling, f)
         assert x.dtype == y.dtype and np.array_equal(x, y), f  # bit-exact floats

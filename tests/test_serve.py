@@ -162,6 +162,22 @@ def test_completion(server, prompt):
         assert usage["prompt_tokens"] == len(prompt)
 
 
+def test_prefix_cache_shows_in_usage_metrics_and_debug(server):
+    """The same 80-token prompt twice: the second reuses the two full 32-token pages."""
+    import random
+
+    prompt = [random.randrange(2, VOCAB) for _ in range(80)]
+    bodies = [post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "ignore_eos": True,
+                                               "temperature": 0}).json() for _ in range(2)]
+    cached = [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies]
+    assert cached == [0, 64], bodies
+    assert bodies[0]["choices"][0]["text"] == bodies[1]["choices"][0]["text"]
+    text = httpx.get(server.url + "/metrics").text
+    hits = [line for line in text.splitlines() if line.startswith("atom_jax_prefix_cache_hit_tokens_total")]
+    assert float(hits[0].split()[-1]) >= 64
+    assert engine_state(server)["ranks"][0]["cached_pages"] >= 2
+
+
 def test_unknown_fields_are_ignored(server):
     r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "user": "u",
                                          "some_vendor_field": {"x": 1}})

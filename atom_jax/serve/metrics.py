@@ -69,6 +69,18 @@ class EngineStatsCollector:
                                   value=stats.get("steps", 0))
         yield CounterMetricFamily(PREFIX + "preemptions", "Sequences preempted for KV pages",
                                   value=stats.get("num_preemptions", 0))
+        pc = stats.get("prefix_cache") or {}
+        for name, key, doc in (
+                ("prefix_cache_queries", "queries", "Admissions that looked the prefix cache up"),
+                ("prefix_cache_hits", "hits", "Admissions that reused cached prefix pages"),
+                ("prefix_cache_queried_tokens", "queried_tokens", "Tokens to compute at those "
+                 "admissions without the cache"),
+                ("prefix_cache_hit_tokens", "hit_tokens", "Tokens reused from the prefix cache "
+                 "instead of computed"),
+                ("prefix_cache_evictions", "evictions", "Cached pages evicted for new ones")):
+            yield CounterMetricFamily(PREFIX + name, doc, value=pc.get(key, 0))
+        yield gauge("prefix_cache_pages", "Pages in the prefix cache (held or not), all ranks",
+                    pc.get("cached_pages", 0))
         buckets = CounterMetricFamily(PREFIX + "bucket_steps", "Steps per token bucket",
                                       labels=["bucket"])
         for b, n in (stats.get("bucket_steps") or {}).items():

@@ -15,7 +15,9 @@ from atom_jax.serve.prepare import PreparedRequest
 def usage(out) -> dict:
     prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            # prompt tokens served from the prefix cache (OpenAI's field)
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
 
 def _finite(lp: float) -> float:

@@ -1,0 +1,174 @@
+"""Prefix caching: the page cache's bookkeeping, admission onto cached pages, DP placement, a
+random stress run, and engine outputs with the cache equal to outputs without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atom_jax.scheduler import (DPScheduler, PageAllocator, RankConfig, RankScheduler,
+                                SamplingParams, Sequence)
+from atom_jax.scheduler.pages import chain_key
+
+
+def _keys(tokens, pt):
+    out, prev = [], b""
+    for k in range(len(tokens) // pt):
+        prev = chain_key(prev, tokens[k * pt:(k + 1) * pt])
+        out.append(prev)
+    return out
+
+
+def test_page_cache_register_match_share_and_evict_least_recent():
+    pa = PageAllocator(num_pages=4, page_tokens=2, prefix_caching=True)
+    a, b = _keys([1, 2, 3, 4], 2), _keys([5, 6, 7, 8], 2)
+    ta = pa.allocate(4)
+    for p, k in zip(ta, a):
+        pa.register(p, k)
+    assert pa.match(a) == ta and pa.match(_keys([1, 2, 9, 9], 2)) == ta[:1]
+    assert pa.match(_keys([2, 1, 3, 4], 2)) == []  # keys chain the whole prefix
+    shared = pa.acquire(pa.match(a))  # a second holder
+    assert [pa.refcount(p) for p in ta] == [2, 2] and pa.num_used == 2
+    pa.free(ta)
+    assert pa.num_used == 2 and pa.num_cached_free == 0  # still held by `shared`
+    pa.free(shared)
+    assert pa.num_used == 0 and pa.num_free == 4 and pa.num_cached == 2 and pa.num_cached_free == 2
+    tb = pa.allocate(4)  # the two never-used pages first: the cache survives
+    assert not set(tb) & set(ta) and pa.match(a) == ta
+    for p, k in zip(tb, b):
+        pa.register(p, k)
+    pa.free(tb[::-1])  # b's second page released before its first
+    got = pa.allocate(2)
+    assert got == [ta[0]] and pa.match(a) == [] and pa.num_evictions == 1  # least recently released
+    assert pa.match(b) == tb  # untouched
+    got += pa.allocate(2)
+    assert got[1] == ta[1] and pa.num_evictions == 2
+    pa.free(got)
+    pa.check()
+    with pytest.raises(ValueError, match="already free"):
+        pa.free([got[0]])
+
+
+def test_register_keeps_the_first_page_of_a_block_and_ignores_it_when_off():
+    pa = PageAllocator(4, 2, prefix_caching=True)
+    k = _keys([1, 2], 2)
+    x, y = pa.allocate(2), pa.allocate(2)
+    pa.register(x[0], k[0])
+    pa.register(y[0], k[0])  # the same block computed twice: the copy stays private
+    assert pa.match(k) == x
+    pa.free(y)
+    assert pa.num_free == 3 and pa.num_cached == 1
+    off = PageAllocator(4, 2)
+    t = off.allocate(2)
+    off.register(t[0], k[0])
+    assert off.match(k) == [] and off.num_cached == 0
+
+
+def _run_chunks(rs, work, sampled_token=7):
+    return rs.on_step_done(work, {c.request_id: sampled_token for c in work if c.sample})
+
+
+def test_admission_starts_after_the_cached_prefix_and_leaves_one_token():
+    cfg = RankConfig(num_slots=4, num_pages=16, page_tokens=4, max_tokens_per_step=64, chunk_size=64)
+    rs = RankScheduler(cfg)
+    prompt = list(range(10, 22))  # 12 tokens: 3 full pages
+    rs.add(Sequence("a", prompt, SamplingParams(max_tokens=1)))
+    _run_chunks(rs, rs.schedule())
+    assert rs.pages.num_cached == 3 and rs.pages.num_used == 0
+    rs.add(Sequence("b", prompt, SamplingParams(max_tokens=2)))  # same prompt: all but the last token
+    rs.add(Sequence("c", prompt[:9] + [99, 98], SamplingParams(max_tokens=2)))
+    work = rs.schedule()
+    assert [(c.request_id, c.start_pos, c.num_tokens, c.restore) for c in work] == [
+        ("b", 8, 4, True), ("c", 8, 3, True)]
+    b, c = rs.get("b"), rs.get("c")
+    assert b.pages[:2] == c.pages[:2] and rs.pages.refcount(b.pages[0]) == 2
+    assert (b.num_cached_tokens, c.num_cached_tokens) == (8, 8)
+    _run_chunks(rs, work)
+    rs.check_invariants()
+    st = rs.prefix_stats
+    assert (st.queries, st.hits, st.queried_tokens, st.hit_tokens) == (3, 2, 12 + 12 + 11, 16)
+
+
+def test_placement_prefers_the_cached_rank_unless_it_is_much_busier():
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=4, max_tokens_per_step=16, chunk_size=16)
+    dp = DPScheduler(2, cfg)
+    prompt = list(range(40))
+    assert dp.add(Sequence("warm", prompt, SamplingParams(max_tokens=1))) == 0
+    while dp.has_work():
+        plan = dp.schedule()
+        dp.on_step_done(plan, {c.request_id: 3 for w in plan.per_rank for c in w if c.sample})
+    # rank 0 holds 36 cached tokens of the prompt; both ranks idle: the cache wins
+    assert dp.add(Sequence("hit", prompt + [1, 2], SamplingParams(max_tokens=1))) == 0
+    # rank 0 now has 42 - 36 = 6 pending tokens; 30 more queued there outweigh the 36 saved?
+    dp.ranks[0].add(Sequence("busy", list(range(100, 140)), SamplingParams(max_tokens=1)))
+    # rank 0: 6 + 40 pending + 41 - 36 = 51 > rank 1: 0 + 41 -> rank 1
+    assert dp.add(Sequence("far", prompt + [5], SamplingParams(max_tokens=1))) == 1
+    # a short request shares nothing: least pending work (rank 1 has 41, rank 0 46)
+    assert dp.add(Sequence("new", [7] * 3, SamplingParams(max_tokens=1))) == 1
+
+
+def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held():
+    rng = np.random.default_rng()
+    cfg = RankConfig(num_slots=3, num_pages=10, page_tokens=4, max_tokens_per_step=12, chunk_size=6)
+    sched = DPScheduler(2, cfg)
+    stems = [list(map(int, rng.integers(0, 50, 24))) for _ in range(3)]
+    live, n = set(), 0
+    for tick in range(400):
+        if n < 120 and rng.random() < 0.5:
+            stem = stems[rng.integers(3)]
+            prompt = stem[:rng.integers(1, 25)] + list(map(int, rng.integers(0, 50, rng.integers(0, 6))))
+            sched.add(Sequence(f"r{n}", prompt or [1], SamplingParams(max_tokens=int(rng.integers(1, 16)))))
+            live.add(f"r{n}")
+            n += 1
+        if live and rng.random() < 0.1:
+            sched.abort(sorted(live)[rng.integers(len(live))])
+        plan = sched.schedule()
+        out = sched.on_step_done(plan, {c.request_id: int(rng.integers(0, 50))
+                                        for w in plan.per_rank for c in w if c.sample})
+        for s in out.finished + sched.pop_finished():
+            live.discard(s.request_id)
+        sched.check_invariants()
+    while sched.has_work():
+        plan = sched.schedule()
+        sched.on_step_done(plan, {c.request_id: 1 for w in plan.per_rank for c in w if c.sample})
+    sched.check_invariants()
+    pc = sched.metrics.prefix_cache
+    assert pc["hits"] > 0 and pc["evictions"] > 0 and sched.metrics.num_preemptions > 0, pc
+    for r in sched.ranks:
+        assert r.pages.num_used == 0 and r.slots.num_free == cfg.num_slots
+        assert all(r.pages.refcount(p) == 0 for p in range(cfg.num_pages))
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_engine_outputs_with_the_cache_equal_outputs_without(dp):
+    """Shared prefixes end at every residue mod 16 (the tiny model's window and HCA ratio, a
+    multiple of the CSA ratio 4); 24-token chunks cross the 16-token pages at moving offsets;
+    half the requests sample with a seed. Few pages: cached pages are evicted and running
+    sequences preempted (and re-admitted onto cached pages) along the way."""
+    from atom_jax.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng()
+    eng = Engine(EngineConfig(model="random", seed=int(rng.integers(2**31)), dp=dp, num_slots=4,
+                              num_pages=10 if dp == 1 else 7, page_tokens=16, max_pages_per_seq=8,
+                              max_tokens_per_step=32, chunk_size=24, buckets=(32,), tbo=False, delayer="off"))
+    base = list(map(int, rng.integers(2, 256, 100)))
+    prompts = [base[:16 * (1 + r % 4) + r] + list(map(int, rng.integers(2, 256, 1 + r % 5)))
+               for r in range(16)]
+    params = [SamplingParams(max_tokens=6, ignore_eos=True) if i % 2 else
+              SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.9, seed=i) for i in range(16)]
+
+    def run(cache: bool):
+        eng.reset_scheduler(prefix_caching=cache)
+        eng.generate([base], SamplingParams(max_tokens=1))  # puts the shared stem in the cache
+        outs = eng.generate(prompts, params)
+        eng.scheduler.check_invariants()
+        assert all(r.pages.num_used == 0 for r in eng.scheduler.ranks)
+        return outs, eng.stats()
+
+    with_cache, stats = run(True)
+    without, _ = run(False)
+    assert [o.token_ids for o in with_cache] == [o.token_ids for o in without]
+    pc = stats["prefix_cache"]
+    assert pc["hit_tokens"] > 0 and pc["evictions"] > 0 and stats["num_preemptions"] > 0, stats
+    assert sum(o.num_cached_tokens for o in with_cache) > 0
+    assert all(o.num_cached_tokens == 0 for o in without)
