@@ -22,6 +22,7 @@ COMMANDS = {
     "engine": "atom_jax.bench.engine",
     "engine-delayer": "atom_jax.bench.engine_delayer",
     "long-context": "atom_jax.bench.long_context",
+    "prefix": "atom_jax.bench.prefix",
 }
 
 

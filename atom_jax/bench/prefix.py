@@ -1,0 +1,151 @@
+"""`python -m atom_jax.bench prefix`: the real engine on a shared-prefix workload, prefix cache
+on vs off in one run (one compiled engine; the scheduler and its cache are reset between modes).
+
+    python -m atom_jax.bench prefix --layers 4 --pair-len 8192            # GPU, V4-Flash dims
+    python -m atom_jax.bench prefix --tiny --pair-len 1024 --system-len 512  # CPU
+
+Two parts, each run with the cache off and on:
+- pair: one request of --pair-len tokens alone, then a second sharing its first 90%
+  (--pair-shared) and continuing with new tokens; TTFT of each (acceptance on the GPU: the
+  second's TTFT is at most 20% of the first's with the cache on).
+- conversations: --conversations chats over one --system-len system prompt, --turns rounds;
+  each round sends every chat's next user turn (--turn-len new tokens) after its history
+  (system prompt, earlier turns and the engine's answers), all at once, and waits for the
+  answers (--output-len tokens each). Reports the prefix cache hit rate (hit / queried tokens
+  at admission), mean TTFT of the first round and of the later ones, and throughput.
+Every bucket is compiled first (Engine.warmup), so no compile lands in a timed run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atom_jax.config import tiny, v4_flash
+from atom_jax.engine import Engine, EngineConfig, SamplingParams
+from atom_jax.loader import random_model
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("prefix", help="the real engine, shared-prefix workload, prefix cache on vs off",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4, help="V4-Flash layers (ignored with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU)")
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--pair-len", type=int, default=8192)
+    ap.add_argument("--pair-shared", type=float, default=0.9)
+    ap.add_argument("--system-len", type=int, default=4096)
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--turn-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--page-tokens", type=int, default=128)
+    ap.add_argument("--chunk-size", type=int, default=None, help="default: 2048 (GPU), 256 (--tiny)")
+    ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def _ttft_alone(engine, prompt) -> float:
+    t0 = time.perf_counter()
+    engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def run_pair(engine, rng, vocab, length, shared) -> dict:
+    first = list(map(int, rng.integers(2, vocab, length)))
+    k = int(length * shared)
+    second = first[:k] + list(map(int, rng.integers(2, vocab, length - k)))
+    a, b = _ttft_alone(engine, first), _ttft_alone(engine, second)
+    return {"ttft_first_ms": round(1e3 * a, 2), "ttft_second_ms": round(1e3 * b, 2),
+            "second_over_first": round(b / a, 4)}
+
+
+def run_conversations(engine, rng, vocab, args) -> dict:
+    system = list(map(int, rng.integers(2, vocab, args.system_len)))
+    history = [list(system) for _ in range(args.conversations)]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    ttft = {}  # round -> list of seconds
+    in_tokens = out_tokens = 0
+    t_all = time.perf_counter()
+    for turn in range(args.turns):
+        started, answers = {}, {}
+        for c in range(args.conversations):
+            history[c] += list(map(int, rng.integers(2, vocab, args.turn_len)))
+            rid = engine.add_request(prompt_token_ids=history[c], params=params, request_id=f"c{c}t{turn}")
+            started[rid] = (c, time.perf_counter())
+            in_tokens += len(history[c])
+        while engine.has_unfinished():
+            for o in engine.step():
+                c, t0 = started[o.request_id]
+                if o.new_token_ids and len(o.token_ids) == len(o.new_token_ids):
+                    ttft.setdefault(turn, []).append(time.perf_counter() - t0)
+                if o.finished:
+                    answers[c] = o.token_ids
+                    out_tokens += len(o.token_ids)
+        for c, toks in answers.items():
+            history[c] += toks
+    wall = time.perf_counter() - t_all
+    pc = engine.stats()["prefix_cache"]
+    later = [t for k, v in ttft.items() if k > 0 for t in v]
+    return {"hit_rate": round(pc["hit_tokens"] / pc["queried_tokens"], 4) if pc.get("queried_tokens") else 0.0,
+            "hit_tokens": pc.get("hit_tokens", 0), "queried_tokens": pc.get("queried_tokens", 0),
+            "ttft_first_round_ms": round(1e3 * float(np.mean(ttft[0])), 2),
+            "ttft_later_rounds_ms": round(1e3 * float(np.mean(later)), 2) if later else None,
+            "wall_s": round(wall, 3), "input_tok_s": round(in_tokens / wall, 1),
+            "output_tok_s": round(out_tokens / wall, 1), "total_tok_s": round((in_tokens + out_tokens) / wall, 1)}
+
+
+def run_cli(args) -> int:
+    cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    pt = args.page_tokens
+    chunk = args.chunk_size or (256 if args.tiny else 2048)
+    longest = max(args.pair_len, args.system_len + args.turns * (args.turn_len + args.output_len))
+    max_len = -(-(longest + 1) // pt) * pt
+    # every conversation resident at once, plus room for the cache to keep what finished
+    pages = 2 * max(args.conversations // args.dp + 1, 2) * (max_len // pt)
+    ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=max(args.conversations, 4),
+                      num_pages=pages, page_tokens=pt, max_model_len=max_len, max_tokens_per_step=chunk,
+                      chunk_size=chunk, moe_backend=args.moe_backend, seed=args.seed,
+                      compilation_cache_dir=None)
+    t0 = time.perf_counter()
+    engine = Engine(ec, model=random_model(cfg, seed=args.seed, dtype=dtype), tokenizer=None)
+    engine.warmup()
+    warm_s = time.perf_counter() - t0
+    rows = []
+    for on in (False, True):
+        rng = np.random.default_rng(args.seed)  # the same prompts for both modes
+        engine.reset_scheduler(prefix_caching=on)
+        row = {"prefix_cache": "on" if on else "off", **run_pair(engine, rng, cfg.vocab_size, args.pair_len,
+                                                                  args.pair_shared)}
+        engine.reset_scheduler(prefix_caching=on)  # the conversations start with an empty cache
+        row.update(run_conversations(engine, rng, cfg.vocab_size, args))
+        row["compiles_after_warmup"] = engine.snapshot()["step_compiles"]["after_warmup"]
+        rows.append(row)
+    device = jax.devices()[0].device_kind
+    print(f"{device}, dp={args.dp}, {'tiny' if args.tiny else f'V4-Flash dims, {args.layers} layers'}; "
+          f"build + warm-up {warm_s:.1f} s")
+    print(f"pair: {args.pair_len} tokens, then {args.pair_shared:.0%} shared | conversations: "
+          f"{args.conversations} x {args.turns} turns, system {args.system_len}, turn {args.turn_len}, "
+          f"answer {args.output_len}")
+    head = ("cache", "TTFT 1st ms", "TTFT 2nd ms", "2nd/1st", "hit rate", "TTFT r1 ms", "TTFT r2+ ms",
+            "total tok/s", "out tok/s")
+    print(" ".join(f"{h:>12}" for h in head))
+    for r in rows:
+        vals = (r["prefix_cache"], r["ttft_first_ms"], r["ttft_second_ms"], r["second_over_first"], r["hit_rate"],
+                r["ttft_first_round_ms"], r["ttft_later_rounds_ms"], r["total_tok_s"], r["output_tok_s"])
+        print(" ".join(f"{v:>12}" for v in vals))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "dp": args.dp, "model": "tiny" if args.tiny else f"v4-flash-{args.layers}l",
+                       "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1), "results": rows}, f, indent=1)
+    return 0
