@@ -143,3 +143,30 @@ def test_ptx_decoder_refused_in_interpret_mode():
     with pytest.raises(ValueError, match="ptx"):
         wg.grouped_gemm(jnp.zeros((8, 64), jnp.bfloat16), w, jnp.asarray([4, 4]), cfg=SMALL,
                         interpret=True, decode="ptx")
+
+
+def test_fp8_kernel_matches_float64_reference():
+    """The FP8 block-scaled dense kernel (interpreted): rows not a multiple of the row tile,
+    several 128x128 scale blocks with different scales."""
+    from atom_jax.kernels import fp8_dense_gemm as fk
+    rng = np.random.default_rng()
+    w = rng.standard_normal((256, 384)).astype(np.float32) * np.repeat(rng.uniform(0.01, 9, (2, 3)), 128, 0).repeat(128, 1)
+    q, s = quant.quantize_fp8(w)
+    codes, scale = jnp.asarray(q.view(np.uint8)), jnp.asarray(quant.scale_to_float32(s))
+    x = jnp.asarray(rng.standard_normal((3, 13, 384)), jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ quant.dequantize_fp8(q, s).T.astype(np.float64)
+    out = packed.fp8_linear(x, codes, scale, use_kernel=True)
+    assert out.shape == (3, 13, 256) and out.dtype == jnp.bfloat16
+    assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 8e-3
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fk.fp8_matmul(x[0, :, :100], codes[:, :100], scale)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_fp8_kernel_lowers_for_gpu(platform):
+    from atom_jax.kernels import fp8_dense_gemm as fk
+    args = (jax.ShapeDtypeStruct((64, 512), jnp.bfloat16), jax.ShapeDtypeStruct((256, 512), jnp.uint8),
+            jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    exported = jax.export.export(jax.jit(fk.fp8_matmul), platforms=(platform,), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert "fp8_dense_gemm" in exported.mlir_module()

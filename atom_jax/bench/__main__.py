@@ -16,6 +16,7 @@ COMMANDS = {
     "gemm-compare": "atom_jax.bench.gemm_compare",
     "w4a16": "atom_jax.bench.w4a16",
     "memory": "atom_jax.bench.memory",
+    "fp8": "atom_jax.bench.fp8",
     "dp-step": "atom_jax.bench.dp_step",
     "tbo-model": "atom_jax.bench.tbo_model",
     "engine-step": "atom_jax.bench.engine_step",

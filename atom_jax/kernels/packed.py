@@ -103,12 +103,29 @@ def fp8_dequantize(codes, scale, dtype=jnp.bfloat16):
     return (w * s[..., :out_f, :in_f]).astype(dtype)
 
 
-def fp8_linear(x, codes, scale):
+# Rows (tokens) up to which `fp8_linear` runs the Pallas FP8 kernel on GPU (each weight read once
+# per row tile); from there on the weight is decoded once in XLA and multiplied by cuBLAS /
+# hipBLASLt. A starting point until `python -m atom_jax.bench fp8` measures the crossover.
+FP8_KERNEL_MAX_ROWS = 512
+
+
+def fp8_linear(x, codes, scale, use_kernel: bool | None = None):
     """x [..., in] @ W^T for an FP8 weight W [out, in] with block scales -> [..., out] in x.dtype.
 
-    Dequantised per 128x128 block in jnp then one matmul (the simplest correct choice: XLA fuses
-    the decode into one pass that writes the bf16 weight, and the GEMM is cuBLAS/hipBLASLt's; a
-    fused in-kernel decode only pays off when decode-time weight streaming of these projections
-    matters, which the memory plan shows is small beside the experts)."""
+    Decode-sized calls on GPU run the Pallas kernel (`fp8_dense_gemm`: 1 byte per weight
+    streamed); otherwise the weight is decoded per 128x128 block in jnp and multiplied in one
+    matmul (the CPU path and the oracle; XLA fuses the decode into one pass)."""
+    *lead, k = x.shape
+    n = codes.shape[0]
+    m = 1
+    for d in lead:
+        m *= d
+    if use_kernel is None:
+        from atom_jax.kernels.fp8_dense_gemm import supported
+        use_kernel = jax.default_backend() != "cpu" and supported(k, n) and m <= FP8_KERNEL_MAX_ROWS
+    if use_kernel:
+        from atom_jax.kernels.fp8_dense_gemm import fp8_matmul
+        out = fp8_matmul(x.reshape(m, k), codes, scale, interpret=jax.default_backend() == "cpu")
+        return out.reshape(*lead, n)
     w = fp8_dequantize(codes, scale, x.dtype)
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
