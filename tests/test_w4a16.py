@@ -50,7 +50,8 @@ def test_fp8_dequantize_matches_checkpoint_decoder():
     np.testing.assert_array_equal(np.asarray(ours), ref)
     x = rng.standard_normal((5, 300)).astype(np.float32)
     y = packed.fp8_linear(jnp.asarray(x), jnp.asarray(q.view(np.uint8)), jnp.asarray(quant.scale_to_float32(s)))
-    np.testing.assert_allclose(np.asarray(y), x @ ref.T, rtol=1e-5, atol=1e-5)
+    want = x @ ref.T  # float32 sums of 300 products: rounding grows with the largest output
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("trial", range(2))
