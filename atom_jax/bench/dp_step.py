@@ -2,11 +2,15 @@
 dimensions.
 
     python -m atom_jax.bench dp-step --layers 6 --json out.json --hlo-dir hlo/
+    python -m atom_jax.bench dp-step --layers 6 --emulate-dp 8 --json dp8.json   # one rank of dp=8 per GPU
 
 Prefill sizes are tokens per rank made of 1024-token sequences; decode sizes are that many
 one-token rows per rank (no KV cache yet: attention is trivial there, the MoE is real).
 Also times the step's collectives alone (same shapes, no compute), and checks in the compiled
-HLO of each TBO step which collectives overlap GEMMs. Prints a table and writes JSON."""
+HLO of each TBO step which collectives overlap GEMMs, and one layer's routed experts alone at
+the rank's shapes (whole step and TBO half). Prints a table and writes JSON; the JSON is the
+calibration input of `bench tbo-model`. With --emulate-dp N every row is labelled "emulated
+dp=N" (atom_jax/sharding/emulate.py: what the emulation is and what it leaves out)."""
 
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.bench.timing import median_time
-from atom_jax.config import tiny, v4_flash
+from atom_jax.config import PRESETS, tiny
 from atom_jax.kernels import grouped_gemm
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh
+from atom_jax.sharding.emulate import check_emulation, held_experts
 from atom_jax.trace.capture import profile_steps
 from atom_jax.trace.hlo import analyze_hlo
 
@@ -34,9 +39,13 @@ def time_fn(fn, inputs, iters):
     return med * 1e3, best * 1e3
 
 
-def comm_only(mesh, cfg, tokens, layers, dtype):
-    """The collectives of one non-TBO step: per layer AG(x, weights, ids) and RS(partial)."""
+def comm_only(mesh, cfg, tokens, layers, dtype, emulate_dp=None):
+    """The collectives of one non-TBO step: per layer AG(x, weights, ids) and RS(partial).
+    Emulating dp=N on M devices, each device sends (N - 1) x tokens / (M - 1) rows."""
     k = cfg.num_experts_per_tok
+    m = mesh.shape[DP]
+    if emulate_dp:
+        tokens = (emulate_dp - 1) * tokens // (m - 1)
 
     def body(x, w, i):
         acc = x
@@ -49,12 +58,32 @@ def comm_only(mesh, cfg, tokens, layers, dtype):
         return acc
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(DP), P(DP), P(DP)), out_specs=P(DP), check_vma=False))
-    dp = mesh.shape[DP]
+    dp = m
     sh = NamedSharding(mesh, P(DP))
     x = jax.device_put(jnp.ones((dp * tokens, cfg.hidden_size), dtype), sh)
     w = jax.device_put(jnp.ones((dp * tokens, k), jnp.float32), sh)
     i = jax.device_put(jnp.ones((dp * tokens, k), jnp.int32), sh)
     return time_fn(lambda _: f(x, w, i), [0], 10)[0]
+
+
+def experts_only(cfg, dp, tokens, dtype, backend, iters):
+    """ms of one layer's routed experts on one rank of dp: dp x tokens gathered rows routed
+    uniformly over all experts, this rank's E / dp experts computed (the rest sorted past the
+    last group, as in the step)."""
+    from atom_jax.models.moe import routed_experts
+
+    e_local, k, d, i = cfg.n_routed_experts // dp, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    n = dp * tokens
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (n, d), dtype)
+    idx = jax.random.randint(jax.random.fold_in(key, 1), (n, k), 0, cfg.n_routed_experts, jnp.int32)
+    w = jnp.full((n, k), 1.0 / k, jnp.float32)
+    w1, w3 = (0.02 * jax.random.normal(jax.random.fold_in(key, j), (e_local, d, i), dtype) for j in (2, 3))
+    w2 = 0.02 * jax.random.normal(jax.random.fold_in(key, 4), (e_local, i, d), dtype)
+    f = jax.jit(lambda x: routed_experts(x, idx, w, w1, w3, w2, cfg.swiglu_limit, 0, backend, cfg.n_routed_experts))
+    ms = time_fn(f, [x], iters)[0]
+    del x, w1, w2, w3
+    return ms
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,7 +96,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="capacity")
     ap.add_argument("--expert-mode", default="expert")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--preset", choices=("v4-flash", "v4-pro"), default="v4-flash", help="layer dimensions")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--emulate-dp", type=int, default=None, metavar="N",
+                    help="each device runs one rank of dp=N (rank shapes and per-rank link volume; "
+                         "atom_jax/sharding/emulate.py says what it leaves out)")
+    ap.add_argument("--no-components", action="store_true",
+                    help="skip timing one layer's routed experts alone (the step model's calibration)")
     ap.add_argument("--json")
     ap.add_argument("--hlo-dir")
     ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
@@ -80,11 +115,17 @@ def run_cli(args) -> int:
 
     mesh = make_dp_mesh()
     dp = mesh.shape[DP]
-    cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
+    cfg = tiny() if args.tiny else PRESETS[args.preset](num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     base = StepOptions(expert_mode=args.expert_mode, moe_backend=args.backend, output="hidden")
-    model, params = random_params_on_mesh(cfg, mesh, base, dtype)
-    print(f"devices: {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
+    emulate = args.emulate_dp if args.emulate_dp and args.emulate_dp != dp else None
+    rank_dp = emulate or dp  # the dp whose rank each device runs
+    label = f"emulated dp={emulate}" if emulate else f"dp={dp}"
+    if emulate:
+        check_emulation(cfg.n_routed_experts, dp, emulate, args.expert_mode)
+    model, params = random_params_on_mesh(
+        cfg, mesh, base, dtype, experts=held_experts(cfg.n_routed_experts, dp, emulate) if emulate else None)
+    print(f"{label}: devices {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
           f"backend {args.backend}; capacity factor {grouped_gemm.CAPACITY_FACTOR}", flush=True)
 
     cases = [("prefill", t, args.seq) for t in map(int, args.prefill.split(",")) if t] + \
@@ -96,9 +137,10 @@ def run_cli(args) -> int:
         rows = max(1, tokens // seq)
         inputs = [jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (dp * rows, seq)), jnp.int32),
                                  NamedSharding(mesh, P(DP))) for _ in range(3)]
-        res = {"phase": phase, "tokens_per_rank": rows * seq, "rows": rows, "seq": seq}
+        res = {"label": label, "dp": rank_dp, "emulated": bool(emulate), "phase": phase,
+               "tokens_per_rank": rows * seq, "rows": rows, "seq": seq}
         for tbo in (False, True):
-            step, _ = make_step(model, mesh, base, place=False)
+            step, _ = make_step(model, mesh, base, place=False, emulate_dp=emulate)
             t0 = time.perf_counter()
             compiled = step.lower(params, inputs[0], tbo=tbo).compile()
             res[f"compile_s_{'tbo' if tbo else 'base'}"] = round(time.perf_counter() - t0, 2)
@@ -122,18 +164,30 @@ def run_cli(args) -> int:
                     print(report.format_table(), flush=True)
             del compiled, step
         res["ratio"] = round(res["tbo_ms"] / res["base_ms"], 3)
-        res["comm_only_ms"] = round(comm_only(mesh, cfg, rows * seq, cfg.num_layers, dtype), 3)
+        res["comm_only_ms"] = round(comm_only(mesh, cfg, rows * seq, cfg.num_layers, dtype, emulate), 3)
+        if not args.no_components:  # one layer's routed experts alone, whole step and TBO half
+            res["experts_ms"] = round(experts_only(cfg, rank_dp, rows * seq, dtype, args.backend, args.iters), 3)
+            res["experts_half_ms"] = round(
+                experts_only(cfg, rank_dp, max(1, rows * seq // 2), dtype, args.backend, args.iters), 3)
         rows_out.append(res)
         print(json.dumps(res), flush=True)
 
-    print(f"\n{'phase':8} {'tok/rank':>8} {'base ms':>9} {'TBO ms':>9} {'TBO/base':>8} {'comm ms':>8} "
+    print(f"\n{'':16} {'phase':8} {'tok/rank':>8} {'base ms':>9} {'TBO ms':>9} {'TBO/base':>8} {'comm ms':>8} "
           f"{'overlap':>9} {'sync':>4}")
     for r in rows_out:
         h = r["hlo"]
-        print(f"{r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f} {r['tbo_ms']:9.3f} {r['ratio']:8.3f} "
-              f"{r['comm_only_ms']:8.3f} {h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
+        print(f"{r['label']:16} {r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f} {r['tbo_ms']:9.3f} "
+              f"{r['ratio']:8.3f} {r['comm_only_ms']:8.3f} {h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "dp": dp, "layers": cfg.num_layers,
+            json.dump({"device": jax.devices()[0].device_kind, "devices": dp, "dp": rank_dp, "label": label,
+                       "emulated": bool(emulate), "layers": cfg.num_layers, "dims": model_dims(cfg, dtype),
                        "backend": args.backend, "jax": jax.__version__, "results": rows_out}, f, indent=1)
     return 0
+
+
+def model_dims(cfg, dtype) -> dict:
+    """The dimensions the step model (bench/step_model.py) needs, with the measurement."""
+    return {"hidden_size": cfg.hidden_size, "n_routed_experts": cfg.n_routed_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
+            "num_layers": cfg.num_layers, "dtype_bytes": jnp.dtype(dtype).itemsize}

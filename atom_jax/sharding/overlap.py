@@ -125,10 +125,14 @@ class RankStep:
             weights, idx = gathered["weights"], gathered["idx"]
         else:
             weights, idx = block.ffn.route(gathered["x"], gathered["ids"])
-        offset = 0
-        if self.opts.expert_mode == BY_EXPERT:
-            offset = jax.lax.axis_index(DP) * (self.cfg.n_routed_experts // self.dp)
-        return block.ffn.routed(gathered["x"], weights, idx, expert_offset=offset, backend=self.opts.moe_backend)
+        return block.ffn.routed(gathered["x"], weights, idx, expert_offset=self.expert_offset(),
+                                backend=self.opts.moe_backend)
+
+    def expert_offset(self):
+        """Index of this rank's first expert (0 when every rank holds a slice of every expert)."""
+        if self.opts.expert_mode != BY_EXPERT:
+            return 0
+        return jax.lax.axis_index(DP) * (self.cfg.n_routed_experts // self.dp)
 
     def combine(self, partial):
         return jax.lax.psum_scatter(partial, DP, scatter_dimension=0, tiled=True)

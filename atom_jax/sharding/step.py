@@ -21,10 +21,11 @@ from atom_jax.loader import abstract_model
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.layers import rms_norm
 from atom_jax.models.packed_params import BF16, SCALE, random_leaf
+from atom_jax.sharding.emulate import check_emulation, emulated, emulated_params
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.microbatch import Segment, split_two, whole
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
-from atom_jax.sharding.placement import check_divisible, param_specs
+from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
 
 
 @dataclasses.dataclass
@@ -83,25 +84,32 @@ class FullSeqRankStep(RankStep):
         return out
 
 
-def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place: bool = True):
+def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place: bool = True,
+              emulate_dp: int | None = None):
     """-> (step, params): `step(params, token_ids, tbo=False)` with token_ids [dp * rows, seq]
     sharded by rows over `dp` and `tbo` a static bool (two-batch overlap); returns [dp * rows, seq, vocab] logits (or hidden). `params` are the model's
     parameters placed on the mesh (experts sharded per `opts.expert_mode`); with `place=False`
     (an abstract model, e.g. for benchmarks that initialise on device) params is None."""
     dp = mesh.shape[DP]
-    check_divisible(model.cfg, dp, opts.expert_mode, model.weights)
+    check_divisible(model.cfg, emulate_dp or dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
     pure = state.to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)
     params = None
     if place:
         params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
+    rank_step = FullSeqRankStep
+    if emulate_dp:  # each device runs one rank of dp=emulate_dp (sharding/emulate.py)
+        check_emulation(model.cfg.n_routed_experts, dp, emulate_dp, opts.expert_mode)
+        rank_step = partial(emulated(FullSeqRankStep), virtual_dp=emulate_dp)
+        if place:
+            params = emulated_params(params, mesh, emulate_dp)
     skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
 
     def body(local_params, ids, tbo):
         st = nnx.split(skeleton)[1]
         nnx.replace_by_pure_dict(st, local_params)
-        return FullSeqRankStep(nnx.merge(graphdef, st), opts, dp)(ids, tbo)
+        return rank_step(nnx.merge(graphdef, st), opts, dp)(ids, tbo)
 
     def step(params, ids, tbo: bool = False):
         sharded = jax.shard_map(partial(body, tbo=bool(tbo)), mesh=mesh, in_specs=(specs, P(DP)),
@@ -111,10 +119,12 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
     return jax.jit(step, static_argnames=("tbo",)), params
 
 
-def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0, weights: str = BF16):
+def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0, weights: str = BF16,
+                          experts: int | None = None):
     """Random parameters created directly on the devices, already sharded (a V4-Flash layer is
     ~13 GB of experts: building it on the host first would not fit). `weights` "native" makes
-    the packed FP4 / FP8 parameters directly (packed_params.random_leaf)."""
+    the packed FP4 / FP8 parameters directly (packed_params.random_leaf). `experts`: hold only
+    the first this many routed experts (dp emulation, sharding/emulate.py)."""
     model = abstract_model(cfg, dtype, weights=weights)
     pure = nnx.split(model)[1].to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)
@@ -122,11 +132,13 @@ def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     makers = {}  # one compiled maker per (shape, dtype, spec): layers repeat, so few compiles
     out = []
+    expert_stack = jax.tree.leaves(param_specs(pure, BY_EXPERT), is_leaf=lambda x: isinstance(x, P))
     for i, ((path, leaf), spec) in enumerate(zip(leaves_with_path, spec_leaves)):
         scale = str(getattr(path[-1], "key", path[-1])).endswith(SCALE)
-        sig = (scale, leaf.shape, jnp.dtype(leaf.dtype), spec)
+        shape = leaf.shape if experts is None or expert_stack[i] == P() else (experts,) + leaf.shape[1:]
+        sig = (scale, shape, jnp.dtype(leaf.dtype), spec)
         if sig not in makers:
-            makers[sig] = jax.jit(partial(_random_leaf, scale, leaf.shape, jnp.dtype(leaf.dtype), cfg.n_routed_experts),
+            makers[sig] = jax.jit(partial(_random_leaf, scale, shape, jnp.dtype(leaf.dtype), cfg.n_routed_experts),
                                   out_shardings=NamedSharding(mesh, spec))
         out.append(makers[sig](jax.random.fold_in(jax.random.key(seed), i)))
     return model, jax.tree.unflatten(treedef, out)
