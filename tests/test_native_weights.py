@@ -55,6 +55,10 @@ def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_r
     assert ffn.w1.get_value().shape == (dense.cfg.n_routed_experts, dense.cfg.hidden_size // 2,
                                         dense.cfg.moe_intermediate_size)
     assert resolve_weights(official) == "native"
+    from atom_jax.engine import EngineConfig
+    from atom_jax.sharding.memory import engine_memory_plan
+    plan = engine_memory_plan(EngineConfig(model=official, dp=2), gpu_bytes=2**30)  # headers only
+    assert plan.weights == "native" and "experts" in plan.format()
     ids, ref = ids_and_ref
     assert _rel(np.asarray(jit_forward(native)(ids)), ref) < BOUND  # (the kernels: test_w4a16.py)
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile-steps", type=positive_int, default=None, metavar="N",
                    help="with --profile: trace the first N model steps after warm-up "
                         "(default: none; trace on demand)")
+    s.add_argument("--print-memory", action="store_true",
+                   help="print the memory plan (weight bytes per GPU, KV bytes per token, KV tokens "
+                   "that fit) from the checkpoint's headers and exit, loading nothing")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="log level of atom_jax and uvicorn (default: info)")
@@ -88,6 +91,11 @@ def main(argv=None) -> int:
         start = start_engine(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.print_memory:
+        from atom_jax.sharding.memory import engine_memory_plan
+
+        print(engine_memory_plan(start.config).format())
+        return 0
     if not start.is_leader:
         return start.follow()
 

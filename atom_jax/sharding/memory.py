@@ -25,6 +25,13 @@ from atom_jax.sharding.placement import BY_EXPERT, param_specs
 GiB = 1024 ** 3
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     dp: int
@@ -51,13 +58,13 @@ class MemoryPlan:
         return d
 
     def format(self) -> str:
-        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.weight_bytes_by_part.items())
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in self.weight_bytes_by_part.items())
         lines = [
-            f"weights ({self.weights}) per GPU at dp={self.dp}: {self.weight_bytes_per_gpu / GiB:.2f} GiB ({parts})",
+            f"weights ({self.weights}) per GPU at dp={self.dp}: {_size(self.weight_bytes_per_gpu)} ({parts})",
             f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries) + "
-            f"{self.kv_bytes_per_slot / 2**20:.2f} MiB per sequence slot (windows, tails) x {self.num_slots} slots",
-            f"GPU {self.gpu_bytes / GiB:.1f} GiB - weights - {self.reserve_bytes / GiB:.1f} GiB reserve - slots = "
-            f"{self.kv_budget_bytes / GiB:.2f} GiB for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
+            f"{_size(self.kv_bytes_per_slot)} per sequence slot (windows, tails) x {self.num_slots} slots",
+            f"GPU {_size(self.gpu_bytes)} - weights - {_size(self.reserve_bytes)} reserve - slots = "
+            f"{_size(self.kv_budget_bytes)} for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
             f"({self.kv_tokens_per_gpu * self.dp:,} over dp={self.dp})",
         ]
         if self.kv_budget_bytes < 0:
@@ -128,3 +135,28 @@ def measured_bytes_per_device(tree) -> dict:
         for shard in leaf.addressable_shards:
             out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out
+
+
+def device_memory_bytes(default: int = int(139 * GiB)) -> int:
+    """Memory of one accelerator (its allocator limit), or `default` where none is reported."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # CPU backends may not implement memory_stats
+        stats = {}
+    return int(stats.get("bytes_limit", default))
+
+
+def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
+    """The plan for an `EngineConfig` before anything is loaded: the model's config and weight
+    format from the checkpoint's headers (or the embedded / random model's)."""
+    from atom_jax.default_model import byte_model_config, resolve_model
+    from atom_jax.loader import resolve_weights
+    from atom_jax.weights.config_io import read_config
+
+    source = resolve_model(config.model)
+    if source.kind == "dir":
+        cfg, weights = read_config(source.path), resolve_weights(source.path, config.weights)
+    else:
+        cfg, weights = byte_model_config(), "native" if config.weights == "native" else "bf16"
+    return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
+                       page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode)
