@@ -54,8 +54,9 @@ def greedy(forward, prompt_ids: list[int], max_tokens: int, eos_ids=(), pad_to: 
     return greedy_batch(forward, [prompt_ids], max_tokens, eos_ids, width=pad_to)[0]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m atom_jax.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", default="The quick brown fox",
                     help="text, or comma-separated token ids for a model without the byte "
                          "tokenizer (default: 'The quick brown fox')")
@@ -65,7 +66,11 @@ def main(argv=None):
                     help="tokens to generate (default: 32)")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the random weights with --model random (default: 0)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     tok = ByteTokenizer()
     source = resolve_model(args.model)
     model = load_resolved(source, seed=args.seed)

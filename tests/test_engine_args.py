@@ -22,9 +22,33 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
             if a.option_strings and not isinstance(a, argparse._HelpAction)}
 
 
-@pytest.mark.parametrize("parser", [serve_parser, generate_parser])
+def _all_options(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.Action]:
+    """Options and positionals of a parser and its subcommands, named `sub --flag`."""
+    out = {}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(_all_options(sub, f"{prefix}{name} "))
+        elif not isinstance(a, argparse._HelpAction) and (a.option_strings or a.nargs == "?"):
+            out[prefix + (a.option_strings[-1] if a.option_strings else a.dest)] = a
+    return out
+
+
+def _trace_parser():
+    from atom_jax.trace.__main__ import build_parser
+
+    return build_parser()
+
+
+def _demo_parser():
+    from atom_jax.demo import build_parser
+
+    return build_parser()
+
+
+@pytest.mark.parametrize("parser", [serve_parser, generate_parser, _trace_parser, _demo_parser])
 def test_help_states_a_default_for_every_option(parser):
-    missing = [name for name, a in _options(parser()).items()
+    missing = [name for name, a in _all_options(parser()).items()
                if not a.help or "default" not in a.help and "required" not in a.help]
     assert not missing, f"options without a stated default: {missing}"
 

@@ -99,7 +99,7 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
             raise unavailable("the engine is still loading; retry shortly", "server_starting", 5)
         return engine_loop.info
 
-    @app.get("/health", summary="200 once the engine is ready (after --warmup), else 503")
+    @app.get("/health", summary="200 once the engine is ready (after warm-up), else 503")
     async def health():
         if engine_loop.failure:
             return JSONResponse({"status": "failed", "error": engine_loop.failure}, status_code=503)

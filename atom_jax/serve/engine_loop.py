@@ -208,7 +208,7 @@ class EngineLoop:
             if self._warmup is not None:
                 t0 = time.perf_counter()
                 self._warmup(engine)
-                log.info("warmup done in %.1f s", time.perf_counter() - t0)
+                log.info("warm-up done in %.1f s", time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - report any start failure on /health
             self.failure = f"{type(e).__name__}: {e}"
             log.error("engine failed to start:\n%s", traceback.format_exc())

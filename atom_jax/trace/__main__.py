@@ -64,14 +64,18 @@ def _add_hlo_parser(sub: argparse._SubParsersAction) -> None:
         help="check that async collectives overlap GEMMs in scheduled HLO",
         description="Analyze scheduled HLO (compiled.as_text()) for collective/GEMM overlap.",
     )
-    p.add_argument("file", nargs="?", help="saved HLO text (jax ... .compile().as_text())")
-    p.add_argument("--module", help="pkg.mod:function returning (fn, args); compiled here")
-    p.add_argument("--save-hlo", metavar="OUT", help="with --module: also write the HLO text")
-    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("file", nargs="?", help="saved HLO text (jax ... .compile().as_text()); "
+                   "give it or --module (default: none)")
+    p.add_argument("--module", help="pkg.mod:function returning (fn, args); compiled here "
+                   "(default: none)")
+    p.add_argument("--save-hlo", metavar="OUT", help="with --module: also write the HLO text "
+                   "(default: not written)")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON (default: not written)")
     p.add_argument("--require-overlap", action="store_true",
-                   help="exit 1 if any all-gather/reduce-scatter/all-reduce is not overlapped")
+                   help="exit 1 if any all-gather/reduce-scatter/all-reduce is not overlapped "
+                        "(default: report only)")
     p.add_argument("--min-bytes", type=int, default=0,
-                   help="with --require-overlap: ignore collectives smaller than this")
+                   help="with --require-overlap: ignore collectives smaller than this (default: 0)")
     p.set_defaults(func=_run_hlo)
 
 
@@ -92,10 +96,11 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
         description="Summarise the newest trace under DIR (jax.profiler.start_trace log dir).",
     )
     p.add_argument("dir", help="trace log dir, a plugins/profile/<run> dir, or an xplane/json file")
-    p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
-    p.add_argument("--top", type=int, default=10, help="kernels to list per device (default 10)")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON (default: not written)")
+    p.add_argument("--top", type=int, default=10, help="kernels to list per device (default: 10)")
     p.add_argument("--steps", type=int, default=None,
-                   help="steps in the capture when it has no step annotations")
+                   help="steps in the capture when it has no step annotations (default: the "
+                        "capture's distinct executions)")
     p.set_defaults(func=_run_report)
 
 
