@@ -74,24 +74,18 @@ def preset_config(preset: str, layers: int | None):
     return make(num_layers=layers)
 
 
-def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int):
+def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int, weights: str = "bf16"):
     """An NNX model whose random parameters are created on the devices, sharded as the engine
-    places them (so placing them again moves nothing)."""
+    places them (so placing them again moves nothing); `weights` "native": packed FP4 / FP8."""
     from flax import nnx
 
     from atom_jax.sharding import StepOptions, make_dp_mesh, random_params_on_mesh
 
     skeleton, params = random_params_on_mesh(cfg, make_dp_mesh(dp), StepOptions(expert_mode=expert_mode),
-                                             dtype, seed)
+                                             dtype, seed, weights=weights)
     graphdef, state = nnx.split(skeleton)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
-
-
-def _has_field(name: str) -> bool:
-    import dataclasses
-
-    return any(f.name == name for f in dataclasses.fields(EngineConfig))
 
 
 def build_engine(args):
@@ -114,19 +108,17 @@ def build_engine(args):
         slots = args.num_slots or EngineConfig.num_slots
         per_seq = args.max_pages_per_seq or -(-(args.max_model_len or longest) // page_tokens)
         overrides["num_pages"] = slots * per_seq
-    weights = getattr(args, "weights", None)
-    if weights not in (None, "dense") and not _has_field("weights"):
-        raise SystemExit(f"--weights {weights}: this checkout's EngineConfig has no `weights` setting yet")
     ec = engine_config(args, **overrides)
+    weights = "native" if ec.weights == "native" else "bf16"  # random weights: auto = bf16
     if cfg is None:
         engine = Engine(ec, tokenizer=None)
         return engine, engine.model.cfg
     if args.preset in SMALL_PRESETS:  # built on the host like `--model random`
         from atom_jax.loader import random_model
 
-        model = random_model(cfg, seed=ec.seed, dtype=jnp.dtype(dtype))
+        model = random_model(cfg, seed=ec.seed, dtype=jnp.dtype(dtype), weights=weights)
     else:
-        model = random_model_on_mesh(cfg, ec.dp, jnp.dtype(dtype), ec.expert_mode, ec.seed)
+        model = random_model_on_mesh(cfg, ec.dp, jnp.dtype(dtype), ec.expert_mode, ec.seed, weights)
     return Engine(ec, model=model, tokenizer=None), cfg
 
 
@@ -237,10 +229,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--preset", choices=sorted(PRESETS) + ["mid"], default="tiny",
                    help="shapes of the random model (default: tiny; ignored with --model)")
     m.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
-    if not _has_field("weights"):  # the engine's own flag once EngineConfig has the setting
-        m.add_argument("--weights", choices=("dense", "native"), default="dense",
-                       help="dense: random weights in --dtype; native: packed FP8/FP4 (needs "
-                            "EngineConfig.weights)")
     add_engine_args(p)
     w = p.add_argument_group("workload (bench_serving `random` dataset)")
     w.add_argument("--num-prompts", type=int, default=64)
