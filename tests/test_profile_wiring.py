@@ -33,6 +33,10 @@ def test_engine_traces_the_given_number_of_steps(engine, tmp_path):
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
     rep = report(tmp_path)
     assert [s["num"] for s in rep["annotated_steps"]] == [0, 1]
+    from atom_jax.trace.events import find_trace_file, read_xplane
+
+    raw, _ = read_xplane(find_trace_file(tmp_path).read_bytes())
+    assert raw and not [r for r in raw if r.name.startswith("$")]  # no Python tracer events
 
 
 def test_steps_that_compile_do_not_count_as_traced_steps(engine, tmp_path):
