@@ -97,3 +97,18 @@ def test_dp_step_lowers_for_rocm(setup, tbo):
     plain = jax.export.export(step, platforms=("rocm",))(params, ids, tbo=tbo)
     assert TRITON not in plain.mlir_module()
     _check(_export(step, params, ids, tbo=tbo), cfg, tbo)
+
+
+def test_dp_step_with_native_weights_lowers_for_rocm():
+    """Packed FP4 experts / FP8 projections (`weights="native"`): the W4A16 Triton kernel in
+    place of the bf16 one, one per expert projection."""
+    cfg = tiny()
+    model = abstract_model(cfg, jnp.bfloat16, weights="native")
+    mesh = make_dp_mesh(DP_SIZE)
+    pure = nnx.split(model)[1].to_pure_dict()
+    params = _abstract(pure, mesh, param_specs(pure))
+    step, _ = make_step(model, mesh, StepOptions(moe_backend="auto"), place=False)
+    ids = jax.ShapeDtypeStruct((DP_SIZE * 2, 8), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
+    exported = _export(step, params, ids, tbo=False)
+    _check(exported, cfg, False)
+    assert exported.mlir_module().count("w4a16_grouped_gemm") >= 3 * cfg.num_layers

@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from atom_jax.kernels.platform import is_cpu
+
 FP4_BLOCK = 32  # inputs per FP4 scale
 FP8_BLOCK = 128  # FP8 block edge
 
@@ -122,10 +124,10 @@ def fp8_linear(x, codes, scale, use_kernel: bool | None = None):
         m *= d
     if use_kernel is None:
         from atom_jax.kernels.fp8_dense_gemm import supported
-        use_kernel = jax.default_backend() != "cpu" and supported(k, n) and m <= FP8_KERNEL_MAX_ROWS
+        use_kernel = not is_cpu() and supported(k, n) and m <= FP8_KERNEL_MAX_ROWS
     if use_kernel:
         from atom_jax.kernels.fp8_dense_gemm import fp8_matmul
-        out = fp8_matmul(x.reshape(m, k), codes, scale, interpret=jax.default_backend() == "cpu")
+        out = fp8_matmul(x.reshape(m, k), codes, scale, interpret=is_cpu())
         return out.reshape(*lead, n)
     w = fp8_dequantize(codes, scale, x.dtype)
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
