@@ -38,11 +38,12 @@ class MemoryPlan:
     weights: str
     weight_bytes_per_gpu: int
     weight_bytes_by_part: dict  # per GPU: experts / attention / shared / embed+head / other
-    kv_bytes_per_token: float  # paged compressed entries, all layers
+    kv_bytes_per_token: float  # paged compressed entries (+ prefix-cache page state), all layers
     kv_bytes_per_slot: int  # ring + compressor tails, all layers
     gpu_bytes: int
     reserve_bytes: int  # activations, workspace, compiled programs
     num_slots: int
+    prefix_caching: bool = True  # pages keep their window state (the engine's default)
 
     @property
     def kv_budget_bytes(self) -> int:
@@ -61,7 +62,8 @@ class MemoryPlan:
         parts = ", ".join(f"{k} {_size(v)}" for k, v in self.weight_bytes_by_part.items())
         lines = [
             f"weights ({self.weights}) per GPU at dp={self.dp}: {_size(self.weight_bytes_per_gpu)} ({parts})",
-            f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries) + "
+            f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries"
+            f"{', window state of the prefix cache' if self.prefix_caching else ''}) + "
             f"{_size(self.kv_bytes_per_slot)} per sequence slot (windows, tails) x {self.num_slots} slots",
             f"GPU {_size(self.gpu_bytes)} - weights - {_size(self.reserve_bytes)} reserve - slots = "
             f"{_size(self.kv_budget_bytes)} for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
@@ -106,10 +108,11 @@ def weight_bytes(cfg: ModelConfig, dp: int, weights: str, dtype=jnp.bfloat16, mo
     return out
 
 
-def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16) -> tuple[float, int]:
-    """(bytes per token of the paged part, bytes per sequence slot), all layers."""
+def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16, prefix_caching: bool = True) -> tuple[float, int]:
+    """(bytes per token of the paged part, bytes per sequence slot), all layers. With
+    `prefix_caching` (the engine's default) pages also keep their window and compressor state."""
     def total(slots, pages):
-        layout = CacheLayout(slots, pages, page_tokens, 1)
+        layout = CacheLayout(slots, pages, page_tokens, 1, page_state=prefix_caching)
         shapes = jax.eval_shape(lambda: init_cache(cfg, layout, dtype))
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
 
@@ -121,11 +124,11 @@ def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16) -> tuple[fl
 
 def memory_plan(cfg: ModelConfig, dp: int, weights: str, gpu_bytes: int, dtype=jnp.bfloat16,
                 page_tokens: int = 128, num_slots: int = 64, reserve_bytes: int = 8 * GiB,
-                mode: str = BY_EXPERT) -> MemoryPlan:
+                mode: str = BY_EXPERT, prefix_caching: bool = True) -> MemoryPlan:
     parts = weight_bytes(cfg, dp, weights, dtype, mode)
-    per_token, per_slot = kv_bytes(cfg, page_tokens, dtype)
+    per_token, per_slot = kv_bytes(cfg, page_tokens, dtype, prefix_caching)
     return MemoryPlan(dp, weights, sum(parts.values()), parts, per_token, per_slot, gpu_bytes,
-                      reserve_bytes, num_slots)
+                      reserve_bytes, num_slots, prefix_caching)
 
 
 def measured_bytes_per_device(tree) -> dict:
