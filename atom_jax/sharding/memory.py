@@ -162,4 +162,5 @@ def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
     else:
         cfg, weights = byte_model_config(), "native" if config.weights == "native" else "bf16"
     return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
-                       page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode)
+                       page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode,
+                       prefix_caching=config.enable_prefix_caching)
