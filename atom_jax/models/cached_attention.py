@@ -194,47 +194,69 @@ def resolve_attn_backend(backend: str, platform: str | None = None) -> str:
 
 def reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
                      n_visible=None, selected=None):
-    """The jnp path and oracle (same contract as kernels.sparse_attention.attend): explicit key
-    sets and masks, one softmax with the sink (models/attention.py's math).
+    """The jnp path and oracle (same contract as kernels.sparse_attention.attend): softmax with
+    the per-head sink over each token's window rows, its selected CSA entries or its visible HCA
+    entries (models/attention.py's math), as an online softmax over those key sets, so every
+    tensor is [T, W], [T, k] or [T, HCA_BLOCK_JNP] keys: the HCA entries are read block by block
+    up to the step's longest visible prefix, never the cache's capacity.
 
     q [T,H,hd]; kv [T,hd] this step's rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as before
     this step; pool [N,hd] compressed entries (None: sliding only); n_visible [T]; selected
     [T,k] entry indices (CSA; None: all visible entries, HCA)."""
-    pos, slot, valid = b["pos"], b["slot"], b["valid"]
-    win = ring_kv.shape[1]
-    # sliding window: the ring as it was before this chunk, and this chunk's own rows
-    ring_kv, ring_pos = ring_kv[slot], ring_pos[slot]  # [T, W, hd], [T, W]
-    d_ring = pos[:, None] - ring_pos
-    vis_ring = (ring_pos >= 0) & (ring_pos < b["seg_start_pos"][:, None]) & (d_ring >= 0) & (d_ring < win)
-    d_chunk = pos[:, None] - pos[None, :]
-    same_chunk = valid[None, :] & (b["seg_start_idx"][:, None] == b["seg_start_idx"][None, :])
-    vis_chunk = same_chunk & (d_chunk >= 0) & (d_chunk < win)
-    sets = [(ring_kv, vis_ring, True), (kv, vis_chunk, False)]
-    if pool is not None:
-        if selected is None:  # HCA: every entry of the slot, masked to the visible ones
-            cap = page_table.shape[1] * epp
-            selected = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), (pos.shape[0], cap))
+    t, h, d = q.shape
+    state = (jnp.full((t, h), _NEG, jnp.float32), jnp.zeros((t, h), jnp.float32), jnp.zeros((t, h, d), jnp.float32))
+    state = _online(q, state, *window_keys(kv, ring_kv, ring_pos, b), scale)
+    slot = b["slot"][:, None]
+    if pool is not None and selected is not None:
         ok = selected < n_visible[:, None]
-        ent = pool[entry_addresses(page_table, slot[:, None], jnp.where(ok, selected, 0), epp)]
-        sets.append((ent, ok, True))
-    return _attend_mixed(q, sets, sinks, scale)
+        keys = pool[entry_addresses(page_table, slot, jnp.where(ok, selected, 0), epp)]
+        state = _online(q, state, keys, ok, scale)
+    elif pool is not None:
+        blk = min(HCA_BLOCK_JNP, page_table.shape[1] * epp)
+        cols = jnp.arange(blk, dtype=jnp.int32)
+
+        def block(i, st):
+            e = i * blk + cols
+            ok = e[None, :] < n_visible[:, None]
+            keys = pool[entry_addresses(page_table, slot, jnp.where(ok, e[None, :], 0), epp)]
+            return _online(q, st, keys, ok, scale)
+
+        state = jax.lax.fori_loop(0, (jnp.max(n_visible, initial=0) + blk - 1) // blk, block, state)
+    m, l, acc = state
+    sink = sinks.astype(jnp.float32)[None, :]
+    m_new = jnp.maximum(m, sink)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + jnp.exp(sink - m_new)
+    return (acc * (alpha / l)[..., None]).astype(q.dtype)
 
 
-def _attend_mixed(q, key_sets, sinks, scale):
-    """One softmax (plus per-head sink) over several key sets. q [T,H,D]; each set is
-    (keys, visible, per_token): keys [T,K,D] with visible [T,K] when per_token, else keys [K,D]
-    shared by all tokens with visible [T,K] (this chunk's own rows). Keys double as values."""
-    logits = []
-    for keys, vis, per_token in key_sets:
-        spec = "thd,tkd->thk" if per_token else "thd,kd->thk"
-        lg = jnp.einsum(spec, q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-        logits.append(jnp.where(vis[:, None], lg, -jnp.inf))
-    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (*logits[0].shape[:2], 1))
-    probs = jax.nn.softmax(jnp.concatenate(logits + [sink], axis=-1), axis=-1)
-    out, off = 0.0, 0
-    for (keys, _, per_token), lg in zip(key_sets, logits):
-        p = probs[..., off: off + lg.shape[-1]].astype(q.dtype)
-        spec = "thk,tkd->thd" if per_token else "thk,kd->thd"
-        out = out + jnp.einsum(spec, p, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        off += lg.shape[-1]
-    return out.astype(q.dtype)
+HCA_BLOCK_JNP = 256  # HCA entries per online-softmax step on the jnp path
+_NEG = -1e30  # running max start: finite, so a fully masked set adds exp(-inf) = 0, never NaN
+
+
+def window_keys(kv, ring_kv, ring_pos, b):
+    """Each token's sliding-window rows, positions p - W + 1 .. p: rows of its own chunk from this
+    step's keys (causal, never another chunk's), earlier ones from its slot's ring where the ring
+    still holds that position. -> (keys [T, W, hd], ok [T, W])."""
+    win = ring_kv.shape[1]
+    j = b["pos"][:, None] - win + 1 + jnp.arange(win, dtype=jnp.int32)[None, :]
+    start_pos = b["seg_start_pos"][:, None]
+    in_chunk = j >= start_pos
+    row = jnp.clip(b["seg_start_idx"][:, None] + j - start_pos, 0, kv.shape[0] - 1)
+    slot, ring_idx = b["slot"][:, None], jnp.mod(j, win)
+    ok = in_chunk | ((j >= 0) & (ring_pos[slot, ring_idx] == j))
+    keys = jnp.where(in_chunk[..., None], kv[row], ring_kv[slot, ring_idx].astype(kv.dtype))
+    return keys, ok
+
+
+def _online(q, state, keys, ok, scale):
+    """One online-softmax step over per-token keys [T,K,hd] (visible where ok [T,K]); keys double
+    as values. Products in q's dtype, float32 accumulation."""
+    m, l, acc = state
+    s = jnp.einsum("thd,tkd->thk", q, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    s = jnp.where(ok[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    pv = jnp.einsum("thk,tkd->thd", p.astype(q.dtype), keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
