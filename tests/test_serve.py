@@ -376,7 +376,13 @@ def test_metrics(server):
     gen = [line for line in text.splitlines() if line.startswith("atom_jax_generation_tokens_total")]
     assert float(gen[0].split()[-1]) > 0
     # ... and none of their requests compiled: warm-up covered every step shape.
-    assert engine_state(server)["step_compiles"]["after_warmup"] == 0
+    state = engine_state(server)
+    assert state["step_compiles"]["after_warmup"] == 0
+    # One source of truth: earlier tests ended requests on stop strings and stop token ids;
+    # the engine's counters and /metrics agree on them.
+    stops = [line for line in text.splitlines()
+             if line.startswith('atom_jax_requests_finished_total{finish_reason="stop"}')]
+    assert stops and float(stops[0].split()[-1]) == state["stats"]["finished"]["stop"] > 0
 
 
 def test_disconnects_abort_and_free_pages(server):
