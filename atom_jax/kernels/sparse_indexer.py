@@ -10,8 +10,9 @@ Programs: (entry sub-block, work item); a work item is a tile of `block_t` conse
 of ONE chunk of the packed buffer (tiles start at the chunk's first token, as the grouped GEMM's
 start at a group's first row), so its tokens share one slot and one key block, loaded once for
 all tokens and heads. The heads loop runs `block_t x block_e` dots over the index head dim.
-Scores at or past a token's visible count are -inf; rows of padding tokens are unspecified
-(the caller masks them by the visible count, which is 0 there)."""
+Scores at or past a token's visible count are -inf or unspecified (sub-blocks past every
+visible prefix of a tile are skipped), as are rows of padding tokens: the caller masks them by
+the visible count (0 for padding)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,17 @@ class IndexerTiles:
 
 TILES = IndexerTiles()
 SCORE_BUDGET = 1 << 24  # float32 scores one call may write ([T, block]: 64 MiB)
-MIN_OUTER_BLOCK = 4096
+MIN_OUTER_BLOCK, MAX_OUTER_BLOCK = 4096, 16384
 
 
 def outer_block(capacity: int, tokens: int, tiles: IndexerTiles = TILES) -> int:
     """Entries per call (and per running top-k merge of [T, k + block]): as many as
-    SCORE_BUDGET allows, at least MIN_OUTER_BLOCK, at most the capacity rounded up to block_e.
-    Decode steps (few tokens) then scan a 1M-token context in one or a few calls."""
-    per_token = max(MIN_OUTER_BLOCK, 1 << max(0, (SCORE_BUDGET // max(tokens, 1)).bit_length() - 1))
+    SCORE_BUDGET allows within [MIN_OUTER_BLOCK, MAX_OUTER_BLOCK], at most the capacity rounded
+    up to block_e. Decode steps (few tokens) scan a 1M-token context (262,144 CSA entries) in 16
+    calls; a short context takes one call whatever the capacity (sub-blocks past the longest
+    visible prefix of a tile exit at once), so its cost follows the context."""
+    per_token = 1 << max(0, (SCORE_BUDGET // max(tokens, 1)).bit_length() - 1)
+    per_token = min(MAX_OUTER_BLOCK, max(MIN_OUTER_BLOCK, per_token))
     return min(per_token, -(-capacity // tiles.block_e) * tiles.block_e)
 
 
@@ -71,22 +75,27 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
         rows = jnp.where(mine, rows, row0)
         slot = slot_ref[row0]
         nvis = jnp.where(mine, nvis_ref[rows], 0)
-        e = e0_ref[0] + j * be + jnp.arange(be, dtype=jnp.int32)
-        live = e < jnp.max(nvis)
-        page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
-        addr = jnp.where(live, page * epp + e % epp, 0)
-        d = jnp.arange(dim, dtype=jnp.int32)
-        keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
+        first = e0_ref[0] + j * be
+        max_vis = jnp.max(nvis)
 
-        def head(h, acc):
-            qh = q_ref[rows[:, None], h * dim + d[None, :]].astype(keys.dtype)
-            s = plt.dot(qh, keys, trans_b=True, allow_tf32=keys.dtype != jnp.float32)  # [bt, be] float32
-            return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
+        @pl.when(first < max_vis)  # sub-blocks past every token's visible prefix: nothing to do
+        def _score():
+            e = first + jnp.arange(be, dtype=jnp.int32)
+            live = e < max_vis
+            page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
+            addr = jnp.where(live, page * epp + e % epp, 0)
+            d = jnp.arange(dim, dtype=jnp.int32)
+            keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
 
-        acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
-        out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
-        cols = j * be + jnp.arange(be, dtype=jnp.int32)
-        plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
+            def head(h, acc):
+                qh = q_ref[rows[:, None], h * dim + d[None, :]].astype(keys.dtype)
+                s = plt.dot(qh, keys, trans_b=True, allow_tf32=keys.dtype != jnp.float32)  # [bt, be] f32
+                return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
+
+            acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
+            out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
+            cols = j * be + jnp.arange(be, dtype=jnp.int32)
+            plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
 
 
 def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int, max_segments: int,
