@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none; trace on demand)")
     s.add_argument("--print-memory", action="store_true",
                    help="print the memory plan (weight bytes per GPU, KV bytes per token, KV tokens "
-                   "that fit) from the checkpoint's headers and exit, loading nothing")
+                   "that fit) from the checkpoint's headers and exit, loading nothing (default: "
+                   "serve)")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="log level of atom_jax and uvicorn (default: info)")
