@@ -144,7 +144,8 @@ class EngineConfig:
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",
-        type=cache_dir, metavar="DIR", cli_default=default_cache_dir())
+        type=cache_dir, metavar="DIR", cli_default=default_cache_dir(),
+        show_default="$XDG_CACHE_HOME/atom_jax/xla, else ~/.cache/atom_jax/xla")
     chat_template: str = setting(
         "auto", "how chat messages become the prompt: v4 is DeepSeek-V4's encoding (thinking "
         "mode, tools in DSML), tokenizer the model directory's own template; auto: the "
