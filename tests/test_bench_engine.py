@@ -23,7 +23,7 @@ def test_engine_bench_tiny_dp2(tmp_path):
             "--max-tokens-per-step", "64", "--chunk-size", "32", "--buckets", "16,64",
             "--compilation-cache-dir", "off", "--num-prompts", "6", "--random-input-len", "40",
             "--random-output-len", "5", "--random-range-ratio", "0.5", "--max-concurrency", "3",
-            "--delayer-modes", "off,on", "--json", str(out)]
+            "--delayer-modes", "off,on", "--compile-workers", "2", "--json", str(out)]
     args = parse(argv)
     assert engine_bench.run_cli(args) == 0
     res = json.loads(out.read_text())
@@ -31,6 +31,7 @@ def test_engine_bench_tiny_dp2(tmp_path):
     # sized to the longest request: 45 tokens, 2 pages of 32 for each of the 4 slots
     assert (res["engine"]["max_model_len"], res["engine"]["num_pages"]) == (45, 8)
     assert [r["delayer"] for r in res["runs"]] == ["off", "on"]
+    assert set(res["precompile_s"]["auto"]) == {"16", "64"}  # both buckets built ahead, no TBO
     for r in res["runs"]:
         assert (r["completed"], r["failed"]) == (6, 0)
         assert r["total_input_tokens"] == sum(q.input_len for q in reqs)
@@ -45,3 +46,28 @@ def test_engine_bench_tiny_dp2(tmp_path):
         assert 0 <= r["padding_waste"] < 1 and r["steps"] > 0
         assert r["tbo_on_steps"] == 0 and r["tbo_off_steps"] == r["steps"]  # below tbo_min_tokens
     assert res["runs"][0]["delayer_outcomes"]["delay"] == 0  # off never delays
+
+
+def test_precompiled_steps_run_without_compiling_and_match_the_jit_path():
+    """ModelRunner.precompile builds a bucket's step ahead (threads); the engine's steps then
+    use it: the same greedy tokens as an engine that compiles on first use, and no compile
+    inside its steps (the sampler's jit is already warm from the first engine)."""
+    from atom_jax.engine import Engine, EngineConfig, SamplingParams
+    from atom_jax.loader import random_model
+    from atom_jax.config import tiny
+
+    model = random_model(tiny(), seed=3)
+    ec = dict(model="random", dp=2, num_slots=2, page_tokens=32, max_model_len=64, num_pages=4,
+              max_tokens_per_step=32, chunk_size=32, buckets=(32,), compilation_cache_dir=None)
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    outs, counts = [], []
+    for ahead in (False, True):
+        eng = Engine(EngineConfig(**ec), model=model, tokenizer=None)
+        if ahead:
+            times = eng.runner.precompile([(32, False)], workers=2)
+            assert list(times) == [(32, False)] and times[(32, False)][1] > 0
+        outs.append([o.token_ids for o in eng.generate(prompts, params)])
+        counts.append(eng.snapshot()["step_compiles"]["count"])
+    assert outs[0] == outs[1] and all(len(t) == 3 for t in outs[0])
+    assert counts[0] >= 1 and counts[1] == 0  # the first compiled its step on use; the second none

@@ -19,9 +19,11 @@ request produces exactly its output length. Arrivals are Poisson at --request-ra
 time (inf: all at t=0); at most --max-concurrency requests are in flight; TTFT counts from
 when a request is added to the engine (bench_serving's semaphore).
 
-Every bucket is compiled first (Engine.warmup, for each --tbo-modes entry), outside the timed
-runs; the persistent compilation cache (on by default, like the CLIs) makes a rerun skip most
-compiling. --delayer-modes / --tbo-modes run each combination on the same compiled engine and
+Every bucket is compiled first, outside the timed runs: traced one after the other, compiled
+by --compile-workers threads at once (ModelRunner.precompile: a 43-layer step takes minutes to
+compile, one program per bucket), then Engine.warmup runs each bucket once (for each
+--tbo-modes entry); the persistent compilation cache (on by default, like the CLIs) makes a
+rerun skip most compiling. --delayer-modes / --tbo-modes run each combination on the same compiled engine and
 the same workload (the scheduler is reset between runs).
 
 Reported per run (atom_jax.bench.metrics, as bench_serving defines them): total (input +
@@ -36,6 +38,7 @@ import argparse
 import collections
 import json
 import math
+import os
 import time
 
 from atom_jax.bench.metrics import new_record, summarize_records
@@ -239,6 +242,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Poisson arrivals per second (default inf: all at once)")
     w.add_argument("--max-concurrency", type=int, default=None)
     w.add_argument("--workload-seed", type=int, default=1)
+    p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads compiling the buckets' steps at once before warm-up (0: compile on "
+                        "first use in warm-up, one after the other)")
     c = p.add_argument_group("comparisons (one compiled engine, the same workload)")
     c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
     c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
@@ -257,10 +263,15 @@ def run(args) -> dict:
     requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.request_rate, args.workload_seed)
     prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
-    warm = {}
+    warm, built = {}, {}
     for tbo in tbos:  # every bucket compiled (or read from the persistent cache), untimed
         t0 = time.perf_counter()
         configure(engine, ec.delayer, tbo)
+        if args.compile_workers > 0:  # every bucket's step compiled in parallel first
+            shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
+            times = engine.runner.precompile(shapes, args.compile_workers)
+            built[TBO_NAMES[tbo]] = {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v]
+                                     for (b, t), v in times.items()}
         engine.warmup()
         warm[TBO_NAMES[tbo]] = round(time.perf_counter() - t0, 2)
         print(f"warm-up (TBO {TBO_NAMES[tbo]}): {warm[TBO_NAMES[tbo]]:.1f} s, buckets {list(engine.buckets)}",
@@ -285,7 +296,8 @@ def run(args) -> dict:
             "model": {"preset": args.preset if args.model is None else None, "path": args.model,
                       "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                       "routed_experts": cfg.n_routed_experts},
-            "engine": dataclasses.asdict(ec), "config": config, "warmup_s": warm, "runs": runs}
+            "engine": dataclasses.asdict(ec), "config": config, "warmup_s": warm,
+            "precompile_s": built, "runs": runs}
 
 
 def run_cli(args) -> int:

@@ -56,6 +56,7 @@ class ModelRunner:
         self.cfg = model.cfg
         # one jitted step; it compiles once per (bucket, tbo)
         self._step, _ = make_cached_step(model, mesh, layout, opts)
+        self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
         self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode)
         shard = self._dp_sharding = NamedSharding(mesh, P(DP))
@@ -108,8 +109,12 @@ class ModelRunner:
             self.restore_slots(inputs.restores)
         per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
         batch = {k: self.global_array(np.stack([b.arrays()[k] for b in per_rank])) for k in per_rank[0].arrays()}
-        logits, self.cache = self._step(self.params, self.cache, batch, self.global_array(self.page_table),
-                                        tbo=inputs.tbo)
+        page_table = self.global_array(self.page_table)
+        built = self._compiled.get((inputs.bucket, inputs.tbo))
+        if built is not None:
+            logits, self.cache = built(self.params, self.cache, batch, page_table)
+        else:
+            logits, self.cache = self._step(self.params, self.cache, batch, page_table, tbo=inputs.tbo)
         s = inputs.sampling
         n = len(s.rows)
         if not n:
@@ -125,6 +130,36 @@ class ModelRunner:
         toks, lps = self._sample(logits, pad(s.rows), pad(s.temperature), pad(s.top_k), pad(s.top_p),
                                  pad(s.seed), pad(s.counter))
         return np.asarray(toks)[:n], np.asarray(lps)[:n]
+
+    def precompile(self, shapes, workers: int = 4) -> dict:
+        """Build the step for every (bucket, tbo) in `shapes` ahead of use: traced one after
+        the other (Python), compiled by `workers` threads at once (XLA compiles outside the
+        GIL), kept for `run`. A 43-layer step takes minutes to compile, a program per bucket:
+        in parallel, warm-up takes about the longest of them instead of their sum. -> seconds
+        {(bucket, tbo): (trace, compile)}."""
+        import concurrent.futures
+        import time
+
+        lowered, times = {}, {}
+        for bucket, tbo in shapes:
+            if (bucket, tbo) in self._compiled or (bucket, tbo) in lowered:
+                continue
+            t0 = time.perf_counter()
+            empty = pack_chunks([], bucket, self.layout.num_slots, split=tbo).arrays()
+            batch = {k: self.global_array(np.stack([v] * self.dp)) for k, v in empty.items()}
+            lowered[(bucket, tbo)] = self._step.lower(self.params, self.cache, batch,
+                                                      self.global_array(self.page_table), tbo=tbo)
+            times[(bucket, tbo)] = time.perf_counter() - t0
+
+        def build(key):
+            t0 = time.perf_counter()
+            return key, lowered[key].compile(), time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for key, exe, sec in pool.map(build, list(lowered)):
+                self._compiled[key] = exe
+                times[key] = (times[key], sec)
+        return times
 
     def restore_slots(self, restores) -> None:
         """Rebuild the listed (rank, slot, start_pos) slots' state from their pages (the page
