@@ -62,6 +62,16 @@ def test_rank_with_no_real_tokens(model):
     assert np.all(np.isfinite(out))
 
 
+def test_fused_tbo_schedule_equals_single_device(model):
+    """TBO with one expert GEMM over both chains' rows (tbo_schedule="fused"), cut inside the
+    middle row of three."""
+    dp, rows_per_rank = 2, 3
+    ids = np.random.default_rng().integers(0, model.cfg.vocab_size, size=(dp * rows_per_rank, 29))
+    ref = np.asarray(jit_forward(model)(ids))
+    out = _run(model, dp, ids, tbo=True, tbo_schedule="fused")
+    assert _rel_err(out, ref) <= 1e-5
+
+
 def test_split_is_token_balanced():
     # ATOM's example: requests [7003, 6928, 2453] split by token give 8192 / 8192
     assert split_sizes([7003, 6928, 2453]) == (8192, 8192)

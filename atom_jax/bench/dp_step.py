@@ -15,6 +15,7 @@ dp=N" (atom_jax/sharding/emulate.py: what the emulation is and what it leaves ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -101,6 +102,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--emulate-dp", type=int, default=None, metavar="N",
                     help="each device runs one rank of dp=N (rank shapes and per-rank link volume; "
                          "atom_jax/sharding/emulate.py says what it leaves out)")
+    ap.add_argument("--tbo-schedule", default="split",
+                    help="TBO schedules to time beside base, comma list of split (each chain its own expert "
+                         "GEMM; columns 'tbo') and fused (one expert GEMM over both chains: weights read once; "
+                         "columns 'fused'); see atom_jax/sharding/overlap.py")
     ap.add_argument("--no-components", action="store_true",
                     help="skip timing one layer's routed experts alone (the step model's calibration)")
     ap.add_argument("--json")
@@ -128,8 +133,11 @@ def run_cli(args) -> int:
     print(f"{label}: devices {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
           f"backend {args.backend}; capacity factor {grouped_gemm.CAPACITY_FACTOR}", flush=True)
 
-    cases = [("prefill", t, args.seq) for t in map(int, args.prefill.split(",")) if t] + \
-            [("decode", t, 1) for t in map(int, args.decode.split(",")) if t]
+    schedules = args.tbo_schedule.split(",")
+    # "tbo" = the split schedule (the step's default); "fused" = one expert GEMM for both chains
+    variants = [("base", False, "split")] + [("tbo" if s == "split" else s, True, s) for s in schedules]
+    cases = [("prefill", int(t), args.seq) for t in args.prefill.split(",") if t.strip()] + \
+            [("decode", int(t), 1) for t in args.decode.split(",") if t.strip()]
     largest = max(cases, key=lambda c: c[1])  # prefill first on a tie
     rng = np.random.default_rng(0)
     rows_out = []
@@ -139,31 +147,35 @@ def run_cli(args) -> int:
                                  NamedSharding(mesh, P(DP))) for _ in range(3)]
         res = {"label": label, "dp": rank_dp, "emulated": bool(emulate), "phase": phase,
                "tokens_per_rank": rows * seq, "rows": rows, "seq": seq}
-        for tbo in (False, True):
-            step, _ = make_step(model, mesh, base, place=False, emulate_dp=emulate)
+        for name, tbo, schedule in variants:
+            opts = dataclasses.replace(base, tbo_schedule=schedule)
+            step, _ = make_step(model, mesh, opts, place=False, emulate_dp=emulate)
             t0 = time.perf_counter()
             compiled = step.lower(params, inputs[0], tbo=tbo).compile()
-            res[f"compile_s_{'tbo' if tbo else 'base'}"] = round(time.perf_counter() - t0, 2)
+            res[f"compile_s_{name}"] = round(time.perf_counter() - t0, 2)
             med, best = time_fn(lambda x: compiled(params, x), inputs, args.iters)
-            res["tbo_ms" if tbo else "base_ms"] = round(med, 3)
-            res["tbo_min_ms" if tbo else "base_min_ms"] = round(best, 3)
+            res[f"{name}_ms"] = round(med, 3)
+            res[f"{name}_min_ms"] = round(best, 3)
             if args.profile and (phase, tokens, seq) == largest:
-                profile_steps(os.path.join(args.profile, "tbo" if tbo else "base"),
+                profile_steps(os.path.join(args.profile, name),
                               lambda: compiled(params, inputs[0]), steps=3, warmup=0)
             if tbo:
                 report = analyze_hlo(compiled.as_text())
                 moe = [c for c in report.collectives if c.kind in ("all-gather", "reduce-scatter", "all-reduce")]
-                res["hlo"] = {"collectives": len(moe), "overlapped": sum(c.overlapped for c in moe),
-                              "sync": sum(c.is_sync for c in moe)}
+                res["hlo" if name == "tbo" else f"{name}_hlo"] = {
+                    "collectives": len(moe), "overlapped": sum(c.overlapped for c in moe),
+                    "sync": sum(c.is_sync for c in moe)}
                 if args.hlo_dir and phase == "prefill" and tokens == max(t for p, t, _ in cases if p == "prefill"):
                     os.makedirs(args.hlo_dir, exist_ok=True)
-                    with open(os.path.join(args.hlo_dir, f"tbo_{tokens}.hlo.txt"), "w") as f:
+                    with open(os.path.join(args.hlo_dir, f"{name}_{tokens}.hlo.txt"), "w") as f:
                         f.write(compiled.as_text())
-                    with open(os.path.join(args.hlo_dir, f"tbo_{tokens}.overlap.json"), "w") as f:
+                    with open(os.path.join(args.hlo_dir, f"{name}_{tokens}.overlap.json"), "w") as f:
                         json.dump(report.to_dict(), f, indent=1)
                     print(report.format_table(), flush=True)
             del compiled, step
-        res["ratio"] = round(res["tbo_ms"] / res["base_ms"], 3)
+        for name, tbo, _ in variants:
+            if tbo:
+                res["ratio" if name == "tbo" else f"{name}_ratio"] = round(res[f"{name}_ms"] / res["base_ms"], 3)
         res["comm_only_ms"] = round(comm_only(mesh, cfg, rows * seq, cfg.num_layers, dtype, emulate), 3)
         if not args.no_components:  # one layer's routed experts alone, whole step and TBO half
             res["experts_ms"] = round(experts_only(cfg, rank_dp, rows * seq, dtype, args.backend, args.iters), 3)
@@ -172,12 +184,17 @@ def run_cli(args) -> int:
         rows_out.append(res)
         print(json.dumps(res), flush=True)
 
-    print(f"\n{'':16} {'phase':8} {'tok/rank':>8} {'base ms':>9} {'TBO ms':>9} {'TBO/base':>8} {'comm ms':>8} "
-          f"{'overlap':>9} {'sync':>4}")
+    tbo_names = [n for n, tbo, _ in variants if tbo]
+    head = "".join(f" {n + ' ms':>9} {n + '/base':>10} {'overlap':>9} {'sync':>4}" for n in tbo_names)
+    print(f"\n{'':16} {'phase':8} {'tok/rank':>8} {'base ms':>9}{head} {'comm ms':>8}")
     for r in rows_out:
-        h = r["hlo"]
-        print(f"{r['label']:16} {r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f} {r['tbo_ms']:9.3f} "
-              f"{r['ratio']:8.3f} {r['comm_only_ms']:8.3f} {h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
+        cells = ""
+        for n in tbo_names:
+            h = r["hlo" if n == "tbo" else f"{n}_hlo"]
+            cells += (f" {r[n + '_ms']:9.3f} {r['ratio' if n == 'tbo' else n + '_ratio']:10.3f} "
+                      f"{h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
+        print(f"{r['label']:16} {r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f}{cells} "
+              f"{r['comm_only_ms']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "devices": dp, "dp": rank_dp, "label": label,

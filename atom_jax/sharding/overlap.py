@@ -9,6 +9,10 @@ Two-batch overlap (TBO): the rank's tokens are cut into two micro-batch chains, 
 interleaved per layer with `optimization_barrier` so that each collective of one chain has the
 other chain's compute to hide behind (docs/design.md, "two-batch overlap"):
     attn(A) | AG(A) || attn(B) | MoE(A) || AG(B) | RS(A) || MoE(B) | RS(B) || attn(A, next layer)
+That "split" schedule runs each chain's expert GEMM on its own, so every local expert's weights
+are read twice per layer and each chain pads its rows to the kernel's row tiles; the "fused"
+schedule (`StepOptions.tbo_schedule`) runs one expert GEMM over both chains' rows instead and
+hides AG(B) and RS(A) behind the shared experts (`run_two_chains_fused`).
 
 Whether a step uses TBO is decided by the host scheduler (`StepPlan.tbo`); the compiled steps
 take it as a static bool.
@@ -29,6 +33,9 @@ from atom_jax.sharding.placement import BY_EXPERT
 from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 
 
+TBO_SCHEDULES = ("split", "fused")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     """How a compiled step is built (not what it runs: the TBO choice is a call argument)."""
@@ -40,6 +47,9 @@ class StepOptions:
     # True: route locally, gather (weights, ids); False: gather token ids, route gathered tokens
     gather_routing: bool = True
     output: str = "logits"  # "logits" [.., vocab] float32 or "hidden" (final normed hidden)
+    # the two-chain schedule when a step runs with TBO: "split" (each chain its own expert GEMM)
+    # or "fused" (one expert GEMM over both chains' rows: expert weights read once per layer)
+    tbo_schedule: str = "split"
 
 
 @jax.tree_util.register_dataclass
@@ -137,9 +147,10 @@ class RankStep:
     def combine(self, partial):
         return jax.lax.psum_scatter(partial, DP, scatter_dimension=0, tiled=True)
 
-    def finish(self, block: Block, chain: Chain, reduced):
+    def finish(self, block: Block, chain: Chain, reduced, shared=None):
+        """`shared`: the shared expert's output for this chain if already computed."""
         mid = chain.mid
-        y = reduced + block.ffn.shared(mid.x)
+        y = reduced + (block.ffn.shared(mid.x) if shared is None else shared)
         chain.streams = hc_merge(mid.streams, y, mid.post, mid.comb)
         chain.mid = None
 
@@ -187,9 +198,55 @@ class RankStep:
             with in_b():
                 self.finish(block, b, rb)
 
+    def run_two_chains_fused(self, a: Chain, b: Chain):
+        """TBO that keeps expert-weight reuse: ONE grouped GEMM per layer over both chains'
+        gathered rows (each local expert's weights read once, rows per expert as without
+        TBO), the collectives hidden behind the other chain's attention and the shared experts:
+            attn(A) | AG(A) || attn(B) | AG(B) || shared(A) | MoE(A+B) | RS(A) || shared(B)
+                    | RS(B) || attn(A, next layer)
+        Against "split": no second weight read or row-tile padding per chain; AG(B) and RS(A)
+        hide only behind a shared expert (a sixth of the routed work at top-6)."""
+        barrier = jax.lax.optimization_barrier
+        in_a, in_b = (lambda: micro_batch_scope(MB_A)), (lambda: micro_batch_scope(MB_B))
+        layers = list(self.model.layers)
+        with in_a():
+            self.attention(0, layers[0], a, None)
+        a.mid, b.streams = barrier((a.mid, b.streams))
+        for i, block in enumerate(layers):
+            with in_a():
+                ga = self.dispatch(a)
+            with in_b():
+                self.attention(i, block, b, a)  # attn(B) || AG(A)
+            ga, b.mid = barrier((ga, b.mid))
+            with in_b():
+                gb = self.dispatch(b)
+            with in_a():
+                sa = block.ffn.shared(a.mid.x)  # shared(A) || AG(B)
+            gb, sa = barrier((gb, sa))
+            rows = ga["x"].shape[0]
+            partial = self.experts(block, {k: jnp.concatenate([ga[k], gb[k]]) for k in ga})
+            with in_a():
+                ra = self.combine(partial[:rows])
+            with in_b():
+                sb = block.ffn.shared(b.mid.x)  # shared(B) || RS(A)
+            ra, sb = barrier((ra, sb))
+            with in_a():
+                self.finish(block, a, ra, sa)
+            with in_b():
+                rb = self.combine(partial[rows:])
+            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
+                with in_a():
+                    self.attention(i + 1, layers[i + 1], a, b)
+                rb, a.mid = barrier((rb, a.mid))
+            with in_b():
+                self.finish(block, b, rb, sb)
+
     def run(self, chains: list[Chain]) -> None:
-        """One chain: the plain layer loop; two: the overlapped schedule."""
+        """One chain: the plain layer loop; two: the overlapped schedule (opts.tbo_schedule)."""
         if len(chains) == 2:
-            self.run_two_chains(*chains)
+            if self.opts.tbo_schedule not in TBO_SCHEDULES:
+                raise ValueError(f"tbo_schedule {self.opts.tbo_schedule!r}; choose from {TBO_SCHEDULES}")
+            fused = self.opts.tbo_schedule == "fused"
+            (self.run_two_chains_fused if fused else self.run_two_chains)(*chains)
         else:
             self.run_one_chain(chains[0])
