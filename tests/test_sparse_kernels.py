@@ -100,15 +100,17 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
     return b, q, kv, ring_kv, jnp.asarray(ring_pos), sinks, args
 
 
-@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split"])
 def test_attention_kernel_matches_reference(kind):
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
-    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind)
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
     scale = q.shape[-1] ** -0.5
     tiles = sparse_attention.AttentionTiles(block_h=4, block_k=16)
-    out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True, **args)
+    splits = 3 if kind == "hca-split" else 1  # decode's split of the HCA entries over programs
+    out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
+                                  splits=splits, **args)
     ref = reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, **args)
     valid = np.asarray(b["valid"])
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
@@ -129,16 +131,17 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
         exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(*args)
         assert "triton" in exp.mlir_module()
 
-    def attn(sel):
+    def attn(sel, splits=None):
         def fn(q, kv, ring, rpos, bb, sinks, pool, pt, nv, *s):
             return sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04, pool=pool, page_table=pt, epp=epp,
-                                           n_visible=nv, selected=s[0] if s else None)
+                                           n_visible=nv, selected=s[0] if s else None, splits=splits)
         args = [bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b,
                 jax.ShapeDtypeStruct((64,), jnp.float32), bf(slots * pages * epp, 512), i32(slots, pages), i32(t)]
         export(fn, *args, *([i32(t, 512)] if sel else []))
 
     attn(sel=True)
-    attn(sel=False)
+    attn(sel=False)  # t = 32: decode's split HCA entries
+    attn(sel=False, splits=1)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
     export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots),
@@ -151,16 +154,19 @@ V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_toke
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split"])
 def test_compiled_attention_kernel_at_v4_flash_dims(kind):
-    """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K)."""
+    """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
+    hca-split: the HCA entries shared out to 16 programs per token, as decode does."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(
-        rng, kind, jnp.bfloat16, ratio=4 if kind == "csa" else 128, **V4)
+        rng, kind.split("-")[0], jnp.bfloat16, ratio=4 if kind == "csa" else 128, **V4)
     scale = q.shape[-1] ** -0.5
-    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, **args))(q, kv, ring_kv, ring_pos, b, sinks)
+    splits = 16 if kind == "hca-split" else None
+    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, **args))(q, kv, ring_kv, ring_pos, b,
+                                                                                        sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731
     ref = reference_attend(f32(q), f32(kv), f32(ring_kv), ring_pos, b, sinks, scale,
                            **{k: f32(v) for k, v in args.items()})

@@ -38,14 +38,18 @@ class AttentionTiles:
 
 TILES = AttentionTiles()
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
+# Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
+# a partial softmax that `_combine` merges (flash-decoding), instead of one program's long loop.
+DECODE_SPLITS, SPLIT_MAX_TOKENS = 16, 64
 _NEG = -1e30  # running max start: finite, so fully masked blocks give exp(-inf) = 0, never NaN
 
 
 def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_ref, rpos_ref,
-            pool_ref, pt_ref, sel_ref, sink_ref, o_ref, *, tiles: AttentionTiles, dim: int, win: int,
-            scale: float, mode: str, epp: int, max_pages: int, n_sel: int):
+            pool_ref, pt_ref, sel_ref, sink_ref, *out_refs, tiles: AttentionTiles, dim: int, win: int,
+            scale: float, mode: str, epp: int, max_pages: int, n_sel: int, splits: int, heads_total: int):
     t = pl.program_id(0)
     hb = pl.program_id(1)
+    sp = pl.program_id(2)  # split of the HCA entries (decode: several programs per token)
     bh, bk = tiles.block_h, tiles.block_k
     heads = hb * bh + jnp.arange(bh, dtype=jnp.int32)
     d = jnp.arange(dim, dtype=jnp.int32)
@@ -96,26 +100,36 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
              jnp.zeros((bh, dim), jnp.float32))
-    carry = jax.lax.fori_loop(0, -(-win // bk), window, carry)
+    carry = jax.lax.fori_loop(0, jnp.where(sp == 0, -(-win // bk), 0), window, carry)  # split 0 only
     if mode != "none":
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
-        carry = jax.lax.fori_loop(0, n_blocks, entries, carry)
+        per = (n_blocks + splits - 1) // splits
+        carry = jax.lax.fori_loop(sp * per, jnp.minimum(n_blocks, sp * per + per), entries, carry)
     m, l, acc = carry
-    sink = sink_ref[heads]
-    m_new = jnp.maximum(m, sink)
-    alpha = jnp.exp(m - m_new)
-    l = l * alpha + jnp.exp(sink - m_new)
-    out = acc * (alpha / l)[:, None]
-    o_ref[trow, heads[:, None] * dim + d[None, :]] = out.astype(o_ref.dtype)
+    if splits == 1:
+        sink = sink_ref[heads]
+        m_new = jnp.maximum(m, sink)
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + jnp.exp(sink - m_new)
+        out = acc * (alpha / l)[:, None]
+        out_refs[0][trow, heads[:, None] * dim + d[None, :]] = out.astype(out_refs[0].dtype)
+    else:  # partial softmax state of this split; `_combine` merges the splits and the sink
+        m_ref, l_ref, acc_ref = out_refs
+        col = sp * heads_total + heads
+        m_ref[trow[:, 0], col] = m
+        l_ref[trow[:, 0], col] = l
+        acc_ref[trow, col[:, None] * dim + d[None, :]] = acc
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
-           n_visible=None, selected=None, tiles: AttentionTiles = TILES, interpret: bool = False):
+           n_visible=None, selected=None, tiles: AttentionTiles = TILES, interpret: bool = False,
+           splits: int | None = None):
     """q [T,H,hd]; kv [T,hd] this step's key rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as
     before this step; pool [N,hd] compressed entries (None: sliding only); page_table
     [slots, max_pages]; n_visible [T]; selected [T,k] entry indices (CSA) or None (HCA: every
-    visible entry). -> [T,H,hd] in q's dtype."""
+    visible entry). splits: programs per token sharing its HCA entries (None: DECODE_SPLITS for
+    steps of at most SPLIT_MAX_TOKENS tokens, else 1). -> [T,H,hd] in q's dtype."""
     t, h0, dim = q.shape
     if h0 < MIN_ROWS:  # Triton dots need >= 16 rows: zero heads (a sink of 0) fill up, then go
         q = jnp.pad(q, ((0, 0), (0, MIN_ROWS - h0), (0, 0)))
@@ -132,12 +146,17 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         page_table = jnp.zeros((slots, 1), jnp.int32)
         n_visible = jnp.zeros((t,), jnp.int32)
     sel = selected if selected is not None else jnp.zeros((t, 1), jnp.int32)
+    if splits is None:
+        splits = DECODE_SPLITS if mode == "all" and t <= SPLIT_MAX_TOKENS else 1
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    out_shape = jax.ShapeDtypeStruct((t, h * dim), q.dtype) if splits == 1 else \
+        (f32(t, splits * h), f32(t, splits * h), f32(t, splits * h * dim))
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, dim=dim, win=win, scale=float(scale), mode=mode, epp=epp,
-                          max_pages=page_table.shape[1], n_sel=sel.shape[1]),
-        out_shape=jax.ShapeDtypeStruct((t, h * dim), q.dtype),
-        grid=(t, h // bh),
+                          max_pages=page_table.shape[1], n_sel=sel.shape[1], splits=splits, heads_total=h),
+        out_shape=out_shape,
+        grid=(t, h // bh, splits),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=f"sparse_attention_{mode}",
@@ -146,4 +165,16 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
                q.reshape(t, h * dim), kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype),
                i32(ring_pos).reshape(-1), pool.astype(q.dtype), i32(page_table).reshape(-1),
                jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32))
+    if splits > 1:
+        out = _combine(*out, sinks.astype(jnp.float32), splits, h, dim).astype(q.dtype)
     return out.reshape(t, h, dim)[:, :h0]
+
+
+def _combine(m, l, acc, sinks, splits: int, h: int, dim: int):
+    """Merge the splits' partial softmax states [T, S*H] and the per-head sink -> [T, H*dim]."""
+    t = m.shape[0]
+    m, l, acc = m.reshape(t, splits, h), l.reshape(t, splits, h), acc.reshape(t, splits, h, dim)
+    top = jnp.maximum(jnp.max(m, axis=1), sinks[None, :])  # [T, H]
+    w = jnp.exp(m - top[:, None])  # [T, S, H]
+    denom = jnp.sum(w * l, axis=1) + jnp.exp(sinks[None, :] - top)
+    return (jnp.sum(w[..., None] * acc, axis=1) / denom[..., None]).reshape(t, h * dim)
