@@ -29,7 +29,8 @@ the same workload (the scheduler is reset between runs).
 Reported per run (atom_jax.bench.metrics, as bench_serving defines them): total (input +
 output) and output tokens/s, also per GPU (one GPU per DP rank); TTFT, TPOT, ITL, E2E mean /
 median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table,
-and JSON with --json.
+and JSON with --json. --http repeats the first run through the OpenAI server on the same
+engine (`bench serve`'s client, same prompts): the server's cost beside the engine's.
 """
 
 from __future__ import annotations
@@ -192,8 +193,56 @@ def run_workload(engine, requests, prompts, max_concurrency: int | None) -> dict
     return out
 
 
+def run_http(engine, args) -> dict:
+    """The same workload through the OpenAI-compatible server (in this process, on this warmed
+    engine, on a free local port) with `bench serve`'s client: what HTTP, JSON and SSE add."""
+    import argparse as _argparse
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+
+    from atom_jax.bench import serve_client
+    from atom_jax.serve.app import ServerSettings, create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(ServerSettings(model_name="bench"), lambda: engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="bench-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the benchmark's HTTP server did not start")
+            time.sleep(0.05)
+        client_args = _argparse.Namespace(
+            base_url=f"http://127.0.0.1:{port}", endpoint="completions", model=None, api_key=None,
+            vocab_size=engine.model.cfg.vocab_size, num_prompts=args.num_prompts,
+            random_input_len=args.random_input_len, random_output_len=args.random_output_len,
+            random_range_ratio=args.random_range_ratio, request_rate=args.request_rate,
+            max_concurrency=args.max_concurrency, seed=args.workload_seed, timeout=3600.0)
+        res = asyncio.run(serve_client.benchmark(client_args))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+    st = engine.stats()
+    gpus = engine.config.dp
+    res.update({
+        "gpus": gpus, "total_token_throughput_per_gpu": res["total_token_throughput"] / gpus,
+        "output_throughput_per_gpu": res["output_throughput"] / gpus, "max_in_flight": None,
+        "steps": st["steps"], "idle_ticks": st["idle_ticks"], "padding_waste": st["padding_waste"],
+        "mean_step_padding_waste": st["mean_step_padding_waste"], "delayer_outcomes": st["delayer"],
+        "tbo_on_steps": st["tbo_on_steps"], "tbo_off_steps": st["tbo_off_steps"],
+        "bucket_steps": st["bucket_steps"], "num_preemptions": st["num_preemptions"]})
+    return res
+
+
 _ROWS = (
-    ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}"),
+    ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}" + (" (HTTP)" if r.get("http") else "")),
     ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
     ("duration (s)", lambda r: f"{r['duration_s']:.2f}"),
     ("total tok/s per GPU", lambda r: f"{r['total_token_throughput_per_gpu']:.0f}"),
@@ -206,7 +255,7 @@ _ROWS = (
     ("steps / idle ticks", lambda r: f"{r['steps']} / {r['idle_ticks']}"),
     ("delay/timeout/watermark/stall", lambda r: "{delay}/{timeout}/{watermark}/{stall}".format(**r["delayer_outcomes"])),
     ("TBO on / off steps", lambda r: f"{r['tbo_on_steps']} / {r['tbo_off_steps']}"),
-    ("max in flight", lambda r: f"{r['max_in_flight']}"),
+    ("max in flight", lambda r: "-" if r["max_in_flight"] is None else f"{r['max_in_flight']}"),
 )
 
 
@@ -248,6 +297,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c = p.add_argument_group("comparisons (one compiled engine, the same workload)")
     c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
     c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
+    c.add_argument("--http", action="store_true",
+                   help="then run the first combination again through the OpenAI server (in this process, "
+                        "`bench serve`'s client): what the server adds")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.set_defaults(func=run_cli)
     return p
@@ -285,6 +337,12 @@ def run(args) -> dict:
             print(f"delayer {delayer}, TBO {TBO_NAMES[tbo]}: {r['total_token_throughput_per_gpu']:.0f} total tok/s "
                   f"per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms, TPOT p50 {r['tpot']['median_ms']:.1f} ms",
                   flush=True)
+    if args.http:  # the first delayer / TBO combination again, through the server
+        configure(engine, delayers[0], tbos[0])
+        r = run_http(engine, args)
+        runs.append({"delayer": delayers[0], "tbo": TBO_NAMES[tbos[0]], "http": True, **r})
+        print(f"HTTP (delayer {delayers[0]}, TBO {TBO_NAMES[tbos[0]]}): {r['total_token_throughput_per_gpu']:.0f} "
+              f"total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms", flush=True)
     import dataclasses
 
     import jax
