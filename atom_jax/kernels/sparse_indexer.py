@@ -104,6 +104,14 @@ def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int
     folded in), ipool [N, di], page_table [slots, max_pages], b: the packed batch arrays,
     n_visible [T] (entries each token may see), e0: traced first entry index, max_segments: at
     most this many chunks in the buffer -> [T, block] float32 (block a multiple of block_e)."""
+    return scorer(q, w, ipool, page_table, b, n_visible, epp, block, max_segments, tiles, interpret)(e0)
+
+
+def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
+           tiles: IndexerTiles = TILES, interpret: bool = False):
+    """The block scorer `running_topk` calls: e0 -> [T, block] (see `block_scores`). What does
+    not depend on e0 (the work list, casts, flattened tables) is computed once, outside the
+    caller's loop over blocks."""
     t, heads, dim = q.shape
     if block % tiles.block_e:
         raise ValueError(f"block {block} must be a multiple of block_e {tiles.block_e}")
@@ -119,13 +127,7 @@ def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int
         interpret=interpret,
         name="indexer_scores",
     )
-    return call(group, tile, count, starts, ends, b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32),
-                jnp.asarray(e0, jnp.int32).reshape(1), q.reshape(t, heads * dim).astype(ipool.dtype),
-                w.astype(jnp.float32).reshape(-1), ipool, page_table.reshape(-1).astype(jnp.int32))
-
-
-def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
-           tiles: IndexerTiles = TILES, interpret: bool = False):
-    """The block scorer `running_topk` calls: e0 -> [T, block]."""
-    return lambda e0: block_scores(q, w, ipool, page_table, b, n_visible, e0, epp, block, max_segments,
-                                   tiles, interpret)
+    before = (group, tile, count, starts, ends, b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32))
+    after = (q.reshape(t, heads * dim).astype(ipool.dtype), w.astype(jnp.float32).reshape(-1), ipool,
+             page_table.reshape(-1).astype(jnp.int32))
+    return lambda e0: call(*before, jnp.asarray(e0, jnp.int32).reshape(1), *after)
