@@ -171,3 +171,19 @@ def test_fp8_kernel_lowers_for_gpu(platform):
     exported = jax.export.export(jax.jit(fk.fp8_matmul), platforms=(platform,), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert "fp8_dense_gemm" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("out_per_group", [128, 48])  # whole scale blocks per group (kernel) or not
+def test_fp8_grouped_linear_matches_float64(out_per_group):
+    """wo_a's form: G weights stacked [G*out, in] with block scales over the stack."""
+    rng = np.random.default_rng()
+    g, k = 2, 256
+    w = rng.standard_normal((g * out_per_group, k)).astype(np.float32)
+    q, s = quant.quantize_fp8(w)
+    dense = quant.dequantize_fp8(q, s).reshape(g, out_per_group, k).astype(np.float64)
+    x = jnp.asarray(rng.standard_normal((3, 5, g, k)), jnp.float32)
+    # 128 rows per group: the Pallas kernel (interpreted) under vmap over the groups
+    out = packed.fp8_grouped_linear(x, jnp.asarray(q.view(np.uint8)), jnp.asarray(quant.scale_to_float32(s)), g,
+                                    use_kernel=out_per_group % 128 == 0)
+    ref = np.einsum("bsgi,goi->bsgo", np.asarray(x, np.float64), dense)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

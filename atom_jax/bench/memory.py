@@ -32,11 +32,11 @@ def _build_and_step(args, cfg, plan, out):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_params_on_mesh
-    from atom_jax.sharding.memory import GiB, measured_bytes_per_device
+    from atom_jax.sharding.memory import fmt_bytes, measured_bytes_per_device
 
     mesh = make_dp_mesh(args.dp)
     dtype = jnp.dtype(args.dtype)
-    opts = StepOptions(moe_backend=args.backend, output="hidden", tbo=False)
+    opts = StepOptions(moe_backend=args.backend, output="hidden")
     t0 = time.perf_counter()
     model, params = random_params_on_mesh(cfg, mesh, opts, dtype, weights=args.weights)
     jax.block_until_ready(params)
@@ -50,8 +50,8 @@ def _build_and_step(args, cfg, plan, out):
             in_use[str(d)] = stats.get("bytes_in_use")
     out["bytes_in_use_after_build"] = in_use
     for d, n in measured.items():
-        print(f"{d}: weights {n / GiB:.2f} GiB measured vs {plan.weight_bytes_per_gpu / GiB:.2f} GiB planned"
-              + (f"; bytes in use {in_use[str(d)] / GiB:.2f} GiB" if in_use.get(str(d)) else ""), flush=True)
+        print(f"{d}: weights {fmt_bytes(n)} measured vs {fmt_bytes(plan.weight_bytes_per_gpu)} planned"
+              + (f"; bytes in use {fmt_bytes(in_use[str(d)])}" if in_use.get(str(d)) else ""), flush=True)
     step, _ = make_step(model, mesh, opts, place=False)
     rng = np.random.default_rng(0)
     for phase, rows, seq in (("decode", args.decode_tokens, 1), ("prefill", max(1, args.prefill_tokens // args.seq),

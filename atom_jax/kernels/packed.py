@@ -131,3 +131,19 @@ def fp8_linear(x, codes, scale, use_kernel: bool | None = None):
         return out.reshape(*lead, n)
     w = fp8_dequantize(codes, scale, x.dtype)
     return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def fp8_grouped_linear(x, codes, scale, groups: int, use_kernel: bool | None = None):
+    """x [..., G, in] with one FP8 weight per group, stored stacked as the checkpoint does
+    ([G*out, in] codes, block scales over that) -> [..., G, out]: group g multiplies rows
+    [g*out, (g+1)*out). Groups aligned to the 128-row scale blocks go through `fp8_linear` per
+    group (the kernel on GPU); otherwise the whole weight is decoded first."""
+    rows, k = codes.shape
+    out_f = rows // groups
+    if out_f % FP8_BLOCK == 0:
+        c = codes.reshape(groups, out_f, k)
+        s = scale.reshape(groups, out_f // FP8_BLOCK, scale.shape[-1])
+        one = lambda xg, cg, sg: fp8_linear(xg, cg, sg, use_kernel)  # noqa: E731
+        return jax.vmap(one, in_axes=(-2, 0, 0), out_axes=-2)(x, c, s)
+    w = fp8_dequantize(codes, scale, x.dtype).reshape(groups, out_f, k)
+    return jnp.einsum("...gi,goi->...go", x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from atom_jax.config import CSA, HCA, SLIDING, ModelConfig
 from atom_jax.models.compressor import Compressor, Indexer, visible_entries
-from atom_jax.kernels.packed import fp8_dequantize
+from atom_jax.kernels.packed import fp8_grouped_linear
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
 
@@ -97,16 +97,11 @@ class Attention(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         attn = apply_rope(attn, cos[:, :, None], sin[:, :, None], inverse=True)
         grouped = attn.reshape(b, s, cfg.o_groups, -1)
-        mid = jnp.einsum("bsgi,gio->bsgo", grouped, self.wo_a_matrix(grouped.dtype)).reshape(b, s, -1)
-        return pp.linear(mid, self, "wo_b")
-
-    def wo_a_matrix(self, dtype):
-        """wo_a as [G, H*D/G, o_lora] (FP8 weights decoded from the checkpoint's [G*o_lora, H*D/G])."""
-        if not hasattr(self, "wo_a_scale"):
-            return self.wo_a[...]
-        cfg = self.cfg
-        w = fp8_dequantize(self.wo_a[...], self.wo_a_scale[...], dtype)
-        return w.reshape(cfg.o_groups, cfg.o_lora_rank, -1).transpose(0, 2, 1)
+        if hasattr(self, "wo_a_scale"):  # FP8, stacked as the checkpoint's [G*o_lora, H*D/G]
+            mid = fp8_grouped_linear(grouped, self.wo_a[...], self.wo_a_scale[...], cfg.o_groups)
+        else:
+            mid = jnp.einsum("bsgi,gio->bsgo", grouped, self.wo_a[...])
+        return pp.linear(mid.reshape(b, s, -1), self, "wo_b")
 
     # ---- full-sequence forward ---------------------------------------------------------------
     def __call__(self, x, positions, prefix=None):

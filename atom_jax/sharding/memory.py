@@ -25,7 +25,7 @@ from atom_jax.sharding.placement import BY_EXPERT, param_specs
 GiB = 1024 ** 3
 
 
-def _size(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -59,14 +59,14 @@ class MemoryPlan:
         return d
 
     def format(self) -> str:
-        parts = ", ".join(f"{k} {_size(v)}" for k, v in self.weight_bytes_by_part.items())
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.weight_bytes_by_part.items())
         lines = [
-            f"weights ({self.weights}) per GPU at dp={self.dp}: {_size(self.weight_bytes_per_gpu)} ({parts})",
+            f"weights ({self.weights}) per GPU at dp={self.dp}: {fmt_bytes(self.weight_bytes_per_gpu)} ({parts})",
             f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries"
             f"{', window state of the prefix cache' if self.prefix_caching else ''}) + "
-            f"{_size(self.kv_bytes_per_slot)} per sequence slot (windows, tails) x {self.num_slots} slots",
-            f"GPU {_size(self.gpu_bytes)} - weights - {_size(self.reserve_bytes)} reserve - slots = "
-            f"{_size(self.kv_budget_bytes)} for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
+            f"{fmt_bytes(self.kv_bytes_per_slot)} per sequence slot (windows, tails) x {self.num_slots} slots",
+            f"GPU {fmt_bytes(self.gpu_bytes)} - weights - {fmt_bytes(self.reserve_bytes)} reserve - slots = "
+            f"{fmt_bytes(self.kv_budget_bytes)} for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
             f"({self.kv_tokens_per_gpu * self.dp:,} over dp={self.dp})",
         ]
         if self.kv_budget_bytes < 0:
