@@ -27,6 +27,7 @@ import numpy as np
 
 from atom_jax.config import tiny, v4_flash
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
+from atom_jax.bench.engine import random_model_on_mesh
 from atom_jax.loader import random_model
 
 
@@ -46,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--page-tokens", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=None, help="default: 2048 (GPU), 256 (--tiny)")
     ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--weights", choices=("bf16", "native"), default="bf16",
+                    help="random expert weights in bf16 or packed FP4/FP8 (ignored with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -116,9 +119,13 @@ def run_cli(args) -> int:
     ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=max(args.conversations, 4),
                       num_pages=pages, page_tokens=pt, max_model_len=max_len, max_tokens_per_step=chunk,
                       chunk_size=chunk, moe_backend=args.moe_backend, seed=args.seed,
-                      compilation_cache_dir=None)
+                      compilation_cache_dir=None, weights="bf16" if args.tiny else args.weights)
     t0 = time.perf_counter()
-    engine = Engine(ec, model=random_model(cfg, seed=args.seed, dtype=dtype), tokenizer=None)
+    if args.tiny:
+        model = random_model(cfg, seed=args.seed, dtype=dtype)
+    else:  # created on the devices, sharded as the engine places it
+        model = random_model_on_mesh(cfg, args.dp, dtype, ec.expert_mode, args.seed, ec.weights)
+    engine = Engine(ec, model=model, tokenizer=None)
     engine.warmup()
     warm_s = time.perf_counter() - t0
     rows = []
