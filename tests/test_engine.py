@@ -174,4 +174,8 @@ def test_a_warmed_engine_never_compiles_on_a_request():
     outs = eng.generate(prompts, SamplingParams(max_tokens=int(rng.integers(2, 9)), ignore_eos=True,
                                                 temperature=0.7, top_k=5))
     assert all(o.finished for o in outs)
+    base = list(map(int, rng.integers(0, 256, size=70)))  # prefix-cache hits restore slot state
+    for prompt in (base, base[:50] + [7, 8]):
+        eng.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert eng.stats()["prefix_cache"]["hit_tokens"] == 32
     assert eng.snapshot()["step_compiles"] == warm, "a request compiled after warm-up"

@@ -139,18 +139,18 @@ def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held():
         assert all(r.pages.refcount(p) == 0 for p in range(cfg.num_pages))
 
 
-@pytest.mark.parametrize("dp", [1, 2])
-def test_engine_outputs_with_the_cache_equal_outputs_without(dp):
+@pytest.mark.parametrize("dp,tbo", [(1, False), (2, True)])
+def test_engine_outputs_with_the_cache_equal_outputs_without(dp, tbo):
     """Shared prefixes end at every residue mod 16 (the tiny model's window and HCA ratio, a
     multiple of the CSA ratio 4); 24-token chunks cross the 16-token pages at moving offsets;
-    half the requests sample with a seed. Few pages: cached pages are evicted and running
+    half the requests sample with a seed; at dp 2 TBO cuts steps inside requests. Few pages: cached pages are evicted and running
     sequences preempted (and re-admitted onto cached pages) along the way."""
     from atom_jax.engine import Engine, EngineConfig
 
     rng = np.random.default_rng()
     eng = Engine(EngineConfig(model="random", seed=int(rng.integers(2**31)), dp=dp, num_slots=4,
                               num_pages=10 if dp == 1 else 7, page_tokens=16, max_pages_per_seq=8,
-                              max_tokens_per_step=32, chunk_size=24, buckets=(32,), tbo=False, delayer="off"))
+                              max_tokens_per_step=32, chunk_size=24, buckets=(32,), tbo=tbo, delayer="off"))
     base = list(map(int, rng.integers(2, 256, 100)))
     prompts = [base[:16 * (1 + r % 4) + r] + list(map(int, rng.integers(2, 256, 1 + r % 5)))
                for r in range(16)]

@@ -31,8 +31,6 @@ def warm_up(engine) -> None:
     max_prompt = max(1, engine.max_context - 1)
     # the warm-up prompts repeat one token: a prefix cache would shorten them below the bucket
     engine.reset_scheduler(cfg.delayer, prefix_caching=False)
-    if engine.layout.page_state:
-        engine.runner.restore_slots([])  # compiles the prefix-cache restore (no slot changes)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     log.info("warm-up: compiling the step for each token bucket %s (a persistent compilation "
              "cache makes the next start fast)", list(engine.buckets))
@@ -44,4 +42,10 @@ def warm_up(engine) -> None:
         prompts = [[1] * n for n in lengths] * cfg.dp
         engine.generate(prompts, one)
         log.info("warm-up: bucket %d ready in %.1f s", bucket, time.perf_counter() - t0)
+    if engine.layout.page_state and max_prompt > cfg.page_tokens:
+        # the prefix cache's slot restore compiles on a real hit, through the step path (so every
+        # process of a multi-host run takes part): the same prompt twice, one page reused
+        engine.reset_scheduler(cfg.delayer, prefix_caching=True)
+        for _ in range(2):
+            engine.generate([[1] * (cfg.page_tokens + 1)], one)
     engine.reset_scheduler(cfg.delayer)  # the configured prefix cache, empty
