@@ -19,14 +19,7 @@ import argparse
 import dataclasses
 import json
 
-TOPK = 6
-# (local experts, K, N) per rank with 2 ranks: gate/up (hidden -> I) and down (I -> hidden)
-SHAPES = {
-    "flash_up": (128, 4096, 2048),
-    "flash_down": (128, 2048, 4096),
-    "pro_up": (192, 7168, 3072),
-    "pro_down": (192, 3072, 7168),
-}
+from atom_jax.bench.gemm import SHAPES, TOPK, dense_case, save  # the same expert shapes per rank
 FP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32
 
 
@@ -85,24 +78,6 @@ def _time(fn, w, g, k, tokens, rng, iters):
     return sec, nonempty
 
 
-def _dense(k, n, tokens, iters):
-    import jax
-    import jax.numpy as jnp
-
-    from atom_jax.bench.timing import back_to_back_time
-    rows = tokens * TOPK
-    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
-    w = jax.random.normal(jax.random.key(7), (k, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    return back_to_back_time(lambda i: f(xs[i], w), [0, 1], iters=iters)
-
-
-def _save(out, path):
-    if path:
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
-
-
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -148,7 +123,7 @@ def run(args) -> int:
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
         for t in tokens:
             flops = 2.0 * t * TOPK * k * n
-            dense_s = None if on_cpu else _dense(k, n, t, args.iters)
+            dense_s = None if on_cpu else dense_case(k, n, t, args.iters)
             dense_tf = dense_s and flops / dense_s / 1e12
             base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
                     "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
@@ -168,7 +143,7 @@ def run(args) -> int:
                       f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16']:6.2f}", flush=True)
             if dense_s:
                 print(f"{shape:10} {t:6d} {'dense':12} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
-        _save(out, args.json)
+        save(out, args.json)
     if args.sweep:
         T = pg.TileConfig
         cfgs = [T(16, 128, 256, 4, 3), T(16, 256, 512, 4, 3), T(16, 256, 128, 4, 4), T(32, 128, 256, 4, 3),
@@ -189,7 +164,7 @@ def run(args) -> int:
                 out["sweep"].append(row)
                 print("sweep", t, "x".join(map(str, dataclasses.astuple(cfg))),
                       row.get("error") or f"{row['ms']:.3f} ms {row['GBps']:.0f} GB/s {row['TFLOPs']:.1f} TF", flush=True)
-    _save(out, args.json)
+    save(out, args.json)
     return 0
 
 
