@@ -20,10 +20,10 @@ import time
 import httpx
 import pytest
 
-SMALL = ["--num-slots", "4", "--num-pages", "64", "--page-tokens", "32",
+SMALL = ["--num-slots", "4", "--num-pages", "64", "--page-tokens", "32", "--max-model-len", "1024",
          "--max-tokens-per-step", "32", "--buckets", "8,16,32", "--max-body-bytes", "65536",
          "--no-access-log", "--log-level", "warning"]
-CONTEXT = 1024  # page_tokens 32 * default max_pages_per_seq 32 (< 64 pages * 32 tokens)
+CONTEXT = 1024  # --max-model-len (< 64 pages * 32 tokens, the default bound)
 VOCAB = 512  # the embedded tiny model
 API_KEY = "test-key"
 
