@@ -53,6 +53,9 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
     ns = 0
     for base, cap, region in regions:
         off = base
+        slots = [c[0] for c in region]
+        if len(set(slots)) != len(slots):  # the compressor sizes its work by this (max_windows)
+            raise ValueError(f"a buffer (or TBO half) holds one chunk per slot; slots {slots}")
         for sl, start, toks, want in region:
             n = len(toks)
             if off + n > base + cap:
