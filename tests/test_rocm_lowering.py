@@ -2,7 +2,8 @@
 full-sequence DP step lower for the `rocm` platform with `jax.export` (cross-platform
 lowering), TBO on and off, with the backends `auto` picks on ROCm: our Triton-backend Pallas
 grouped GEMM (and, in the cached step, the sparse attention and indexer kernels), as Triton
-custom calls, not interpret mode. This catches
+custom calls, not interpret mode (the cached step with the prefix cache's page state, as
+the engine builds it, and the prefix cache's slot restore too). This catches
 lowering errors; it does not compile for an AMD chip (docs/design.md, "ROCm")."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels.platform import is_cpu, lowering_for, target_platform
 from atom_jax.loader import abstract_model
 from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, param_specs
-from atom_jax.sharding.cached_step import make_cached_step
+from atom_jax.sharding.cached_step import make_cached_step, make_restore
 
 TRITON = "__gpu$xla.gpu.triton"
 DP_SIZE = 2
@@ -73,7 +74,8 @@ def test_auto_picks_the_triton_kernel_for_rocm():
 @pytest.mark.parametrize("tbo", [False, True])
 def test_cached_step_lowers_for_rocm(setup, tbo):
     cfg, model, mesh, params = setup
-    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2)
+    # with the prefix cache's page state, as the engine builds it by default
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, page_state=True)
     step, _ = make_cached_step(model, mesh, layout, StepOptions(moe_backend="auto"))
     dp_spec = lambda tree: jax.tree.map(lambda _: P(DP), tree)  # noqa: E731
     one = jax.eval_shape(lambda: init_cache(cfg, layout, jnp.bfloat16))
@@ -86,6 +88,19 @@ def test_cached_step_lowers_for_rocm(setup, tbo):
     pt = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots, layout.max_pages_per_seq), jnp.int32,
                               sharding=NamedSharding(mesh, P(DP)))
     _check(_export(step, params, cache, batch, pt, tbo=tbo), cfg, tbo, attention_kernels=True)
+
+
+def test_prefix_cache_restore_lowers_for_rocm(setup):
+    cfg, _, mesh, _ = setup
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, page_state=True)
+    one = jax.eval_shape(lambda: init_cache(cfg, layout, jnp.bfloat16))
+    cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct((DP_SIZE,) + a.shape, a.dtype,
+                                                        sharding=NamedSharding(mesh, P(DP))), one)
+    rows = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
+    pt = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots, layout.max_pages_per_seq), jnp.int32,
+                              sharding=NamedSharding(mesh, P(DP)))
+    exported = _export(make_restore(mesh, layout), cache, rows, rows, pt)
+    assert exported.platforms == ("rocm",) and "scatter" in exported.mlir_module()
 
 
 @pytest.mark.parametrize("tbo", [False, True])
