@@ -9,13 +9,13 @@ Where the coordinator address, process count and process id come from, first fou
 A run is multi-host when the process count is > 1 or SLURM launched more than one task;
 otherwise nothing is initialised and the engine runs in this one process.
 
-Nothing here imports jax at module level: the CLIs read flags before jax is imported."""
+Nothing here imports jax: the CLIs read flags before jax is imported. Joining the run is
+`join.initialize`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 
@@ -128,36 +128,3 @@ def resolve(args, environ=os.environ) -> DistributedConfig | None:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
             setattr(cfg, name, value)
     return cfg
-
-
-def initialize(cfg: DistributedConfig):
-    """Join the run (before anything else touches jax's backends) and return the Cluster."""
-    import jax
-
-    from atom_jax.distributed.cluster import Cluster
-
-    # CPU hosts need a cross-process collectives implementation; GPUs use NCCL / RCCL and
-    # ignore this setting.
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # No preemption sync points are used; leave SIGTERM to the front end's own shutdown
-    # (abort requests, release the followers) rather than jax's preemption notifier.
-    try:
-        jax.config.update("jax_enable_preemption_service", False)
-    except (AttributeError, KeyError):  # a jax without the option
-        pass
-    kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                  process_id=cfg.process_id, initialization_timeout=cfg.init_timeout,
-                  heartbeat_timeout_seconds=cfg.heartbeat_timeout)
-    if cfg.local_device_ids is not None:
-        kwargs["local_device_ids"] = list(cfg.local_device_ids)
-    known = inspect.signature(jax.distributed.initialize).parameters
-    dropped = [k for k in kwargs if k not in known]
-    if dropped:  # an older or newer jax without one of the timeouts: its default applies
-        log.warning("jax %s: jax.distributed.initialize has no %s; using its defaults",
-                    jax.__version__, ", ".join(dropped))
-    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if k in known})
-    cluster = Cluster(cfg, jax.process_index(), jax.process_count())
-    log.info("joined a %d-process run as process %d (%d local of %d devices)", cluster.num_processes,
-             cluster.process_id, jax.local_device_count(), jax.device_count())
-    return cluster

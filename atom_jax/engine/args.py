@@ -270,15 +270,17 @@ class EngineStart:
 
         return Engine(self.config, cluster=self.cluster)
 
-    def follow(self) -> int:
-        """A process other than 0: build the engine, run process 0's steps until it stops."""
+    def follow(self, engine=None) -> int:
+        """A process other than 0: build the engine (unless given), run process 0's steps
+        until it stops. -> the number of steps run."""
         c = self.cluster
         log.info("process %d of %d: following process 0 (dp=%d)", c.process_id,
                  c.num_processes, self.config.dp)
-        self.build()
+        if engine is None:
+            self.build()
         steps = c.follow()
         log.info("process %d: process 0 stopped; exiting after %d steps", c.process_id, steps)
-        return 0
+        return steps
 
 
 def start_engine(args: argparse.Namespace, **overrides) -> EngineStart:

@@ -125,17 +125,15 @@ def _main_multihost(args, start) -> int:
     cluster = start.cluster
     role = "runs the batch" if cluster.is_leader else "follows process 0"
     _log(f"process {cluster.process_id} of {cluster.num_processes} {role} (dp={start.config.dp})")
-    if not cluster.is_leader:
-        try:
-            return start.follow()
-        except Exception as e:
-            _log(f"could not start the engine: {e!r}")
-            return 1
     try:
         engine = start.build()
     except Exception as e:
         _log(f"could not start the engine: {e!r}")
         return 1
+    if not cluster.is_leader:
+        steps = start.follow(engine)
+        _log(f"process {cluster.process_id}: done after {steps} steps")
+        return 0
     try:
         return _main(args, engine)
     finally:

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         print(engine_memory_plan(start.config).format())
         return 0
     if not start.is_leader:
-        return start.follow()
+        start.follow()
+        return 0
 
     from atom_jax.serve.app import ServerSettings, create_app
 
