@@ -12,9 +12,9 @@ import pytest
 
 from atom_jax.bench.__main__ import main
 from atom_jax.bench.tbo_model import (CALIBRATION_KIND, PLATFORMS, Affine, Dims, MoeFit, StepModel,
-                                      fit_calibration)
+                                      fit_calibration, load_calibrations)
 
-DIMS = Dims("flash-like", hidden=4096, experts=256, topk=6, inter=2048, layers=43)
+DIMS = Dims("flash-like", hidden=4096, experts=256, topk=6, inter=2048, layers=43)  # V4-Flash's
 
 
 def _truth(rng) -> StepModel:
@@ -104,3 +104,33 @@ def test_cli_prints_predictions_and_writes_the_crossover(tmp_path, capsys):
     cross = json.loads(table.read_text())["min_tokens"]
     assert cross["1"] is None and cross["8"] is not None
     assert cross["2"] is None or cross["2"] >= cross["8"] >= cross["32"]
+
+
+def test_dp_step_outputs_calibrate_the_model(tmp_path):
+    """`bench dp-step --json` rows (real dp=2, emulated 4 and 8) are enough: components derived
+    from base, collectives-alone and experts-alone times give the same predictions at dp 16 / 32."""
+    rng = np.random.default_rng()
+    truth = _truth(rng)
+    truth = dataclasses.replace(truth, rs=truth.ag)  # dp-step times AG + RS together
+    layers, d = 2, truth.dims
+    files = []
+    for n in (2, 4, 8):
+        rows = []
+        for t in (4096, 8192, 16384):
+            p = truth.parts(n, t)
+            rows.append({"phase": "prefill", "tokens_per_rank": t, "base_ms": truth.base_ms(n, t, layers),
+                         "tbo_ms": truth.tbo_ms(n, t, layers), "comm_only_ms": layers * (p["ag"] + p["rs"]),
+                         "experts_ms": p["moe"], "experts_half_ms": truth.moe(d, n, t // 2)})
+        dims = {"hidden_size": d.hidden, "n_routed_experts": d.experts, "num_experts_per_tok": d.topk,
+                "moe_intermediate_size": d.inter, "num_layers": layers, "dtype_bytes": 2}
+        path = tmp_path / f"dp{n}.json"
+        path.write_text(json.dumps({"device": "NVIDIA H200", "dp": n, "emulated": n > 2, "layers": layers,
+                                    "dims": dims, "results": rows}))
+        files.append(str(path))
+    (cal,) = load_calibrations(files)
+    fitted = fit_calibration(cal)
+    assert fitted.dims.name == "v4-flash" and fitted.dims.layers == 43  # the preset these dims are
+    for dp in (16, 32):
+        for t in (4096, 16384):
+            assert fitted.base_ms(dp, t, 43) == pytest.approx(truth.base_ms(dp, t, 43), rel=5e-3)
+            assert fitted.tbo_ms(dp, t, 43) == pytest.approx(truth.tbo_ms(dp, t, 43), rel=2e-2)

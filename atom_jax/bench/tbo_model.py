@@ -1,9 +1,9 @@
 """A calibrated step model for two-batch overlap (TBO): base and TBO time per layer as a function
 of dp, tokens per rank, model dimensions and link bandwidth, fitted from measured times.
 
-Inputs: calibration JSON files written by `python -m atom_jax.bench dp-step --calibration F`
-(one per model's dimensions; see `CALIBRATION_KIND` and `dp_step.calibrate`). Each holds, per
-layer and per rank, on the benchmark's own GPU:
+Inputs: `python -m atom_jax.bench dp-step --json F` outputs (real and `--emulate-dp` runs;
+`calibration_from_dp_step` derives the components from each row), or calibration JSON
+(`CALIBRATION_KIND`) holding, per layer and per rank, on the benchmark's own GPU:
 - `attention`: the attention half of a layer on T tokens (norms, projections, attention, mHC
   merges, routing) plus the shared expert, no collective;
 - `moe`: the routed experts on the dp * T gathered rows with E/dp local experts;
@@ -32,7 +32,8 @@ the ratio of the target's published per-rank receive bandwidth at that dp to the
 GPU's (so the measured efficiency carries over). That assumes equal efficiency on both: a
 first-order prediction, labelled as such.
 
-    python -m atom_jax.bench tbo-model --calibration flash.json pro.json [--crossover-out F]
+    python -m atom_jax.bench tbo-model --calibration flash_dp2.json flash_dp8.json pro_dp2.json ... \
+        [--crossover-out F] [--json F]
 """
 
 from __future__ import annotations
@@ -303,13 +304,67 @@ class StepModel:
 
 
 # -- calibration files ----------------------------------------------------------------------
-def load_calibration(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("kind") != CALIBRATION_KIND:
-        raise ValueError(f"{path}: not a TBO calibration file (kind {data.get('kind')!r}; "
-                         f"write one with `python -m atom_jax.bench dp-step --calibration {path}`)")
-    return data
+def load_calibrations(paths) -> list[dict]:
+    """Calibration dicts from files: calibration JSON as is, and `bench dp-step --json` outputs
+    (real or emulated dp) grouped by model dimensions and turned into one calibration each
+    (`calibration_from_dp_step`)."""
+    cals, steps = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("kind") == CALIBRATION_KIND:
+            cals.append(data)
+        elif "results" in data and "dims" in data:
+            steps.append(data)
+        else:
+            raise ValueError(f"{path}: neither a TBO calibration file (kind {CALIBRATION_KIND!r}) "
+                             "nor a `bench dp-step --json` output")
+    groups: dict = {}
+    for d in steps:
+        groups.setdefault((d["dims"]["hidden_size"], d["dims"]["n_routed_experts"]), []).append(d)
+    return cals + [calibration_from_dp_step(g) for g in groups.values()]
+
+
+def _preset_of(dims: dict) -> tuple[str, int]:
+    """(name, full layer count) of the preset with these dimensions (else the run's own)."""
+    from atom_jax.config import PRESETS
+    for name, make in PRESETS.items():
+        cfg = make()
+        if (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size) == (
+                dims["hidden_size"], dims["n_routed_experts"], dims["moe_intermediate_size"]):
+            return name, cfg.num_layers
+    return f"d{dims['hidden_size']}", dims["num_layers"]
+
+
+def calibration_from_dp_step(runs: list[dict]) -> dict:
+    """`bench dp-step --json` outputs of one model's dimensions -> a calibration dict. Per prefill
+    row of L layers at dp N, T tokens per rank:
+    - moe: the routed experts timed alone at (N, T) and (N, T / 2);
+    - collectives: the step's collectives alone / L = one all-gather + one reduce-scatter; both
+      get the same fit (latency half the intercept, one bandwidth over their summed bytes);
+    - attention: (base - collectives alone) / L - moe(N, T): the rest of a layer (attention half,
+      shared expert, merges; the embedding and output norm spread over the layers);
+    - steps: base and TBO ("split" schedule) as measured."""
+    d0 = runs[0]["dims"]
+    name, full_layers = _preset_of(d0)
+    dims = Dims(name, d0["hidden_size"], d0["n_routed_experts"], d0["num_experts_per_tok"],
+                d0["moe_intermediate_size"], full_layers, act_bytes=d0.get("dtype_bytes", 2))
+    cal = {"kind": CALIBRATION_KIND, "device": runs[0]["device"], "model": dataclasses.asdict(dims),
+           "attention": [], "moe": [], "comm": [], "steps": [], "from": "dp-step"}
+    for run in runs:
+        n, layers = run["dp"], run["layers"]
+        for r in run["results"]:
+            if r.get("phase") != "prefill" or "experts_ms" not in r:
+                continue
+            t = r["tokens_per_rank"]
+            cal["moe"] += [{"dp": n, "tokens": t, "ms": r["experts_ms"]},
+                           {"dp": n, "tokens": t // 2, "ms": r["experts_half_ms"]}]
+            comm = r["comm_only_ms"] / layers
+            cal["comm"].append({"dp": n, "tokens": t, "bytes": dims.ag_bytes(n, t) + dims.rs_bytes(n, t), "ms": comm})
+            cal["attention"].append({"tokens": t, "ms": (r["base_ms"] - r["comm_only_ms"]) / layers - r["experts_ms"]})
+            cal["steps"].append({"dp": n, "emulated": run.get("emulated", False), "tokens": t, "layers": layers,
+                                 "base_ms": r["base_ms"], "tbo_ms": r.get("tbo_ms"), "fused_ms": r.get("fused_ms")})
+    return cal
 
 
 def fit_calibration(data: dict) -> StepModel:
@@ -318,9 +373,13 @@ def fit_calibration(data: dict) -> StepModel:
     moe = MoeFit.fit(dims, [(p["dp"], p["tokens"], p["ms"]) for p in data["moe"]],
                      tile=data.get("tile_rows", 128))
     fits = {}
+    if data.get("comm"):  # AG + RS timed together (from dp-step): one link fit for both
+        both = Affine.fit([p["bytes"] for p in data["comm"]], [p["ms"] for p in data["comm"]])
+        fits["all_gather"] = fits["reduce_scatter"] = Affine(both.a / 2, both.b)
     for op in ("all_gather", "reduce_scatter"):
-        pts = [p for p in data["collectives"] if p["op"] == op]
-        fits[op] = Affine.fit([p["bytes"] for p in pts], [p["ms"] for p in pts])
+        pts = [p for p in data.get("collectives", []) if p["op"] == op]
+        if pts:
+            fits[op] = Affine.fit([p["bytes"] for p in pts], [p["ms"] for p in pts])
     model = StepModel(data.get("device", "?"), dims, attn, moe, fits["all_gather"], fits["reduce_scatter"])
     tbo_steps = [s for s in data.get("steps", []) if s.get("tbo_ms")]
     if tbo_steps:
@@ -335,7 +394,9 @@ def check_rows(model: StepModel, data: dict) -> list[dict]:
     """Measured steps of a calibration file beside the model's predictions."""
     rows = []
     for s in data.get("steps", []):
-        r = {k: s.get(k) for k in ("dp", "emulated", "tokens", "layers", "base_ms", "tbo_ms")}
+        if not (s.get("base_ms") and s.get("tbo_ms")):
+            continue
+        r = {k: s.get(k) for k in ("dp", "emulated", "tokens", "layers", "base_ms", "tbo_ms", "fused_ms")}
         r["pred_base_ms"] = model.base_ms(s["dp"], s["tokens"], s["layers"])
         r["pred_tbo_ms"] = model.tbo_ms(s["dp"], s["tokens"], s["layers"])
         rows.append(r)
@@ -382,7 +443,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tbo-model", help="calibrated base-vs-TBO step model (from dp-step --calibration)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibration", nargs="+", required=False, default=[],
-                   help="calibration JSON files (one per model dims)")
+                   help="calibration JSON files, or `bench dp-step --json` outputs (real and emulated dp; "
+                        "grouped by model dimensions)")
     p.add_argument("--platforms", default="h200,mi355x", help=f"comma list of {', '.join(PLATFORMS)}")
     p.add_argument("--dp", default="2,4,8,16,32")
     p.add_argument("--tokens", default="4096,8192,16384", help="tokens per rank")
@@ -409,8 +471,8 @@ def _fmt_fit(m: StepModel) -> str:
 
 def run_cli(args) -> int:
     if not args.calibration:
-        raise SystemExit("tbo-model needs --calibration FILE ... (written by `bench dp-step --calibration`)")
-    datas = [load_calibration(p) for p in args.calibration]
+        raise SystemExit("tbo-model needs --calibration FILE ... (`bench dp-step --json` outputs)")
+    datas = load_calibrations(args.calibration)
     models = [fit_calibration(d) for d in datas]
     dps = [int(x) for x in args.dp.split(",")]
     tokens = [int(x) for x in args.tokens.split(",")]
@@ -425,13 +487,14 @@ def run_cli(args) -> int:
         if rows:
             print(f"\nmeasured vs model ({m.dims.name}, {d.get('device')}, {rows[0]['layers']} layers):")
             print(f"{'dp':>4} {'emul':>5} {'tok/rank':>8} {'base':>8} {'pred':>8} {'err':>6} "
-                  f"{'TBO':>8} {'pred':>8} {'err':>6} {'TBO/base':>8} {'pred':>6}")
+                  f"{'TBO':>8} {'pred':>8} {'err':>6} {'TBO/base':>8} {'pred':>6} {'fused/base':>10}")
             for r in rows:
                 eb = r["pred_base_ms"] / r["base_ms"] - 1
                 et = r["pred_tbo_ms"] / r["tbo_ms"] - 1
                 print(f"{r['dp']:4d} {'yes' if r['emulated'] else 'no':>5} {r['tokens']:8d} {r['base_ms']:8.2f} "
                       f"{r['pred_base_ms']:8.2f} {eb:+6.1%} {r['tbo_ms']:8.2f} {r['pred_tbo_ms']:8.2f} {et:+6.1%} "
-                      f"{r['tbo_ms'] / r['base_ms']:8.3f} {r['pred_tbo_ms'] / r['pred_base_ms']:6.3f}")
+                      f"{r['tbo_ms'] / r['base_ms']:8.3f} {r['pred_tbo_ms'] / r['pred_base_ms']:6.3f} "
+                      f"{r['fused_ms'] / r['base_ms'] if r.get('fused_ms') else float('nan'):10.3f}")
         preds = prediction_rows(m, args.platforms.split(","), dps, tokens, args.link_gbps)
         out["predictions"] += preds
         print(f"\npredicted per layer ({m.dims.name}; compute scaled by published peaks off the calibration GPU):")
