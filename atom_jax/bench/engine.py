@@ -294,6 +294,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads compiling the buckets' steps at once before warm-up (0: compile on "
                         "first use in warm-up, one after the other)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="build and warm up (filling the persistent compilation cache), report compile times, "
+                        "run nothing timed: a later run with the same flags then starts in seconds")
     c = p.add_argument_group("comparisons (one compiled engine, the same workload)")
     c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
     c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
@@ -329,7 +332,7 @@ def run(args) -> dict:
         print(f"warm-up (TBO {TBO_NAMES[tbo]}): {warm[TBO_NAMES[tbo]]:.1f} s, buckets {list(engine.buckets)}",
               flush=True)
     runs = []
-    for tbo in tbos:
+    for tbo in ([] if args.compile_only else tbos):
         for delayer in delayers:
             configure(engine, delayer, tbo)
             r = run_workload(engine, requests, prompts, args.max_concurrency)
@@ -337,7 +340,7 @@ def run(args) -> dict:
             print(f"delayer {delayer}, TBO {TBO_NAMES[tbo]}: {r['total_token_throughput_per_gpu']:.0f} total tok/s "
                   f"per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms, TPOT p50 {r['tpot']['median_ms']:.1f} ms",
                   flush=True)
-    if args.http:  # the first delayer / TBO combination again, through the server
+    if args.http and not args.compile_only:  # the first delayer / TBO combination again, through the server
         configure(engine, delayers[0], tbos[0])
         r = run_http(engine, args)
         runs.append({"delayer": delayers[0], "tbo": TBO_NAMES[tbos[0]], "http": True, **r})
@@ -360,9 +363,10 @@ def run(args) -> dict:
 
 def run_cli(args) -> int:
     res = run(args)
-    print(format_table(res["runs"]))
+    if res["runs"]:
+        print(format_table(res["runs"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {args.json}")
-    return 0 if all(r["completed"] for r in res["runs"]) else 1
+    return 0 if all(r["completed"] == args.num_prompts for r in res["runs"]) else 1
