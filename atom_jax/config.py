@@ -61,6 +61,15 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 1
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an int, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        for name in _POSITIVE_FIELDS:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if len(self.attn_kinds) != self.num_layers:
             raise ConfigError(f"attn_kinds has {len(self.attn_kinds)} entries for {self.num_layers} layers")
         if len(self.hash_layers) != self.num_layers:
@@ -89,6 +98,13 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+# sizes and counts that must be positive (the others may be 0: shared experts, MTP layers, ...)
+_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank",
+                    "o_groups", "o_lora_rank", "sliding_window", "csa_ratio", "hca_ratio", "index_n_heads",
+                    "index_head_dim", "index_topk", "n_routed_experts", "num_experts_per_tok",
+                    "moe_intermediate_size", "hc_mult", "max_position_embeddings")
 
 
 def _flash_kinds(n: int) -> tuple[str, ...]:

@@ -150,6 +150,10 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
             filler.put(t, scale_path, scales, target.expert)
             filled.add(t.name)
             continue
+        stored = np.asarray(t.array).dtype
+        if (stored.kind in "biu") != bool(target.integer):  # I64 read as a float weight: refuse
+            raise CheckpointError(t.source, t.source_name, f"stored as {stored} but the parameter is "
+                                  f"{'an integer table' if target.integer else 'floating point'}")
         value = target.transform(np.asarray(t.array))
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
             raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")

@@ -175,7 +175,7 @@ def test_line_sampling_fields_override_flags(engine, tmp_path):
     assert {r["id"]: r["token_ids"] for r in _read(again)} == {k: v["token_ids"] for k, v in got.items()}
 
 
-def test_failed_model_step_writes_error_lines(engine, tmp_path, monkeypatch):
+def test_failed_model_step_writes_error_lines(engine, tmp_path, monkeypatch, capsys):
     real_run = engine.runner.run
     calls = []
 
@@ -189,9 +189,68 @@ def test_failed_model_step_writes_error_lines(engine, tmp_path, monkeypatch):
     records = [{"id": "first", "prompt": "a", "max_tokens": 3}, {"id": "second", "prompt": "b", "max_tokens": 3}]
     rc, out = _run(engine, tmp_path, records, "--max-in-flight", "1", "--summary-json", str(tmp_path / "s.json"))
     assert rc == 0
-    got = {r["id"]: r["finish_reason"] for r in _read(out)}
-    assert got == {"first": "error", "second": "length"}
+    lines = {r["id"]: r for r in _read(out)}
+    assert {k: r["finish_reason"] for k, r in lines.items()} == {"first": "error", "second": "length"}
+    # the cause is named in the output line and on stderr, with the input line number
+    assert "device fell over" in lines["first"]["error"] and "error" not in lines["second"]
+    err = capsys.readouterr().err
+    assert "line 1" in err and "device fell over" in err
     assert json.loads((tmp_path / "s.json").read_text())["failed"] == 1
     # --retry-errors reruns only the failed id and keeps one line per id
     rc, out = _run(engine, tmp_path, records, "--max-in-flight", "1", "--retry-errors")
     assert sorted((r["id"], r["finish_reason"]) for r in _read(out)) == [("first", "length"), ("second", "length")]
+
+
+def test_values_the_server_refuses_are_refused_per_line(engine, tmp_path, capsys):
+    """The shared validation, line by line: one bad line never fails its neighbours."""
+    records = [
+        {"id": "ok1", "prompt": "abc", "max_tokens": 3, "ignore_eos": True},
+        {"id": "topk", "prompt": "abc", "max_tokens": 3, "top_k": 100000000000},
+        '{"id": "nan", "prompt": "abc", "temperature": NaN}',
+        '{"id": "inf", "prompt": "abc", "temperature": Infinity}',
+        {"id": "huge", "prompt": "abc", "temperature": 1e308},
+        {"id": "stopid", "prompt": "abc", "stop_token_ids": [99999]},
+        {"id": "role", "messages": [{"role": "wizard", "content": "hi"}]},
+        '{"id": "surrogate", "prompt": "ab\\ud800cd"}',
+        {"id": "ok2", "prompt": "abc", "max_tokens": 3, "ignore_eos": True, "top_k": 600},
+    ]
+    rc, out = _run(engine, tmp_path, records)
+    err = capsys.readouterr().err
+    assert rc == 0
+    got = {r["id"]: r for r in _read(out)}
+    assert sorted(got) == ["ok1", "ok2"]
+    assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 3 for r in got.values())
+    for line_no, word in [(2, "top_k"), (3, "temperature"), (4, "temperature"), (5, "temperature"),
+                          (6, "stop_token_ids"), (7, "role"), (8, "surrogate")]:
+        assert any(f"in.jsonl:{line_no}: skipped" in ln and word in ln for ln in err.splitlines()), (line_no, err)
+    assert "7 bad lines" in err
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "is_dir", "parent_is_file"])
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys, case):
+    src = _write(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    (tmp_path / "afile").write_text("")
+    out = {"missing_dir": tmp_path / "nope" / "out.jsonl", "is_dir": tmp_path,
+           "parent_is_file": tmp_path / "afile" / "out.jsonl"}[case]
+    # No engine and a model that cannot load: the output is checked first, so this never loads.
+    rc = main(["--input", src, "--output", str(out), "--model", str(tmp_path / "no-model"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.count("\n") == 1 and str(out) in err and "Traceback" not in err, err
+    assert "loading" not in err and "no-model" not in err
+
+
+def test_second_writer_on_one_output_is_refused(engine, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "done", "token_ids": [], "finish_reason": "length"}\n')
+    before = out.read_bytes()
+    with open(out, "ab") as other_run:  # another run holds the output
+        fcntl.flock(other_run.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, _ = _run(engine, tmp_path, [{"id": "a", "prompt": "x", "max_tokens": 2}])
+        assert rc == 1 and "another run" in capsys.readouterr().err
+        assert out.read_bytes() == before
+    # once it is gone, the run goes ahead and appends only the new id
+    rc, _ = _run(engine, tmp_path, [{"id": "a", "prompt": "x", "max_tokens": 2}, {"id": "done", "prompt": "x"}])
+    assert rc == 0 and sorted(r["id"] for r in _read(out)) == ["a", "done"]

@@ -178,3 +178,43 @@ def test_wrong_model_type(saved_hf, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="llama"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,words", [("hidden_size", -4, "hidden_size"),
+                                             ("num_hidden_layers", "4", "num_hidden_layers"),
+                                             ("compress_rates", 5, "wrong type")])
+def test_bad_config_values_are_config_errors(saved_hf, tmp_path, key, value, words):
+    _, src = saved_hf
+    _copy_with(src, tmp_path, lambda t: None)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=words):
+        load_model(str(tmp_path))
+
+
+def test_integer_dtype_for_a_float_parameter_is_refused(saved_hf, tmp_path):
+    _, src = saved_hf
+    name = "head.weight"
+
+    def edit(t):
+        t[name] = np.ones(t[name].shape, np.int64)
+
+    _copy_with(src, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"head\.weight.*int64"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute"])
+def test_index_entries_outside_the_model_dir_are_refused(saved_hf, tmp_path, where):
+    _, src = saved_hf
+    model_dir = tmp_path / "model"
+    f = _copy_with(src, model_dir, lambda t: None)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(open(f, "rb").read())  # a real file: refused for where it is, not for missing
+    names = list(load_file(f))
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map[names[0]] = "../outside.safetensors" if where == "dotdot" else str(outside)
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        load_model(str(model_dir))

@@ -3,10 +3,11 @@
 import pytest
 
 from atom_jax.scheduler import PageAllocator, SamplingParams, Sequence, SlotAllocator, pages_for
+from atom_jax.scheduler.validation import InvalidRequest, check_request
 
 
 def test_sampling_defaults_validate():
-    p = SamplingParams().validate()
+    p = SamplingParams()
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k) == (16, 0.0, 1.0, 0)
     assert p.seed is None and p.stop_token_ids == () and p.stop == ()
     assert not p.ignore_eos and not p.logprobs and p.greedy
@@ -19,14 +20,42 @@ def test_sampling_defaults_validate():
     (dict(temperature=-0.1), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.01), "top_p"),
-    (dict(top_k=-1), "top_k"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1e308), "temperature"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=100_000_000_000), "top_k"),  # beyond the sampler's int32
     (dict(seed="x"), "seed"),
     (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(stop_token_ids=(True,)), "stop_token_ids"),
     (dict(stop=("",)), "stop"),
+    (dict(stop=("a\ud800",)), "stop"),  # a lone surrogate cannot be matched or echoed
+    (dict(stop=["s"] * 17), "stop"),
+    (dict(logprobs=1), "logprobs"),
 ])
 def test_sampling_rejects_bad_values(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**kwargs).validate()
+    """Building a SamplingParams validates it (once: nothing downstream checks it again)."""
+    with pytest.raises(InvalidRequest, match=field) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == field
+
+
+def test_sampling_normalises_off_values_and_seeds():
+    p = SamplingParams(top_k=-1, temperature=1, seed=2**40 + 7)
+    assert p.top_k == 0 and isinstance(p.temperature, float) and p.seed == 7
+    assert SamplingParams(seed=-1).seed == 2**32 - 1
+
+
+def test_check_request_needs_the_model():
+    p = SamplingParams(max_tokens=10, stop_token_ids=(3,))
+    check_request(5, p, vocab_size=8, max_context=15)
+    for args, param in [((5, SamplingParams(stop_token_ids=(8,)), 8, 100), "stop_token_ids"),
+                        ((15, p, 8, 15), "prompt"), ((6, p, 8, 15), "max_tokens")]:
+        with pytest.raises(InvalidRequest) as e:
+            check_request(*args)
+        assert e.value.param == param
 
 
 def test_sampling_normalises_lists_and_single_stop_string():

@@ -18,6 +18,7 @@ from atom_jax.chat import encoding
 from atom_jax.chat.encoding import EncodingError
 from atom_jax.chat.reasoning import ReasoningParser
 from atom_jax.chat.tools import ToolCallParser, new_call_id
+from atom_jax.scheduler.validation import InvalidRequest, check_messages, check_strings
 
 TEMPLATES = ("auto", "v4", "tokenizer")
 REASONING_PARSERS = ("auto", "deepseek-v4", "none")
@@ -162,6 +163,11 @@ def _tool_choice(tool_choice, functions: list[dict], thinking: bool) -> str:
 def plan_chat(settings: ChatSettings, tokenizer, messages: list[dict], tools=None,
               tool_choice=None, template_kwargs=None) -> ChatPlan:
     """Raises EncodingError (the request's fault) for input this format cannot take."""
+    try:  # the checks every front end shares: roles, valid Unicode
+        check_messages(messages)
+        check_strings("tools", tools)
+    except InvalidRequest as e:
+        raise EncodingError(str(e), e.param) from None
     fmt = settings.template
     if fmt == "auto":
         fmt = getattr(tokenizer, "chat_format", "tokenizer")

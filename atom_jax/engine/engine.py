@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import random
 
@@ -18,7 +19,10 @@ from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
+from atom_jax.scheduler.validation import check_request, check_text, check_token_ids
 from atom_jax.sharding import StepOptions, make_dp_mesh
+
+log = logging.getLogger("atom_jax.engine")
 
 
 @dataclasses.dataclass
@@ -31,10 +35,11 @@ class RequestOutput:
     delta_text: str | None  # what `text` gained since this request's previous output
     finished: bool
     finish_reason: str | None
-    logprobs: list[float]
+    logprobs: list[float]  # the chosen tokens' logprobs, when the request's params ask for them
     chat: ChatDelta | None = None  # chat requests: this output's reasoning / content / tool calls
     message: dict | None = None  # chat requests, once finished: the OpenAI assistant message
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.cached_tokens)
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class _Tracked:
@@ -47,6 +52,7 @@ class _Tracked:
         self.chat: ChatPlan | None = None
         self.chat_parser = None
         self.chat_total = ChatDelta()
+        self.error: str | None = None  # why the request failed (finish_reason "error")
 
 
 class Engine:
@@ -120,7 +126,9 @@ class Engine:
         `chat` delta and, once finished, the assistant `message` (content, reasoning_content,
         tool_calls; finish_reason "tool_calls" when the model called tools). `chat`: a plan
         made earlier with `plan_chat` (then `prompt_token_ids` may be its encoded prompt)."""
-        params = (params or SamplingParams()).validate()
+        params = SamplingParams() if params is None else params  # validated when it was built
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if messages is not None:
             chat = self.plan_chat(messages, tools, tool_choice, chat_template_kwargs)
         ids = self.encode_prompt(prompt, prompt_token_ids, chat=chat)
@@ -128,9 +136,7 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if len(ids) + params.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"context of {self.max_context} tokens")
+        check_request(len(ids), params, self.model.cfg.vocab_size, self.max_context)
         if params.seed is None:  # resolved now: the runner samples from seq.params alone
             params = dataclasses.replace(params, seed=self._rng.getrandbits(32))
         seq = Sequence(request_id, ids, params)
@@ -156,11 +162,10 @@ class Engine:
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt_token_ids = prompt
         if prompt_token_ids is not None:
-            ids = [int(t) for t in prompt_token_ids]
-            bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token ids out of range [0, {self.model.cfg.vocab_size}): {bad[:5]}")
+            ids = list(prompt_token_ids)
+            check_token_ids("prompt", ids, self.model.cfg.vocab_size)
         elif isinstance(prompt, str):
+            check_text("prompt", prompt)
             ids = self._require_tokenizer().encode(prompt)
         else:
             raise ValueError("give a prompt string, prompt_token_ids or messages")
@@ -188,15 +193,23 @@ class Engine:
                 what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
                 with self._profiler.step(lambda: self.runner.cache, what):
                     toks, lps = self._run(self.runner.host_inputs(plan))
-            except Exception:
-                # a failed step fails the requests in it, never the engine
+            except Exception as e:
+                # a failed step fails the requests in it, never the engine; each says why
+                error = f"the model step failed: {type(e).__name__}: {e}"
+                log.exception("model step failed; failing its %d request(s)",
+                              sum(len(work) for work in plan.per_rank))
                 for work in plan.per_rank:
                     for w in work:
+                        tr = self._requests.get(w.request_id)
+                        if tr is not None:
+                            tr.error = error
                         self.scheduler.fail(w.request_id)
             else:
                 for seq, tok, lp in zip(plan.sampled(), toks, lps):
                     sampled[seq.request_id] = int(tok)
-                    self._requests[seq.request_id].logprobs.append(float(lp))
+                    tr = self._requests[seq.request_id]
+                    if tr.seq.params.logprobs:
+                        tr.logprobs.append(float(lp))
         else:
             self.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
@@ -265,7 +278,8 @@ class Engine:
             if seq.is_finished:
                 message = tr.chat.to_message(tr.chat_total)
         return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
-                             seq.is_finished, reason, list(tr.logprobs), chat, message, seq.num_cached_tokens or 0)
+                             seq.is_finished, reason, list(tr.logprobs), chat, message, seq.num_cached_tokens or 0,
+                             tr.error if seq.finish_reason == "error" else None)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion; outputs in prompt order."""

@@ -33,7 +33,7 @@ from atom_jax.engine.args import (REQUEST_DEFAULT_TEMPERATURE, add_engine_args, 
                                   positive_int, start_engine)
 from atom_jax.generate.inputs import BadLine, SamplingDefaults, encode_requests, parse_input
 from atom_jax.generate.loop import EngineBroken, run_requests
-from atom_jax.generate.outputs import ResultWriter, prepare_output, scan_output
+from atom_jax.generate.outputs import OutputError, OutputLock, ResultWriter, prepare_output, scan_output
 from atom_jax.generate.report import Progress, RunStats, summary_text, write_summary_json
 
 MAX_BAD_LINES_SHOWN = 100
@@ -142,13 +142,23 @@ def _main_multihost(args, start) -> int:
 
 def _main(args, engine, start=None) -> int:
     t_start = time.monotonic()
-    stats = RunStats()
     if not os.path.isfile(args.input):
         _log(f"no such input file: {args.input}")
         return 1
     if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
         _log("--input and --output are the same file")
         return 1
+    try:  # before the model loads: an unwritable or busy output fails in one line, at once
+        lock = OutputLock(args.output)
+    except OutputError as e:
+        _log(str(e))
+        return 1
+    with lock:
+        return _run(args, engine, lock, t_start)
+
+
+def _run(args, engine, lock: OutputLock, t_start: float) -> int:
+    stats = RunStats()
     existing = scan_output(args.output)
     for n in existing.corrupt_lines:
         _log(f"{args.output}:{n}: not a result line; ignored")
@@ -183,7 +193,11 @@ def _main(args, engine, start=None) -> int:
 
     if existing.torn_tail:
         _log(f"{args.output}: dropping a torn last line (its request runs again)")
-    prepare_output(args.output, existing, args.retry_errors)
+    try:
+        prepare_output(args.output, existing, args.retry_errors, lock)
+    except (OSError, OutputError) as e:
+        _log(f"could not prepare {args.output}: {e}")
+        return 1
     if parsed.skipped:
         _log(f"{parsed.skipped} id(s) already in {args.output}: skipped")
     rc = 0
@@ -203,6 +217,9 @@ def _main(args, engine, start=None) -> int:
                 run_requests(engine, requests, writer, stats, max_in_flight, progress, report_bad)
     except EngineBroken as e:
         _log(f"{e}; stopped. Rerun the same command to resume the remaining requests.")
+        rc = 1
+    except OSError as e:  # the output became unwritable (disk full, removed mount, ...)
+        _log(f"writing {args.output} failed: {e}; stopped. Rerun to resume the remaining requests.")
         rc = 1
     except KeyboardInterrupt:
         _log("interrupted; finished results are saved. Rerun the same command to resume.")

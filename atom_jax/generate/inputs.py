@@ -1,7 +1,9 @@
 """Reading and validating the input JSONL, in two passes so `--strict` can refuse a file
 before any work: `parse_input` checks syntax and field types without the engine (fast, runs
 before the model loads); `encode_requests` then asks the engine to tokenise each prompt and
-checks it fits the context."""
+checks it against the model. Both use the validation the server and the Engine API use
+(`atom_jax.scheduler.validation`, SamplingParams, the chat plan), so a line is accepted exactly
+when the server would accept the same request."""
 
 from __future__ import annotations
 
@@ -12,19 +14,13 @@ import zlib
 
 from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.scheduler import SamplingParams
+from atom_jax.scheduler.validation import InvalidRequest, check_request, check_text
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 CHAT_FIELDS = ("tools", "tool_choice", "chat_template_kwargs")  # with messages, as the server takes them
-# field -> (accepted JSON types, description for the error message); bool is rejected separately
-# for numbers because json gives True/False as Python bools, which are ints.
-SAMPLING_FIELDS = {
-    "max_tokens": ((int,), "an int"),
-    "temperature": ((int, float), "a number"),
-    "top_p": ((int, float), "a number"),
-    "top_k": ((int,), "an int"),
-    "seed": ((int,), "an int"),
-    "ignore_eos": ((bool,), "a bool"),
-}
+# A line's own sampling fields; SamplingParams checks their types and ranges.
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                   "ignore_eos")
 
 
 @dataclasses.dataclass
@@ -66,9 +62,7 @@ class SamplingDefaults:
         values = {"max_tokens": self.max_tokens, "temperature": self.temperature,
                   "top_p": self.top_p, "top_k": self.top_k, "seed": self.request_seed(key)}
         values.update(fields)
-        if isinstance(values["temperature"], int):
-            values["temperature"] = float(values["temperature"])
-        return SamplingParams(**values).validate()
+        return SamplingParams(**values)  # validates every field (InvalidRequest names it)
 
     def request_seed(self, key: str) -> int | None:
         # One shared seed would give identical samples for identical prompts; a seed derived
@@ -125,10 +119,7 @@ def _parse_line(raw: bytes, line_no: int, defaults: SamplingDefaults) -> InputRe
     prompt.update({k: obj[k] for k in chat_fields})
     key = json.dumps(rid)
     fields = _sampling_fields(obj)
-    try:
-        params = defaults.params_for(fields, key)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    params = defaults.params_for(fields, key)
     return InputRequest(line_no, rid, key, params, prompt)
 
 
@@ -136,6 +127,7 @@ def _check_prompt(field: str, value):
     if field == "prompt":
         if not isinstance(value, str) or not value:
             raise ValueError("prompt must be a non-empty string")
+        check_text("prompt", value)
     elif field == "prompt_token_ids":
         if (not isinstance(value, list) or not value
                 or any(isinstance(t, bool) or not isinstance(t, int) for t in value)):
@@ -150,34 +142,14 @@ def _check_prompt(field: str, value):
 
 
 def _sampling_fields(obj: dict) -> dict:
-    fields = {}
-    for name, (types, what) in SAMPLING_FIELDS.items():
-        v = obj.get(name)
-        if v is None:
-            continue
-        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
-            raise ValueError(f"{name} must be {what}, got {v!r}")
-        fields[name] = v
-    stop = obj.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        fields["stop"] = tuple(stop)
-    stop_ids = obj.get("stop_token_ids")
-    if stop_ids is not None:
-        if not isinstance(stop_ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in stop_ids):
-            raise ValueError(f"stop_token_ids must be a list of ints, got {stop_ids!r}")
-        fields["stop_token_ids"] = tuple(stop_ids)
-    return fields
+    return {name: obj[name] for name in SAMPLING_FIELDS if obj.get(name) is not None}
 
 
 def encode_requests(requests: list[InputRequest], engine) -> tuple[list[InputRequest], list[BadLine]]:
-    """Tokenise every prompt with the engine (chat template for messages) and check it fits the
-    context, so the engine's own ValueErrors surface before any generation."""
+    """Tokenise every prompt with the engine (chat template for messages) and make the checks
+    `Engine.add_request` makes (token ids in the vocabulary, prompt + max_tokens within the
+    context), so a bad line is reported with its number before any generation."""
     ok, bad = [], []
-    max_context = getattr(engine, "max_context", None)
     for req in requests:
         try:
             if "messages" in req.prompt:
@@ -186,12 +158,12 @@ def encode_requests(requests: list[InputRequest], engine) -> tuple[list[InputReq
                 req.chat = dataclasses.replace(req.chat, prompt="")  # only the parsing is kept
             else:
                 ids = engine.encode_prompt(**req.prompt)
+            check_request(len(ids), req.params, engine.model.cfg.vocab_size, engine.max_context)
+        except InvalidRequest as e:
+            bad.append(BadLine(req.line_no, str(e)))
+            continue
         except Exception as e:  # a chat template may raise anything (jinja, KeyError)
             bad.append(BadLine(req.line_no, f"rejected by the engine: {e}"))
-            continue
-        if max_context is not None and len(ids) + req.params.max_tokens > max_context:
-            bad.append(BadLine(req.line_no, f"prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_tokens}) "
-                                            f"exceeds the context of {max_context} tokens"))
             continue
         req.prompt_token_ids = array.array("i", ids)
         req.prompt = {}

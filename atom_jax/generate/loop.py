@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import sys
 
 from atom_jax.generate.inputs import BadLine, InputRequest
 from atom_jax.generate.outputs import ResultWriter, error_record, result_record
@@ -26,6 +27,8 @@ def run_requests(engine, requests: list[InputRequest], writer: ResultWriter, sta
     in_flight: dict[str, InputRequest] = {}
 
     def write(req: InputRequest, record: dict) -> None:
+        if record["finish_reason"] == "error":
+            report_error(req, record["error"])
         writer.write(record)
         stats.done += 1
         stats.finish_reasons[record["finish_reason"]] += 1
@@ -39,6 +42,15 @@ def run_requests(engine, requests: list[InputRequest], writer: ResultWriter, sta
             _try_abort(engine, rid)
         progress.update(len(in_flight), 0)
         in_flight.clear()
+
+    last_error = None
+
+    def report_error(req: InputRequest, message: str) -> None:
+        nonlocal last_error
+        if message != last_error:  # once per cause, not once per request of a failed step
+            print(f"generate: line {req.line_no} (id {req.id!r}) failed: {message}", file=sys.stderr,
+                  flush=True)
+            last_error = message
 
     idle_steps = 0
     try:
@@ -69,9 +81,10 @@ def run_requests(engine, requests: list[InputRequest], writer: ResultWriter, sta
             finished = new_tokens = 0
             for out in outputs:
                 new_tokens += len(out.new_token_ids)
-                req = in_flight.pop(out.request_id, None) if out.finished else None
+                req = in_flight.get(out.request_id) if out.finished else None
                 if req is not None:
                     write(req, result_record(req, out, has_tokenizer))
+                    del in_flight[out.request_id]  # after the write: a failed write counts as not run
                     finished += 1
             progress.update(finished, new_tokens)
             # A request the engine dropped without a final output would spin this loop forever.

@@ -4,9 +4,66 @@ line, and appending one flushed line per finished request."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import time
+
+
+class OutputError(RuntimeError):
+    """The output cannot be written (missing directory, a directory, no permission) or another
+    run holds it: one line for the user, found before the model loads."""
+
+
+class OutputLock:
+    """An exclusive lock (flock) on the output file for the whole run, so two runs on one output
+    cannot both append (each would write every id). Taken before anything is read or loaded; the
+    file is created if missing and removed again if the run ends without writing to it. The
+    operating system drops the lock when the process exits, however it exits."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._created = not os.path.lexists(path)
+        self._f = self._open_locked()
+
+    def _open_locked(self):
+        try:
+            f = open(self.path, "ab")
+        except IsADirectoryError:
+            raise OutputError(f"--output {self.path} is a directory") from None
+        except OSError as e:
+            raise OutputError(f"cannot write --output {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputError(f"--output {self.path} is being written by another run (it holds "
+                                  "the file's lock); wait for it to finish, or choose another output") from None
+            raise OutputError(f"cannot lock --output {self.path}: {e.strerror}") from None
+        return f
+
+    def relock(self) -> None:
+        """After the file was replaced (an atomic rewrite): lock the new file, then let the old go."""
+        old, self._f = self._f, self._open_locked()
+        old.close()
+
+    def release(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            if self._created and os.fstat(self._f.fileno()).st_size == 0:
+                os.unlink(self.path)  # nothing was written: leave no empty file behind
+        except OSError:
+            pass
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 @dataclasses.dataclass
@@ -47,9 +104,10 @@ def scan_output(path: str) -> ExistingOutput:
     return state
 
 
-def prepare_output(path: str, existing: ExistingOutput, retry_errors: bool) -> None:
+def prepare_output(path: str, existing: ExistingOutput, retry_errors: bool, lock: OutputLock | None = None) -> None:
     """Cut a torn last line off; with retry_errors, drop the error results so they rerun and
-    the file still holds one line per id. Atomic rewrite (temp file + rename) for the latter."""
+    the file still holds one line per id. Atomic rewrite (temp file + rename) for the latter;
+    `lock` then moves to the new file."""
     if retry_errors and existing.error_keys:
         tmp = path + ".tmp"
         with open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -63,6 +121,8 @@ def prepare_output(path: str, existing: ExistingOutput, retry_errors: bool) -> N
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, path)
+        if lock is not None:
+            lock.relock()
     elif existing.torn_tail:
         os.truncate(path, existing.keep_bytes)
 
@@ -121,9 +181,11 @@ def result_record(req, output, has_tokenizer: bool) -> dict:
         rec["text"] = output.text
     if getattr(output, "message", None) is not None:  # messages: content, reasoning, tool calls
         rec["message"] = output.message
-    rec.update(token_ids=list(output.token_ids), finish_reason=output.finish_reason,
-               usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion})
+    rec.update(token_ids=list(output.token_ids), finish_reason=output.finish_reason)
+    if output.finish_reason == "error":
+        rec["error"] = getattr(output, "error", None) or "the request failed inside the engine"
+    rec["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
     return rec
 
 

@@ -100,7 +100,6 @@ class DPScheduler:
         a request goes to the rank holding its longest cached prefix unless that rank's queued
         prefill exceeds another rank's by more than the cache saves (ties: longer cached
         prefix, lower KV usage, lower rank id). Returns the rank."""
-        seq.params.validate()
         if self.get(seq.request_id) is not None:
             raise ValueError(f"request id {seq.request_id!r} is already live")
         hit = {r.rank: r.cached_prefix_tokens(seq) for r in self.ranks}

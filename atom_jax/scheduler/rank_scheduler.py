@@ -162,7 +162,6 @@ class RankScheduler:
             raise ValueError(f"request id {seq.request_id!r} is already live on rank {self.rank}")
         if seq.status is not SeqStatus.WAITING or seq.num_computed or seq.pages:
             raise ValueError(f"{seq!r} is not a fresh waiting sequence")
-        seq.params.validate()
         seq.rank = self.rank
         self._live[seq.request_id] = seq
         self.waiting.append(seq)

@@ -6,6 +6,7 @@ the engine is built) and the tokenizer, never the engine itself."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -14,6 +15,7 @@ from atom_jax.chat import ChatPlan, EncodingError, plan_chat
 from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
+from atom_jax.scheduler.validation import InvalidRequest, check_request, check_text, check_token_ids
 from atom_jax.serve.errors import OpenAIError, bad_request
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -69,14 +71,6 @@ def reject_unsupported(body) -> None:
             raise bad_request(message, param=param, code="unsupported_parameter")
 
 
-def _check_token_ids(ids, info: EngineInfo, param: str) -> list[int]:
-    bad = [t for t in ids if not 0 <= t < info.vocab_size]
-    if bad:
-        raise bad_request(f"token ids out of range [0, {info.vocab_size}): {bad[:5]}",
-                          param=param, code="token_id_out_of_range")
-    return list(ids)
-
-
 def _require_tokenizer(info: EngineInfo, what: str):
     if info.tokenizer is None:
         raise bad_request(f"this model has no tokenizer, so {what} cannot be used: send the "
@@ -94,9 +88,11 @@ def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
+        check_text("prompt", prompt)
         ids = _require_tokenizer(info, "a text prompt").encode(prompt)
     else:
-        ids = _check_token_ids(prompt, info, "prompt")
+        check_token_ids("prompt", prompt, info.vocab_size)
+        ids = list(prompt)
     if not ids:
         raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
     return ids
@@ -121,34 +117,33 @@ def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[list
 
 
 def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | None,
-                    prompt_param: str) -> SamplingParams:
-    if prompt_len >= info.max_context:
-        raise bad_request(f"the prompt has {prompt_len} tokens; this server's context is "
-                          f"{info.max_context} tokens (prompt + output)", param=prompt_param,
-                          code="context_length_exceeded")
+                    prompt_param: str, logprobs: bool) -> SamplingParams:
+    """The request's SamplingParams (validated when built), checked against the model as the
+    engine will check them (`check_request`), so a bad request is a 400 naming its field
+    before it is queued."""
     if max_tokens is None:  # chat: whatever the context leaves
-        max_tokens = info.max_context - prompt_len
-    if prompt_len + max_tokens > info.max_context:
-        raise bad_request(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
-                          f"the context of {info.max_context} tokens", param="max_tokens",
-                          code="context_length_exceeded")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if any(not s for s in stop):
-        raise bad_request("stop strings must not be empty", param="stop")
-    if stop:
+        max_tokens = max(info.max_context - prompt_len, 1)
+    if body.stop:
         _require_tokenizer(info, "stop strings")
-    stop_ids = _check_token_ids(body.stop_token_ids or [], info, "stop_token_ids")
-    top_k = body.top_k or 0
-    top_k = 0 if top_k < 0 or top_k >= info.vocab_size else top_k  # >= vocab: no filtering
-    seed = None if body.seed is None else body.seed % 2**32  # the sampler keys on uint32
     temperature = REQUEST_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    with _as_bad_request(prompt_param):
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+            seed=body.seed, stop_token_ids=tuple(body.stop_token_ids or ()),
+            stop=body.stop or (), ignore_eos=body.ignore_eos, logprobs=logprobs)
+        check_request(prompt_len, params, info.vocab_size, info.max_context, prompt_param)
+    return params
+
+
+@contextlib.contextmanager
+def _as_bad_request(prompt_param: str = "prompt"):
+    """InvalidRequest (the shared validation) -> a 400 naming the field."""
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
-                              top_p=1.0 if body.top_p is None else float(body.top_p), top_k=top_k,
-                              seed=seed, stop_token_ids=tuple(stop_ids), stop=tuple(stop),
-                              ignore_eos=body.ignore_eos, logprobs=False).validate()
-    except ValueError as e:
-        raise bad_request(str(e)) from e
+        yield
+    except InvalidRequest as e:
+        param = prompt_param if e.param == "prompt" else e.param
+        raise bad_request(str(e), param=param, code=e.code or "invalid_value") from None
 
 
 def _new_id(prefix: str) -> str:
@@ -158,10 +153,11 @@ def _new_id(prefix: str) -> str:
 def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
     check_model(body.model, info)
     reject_unsupported(body)
-    ids = completion_prompt_ids(body, info)
+    with _as_bad_request("prompt"):
+        ids = completion_prompt_ids(body, info)
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, info, len(ids), max_tokens, "prompt")
     want_logprobs = body.logprobs is not None and body.logprobs is not False
+    params = sampling_params(body, info, len(ids), max_tokens, "prompt", want_logprobs)
     return PreparedRequest(_new_id("cmpl"), "completion", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
                            want_logprobs, body.return_token_ids, arrival)
@@ -172,7 +168,7 @@ def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) 
     reject_unsupported(body)
     ids, plan = chat_prompt_ids(body, info)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(body, info, len(ids), max_tokens, "messages")
+    params = sampling_params(body, info, len(ids), max_tokens, "messages", body.logprobs)
     return PreparedRequest(_new_id("chatcmpl"), "chat", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
                            body.logprobs, body.return_token_ids, arrival, chat=plan)

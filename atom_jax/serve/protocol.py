@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from atom_jax.scheduler.validation import CHAT_ROLES
+
 
 def _integral_float_to_int(value):
     # JSON Schema counts 3.0 as an integer and some clients send it; strict mode would not.
@@ -112,7 +114,7 @@ class ToolCall(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal[CHAT_ROLES]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="assistant turns: the calls made")

@@ -79,6 +79,8 @@ def from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     if d.get("model_type") != "deepseek_v4":
         raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
     n = _require(d, "num_hidden_layers")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"num_hidden_layers must be an int > 0, got {n!r}")
     rates = dict(d.get("compress_rates") or {})
     csa = int(d.get("compress_rate_csa", rates.get("compressed_sparse_attention", 4)))
     hca = int(d.get("compress_rate_hca", rates.get("heavily_compressed_attention", 128)))
@@ -167,11 +169,20 @@ def from_official_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def from_dict(d: dict[str, Any]) -> ModelConfig:
-    """An HF or a DeepSeek-official config dict -> ModelConfig."""
-    if "model_type" in d:
-        return from_hf_dict(d)
-    if "dim" in d and "n_layers" in d:
-        return from_official_dict(d)
+    """An HF or a DeepSeek-official config dict -> ModelConfig. ConfigError (naming the key
+    where it can) for anything that does not describe a model: missing keys, wrong types
+    (`"4"` for 4), values out of range."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+    try:
+        if "model_type" in d:
+            return from_hf_dict(d)
+        if "dim" in d and "n_layers" in d:
+            return from_official_dict(d)
+    except ValueError as e:  # ConfigError and OfficialConfigError included
+        raise ConfigError(str(e)) from None
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        raise ConfigError(f"config has a value of the wrong type or shape ({type(e).__name__}: {e})") from None
     raise ConfigError("config has neither 'model_type' (HF) nor 'dim'/'n_layers' (DeepSeek official)")
 
 

@@ -197,8 +197,13 @@ def list_safetensors(path: str | os.PathLike) -> tuple[list[str], dict[str, str]
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(index, None, "index has no weight_map")
         files: dict[str, str] = {}
+        root = os.path.realpath(path)
         for tensor, fname in weight_map.items():
-            full = os.path.join(path, fname)
+            full = os.path.join(path, fname) if isinstance(fname, str) else None
+            if full is None or os.path.isabs(fname) or \
+                    os.path.commonpath([root, os.path.realpath(full)]) != root:
+                raise CheckpointError(index, tensor, f"the index puts it in {fname!r}, outside the "
+                                      "model directory (weight_map names files inside it)")
             if full not in files.values() and not os.path.isfile(full):
                 raise CheckpointError(index, tensor, f"the index puts it in {fname!r}, which does not exist")
             files[fname] = full
