@@ -154,10 +154,10 @@ def _main(args, engine, start=None) -> int:
         _log(str(e))
         return 1
     with lock:
-        return _run(args, engine, lock, t_start)
+        return _run(args, engine, start, lock, t_start)
 
 
-def _run(args, engine, lock: OutputLock, t_start: float) -> int:
+def _run(args, engine, start, lock: OutputLock, t_start: float) -> int:
     stats = RunStats()
     existing = scan_output(args.output)
     for n in existing.corrupt_lines:

@@ -106,7 +106,7 @@ def check_request(prompt_len: int, params, vocab_size: int, max_context: int,
     checked where the prompt is turned into ids (`check_token_ids`)."""
     check_token_ids("stop_token_ids", params.stop_token_ids, vocab_size)
     if prompt_len >= max_context:
-        raise InvalidRequest(f"the prompt has {prompt_len} tokens; the context is {max_context} "
+        raise InvalidRequest(f"the prompt ({prompt_len} tokens) exceeds the context of {max_context} "
                              "tokens (prompt + output)", prompt_param, "context_length_exceeded")
     if prompt_len + params.max_tokens > max_context:
         raise InvalidRequest(f"the prompt ({prompt_len} tokens) plus max_tokens "
