@@ -30,7 +30,7 @@ def test_parse_input_reports_each_bad_line_with_its_number(tmp_path):
         {"id": "d", "prompt": "x", "max_tokens": 2.5},
         {"id": "e", "prompt": "x", "temperature": True},
         {"id": "f", "prompt_token_ids": [1, "2"]},
-        {"id": "g", "messages": [{"role": "user"}]},
+        {"id": "g", "messages": [{"role": "wizard", "content": "hi"}]},
         {"id": "h", "prompt": "x", "stop": [""]},
         {"id": "i", "prompt": "x", "top_p": 0},
         ["a", "list"],
@@ -132,7 +132,7 @@ class FakeEngine:
         self.fail_ids, self.reject_ids, self.break_at_step = fail_ids, reject_ids, break_at_step
         self.max_live = 0
 
-    def add_request(self, prompt_token_ids, params, request_id):
+    def add_request(self, prompt_token_ids, params, request_id, chat=None):
         if request_id.endswith(tuple(f"-{n}" for n in self.reject_ids)):
             raise ValueError("nope")
         self.live.append(request_id)

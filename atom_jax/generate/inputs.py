@@ -14,7 +14,7 @@ import zlib
 
 from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.scheduler import SamplingParams
-from atom_jax.scheduler.validation import InvalidRequest, check_request, check_text
+from atom_jax.scheduler.validation import InvalidRequest, check_messages, check_request, check_text
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 CHAT_FIELDS = ("tools", "tool_choice", "chat_template_kwargs")  # with messages, as the server takes them
@@ -133,11 +133,7 @@ def _check_prompt(field: str, value):
                 or any(isinstance(t, bool) or not isinstance(t, int) for t in value)):
             raise ValueError("prompt_token_ids must be a non-empty list of ints")
     else:
-        if not isinstance(value, list) or not value:
-            raise ValueError("messages must be a non-empty list")
-        for i, m in enumerate(value):  # the rest is checked by the engine's chat encoding
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ValueError(f"messages[{i}] must be an object with a string role")
+        check_messages(value)  # roles and Unicode; the rest is checked by the engine's chat encoding
     return value
 
 
