@@ -71,7 +71,9 @@ def _fake_engine():
         def start_profile(self, log_dir, steps=None):
             self.profile_threads.add(threading.get_ident())
             if self.profile is not None:
-                raise ValueError("a profiler trace is already running")
+                from atom_jax.engine.profiling import ProfilerBusy
+
+                raise ProfilerBusy("a profiler trace is already running")
             self.profile = (log_dir, steps)
 
         def stop_profile(self):
@@ -88,7 +90,7 @@ def _client(fake, **settings):
     from atom_jax.serve.app import ServerSettings, create_app
 
     app = create_app(ServerSettings(**settings), lambda: fake)
-    return TestClient(app), app.state.engine_loop
+    return TestClient(app, base_url="http://localhost"), app.state.engine_loop
 
 
 def _wait_ready(loop):
@@ -100,36 +102,90 @@ def _wait_ready(loop):
 
 def test_profile_endpoints(tmp_path):
     fake = _fake_engine()
-    client, loop = _client(fake, profile_dir=str(tmp_path / "default"))
+    root = tmp_path / "traces"
+    client, loop = _client(fake, enable_profiling=True, profile_dir=str(root))
     with client:
         _wait_ready(loop)
         r = client.post("/stop_profile")
         assert r.status_code == 400 and r.json()["error"]["code"] == "profile_not_running"
-        r = client.post("/start_profile", json={"dir": str(tmp_path / "a"), "steps": 3})
-        assert r.status_code == 200 and r.json() == {"dir": str(tmp_path / "a"), "steps": 3}
-        assert fake.profile == (str(tmp_path / "a"), 3)
+        r = client.post("/start_profile", json={"dir": "a", "steps": 3})
+        assert r.status_code == 200 and r.json() == {"dir": str(root / "a"), "steps": 3}
+        assert fake.profile == (str(root / "a"), 3)
         r = client.post("/start_profile")
         assert r.status_code == 400 and r.json()["error"]["code"] == "profile_running"
         r = client.post("/stop_profile")
-        assert r.status_code == 200 and r.json() == {"dir": str(tmp_path / "a")}
-        r = client.post("/start_profile")  # no body: the --profile dir
-        assert r.json()["dir"] == str(tmp_path / "default") and fake.profile[1] is None
-        assert client.post("/start_profile", json={"steps": 0}).status_code == 400
+        assert r.status_code == 200 and r.json() == {"dir": str(root / "a")}
+        r = client.post("/start_profile")  # no body: the --profile-dir itself
+        assert r.json()["dir"] == str(root) and fake.profile[1] is None
         assert client.post("/stop_profile").status_code == 200
+        # a request names only a sub-directory of --profile-dir, never a path of its own
+        for bad in (str(tmp_path / "elsewhere"), "../up", "a/b", "..", ".hidden", ""):
+            r = client.post("/start_profile", json={"dir": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "dir", (bad, r.text)
+        assert client.post("/start_profile", json={"steps": 0}).status_code == 400
+        # JSON only with a JSON Content-Type
+        r = client.post("/start_profile", content=b'{"steps": 2}', headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        assert fake.profile is None
     assert fake.profile_threads and threading.get_ident() not in fake.profile_threads
     assert len(fake.profile_threads | fake.thread_ids) == 1  # all on the engine thread
 
 
-def test_profile_endpoints_need_the_api_key_and_startup_profile(tmp_path):
-    fake = _fake_engine()
-    client, loop = _client(fake, api_key="k", profile_dir=str(tmp_path), profile_steps=4)
+def test_profiling_is_off_unless_enabled(tmp_path):
+    client, loop = _client(_fake_engine(), profile_dir=str(tmp_path))
     with client:
         _wait_ready(loop)
-        assert fake.profile == (str(tmp_path), 4)  # --profile DIR --profile-steps 4
+        for path in ("/start_profile", "/stop_profile"):
+            assert client.post(path, json={}).status_code == 404
+        assert "/start_profile" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_profile_endpoints_need_the_api_key_and_startup_profile(tmp_path):
+    fake = _fake_engine()
+    client, loop = _client(fake, api_key="k", enable_profiling=True, profile_dir=str(tmp_path),
+                           profile_steps=4)
+    with client:
+        _wait_ready(loop)
+        assert fake.profile == (str(tmp_path), 4)  # --profile-dir DIR --profile-steps 4
         assert client.post("/stop_profile").status_code == 401
         assert client.post("/start_profile").status_code == 401
         r = client.post("/stop_profile", headers={"Authorization": "Bearer k"})
         assert r.status_code == 200 and r.json() == {"dir": str(tmp_path)}
+
+
+def test_a_trace_that_cannot_be_written_fails_no_step_and_the_profiler_recovers(tmp_path):
+    """The engine's profiler: a dir that cannot hold a trace is refused at start; a trace whose
+    writing fails at the end of its last step is logged, the step's requests finish, and a
+    new trace can start."""
+    from atom_jax.engine.profiling import ProfilerBusy, StepProfiler
+
+    prof = StepProfiler()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot use"):
+        prof.start(str(tmp_path / "file"))
+    assert not prof.active
+    prof.start(str(tmp_path / "ok"), steps=1)
+    with pytest.raises(ProfilerBusy):
+        prof.start(str(tmp_path / "other"))
+    import jax
+
+    from jax._src import profiler as jax_profiler
+
+    real_stop = jax.profiler.stop_trace
+
+    def failing_stop():  # as when exporting fails: the session stopped, jax's state left set
+        jax_profiler._profile_state.profile_session.stop()
+        raise OSError("disk full")
+
+    jax.profiler.stop_trace = failing_stop
+    try:
+        with prof.step():  # the last traced step: the failing write must not escape it
+            pass
+    finally:
+        jax.profiler.stop_trace = real_stop
+    assert not prof.active
+    prof.start(str(tmp_path / "again"))
+    assert prof.stop() == str(tmp_path / "again")
 
 
 # ---- CLI flags -----------------------------------------------------------------------------
@@ -143,4 +199,7 @@ def test_generate_and_serve_profile_flags():
     assert (args.profile, args.profile_steps) == (None, 2)
     args = serve_parser().parse_args(["--profile", "/tmp/t", "--profile-steps", "3"])
     assert (args.profile, args.profile_steps) == ("/tmp/t", 3)
-    assert serve_parser().parse_args([]).profile is None
+    args = serve_parser().parse_args(["--profile-dir", "/tmp/u", "--enable-profiling"])
+    assert (args.profile, args.enable_profiling) == ("/tmp/u", True)
+    args = serve_parser().parse_args([])
+    assert args.profile is None and not args.enable_profiling

@@ -89,10 +89,15 @@ def server(jax_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def limited_server(server, jax_cache, tmp_path_factory):
-    """--max-waiting 1 and an API key; no warm-up (the shared cache has the shapes)."""
+    """--max-waiting 1 and an API key; no warm-up (the shared cache has the shapes); profiling
+    on, a short read timeout and big bodies allowed (for the hardening tests)."""
+    tmp = tmp_path_factory.mktemp("serve-limited")
     proc = ServerProcess([*SMALL, "--no-warmup", "--max-waiting", "1", "--api-key", API_KEY,
-                          "--compilation-cache-dir", jax_cache, "--log-level", "info"],
-                         tmp_path_factory.mktemp("serve-limited") / "server.log")
+                          "--compilation-cache-dir", jax_cache, "--log-level", "info",
+                          "--enable-profiling", "--profile-dir", str(tmp / "traces"),
+                          "--read-timeout", "2", "--max-body-bytes", str(8 * 1024 * 1024)],
+                         tmp / "server.log")
+    proc.profile_dir = tmp / "traces"
     try:
         took = proc.wait_ready(timeout=300)
         print(f"\nlimited server ready in {took:.1f} s")
@@ -335,16 +340,28 @@ BAD_INPUTS = [
      400, "stop_token_ids"),
     ("empty stop string", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("oversized body", "/v1/completions", {"prompt": "x" * 70000}, 413, None),
+    # lone surrogates (valid JSON, not valid Unicode): 400 naming the field, never a 500
+    ("surrogate prompt", "/v1/completions", {"prompt": "ab\ud800cd"}, 400, "prompt"),
+    ("surrogate prompt list", "/v1/completions", {"prompt": ["ab\ud800cd"]}, 400, "prompt"),
+    ("surrogate prompt stream", "/v1/completions", {"prompt": "\udfff", "stream": True}, 400, "prompt"),
+    ("surrogate chat content", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi \ud800"}]}, 400, "messages"),
+    ("surrogate chat text part", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udbff"}]}],
+      "stream": True}, 400, "messages"),
+    ("surrogate model", "/v1/completions", {"model": "\udfff", "prompt": "x"}, 400, "model"),
+    ("surrogate stop", "/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, 400, "stop"),
+    ("deep nesting", "/v1/completions", b"[" * 30000, 400, None),
+    ("huge number", "/v1/completions", b'{"prompt": [1' + b"0" * 5000 + b"]}", 400, None),
 ]
 
 
 @pytest.mark.parametrize("name,path,body,status,param", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input(server, name, path, body, status, param):
-    if isinstance(body, bytes):
-        r = httpx.post(server.url + path, content=body, timeout=30,
-                       headers={"Content-Type": "application/json"})
-    else:
-        r = post(server, path, body)
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()  # ASCII escapes: lone surrogates travel as JSON allows
+    r = httpx.post(server.url + path, content=body, timeout=30,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -352,6 +369,40 @@ def test_bad_input(server, name, path, body, status, param):
     assert err["param"] == param, err
     if status == 404:
         assert err["code"] == "model_not_found"
+    if name.startswith("surrogate"):
+        assert err["code"] == "invalid_unicode"
+    if name in ("deep nesting", "huge number"):
+        assert err["code"] == "invalid_json"
+
+
+def test_json_endpoints_need_a_json_content_type(server):
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 415, (headers, r.text)
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(server.url + "/v1/completions", content=body, timeout=60,
+                   headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_host_and_origin_are_checked(server):
+    """DNS-rebinding defence: names other than the bind address, localhost and literal IPs are
+    refused (400), and so are requests from another site's origin (403)."""
+    r = httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example:8000"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                   headers={"Origin": "http://attacker.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_origin"
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "10.0.0.7"):
+        assert httpx.get(server.url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    r = httpx.get(server.url + "/v1/models", headers={"Origin": f"http://localhost:{server.port}"})
+    assert r.status_code == 200
+
+
+def test_profiling_is_off_by_default(server):
+    assert post(server, "/start_profile", {"dir": "/tmp", "steps": 1}).status_code == 404
+    assert post(server, "/stop_profile", {}).status_code == 404
 
 
 def test_unknown_route_and_method_have_error_bodies(server):
@@ -544,6 +595,87 @@ def test_queue_full_gets_503_with_retry_after(limited_server):
     assert snap["in_flight"] == 0 and snap["ranks"][0]["free_pages"] == 64
 
 
+def test_profiler_writes_only_under_its_dir_and_stays_usable(limited_server, tmp_path):
+    url, root = limited_server.url, limited_server.profile_dir
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for bad in (str(a_file), str(tmp_path / "new"), "../escape", "a/b"):
+        r = httpx.post(url + "/start_profile", json={"dir": bad, "steps": 1}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "dir", (bad, r.text)
+    assert not (tmp_path / "new").exists() and not (root.parent / "escape").exists()
+    assert a_file.read_text() == "x"
+    for name in ("first", "second"):  # a traced step serves its requests; the profiler is reusable
+        r = httpx.post(url + "/start_profile", json={"dir": name, "steps": 1}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["dir"] == str(root / name), r.text
+        r = post(limited_server, "/v1/completions", {"prompt": "hi", "max_tokens": 3}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        deadline = time.monotonic() + 60
+        while not list((root / name).glob("plugins/profile/*/*.xplane.pb")):
+            assert time.monotonic() < deadline, f"no trace in {root / name}"
+            time.sleep(0.2)
+    r = httpx.post(url + "/stop_profile", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "profile_not_running"
+
+
+def test_big_bodies_do_not_stall_other_requests(limited_server):
+    """Bodies are parsed off the event loop and capped early: four 3.4 MB chat bodies and a
+    long token list get their 400s while /health keeps answering."""
+    chat = json.dumps({"messages": [{"role": "user", "content": "hello there"}] * 100_000}).encode()
+    tokens = json.dumps({"prompt": [1] * 500_000, "max_tokens": 1}).encode()
+    statuses, health = [], []
+
+    def send(body):
+        r = httpx.post(limited_server.url + ("/v1/chat/completions" if body is chat else "/v1/completions"),
+                       content=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=120)
+        statuses.append((r.status_code, r.json()["error"]["code"]))
+
+    def poll():
+        while len(statuses) < 5:
+            t0 = time.monotonic()
+            assert httpx.get(limited_server.url + "/health", timeout=60).status_code == 200
+            health.append(time.monotonic() - t0)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in (chat, chat, chat, chat, tokens)]
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for t in threads:
+        t.start()
+    for t in threads + [poller]:
+        t.join(180)
+    assert sorted(statuses) == [(400, "context_length_exceeded")] + [(400, "too_many_entries")] * 4
+    assert health and max(health) < 3.0, health  # the old server stalled /health for 8 s
+
+
+def _half_request(url, data: bytes):
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(data)
+    return sock
+
+
+def test_half_sent_requests_are_closed_after_the_read_timeout(limited_server):
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\n").encode()
+    socks = [_half_request(limited_server.url, head),  # headers never finish
+             _half_request(limited_server.url, head + b"Content-Length: 100\r\n\r\n{\"prompt\""),  # body stalls
+             _half_request(limited_server.url, b"")]  # connects, sends nothing
+    t0 = time.monotonic()
+    try:
+        for sock in socks:
+            sock.settimeout(30)
+            try:
+                assert sock.recv(65536) == b""  # closed by the server (--read-timeout 2)
+            except ConnectionResetError:
+                pass
+        took = time.monotonic() - t0
+    finally:
+        for sock in socks:
+            sock.close()
+    assert 1.0 < took < 15, took
+    assert httpx.get(limited_server.url + "/health").status_code == 200
+
+
 def test_sigterm_aborts_in_flight_and_exits(limited_server):
     client, accepted, _ = _open_streams(limited_server, 2, max_tokens=900)
     try:
@@ -551,6 +683,10 @@ def test_sigterm_aborts_in_flight_and_exits(limited_server):
         lines = [r.iter_lines() for r in accepted]
         for it in lines:  # both are generating
             assert next(line for line in it if line.startswith("data: "))
+        # a client stuck mid-upload does not hold the shutdown up
+        stuck = _half_request(limited_server.url, (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
         t0 = time.monotonic()
         limited_server.proc.send_signal(signal.SIGTERM)
         for it in lines:
@@ -564,6 +700,22 @@ def test_sigterm_aborts_in_flight_and_exits(limited_server):
         for r in accepted:
             r.close()
         client.close()
+        stuck.close()
     assert took < 20, took
     assert limited_server.proc.returncode in (0, -signal.SIGTERM)
     assert "engine loop stopped" in limited_server.log_tail(200)
+
+
+def test_a_model_that_cannot_load_exits_nonzero(tmp_path):
+    """As vLLM and SGLang do: print why and exit, so a supervisor sees it (not a server that
+    stays up answering /health with "failed")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    run = subprocess.run([sys.executable, "-m", "atom_jax.serve", "--port", str(port), "--model",
+                          str(tmp_path / "nonexistent"), "--log-level", "warning"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "could not start" in run.stderr and "nonexistent" in run.stderr, run.stderr[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import types
 
 import pytest
@@ -249,6 +250,26 @@ def test_chunks_carry_held_back_tokens_forward():
     assert w.output(_out("", 1)) == []  # no visible text yet
     chunk = w.output(_out("\u00e9", 2))[0]
     assert '"tokens"' in chunk and chunk.count("-1.0") == 2  # both tokens' logprobs
+
+
+def test_completion_logprobs_leave_out_a_cut_stop_string():
+    """The text ends before the stop string; its tokens are not in logprobs.tokens either."""
+    from atom_jax.serve.responses import full_response
+
+    ids = list(b"hi STOP")  # the fake tokenizer: one byte per token
+    req = dataclasses.replace(prepared("r", stop=("ST",)), logprobs=True)
+    final = Output("r", [1], ids, ids, "hi ", None, True, "stop", [-0.5] * len(ids))
+    lp = full_response(req, INFO, final)["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["h", "i", " "] and lp["text_offset"] == [0, 1, 2]
+    assert lp["token_logprobs"] == [-0.5] * 3
+    w = ChunkWriter(req, INFO)  # streamed: the same tokens over the chunks
+    chunks = [w.output(Output("r", [1], ids[:2], ids[:2], "hi", None, False, None, [-0.5] * 2)),
+              w.output(final)]
+    streamed = [json.loads(c[0][len("data: "):])["choices"][0]["logprobs"]["tokens"] for c in chunks]
+    assert streamed == [["h", "i"], [" "]]
+    # a length finish keeps every token
+    full = dataclasses.replace(final, finish_reason="length", text="hi STOP")
+    assert full_response(req, INFO, full)["choices"][0]["logprobs"]["tokens"] == list("hi STOP")
 
 
 # ---- bench client summary --------------------------------------------------------------------

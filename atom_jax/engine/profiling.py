@@ -20,6 +20,10 @@ from atom_jax.trace.capture import STEP_NAME
 log = logging.getLogger("atom_jax.engine")
 
 
+class ProfilerBusy(ValueError):
+    """A trace is already running (here, or another jax trace in this process)."""
+
+
 class StepProfiler:
     def __init__(self):
         self.log_dir: str | None = None  # set while a trace runs
@@ -34,26 +38,49 @@ class StepProfiler:
         return self.log_dir is not None
 
     def start(self, log_dir: str, steps: int | None = None) -> None:
+        """ValueError when a trace runs or `log_dir` cannot hold one (checked now, so writing
+        the trace at the end does not fail on it)."""
         if self.active:
-            raise ValueError(f"a profiler trace is already running (into {self.log_dir})")
+            raise ProfilerBusy(f"a profiler trace is already running (into {self.log_dir})")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         log_dir = os.path.abspath(os.fspath(log_dir))
-        # No Python function events: they made a few-step trace tens of MB and the report
-        # reads none of them (device kernels, step annotations and compile markers stay).
-        options = jax.profiler.ProfileOptions()
-        options.python_tracer_level = 0
-        # raises if another trace runs in this process
-        jax.profiler.start_trace(log_dir, profiler_options=options)
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot use {log_dir} for a trace: {e.strerror or e}") from None
+        if not os.access(log_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot use {log_dir} for a trace: not writable")
+        try:
+            # No Python function events: they made a few-step trace tens of MB and the report
+            # reads none of them (device kernels, step annotations and compile markers stay).
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(log_dir, profiler_options=options)
+        except RuntimeError as e:  # another trace runs in this process
+            raise ProfilerBusy(str(e)) from None
         self.log_dir, self.steps_left, self.step_num = log_dir, steps, 0
 
     def stop(self) -> str | None:
-        """Stop and write the trace; its log dir, or None when no trace was running."""
+        """Stop and write the trace; its log dir, or None when no trace was running. If writing
+        fails, the profiler is reset (a new trace can start) and RuntimeError says why."""
         if not self.active:
             return None
         log_dir, self.log_dir, self.steps_left = self.log_dir, None, None
-        jax.profiler.stop_trace()
+        try:
+            jax.profiler.stop_trace()
+        except Exception as e:
+            _reset_jax_profiler()
+            raise RuntimeError(f"writing the trace into {log_dir} failed: {type(e).__name__}: {e}") from e
         return log_dir
+
+    def _stop_after_last_step(self) -> None:
+        """Inside a model step: a trace that cannot be written must not fail the step."""
+        try:
+            log_dir = self.stop()
+            log.info("profiler trace written to %s", log_dir)
+        except RuntimeError as e:
+            log.error("%s; the profiler is reset", e)
 
     @contextlib.contextmanager
     def step(self, wait_for: Callable[[], Any] | None = None, what: str = "step") -> Iterator[None]:
@@ -79,4 +106,15 @@ class StepProfiler:
                 if self.steps_left is not None and not new.count:
                     self.steps_left -= 1
                     if self.steps_left <= 0:
-                        self.stop()
+                        self._stop_after_last_step()
+
+
+def _reset_jax_profiler() -> None:
+    """jax.profiler.stop_trace leaves its session set when exporting fails, so every later
+    start_trace would say a trace is running; drop that state (private, hence guarded)."""
+    try:
+        from jax._src import profiler as jax_profiler
+
+        jax_profiler._profile_state.reset()
+    except Exception:  # noqa: BLE001 - a jax without it: nothing more we can do
+        log.exception("could not reset jax's profiler state")

@@ -2,7 +2,10 @@
 
     /v1/completions, /v1/chat/completions   (JSON, or SSE with "stream": true)
     /v1/models, /health, /metrics, /debug/engine
-    /start_profile, /stop_profile           (jax.profiler trace of engine steps)
+    /start_profile, /stop_profile           (with --enable-profiling: jax.profiler traces)
+
+Bodies are parsed and validated off the event loop (serve/body.py); a Host / Origin check
+guards against DNS rebinding (middleware.HostCheck).
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-import inspect
-import os
-import tempfile
 import time
 
 from fastapi import FastAPI, Request
@@ -23,8 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from atom_jax.serve.engine_loop import EngineLoop, RequestStream
 from atom_jax.serve.errors import OpenAIError, install_error_handlers, unavailable
 from atom_jax.serve.metrics import ServeMetrics
-from atom_jax.serve.middleware import ApiKeyAuth, BodySizeLimit
+from atom_jax.serve.body import json_body, read_json
+from atom_jax.serve.middleware import AllowedHosts, ApiKeyAuth, BodySizeLimit, HostCheck
 from atom_jax.serve.prepare import PreparedRequest, prepare_chat, prepare_completion
+from atom_jax.serve.profiling import DEFAULT_PROFILE_DIR, add_profile_routes
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, ProfileRequest
 from atom_jax.serve.responses import ChunkWriter, full_response, sse
 from atom_jax.serve.streaming import EventStreamResponse, result_or_disconnect
@@ -38,8 +40,12 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     warmup: bool = False
     shutdown_timeout: float = 10.0  # seconds to wait for the engine thread on shutdown
-    profile_dir: str | None = None  # default trace dir of /start_profile
-    profile_steps: int | None = None  # with profile_dir: trace the first model steps after warm-up
+    enable_profiling: bool = False  # POST /start_profile and /stop_profile exist
+    profile_dir: str | None = None  # every trace goes under it (None: DEFAULT_PROFILE_DIR)
+    profile_steps: int | None = None  # trace the first model steps after warm-up into profile_dir
+    host: str = "127.0.0.1"  # the bind address (Host headers naming it are allowed)
+    allowed_hosts: tuple[str, ...] = ()  # more Host / Origin names; "*": any
+    on_start_failure: object = None  # called with the reason if the engine cannot start
 
 
 def create_app(settings: ServerSettings, build_engine) -> FastAPI:
@@ -47,13 +53,15 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     def prepare(engine):
         if settings.warmup:
             engine.warmup()
-        if settings.profile_dir and settings.profile_steps:
-            engine.start_profile(settings.profile_dir, settings.profile_steps)
+        if settings.profile_steps:
+            engine.start_profile(profile_dir, settings.profile_steps)
 
+    profile_dir = settings.profile_dir or DEFAULT_PROFILE_DIR
     metrics = ServeMetrics()
     engine_loop = EngineLoop(build_engine, settings.model_name,
                              warmup=prepare if settings.warmup or settings.profile_steps else None,
-                             max_waiting=settings.max_waiting, metrics=metrics)
+                             max_waiting=settings.max_waiting, metrics=metrics,
+                             on_start_failure=settings.on_start_failure)
     metrics.engine_stats.snapshot = engine_loop.snapshot
     started = int(time.time())
 
@@ -65,11 +73,8 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
         finally:
             await asyncio.to_thread(engine_loop.shutdown, settings.shutdown_timeout)
 
-    options = {}
-    if "strict_content_type" in inspect.signature(FastAPI).parameters:
-        options["strict_content_type"] = False  # accept JSON bodies sent without Content-Type
     app = FastAPI(title="atom_jax", summary="OpenAI-compatible API over the atom_jax engine",
-                  lifespan=lifespan, **options)
+                  lifespan=lifespan)
     app.state.engine_loop = engine_loop
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -77,6 +82,7 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    app.add_middleware(HostCheck, allowed=AllowedHosts(settings.host, settings.allowed_hosts))
 
     default_openapi = app.openapi
 
@@ -84,6 +90,7 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
         """The generated document plus the bounds only the built engine knows (token ids below
         the vocabulary size, output within the context), so clients and fuzzers see them."""
         doc = copy.deepcopy(default_openapi())
+        add_body_schemas(doc, (CompletionRequest, ChatCompletionRequest, ProfileRequest))
         document_error_responses(doc)
         if engine_loop.info is not None:
             apply_engine_limits(doc, engine_loop.info)
@@ -126,34 +133,25 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
     async def debug_engine():
         return engine_loop.snapshot()
 
-    @app.post("/start_profile", summary="Start a jax.profiler trace of engine steps")
-    async def start_profile(body: ProfileRequest | None = None):
-        body = body or ProfileRequest()
-        log_dir = os.path.abspath(body.dir or settings.profile_dir
-                                  or tempfile.mkdtemp(prefix="atom_jax_profile_"))
-        try:
-            await engine_loop.start_profile(log_dir, body.steps)
-        except (ValueError, RuntimeError) as e:  # one is running (here or another jax trace)
-            raise OpenAIError(400, f"could not start the profiler: {e}", code="profile_running")
-        return {"dir": log_dir, "steps": body.steps}
+    if settings.enable_profiling:
+        add_profile_routes(app, engine_loop, profile_dir)
 
-    @app.post("/stop_profile", summary="Stop the profiler trace and write it; its dir")
-    async def stop_profile():
-        log_dir = await engine_loop.stop_profile()
-        if log_dir is None:
-            raise OpenAIError(400, "no profiler trace is running", code="profile_not_running")
-        return {"dir": log_dir}
-
-    @app.post("/v1/completions", summary="Text completion (OpenAI legacy completions API)")
-    async def completions(body: CompletionRequest, request: Request):
+    @app.post("/v1/completions", summary="Text completion (OpenAI legacy completions API)",
+              openapi_extra=json_body(CompletionRequest))
+    async def completions(request: Request):
         arrival = time.perf_counter()
-        prepared = prepare_completion(body, engine_info(), arrival)
+        body = await read_json(request, CompletionRequest)
+        info = engine_info()
+        prepared = await asyncio.to_thread(prepare_completion, body, info, arrival)  # tokenizes
         return await _respond(prepared, request)
 
-    @app.post("/v1/chat/completions", summary="Chat completion")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", summary="Chat completion",
+              openapi_extra=json_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
         arrival = time.perf_counter()
-        prepared = prepare_chat(body, engine_info(), arrival)
+        body = await read_json(request, ChatCompletionRequest)
+        info = engine_info()
+        prepared = await asyncio.to_thread(prepare_chat, body, info, arrival)  # renders, tokenizes
         return await _respond(prepared, request)
 
     async def _respond(prepared: PreparedRequest, request: Request):
@@ -212,14 +210,26 @@ def _cap_integers(node, maximum: int) -> None:
             _cap_integers(value, maximum)
 
 
+def add_body_schemas(doc: dict, models) -> None:
+    """The request body models (read by `body.read_json`, so FastAPI does not list them)."""
+    from pydantic.json_schema import models_json_schema
+
+    _, top = models_json_schema([(m, "validation") for m in models],
+                                ref_template="#/components/schemas/{model}")
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(top.get("$defs", {}))
+
+
 def document_error_responses(doc: dict) -> None:
-    """Validation errors are 400s with an OpenAI error body here, not FastAPI's 422."""
+    """Invalid requests are 400s with an OpenAI error body here (not FastAPI's 422), and a
+    body without a JSON Content-Type is a 415."""
     error = {"description": "Invalid request: {\"error\": {message, type, param, code}}"}
     for operations in doc.get("paths", {}).values():
         for op in operations.values():
             responses = op.get("responses", {})
-            if responses.pop("422", None) is not None:
+            if responses.pop("422", None) is not None or "requestBody" in op:
                 responses["400"] = error
+            if "requestBody" in op:
+                responses["415"] = {"description": "The body is not sent as application/json"}
 
 
 def apply_engine_limits(doc: dict, info) -> None:

@@ -14,9 +14,19 @@ Multi-host: run the same command on every host with --coordinator-address / --nu
 --process-id (or under SLURM's srun); process 0 serves HTTP and schedules, the others run its
 steps. If a process dies, the others fail their requests with 503 and exit with status 3.
 
-Profiling: `--profile DIR --profile-steps N` traces the first N model steps after warm-up;
-POST /start_profile {"dir": ..., "steps": N} and POST /stop_profile trace on demand. Read a
+A model that cannot load (a bad --model, too little memory) ends the process with status 1
+after logging why, so a supervisor sees it.
+
+Profiling is off unless asked for. `--enable-profiling` adds POST /start_profile {"dir": NAME,
+"steps": N} and POST /stop_profile; every trace goes under --profile-dir (default
+~/.cache/atom_jax/profiles), a request's "dir" naming only a sub-directory of it.
+`--profile-steps N` traces the first N model steps after warm-up into --profile-dir. Read a
 trace with `python -m atom_jax.trace report DIR`.
+
+Security: the server answers only requests whose Host (and Origin, when sent) is its bind
+address, a localhost name or a literal IP (a DNS-rebinding defence); --allowed-hosts adds names.
+JSON endpoints require 'Content-Type: application/json'. A client must send a whole request
+within --read-timeout seconds.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import uvicorn
 
 from atom_jax.distributed import add_distributed_args
 from atom_jax.engine.args import add_engine_args, configure_logging, positive_int, start_engine
+from atom_jax.serve.http import protocol_with_timeout
 
 log = logging.getLogger("atom_jax.serve")
 
@@ -56,11 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body; larger ones get 413 (default: 4194304)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to wait for in-flight work on shutdown (default: 10)")
-    s.add_argument("--profile", metavar="DIR", default=None,
-                   help="default trace dir of POST /start_profile (default: a new temp dir)")
+    s.add_argument("--enable-profiling", action="store_true",
+                   help="add POST /start_profile and /stop_profile (default: off)")
+    s.add_argument("--profile-dir", "--profile", dest="profile", metavar="DIR", default=None,
+                   help="the directory every trace goes under (default: "
+                        "~/.cache/atom_jax/profiles)")
     s.add_argument("--profile-steps", type=positive_int, default=None, metavar="N",
-                   help="with --profile: trace the first N model steps after warm-up "
-                        "(default: none; trace on demand)")
+                   help="trace the first N model steps after warm-up into --profile-dir "
+                        "(default: none)")
+    s.add_argument("--allowed-hosts", type=_host_list, default=(), metavar="NAMES",
+                   help="comma list of more Host / Origin names to answer ('*': any); the bind "
+                        "address, localhost names and literal IPs are always allowed (default: none)")
+    s.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a client must send a whole request (headers and body) within this "
+                        "(default: 30)")
     s.add_argument("--print-memory", action="store_true",
                    help="print the memory plan (weight bytes per GPU, KV bytes per token, KV tokens "
                    "that fit) from the checkpoint's headers and exit, loading nothing (default: "
@@ -74,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _host_list(text: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in text.split(",") if h.strip())
+
+
 def served_model_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -85,8 +110,8 @@ def served_model_name(args) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.profile_steps and not args.profile:
-        parser.error("--profile-steps needs --profile DIR")
+    if args.read_timeout <= 0:
+        parser.error("--read-timeout must be > 0")
     configure_logging(args.log_level)
     try:
         start = start_engine(args)
@@ -112,14 +137,22 @@ def main(argv=None) -> int:
     settings = ServerSettings(model_name=served_model_name(args), api_key=args.api_key,
                               max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
                               warmup=args.warmup, shutdown_timeout=args.shutdown_timeout,
-                              profile_dir=args.profile, profile_steps=args.profile_steps)
+                              enable_profiling=args.enable_profiling, profile_dir=args.profile,
+                              profile_steps=args.profile_steps, host=args.host,
+                              allowed_hosts=args.allowed_hosts,
+                              on_start_failure=lambda reason: server.exit_now())
     app = create_app(settings, build_engine)
     server = AbortingServer(uvicorn.Config(app, host=args.host, port=args.port,
+                                           http=protocol_with_timeout(args.read_timeout),
                                            log_level=args.log_level,
                                            access_log=not args.no_access_log,
                                            timeout_graceful_shutdown=args.shutdown_timeout),
                             on_exit=app.state.engine_loop.begin_shutdown)
     server.run()
+    failure = app.state.engine_loop.failure
+    if failure and not app.state.engine_loop.ready.is_set():
+        print(f"atom_jax.serve: the engine could not start: {failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -134,3 +167,8 @@ class AbortingServer(uvicorn.Server):
     def handle_exit(self, sig, frame):
         self._on_exit()
         super().handle_exit(sig, frame)
+
+    def exit_now(self) -> None:
+        """From any thread (the engine thread, when the model cannot load): stop serving; the
+        server loop polls this flag."""
+        self.should_exit = True

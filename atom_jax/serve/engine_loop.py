@@ -92,12 +92,15 @@ class RequestStream:
 
 class EngineLoop:
     def __init__(self, build_engine, model_name: str, *, warmup=None, max_waiting: int | None = None,
-                 metrics=None):
-        """`build_engine()` runs on the engine thread; `warmup(engine)` too, before ready."""
+                 metrics=None, on_start_failure=None):
+        """`build_engine()` runs on the engine thread; `warmup(engine)` too, before ready.
+        `on_start_failure(reason)` is called (on the engine thread) if either raises: the
+        server then exits instead of serving a model it does not have."""
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         self._build_engine, self._model_name = build_engine, model_name
         self._warmup, self._max_waiting, self._metrics = warmup, max_waiting, metrics
+        self._on_start_failure = on_start_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
@@ -213,6 +216,8 @@ class EngineLoop:
             self.failure = f"{type(e).__name__}: {e}"
             log.error("engine failed to start:\n%s", traceback.format_exc())
             self.stopped.set()
+            if self._on_start_failure is not None:
+                self._on_start_failure(self.failure)
             return
         self._publish(engine)
         self.ready.set()

@@ -49,13 +49,25 @@ class Deltas:
         return self.tokenizer.decode([token_id])
 
 
-def completion_logprobs(deltas: Deltas, ids: list[int], lps: list[float], offset: int) -> dict:
-    tokens = [deltas.token_text(t) for t in ids]
-    offsets, pos = [], offset
-    for t in tokens:
+def completion_logprobs(deltas: Deltas, ids: list[int], lps: list[float], offset: int,
+                        end: int | None = None) -> dict:
+    """`end`: where the text ends when a stop string was cut from it; the tokens that only
+    spelled that stop string (starting at or after `end`) are left out, as the text leaves
+    them out."""
+    tokens, kept_lps, offsets, pos = [], [], [], offset
+    for t, lp in zip((deltas.token_text(t) for t in ids), lps):
+        if end is not None and t and pos >= end:
+            break
+        tokens.append(t)
+        kept_lps.append(lp)
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": kept_lps, "top_logprobs": None, "text_offset": offsets}
+
+
+def _text_end(out, offset: int, text: str) -> int | None:
+    """The end of a finished completion's text when a stop ended it (else None)."""
+    return offset + len(text) if out.finished and out.finish_reason == "stop" else None
 
 
 def chat_logprobs(deltas: Deltas, ids: list[int], lps: list[float]) -> dict:
@@ -78,7 +90,8 @@ def full_response(req: PreparedRequest, info: EngineInfo, out) -> dict:
     text, ids, lps = deltas.update(out)
     if req.kind == "completion":
         choice = {"index": 0, "text": text, "finish_reason": out.finish_reason,
-                  "logprobs": completion_logprobs(deltas, ids, lps, 0) if req.logprobs else None}
+                  "logprobs": completion_logprobs(deltas, ids, lps, 0, _text_end(out, 0, text))
+                  if req.logprobs else None}
         obj = "text_completion"
     else:
         message, finish = {"role": "assistant", "content": text}, out.finish_reason
@@ -157,7 +170,8 @@ class ChunkWriter:
         if self.req.kind == "completion":
             logprobs = None
             if self.req.logprobs:
-                logprobs = completion_logprobs(self.deltas, ids, lps, self.text_offset)
+                logprobs = completion_logprobs(self.deltas, ids, lps, self.text_offset,
+                                               _text_end(out, self.text_offset, text))
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
         else:
             logprobs = chat_logprobs(self.deltas, ids, lps) if self.req.logprobs else None
