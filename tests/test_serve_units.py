@@ -30,6 +30,7 @@ class Output:  # the fields of engine.RequestOutput the server reads
     finished: bool
     finish_reason: str | None
     logprobs: list
+    num_cached_tokens: int = 0
 
 
 class FakeEngine:
