@@ -167,6 +167,7 @@ def test_a_trace_that_cannot_be_written_fails_no_step_and_the_profiler_recovers(
     prof.start(str(tmp_path / "ok"), steps=1)
     with pytest.raises(ProfilerBusy):
         prof.start(str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()  # a refused start leaves no directory
     import jax
 
     from jax._src import profiler as jax_profiler

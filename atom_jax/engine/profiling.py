@@ -45,6 +45,7 @@ class StepProfiler:
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         log_dir = os.path.abspath(os.fspath(log_dir))
+        created = not os.path.lexists(log_dir)
         try:
             os.makedirs(log_dir, exist_ok=True)
         except OSError as e:
@@ -58,6 +59,8 @@ class StepProfiler:
             options.python_tracer_level = 0
             jax.profiler.start_trace(log_dir, profiler_options=options)
         except RuntimeError as e:  # another trace runs in this process
+            if created:
+                os.rmdir(log_dir)  # a refused start leaves nothing behind
             raise ProfilerBusy(str(e)) from None
         self.log_dir, self.steps_left, self.step_num = log_dir, steps, 0
 
