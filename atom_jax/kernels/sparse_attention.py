@@ -72,7 +72,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     def window(i, carry):
         j = p - win + 1 + i * bk + cols  # positions
-        in_win = i * bk + cols < win
+        in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp
         ring_row = slot * win + jax.lax.rem(j + win, win)
         rp = plt.load(rpos_ref.at[ring_row], mask=~in_chunk, other=-1)
@@ -100,7 +100,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
              jnp.zeros((bh, dim), jnp.float32))
-    carry = jax.lax.fori_loop(0, jnp.where(sp == 0, -(-win // bk), 0), window, carry)  # split 0 only
+    # A static trip count (other splits load nothing: their masks are off). A bound chosen with
+    # jnp.where(sp == 0, ...) made jax 0.11.2's Triton compile fail ('scf.for' bounds of
+    # different types) on an H200.
+    carry = jax.lax.fori_loop(0, -(-win // bk), window, carry)
     if mode != "none":
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
