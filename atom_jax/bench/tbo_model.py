@@ -406,17 +406,18 @@ def check_rows(model: StepModel, data: dict) -> list[dict]:
 def prediction_rows(model: StepModel, platforms, dps=(2, 4, 8, 16, 32), tokens=(4096, 8192, 16384),
                     link_gbps: float | None = None) -> list[dict]:
     rows = []
+    if platform_of(model.device) is None:  # no published figures to scale from: as measured
+        platforms = [None]
     for key in platforms:
-        target = PLATFORMS[key]
+        target = PLATFORMS[key] if key else None
         for dp in dps:
-            if target.max_dp and dp > target.max_dp:
+            if (target and target.max_dp and dp > target.max_dp) or model.dims.experts % dp:
                 continue
-            if model.dims.experts % dp:
-                continue
-            m = model.on(target, dp, link_gbps)
+            m = model.on(target, dp, link_gbps) if target else dataclasses.replace(
+                model, device=f"{model.device} (as measured)")
             for t in tokens:
                 base, tbo = m.base_ms(dp, t, 1), m.tbo_ms(dp, t, 1)
-                rows.append({"platform": target.name, "model": model.dims.name, "dp": dp, "tokens": t,
+                rows.append({"platform": m.device, "model": model.dims.name, "dp": dp, "tokens": t,
                              "base_ms_per_layer": base, "tbo_ms_per_layer": tbo, "ratio": tbo / base,
                              "comm_share": m.comm_share(dp, t), "crossover": m.crossover(dp),
                              "link_GBps": m.link_GBps})
