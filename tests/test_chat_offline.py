@@ -30,15 +30,13 @@ def engine():
                               chunk_size=512, buckets=(512,)))
     script = list(SCRIPT.encode()) + [EOS_ID]
 
-    def scripted(plan, sampling_of):  # the model "says" SCRIPT, one byte per step
-        out = {}
-        for work in plan.per_rank:
-            for w in work:
-                if w.sample:
-                    out[w.request_id] = (script[len(w.seq.output_token_ids)], 0.0)
-        return out
+    def scripted(plan):  # the model "says" SCRIPT, one byte per step
+        seqs = plan.sampled()
+        return [script[len(s.output_token_ids)] for s in seqs], [0.0] * len(seqs)
 
-    eng.runner.execute = scripted
+    # the step seam: inputs = runner.host_inputs(plan); runner.run(inputs)
+    eng.runner.host_inputs = lambda plan: plan
+    eng.runner.run = scripted
     return eng
 
 
