@@ -185,24 +185,52 @@ def test_atom_example_one_prefill_seven_decodes_wastes_86_percent():
     assert plan.padding_waste == pytest.approx(1 - 1136 / 8192)  # 86.1%
 
 
-def test_tbo_auto_threshold_is_one_default_everywhere():
-    """Scheduler, engine config and server flag share one threshold, above the largest size at
-    which TBO was measured to lose on two GPUs (8K tokens per rank); the scheduler alone
-    decides (the step options carry no TBO setting)."""
+def test_tbo_auto_follows_the_per_dp_crossover_everywhere():
+    """auto's threshold is this dp's entry of the crossover table (tbo_policy) for scheduler,
+    engine config and server flag alike; the scheduler alone decides (the step options carry no
+    TBO setting)."""
     import dataclasses
 
     from atom_jax.engine import EngineConfig
     from atom_jax.engine.args import engine_config
-    from atom_jax.scheduler import TBO_MIN_TOKENS
+    from atom_jax.scheduler import crossover_min_tokens
     from atom_jax.serve.cli import build_parser
     from atom_jax.sharding import StepOptions
-    assert TBO_MIN_TOKENS > 8192
-    assert DPScheduler(2).tbo_min_tokens == TBO_MIN_TOKENS
-    assert EngineConfig().tbo_min_tokens == TBO_MIN_TOKENS
-    assert engine_config(build_parser().parse_args([])).tbo_min_tokens == TBO_MIN_TOKENS
+    assert crossover_min_tokens(2) > 8192  # measured on 2 GPUs: TBO lost up to 8K tokens per rank
+    assert crossover_min_tokens(1) is None  # one rank: no collective to hide, never
+    assert EngineConfig().tbo_min_tokens is None
+    assert engine_config(build_parser().parse_args([])).tbo_min_tokens is None
+    for dp in (1, 2, 3, 8):
+        assert DPScheduler(dp).tbo_min_tokens == crossover_min_tokens(dp)
+    assert DPScheduler(2, tbo_min_tokens=64).tbo_min_tokens == 64  # --tbo-min-tokens overrides
     # how a TBO step is built may be an option (tbo_schedule); whether a step uses TBO is not
     assert not {"tbo", "tbo_min_tokens"} & {f.name for f in dataclasses.fields(StepOptions)}
-    assert not DPScheduler(2).use_tbo(8192) and DPScheduler(2).use_tbo(TBO_MIN_TOKENS)
+    assert not DPScheduler(2).use_tbo(8192) and DPScheduler(2).use_tbo(crossover_min_tokens(2))
+    assert not DPScheduler(1).use_tbo(2 ** 20)
+
+
+def test_crossover_table_lookup(tmp_path):
+    """A dp missing from the table takes the nearest smaller dp's entry, else the default; the
+    file `bench tbo-model --crossover-out` writes is the table's format."""
+    import json
+
+    from atom_jax.bench.__main__ import main
+    from atom_jax.scheduler.tbo_policy import crossover_min_tokens
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"min_tokens": {"2": None, "4": 8192, "8": 2048}, "default": 777}))
+    got = {dp: crossover_min_tokens(dp, str(path)) for dp in (1, 2, 3, 4, 6, 8, 32)}
+    assert got == {1: 777, 2: None, 3: None, 4: 8192, 6: 8192, 8: 2048, 32: 2048}
+    cal = tmp_path / "cal.json"  # a dp-step run whose TBO wins big at dp=8: a slow link
+    rows = [{"phase": "prefill", "tokens_per_rank": t, "base_ms": 2.0 * t / 1024, "tbo_ms": 1.2 * t / 1024,
+             "comm_only_ms": 0.9 * t / 1024, "experts_ms": 0.3 * t / 1024, "experts_half_ms": 0.16 * t / 1024}
+            for t in (4096, 8192, 16384)]
+    cal.write_text(json.dumps({"device": "NVIDIA H200", "dp": 8, "layers": 2, "results": rows, "dims": {
+        "hidden_size": 4096, "n_routed_experts": 256, "num_experts_per_tok": 6, "moe_intermediate_size": 2048,
+        "num_layers": 2}}))
+    out = tmp_path / "crossover.json"
+    assert main(["tbo-model", "--calibration", str(cal), "--crossover-out", str(out)]) == 0
+    assert crossover_min_tokens(8, str(out)) is not None
+    assert crossover_min_tokens(1, str(out)) is None
 
 
 def test_tbo_decision_modes():

@@ -46,6 +46,8 @@ import math
 
 import numpy as np
 
+from atom_jax.scheduler.tbo_policy import TBO_MIN_TOKENS
+
 CALIBRATION_KIND = "atom_jax.tbo_calibration"
 
 # Published figures (dense bf16 FLOP/s, HBM bytes/s, link bytes/s one rank receives per
@@ -514,7 +516,8 @@ def run_cli(args) -> int:
         with open(args.crossover_out, "w") as f:
             json.dump({"source": "python -m atom_jax.bench tbo-model --calibration " + " ".join(args.calibration),
                        "device": models[0].device, "margin": args.margin,
-                       "models": [m.dims.name for m in models], "min_tokens": table}, f, indent=1)
+                       "models": [m.dims.name for m in models], "min_tokens": table,
+                       "default": TBO_MIN_TOKENS}, f, indent=1)
             f.write("\n")
         print(f"wrote {args.crossover_out}")
     if args.json:

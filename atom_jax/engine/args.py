@@ -128,9 +128,11 @@ class EngineConfig:
     tbo: bool | None = setting(
         None, "two-batch overlap: on, off, or auto (on for steps of >= --tbo-min-tokens per "
         "rank)", type=tbo_choice, metavar="{on,off,auto}", show_default="auto")
-    tbo_min_tokens: int = setting(TBO_MIN_TOKENS, "with --tbo auto: smallest step (tokens per "
-                                  "rank) that runs as two overlapped micro-batches",
-                                  type=positive_int)
+    tbo_min_tokens: int | None = setting(
+        None, "with --tbo auto: smallest step (tokens per rank) that runs as two overlapped "
+        "micro-batches", type=positive_int,
+        show_default=f"this dp's crossover from atom_jax/scheduler/tbo_crossover.json (measured or "
+        f"modelled; {TBO_MIN_TOKENS} where it has none)")
     delayer: str = setting("auto", "cross-rank prefill gate (auto: on for dp > 1)",
                            choices=("off", "on", "coalesce", "auto"))
     expert_mode: str = setting("expert", "how routed experts are sharded over the DP ranks",

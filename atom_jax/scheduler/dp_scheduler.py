@@ -24,6 +24,7 @@ from atom_jax.scheduler.delayer import DelayDecision, make_delayer
 from atom_jax.scheduler.metrics import SchedulerMetrics, StepRecord
 from atom_jax.scheduler.rank_scheduler import ChunkWork, PrefixCacheStats, RankConfig, RankScheduler
 from atom_jax.scheduler.sequence import Sequence
+from atom_jax.scheduler.tbo_policy import crossover_min_tokens
 
 
 def default_buckets(max_tokens_per_step: int, smallest: int = 16) -> tuple[int, ...]:
@@ -62,20 +63,13 @@ class StepOutput:
     finished: list[Sequence]  # everything that finished since the last step (any reason)
 
 
-# Tokens per rank (the step's bucket) from which `auto` runs a step as two overlapped
-# micro-batches. On 2 GPUs (docs/benchmarks.md, DP step) TBO lost at every measured size up to
-# 8K tokens per rank (1.29x at 1K, 1.16x at 4K, 1.04-1.08x at 8K): the collectives are ~4% of
-# the step there. So auto keeps it off through the measured range; `--tbo on` or a lower
-# threshold where the all-gather grows (more ranks) and measurements show a gain.
-TBO_MIN_TOKENS = 16384
-
-
 class DPScheduler:
     def __init__(self, dp: int, rank_config: RankConfig | None = None, buckets=None,
-                 delayer=None, tbo_min_tokens: int | None = TBO_MIN_TOKENS, eos_token_ids=(),
+                 delayer=None, tbo_min_tokens: int | None = None, eos_token_ids=(),
                  tbo: bool | None = None):
         """`tbo`: True / False force two-batch overlap on / off for every step that can split;
-        None (auto) turns it on for buckets of at least `tbo_min_tokens` (None: never)."""
+        None (auto) turns it on for buckets of at least `tbo_min_tokens`, by default this dp's
+        crossover (`tbo_policy.crossover_min_tokens`: measured / modelled, None: never)."""
         if dp <= 0:
             raise ValueError(f"dp must be > 0, got {dp}")
         self.dp = dp
@@ -86,7 +80,8 @@ class DPScheduler:
             raise ValueError(f"buckets {self.buckets} must be > 0 and reach "
                              f"max_tokens_per_step ({budget})")
         self.delayer = delayer if delayer is not None else make_delayer("on")
-        self.tbo, self.tbo_min_tokens = tbo, tbo_min_tokens
+        self.tbo = tbo
+        self.tbo_min_tokens = tbo_min_tokens if tbo_min_tokens is not None else crossover_min_tokens(dp)
         self.ranks = [RankScheduler(self.rank_config, r, eos_token_ids) for r in range(dp)]
         self.metrics = SchedulerMetrics(dp)
         self._done: list[Sequence] = []  # finished and counted, not yet returned
