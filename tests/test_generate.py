@@ -254,3 +254,24 @@ def test_second_writer_on_one_output_is_refused(engine, tmp_path, capsys):
     # once it is gone, the run goes ahead and appends only the new id
     rc, _ = _run(engine, tmp_path, [{"id": "a", "prompt": "x", "max_tokens": 2}, {"id": "done", "prompt": "x"}])
     assert rc == 0 and sorted(r["id"] for r in _read(out)) == ["a", "done"]
+
+
+def test_output_failing_mid_run_stops_with_a_line_and_counts_what_was_not_run(engine, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from atom_jax.generate import outputs
+
+    real_write, written = outputs.ResultWriter.write, []
+
+    def write_then_fail(self, record):  # the disk fills up after the first result
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(record["id"])
+        real_write(self, record)
+
+    monkeypatch.setattr(outputs.ResultWriter, "write", write_then_fail)
+    records = [{"id": f"r{i}", "prompt": "abc", "max_tokens": 2} for i in range(4)]
+    rc, out = _run(engine, tmp_path, records, "--max-in-flight", "1", "--summary-json", str(tmp_path / "s.json"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err
+    assert [r["id"] for r in _read(out)] == written == ["r0"]
+    assert json.loads((tmp_path / "s.json").read_text())["not_run"] == 3
