@@ -282,7 +282,8 @@ class EngineLoop:
             engine.add_request(prompt_token_ids=req.prompt_token_ids, params=req.params,
                                request_id=req.request_id)
         except ValueError as e:  # the engine's own validation: the request's fault
-            self._fail(stream, OpenAIError(400, str(e)))
+            self._fail(stream, OpenAIError(400, str(e), param=getattr(e, "param", None),
+                                           code=getattr(e, "code", None)))
             return
         except Exception as e:  # noqa: BLE001 - fail this request alone
             log.exception("adding request %s failed", req.request_id)
