@@ -88,19 +88,22 @@ def test_orbax_round_trip_keeps_packed(models, tmp_path):
 
 def test_engine_native_flag_generates_as_dequantised(official, models):
     """`EngineConfig.weights` through the engine (cached step, DP 2, TBO): greedy tokens of the
-    packed model equal those of the dequantised one."""
+    packed model equal greedy decoding of the dequantised model by full-sequence forwards."""
     from atom_jax.engine import Engine, EngineConfig
     from atom_jax.scheduler import SamplingParams
 
     small = dict(dp=2, tbo=True, num_slots=4, num_pages=16, page_tokens=32, max_pages_per_seq=4,
-                 max_tokens_per_step=64, chunk_size=16, compilation_cache_dir=None)
-    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12, 13, 2, 2, 9, 40, 41], [3, 1, 4]]
-    params = SamplingParams(max_tokens=4, ignore_eos=True)
+                 max_tokens_per_step=32, chunk_size=16, buckets=(32,), compilation_cache_dir=None)
+    rng = np.random.default_rng()
+    prompts = rng.integers(0, models[1].cfg.vocab_size, size=(2, 17))
     eng = Engine(EngineConfig(model=official, weights="auto", **small), tokenizer=None)
     assert eng.model.weights == "native"
-    native = [o.token_ids for o in eng.generate(prompts, params)]
-    dense = Engine(EngineConfig(**small), model=models[1], tokenizer=None)
-    assert native == [o.token_ids for o in dense.generate(prompts, params)]
+    native = [o.token_ids for o in eng.generate([list(map(int, p)) for p in prompts],
+                                                SamplingParams(max_tokens=3, ignore_eos=True))]
+    ids, forward = prompts, jit_forward(models[1])
+    for _ in range(3):
+        ids = np.concatenate([ids, np.argmax(np.asarray(forward(ids))[:, -1], axis=-1)[:, None]], axis=1)
+    assert native == ids[:, 17:].tolist()
 
 
 @pytest.mark.parametrize("weights", ["native", "bf16"])

@@ -120,7 +120,10 @@ def main(argv=None) -> int:
     if args.print_memory:
         from atom_jax.sharding.memory import engine_memory_plan
 
-        print(engine_memory_plan(start.config).format())
+        try:
+            print(engine_memory_plan(start.config).format())
+        except ValueError as e:  # ConfigError / CheckpointError: name the file, no traceback
+            parser.error(str(e))
         return 0
     if not start.is_leader:
         start.follow()
