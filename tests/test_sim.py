@@ -84,3 +84,36 @@ def test_8k1k_like_workload_delayer_halves_padding_waste():
         assert r["completed"] == 768 and r["failed"] == 0
     # Aligned prefills also pay off in modelled time (padded slots cost like real ones).
     assert res["on"]["modelled_throughput_tok_s"] > res["off"]["modelled_throughput_tok_s"]
+
+
+def _dp_step_json(tmp_path, dp):
+    """A `bench dp-step --json` output with made-up but consistent times (ms)."""
+    rows = [{"phase": "prefill", "tokens_per_rank": t, "base_ms": 2.0 * t / 1024, "tbo_ms": 1.6 * t / 1024,
+             "comm_only_ms": 0.6 * t / 1024, "experts_ms": 0.3 * t / 1024, "experts_half_ms": 0.16 * t / 1024}
+            for t in (4096, 8192, 16384)]
+    path = tmp_path / f"dp{dp}.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "dp": dp, "layers": 2, "results": rows, "dims": {
+        "hidden_size": 4096, "n_routed_experts": 256, "num_experts_per_tok": 6, "moe_intermediate_size": 2048,
+        "num_layers": 2}}))
+    return str(path)
+
+
+def test_calibrated_cost_model_times_steps_from_the_fitted_step_model(tmp_path):
+    from atom_jax.bench.sim import calibrated_step_model
+    from atom_jax.scheduler import DPScheduler, SamplingParams, Sequence, make_delayer
+    model = calibrated_step_model([_dp_step_json(tmp_path, 8)])
+    assert model.dims.layers == 43  # the full V4-Flash, not the 2 benchmarked layers
+    cm = StepCostModel.calibrated(model, dp=8, c=1e-9)
+    for tbo in (False, True):
+        sched = DPScheduler(8, RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=64,
+                                          chunk_size=64), delayer=make_delayer("off"), tbo=tbo)
+        sched.add(Sequence("a", [1] * 50, SamplingParams(max_tokens=2)))
+        plan = sched.schedule()
+        assert plan.tbo == tbo
+        want = model.step_ms(8, plan.bucket, tbo) / 1e3 + 1e-9 * (50 * 51 // 2)
+        assert cm.step_time(plan) == pytest.approx(want)
+    assert model.step_ms(8, 64, True) != model.step_ms(8, 64, False)
+    rc = main(["sim", "--dp", "8", "--num-prompts", "8", "--random-input-len", "64", "--random-output-len", "4",
+               "--max-tokens-per-step", "128", "--chunk-size", "128", "--calibration", _dp_step_json(tmp_path, 8),
+               "--json", str(tmp_path / "sim.json")])
+    assert rc == 0 and json.loads((tmp_path / "sim.json").read_text())["completed"] == 8

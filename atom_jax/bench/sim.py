@@ -178,9 +178,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--cost-c", type=float, default=cm.c)
     c.add_argument("--tbo-factor", type=float, default=cm.tbo_factor)
     c.add_argument("--idle-tick", type=float, default=cm.idle_tick)
+    c.add_argument("--calibration", nargs="+", default=None, metavar="FILE",
+                   help="`bench dp-step --json` outputs (or calibration JSON): step times from the "
+                        "step model fitted to them (bench tbo-model) at --dp, replacing --cost-a, "
+                        "--cost-b and --tbo-factor; with several models' files, --calibration-model "
+                        "picks one")
+    c.add_argument("--calibration-model", default=None, help="preset name among the calibrated models")
     p.add_argument("--json", type=str, default=None, help="write results to this path")
     p.set_defaults(func=run_cli)
     return p
+
+
+def calibrated_step_model(paths, name: str | None = None):
+    """The step model fitted to these calibration files (one model's dims, or `name`)."""
+    from atom_jax.bench.tbo_model import fit_calibration, load_calibrations
+    models = [fit_calibration(c) for c in load_calibrations(paths)]
+    if name:
+        models = [m for m in models if m.dims.name == name]
+    if len(models) != 1:
+        raise SystemExit(f"--calibration gives {len(models)} models"
+                         f"{' named ' + name if name else ''}; pick one with --calibration-model")
+    return models[0]
 
 
 def run_from_args(args) -> dict:
@@ -193,6 +211,9 @@ def run_from_args(args) -> dict:
                              chunk_size=args.chunk_size)
     buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
     cost = StepCostModel(args.cost_a, args.cost_b, args.cost_c, args.tbo_factor, args.idle_tick)
+    if args.calibration:
+        cost = StepCostModel.calibrated(calibrated_step_model(args.calibration, args.calibration_model),
+                                        args.dp, c=args.cost_c, idle_tick=args.idle_tick)
     gate = dict(max_delay_passes=args.max_delay_passes, low_watermark=args.low_watermark,
                 target_fraction=args.target_fraction, max_wait_ticks=args.max_wait_ticks,
                 high_watermark=args.high_watermark)
