@@ -73,6 +73,15 @@ def test_indexer_kernel_and_running_topk_match_reference():
             assert np.all(idx[r][~ok[r]] == NO_ENTRY)
 
 
+def test_running_topk_ties_go_to_the_lowest_entry_index():
+    """All-equal scores across several blocks: the k lowest visible indices, in index order."""
+    n_vis = jnp.asarray([37, 5, 0, 64], jnp.int32)
+    zeros = lambda e0: jnp.zeros((4, 16), jnp.float32)  # noqa: E731
+    idx, ok = running_topk(zeros, n_vis, 8, 16)
+    expect = [list(range(8)), list(range(5)), [], list(range(8))]
+    assert [np.asarray(i)[np.asarray(o)].tolist() for i, o in zip(idx, ok)] == expect
+
+
 def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, ratio=RATIO, **batch):
     b, page_table, n_slots = _batch(rng, **batch)
     t = b["pos"].shape[0]
