@@ -123,7 +123,9 @@ def run_cli(args) -> int:
     cfg = tiny() if args.tiny else PRESETS[args.preset](num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     base = StepOptions(expert_mode=args.expert_mode, moe_backend=args.backend, output="hidden")
-    emulate = args.emulate_dp if args.emulate_dp and args.emulate_dp != dp else None
+    # --emulate-dp equal to the device count still runs the emulation code (no stand-in ranks):
+    # beside the plain run it measures what the emulation itself costs
+    emulate = args.emulate_dp or None
     rank_dp = emulate or dp  # the dp whose rank each device runs
     label = f"emulated dp={emulate}" if emulate else f"dp={dp}"
     if emulate:
