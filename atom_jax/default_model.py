@@ -46,9 +46,10 @@ def byte_model_config():
     return tiny().replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
-def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto"):
+def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto", host: bool = False):
     """Build the model `source` names (float32 unless `dtype` says otherwise) in weight format
-    `weights` (auto / bf16 / native: `loader.load_model`; random weights: native or not)."""
+    `weights` (auto / bf16 / native: `loader.load_model`; random weights: native or not).
+    `host`: a safetensors checkpoint's parameters stay in host memory for the caller to place."""
     import jax.numpy as jnp
 
     from atom_jax.loader import ORBAX_SUBDIR, load_model, random_model
@@ -60,7 +61,7 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str =
     if source.kind == RANDOM:
         return random_model(byte_model_config(), seed=seed, dtype=dtype,
                             weights="native" if weights == "native" else "bf16")
-    return load_model(source.path, dtype=dtype, weights=weights)
+    return load_model(source.path, dtype=dtype, weights=weights, host=host)
 
 
 def load_resolved_tokenizer(source: ModelSource):

@@ -84,10 +84,11 @@ def _packed(t, native: str) -> tuple[np.ndarray, np.ndarray]:
 
 class _Filler:
     """Puts values into the abstract model's variables; expert slices are staged on the host
-    and moved to the device once the whole stack is read."""
+    and moved to the device once the whole stack is read (`host`: left in host memory)."""
 
-    def __init__(self, model):
+    def __init__(self, model, host: bool = False):
         self.model = model
+        self.to_value = (lambda a: a) if host else jnp.asarray
         self.staged: dict[tuple, np.ndarray] = {}
         self.remaining: dict[tuple, int] = {}
 
@@ -100,7 +101,7 @@ class _Filler:
                                   f"{'.'.join(map(str, path))} {want}")
         np_dtype = np_dtype or np.dtype(var.get_value().dtype)
         if expert is None:
-            var.set_value(jnp.asarray(value.astype(np_dtype)))
+            var.set_value(self.to_value(value.astype(np_dtype)))
             return
         if path not in self.staged:
             self.staged[path] = np.zeros(full, np_dtype)
@@ -108,16 +109,18 @@ class _Filler:
         self.staged[path][expert] = value
         self.remaining[path] -= 1
         if self.remaining[path] == 0:  # whole stack read: move it to the device, free host copy
-            var.set_value(jnp.asarray(self.staged.pop(path)))
+            var.set_value(self.to_value(self.staged.pop(path)))
 
 
 def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelConfig | None = None,
-               weights: str = AUTO) -> DeepseekV4:
+               weights: str = AUTO, host: bool = False) -> DeepseekV4:
     """Stream a safetensors checkpoint into the model, tensor by tensor.
 
     `weights`: "bf16" dequantises FP8/FP4 tensors to `dtype`; "native" keeps the experts FP4 and
     the attention / shared-expert projections FP8 (packed_params; float tensors there are
-    quantised); "auto" is native when the checkpoint's experts are FP4.
+    quantised); "auto" is native when the checkpoint's experts are FP4. `host`: parameters stay
+    numpy arrays in host memory, for a caller that places them sharded (the engine: a model
+    larger than one GPU never lands whole on device 0).
     Every tensor must map to a parameter with the right shape and every parameter must be
     filled; otherwise a CheckpointError names the tensor (and its file)."""
     weights = resolve_weights(path, weights)
@@ -132,7 +135,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
         return native and name in targets and targets[name].native == kind
 
     ignore = [] if with_mtp else [MTP_NAME.pattern]
-    filler = _Filler(model)
+    filler = _Filler(model, host)
     filled: set[str] = set()
     for t in iter_checkpoint(path, dtype=_np_dtype(dtype), ignore=ignore, keep_packed=keep_packed):
         target = targets.get(t.name)

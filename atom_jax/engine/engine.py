@@ -70,7 +70,9 @@ class Engine:
         dtype = jnp.dtype(cfg.dtype)
         source = resolve_model(cfg.model)  # the one place --model is interpreted
         if model is None:
-            model = load_resolved(source, seed=cfg.seed, dtype=dtype, weights=cfg.weights)
+            # host: the runner places the parameters sharded (a model larger than one GPU must not
+            # land whole on device 0 first)
+            model = load_resolved(source, seed=cfg.seed, dtype=dtype, weights=cfg.weights, host=True)
         self.model = model
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.chat_settings = ChatSettings(cfg.chat_template, cfg.reasoning_parser, cfg.thinking)
