@@ -25,6 +25,8 @@ Step (L layers, h = T / 2 per chain, ov(x, y) = max(x, y) + gamma * min(x, y)):
     tbo  = attn(h) + L * (ov(ag, attn) + ov(moe, ag) + ov(rs, moe)) + (L - 1) * ov(rs, attn) + rs
          (all at h: the schedule in atom_jax/sharding; gamma = how much of the shorter of two
          overlapped ops still costs, fitted on the measured TBO steps; 0 = perfect overlap)
+    fused (one expert GEMM for both chains; s = a chain's shared expert, q * h, a' = attn - s):
+         a' + L * (ov(ag, a') + ov(ag, s) + moe(T) + ov(rs, s)) + (L - 1) * ov(rs, a') + rs
 
 Other hardware: compute terms scale by published peak ratios (dense bf16 FLOP/s for the
 compute-bound parts, HBM bandwidth for weight streaming), each collective's fitted bandwidth by
@@ -273,6 +275,17 @@ class StepModel:
         per_layer = overlap(p["ag"], p["attn"], g) + overlap(p["moe"], p["ag"], g) + overlap(p["rs"], p["moe"], g)
         return p["attn"] + layers * per_layer + (layers - 1) * overlap(p["rs"], p["attn"], g) + p["rs"]
 
+    def fused_ms(self, dp: int, tokens: float, layers: int) -> float:
+        """TBO with one expert GEMM over both chains (tbo_schedule="fused"): the experts at the
+        full T (weights read once), AG(B) / RS(A) hidden behind a chain's shared expert (one
+        expert's compute per row, taken out of the attention half it was measured in)."""
+        p, g = self.parts(dp, tokens / 2), self.gamma
+        shared = min(self.moe.q * tokens / 2, p["attn"])
+        rest = p["attn"] - shared
+        per_layer = (overlap(p["ag"], rest, g) + overlap(p["ag"], shared, g) + self.moe(self.dims, dp, tokens)
+                     + overlap(p["rs"], shared, g))
+        return rest + layers * per_layer + (layers - 1) * overlap(p["rs"], rest, g) + p["rs"]
+
     def step_ms(self, dp: int, tokens: float, tbo: bool, layers: int | None = None) -> float:
         layers = layers or self.dims.layers
         return self.tbo_ms(dp, tokens, layers) if tbo else self.base_ms(dp, tokens, layers)
@@ -401,6 +414,7 @@ def check_rows(model: StepModel, data: dict) -> list[dict]:
         r = {k: s.get(k) for k in ("dp", "emulated", "tokens", "layers", "base_ms", "tbo_ms", "fused_ms")}
         r["pred_base_ms"] = model.base_ms(s["dp"], s["tokens"], s["layers"])
         r["pred_tbo_ms"] = model.tbo_ms(s["dp"], s["tokens"], s["layers"])
+        r["pred_fused_ms"] = model.fused_ms(s["dp"], s["tokens"], s["layers"])
         rows.append(r)
     return rows
 
@@ -418,9 +432,12 @@ def prediction_rows(model: StepModel, platforms, dps=(2, 4, 8, 16, 32), tokens=(
             m = model.on(target, dp, link_gbps) if target else dataclasses.replace(
                 model, device=f"{model.device} (as measured)")
             for t in tokens:
-                base, tbo = m.base_ms(dp, t, 1), m.tbo_ms(dp, t, 1)
+                layers = m.dims.layers
+                base, tbo = m.base_ms(dp, t, layers) / layers, m.tbo_ms(dp, t, layers) / layers
+                fused = m.fused_ms(dp, t, layers) / layers
                 rows.append({"platform": m.device, "model": model.dims.name, "dp": dp, "tokens": t,
                              "base_ms_per_layer": base, "tbo_ms_per_layer": tbo, "ratio": tbo / base,
+                             "fused_ms_per_layer": fused, "fused_ratio": fused / base,
                              "comm_share": m.comm_share(dp, t), "crossover": m.crossover(dp),
                              "link_GBps": m.link_GBps})
     return rows
@@ -490,22 +507,24 @@ def run_cli(args) -> int:
         if rows:
             print(f"\nmeasured vs model ({m.dims.name}, {d.get('device')}, {rows[0]['layers']} layers):")
             print(f"{'dp':>4} {'emul':>5} {'tok/rank':>8} {'base':>8} {'pred':>8} {'err':>6} "
-                  f"{'TBO':>8} {'pred':>8} {'err':>6} {'TBO/base':>8} {'pred':>6} {'fused/base':>10}")
+                  f"{'TBO':>8} {'pred':>8} {'err':>6} {'TBO/base':>8} {'pred':>6} {'fused/base':>10} {'pred':>6}")
             for r in rows:
                 eb = r["pred_base_ms"] / r["base_ms"] - 1
                 et = r["pred_tbo_ms"] / r["tbo_ms"] - 1
                 print(f"{r['dp']:4d} {'yes' if r['emulated'] else 'no':>5} {r['tokens']:8d} {r['base_ms']:8.2f} "
                       f"{r['pred_base_ms']:8.2f} {eb:+6.1%} {r['tbo_ms']:8.2f} {r['pred_tbo_ms']:8.2f} {et:+6.1%} "
                       f"{r['tbo_ms'] / r['base_ms']:8.3f} {r['pred_tbo_ms'] / r['pred_base_ms']:6.3f} "
-                      f"{r['fused_ms'] / r['base_ms'] if r.get('fused_ms') else float('nan'):10.3f}")
+                      f"{r['fused_ms'] / r['base_ms'] if r.get('fused_ms') else float('nan'):10.3f} "
+                      f"{r['pred_fused_ms'] / r['pred_base_ms']:6.3f}")
         preds = prediction_rows(m, args.platforms.split(","), dps, tokens, args.link_gbps)
         out["predictions"] += preds
-        print(f"\npredicted per layer ({m.dims.name}; compute scaled by published peaks off the calibration GPU):")
+        print(f"\npredicted per layer of the full {m.dims.layers}-layer {m.dims.name} (compute scaled by published "
+              "peaks off the calibration GPU; fused = one expert GEMM for both chains):")
         print(f"{'platform':24} {'dp':>4} {'tok/rank':>8} {'base ms':>8} {'TBO ms':>8} {'TBO/base':>8} "
-              f"{'comm %':>6} {'link GB/s':>9} {'TBO from':>8}")
+              f"{'fused/base':>10} {'comm %':>6} {'link GB/s':>9} {'TBO from':>8}")
         for r in preds:
             print(f"{r['platform']:24} {r['dp']:4d} {r['tokens']:8d} {r['base_ms_per_layer']:8.3f} "
-                  f"{r['tbo_ms_per_layer']:8.3f} {r['ratio']:8.3f} {100 * r['comm_share']:6.1f} "
+                  f"{r['tbo_ms_per_layer']:8.3f} {r['ratio']:8.3f} {r['fused_ratio']:10.3f} {100 * r['comm_share']:6.1f} "
                   f"{r['link_GBps']:9.0f} {r['crossover'] if r['crossover'] else 'never':>8}")
         print()
     table = crossover_table(models, margin=args.margin)
