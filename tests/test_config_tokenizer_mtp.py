@@ -58,8 +58,8 @@ def test_model_directory_tokenizer_and_chat_template(tmp_path):
     assert tok.eos_token_id == 1
     eng = Engine(EngineConfig(model=str(tmp_path), num_slots=2, num_pages=16, page_tokens=32,
                               max_pages_per_seq=8, max_tokens_per_step=32, buckets=(16, 32)))
-    rid = eng.add_request(messages=[{"role": "w1", "content": "w2 w3"}], params=SamplingParams(max_tokens=3))
-    assert eng._requests[rid].seq.prompt_token_ids == [0, 4, 5, 6, 10]
+    rid = eng.add_request(messages=[{"role": "user", "content": "w2 w3"}], params=SamplingParams(max_tokens=3))
+    assert eng._requests[rid].seq.prompt_token_ids == [0, 2, 5, 6, 10]  # "user" is [UNK] here
     out = []
     while eng.has_unfinished():
         out += [o for o in eng.step() if o.finished]
