@@ -16,6 +16,7 @@ down: every process compiles its own step (4 at once on a small CI machine), and
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -94,7 +95,7 @@ REQUESTS.append({"id": "sampled", "prompt_token_ids": list(range(40, 71)), "max_
                  "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 7})
 
 
-def _generate(tmp_path, model_dir, processes: int, local_devices: int) -> tuple[dict, list[str]]:
+def _generate(tmp_path, model_dir, processes: int, local_devices: int, flags=()) -> tuple[dict, list[str]]:
     """Run the batch over `processes` x `local_devices`; -> ({id: token_ids}, each process's log)."""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
@@ -104,7 +105,7 @@ def _generate(tmp_path, model_dir, processes: int, local_devices: int) -> tuple[
         out, log = tmp_path / f"out{processes}.{i}.jsonl", tmp_path / f"gen{processes}.{i}.log"
         extra = _multihost(processes, i, port) if processes > 1 else ["--dp", str(local_devices)]
         procs.append(_spawn("atom_jax.generate", ["--model", model_dir, "--input", str(src), "--output", str(out),
-                                                  "--no-progress", *ENGINE_FLAGS, *extra], local_devices, log))
+                                                  "--no-progress", *ENGINE_FLAGS, *flags, *extra], local_devices, log))
         logs.append(log)
     try:
         codes = [p.wait(timeout=RUN_TIMEOUT) for p in procs]
@@ -121,7 +122,8 @@ def _generate(tmp_path, model_dir, processes: int, local_devices: int) -> tuple[
 
 @pytest.fixture(scope="module")
 def single_process(model_dir, tmp_path_factory):
-    out, _ = _generate(tmp_path_factory.mktemp("mh_ref"), model_dir, 1, 4)
+    # the synchronous loop is the oracle; the multi-host runs use the overlap schedule (default)
+    out, _ = _generate(tmp_path_factory.mktemp("mh_ref"), model_dir, 1, 4, ["--overlap-schedule", "off"])
     assert len(out) == len(REQUESTS)
     assert [len(out[r["id"]]) for r in REQUESTS] == [r["max_tokens"] for r in REQUESTS]
     return out
@@ -134,7 +136,7 @@ def test_processes_match_one_process(model_dir, single_process, tmp_path, proces
     assert out == single_process
     # every follower ran the same number of steps as process 0 planned (dp=4 over all hosts)
     assert "dp=4" in logs[0]
-    steps = {log.split("done after ")[1].split()[0] for log in logs[1:]}
+    steps = {re.search(r"after (\d+) steps", log).group(1) for log in logs[1:]}
     assert len(steps) == 1 and int(steps.pop()) > 0, logs[1:]
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "engine-step": "atom_jax.bench.engine_step",
     "engine": "atom_jax.bench.engine",
     "engine-delayer": "atom_jax.bench.engine_delayer",
+    "decode": "atom_jax.bench.decode",
     "long-context": "atom_jax.bench.long_context",
     "prefix": "atom_jax.bench.prefix",
 }

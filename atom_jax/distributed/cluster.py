@@ -66,6 +66,18 @@ class Watchdog:
                 return
 
 
+class _GuardedResult:
+    """A dispatched step's result whose read waits under the cluster's watchdog (a dead peer
+    shows up there: the step's collectives never finish)."""
+
+    def __init__(self, cluster, result, timeout: float, what: str):
+        self._cluster, self._result, self._timeout, self._what = cluster, result, timeout, what
+
+    def fetch(self):
+        with self._cluster.guarded(self._timeout, f"{self._what}: reading its tokens"):
+            return self._result.fetch()
+
+
 class Cluster:
     def __init__(self, cfg: DistributedConfig, process_id: int, num_processes: int):
         self.cfg, self.process_id, self.num_processes = cfg, process_id, num_processes
@@ -172,15 +184,17 @@ class Cluster:
             self.fail(f"{failure or what + ' failed'}: {type(e).__name__}: {e}")
 
     def run_step(self, inputs, what: str, before=None):
-        """Run one model step (every process) under the watchdog; `before()` runs first inside
-        the same guard (the leader's broadcast). -> the runner's (tokens, logprobs)."""
+        """Dispatch one model step (every process) under the watchdog; `before()` runs first
+        inside the same guard (the leader's broadcast). -> the runner's StepResult, whose
+        `fetch()` (the wait for the device) runs under the watchdog too."""
         shape = (inputs.bucket, inputs.tbo)
-        with self.guarded(self._timeout(shape), what):
+        timeout = self._timeout(shape)
+        with self.guarded(timeout, what):
             if before is not None:
                 before()
             out = self._runner.run(inputs)
         self._compiled.add(shape)
-        return out
+        return _GuardedResult(self, out, timeout, what)
 
     def _send(self, kind, inputs=None) -> None:
         self._channel.send(kind, inputs)
@@ -188,7 +202,7 @@ class Cluster:
 
     # ---- leader --------------------------------------------------------------------------
     def lead_step(self, inputs):
-        """Leader: broadcast the step's inputs, run the step. -> the runner's (tokens, logprobs)."""
+        """Leader: broadcast the step's inputs, dispatch the step. -> its (guarded) StepResult."""
         what = f"step {self._channel.seq} (bucket {inputs.bucket}, tbo {inputs.tbo})"
         return self.run_step(inputs, what, before=lambda: self._send(STEP, inputs))
 

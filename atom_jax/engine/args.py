@@ -59,6 +59,12 @@ def tbo_choice(text: str) -> bool | None:
     return _TBO[text]
 
 
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off; got {text!r}")
+    return text == "on"
+
+
 def cache_dir(text: str) -> str:
     """A directory, or '' (no cache) for 'off' / 'none' / ''."""
     return "" if text.strip().lower() in ("", "off", "none") else text
@@ -143,6 +149,10 @@ class EngineConfig:
     attn_backend: str = setting(
         "auto", "cached attention and lightning indexer: jnp (reference) or pallas (the Triton "
         "kernels of atom_jax.kernels.sparse_*; auto: jnp on CPU, pallas on GPU)", choices=ATTN_BACKENDS)
+    overlap_schedule: bool = setting(
+        True, "plan and dispatch step N+1 before reading step N's tokens, so host work hides "
+        "behind the device (off: the synchronous loop, for debugging)", type=on_off,
+        metavar="{on,off}", show_default="on")
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",

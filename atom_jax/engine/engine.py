@@ -3,6 +3,7 @@ outputs, abort. Wires the DP scheduler (host), the model runner (device) and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -18,7 +19,7 @@ from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
-from atom_jax.scheduler import DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
+from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
 from atom_jax.scheduler.validation import check_request, check_text, check_token_ids
 from atom_jax.sharding import StepOptions, make_dp_mesh
 
@@ -116,6 +117,7 @@ class Engine:
                                      tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
                                      eos_token_ids=tuple(sorted(eos)))
         self._requests: dict[str, _Tracked] = {}
+        self._in_flight = None  # overlap schedule: (sampled sequences, StepResult) of the last step
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
@@ -184,28 +186,29 @@ class Engine:
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine iteration. Synchronous (`overlap_schedule` off): plan, run and read step
+        N, then return its outputs. Overlap schedule (on): plan and dispatch step N+1 first (its
+        decodes feed step N's tokens from the device), then read step N's tokens while step N+1
+        runs, and return step N's outputs; a sequence that step N finished ran one step too
+        many, whose token is dropped. Outputs are the same either way."""
+        if not self.config.overlap_schedule:
+            return self._step_sync()
+        return self._step_overlap()
+
+    def _step_sync(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         sampled = {}
         if not plan.is_empty:
             try:
                 what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
                 with self._profiler.step(lambda: self.runner.cache, what):
-                    toks, lps = self._run(self.runner.host_inputs(plan))
+                    toks, lps = self._run(self.runner.host_inputs(plan)).fetch()
             except Exception as e:
-                # a failed step fails the requests in it, never the engine; each says why
-                error = f"the model step failed: {type(e).__name__}: {e}"
-                log.exception("model step failed; failing its %d request(s)",
-                              sum(len(work) for work in plan.per_rank))
-                for work in plan.per_rank:
-                    for w in work:
-                        tr = self._requests.get(w.request_id)
-                        if tr is not None:
-                            tr.error = error
-                        self.scheduler.fail(w.request_id)
+                self._fail(plan, e)  # a failed step fails the requests in it, never the engine
             else:
                 for seq, tok, lp in zip(plan.sampled(), toks, lps):
                     sampled[seq.request_id] = int(tok)
@@ -215,7 +218,68 @@ class Engine:
         else:
             self.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
-        touched = {seq.request_id for seq, _ in out.new_tokens} | {s.request_id for s in out.finished}
+        return self._outputs(out.new_tokens, out.finished)
+
+    def _step_overlap(self) -> list[RequestOutput]:
+        # decisions may use state one step old (README "Overlap schedule"): a sequence that step
+        # N finishes still holds its slot and pages and is planned once more
+        plan = self.scheduler.schedule()
+        dispatched = failed = None
+        # the annotation spans the whole iteration, so consecutive steps tile the timeline
+        what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
+        with self._profiler.step(None, what) if not plan.is_empty else contextlib.nullcontext():
+            if not plan.is_empty:
+                try:
+                    dispatched = (plan.sampled(), self._run(self.runner.host_inputs(plan)))
+                except Exception as e:
+                    failed = (plan, e)
+            # step N's tokens: step N+1 is queued behind it on the device
+            outputs = self._resolve_in_flight()
+        if plan.is_empty:
+            self.keepalive()
+        if failed is not None:
+            self._fail(*failed)  # after step N resolved: a request it finished is not failed
+        pending = {seq.request_id: PENDING for seq in dispatched[0]} if dispatched else {}
+        out = self.scheduler.on_step_done(plan, pending)
+        self._in_flight = dispatched
+        return outputs + self._outputs([], out.finished)
+
+    def _resolve_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return self._outputs([], self.scheduler.pop_finished())
+        seqs, result = self._in_flight
+        self._in_flight = None
+        try:
+            toks, lps = result.fetch()
+        except Exception as e:  # the device step failed: fail its requests
+            log.exception("reading a model step's tokens failed; failing its %d request(s)", len(seqs), exc_info=e)
+            for seq in seqs:
+                tr = self._requests.get(seq.request_id)
+                if tr is not None and not seq.is_finished:
+                    tr.error = f"the model step failed: {type(e).__name__}: {e}"
+                self.scheduler.fail(seq.request_id)
+            return self._outputs([], self.scheduler.pop_finished())
+        for seq, lp in zip(seqs, lps):
+            tr = self._requests.get(seq.request_id)
+            if tr is not None and not seq.is_finished:
+                tr.logprobs.append(float(lp))
+        out = self.scheduler.resolve(zip(seqs, toks.tolist()))
+        return self._outputs(out.new_tokens, out.finished)
+
+    def _fail(self, plan, e: Exception) -> None:
+        """Fail every request of `plan` (its step raised `e`); each says why."""
+        error = f"the model step failed: {type(e).__name__}: {e}"
+        log.exception("model step failed; failing its %d request(s)", sum(len(work) for work in plan.per_rank),
+                      exc_info=e)
+        for work in plan.per_rank:
+            for w in work:
+                tr = self._requests.get(w.request_id)
+                if tr is not None and not w.seq.is_finished:
+                    tr.error = error
+                self.scheduler.fail(w.request_id)
+
+    def _outputs(self, new_tokens, finished) -> list[RequestOutput]:
+        touched = dict.fromkeys([seq.request_id for seq, _ in new_tokens] + [s.request_id for s in finished])
         outputs = []
         for rid in touched:
             tr = self._requests.get(rid)

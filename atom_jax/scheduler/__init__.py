@@ -10,12 +10,12 @@ from atom_jax.scheduler.pages import PageAllocator, SlotAllocator, pages_for
 from atom_jax.scheduler.rank_scheduler import (ChunkWork, PrefillOutlook, RankConfig,
                                                RankScheduler)
 from atom_jax.scheduler.sampling_params import SamplingParams
-from atom_jax.scheduler.sequence import FINISH_REASONS, Sequence, SeqStatus
+from atom_jax.scheduler.sequence import FINISH_REASONS, PENDING, Sequence, SeqStatus
 from atom_jax.scheduler.tbo_policy import TBO_MIN_TOKENS, crossover_min_tokens
 
 __all__ = [
     "ChunkWork", "DPScheduler", "DelayDecision", "FINISH_REASONS", "NoDelayer",
-    "PageAllocator", "PrefillCoalescer", "PrefillDelayer", "PrefillOutlook", "RankConfig",
+    "PENDING", "PageAllocator", "PrefillCoalescer", "PrefillDelayer", "PrefillOutlook", "RankConfig",
     "RankScheduler", "SamplingParams", "SchedulerMetrics", "Sequence", "SeqStatus",
     "SlotAllocator", "StepOutput", "StepPlan", "StepRecord", "TBO_MIN_TOKENS", "crossover_min_tokens",
     "default_buckets", "make_delayer", "pages_for",

@@ -171,6 +171,12 @@ class DPScheduler:
             new_tokens += rank.on_step_done(work, sampled)
         return StepOutput(new_tokens, self.pop_finished())
 
+    def resolve(self, tokens) -> StepOutput:
+        """Overlap schedule: the values of PENDING tokens, [(sequence, token id), ...] of the
+        step before the one just planned. Runs the stop checks `on_step_done` skipped."""
+        new_tokens = [(seq, int(tok)) for seq, tok in tokens if self.ranks[seq.rank].resolve(seq, int(tok))]
+        return StepOutput(new_tokens, self.pop_finished())
+
     def pop_finished(self) -> list[Sequence]:
         """Finished sequences not yet returned by on_step_done (e.g. after abort/fail)."""
         self._collect_finished()

@@ -28,7 +28,7 @@ import collections
 import dataclasses
 
 from atom_jax.scheduler.pages import PageAllocator, SlotAllocator
-from atom_jax.scheduler.sequence import Sequence, SeqStatus
+from atom_jax.scheduler.sequence import PENDING, Sequence, SeqStatus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,8 +275,22 @@ class RankScheduler:
         return out
 
     def on_tokens(self, seq: Sequence, token_id: int) -> bool:
-        """Append a sampled token; finish on a stop id or max_tokens. True if it finished."""
+        """Append a sampled token; finish on a stop id or max_tokens. True if it finished.
+        A PENDING token is appended unchecked: `resolve` checks it once its value is known (so
+        a sequence may run one step past its end; that step's token is dropped)."""
         seq.output_token_ids.append(token_id)
+        return token_id != PENDING and self._check_stop(seq, token_id)
+
+    def resolve(self, seq: Sequence, token_id: int) -> bool:
+        """The value of `seq`'s PENDING token; finish as `on_tokens` would. False (and nothing
+        changes) if the sequence has no pending token (it finished meanwhile, e.g. aborted)."""
+        if seq.is_finished or not seq.has_pending:
+            return False
+        seq.output_token_ids[-1] = token_id
+        self._check_stop(seq, token_id)
+        return True
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> bool:
         p = seq.params
         if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
             self._release(seq, "stop")
@@ -371,6 +385,8 @@ class RankScheduler:
             if chunk is not None:
                 self._budget += chunk.num_tokens
         self._free_resources(seq)
+        if seq.has_pending:  # finished before its last token was read (abort, failure): drop it
+            seq.output_token_ids.pop()
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         del self._live[seq.request_id]

@@ -16,6 +16,11 @@ class SeqStatus(enum.Enum):
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
+# An output token sampled by a step whose result the host has not read yet (the engine's
+# overlap schedule): it counts as a token (positions, lengths, the sampler's counter) and is
+# fed from the device's copy; its value, and the stop checks on it, come with `resolve`.
+PENDING = -1
+
 
 class Sequence:
     """A request's token history and scheduling state.
@@ -76,6 +81,11 @@ class Sequence:
     @property
     def remaining_prefill_tokens(self) -> int:
         return self.num_uncomputed if self.is_prefilling else 0
+
+    @property
+    def has_pending(self) -> bool:
+        """The newest output token is still on the device (see PENDING)."""
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
 
     @property
     def is_finished(self) -> bool:

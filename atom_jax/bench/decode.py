@@ -1,0 +1,142 @@
+"""`python -m atom_jax.bench decode`: decode speed of the real Engine with the overlap schedule
+off and on, in one run (one engine, one set of compiled programs; the scheduler is reset
+between cases).
+
+    python -m atom_jax.bench decode --layers 4 --batches 1,64 --trace /tmp/decode_trace   # 1x GPU
+    python -m atom_jax.bench decode --dp 2 --layers 4 --batches 64 --trace /tmp/dp2_trace  # 2x GPU
+    python -m atom_jax.bench decode --tiny --batches 1,8 --steps 16                        # CPU smoke
+
+For each batch (sequences per rank) and mode: `batch x dp` requests of --prompt-len random
+tokens are prefilled, then --steps decode steps are timed (after --warmup untimed ones, which
+also compile the decode bucket): ms per step (batch 1: ms per token) and output tokens/s.
+With --trace, a jax.profiler trace of --trace-steps more decode steps per case is read with
+`atom_jax.trace.report`: device-busy time per step over the annotated step time (the overlap
+schedule annotates a whole engine iteration, so steps tile the timeline). Weights are random
+bf16 at V4-Flash layer dims (float32 tiny model with --tiny)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("decode", help="decode ms/token and tok/s of the real Engine, overlap schedule off "
+                               "vs on, with device-busy share from a trace", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batches", default="1,64", help="decoding sequences per rank, comma list")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps per case")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps before timing")
+    ap.add_argument("--modes", default="off,on", help="overlap schedule modes to run, in order")
+    ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
+    ap.add_argument("--trace-steps", type=int, default=12)
+    ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU smoke run)")
+    ap.add_argument("--json", default=None)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def _engine(args, batches):
+    from atom_jax.config import tiny, v4_flash
+    from atom_jax.engine import Engine, EngineConfig
+    from atom_jax.loader import random_model
+
+    cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    model = random_model(cfg, seed=0, dtype=dtype)
+    page_tokens = 128
+    slots = max(batches)
+    per_seq = -(-(args.prompt_len + _max_tokens(args)) // page_tokens)
+    chunk = min(args.prompt_len, 2048)
+    budget = max(chunk, slots)
+    buckets = tuple(sorted(set(batches) | {budget}))
+    ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=slots, page_tokens=page_tokens,
+                      num_pages=slots * per_seq + 1, max_model_len=per_seq * page_tokens,
+                      max_tokens_per_step=budget, chunk_size=chunk, buckets=buckets, tbo=False,
+                      moe_backend=args.moe_backend, compilation_cache_dir=None)
+    return Engine(ec, model=model, tokenizer=None), cfg
+
+
+def _max_tokens(args) -> int:
+    return args.warmup + args.steps + (args.trace_steps + 1 if args.trace else 0) + 4
+
+
+def _steps(engine, n: int) -> int:
+    """Run `n` engine iterations; -> output tokens they returned."""
+    out = 0
+    for _ in range(n):
+        out += sum(len(o.new_token_ids) for o in engine.step())
+    return out
+
+
+def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
+    from atom_jax.engine import SamplingParams
+
+    engine.config.overlap_schedule = mode == "on"
+    engine.reset_scheduler(engine.config.delayer)
+    params = SamplingParams(max_tokens=_max_tokens(args), ignore_eos=True)
+    n = batch * engine.config.dp
+    for _ in range(n):
+        engine.add_request(prompt_token_ids=list(map(int, rng.integers(2, vocab, args.prompt_len))), params=params)
+    while engine.scheduler.num_waiting or any(s.is_prefilling for r in engine.scheduler.ranks for s in r.running):
+        engine.step()  # prefill (not timed)
+    _steps(engine, args.warmup)
+    t0 = time.perf_counter()
+    tokens = _steps(engine, args.steps)
+    wall = time.perf_counter() - t0
+    res = {"mode": mode, "batch_per_rank": batch, "dp": engine.config.dp, "ms_per_step": round(1e3 * wall / args.steps, 3),
+           "output_tok_s": round(tokens / wall, 1)}
+    if args.trace:
+        from atom_jax.trace.report import report
+
+        path = os.path.join(args.trace, f"{mode}_b{batch}")
+        engine.start_profile(path, args.trace_steps)
+        _steps(engine, args.trace_steps + 1)
+        engine.stop_profile()
+        rep = report(path)
+        devs = list(rep["devices"].values())
+        busy = statistics.fmean(d["busy_ms"] for d in devs)
+        step = statistics.fmean(d["step_time_ms"] for d in devs)
+        res.update(trace=path, busy_ms_per_step=round(busy, 3), step_ms_traced=round(step, 3),
+                   device_busy_share=round(busy / step, 3) if step else None)
+    while engine.has_unfinished():  # the few steps left (max_tokens), so every page is free again
+        engine.step()
+    return res
+
+
+def run_cli(args) -> int:
+    import jax
+
+    batches = [int(b) for b in args.batches.split(",") if b]
+    engine, cfg = _engine(args, batches)
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in batches:
+        for mode in args.modes.split(","):
+            res = run_case(engine, cfg.vocab_size, batch, mode, args, rng)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    print(f"\n{'batch/rank':>10} {'mode':>5} {'ms/step':>9} {'tok/s':>10} {'busy share':>10}")
+    for r in results:
+        share = r.get("device_busy_share")
+        print(f"{r['batch_per_rank']:>10} {r['mode']:>5} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
+              f"{'' if share is None else f'{share:.0%}':>10}")
+    for batch in batches:
+        by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}
+        if "off" in by and "on" in by:
+            print(f"batch {batch}/rank: overlap on / off tok/s = {by['on']['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": cfg.num_layers,
+                       "prompt_len": args.prompt_len, "results": results}, f, indent=1)
+    return 0
