@@ -67,7 +67,7 @@ def test_overlap_outputs_equal_the_synchronous_loop(dp, tbo):
     requests = [  # the oldest runs first and is never preempted: the abort hits a fixed step
         ("abort", _prompt(rng, 20), SamplingParams(max_tokens=20, ignore_eos=True)),
         ("long", _prompt(rng, 60), SamplingParams(max_tokens=35, temperature=0.7, seed=5, ignore_eos=True)),
-        ("greedy", _prompt(rng, 30), SamplingParams(max_tokens=40, ignore_eos=True)),
+        ("greedy", _prompt(rng, 30), SamplingParams(max_tokens=40, ignore_eos=True, logprobs=True)),
         ("seeded", _prompt(rng, 25), SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, top_k=50,
                                                     seed=11, ignore_eos=True)),
         ("stop_str", probe[0].prompt_token_ids, SamplingParams(max_tokens=12, stop=[stop_text], ignore_eos=True)),
@@ -94,6 +94,7 @@ def test_overlap_outputs_equal_the_synchronous_loop(dp, tbo):
     sync, over = runs[False], runs[True]
     finals = {rid: s[-1] for rid, s in sync.items()}
     assert finals["greedy"].finish_reason == "length" and len(finals["greedy"].token_ids) == 40
+    assert len(finals["greedy"].logprobs) == 40 and not finals["seeded"].logprobs
     assert finals["stop_str"].finish_reason == "stop" and stop_text not in finals["stop_str"].text
     assert finals["stop_id"].finish_reason == "stop" and finals["stop_id"].token_ids[-1] == stop_id
     assert finals["eos"].finish_reason == "stop" and finals["eos"].token_ids[-1] == eos_id

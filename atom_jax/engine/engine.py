@@ -261,7 +261,7 @@ class Engine:
             return self._outputs([], self.scheduler.pop_finished())
         for seq, lp in zip(seqs, lps):
             tr = self._requests.get(seq.request_id)
-            if tr is not None and not seq.is_finished:
+            if tr is not None and not seq.is_finished and seq.params.logprobs:
                 tr.logprobs.append(float(lp))
         out = self.scheduler.resolve(zip(seqs, toks.tolist()))
         return self._outputs(out.new_tokens, out.finished)
