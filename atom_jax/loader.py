@@ -125,7 +125,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
     filled; otherwise a CheckpointError names the tensor (and its file)."""
     weights = resolve_weights(path, weights)
     if os.path.isdir(os.path.join(path, ORBAX_SUBDIR)):
-        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp, weights=weights)
+        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp, weights=weights, host=host)
     cfg = cfg or read_config(path)
     model = abstract_model(cfg, dtype, with_mtp, weights)
     targets = param_map(cfg, with_mtp)
@@ -198,9 +198,11 @@ def _orbax_weights(path: str) -> str:
         return json.load(fh).get("weights", BF16)
 
 
-def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights: str = AUTO) -> DeepseekV4:
+def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights: str = AUTO,
+                  host: bool = False) -> DeepseekV4:
     """Restore as saved: the packed form stays packed. Asking for another format than the saved
-    one is an error (convert from the safetensors checkpoint instead)."""
+    one is an error (convert from the safetensors checkpoint instead). `host`: numpy arrays in
+    host memory (as `load_model(host=True)`)."""
     import orbax.checkpoint as ocp
 
     saved = _orbax_weights(path)
@@ -209,6 +211,14 @@ def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights:
     cfg = read_config(path)
     abstract = abstract_model(cfg, dtype, with_mtp, saved)
     graphdef, abstract_state = nnx.split(abstract)
+    where = os.path.join(os.path.abspath(path), ORBAX_SUBDIR)
+    if host:
+        import jax
+
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_state)
+        with ocp.PyTreeCheckpointer() as ckpt:
+            state = ckpt.restore(where, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
+        return nnx.merge(graphdef, state)
     with ocp.StandardCheckpointer() as ckpt:
-        state = ckpt.restore(os.path.join(os.path.abspath(path), ORBAX_SUBDIR), abstract_state)
+        state = ckpt.restore(where, abstract_state)
     return nnx.merge(graphdef, state)
