@@ -12,7 +12,7 @@ other chain's compute to hide behind (docs/design.md, "two-batch overlap"):
 That "split" schedule runs each chain's expert GEMM on its own, so every local expert's weights
 are read twice per layer and each chain pads its rows to the kernel's row tiles; the "fused"
 schedule (`StepOptions.tbo_schedule`) runs one expert GEMM over both chains' rows instead and
-hides AG(B) and RS(A) behind the shared experts (`run_two_chains_fused`).
+hides AG(B) and RS(A) behind the shared experts (`_fused_moe`).
 
 Whether a step uses TBO is decided by the host scheduler (`StepPlan.tbo`); the compiled steps
 take it as a static bool.
@@ -34,6 +34,16 @@ from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
 
 
 TBO_SCHEDULES = ("split", "fused")
+
+
+# Named scopes put "mb_a" / "mb_b" into each op's metadata, so profiler traces can tell the
+# chains apart (`python -m atom_jax.trace report / plot`).
+def _in_a():
+    return micro_batch_scope(MB_A)
+
+
+def _in_b():
+    return micro_batch_scope(MB_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,92 +171,78 @@ class RankStep:
             self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
 
     def run_two_chains(self, a: Chain, b: Chain):
+        """The overlapped schedule; the MoE half of each layer per `opts.tbo_schedule`
+        (`_split_moe` or `_fused_moe`)."""
         barrier = jax.lax.optimization_barrier
-        # Named scopes put "mb_a" / "mb_b" into each op's metadata, so profiler traces can tell
-        # the chains apart (`python -m atom_jax.trace report / plot`).
-        in_a, in_b = (lambda: micro_batch_scope(MB_A)), (lambda: micro_batch_scope(MB_B))
+        moe = self._fused_moe if self.opts.tbo_schedule == "fused" else self._split_moe
         layers = list(self.model.layers)
-        with in_a():
+        with _in_a():
             self.attention(0, layers[0], a, None)
         # Make attn(B) of layer 0 wait for attn(A), as later layers' do (through the RS(B)
         # barrier): otherwise XLA runs it first and AG(A) of layer 0 has nothing to hide behind.
         a.mid, b.streams = barrier((a.mid, b.streams))
         for i, block in enumerate(layers):
-            with in_a():
+            with _in_a():
                 ga = self.dispatch(a)
-            with in_b():
+            with _in_b():
                 self.attention(i, block, b, a)  # attn(B) || AG(A)
             ga, b.mid = barrier((ga, b.mid))
-            with in_a():
-                pa = self.experts(block, ga)
-            with in_b():
-                gb = self.dispatch(b)  # MoE(A) || AG(B)
-            pa, gb = barrier((pa, gb))
-            with in_a():
-                ra = self.combine(pa)
-            with in_b():
-                pb = self.experts(block, gb)  # RS(A) || MoE(B)
-            ra, pb = barrier((ra, pb))
-            with in_a():
-                self.finish(block, a, ra)
-            with in_b():
+            ra, pb, sa, sb = moe(block, a, b, ga)
+            with _in_a():
+                self.finish(block, a, ra, sa)
+            with _in_b():
                 rb = self.combine(pb)
             if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
-                with in_a():
+                with _in_a():
                     self.attention(i + 1, layers[i + 1], a, b)
                 rb, a.mid = barrier((rb, a.mid))
-            with in_b():
-                self.finish(block, b, rb)
-
-    def run_two_chains_fused(self, a: Chain, b: Chain):
-        """TBO that keeps expert-weight reuse: ONE grouped GEMM per layer over both chains'
-        gathered rows (each local expert's weights read once, rows per expert as without
-        TBO), the collectives hidden behind the other chain's attention and the shared experts:
-            attn(A) | AG(A) || attn(B) | AG(B) || shared(A) | MoE(A+B) | RS(A) || shared(B)
-                    | RS(B) || attn(A, next layer)
-        Against "split": no second weight read or row-tile padding per chain; AG(B) and RS(A)
-        hide only behind a shared expert (a sixth of the routed work at top-6)."""
-        barrier = jax.lax.optimization_barrier
-        in_a, in_b = (lambda: micro_batch_scope(MB_A)), (lambda: micro_batch_scope(MB_B))
-        layers = list(self.model.layers)
-        with in_a():
-            self.attention(0, layers[0], a, None)
-        a.mid, b.streams = barrier((a.mid, b.streams))
-        for i, block in enumerate(layers):
-            with in_a():
-                ga = self.dispatch(a)
-            with in_b():
-                self.attention(i, block, b, a)  # attn(B) || AG(A)
-            ga, b.mid = barrier((ga, b.mid))
-            with in_b():
-                gb = self.dispatch(b)
-            with in_a():
-                sa = block.ffn.shared(a.mid.x)  # shared(A) || AG(B)
-            gb, sa = barrier((gb, sa))
-            rows = ga["x"].shape[0]
-            partial = self.experts(block, {k: jnp.concatenate([ga[k], gb[k]]) for k in ga})
-            with in_a():
-                ra = self.combine(partial[:rows])
-            with in_b():
-                sb = block.ffn.shared(b.mid.x)  # shared(B) || RS(A)
-            ra, sb = barrier((ra, sb))
-            with in_a():
-                self.finish(block, a, ra, sa)
-            with in_b():
-                rb = self.combine(partial[rows:])
-            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
-                with in_a():
-                    self.attention(i + 1, layers[i + 1], a, b)
-                rb, a.mid = barrier((rb, a.mid))
-            with in_b():
+            with _in_b():
                 self.finish(block, b, rb, sb)
+
+    def _split_moe(self, block: Block, a: Chain, b: Chain, ga):
+        """Each chain its own expert GEMM: MoE(A) || AG(B), then RS(A) || MoE(B).
+        -> (A reduced, B's partial sums, None, None)."""
+        barrier = jax.lax.optimization_barrier
+        with _in_a():
+            pa = self.experts(block, ga)
+        with _in_b():
+            gb = self.dispatch(b)  # MoE(A) || AG(B)
+        pa, gb = barrier((pa, gb))
+        with _in_a():
+            ra = self.combine(pa)
+        with _in_b():
+            pb = self.experts(block, gb)  # RS(A) || MoE(B)
+        ra, pb = barrier((ra, pb))
+        return ra, pb, None, None
+
+    def _fused_moe(self, block: Block, a: Chain, b: Chain, ga):
+        """TBO that keeps expert-weight reuse: ONE grouped GEMM over both chains' gathered rows
+        (each local expert's weights read once, rows per expert as without TBO); AG(B) and
+        RS(A) hide behind the shared experts:
+            AG(B) || shared(A) | MoE(A+B) | RS(A) || shared(B)
+        Against "split": no second weight read or row-tile padding per chain; AG(B) and RS(A)
+        hide only behind a shared expert (a sixth of the routed work at top-6).
+        -> (A reduced, B's partial sums, A's shared expert, B's shared expert)."""
+        barrier = jax.lax.optimization_barrier
+        with _in_b():
+            gb = self.dispatch(b)
+        with _in_a():
+            sa = block.ffn.shared(a.mid.x)  # shared(A) || AG(B)
+        gb, sa = barrier((gb, sa))
+        rows = ga["x"].shape[0]
+        partial = self.experts(block, {k: jnp.concatenate([ga[k], gb[k]]) for k in ga})
+        with _in_a():
+            ra = self.combine(partial[:rows])
+        with _in_b():
+            sb = block.ffn.shared(b.mid.x)  # shared(B) || RS(A)
+        ra, sb = barrier((ra, sb))
+        return ra, partial[rows:], sa, sb
 
     def run(self, chains: list[Chain]) -> None:
         """One chain: the plain layer loop; two: the overlapped schedule (opts.tbo_schedule)."""
         if len(chains) == 2:
             if self.opts.tbo_schedule not in TBO_SCHEDULES:
                 raise ValueError(f"tbo_schedule {self.opts.tbo_schedule!r}; choose from {TBO_SCHEDULES}")
-            fused = self.opts.tbo_schedule == "fused"
-            (self.run_two_chains_fused if fused else self.run_two_chains)(*chains)
+            self.run_two_chains(*chains)
         else:
             self.run_one_chain(chains[0])
