@@ -46,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "pallas,jnp; --tiny: jnp, as pallas is interpreted on CPU)")
     ap.add_argument("--reference-max-prompt", type=int, default=16384)
     ap.add_argument("--reference-chunk", type=int, default=2048)
+    ap.add_argument("--baseline-cache-len", type=int, default=None, help="also run the kernels with this "
+                    "smaller cache for the prompts that fit it (same-run baseline: a 16K prompt with a 1M "
+                    "cache vs a small one; e.g. 16448)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -155,21 +158,26 @@ def run_cli(args) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
     results = []
+    runs = []  # (backend, cache length, chunk, prompts)
     for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
         reference = backend == "jnp"
         lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
-        b_chunk = min(chunk, args.reference_chunk) if reference else chunk
+        runs.append((backend, cache_len, min(chunk, args.reference_chunk) if reference else chunk, lens))
+        if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
+            small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
+            runs.append((backend, args.baseline_cache_len, chunk, small))
+    for backend, c_len, b_chunk, lens in runs:
         if not lens:
             continue
         try:
-            engine, warm_s = _engine(model, dtype, backend, cache_len, b_chunk, lens, page_tokens)
+            engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"backend": backend, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            results.append({"backend": backend, "cache_len": c_len, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         for n in lens:
-            row = {"backend": backend, "prompt": n, "cache_len": cache_len, "chunk": b_chunk,
+            row = {"backend": backend, "prompt": n, "cache_len": c_len, "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
                 prefill_s, decode_s = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
@@ -191,13 +199,13 @@ def run_cli(args) -> int:
             print(json.dumps(row), flush=True)
         del engine
         jax.clear_caches()
-    print(f"\n{'backend':7} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
+    print(f"\n{'backend':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
           f"{'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:7} {r.get('prompt', '-'):>8} failed: {r['error'][:80]}")
+            print(f"{r['backend']:7} {r['cache_len']:8d} {r.get('prompt', '-'):>8} failed: {r['error'][:80]}")
             continue
-        print(f"{r['backend']:7} {r['prompt']:8d} {r['chunk']:6d} {r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
+        print(f"{r['backend']:7} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} {r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
