@@ -63,8 +63,11 @@ def work_items(starts, ends, block_m: int, max_items: int):
     return group, tile.astype(jnp.int32), cum[-1].reshape(1).astype(jnp.int32)
 
 
-def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, *,
-            cfg: TileConfig, k_steps: int, num_groups: int):
+def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: TileConfig, num_groups: int,
+              accumulate):
+    """The frame the dropless kernels share: program (j, i) is column tile j of work item i (a
+    row tile of one range); `accumulate(g, rows, cols, mine)` returns its float32 [block_m,
+    block_n] product for a real group; range num_groups is the zero range."""
     j = pl.program_id(0)  # column tile: fastest, so one work item's column tiles run together
     i = pl.program_id(1)
 
@@ -73,24 +76,31 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, 
         g = group_ref[i]
         row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
         mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
-        cols = pl.ds(j * cfg.block_n, cfg.block_n)
-        out = o_ref.at[pl.ds(row0, cfg.block_m), cols]
+        rows, cols = pl.ds(row0, cfg.block_m), pl.ds(j * cfg.block_n, cfg.block_n)
+        out = o_ref.at[rows, cols]
 
         @pl.when(g < num_groups)
         def _matmul():
-            def step(kk, acc):
-                ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
-                a = plt.load(x_ref.at[pl.ds(row0, cfg.block_m), ks], mask=mine, other=0.0)
-                return acc + plt.dot(a, w_ref[g, ks, cols])
-
-            acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
-            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
+            plt.store(out, accumulate(g, rows, cols, mine).astype(o_ref.dtype), mask=mine)
 
         # Range num_groups is the zero range: stored without a K loop (under DP with experts
         # sharded, most rows are choices of other ranks' experts and land here).
         @pl.when(g == num_groups)
         def _zeros():
             plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
+
+
+def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, *,
+            cfg: TileConfig, k_steps: int, num_groups: int):
+    def accumulate(g, rows, cols, mine):
+        def step(kk, acc):
+            ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
+            a = plt.load(x_ref.at[rows, ks], mask=mine, other=0.0)
+            return acc + plt.dot(a, w_ref[g, ks, cols])
+
+        return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+
+    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate)
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.pallas_grouped_gemm import TileConfig, from_group_sizes, with_zero_range, work_items
+from atom_jax.kernels.pallas_grouped_gemm import TileConfig, from_group_sizes, with_zero_range, work_item, work_items
 
 # block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
 # scale groups). Starting points; `python -m atom_jax.bench w4a16 --sweep` measures others.
@@ -84,38 +84,23 @@ DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, c_ref, s_ref, o_ref, *,
             cfg: TileConfig, k_steps: int, half_k: int, num_groups: int, decode: str):
-    j = pl.program_id(0)
-    i = pl.program_id(1)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
 
-    @pl.when(i < count_ref[0])
-    def _():
-        g = group_ref[i]
-        row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
-        mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
-        cols = pl.ds(j * cfg.block_n, cfg.block_n)
-        rows = pl.ds(row0, cfg.block_m)
-        out = o_ref.at[rows, cols]
+    def accumulate(g, rows, cols, mine):
+        def step(kk, acc):
+            kb = pl.ds(pl.multiple_of(kk * bkh, bkh), bkh)
+            ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
+            ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
+            even, odd = DECODERS[decode](c_ref[g, kb, cols], s_ref[g, ks, cols])
+            a_even = plt.load(x_ref.at[rows, kb], mask=mine, other=0.0)
+            a_odd = plt.load(x_ref.at[rows, ko], mask=mine, other=0.0)
+            acc = acc + plt.dot(a_even, even.astype(a_even.dtype))
+            return acc + plt.dot(a_odd, odd.astype(a_odd.dtype))
 
-        @pl.when(g < num_groups)
-        def _matmul():
-            def step(kk, acc):
-                kb = pl.ds(pl.multiple_of(kk * bkh, bkh), bkh)
-                ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
-                ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
-                even, odd = DECODERS[decode](c_ref[g, kb, cols], s_ref[g, ks, cols])
-                a_even = plt.load(x_ref.at[rows, kb], mask=mine, other=0.0)
-                a_odd = plt.load(x_ref.at[rows, ko], mask=mine, other=0.0)
-                acc = acc + plt.dot(a_even, even.astype(a_even.dtype))
-                return acc + plt.dot(a_odd, odd.astype(a_odd.dtype))
+        return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
 
-            acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
-            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
-
-        @pl.when(g == num_groups)
-        def _zeros():
-            plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
+    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate)
 
 
 def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
