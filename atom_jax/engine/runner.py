@@ -84,6 +84,7 @@ class ModelRunner:
         self.page_table = np.zeros((self.dp, layout.num_slots, layout.max_pages_per_seq), np.int32)
         self._restore = make_restore(mesh, layout) if layout.page_state else None
         self._page_table_dev = self.global_array(self.page_table)
+        self._row_pages: dict[tuple[int, int], list[int]] = {}  # (rank, slot) -> pages in page_table
         self.max_samples = self.dp * layout.num_slots  # sampler rows, padded: one compile per bucket
         # the previous step's sampled tokens, on the device (what PENDING inputs read)
         self._last_tokens = place(np.zeros(self.max_samples, np.int32), self._replicated)
@@ -106,10 +107,8 @@ class ModelRunner:
             rank_chunks, j = [], 0
             for w in work:
                 seq = w.seq
-                pages = np.asarray(seq.pages, np.int32)
-                row = self.page_table[r, seq.slot]
-                if np.any(row[: len(pages)] != pages) or np.any(row[len(pages):]):
-                    page_rows.append((r, seq.slot, pages))
+                if self._row_pages.get((r, seq.slot)) != seq.pages:  # list compare: cheap per decode
+                    page_rows.append((r, seq.slot, np.asarray(seq.pages, np.int32)))
                 toks = np.asarray(w.token_ids(), np.int32)
                 if toks.size and toks[-1] == PENDING:  # only the newest token can be pending
                     toks[-1] = -(prev_rows[seq.request_id] + 1)
@@ -141,6 +140,7 @@ class ModelRunner:
             for r, slot, pages in inputs.page_rows:
                 self.page_table[r, slot] = 0
                 self.page_table[r, slot, : len(pages)] = pages
+                self._row_pages[(r, slot)] = np.asarray(pages).tolist()
             self._page_table_dev = self.global_array(self.page_table)
         if inputs.restores:
             self.restore_slots(inputs.restores)
