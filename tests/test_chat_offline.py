@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from atom_jax.engine import Engine, EngineConfig
+from atom_jax.engine.runner import StepResult
 from atom_jax.generate.cli import main
 from atom_jax.scheduler import SamplingParams
 from atom_jax.tokenizer import EOS_ID
@@ -25,14 +27,17 @@ MESSAGES = [{"role": "user", "content": "Weather in Tokyo?"}]
 
 @pytest.fixture(scope="module")
 def engine():
+    # the synchronous loop: the script indexes by tokens already read back, which the overlap
+    # schedule reads one step late
     eng = Engine(EngineConfig(chat_template="v4", thinking=True, num_slots=2, num_pages=128,
                               page_tokens=32, max_pages_per_seq=96, max_tokens_per_step=512,
-                              chunk_size=512, buckets=(512,)))
+                              chunk_size=512, buckets=(512,), overlap_schedule=False))
     script = list(SCRIPT.encode()) + [EOS_ID]
 
     def scripted(plan):  # the model "says" SCRIPT, one byte per step
         seqs = plan.sampled()
-        return [script[len(s.output_token_ids)] for s in seqs], [0.0] * len(seqs)
+        return StepResult(np.asarray([script[len(s.output_token_ids)] for s in seqs], np.int32),
+                          np.zeros(len(seqs), np.float32), len(seqs))
 
     # the step seam: inputs = runner.host_inputs(plan); runner.run(inputs)
     eng.runner.host_inputs = lambda plan: plan
