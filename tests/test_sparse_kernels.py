@@ -14,6 +14,7 @@ import pytest
 from atom_jax.cache import pack_chunks
 from atom_jax.kernels import sparse_attention, sparse_indexer
 from atom_jax.models.cache_reads import NO_ENTRY, jnp_index_scorer, running_topk, visible_counts
+from atom_jax.models.index_topk import outer_block
 
 RATIO = 4
 EPP = 4  # entries per page at RATIO: page_tokens 16
@@ -196,7 +197,7 @@ def test_compiled_indexer_at_v4_flash_dims():
     q = jnp.asarray(rng.standard_normal((t, 64, 128)), jnp.bfloat16).astype(jnp.float32)
     w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
     n_vis = visible_counts(b, 4)
-    block = sparse_indexer.outer_block(page_table.shape[1] * epp, t)
+    block = outer_block(page_table.shape[1] * epp, t)
     ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6)
     ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, block)
     live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]

@@ -2,9 +2,9 @@
 
 One call scores the entries [e0, e0 + block) of each token's slot: out[t, j] =
 sum_h w[t, h] * relu(q[t, h] . key[e0 + j]), keys read straight from the paged pool through the
-slot's page table. The caller (models/cache_reads.running_topk) loops over blocks up to the
-step's longest visible prefix and keeps a running top-k, so neither a [T, heads, E] nor a
-[T, capacity] tensor exists.
+slot's page table. The caller (models/index_topk.py) picks how many entries one call scores
+(a block of a loop with a running top-k, or one call over the step's longest visible prefix,
+within a float32 score budget), so no [T, heads, E] tensor exists.
 
 Programs: (entry sub-block, work item); a work item is a tile of `block_t` consecutive tokens
 of ONE chunk of the packed buffer (tiles start at the chunk's first token, as the grouped GEMM's
@@ -36,19 +36,6 @@ class IndexerTiles:
 
 
 TILES = IndexerTiles()
-SCORE_BUDGET = 1 << 24  # float32 scores one call may write ([T, block]: 64 MiB)
-MIN_OUTER_BLOCK, MAX_OUTER_BLOCK = 4096, 16384
-
-
-def outer_block(capacity: int, tokens: int, tiles: IndexerTiles = TILES) -> int:
-    """Entries per call (and per running top-k merge of [T, k + block]): as many as
-    SCORE_BUDGET allows within [MIN_OUTER_BLOCK, MAX_OUTER_BLOCK], at most the capacity rounded
-    up to block_e. Decode steps (few tokens) scan a 1M-token context (262,144 CSA entries) in 16
-    calls; a short context takes one call whatever the capacity (sub-blocks past the longest
-    visible prefix of a tile exit at once), so its cost follows the context."""
-    per_token = 1 << max(0, (SCORE_BUDGET // max(tokens, 1)).bit_length() - 1)
-    per_token = min(MAX_OUTER_BLOCK, max(MIN_OUTER_BLOCK, per_token))
-    return min(per_token, -(-capacity // tiles.block_e) * tiles.block_e)
 
 
 def chunk_ranges(b):

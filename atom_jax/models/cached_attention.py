@@ -15,9 +15,9 @@ from atom_jax.config import CSA, SLIDING
 from atom_jax.kernels.names import ATTN_BACKENDS
 from atom_jax.kernels.platform import is_cpu, target_platform
 from atom_jax.models.attention import Attention
-from atom_jax.models.cache_reads import (entry_addresses, jnp_index_scorer, max_windows, running_topk,
-                                         visible_counts)
+from atom_jax.models.cache_reads import entry_addresses, jnp_index_scorer, max_windows, visible_counts
 from atom_jax.models.compressor import Compressor
+from atom_jax.models.index_topk import TopkPlan, index_topk, plan_topk
 
 
 def _write_last(buf, slot, idx, values, keep):
@@ -124,15 +124,17 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
                                                   segs, _page_tails(cache, "i"), layout.page_tokens)
             cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg, **_page_tail_entries(pt, "i"))
             qi, wi = attn.indexer.query(x, q_lora, pos, inv)
-            k = min(cfg.index_topk, page_table.shape[1] * epp)
+            capacity = page_table.shape[1] * epp
+            k = min(cfg.index_topk, capacity)
             if kernels is None:
-                block = min(INDEX_BLOCK_JNP, page_table.shape[1] * epp)
-                scorer = jnp_index_scorer(qi, wi, ipool, page_table, slot, epp, block)
+                plan = TopkPlan("loop", loop_block=min(INDEX_BLOCK_JNP, capacity))
+                make = lambda width: jnp_index_scorer(qi, wi, ipool, page_table, slot, epp, width)  # noqa: E731
             else:
-                block = kernels.sparse_indexer.outer_block(page_table.shape[1] * epp, pos.shape[0])
-                scorer = kernels.sparse_indexer.scorer(qi, wi, ipool, page_table, b, n_vis, epp, block, segs,
-                                                       interpret=kernels.interpret)
-            top, _ = running_topk(scorer, n_vis, k, block)
+                ind = kernels.sparse_indexer
+                plan = plan_topk(pos.shape[0], capacity, k, align=ind.TILES.block_e)
+                make = lambda width: ind.scorer(qi, wi, ipool, page_table, b, n_vis, epp, width, segs,  # noqa: E731
+                                                interpret=kernels.interpret)
+            top, _ = index_topk(make, n_vis, k, plan)
 
     keys = dict(pool=pool, page_table=page_table, epp=layout.entries_per_page(attn.ratio) if pool is not None else 1,
                 n_visible=n_vis, selected=top)

@@ -1,0 +1,167 @@
+"""The lightning indexer's top-k selection: how a step scores its tokens' visible compressed
+entries and selects the top k of each, chosen in ONE place (`plan_topk`) by the step's token
+count and the cache capacity. Every policy is exact and keeps the tie rule of
+models/cache_reads.py (among equal scores the LOWER entry index wins); only the order of the
+selected indices differs (score order for the top_k policies, entry order for "select").
+
+Policies:
+- "loop": `cache_reads.running_topk` over blocks of `outer_block` entries up to the longest
+  visible prefix, each merged into a running top-k (lax.top_k over [T, k + block]). Its trip
+  count follows the context, but each iteration is a kernel call plus a top_k (a sort on GPU)
+  in sequence: latency bound at small T (16 iterations per CSA layer at a 1M-token decode step).
+- "single": ONE scorer call over a width W >= the longest visible prefix, ONE lax.top_k over
+  [T, W].
+- "two-stage": one scorer call over W; each row cut into sub-blocks of SUB_BLOCK entries, the
+  top k of every sub-block (one batched top_k over [T, W / SUB_BLOCK, SUB_BLOCK]), then one
+  top_k over the [T, W / SUB_BLOCK * k] survivors. Ties: a sub-block's survivors come out
+  lowest index first among equal scores and sub-blocks are concatenated in entry order, so the
+  final top_k's lowest-position rule is still the lowest-entry rule.
+- "select": one scorer call over W and no sort at all: the k-th largest score of each row is
+  found by a radix search over the scores' bits (8 passes; each counts, per row, the entries at
+  or above 16 candidate thresholds), then every entry above it plus the lowest-index entries
+  equal to it are kept and compacted (cumsum + scatter) in entry order.
+
+Width of the one-call policies: a ladder of static widths (RUNG_MIN, x RUNG_RATIO, ... up to
+the capacity; `lax.switch` takes the smallest rung holding the step's longest visible prefix),
+so the work follows the context within a factor RUNG_RATIO, and only rungs with
+tokens x width <= SCORE_BUDGET float32 scores exist: longer prefixes fall back to "loop".
+
+The defaults below are meant to be changed after a GPU run of `python -m atom_jax.bench
+indexer` (which times every policy against "loop" in one run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atom_jax.models.cache_reads import NO_ENTRY, running_topk
+
+POLICIES = ("loop", "single", "two-stage", "select")
+
+# ---- the defaults (one place; see the module docstring) ------------------------------------
+AUTO_POLICY = "two-stage"  # the one-call policy `auto` uses while a rung fits the budget
+AUTO_MAX_TOKENS = 512  # steps with more tokens than this always use "loop" under `auto`
+SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 64 MiB)
+RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
+SUB_BLOCK = 16384  # "two-stage": entries per sub-block (at least k)
+MIN_OUTER_BLOCK, MAX_OUTER_BLOCK = 4096, 16384  # "loop": entries per call and merge
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkPlan:
+    """method: one of POLICIES; rungs: widths of the one-call branches (ascending; empty for
+    "loop"); loop_block: the loop's block for prefixes longer than every rung (0: none)."""
+    method: str
+    rungs: tuple[int, ...] = ()
+    loop_block: int = 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def outer_block(capacity: int, tokens: int, align: int = 128) -> int:
+    """The loop's entries per call (and per running top-k merge of [T, k + block]): as many as
+    SCORE_BUDGET allows within [MIN_OUTER_BLOCK, MAX_OUTER_BLOCK], at most the capacity rounded
+    up to `align` (the kernel's entry tile)."""
+    per_token = 1 << max(0, (SCORE_BUDGET // max(tokens, 1)).bit_length() - 1)
+    per_token = min(MAX_OUTER_BLOCK, max(MIN_OUTER_BLOCK, per_token))
+    return min(per_token, _round_up(capacity, align))
+
+
+def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: int = 128) -> TopkPlan:
+    """How a step of `tokens` tokens selects k of at most `capacity` entries per token. `align`:
+    widths are multiples of it (the scorer's entry tile)."""
+    if policy not in POLICIES + ("auto",):
+        raise ValueError(f"unknown indexer top-k policy {policy!r}; known: {['auto', *POLICIES]}")
+    if policy == "auto":
+        policy = AUTO_POLICY if tokens <= AUTO_MAX_TOKENS else "loop"
+    loop = TopkPlan("loop", (), outer_block(capacity, tokens, align))
+    if policy == "loop":
+        return loop
+    top = _round_up(capacity, align)
+    rungs, w = [], _round_up(max(RUNG_MIN, k), align)
+    while w < top:
+        rungs.append(w)
+        w = _round_up(w * RUNG_RATIO, align)
+    rungs.append(top)
+    rungs = tuple(r for r in rungs if tokens * r <= SCORE_BUDGET)
+    if not rungs:
+        return loop
+    return TopkPlan(policy, rungs, loop.loop_block if rungs[-1] < top else 0)
+
+
+def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan):
+    """Top-k entry indices per token under `plan`. make_scorer(width) -> (e0 -> [T, width]
+    float32 scores of entries e0.. of each token's slot; values at or past a token's visible
+    count are ignored). -> (idx [T, k] int32, ok [T, k] bool): ok marks real visible entries,
+    other places hold NO_ENTRY."""
+    n_visible = n_visible.astype(jnp.int32)
+    branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method) for w in plan.rungs]
+    if plan.loop_block:
+        branches.append(lambda nv: running_topk(make_scorer(plan.loop_block), nv, k, plan.loop_block))
+    if len(branches) == 1:
+        return branches[0](n_visible)
+    longest = jnp.max(n_visible, initial=0)
+    i = jnp.minimum(jnp.searchsorted(jnp.asarray(plan.rungs, jnp.int32), longest), len(branches) - 1)
+    return jax.lax.switch(i, branches, n_visible)
+
+
+def _one_call(scorer, width: int, k: int, method: str, n_visible):
+    t = n_visible.shape[0]
+    e = jnp.arange(width, dtype=jnp.int32)
+    s = jnp.where(e[None, :] < n_visible[:, None], scorer(0), -jnp.inf)
+    if method == "select":
+        idx = radix_select(s, k)
+    else:
+        if method == "two-stage" and width > max(SUB_BLOCK, k):
+            sub = max(SUB_BLOCK, k)
+            nb = -(-width // sub)
+            s = jnp.pad(s, ((0, 0), (0, nb * sub - width)), constant_values=-jnp.inf)
+            v, j = jax.lax.top_k(s.reshape(t, nb, sub), k)  # each sub-block's survivors
+            j = (j + (jnp.arange(nb, dtype=jnp.int32) * sub)[:, None]).reshape(t, nb * k)
+            v, jj = jax.lax.top_k(v.reshape(t, nb * k), k)
+            idx = jnp.take_along_axis(j, jj, axis=1)
+        elif method in ("single", "two-stage"):
+            v, idx = jax.lax.top_k(s, k)
+        else:
+            raise ValueError(f"{method!r} is not a one-call policy")
+        idx = jnp.where(v > -jnp.inf, idx.astype(jnp.int32), NO_ENTRY)
+    return idx, idx < n_visible[:, None]
+
+
+def _ordered_keys(s):
+    """float32 -> uint32 whose unsigned order is the floats' order (-inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))
+
+
+def radix_select(s, k: int, digit_bits: int = 4):
+    """Indices of the k largest entries of each row of s [T, W] float32 (-inf: not eligible),
+    lowest index first among equal scores, listed in entry order; NO_ENTRY fills rows with fewer
+    than k eligible entries. No sort: tau, the k-th largest ordered key of a row, is the largest
+    threshold with at least k keys at or above it, built digit by digit from the top bit."""
+    t, width = s.shape
+    if width < k:
+        raise ValueError(f"{width} entries cannot hold a top-{k}")
+    key = _ordered_keys(s)
+    tau = jnp.zeros((t,), jnp.uint32)
+    digits = jnp.arange(1 << digit_bits, dtype=jnp.uint32)
+    for shift in range(32 - digit_bits, -1, -digit_bits):
+        cand = tau[:, None] | (digits << shift)[None, :]  # [T, 2^bits], ascending
+        count = jnp.sum(key[:, None, :] >= cand[:, :, None], axis=2)  # non-increasing along digits
+        d = jnp.sum(count >= k, axis=1) - 1  # the largest digit keeping >= k keys (0 always does)
+        tau = tau | (d.astype(jnp.uint32) << shift)
+    above = key > tau[:, None]
+    tie = key == tau[:, None]
+    need = k - jnp.sum(above, axis=1, dtype=jnp.int32)
+    tie_rank = jnp.cumsum(tie, axis=1, dtype=jnp.int32) - tie
+    keep = (above | (tie & (tie_rank < need[:, None]))) & (s > -jnp.inf)
+    col = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1, k)
+    rows = jnp.arange(t, dtype=jnp.int32)[:, None]
+    e = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (t, width))
+    return jnp.full((t, k), NO_ENTRY, jnp.int32).at[rows, col].set(e, mode="drop")

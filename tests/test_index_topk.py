@@ -1,0 +1,157 @@
+"""The indexer's top-k policies (models/index_topk.py) against a plain oracle: every visible
+entry scored by `jnp_index_scorer`, then sorted by (score desc, entry index asc), the
+documented tie rule. Small widths (monkeypatched rungs, sub-blocks, budget and loop blocks) so
+one compiled step exercises several rungs, the loop fallback past the budget, sub-blocks of the
+two-stage policy and visible counts of 0, 1, < k, > k, not multiples of any block; 2 indexer
+heads, so relu makes exact-zero ties common. The Pallas scorer runs in interpret mode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atom_jax.cache import pack_chunks
+from atom_jax.kernels import sparse_indexer
+from atom_jax.models import index_topk as it
+from atom_jax.models.cache_reads import NO_ENTRY, jnp_index_scorer
+
+K, EPP, ALIGN = 8, 4, 16
+
+
+@pytest.fixture
+def small_widths(monkeypatch):
+    """Rungs 32, 64 (128 and the capacity 208 are past the budget of 64 tokens x 64 scores),
+    sub-blocks of 16, loop blocks of 48."""
+    for name, value in dict(RUNG_MIN=32, RUNG_RATIO=2, SUB_BLOCK=16, SCORE_BUDGET=64 * 64,
+                            MIN_OUTER_BLOCK=48, MAX_OUTER_BLOCK=48).items():
+        monkeypatch.setattr(it, name, value)
+
+
+def _oracle(scores, n_vis, k=K):
+    return [set(sorted(range(n), key=lambda e: (-s[e], e))[:k]) for s, n in zip(np.asarray(scores), n_vis)]
+
+
+def _check(idx, ok, want, n_vis):
+    idx, ok = np.asarray(idx), np.asarray(ok)
+    for r, n in enumerate(n_vis):
+        assert set(idx[r][ok[r]].tolist()) == want[r], f"token {r} ({n} visible)"
+        assert np.all(idx[r][~ok[r]] == NO_ENTRY) and ok[r].sum() == min(n, K)
+
+
+def _inputs(rng):
+    """A prefill chunk of 40 tokens and 3 decode tokens of other slots in a 64-token buffer;
+    each slot's page table a random permutation of the pool's pages (reuse across slots)."""
+    slots, pages = 4, 52  # capacity 208 entries
+    chunks = [(0, 700, np.zeros(40, np.int32), True)] + [(s, 10, np.zeros(1, np.int32), True) for s in (1, 2, 3)]
+    b = {k: jnp.asarray(v) for k, v in pack_chunks(chunks, 64, slots).arrays().items()}
+    page_table = jnp.asarray(np.stack([rng.permutation(pages) for _ in range(slots)]), jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((pages * EPP, 16)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((64, 2, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 2)), jnp.float32)
+    return b, page_table, pool, q, w
+
+
+def _visible_cases(rng, b):
+    """Three steps' visible counts: all within the 32 rung, within 64, and past the budget
+    (the loop): ragged, with 0 (padding), 1, < K and > K entries."""
+    valid = np.asarray(b["valid"])
+    cases = []
+    for top in (32, 64, 208):
+        n = rng.integers(0, top + 1, size=64).astype(np.int32)
+        n[40:43] = [0, 1, K - 3]
+        n[0] = top - 5
+        cases.append(np.where(valid, n, 0).astype(np.int32))
+    return cases
+
+
+@pytest.mark.parametrize("scorer", ["jnp", "pallas"])
+def test_every_policy_matches_the_oracle(small_widths, scorer):
+    rng = np.random.default_rng()
+    b, page_table, pool, q, w = _inputs(rng)
+    cap = page_table.shape[1] * EPP
+    full = jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, cap)(0)
+    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=ALIGN)
+    plans = {p: it.plan_topk(64, cap, K, p, align=ALIGN) for p in it.POLICIES}
+    assert plans["single"].rungs == (32, 64) and plans["single"].loop_block == 48
+
+    def step(n_vis):
+        def make(width):
+            if scorer == "jnp":
+                return jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, width)
+            return sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, width, 4, tiles=tiles, interpret=True)
+        return {p: it.index_topk(make, n_vis, K, plan) for p, plan in plans.items()}
+
+    step = jax.jit(step)
+    for n_vis in _visible_cases(rng, b):
+        want = _oracle(full, n_vis)
+        for policy, (idx, ok) in step(jnp.asarray(n_vis)).items():
+            _check(idx, ok, want, n_vis)
+
+
+def test_ties_resolve_to_the_lowest_entry_index(small_widths):
+    """Scores in {0, 1, 2} (ties across sub-blocks, rungs and loop blocks, straddling the k-th
+    place), and all-zero rows (relu): every policy keeps the lowest indices among equals."""
+    rng = np.random.default_rng()
+    t, cap = 6, 200
+    scores = rng.integers(0, 3, size=(t, cap)).astype(np.float32)
+    scores[1] = 0.0
+    scores[4, :150] = 0.0
+    make = lambda width: lambda e0: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+        jnp.pad(jnp.asarray(scores), ((0, 0), (0, 2 * width))), e0, width, axis=1)
+    cases = [np.array([200, 37, 0, 1, 190, 9], np.int32), np.array([30, 31, 8, 7, 3, 0], np.int32)]
+    plans = [it.plan_topk(t, cap, K, p, align=ALIGN) for p in it.POLICIES]
+    run = jax.jit(lambda n: [it.index_topk(make, n, K, plan) for plan in plans])
+    for n_vis in cases:
+        want = _oracle(scores, n_vis)
+        for idx, ok in run(jnp.asarray(n_vis)):
+            _check(idx, ok, want, n_vis)
+
+
+def test_plan_follows_tokens_and_capacity():
+    cap = 262144  # a 1M-token cache's CSA entries
+    assert it.plan_topk(1, cap, 512, "loop") == it.TopkPlan("loop", (), 16384)
+    small = it.plan_topk(16, cap, 512, "select")
+    assert small.rungs == (4096, 16384, 65536, 262144) and small.loop_block == 0
+    mid = it.plan_topk(512, cap, 512, "two-stage")  # 512 x 32768 scores fit the budget, 65536 not
+    assert mid.rungs == (4096, 16384) and mid.loop_block == it.outer_block(cap, 512)
+    assert it.plan_topk(8192, cap, 512, "single").method == "loop"  # no rung within the budget
+    assert it.plan_topk(8192, cap, 512).method == "loop"
+    assert it.plan_topk(1, 100, 100, "single").rungs == (128,)  # one rung: the capacity, aligned
+    with pytest.raises(ValueError, match="unknown indexer top-k policy"):
+        it.plan_topk(1, cap, 512, "sorted")
+
+
+# ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["single", "two-stage", "select"])
+def test_compiled_policies_at_v4_flash_dims(policy):
+    """64 heads x 128 dims, bf16 keys, k 512, up to 65K visible entries, the Pallas scorer:
+    each policy selects exactly what the loop (today's policy) selects from the same kernel
+    scores; and on scores in {0, 1, 2} at 262K entries exactly the oracle's entries."""
+    rng = np.random.default_rng()
+    t, k, epp, pages = 16, 512, 64, 1024  # capacity 65536 entries
+    chunks = [(s, int(rng.integers(0, 4 * pages * epp - 1)), np.zeros(1, np.int32), True) for s in range(t)]
+    b = {n: jnp.asarray(v) for n, v in pack_chunks(chunks, t, t).arrays().items()}
+    page_table = jnp.asarray(np.stack([rng.permutation(pages) for _ in range(t)]), jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((pages * epp, 128)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((t, 64, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
+    n_vis = jnp.asarray((np.asarray(b["pos"]) + 1) // 4, jnp.int32)
+    cap = pages * epp
+    make = lambda width: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t)  # noqa: E731
+    run = jax.jit(lambda n: [it.index_topk(make, n, k, it.plan_topk(t, cap, k, p)) for p in ("loop", policy)])
+    (li, lok), (pi, pok) = run(n_vis)
+    for r in range(t):
+        assert set(np.asarray(pi)[r][np.asarray(pok)[r]]) == set(np.asarray(li)[r][np.asarray(lok)[r]])
+
+    cap = 262144
+    scores = jnp.asarray(rng.integers(0, 3, size=(t, cap)), jnp.float32)
+    n_vis = np.asarray(rng.integers(0, cap + 1, size=t), np.int32)
+    n_vis[:3] = [0, 1, 300]
+    idx, ok = jax.jit(lambda n: it.index_topk(lambda width: lambda e0: scores[:, :width], n, k,
+                                              it.plan_topk(t, cap, k, policy)))(jnp.asarray(n_vis))
+    want = _oracle(scores, n_vis, k)
+    for r in range(t):
+        assert set(np.asarray(idx)[r][np.asarray(ok)[r]].tolist()) == want[r]
