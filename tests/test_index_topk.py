@@ -123,6 +123,41 @@ def test_plan_follows_tokens_and_capacity():
         it.plan_topk(1, cap, 512, "sorted")
 
 
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_policies_lower_for_gpu_at_v4_flash_dims(platform):
+    """Every policy around the Pallas scorer (Triton) at a 1M-token cache's 262,144 CSA entries,
+    16 decode tokens: the rung switch, the loop and the selections export for the GPU."""
+    t, slots, epp, cap, k = 16, 16, 64, 262144, 512
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    b = {n: i32(t) for n in ("pos", "slot", "seg_start_idx", "seg_start_pos", "seg_end_pos")}
+    b["valid"] = jax.ShapeDtypeStruct((t,), jnp.bool_)
+
+    def fn(q, w, pool, pt, bb, nv):
+        make = lambda width: sparse_indexer.scorer(q, w, pool, pt, bb, nv, epp, width, slots)  # noqa: E731
+        return [it.index_topk(make, nv, k, it.plan_topk(t, cap, k, p)) for p in it.POLICIES]
+
+    check = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(
+        jax.ShapeDtypeStruct((t, 64, 128), jnp.float32), jax.ShapeDtypeStruct((t, 64), jnp.float32),
+        jax.ShapeDtypeStruct((cap, 128), jnp.bfloat16), i32(slots, cap // epp), b, i32(t))
+    assert "triton" in exp.mlir_module()
+
+
+def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
+    """`python -m atom_jax.bench indexer` at CPU sizes (jnp scorer): every policy selects what
+    the loop selects, for a decode batch and a prefill chunk."""
+    import json
+
+    from atom_jax.bench.__main__ import main
+
+    out = tmp_path / "indexer.json"
+    assert main(["indexer", "--tokens", "2,96", "--visible", "300,700", "--capacity", "1000", "--iters", "1",
+                 "--scorer", "jnp", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["policy"] for r in rows} == set(it.POLICIES) and not any("error" in r for r in rows)
+    assert all(r["same"] == 1.0 and r["ms"] > 0 for r in rows)
+
+
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["single", "two-stage", "select"])

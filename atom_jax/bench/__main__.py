@@ -24,6 +24,7 @@ COMMANDS = {
     "engine-delayer": "atom_jax.bench.engine_delayer",
     "decode": "atom_jax.bench.decode",
     "long-context": "atom_jax.bench.long_context",
+    "indexer": "atom_jax.bench.indexer",
     "prefix": "atom_jax.bench.prefix",
 }
 

@@ -6,6 +6,10 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
         --cache-len 1048576 --chunk 8192 --json long_context.json      # GPU, V4-Flash dims
     python -m atom_jax.bench long-context --tiny                       # CPU smoke run
 
+--topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
+top-k of every step, the policy before models/index_topk.py's one-call policies); the jnp
+path always runs the loop.
+
 Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
 prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and
 [T, T] chunk logits do not fit 8K chunks at 1M capacity); a case that fails (out of memory)
@@ -29,6 +33,7 @@ import numpy as np
 
 from atom_jax.bench.timing import device_ceilings
 from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
+from atom_jax.models import index_topk
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,6 +54,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--baseline-cache-len", type=int, default=None, help="also run the kernels with this "
                     "smaller cache for the prompts that fit it (same-run baseline: a 16K prompt with a 1M "
                     "cache vs a small one; e.g. 16448)")
+    ap.add_argument("--topk-policies", default="auto", help="indexer top-k policies the kernels run under, in "
+                    "order (models/index_topk.py: auto, loop = the running top-k before the one-call policies, "
+                    "single, two-stage, select); each is a separate engine, all in this run")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
+                    "state written each step)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -105,14 +115,14 @@ def decode_cache_bytes(cfg: ModelConfig, context: int, itemsize: int) -> float:
 
 
 # ---- measurement ---------------------------------------------------------------------------
-def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens):
+def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens, prefix_caching=True):
     from atom_jax.engine import Engine, EngineConfig
 
     buckets = tuple(sorted({16, chunk} | {min(p, chunk) for p in prompts}))
     ec = EngineConfig(dtype=str(jnp.dtype(dtype)), num_slots=2, page_tokens=page_tokens,
                       num_pages=-(-cache_len // page_tokens) + 1, max_model_len=cache_len,
                       max_tokens_per_step=chunk, chunk_size=chunk, buckets=buckets, tbo=False,
-                      attn_backend=backend, compilation_cache_dir=None)
+                      attn_backend=backend, compilation_cache_dir=None, enable_prefix_caching=prefix_caching)
     engine = Engine(ec, model=model, tokenizer=None)
     t0 = time.perf_counter()
     engine.warmup()
@@ -158,26 +168,34 @@ def run_cli(args) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
     results = []
-    runs = []  # (backend, cache length, chunk, prompts)
+    runs = []  # (backend, top-k policy, cache length, chunk, prompts)
+    policies = list(dict.fromkeys(args.topk_policies.split(",")))
+    for p in policies:
+        index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
     for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
         reference = backend == "jnp"
         lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
-        runs.append((backend, cache_len, min(chunk, args.reference_chunk) if reference else chunk, lens))
-        if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
-            small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
-            runs.append((backend, args.baseline_cache_len, chunk, small))
-    for backend, c_len, b_chunk, lens in runs:
+        for policy in (["loop"] if reference else policies):  # the jnp path always loops
+            runs.append((backend, policy, cache_len, min(chunk, args.reference_chunk) if reference else chunk, lens))
+            if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
+                small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
+                runs.append((backend, policy, args.baseline_cache_len, chunk, small))
+    auto = index_topk.AUTO_POLICY
+    for backend, policy, c_len, b_chunk, lens in runs:
         if not lens:
             continue
+        index_topk.AUTO_POLICY = auto if policy == "auto" else policy  # read when the engine compiles
         try:
-            engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens)
+            engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
+                                     not args.no_prefix_caching)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"backend": backend, "cache_len": c_len, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            results.append({"backend": backend, "topk": policy, "cache_len": c_len,
+                            "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         for n in lens:
-            row = {"backend": backend, "prompt": n, "cache_len": c_len, "chunk": b_chunk,
+            row = {"backend": backend, "topk": policy, "prompt": n, "cache_len": c_len, "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
                 prefill_s, decode_s = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
@@ -199,17 +217,21 @@ def run_cli(args) -> int:
             print(json.dumps(row), flush=True)
         del engine
         jax.clear_caches()
-    print(f"\n{'backend':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
+    index_topk.AUTO_POLICY = auto
+    print(f"\n{'backend':7} {'top-k':9} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
           f"{'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:7} {r['cache_len']:8d} {r.get('prompt', '-'):>8} failed: {r['error'][:80]}")
+            print(f"{r['backend']:7} {r['topk']:9} {r['cache_len']:8d} {r.get('prompt', '-'):>8} failed: "
+                  f"{r['error'][:80]}")
             continue
-        print(f"{r['backend']:7} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} {r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
+        print(f"{r['backend']:7} {r['topk']:9} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
+              f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil,
-                       "layers": cfg.num_layers, "dtype": str(jnp.dtype(dtype)), "results": results}, f, indent=1)
+                       "layers": cfg.num_layers, "dtype": str(jnp.dtype(dtype)),
+                       "prefix_caching": not args.no_prefix_caching, "results": results}, f, indent=1)
     return 0
 

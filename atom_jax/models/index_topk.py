@@ -43,7 +43,7 @@ from atom_jax.models.cache_reads import NO_ENTRY, running_topk
 POLICIES = ("loop", "single", "two-stage", "select")
 
 # ---- the defaults (one place; see the module docstring) ------------------------------------
-AUTO_POLICY = "two-stage"  # the one-call policy `auto` uses while a rung fits the budget
+AUTO_POLICY = "single"  # the one-call policy `auto` uses while a rung fits the budget
 AUTO_MAX_TOKENS = 512  # steps with more tokens than this always use "loop" under `auto`
 SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 64 MiB)
 RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
@@ -122,8 +122,8 @@ def _one_call(scorer, width: int, k: int, method: str, n_visible):
             sub = max(SUB_BLOCK, k)
             nb = -(-width // sub)
             s = jnp.pad(s, ((0, 0), (0, nb * sub - width)), constant_values=-jnp.inf)
-            v, j = jax.lax.top_k(s.reshape(t, nb, sub), k)  # each sub-block's survivors
-            j = (j + (jnp.arange(nb, dtype=jnp.int32) * sub)[:, None]).reshape(t, nb * k)
+            v, j = jax.lax.top_k(s.reshape(t * nb, sub), k)  # each sub-block's survivors
+            j = (j.reshape(t, nb, k) + (jnp.arange(nb, dtype=jnp.int32) * sub)[:, None]).reshape(t, nb * k)
             v, jj = jax.lax.top_k(v.reshape(t, nb * k), k)
             idx = jnp.take_along_axis(j, jj, axis=1)
         elif method in ("single", "two-stage"):

@@ -1,0 +1,183 @@
+"""`python -m atom_jax.bench indexer`: the lightning indexer's top-k selection alone (scores +
+selection, models/index_topk.py) for each policy, with today's policy (`loop`) as the same-run
+baseline, at V4-Flash indexer dims (64 index heads x 128, top 512, CSA ratio 4).
+
+    python -m atom_jax.bench indexer --json indexer_h200.json      # GPU: Pallas scorer, bf16 keys
+    python -m atom_jax.bench indexer --tiny                        # CPU smoke run (jnp scorer)
+
+Cases: T tokens x V visible entries (the step's longest visible prefix) in a cache of
+--capacity entries per sequence (default: the largest V; 262,144 entries = a 1M-token cache).
+Steps of at most --decode-max-tokens tokens are decode batches (T sequences, one token each,
+every one seeing V entries); larger ones are one prefill chunk of one sequence whose last token
+sees V entries (max(V, T / 4) when the chunk is longer than the context). Each sequence's page
+table is its own permutation of one pool's pages. Each policy runs under `plan_topk` with the
+module's budget and widths (a policy whose rungs do not fit T runs the loop), jitted once
+(compile_s), then timed per call, each call synchronised (median and min of --iters); a
+policy left with the loop alone is not rerun.
+`same` is the share of tokens whose selection equals the loop's (the same scorer's scores,
+so it should be 1.0). --scorer auto: the Pallas kernel on GPUs, the jnp scorer on CPU (the
+kernel interpreted on CPU measures nothing); --scorer none times the selection alone on
+precomputed scores (relu of normal: half exact zeros)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atom_jax.bench.timing import median_time
+from atom_jax.config import v4_flash
+from atom_jax.models import index_topk as it
+
+PAGE_TOKENS = 256
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("indexer", help="the indexer's top-k selection alone: each policy vs today's loop "
+                               "over tokens x visible entries (GPU; --tiny on CPU)",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default=None, help="T per step, comma list (default 1,8,64,512,8192; --tiny 1,8)")
+    ap.add_argument("--visible", default=None, help="visible entries, comma list (default 1024,16384,65536,262144; "
+                    "--tiny 256,2048)")
+    ap.add_argument("--capacity", type=int, default=None, help="entries per sequence's page table (default: the "
+                    "largest --visible)")
+    ap.add_argument("--policies", default=",".join(it.POLICIES), help="policies to time; loop (the baseline) is "
+                    "always run first")
+    ap.add_argument("--scorer", default="auto", choices=("auto", "pallas", "jnp", "none"),
+                    help="none: precomputed random scores (relu: many exact-zero ties), the selection alone")
+    ap.add_argument("--decode-max-tokens", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (float32 keys, the jnp scorer)")
+    ap.add_argument("--json")
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _step(t: int, visible: int, decode_max: int):
+    """The packed batch arrays of one step and its number of sequences."""
+    from atom_jax.cache import pack_chunks
+
+    ratio = v4_flash(1).csa_ratio
+    if t <= decode_max:
+        chunks = [(s, visible * ratio - 1, np.zeros(1, np.int32), True) for s in range(t)]
+    else:
+        start = max(0, visible * ratio - t)
+        chunks = [(0, start, np.zeros(t, np.int32), True)]
+    b = pack_chunks(chunks, t, len(chunks))
+    return {k: jnp.asarray(v) for k, v in b.arrays().items()}, len(chunks)
+
+
+def _case(rng, t, visible, capacity, dtype, decode_max, scorer):
+    cfg = v4_flash(1)
+    epp = PAGE_TOKENS // cfg.csa_ratio
+    pages = -(-capacity // epp)
+    b, slots = _step(t, visible, decode_max)
+    page_table = jnp.asarray(np.stack([rng.permutation(pages) for _ in range(slots)]), jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((pages * epp, cfg.index_head_dim)), dtype)
+    q = jnp.asarray(rng.standard_normal((t, cfg.index_n_heads, cfg.index_head_dim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, cfg.index_n_heads)) / cfg.index_n_heads, jnp.float32)
+    n_vis = jnp.where(b["valid"], (b["pos"] + 1) // cfg.csa_ratio, 0).astype(jnp.int32)
+    a = dict(q=q, w=w, pool=pool, page_table=page_table, b=b, n_vis=n_vis)
+    if scorer == "none":  # wide enough for a loop block read at any e0 < capacity
+        width = -(-capacity // 128) * 128 + it.MAX_OUTER_BLOCK
+        a["scores"] = jax.nn.relu(jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (t, width)))
+    return a, epp, slots
+
+
+def _selector(policy, t, capacity, k, epp, slots, scorer):
+    from atom_jax.kernels import sparse_indexer
+    from atom_jax.models.cache_reads import jnp_index_scorer
+
+    plan = it.plan_topk(t, capacity, k, policy, align=sparse_indexer.TILES.block_e)
+
+    def select(a):
+        def make(width):
+            if scorer == "none":
+                return lambda e0: jax.lax.dynamic_slice_in_dim(a["scores"], e0, width, axis=1)
+            if scorer == "jnp":
+                return jnp_index_scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"]["slot"], epp, width)
+            return sparse_indexer.scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"], a["n_vis"], epp, width,
+                                         slots)
+        return it.index_topk(make, a["n_vis"], k, plan)
+
+    return jax.jit(select), plan
+
+
+def _same(a, b) -> float:
+    (ai, aok), (bi, bok) = [(np.asarray(i), np.asarray(o)) for i, o in (a, b)]
+    rows = [set(ai[r][aok[r]].tolist()) == set(bi[r][bok[r]].tolist()) for r in range(ai.shape[0])]
+    return float(np.mean(rows))
+
+
+def run_cli(args) -> int:
+    tiny = args.tiny
+    tokens = _ints(args.tokens or ("1,8" if tiny else "1,8,64,512,8192"))
+    visible = _ints(args.visible or ("256,2048" if tiny else "1024,16384,65536,262144"))
+    capacity = args.capacity or max(visible)
+    if max(visible) > capacity:
+        raise SystemExit(f"--visible {max(visible)} exceeds --capacity {capacity}")
+    policies = list(dict.fromkeys(["loop", *args.policies.split(",")]))
+    for p in policies:
+        it.plan_topk(1, capacity, 1, p)  # unknown names fail here, before any work
+    scorer = args.scorer if args.scorer != "auto" else ("jnp" if jax.default_backend() == "cpu" else "pallas")
+    dtype = jnp.float32 if tiny or jax.default_backend() == "cpu" else jnp.bfloat16
+    k = min(v4_flash(1).index_topk, capacity)
+    device = jax.devices()[0].device_kind
+    print(f"device {device}, scorer {scorer}, keys {jnp.dtype(dtype).name}, capacity {capacity} entries, k {k}; "
+          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO}, sub-block {it.SUB_BLOCK}",
+          flush=True)
+    rng = np.random.default_rng(0)
+    results = []
+    for t in tokens:
+        for v in visible:
+            a, epp, slots = _case(rng, t, v, capacity, dtype, args.decode_max_tokens, scorer)
+            longest = int(jnp.max(a["n_vis"]))
+            base = None
+            for policy in policies:
+                row = {"tokens": t, "visible": longest, "policy": policy}
+                try:
+                    fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer)
+                    row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block)
+                    if policy != "loop" and plan.method == "loop":  # no rung fits T: the baseline itself
+                        continue
+                    t0 = time.perf_counter()
+                    out = jax.block_until_ready(fn(a))
+                    row["compile_s"] = round(time.perf_counter() - t0, 2)
+                    med, best = median_time(fn, [a], iters=args.iters)
+                except Exception as e:  # noqa: BLE001 (out of memory is a result here)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                base = (out, med) if policy == "loop" else base
+                row.update(ms=round(med * 1e3, 4), min_ms=round(best * 1e3, 4))
+                if base is not None:
+                    row.update(vs_loop=round(base[1] / med, 3), same=_same(out, base[0]))
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{'T':>5} {'visible':>8} {'policy':10} {'plan':10} {'ms':>9} {'min ms':>9} {'x loop':>7} {'same':>5} "
+          f"{'compile s':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['tokens']:5d} {r['visible']:8d} {r['policy']:10} failed: {r['error'][:80]}")
+            continue
+        print(f"{r['tokens']:5d} {r['visible']:8d} {r['policy']:10} {r['plan']:10} {r['ms']:9.3f} {r['min_ms']:9.3f} "
+              f"{r.get('vs_loop', float('nan')):7.2f} {r.get('same', float('nan')):5.2f} {r['compile_s']:9.2f}")
+    if args.json:
+        cfg = v4_flash(1)
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "jax": jax.__version__, "scorer": scorer, "keys": jnp.dtype(dtype).name,
+                       "capacity": capacity, "k": k, "index_heads": cfg.index_n_heads,
+                       "index_head_dim": cfg.index_head_dim, "score_budget": it.SCORE_BUDGET,
+                       "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
+                       "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS},
+                       "results": results}, f, indent=1)
+    return 0
