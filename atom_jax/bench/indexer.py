@@ -50,6 +50,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--scorer", default="auto", choices=("auto", "pallas", "jnp", "none"),
                     help="none: precomputed random scores (relu: many exact-zero ties), the selection alone")
     ap.add_argument("--decode-max-tokens", type=int, default=64)
+    ap.add_argument("--block-t", type=int, default=None, help="the Pallas scorer's tokens per program (default "
+                    "kernels/sparse_indexer.TILES: 32; 16 wastes fewer dot rows on decode batches)")
+    ap.add_argument("--score-budget", type=int, default=None, help="override index_topk.SCORE_BUDGET (floats)")
+    ap.add_argument("--rung-min", type=int, default=None, help="override index_topk.RUNG_MIN (entries)")
+    ap.add_argument("--sub-block", type=int, default=None, help="override index_topk.SUB_BLOCK (two-stage)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (float32 keys, the jnp scorer)")
     ap.add_argument("--json")
@@ -92,7 +97,7 @@ def _case(rng, t, visible, capacity, dtype, decode_max, scorer):
     return a, epp, slots
 
 
-def _selector(policy, t, capacity, k, epp, slots, scorer):
+def _selector(policy, t, capacity, k, epp, slots, scorer, tiles):
     from atom_jax.kernels import sparse_indexer
     from atom_jax.models.cache_reads import jnp_index_scorer
 
@@ -105,7 +110,7 @@ def _selector(policy, t, capacity, k, epp, slots, scorer):
             if scorer == "jnp":
                 return jnp_index_scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"]["slot"], epp, width)
             return sparse_indexer.scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"], a["n_vis"], epp, width,
-                                         slots)
+                                         slots, tiles=tiles)
         return it.index_topk(make, a["n_vis"], k, plan)
 
     return jax.jit(select), plan
@@ -118,7 +123,18 @@ def _same(a, b) -> float:
 
 
 def run_cli(args) -> int:
+    import dataclasses
+
+    from atom_jax.kernels import sparse_indexer
+
     tiny = args.tiny
+    for name, value in (("SCORE_BUDGET", args.score_budget), ("RUNG_MIN", args.rung_min),
+                        ("SUB_BLOCK", args.sub_block)):
+        if value is not None:
+            setattr(it, name, value)  # this process only: the JSON records the values used
+    tiles = sparse_indexer.TILES
+    if args.block_t:
+        tiles = dataclasses.replace(tiles, block_t=args.block_t)
     tokens = _ints(args.tokens or ("1,8" if tiny else "1,8,64,512,8192"))
     visible = _ints(args.visible or ("256,2048" if tiny else "1024,16384,65536,262144"))
     capacity = args.capacity or max(visible)
@@ -144,7 +160,7 @@ def run_cli(args) -> int:
             for policy in policies:
                 row = {"tokens": t, "visible": longest, "policy": policy}
                 try:
-                    fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer)
+                    fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer, tiles)
                     row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block)
                     if policy != "loop" and plan.method == "loop":  # no rung fits T: the baseline itself
                         continue
@@ -179,5 +195,6 @@ def run_cli(args) -> int:
                        "index_head_dim": cfg.index_head_dim, "score_budget": it.SCORE_BUDGET,
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS},
+                       "block_t": tiles.block_t,
                        "results": results}, f, indent=1)
     return 0
