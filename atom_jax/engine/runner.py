@@ -137,11 +137,15 @@ class ModelRunner:
         returns without waiting for the device. Host-to-device: one packed token buffer, one
         packed sampling block, and the page table only when a row changed."""
         if inputs.page_rows:
+            # A new host array each time, never the placed one mutated: on CPU, device_put may
+            # alias (not copy) a numpy array, and the step dispatched before still reads it.
+            table = self.page_table.copy()
             for r, slot, pages in inputs.page_rows:
-                self.page_table[r, slot] = 0
-                self.page_table[r, slot, : len(pages)] = pages
+                table[r, slot] = 0
+                table[r, slot, : len(pages)] = pages
                 self._row_pages[(r, slot)] = np.asarray(pages).tolist()
-            self._page_table_dev = self.global_array(self.page_table)
+            self.page_table = table
+            self._page_table_dev = self.global_array(table)
         if inputs.restores:
             self.restore_slots(inputs.restores)
         per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
@@ -199,7 +203,7 @@ class ModelRunner:
             slots[r, used[r]], starts[r, used[r]] = slot, start
             used[r] += 1
         self.cache = self._restore(self.cache, self.global_array(slots), self.global_array(starts),
-                                   self.global_array(self.page_table))
+                                   self._page_table_dev)
 
     def global_array(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places
