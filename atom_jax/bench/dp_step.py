@@ -81,8 +81,10 @@ def experts_only(cfg, dp, tokens, dtype, backend, iters):
     w = jnp.full((n, k), 1.0 / k, jnp.float32)
     w1, w3 = (0.02 * jax.random.normal(jax.random.fold_in(key, j), (e_local, d, i), dtype) for j in (2, 3))
     w2 = 0.02 * jax.random.normal(jax.random.fold_in(key, 4), (e_local, i, d), dtype)
-    f = jax.jit(lambda x: routed_experts(x, idx, w, w1, w3, w2, cfg.swiglu_limit, 0, backend, cfg.n_routed_experts))
-    ms = time_fn(f, [x], iters)[0]
+    # weights are arguments: closed over, they would be captured as GBs of HLO constants
+    f = jax.jit(lambda x, idx, w, w1, w3, w2: routed_experts(x, idx, w, w1, w3, w2, cfg.swiglu_limit, 0, backend,
+                                                                 cfg.n_routed_experts))
+    ms = time_fn(lambda x: f(x, idx, w, w1, w3, w2), [x], iters)[0]
     del x, w1, w2, w3
     return ms
 
@@ -108,6 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          "columns 'fused'); see atom_jax/sharding/overlap.py")
     ap.add_argument("--no-components", action="store_true",
                     help="skip timing one layer's routed experts alone (the step model's calibration)")
+    ap.add_argument("--compile-workers", type=int, default=8, help="XLA compiles run at once (threads)")
     ap.add_argument("--json")
     ap.add_argument("--hlo-dir")
     ap.add_argument("--profile", metavar="DIR", help="jax.profiler trace of 3 steps of the largest case "
@@ -143,18 +146,20 @@ def run_cli(args) -> int:
     largest = max(cases, key=lambda c: c[1])  # prefill first on a tie
     rng = np.random.default_rng(0)
     rows_out = []
+    case_inputs = {}
     for phase, tokens, seq in cases:
         rows = max(1, tokens // seq)
-        inputs = [jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (dp * rows, seq)), jnp.int32),
-                                 NamedSharding(mesh, P(DP))) for _ in range(3)]
+        case_inputs[(phase, tokens, seq)] = [
+            jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (dp * rows, seq)), jnp.int32),
+                           NamedSharding(mesh, P(DP))) for _ in range(3)]
+    compiled_all = compile_all(model, mesh, base, params, variants, case_inputs, emulate, args.compile_workers)
+    for phase, tokens, seq in cases:
+        rows = max(1, tokens // seq)
+        inputs = case_inputs[(phase, tokens, seq)]
         res = {"label": label, "dp": rank_dp, "emulated": bool(emulate), "phase": phase,
                "tokens_per_rank": rows * seq, "rows": rows, "seq": seq}
         for name, tbo, schedule in variants:
-            opts = dataclasses.replace(base, tbo_schedule=schedule)
-            step, _ = make_step(model, mesh, opts, place=False, emulate_dp=emulate)
-            t0 = time.perf_counter()
-            compiled = step.lower(params, inputs[0], tbo=tbo).compile()
-            res[f"compile_s_{name}"] = round(time.perf_counter() - t0, 2)
+            compiled, res[f"compile_s_{name}"] = compiled_all.pop(((phase, tokens, seq), name))
             med, best = time_fn(lambda x: compiled(params, x), inputs, args.iters)
             res[f"{name}_ms"] = round(med, 3)
             res[f"{name}_min_ms"] = round(best, 3)
@@ -174,7 +179,7 @@ def run_cli(args) -> int:
                     with open(os.path.join(args.hlo_dir, f"{name}_{tokens}.overlap.json"), "w") as f:
                         json.dump(report.to_dict(), f, indent=1)
                     print(report.format_table(), flush=True)
-            del compiled, step
+            del compiled
         for name, tbo, _ in variants:
             if tbo:
                 res["ratio" if name == "tbo" else f"{name}_ratio"] = round(res[f"{name}_ms"] / res["base_ms"], 3)
@@ -185,6 +190,8 @@ def run_cli(args) -> int:
                 experts_only(cfg, rank_dp, max(1, rows * seq // 2), dtype, args.backend, args.iters), 3)
         rows_out.append(res)
         print(json.dumps(res), flush=True)
+        if args.json:  # after every case: a run cut short still leaves its finished rows
+            write_json(args.json, dp, rank_dp, label, emulate, cfg, dtype, args.backend, rows_out)
 
     tbo_names = [n for n, tbo, _ in variants if tbo]
     head = "".join(f" {n + ' ms':>9} {n + '/base':>10} {'overlap':>9} {'sync':>4}" for n in tbo_names)
@@ -197,12 +204,36 @@ def run_cli(args) -> int:
                       f"{h['overlapped']:>4}/{h['collectives']:<4} {h['sync']:4d}")
         print(f"{r['label']:16} {r['phase']:8} {r['tokens_per_rank']:8d} {r['base_ms']:9.3f}{cells} "
               f"{r['comm_only_ms']:8.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "devices": dp, "dp": rank_dp, "label": label,
-                       "emulated": bool(emulate), "layers": cfg.num_layers, "dims": model_dims(cfg, dtype),
-                       "backend": args.backend, "jax": jax.__version__, "results": rows_out}, f, indent=1)
     return 0
+
+
+def write_json(path, dp, rank_dp, label, emulate, cfg, dtype, backend, rows_out):
+    with open(path, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "devices": dp, "dp": rank_dp, "label": label,
+                   "emulated": bool(emulate), "layers": cfg.num_layers, "dims": model_dims(cfg, dtype),
+                   "backend": backend, "jax": jax.__version__, "results": rows_out}, f, indent=1)
+
+
+def compile_all(model, mesh, base, params, variants, case_inputs, emulate, workers: int) -> dict:
+    """{(case, variant name): (compiled step, compile seconds)} for every case and variant, the
+    XLA compiles run by `workers` threads at once (a compile releases the GIL; one by one, the
+    nine compiles of three sizes took most of a device call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lowered = {}
+    for case, inputs in case_inputs.items():
+        for name, tbo, schedule in variants:
+            step, _ = make_step(model, mesh, dataclasses.replace(base, tbo_schedule=schedule), place=False,
+                                emulate_dp=emulate)
+            lowered[(case, name)] = step.lower(params, inputs[0], tbo=tbo)
+
+    def compile_one(item):
+        key, low = item
+        t0 = time.perf_counter()
+        return key, (low.compile(), round(time.perf_counter() - t0, 2))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return dict(pool.map(compile_one, lowered.items()))
 
 
 def model_dims(cfg, dtype) -> dict:
