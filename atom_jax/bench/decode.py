@@ -8,7 +8,9 @@ between cases).
 
 For each batch (sequences per rank) and mode: `batch x dp` requests of --prompt-len random
 tokens are prefilled, then --steps decode steps are timed (after --warmup untimed ones, which
-also compile the decode bucket): ms per step (batch 1: ms per token) and output tokens/s.
+also compile the decode bucket): ms per step (batch 1: ms per token) and output tokens/s, and the host's
+ms per step by phase (`Engine.host_times`: schedule, pack, dispatch, wait on the device,
+resolve, outputs; "host" is all but the wait).
 With --trace, a jax.profiler trace of --trace-steps more decode steps per case is read with
 `atom_jax.trace.report`: device-busy time per step over the annotated step time (the overlap
 schedule annotates a whole engine iteration, so steps tile the timeline). Weights are random
@@ -91,11 +93,12 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     while engine.scheduler.num_waiting or any(s.is_prefilling for r in engine.scheduler.ranks for s in r.running):
         engine.step()  # prefill (not timed)
     _steps(engine, args.warmup)
+    engine.host_times(reset=True)
     t0 = time.perf_counter()
     tokens = _steps(engine, args.steps)
     wall = time.perf_counter() - t0
     res = {"mode": mode, "batch_per_rank": batch, "dp": engine.config.dp, "ms_per_step": round(1e3 * wall / args.steps, 3),
-           "output_tok_s": round(tokens / wall, 1)}
+           "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
     if args.trace:
         from atom_jax.trace.report import report
 
@@ -131,6 +134,11 @@ def run_cli(args) -> int:
         share = r.get("device_busy_share")
         print(f"{r['batch_per_rank']:>10} {r['mode']:>5} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10}")
+    print(f"\nhost ms/step by phase (perf_counter; wait = blocked on the device, host = all but wait)")
+    phases = [p for p in results[0]["host_ms"] if p != "steps"] if results else []
+    print(f"{'batch/rank':>10} {'mode':>5} " + " ".join(f"{p:>9}" for p in phases))
+    for r in results:
+        print(f"{r['batch_per_rank']:>10} {r['mode']:>5} " + " ".join(f"{r['host_ms'][p]:>9.3f}" for p in phases))
     for batch in batches:
         by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}
         if "off" in by and "on" in by:

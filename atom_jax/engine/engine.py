@@ -17,6 +17,7 @@ from atom_jax.chat import ChatDelta, ChatPlan, ChatSettings, plan_chat
 from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
 from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
+from atom_jax.engine.host_timing import HostClock
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
@@ -86,7 +87,8 @@ class Engine:
         opts = StepOptions(expert_mode=cfg.expert_mode, moe_backend=cfg.moe_backend,
                            attn_backend=cfg.attn_backend)
         self.mesh = make_dp_mesh(cfg.dp)
-        self.runner = ModelRunner(model, self.mesh, self.layout, opts)
+        self.clock = HostClock()  # host ms per step by phase (`host_times`)
+        self.runner = ModelRunner(model, self.mesh, self.layout, opts, clock=self.clock)
         self.cluster = cluster
         if cluster is not None:
             cluster.attach(self.runner, cfg)
@@ -200,39 +202,55 @@ class Engine:
         return self._step_overlap()
 
     def _step_sync(self) -> list[RequestOutput]:
+        clock = self.clock
+        clock.start()
         plan = self.scheduler.schedule()
+        clock.lap("schedule")
         sampled = {}
         if not plan.is_empty:
             try:
                 what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
                 with self._profiler.step(lambda: self.runner.cache, what):
-                    toks, lps = self._run(self.runner.host_inputs(plan)).fetch()
+                    inputs = self.runner.host_inputs(plan)
+                    clock.lap("pack")
+                    result = self._run(inputs)
+                    clock.lap("launch")
+                    toks, lps = result.fetch()
+                    clock.lap("wait")
             except Exception as e:
                 self._fail(plan, e)  # a failed step fails the requests in it, never the engine
             else:
-                for seq, tok, lp in zip(plan.sampled(), toks, lps):
-                    sampled[seq.request_id] = int(tok)
-                    tr = self._requests[seq.request_id]
-                    if tr.seq.params.logprobs:
-                        tr.logprobs.append(float(lp))
+                for seq, tok, lp in zip(plan.sampled(), toks.tolist(), lps.tolist()):
+                    sampled[seq.request_id] = tok
+                    if seq.params.logprobs:
+                        self._requests[seq.request_id].logprobs.append(lp)
         else:
             self.keepalive()
         out = self.scheduler.on_step_done(plan, sampled)
-        return self._outputs(out.new_tokens, out.finished)
+        clock.lap("resolve")
+        outputs = self._outputs(out.new_tokens, out.finished)
+        clock.stop("outputs")
+        return outputs
 
     def _step_overlap(self) -> list[RequestOutput]:
         # decisions may use state one step old (README "Overlap schedule"): a sequence that step
         # N finishes still holds its slot and pages and is planned once more
+        clock = self.clock
+        clock.start()
         plan = self.scheduler.schedule()
+        clock.lap("schedule")
         dispatched = failed = None
         # the annotation spans the whole iteration, so consecutive steps tile the timeline
         what = f"step bucket {plan.bucket}" + (" (TBO)" if plan.tbo else "")
         with self._profiler.step(None, what) if not plan.is_empty else contextlib.nullcontext():
             if not plan.is_empty:
                 try:
-                    dispatched = (plan.sampled(), self._run(self.runner.host_inputs(plan)))
+                    inputs = self.runner.host_inputs(plan)
+                    clock.lap("pack")
+                    dispatched = (plan.sampled(), self._run(inputs))
                 except Exception as e:
                     failed = (plan, e)
+                clock.lap("launch")
             # step N's tokens: step N+1 is queued behind it on the device
             outputs = self._resolve_in_flight()
         if plan.is_empty:
@@ -242,9 +260,13 @@ class Engine:
         pending = {seq.request_id: PENDING for seq in dispatched[0]} if dispatched else {}
         out = self.scheduler.on_step_done(plan, pending)
         self._in_flight = dispatched
-        return outputs + self._outputs([], out.finished)
+        clock.lap("resolve")
+        outputs += self._outputs([], out.finished)
+        clock.stop("outputs")
+        return outputs
 
     def _resolve_in_flight(self) -> list[RequestOutput]:
+        clock = self.clock
         if self._in_flight is None:
             return self._outputs([], self.scheduler.pop_finished())
         seqs, result = self._in_flight
@@ -259,12 +281,17 @@ class Engine:
                     tr.error = f"the model step failed: {type(e).__name__}: {e}"
                 self.scheduler.fail(seq.request_id)
             return self._outputs([], self.scheduler.pop_finished())
-        for seq, lp in zip(seqs, lps):
-            tr = self._requests.get(seq.request_id)
-            if tr is not None and not seq.is_finished and seq.params.logprobs:
-                tr.logprobs.append(float(lp))
+        clock.lap("wait")
+        for seq, lp in zip(seqs, lps.tolist()):
+            if seq.params.logprobs and not seq.is_finished:
+                tr = self._requests.get(seq.request_id)
+                if tr is not None:
+                    tr.logprobs.append(lp)
         out = self.scheduler.resolve(zip(seqs, toks.tolist()))
-        return self._outputs(out.new_tokens, out.finished)
+        clock.lap("resolve")
+        outputs = self._outputs(out.new_tokens, out.finished)
+        clock.lap("outputs")
+        return outputs
 
     def _fail(self, plan, e: Exception) -> None:
         """Fail every request of `plan` (its step raised `e`); each says why."""
@@ -379,6 +406,14 @@ class Engine:
     def buckets(self) -> tuple[int, ...]:
         """Token buckets a step is padded to (one compiled program each)."""
         return tuple(self.scheduler.buckets)
+
+    def host_times(self, reset: bool = False) -> dict:
+        """The engine loop's host time: ms per step by phase (`atom_jax.engine.host_timing`)
+        since the last reset; `reset` starts a new count after reading this one."""
+        out = self.clock.snapshot()
+        if reset:
+            self.clock.reset()
+        return out
 
     def stats(self) -> dict:
         """The scheduler's counters (cumulative, plus the last step)."""

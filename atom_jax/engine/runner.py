@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
+from atom_jax.engine.host_timing import HostClock
 from atom_jax.engine.sampler import sample_tokens
 from atom_jax.scheduler.sequence import PENDING
 from atom_jax.sharding import DP, StepOptions
@@ -70,8 +71,11 @@ class ModelRunner:
     back (a PENDING token of the overlap schedule: `host_inputs` encodes it as -(row + 1),
     the row of the previous step's sampler output)."""
 
-    def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions()):
+    def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(), clock=None):
+        """`clock`: the engine's `HostClock` (`run` charges its numpy packing to "pack", its
+        host-to-device copies to "transfer")."""
         self.model, self.mesh, self.layout = model, mesh, layout
+        self.clock = clock if clock is not None else HostClock()
         self.dp = mesh.shape[DP]
         self.cfg = model.cfg
         self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
@@ -136,6 +140,7 @@ class ModelRunner:
         """Dispatch a step (every process of a multi-host run calls it with the same inputs);
         returns without waiting for the device. Host-to-device: one packed token buffer, one
         packed sampling block, and the page table only when a row changed."""
+        table = None
         if inputs.page_rows:
             # A new host array each time, never the placed one mutated: on CPU, device_put may
             # alias (not copy) a numpy array, and the step dispatched before still reads it.
@@ -145,12 +150,17 @@ class ModelRunner:
                 table[r, slot, : len(pages)] = pages
                 self._row_pages[(r, slot)] = np.asarray(pages).tolist()
             self.page_table = table
+        per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
+        packed = np.stack([_pack_batch(b) for b in per_rank])
+        sampling = _pack_sampling(inputs.sampling, self.max_samples)
+        self.clock.lap("pack")
+        if table is not None:
             self._page_table_dev = self.global_array(table)
         if inputs.restores:
             self.restore_slots(inputs.restores)
-        per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
-        packed = self.global_array(np.stack([_pack_batch(b) for b in per_rank]))
-        sampling = place(_pack_sampling(inputs.sampling, self.max_samples), self._replicated)
+        packed = self.global_array(packed)
+        sampling = place(sampling, self._replicated)
+        self.clock.lap("transfer")
         args = (self.params, self.cache, packed, self._page_table_dev, self._last_tokens, sampling)
         built = self._compiled.get((inputs.bucket, inputs.tbo))
         if built is not None:

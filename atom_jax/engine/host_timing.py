@@ -1,0 +1,62 @@
+"""`HostClock`: where the engine loop's host time goes, by phase, measured with
+`time.perf_counter` (a few laps per step: cheap enough to stay always on; works the same on
+CPU and GPU). `python -m atom_jax.bench decode` prints it per case.
+
+Phases of one engine iteration (`Engine.step`), in the order they run:
+  schedule  planning the step (scheduler: delayer, decodes, prefill chunks, admissions)
+  pack      the step's numpy inputs (`ModelRunner.host_inputs`, the packed token buffer and
+            sampling block, page-table rows)
+  transfer  host-to-device copies of those inputs (a multi-host leader's plan broadcast
+            counts in pack)
+  launch    the call of the compiled step: jit dispatch, and on GPU XLA's kernel launches
+            (it returns before the device has run the step; on CPU, a step whose inputs are
+            all ready may run inline here)
+  wait      blocked on the device, reading a step's sampled tokens (synchronous loop: the whole
+            device step; overlap schedule: the part of it the host did not hide)
+  resolve   the read tokens into the scheduler (stop checks, `max_tokens`, page bookkeeping)
+  outputs   stop strings, detokenisation and the `RequestOutput`s
+Host time per step is everything but `wait`."""
+
+from __future__ import annotations
+
+import time
+
+PHASES = ("schedule", "pack", "transfer", "launch", "wait", "resolve", "outputs")
+
+
+class HostClock:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+        self._t = None
+
+    def start(self) -> None:
+        """A step begins: laps measure from here."""
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap (or `start`) to `phase`. No-op outside a step."""
+        if self._t is None:
+            return
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._t
+        self._t = now
+
+    def stop(self, phase: str) -> None:
+        """The step ends; the time since the last lap goes to `phase`."""
+        self.lap(phase)
+        if self._t is not None:
+            self.steps += 1
+        self._t = None
+
+    def snapshot(self) -> dict:
+        """ms per step by phase since `reset`, plus `host` (all but `wait`) and `total`."""
+        n = max(self.steps, 1)
+        out = {p: round(1e3 * s / n, 4) for p, s in self.seconds.items()}
+        out["host"] = round(sum(v for p, v in out.items() if p != "wait"), 4)
+        out["total"] = round(out["host"] + out["wait"], 4)
+        out["steps"] = self.steps
+        return out
