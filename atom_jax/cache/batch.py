@@ -51,24 +51,32 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
     e_pos = np.zeros(size, np.int32)
     sample = np.zeros(max_samples, np.int32)
     ns = 0
-    for base, cap, region in regions:
-        off = base
+    for base, cap, region in regions:  # vectorised over the region's chunks (the host's hot path)
+        if not region:
+            continue
         slots = [c[0] for c in region]
         if len(set(slots)) != len(slots):  # the compressor sizes its work by this (max_windows)
             raise ValueError(f"a buffer (or TBO half) holds one chunk per slot; slots {slots}")
-        for sl, start, toks, want in region:
-            n = len(toks)
-            if off + n > base + cap:
-                raise ValueError(f"chunks hold more than {size} tokens")
-            sl_ = slice(off, off + n)
-            ids[sl_], pos[sl_], slot[sl_], valid[sl_] = toks, start + np.arange(n), sl, True
-            s_idx[sl_], s_pos[sl_], e_pos[sl_] = off, start, start + n
-            if want:
-                if ns >= max_samples:
-                    raise ValueError(f"more than {max_samples} sampling positions")
-                sample[ns] = off + n - 1
-                ns += 1
-            off += n
+        lens = np.fromiter((len(c[2]) for c in region), np.int32, len(region))
+        n = int(lens.sum())
+        if n > cap:
+            raise ValueError(f"chunks hold more than {size} tokens")
+        offs = base + np.cumsum(lens, dtype=np.int32) - lens  # each chunk's first buffer index
+        starts = np.fromiter((c[1] for c in region), np.int32, len(region))
+        sl_ = slice(base, base + n)
+        ids[sl_] = np.concatenate([np.asarray(c[2], np.int32) for c in region])
+        s_idx[sl_] = np.repeat(offs, lens)
+        s_pos[sl_] = np.repeat(starts, lens)
+        e_pos[sl_] = np.repeat(starts + lens, lens)
+        pos[sl_] = s_pos[sl_] + np.arange(base, base + n, dtype=np.int32) - s_idx[sl_]
+        slot[sl_] = np.repeat(np.asarray(slots, np.int32), lens)
+        valid[sl_] = True
+        want = np.fromiter((bool(c[3]) for c in region), bool, len(region))
+        k = int(want.sum())
+        if ns + k > max_samples:
+            raise ValueError(f"more than {max_samples} sampling positions")
+        sample[ns: ns + k] = (offs + lens - 1)[want]
+        ns += k
     return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, sample, ns)
 
 

@@ -51,14 +51,28 @@ class StepInputs:
 
 class StepResult:
     """A dispatched step's sampled tokens, still on the device (replicated on every process).
-    `fetch()` waits for the step and reads them: (tokens [n], logprobs [n]) of its sampling rows."""
+    `fetch()` waits for the step and reads them: (tokens [n], logprobs [n]) of its sampling rows.
+    `StepResult.packed(out, n)`: the compiled step's one output block [2, rows] int32 (tokens,
+    then the logprobs' float32 bits), whose copy to the host starts as soon as the step ends."""
 
     def __init__(self, tokens, logprobs, n: int):
         self.tokens, self.logprobs, self.n = tokens, logprobs, n
+        self._out = None
+
+    @classmethod
+    def packed(cls, out, n: int) -> "StepResult":
+        res = cls(None, None, n)
+        res._out = out
+        if n:
+            out.copy_to_host_async()  # one device-to-host copy, started without waiting here
+        return res
 
     def fetch(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.n:
             return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        if self._out is not None:
+            out = np.asarray(self._out)[:, : self.n]
+            return out[0], out[1].view(np.float32)
         return np.asarray(self.tokens)[: self.n], np.asarray(self.logprobs)[: self.n]
 
 
@@ -87,16 +101,23 @@ class ModelRunner:
         self.cache = jax.tree.map(lambda a: place(jnp.broadcast_to(a, (self.dp,) + a.shape), shard), one)
         self.page_table = np.zeros((self.dp, layout.num_slots, layout.max_pages_per_seq), np.int32)
         self._restore = make_restore(mesh, layout) if layout.page_state else None
+        # the page table on the device: a step writes the entries that changed (at most
+        # `page_updates` per rank, sent in its input block); more than that, or a restore,
+        # uploads the whole table
         self._page_table_dev = self.global_array(self.page_table)
+        self.page_updates = max(layout.num_slots, 16)
         self._row_pages: dict[tuple[int, int], list[int]] = {}  # (rank, slot) -> pages in page_table
         self.max_samples = self.dp * layout.num_slots  # sampler rows, padded: one compile per bucket
-        # the previous step's sampled tokens, on the device (what PENDING inputs read)
-        self._last_tokens = place(np.zeros(self.max_samples, np.int32), self._replicated)
-        self._prev_rows: dict[str, int] = {}  # request id -> row in _last_tokens (leader only)
+        # the previous step's output block [2, max_samples] (sampled tokens, logprob bits), on
+        # the device: what PENDING inputs read
+        self._last_out = place(np.zeros((2, self.max_samples), np.int32), self._replicated)
+        self._prev_rows: dict[str, int] = {}  # request id -> row in _last_out (leader only)
         step, _ = make_cached_step(model, mesh, layout, opts)
-        # one jitted program per (bucket, tbo); the cache is donated (updated in place)
-        self._device_step = jax.jit(partial(_device_step, step, self._replicated, layout.num_slots),
-                                    static_argnames=("tbo",), donate_argnums=(1,))
+        # one jitted program per (bucket, tbo); the cache and the page table are donated
+        # (updated in place)
+        self._device_step = jax.jit(
+            partial(_device_step, step, mesh, layout.num_slots, self.max_samples, self.page_updates),
+            static_argnames=("tbo",), donate_argnums=(1, 2))
 
     def host_inputs(self, plan) -> StepInputs:
         """The host side of a step (numpy only, no device work): what every process of a
@@ -113,8 +134,8 @@ class ModelRunner:
                 seq = w.seq
                 if self._row_pages.get((r, seq.slot)) != seq.pages:  # list compare: cheap per decode
                     page_rows.append((r, seq.slot, np.asarray(seq.pages, np.int32)))
-                toks = np.asarray(w.token_ids(), np.int32)
-                if toks.size and toks[-1] == PENDING:  # only the newest token can be pending
+                toks = w.token_ids()  # a fresh list (the packer and the plan channel take lists)
+                if toks and toks[-1] == PENDING:  # only the newest token can be pending
                     toks[-1] = -(prev_rows[seq.request_id] + 1)
                 rank_chunks.append((seq.slot, w.start_pos, toks, bool(w.sample)))
                 if w.restore:
@@ -138,37 +159,64 @@ class ModelRunner:
 
     def run(self, inputs: StepInputs) -> StepResult:
         """Dispatch a step (every process of a multi-host run calls it with the same inputs);
-        returns without waiting for the device. Host-to-device: one packed token buffer, one
-        packed sampling block, and the page table only when a row changed."""
-        table = None
-        if inputs.page_rows:
-            # A new host array each time, never the placed one mutated: on CPU, device_put may
-            # alias (not copy) a numpy array, and the step dispatched before still reads it.
-            table = self.page_table.copy()
-            for r, slot, pages in inputs.page_rows:
-                table[r, slot] = 0
-                table[r, slot, : len(pages)] = pages
-                self._row_pages[(r, slot)] = np.asarray(pages).tolist()
-            self.page_table = table
-        per_rank = [pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo) for c in inputs.chunks]
-        packed = np.stack([_pack_batch(b) for b in per_rank])
-        sampling = _pack_sampling(inputs.sampling, self.max_samples)
+        returns without waiting for the device. Host-to-device: one int32 block (sampling rows,
+        every rank's packed tokens and changed page-table entries); the whole page table only
+        when more entries changed than a step carries, or before a restore."""
+        updates = self._update_page_table(inputs.page_rows)
+        buf = self._input_block(inputs, updates)
         self.clock.lap("pack")
-        if table is not None:
-            self._page_table_dev = self.global_array(table)
+        if updates is None or inputs.restores:
+            # a copy: on CPU, device_put may alias (not copy) a numpy array, and the host
+            # table is written in place by later steps while this one may still read it
+            self._page_table_dev = self.global_array(self.page_table.copy())
         if inputs.restores:
             self.restore_slots(inputs.restores)
-        packed = self.global_array(packed)
-        sampling = place(sampling, self._replicated)
+        buf = place(buf, self._replicated)
         self.clock.lap("transfer")
-        args = (self.params, self.cache, packed, self._page_table_dev, self._last_tokens, sampling)
+        args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
         built = self._compiled.get((inputs.bucket, inputs.tbo))
         if built is not None:
-            self.cache, toks, lps = built(*args)
+            self.cache, self._page_table_dev, out = built(*args)
         else:
-            self.cache, toks, lps = self._device_step(*args, tbo=inputs.tbo)
-        self._last_tokens = toks
-        return StepResult(toks, lps, len(inputs.sampling.rows))
+            self.cache, self._page_table_dev, out = self._device_step(*args, tbo=inputs.tbo)
+        self._last_out = out
+        return StepResult.packed(out, len(inputs.sampling.rows))
+
+    def _update_page_table(self, page_rows):
+        """Write `page_rows` into the host table; -> the entries that changed, [dp, K, 3]
+        (slot, index, page; padding slot = num_slots, dropped on the device), or None when a
+        rank has more than K (then the whole table is uploaded)."""
+        k, pad = self.page_updates, self.layout.num_slots
+        updates = np.zeros((self.dp, k, 3), np.int32)
+        updates[:, :, 0] = pad
+        used = [0] * self.dp
+        overflow = False
+        for r, slot, pages in page_rows:
+            row = self.page_table[r, slot]
+            new = np.zeros_like(row)
+            new[: len(pages)] = pages
+            (idx,) = np.nonzero(row != new)
+            row[:] = new
+            self._row_pages[(r, slot)] = np.asarray(pages).tolist()
+            n = used[r]
+            if n + len(idx) > k:
+                overflow = True
+            elif not overflow:
+                updates[r, n: n + len(idx)] = np.stack([np.full_like(idx, slot), idx, new[idx]], axis=1)
+                used[r] = n + len(idx)
+        return None if overflow else updates
+
+    def _input_block(self, inputs: StepInputs, updates) -> np.ndarray:
+        """The step's one host-to-device block: [6, max_samples] sampling rows, then per rank
+        its packed tokens and its [K, 3] page-table entries (all padding: none)."""
+        sampling = _pack_sampling(inputs.sampling, self.max_samples)
+        if updates is None:
+            updates = np.zeros((self.dp, self.page_updates, 3), np.int32)
+            updates[:, :, 0] = self.layout.num_slots
+        ranks = [_pack_batch(pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo))
+                 for c in inputs.chunks]
+        per_rank = np.concatenate([np.stack(ranks), updates.reshape(self.dp, -1)], axis=1)
+        return np.concatenate([sampling.reshape(-1), per_rank.reshape(-1)])
 
     def precompile(self, shapes, workers: int = 4) -> dict:
         """Build the step for every (bucket, tbo) in `shapes` ahead of use: traced one after
@@ -184,11 +232,13 @@ class ModelRunner:
             if (bucket, tbo) in self._compiled or (bucket, tbo) in lowered:
                 continue
             t0 = time.perf_counter()
-            empty = _pack_batch(pack_chunks([], bucket, self.layout.num_slots, split=tbo))
-            packed = self.global_array(np.stack([empty] * self.dp))
-            sampling = place(np.zeros((6, self.max_samples), np.int32), self._replicated)
-            lowered[(bucket, tbo)] = self._device_step.lower(self.params, self.cache, packed, self._page_table_dev,
-                                                             self._last_tokens, sampling, tbo=tbo)
+            none = np.zeros(0, np.int32)
+            empty = StepInputs(bucket, tbo, [[] for _ in range(self.dp)], [],
+                               SamplingRows(none, none.view(np.float32), none, none.view(np.float32),
+                                            none.view(np.uint32), none.view(np.uint32)))
+            buf = place(self._input_block(empty, None), self._replicated)
+            lowered[(bucket, tbo)] = self._device_step.lower(self.params, self.cache, self._page_table_dev,
+                                                             self._last_out, buf, tbo=tbo)
             times[(bucket, tbo)] = time.perf_counter() - t0
 
         def build(key):
@@ -247,16 +297,30 @@ def _pack_sampling(s: SamplingRows, cap: int) -> np.ndarray:
     return out
 
 
-def _device_step(step, replicated, num_slots, params, cache, packed, page_table, last_tokens, sampling, tbo):
+def _device_step(step, mesh, num_slots, max_samples, num_updates, params, cache, page_table, last_out, block, tbo):
+    """One engine step on the device: unpack the input block (`ModelRunner._input_block`),
+    write the changed page-table entries, feed PENDING tokens from `last_out`, run the model,
+    sample. -> (cache, page_table, out [2, max_samples]: tokens, logprob bits)."""
+    dp = mesh.shape[DP]
+    sampling = block[: 6 * max_samples].reshape(6, max_samples)
+    per_rank = jax.lax.with_sharding_constraint(block[6 * max_samples:].reshape(dp, -1), NamedSharding(mesh, P(DP)))
+    packed, updates = per_rank[:, : -3 * num_updates], per_rank[:, -3 * num_updates:].reshape(dp, num_updates, 3)
+    page_table = jax.shard_map(_write_pages, mesh=mesh, in_specs=(P(DP), P(DP)), out_specs=P(DP))(page_table, updates)
     batch = _unpack_batch(packed, num_slots)
     ids = batch["ids"]  # a negative id -(r + 1): the previous step's sampled token r
-    batch["ids"] = jnp.where(ids < 0, last_tokens[jnp.maximum(-ids - 1, 0)], ids)
+    batch["ids"] = jnp.where(ids < 0, last_out[0][jnp.maximum(-ids - 1, 0)], ids)
     logits, cache = step(params, cache, batch, page_table, tbo=tbo)
     f32, u32 = (lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)), (lambda a: jax.lax.bitcast_convert_type(a, jnp.uint32))  # noqa: E731
     rows = sampling[0]
     flat = logits.reshape(-1, logits.shape[-1])[rows]
     toks, lps = sample_tokens(flat, f32(sampling[1]), sampling[2], f32(sampling[3]), u32(sampling[4]), u32(sampling[5]))
-    # tokens come back replicated, so every process (the scheduler's too) can read them
-    toks = jax.lax.with_sharding_constraint(toks, replicated)
-    lps = jax.lax.with_sharding_constraint(lps, replicated)
-    return cache, toks, lps
+    # one block, replicated, so every process (the scheduler's too) reads it in one copy
+    out = jnp.stack([toks, jax.lax.bitcast_convert_type(lps, jnp.int32)])
+    return cache, page_table, jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
+
+
+def _write_pages(page_table, updates):
+    """One rank: page_table [1, slots, max_pages] <- updates [1, K, 3] (slot, index, page);
+    a padding entry's slot is out of range and dropped."""
+    u = updates[0]
+    return page_table.at[0, u[:, 0], u[:, 1]].set(u[:, 2], mode="drop")
