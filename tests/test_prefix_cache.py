@@ -195,11 +195,12 @@ def test_a_dispatched_step_keeps_its_page_table_when_the_next_step_rewrites_rows
     monkeypatch.setattr(runner_mod, "place", lambda x, sharding: x)  # zero-copy placement
     seen = []
 
-    def step(params, cache, packed, page_table, last_tokens, sampling, tbo):
+    def step(params, cache, page_table, last_out, block, tbo):
         seen.append(page_table)  # read when the step runs: after the host moved on
-        return cache, last_tokens, last_tokens.astype(np.float32)
+        return cache, page_table, last_out
 
     runner._device_step, runner._compiled = step, {}
+    runner.page_updates = 0  # every changed row places the whole table (what may alias)
     rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
                                                                np.uint32, np.uint32)))
     for page_rows in ([(0, 1, np.array([3, 4], np.int32))], [(0, 1, np.array([5], np.int32))]):
