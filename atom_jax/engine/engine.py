@@ -30,7 +30,7 @@ log = logging.getLogger("atom_jax.engine")
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # one list shared by a request's outputs (read only)
     token_ids: list[int]  # all output tokens so far
     new_token_ids: list[int]
     text: str | None  # the text that is final so far (None without a tokenizer); only grows
@@ -47,6 +47,7 @@ class RequestOutput:
 class _Tracked:
     def __init__(self, seq: Sequence, tokenizer):
         self.seq, self.params = seq, seq.params
+        self.prompt_ids = list(seq.prompt_token_ids)  # copied once, not per output
         self.logprobs: list[float] = []
         self.sent_tokens = 0
         # None without a tokenizer (token-id prompts only: no text, no stop strings)
@@ -370,7 +371,7 @@ class Engine:
             tr.chat_total.extend(dataclasses.replace(chat, tool_calls=list(chat.tool_calls)))
             if seq.is_finished:
                 message = tr.chat.to_message(tr.chat_total)
-        return RequestOutput(seq.request_id, list(seq.prompt_token_ids), toks, new, text, delta,
+        return RequestOutput(seq.request_id, tr.prompt_ids, toks, new, text, delta,
                              seq.is_finished, reason, list(tr.logprobs), chat, message, seq.num_cached_tokens or 0,
                              tr.error if seq.finish_reason == "error" else None)
 

@@ -27,6 +27,9 @@ from atom_jax.scheduler.sequence import Sequence
 from atom_jax.scheduler.tbo_policy import crossover_min_tokens
 
 
+_PREFIX_STATS = tuple(f.name for f in dataclasses.fields(PrefixCacheStats))
+
+
 def default_buckets(max_tokens_per_step: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from `smallest` below the budget, plus the budget itself."""
     out, b = [], smallest
@@ -103,6 +106,7 @@ class DPScheduler:
         seq.arrival_tick = self._tick
         rank.add(seq)
         self._collect_finished()  # a prompt that can never fit fails on add
+        self._update_gauges()
         return rank.rank
 
     def get(self, request_id: str) -> Sequence | None:
@@ -169,6 +173,7 @@ class DPScheduler:
         new_tokens = []
         for rank, work in zip(self.ranks, plan.per_rank):
             new_tokens += rank.on_step_done(work, sampled)
+        self._update_gauges()  # full pages were registered (cached_pages)
         return StepOutput(new_tokens, self.pop_finished())
 
     def resolve(self, tokens) -> StepOutput:
@@ -218,11 +223,12 @@ class DPScheduler:
     def _collect_finished(self) -> None:
         """Count every sequence that finished (any reason) the moment it does, so the metrics
         never disagree with the ranks about what is running."""
-        for r in self.ranks:
-            for s in r.pop_finished():
-                self.metrics.finished[s.finish_reason] += 1
-                self._done.append(s)
-        self._update_gauges()
+        done = [s for r in self.ranks for s in r.pop_finished()]
+        for s in done:
+            self.metrics.finished[s.finish_reason] += 1
+        if done:  # (nothing else moves the gauges between steps: `_record` updates them)
+            self._done += done
+            self._update_gauges()
 
     def rank_states(self) -> list[dict]:
         """Per rank: pages, slots, running / waiting counts and KV usage (plain numbers)."""
@@ -237,7 +243,7 @@ class DPScheduler:
         m.num_running = self.num_running
         m.num_waiting = self.num_waiting
         m.num_preemptions = sum(r.num_preemptions for r in self.ranks)
-        m.prefix_cache = {f.name: sum(getattr(r.prefix_stats, f.name) for r in self.ranks)
-                          for f in dataclasses.fields(PrefixCacheStats)}
+        m.prefix_cache = {name: sum(getattr(r.prefix_stats, name) for r in self.ranks)
+                          for name in _PREFIX_STATS}
         m.prefix_cache["cached_pages"] = sum(r.pages.num_cached for r in self.ranks)
         m.prefix_cache["evictions"] = sum(r.pages.num_evictions for r in self.ranks)

@@ -199,8 +199,9 @@ class RankScheduler:
                 n = min(cfg.chunk_size, s.num_uncomputed, left)
                 ready, left = ready + n, left - n
         free_slots = self.slots.num_free
-        free_pages = self.pages.num_free - sum(
-            self.pages.extra_pages(s.pages, s.total_len) for s in decodes)
+        if self.waiting and left > 0 and free_slots:  # (the pages decodes need: only then)
+            free_pages = self.pages.num_free - sum(
+                self.pages.extra_pages(s.pages, s.total_len) for s in decodes)
         for s in self.waiting:
             if left <= 0 or free_slots == 0:
                 break
@@ -244,8 +245,8 @@ class RankScheduler:
                     break
 
         # Keep the engine's view stable: running order (oldest first).
-        order = {id(s): i for i, s in enumerate(self.running)}
-        work = sorted(self._work.values(), key=lambda c: order[id(c.seq)])
+        planned = self._work
+        work = [planned[s.request_id] for s in self.running if s.request_id in planned]
         self._in_flight = work
         self._work = None
         return work
