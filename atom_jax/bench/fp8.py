@@ -2,7 +2,7 @@
 DeepSeek-V4 shapes: the Pallas kernel (`kernels/fp8_dense_gemm.py`, 1 byte per weight streamed)
 and the XLA path (decode per 128x128 block, then one matmul) beside a bf16 matmul of the same
 shape, with the copy bandwidth and dense matmul rate measured in the same run. Decides
-`packed.FP8_KERNEL_MAX_ROWS` (the row count where the XLA path starts to win).
+`packed.FP8_KERNEL_MAX_ROWS` and `FP8_KERNEL_MAX_K` (where the XLA path starts to win).
 
     python -m atom_jax.bench fp8 --json fp8.json      # GPU
     python -m atom_jax.bench fp8 --tiny               # CPU smoke run (interpret mode)

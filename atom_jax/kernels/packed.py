@@ -105,10 +105,14 @@ def fp8_dequantize(codes, scale, dtype=jnp.bfloat16):
     return (w * s[..., :out_f, :in_f]).astype(dtype)
 
 
-# Rows (tokens) up to which `fp8_linear` runs the Pallas FP8 kernel on GPU (each weight read once
-# per row tile); from there on the weight is decoded once in XLA and multiplied by cuBLAS /
-# hipBLASLt. A starting point until `python -m atom_jax.bench fp8` measures the crossover.
-FP8_KERNEL_MAX_ROWS = 512
+# Where `fp8_linear` runs the Pallas FP8 kernel on GPU (each weight read once per row tile)
+# instead of decoding the weight in XLA and multiplying with cuBLAS / hipBLASLt. Measured with
+# `python -m atom_jax.bench fp8` on 1x H200 (docs/benchmarks.md, 2026-11-30): the kernel won only
+# at 64 rows and only with a short reduction (K <= 2048: wq_b 0.35-0.55x the XLA path's time,
+# V4-Flash shared down 0.89x); at K >= 4096 it lost at every size (up to 1.95x at 64 rows), and at
+# 256+ rows it lost on all but one of 9 shapes.
+FP8_KERNEL_MAX_ROWS = 64
+FP8_KERNEL_MAX_K = 2048
 
 
 def fp8_linear(x, codes, scale, use_kernel: bool | None = None):
@@ -124,7 +128,7 @@ def fp8_linear(x, codes, scale, use_kernel: bool | None = None):
         m *= d
     if use_kernel is None:
         from atom_jax.kernels.fp8_dense_gemm import supported
-        use_kernel = not is_cpu() and supported(k, n) and m <= FP8_KERNEL_MAX_ROWS
+        use_kernel = not is_cpu() and supported(k, n) and m <= FP8_KERNEL_MAX_ROWS and k <= FP8_KERNEL_MAX_K
     if use_kernel:
         from atom_jax.kernels.fp8_dense_gemm import fp8_matmul
         out = fp8_matmul(x.reshape(m, k), codes, scale, interpret=is_cpu())
