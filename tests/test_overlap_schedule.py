@@ -1,8 +1,9 @@
 """The overlap schedule (step N+1 dispatched before step N's tokens are read) gives the same
 outputs as the synchronous loop, its oracle: greedy and seeded sampling, stop strings,
 stop_token_ids, EOS, max_tokens, an abort mid-flight, preemption and a failing step, dp 1 and 2
-(dp 2 with TBO); no page or slot leaks. One engine per dp runs both modes (the same compiled
-programs), toggling `config.overlap_schedule` between runs."""
+(dp 2 with TBO), with and without the dispatch thread; no page or slot leaks. One engine per dp
+runs every mode (the same compiled programs), toggling `config.overlap_schedule` and
+`config.dispatch_thread` between runs."""
 
 from __future__ import annotations
 
@@ -80,18 +81,18 @@ def test_overlap_outputs_equal_the_synchronous_loop(dp, tbo):
     failing = [("fails", _prompt(rng, 14), SamplingParams(max_tokens=20, ignore_eos=True)),
                ("after", _prompt(rng, 40), SamplingParams(max_tokens=6, ignore_eos=True))]
     runs = {}
-    for overlap in (False, True):
-        eng.config.overlap_schedule = overlap
+    for mode in ("off", "on", "thread"):  # thread: the overlap schedule with the dispatch thread
+        eng.config.overlap_schedule, eng.config.dispatch_thread = mode != "off", mode == "thread"
         before = sum(r.num_preemptions for r in eng.scheduler.ranks)
-        runs[overlap] = _run(eng, requests, abort_after={"abort": 3}, fail_at={})
+        runs[mode] = _run(eng, requests, abort_after={"abort": 3}, fail_at={})
         assert sum(r.num_preemptions for r in eng.scheduler.ranks) > before, "the scenario should preempt"
-        runs[overlap].update(_run(eng, failing, abort_after={}, fail_at={"fails": 4}))
+        runs[mode].update(_run(eng, failing, abort_after={}, fail_at={"fails": 4}))
         # nothing leaks: every page and slot is free again
         assert [(r.pages.num_free, r.slots.num_free) for r in eng.scheduler.ranks] == \
             [(SMALL["num_pages"], SMALL["num_slots"])] * dp
         eng.scheduler.check_invariants()
 
-    sync, over = runs[False], runs[True]
+    sync = runs["off"]
     finals = {rid: s[-1] for rid, s in sync.items()}
     assert finals["greedy"].finish_reason == "length" and len(finals["greedy"].token_ids) == 40
     assert len(finals["greedy"].logprobs) == 40 and not finals["seeded"].logprobs
@@ -100,9 +101,9 @@ def test_overlap_outputs_equal_the_synchronous_loop(dp, tbo):
     assert finals["eos"].finish_reason == "stop" and finals["eos"].token_ids[-1] == eos_id
     assert finals["abort"].finish_reason == "abort" and len(finals["abort"].token_ids) == 3
     assert finals["fails"].finish_reason == "error" and len(finals["fails"].token_ids) == 4
-    for rid in sync:
-        a, b = sync[rid], over[rid]
+    for rid, mode in ((rid, mode) for rid in sync for mode in ("on", "thread")):
+        a, b = sync[rid], runs[mode][rid]
         assert [(o.new_token_ids, o.delta_text, o.finished, o.finish_reason) for o in a] == \
-               [(o.new_token_ids, o.delta_text, o.finished, o.finish_reason) for o in b], rid
-        assert a[-1].token_ids == b[-1].token_ids and a[-1].text == b[-1].text, rid
+               [(o.new_token_ids, o.delta_text, o.finished, o.finish_reason) for o in b], (rid, mode)
+        assert a[-1].token_ids == b[-1].token_ids and a[-1].text == b[-1].text, (rid, mode)
         np.testing.assert_allclose(a[-1].logprobs, b[-1].logprobs, rtol=1e-4, atol=1e-4)

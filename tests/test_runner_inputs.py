@@ -37,3 +37,37 @@ def test_device_page_table_follows_the_host_table():
     # a row that shrank was zeroed past its pages
     for (r, slot), pages in runner._row_pages.items():
         assert not runner.page_table[r, slot, len(pages):].any()
+
+
+def test_a_launch_failing_in_the_dispatch_thread_fails_its_requests_and_the_engine_recovers():
+    # the first launch (both prefills: slot 0 gets pages [0, 1], slot 1 page [2]) fails before
+    # its rows reach the table; the next request gets slot 0 and pages [0, 1] again, so its row
+    # must be sent again (`ModelRunner.forget_rows`), or it would run on an empty row
+    eng = Engine(EngineConfig(num_slots=2, num_pages=8, page_tokens=16, max_pages_per_seq=4,
+                              max_tokens_per_step=32, chunk_size=32, buckets=(32,), dispatch_thread=True,
+                              enable_prefix_caching=False))
+    rng = np.random.default_rng()
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (20, 9, 20)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    real, calls = eng.runner.run, []
+
+    def flaky(inputs):  # on the dispatch thread
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("launch fell over")
+        return real(inputs)
+
+    eng.runner.run = flaky
+    try:
+        outs = eng.generate(prompts[:2], params)
+    finally:
+        del eng.runner.run
+    assert [o.finish_reason for o in outs] == ["error", "error"], outs
+    assert all("launch fell over" in o.error for o in outs)
+    assert [(r.pages.num_free, r.slots.num_free) for r in eng.scheduler.ranks] == [(8, 2)]
+    got = eng.generate([prompts[2]], params)[0].token_ids
+    assert eng.runner.page_table[0, 0, :2].tolist() == [0, 1]
+    np.testing.assert_array_equal(np.asarray(eng.runner._page_table_dev), eng.runner.page_table)
+    eng.close()
+    eng.config.overlap_schedule = False  # the oracle: the synchronous loop
+    assert eng.generate([prompts[2]], params)[0].token_ids == got

@@ -1,5 +1,5 @@
 """`python -m atom_jax.bench decode`: decode speed of the real Engine with the overlap schedule
-off and on, in one run (one engine, one set of compiled programs; the scheduler is reset
+off, on, and on with the dispatch thread (`--dispatch-thread`), in one run (one engine, one set of compiled programs; the scheduler is reset
 between cases).
 
     python -m atom_jax.bench decode --layers 4 --batches 1,64 --trace /tmp/decode_trace   # 1x GPU
@@ -27,6 +27,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from atom_jax.engine.host_timing import PHASES
+
+MODES = ("off", "on", "thread")
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     ap = subparsers.add_parser("decode", help="decode ms/token and tok/s of the real Engine, overlap schedule off "
@@ -38,7 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps per case")
     ap.add_argument("--warmup", type=int, default=8, help="untimed decode steps before timing")
-    ap.add_argument("--modes", default="off,on", help="overlap schedule modes to run, in order")
+    ap.add_argument("--modes", default="off,on,thread",
+                    help="loops to run, in order: off (synchronous), on (overlap schedule), thread "
+                    "(overlap schedule with the dispatch thread)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
     ap.add_argument("--trace-steps", type=int, default=12)
     ap.add_argument("--moe-backend", default="auto")
@@ -84,7 +90,10 @@ def _steps(engine, n: int) -> int:
 def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     from atom_jax.engine import SamplingParams
 
-    engine.config.overlap_schedule = mode == "on"
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    engine.config.overlap_schedule = mode != "off"
+    engine.config.dispatch_thread = mode == "thread"
     engine.reset_scheduler(engine.config.delayer)
     params = SamplingParams(max_tokens=_max_tokens(args), ignore_eos=True)
     n = batch * engine.config.dp
@@ -135,14 +144,19 @@ def run_cli(args) -> int:
         print(f"{r['batch_per_rank']:>10} {r['mode']:>5} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10}")
     print(f"\nhost ms/step by phase (perf_counter; wait = blocked on the device, host = all but wait)")
-    phases = [p for p in results[0]["host_ms"] if p != "steps"] if results else []
+    phases = list(PHASES) + ["host", "total"]
     print(f"{'batch/rank':>10} {'mode':>5} " + " ".join(f"{p:>9}" for p in phases))
     for r in results:
         print(f"{r['batch_per_rank']:>10} {r['mode']:>5} " + " ".join(f"{r['host_ms'][p]:>9.3f}" for p in phases))
+        thread = r["host_ms"].get("dispatch_thread")
+        if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
+            print(f"{'':>10} {'(thr)':>5} " + " ".join(f"{thread[p]:>9.3f}" for p in phases))
+    print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
     for batch in batches:
         by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}
-        if "off" in by and "on" in by:
-            print(f"batch {batch}/rank: overlap on / off tok/s = {by['on']['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
+        for mode in ("on", "thread"):
+            if "off" in by and mode in by:
+                print(f"batch {batch}/rank: {mode} / off tok/s = {by[mode]['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": cfg.num_layers,

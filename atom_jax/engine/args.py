@@ -153,6 +153,11 @@ class EngineConfig:
         True, "plan and dispatch step N+1 before reading step N's tokens, so host work hides "
         "behind the device (off: the synchronous loop, for debugging)", type=on_off,
         metavar="{on,off}", show_default="on")
+    dispatch_thread: bool = setting(
+        False, "with the overlap schedule, launch each step (its inputs copied to the device, "
+        "the compiled program called: on GPU, the kernel launches) from a second thread while "
+        "the engine thread streams the previous step and plans the next", type=on_off,
+        metavar="{on,off}", show_default="off")
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",

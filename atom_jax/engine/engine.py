@@ -18,6 +18,7 @@ from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resol
 from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.host_timing import HostClock
+from atom_jax.engine.launcher import Launcher
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
@@ -97,6 +98,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(cfg.seed)
         self._profiler = StepProfiler()
+        self._launcher = None  # the dispatch thread (`dispatch_thread`), started on first use
         self._warm = None  # compiles when warm-up ended
 
     def reset_scheduler(self, delayer: str = "auto", prefix_caching: bool | None = None):
@@ -120,7 +122,7 @@ class Engine:
                                      tbo=cfg.tbo, tbo_min_tokens=cfg.tbo_min_tokens,
                                      eos_token_ids=tuple(sorted(eos)))
         self._requests: dict[str, _Tracked] = {}
-        self._in_flight = None  # overlap schedule: (sampled sequences, StepResult) of the last step
+        self._in_flight = None  # overlap schedule: (StepPlan, StepResult) of the last step
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
@@ -248,7 +250,7 @@ class Engine:
                 try:
                     inputs = self.runner.host_inputs(plan)
                     clock.lap("pack")
-                    dispatched = (plan.sampled(), self._run(inputs))
+                    dispatched = (plan, self._run(inputs))
                 except Exception as e:
                     failed = (plan, e)
                 clock.lap("launch")
@@ -258,7 +260,7 @@ class Engine:
             self.keepalive()
         if failed is not None:
             self._fail(*failed)  # after step N resolved: a request it finished is not failed
-        pending = {seq.request_id: PENDING for seq in dispatched[0]} if dispatched else {}
+        pending = {seq.request_id: PENDING for seq in plan.sampled()} if dispatched else {}
         out = self.scheduler.on_step_done(plan, pending)
         self._in_flight = dispatched
         clock.lap("resolve")
@@ -270,18 +272,14 @@ class Engine:
         clock = self.clock
         if self._in_flight is None:
             return self._outputs([], self.scheduler.pop_finished())
-        seqs, result = self._in_flight
+        plan, result = self._in_flight
         self._in_flight = None
         try:
             toks, lps = result.fetch()
-        except Exception as e:  # the device step failed: fail its requests
-            log.exception("reading a model step's tokens failed; failing its %d request(s)", len(seqs), exc_info=e)
-            for seq in seqs:
-                tr = self._requests.get(seq.request_id)
-                if tr is not None and not seq.is_finished:
-                    tr.error = f"the model step failed: {type(e).__name__}: {e}"
-                self.scheduler.fail(seq.request_id)
+        except Exception as e:  # the step failed (on the device, or in the dispatch thread)
+            self._fail(plan, e)  # as the synchronous loop: every request of the step
             return self._outputs([], self.scheduler.pop_finished())
+        seqs = plan.sampled()
         clock.lap("wait")
         for seq, lp in zip(seqs, lps.tolist()):
             if seq.params.logprobs and not seq.is_finished:
@@ -296,6 +294,7 @@ class Engine:
 
     def _fail(self, plan, e: Exception) -> None:
         """Fail every request of `plan` (its step raised `e`); each says why."""
+        self.runner.forget_rows()
         error = f"the model step failed: {type(e).__name__}: {e}"
         log.exception("model step failed; failing its %d request(s)", sum(len(work) for work in plan.per_rank),
                       exc_info=e)
@@ -329,7 +328,11 @@ class Engine:
             self.cluster.keepalive()
 
     def close(self) -> None:
-        """Multi-host: release the other processes (their `follow()` returns). No-op otherwise."""
+        """Multi-host: release the other processes (their `follow()` returns). Ends the
+        dispatch thread, if one runs."""
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
         if self.cluster is not None:
             self.cluster.stop()
 
@@ -338,6 +341,15 @@ class Engine:
         and runs the step under its watchdog (a failure there ends the process)."""
         if self.cluster is not None:
             return self.cluster.lead_step(inputs)
+        if self.config.dispatch_thread and self.config.overlap_schedule:
+            if self._launcher is None:
+                self._launcher = Launcher(lambda step_inputs: self.runner.run(step_inputs))
+            self.runner.clock = self._launcher.clock
+            return self._launcher.submit(inputs)
+        if self._launcher is not None:  # the thread was turned off: let its launches finish
+            self._launcher.close()
+            self._launcher = None
+        self.runner.clock = self.clock
         return self.runner.run(inputs)
 
     def _check_stop_strings(self, tr: _Tracked):
@@ -412,8 +424,12 @@ class Engine:
         """The engine loop's host time: ms per step by phase (`atom_jax.engine.host_timing`)
         since the last reset; `reset` starts a new count after reading this one."""
         out = self.clock.snapshot()
+        if self._launcher is not None:  # its "launch": the runner's run, timed on that thread
+            out["dispatch_thread"] = self._launcher.clock.snapshot()
         if reset:
             self.clock.reset()
+            if self._launcher is not None:
+                self._launcher.clock.reset()
         return out
 
     def stats(self) -> dict:

@@ -106,7 +106,10 @@ class ModelRunner:
         # uploads the whole table
         self._page_table_dev = self.global_array(self.page_table)
         self.page_updates = max(layout.num_slots, 16)
-        self._row_pages: dict[tuple[int, int], list[int]] = {}  # (rank, slot) -> pages in page_table
+        # (rank, slot) -> the pages host_inputs last sent for that row (the leader's planning
+        # state, like _prev_rows; `forget_rows` after a failed step sends every row again)
+        self._row_pages: dict[tuple[int, int], list[int]] = {}
+        self._table_stale = False  # a step failed after writing the host table: upload it whole
         self.max_samples = self.dp * layout.num_slots  # sampler rows, padded: one compile per bucket
         # the previous step's output block [2, max_samples] (sampled tokens, logprob bits), on
         # the device: what PENDING inputs read
@@ -134,6 +137,7 @@ class ModelRunner:
                 seq = w.seq
                 if self._row_pages.get((r, seq.slot)) != seq.pages:  # list compare: cheap per decode
                     page_rows.append((r, seq.slot, np.asarray(seq.pages, np.int32)))
+                    self._row_pages[(r, seq.slot)] = list(seq.pages)
                 toks = w.token_ids()  # a fresh list (the packer and the plan channel take lists)
                 if toks and toks[-1] == PENDING:  # only the newest token can be pending
                     toks[-1] = -(prev_rows[seq.request_id] + 1)
@@ -157,28 +161,40 @@ class ModelRunner:
             counter=np.asarray(counters, np.uint32).reshape(-1))
         return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling, restores)
 
+    def forget_rows(self) -> None:
+        """A step failed: its page-table rows may never have reached the table, so the next
+        steps send every row they use again."""
+        self._row_pages.clear()
+
     def run(self, inputs: StepInputs) -> StepResult:
         """Dispatch a step (every process of a multi-host run calls it with the same inputs);
         returns without waiting for the device. Host-to-device: one int32 block (sampling rows,
         every rank's packed tokens and changed page-table entries); the whole page table only
         when more entries changed than a step carries, or before a restore."""
         updates = self._update_page_table(inputs.page_rows)
-        buf = self._input_block(inputs, updates)
-        self.clock.lap("pack")
-        if updates is None or inputs.restores:
-            # a copy: on CPU, device_put may alias (not copy) a numpy array, and the host
-            # table is written in place by later steps while this one may still read it
-            self._page_table_dev = self.global_array(self.page_table.copy())
-        if inputs.restores:
-            self.restore_slots(inputs.restores)
-        buf = place(buf, self._replicated)
-        self.clock.lap("transfer")
-        args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
-        built = self._compiled.get((inputs.bucket, inputs.tbo))
-        if built is not None:
-            self.cache, self._page_table_dev, out = built(*args)
-        else:
-            self.cache, self._page_table_dev, out = self._device_step(*args, tbo=inputs.tbo)
+        try:
+            if self._table_stale:
+                updates = None
+            buf = self._input_block(inputs, updates)
+            self.clock.lap("pack")
+            if updates is None or inputs.restores:
+                # a copy: on CPU, device_put may alias (not copy) a numpy array, and the host
+                # table is written in place by later steps while this one may still read it
+                self._page_table_dev = self.global_array(self.page_table.copy())
+            if inputs.restores:
+                self.restore_slots(inputs.restores)
+            buf = place(buf, self._replicated)
+            self.clock.lap("transfer")
+            args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
+            built = self._compiled.get((inputs.bucket, inputs.tbo))
+            if built is not None:
+                self.cache, self._page_table_dev, out = built(*args)
+            else:
+                self.cache, self._page_table_dev, out = self._device_step(*args, tbo=inputs.tbo)
+        except BaseException:
+            self._table_stale = True  # the device may not hold the rows just written
+            raise
+        self._table_stale = False
         self._last_out = out
         return StepResult.packed(out, len(inputs.sampling.rows))
 
@@ -197,7 +213,6 @@ class ModelRunner:
             new[: len(pages)] = pages
             (idx,) = np.nonzero(row != new)
             row[:] = new
-            self._row_pages[(r, slot)] = np.asarray(pages).tolist()
             n = used[r]
             if n + len(idx) > k:
                 overflow = True
