@@ -1,0 +1,34 @@
+"""`python -m atom_jax.bench decode` on the tiny model: every loop (synchronous, overlap, overlap
+with the dispatch thread) reports its host time per step by phase, measured over the timed steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atom_jax.bench.__main__ import main
+from atom_jax.engine.host_timing import PHASES
+
+
+def test_bench_decode_reports_host_time_by_phase(tmp_path):
+    out = tmp_path / "decode.json"
+    assert main(["decode", "--tiny", "--batches", "2", "--steps", "3", "--warmup", "1", "--prompt-len", "16",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["off", "on", "thread"]
+    for r in results:
+        host = r["host_ms"]
+        assert host["steps"] == 3 and all(host[p] >= 0 for p in PHASES), r
+        assert host["host"] == pytest.approx(sum(host[p] for p in PHASES if p != "wait"), abs=1e-3)
+        assert host["total"] == pytest.approx(host["host"] + host["wait"], abs=1e-3)
+        # the loop's own time per step is what the phases add up to, give or take the bench's loop
+        assert host["total"] <= r["ms_per_step"] * 1.05 + 0.05, r
+        assert host["schedule"] > 0 and host["resolve"] > 0
+    off, on, thread = results
+    assert off["host_ms"]["launch"] > 0 and on["host_ms"]["launch"] > 0
+    assert "dispatch_thread" not in on["host_ms"]
+    # the runner's packing, copies and call, timed on the dispatch thread (the last launch may
+    # still be running when the engine thread reads the clock)
+    worker = thread["host_ms"]["dispatch_thread"]
+    assert worker["steps"] >= 2 and worker["launch"] > 0 and worker["pack"] > 0
