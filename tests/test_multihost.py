@@ -265,7 +265,8 @@ class _Wire:
 
 
 def _inputs(rng, dp, tokens_per_chunk) -> StepInputs:
-    chunks = [[(s, int(rng.integers(0, 500)), rng.integers(0, 256, tokens_per_chunk).astype(np.int32), bool(s % 2))
+    chunks = [[(s, int(rng.integers(0, 500)), rng.integers(0, 256, tokens_per_chunk).astype(np.int32), bool(s % 2),
+                rng.integers(-1, 9, tokens_per_chunk).astype(np.int32) if s else None)  # window-state entries
                for s in range(r + 1)] for r in range(dp)]
     n = sum(c[3] for rank in chunks for c in rank)
     sampling = SamplingRows(rows=np.arange(n, dtype=np.int32), temperature=rng.random(n).astype(np.float32),
@@ -273,7 +274,7 @@ def _inputs(rng, dp, tokens_per_chunk) -> StepInputs:
                             seed=rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
                             counter=rng.integers(0, 9, n).astype(np.uint32))
     rows = [(1, 0, np.array([3, 9, 4], np.int32)), (0, 1, np.array([7], np.int32))]
-    restores = [(2, 1, 64), (0, 0, 128)]
+    restores = [(2, 1, 64, (-1, 5)), (0, 0, 128, (3, 4))]
     return StepInputs(32, True, chunks, rows, sampling, restores)
 
 
@@ -282,6 +283,7 @@ def _same(a: StepInputs, b: StepInputs):
     for ra, rb in zip(a.chunks, b.chunks, strict=True):
         for ca, cb in zip(ra, rb, strict=True):
             assert ca[:2] == cb[:2] and ca[3] == cb[3] and np.array_equal(ca[2], cb[2])
+            assert (ca[4] is None) == (cb[4] is None) and (ca[4] is None or np.array_equal(ca[4], cb[4]))
     for pa, pb in zip(a.page_rows, b.page_rows, strict=True):
         assert pa[:2] == pb[:2] and np.array_equal(pa[2], pb[2])
     assert a.restores == b.restores

@@ -64,6 +64,27 @@ def test_register_keeps_the_first_page_of_a_block_and_ignores_it_when_off():
     assert off.match(k) == [] and off.num_cached == 0
 
 
+def test_window_state_pool_bounds_where_a_cached_prefix_can_be_reused():
+    pa = PageAllocator(num_pages=6, page_tokens=2, prefix_caching=True, state_pages=2)
+    k = _keys([1, 2, 3, 4, 5, 6], 2)
+    t = pa.allocate(6)
+    assert [pa.states.entry(p) for p in t] == [0, 1, -1]  # the pool ran out at the third page
+    for p, key in zip(t, k):
+        pa.register(p, key)
+    assert pa.match(k) == t[:2]  # reuse ends at the last page that kept its state
+    u = pa.allocate(2)  # takes the state of the least recently used full page, t[0]
+    assert pa.states.entry(u[0]) == 0 and pa.match(k[:1]) == [] and pa.match(k) == t[:2]
+    pa.register(u[0], k[0])  # the same block again, with its state: the index moves to it
+    assert pa.match(k) == [u[0], t[1]] and pa.num_cached == 3
+    pa.free(t)  # t[0] is private now: back to the pool, not cached
+    assert pa.num_cached_free == 2 and pa.num_free == 5
+    pa.free(u)
+    pa.check()
+    filling = PageAllocator(num_pages=4, page_tokens=2, prefix_caching=True, state_pages=1)
+    a, b = filling.allocate(2), filling.allocate(2)
+    assert filling.states.entry(a[0]) == 0 and filling.states.entry(b[0]) == -1  # a's is in use
+
+
 def _run_chunks(rs, work, sampled_token=7):
     return rs.on_step_done(work, {c.request_id: sampled_token for c in work if c.sample})
 
@@ -139,12 +160,13 @@ def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held():
         assert all(r.pages.refcount(p) == 0 for p in range(cfg.num_pages))
 
 
-@pytest.mark.parametrize("dp,tbo", [(1, False), (2, True)])
-def test_engine_outputs_with_the_cache_equal_outputs_without(dp, tbo):
+@pytest.mark.parametrize("dp,tbo,state_pages", [(1, False, None), (2, True, 3)])
+def test_engine_outputs_with_the_cache_equal_outputs_without(dp, tbo, state_pages):
     """Shared prefixes end at every residue mod 16 (the tiny model's window and HCA ratio, a
     multiple of the CSA ratio 4); 24-token chunks cross the 16-token pages at moving offsets;
     half the requests sample with a seed; at dp 2 TBO cuts steps inside requests. Few pages: cached pages are evicted and running
-    sequences preempted (and re-admitted onto cached pages) along the way."""
+    sequences preempted (and re-admitted onto cached pages) along the way. At dp 2 only 3 of
+    a rank's 7 pages keep their window state: hits end early, at the last page that kept it."""
     from atom_jax.engine import Engine, EngineConfig
 
     seed = int(np.random.default_rng().integers(2**31))
@@ -153,7 +175,8 @@ def test_engine_outputs_with_the_cache_equal_outputs_without(dp, tbo):
     # overlap schedule's page-table race: see the test below.)
     eng = Engine(EngineConfig(seed=int(rng.integers(2**31)), dp=dp, num_slots=4,
                               num_pages=10 if dp == 1 else 7, page_tokens=16, max_pages_per_seq=8,
-                              max_tokens_per_step=32, chunk_size=24, buckets=(32,), tbo=tbo, delayer="off"))
+                              max_tokens_per_step=32, chunk_size=24, buckets=(32,), tbo=tbo, delayer="off",
+                              prefix_state_pages=state_pages))
     base = list(map(int, rng.integers(2, 256, 100)))
     prompts = [base[:16 * (1 + r % 4) + r] + list(map(int, rng.integers(2, 256, 1 + r % 5)))
                for r in range(16)]
@@ -173,6 +196,7 @@ def test_engine_outputs_with_the_cache_equal_outputs_without(dp, tbo):
     assert [o.token_ids for o in with_cache] == [o.token_ids for o in without], f"seed {seed}"
     pc = stats["prefix_cache"]
     assert pc["hit_tokens"] > 0 and pc["evictions"] > 0 and stats["num_preemptions"] > 0, stats
+    assert (pc["state_evictions"] > 0) == (state_pages is not None), stats
     assert sum(o.num_cached_tokens for o in with_cache) > 0
     assert all(o.num_cached_tokens == 0 for o in without)
 
@@ -190,7 +214,7 @@ def test_a_dispatched_step_keeps_its_page_table_when_the_next_step_rewrites_rows
     from atom_jax.loader import random_model
     from atom_jax.sharding import make_dp_mesh
 
-    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=16, max_pages_per_seq=4, page_state=True)
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=16, max_pages_per_seq=4, state_pages=4)
     runner = runner_mod.ModelRunner(random_model(tiny(), seed=0), make_dp_mesh(1), layout)
     monkeypatch.setattr(runner_mod, "place", lambda x, sharding: x)  # zero-copy placement
     seen = []

@@ -75,7 +75,7 @@ def test_auto_picks_the_triton_kernel_for_rocm():
 def test_cached_step_lowers_for_rocm(setup, tbo):
     cfg, model, mesh, params = setup
     # with the prefix cache's page state, as the engine builds it by default
-    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, page_state=True)
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, state_pages=4)
     step, _ = make_cached_step(model, mesh, layout, StepOptions(moe_backend="auto"))
     dp_spec = lambda tree: jax.tree.map(lambda _: P(DP), tree)  # noqa: E731
     one = jax.eval_shape(lambda: init_cache(cfg, layout, jnp.bfloat16))
@@ -92,14 +92,13 @@ def test_cached_step_lowers_for_rocm(setup, tbo):
 
 def test_prefix_cache_restore_lowers_for_rocm(setup):
     cfg, _, mesh, _ = setup
-    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, page_state=True)
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=128, max_pages_per_seq=2, state_pages=4)
     one = jax.eval_shape(lambda: init_cache(cfg, layout, jnp.bfloat16))
     cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct((DP_SIZE,) + a.shape, a.dtype,
                                                         sharding=NamedSharding(mesh, P(DP))), one)
     rows = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
-    pt = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots, layout.max_pages_per_seq), jnp.int32,
-                              sharding=NamedSharding(mesh, P(DP)))
-    exported = _export(make_restore(mesh, layout), cache, rows, rows, pt)
+    entries = jax.ShapeDtypeStruct((DP_SIZE, layout.num_slots, 1), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
+    exported = _export(make_restore(mesh, layout), cache, rows, rows, entries)
     assert exported.platforms == ("rocm",) and "scatter" in exported.mlir_module()
 
 

@@ -85,7 +85,8 @@ def run(args) -> int:
     import jax.numpy as jnp
     plan = memory_plan(cfg, args.dp, args.weights, int(args.gpu_gib * GiB), jnp.dtype(args.dtype),
                        page_tokens=args.page_tokens, num_slots=args.num_slots,
-                       reserve_bytes=int(args.reserve_gib * GiB), prefix_caching=args.prefix_caching)
+                       reserve_bytes=int(args.reserve_gib * GiB), prefix_caching=args.prefix_caching,
+                       state_pages=args.prefix_state_pages)
     print(f"{args.preset} ({cfg.num_layers} layers), dtype {args.dtype}", flush=True)
     print(plan.format(), flush=True)
     out = {"preset": args.preset, "layers": cfg.num_layers, "plan": plan.to_dict(), "steps": []}
@@ -113,8 +114,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--page-tokens", type=int, default=128)
     p.add_argument("--num-slots", type=int, default=64, help="resident sequences per rank")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="plan the prefix cache's per-page window state, as the engine's default does "
+                   help="plan the prefix cache's window-state pool, as the engine's default does "
                    "(default: on)")
+    p.add_argument("--prefix-state-pages", type=int, default=None,
+                   help="pages whose window state the prefix cache keeps (default: 4 per slot)")
     p.add_argument("--build", action="store_true", help="build random weights on the devices and run steps")
     p.add_argument("--backend", default="auto", help="grouped-GEMM backend for --build")
     p.add_argument("--decode-tokens", type=int, default=64, help="--build: one-token rows per rank")

@@ -21,19 +21,23 @@ class PackedBatch:
     seg_start_idx: np.ndarray  # [T] buffer index of this token's chunk start
     seg_start_pos: np.ndarray  # [T] position at the chunk start
     seg_end_pos: np.ndarray  # [T] position just past the chunk end
+    state: np.ndarray  # [T] window-state entry of the token's page (prefix caching; -1: none)
     sample_idx: np.ndarray  # [S] buffer indices whose logits are wanted (padding: 0)
     num_samples: int  # real entries in sample_idx
 
     def arrays(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "sample_idx")}
+                ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state",
+                 "sample_idx")}
 
 
 def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> PackedBatch:
-    """chunks: list of (slot, start_pos, token_ids, sample) -> a PackedBatch padded to `size`.
+    """chunks: list of (slot, start_pos, token_ids, sample[, states]) -> a PackedBatch padded to
+    `size`.
 
-    `sample` marks chunks whose last token's logits are wanted. With `split` (two-batch overlap)
-    the real tokens are divided at half their count, cutting a chunk there if needed, and the
+    `sample` marks chunks whose last token's logits are wanted; `states` (optional, one per
+    token) the window-state entry of each token's page (prefix caching). With `split` (two-batch
+    overlap) the real tokens are divided at half their count, cutting a chunk there if needed, and the
     second half starts at buffer index size // 2: the two micro-batches are [0, size/2) and
     [size/2, size), each padded, and no chunk straddles the middle."""
     regions = [(0, size, list(chunks))]
@@ -49,6 +53,7 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
     s_idx = np.arange(size, dtype=np.int32)  # padding: each its own empty "chunk"
     s_pos = np.zeros(size, np.int32)
     e_pos = np.zeros(size, np.int32)
+    state = np.full(size, -1, np.int32)
     sample = np.zeros(max_samples, np.int32)
     ns = 0
     for base, cap, region in regions:  # vectorised over the region's chunks (the host's hot path)
@@ -77,21 +82,31 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
             raise ValueError(f"more than {max_samples} sampling positions")
         sample[ns: ns + k] = (offs + lens - 1)[want]
         ns += k
-    return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, sample, ns)
+        if any(chunk_states(c) is not None for c in region):
+            state[sl_] = np.concatenate([np.full(len(c[2]), -1, np.int32) if chunk_states(c) is None
+                                         else np.asarray(chunk_states(c), np.int32) for c in region])
+    return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, state, sample, ns)
+
+
+def chunk_states(chunk):
+    """A chunk's optional 5th field: its tokens' window-state entries (None: none kept)."""
+    return chunk[4] if len(chunk) > 4 else None
 
 
 def _cut_at(chunks, n_first: int):
     """Split the chunk list after n_first tokens; a chunk cut in two samples only in its 2nd part."""
     first, second, seen = [], [], 0
-    for sl, start, toks, want in chunks:
+    for chunk in chunks:
+        sl, start, toks, want, *states = chunk
         n = len(toks)
         if seen >= n_first:
-            second.append((sl, start, toks, want))
+            second.append(chunk)
         elif seen + n <= n_first:
-            first.append((sl, start, toks, want))
+            first.append(chunk)
         else:
             k = n_first - seen
-            first.append((sl, start, toks[:k], False))
-            second.append((sl, start + k, toks[k:], want))
+            st = states[0] if states else None
+            first.append((sl, start, toks[:k], False, None if st is None else st[:k]))
+            second.append((sl, start + k, toks[k:], want, None if st is None else st[k:]))
         seen += n
     return first, second

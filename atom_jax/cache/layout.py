@@ -13,16 +13,21 @@ Per layer:
 A page covers `page_tokens` positions of a sequence (a multiple of every compression ratio);
 the host allocates pages (atom_jax.scheduler.pages) and passes each slot's page table in.
 
-With `page_state` (prefix caching), each page also keeps what a sequence continuing right
-after it needs beyond the compressed entries, written by the step as tokens pass:
-- every layer: `page_ring` [pages, min(W, page_tokens), hd], the KV rows of the page's last
-  positions (the sliding window at the page's end; with pages shorter than W the window spans
-  several pages, all of whose rows are kept);
-- CSA layers: `page_tail_kv` / `page_tail_gate` [pages, ratio, 2*hd], the compressor
+With `state_pages` > 0 (prefix caching), up to that many pages at once also keep what a
+sequence continuing right after them needs beyond the compressed entries (the page's "window
+state"), in a separate pool of `state_pages` entries; the host assigns entries to pages
+(`scheduler.pages.StatePool`) and each token of a step carries its page's entry (-1: none,
+nothing kept). The step writes, as tokens pass:
+- every layer: `page_ring` [state_pages, min(W, page_tokens), hd], the KV rows of the page's
+  last positions (the sliding window at the page's end; with pages shorter than W the window
+  spans several pages, all of whose rows are kept);
+- CSA layers: `page_tail_kv` / `page_tail_gate` [state_pages, ratio, 2*hd], the compressor
   projections of the page's last `ratio` positions (their Ca half feeds the next page's first
   entry), and the indexer's (`page_itail_kv`, `page_itail_gate`). HCA needs nothing: a page
   ends on a window boundary and no HCA window overlaps the previous one.
-`atom_jax.cache.restore` copies them into a slot when a sequence starts on cached pages."""
+`atom_jax.cache.restore` copies them into a slot when a sequence starts on cached pages. The
+window state is ~7x a page's compressed entries at V4-Flash dims, hence a pool smaller than
+the pages (docs/design.md, "Prefix caching")."""
 
 from __future__ import annotations
 
@@ -39,7 +44,11 @@ class CacheLayout:
     num_pages: int  # pages per rank
     page_tokens: int  # sequence positions per page
     max_pages_per_seq: int  # page-table width: max context = page_tokens * max_pages_per_seq
-    page_state: bool = False  # keep per-page window/compressor state (prefix caching)
+    state_pages: int = 0  # entries of the pages' window-state pool (prefix caching; 0: none)
+
+    @property
+    def page_state(self) -> bool:
+        return self.state_pages > 0
 
     @property
     def max_context(self) -> int:
@@ -62,7 +71,7 @@ def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) ->
     s, w, d = layout.num_slots, cfg.sliding_window, cfg.head_dim
     layer = {"ring_kv": jnp.zeros((s, w, d), dtype), "ring_pos": jnp.full((s, w), -1, jnp.int32)}
     if layout.page_state:
-        layer["page_ring"] = jnp.zeros((layout.num_pages, min(w, layout.page_tokens), d), dtype)
+        layer["page_ring"] = jnp.zeros((layout.state_pages, min(w, layout.page_tokens), d), dtype)
     if kind == SLIDING:
         return layer
     r = _ratio(cfg, kind)
@@ -80,7 +89,7 @@ def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) ->
         if layout.page_state:
             for pre, width in (("", d), ("i", di)):
                 for part in ("kv", "gate"):
-                    layer[f"page_{pre}tail_{part}"] = jnp.zeros((layout.num_pages, r, 2 * width), jnp.float32)
+                    layer[f"page_{pre}tail_{part}"] = jnp.zeros((layout.state_pages, r, 2 * width), jnp.float32)
     return layer
 
 

@@ -2,7 +2,8 @@
 (prefix caching; see layout.py): what a sequence starting on cached pages needs before its
 first chunk runs.
 
-For a sequence admitted at position P (a multiple of page_tokens) onto cached pages:
+For a sequence admitted at position P (a multiple of page_tokens) onto cached pages whose
+window state is kept (the scheduler admits only there):
 - the ring gets positions P-W .. P-1 (every one of its W rows is rewritten, rows before
   position 0 marked empty, so nothing of the slot's previous sequence stays visible);
 - CSA compressor and indexer tails get the projections of positions P-ratio .. P-1 (the Ca
@@ -15,16 +16,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def restore_slots(cache: list[dict], slots, starts, page_table, page_tokens: int) -> list[dict]:
+def restore_slots(cache: list[dict], slots, starts, entries, page_tokens: int) -> list[dict]:
     """cache: one rank's layers; slots / starts [K]: slot and start position of each restore
-    (padding rows: slot >= num_slots, dropped); page_table [slots, max_pages]."""
+    (padding rows: slot >= num_slots, dropped); entries [K, window_pages]: the window-state
+    entries of the pages just before each start, the oldest first (-1: before position 0)."""
     out = []
     for layer in cache:
         layer = dict(layer)
         if "page_ring" in layer:
             w = layer["ring_kv"].shape[1]
             q = starts[:, None] - w + jnp.arange(w)[None, :]  # [K, W]
-            rows = _page_rows_at(layer["page_ring"], page_table, slots, jnp.maximum(q, 0), page_tokens)
+            rows = _rows_at(layer["page_ring"], entries, starts, q, page_tokens)
             ok = q >= 0
             layer["ring_kv"] = _set(layer["ring_kv"], slots, q % w, jnp.where(ok[..., None], rows, 0))
             layer["ring_pos"] = _set(layer["ring_pos"], slots, q % w, jnp.where(ok, q, -1))
@@ -34,17 +36,19 @@ def restore_slots(cache: list[dict], slots, starts, page_table, page_tokens: int
                 span = layer[f"{pre}tail_kv"].shape[1]
                 q = starts[:, None] - r + jnp.arange(r)[None, :]  # [K, ratio], >= 0: P >= page
                 for part in ("kv", "gate"):
-                    rows = _page_rows_at(layer[f"page_{pre}tail_{part}"], page_table, slots, q, page_tokens)
+                    rows = _rows_at(layer[f"page_{pre}tail_{part}"], entries, starts, q, page_tokens)
                     layer[f"{pre}tail_{part}"] = _set(layer[f"{pre}tail_{part}"], slots, q % span, rows)
         out.append(layer)
     return out
 
 
-def _page_rows_at(store, page_table, slots, q, page_tokens):
-    """Rows of positions q [K, n] of each restore's sequence from store [pages, m, ...]."""
+def _rows_at(store, entries, starts, q, page_tokens):
+    """Rows of positions q [K, n] (before each start) from store [state_pages, m, ...]."""
     m = store.shape[1]
-    page = page_table[jnp.minimum(slots, page_table.shape[0] - 1)[:, None], q // page_tokens]
-    return store[page, jnp.maximum(q % page_tokens - (page_tokens - m), 0)]
+    back = starts[:, None] // page_tokens - q // page_tokens  # 1: the page just before the start
+    col = jnp.clip(entries.shape[1] - back, 0, entries.shape[1] - 1)
+    entry = jnp.take_along_axis(entries, col, axis=1)
+    return store[jnp.maximum(entry, 0), jnp.maximum(q % page_tokens - (page_tokens - m), 0)]
 
 
 def _set(buf, slots, idx, values):

@@ -8,10 +8,10 @@ chunks, many page-table rows) sends the rest in a second broadcast whose size, a
 the header, is rounded up to a power of two (few shapes, each compiled once).
 
 Layout of the payload of a STEP message (all int32; floats and uint32 by bit pattern):
-    per rank: n_chunks, then n_chunks x (slot, start_pos, n_tokens, sample)
-    all chunks' token ids, in order
+    per rank: n_chunks, then n_chunks x (slot, start_pos, n_tokens, sample, has_states)
+    all chunks' token ids, in order, then the window-state entries of those with has_states
     n_page_rows, then per row: rank, slot, n_pages, pages...
-    n_restores, then per restore: rank, slot, start_pos
+    n_restores, then per restore: rank, slot, start_pos, n_entries, entries...
     sampling: rows[n], temperature[n], top_k[n], top_p[n], seed[n], counter[n]
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from atom_jax.cache.batch import chunk_states
 from atom_jax.engine.runner import SamplingRows, StepInputs
 
 MAGIC = 0x41544A58  # "ATJX"
@@ -34,11 +35,11 @@ class ChannelError(RuntimeError):
 def inline_capacity(dp: int, num_slots: int, max_tokens_per_step: int) -> int:
     """Payload ints sent with the header: a step of full buckets with every slot sampling and
     a few page-table rows fits; rarer bigger plans take a second broadcast."""
-    chunks = dp * (1 + 4 * num_slots)
-    tokens = dp * max_tokens_per_step
+    chunks = dp * (1 + 5 * num_slots)
+    tokens = 2 * dp * max_tokens_per_step  # token ids and their pages' state entries
     sampling = 6 * dp * num_slots
     page_rows = 1 + dp * 2 * (3 + 8)
-    restores = 1 + dp * 2 * 3
+    restores = 1 + dp * 2 * 5
     return max(1024, chunks + tokens + sampling + page_rows + restores)
 
 
@@ -47,15 +48,20 @@ def encode_step(inputs: StepInputs) -> tuple[np.ndarray, dict]:
     parts = []
     for rank_chunks in inputs.chunks:
         parts.append([len(rank_chunks)])
-        for slot, start, toks, sample in rank_chunks:
-            parts.append([slot, start, len(toks), int(bool(sample))])
-    parts.extend(np.asarray(toks, np.int32) for rank_chunks in inputs.chunks for _, _, toks, _ in rank_chunks)
+        for c in rank_chunks:
+            slot, start, toks, sample = c[:4]
+            parts.append([slot, start, len(toks), int(bool(sample)), int(chunk_states(c) is not None)])
+    parts.extend(np.asarray(c[2], np.int32) for rank_chunks in inputs.chunks for c in rank_chunks)
+    parts.extend(np.asarray(chunk_states(c), np.int32) for rank_chunks in inputs.chunks for c in rank_chunks
+                 if chunk_states(c) is not None)
     parts.append([len(inputs.page_rows)])
     for r, slot, pages in inputs.page_rows:
         parts.append([r, slot, len(pages)])
         parts.append(np.asarray(pages, np.int32))
     parts.append([len(inputs.restores)])
-    parts.extend([r, slot, start] for r, slot, start in inputs.restores)
+    for r, slot, start, entries in inputs.restores:
+        parts.append([r, slot, start, len(entries)])
+        parts.append(np.asarray(entries, np.int32))
     s = inputs.sampling
     parts.extend([s.rows.astype(np.int32), s.temperature.astype(np.float32).view(np.int32),
                   s.top_k.astype(np.int32), s.top_p.astype(np.float32).view(np.int32),
@@ -80,17 +86,21 @@ def decode_step(payload: np.ndarray, bucket: int, tbo: bool, dp: int, n_samples:
     heads = []
     for _ in range(dp):
         (n_chunks,) = take(1)
-        heads.append([tuple(int(v) for v in take(4)) for _ in range(n_chunks)])
-    chunks = []
-    for rank_heads in heads:
-        chunks.append([(slot, start, take(n).copy(), bool(sample)) for slot, start, n, sample in rank_heads])
+        heads.append([tuple(int(v) for v in take(5)) for _ in range(n_chunks)])
+    chunks = [[(slot, start, take(n).copy(), bool(sample)) for slot, start, n, sample, _ in rank_heads]
+              for rank_heads in heads]
+    chunks = [[c + ((take(len(c[2])).copy() if h[4] else None),) for c, h in zip(rank_chunks, rank_heads)]
+              for rank_chunks, rank_heads in zip(chunks, heads)]
     (n_rows,) = take(1)
     page_rows = []
     for _ in range(n_rows):
         r, slot, n = (int(v) for v in take(3))
         page_rows.append((r, slot, take(n).copy()))
     (n_restores,) = take(1)
-    restores = [tuple(int(v) for v in take(3)) for _ in range(n_restores)]
+    restores = []
+    for _ in range(n_restores):
+        r, slot, start, n = (int(v) for v in take(4))
+        restores.append((r, slot, start, tuple(int(v) for v in take(n))))
     n = n_samples
     sampling = SamplingRows(rows=take(n).copy(), temperature=take(n).view(np.float32).copy(),
                             top_k=take(n).copy(), top_p=take(n).view(np.float32).copy(),

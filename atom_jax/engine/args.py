@@ -19,6 +19,7 @@ from typing import Any, Callable
 from atom_jax.chat.plan import REASONING_PARSERS, TEMPLATES as CHAT_TEMPLATES
 from atom_jax.kernels.names import ATTN_BACKENDS, MOE_BACKENDS
 from atom_jax.scheduler import TBO_MIN_TOKENS
+from atom_jax.scheduler.pages import default_state_pages
 
 log = logging.getLogger("atom_jax.engine")
 
@@ -175,9 +176,21 @@ class EngineConfig:
         True, "reuse the cache pages of equal prompt prefixes (page-aligned blocks; each page "
         "also keeps the sliding window's rows at its end: more memory per page)", negatable=True,
         show_default="on")
+    prefix_state_pages: int | None = setting(
+        None, "pages whose sliding-window state the prefix cache keeps at once (a cached prefix "
+        "is reused up to the last page that kept it; each costs about 7x a page's compressed "
+        "entries)", type=positive_int, show_default="4 per --num-slots, at most --num-pages")
     thinking: bool = setting(
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
+
+    def state_pages(self) -> int:
+        """Entries of the prefix cache's window-state pool (0: prefix caching off)."""
+        if not self.enable_prefix_caching:
+            return 0
+        if self.prefix_state_pages is not None:
+            return min(self.prefix_state_pages, self.num_pages)
+        return default_state_pages(self.num_slots, self.num_pages)
 
     def context(self, max_position_embeddings: int) -> tuple[int, int]:
         """The one context decision -> (max_model_len, pages per sequence). ValueError, naming

@@ -84,7 +84,7 @@ class Engine:
         # rank's pages; the page table is sized from it.
         self.max_context, pages_per_seq = cfg.context(model.cfg.max_position_embeddings)
         self.layout = CacheLayout(cfg.num_slots, cfg.num_pages, cfg.page_tokens, pages_per_seq,
-                                  page_state=cfg.enable_prefix_caching)
+                                  state_pages=cfg.state_pages())
         self.layout.check(model.cfg)
         opts = StepOptions(expert_mode=cfg.expert_mode, moe_backend=cfg.moe_backend,
                            attn_backend=cfg.attn_backend)
@@ -114,7 +114,9 @@ class Engine:
             raise ValueError("prefix caching needs an engine built with enable_prefix_caching")
         rank = RankConfig(num_slots=cfg.num_slots, num_pages=cfg.num_pages, page_tokens=cfg.page_tokens,
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
-                          max_seq_len=self.max_context, enable_prefix_caching=prefix_caching)
+                          max_seq_len=self.max_context, enable_prefix_caching=prefix_caching,
+                          prefix_state_pages=self.layout.state_pages,
+                          window_pages=-(-self.model.cfg.sliding_window // cfg.page_tokens))
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)

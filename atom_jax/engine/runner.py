@@ -44,8 +44,8 @@ class StepInputs:
     chunks: list  # per rank: [(slot, start_pos, token_ids int32 array, sample bool)]
     page_rows: list  # [(rank, slot, pages int32 array)]: page-table rows to (re)write
     sampling: SamplingRows
-    # [(rank, slot, start_pos)]: slots admitted onto cached pages; their state is rebuilt
-    # at start_pos from the pages before the step runs (prefix caching)
+    # [(rank, slot, start_pos, entries)]: slots admitted onto cached pages; their state is
+    # rebuilt at start_pos from the window-state entries of the pages before it (prefix caching)
     restores: list = dataclasses.field(default_factory=list)
 
 
@@ -102,8 +102,8 @@ class ModelRunner:
         self.page_table = np.zeros((self.dp, layout.num_slots, layout.max_pages_per_seq), np.int32)
         self._restore = make_restore(mesh, layout) if layout.page_state else None
         # the page table on the device: a step writes the entries that changed (at most
-        # `page_updates` per rank, sent in its input block); more than that, or a restore,
-        # uploads the whole table
+        # `page_updates` per rank, sent in its input block); more than that uploads the whole
+        # table (a restore reads no page table: the window-state entries come with it)
         self._page_table_dev = self.global_array(self.page_table)
         self.page_updates = max(layout.num_slots, 16)
         # (rank, slot) -> the pages host_inputs last sent for that row (the leader's planning
@@ -141,9 +141,10 @@ class ModelRunner:
                 toks = w.token_ids()  # a fresh list (the packer and the plan channel take lists)
                 if toks and toks[-1] == PENDING:  # only the newest token can be pending
                     toks[-1] = -(prev_rows[seq.request_id] + 1)
-                rank_chunks.append((seq.slot, w.start_pos, toks, bool(w.sample)))
+                states = w.token_states(self.layout.page_tokens)  # None without prefix caching
+                rank_chunks.append((seq.slot, w.start_pos, toks, bool(w.sample), states))
                 if w.restore:
-                    restores.append((r, seq.slot, w.start_pos))
+                    restores.append((r, seq.slot, w.start_pos, w.restore_states))
                 if w.sample:
                     next_rows[seq.request_id] = len(rows)
                     rows.append(r * self.layout.num_slots + j)
@@ -170,14 +171,14 @@ class ModelRunner:
         """Dispatch a step (every process of a multi-host run calls it with the same inputs);
         returns without waiting for the device. Host-to-device: one int32 block (sampling rows,
         every rank's packed tokens and changed page-table entries); the whole page table only
-        when more entries changed than a step carries, or before a restore."""
+        when more entries changed than a step carries."""
         updates = self._update_page_table(inputs.page_rows)
         try:
             if self._table_stale:
                 updates = None
             buf = self._input_block(inputs, updates)
             self.clock.lap("pack")
-            if updates is None or inputs.restores:
+            if updates is None:
                 # a copy: on CPU, device_put may alias (not copy) a numpy array, and the host
                 # table is written in place by later steps while this one may still read it
                 self._page_table_dev = self.global_array(self.page_table.copy())
@@ -267,18 +268,20 @@ class ModelRunner:
         return times
 
     def restore_slots(self, restores) -> None:
-        """Rebuild the listed (rank, slot, start_pos) slots' state from their pages (the page
-        table must already hold their rows)."""
+        """Rebuild the listed (rank, slot, start_pos, entries) slots' state from the window-state
+        entries of the pages before start_pos."""
         if self._restore is None:
             raise ValueError("a step restores cached prefix state but the cache layout keeps no page state")
         slots = np.full((self.dp, self.layout.num_slots), self.layout.num_slots, np.int32)  # padding: dropped
         starts = np.zeros_like(slots)
+        window_pages = -(-self.cfg.sliding_window // self.layout.page_tokens)
+        entries = np.full(slots.shape + (window_pages,), -1, np.int32)
         used = [0] * self.dp
-        for r, slot, start in restores:
-            slots[r, used[r]], starts[r, used[r]] = slot, start
+        for r, slot, start, states in restores:
+            slots[r, used[r]], starts[r, used[r]], entries[r, used[r]] = slot, start, states
             used[r] += 1
         self.cache = self._restore(self.cache, self.global_array(slots), self.global_array(starts),
-                                   self._page_table_dev)
+                                   self.global_array(entries))
 
     def global_array(self, x: np.ndarray):
         """A [dp, ...] host array as one global array sharded over `dp`: each process places
@@ -287,7 +290,7 @@ class ModelRunner:
 
 
 # ---- the packed host-to-device buffers and the one jitted step program ------------------
-_TOKEN_KEYS = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos")
+_TOKEN_KEYS = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state")
 
 
 def _pack_batch(b) -> np.ndarray:

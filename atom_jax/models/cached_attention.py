@@ -37,15 +37,15 @@ def _window_rows(proj, tail, b, positions):
     return jnp.where(in_chunk[..., None], from_chunk, from_tail)
 
 
-def _page_rows(store, page_table, b, values, page_tokens):
-    """Keep the rows of each page's last positions with the page (prefix caching): row i of
-    a page in store [pages, n, ...] holds its position page_tokens - n + i."""
+def _page_rows(store, b, values, page_tokens):
+    """Keep the rows of each page's last positions with the page's window-state entry (prefix
+    caching; b["state"], -1: none): row i of an entry in store [state_pages, n, ...] holds its
+    page's position page_tokens - n + i."""
     n = store.shape[1]
     pos = b["pos"]
     off = jnp.mod(pos, page_tokens) - (page_tokens - n)
-    keep = b["valid"] & (off >= 0)
-    page = page_table[b["slot"], pos // page_tokens]
-    addr = jnp.where(keep, page, store.shape[0])
+    keep = b["valid"] & (off >= 0) & (b["state"] >= 0)
+    addr = jnp.where(keep, b["state"], store.shape[0])
     return store.at[addr, jnp.maximum(off, 0)].set(values.astype(store.dtype), mode="drop")
 
 
@@ -89,7 +89,7 @@ def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table,
     tail_kv = _write_last(tail_kv, b["slot"], jnp.mod(pos, span), kv, keep)
     tail_gate = _write_last(tail_gate, b["slot"], jnp.mod(pos, span), gate, keep)
     if page_tails is not None:
-        page_tails = tuple(_page_rows(t, page_table, b, v, page_tokens) for t, v in zip(page_tails, (kv, gate)))
+        page_tails = tuple(_page_rows(t, b, v, page_tokens) for t, v in zip(page_tails, (kv, gate)))
     return pool, tail_kv, tail_gate, page_tails
 
 
@@ -151,7 +151,7 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     cache["ring_kv"] = _write_last(cache["ring_kv"], slot, jnp.mod(pos, win), kv, keep)
     cache["ring_pos"] = _write_last(cache["ring_pos"], slot, jnp.mod(pos, win), pos, keep)
     if "page_ring" in cache:  # prefix caching: the window rows at each page's end
-        cache["page_ring"] = _page_rows(cache["page_ring"], page_table, b, kv, layout.page_tokens)
+        cache["page_ring"] = _page_rows(cache["page_ring"], b, kv, layout.page_tokens)
     return out, cache
 
 

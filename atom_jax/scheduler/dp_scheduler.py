@@ -247,3 +247,4 @@ class DPScheduler:
                           for name in _PREFIX_STATS}
         m.prefix_cache["cached_pages"] = sum(r.pages.num_cached for r in self.ranks)
         m.prefix_cache["evictions"] = sum(r.pages.num_evictions for r in self.ranks)
+        m.prefix_cache["state_evictions"] = sum(r.pages.states.num_evictions for r in self.ranks)

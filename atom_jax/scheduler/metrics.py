@@ -44,7 +44,7 @@ class SchedulerMetrics:
         self.num_waiting = 0
         self.num_preemptions = 0
         # prefix cache, all ranks: queries, hits, queried_tokens, hit_tokens (per admission),
-        # cached_pages (registered now), evictions
+        # cached_pages (registered now), evictions, state_evictions (window state dropped)
         self.prefix_cache: dict[str, int] = {}
         self.last_step: StepRecord | None = None
 

@@ -9,6 +9,14 @@ import heapq
 import numpy as np
 
 
+STATE_PAGES_PER_SLOT = 4  # default window-state entries per sequence slot (prefix caching)
+
+
+def default_state_pages(num_slots: int, num_pages: int) -> int:
+    """The window-state pool's default size: STATE_PAGES_PER_SLOT per slot, at most one per page."""
+    return min(num_pages, STATE_PAGES_PER_SLOT * num_slots)
+
+
 def pages_for(num_tokens: int, page_tokens: int) -> int:
     """Pages needed to hold `num_tokens` tokens (ceil division)."""
     return -(-num_tokens // page_tokens)
@@ -60,13 +68,23 @@ class PageAllocator:
     instead of recomputing it (several sequences then hold the same page: its reference count).
     A registered page nobody holds stays cached and counts as free: it is evicted, least
     recently released first, only when the free pool is empty.
+
+    Window state (docs/design.md, "Prefix caching"): a sequence can start after a cached page
+    only if the sliding-window and compressor state at that page's end is kept, and it is kept
+    for at most `state_pages` pages at once (`StatePool`; None: every page). A page gets a
+    state entry when it is allocated; `match` ends the reused run at the last page whose state
+    (and that of the `window_pages - 1` pages before it: the window spans them) is still there.
     """
 
-    def __init__(self, num_pages: int, page_tokens: int, prefix_caching: bool = False):
+    def __init__(self, num_pages: int, page_tokens: int, prefix_caching: bool = False,
+                 state_pages: int | None = None, window_pages: int = 1):
         if page_tokens <= 0:
             raise ValueError(f"page_tokens must be > 0, got {page_tokens}")
         self.page_tokens = page_tokens
         self.prefix_caching = prefix_caching
+        self.window_pages = max(1, window_pages)
+        n_states = 0 if not prefix_caching else num_pages if state_pages is None else state_pages
+        self.states = StatePool(n_states)
         self._pool = _IdPool(num_pages, "page")  # pages neither held nor cached
         self._refs = [0] * num_pages
         self._key: dict[int, bytes] = {}  # registered page -> block key
@@ -148,6 +166,7 @@ class PageAllocator:
                     self._lru[p] = None
                 else:
                     unheld.append(p)
+                    self.states.drop(p)
         self._pool.give(unheld)
 
     # -- prefix cache ------------------------------------------------------------------------
@@ -160,7 +179,10 @@ class PageAllocator:
                 if p is None:
                     break
                 out.append(p)
-        return out
+        m = len(out)  # a sequence can start only where the window state is kept
+        while m and not all(self.states.has(p) for p in out[max(0, m - self.window_pages):m]):
+            m -= 1
+        return out[:m]
 
     def num_free_after_acquire(self, pages: list[int]) -> int:
         """`num_free` once `pages` (from `match`) are acquired: cached unheld ones stop counting."""
@@ -173,17 +195,30 @@ class PageAllocator:
                 raise ValueError(f"page {p} is not a cached page")
             self._lru.pop(p, None)
             self._refs[p] += 1
+        for p in pages[-self.window_pages:]:  # the state a restore reads: used now
+            self.states.touch(p)
         return list(pages)
 
     def register(self, page: int, key: bytes) -> None:
         """Offer a held, full page whose contents are final under its block key. A key already
-        cached keeps its page (the same block computed twice: this copy stays private)."""
-        if not self.prefix_caching or key in self._index or page in self._key:
+        cached keeps its page (the same block computed twice: this copy stays private), unless
+        only this copy has its window state: then the index moves to it."""
+        if not self.prefix_caching or page in self._key:
             return
         if self._refs[page] <= 0:
             raise ValueError(f"page {page} registered but not held")
+        old = self._index.get(key)
+        if old is not None:
+            if self.states.has(old) or not self.states.has(page):
+                self.states.drop(page)  # a private copy: its state is never read
+                return
+            del self._key[old]  # the old copy stays with its holders, private
+            if old in self._lru:
+                del self._lru[old]
+                self._pool.give([old])
         self._index[key] = page
         self._key[page] = key
+        self.states.final(page)
 
     def _take(self, n: int) -> list[int]:
         if n > self.num_free:
@@ -193,10 +228,12 @@ class PageAllocator:
         while len(ids) < n:  # evict the least recently released cached pages
             p, _ = self._lru.popitem(last=False)
             del self._index[self._key.pop(p)]
+            self.states.drop(p)
             self.num_evictions += 1
             ids.append(p)
         for p in ids:
             self._refs[p] = 1
+            self.states.give(p)
         return ids
 
     def check(self) -> None:
@@ -209,6 +246,63 @@ class PageAllocator:
             assert free == (not held and not cached), p
         assert all(self._index[k] == p for p, k in self._key.items())
         assert len(self._index) == len(self._key)
+        for p in self.states.pages():
+            assert self._refs[p] > 0 or p in self._key, f"page {p} free but keeps a state entry"
+        self.states.check()
+
+
+class StatePool:
+    """Which pages keep their window state (`cache.layout`: the `state_pages` entries of the
+    cache's page-state arrays), host side. A page allocated gets a free entry, else the entry
+    of the full page whose state was used least recently (registered, or read by a restore);
+    the entries of pages still being filled are never taken. `entry(page)`: -1 when none (the
+    step then drops that page's state rows)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free = list(range(size))  # a sorted list is a valid heap
+        self._entry: dict[int, int] = {}  # page -> entry
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # full pages
+        self.num_evictions = 0
+
+    def has(self, page: int) -> bool:
+        return page in self._entry
+
+    def entry(self, page: int) -> int:
+        return self._entry.get(page, -1)
+
+    def pages(self):
+        return self._entry.keys()
+
+    def give(self, page: int) -> None:
+        """An entry for a freshly allocated page, if one is free or evictable."""
+        if self._free:
+            self._entry[page] = heapq.heappop(self._free)
+        elif self._lru:
+            victim, _ = self._lru.popitem(last=False)
+            self._entry[page] = self._entry.pop(victim)
+            self.num_evictions += 1
+
+    def final(self, page: int) -> None:
+        """The page is full and registered: its state may be read (and evicted) from now on."""
+        if page in self._entry:
+            self._lru[page] = None
+
+    def touch(self, page: int) -> None:
+        if page in self._lru:
+            self._lru.move_to_end(page)
+
+    def drop(self, page: int) -> None:
+        e = self._entry.pop(page, None)
+        if e is not None:
+            self._lru.pop(page, None)
+            heapq.heappush(self._free, e)
+
+    def check(self) -> None:
+        used = list(self._entry.values())
+        assert len(set(used)) == len(used) and not set(used) & set(self._free), "state entries"
+        assert len(used) + len(self._free) == self.size
+        assert all(p in self._entry for p in self._lru)
 
 
 def chain_key(prev: bytes, block_tokens) -> bytes:

@@ -42,6 +42,10 @@ class RankConfig:
     # (page_tokens * max_pages_per_seq of the cache layout); None = only the cache limits it.
     max_seq_len: int | None = None
     enable_prefix_caching: bool = True  # reuse cached full pages of equal token prefixes
+    # pages whose window state the prefix cache keeps at once (None: every page), and how many
+    # pages the sliding window spans (a restore reads the state of that many pages)
+    prefix_state_pages: int | None = None
+    window_pages: int = 1
 
     def validate(self) -> "RankConfig":
         for name in ("num_slots", "num_pages", "page_tokens", "max_tokens_per_step",
@@ -69,6 +73,17 @@ class ChunkWork:
     # the sequence was just admitted onto cached pages: restore its slot's state (sliding
     # window ring, compressor tails) at start_pos from the pages before running the chunk
     restore: bool = False
+    # prefix caching: the state entry of each page the chunk writes (first: the page holding
+    # start_pos) and, with `restore`, of the window_pages pages before start_pos (-1: none)
+    page_states: tuple = ()
+    restore_states: tuple = ()
+
+    def token_states(self, page_tokens: int):
+        """The state entry of each token's page, or None when no page keeps state."""
+        if not self.page_states:
+            return None
+        first = self.start_pos // page_tokens
+        return [self.page_states[(self.start_pos + i) // page_tokens - first] for i in range(self.num_tokens)]
 
     @property
     def request_id(self) -> str:
@@ -108,7 +123,8 @@ class RankScheduler:
         self.config = config.validate()
         self.rank = rank
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.pages = PageAllocator(config.num_pages, config.page_tokens, config.enable_prefix_caching)
+        self.pages = PageAllocator(config.num_pages, config.page_tokens, config.enable_prefix_caching,
+                                   config.prefix_state_pages, config.window_pages)
         self.prefix_stats = PrefixCacheStats()
         self.slots = SlotAllocator(config.num_slots)
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -313,6 +329,10 @@ class RankScheduler:
         self.waiting.popleft()
         seq.slot = self.slots.allocate()
         seq.pages = self.pages.acquire(hit)
+        # the window state the restore reads, before `extend` may give its entries to new pages
+        # (the restore runs before the step writes them), oldest first, -1 before position 0
+        w = self.pages.window_pages
+        back = (-1,) * max(0, w - len(hit)) + tuple(self.pages.states.entry(p) for p in hit[-w:])
         self.pages.extend(seq.pages, start + n)
         seq.num_computed = start
         seq.num_registered_pages = len(hit)
@@ -326,7 +346,8 @@ class RankScheduler:
             seq.num_cached_tokens = min(start, seq.num_prompt_tokens)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
-        self._put(ChunkWork(seq, start, n, start + n == seq.total_len, restore=start > 0))
+        self._put(ChunkWork(seq, start, n, start + n == seq.total_len, restore=start > 0,
+                            restore_states=back if hit else ()))
         return True
 
     def _register_full_pages(self, seq: Sequence) -> None:
@@ -339,6 +360,11 @@ class RankScheduler:
             seq.num_registered_pages = full
 
     def _put(self, chunk: ChunkWork) -> None:
+        states = self.pages.states
+        if states.size:  # where the chunk's pages keep their window state
+            pt, seq = self.config.page_tokens, chunk.seq
+            first, end = chunk.start_pos // pt, (chunk.start_pos + chunk.num_tokens - 1) // pt + 1
+            chunk = dataclasses.replace(chunk, page_states=tuple(states.entry(p) for p in seq.pages[first:end]))
         self._work[chunk.request_id] = chunk
         self._budget -= chunk.num_tokens
 

@@ -77,7 +77,9 @@ class EngineStatsCollector:
                  "admissions without the cache"),
                 ("prefix_cache_hit_tokens", "hit_tokens", "Tokens reused from the prefix cache "
                  "instead of computed"),
-                ("prefix_cache_evictions", "evictions", "Cached pages evicted for new ones")):
+                ("prefix_cache_evictions", "evictions", "Cached pages evicted for new ones"),
+                ("prefix_cache_state_evictions", "state_evictions", "Cached pages whose window "
+                 "state was dropped for new pages (no longer a reuse point)")):
             yield CounterMetricFamily(PREFIX + name, doc, value=pc.get(key, 0))
         yield gauge("prefix_cache_pages", "Pages in the prefix cache (held or not), all ranks",
                     pc.get("cached_pages", 0))

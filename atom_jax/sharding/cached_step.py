@@ -21,7 +21,7 @@ from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import check_divisible, param_specs
 
-PER_TOKEN = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos")
+PER_TOKEN = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state")
 
 
 def _slice_batch(b: dict, lo: int, hi: int) -> dict:
@@ -83,13 +83,14 @@ def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
 
 
 def make_restore(mesh, layout):
-    """-> restore(cache, slots [dp, K], starts [dp, K], page_table [dp, slots, max_pages]) ->
-    cache: each rank rebuilds its listed slots' state from their pages (cache/restore.py);
-    padding rows carry slot >= num_slots. The cache is donated."""
+    """-> restore(cache, slots [dp, K], starts [dp, K], entries [dp, K, window_pages]) -> cache:
+    each rank rebuilds its listed slots' state from the window-state entries of the pages
+    before their start (cache/restore.py); padding rows carry slot >= num_slots. The cache is
+    donated."""
 
-    def body(cache, slots, starts, page_table):
+    def body(cache, slots, starts, entries):
         squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
-        out = restore_slots(squeeze(cache), slots[0], starts[0], page_table[0], layout.page_tokens)
+        out = restore_slots(squeeze(cache), slots[0], starts[0], entries[0], layout.page_tokens)
         return jax.tree.map(lambda a: a[None], out)
 
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(DP),) * 4, out_specs=P(DP), check_vma=False)

@@ -2,9 +2,11 @@
 GPU (experts sharded over dp, everything else replicated), KV-cache bytes per token and per
 sequence slot, and how many tokens of KV fit in what is left of a GPU.
 
-The cache has a paged part (compressed entries: grows with tokens) and a per-slot part (the
-sliding-window ring and the compressor tails: fixed per resident sequence); both come from
-`cache.layout.init_layer_cache` through `jax.eval_shape`, so the plan follows the cache code."""
+The cache has a paged part (compressed entries: grows with tokens), a per-slot part (the
+sliding-window ring and the compressor tails: fixed per resident sequence) and, with prefix
+caching, the window-state pool (a fixed number of pages' window state, by default
+STATE_PAGES_PER_SLOT per slot); all come from `cache.layout.init_layer_cache` through
+`jax.eval_shape`, so the plan follows the cache code."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from atom_jax.cache.layout import CacheLayout, init_cache
 from atom_jax.config import ModelConfig
 from atom_jax.loader import abstract_model
+from atom_jax.scheduler.pages import STATE_PAGES_PER_SLOT
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.placement import BY_EXPERT, param_specs
 
@@ -38,16 +41,22 @@ class MemoryPlan:
     weights: str
     weight_bytes_per_gpu: int
     weight_bytes_by_part: dict  # per GPU: experts / attention / shared / embed+head / other
-    kv_bytes_per_token: float  # paged compressed entries (+ prefix-cache page state), all layers
+    kv_bytes_per_token: float  # paged compressed entries, all layers
     kv_bytes_per_slot: int  # ring + compressor tails, all layers
     gpu_bytes: int
     reserve_bytes: int  # activations, workspace, compiled programs
     num_slots: int
-    prefix_caching: bool = True  # pages keep their window state (the engine's default)
+    state_pages: int = 0  # prefix caching: pages whose window state is kept at once
+    state_bytes_per_page: int = 0  # one page's window state (ring rows, CSA tails), all layers
+
+    @property
+    def state_bytes(self) -> int:
+        return self.state_pages * self.state_bytes_per_page
 
     @property
     def kv_budget_bytes(self) -> int:
-        return self.gpu_bytes - self.weight_bytes_per_gpu - self.reserve_bytes - self.num_slots * self.kv_bytes_per_slot
+        return (self.gpu_bytes - self.weight_bytes_per_gpu - self.reserve_bytes - self.num_slots * self.kv_bytes_per_slot
+                - self.state_bytes)
 
     @property
     def kv_tokens_per_gpu(self) -> int:
@@ -55,17 +64,20 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(kv_budget_bytes=self.kv_budget_bytes, kv_tokens_per_gpu=self.kv_tokens_per_gpu)
+        d.update(kv_budget_bytes=self.kv_budget_bytes, kv_tokens_per_gpu=self.kv_tokens_per_gpu,
+                 state_bytes=self.state_bytes)
         return d
 
     def format(self) -> str:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.weight_bytes_by_part.items())
         lines = [
             f"weights ({self.weights}) per GPU at dp={self.dp}: {fmt_bytes(self.weight_bytes_per_gpu)} ({parts})",
-            f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries"
-            f"{', window state of the prefix cache' if self.prefix_caching else ''}) + "
+            f"KV cache: {self.kv_bytes_per_token:.0f} bytes per token (paged compressed entries) + "
             f"{fmt_bytes(self.kv_bytes_per_slot)} per sequence slot (windows, tails) x {self.num_slots} slots",
-            f"GPU {fmt_bytes(self.gpu_bytes)} - weights - {fmt_bytes(self.reserve_bytes)} reserve - slots = "
+            (f"prefix cache window state: {self.state_pages} pages x {fmt_bytes(self.state_bytes_per_page)} = "
+             f"{fmt_bytes(self.state_bytes)}" if self.state_pages else "prefix cache off: no window state"),
+            f"GPU {fmt_bytes(self.gpu_bytes)} - weights - {fmt_bytes(self.reserve_bytes)} reserve - slots"
+            f"{' - window state' if self.state_pages else ''} = "
             f"{fmt_bytes(self.kv_budget_bytes)} for KV: {self.kv_tokens_per_gpu:,} tokens per GPU "
             f"({self.kv_tokens_per_gpu * self.dp:,} over dp={self.dp})",
         ]
@@ -108,27 +120,28 @@ def weight_bytes(cfg: ModelConfig, dp: int, weights: str, dtype=jnp.bfloat16, mo
     return out
 
 
-def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16, prefix_caching: bool = True) -> tuple[float, int]:
-    """(bytes per token of the paged part, bytes per sequence slot), all layers. With
-    `prefix_caching` (the engine's default) pages also keep their window and compressor state."""
-    def total(slots, pages):
-        layout = CacheLayout(slots, pages, page_tokens, 1, page_state=prefix_caching)
+def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16) -> tuple[float, int, int]:
+    """(bytes per token of the paged part, bytes per sequence slot, bytes of one page's window
+    state in the prefix cache's pool), all layers."""
+    def total(slots, pages, states):
+        layout = CacheLayout(slots, pages, page_tokens, 1, state_pages=states)
         shapes = jax.eval_shape(lambda: init_cache(cfg, layout, dtype))
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
 
-    base = total(1, 1)
-    per_page = total(1, 2) - base
-    per_slot = total(2, 1) - base
-    return per_page / page_tokens, per_slot
+    base = total(1, 1, 0)
+    return (total(1, 2, 0) - base) / page_tokens, total(2, 1, 0) - base, total(1, 1, 1) - base
 
 
 def memory_plan(cfg: ModelConfig, dp: int, weights: str, gpu_bytes: int, dtype=jnp.bfloat16,
                 page_tokens: int = 128, num_slots: int = 64, reserve_bytes: int = 8 * GiB,
-                mode: str = BY_EXPERT, prefix_caching: bool = True) -> MemoryPlan:
+                mode: str = BY_EXPERT, prefix_caching: bool = True, state_pages: int | None = None) -> MemoryPlan:
+    """`state_pages`: the prefix cache's window-state pool (None: STATE_PAGES_PER_SLOT per slot,
+    the engine's default; ignored without `prefix_caching`)."""
     parts = weight_bytes(cfg, dp, weights, dtype, mode)
-    per_token, per_slot = kv_bytes(cfg, page_tokens, dtype, prefix_caching)
+    per_token, per_slot, per_state = kv_bytes(cfg, page_tokens, dtype)
+    states = 0 if not prefix_caching else STATE_PAGES_PER_SLOT * num_slots if state_pages is None else state_pages
     return MemoryPlan(dp, weights, sum(parts.values()), parts, per_token, per_slot, gpu_bytes,
-                      reserve_bytes, num_slots, prefix_caching)
+                      reserve_bytes, num_slots, states, per_state)
 
 
 def measured_bytes_per_device(tree) -> dict:
@@ -163,4 +176,4 @@ def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
         cfg, weights = byte_model_config(), "native" if config.weights == "native" else "bf16"
     return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
                        page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode,
-                       prefix_caching=config.enable_prefix_caching)
+                       prefix_caching=config.enable_prefix_caching, state_pages=config.state_pages())
