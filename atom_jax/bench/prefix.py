@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--page-tokens", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=None, help="default: 2048 (GPU), 256 (--tiny)")
+    ap.add_argument("--prefix-state-pages", type=int, default=None,
+                    help="pages whose window state the prefix cache keeps (default: the engine's, 4 per slot)")
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--weights", choices=("bf16", "native"), default="bf16",
                     help="random expert weights in bf16 or packed FP4/FP8 (ignored with --tiny)")
@@ -101,6 +103,7 @@ def run_conversations(engine, rng, vocab, args) -> dict:
     later = [t for k, v in ttft.items() if k > 0 for t in v]
     return {"hit_rate": round(pc["hit_tokens"] / pc["queried_tokens"], 4) if pc.get("queried_tokens") else 0.0,
             "hit_tokens": pc.get("hit_tokens", 0), "queried_tokens": pc.get("queried_tokens", 0),
+            "state_evictions": pc.get("state_evictions", 0),
             "ttft_first_round_ms": round(1e3 * float(np.mean(ttft[0])), 2),
             "ttft_later_rounds_ms": round(1e3 * float(np.mean(later)), 2) if later else None,
             "wall_s": round(wall, 3), "input_tok_s": round(in_tokens / wall, 1),
@@ -119,7 +122,8 @@ def run_cli(args) -> int:
     ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=max(args.conversations, 4),
                       num_pages=pages, page_tokens=pt, max_model_len=max_len, max_tokens_per_step=chunk,
                       chunk_size=chunk, moe_backend=args.moe_backend, seed=args.seed,
-                      compilation_cache_dir=None, weights="bf16" if args.tiny else args.weights)
+                      compilation_cache_dir=None, weights="bf16" if args.tiny else args.weights,
+                      prefix_state_pages=args.prefix_state_pages)
     t0 = time.perf_counter()
     if args.tiny:
         model = random_model(cfg, seed=args.seed, dtype=dtype)
@@ -140,19 +144,23 @@ def run_cli(args) -> int:
         rows.append(row)
     device = jax.devices()[0].device_kind
     print(f"{device}, dp={args.dp}, {'tiny' if args.tiny else f'V4-Flash dims, {args.layers} layers'}; "
-          f"build + warm-up {warm_s:.1f} s")
+          f"{ec.num_slots} slots, {ec.num_pages} pages of {pt} tokens, window state kept for "
+          f"{engine.layout.state_pages}; build + warm-up {warm_s:.1f} s")
     print(f"pair: {args.pair_len} tokens, then {args.pair_shared:.0%} shared | conversations: "
           f"{args.conversations} x {args.turns} turns, system {args.system_len}, turn {args.turn_len}, "
           f"answer {args.output_len}")
     head = ("cache", "TTFT 1st ms", "TTFT 2nd ms", "2nd/1st", "hit rate", "TTFT r1 ms", "TTFT r2+ ms",
-            "total tok/s", "out tok/s")
+            "total tok/s", "out tok/s", "state evict")
     print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
         vals = (r["prefix_cache"], r["ttft_first_ms"], r["ttft_second_ms"], r["second_over_first"], r["hit_rate"],
-                r["ttft_first_round_ms"], r["ttft_later_rounds_ms"], r["total_tok_s"], r["output_tok_s"])
+                r["ttft_first_round_ms"], r["ttft_later_rounds_ms"], r["total_tok_s"], r["output_tok_s"],
+                r["state_evictions"])
         print(" ".join(f"{v:>12}" for v in vals))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dp": args.dp, "model": "tiny" if args.tiny else f"v4-flash-{args.layers}l",
-                       "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1), "results": rows}, f, indent=1)
+                       "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1),
+                       "num_slots": ec.num_slots, "num_pages": ec.num_pages, "state_pages": engine.layout.state_pages,
+                       "results": rows}, f, indent=1)
     return 0
