@@ -180,7 +180,9 @@ def test_prefix_cache_shows_in_usage_metrics_and_debug(server):
     text = httpx.get(server.url + "/metrics").text
     hits = [line for line in text.splitlines() if line.startswith("atom_jax_prefix_cache_hit_tokens_total")]
     assert float(hits[0].split()[-1]) >= 64
-    assert engine_state(server)["ranks"][0]["cached_pages"] >= 2
+    rank = engine_state(server)["ranks"][0]
+    assert rank["cached_pages"] >= 2 and 1 <= rank["pages_with_state"] <= rank["state_pages"], rank
+    assert "atom_jax_prefix_cache_state_evictions_total" in text
 
 
 def test_unknown_fields_are_ignored(server):

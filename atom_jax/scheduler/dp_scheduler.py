@@ -235,7 +235,8 @@ class DPScheduler:
         return [{"rank": r.rank, "num_pages": r.pages.num_pages, "free_pages": r.pages.num_free,
                  "num_slots": r.slots.num_slots, "free_slots": r.slots.num_free,
                  "running": r.num_running, "waiting": r.num_waiting, "kv_usage": r.kv_usage,
-                 "cached_pages": r.pages.num_cached, "cached_free_pages": r.pages.num_cached_free}
+                 "cached_pages": r.pages.num_cached, "cached_free_pages": r.pages.num_cached_free,
+                 "state_pages": r.pages.states.size, "pages_with_state": len(r.pages.states.pages())}
                 for r in self.ranks]
 
     def _update_gauges(self) -> None:
