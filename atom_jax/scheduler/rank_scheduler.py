@@ -82,8 +82,12 @@ class ChunkWork:
         """The state entry of each token's page, or None when no page keeps state."""
         if not self.page_states:
             return None
-        first = self.start_pos // page_tokens
-        return [self.page_states[(self.start_pos + i) // page_tokens - first] for i in range(self.num_tokens)]
+        out, pos, end = [], self.start_pos, self.start_pos + self.num_tokens
+        for entry in self.page_states:  # one run of tokens per page (the host's hot path)
+            nxt = min(end, (pos // page_tokens + 1) * page_tokens)
+            out += [entry] * (nxt - pos)
+            pos = nxt
+        return out
 
     @property
     def request_id(self) -> str:
