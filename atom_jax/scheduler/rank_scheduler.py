@@ -211,13 +211,16 @@ class RankScheduler:
     def outlook(self) -> PrefillOutlook:
         """Dry run of the prefill part of `schedule` (no allocation), for the delayer."""
         cfg = self.config
-        decodes = [s for s in self.running if not s.is_prefilling]
+        decodes, prefilling = [], []
+        for s in self.running:
+            (prefilling if s.is_prefilling else decodes).append(s)
         left = cfg.max_tokens_per_step - len(decodes)
         ready = 0
-        for s in self.running:
-            if s.is_prefilling and left > 0:
-                n = min(cfg.chunk_size, s.num_uncomputed, left)
-                ready, left = ready + n, left - n
+        for s in prefilling:
+            if left <= 0:
+                break
+            n = min(cfg.chunk_size, s.num_uncomputed, left)
+            ready, left = ready + n, left - n
         free_slots = self.slots.num_free
         if self.waiting and left > 0 and free_slots:  # (the pages decodes need: only then)
             free_pages = self.pages.num_free - sum(
@@ -244,17 +247,21 @@ class RankScheduler:
         self._budget = cfg.max_tokens_per_step
 
         # 1. Decodes first: every running decode sequence gets its one token.
+        prefilling = []
         for seq in list(self.running):
-            if seq.status is SeqStatus.RUNNING and not seq.is_prefilling:
-                if self._reserve(seq, seq.total_len):
-                    self._put(ChunkWork(seq, seq.num_computed, 1, True))
+            if seq.status is not SeqStatus.RUNNING:  # preempted meanwhile
+                continue
+            if seq.is_prefilling:
+                prefilling.append(seq)
+            elif self._reserve(seq, seq.total_len):
+                self._put(ChunkWork(seq, seq.num_computed, 1, True))
 
         if allow_prefill:
             # 2. Continue prefills already holding a slot (oldest first).
-            for seq in list(self.running):
+            for seq in prefilling:
                 if self._budget <= 0:
                     break
-                if seq.status is SeqStatus.RUNNING and seq.is_prefilling:
+                if seq.status is SeqStatus.RUNNING:  # (a decode's pages may have preempted it)
                     n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
                     if self._reserve(seq, seq.num_computed + n):
                         self._put(ChunkWork(seq, seq.num_computed, n,
@@ -375,6 +382,8 @@ class RankScheduler:
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens` tokens, preempting the newest running sequences
         if needed. False if `seq` itself was preempted or failed."""
+        if len(seq.pages) * self.config.page_tokens >= num_tokens:
+            return True  # most decodes: the last page has room
         while not self.pages.extend(seq.pages, num_tokens):
             if self.running == [seq]:
                 self._release(seq, "error")  # alone and still too big: can never fit

@@ -76,7 +76,8 @@ class Sequence:
     def is_prefilling(self) -> bool:
         # Prefill until the prompt (or, after preemption, everything but the newest token)
         # is cached; from then on each step feeds exactly one token.
-        return self.num_computed < max(self.num_prompt_tokens, self.total_len - 1)
+        n = len(self.prompt_token_ids)  # (lengths inlined: the scheduler asks per sequence per step)
+        return self.num_computed < max(n, n + len(self.output_token_ids) - 1)
 
     @property
     def remaining_prefill_tokens(self) -> int:
