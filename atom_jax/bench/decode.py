@@ -138,19 +138,20 @@ def run_cli(args) -> int:
             res = run_case(engine, cfg.vocab_size, batch, mode, args, rng)
             results.append(res)
             print(json.dumps(res), flush=True)
-    print(f"\n{'batch/rank':>10} {'mode':>5} {'ms/step':>9} {'tok/s':>10} {'busy share':>10}")
+    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'tok/s':>10} {'busy share':>10}")
     for r in results:
         share = r.get("device_busy_share")
-        print(f"{r['batch_per_rank']:>10} {r['mode']:>5} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
+        print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10}")
-    print(f"\nhost ms/step by phase (perf_counter; wait = blocked on the device, host = all but wait)")
     phases = list(PHASES) + ["host", "total"]
-    print(f"{'batch/rank':>10} {'mode':>5} " + " ".join(f"{p:>9}" for p in phases))
-    for r in results:
-        print(f"{r['batch_per_rank']:>10} {r['mode']:>5} " + " ".join(f"{r['host_ms'][p]:>9.3f}" for p in phases))
-        thread = r["host_ms"].get("dispatch_thread")
-        if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
-            print(f"{'':>10} {'(thr)':>5} " + " ".join(f"{thread[p]:>9.3f}" for p in phases))
+    for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):
+        print(f"\nhost ms/step by phase ({title}; wait = blocked on the device, host = all but wait)")
+        print(f"{'batch/rank':>10} {'mode':>6} " + " ".join(f"{p:>9}" for p in phases))
+        for r in results:
+            print(f"{r['batch_per_rank']:>10} {r['mode']:>6} " + " ".join(f"{part(r['host_ms'])[p]:>9.3f}" for p in phases))
+            thread = r["host_ms"].get("dispatch_thread")
+            if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
+                print(f"{'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
     print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
     for batch in batches:
         by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}

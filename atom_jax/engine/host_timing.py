@@ -15,7 +15,9 @@ Phases of one engine iteration (`Engine.step`), in the order they run:
             device step; overlap schedule: the part of it the host did not hide)
   resolve   the read tokens into the scheduler (stop checks, `max_tokens`, page bookkeeping)
   outputs   stop strings, detokenisation and the `RequestOutput`s
-Host time per step is everything but `wait`."""
+Host time per step is everything but `wait`. Each phase is also timed in the thread's own
+CPU time (`time.thread_time`): what the host worked, without the time other threads or
+processes held the core (on a shared or busy CPU the wall times swell, the CPU times less)."""
 
 from __future__ import annotations
 
@@ -30,20 +32,22 @@ class HostClock:
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.cpu_seconds = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
-        self._t = None
+        self._t = self._cpu = None
 
     def start(self) -> None:
         """A step begins: laps measure from here."""
-        self._t = time.perf_counter()
+        self._t, self._cpu = time.perf_counter(), time.thread_time()
 
     def lap(self, phase: str) -> None:
         """Charge the time since the last lap (or `start`) to `phase`. No-op outside a step."""
         if self._t is None:
             return
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         self.seconds[phase] += now - self._t
-        self._t = now
+        self.cpu_seconds[phase] += cpu - self._cpu
+        self._t, self._cpu = now, cpu
 
     def stop(self, phase: str) -> None:
         """The step ends; the time since the last lap goes to `phase`."""
@@ -53,10 +57,17 @@ class HostClock:
         self._t = None
 
     def snapshot(self) -> dict:
-        """ms per step by phase since `reset`, plus `host` (all but `wait`) and `total`."""
-        n = max(self.steps, 1)
-        out = {p: round(1e3 * s / n, 4) for p, s in self.seconds.items()}
-        out["host"] = round(sum(v for p, v in out.items() if p != "wait"), 4)
-        out["total"] = round(out["host"] + out["wait"], 4)
+        """ms per step by phase since `reset`, plus `host` (all but `wait`) and `total`; the
+        same in thread CPU time under "cpu"."""
+        out = _per_step(self.seconds, self.steps)
         out["steps"] = self.steps
+        out["cpu"] = _per_step(self.cpu_seconds, self.steps)
         return out
+
+
+def _per_step(seconds: dict, steps: int) -> dict:
+    n = max(steps, 1)
+    out = {p: round(1e3 * s / n, 4) for p, s in seconds.items()}
+    out["host"] = round(sum(v for p, v in out.items() if p != "wait"), 4)
+    out["total"] = round(out["host"] + out["wait"], 4)
+    return out
