@@ -416,6 +416,12 @@ def test_unknown_route_and_method_have_error_bodies(server):
 
 # ---- metrics and disconnects ---------------------------------------------------------------
 def test_metrics(server):
+    # Its own traffic (the test passes alone too): a greedy run, then the same prompt stopped at
+    # its second token by stop_token_ids.
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True, "temperature": 0, "return_token_ids": True}
+    ids = post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    stopped = post(server, "/v1/completions", {**body, "stop_token_ids": [ids[1]]}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop"
     text = httpx.get(server.url + "/metrics").text
     for name in ["atom_jax_time_to_first_token_seconds_bucket",
                  "atom_jax_inter_token_latency_seconds_bucket",
@@ -425,14 +431,14 @@ def test_metrics(server):
                  "atom_jax_padding_waste_ratio", 'atom_jax_delayer_decisions_total{outcome="allow"}',
                  'atom_jax_tbo_steps_total{tbo="off"}', "atom_jax_engine_steps_total"]:
         assert name in text, name
-    # Earlier tests generated tokens, so the counters moved.
+    # Tokens were generated, so the counters moved.
     gen = [line for line in text.splitlines() if line.startswith("atom_jax_generation_tokens_total")]
     assert float(gen[0].split()[-1]) > 0
     # ... and none of their requests compiled: warm-up covered every step shape.
     state = engine_state(server)
     assert state["step_compiles"]["after_warmup"] == 0
-    # One source of truth: earlier tests ended requests on stop strings and stop token ids;
-    # the engine's counters and /metrics agree on them.
+    # One source of truth: requests ended on stop token ids (here and in earlier tests); the
+    # engine's counters and /metrics agree on them.
     stops = [line for line in text.splitlines()
              if line.startswith('atom_jax_requests_finished_total{finish_reason="stop"}')]
     assert stops and float(stops[0].split()[-1]) == state["stats"]["finished"]["stop"] > 0
