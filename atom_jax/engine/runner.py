@@ -106,6 +106,9 @@ class ModelRunner:
         # table (a restore reads no page table: the window-state entries come with it)
         self._page_table_dev = self.global_array(self.page_table)
         self.page_updates = max(layout.num_slots, 16)
+        self._no_updates = np.zeros((self.dp, self.page_updates, 3), np.int32)  # all padding (read only)
+        self._no_updates[:, :, 0] = layout.num_slots
+        self._no_updates.flags.writeable = False
         # (rank, slot) -> the pages host_inputs last sent for that row (the leader's planning
         # state, like _prev_rows; `forget_rows` after a failed step sends every row again)
         self._row_pages: dict[tuple[int, int], list[int]] = {}
@@ -203,9 +206,10 @@ class ModelRunner:
         """Write `page_rows` into the host table; -> the entries that changed, [dp, K, 3]
         (slot, index, page; padding slot = num_slots, dropped on the device), or None when a
         rank has more than K (then the whole table is uploaded)."""
-        k, pad = self.page_updates, self.layout.num_slots
-        updates = np.zeros((self.dp, k, 3), np.int32)
-        updates[:, :, 0] = pad
+        if not page_rows:
+            return self._no_updates
+        k = self.page_updates
+        updates = self._no_updates.copy()
         used = [0] * self.dp
         overflow = False
         for r, slot, pages in page_rows:
@@ -225,14 +229,18 @@ class ModelRunner:
     def _input_block(self, inputs: StepInputs, updates) -> np.ndarray:
         """The step's one host-to-device block: [6, max_samples] sampling rows, then per rank
         its packed tokens and its [K, 3] page-table entries (all padding: none)."""
-        sampling = _pack_sampling(inputs.sampling, self.max_samples)
         if updates is None:
-            updates = np.zeros((self.dp, self.page_updates, 3), np.int32)
-            updates[:, :, 0] = self.layout.num_slots
+            updates = self._no_updates
+        head = 6 * self.max_samples
         ranks = [_pack_batch(pack_chunks(c, inputs.bucket, self.layout.num_slots, split=inputs.tbo))
                  for c in inputs.chunks]
-        per_rank = np.concatenate([np.stack(ranks), updates.reshape(self.dp, -1)], axis=1)
-        return np.concatenate([sampling.reshape(-1), per_rank.reshape(-1)])
+        row = len(ranks[0]) + updates[0].size
+        block = np.empty(head + self.dp * row, np.int32)  # one fresh array per step (never reused)
+        block[:head] = _pack_sampling(inputs.sampling, self.max_samples).reshape(-1)
+        per_rank = block[head:].reshape(self.dp, row)
+        per_rank[:, : len(ranks[0])] = ranks
+        per_rank[:, len(ranks[0]):] = updates.reshape(self.dp, -1)
+        return block
 
     def precompile(self, shapes, workers: int = 4) -> dict:
         """Build the step for every (bucket, tbo) in `shapes` ahead of use: traced one after
