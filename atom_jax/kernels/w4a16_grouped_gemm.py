@@ -32,9 +32,11 @@ from atom_jax.kernels import packed
 from atom_jax.kernels.pallas_grouped_gemm import TileConfig, from_group_sizes, with_zero_range, work_item, work_items
 
 # block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
-# scale groups). Starting points; `python -m atom_jax.bench w4a16 --sweep` measures others.
-DECODE_TILES = TileConfig(block_m=16, block_n=256, block_k=256, num_warps=4, num_stages=3)
-PREFILL_TILES = TileConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+# scale groups). The fastest of `python -m atom_jax.bench w4a16 --sweep` on 1x H200 with the
+# PTX decoder (2026-11-30, V4-Flash up projection, docs/benchmarks.md): 64 tokens/rank 0.412 ms
+# (16x256x256: 0.459), 8192 tokens/rank 3.350 ms (128x128x128, 8 warps: 3.750).
+DECODE_TILES = TileConfig(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=3)
+PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 
 
 def default_tiles(rows_per_group: float) -> TileConfig:
