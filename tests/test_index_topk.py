@@ -156,6 +156,13 @@ def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["policy"] for r in rows} == set(it.POLICIES) and not any("error" in r for r in rows)
     assert all(r["same"] == 1.0 and r["ms"] > 0 for r in rows)
+    # the Pallas scorer's paths (interpreted) beside the jnp one, on a decode batch
+    assert main(["indexer", "--tokens", "3", "--visible", "300", "--capacity", "1000", "--iters", "1",
+                 "--policies", "single", "--scorer", "jnp,pallas-heads,pallas-tiles", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["scorer"], r["policy"]) for r in rows] == [(s, p) for s in ("jnp", "pallas-heads", "pallas-tiles")
+                                                          for p in ("loop", "single")]
+    assert all(r["same"] == 1.0 and r["same_base"] == 1.0 for r in rows)
 
 
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`

@@ -49,7 +49,10 @@ def _topk_oracle(scores, n_vis, k):
     return out
 
 
-def test_indexer_kernel_and_running_topk_match_reference():
+@pytest.mark.parametrize("path", sparse_indexer.SCORER_PATHS)
+def test_indexer_kernel_and_running_topk_match_reference(path):
+    """Each scorer path; "auto" (heads_max 8, tiles of 16) sends the decode tokens and the short
+    tiles of the prefill chunks to the heads-as-rows path and the longer tiles to the other."""
     rng = np.random.default_rng()
     b, page_table, n_slots = _batch(rng)
     t, heads, dim = b["pos"].shape[0], 2, 16
@@ -58,9 +61,9 @@ def test_indexer_kernel_and_running_topk_match_reference():
     w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
     n_vis = visible_counts(b, RATIO)
     cap = page_table.shape[1] * EPP
-    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16)
+    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16, heads_max=8)
     ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, 32)
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, 32, 6, tiles=tiles, interpret=True)
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, 32, 6, tiles=tiles, interpret=True, path=path)
     live = np.arange(32)[None, :] + 16 < np.asarray(n_vis)[:, None]
     np.testing.assert_allclose(np.where(live, ker(16), 0), np.where(live, ref(16), 0), rtol=1e-5, atol=1e-5)
     # full scores of every visible entry (2 heads: relu makes exact-zero ties common)
@@ -72,6 +75,40 @@ def test_indexer_kernel_and_running_topk_match_reference():
         for r in range(t):
             assert set(idx[r][ok[r]].tolist()) == oracle[r], f"token {r}"
             assert np.all(idx[r][~ok[r]] == NO_ENTRY)
+
+
+@pytest.mark.parametrize("t", [1, 8])
+def test_heads_scorer_on_decode_steps_matches_oracle(t):
+    """The heads-as-rows path on decode steps (one token per chunk; T = 1, and 5 tokens of
+    different slots plus 3 padding rows): 3 heads (padded to the dots' 16 rows), ragged visible
+    counts, page tables of scattered pages; its scores match the jnp scorer and the one-call
+    top-k of them is the plain top-k over every visible entry (lowest index among ties)."""
+    from atom_jax.models import index_topk as it
+
+    rng = np.random.default_rng()
+    n_slots, pages, heads, dim, k = 6, 24, 3, 16, 8
+    starts = [int(rng.integers(0, 4 * EPP * pages)) for _ in range(min(t, 5))]
+    starts[0] = 4 * EPP * pages - 1  # the whole page table visible
+    slots = rng.permutation(n_slots)[: len(starts)]
+    b = {n: jnp.asarray(v) for n, v in pack_chunks([(int(s), p, np.zeros(1, np.int32), True)
+                                                    for s, p in zip(slots, starts)], t, n_slots).arrays().items()}
+    page_table = jnp.asarray(np.stack([rng.permutation(2 * pages)[:pages] for _ in range(n_slots)]), jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((2 * pages * EPP, dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
+    n_vis = visible_counts(b, RATIO)
+    cap = pages * EPP
+    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16)
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, cap, n_slots, tiles=tiles, interpret=True,
+                                path="heads")
+    ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, cap)(0)
+    live = np.arange(cap)[None, :] < np.asarray(n_vis)[:, None]
+    got = np.asarray(ker(0))
+    np.testing.assert_allclose(np.where(live, got, 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
+    idx, ok = it.index_topk(lambda width: ker, n_vis, k, it.TopkPlan("single", (cap,)))
+    idx, ok = np.asarray(idx), np.asarray(ok)
+    for r, want in enumerate(_topk_oracle(ref, n_vis, k)):
+        assert set(idx[r][ok[r]].tolist()) == want, f"token {r}"
 
 
 def test_running_topk_ties_go_to_the_lowest_entry_index():
@@ -154,9 +191,11 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=False, splits=1)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
-    export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots),
-           jax.ShapeDtypeStruct((t, 64, 128), jnp.float32), jax.ShapeDtypeStruct((t, 64), jnp.float32),
-           bf(slots * pages * epp, 128), i32(slots, pages), b, i32(t))
+    for path, heads in (("auto", 64), ("tiles", 64), ("heads", 64), ("heads", 2)):  # auto: both paths' code
+        export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots,
+                                                                          path=path),
+               jax.ShapeDtypeStruct((t, heads, 128), jnp.float32), jax.ShapeDtypeStruct((t, heads), jnp.float32),
+               bf(slots * pages * epp, 128), i32(slots, pages), b, i32(t))
 
 
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_sparse_kernels.py`
@@ -187,9 +226,10 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
 
 
 @pytest.mark.gpu
-def test_compiled_indexer_at_v4_flash_dims():
+@pytest.mark.parametrize("path", sparse_indexer.SCORER_PATHS)
+def test_compiled_indexer_at_v4_flash_dims(path):
     """64 heads x 128 dims, bf16 keys: block scores match the float32 scorer; the running top-k
-    of 512 picks nearly the same entries (bf16 rounding may swap near-ties)."""
+    of 512 picks nearly the same entries (bf16 rounding may swap near-ties). Each scorer path."""
     rng = np.random.default_rng()
     b, page_table, _ = _batch(rng, size=1024, max_start=40000, page_tokens=256, scale=16)
     t, epp = b["pos"].shape[0], 64
@@ -198,7 +238,7 @@ def test_compiled_indexer_at_v4_flash_dims():
     w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
     n_vis = visible_counts(b, 4)
     block = outer_block(page_table.shape[1] * epp, t)
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6)
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6, path=path)
     ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, block)
     live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
     got, want = np.asarray(jax.jit(ker)(0)), np.asarray(ref(0))
@@ -207,3 +247,38 @@ def test_compiled_indexer_at_v4_flash_dims():
     for r in np.flatnonzero(np.asarray(b["valid"])):
         a, c = set(np.asarray(ki)[r][np.asarray(kok)[r]]), set(np.asarray(ri)[r][np.asarray(rok)[r]])
         assert len(a) == len(c) and len(a & c) >= 0.98 * len(c)
+
+
+@pytest.mark.gpu
+def test_compiled_heads_scorer_on_a_decode_batch():
+    """64 decode tokens of 64 slots, 64 heads x 128 dims, bf16 keys, up to 65,536 visible entries
+    through scattered pages: the heads-as-rows scores (what `auto` runs for decode) match the
+    float32 scorer and the tokens-as-rows kernel; the one-call top-512 nearly matches the float32
+    scorer's (bf16 rounding may swap near-ties)."""
+    from atom_jax.models import index_topk as it
+
+    rng = np.random.default_rng()
+    t, pages, epp, k = 64, 1024, 64, 512
+    cap = pages * epp
+    chunks = [(s, int(rng.integers(0, 4 * cap)), np.zeros(1, np.int32), True) for s in range(t)]
+    b = {n: jnp.asarray(v) for n, v in pack_chunks(chunks, t, t).arrays().items()}
+    page_table = jnp.asarray(np.stack([rng.permutation(2 * pages)[:pages] for _ in range(t)]), jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((2 * pages * epp, 128)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((t, 64, 128)), jnp.bfloat16).astype(jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
+    n_vis = visible_counts(b, 4)
+    live = np.arange(cap)[None, :] < np.asarray(n_vis)[:, None]
+    got = {p: np.asarray(jax.jit(sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, cap, t, path=p))(0))
+           for p in ("heads", "tiles")}
+    ref = jax.jit(lambda: jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, cap)(0))()
+    norm = np.linalg.norm(np.where(live, ref, 0))
+    for p in ("heads", "tiles"):
+        assert np.linalg.norm(np.where(live, got[p] - np.asarray(ref), 0)) / norm < 1e-3, p
+    assert np.linalg.norm(np.where(live, got["heads"] - got["tiles"], 0)) / norm < 1e-4
+    plan = it.plan_topk(t, cap, k, "single")
+    make = lambda width: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t)  # noqa: E731
+    (ki, kok), (ri, rok) = [jax.jit(lambda: it.index_topk(m, n_vis, k, plan))() for m in (
+        make, lambda width: jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, width))]
+    for r in range(t):
+        a, c = set(np.asarray(ki)[r][np.asarray(kok)[r]]), set(np.asarray(ri)[r][np.asarray(rok)[r]])
+        assert len(a) == len(c) == min(k, int(n_vis[r])) and len(a & c) >= 0.98 * len(c)

@@ -15,9 +15,18 @@ module's budget and widths (a policy whose rungs do not fit T runs the loop), ji
 (compile_s), then timed per call, each call synchronised (median and min of --iters); a
 policy left with the loop alone is not rerun.
 `same` is the share of tokens whose selection equals the loop's (the same scorer's scores,
-so it should be 1.0). --scorer auto: the Pallas kernel on GPUs, the jnp scorer on CPU (the
-kernel interpreted on CPU measures nothing); --scorer none times the selection alone on
-precomputed scores (relu of normal: half exact zeros)."""
+so it should be 1.0); `same_base` the share equal to the first scorer's selection (1.0 up to
+near-ties that rounding swaps).
+
+--scorer, a comma list, each timed in the same run (`x base`: the first scorer's time for the
+same case and policy over this one's): pallas (the Pallas kernel as the engine runs it: each
+work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles (every item
+with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item with
+the heads as the rows), jnp, none (precomputed random scores, relu: many exact-zero ties; the
+selection alone); auto: pallas-tiles,pallas on GPUs, jnp on CPU (the kernel interpreted on CPU
+measures nothing; pallas scorers run interpreted there, as a check only).
+
+    python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas"""
 
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from atom_jax.config import v4_flash
 from atom_jax.models import index_topk as it
 
 PAGE_TOKENS = 256
+SCORERS = ("pallas", "pallas-tiles", "pallas-heads", "jnp", "none")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,11 +57,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "largest --visible)")
     ap.add_argument("--policies", default=",".join(it.POLICIES), help="policies to time; loop (the baseline) is "
                     "always run first")
-    ap.add_argument("--scorer", default="auto", choices=("auto", "pallas", "jnp", "none"),
-                    help="none: precomputed random scores (relu: many exact-zero ties), the selection alone")
+    ap.add_argument("--scorer", default="auto", help=f"comma list of {', '.join(SCORERS)} (see above)")
     ap.add_argument("--decode-max-tokens", type=int, default=64)
     ap.add_argument("--block-t", type=int, default=None, help="the Pallas scorer's tokens per program (default "
                     "kernels/sparse_indexer.TILES: 32; 16 wastes fewer dot rows on decode batches)")
+    ap.add_argument("--block-e", type=int, default=None, help="the Pallas scorer's entries per program (default "
+                    "kernels/sparse_indexer.TILES: 128)")
+    ap.add_argument("--num-warps", type=int, default=None, help="the Pallas scorer's warps per program")
+    ap.add_argument("--heads-max", type=int, default=None, help="scorer pallas: work items of at most this many "
+                    "tokens take the heads-as-rows path (default kernels/sparse_indexer.TILES: 8)")
     ap.add_argument("--score-budget", type=int, default=None, help="override index_topk.SCORE_BUDGET (floats)")
     ap.add_argument("--rung-min", type=int, default=None, help="override index_topk.RUNG_MIN (entries)")
     ap.add_argument("--sub-block", type=int, default=None, help="override index_topk.SUB_BLOCK (two-stage)")
@@ -80,7 +94,7 @@ def _step(t: int, visible: int, decode_max: int):
     return {k: jnp.asarray(v) for k, v in b.arrays().items()}, len(chunks)
 
 
-def _case(rng, t, visible, capacity, dtype, decode_max, scorer):
+def _case(rng, t, visible, capacity, dtype, decode_max, random_scores: bool):
     cfg = v4_flash(1)
     epp = PAGE_TOKENS // cfg.csa_ratio
     pages = -(-capacity // epp)
@@ -91,7 +105,7 @@ def _case(rng, t, visible, capacity, dtype, decode_max, scorer):
     w = jnp.asarray(rng.standard_normal((t, cfg.index_n_heads)) / cfg.index_n_heads, jnp.float32)
     n_vis = jnp.where(b["valid"], (b["pos"] + 1) // cfg.csa_ratio, 0).astype(jnp.int32)
     a = dict(q=q, w=w, pool=pool, page_table=page_table, b=b, n_vis=n_vis)
-    if scorer == "none":  # wide enough for a loop block read at any e0 < capacity
+    if random_scores:  # scorer none; wide enough for a loop block read at any e0 < capacity
         width = -(-capacity // 128) * 128 + it.MAX_OUTER_BLOCK
         a["scores"] = jax.nn.relu(jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (t, width)))
     return a, epp, slots
@@ -101,7 +115,8 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles):
     from atom_jax.kernels import sparse_indexer
     from atom_jax.models.cache_reads import jnp_index_scorer
 
-    plan = it.plan_topk(t, capacity, k, policy, align=sparse_indexer.TILES.block_e)
+    plan = it.plan_topk(t, capacity, k, policy, align=tiles.block_e)
+    path = scorer.split("-")[1] if "-" in scorer else "auto"
 
     def select(a):
         def make(width):
@@ -110,7 +125,7 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles):
             if scorer == "jnp":
                 return jnp_index_scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"]["slot"], epp, width)
             return sparse_indexer.scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"], a["n_vis"], epp, width,
-                                         slots, tiles=tiles)
+                                         slots, tiles=tiles, path=path, interpret=jax.default_backend() == "cpu")
         return it.index_topk(make, a["n_vis"], k, plan)
 
     return jax.jit(select), plan
@@ -133,8 +148,10 @@ def run_cli(args) -> int:
         if value is not None:
             setattr(it, name, value)  # this process only: the JSON records the values used
     tiles = sparse_indexer.TILES
-    if args.block_t:
-        tiles = dataclasses.replace(tiles, block_t=args.block_t)
+    for field, value in (("block_t", args.block_t), ("block_e", args.block_e), ("num_warps", args.num_warps),
+                         ("heads_max", args.heads_max)):
+        if value is not None:
+            tiles = dataclasses.replace(tiles, **{field: value})
     tokens = _ints(args.tokens or ("1,8" if tiny else "1,8,64,512,8192"))
     visible = _ints(args.visible or ("256,2048" if tiny else "1024,16384,65536,262144"))
     capacity = args.capacity or max(visible)
@@ -143,58 +160,66 @@ def run_cli(args) -> int:
     policies = list(dict.fromkeys(["loop", *args.policies.split(",")]))
     for p in policies:
         it.plan_topk(1, capacity, 1, p)  # unknown names fail here, before any work
-    scorer = args.scorer if args.scorer != "auto" else ("jnp" if jax.default_backend() == "cpu" else "pallas")
+    auto = "jnp" if jax.default_backend() == "cpu" else "pallas-tiles,pallas"
+    scorers = list(dict.fromkeys(args.scorer.replace("auto", auto).split(",")))
+    if set(scorers) - set(SCORERS):
+        raise SystemExit(f"unknown --scorer {sorted(set(scorers) - set(SCORERS))}; known: auto, {', '.join(SCORERS)}")
     dtype = jnp.float32 if tiny or jax.default_backend() == "cpu" else jnp.bfloat16
     k = min(v4_flash(1).index_topk, capacity)
     device = jax.devices()[0].device_kind
-    print(f"device {device}, scorer {scorer}, keys {jnp.dtype(dtype).name}, capacity {capacity} entries, k {k}; "
-          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO}, sub-block {it.SUB_BLOCK}",
-          flush=True)
+    print(f"device {device}, scorers {scorers}, keys {jnp.dtype(dtype).name}, capacity {capacity} entries, k {k}; "
+          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO}, sub-block {it.SUB_BLOCK}; "
+          f"{tiles}", flush=True)
     rng = np.random.default_rng(0)
     results = []
     for t in tokens:
         for v in visible:
-            a, epp, slots = _case(rng, t, v, capacity, dtype, args.decode_max_tokens, scorer)
+            a, epp, slots = _case(rng, t, v, capacity, dtype, args.decode_max_tokens, "none" in scorers)
             longest = int(jnp.max(a["n_vis"]))
-            base = None
-            for policy in policies:
-                row = {"tokens": t, "visible": longest, "policy": policy}
-                try:
-                    fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer, tiles)
-                    row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block)
-                    if policy != "loop" and plan.method == "loop":  # no rung fits T: the baseline itself
+            first = {}  # policy -> the first scorer's (selection, seconds)
+            for scorer in scorers:
+                base = None
+                for policy in policies:
+                    row = {"tokens": t, "visible": longest, "scorer": scorer, "policy": policy}
+                    try:
+                        fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer, tiles)
+                        row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block)
+                        if policy != "loop" and plan.method == "loop":  # no rung fits T: the baseline itself
+                            continue
+                        t0 = time.perf_counter()
+                        out = jax.block_until_ready(fn(a))
+                        row["compile_s"] = round(time.perf_counter() - t0, 2)
+                        med, best = median_time(fn, [a], iters=args.iters)
+                    except Exception as e:  # noqa: BLE001 (out of memory is a result here)
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
                         continue
-                    t0 = time.perf_counter()
-                    out = jax.block_until_ready(fn(a))
-                    row["compile_s"] = round(time.perf_counter() - t0, 2)
-                    med, best = median_time(fn, [a], iters=args.iters)
-                except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    base = (out, med) if policy == "loop" else base
+                    first.setdefault(policy, (out, med))
+                    row.update(ms=round(med * 1e3, 4), min_ms=round(best * 1e3, 4),
+                               vs_base=round(first[policy][1] / med, 3), same_base=_same(out, first[policy][0]))
+                    if base is not None:
+                        row.update(vs_loop=round(base[1] / med, 3), same=_same(out, base[0]))
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                    continue
-                base = (out, med) if policy == "loop" else base
-                row.update(ms=round(med * 1e3, 4), min_ms=round(best * 1e3, 4))
-                if base is not None:
-                    row.update(vs_loop=round(base[1] / med, 3), same=_same(out, base[0]))
-                results.append(row)
-                print(json.dumps(row), flush=True)
-    print(f"\n{'T':>5} {'visible':>8} {'policy':10} {'plan':10} {'ms':>9} {'min ms':>9} {'x loop':>7} {'same':>5} "
-          f"{'compile s':>9}")
+    print(f"\n{'T':>5} {'visible':>8} {'scorer':12} {'policy':10} {'plan':10} {'ms':>9} {'min ms':>9} {'x loop':>7} "
+          f"{'x base':>7} {'same':>5} {'same base':>9} {'compile s':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['tokens']:5d} {r['visible']:8d} {r['policy']:10} failed: {r['error'][:80]}")
+            print(f"{r['tokens']:5d} {r['visible']:8d} {r['scorer']:12} {r['policy']:10} failed: {r['error'][:80]}")
             continue
-        print(f"{r['tokens']:5d} {r['visible']:8d} {r['policy']:10} {r['plan']:10} {r['ms']:9.3f} {r['min_ms']:9.3f} "
-              f"{r.get('vs_loop', float('nan')):7.2f} {r.get('same', float('nan')):5.2f} {r['compile_s']:9.2f}")
+        print(f"{r['tokens']:5d} {r['visible']:8d} {r['scorer']:12} {r['policy']:10} {r['plan']:10} {r['ms']:9.3f} "
+              f"{r['min_ms']:9.3f} {r.get('vs_loop', float('nan')):7.2f} {r['vs_base']:7.2f} "
+              f"{r.get('same', float('nan')):5.2f} {r['same_base']:9.2f} {r['compile_s']:9.2f}")
     if args.json:
         cfg = v4_flash(1)
         with open(args.json, "w") as f:
-            json.dump({"device": device, "jax": jax.__version__, "scorer": scorer, "keys": jnp.dtype(dtype).name,
+            json.dump({"device": device, "jax": jax.__version__, "scorers": scorers, "keys": jnp.dtype(dtype).name,
                        "capacity": capacity, "k": k, "index_heads": cfg.index_n_heads,
                        "index_head_dim": cfg.index_head_dim, "score_budget": it.SCORE_BUDGET,
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS},
-                       "block_t": tiles.block_t,
+                       "tiles": dataclasses.asdict(tiles), "block_t": tiles.block_t,
                        "results": results}, f, indent=1)
     return 0

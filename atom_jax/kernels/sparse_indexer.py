@@ -9,7 +9,14 @@ within a float32 score budget), so no [T, heads, E] tensor exists.
 Programs: (entry sub-block, work item); a work item is a tile of `block_t` consecutive tokens
 of ONE chunk of the packed buffer (tiles start at the chunk's first token, as the grouped GEMM's
 start at a group's first row), so its tokens share one slot and one key block, loaded once for
-all tokens and heads. The heads loop runs `block_t x block_e` dots over the index head dim.
+all tokens and heads. Two ways to score it, chosen per work item in ONE place
+(`IndexerTiles.heads_max`, forced by `scorer(path=...)`):
+- tokens as the dots' rows (prefill tiles): a loop over the heads of `block_t x block_e` dots
+  over the index head dim, accumulating w * relu in a [block_t, block_e] tile;
+- heads as the dots' rows (decode: a 1-token chunk would waste block_t - 1 of block_t rows, 64
+  times per key block; FlashMLA's decode tile): a loop over the item's tokens, each ONE
+  [H, di] x [di, block_e] dot (H padded to 16 rows at least), relu, times w[t, h], summed over
+  the heads into the token's [block_e] row.
 Scores at or past a token's visible count are -inf or unspecified (sub-blocks past every
 visible prefix of a tile are skipped), as are rows of padding tokens: the caller masks them by
 the visible count (0 for padding)."""
@@ -33,9 +40,24 @@ class IndexerTiles:
     block_e: int = 128  # entries per program (each head's q tile is reused over them)
     num_warps: int = 4
     num_stages: int = 2
+    # Work items (tiles of one chunk) with at most this many tokens take the heads-as-rows path
+    # (decode: 1); longer ones the tokens-as-rows path. 0: never; >= block_t: always.
+    heads_max: int = 8
 
 
 TILES = IndexerTiles()
+SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.heads_max decides
+MIN_ROWS = 16  # smallest dot operand dimension Triton takes
+
+
+def tiles_for(path: str, tiles: IndexerTiles = TILES) -> IndexerTiles:
+    """The tiles of a scorer path: "tiles" (tokens as the dots' rows, every item), "heads"
+    (heads as the rows, every item) or "auto" (`tiles.heads_max` decides per work item)."""
+    if path not in SCORER_PATHS:
+        raise ValueError(f"unknown indexer scorer path {path!r}; known: {list(SCORER_PATHS)}")
+    if path == "auto":
+        return tiles
+    return dataclasses.replace(tiles, heads_max=0 if path == "tiles" else tiles.block_t)
 
 
 def chunk_ranges(b):
@@ -56,8 +78,9 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
     def _():
         g = group_ref[i]
         row0 = starts_ref[g] + tile_ref[i] * bt
+        end = jnp.minimum(ends_ref[g], row0 + bt)
         rows = row0 + jnp.arange(bt, dtype=jnp.int32)
-        mine = rows < ends_ref[g]
+        mine = rows < end
         out_rows = rows % n_rows  # distinct (interpret mode stores masked rows back as they were)
         rows = jnp.where(mine, rows, row0)
         slot = slot_ref[row0]
@@ -73,48 +96,81 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
             addr = jnp.where(live, page * epp + e % epp, 0)
             d = jnp.arange(dim, dtype=jnp.int32)
             keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
-
-            def head(h, acc):
-                qh = q_ref[rows[:, None], h * dim + d[None, :]].astype(keys.dtype)
-                s = plt.dot(qh, keys, trans_b=True, allow_tf32=keys.dtype != jnp.float32)  # [bt, be] f32
-                return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
-
-            acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
-            out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
+            tf32 = keys.dtype != jnp.float32
             cols = j * be + jnp.arange(be, dtype=jnp.int32)
-            plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
+
+            def tokens_as_rows():  # loop over heads: [bt, di] x [di, be] dots
+                def head(h, acc):
+                    qh = q_ref[(rows * heads + h)[:, None], d[None, :]]
+                    s = plt.dot(qh, keys, trans_b=True, allow_tf32=tf32)  # [bt, be] f32
+                    return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
+
+                acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
+                out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
+                plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
+
+            def heads_as_rows():  # loop over the item's tokens: [H, di] x [di, be] dots
+                hp = max(MIN_ROWS, pl.next_power_of_2(heads))
+                h = jnp.arange(hp, dtype=jnp.int32)
+                real = h < heads
+                h = jnp.minimum(h, heads - 1)
+
+                def token(r, carry):
+                    qt = plt.load(q_ref.at[(r * heads + h)[:, None], d[None, :]], mask=real[:, None], other=0.0)
+                    wt = plt.load(w_ref.at[r * heads + h], mask=real, other=0.0)
+                    s = plt.dot(qt, keys, trans_b=True, allow_tf32=tf32)  # [hp, be] f32
+                    acc = jnp.sum(jnp.maximum(s, 0.0) * wt[:, None], axis=0)  # [be]
+                    out = jnp.where(e < nvis_ref[r], acc, -jnp.inf)
+                    o_ref[jnp.zeros((be,), jnp.int32) + r, cols] = out
+                    return carry
+
+                jax.lax.fori_loop(row0, end, token, row0)
+
+            if tiles.heads_max <= 0:
+                tokens_as_rows()
+            elif tiles.heads_max >= bt:
+                heads_as_rows()
+            else:
+                few = end - row0 <= tiles.heads_max
+                pl.when(few)(heads_as_rows)
+                pl.when(~few)(tokens_as_rows)
 
 
 def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int, max_segments: int,
-                 tiles: IndexerTiles = TILES, interpret: bool = False):
+                 tiles: IndexerTiles = TILES, interpret: bool = False, path: str = "auto"):
     """q [T, H, di] (roped; cast to the pool's dtype for the dots), w [T, H] float32 (scales
     folded in), ipool [N, di], page_table [slots, max_pages], b: the packed batch arrays,
     n_visible [T] (entries each token may see), e0: traced first entry index, max_segments: at
-    most this many chunks in the buffer -> [T, block] float32 (block a multiple of block_e)."""
-    return scorer(q, w, ipool, page_table, b, n_visible, epp, block, max_segments, tiles, interpret)(e0)
+    most this many chunks in the buffer, path: see `tiles_for` -> [T, block] float32 (block a
+    multiple of block_e)."""
+    return scorer(q, w, ipool, page_table, b, n_visible, epp, block, max_segments, tiles, interpret, path)(e0)
 
 
 def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
-           tiles: IndexerTiles = TILES, interpret: bool = False):
+           tiles: IndexerTiles = TILES, interpret: bool = False, path: str = "auto"):
     """The block scorer `running_topk` calls: e0 -> [T, block] (see `block_scores`). What does
     not depend on e0 (the work list, casts, flattened tables) is computed once, outside the
     caller's loop over blocks."""
+    tiles = tiles_for(path, tiles)
     t, heads, dim = q.shape
     if block % tiles.block_e:
         raise ValueError(f"block {block} must be a multiple of block_e {tiles.block_e}")
     starts, ends = chunk_ranges(b)
     items = min(t, -(-t // tiles.block_t) + max_segments)
     group, tile, count = work_items(starts, ends, tiles.block_t, items)
+    # Interpret mode stores a tile's masked rows back as they were: they need rows of their own,
+    # or they undo a real row's store (a buffer of fewer than block_t tokens).
+    n_rows = max(t, tiles.block_t) if interpret else t
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, heads=heads, dim=dim, epp=epp, max_pages=page_table.shape[1],
-                          n_rows=t),
-        out_shape=jax.ShapeDtypeStruct((t, block), jnp.float32),
+                          n_rows=n_rows),
+        out_shape=jax.ShapeDtypeStruct((n_rows, block), jnp.float32),
         grid=(block // tiles.block_e, items),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="indexer_scores",
     )
     before = (group, tile, count, starts, ends, b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32))
-    after = (q.reshape(t, heads * dim).astype(ipool.dtype), w.astype(jnp.float32).reshape(-1), ipool,
+    after = (q.reshape(t * heads, dim).astype(ipool.dtype), w.astype(jnp.float32).reshape(-1), ipool,
              page_table.reshape(-1).astype(jnp.int32))
-    return lambda e0: call(*before, jnp.asarray(e0, jnp.int32).reshape(1), *after)
+    return lambda e0: call(*before, jnp.asarray(e0, jnp.int32).reshape(1), *after)[:t]
