@@ -230,3 +230,68 @@ def test_a_dispatched_step_keeps_its_page_table_when_the_next_step_rewrites_rows
     for page_rows in ([(0, 1, np.array([3, 4], np.int32))], [(0, 1, np.array([5], np.int32))]):
         runner.run(runner_mod.StepInputs(16, False, [[]], page_rows, rows))
     assert [t[0, 1].tolist() for t in seen] == [[3, 4, 0, 0], [5, 0, 0, 0]]
+
+
+def _overlap_steps(sched, seq):
+    """Drive `sched` as the engine's overlap schedule does (a sampled token stays PENDING until
+    the next step has been planned) until `seq` finishes -> the plans with a model step."""
+    from atom_jax.scheduler import PENDING
+
+    sched.add(seq)
+    plans, prev = [], None
+    while sched.has_work() or prev is not None:
+        plan = sched.schedule()
+        sched.on_step_done(plan, {s.request_id: PENDING for s in plan.sampled()})
+        if prev is not None:
+            sched.resolve([(s, 5) for s in prev.sampled()])
+        prev = None if plan.is_empty else plan
+        plans += [plan] if prev is not None else []
+    return plans
+
+
+def test_pair_at_v4_flash_sizes_second_request_is_one_step_of_the_smallest_bucket():
+    """The GPU benchmark's pair (`bench prefix --layers 4 --pair-len 8192`): 128-token pages,
+    2048-token chunks and budget, 8 slots, the window-state pool at its default (32 pages).
+    The 2nd request shares 7,372 tokens; 57 whole pages (7,296 tokens) keep their state, so it
+    computes 896 tokens: one step of the 1024 bucket that restores first, and no more steps
+    before its token is read (max_tokens reached: no decode for a token that is dropped)."""
+    from atom_jax.scheduler import make_delayer
+
+    rc = RankConfig(num_slots=8, num_pages=1170, page_tokens=128, max_tokens_per_step=2048, chunk_size=2048,
+                    max_seq_len=8320, prefix_state_pages=32, window_pages=1)
+    sched = DPScheduler(1, rc, delayer=make_delayer("off"))
+    rng = np.random.default_rng()
+    first = list(map(int, rng.integers(2, 129280, 8192)))
+    second = first[:7372] + list(map(int, rng.integers(2, 129280, 820)))
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    plans = _overlap_steps(sched, Sequence("a", first, one))
+    assert [(p.bucket, [(c.start_pos, c.num_tokens) for c in p.per_rank[0]]) for p in plans] == [
+        (2048, [(k * 2048, 2048)]) for k in range(4)]
+    plans = _overlap_steps(sched, Sequence("b", second, one))
+    assert [(p.bucket, [(c.start_pos, c.num_tokens, c.restore) for c in p.per_rank[0]]) for p in plans] == [
+        (1024, [(7296, 896, True)])]
+    assert sched.metrics.prefix_cache["hit_tokens"] == 7372 // 128 * 128
+    assert sched.metrics.finished["length"] == 2
+    sched.check_invariants()
+
+
+def test_pair_first_token_comes_from_the_one_prefill_step_of_the_second_request():
+    """The engine (overlap schedule on, the embedded tiny model): the pair's 2nd request runs
+    one model step of the smallest bucket that holds its uncached tokens, and its token is read
+    at the next engine step without another model step (`bench prefix`'s step log)."""
+    from atom_jax.bench.prefix import _ttft_alone
+    from atom_jax.engine import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(num_slots=2, num_pages=16, page_tokens=16, max_pages_per_seq=8,
+                              max_tokens_per_step=32, chunk_size=32, buckets=(16, 32), delayer="off"))
+    assert eng.config.overlap_schedule
+    rng = np.random.default_rng()
+    first = list(map(int, rng.integers(2, 256, 96)))
+    second = first[:86] + list(map(int, rng.integers(2, 256, 10)))  # 5 whole pages shared
+    _, a = _ttft_alone(eng, first)
+    _, b = _ttft_alone(eng, second)
+    assert [(s["bucket"], s["prefill_tokens"], s["decode_tokens"]) for s in a["steps"]] == [
+        (32, 32, 0)] * 3 + [(0, 0, 0)]
+    assert b["hit_tokens"] == 80
+    assert [(s["bucket"], s["prefill_tokens"], s["decode_tokens"]) for s in b["steps"]] == [(16, 16, 0), (0, 0, 0)]
+    assert eng.stats()["finished"] == {"length": 2} and not eng.has_unfinished()

@@ -6,8 +6,11 @@ on vs off in one run (one compiled engine; the scheduler and its cache are reset
 
 Two parts, each run with the cache off and on:
 - pair: one request of --pair-len tokens alone, then a second sharing its first 90%
-  (--pair-shared) and continuing with new tokens; TTFT of each (acceptance on the GPU: the
-  second's TTFT is at most 20% of the first's with the cache on).
+  (--pair-shared) and continuing with new tokens; TTFT of each, from adding the request to
+  the engine output carrying its first token (acceptance on the GPU: the second's TTFT is at
+  most 20% of the first's with the cache on), and the engine steps in between (bucket,
+  prefill / decode tokens) with the tokens the 2nd took from the cache (--trace: a profile);
+  run --pair-repeats times, the cache emptied before each: median TTFTs.
 - conversations: --conversations chats over one --system-len system prompt, --turns rounds;
   each round sends every chat's next user turn (--turn-len new tokens) after its history
   (system prompt, earlier turns and the engine's answers), all at once, and waits for the
@@ -39,6 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--pair-len", type=int, default=8192)
     ap.add_argument("--pair-shared", type=float, default=0.9)
+    ap.add_argument("--pair-repeats", type=int, default=3, help="runs of the pair (median TTFTs)")
     ap.add_argument("--system-len", type=int, default=4096)
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
@@ -52,26 +56,63 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--weights", choices=("bf16", "native"), default="bf16",
                     help="random expert weights in bf16 or packed FP4/FP8 (ignored with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trace", metavar="DIR",
+                    help="a jax.profiler trace of the pair's 2nd request with the cache on (atom_jax.trace.report reads it)")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
     return ap
 
 
-def _ttft_alone(engine, prompt) -> float:
+def _ttft_alone(engine, prompt, trace: str | None = None) -> tuple[float, dict]:
+    """Time from adding `prompt` (alone in the engine) to the output carrying its first token,
+    and what the engine did meanwhile: one entry per `Engine.step()` call (its model step's
+    bucket, prefill and decode tokens, or an idle tick) and the prefix-cache hit. The engine is
+    drained afterwards, untimed. `trace`: a jax.profiler trace of those steps into that dir."""
+    before = engine.stats()
+    if trace:
+        engine.start_profile(trace)
+    steps, ttft = [], None
     t0 = time.perf_counter()
     engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, ignore_eos=True))
+    while ttft is None and engine.has_unfinished():
+        ticks = engine.stats()["steps"]
+        outs = engine.step()
+        t = time.perf_counter() - t0
+        st = engine.stats()
+        last = st["last_step"] if st["steps"] > ticks else None
+        steps.append({"ms": round(1e3 * t, 2), "bucket": last["bucket"] if last else 0,
+                      "prefill_tokens": last["prefill_tokens"] if last else 0,
+                      "decode_tokens": last["decode_tokens"] if last else 0})
+        if any(o.new_token_ids for o in outs):
+            ttft = t
+    if trace:
+        engine.stop_profile()
     while engine.has_unfinished():
         engine.step()
-    return time.perf_counter() - t0
+    after = engine.stats()["prefix_cache"]
+    hit = after.get("hit_tokens", 0) - before["prefix_cache"].get("hit_tokens", 0)
+    return ttft, {"hit_tokens": hit, "steps": steps}
 
 
-def run_pair(engine, rng, vocab, length, shared) -> dict:
+def run_pair(engine, rng, vocab, length, shared, prefix_caching: bool, repeats: int = 1,
+             trace: str | None = None) -> dict:
+    """The pair `repeats` times (the same prompts, the cache emptied before each): median TTFTs;
+    the step logs of the last repeat (`trace`: profile its 2nd request)."""
     first = list(map(int, rng.integers(2, vocab, length)))
     k = int(length * shared)
     second = first[:k] + list(map(int, rng.integers(2, vocab, length - k)))
-    a, b = _ttft_alone(engine, first), _ttft_alone(engine, second)
+    ta, tb = [], []
+    for i in range(repeats):
+        engine.reset_scheduler(prefix_caching=prefix_caching)
+        (a, sa), (b, sb) = (_ttft_alone(engine, first),
+                            _ttft_alone(engine, second, trace if i == repeats - 1 else None))
+        ta.append(a)
+        tb.append(b)
+    a, b = float(np.median(ta)), float(np.median(tb))
     return {"ttft_first_ms": round(1e3 * a, 2), "ttft_second_ms": round(1e3 * b, 2),
-            "second_over_first": round(b / a, 4)}
+            "second_over_first": round(b / a, 4), "ttft_first_all_ms": [round(1e3 * t, 2) for t in ta],
+            "ttft_second_all_ms": [round(1e3 * t, 2) for t in tb], "first_steps": sa["steps"],
+            "second_hit_tokens": sb["hit_tokens"], "second_steps": sb["steps"]}
 
 
 def run_conversations(engine, rng, vocab, args) -> dict:
@@ -135,9 +176,9 @@ def run_cli(args) -> int:
     rows = []
     for on in (False, True):
         rng = np.random.default_rng(args.seed)  # the same prompts for both modes
-        engine.reset_scheduler(prefix_caching=on)
-        row = {"prefix_cache": "on" if on else "off", **run_pair(engine, rng, cfg.vocab_size, args.pair_len,
-                                                                  args.pair_shared)}
+        row = {"prefix_cache": "on" if on else "off",
+               **run_pair(engine, rng, cfg.vocab_size, args.pair_len, args.pair_shared, on, args.pair_repeats,
+                          args.trace if on else None)}
         engine.reset_scheduler(prefix_caching=on)  # the conversations start with an empty cache
         row.update(run_conversations(engine, rng, cfg.vocab_size, args))
         row["compiles_after_warmup"] = engine.snapshot()["step_compiles"]["after_warmup"]
@@ -157,6 +198,12 @@ def run_cli(args) -> int:
                 r["ttft_first_round_ms"], r["ttft_later_rounds_ms"], r["total_tok_s"], r["output_tok_s"],
                 r["state_evictions"])
         print(" ".join(f"{v:>12}" for v in vals))
+    for r in rows:  # what the engine did from the 2nd request's arrival to its first token
+        steps = ", ".join(f"{s['ms']} ms: " + (f"bucket {s['bucket']} ({s['prefill_tokens']} prefill, "
+                                                  f"{s['decode_tokens']} decode)" if s["bucket"] else "idle")
+                          for s in r["second_steps"])
+        print(f"pair 2nd, cache {r['prefix_cache']}: {r['second_hit_tokens']} tokens from the cache; "
+              f"engine steps to its first token: {steps}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dp": args.dp, "model": "tiny" if args.tiny else f"v4-flash-{args.layers}l",

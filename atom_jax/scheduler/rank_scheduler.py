@@ -213,7 +213,10 @@ class RankScheduler:
         cfg = self.config
         decodes, prefilling = [], []
         for s in self.running:
-            (prefilling if s.is_prefilling else decodes).append(s)
+            if s.is_prefilling:
+                prefilling.append(s)
+            elif not self._done_when_resolved(s):
+                decodes.append(s)
         left = cfg.max_tokens_per_step - len(decodes)
         ready = 0
         for s in prefilling:
@@ -246,13 +249,16 @@ class RankScheduler:
         self._work = {}
         self._budget = cfg.max_tokens_per_step
 
-        # 1. Decodes first: every running decode sequence gets its one token.
+        # 1. Decodes first: every running decode sequence gets its one token (not one whose
+        # pending token ends it by length: that step's token would be dropped).
         prefilling = []
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:  # preempted meanwhile
                 continue
             if seq.is_prefilling:
                 prefilling.append(seq)
+            elif self._done_when_resolved(seq):
+                continue
             elif self._reserve(seq, seq.total_len):
                 self._put(ChunkWork(seq, seq.num_computed, 1, True))
 
@@ -322,10 +328,21 @@ class RankScheduler:
         p = seq.params
         if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
             self._release(seq, "stop")
-        elif seq.num_output_tokens >= p.max_tokens or (
-                self.config.max_seq_len is not None and seq.total_len >= self.config.max_seq_len):
+        elif self._at_length(seq):
             self._release(seq, "length")
         return seq.is_finished
+
+    def _at_length(self, seq: Sequence) -> bool:
+        """`seq` has all the tokens it may have (max_tokens, or the context limit)."""
+        return seq.num_output_tokens >= seq.params.max_tokens or (
+            self.config.max_seq_len is not None and seq.total_len >= self.config.max_seq_len)
+
+    def _done_when_resolved(self, seq: Sequence) -> bool:
+        """Overlap schedule: `seq`'s newest token is still on the device and ends it whatever its
+        value (length): it gets no more steps, only `resolve` (which finishes it). Planning its
+        decode would run a whole step for a token that is dropped: for a lone request, a step
+        between its first token and the next request's prefill."""
+        return seq.has_pending and self._at_length(seq)
 
     # -- internals -------------------------------------------------------------------------
     def _admit(self, seq: Sequence) -> bool:
