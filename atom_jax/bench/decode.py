@@ -49,6 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--trace-steps", type=int, default=12)
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU smoke run)")
+    ap.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                    help="the engine's prefix cache (on: the default, its per-page state work included)")
     ap.add_argument("--json", default=None)
     ap.set_defaults(func=run_cli)
     return ap
@@ -71,7 +73,8 @@ def _engine(args, batches):
     ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=slots, page_tokens=page_tokens,
                       num_pages=slots * per_seq + 1, max_model_len=per_seq * page_tokens,
                       max_tokens_per_step=budget, chunk_size=chunk, buckets=buckets, tbo=False,
-                      moe_backend=args.moe_backend, compilation_cache_dir=None)
+                      moe_backend=args.moe_backend, compilation_cache_dir=None,
+                      enable_prefix_caching=args.prefix_caching == "on")
     return Engine(ec, model=model, tokenizer=None), cfg
 
 
