@@ -8,7 +8,9 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
 
 --topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
 top-k of every step, the policy before models/index_topk.py's one-call policies); the jnp
-path always runs the loop.
+path always runs the loop. --indexer-paths auto,tiles runs the kernels once per path of the
+indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens as the dots' rows for every
+work item, the kernel before its heads-as-rows decode path; heads: the heads as rows always).
 
 Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
 prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and
@@ -33,6 +35,7 @@ import numpy as np
 
 from atom_jax.bench.timing import device_ceilings
 from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
+from atom_jax.kernels import sparse_indexer
 from atom_jax.models import index_topk
 
 
@@ -57,6 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--topk-policies", default="auto", help="indexer top-k policies the kernels run under, in "
                     "order (models/index_topk.py: auto, loop = the running top-k before the one-call policies, "
                     "single, two-stage, select); each is a separate engine, all in this run")
+    ap.add_argument("--indexer-paths", default="auto", help="the indexer scorer kernel's paths the kernels run "
+                    "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads); each "
+                    "is a separate engine, all in this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
     ap.add_argument("--tiny", action="store_true")
@@ -168,34 +174,41 @@ def run_cli(args) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
     results = []
-    runs = []  # (backend, top-k policy, cache length, chunk, prompts)
+    runs = []  # (backend, top-k policy, indexer scorer path, cache length, chunk, prompts)
     policies = list(dict.fromkeys(args.topk_policies.split(",")))
     for p in policies:
         index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
+    paths = list(dict.fromkeys(args.indexer_paths.split(",")))
+    for p in paths:
+        sparse_indexer.tiles_for(p)
     for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
         reference = backend == "jnp"
         lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
         for policy in (["loop"] if reference else policies):  # the jnp path always loops
-            runs.append((backend, policy, cache_len, min(chunk, args.reference_chunk) if reference else chunk, lens))
-            if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
-                small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
-                runs.append((backend, policy, args.baseline_cache_len, chunk, small))
-    auto = index_topk.AUTO_POLICY
-    for backend, policy, c_len, b_chunk, lens in runs:
+            for path in (["-"] if reference else paths):
+                runs.append((backend, policy, path, cache_len,
+                             min(chunk, args.reference_chunk) if reference else chunk, lens))
+                if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
+                    small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
+                    runs.append((backend, policy, path, args.baseline_cache_len, chunk, small))
+    auto, tiles = index_topk.AUTO_POLICY, sparse_indexer.TILES
+    for backend, policy, path, c_len, b_chunk, lens in runs:
         if not lens:
             continue
         index_topk.AUTO_POLICY = auto if policy == "auto" else policy  # read when the engine compiles
+        sparse_indexer.TILES = tiles if path == "-" else sparse_indexer.tiles_for(path, tiles)  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
                                      not args.no_prefix_caching)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"backend": backend, "topk": policy, "cache_len": c_len,
+            results.append({"backend": backend, "topk": policy, "indexer": path, "cache_len": c_len,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         for n in lens:
-            row = {"backend": backend, "topk": policy, "prompt": n, "cache_len": c_len, "chunk": b_chunk,
+            row = {"backend": backend, "topk": policy, "indexer": path, "prompt": n, "cache_len": c_len,
+                   "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
                 prefill_s, decode_s = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
@@ -217,15 +230,15 @@ def run_cli(args) -> int:
             print(json.dumps(row), flush=True)
         del engine
         jax.clear_caches()
-    index_topk.AUTO_POLICY = auto
-    print(f"\n{'backend':7} {'top-k':9} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} {'of floor':>8} "
-          f"{'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
+    index_topk.AUTO_POLICY, sparse_indexer.TILES = auto, tiles
+    print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
+          f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:7} {r['topk']:9} {r['cache_len']:8d} {r.get('prompt', '-'):>8} failed: "
-                  f"{r['error'][:80]}")
+            print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['cache_len']:8d} {r.get('prompt', '-'):>8} "
+                  f"failed: {r['error'][:80]}")
             continue
-        print(f"{r['backend']:7} {r['topk']:9} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
+        print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
               f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
     if args.json:

@@ -110,7 +110,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                 plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
 
             def heads_as_rows():  # loop over the item's tokens: [H, di] x [di, be] dots
-                hp = max(MIN_ROWS, pl.next_power_of_2(heads))
+                hp = max(MIN_ROWS, 1 << (heads - 1).bit_length())  # Triton: power-of-2 dims
                 h = jnp.arange(hp, dtype=jnp.int32)
                 real = h < heads
                 h = jnp.minimum(h, heads - 1)
@@ -137,7 +137,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
 
 
 def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int, max_segments: int,
-                 tiles: IndexerTiles = TILES, interpret: bool = False, path: str = "auto"):
+                 tiles: IndexerTiles | None = None, interpret: bool = False, path: str = "auto"):
     """q [T, H, di] (roped; cast to the pool's dtype for the dots), w [T, H] float32 (scales
     folded in), ipool [N, di], page_table [slots, max_pages], b: the packed batch arrays,
     n_visible [T] (entries each token may see), e0: traced first entry index, max_segments: at
@@ -147,11 +147,11 @@ def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int
 
 
 def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
-           tiles: IndexerTiles = TILES, interpret: bool = False, path: str = "auto"):
+           tiles: IndexerTiles | None = None, interpret: bool = False, path: str = "auto"):
     """The block scorer `running_topk` calls: e0 -> [T, block] (see `block_scores`). What does
     not depend on e0 (the work list, casts, flattened tables) is computed once, outside the
-    caller's loop over blocks."""
-    tiles = tiles_for(path, tiles)
+    caller's loop over blocks. tiles: default the module's TILES as it is at trace time."""
+    tiles = tiles_for(path, TILES if tiles is None else tiles)
     t, heads, dim = q.shape
     if block % tiles.block_e:
         raise ValueError(f"block {block} must be a multiple of block_e {tiles.block_e}")
