@@ -52,7 +52,8 @@ def _topk_oracle(scores, n_vis, k):
 @pytest.mark.parametrize("path", sparse_indexer.SCORER_PATHS)
 def test_indexer_kernel_and_running_topk_match_reference(path):
     """Each scorer path; "auto" (heads_max 8, tiles of 16) sends the decode tokens and the short
-    tiles of the prefill chunks to the heads-as-rows path and the longer tiles to the other."""
+    tiles of the prefill chunks to the heads path (one dot of all heads per token) and the
+    longer tiles to the tokens-as-rows path."""
     rng = np.random.default_rng()
     b, page_table, n_slots = _batch(rng)
     t, heads, dim = b["pos"].shape[0], 2, 16
@@ -77,9 +78,9 @@ def test_indexer_kernel_and_running_topk_match_reference(path):
             assert np.all(idx[r][~ok[r]] == NO_ENTRY)
 
 
-@pytest.mark.parametrize("t", [1, 8])
-def test_heads_scorer_on_decode_steps_matches_oracle(t):
-    """The heads-as-rows path on decode steps (one token per chunk; T = 1, and 5 tokens of
+@pytest.mark.parametrize("t,heads_as", [(1, "cols"), (8, "cols"), (8, "rows")])
+def test_heads_scorer_on_decode_steps_matches_oracle(t, heads_as):
+    """The heads path on decode steps (one token per chunk; T = 1, and 5 tokens of
     different slots plus 3 padding rows): 3 heads (padded to the dots' 16 rows), ragged visible
     counts, page tables of scattered pages; its scores match the jnp scorer and the one-call
     top-k of them is the plain top-k over every visible entry (lowest index among ties)."""
@@ -98,7 +99,7 @@ def test_heads_scorer_on_decode_steps_matches_oracle(t):
     w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
     n_vis = visible_counts(b, RATIO)
     cap = pages * EPP
-    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16)
+    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16, heads_as=heads_as)
     ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, cap, n_slots, tiles=tiles, interpret=True,
                                 path="heads")
     ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, cap)(0)
@@ -191,9 +192,11 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=False, splits=1)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
-    for path, heads in (("auto", 64), ("tiles", 64), ("heads", 64), ("heads", 2)):  # auto: both paths' code
+    for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),
+                                  ("heads", 2, "cols")):  # auto: both paths' code
+        tiles = sparse_indexer.IndexerTiles(heads_as=heads_as)
         export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots,
-                                                                          path=path),
+                                                                          tiles=tiles, path=path),
                jax.ShapeDtypeStruct((t, heads, 128), jnp.float32), jax.ShapeDtypeStruct((t, heads), jnp.float32),
                bf(slots * pages * epp, 128), i32(slots, pages), b, i32(t))
 
@@ -252,7 +255,7 @@ def test_compiled_indexer_at_v4_flash_dims(path):
 @pytest.mark.gpu
 def test_compiled_heads_scorer_on_a_decode_batch():
     """64 decode tokens of 64 slots, 64 heads x 128 dims, bf16 keys, up to 65,536 visible entries
-    through scattered pages: the heads-as-rows scores (what `auto` runs for decode) match the
+    through scattered pages: the heads path's scores (what `auto` runs for decode) match the
     float32 scorer and the tokens-as-rows kernel; the one-call top-512 nearly matches the float32
     scorer's (bf16 rounding may swap near-ties)."""
     from atom_jax.models import index_topk as it
@@ -268,13 +271,15 @@ def test_compiled_heads_scorer_on_a_decode_batch():
     w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
     n_vis = visible_counts(b, 4)
     live = np.arange(cap)[None, :] < np.asarray(n_vis)[:, None]
-    got = {p: np.asarray(jax.jit(sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, cap, t, path=p))(0))
-           for p in ("heads", "tiles")}
-    ref = jax.jit(lambda: jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, cap)(0))()
+    kinds = {"heads": ("heads", "cols"), "heads-rows": ("heads", "rows"), "tiles": ("tiles", "cols")}
+    got = {n: np.asarray(jax.jit(sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, cap, t, path=p,
+                                                       tiles=sparse_indexer.IndexerTiles(heads_as=a)))(0))
+           for n, (p, a) in kinds.items()}
+    ref = jnp_index_scorer(q, w, pool, page_table, b["slot"], epp, cap)(0)
     norm = np.linalg.norm(np.where(live, ref, 0))
-    for p in ("heads", "tiles"):
-        assert np.linalg.norm(np.where(live, got[p] - np.asarray(ref), 0)) / norm < 1e-3, p
-    assert np.linalg.norm(np.where(live, got["heads"] - got["tiles"], 0)) / norm < 1e-4
+    for n in kinds:
+        assert np.linalg.norm(np.where(live, got[n] - np.asarray(ref), 0)) / norm < 1e-3, n
+        assert np.linalg.norm(np.where(live, got[n] - got["tiles"], 0)) / norm < 1e-4, n
     plan = it.plan_topk(t, cap, k, "single")
     make = lambda width: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t)  # noqa: E731
     (ki, kok), (ri, rok) = [jax.jit(lambda: it.index_topk(m, n_vis, k, plan))() for m in (

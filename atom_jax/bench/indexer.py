@@ -21,9 +21,9 @@ near-ties that rounding swaps).
 --scorer, a comma list, each timed in the same run (`x base`: the first scorer's time for the
 same case and policy over this one's): pallas (the Pallas kernel as the engine runs it: each
 work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles (every item
-with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item with
-the heads as the rows), jnp, none (precomputed random scores, relu: many exact-zero ties; the
-selection alone); auto: pallas-tiles,pallas on GPUs, jnp on CPU (the kernel interpreted on CPU
+with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
+with all heads in one dot per token), jnp, none (precomputed random scores, relu: many
+exact-zero ties; the selection alone); auto: pallas-tiles,pallas on GPUs, jnp on CPU (the kernel interpreted on CPU
 measures nothing; pallas scorers run interpreted there, as a check only).
 
     python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas"""
@@ -64,8 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--block-e", type=int, default=None, help="the Pallas scorer's entries per program (default "
                     "kernels/sparse_indexer.TILES: 128)")
     ap.add_argument("--num-warps", type=int, default=None, help="the Pallas scorer's warps per program")
+    ap.add_argument("--heads-as", choices=("cols", "rows"), default=None, help="the heads path's dot: heads as "
+                    "its columns ([block_e, di] x [di, H], default) or its rows ([H, di] x [di, block_e])")
     ap.add_argument("--heads-max", type=int, default=None, help="scorer pallas: work items of at most this many "
-                    "tokens take the heads-as-rows path (default kernels/sparse_indexer.TILES: 8)")
+                    "tokens take the heads path (default kernels/sparse_indexer.TILES: 8)")
     ap.add_argument("--score-budget", type=int, default=None, help="override index_topk.SCORE_BUDGET (floats)")
     ap.add_argument("--rung-min", type=int, default=None, help="override index_topk.RUNG_MIN (entries)")
     ap.add_argument("--sub-block", type=int, default=None, help="override index_topk.SUB_BLOCK (two-stage)")
@@ -149,7 +151,7 @@ def run_cli(args) -> int:
             setattr(it, name, value)  # this process only: the JSON records the values used
     tiles = sparse_indexer.TILES
     for field, value in (("block_t", args.block_t), ("block_e", args.block_e), ("num_warps", args.num_warps),
-                         ("heads_max", args.heads_max)):
+                         ("heads_max", args.heads_max), ("heads_as", args.heads_as)):
         if value is not None:
             tiles = dataclasses.replace(tiles, **{field: value})
     tokens = _ints(args.tokens or ("1,8" if tiny else "1,8,64,512,8192"))

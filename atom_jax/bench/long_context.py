@@ -10,7 +10,8 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
 top-k of every step, the policy before models/index_topk.py's one-call policies); the jnp
 path always runs the loop. --indexer-paths auto,tiles runs the kernels once per path of the
 indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens as the dots' rows for every
-work item, the kernel before its heads-as-rows decode path; heads: the heads as rows always).
+work item, the kernel before its decode path; heads: the heads path, one dot of all heads per
+token, always).
 
 Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
 prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and

@@ -13,10 +13,13 @@ all tokens and heads. Two ways to score it, chosen per work item in ONE place
 (`IndexerTiles.heads_max`, forced by `scorer(path=...)`):
 - tokens as the dots' rows (prefill tiles): a loop over the heads of `block_t x block_e` dots
   over the index head dim, accumulating w * relu in a [block_t, block_e] tile;
-- heads as the dots' rows (decode: a 1-token chunk would waste block_t - 1 of block_t rows, 64
-  times per key block; FlashMLA's decode tile): a loop over the item's tokens, each ONE
-  [H, di] x [di, block_e] dot (H padded to 16 rows at least), relu, times w[t, h], summed over
-  the heads into the token's [block_e] row.
+- the heads path (decode: a 1-token chunk would waste block_t - 1 of block_t rows, 64 times
+  per key block; the heads fill the dot instead, as in FlashMLA's decode tile): a loop over the
+  item's tokens, each ONE dot of the key block and all heads' queries (H padded to 16 at least),
+  relu, times w[t, h], summed over the heads into the token's [block_e] row. The dot is
+  [block_e, di] x [di, H] by default (`heads_as` "cols": the entries are the rows, so the sum
+  over the heads is along the dot's columns, within a warp) or [H, di] x [di, block_e]
+  ("rows": the sum over rows crosses warps through shared memory).
 Scores at or past a token's visible count are -inf or unspecified (sub-blocks past every
 visible prefix of a tile are skipped), as are rows of padding tokens: the caller masks them by
 the visible count (0 for padding)."""
@@ -40,9 +43,12 @@ class IndexerTiles:
     block_e: int = 128  # entries per program (each head's q tile is reused over them)
     num_warps: int = 4
     num_stages: int = 2
-    # Work items (tiles of one chunk) with at most this many tokens take the heads-as-rows path
-    # (decode: 1); longer ones the tokens-as-rows path. 0: never; >= block_t: always.
+    # Work items (tiles of one chunk) with at most this many tokens take the heads path (decode:
+    # 1); longer ones the tokens-as-rows path. 0: never; >= block_t: always.
     heads_max: int = 8
+    # The heads path's dot: "cols" [block_e, di] x [di, H] (its sum over the heads stays within
+    # a warp) or "rows" [H, di] x [di, block_e] (the sum over rows crosses warps).
+    heads_as: str = "cols"
 
 
 TILES = IndexerTiles()
@@ -52,9 +58,11 @@ MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 
 def tiles_for(path: str, tiles: IndexerTiles = TILES) -> IndexerTiles:
     """The tiles of a scorer path: "tiles" (tokens as the dots' rows, every item), "heads"
-    (heads as the rows, every item) or "auto" (`tiles.heads_max` decides per work item)."""
+    (the heads path, every item) or "auto" (`tiles.heads_max` decides per work item)."""
     if path not in SCORER_PATHS:
         raise ValueError(f"unknown indexer scorer path {path!r}; known: {list(SCORER_PATHS)}")
+    if tiles.heads_as not in ("cols", "rows"):
+        raise ValueError(f"heads_as must be 'cols' or 'rows', not {tiles.heads_as!r}")
     if path == "auto":
         return tiles
     return dataclasses.replace(tiles, heads_max=0 if path == "tiles" else tiles.block_t)
@@ -109,7 +117,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                 out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
                 plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
 
-            def heads_as_rows():  # loop over the item's tokens: [H, di] x [di, be] dots
+            def heads_in_dot():  # loop over the item's tokens: one dot of all heads each
                 hp = max(MIN_ROWS, 1 << (heads - 1).bit_length())  # Triton: power-of-2 dims
                 h = jnp.arange(hp, dtype=jnp.int32)
                 real = h < heads
@@ -118,8 +126,12 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                 def token(r, carry):
                     qt = plt.load(q_ref.at[(r * heads + h)[:, None], d[None, :]], mask=real[:, None], other=0.0)
                     wt = plt.load(w_ref.at[r * heads + h], mask=real, other=0.0)
-                    s = plt.dot(qt, keys, trans_b=True, allow_tf32=tf32)  # [hp, be] f32
-                    acc = jnp.sum(jnp.maximum(s, 0.0) * wt[:, None], axis=0)  # [be]
+                    if tiles.heads_as == "rows":
+                        s = plt.dot(qt, keys, trans_b=True, allow_tf32=tf32)  # [hp, be] f32
+                        acc = jnp.sum(jnp.maximum(s, 0.0) * wt[:, None], axis=0)  # [be]
+                    else:
+                        s = plt.dot(keys, qt, trans_b=True, allow_tf32=tf32)  # [be, hp] f32
+                        acc = jnp.sum(jnp.maximum(s, 0.0) * wt[None, :], axis=1)  # [be]
                     out = jnp.where(e < nvis_ref[r], acc, -jnp.inf)
                     o_ref[jnp.zeros((be,), jnp.int32) + r, cols] = out
                     return carry
@@ -129,10 +141,10 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
             if tiles.heads_max <= 0:
                 tokens_as_rows()
             elif tiles.heads_max >= bt:
-                heads_as_rows()
+                heads_in_dot()
             else:
                 few = end - row0 <= tiles.heads_max
-                pl.when(few)(heads_as_rows)
+                pl.when(few)(heads_in_dot)
                 pl.when(~few)(tokens_as_rows)
 
 
