@@ -23,7 +23,7 @@ same case and policy over this one's): pallas (the Pallas kernel as the engine r
 work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles (every item
 with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
 with all heads in one dot per token), jnp, none (precomputed random scores, relu: many
-exact-zero ties; the selection alone); auto: pallas-tiles,pallas on GPUs, jnp on CPU (the kernel interpreted on CPU
+exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on GPUs, jnp on CPU (the kernel interpreted on CPU
 measures nothing; pallas scorers run interpreted there, as a check only).
 
     python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas"""
@@ -162,7 +162,7 @@ def run_cli(args) -> int:
     policies = list(dict.fromkeys(["loop", *args.policies.split(",")]))
     for p in policies:
         it.plan_topk(1, capacity, 1, p)  # unknown names fail here, before any work
-    auto = "jnp" if jax.default_backend() == "cpu" else "pallas-tiles,pallas"
+    auto = "jnp" if jax.default_backend() == "cpu" else "pallas-tiles,pallas-heads"
     scorers = list(dict.fromkeys(args.scorer.replace("auto", auto).split(",")))
     if set(scorers) - set(SCORERS):
         raise SystemExit(f"unknown --scorer {sorted(set(scorers) - set(SCORERS))}; known: auto, {', '.join(SCORERS)}")

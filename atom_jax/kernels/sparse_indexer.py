@@ -44,8 +44,10 @@ class IndexerTiles:
     num_warps: int = 4
     num_stages: int = 2
     # Work items (tiles of one chunk) with at most this many tokens take the heads path (decode:
-    # 1); longer ones the tokens-as-rows path. 0: never; >= block_t: always.
-    heads_max: int = 8
+    # 1); longer ones the tokens-as-rows path. 0: never; >= block_t: always. 0 by default until
+    # the heads path has compiled and been timed on a GPU (it is tested interpreted and lowered
+    # for CUDA and ROCm only; `bench indexer --scorer pallas-tiles,pallas-heads` decides).
+    heads_max: int = 0
     # The heads path's dot: "cols" [block_e, di] x [di, H] (its sum over the heads stays within
     # a warp) or "rows" [H, di] x [di, block_e] (the sum over rows crosses warps).
     heads_as: str = "cols"
