@@ -10,7 +10,9 @@ Two parts, each run with the cache off and on:
   the engine output carrying its first token (acceptance on the GPU: the second's TTFT is at
   most 20% of the first's with the cache on), and the engine steps in between (bucket,
   prefill / decode tokens) with the tokens the 2nd took from the cache (--trace: a profile);
-  run --pair-repeats times, the cache emptied before each: median TTFTs.
+  run --pair-repeats times, the cache emptied before each: median TTFTs. Then, cache off, the
+  TTFT of a lone prompt as long as the 2nd's uncached part and of one chunk (one step each):
+  what one step of those sizes costs.
 - conversations: --conversations chats over one --system-len system prompt, --turns rounds;
   each round sends every chat's next user turn (--turn-len new tokens) after its history
   (system prompt, earlier turns and the engine's answers), all at once, and waits for the
@@ -115,6 +117,18 @@ def run_pair(engine, rng, vocab, length, shared, prefix_caching: bool, repeats: 
             "second_hit_tokens": sb["hit_tokens"], "second_steps": sb["steps"]}
 
 
+def run_one_step(engine, rng, vocab, sizes, repeats: int) -> dict:
+    """TTFT of a lone prompt of n tokens (n <= the chunk: one step) with the cache off, median
+    of `repeats`: one step's cost at each size, for reading the pair's 2nd TTFT against."""
+    engine.reset_scheduler(prefix_caching=False)
+    out = {}
+    for n in sizes:
+        runs = [_ttft_alone(engine, list(map(int, rng.integers(2, vocab, n)))) for _ in range(repeats)]
+        out[n] = {"ttft_ms": round(1e3 * float(np.median([t for t, _ in runs])), 2),
+                  "bucket": runs[-1][1]["steps"][0]["bucket"]}
+    return out
+
+
 def run_conversations(engine, rng, vocab, args) -> dict:
     system = list(map(int, rng.integers(2, vocab, args.system_len)))
     history = [list(system) for _ in range(args.conversations)]
@@ -183,6 +197,9 @@ def run_cli(args) -> int:
         row.update(run_conversations(engine, rng, cfg.vocab_size, args))
         row["compiles_after_warmup"] = engine.snapshot()["step_compiles"]["after_warmup"]
         rows.append(row)
+    # the step's cost without the cache: a lone prompt of the 2nd's uncached tokens, and of a chunk
+    sizes = sorted({args.pair_len - rows[1]["second_hit_tokens"], min(chunk, args.pair_len)})
+    one_step = run_one_step(engine, np.random.default_rng(args.seed + 1), cfg.vocab_size, sizes, args.pair_repeats)
     device = jax.devices()[0].device_kind
     print(f"{device}, dp={args.dp}, {'tiny' if args.tiny else f'V4-Flash dims, {args.layers} layers'}; "
           f"{ec.num_slots} slots, {ec.num_pages} pages of {pt} tokens, window state kept for "
@@ -204,10 +221,12 @@ def run_cli(args) -> int:
                           for s in r["second_steps"])
         print(f"pair 2nd, cache {r['prefix_cache']}: {r['second_hit_tokens']} tokens from the cache; "
               f"engine steps to its first token: {steps}")
+    print("one step alone (cache off, from position 0), TTFT: " +
+          ", ".join(f"{n} tokens (bucket {v['bucket']}) {v['ttft_ms']} ms" for n, v in one_step.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dp": args.dp, "model": "tiny" if args.tiny else f"v4-flash-{args.layers}l",
                        "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1),
                        "num_slots": ec.num_slots, "num_pages": ec.num_pages, "state_pages": engine.layout.state_pages,
-                       "results": rows}, f, indent=1)
+                       "results": rows, "one_step": one_step}, f, indent=1)
     return 0
