@@ -173,8 +173,8 @@ class EngineConfig:
         "auto", "deepseek-v4: V4's thinking goes to reasoning_content, not content (auto: on "
         "with the v4 template)", choices=REASONING_PARSERS)
     enable_prefix_caching: bool = setting(
-        True, "reuse the cache pages of equal prompt prefixes (page-aligned blocks; each page "
-        "also keeps the sliding window's rows at its end: more memory per page)", negatable=True,
+        True, "reuse the cache pages of equal prompt prefixes (page-aligned blocks; a bounded pool "
+        "of pages, --prefix-state-pages, also keeps the sliding window's rows at their end)", negatable=True,
         show_default="on")
     prefix_state_pages: int | None = setting(
         None, "pages whose sliding-window state the prefix cache keeps at once (a cached prefix "
