@@ -300,6 +300,10 @@ class Engine:
         error = f"the model step failed: {type(e).__name__}: {e}"
         log.exception("model step failed; failing its %d request(s)", sum(len(work) for work in plan.per_rank),
                       exc_info=e)
+        for seq in self.scheduler.forget_failed(plan):  # reused the step's unwritten pages
+            tr = self._requests.get(seq.request_id)
+            if tr is not None:
+                tr.error = error
         for work in plan.per_rank:
             for w in work:
                 tr = self._requests.get(w.request_id)

@@ -131,6 +131,14 @@ class DPScheduler:
     def fail(self, request_id: str) -> Sequence | None:
         return self.finish(request_id, "error")
 
+    def forget_failed(self, plan: StepPlan) -> list[Sequence]:
+        """`plan`'s step failed after `on_step_done` (overlap schedule): its pages leave the
+        prefix cache, and the sequences that reused them since fail (`RankScheduler.forget_failed`).
+        -> those sequences; the caller fails `plan`'s own."""
+        hit = [s for rank, work in zip(self.ranks, plan.per_rank) for s in rank.forget_failed(work)]
+        self._collect_finished()
+        return hit
+
     def has_work(self) -> bool:
         return any(r.has_work() for r in self.ranks)
 

@@ -220,6 +220,20 @@ class PageAllocator:
         self._key[page] = key
         self.states.final(page)
 
+    def unregister(self, page: int, key: bytes) -> bool:
+        """Take `page` out of the prefix cache if it is still registered under `key` (its contents
+        were never written: the step that computed them failed); nobody holding it, it goes back
+        to the pool. True if it was taken out."""
+        if self._key.get(page) != key:
+            return False
+        del self._key[page]
+        del self._index[key]
+        self.states.drop(page)  # (its state was never written either)
+        if page in self._lru:
+            del self._lru[page]
+            self._pool.give([page])
+        return True
+
     def _take(self, n: int) -> list[int]:
         if n > self.num_free:
             raise MemoryError(f"asked for {n} pages, only {self.num_free} free")

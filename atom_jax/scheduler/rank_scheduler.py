@@ -77,6 +77,9 @@ class ChunkWork:
     # start_pos) and, with `restore`, of the window_pages pages before start_pos (-1: none)
     page_states: tuple = ()
     restore_states: tuple = ()
+    # (page, key) of the pages `on_step_done` offered to the prefix cache once this chunk was
+    # dispatched: what `forget_failed` takes back if its step fails after all (overlap schedule)
+    registered: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def token_states(self, page_tokens: int):
         """The state entry of each token's page, or None when no page keeps state."""
@@ -298,7 +301,7 @@ class RankScheduler:
                 continue
             assert seq.num_computed == c.start_pos, (seq, c)
             seq.num_computed = c.start_pos + c.num_tokens
-            self._register_full_pages(seq)
+            self._register_full_pages(seq, c.registered)
             if c.sample:
                 if seq.request_id not in sampled:
                     raise KeyError(f"no sampled token for request {seq.request_id!r} "
@@ -378,14 +381,28 @@ class RankScheduler:
                             restore_states=back if hit else ()))
         return True
 
-    def _register_full_pages(self, seq: Sequence) -> None:
-        """Offer the pages this sequence has filled completely to the prefix cache."""
+    def _register_full_pages(self, seq: Sequence, registered: list) -> None:
+        """Offer the pages this sequence has filled completely to the prefix cache (each
+        (page, key) offered is appended to `registered`)."""
         full = seq.num_computed // self.config.page_tokens
         if self.pages.prefix_caching and full > seq.num_registered_pages:
             keys = seq.block_keys(self.config.page_tokens, full)
             for k in range(seq.num_registered_pages, full):
                 self.pages.register(seq.pages[k], keys[k])
+                registered.append((seq.pages[k], keys[k]))
             seq.num_registered_pages = full
+
+    def forget_failed(self, work: list[ChunkWork]) -> list[Sequence]:
+        """The step that ran `work` failed after `on_step_done` (overlap schedule): the pages its
+        chunks offered to the prefix cache hold no KV. They leave the cache, and a live sequence
+        that reused one since (its KV reads it) fails too. -> those sequences (the caller fails
+        `work`'s own)."""
+        bad = {page for c in work for page, key in c.registered if self.pages.unregister(page, key)}
+        own = {id(c.seq) for c in work}
+        hit = [s for s in self.running if id(s) not in own and not bad.isdisjoint(s.pages)]
+        for s in hit:
+            self._release(s, "error")
+        return hit
 
     def _put(self, chunk: ChunkWork) -> None:
         states = self.pages.states
