@@ -200,8 +200,8 @@ class Engine:
         """One engine iteration. Synchronous (`overlap_schedule` off): plan, run and read step
         N, then return its outputs. Overlap schedule (on): plan and dispatch step N+1 first (its
         decodes feed step N's tokens from the device), then read step N's tokens while step N+1
-        runs, and return step N's outputs; a sequence that step N finished ran one step too
-        many, whose token is dropped. Outputs are the same either way."""
+        runs, and return step N's outputs; a sequence that step N finished on a stop ran one
+        step too many, whose token is dropped. Outputs are the same either way."""
         if not self.config.overlap_schedule:
             return self._step_sync()
         return self._step_overlap()
