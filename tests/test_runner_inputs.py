@@ -71,3 +71,33 @@ def test_a_launch_failing_in_the_dispatch_thread_fails_its_requests_and_the_engi
     eng.close()
     eng.config.overlap_schedule = False  # the oracle: the synchronous loop
     assert eng.generate([prompts[2]], params)[0].token_ids == got
+
+
+def test_the_first_steps_page_table_is_not_the_host_table(monkeypatch):
+    # on CPU, device_put may alias (not copy) a numpy array (here it always does): the table
+    # placed at construction must be a copy, or the first step (which sends only the changed
+    # entries) runs on the host table, which the host rewrites for the next step while the
+    # first one may not have run yet
+    import atom_jax.engine.runner as runner_mod
+    from atom_jax.cache import CacheLayout
+    from atom_jax.config import tiny
+    from atom_jax.loader import random_model
+    from atom_jax.sharding import make_dp_mesh
+
+    monkeypatch.setattr(runner_mod, "place", lambda x, sharding: x)  # zero-copy placement
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=16, max_pages_per_seq=4)
+    runner = runner_mod.ModelRunner(random_model(tiny(), seed=0), make_dp_mesh(1), layout)
+    seen = []
+
+    def step(params, cache, page_table, last_out, block, tbo):
+        seen.append((page_table, np.array(page_table)))  # the table, and its contents at dispatch
+        return cache, np.array(page_table), last_out
+
+    runner._device_step, runner._compiled = step, {}
+    rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
+                                                               np.uint32, np.uint32)))
+    for page_rows in ([(0, 1, np.array([3, 4], np.int32))], [(0, 1, np.array([5], np.int32))]):
+        runner.run(runner_mod.StepInputs(16, False, [[]], page_rows, rows))
+    table, at_dispatch = seen[0]
+    assert not at_dispatch.any()  # the entries come in the input block, the device writes them
+    np.testing.assert_array_equal(table, at_dispatch)  # the 2nd step's rows never reach it

@@ -104,7 +104,7 @@ class ModelRunner:
         # the page table on the device: a step writes the entries that changed (at most
         # `page_updates` per rank, sent in its input block); more than that uploads the whole
         # table (a restore reads no page table: the window-state entries come with it)
-        self._page_table_dev = self.global_array(self.page_table)
+        self._page_table_dev = self.global_array(self.page_table.copy())  # (never the host table: see run)
         self.page_updates = max(layout.num_slots, 16)
         self._no_updates = np.zeros((self.dp, self.page_updates, 3), np.int32)  # all padding (read only)
         self._no_updates[:, :, 0] = layout.num_slots
