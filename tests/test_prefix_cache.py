@@ -9,6 +9,7 @@ import pytest
 from atom_jax.scheduler import (DPScheduler, PageAllocator, RankConfig, RankScheduler,
                                 SamplingParams, Sequence)
 from atom_jax.scheduler.pages import chain_key
+from failing_launch import first_launch_fails
 
 
 def _keys(tokens, pt):
@@ -313,19 +314,8 @@ def test_pages_of_a_failed_step_are_not_reused_by_the_prefix_cache():
     a = list(map(int, rng.integers(0, 256, 64)))
     b = a[:48] + list(map(int, rng.integers(0, 256, 20)))
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    real, calls = eng.runner.run, []
-
-    def flaky(inputs):  # on the dispatch thread: the first launch fails
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("launch fell over")
-        return real(inputs)
-
-    eng.runner.run = flaky
-    try:
+    with first_launch_fails(eng):  # on the dispatch thread
         outs = eng.generate([a, b], params)
-    finally:
-        del eng.runner.run
     assert [o.finish_reason for o in outs] == ["error", "error"], outs
     assert all("launch fell over" in o.error for o in outs)
     eng.scheduler.check_invariants()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
+from failing_launch import first_launch_fails
 
 
 def test_device_page_table_follows_the_host_table():
@@ -49,19 +50,8 @@ def test_a_launch_failing_in_the_dispatch_thread_fails_its_requests_and_the_engi
     rng = np.random.default_rng()
     prompts = [list(map(int, rng.integers(0, 256, n))) for n in (20, 9, 20)]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    real, calls = eng.runner.run, []
-
-    def flaky(inputs):  # on the dispatch thread
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("launch fell over")
-        return real(inputs)
-
-    eng.runner.run = flaky
-    try:
+    with first_launch_fails(eng):  # on the dispatch thread
         outs = eng.generate(prompts[:2], params)
-    finally:
-        del eng.runner.run
     assert [o.finish_reason for o in outs] == ["error", "error"], outs
     assert all("launch fell over" in o.error for o in outs)
     assert [(r.pages.num_free, r.slots.num_free) for r in eng.scheduler.ranks] == [(8, 2)]

@@ -1,0 +1,23 @@
+"""A runner whose first launch fails (on the dispatch thread when the engine has one): for tests
+of what a step failing after dispatch leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def first_launch_fails(engine, message: str = "launch fell over"):
+    real, calls = engine.runner.run, []
+
+    def flaky(inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return real(inputs)
+
+    engine.runner.run = flaky
+    try:
+        yield
+    finally:
+        del engine.runner.run
