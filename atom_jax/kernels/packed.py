@@ -109,8 +109,8 @@ def fp8_dequantize(codes, scale, dtype=jnp.bfloat16):
 # instead of decoding the weight in XLA and multiplying with cuBLAS / hipBLASLt. Measured with
 # `python -m atom_jax.bench fp8` on 1x H200 (docs/benchmarks.md, 2026-11-30): the kernel won only
 # at 64 rows and only with a short reduction (K <= 2048: wq_b 0.35-0.55x the XLA path's time,
-# V4-Flash shared down 0.89x); at K >= 4096 it lost at every size (up to 1.95x at 64 rows), and at
-# 256+ rows it lost on all but one of 9 shapes.
+# V4-Flash shared down 0.89x); at K >= 4096 it lost on 5 of 6 shapes at 64 rows (up to 1.95x; V4-Pro
+# wo_b, K = 16384, was a tie at 0.96x), and at 256+ rows it lost on all but one of 9 shapes.
 FP8_KERNEL_MAX_ROWS = 64
 FP8_KERNEL_MAX_K = 2048
 
