@@ -15,7 +15,7 @@ from atom_jax.chat import ChatPlan, EncodingError, plan_chat
 from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
-from atom_jax.scheduler.validation import InvalidRequest, check_request, check_text, check_token_ids
+from atom_jax.scheduler.validation import InvalidRequest, check_request, check_token_ids
 from atom_jax.serve.errors import OpenAIError, bad_request
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -88,7 +88,6 @@ def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
-        check_text("prompt", prompt)
         ids = _require_tokenizer(info, "a text prompt").encode(prompt)
     else:
         check_token_ids("prompt", prompt, info.vocab_size)
@@ -126,7 +125,7 @@ def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | N
     if body.stop:
         _require_tokenizer(info, "stop strings")
     temperature = REQUEST_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    with _as_bad_request(prompt_param):
+    with _as_bad_request():
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
@@ -137,13 +136,12 @@ def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | N
 
 
 @contextlib.contextmanager
-def _as_bad_request(prompt_param: str = "prompt"):
-    """InvalidRequest (the shared validation) -> a 400 naming the field."""
+def _as_bad_request():
+    """InvalidRequest (the shared validation, which names the field) -> a 400."""
     try:
         yield
     except InvalidRequest as e:
-        param = prompt_param if e.param == "prompt" else e.param
-        raise bad_request(str(e), param=param, code=e.code or "invalid_value") from None
+        raise bad_request(str(e), param=e.param, code=e.code or "invalid_value") from None
 
 
 def _new_id(prefix: str) -> str:
@@ -153,7 +151,7 @@ def _new_id(prefix: str) -> str:
 def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
     check_model(body.model, info)
     reject_unsupported(body)
-    with _as_bad_request("prompt"):
+    with _as_bad_request():
         ids = completion_prompt_ids(body, info)
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     want_logprobs = body.logprobs is not None and body.logprobs is not False
