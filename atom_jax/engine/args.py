@@ -48,12 +48,6 @@ def int_list(text: str) -> tuple[int, ...]:
 _TBO = {"on": True, "off": False, "auto": None}
 
 
-def on_off(text: str) -> bool:
-    if text not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-    return text == "on"
-
-
 def tbo_choice(text: str) -> bool | None:
     if text not in _TBO:
         raise argparse.ArgumentTypeError(f"expected one of on, off, auto; got {text!r}")
