@@ -116,7 +116,7 @@ class Engine:
                           max_tokens_per_step=cfg.max_tokens_per_step, chunk_size=cfg.chunk_size,
                           max_seq_len=self.max_context, enable_prefix_caching=prefix_caching,
                           prefix_state_pages=self.layout.state_pages,
-                          window_pages=-(-self.model.cfg.sliding_window // cfg.page_tokens))
+                          window_pages=self.runner.window_pages)
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)

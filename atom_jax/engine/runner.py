@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
 from atom_jax.engine.host_timing import HostClock
 from atom_jax.engine.sampler import sample_tokens
+from atom_jax.scheduler.pages import pages_for
 from atom_jax.scheduler.sequence import PENDING
 from atom_jax.sharding import DP, StepOptions
 from atom_jax.sharding.cached_step import make_cached_step, make_restore
@@ -92,6 +93,7 @@ class ModelRunner:
         self.clock = clock if clock is not None else HostClock()
         self.dp = mesh.shape[DP]
         self.cfg = model.cfg
+        self.window_pages = pages_for(self.cfg.sliding_window, layout.page_tokens)  # pages a window spans
         self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
         self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode)
@@ -282,8 +284,7 @@ class ModelRunner:
             raise ValueError("a step restores cached prefix state but the cache layout keeps no page state")
         slots = np.full((self.dp, self.layout.num_slots), self.layout.num_slots, np.int32)  # padding: dropped
         starts = np.zeros_like(slots)
-        window_pages = -(-self.cfg.sliding_window // self.layout.page_tokens)
-        entries = np.full(slots.shape + (window_pages,), -1, np.int32)
+        entries = np.full(slots.shape + (self.window_pages,), -1, np.int32)
         used = [0] * self.dp
         for r, slot, start, states in restores:
             slots[r, used[r]], starts[r, used[r]], entries[r, used[r]] = slot, start, states
