@@ -26,9 +26,12 @@ class PackedBatch:
     num_samples: int  # real entries in sample_idx
 
     def arrays(self) -> dict:
-        return {k: getattr(self, k) for k in
-                ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state",
-                 "sample_idx")}
+        return {k: getattr(self, k) for k in TOKEN_KEYS + ("sample_idx",)}
+
+
+# The per-token arrays of a PackedBatch, in the order `arrays()` and the runner's one host-to-device
+# block lay them out.
+TOKEN_KEYS = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state")
 
 
 def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> PackedBatch:

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.cache import CacheLayout, init_cache, pack_chunks
+from atom_jax.cache.batch import TOKEN_KEYS
 from atom_jax.engine.host_timing import HostClock
 from atom_jax.engine.sampler import sample_tokens
 from atom_jax.scheduler.pages import pages_for
@@ -299,19 +300,16 @@ class ModelRunner:
 
 
 # ---- the packed host-to-device buffers and the one jitted step program ------------------
-_TOKEN_KEYS = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "seg_end_pos", "state")
-
-
 def _pack_batch(b) -> np.ndarray:
     """A rank's PackedBatch as one int32 row: the per-token arrays, then sample_idx."""
-    return np.concatenate([getattr(b, k).astype(np.int32) for k in _TOKEN_KEYS] + [b.sample_idx])
+    return np.concatenate([getattr(b, k).astype(np.int32) for k in TOKEN_KEYS] + [b.sample_idx])
 
 
 def _unpack_batch(packed, num_slots: int) -> dict:
-    t = (packed.shape[-1] - num_slots) // len(_TOKEN_KEYS)
-    out = {k: packed[:, i * t: (i + 1) * t] for i, k in enumerate(_TOKEN_KEYS)}
+    t = (packed.shape[-1] - num_slots) // len(TOKEN_KEYS)
+    out = {k: packed[:, i * t: (i + 1) * t] for i, k in enumerate(TOKEN_KEYS)}
     out["valid"] = out["valid"] != 0
-    out["sample_idx"] = packed[:, len(_TOKEN_KEYS) * t:]
+    out["sample_idx"] = packed[:, len(TOKEN_KEYS) * t:]
     return out
 
 
