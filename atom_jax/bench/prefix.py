@@ -194,7 +194,8 @@ def run_cli(args) -> int:
                **run_pair(engine, rng, cfg.vocab_size, args.pair_len, args.pair_shared, on, args.pair_repeats,
                           args.trace if on else None)}
         engine.reset_scheduler(prefix_caching=on)  # the conversations start with an empty cache
-        row.update(run_conversations(engine, rng, cfg.vocab_size, args))
+        if args.conversations:  # 0: the pair alone
+            row.update(run_conversations(engine, rng, cfg.vocab_size, args))
         row["compiles_after_warmup"] = engine.snapshot()["step_compiles"]["after_warmup"]
         rows.append(row)
     # the step's cost without the cache: a lone prompt of the 2nd's uncached tokens, and of a chunk
@@ -211,9 +212,9 @@ def run_cli(args) -> int:
             "total tok/s", "out tok/s", "state evict")
     print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
-        vals = (r["prefix_cache"], r["ttft_first_ms"], r["ttft_second_ms"], r["second_over_first"], r["hit_rate"],
-                r["ttft_first_round_ms"], r["ttft_later_rounds_ms"], r["total_tok_s"], r["output_tok_s"],
-                r["state_evictions"])
+        vals = [r.get(k, "-") for k in ("prefix_cache", "ttft_first_ms", "ttft_second_ms", "second_over_first",
+                                         "hit_rate", "ttft_first_round_ms", "ttft_later_rounds_ms", "total_tok_s",
+                                         "output_tok_s", "state_evictions")]
         print(" ".join(f"{v:>12}" for v in vals))
     for r in rows:  # what the engine did from the 2nd request's arrival to its first token
         steps = ", ".join(f"{s['ms']} ms: " + (f"bucket {s['bucket']} ({s['prefill_tokens']} prefill, "
