@@ -73,6 +73,7 @@ def _ttft_alone(engine, prompt, trace: str | None = None) -> tuple[float, dict]:
     before = engine.stats()
     if trace:
         engine.start_profile(trace)
+    engine.host_times(reset=True)
     steps, ttft = [], None
     t0 = time.perf_counter()
     engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, ignore_eos=True))
@@ -87,13 +88,14 @@ def _ttft_alone(engine, prompt, trace: str | None = None) -> tuple[float, dict]:
                       "decode_tokens": last["decode_tokens"] if last else 0})
         if any(o.new_token_ids for o in outs):
             ttft = t
+    host = engine.host_times(reset=True)  # ms per Engine.step() call by phase, up to the first token
     if trace:
         engine.stop_profile()
     while engine.has_unfinished():
         engine.step()
     after = engine.stats()["prefix_cache"]
     hit = after.get("hit_tokens", 0) - before["prefix_cache"].get("hit_tokens", 0)
-    return ttft, {"hit_tokens": hit, "steps": steps}
+    return ttft, {"hit_tokens": hit, "steps": steps, "host_ms": host}
 
 
 def run_pair(engine, rng, vocab, length, shared, prefix_caching: bool, repeats: int = 1,
@@ -114,7 +116,8 @@ def run_pair(engine, rng, vocab, length, shared, prefix_caching: bool, repeats: 
     return {"ttft_first_ms": round(1e3 * a, 2), "ttft_second_ms": round(1e3 * b, 2),
             "second_over_first": round(b / a, 4), "ttft_first_all_ms": [round(1e3 * t, 2) for t in ta],
             "ttft_second_all_ms": [round(1e3 * t, 2) for t in tb], "first_steps": sa["steps"],
-            "second_hit_tokens": sb["hit_tokens"], "second_steps": sb["steps"]}
+            "second_hit_tokens": sb["hit_tokens"], "second_steps": sb["steps"],
+            "first_host_ms": sa["host_ms"], "second_host_ms": sb["host_ms"]}
 
 
 def run_one_step(engine, rng, vocab, sizes, repeats: int) -> dict:
@@ -222,6 +225,9 @@ def run_cli(args) -> int:
                           for s in r["second_steps"])
         print(f"pair 2nd, cache {r['prefix_cache']}: {r['second_hit_tokens']} tokens from the cache; "
               f"engine steps to its first token: {steps}")
+        h = r["second_host_ms"]
+        print(f"   its host time per Engine.step() call (ms, wall; {h.get('steps')} calls): " +
+              ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("steps", "cpu", "dispatch_thread")))
     print("one step alone (cache off, from position 0), TTFT: " +
           ", ".join(f"{n} tokens (bucket {v['bucket']}) {v['ttft_ms']} ms" for n, v in one_step.items()))
     if args.json:
