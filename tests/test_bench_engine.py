@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from atom_jax.bench import engine as engine_bench
 from atom_jax.bench.workload import random_requests
 
@@ -73,3 +75,37 @@ def test_precompiled_steps_run_without_compiling_and_match_the_jit_path():
         counts.append(eng.snapshot()["step_compiles"]["count"])
     assert outs[0] == outs[1] and all(len(t) == 3 for t in outs[0])
     assert counts[0] >= 1 and counts[1] == 0  # the first compiled its step on use; the second none
+
+
+def test_engine_bench_concurrency_list_on_one_engine_and_a_saturated_trace(tmp_path):
+    """--max-concurrency 1,4 --num-prompts 2,6: two timed runs on one compiled engine, run i
+    sends the first num_prompts[i] requests of one workload; --trace profiles the last run's
+    saturated steps and the JSON keeps the report's per-device summary."""
+    out, trace_dir = tmp_path / "engine.json", tmp_path / "trace"
+    argv = ["--preset", "tiny", "--dp", "2", "--num-slots", "4", "--page-tokens", "32",
+            "--max-tokens-per-step", "64", "--chunk-size", "32", "--buckets", "64",
+            "--compilation-cache-dir", "off", "--num-prompts", "2,6", "--random-input-len", "40",
+            "--random-output-len", "6", "--random-range-ratio", "0.5", "--max-concurrency", "1,4",
+            "--compile-workers", "0", "--trace", str(trace_dir), "--trace-steps", "2", "--json", str(out)]
+    args = parse(argv)
+    assert engine_bench.run_cli(args) == 0
+    res = json.loads(out.read_text())
+    reqs = random_requests(6, 40, 6, 0.5, seed=args.workload_seed)
+    rows = res["runs"]
+    assert [(r["max_concurrency"], r["num_prompts"]) for r in rows] == [(1, 2), (4, 6)]
+    for r in rows:
+        n = r["num_prompts"]
+        assert (r["completed"], r["failed"]) == (n, 0)
+        assert r["total_input_tokens"] == sum(q.input_len for q in reqs[:n])  # the workload's first n
+        assert r["total_output_tokens"] == sum(q.output_len for q in reqs[:n])
+        assert r["max_in_flight"] == r["max_concurrency"]
+    assert [r.get("traced", False) for r in rows] == [False, True]  # only the last run is traced
+    trace = res["trace"]
+    assert trace["taken"] and trace["in_flight"] == 4 and trace["annotated_steps"] == 2
+    assert trace["started_at_step"] >= trace["saturated_at_step"] >= 1  # admitted in an earlier step
+    assert trace["devices"] and list(trace_dir.glob("plugins/profile/*/*.xplane.pb"))
+    for d in trace["devices"].values():
+        assert 0 < d["busy_ms"] <= d["step_time_ms"] * 1.01 and d["busy_share"] > 0
+        assert d["top_kernels"] and sum(d["categories_union_ms"].values()) >= d["busy_ms"] * 0.99
+    with pytest.raises(SystemExit, match="num-prompts"):  # 3 counts for 2 concurrencies
+        engine_bench.run(parse(["--num-prompts", "2,6,8", "--max-concurrency", "1,4"]))

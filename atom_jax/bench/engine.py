@@ -3,7 +3,7 @@ bench_serving's `random` workload, reported the way SGLang publishes it.
 
     python -m atom_jax.bench engine --preset v4-flash --layers 43 --dp 2 --weights native \\
         --random-input-len 8192 --random-output-len 1024 --random-range-ratio 1 \\
-        --num-prompts 256 --max-concurrency 64 --json engine.json
+        --max-concurrency 1,64,256 --num-prompts 4,128,512 --trace /tmp/engine_trace --json engine.json
 
 Model: a preset's shapes (`--preset`, `--layers` cuts the depth) with random weights (V4
 presets: created on the devices already sharded, so a full-depth model never exists on one
@@ -13,7 +13,8 @@ checkpoint (`--model DIR`). Engine flags are the engine's own (`python -m atom_j
 cache is sized to the workload (--max-model-len = the longest request, pages for every slot)
 unless --max-model-len / --max-pages-per-seq / --num-pages are given.
 
-Workload (atom_jax.bench.workload, the same prompts `bench serve` sends for the same seed):
+Workload (atom_jax.bench.workload; the largest --num-prompts gives the prompts `bench serve`
+sends for the same seed and count):
 lengths uniform in [len * range_ratio, len], random token ids, greedy, `ignore_eos`, so each
 request produces exactly its output length. Arrivals are Poisson at --request-rate in wall
 time (inf: all at t=0); at most --max-concurrency requests are in flight; TTFT counts from
@@ -23,14 +24,24 @@ Every bucket is compiled first, outside the timed runs: traced one after the oth
 by --compile-workers threads at once (ModelRunner.precompile: a 43-layer step takes minutes to
 compile, one program per bucket), then Engine.warmup runs each bucket once (for each
 --tbo-modes entry); the persistent compilation cache (on by default, like the CLIs) makes a
-rerun skip most compiling. --delayer-modes / --tbo-modes run each combination on the same compiled engine and
-the same workload (the scheduler is reset between runs).
+rerun skip most compiling; each bucket's trace and compile seconds are printed. Every
+--max-concurrency entry (a comma list) is its own set of timed runs on the same compiled
+engine: --num-prompts gives one count for all or one per concurrency, and a run of N sends
+the first N requests of one workload (the same prompts at every concurrency). --delayer-modes /
+--tbo-modes run each combination at each concurrency (the scheduler is reset between runs).
+
+--trace DIR: the last run (last concurrency, last combination) is profiled for --trace-steps
+engine steps from its first saturated step (in flight = min(concurrency, prompts), none of them
+waiting for a slot; --trace-skip-steps later), with the engine's own profiler; the trace report
+(atom_jax.trace.report: per device step and busy time, categories, top kernels) goes into the
+JSON's "trace" and a few printed lines. That run's throughput includes the profiler's cost.
 
 Reported per run (atom_jax.bench.metrics, as bench_serving defines them): total (input +
 output) and output tokens/s, also per GPU (one GPU per DP rank); TTFT, TPOT, ITL, E2E mean /
-median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table,
-and JSON with --json. --http repeats the first run through the OpenAI server on the same
-engine (`bench serve`'s client, same prompts): the server's cost beside the engine's.
+median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table
+(a column per run, its concurrency and prompt count included), and JSON with --json. The exit
+status is 1 if any run did not complete all its prompts. --http repeats the first run through
+the OpenAI server on the same engine (`bench serve`'s client, same prompts): the server's cost beside the engine's.
 """
 
 from __future__ import annotations
@@ -134,9 +145,10 @@ def configure(engine, delayer: str, tbo: bool | None) -> None:
 
 
 # ---- one timed run --------------------------------------------------------------------------
-def run_workload(engine, requests, prompts, max_concurrency: int | None) -> dict:
+def run_workload(engine, requests, prompts, max_concurrency: int | None, trace=None) -> dict:
     """Feed `requests` (arrival times in seconds from the start) into the engine, step it
-    until every request finished; -> bench_serving summary + the scheduler's counters."""
+    until every request finished; -> bench_serving summary + the scheduler's counters.
+    `trace` (engine_trace.SaturatedTrace): told before each step, it profiles saturated steps."""
     from atom_jax.engine import SamplingParams
 
     pending = collections.deque(zip(requests, prompts))
@@ -158,6 +170,8 @@ def run_workload(engine, requests, prompts, max_concurrency: int | None) -> dict
             if pending:  # idle until the next arrival
                 time.sleep(max(0.0, min(pending[0][0].arrival_time - (time.perf_counter() - t0), 0.01)))
             continue
+        if trace is not None:
+            trace.before_step(engine, in_flight)
         outputs = engine.step()
         t = time.perf_counter()
         for o in outputs:
@@ -193,9 +207,10 @@ def run_workload(engine, requests, prompts, max_concurrency: int | None) -> dict
     return out
 
 
-def run_http(engine, args) -> dict:
-    """The same workload through the OpenAI-compatible server (in this process, on this warmed
-    engine, on a free local port) with `bench serve`'s client: what HTTP, JSON and SSE add."""
+def run_http(engine, args, requests, max_concurrency: int | None) -> dict:
+    """`requests` (the first run's) through the OpenAI-compatible server (in this process, on
+    this warmed engine, on a free local port) with `bench serve`'s client: what HTTP, JSON and
+    SSE add."""
     import argparse as _argparse
     import asyncio
     import socket
@@ -221,11 +236,11 @@ def run_http(engine, args) -> dict:
             time.sleep(0.05)
         client_args = _argparse.Namespace(
             base_url=f"http://127.0.0.1:{port}", endpoint="completions", model=None, api_key=None,
-            vocab_size=engine.model.cfg.vocab_size, num_prompts=args.num_prompts,
+            vocab_size=engine.model.cfg.vocab_size, num_prompts=len(requests),
             random_input_len=args.random_input_len, random_output_len=args.random_output_len,
             random_range_ratio=args.random_range_ratio, request_rate=args.request_rate,
-            max_concurrency=args.max_concurrency, seed=args.workload_seed, timeout=3600.0)
-        res = asyncio.run(serve_client.benchmark(client_args))
+            max_concurrency=max_concurrency, seed=args.workload_seed, timeout=3600.0)
+        res = asyncio.run(serve_client.benchmark(client_args, requests))
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -243,6 +258,7 @@ def run_http(engine, args) -> dict:
 
 _ROWS = (
     ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}" + (" (HTTP)" if r.get("http") else "")),
+    ("max concurrency / prompts", lambda r: f"{r['max_concurrency'] or '-'} / {r['num_prompts']}"),
     ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
     ("duration (s)", lambda r: f"{r['duration_s']:.2f}"),
     ("total tok/s per GPU", lambda r: f"{r['total_token_throughput_per_gpu']:.0f}"),
@@ -272,6 +288,29 @@ def _modes(text: str, parse) -> list:
     return [parse(m.strip()) for m in text.split(",") if m.strip()]
 
 
+def _counts(text: str) -> list[int]:
+    """A positive int or a comma list of them (argparse type)."""
+    try:
+        values = _modes(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer or a comma list of integers: {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return values
+
+
+def run_plan(args) -> list[tuple[int | None, int]]:
+    """(max concurrency, prompts) of each concurrency's runs, in the order given: --num-prompts
+    is one value for all or one per --max-concurrency entry."""
+    concurrencies, prompts = args.max_concurrency or [None], args.num_prompts
+    if len(prompts) == 1:
+        prompts = prompts * len(concurrencies)
+    if len(prompts) != len(concurrencies):
+        raise SystemExit(f"--num-prompts: {len(args.num_prompts)} values for {len(concurrencies)} "
+                         "--max-concurrency values (give one, or one per concurrency)")
+    return list(zip(concurrencies, prompts))
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from atom_jax.config import PRESETS
 
@@ -283,13 +322,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
     add_engine_args(p)
     w = p.add_argument_group("workload (bench_serving `random` dataset)")
-    w.add_argument("--num-prompts", type=int, default=64)
+    w.add_argument("--num-prompts", type=_counts, default="64",
+                   help="requests per run: one value, or a comma list with one per --max-concurrency entry; "
+                        "a run of N sends the first N requests of one workload (the same prompts at every concurrency)")
     w.add_argument("--random-input-len", type=int, default=1024)
     w.add_argument("--random-output-len", type=int, default=128)
     w.add_argument("--random-range-ratio", type=float, default=0.0)
     w.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrivals per second (default inf: all at once)")
-    w.add_argument("--max-concurrency", type=int, default=None)
+    w.add_argument("--max-concurrency", type=_counts, default=None,
+                   help="requests in flight at most (default: no cap); a comma list (1,64,256) runs each "
+                        "concurrency in turn on the same compiled engine")
     w.add_argument("--workload-seed", type=int, default=1)
     p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads compiling the buckets' steps at once before warm-up (0: compile on "
@@ -301,56 +344,99 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
     c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
     c.add_argument("--http", action="store_true",
-                   help="then run the first combination again through the OpenAI server (in this process, "
-                        "`bench serve`'s client): what the server adds")
+                   help="then run the first run again (first concurrency and combination) through the OpenAI "
+                        "server (in this process, `bench serve`'s client): what the server adds")
+    t = p.add_argument_group("trace (where a saturated step's time goes)")
+    t.add_argument("--trace", default=None, metavar="DIR",
+                   help="profile --trace-steps engine steps of the LAST run (last concurrency, last combination) "
+                        "from its first saturated step (in flight = min(concurrency, prompts), none waiting for a "
+                        "slot) with Engine.start_profile, and report them (atom_jax.trace.report) in the JSON and "
+                        "log; the traced run's own throughput includes the profiler's cost, the other runs' do not")
+    t.add_argument("--trace-steps", type=int, default=8, help="engine steps to trace (default 8)")
+    t.add_argument("--trace-skip-steps", type=int, default=0,
+                   help="start the trace this many engine steps after the run saturates (default 0: a wave of "
+                        "long prompts is then still prefilling; the JSON says how many were)")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.set_defaults(func=run_cli)
     return p
 
 
+def warm_up(engine, tbos, workers: int) -> tuple[dict, dict]:
+    """Compile every bucket (for each TBO mode) and run each once, untimed; prints each
+    bucket's trace / compile seconds. -> (warm-up seconds by TBO mode, {TBO mode: {bucket:
+    [trace s, compile s]}})."""
+    warm, built = {}, {}
+    for tbo in tbos:  # every bucket compiled (or read from the persistent cache), untimed
+        name = TBO_NAMES[tbo]
+        t0 = time.perf_counter()
+        configure(engine, engine.config.delayer, tbo)
+        if workers > 0:  # every bucket's step compiled in parallel first
+            shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
+            times = engine.runner.precompile(shapes, workers)
+            built[name] = {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v] for (b, t), v in times.items()}
+            print(f"precompile (TBO {name}, {workers} threads at once): "
+                  + ", ".join(f"bucket {k}: trace {v[0]:.1f} s + compile {v[1]:.1f} s" for k, v in built[name].items()),
+                  flush=True)
+        engine.warmup()
+        warm[name] = round(time.perf_counter() - t0, 2)
+        print(f"warm-up (TBO {name}): {warm[name]:.1f} s, buckets {list(engine.buckets)}", flush=True)
+    return warm, built
+
+
+def run_one(engine, requests, prompts, concurrency, delayer: str, tbo, trace=None) -> dict:
+    """One timed run of `requests` (a prefix of the workload) at `concurrency`; -> its row."""
+    configure(engine, delayer, tbo)
+    r = run_workload(engine, requests, prompts, concurrency, trace)
+    row = {"delayer": delayer, "tbo": TBO_NAMES[tbo], "max_concurrency": concurrency,
+           "num_prompts": len(requests), **r}
+    print(f"concurrency {concurrency or '-'}, {len(requests)} prompts, delayer {delayer}, TBO {TBO_NAMES[tbo]}: "
+          f"{r['total_token_throughput_per_gpu']:.0f} total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms, "
+          f"TPOT p50 {r['tpot']['median_ms']:.1f} ms", flush=True)
+    return row
+
+
 def run(args) -> dict:
-    if args.num_prompts <= 0:
-        raise SystemExit("--num-prompts must be > 0")
+    from atom_jax.bench.engine_trace import SaturatedTrace, format_summary
+
+    plan = run_plan(args)
+    if args.trace is not None and (args.trace_steps < 1 or args.trace_skip_steps < 0):
+        raise SystemExit("--trace-steps must be >= 1 and --trace-skip-steps >= 0")
     engine, cfg = build_engine(args)
     ec = engine.config
     delayers = _modes(args.delayer_modes, str) if args.delayer_modes else [ec.delayer]
     tbos = _modes(args.tbo_modes, tbo_choice) if args.tbo_modes else [ec.tbo]
-    requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+    total = max(n for _, n in plan)  # one workload; run i sends its first num_prompts[i] requests
+    requests = random_requests(total, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.request_rate, args.workload_seed)
     prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
-    warm, built = {}, {}
-    for tbo in tbos:  # every bucket compiled (or read from the persistent cache), untimed
-        t0 = time.perf_counter()
-        configure(engine, ec.delayer, tbo)
-        if args.compile_workers > 0:  # every bucket's step compiled in parallel first
-            shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
-            times = engine.runner.precompile(shapes, args.compile_workers)
-            built[TBO_NAMES[tbo]] = {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v]
-                                     for (b, t), v in times.items()}
-        engine.warmup()
-        warm[TBO_NAMES[tbo]] = round(time.perf_counter() - t0, 2)
-        print(f"warm-up (TBO {TBO_NAMES[tbo]}): {warm[TBO_NAMES[tbo]]:.1f} s, buckets {list(engine.buckets)}",
+    warm, built = warm_up(engine, tbos, args.compile_workers)
+    combos = [(c, n, d, t) for c, n in plan for t in tbos for d in delayers]
+    runs, trace = [], None
+    for i, (c, n, delayer, tbo) in enumerate([] if args.compile_only else combos):
+        if args.trace and i == len(combos) - 1:
+            trace = SaturatedTrace(args.trace, args.trace_steps, min(c or n, n), args.trace_skip_steps)
+        runs.append(run_one(engine, requests[:n], prompts[:n], c, delayer, tbo, trace))
+    traced = None if trace is None else trace.finish(engine)
+    if traced is not None:
+        runs[-1]["traced"] = True
+        print("\n".join(format_summary(traced)), flush=True)
+    if args.http and not args.compile_only:  # the first run again, through the server
+        c, n, delayer, tbo = combos[0]
+        configure(engine, delayer, tbo)
+        r = run_http(engine, args, requests[:n], c)
+        runs.append({"delayer": delayer, "tbo": TBO_NAMES[tbo], "max_concurrency": c, "num_prompts": n,
+                     "http": True, **r})
+        print(f"HTTP (concurrency {c or '-'}, delayer {delayer}, TBO {TBO_NAMES[tbo]}): "
+              f"{r['total_token_throughput_per_gpu']:.0f} total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms",
               flush=True)
-    runs = []
-    for tbo in ([] if args.compile_only else tbos):
-        for delayer in delayers:
-            configure(engine, delayer, tbo)
-            r = run_workload(engine, requests, prompts, args.max_concurrency)
-            runs.append({"delayer": delayer, "tbo": TBO_NAMES[tbo], **r})
-            print(f"delayer {delayer}, TBO {TBO_NAMES[tbo]}: {r['total_token_throughput_per_gpu']:.0f} total tok/s "
-                  f"per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms, TPOT p50 {r['tpot']['median_ms']:.1f} ms",
-                  flush=True)
-    if args.http and not args.compile_only:  # the first delayer / TBO combination again, through the server
-        configure(engine, delayers[0], tbos[0])
-        r = run_http(engine, args)
-        runs.append({"delayer": delayers[0], "tbo": TBO_NAMES[tbos[0]], "http": True, **r})
-        print(f"HTTP (delayer {delayers[0]}, TBO {TBO_NAMES[tbos[0]]}): {r['total_token_throughput_per_gpu']:.0f} "
-              f"total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms", flush=True)
     import dataclasses
 
     import jax
 
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    for key in ("num_prompts", "max_concurrency"):  # one value: a number, as before lists were allowed
+        if isinstance(config[key], list) and len(config[key]) == 1:
+            config[key] = config[key][0]
     if math.isinf(args.request_rate):
         config["request_rate"] = "inf"
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -358,7 +444,7 @@ def run(args) -> dict:
                       "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                       "routed_experts": cfg.n_routed_experts},
             "engine": dataclasses.asdict(ec), "config": config, "warmup_s": warm,
-            "precompile_s": built, "runs": runs}
+            "precompile_s": built, "runs": runs, "trace": traced}
 
 
 def run_cli(args) -> int:
@@ -369,4 +455,4 @@ def run_cli(args) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {args.json}")
-    return 0 if all(r["completed"] == args.num_prompts for r in res["runs"]) else 1
+    return 0 if all(r["completed"] == r["num_prompts"] for r in res["runs"]) else 1

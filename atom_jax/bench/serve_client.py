@@ -117,7 +117,9 @@ def _payload(args, model: str, prompt_ids: list[int], output_len: int, rng) -> t
 
 
 # ---- the run -------------------------------------------------------------------------------
-async def benchmark(args) -> dict:
+async def benchmark(args, requests=None) -> dict:
+    """`requests` (workload.SimRequest list): send these instead of the random workload of
+    `args.num_prompts` (`bench engine --http` sends the first run's, a prefix of its workload)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -128,8 +130,9 @@ async def benchmark(args) -> dict:
         card = (await client.get("/v1/models", headers=headers)).raise_for_status().json()["data"][0]
         model = args.model or card["id"]
         vocab = args.vocab_size or card.get("vocab_size") or 256
-        reqs = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.request_rate, args.seed)
+        reqs = requests if requests is not None else random_requests(
+            args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
+            args.request_rate, args.seed)
         words_rng = np.random.default_rng(args.seed + 2)  # --endpoint chat
         jobs = [(_payload(args, model, ids, r.output_len, words_rng), r)
                 for ids, r in zip(random_prompt_ids(reqs, vocab, args.seed), reqs)]
