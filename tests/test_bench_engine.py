@@ -79,14 +79,15 @@ def test_precompiled_steps_run_without_compiling_and_match_the_jit_path():
 
 def test_engine_bench_concurrency_list_on_one_engine_and_a_saturated_trace(tmp_path):
     """--max-concurrency 1,4 --num-prompts 2,6: two timed runs on one compiled engine, run i
-    sends the first num_prompts[i] requests of one workload; --trace profiles the last run's
-    saturated steps and the JSON keeps the report's per-device summary."""
+    sends the first num_prompts[i] requests of one workload; --trace --trace-decode profiles the
+    last run's saturated steps once none prefills (40-token prompts in 32-token chunks: not the
+    first saturated step) and the JSON keeps the report's per-device summary."""
     out, trace_dir = tmp_path / "engine.json", tmp_path / "trace"
     argv = ["--preset", "tiny", "--dp", "2", "--num-slots", "4", "--page-tokens", "32",
             "--max-tokens-per-step", "64", "--chunk-size", "32", "--buckets", "64",
             "--compilation-cache-dir", "off", "--num-prompts", "2,6", "--random-input-len", "40",
             "--random-output-len", "6", "--random-range-ratio", "0.5", "--max-concurrency", "1,4",
-            "--compile-workers", "0", "--trace", str(trace_dir), "--trace-steps", "2", "--json", str(out)]
+            "--compile-workers", "0", "--trace", str(trace_dir), "--trace-steps", "2", "--trace-decode", "--json", str(out)]
     args = parse(argv)
     assert engine_bench.run_cli(args) == 0
     res = json.loads(out.read_text())
@@ -102,7 +103,8 @@ def test_engine_bench_concurrency_list_on_one_engine_and_a_saturated_trace(tmp_p
     assert [r.get("traced", False) for r in rows] == [False, True]  # only the last run is traced
     trace = res["trace"]
     assert trace["taken"] and trace["in_flight"] == 4 and trace["annotated_steps"] == 2
-    assert trace["started_at_step"] >= trace["saturated_at_step"] >= 1  # admitted in an earlier step
+    assert trace["started_at_step"] > trace["saturated_at_step"] >= 1  # admitted in an earlier step
+    assert trace["prefilling"] == 0 and trace["running"] == 4 and res["finished"]
     assert trace["devices"] and list(trace_dir.glob("plugins/profile/*/*.xplane.pb"))
     for d in trace["devices"].values():
         assert 0 < d["busy_ms"] <= d["step_time_ms"] * 1.01 and d["busy_share"] > 0

@@ -32,14 +32,15 @@ the first N requests of one workload (the same prompts at every concurrency). --
 
 --trace DIR: the last run (last concurrency, last combination) is profiled for --trace-steps
 engine steps from its first saturated step (in flight = min(concurrency, prompts), none of them
-waiting for a slot; --trace-skip-steps later), with the engine's own profiler; the trace report
+waiting for a slot; --trace-skip-steps later; --trace-decode: once none prefills), with the engine's own profiler; the trace report
 (atom_jax.trace.report: per device step and busy time, categories, top kernels) goes into the
 JSON's "trace" and a few printed lines. That run's throughput includes the profiler's cost.
 
 Reported per run (atom_jax.bench.metrics, as bench_serving defines them): total (input +
 output) and output tokens/s, also per GPU (one GPU per DP rank); TTFT, TPOT, ITL, E2E mean /
 median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table
-(a column per run, its concurrency and prompt count included), and JSON with --json. The exit
+(a column per run, its concurrency and prompt count included), and JSON with --json (rewritten
+after each run, "finished" false until the end: a call cut short keeps its runs). The exit
 status is 1 if any run did not complete all its prompts. --http repeats the first run through
 the OpenAI server on the same engine (`bench serve`'s client, same prompts): the server's cost beside the engine's.
 """
@@ -356,6 +357,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--trace-skip-steps", type=int, default=0,
                    help="start the trace this many engine steps after the run saturates (default 0: a wave of "
                         "long prompts is then still prefilling; the JSON says how many were)")
+    t.add_argument("--trace-decode", action="store_true",
+                   help="and start it at the first such step with no sequence prefilling (nothing waiting): the "
+                        "decode phase of a saturated wave")
     p.add_argument("--json", default=None, help="write the results to this path")
     p.set_defaults(func=run_cli)
     return p
@@ -374,8 +378,8 @@ def warm_up(engine, tbos, workers: int) -> tuple[dict, dict]:
             shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
             times = engine.runner.precompile(shapes, workers)
             built[name] = {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v] for (b, t), v in times.items()}
-            print(f"precompile (TBO {name}, {workers} threads at once): "
-                  + ", ".join(f"bucket {k}: trace {v[0]:.1f} s + compile {v[1]:.1f} s" for k, v in built[name].items()),
+            print(f"precompile (TBO {name}; traced in turn, compiled by {workers} threads at once):\n"
+                  + "\n".join(f"  bucket {k}: trace {v[0]:.1f} s, compile {v[1]:.1f} s" for k, v in built[name].items()),
                   flush=True)
         engine.warmup()
         warm[name] = round(time.perf_counter() - t0, 2)
@@ -395,40 +399,8 @@ def run_one(engine, requests, prompts, concurrency, delayer: str, tbo, trace=Non
     return row
 
 
-def run(args) -> dict:
-    from atom_jax.bench.engine_trace import SaturatedTrace, format_summary
-
-    plan = run_plan(args)
-    if args.trace is not None and (args.trace_steps < 1 or args.trace_skip_steps < 0):
-        raise SystemExit("--trace-steps must be >= 1 and --trace-skip-steps >= 0")
-    engine, cfg = build_engine(args)
-    ec = engine.config
-    delayers = _modes(args.delayer_modes, str) if args.delayer_modes else [ec.delayer]
-    tbos = _modes(args.tbo_modes, tbo_choice) if args.tbo_modes else [ec.tbo]
-    total = max(n for _, n in plan)  # one workload; run i sends its first num_prompts[i] requests
-    requests = random_requests(total, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.request_rate, args.workload_seed)
-    prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
-    warm, built = warm_up(engine, tbos, args.compile_workers)
-    combos = [(c, n, d, t) for c, n in plan for t in tbos for d in delayers]
-    runs, trace = [], None
-    for i, (c, n, delayer, tbo) in enumerate([] if args.compile_only else combos):
-        if args.trace and i == len(combos) - 1:
-            trace = SaturatedTrace(args.trace, args.trace_steps, min(c or n, n), args.trace_skip_steps)
-        runs.append(run_one(engine, requests[:n], prompts[:n], c, delayer, tbo, trace))
-    traced = None if trace is None else trace.finish(engine)
-    if traced is not None:
-        runs[-1]["traced"] = True
-        print("\n".join(format_summary(traced)), flush=True)
-    if args.http and not args.compile_only:  # the first run again, through the server
-        c, n, delayer, tbo = combos[0]
-        configure(engine, delayer, tbo)
-        r = run_http(engine, args, requests[:n], c)
-        runs.append({"delayer": delayer, "tbo": TBO_NAMES[tbo], "max_concurrency": c, "num_prompts": n,
-                     "http": True, **r})
-        print(f"HTTP (concurrency {c or '-'}, delayer {delayer}, TBO {TBO_NAMES[tbo]}): "
-              f"{r['total_token_throughput_per_gpu']:.0f} total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms",
-              flush=True)
+def header(args, cfg, ec) -> dict:
+    """The JSON's description of the run: device, model, engine and flags."""
     import dataclasses
 
     import jax
@@ -443,8 +415,60 @@ def run(args) -> dict:
             "model": {"preset": args.preset if args.model is None else None, "path": args.model,
                       "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                       "routed_experts": cfg.n_routed_experts},
-            "engine": dataclasses.asdict(ec), "config": config, "warmup_s": warm,
-            "precompile_s": built, "runs": runs, "trace": traced}
+            "engine": dataclasses.asdict(ec), "config": config}
+
+
+def save(path: str | None, res: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def run(args) -> dict:
+    """Build, warm up, then every run in turn; with --json the file is rewritten after each
+    run ("finished": false until the last), so a run cut short by a time limit keeps the rest."""
+    from atom_jax.bench.engine_trace import SaturatedTrace, format_summary
+
+    plan = run_plan(args)
+    if args.trace is not None and (args.trace_steps < 1 or args.trace_skip_steps < 0):
+        raise SystemExit("--trace-steps must be >= 1 and --trace-skip-steps >= 0")
+    t0 = time.perf_counter()
+    engine, cfg = build_engine(args)
+    build_s = round(time.perf_counter() - t0, 2)
+    print(f"engine built in {build_s:.1f} s ({cfg.num_layers} layers, dp {engine.config.dp})", flush=True)
+    delayers = _modes(args.delayer_modes, str) if args.delayer_modes else [engine.config.delayer]
+    tbos = _modes(args.tbo_modes, tbo_choice) if args.tbo_modes else [engine.config.tbo]
+    total = max(n for _, n in plan)  # one workload; run i sends its first num_prompts[i] requests
+    requests = random_requests(total, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, args.request_rate, args.workload_seed)
+    prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
+    warm, built = warm_up(engine, tbos, args.compile_workers)
+    res = {**header(args, cfg, engine.config), "build_s": build_s, "warmup_s": warm, "precompile_s": built, "runs": [],
+           "trace": None, "finished": False}
+    save(args.json, res)
+    combos = [(c, n, d, t) for c, n in plan for t in tbos for d in delayers]
+    trace = None
+    for i, (c, n, delayer, tbo) in enumerate([] if args.compile_only else combos):
+        if args.trace and i == len(combos) - 1:
+            trace = SaturatedTrace(args.trace, args.trace_steps, min(c or n, n), args.trace_skip_steps,
+                                   args.trace_decode)
+        res["runs"].append(run_one(engine, requests[:n], prompts[:n], c, delayer, tbo, trace))
+        save(args.json, res)
+    if trace is not None:
+        res["trace"] = trace.finish(engine)
+        res["runs"][-1]["traced"] = True
+        print("\n".join(format_summary(res["trace"])), flush=True)
+    if args.http and not args.compile_only:  # the first run again, through the server
+        c, n, delayer, tbo = combos[0]
+        configure(engine, delayer, tbo)
+        r = run_http(engine, args, requests[:n], c)
+        res["runs"].append({"delayer": delayer, "tbo": TBO_NAMES[tbo], "max_concurrency": c, "num_prompts": n,
+                            "http": True, **r})
+        print(f"HTTP (concurrency {c or '-'}, delayer {delayer}, TBO {TBO_NAMES[tbo]}): "
+              f"{r['total_token_throughput_per_gpu']:.0f} total tok/s per GPU, TTFT p50 {r['ttft']['median_ms']:.0f} ms",
+              flush=True)
+    res["finished"] = True
+    return res
 
 
 def run_cli(args) -> int:
@@ -452,7 +476,6 @@ def run_cli(args) -> int:
     if res["runs"]:
         print(format_table(res["runs"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        save(args.json, res)
         print(f"wrote {args.json}")
     return 0 if all(r["completed"] == r["num_prompts"] for r in res["runs"]) else 1

@@ -2,8 +2,9 @@
 summary. `SaturatedTrace` starts the engine's own profiler (`Engine.start_profile(dir, steps)`,
 which stops itself after that many model steps that did not compile) at the first step once the
 run is saturated: the requests in flight reached min(max concurrency, prompts) and none of them
-waits for a slot (or every slot is taken), after `skip` more steps (a wave of long prompts is
-saturated first while it prefills; skipping lands the trace in its decode). `summarize` keeps, per device, what says where a step's
+waits for a slot (or every slot is taken), after `skip` more steps and, with `decode_only`, at
+the first of those in which no running sequence still prefills (a wave of long prompts is
+saturated first while it prefills). `summarize` keeps, per device, what says where a step's
 time goes (atom_jax.trace.report: step time, device-busy time and share, each category's union
 time, the top kernels)."""
 
@@ -17,8 +18,9 @@ TOP_KERNELS = 10
 class SaturatedTrace:
     """Traces `steps` engine steps of one run into `log_dir` once it is saturated."""
 
-    def __init__(self, log_dir: str, steps: int, target_in_flight: int, skip: int = 0):
+    def __init__(self, log_dir: str, steps: int, target_in_flight: int, skip: int = 0, decode_only: bool = False):
         self.log_dir, self.steps, self.target, self.skip = log_dir, steps, target_in_flight, skip
+        self.decode_only = decode_only
         self.saturated_at_step: int | None = None  # the engine's step count when saturation began
         self.started: dict | None = None  # the engine's state when the trace began
 
@@ -32,24 +34,29 @@ class SaturatedTrace:
 
     def before_step(self, engine, in_flight: int) -> None:
         """Called before each engine step of the run: starts the trace `skip` steps after the
-        first saturated one."""
+        first saturated one (with `decode_only`, at the first such step with no prefill)."""
         if self.started is not None:
             return
         step = engine.stats()["steps"]
         if self.saturated_at_step is None and self.saturated(engine, in_flight, self.target):
             self.saturated_at_step = step
-        if self.saturated_at_step is not None and step >= self.saturated_at_step + self.skip:
-            running = [s for r in engine.scheduler.ranks for s in r.running]
+        if self.saturated_at_step is None or step < self.saturated_at_step + self.skip:
+            return
+        running = [s for r in engine.scheduler.ranks for s in r.running]
+        prefilling = sum(s.is_prefilling for s in running)
+        if not (self.decode_only and (prefilling or engine.scheduler.num_waiting)):
             self.started = {"started_at_step": step, "saturated_at_step": self.saturated_at_step,
-                            "in_flight": in_flight, "running": len(running),
-                            "prefilling": sum(s.is_prefilling for s in running)}
+                            "in_flight": in_flight, "running": len(running), "prefilling": prefilling}
             engine.start_profile(self.log_dir, self.steps)
 
     def finish(self, engine) -> dict:
         """After the run: stop the trace if the run ended first; -> its summary (or why none)."""
         if self.started is None:
-            why = (f"the run never had {self.target} requests in flight, all holding a slot"
-                   if self.saturated_at_step is None else f"the run ended within {self.skip} steps of saturating")
+            if self.saturated_at_step is None:
+                why = f"the run never had {self.target} requests in flight, all holding a slot"
+            else:
+                why = (f"the run ended within {self.skip} steps of saturating"
+                       + (" or before a step with no prefill" if self.decode_only else ""))
             return {"dir": self.log_dir, "taken": False, "why": why}
         engine.stop_profile()  # None when it already stopped itself after `steps` steps
         from atom_jax.trace.report import report
