@@ -258,7 +258,8 @@ def run_http(engine, args, requests, max_concurrency: int | None) -> dict:
 
 
 _ROWS = (
-    ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}" + (" (HTTP)" if r.get("http") else "")),
+    ("delayer / TBO", lambda r: f"{r['delayer']} / {r['tbo']}" + (" (HTTP)" if r.get("http") else "")
+     + (" (traced)" if r.get("traced") else "")),
     ("max concurrency / prompts", lambda r: f"{r['max_concurrency'] or '-'} / {r['num_prompts']}"),
     ("completed / failed", lambda r: f"{r['completed']} / {r['failed']}"),
     ("duration (s)", lambda r: f"{r['duration_s']:.2f}"),
