@@ -111,7 +111,9 @@ def test_ties_resolve_to_the_lowest_entry_index(small_widths):
 
 def test_plan_follows_tokens_and_capacity():
     cap = 262144  # a 1M-token cache's CSA entries
-    assert it.plan_topk(1, cap, 512, "loop") == it.TopkPlan("loop", (), 16384)
+    assert it.plan_topk(1, cap, 512, "loop") == it.TopkPlan("loop", (), 16384)  # 16 blocks: dynamic
+    short = it.plan_topk(8192, 8320, 512)  # blocks of 4096 to a small capacity: 3, a static loop
+    assert (short.method, short.loop_block, short.loop_trips) == ("loop", 4096, 3)
     small = it.plan_topk(16, cap, 512, "select")
     assert small.rungs == (4096, 16384, 65536, 262144) and small.loop_block == 0
     mid = it.plan_topk(512, cap, 512, "two-stage")  # 512 x 32768 scores fit the budget, 65536 not
@@ -197,3 +199,27 @@ def test_compiled_policies_at_v4_flash_dims(policy):
     want = _oracle(scores, n_vis, k)
     for r in range(t):
         assert set(np.asarray(idx)[r][np.asarray(ok)[r]].tolist()) == want[r]
+
+
+def test_static_trip_loop_equals_the_dynamic_one_without_a_while():
+    """running_topk with a static trip count (to the capacity) selects what the loop over the
+    longest visible prefix selects, and traces to no data-dependent while loop (a GPU while
+    loop copies its predicate to the host each iteration)."""
+    from atom_jax.models.cache_reads import running_topk
+
+    rng = np.random.default_rng()
+    t, cap, block, k = 6, 200, 48, K
+    scores = np.round(rng.standard_normal((t, cap)), 1).astype(np.float32)  # rounding: ties
+    make = lambda e0: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+        jnp.pad(jnp.asarray(scores), ((0, 0), (0, block))), e0, block, axis=1)
+    trips = -(-cap // block)
+    static = jax.jit(lambda n: running_topk(make, n, k, block, trips))
+    dynamic = jax.jit(lambda n: running_topk(make, n, k, block))
+    for n_vis in (rng.integers(0, cap + 1, t).astype(np.int32), np.array([cap, 0, 1, 47, 48, 49], np.int32)):
+        (si, so), (di, do) = static(jnp.asarray(n_vis)), dynamic(jnp.asarray(n_vis))
+        np.testing.assert_array_equal(np.asarray(so), np.asarray(do))
+        np.testing.assert_array_equal(np.where(so, si, -1), np.where(do, di, -1))
+        _check(si, so, _oracle(scores, n_vis), n_vis)
+    n = jnp.zeros(t, jnp.int32)
+    assert "while" not in str(jax.make_jaxpr(lambda n: running_topk(make, n, k, block, trips))(n))
+    assert "while" in str(jax.make_jaxpr(lambda n: running_topk(make, n, k, block))(n))

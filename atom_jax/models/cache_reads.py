@@ -35,14 +35,17 @@ def visible_counts(b, ratio: int):
     return jnp.where(b["valid"], (b["pos"] + 1) // ratio, 0).astype(jnp.int32)
 
 
-def running_topk(block_scores, n_visible, k: int, block: int):
+def running_topk(block_scores, n_visible, k: int, block: int, trips: int = 0):
     """Top-k entry indices per token, scanning entry blocks [e0, e0 + block) for e0 < max(n_visible).
+    `trips` > 0: scan exactly that many blocks instead (blocks past every visible prefix only
+    merge -inf scores, so the result is the same): a loop whose trip count XLA knows, which on
+    a GPU runs without copying its predicate to the host and blocking the launch every iteration.
 
     block_scores(e0) -> [T, block] float32 scores of entries e0.. of each token's slot (values at
     or past a token's visible count are ignored). -> (idx [T, k] int32, ok [T, k] bool): ok marks
     real visible entries; other places hold NO_ENTRY. Ties: lowest entry index first."""
     t = n_visible.shape[0]
-    n_blocks = (jnp.max(n_visible, initial=0) + block - 1) // block
+    n_blocks = trips if trips else (jnp.max(n_visible, initial=0) + block - 1) // block
     cols = jnp.arange(block, dtype=jnp.int32)
 
     def merge(i, carry):

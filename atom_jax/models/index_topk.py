@@ -49,15 +49,25 @@ SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 
 RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
 SUB_BLOCK = 16384  # "two-stage": entries per sub-block (at least k)
 MIN_OUTER_BLOCK, MAX_OUTER_BLOCK = 4096, 16384  # "loop": entries per call and merge
+# "loop" over at most this many blocks to the capacity: a static trip count. A data-dependent
+# one makes XLA's GPU while loop copy its predicate to the host each iteration, so the launch of
+# the step blocks until the device reaches the loop (measured on an H200: a 4-layer prefill step
+# took 19 ms to launch, the whole step, so the host could not prepare the next one meanwhile).
+# Blocks past the longest visible prefix cost one merge of -inf scores each (the scorer skips
+# their sub-blocks).
+STATIC_LOOP_TRIPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class TopkPlan:
     """method: one of POLICIES; rungs: widths of the one-call branches (ascending; empty for
-    "loop"); loop_block: the loop's block for prefixes longer than every rung (0: none)."""
+    "loop"); loop_block: the loop's block for prefixes longer than every rung (0: none);
+    loop_trips: the loop's static trip count (blocks to the capacity) when that is at most
+    STATIC_LOOP_TRIPS, else 0 (the trip count follows the step's longest visible prefix)."""
     method: str
     rungs: tuple[int, ...] = ()
     loop_block: int = 0
+    loop_trips: int = 0
 
 
 def _round_up(n: int, m: int) -> int:
@@ -80,7 +90,9 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
         raise ValueError(f"unknown indexer top-k policy {policy!r}; known: {['auto', *POLICIES]}")
     if policy == "auto":
         policy = AUTO_POLICY if tokens <= AUTO_MAX_TOKENS else "loop"
-    loop = TopkPlan("loop", (), outer_block(capacity, tokens, align))
+    block = outer_block(capacity, tokens, align)
+    trips = -(-capacity // block)
+    loop = TopkPlan("loop", (), block, trips if trips <= STATIC_LOOP_TRIPS else 0)
     if policy == "loop":
         return loop
     top = _round_up(capacity, align)
@@ -92,7 +104,9 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
     rungs = tuple(r for r in rungs if tokens * r <= SCORE_BUDGET)
     if not rungs:
         return loop
-    return TopkPlan(policy, rungs, loop.loop_block if rungs[-1] < top else 0)
+    if rungs[-1] < top:
+        return TopkPlan(policy, rungs, loop.loop_block, loop.loop_trips)
+    return TopkPlan(policy, rungs)
 
 
 def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan):
@@ -103,7 +117,8 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan):
     n_visible = n_visible.astype(jnp.int32)
     branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method) for w in plan.rungs]
     if plan.loop_block:
-        branches.append(lambda nv: running_topk(make_scorer(plan.loop_block), nv, k, plan.loop_block))
+        branches.append(lambda nv: running_topk(make_scorer(plan.loop_block), nv, k, plan.loop_block,
+                                                plan.loop_trips))
     if len(branches) == 1:
         return branches[0](n_visible)
     longest = jnp.max(n_visible, initial=0)
