@@ -117,7 +117,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="plan the prefix cache's window-state pool, as the engine's default does "
                    "(default: on)")
     p.add_argument("--prefix-state-pages", type=int, default=None,
-                   help="pages whose window state the prefix cache keeps (default: 4 per slot)")
+                   help="pages whose window state the prefix cache keeps (default: 4 per slot; at most "
+                   "the pages that fit beside it)")
     p.add_argument("--build", action="store_true", help="build random weights on the devices and run steps")
     p.add_argument("--backend", default="auto", help="grouped-GEMM backend for --build")
     p.add_argument("--decode-tokens", type=int, default=64, help="--build: one-token rows per rank")

@@ -5,7 +5,7 @@ sequence slot, and how many tokens of KV fit in what is left of a GPU.
 The cache has a paged part (compressed entries: grows with tokens), a per-slot part (the
 sliding-window ring and the compressor tails: fixed per resident sequence) and, with prefix
 caching, the window-state pool (a fixed number of pages' window state, by default
-STATE_PAGES_PER_SLOT per slot); all come from `cache.layout.init_layer_cache` through
+STATE_PAGES_PER_SLOT per slot, never more than the pages the plan has); all come from `cache.layout.init_layer_cache` through
 `jax.eval_shape`, so the plan follows the cache code."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from atom_jax.cache.layout import CacheLayout, init_cache
 from atom_jax.config import ModelConfig
 from atom_jax.loader import abstract_model
-from atom_jax.scheduler.pages import STATE_PAGES_PER_SLOT
+from atom_jax.scheduler.pages import default_state_pages
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.placement import BY_EXPERT, param_specs
 
@@ -134,12 +134,22 @@ def kv_bytes(cfg: ModelConfig, page_tokens: int, dtype=jnp.bfloat16) -> tuple[fl
 
 def memory_plan(cfg: ModelConfig, dp: int, weights: str, gpu_bytes: int, dtype=jnp.bfloat16,
                 page_tokens: int = 128, num_slots: int = 64, reserve_bytes: int = 8 * GiB,
-                mode: str = BY_EXPERT, prefix_caching: bool = True, state_pages: int | None = None) -> MemoryPlan:
+                mode: str = BY_EXPERT, prefix_caching: bool = True, state_pages: int | None = None,
+                num_pages: int | None = None) -> MemoryPlan:
     """`state_pages`: the prefix cache's window-state pool (None: STATE_PAGES_PER_SLOT per slot,
-    the engine's default; ignored without `prefix_caching`)."""
+    the engine's default; ignored without `prefix_caching`). A pool larger than the pages it
+    keeps state for would reserve memory no page can use: it is capped at `num_pages` (the
+    engine's pages per rank; None: as many as fit) and at the pages that fit beside it."""
     parts = weight_bytes(cfg, dp, weights, dtype, mode)
     per_token, per_slot, per_state = kv_bytes(cfg, page_tokens, dtype)
-    states = 0 if not prefix_caching else STATE_PAGES_PER_SLOT * num_slots if state_pages is None else state_pages
+    states = 0
+    if prefix_caching:
+        # s state entries leave (free - s * per_state) // per_page pages: s fits while it is
+        # at most that many, i.e. s * (per_page + per_state) <= free
+        free = gpu_bytes - sum(parts.values()) - reserve_bytes - num_slots * per_slot
+        fit = max(0, int(free // (per_token * page_tokens + per_state)))
+        pages = fit if num_pages is None else min(fit, num_pages)
+        states = default_state_pages(num_slots, pages) if state_pages is None else min(state_pages, pages)
     return MemoryPlan(dp, weights, sum(parts.values()), parts, per_token, per_slot, gpu_bytes,
                       reserve_bytes, num_slots, states, per_state)
 
@@ -176,4 +186,5 @@ def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
         cfg, weights = byte_model_config(), "native" if config.weights == "native" else "bf16"
     return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
                        page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode,
-                       prefix_caching=config.enable_prefix_caching, state_pages=config.state_pages())
+                       prefix_caching=config.enable_prefix_caching, state_pages=config.state_pages(),
+                       num_pages=config.num_pages)
