@@ -67,6 +67,21 @@ def test_work_items_tile_each_group_from_its_first_row():
     assert pairs == expected  # group order, ceil(size / block_m) tiles each, none for empty groups
 
 
+@pytest.mark.parametrize("n_a,n_v", [(129, 200), (4097, 1100)])  # compare-all; past its limit: sort
+def test_searchsorted_right_matches_numpy_without_a_loop(n_a, n_v):
+    """The work lists' searchsorted equals numpy's (duplicates, values below, equal to and above
+    every entry) by either method, and traces to no loop (jnp's default method is one)."""
+    rng = np.random.default_rng()
+    a = np.sort(rng.integers(0, 300, n_a)).astype(np.int32)  # many duplicates
+    v = rng.integers(-5, 310, n_v).astype(np.int32)
+    assert (n_a * n_v <= pg.COMPARE_ALL_MAX) == (n_a == 129)
+    got = jax.jit(pg.searchsorted_right)(jnp.asarray(a), jnp.asarray(v))
+    np.testing.assert_array_equal(np.asarray(got), np.searchsorted(a, v, side="right"))
+    loops = lambda f: {w for w in ("while", "scan") if w in str(jax.make_jaxpr(f)(a, v))}  # noqa: E731
+    assert not loops(pg.searchsorted_right)
+    assert loops(lambda a, v: jnp.searchsorted(a, v, side="right"))  # a loop (XLA: a GPU while loop)
+
+
 def test_tiles_start_at_group_starts_with_several_column_tiles():
     """Group sizes around block_m and 3 column tiles: every tile begins at its group's first
     row, so sizes of block_m - 1, block_m and block_m + 1 take 1, 1 and 2 tiles."""

@@ -117,7 +117,7 @@ def capacity_dropless(rows, weights, group_sizes, mean_group=None):
     over = pallas_grouped_gemm.grouped_gemm_ranges(
         rows, weights, over_starts, ends, pallas_grouped_gemm.DECODE_TILES, interpret=_on_cpu())
     r = jnp.arange(rows.shape[0])
-    gid = jnp.minimum(jnp.searchsorted(ends, r, side="right"), weights.shape[0] - 1)
+    gid = jnp.minimum(pallas_grouped_gemm.searchsorted_right(ends, r), weights.shape[0] - 1)
     in_overflow = (r >= over_starts[gid]) & (r < ends[gid])
     return jnp.where(in_overflow[:, None], over, bulk).astype(rows.dtype)
 

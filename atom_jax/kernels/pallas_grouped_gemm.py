@@ -48,6 +48,19 @@ def default_tiles(rows_per_group: float) -> TileConfig:
     return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
 
 
+COMPARE_ALL_MAX = 1 << 22  # a.size * v.size up to which searchsorted_right compares all pairs
+
+
+def searchsorted_right(a, v):
+    """jnp.searchsorted(a, v, side="right") without a loop. jnp's default method is a while
+    loop of log2(len(a) + 1) steps; on a GPU each step is a few tiny kernels, and the work lists
+    of the grouped GEMMs and the indexer made them over a thousand of a 43-layer decode step's
+    ~4,600 kernels (H200 trace, docs/benchmarks.md). Small: one fused compare-and-count; large:
+    a sort."""
+    method = "compare_all" if a.size * v.size <= COMPARE_ALL_MAX else "sort"
+    return jnp.searchsorted(a, v, side="right", method=method)
+
+
 def work_items(starts, ends, block_m: int, max_items: int):
     """(group, row tile) pairs in group order, padded to `max_items`. Row tiles start at their
     group's first row (not on a global grid), so a group of s rows takes ceil(s / block_m)
@@ -58,7 +71,7 @@ def work_items(starts, ends, block_m: int, max_items: int):
     count = (jnp.maximum(ends - starts, 0) + block_m - 1) // block_m
     cum = jnp.cumsum(count)
     item = jnp.arange(max_items, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(cum, item, side="right"), g - 1).astype(jnp.int32)
+    group = jnp.minimum(searchsorted_right(cum, item), g - 1).astype(jnp.int32)
     tile = item - (cum[group] - count[group])
     return group, tile.astype(jnp.int32), cum[-1].reshape(1).astype(jnp.int32)
 

@@ -122,7 +122,8 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan):
     if len(branches) == 1:
         return branches[0](n_visible)
     longest = jnp.max(n_visible, initial=0)
-    i = jnp.minimum(jnp.searchsorted(jnp.asarray(plan.rungs, jnp.int32), longest), len(branches) - 1)
+    # a few rungs: compare all (jnp's default searchsorted is a while loop of tiny GPU kernels)
+    i = jnp.minimum(jnp.sum(jnp.asarray(plan.rungs, jnp.int32) < longest), len(branches) - 1)
     return jax.lax.switch(i, branches, n_visible)
 
 
