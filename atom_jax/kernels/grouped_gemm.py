@@ -6,6 +6,12 @@ group implied by the routing shape) lets capacity-based backends size themselves
 `jax.lax.ragged_dot` is the portable default (fine on CPU; on GPU it lowers to a dense masked
 product, see docs/design.md "Measured facts", so GPU backends plug in here).
 
+`row_ids` [M] int32 (optional): the rows are then `rows[row_ids]` (rows [R, K], any R; the
+output has M rows). The MoE's first GEMMs pass the token of each sorted (token, choice) row, so
+that kernels which gather rows inside their A-tile load (`GATHERS_ROWS`: the Pallas and W4A16
+Triton kernels) never materialise the [M, K] gathered rows; the other backends gather in XLA
+(the same values).
+
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and
 runs the named bf16 backend (CPU, references); see `w4a16`.
@@ -21,22 +27,30 @@ import jax.numpy as jnp
 from atom_jax.kernels.platform import is_cpu, is_rocm, target_platform
 from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
 
-GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None)
+GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None[, row_ids=None])
 
 _BACKENDS: dict[str, GroupedGemm] = {}
+# Backends that take `row_ids` themselves (gather inside the kernel, or pass it on to one that does).
+GATHERS_ROWS: set[str] = set()
 
 
-def register(name: str):
+def register(name: str, gathers_rows: bool = False):
     def deco(fn: GroupedGemm) -> GroupedGemm:
         _BACKENDS[name] = fn
+        if gathers_rows:
+            GATHERS_ROWS.add(name)
         return fn
 
     return deco
 
 
-def _rows_per_group(rows, weights, mean_group) -> float:
+def _num_rows(rows, row_ids) -> int:
+    return rows.shape[0] if row_ids is None else row_ids.shape[0]
+
+
+def _rows_per_group(rows, weights, mean_group, row_ids=None) -> float:
     """The caller's mean rows per expert (from the routing shape), else this call's average."""
-    return mean_group if mean_group is not None else rows.shape[0] / weights.shape[0]
+    return mean_group if mean_group is not None else _num_rows(rows, row_ids) / weights.shape[0]
 
 
 def _zero_rows_past_groups(out, group_sizes, dtype):
@@ -97,12 +111,13 @@ def _on_cpu() -> bool:
     return is_cpu()
 
 
-@register("pallas")
-def pallas(rows, weights, group_sizes, mean_group=None):
+@register("pallas", gathers_rows=True)
+def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None):
     """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
     from atom_jax.kernels import pallas_grouped_gemm
-    tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group))
-    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu())
+    tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
+    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
+                                            row_ids=row_ids)
 
 
 @register("capacity_dropless")
@@ -186,10 +201,10 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 ]
 
 
-@register("auto")
-def auto(rows, weights, group_sizes, mean_group=None):
-    backend = get(choose(_rows_per_group(rows, weights, mean_group)))
-    return backend(rows, weights, group_sizes, mean_group)
+@register("auto", gathers_rows=True)
+def auto(rows, weights, group_sizes, mean_group=None, row_ids=None):
+    backend = get(choose(_rows_per_group(rows, weights, mean_group, row_ids)))
+    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids)
 
 
 # Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16
@@ -197,31 +212,37 @@ def auto(rows, weights, group_sizes, mean_group=None):
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
 
 
-def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None):
+def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None):
     """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
     for the GPU-kernel names and for 'auto' on GPU, at every rows-per-expert (decoding the experts
     to bf16 in one XLA pass for the bf16 kernel measured slower on an H200, 1.1-1.4x at 8K
     tokens/rank); otherwise the weights decoded to rows.dtype in jnp (exact) and the named bf16
-    backend ('auto' on CPU: ragged_dot)."""
+    backend ('auto' on CPU: ragged_dot). The W4A16 kernel gathers `row_ids` itself."""
     if name == "auto":
         name = "ragged_dot" if _on_cpu() else "pallas"
     if name in W4A16_KERNEL_NAMES:
         from atom_jax.kernels import w4a16_grouped_gemm
-        tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group))
-        return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu())
-    return _BACKENDS[name](rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group)
+        tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
+        return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
+                                               row_ids=row_ids)
+    return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids)
 
 
 def get(name: str) -> GroupedGemm:
-    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`."""
+    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`, and optional
+    `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-GEMM backend {name!r}; known: {sorted(_BACKENDS)}")
     backend = _BACKENDS[name]
 
-    def run(rows, weights, group_sizes, mean_group=None):
+    def run(rows, weights, group_sizes, mean_group=None, row_ids=None):
         if isinstance(weights, Fp4Weights):
-            return w4a16(name, rows, weights, group_sizes, mean_group)
-        return backend(rows, weights, group_sizes, mean_group)
+            return w4a16(name, rows, weights, group_sizes, mean_group, row_ids)
+        if row_ids is None:
+            return backend(rows, weights, group_sizes, mean_group)
+        if name in GATHERS_ROWS:
+            return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids)
+        return backend(rows[row_ids], weights, group_sizes, mean_group)  # XLA gathers the rows
 
     return run
 

@@ -9,6 +9,11 @@ range are left unwritten, except [zero_from, M) when given: `grouped_gemm` zeroe
 the last group that way, as one more work-list range whose tiles store zeros without a K loop,
 instead of a read-and-write pass over the output. bf16 in, float32 accumulate.
 
+With `row_ids` [M] the A tile's rows are gathered: row r of the product reads x[row_ids[r]]
+(x [R, K], any R), through the pointers of one masked Triton load per K step, so the MoE never
+writes the [M, K] gathered rows (x[token] for every (token, choice)) to HBM; rows outside every
+range (the zero range included) load nothing.
+
 On GPU the kernel reads and writes `rows` and the output in place: masked loads and stores
 never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
 ~0.2 of 1.24 ms, docs/benchmarks.md round 5). Interpret mode (CPU) clamps out-of-range slices
@@ -103,13 +108,36 @@ def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: 
             plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
 
 
-def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, o_ref, *,
-            cfg: TileConfig, k_steps: int, num_groups: int):
+def a_tiles(x_ref, ids_ref, rows, mine):
+    """load(ks) -> the [block_m, K slice ks] A tile of a work item's rows `rows` (masked by
+    `mine`): x's rows in place, or with `ids_ref` (the row ids) x[ids[rows]], a gather load whose
+    row ids are read once per work item."""
+    if ids_ref is None:
+        return lambda ks: plt.load(x_ref.at[rows, ks], mask=mine, other=0.0)
+    ids = plt.load(ids_ref.at[rows], mask=mine[:, 0], other=0)[:, None]
+
+    def load(ks):  # both indices as arrays: interpret mode cannot mix an array index and a slice
+        cols = (ks.start + jnp.arange(ks.size, dtype=jnp.int32))[None, :]
+        return plt.load(x_ref.at[ids, cols], mask=mine, other=0.0)
+
+    return load
+
+
+def split_refs(refs, gather: bool):
+    """(ids_ref or None, *other refs): the kernels' operands after the work list."""
+    return (refs[0], *refs[1:]) if gather else (None, *refs)
+
+
+def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
+            num_groups: int, gather: bool):
+    ids_ref, x_ref, w_ref, o_ref = split_refs(refs, gather)
+
     def accumulate(g, rows, cols, mine):
+        load = a_tiles(x_ref, ids_ref, rows, mine)
+
         def step(kk, acc):
             ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
-            a = plt.load(x_ref.at[rows, ks], mask=mine, other=0.0)
-            return acc + plt.dot(a, w_ref[g, ks, cols])
+            return acc + plt.dot(load(ks), w_ref[g, ks, cols])
 
         return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
 
@@ -117,10 +145,11 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, x_ref, w_ref, 
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None):
+                        interpret: bool = False, zero_from=None, row_ids=None):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
-    when zero_from (a scalar at or past the last range) is given; other rows unspecified."""
-    m, k = rows.shape
+    when zero_from (a scalar at or past the last range) is given; other rows unspecified.
+    With row_ids [M] (int32, each in [0, R) for rows [R, K]): rows[row_ids[r]] instead of rows[r]."""
+    m, k = num_rows(rows, row_ids), rows.shape[1]
     g, k2, n = weights.shape
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
@@ -131,22 +160,36 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
         raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} and block_n={bn}")
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     starts, ends = with_zero_range(starts, ends, zero_from, m)
-    # Tiles start at group starts, so the last may run up to block_m - 1 rows past M: masked on
-    # GPU, but interpret mode clamps the slice, so pad there only.
     pad = cfg.block_m if interpret else 0
-    x = jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows
+    a_operands = padded_a(rows, row_ids, pad)
     items = -(-m // cfg.block_m) + starts.shape[0]  # each range adds at most one partly filled tile
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g),
+        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm",
     )
-    out = call(group, tile, count, starts, ends, x, weights)
+    out = call(group, tile, count, starts, ends, *a_operands, weights)
     return out[:m] if pad else out
+
+
+def num_rows(rows, row_ids) -> int:
+    """M, the product's rows: len(row_ids) when gathering, else len(rows)."""
+    return rows.shape[0] if row_ids is None else row_ids.shape[0]
+
+
+def padded_a(rows, row_ids, pad: int):
+    """The A operands: (rows,) or (row_ids int32, rows). Tiles start at group starts, so the
+    last may run up to block_m - 1 rows past M: masked on GPU, but interpret mode clamps the
+    slice, so there (pad = block_m) the array indexed by the product's row is padded: the rows,
+    or the row ids (pointing at row 0) when gathering."""
+    if row_ids is None:
+        return (jnp.pad(rows, ((0, pad), (0, 0))) if pad else rows,)
+    ids = row_ids.astype(jnp.int32)
+    return (jnp.pad(ids, (0, pad)) if pad else ids, rows)
 
 
 def with_zero_range(starts, ends, zero_from, m: int):
@@ -165,16 +208,19 @@ def group_ranges(group_sizes):
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args):
+def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None):
     """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
-    ends, *args, zero_from=...)`): contiguous groups by size; rows past the last group are zero."""
+    ends, *args, zero_from=..., row_ids=...)`): contiguous groups by size; rows past the last
+    group are zero."""
     starts, ends = group_ranges(group_sizes)
-    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1])
+    gather = {} if row_ids is None else {"row_ids": row_ids}
+    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1], **gather)
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False):
-    """The seam's contract: contiguous groups by size; rows past the last group are zero."""
+                 interpret: bool = False, row_ids=None):
+    """The seam's contract: contiguous groups by size; rows past the last group are zero.
+    `row_ids` [M]: the product's rows are rows[row_ids] (gathered in the kernel)."""
     if cfg is None:
-        cfg = default_tiles(rows.shape[0] / max(weights.shape[0], 1))
-    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret)
+        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
+    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids)

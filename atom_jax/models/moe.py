@@ -34,7 +34,13 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
 
     x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D] (dense, or packed
     `Fp4Weights` of those shapes: the seam runs them W4A16). Choices of experts
-    held elsewhere contribute nothing (sorted past the last group, weight zeroed)."""
+    held elsewhere contribute nothing (sorted past the last group, weight zeroed).
+
+    Route: the N * k (token, choice) pairs sorted by local expert (stable); the first GEMMs take
+    the token ids of the sorted rows (`row_ids`): the kernels that can load x[token] themselves,
+    the others gather in XLA. Unroute: a gather, not a scatter: token t sums, in float32, its
+    choices' rows of the sorted output, each found through the inverse permutation; choices of
+    other ranks' experts read nothing (masked)."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
@@ -42,16 +48,32 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     valid = (local >= 0) & (local < e_local)
     key = jnp.where(valid, local, e_local)
     order = jnp.argsort(key, stable=True)
-    token = order // k
-    rows = x[token]
-    sizes = jnp.bincount(jnp.where(valid, local, e_local), length=e_local + 1)[:e_local]
+    token = (order // k).astype(jnp.int32)
+    sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
-    h = swiglu_clamped(gemm(rows, w1, sizes, mean_group=mean).astype(jnp.float32),
-                       gemm(rows, w3, sizes, mean_group=mean).astype(jnp.float32), limit)
-    out = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean).astype(jnp.float32)
-    wsorted = jnp.where(valid, weights.reshape(-1), 0.0)[order]
-    out = out * wsorted[:, None]
-    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out).astype(x.dtype)
+    h = swiglu_clamped(gemm(x, w1, sizes, mean_group=mean, row_ids=token).astype(jnp.float32),
+                       gemm(x, w3, sizes, mean_group=mean, row_ids=token).astype(jnp.float32), limit)
+    y = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean)  # [N * k, D], sorted order
+    return unroute(y, order, valid.reshape(n, k), weights, x.dtype)
+
+
+def unroute(y, order, valid, weights, dtype):
+    """out[t] = sum_j weights[t, j] * y[position of (t, j) in the sorted order] over t's valid
+    choices j, float32 accumulation, in `dtype`. y [N * k, D] in sorted order; order [N * k]
+    the sort permutation (sorted position -> flat choice index t * k + j); valid/weights [N, k].
+
+    The inverse permutation is a scatter of N * k int32 (not of rows); each output row then
+    reads its k rows of y (an invalid choice's read is masked, so it fetches nothing)."""
+    n, k = valid.shape
+    m = order.shape[0]
+    inv = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+    inv = inv.reshape(n, k)
+    w = jnp.where(valid, weights, 0.0).astype(jnp.float32)
+    out = jnp.zeros((n, y.shape[-1]), jnp.float32)
+    for j in range(k):  # k terms, each a row gather fused into one loop with the sum
+        rows = jnp.take(y, jnp.where(valid[:, j], inv[:, j], m), axis=0, mode="fill", fill_value=0)
+        out = out + w[:, j, None] * rows.astype(jnp.float32)
+    return out.astype(dtype)
 
 
 class MoE(nnx.Module):

@@ -1,0 +1,162 @@
+"""MoE route / unroute without materialising every (token, choice) row: the combine by gather
+(inverse permutation) against the scatter-add formulation it replaced, and the grouped-GEMM
+kernels' `row_ids` (A rows gathered inside the kernel, interpret mode on CPU) against the
+kernels on rows gathered in XLA. Fresh random inputs; skewed routings: empty experts, one
+expert holding most rows, choices of other ranks' experts (rows past the last group)."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_w4a16 import random_fp4_experts
+
+from atom_jax.bench.routings import skewed_sizes
+from atom_jax.kernels import grouped_gemm
+from atom_jax.kernels import pallas_grouped_gemm as pg
+from atom_jax.kernels import w4a16_grouped_gemm as wg
+from atom_jax.kernels.platform import lowering_for
+from atom_jax.models.layers import swiglu_clamped
+from atom_jax.models.moe import routed_experts
+
+SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=32)
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _scatter_reference(x, idx, weights, w1, w3, w2, limit, expert_offset):
+    """The formulation routed_experts had before: gather every (token, choice) row, scale the
+    sorted outputs, f32 scatter-add back to tokens (ragged_dot)."""
+    gemm = grouped_gemm.get("ragged_dot")
+    n, k = idx.shape
+    e_local = w1.shape[0]
+    local = idx.reshape(-1) - expert_offset
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)
+    order = jnp.argsort(key, stable=True)
+    token = order // k
+    rows = x[token]
+    sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
+    h = swiglu_clamped(gemm(rows, w1, sizes).astype(jnp.float32), gemm(rows, w3, sizes).astype(jnp.float32), limit)
+    out = gemm(h.astype(x.dtype), w2, sizes).astype(jnp.float32)
+    out = out * jnp.where(valid, weights.reshape(-1), 0.0)[order][:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out).astype(x.dtype)
+
+
+def _skewed_routing(rng, n, k, e_all, hot):
+    """idx [n, k] of distinct experts: every token's first choice is expert `hot` (one very
+    large group), the rest uniform over a third of the experts (the others stay empty)."""
+    pool = rng.choice(np.setdiff1d(np.arange(e_all), [hot]), max(k, e_all // 3), replace=False)
+    rest = np.stack([rng.choice(pool, k - 1, replace=False) for _ in range(n)])
+    return np.concatenate([np.full((n, 1), hot), rest], axis=1).astype(np.int32)
+
+
+@pytest.mark.parametrize("backend", ["ragged_dot", "pallas"])
+def test_combine_by_gather_matches_scatter_formulation(backend):
+    """This rank holds experts [4, 12) of 16: tokens with no choice local (all in [0, 4)), all
+    local (all in [4, 12)), and mixed ones; one local expert takes every mixed token, some local
+    experts none."""
+    rng = np.random.default_rng()
+    n, k, d, i, e_all, e_local, offset = 40, 3, 32, 32, 16, 8, 4
+    idx = _skewed_routing(rng, n, k, e_all, hot=offset + 2)
+    idx[:5] = np.stack([rng.choice(offset, k, replace=False) for _ in range(5)])  # none local
+    idx[5:10] = np.stack([offset + rng.choice(e_local, k, replace=False) for _ in range(5)])  # all local
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    w = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e_local, d, i)) / 4, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e_local, i, d)) / 4, jnp.float32)
+    out = np.asarray(routed_experts(x, jnp.asarray(idx), w, w1, w3, w2, 7.0, expert_offset=offset, backend=backend))
+    ref = np.asarray(_scatter_reference(x, jnp.asarray(idx), w, w1, w3, w2, 7.0, offset))
+    assert np.all(out[:5] == 0)  # no local choice: nothing added
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())  # f32 summation order only
+
+
+def test_bf16_combine_matches_scatter_formulation():
+    """bf16 activations, every choice local (dp=1: no row past the groups): the outputs agree
+    to bf16 rounding of the (f32-accumulated) sum."""
+    rng = np.random.default_rng()
+    n, k, d, i, e = 32, 4, 64, 32, 8
+    idx = jnp.asarray(_skewed_routing(rng, n, k, e, hot=int(rng.integers(e))))
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, d, i)) / 8, jnp.bfloat16) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, i, d)) / 6, jnp.bfloat16)
+    out = np.asarray(routed_experts(x, idx, w, w1, w3, w2, 7.0), np.float32)
+    ref = np.asarray(_scatter_reference(x, idx, w, w1, w3, w2, 7.0, 0), np.float32)
+    assert out.dtype == ref.dtype
+    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def _gather_case(rng, r, m, g, k, n, trailing):
+    sizes = skewed_sizes(rng, m - trailing, g)  # empty groups, one very large, `trailing` rows in none
+    x = rng.standard_normal((r, k)).astype(np.float32)
+    ids = rng.integers(0, r, m).astype(np.int32)
+    return x, jnp.asarray(ids), jnp.asarray(sizes)
+
+
+@pytest.mark.parametrize("trailing", [0, 11])
+def test_pallas_row_ids_match_gathered_rows(trailing):
+    rng = np.random.default_rng()
+    r, m, g, k, n = 30, 90, 6, 64, 64
+    x, ids, sizes = _gather_case(rng, r, m, g, k, n, trailing)
+    w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
+    out = np.asarray(pg.grouped_gemm(jnp.asarray(x), w, sizes, cfg=SMALL, interpret=True, row_ids=ids))
+    ref = np.asarray(pg.grouped_gemm(jnp.asarray(x)[ids], w, sizes, cfg=SMALL, interpret=True))
+    assert out.shape == (m, n)
+    np.testing.assert_array_equal(out, ref)  # the same tiles, loaded another way
+    assert np.all(out[m - trailing:] == 0) and np.abs(out[:m - trailing]).max() > 0
+
+
+def test_w4a16_row_ids_match_gathered_rows():
+    rng = np.random.default_rng()
+    r, m, g, k, n = 25, 70, 5, 64, 32
+    x, ids, sizes = _gather_case(rng, r, m, g, k, n, trailing=6)
+    x = jnp.asarray(x, jnp.bfloat16)
+    w, _ = random_fp4_experts(rng, g, k, n)
+    tiles = pg.TileConfig(block_m=16, block_n=32, block_k=64)
+    out = np.asarray(wg.grouped_gemm(x, w, sizes, cfg=tiles, interpret=True, row_ids=ids), np.float32)
+    ref = np.asarray(wg.grouped_gemm(x[ids], w, sizes, cfg=tiles, interpret=True), np.float32)
+    np.testing.assert_array_equal(out, ref)
+    assert np.all(out[m - 6:] == 0)
+
+
+def test_seam_row_ids_on_gathering_and_xla_backends():
+    """Every CPU-runnable backend gives with row_ids what it gives on the gathered rows: the
+    Pallas kernel gathers itself, the others in XLA."""
+    rng = np.random.default_rng()
+    r, m, g, k, n = 20, 48, 4, 32, 32
+    x, ids, sizes = _gather_case(rng, r, m, g, k, n, trailing=5)
+    x = jnp.asarray(x)
+    w = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
+    assert {"pallas", "auto"} <= grouped_gemm.GATHERS_ROWS
+    for name in ("ragged_dot", "dense", "pallas", "capacity_dropless", "auto"):
+        gemm = grouped_gemm.get(name)
+        out = np.asarray(gemm(x, w, sizes, mean_group=m / g, row_ids=ids))
+        ref = np.asarray(gemm(x[ids], w, sizes, mean_group=m / g))
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_moe_lowers_without_row_gather_or_scatter(platform):
+    """The routed experts as the GPU runs them (Pallas kernels): the Triton kernels lower, and
+    outside them no [N * k, D] gathered rows and no scatter of rows: only the [N * k] int32
+    inverse permutation is scattered."""
+    n, k, d, i, e = 256, 6, 512, 256, 8
+    args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int32),
+            jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, d, i), jnp.bfloat16),
+            jax.ShapeDtypeStruct((e, d, i), jnp.bfloat16), jax.ShapeDtypeStruct((e, i, d), jnp.bfloat16))
+    fn = jax.jit(lambda *a: routed_experts(*a, 7.0, expert_offset=3, backend="pallas"))
+    with lowering_for(platform):
+        text = jax.export.export(fn, platforms=(platform,), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
+    assert text.count(TRITON) == 3
+    shapes = {}  # primitive -> output shapes, nested jaxprs included
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.setdefault(eqn.primitive.name, []).extend(v.aval.shape for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(fn.trace(*args).jaxpr.jaxpr)
+    assert (n * k, d) not in shapes.get("gather", []), shapes["gather"]
+    assert shapes["scatter"] == [(n * k,)]  # the inverse permutation
+    assert all(len(shape) == 1 for shape in shapes["scatter-add"])  # bincount's group sizes only
