@@ -50,3 +50,20 @@ def test_fp8_linear_on_gpu_matches_float32_reference(use_kernel, rows):
     ref = np.asarray(x, np.float64) @ dense.T
     row_err = np.linalg.norm(out - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert np.all(row_err < 1e-2)  # bf16 output rounding, every row
+
+
+@pytest.mark.parametrize("tiles", [wg.DECODE_TILES, wg.PREFILL_TILES], ids=["decode", "prefill"])
+def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
+    """`row_ids`: rows[row_ids[r]] loaded inside the kernel (PTX decoder on CUDA) against the
+    kernel on the rows gathered in XLA."""
+    rng = np.random.default_rng()
+    g, k, n, r, m, trailing = 16, 512, 512, 300, 1000, 7
+    sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
+    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
+    w, _ = random_fp4_experts(rng, g, k, n)
+    out = np.asarray(jax.jit(lambda a, b, s, i: wg.grouped_gemm(a, b, s, cfg=tiles, row_ids=i))(x, w, sizes, ids),
+                     np.float32)
+    ref = np.asarray(jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles))(x[ids], w, sizes), np.float32)
+    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+    assert np.all(out[m - trailing:] == 0)
