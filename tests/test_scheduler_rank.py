@@ -256,3 +256,21 @@ def test_a_pending_token_that_ends_by_length_gets_no_more_steps():
     assert planned["eos"] == 2 and seqs[2].output_token_ids == [2]
     assert [s.finish_reason for s in seqs] == ["length", "length", "stop"]
     assert rs.pages.num_free == rs.pages.num_pages and rs.slots.num_free == rs.slots.num_slots
+
+
+def test_a_sequence_its_pending_token_ends_is_never_a_preemption_victim():
+    """Overlap schedule: "b"'s PENDING token ends it by length, so its pages come back when that
+    token resolves. "a" (older) needs a page while "b" holds the other one: "b" is not preempted
+    (it would be counted and, given pages, recomputed for nothing); "a" waits one step."""
+    rs = RankScheduler(RankConfig(num_slots=2, num_pages=2, page_tokens=4, max_tokens_per_step=16,
+                                  chunk_size=16))
+    a = Sequence("a", [10, 11, 12, 13], SamplingParams(max_tokens=3, ignore_eos=True))
+    b = Sequence("b", [20, 21, 22, 23], SamplingParams(max_tokens=1, ignore_eos=True))
+    rs.add(a)
+    rs.add(b)
+    planned = _overlap(rs, {"a": 7, "b": 8})
+    assert rs.num_preemptions == 0 and b.num_preemptions == 0
+    assert planned == {"a": 3, "b": 1}  # a: prefill + 2 decodes (its 3rd token ends it)
+    assert (a.finish_reason, a.output_token_ids, b.finish_reason, b.output_token_ids) == \
+        ("length", [7, 7, 7], "length", [8])
+    assert_all_free(rs)

@@ -284,7 +284,7 @@ class Engine:
         seqs = plan.sampled()
         clock.lap("wait")
         for seq, lp in zip(seqs, lps.tolist()):
-            if seq.params.logprobs and not seq.is_finished:
+            if seq.params.logprobs and seq.has_pending:  # (not finished, nor requeued since)
                 tr = self._requests.get(seq.request_id)
                 if tr is not None:
                     tr.logprobs.append(lp)
@@ -295,15 +295,15 @@ class Engine:
         return outputs
 
     def _fail(self, plan, e: Exception) -> None:
-        """Fail every request of `plan` (its step raised `e`); each says why."""
+        """Fail every request of `plan` (its step raised `e`); each says why. A request that
+        was not in the step but reused the pages it offered to the prefix cache is recomputed."""
         self.runner.forget_rows()
         error = f"the model step failed: {type(e).__name__}: {e}"
         log.exception("model step failed; failing its %d request(s)", sum(len(work) for work in plan.per_rank),
                       exc_info=e)
-        for seq in self.scheduler.forget_failed(plan):  # reused the step's unwritten pages
-            tr = self._requests.get(seq.request_id)
-            if tr is not None:
-                tr.error = error
+        requeued = self.scheduler.forget_failed(plan)  # reused the step's unwritten pages
+        if requeued:
+            log.warning("%d request(s) admitted onto the failed step's pages are recomputed", len(requeued))
         for work in plan.per_rank:
             for w in work:
                 tr = self._requests.get(w.request_id)

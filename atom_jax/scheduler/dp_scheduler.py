@@ -133,10 +133,10 @@ class DPScheduler:
 
     def forget_failed(self, plan: StepPlan) -> list[Sequence]:
         """`plan`'s step failed after `on_step_done` (overlap schedule): its pages leave the
-        prefix cache, and the sequences that reused them since fail (`RankScheduler.forget_failed`).
-        -> those sequences; the caller fails `plan`'s own."""
+        prefix cache, and the sequences that reused them since are recomputed
+        (`RankScheduler.forget_failed`). -> those sequences; the caller fails `plan`'s own."""
         hit = [s for rank, work in zip(self.ranks, plan.per_rank) for s in rank.forget_failed(work)]
-        self._collect_finished()
+        self._update_gauges()
         return hit
 
     def has_work(self) -> bool:

@@ -6,7 +6,9 @@ Memory policy (decided here, documented for the engine):
 - When a running sequence cannot get a page, the newest running sequence is preempted
   (recompute: its slot and pages are freed, it goes back to the front of the waiting queue
   and later re-prefills prompt + output). The oldest sequence is therefore never preempted,
-  so it always progresses: no livelock.
+  so it always progresses: no livelock. Overlap schedule: a sequence whose pending token ends
+  it by length is no victim (it gets no more steps and its pages are freed when the token
+  resolves, one step later); while only such sequences hold the pages, the one asking waits.
 - A sequence that cannot get a page while it is the only one running can never fit in this
   rank's cache: it fails with finish_reason "error". A prompt whose pages exceed the whole
   cache, or longer than `max_seq_len`, fails the same way as soon as it is added.
@@ -289,7 +291,7 @@ class RankScheduler:
 
     def on_step_done(self, work: list[ChunkWork], sampled: dict) -> list[tuple[Sequence, int]]:
         """Mark the step's KV as cached and append sampled tokens. Sequences finished while the
-        step ran (abort) are skipped. Returns (sequence, token) for every appended token."""
+        step ran (abort), or sent back to the queue (`forget_failed`), are skipped. Returns (sequence, token) for every appended token."""
         if work is not self._in_flight and work != self._in_flight:
             raise RuntimeError(f"rank {self.rank}: on_step_done() got a plan that is not the "
                                "one last returned by schedule()")
@@ -297,7 +299,7 @@ class RankScheduler:
         out = []
         for c in work:
             seq = c.seq
-            if seq.is_finished:
+            if seq.status is not SeqStatus.RUNNING:  # finished, or requeued (`forget_failed`)
                 continue
             assert seq.num_computed == c.start_pos, (seq, c)
             seq.num_computed = c.start_pos + c.num_tokens
@@ -395,13 +397,16 @@ class RankScheduler:
     def forget_failed(self, work: list[ChunkWork]) -> list[Sequence]:
         """The step that ran `work` failed after `on_step_done` (overlap schedule): the pages its
         chunks offered to the prefix cache hold no KV. They leave the cache, and a live sequence
-        that reused one since (its KV reads it) fails too. -> those sequences (the caller fails
-        `work`'s own)."""
+        that reused one since (admitted onto it by the step planned meanwhile: its KV read it) is
+        recomputed: its references and slot dropped, back to the front of the waiting queue (its
+        chunk in that step is then ignored); re-admitted, it reuses only pages still cached.
+        -> those sequences (the caller fails `work`'s own: they were in the failed step)."""
         bad = {page for c in work for page, key in c.registered if self.pages.unregister(page, key)}
         own = {id(c.seq) for c in work}
         hit = [s for s in self.running if id(s) not in own and not bad.isdisjoint(s.pages)]
-        for s in hit:
-            self._release(s, "error")
+        for s in reversed(hit):  # (appendleft: they keep their order at the queue's front)
+            self._requeue(s)
+            s.num_cached_tokens = None  # what its first admission reused was not there
         return hit
 
     def _put(self, chunk: ChunkWork) -> None:
@@ -415,14 +420,18 @@ class RankScheduler:
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens` tokens, preempting the newest running sequences
-        if needed. False if `seq` itself was preempted or failed."""
+        if needed. False if `seq` itself was preempted or failed, or has to wait a step.
+        A sequence whose pending token ends it (`_done_when_resolved`) is never a victim:
+        recomputing it would be for nothing, and its pages are freed when the token resolves;
+        while only such sequences hold the pages `seq` needs, `seq` waits a step."""
         if len(seq.pages) * self.config.page_tokens >= num_tokens:
             return True  # most decodes: the last page has room
         while not self.pages.extend(seq.pages, num_tokens):
-            if self.running == [seq]:
-                self._release(seq, "error")  # alone and still too big: can never fit
+            victim = next(s for s in reversed(self.running) if s is seq or not self._done_when_resolved(s))
+            if victim is seq and all(s is seq or self._done_when_resolved(s) for s in self.running):
+                if self.running == [seq]:
+                    self._release(seq, "error")  # alone and still too big: can never fit
                 return False
-            victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -432,13 +441,17 @@ class RankScheduler:
         chunk = self._work.pop(seq.request_id, None)
         if chunk is not None:
             self._budget += chunk.num_tokens
+        self._requeue(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Recompute: free a running sequence's slot and pages, put it first in the queue."""
         self._free_resources(seq)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.num_registered_pages = 0
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)  # preempted work goes first when memory returns
 
     def _free_resources(self, seq: Sequence) -> None:
