@@ -1,7 +1,8 @@
 """MoE route / unroute without materialising every (token, choice) row: the combine by gather
-(inverse permutation) against the scatter-add formulation it replaced, and the grouped-GEMM
-kernels' `row_ids` (A rows gathered inside the kernel, interpret mode on CPU) against the
-kernels on rows gathered in XLA. Fresh random inputs; skewed routings: empty experts, one
+(inverse permutation) against the scatter-add formulation it replaced (through the Pallas
+kernel too, whose rows past the last group are left unwritten: NaN in interpret mode, so a leak
+would show), and the grouped-GEMM kernels' `row_ids` (A rows gathered inside the kernel,
+interpret mode on CPU) against the kernels on rows gathered in XLA. Fresh random inputs; skewed routings: empty experts, one
 expert holding most rows, choices of other ranks' experts (rows past the last group)."""
 
 import jax
@@ -104,6 +105,11 @@ def test_pallas_row_ids_match_gathered_rows(trailing):
     assert out.shape == (m, n)
     np.testing.assert_array_equal(out, ref)  # the same tiles, loaded another way
     assert np.all(out[m - trailing:] == 0) and np.abs(out[:m - trailing]).max() > 0
+    # zero_tail=False (the MoE): the group rows are the same; the rest is left unwritten
+    # (interpret mode fills unwritten rows with NaN, so a caller that read them would see it)
+    lazy = np.asarray(pg.grouped_gemm(jnp.asarray(x), w, sizes, cfg=SMALL, interpret=True, row_ids=ids,
+                                      zero_tail=False))
+    np.testing.assert_array_equal(lazy[:m - trailing], out[:m - trailing])
 
 
 def test_w4a16_row_ids_match_gathered_rows():
@@ -117,6 +123,9 @@ def test_w4a16_row_ids_match_gathered_rows():
     ref = np.asarray(wg.grouped_gemm(x[ids], w, sizes, cfg=tiles, interpret=True), np.float32)
     np.testing.assert_array_equal(out, ref)
     assert np.all(out[m - 6:] == 0)
+    lazy = np.asarray(wg.grouped_gemm(x, w, sizes, cfg=tiles, interpret=True, row_ids=ids, zero_tail=False),
+                      np.float32)
+    np.testing.assert_array_equal(lazy[:m - 6], out[:m - 6])
 
 
 def test_seam_row_ids_on_gathering_and_xla_backends():
@@ -160,3 +169,18 @@ def test_moe_lowers_without_row_gather_or_scatter(platform):
     assert (n * k, d) not in shapes.get("gather", []), shapes["gather"]
     assert shapes["scatter"] == [(n * k,)]  # the inverse permutation
     assert all(len(shape) == 1 for shape in shapes["scatter-add"])  # bincount's group sizes only
+
+
+def test_packed_experts_through_w4a16_kernel_match_decoded():
+    """FP4 experts: the W4A16 kernel (row_ids, rows past the groups unwritten) against the
+    weights decoded in jnp through ragged_dot, half the experts held elsewhere."""
+    rng = np.random.default_rng()
+    n, k, d, i, e_all, e_local = 24, 3, 64, 64, 8, 4
+    idx = jnp.asarray(_skewed_routing(rng, n, k, e_all, hot=5))
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.random((n, k)), jnp.float32)
+    (w1, _), (w3, _), (w2, _) = (random_fp4_experts(rng, e_local, a, b) for a, b in ((d, i), (d, i), (i, d)))
+    run = lambda backend: np.asarray(routed_experts(  # noqa: E731
+        x, idx, w, w1, w3, w2, 7.0, expert_offset=e_local, backend=backend), np.float32)
+    out, ref = run("pallas"), run("ragged_dot")
+    np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())

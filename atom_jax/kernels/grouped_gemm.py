@@ -10,7 +10,9 @@ product, see docs/design.md "Measured facts", so GPU backends plug in here).
 output has M rows). The MoE's first GEMMs pass the token of each sorted (token, choice) row, so
 that kernels which gather rows inside their A-tile load (`GATHERS_ROWS`: the Pallas and W4A16
 Triton kernels) never materialise the [M, K] gathered rows; the other backends gather in XLA
-(the same values).
+(the same values). `zero_tail=False` (the MoE, which never reads them) lets those kernels leave
+the rows past the last group unwritten instead of storing zeros there (under DP with experts
+sharded most rows are other ranks' choices: 7/8 of them at dp=8); other backends zero them anyway.
 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and
@@ -30,7 +32,8 @@ from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None[, row_ids=None])
 
 _BACKENDS: dict[str, GroupedGemm] = {}
-# Backends that take `row_ids` themselves (gather inside the kernel, or pass it on to one that does).
+# Backends that take `row_ids` and `zero_tail` themselves (gather inside the kernel, or pass them
+# on to one that does).
 GATHERS_ROWS: set[str] = set()
 
 
@@ -112,12 +115,12 @@ def _on_cpu() -> bool:
 
 
 @register("pallas", gathers_rows=True)
-def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None):
+def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
     """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
     from atom_jax.kernels import pallas_grouped_gemm
     tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
     return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
-                                            row_ids=row_ids)
+                                            row_ids=row_ids, zero_tail=zero_tail)
 
 
 @register("capacity_dropless")
@@ -202,9 +205,9 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 
 
 @register("auto", gathers_rows=True)
-def auto(rows, weights, group_sizes, mean_group=None, row_ids=None):
+def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
     backend = get(choose(_rows_per_group(rows, weights, mean_group, row_ids)))
-    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids)
+    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail)
 
 
 # Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16
@@ -212,7 +215,7 @@ def auto(rows, weights, group_sizes, mean_group=None, row_ids=None):
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
 
 
-def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None):
+def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
     """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
     for the GPU-kernel names and for 'auto' on GPU, at every rows-per-expert (decoding the experts
     to bf16 in one XLA pass for the bf16 kernel measured slower on an H200, 1.1-1.4x at 8K
@@ -224,25 +227,26 @@ def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, ro
         from atom_jax.kernels import w4a16_grouped_gemm
         tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
-                                               row_ids=row_ids)
+                                               row_ids=row_ids, zero_tail=zero_tail)
     return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids)
 
 
 def get(name: str) -> GroupedGemm:
     """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`, and optional
-    `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA)."""
+    `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA) and `zero_tail`
+    (False: rows past the last group may be left unwritten)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-GEMM backend {name!r}; known: {sorted(_BACKENDS)}")
     backend = _BACKENDS[name]
 
-    def run(rows, weights, group_sizes, mean_group=None, row_ids=None):
+    def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
         if isinstance(weights, Fp4Weights):
-            return w4a16(name, rows, weights, group_sizes, mean_group, row_ids)
-        if row_ids is None:
-            return backend(rows, weights, group_sizes, mean_group)
+            return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail)
         if name in GATHERS_ROWS:
-            return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids)
-        return backend(rows[row_ids], weights, group_sizes, mean_group)  # XLA gathers the rows
+            return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail)
+        if row_ids is not None:
+            rows = rows[row_ids]  # XLA gathers the rows
+        return backend(rows, weights, group_sizes, mean_group)
 
     return run
 

@@ -208,19 +208,21 @@ def group_ranges(group_sizes):
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None):
+def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None, zero_tail=True):
     """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
     ends, *args, zero_from=..., row_ids=...)`): contiguous groups by size; rows past the last
-    group are zero."""
+    group are zero (unwritten with zero_tail=False)."""
     starts, ends = group_ranges(group_sizes)
     gather = {} if row_ids is None else {"row_ids": row_ids}
-    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1], **gather)
+    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **gather)
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, row_ids=None):
-    """The seam's contract: contiguous groups by size; rows past the last group are zero.
-    `row_ids` [M]: the product's rows are rows[row_ids] (gathered in the kernel)."""
+                 interpret: bool = False, row_ids=None, zero_tail: bool = True):
+    """The seam's contract: contiguous groups by size; rows past the last group are zero
+    (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
+    (gathered in the kernel)."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
-    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids)
+    return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
+                            zero_tail=zero_tail)

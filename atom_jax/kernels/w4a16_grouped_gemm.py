@@ -155,10 +155,12 @@ def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: Til
 
 
 def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, decode: str | None = None, row_ids=None):
-    """The seam's contract: contiguous groups by size; rows past the last group are zero.
-    `row_ids` [M]: the product's rows are rows[row_ids] (gathered in the kernel)."""
+                 interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True):
+    """The seam's contract: contiguous groups by size; rows past the last group are zero
+    (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
+    (gathered in the kernel)."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
     ranges = functools.partial(grouped_gemm_ranges, decode=decode)
-    return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids)
+    return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
+                            zero_tail=zero_tail)

@@ -40,7 +40,9 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     the token ids of the sorted rows (`row_ids`): the kernels that can load x[token] themselves,
     the others gather in XLA. Unroute: a gather, not a scatter: token t sums, in float32, its
     choices' rows of the sorted output, each found through the inverse permutation; choices of
-    other ranks' experts read nothing (masked)."""
+    other ranks' experts read nothing (masked). Rows past the last group are never read (not by
+    the w2 kernel, not by the unroute), so the kernels that can leave them unwritten
+    (`zero_tail=False`)."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
@@ -51,9 +53,9 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     token = (order // k).astype(jnp.int32)
     sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
-    h = swiglu_clamped(gemm(x, w1, sizes, mean_group=mean, row_ids=token).astype(jnp.float32),
-                       gemm(x, w3, sizes, mean_group=mean, row_ids=token).astype(jnp.float32), limit)
-    y = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean)  # [N * k, D], sorted order
+    up = lambda w: gemm(x, w, sizes, mean_group=mean, row_ids=token, zero_tail=False).astype(jnp.float32)  # noqa: E731
+    h = swiglu_clamped(up(w1), up(w3), limit)
+    y = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
     return unroute(y, order, valid.reshape(n, k), weights, x.dtype)
 
 
