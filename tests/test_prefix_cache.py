@@ -133,46 +133,66 @@ def test_placement_prefers_the_cached_rank_unless_it_is_much_busier():
 def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held(overlap):
     """`overlap`: driven as the engine's overlap schedule (step N's tokens are read once step N+1
     is planned), and about one step in 5 fails when it is read: its requests fail, those
-    admitted onto the pages it offered to the prefix cache are recomputed."""
+    admitted onto the pages it offered to the prefix cache are recomputed. Every request
+    finishes exactly once: aborted, failed only if it was in a failed step (or can never fit),
+    else by length with exactly the tokens sampled for its positions (none lost or repeated by a
+    preemption or a recompute)."""
     from atom_jax.scheduler import PENDING
 
     rng = np.random.default_rng()
     cfg = RankConfig(num_slots=3, num_pages=10, page_tokens=4, max_tokens_per_step=12, chunk_size=6)
     sched = DPScheduler(2, cfg)
     stems = [list(map(int, rng.integers(0, 50, 24))) for _ in range(3)]
-    live, n, prev = set(), 0, None
+    seqs, finished, in_failed_step, aborted, prev = {}, [], set(), set(), None
+
+    def token(seq, i):  # the value sampled for output position i of `seq`
+        return (int(seq.request_id[1:]) * 31 + i * 7) % 50
 
     def step(fail_rate):
         nonlocal prev
         plan = sched.schedule()
         if not overlap:
-            sched.on_step_done(plan, {s.request_id: int(rng.integers(0, 50)) for s in plan.sampled()})
+            out = sched.on_step_done(plan, {s.request_id: token(s, s.num_output_tokens) for s in plan.sampled()})
+            finished.extend(out.finished)
         else:
             if prev is not None and rng.random() < fail_rate:  # as Engine._fail
                 sched.forget_failed(prev)
                 for w in prev.per_rank:
                     for c in w:
+                        in_failed_step.add(c.request_id)
                         sched.fail(c.request_id)
             elif prev is not None:
-                sched.resolve([(s, int(rng.integers(0, 50))) for s in prev.sampled()])
-            sched.on_step_done(plan, {s.request_id: PENDING for s in plan.sampled()})
+                finished.extend(sched.resolve([(s, token(s, s.num_output_tokens - 1)) for s in prev.sampled()]).finished)
+            finished.extend(sched.on_step_done(plan, {s.request_id: PENDING for s in plan.sampled()}).finished)
             prev = None if plan.is_empty else plan
-        for s in sched.pop_finished():
-            live.discard(s.request_id)
+        finished.extend(sched.pop_finished())
         sched.check_invariants()
 
     for tick in range(400):
-        if n < 120 and rng.random() < 0.5:
+        if len(seqs) < 120 and rng.random() < 0.5:
             stem = stems[rng.integers(3)]
             prompt = stem[:rng.integers(1, 25)] + list(map(int, rng.integers(0, 50, rng.integers(0, 6))))
-            sched.add(Sequence(f"r{n}", prompt or [1], SamplingParams(max_tokens=int(rng.integers(1, 16)))))
-            live.add(f"r{n}")
-            n += 1
+            seq = Sequence(f"r{len(seqs)}", prompt or [1], SamplingParams(max_tokens=int(rng.integers(1, 16))))
+            seqs[seq.request_id] = seq
+            sched.add(seq)
+        live = sorted(set(seqs) - {s.request_id for s in finished})
         if live and rng.random() < 0.1:
-            sched.abort(sorted(live)[rng.integers(len(live))])
+            rid = live[rng.integers(len(live))]
+            if sched.abort(rid) is not None:  # (None: it failed on add)
+                aborted.add(rid)
         step(1 / 5)
     while sched.has_work() or prev is not None:
         step(0)
+    finished.extend(sched.pop_finished())
+    assert sorted(s.request_id for s in finished) == sorted(seqs)  # each exactly once
+    for rid, seq in seqs.items():
+        never_fits = -(-(seq.num_prompt_tokens + seq.params.max_tokens) // cfg.page_tokens) > cfg.num_pages
+        assert seq.finish_reason in ("length", "abort", "error"), seq
+        assert (seq.finish_reason == "abort") == (rid in aborted), seq
+        if seq.finish_reason == "error":
+            assert rid in in_failed_step or never_fits, seq
+        if seq.finish_reason == "length":
+            assert seq.output_token_ids == [token(seq, i) for i in range(seq.params.max_tokens)], seq
     pc = sched.metrics.prefix_cache
     assert pc["hits"] > 0 and pc["evictions"] > 0 and sched.metrics.num_preemptions > 0, pc
     for r in sched.ranks:
