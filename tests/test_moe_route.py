@@ -144,11 +144,33 @@ def test_seam_row_ids_on_gathering_and_xla_backends():
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("kernel", ["bf16", "w4a16"])
+def test_swiglu_epilogue_matches_xla(kernel):
+    """epilogue=(swiglu, gate): the kernel stores swiglu(gate, product) for the group rows, as
+    the seam computes it in XLA for backends without it (from the float32 product in the kernel,
+    from the product rounded to bf16 in XLA: bf16 tolerance)."""
+    import functools
+    from atom_jax.models.layers import swiglu_clamped
+    rng = np.random.default_rng()
+    r, m, g, k, n, trailing = 20, 60, 4, 64, 32, 7
+    x, ids, sizes = _gather_case(rng, r, m, g, k, n, trailing)
+    x = jnp.asarray(x, jnp.bfloat16)
+    gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
+    w = (random_fp4_experts(rng, g, k, n)[0] if kernel == "w4a16"
+         else jnp.asarray(rng.standard_normal((g, k, n)) / 4, jnp.bfloat16))
+    epi = (functools.partial(swiglu_clamped, limit=2.0), gate)  # the clamps matter at this scale
+    out = np.asarray(grouped_gemm.get("pallas")(x, w, sizes, row_ids=ids, zero_tail=False, epilogue=epi), np.float32)
+    ref = np.asarray(grouped_gemm.get("ragged_dot")(x, w, sizes, row_ids=ids, epilogue=epi), np.float32)
+    valid = m - trailing
+    np.testing.assert_allclose(out[:valid], ref[:valid], rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    assert np.all(ref[valid:] == 0)
+
+
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
 def test_moe_lowers_without_row_gather_or_scatter(platform):
     """The routed experts as the GPU runs them (Pallas kernels): the Triton kernels lower, and
-    outside them no [N * k, D] gathered rows and no scatter of rows: only the [N * k] int32
-    inverse permutation is scattered."""
+    outside them no [N * k, D] gathered rows, no [N * k, I] SwiGLU pass and no scatter of rows:
+    only the [N * k] int32 inverse permutation is scattered."""
     n, k, d, i, e = 256, 6, 512, 256, 8
     args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int32),
             jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, d, i), jnp.bfloat16),
@@ -167,6 +189,7 @@ def test_moe_lowers_without_row_gather_or_scatter(platform):
                 walk(sub)
     walk(fn.trace(*args).jaxpr.jaxpr)
     assert (n * k, d) not in shapes.get("gather", []), shapes["gather"]
+    assert (n * k, i) not in shapes["logistic"]  # the SwiGLU runs in the w3 kernel, on its tiles
     assert shapes["scatter"] == [(n * k,)]  # the inverse permutation
     assert all(len(shape) == 1 for shape in shapes["scatter-add"])  # bincount's group sizes only
 

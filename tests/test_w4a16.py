@@ -85,11 +85,18 @@ def test_seam_runs_packed_weights_on_every_cpu_backend():
         np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["plain", "row_ids+epilogue"])
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_w4a16_kernel_lowers_for_gpu(platform):
-    """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's)."""
+def test_w4a16_kernel_lowers_for_gpu(platform, moe):
+    """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's);
+    `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue)."""
     def f(x, c, s, sizes):
-        return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=wg.DECODE_TILES)
+        if not moe:
+            return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=wg.DECODE_TILES)
+        ids = jnp.arange(m, dtype=jnp.int32) % 8
+        epi = (lambda gate, up: jax.nn.silu(gate) * up, x[:, :n])
+        return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=wg.DECODE_TILES, row_ids=ids,
+                               zero_tail=False, epilogue=epi)
 
     g, k, n, m = 4, 512, 512, 64
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k // 2, n), jnp.uint8),

@@ -2,6 +2,8 @@
 float32 reference on the dequantised weights (skewed routings: empty and very large groups).
 Run with `JAX_PLATFORMS=cuda python -m pytest -q -m gpu tests/test_w4a16_gpu.py`."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from test_w4a16 import random_fp4_experts
 from atom_jax.bench.routings import skewed_sizes
 from atom_jax.kernels import packed
 from atom_jax.kernels import w4a16_grouped_gemm as wg
+from atom_jax.models.layers import swiglu_clamped
 from atom_jax.weights import quant
 
 pytestmark = pytest.mark.gpu
@@ -67,3 +70,11 @@ def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
     ref = np.asarray(jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles))(x[ids], w, sizes), np.float32)
     np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
     assert np.all(out[m - trailing:] == 0)
+    # as the MoE's w3 GEMM runs it: SwiGLU epilogue, rows past the groups left unwritten
+    gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
+    swiglu = functools.partial(swiglu_clamped, limit=2.0)
+    fused = np.asarray(jax.jit(lambda a, b, s, i, gt: wg.grouped_gemm(
+        a, b, s, cfg=tiles, row_ids=i, zero_tail=False, epilogue=(swiglu, gt)))(x, w, sizes, ids, gate), np.float32)
+    want = np.asarray(swiglu(gate.astype(jnp.float32), jnp.asarray(ref)), np.float32)
+    valid = m - trailing
+    np.testing.assert_allclose(fused[:valid], want[:valid], rtol=2e-2, atol=2e-2 * np.abs(want).max())

@@ -13,6 +13,10 @@ Triton kernels) never materialise the [M, K] gathered rows; the other backends g
 (the same values). `zero_tail=False` (the MoE, which never reads them) lets those kernels leave
 the rows past the last group unwritten instead of storing zeros there (under DP with experts
 sharded most rows are other ranks' choices: 7/8 of them at dp=8); other backends zero them anyway.
+`epilogue=(fn, other)` (other [M, N]): the result is fn(other as float32, the float32 product),
+elementwise, for the rows in groups (the MoE's SwiGLU: the w3 GEMM given the w1 product stores h,
+so neither its product nor h costs an XLA pass over all M rows); those kernels apply it to each
+stored tile, the seam applies it in XLA for the others.
 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and
@@ -32,8 +36,8 @@ from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None[, row_ids=None])
 
 _BACKENDS: dict[str, GroupedGemm] = {}
-# Backends that take `row_ids` and `zero_tail` themselves (gather inside the kernel, or pass them
-# on to one that does).
+# Backends that take `row_ids`, `zero_tail` and `epilogue` themselves (in the kernel, or passed on
+# to one that does).
 GATHERS_ROWS: set[str] = set()
 
 
@@ -115,12 +119,12 @@ def _on_cpu() -> bool:
 
 
 @register("pallas", gathers_rows=True)
-def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
+def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
     """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
     from atom_jax.kernels import pallas_grouped_gemm
     tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
     return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
-                                            row_ids=row_ids, zero_tail=zero_tail)
+                                            row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
 
 
 @register("capacity_dropless")
@@ -205,9 +209,9 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 
 
 @register("auto", gathers_rows=True)
-def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
+def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
     backend = get(choose(_rows_per_group(rows, weights, mean_group, row_ids)))
-    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail)
+    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
 
 
 # Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16
@@ -215,7 +219,8 @@ def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=Tr
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
 
 
-def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
+def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
+          epilogue=None):
     """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
     for the GPU-kernel names and for 'auto' on GPU, at every rows-per-expert (decoding the experts
     to bf16 in one XLA pass for the bf16 kernel measured slower on an H200, 1.1-1.4x at 8K
@@ -227,26 +232,32 @@ def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, ro
         from atom_jax.kernels import w4a16_grouped_gemm
         tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
-                                               row_ids=row_ids, zero_tail=zero_tail)
-    return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids)
+                                               row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids,
+                     epilogue=epilogue)
 
 
 def get(name: str) -> GroupedGemm:
     """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`, and optional
-    `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA) and `zero_tail`
-    (False: rows past the last group may be left unwritten)."""
+    `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA), `zero_tail`
+    (False: rows past the last group may be left unwritten) and `epilogue` (fn, other)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-GEMM backend {name!r}; known: {sorted(_BACKENDS)}")
     backend = _BACKENDS[name]
 
-    def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True):
+    def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
         if isinstance(weights, Fp4Weights):
-            return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail)
+            return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail, epilogue)
         if name in GATHERS_ROWS:
-            return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail)
+            return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail,
+                           epilogue=epilogue)
         if row_ids is not None:
             rows = rows[row_ids]  # XLA gathers the rows
-        return backend(rows, weights, group_sizes, mean_group)
+        out = backend(rows, weights, group_sizes, mean_group)
+        if epilogue is None:
+            return out
+        fn, other = epilogue
+        return _zero_rows_past_groups(fn(other.astype(jnp.float32), out.astype(jnp.float32)), group_sizes, rows.dtype)
 
     return run
 

@@ -12,7 +12,9 @@ instead of a read-and-write pass over the output. bf16 in, float32 accumulate.
 With `row_ids` [M] the A tile's rows are gathered: row r of the product reads x[row_ids[r]]
 (x [R, K], any R), through the pointers of one masked Triton load per K step, so the MoE never
 writes the [M, K] gathered rows (x[token] for every (token, choice)) to HBM; rows outside every
-range (the zero range included) load nothing.
+range (the zero range included) load nothing. With `epilogue` (fn, other [M, N]) each stored
+tile is fn(other's tile as float32, the float32 product), elementwise (the MoE's SwiGLU of the
+w1 product and the w3 product, so neither the w3 product nor h is a separate XLA pass).
 
 On GPU the kernel reads and writes `rows` and the output in place: masked loads and stores
 never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
@@ -82,10 +84,11 @@ def work_items(starts, ends, block_m: int, max_items: int):
 
 
 def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: TileConfig, num_groups: int,
-              accumulate):
+              accumulate, e_ref=None, epilogue=None):
     """The frame the dropless kernels share: program (j, i) is column tile j of work item i (a
     row tile of one range); `accumulate(g, rows, cols, mine)` returns its float32 [block_m,
-    block_n] product for a real group; range num_groups is the zero range."""
+    block_n] product for a real group, stored as epilogue(e_ref's tile as float32, product)
+    when `epilogue` is given; range num_groups is the zero range."""
     j = pl.program_id(0)  # column tile: fastest, so one work item's column tiles run together
     i = pl.program_id(1)
 
@@ -99,7 +102,10 @@ def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: 
 
         @pl.when(g < num_groups)
         def _matmul():
-            plt.store(out, accumulate(g, rows, cols, mine).astype(o_ref.dtype), mask=mine)
+            acc = accumulate(g, rows, cols, mine)
+            if epilogue is not None:
+                acc = epilogue(plt.load(e_ref.at[rows, cols], mask=mine, other=0.0).astype(jnp.float32), acc)
+            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
 
         # Range num_groups is the zero range: stored without a K loop (under DP with experts
         # sharded, most rows are choices of other ranks' experts and land here).
@@ -123,14 +129,17 @@ def a_tiles(x_ref, ids_ref, rows, mine):
     return load
 
 
-def split_refs(refs, gather: bool):
-    """(ids_ref or None, *other refs): the kernels' operands after the work list."""
-    return (refs[0], *refs[1:]) if gather else (None, *refs)
+def split_refs(refs, gather: bool, fused: bool):
+    """The kernels' operands after the work list, ([ids], x, weights..., [epilogue operand],
+    out) -> (ids_ref or None, epilogue operand ref or None, (x, weights..., out))."""
+    ids_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    e_ref, refs = (refs[-2], refs[:-2] + refs[-1:]) if fused else (None, refs)
+    return ids_ref, e_ref, refs
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            num_groups: int, gather: bool):
-    ids_ref, x_ref, w_ref, o_ref = split_refs(refs, gather)
+            num_groups: int, gather: bool, epilogue):
+    ids_ref, e_ref, (x_ref, w_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
 
     def accumulate(g, rows, cols, mine):
         load = a_tiles(x_ref, ids_ref, rows, mine)
@@ -141,14 +150,16 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
 
         return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
 
-    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate)
+    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
+              e_ref, epilogue)
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None, row_ids=None):
+                        interpret: bool = False, zero_from=None, row_ids=None, epilogue=None):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
     when zero_from (a scalar at or past the last range) is given; other rows unspecified.
-    With row_ids [M] (int32, each in [0, R) for rows [R, K]): rows[row_ids[r]] instead of rows[r]."""
+    With row_ids [M] (int32, each in [0, R) for rows [R, K]): rows[row_ids[r]] instead of rows[r].
+    With epilogue (fn, other [M, N]): out[r] = fn(other[r] as float32, the float32 product)."""
     m, k = num_rows(rows, row_ids), rows.shape[1]
     g, k2, n = weights.shape
     if k != k2:
@@ -162,18 +173,30 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     starts, ends = with_zero_range(starts, ends, zero_from, m)
     pad = cfg.block_m if interpret else 0
     a_operands = padded_a(rows, row_ids, pad)
+    fn, e_operands = epilogue_operands(epilogue, (m, n), pad)
     items = -(-m // cfg.block_m) + starts.shape[0]  # each range adds at most one partly filled tile
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None),
+        functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None,
+                          epilogue=fn),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm",
     )
-    out = call(group, tile, count, starts, ends, *a_operands, weights)
+    out = call(group, tile, count, starts, ends, *a_operands, weights, *e_operands)
     return out[:m] if pad else out
+
+
+def epilogue_operands(epilogue, shape, pad: int):
+    """(fn or None, (the epilogue's operand, padded by `pad` rows for interpret mode,) or ())."""
+    if epilogue is None:
+        return None, ()
+    fn, other = epilogue
+    if other.shape != shape:
+        raise ValueError(f"the epilogue's operand has shape {other.shape}, the product {shape}")
+    return fn, (jnp.pad(other, ((0, pad), (0, 0))) if pad else other,)
 
 
 def num_rows(rows, row_ids) -> int:
@@ -208,21 +231,22 @@ def group_ranges(group_sizes):
     return ends - group_sizes.astype(jnp.int32), ends
 
 
-def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None, zero_tail=True):
+def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None, zero_tail=True,
+                     epilogue=None):
     """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
-    ends, *args, zero_from=..., row_ids=...)`): contiguous groups by size; rows past the last
-    group are zero (unwritten with zero_tail=False)."""
+    ends, *args, zero_from=..., row_ids=..., epilogue=...)`): contiguous groups by size; rows
+    past the last group are zero (unwritten with zero_tail=False)."""
     starts, ends = group_ranges(group_sizes)
-    gather = {} if row_ids is None else {"row_ids": row_ids}
-    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **gather)
+    extra = {name: v for name, v in (("row_ids", row_ids), ("epilogue", epilogue)) if v is not None}
+    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **extra)
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, row_ids=None, zero_tail: bool = True):
+                 interpret: bool = False, row_ids=None, zero_tail: bool = True, epilogue=None):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
     (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
-    (gathered in the kernel)."""
+    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
     return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
-                            zero_tail=zero_tail)
+                            zero_tail=zero_tail, epilogue=epilogue)

@@ -9,7 +9,7 @@ high nibbles (odd inputs) into two bf16 tiles, and multiplies them by the matchi
 rows, which the wrapper has reordered once with the even columns first (`packed.split_even_odd`),
 so both halves are contiguous loads and no in-register interleave is needed. With `row_ids` the
 A tiles are gathered, x[row_ids[r]], as in the bf16 kernel (the even/odd reorder is then a pass
-over x's R rows, not over the M gathered ones).
+over x's R rows, not over the M gathered ones). `epilogue` as in the bf16 kernel.
 
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.pallas_grouped_gemm import (TileConfig, a_tiles, from_group_sizes, num_rows, padded_a,
-                                                  split_refs, with_zero_range, work_item, work_items)
+from atom_jax.kernels.pallas_grouped_gemm import (TileConfig, a_tiles, epilogue_operands, from_group_sizes, num_rows,
+                                                  padded_a, split_refs, with_zero_range, work_item, work_items)
 
 # block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
 # scale groups). The fastest of `python -m atom_jax.bench w4a16 --sweep` on 1x H200 with the
@@ -88,8 +88,8 @@ DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            half_k: int, num_groups: int, decode: str, gather: bool):
-    ids_ref, x_ref, c_ref, s_ref, o_ref = split_refs(refs, gather)
+            half_k: int, num_groups: int, decode: str, gather: bool, epilogue):
+    ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
 
@@ -107,19 +107,23 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
 
         return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
 
-    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate)
+    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
+              e_ref, epilogue)
 
 
 def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None):
+                        interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None,
+                        epilogue=None):
     """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
     zero when zero_from is given; other rows unspecified. rows bf16 [M, K], or [R, K] with
-    row_ids [M] (then rows[row_ids[r]] instead of rows[r]). `decode`: "alu", "ptx" (CUDA only),
+    row_ids [M] (then rows[row_ids[r]] instead of rows[r]); `epilogue` (fn, other [M, N]):
+    fn(other[r] as float32, the float32 product) is stored. `decode`: "alu", "ptx" (CUDA only),
     or None: `ptx` where the program runs on CUDA, `alu` elsewhere and in interpret mode."""
     if decode is None and not interpret:
         # One branch per platform, chosen when the program is lowered (export to rocm included).
         def run(d):
-            return lambda: grouped_gemm_ranges(rows, weights, starts, ends, cfg, False, zero_from, d, row_ids)
+            return lambda: grouped_gemm_ranges(rows, weights, starts, ends, cfg, False, zero_from, d, row_ids,
+                                               epilogue)
         return jax.lax.platform_dependent(cuda=run("ptx"), default=run("alu"))
     decode = decode or "alu"
     if decode not in DECODERS or (interpret and decode == "ptx"):
@@ -139,28 +143,30 @@ def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: Til
     starts, ends = with_zero_range(starts, ends, zero_from, m)
     pad = cfg.block_m if interpret else 0
     a_operands = padded_a(packed.split_even_odd(rows), row_ids, pad)
+    fn, e_operands = epilogue_operands(epilogue, (m, n), pad)
     items = -(-m // cfg.block_m) + starts.shape[0]
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g, decode=decode,
-                          gather=row_ids is not None),
+                          gather=row_ids is not None, epilogue=fn),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="w4a16_grouped_gemm",
     )
-    out = call(group, tile, count, starts, ends, *a_operands, weights.codes, weights.scales)
+    out = call(group, tile, count, starts, ends, *a_operands, weights.codes, weights.scales, *e_operands)
     return out[:m] if pad else out
 
 
 def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True):
+                 interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True,
+                 epilogue=None):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
     (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
-    (gathered in the kernel)."""
+    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
     ranges = functools.partial(grouped_gemm_ranges, decode=decode)
     return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
-                            zero_tail=zero_tail)
+                            zero_tail=zero_tail, epilogue=epilogue)

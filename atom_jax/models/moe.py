@@ -3,6 +3,8 @@ the grouped-GEMM seam, one shared expert; SwiGLU clamped at `swiglu_limit`."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,7 +44,7 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     choices' rows of the sorted output, each found through the inverse permutation; choices of
     other ranks' experts read nothing (masked). Rows past the last group are never read (not by
     the w2 kernel, not by the unroute), so the kernels that can leave them unwritten
-    (`zero_tail=False`)."""
+    (`zero_tail=False`). The SwiGLU is the w3 GEMM's epilogue (on its float32 product)."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
@@ -53,9 +55,10 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     token = (order // k).astype(jnp.int32)
     sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
-    up = lambda w: gemm(x, w, sizes, mean_group=mean, row_ids=token, zero_tail=False).astype(jnp.float32)  # noqa: E731
-    h = swiglu_clamped(up(w1), up(w3), limit)
-    y = gemm(h.astype(x.dtype), w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
+    gate = gemm(x, w1, sizes, mean_group=mean, row_ids=token, zero_tail=False)
+    swiglu = (functools.partial(swiglu_clamped, limit=limit), gate)  # h = swiglu(gate, x w3), in the w3 GEMM
+    h = gemm(x, w3, sizes, mean_group=mean, row_ids=token, zero_tail=False, epilogue=swiglu)
+    y = gemm(h, w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
     return unroute(y, order, valid.reshape(n, k), weights, x.dtype)
 
 
