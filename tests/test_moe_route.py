@@ -54,13 +54,16 @@ def _skewed_routing(rng, n, k, e_all, hot):
 @pytest.mark.parametrize("backend", ["ragged_dot", "pallas"])
 def test_combine_by_gather_matches_scatter_formulation(backend):
     """This rank holds experts [4, 12) of 16: tokens with no choice local (all in [0, 4)), all
-    local (all in [4, 12)), and mixed ones; one local expert takes every mixed token, some local
-    experts none."""
+    local (all in [4, 12)), mixed ones and ones choosing an expert twice; one local expert takes
+    every mixed token, some local experts none."""
     rng = np.random.default_rng()
     n, k, d, i, e_all, e_local, offset = 40, 3, 32, 32, 16, 8, 4
     idx = _skewed_routing(rng, n, k, e_all, hot=offset + 2)
     idx[:5] = np.stack([rng.choice(offset, k, replace=False) for _ in range(5)])  # none local
     idx[5:10] = np.stack([offset + rng.choice(e_local, k, replace=False) for _ in range(5)])  # all local
+    # a local expert twice in one token's top-k (a checkpoint's hash table is only range-checked):
+    # two rows of that expert, both summed with their own weights
+    idx[10:14, 1] = idx[10:14, 0]
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
     w = jnp.asarray(rng.random((n, k)), jnp.float32)
     w1, w3 = (jnp.asarray(rng.standard_normal((e_local, d, i)) / 4, jnp.float32) for _ in range(2))

@@ -16,7 +16,8 @@ sharded most rows are other ranks' choices: 7/8 of them at dp=8); other backends
 `epilogue=(fn, other)` (other [M, N]): the result is fn(other as float32, the float32 product),
 elementwise, for the rows in groups (the MoE's SwiGLU: the w3 GEMM given the w1 product stores h,
 so neither its product nor h costs an XLA pass over all M rows); those kernels apply it to each
-stored tile, the seam applies it in XLA for the others.
+stored tile (on their float32 accumulator), the seam applies it in XLA for the others (on
+their product as stored, rounded to rows.dtype: the rounding the MoE had before the epilogue).
 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and

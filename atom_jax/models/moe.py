@@ -42,9 +42,11 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     the token ids of the sorted rows (`row_ids`): the kernels that can load x[token] themselves,
     the others gather in XLA. Unroute: a gather, not a scatter: token t sums, in float32, its
     choices' rows of the sorted output, each found through the inverse permutation; choices of
-    other ranks' experts read nothing (masked). Rows past the last group are never read (not by
-    the w2 kernel, not by the unroute), so the kernels that can leave them unwritten
-    (`zero_tail=False`). The SwiGLU is the w3 GEMM's epilogue (on its float32 product)."""
+    other ranks' experts add zeros (selected, not multiplied by a zero weight). No value of a row
+    past the last group is used (the w2 kernel does not load them; the unroute's fill-mode gather
+    may read one, clamped, and selects 0), so the kernels that can leave them unwritten
+    (`zero_tail=False`). The SwiGLU is the w3 GEMM's epilogue: on the float32 product in the
+    Pallas / W4A16 kernels, on the product rounded to x's dtype for the other backends."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
@@ -68,7 +70,9 @@ def unroute(y, order, valid, weights, dtype):
     the sort permutation (sorted position -> flat choice index t * k + j); valid/weights [N, k].
 
     The inverse permutation is a scatter of N * k int32 (not of rows); each output row then
-    reads its k rows of y (an invalid choice's read is masked, so it fetches nothing)."""
+    reads its k rows of y; an invalid choice's index is out of range and `mode="fill"` gives 0
+    there (a select after a clamped read: keep it a select, as y's rows past the last group may
+    be unwritten garbage, NaN included, which a multiply by a zero weight would let through)."""
     n, k = valid.shape
     m = order.shape[0]
     inv = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32), unique_indices=True)
