@@ -100,10 +100,15 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
              jnp.zeros((bh, dim), jnp.float32))
-    # A static trip count (other splits load nothing: their masks are off). A bound chosen with
-    # jnp.where(sp == 0, ...) made jax 0.11.2's Triton compile fail ('scf.for' bounds of
-    # different types) on an H200.
-    carry = jax.lax.fori_loop(0, -(-win // bk), window, carry)
+    # The window is split 0's alone: the other splits skip its loop (a cond around a loop of
+    # static trip count; a bound chosen with jnp.where(sp == 0, ...) made jax 0.11.2's Triton
+    # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
+    # split cost each of the 16 decode programs per token the window's dots for nothing.
+    n_win = -(-win // bk)
+    if splits == 1:
+        carry = jax.lax.fori_loop(0, n_win, window, carry)
+    else:
+        carry = jax.lax.cond(sp == 0, lambda c: jax.lax.fori_loop(0, n_win, window, c), lambda c: c, carry)
     if mode != "none":
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
