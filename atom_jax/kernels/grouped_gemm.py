@@ -20,7 +20,8 @@ stored tile (on their float32 accumulator), the seam applies it in XLA for the o
 their product as stored, rounded to rows.dtype: the rounding the MoE had before the epilogue).
 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
-W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU), or decodes the weights in jnp and
+W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU; from DEQUANT_MIN_ROWS_PER_GROUP rows
+per expert the `fp4_dequant` kernel then the bf16 Pallas kernel), or decodes the weights in jnp and
 runs the named bf16 backend (CPU, references); see `w4a16`.
 """
 
@@ -220,18 +221,33 @@ def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=Tr
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
 
 
+# Rows per expert from which packed FP4 experts are first decoded to bf16 by the streaming
+# `fp4_dequant` kernel and then multiplied by the bf16 Pallas kernel, instead of decoded inside
+# the W4A16 kernel (which decodes the same weights again in every row tile: 0.46x the bf16
+# kernel at 8K tokens/rank on an H200). OFF (inf) until timed on a GPU: `python -m atom_jax.bench
+# w4a16` ('dequant_pallas' beside 'w4a16', and the decode kernel's GB/s alone) decides it.
+DEQUANT_MIN_ROWS_PER_GROUP = float("inf")
+
+
 def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
           epilogue=None):
-    """Packed FP4 experts through backend `name`: the W4A16 Pallas kernel (interpreted on CPU)
-    for the GPU-kernel names and for 'auto' on GPU, at every rows-per-expert (decoding the experts
-    to bf16 in one XLA pass for the bf16 kernel measured slower on an H200, 1.1-1.4x at 8K
-    tokens/rank); otherwise the weights decoded to rows.dtype in jnp (exact) and the named bf16
-    backend ('auto' on CPU: ragged_dot). The W4A16 kernel gathers `row_ids` itself."""
+    """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
+    the W4A16 Pallas kernel (interpreted on CPU) below DEQUANT_MIN_ROWS_PER_GROUP rows per
+    expert, from there the experts decoded by the `fp4_dequant` kernel and the bf16 Pallas kernel
+    (decoding in one XLA pass instead measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA
+    streamed ~1 TB/s). Other names: the weights decoded to rows.dtype in jnp (exact) and the named
+    bf16 backend ('auto' on CPU: ragged_dot). Both kernel paths gather `row_ids` themselves."""
     if name == "auto":
         name = "ragged_dot" if _on_cpu() else "pallas"
     if name in W4A16_KERNEL_NAMES:
+        rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
+        if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP:
+            from atom_jax.kernels import fp4_dequant
+            dense = fp4_dequant.dequantize(weights, interpret=_on_cpu())
+            return pallas(rows, dense.astype(rows.dtype), group_sizes, mean_group, row_ids=row_ids,
+                          zero_tail=zero_tail, epilogue=epilogue)
         from atom_jax.kernels import w4a16_grouped_gemm
-        tiles = w4a16_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
+        tiles = w4a16_grouped_gemm.default_tiles(rows_per_group)
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
                                                row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
     return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids,

@@ -1,0 +1,89 @@
+"""Packed FP4 experts (`packed.Fp4Weights`) decoded to a dense bf16 [E, K, N] array by a streaming
+Pallas kernel (Triton lowering; interpret mode on CPU): for prefill, where the W4A16 kernel
+decodes the same weights again in every row tile, decode once and run the bf16 kernel.
+
+Each program reads one [block_k/2, block_n] tile of code bytes and its [block_k/32, block_n]
+ue8m0 scales and writes the [block_k, block_n] bf16 values: 0.53 bytes read and 2 written per
+weight, nothing else, so it should run near the copy bandwidth. The decode is the W4A16
+kernel's (`w4a16_grouped_gemm.DECODERS`: `ptx` on CUDA, `alu` elsewhere, chosen per platform
+the same way), which yields the even inputs (low nibbles) and the odd inputs (high nibbles) as
+two tiles. The output is allocated as [E, K/2, 2, N] (the same bytes as [E, K, N]: input 2r is
+[r, 0], input 2r + 1 is [r, 1]), so the two halves are two plain stores of whole rows (stride
+2N) and no in-register interleave is needed; the final reshape is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from atom_jax.kernels import packed
+from atom_jax.kernels.w4a16_grouped_gemm import DECODERS
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantTiles:
+    """One program's tile: block_k inputs (a multiple of 32: whole scale groups; block_k/2 code
+    rows) x block_n columns. Powers of two (Triton). Not yet tuned on a GPU:
+    `python -m atom_jax.bench w4a16 --sweep` times others."""
+
+    block_k: int = 64
+    block_n: int = 512
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+DEFAULT_TILES = DequantTiles()
+
+
+def _kernel(c_ref, s_ref, o_ref, *, decode: str):
+    even, odd = DECODERS[decode](c_ref[...], s_ref[...])
+    o_ref[:, 0, :] = even
+    o_ref[:, 1, :] = odd
+
+
+def dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None = None, interpret: bool = False,
+               decode: str | None = None) -> jax.Array:
+    """Fp4Weights [E, K/2, N] codes + [E, K/32, N] scales -> bf16 [E, K, N], the exact values of
+    `packed.fp4_dequantize`. `decode`: "alu", "ptx" (CUDA only), or None: `ptx` where the program
+    runs on CUDA, `alu` elsewhere and in interpret mode."""
+    if decode is None and not interpret:
+        # One branch per platform, chosen when the program is lowered (export to rocm included).
+        run = lambda d: lambda: dequantize(weights, tiles, False, d)  # noqa: E731
+        return jax.lax.platform_dependent(cuda=run("ptx"), default=run("alu"))
+    decode = decode or "alu"
+    if decode not in DECODERS or (interpret and decode == "ptx"):
+        raise ValueError(f"decode {decode!r}: choose from {sorted(DECODERS)} (ptx needs a CUDA GPU)")
+    if weights.ndim != 3:
+        raise ValueError(f"expected an expert stack [E, K/2, N], got codes {weights.codes.shape}")
+    packed.fp4_check(weights.codes.shape, weights.scales.shape)
+    e, k, n = weights.shape
+    tiles = tiles or DEFAULT_TILES
+    bk, bn = min(tiles.block_k, k), min(tiles.block_n, n)
+    if bk % packed.FP4_BLOCK or k % bk or n % bn:
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} (itself a multiple of "
+                         f"{packed.FP4_BLOCK}) and block_n={bn}")
+    bkh, bks = bk // 2, bk // packed.FP4_BLOCK
+    out = pl.pallas_call(
+        functools.partial(_kernel, decode=decode),
+        out_shape=jax.ShapeDtypeStruct((e, k // 2, 2, n), jnp.bfloat16),
+        grid=(e, k // bk, n // bn),
+        in_specs=[pl.BlockSpec((None, bkh, bn), lambda g, i, j: (g, i, j)),
+                  pl.BlockSpec((None, bks, bn), lambda g, i, j: (g, i, j))],
+        out_specs=pl.BlockSpec((None, bkh, 2, bn), lambda g, i, j: (g, i, 0, j)),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="fp4_dequant",
+    )(weights.codes, weights.scales)
+    return out.reshape(e, k, n)
+
+
+def bytes_moved(shape) -> float:
+    """Bytes a decode of experts `shape` [E, K, N] must move: codes + scales read, bf16 written."""
+    e, k, n = shape
+    return e * k * n * (0.5 + 1 / packed.FP4_BLOCK + 2)

@@ -1,0 +1,84 @@
+"""The streaming FP4 -> bf16 expert decode kernel (`kernels/fp4_dequant.py`, interpret mode on
+CPU) against the jnp reference decode, and the seam's dequant path (decode kernel, then the bf16
+Pallas kernel) forced on against the in-kernel W4A16 path, with row_ids and the SwiGLU epilogue."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_w4a16 import random_fp4_experts
+
+from atom_jax.bench.routings import skewed_sizes
+from atom_jax.kernels import fp4_dequant as fd
+from atom_jax.kernels import grouped_gemm, packed
+from atom_jax.kernels.platform import lowering_for
+from atom_jax.models.layers import swiglu_clamped
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def random_packed(rng, e, k, n, lowest: int = 1):
+    """Uniform code bytes (every e2m1 pair) and ue8m0 scales over the finite range from `lowest`
+    up, the extremes 0 (value 0), `lowest` (1: 2**-126, e2m1 0.5 gives a subnormal) and 254
+    (2**127: x6 overflows to inf) always present."""
+    codes = rng.integers(0, 256, (e, k // 2, n)).astype(np.uint8)
+    scales = rng.integers(lowest, 255, (e, k // packed.FP4_BLOCK, n)).astype(np.uint8)
+    scales.reshape(-1)[:3] = [0, lowest, 254]
+    return packed.Fp4Weights(jnp.asarray(codes), jnp.asarray(scales))
+
+
+def test_decode_kernel_equals_reference_dequant_exactly():
+    rng = np.random.default_rng()
+    w = random_packed(rng, 3, 128, 64)
+    out = fd.dequantize(w, fd.DequantTiles(block_k=64, block_n=32), interpret=True)  # grid 3 x 2 x 2
+    ref = packed.fp4_dequantize(w, jnp.float32).astype(jnp.bfloat16)
+    assert out.shape == (3, 128, 64) and out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(ValueError, match="multiples of block_k"):
+        fd.dequantize(w, fd.DequantTiles(block_k=48), interpret=True)
+
+
+def _moe_call(name, x, w, sizes, ids, gate):
+    """As the MoE's w3 GEMM runs it: rows gathered by row_ids, SwiGLU epilogue, tail unwritten."""
+    swiglu = functools.partial(swiglu_clamped, limit=2.0)
+    return grouped_gemm.get(name)(x, w, sizes, row_ids=ids, zero_tail=False, epilogue=(swiglu, gate))
+
+
+def test_seam_dequant_path_matches_w4a16_path(monkeypatch):
+    rng = np.random.default_rng()
+    g, k, n, r, m, trailing = 4, 64, 32, 20, 50, 5
+    sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
+    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
+    gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
+    w, _ = random_fp4_experts(rng, g, k, n)
+    in_kernel = np.asarray(_moe_call("pallas", x, w, sizes, ids, gate), np.float32)[:m - trailing]
+    calls = []
+    real = fd.dequantize
+    monkeypatch.setattr(fd, "dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
+    via_bf16 = np.asarray(_moe_call("pallas", x, w, sizes, ids, gate), np.float32)[:m - trailing]
+    assert calls, "the forced threshold must take the dequant path"
+    # both multiply the same exact bf16 weights in float32; the outputs differ by bf16 rounding
+    np.testing.assert_allclose(via_bf16, in_kernel, rtol=2e-2, atol=2e-2 * np.abs(in_kernel).max())
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_seam_dequant_path_lowers_for_gpu(platform, monkeypatch):
+    """The decode kernel and the bf16 kernel after it lower as Triton calls (jax.export on CPU;
+    the GPU compile is the GPU test's)."""
+    monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
+    g, k, n, m = 4, 256, 512, 64
+
+    def f(x, c, s, sizes):
+        return grouped_gemm.get("pallas")(x, packed.Fp4Weights(c, s), sizes)
+
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k // 2, n), jnp.uint8),
+            jax.ShapeDtypeStruct((g, k // 32, n), jnp.uint8), jax.ShapeDtypeStruct((g,), jnp.int32))
+    with lowering_for(platform):
+        text = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
+    # two Triton calls (the in-kernel W4A16 path is one)
+    assert text.count(TRITON) == 2 and "fp4_dequant" in text
