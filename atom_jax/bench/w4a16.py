@@ -1,13 +1,19 @@
 """`python -m atom_jax.bench w4a16`: the W4A16 grouped GEMM (FP4 experts decoded in the kernel)
 beside the bf16 Triton kernel at DeepSeek-V4 expert shapes per rank (experts over 2 ranks), the
 dense bf16 matmul of the same M x K x N, and the copy bandwidth measured in the same run.
+Variants of the FP4 path: `w4a16` (decoded inside the kernel), `dequant_bf16` (one XLA decode
+pass, then the bf16 kernel) and `dequant_pallas` (the streaming `fp4_dequant` kernel, then the
+bf16 kernel: the seam's path from `grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP` rows per expert,
+which these rows decide). The decode alone is timed per shape too (`decode` rows: GB/s of
+packed bytes read + bf16 bytes written, beside the same run's copy bandwidth), the kernel
+beside XLA's decode pass.
 
 Rows per rank = tokens per rank x top-6, routed uniformly over the rank's experts. GB/s counts
 the expert weight bytes each kernel must stream (non-empty groups x K x N x 2 bytes for bf16,
 x (1/2 + 1/32) bytes for FP4 codes + scales). The issue's targets: decode (64-256 tokens) FP4
 streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul rate. Each
 kernel is first checked against a float32 reference on a skewed routing (empty and very large
-groups). `--sweep` also times other W4A16 tile shapes.
+groups). `--sweep` also times other W4A16 tile shapes and other decode-kernel tiles.
 
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
@@ -78,12 +84,25 @@ def _time(fn, w, g, k, tokens, rng, iters):
     return sec, nonempty
 
 
+def _time_decode(fn, w, ceil, iters, **fields):
+    """One decode of experts `w` to bf16: ms, GB/s of packed bytes read + bf16 bytes written."""
+    import jax
+
+    from atom_jax.bench.timing import back_to_back_time
+    from atom_jax.kernels.fp4_dequant import bytes_moved
+    f = jax.jit(fn)
+    sec = back_to_back_time(lambda v: f(v), [w], iters=iters)
+    gbps = bytes_moved(w.shape) / sec / 1e9
+    return dict(fields, ms=sec * 1e3, GBps=gbps, frac_of_copy=ceil["copy_GBps"] and gbps / ceil["copy_GBps"])
+
+
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from atom_jax.bench.timing import device_ceilings
+    from atom_jax.kernels import fp4_dequant as fd
     from atom_jax.kernels import pallas_grouped_gemm as pg
     from atom_jax.kernels import w4a16_grouped_gemm as wg
     from atom_jax.kernels.packed import fp4_dequantize
@@ -96,7 +115,7 @@ def run(args) -> int:
         shapes, tokens = {"tiny_up": (4, 128, 128)}, [8, 32]
     ceil = {"copy_GBps": None, "matmul_TFLOPs": None} if on_cpu else device_ceilings()
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil, "topk": TOPK,
-           "checks": {}, "results": [], "sweep": []}
+           "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": []}
     print(f"# {out['device']}  copy {ceil['copy_GBps']} GB/s  matmul {ceil['matmul_TFLOPs']} TFLOP/s", flush=True)
 
     def bf16(rows, w, sizes):
@@ -108,8 +127,11 @@ def run(args) -> int:
     def dequant_bf16(rows, w, sizes):  # one XLA decode pass, then the bf16 kernel
         return pg.grouped_gemm(rows, fp4_dequantize(w, rows.dtype), sizes, interpret=on_cpu)
 
+    def dequant_pallas(rows, w, sizes):  # the streaming decode kernel, then the bf16 kernel
+        return pg.grouped_gemm(rows, fd.dequantize(w, interpret=on_cpu), sizes, interpret=on_cpu)
+
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
-    fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16}
+    fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
 
@@ -117,7 +139,17 @@ def run(args) -> int:
         out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
                                       {"bf16": (bf16, False), **{n: (f, True) for n, f in fp4_kernels.items()}})
         print(f"check {shape}: max row rel err {out['checks'][shape]}", flush=True)
-    print(f"{'shape':10} {'tok':>6} {'kernel':12} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
+    decoders = {"fp4_dequant": lambda w: fd.dequantize(w, interpret=on_cpu),
+                "xla_dequant": lambda w: fp4_dequantize(w, jnp.bfloat16)}
+    for shape, (g, k, n) in shapes.items():
+        w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        for name, fn in decoders.items():
+            row = _time_decode(fn, w_fp4, ceil, args.iters, shape=shape, kernel=name)
+            out["decode"].append(row)
+            print(f"decode {shape:10} {name:14} {row['ms']:8.3f} ms {row['GBps']:7.0f} GB/s "
+                  f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy", flush=True)
+    save(out, args.json)
+    print(f"{'shape':10} {'tok':>6} {'kernel':14} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
     for shape, (g, k, n) in shapes.items():
         w_bf16 = jax.random.normal(jax.random.key(7), (g, k, n), jnp.bfloat16) * 0.02
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
@@ -138,13 +170,37 @@ def run(args) -> int:
                 row["frac_of_copy"] = ceil["copy_GBps"] and row["GBps"] / ceil["copy_GBps"]
                 row["speedup_vs_bf16"] = secs["bf16"] / sec
                 out["results"].append(row)
-                print(f"{shape:10} {t:6d} {name:12} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
+                print(f"{shape:10} {t:6d} {name:14} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
                       f"{100 * (row['frac_of_dense'] or 0):5.0f} {row['GBps']:7.0f} "
                       f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16']:6.2f}", flush=True)
             if dense_s:
-                print(f"{shape:10} {t:6d} {'dense':12} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
+                print(f"{shape:10} {t:6d} {'dense':14} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
+            # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
+            faster = "dequant_pallas" if secs["dequant_pallas"] < secs["w4a16"] else "w4a16"
+            out["seam_choice"].append({"shape": shape, "tokens": t, "rows_per_expert": t * TOPK / g,
+                                                      "faster": faster,
+                                                      "dequant_over_w4a16": secs["dequant_pallas"] / secs["w4a16"]})
+            print(f"{shape:10} {t:6d} faster: {faster} at {t * TOPK / g:.1f} rows/expert "
+                  f"(dequant_pallas / w4a16 time {secs['dequant_pallas'] / secs['w4a16']:.2f})", flush=True)
         save(out, args.json)
     if args.sweep:
+        D = fd.DequantTiles
+        dcfgs = [D(64, 512, 4, 1), D(32, 1024, 4, 1), D(128, 256, 4, 1), D(64, 1024, 8, 1), D(128, 512, 8, 1),
+                 D(256, 256, 8, 1), D(64, 512, 4, 2), D(256, 1024, 8, 1)]
+        if args.tiny:
+            dcfgs = [D(32, 64, 4, 1)]
+        first, (g, k, n) = next(iter(shapes.items()))
+        w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        for cfg in dcfgs:
+            tiles = "x".join(map(str, dataclasses.astuple(cfg)))
+            try:
+                row = _time_decode(lambda w, c=cfg: fd.dequantize(w, c, interpret=on_cpu), w_fp4, ceil, args.iters,
+                                   shape=first, tiles=dataclasses.asdict(cfg))
+                print(f"decode sweep {tiles} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s", flush=True)
+            except Exception as e:  # a tile shape the compiler rejects is a result too
+                row = {"shape": first, "tiles": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                print(f"decode sweep {tiles} {row['error']}", flush=True)
+            out["decode_sweep"].append(row)
         T = pg.TileConfig
         cfgs = [T(16, 128, 256, 4, 3), T(16, 256, 512, 4, 3), T(16, 256, 128, 4, 4), T(32, 128, 256, 4, 3),
                 T(64, 128, 128, 4, 3), T(128, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(128, 128, 128, 8, 4)]
