@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from grouped_reference import grouped_reference
 from test_w4a16 import random_fp4_experts
 
 from atom_jax.bench.routings import skewed_sizes
@@ -40,29 +41,41 @@ def test_decode_kernel_equals_reference_dequant_exactly():
         fd.dequantize(w, fd.DequantTiles(block_k=48), interpret=True)
 
 
-def _moe_call(name, x, w, sizes, ids, gate):
-    """As the MoE's w3 GEMM runs it: rows gathered by row_ids, SwiGLU epilogue, tail unwritten."""
-    swiglu = functools.partial(swiglu_clamped, limit=2.0)
-    return grouped_gemm.get(name)(x, w, sizes, row_ids=ids, zero_tail=False, epilogue=(swiglu, gate))
-
-
-def test_seam_dequant_path_matches_w4a16_path(monkeypatch):
+def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False):
+    """The seam as the MoE's w3 GEMM runs it (rows gathered by row_ids, the SwiGLU epilogue,
+    rows past the groups unwritten) on a skewed routing: the in-kernel W4A16 path, then the
+    dequant path forced (threshold 0), both against float64 on the same exact weights and each
+    other (float32 accumulate; the difference is bf16 output rounding)."""
     rng = np.random.default_rng()
-    g, k, n, r, m, trailing = 4, 64, 32, 20, 50, 5
     sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
-    w, _ = random_fp4_experts(rng, g, k, n)
-    in_kernel = np.asarray(_moe_call("pallas", x, w, sizes, ids, gate), np.float32)[:m - trailing]
+    w, dense = random_fp4_experts(rng, g, k, n)
+    swiglu = functools.partial(swiglu_clamped, limit=2.0)
+
+    def call(*args):
+        fn = lambda a, b, s, i, gt: grouped_gemm.get("pallas")(  # noqa: E731
+            a, b, s, row_ids=i, zero_tail=False, epilogue=(swiglu, gt))
+        return np.asarray((jax.jit(fn) if jit else fn)(*args), np.float32)[:m - trailing]
+
+    in_kernel = call(x, w, sizes, ids, gate)
     calls = []
     real = fd.dequantize
     monkeypatch.setattr(fd, "dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
-    via_bf16 = np.asarray(_moe_call("pallas", x, w, sizes, ids, gate), np.float32)[:m - trailing]
+    via_bf16 = call(x, w, sizes, ids, gate)
     assert calls, "the forced threshold must take the dequant path"
-    # both multiply the same exact bf16 weights in float32; the outputs differ by bf16 rounding
-    np.testing.assert_allclose(via_bf16, in_kernel, rtol=2e-2, atol=2e-2 * np.abs(in_kernel).max())
+    ref = grouped_reference(np.asarray(x, np.float32)[np.asarray(ids)], dense, np.asarray(sizes))
+    want = np.asarray(swiglu(gate.astype(jnp.float32), jnp.asarray(ref, jnp.float32)))[:m - trailing]
+    tol = 2e-2 * np.abs(want).max()
+    np.testing.assert_allclose(in_kernel, want, rtol=2e-2, atol=tol)
+    np.testing.assert_allclose(via_bf16, want, rtol=2e-2, atol=tol)
+    np.testing.assert_allclose(via_bf16, in_kernel, rtol=2e-2, atol=tol)
+
+
+def test_seam_dequant_path_matches_w4a16_path(monkeypatch):
+    check_seam_paths(monkeypatch, g=4, k=64, n=32, r=20, m=50, trailing=5)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])

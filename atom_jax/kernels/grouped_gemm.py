@@ -226,6 +226,8 @@ W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokama
 # the W4A16 kernel (which decodes the same weights again in every row tile: 0.46x the bf16
 # kernel at 8K tokens/rank on an H200). OFF (inf) until timed on a GPU: `python -m atom_jax.bench
 # w4a16` ('dequant_pallas' beside 'w4a16', and the decode kernel's GB/s alone) decides it.
+# The path holds a transient bf16 copy of the layer's experts per GEMM (V4-Flash up projection
+# over 2 ranks: 128 x 4096 x 2048 x 2 B = 2.1 GB), which the memory plan does not count yet.
 DEQUANT_MIN_ROWS_PER_GROUP = float("inf")
 
 
