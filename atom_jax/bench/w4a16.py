@@ -13,7 +13,7 @@ the expert weight bytes each kernel must stream (non-empty groups x K x N x 2 by
 x (1/2 + 1/32) bytes for FP4 codes + scales). The issue's targets: decode (64-256 tokens) FP4
 streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul rate. Each
 kernel is first checked against a float32 reference on a skewed routing (empty and very large
-groups). `--sweep` also times other W4A16 tile shapes and other decode-kernel tiles.
+groups). `--sweep` also times other W4A16 tile shapes, `--decode-sweep` other decode-kernel tiles.
 
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
@@ -183,7 +183,7 @@ def run(args) -> int:
             print(f"{shape:10} {t:6d} faster: {faster} at {t * TOPK / g:.1f} rows/expert "
                   f"(dequant_pallas / w4a16 time {secs['dequant_pallas'] / secs['w4a16']:.2f})", flush=True)
         save(out, args.json)
-    if args.sweep:
+    if args.decode_sweep:
         D = fd.DequantTiles
         dcfgs = [D(64, 512, 4, 1), D(32, 1024, 4, 1), D(128, 256, 4, 1), D(64, 1024, 8, 1), D(128, 512, 8, 1),
                  D(256, 256, 8, 1), D(64, 512, 4, 2), D(256, 1024, 8, 1)]
@@ -198,9 +198,11 @@ def run(args) -> int:
                                    shape=first, tiles=dataclasses.asdict(cfg))
                 print(f"decode sweep {tiles} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s", flush=True)
             except Exception as e:  # a tile shape the compiler rejects is a result too
-                row = {"shape": first, "tiles": dataclasses.asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                row = {"shape": first, "tiles": dataclasses.asdict(cfg),
+                       "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"decode sweep {tiles} {row['error']}", flush=True)
             out["decode_sweep"].append(row)
+    if args.sweep:
         T = pg.TileConfig
         cfgs = [T(16, 128, 256, 4, 3), T(16, 256, 512, 4, 3), T(16, 256, 128, 4, 4), T(32, 128, 256, 4, 3),
                 T(64, 128, 128, 4, 3), T(128, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(128, 128, 128, 8, 4)]
@@ -231,6 +233,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time other W4A16 tiles on the first shape")
+    p.add_argument("--decode-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")
     p.set_defaults(func=run)
