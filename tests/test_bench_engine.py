@@ -111,3 +111,15 @@ def test_engine_bench_concurrency_list_on_one_engine_and_a_saturated_trace(tmp_p
         assert d["top_kernels"] and sum(d["categories_union_ms"].values()) >= d["busy_ms"] * 0.99
     with pytest.raises(SystemExit, match="num-prompts"):  # 3 counts for 2 concurrencies
         engine_bench.run(parse(["--num-prompts", "2,6,8", "--max-concurrency", "1,4"]))
+
+
+def test_modes_cross_every_concurrency_or_only_the_last():
+    from atom_jax.bench.engine import run_combos
+
+    plan = [(1, 2), (64, 64), (128, 256)]
+    full = run_combos(plan, ["off", "on"], [False, True])
+    assert len(full) == 12 and full[:4] == [(1, 2, "off", False), (1, 2, "on", False), (1, 2, "off", True),
+                                            (1, 2, "on", True)]
+    last = run_combos(plan, ["off", "on", "coalesce"], [False, True], "last")
+    assert last[:2] == [(1, 2, "off", False), (64, 64, "off", False)]
+    assert last[2:] == [(128, 256, d, t) for t in (False, True) for d in ("off", "on", "coalesce")]

@@ -28,7 +28,8 @@ rerun skip most compiling; each bucket's trace and compile seconds are printed. 
 --max-concurrency entry (a comma list) is its own set of timed runs on the same compiled
 engine: --num-prompts gives one count for all or one per concurrency, and a run of N sends
 the first N requests of one workload (the same prompts at every concurrency). --delayer-modes /
---tbo-modes run each combination at each concurrency (the scheduler is reset between runs).
+--tbo-modes run each combination at each concurrency (--modes-at last: only at the last one;
+the scheduler is reset between runs).
 
 --trace DIR: the last run (last concurrency, last combination) is profiled for --trace-steps
 engine steps from its first saturated step (in flight = min(concurrency, prompts), none of them
@@ -345,6 +346,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c = p.add_argument_group("comparisons (one compiled engine, the same workload)")
     c.add_argument("--delayer-modes", default=None, help="comma list of off,on,coalesce,auto (default: --delayer)")
     c.add_argument("--tbo-modes", default=None, help="comma list of on,off,auto (default: --tbo)")
+    c.add_argument("--modes-at", choices=("all", "last"), default="all",
+                   help="run the --delayer-modes x --tbo-modes combinations at every concurrency (all) or "
+                        "only at the last one, the others with the first of each list (last)")
     c.add_argument("--http", action="store_true",
                    help="then run the first run again (first concurrency and combination) through the OpenAI "
                         "server (in this process, `bench serve`'s client): what the server adds")
@@ -425,6 +429,16 @@ def save(path: str | None, res: dict) -> None:
             json.dump(res, f, indent=1)
 
 
+def run_combos(plan, delayers, tbos, modes_at: str = "all") -> list[tuple]:
+    """(concurrency, prompts, delayer, tbo) of each timed run, in order. modes_at "all": every
+    delayer x TBO combination at every concurrency; "last": only at the last concurrency (the
+    saturating one, where the modes differ), the others with the first delayer and TBO mode."""
+    every = [(d, t) for t in tbos for d in delayers]
+    if modes_at == "last":
+        return [(c, n, delayers[0], tbos[0]) for c, n in plan[:-1]] + [(*plan[-1], d, t) for d, t in every]
+    return [(c, n, d, t) for c, n in plan for d, t in every]
+
+
 def run(args) -> dict:
     """Build, warm up, then every run in turn; with --json the file is rewritten after each
     run ("finished": false until the last), so a run cut short by a time limit keeps the rest."""
@@ -447,7 +461,7 @@ def run(args) -> dict:
     res = {**header(args, cfg, engine.config), "build_s": build_s, "warmup_s": warm, "precompile_s": built, "runs": [],
            "trace": None, "finished": False}
     save(args.json, res)
-    combos = [(c, n, d, t) for c, n in plan for t in tbos for d in delayers]
+    combos = run_combos(plan, delayers, tbos, args.modes_at)
     trace = None
     for i, (c, n, delayer, tbo) in enumerate([] if args.compile_only else combos):
         if args.trace and i == len(combos) - 1:
