@@ -95,3 +95,23 @@ def test_seam_dequant_path_lowers_for_gpu(platform, monkeypatch):
             jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
     # two Triton calls (the in-kernel W4A16 path is one)
     assert text.count(TRITON) == 2 and "fp4_dequant" in text
+
+
+def test_seam_keeps_the_w4a16_kernel_where_the_dequant_path_does_not_fit(monkeypatch):
+    """Threshold forced on, N = 384 (V4-Pro's intermediate size split 8 ways by intermediate
+    dim): the decode kernel's 512-wide tile is capped to 384, not a power of two (Triton rejects
+    it), and the bf16 kernel's 256-wide tile does not divide it; the W4A16 kernel (128-wide)
+    does, and the seam must take it instead of failing."""
+    monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
+    assert grouped_gemm._dequant_path_fits(packed.Fp4Weights(jnp.zeros((2, 2048, 512), jnp.uint8),
+                                                             jnp.zeros((2, 128, 512), jnp.uint8)), 64)
+    with pytest.raises(ValueError, match="powers of two"):
+        fd.block_sizes(64, 384)
+    rng = np.random.default_rng()
+    g, k, n, m = 2, 64, 384, 24
+    sizes = jnp.asarray([9, m - 9], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w, dense = random_fp4_experts(rng, g, k, n)
+    out = grouped_gemm.get("pallas")(x, w, sizes)
+    ref = grouped_reference(np.asarray(x), dense, np.asarray(sizes))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

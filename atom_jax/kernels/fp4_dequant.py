@@ -64,10 +64,7 @@ def dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None = None, in
     packed.fp4_check(weights.codes.shape, weights.scales.shape)
     e, k, n = weights.shape
     tiles = tiles or DEFAULT_TILES
-    bk, bn = min(tiles.block_k, k), min(tiles.block_n, n)
-    if bk % packed.FP4_BLOCK or k % bk or n % bn:
-        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} (itself a multiple of "
-                         f"{packed.FP4_BLOCK}) and block_n={bn}")
+    bk, bn = block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
     out = pl.pallas_call(
         functools.partial(_kernel, decode=decode),
@@ -81,6 +78,18 @@ def dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None = None, in
         name="fp4_dequant",
     )(weights.codes, weights.scales)
     return out.reshape(e, k, n)
+
+
+def block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int, int]:
+    """(block_k, block_n) of the decode of [E, K, N] experts: the tiles' sizes, capped at K and N,
+    which must divide K and N and be powers of two (Triton's blocks; block_k a multiple of the
+    scale group). ValueError otherwise."""
+    tiles = tiles or DEFAULT_TILES
+    bk, bn = min(tiles.block_k, k), min(tiles.block_n, n)
+    if bk % packed.FP4_BLOCK or k % bk or n % bn or bk & (bk - 1) or bn & (bn - 1):
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} (itself a multiple of "
+                         f"{packed.FP4_BLOCK}) and block_n={bn}, both powers of two")
+    return bk, bn
 
 
 def bytes_moved(shape) -> float:

@@ -231,6 +231,20 @@ W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokama
 DEQUANT_MIN_ROWS_PER_GROUP = float("inf")
 
 
+def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
+    """Whether the decode kernel and then the bf16 Pallas kernel take these experts' K and N
+    (their tiles must divide them; e.g. N = 384, V4-Pro's intermediate size split 8 ways, does
+    not): where not, the W4A16 kernel (128-wide column tiles) runs at every rows-per-expert."""
+    from atom_jax.kernels import fp4_dequant, pallas_grouped_gemm
+    _, k, n = weights.shape
+    try:
+        fp4_dequant.block_sizes(k, n)
+        pallas_grouped_gemm.block_sizes(k, n, pallas_grouped_gemm.default_tiles(rows_per_group))
+    except ValueError:
+        return False
+    return True
+
+
 def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
           epilogue=None):
     """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
@@ -243,7 +257,7 @@ def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, ro
         name = "ragged_dot" if _on_cpu() else "pallas"
     if name in W4A16_KERNEL_NAMES:
         rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
-        if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP:
+        if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP and _dequant_path_fits(weights, rows_per_group):
             from atom_jax.kernels import fp4_dequant
             dense = fp4_dequant.dequantize(weights, interpret=_on_cpu())
             return pallas(rows, dense.astype(rows.dtype), group_sizes, mean_group, row_ids=row_ids,

@@ -154,6 +154,15 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
               e_ref, epilogue)
 
 
+def block_sizes(k: int, n: int, cfg: TileConfig) -> tuple[int, int]:
+    """(block_k, block_n) for weights [G, K, N]: the tiles' sizes capped at K and N, which they
+    must divide (ValueError otherwise)."""
+    bk, bn = min(cfg.block_k, k), min(cfg.block_n, n)
+    if k % bk or n % bn:
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} and block_n={bn}")
+    return bk, bn
+
+
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
                         interpret: bool = False, zero_from=None, row_ids=None, epilogue=None):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
@@ -165,10 +174,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
     cfg = cfg or PREFILL_TILES
-    bk = min(cfg.block_k, k)
-    bn = min(cfg.block_n, n)
-    if k % bk or n % bn:
-        raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} and block_n={bn}")
+    bk, bn = block_sizes(k, n, cfg)
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     starts, ends = with_zero_range(starts, ends, zero_from, m)
     pad = cfg.block_m if interpret else 0
