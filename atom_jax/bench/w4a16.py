@@ -118,17 +118,17 @@ def run(args) -> int:
            "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": []}
     print(f"# {out['device']}  copy {ceil['copy_GBps']} GB/s  matmul {ceil['matmul_TFLOPs']} TFLOP/s", flush=True)
 
-    def bf16(rows, w, sizes):
-        return pg.grouped_gemm(rows, w, sizes, interpret=on_cpu)
+    def bf16(rows, w, sizes):  # the seam's tiles for these rows per expert, as `fp4()`'s kernel picks its own
+        return pg.grouped_gemm(rows, w, sizes, cfg=pg.default_tiles(rows.shape[0] / w.shape[0]), interpret=on_cpu)
 
     def fp4(cfg=None, decode=None):
         return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode)
 
     def dequant_bf16(rows, w, sizes):  # one XLA decode pass, then the bf16 kernel
-        return pg.grouped_gemm(rows, fp4_dequantize(w, rows.dtype), sizes, interpret=on_cpu)
+        return bf16(rows, fp4_dequantize(w, rows.dtype), sizes)
 
     def dequant_pallas(rows, w, sizes):  # the streaming decode kernel, then the bf16 kernel
-        return pg.grouped_gemm(rows, fd.dequantize(w, interpret=on_cpu), sizes, interpret=on_cpu)
+        return bf16(rows, fd.dequantize(w, interpret=on_cpu), sizes)
 
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
     fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas}
