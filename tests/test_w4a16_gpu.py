@@ -2,19 +2,18 @@
 float32 reference on the dequantised weights (skewed routings: empty and very large groups).
 Run with `JAX_PLATFORMS=cuda python -m pytest -q -m gpu tests/test_w4a16_gpu.py`."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from grouped_reference import grouped_reference
+from row_ids_check import check_row_ids_and_epilogue
 from test_w4a16 import random_fp4_experts
 
 from atom_jax.bench.routings import skewed_sizes
 from atom_jax.kernels import packed
 from atom_jax.kernels import w4a16_grouped_gemm as wg
-from atom_jax.models.layers import swiglu_clamped
 from atom_jax.weights import quant
 
 pytestmark = pytest.mark.gpu
@@ -60,21 +59,5 @@ def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
     """`row_ids`: rows[row_ids[r]] loaded inside the kernel (PTX decoder on CUDA) against the
     kernel on the rows gathered in XLA."""
     rng = np.random.default_rng()
-    g, k, n, r, m, trailing = 16, 512, 512, 300, 1000, 7
-    sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
-    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
-    ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
-    w, _ = random_fp4_experts(rng, g, k, n)
-    out = np.asarray(jax.jit(lambda a, b, s, i: wg.grouped_gemm(a, b, s, cfg=tiles, row_ids=i))(x, w, sizes, ids),
-                     np.float32)
-    ref = np.asarray(jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles))(x[ids], w, sizes), np.float32)
-    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
-    assert np.all(out[m - trailing:] == 0)
-    # as the MoE's w3 GEMM runs it: SwiGLU epilogue, rows past the groups left unwritten
-    gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
-    swiglu = functools.partial(swiglu_clamped, limit=2.0)
-    fused = np.asarray(jax.jit(lambda a, b, s, i, gt: wg.grouped_gemm(
-        a, b, s, cfg=tiles, row_ids=i, zero_tail=False, epilogue=(swiglu, gt)))(x, w, sizes, ids, gate), np.float32)
-    want = np.asarray(swiglu(gate.astype(jnp.float32), jnp.asarray(ref)), np.float32)
-    valid = m - trailing
-    np.testing.assert_allclose(fused[:valid], want[:valid], rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    w, _ = random_fp4_experts(rng, 16, 512, 512)
+    check_row_ids_and_epilogue(wg.grouped_gemm, w, tiles, rng, 16, 512, 512, rows=300, m=1000, trailing=7)
