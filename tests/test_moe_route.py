@@ -18,7 +18,7 @@ from atom_jax.kernels import pallas_grouped_gemm as pg
 from atom_jax.kernels import w4a16_grouped_gemm as wg
 from atom_jax.kernels.platform import lowering_for
 from atom_jax.models.layers import swiglu_clamped
-from atom_jax.models.moe import routed_experts
+from atom_jax.models.moe import routed_experts, sort_by_expert
 
 SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=32)
 TRITON = "__gpu$xla.gpu.triton"
@@ -29,14 +29,9 @@ def _scatter_reference(x, idx, weights, w1, w3, w2, limit, expert_offset):
     sorted outputs, f32 scatter-add back to tokens (ragged_dot)."""
     gemm = grouped_gemm.get("ragged_dot")
     n, k = idx.shape
-    e_local = w1.shape[0]
-    local = idx.reshape(-1) - expert_offset
-    valid = (local >= 0) & (local < e_local)
-    key = jnp.where(valid, local, e_local)
-    order = jnp.argsort(key, stable=True)
+    order, valid, sizes = sort_by_expert(idx, expert_offset, w1.shape[0])  # the same route
     token = order // k
     rows = x[token]
-    sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     h = swiglu_clamped(gemm(rows, w1, sizes).astype(jnp.float32), gemm(rows, w3, sizes).astype(jnp.float32), limit)
     out = gemm(h.astype(x.dtype), w2, sizes).astype(jnp.float32)
     out = out * jnp.where(valid, weights.reshape(-1), 0.0)[order][:, None]

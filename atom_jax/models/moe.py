@@ -50,18 +50,25 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
-    local = idx.reshape(-1) - expert_offset
-    valid = (local >= 0) & (local < e_local)
-    key = jnp.where(valid, local, e_local)
-    order = jnp.argsort(key, stable=True)
+    order, valid, sizes = sort_by_expert(idx, expert_offset, e_local)
     token = (order // k).astype(jnp.int32)
-    sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
     gate = gemm(x, w1, sizes, mean_group=mean, row_ids=token, zero_tail=False)
     swiglu = (functools.partial(swiglu_clamped, limit=limit), gate)  # h = swiglu(gate, x w3), in the w3 GEMM
     h = gemm(x, w3, sizes, mean_group=mean, row_ids=token, zero_tail=False, epilogue=swiglu)
     y = gemm(h, w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
     return unroute(y, order, valid.reshape(n, k), weights, x.dtype)
+
+
+def sort_by_expert(idx, expert_offset: int, e_local: int):
+    """The route: the N * k (token, choice) pairs of idx [N, k] sorted, stably, by local expert
+    (experts [expert_offset, expert_offset + e_local)); choices of experts held elsewhere sort
+    past the last group. -> (order [N * k]: sorted position -> flat choice index t * k + j,
+    valid [N * k] bool: the choice is local, sizes [e_local]: rows per local expert)."""
+    local = idx.reshape(-1) - expert_offset
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)
+    return jnp.argsort(key, stable=True), valid, jnp.bincount(key, length=e_local + 1)[:e_local]
 
 
 def unroute(y, order, valid, weights, dtype):
