@@ -67,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--heads-as", choices=("cols", "rows"), default=None, help="the heads path's dot: heads as "
                     "its columns ([block_e, di] x [di, H], default) or its rows ([H, di] x [di, block_e])")
     ap.add_argument("--heads-max", type=int, default=None, help="scorer pallas: work items of at most this many "
-                    "tokens take the heads path (default kernels/sparse_indexer.TILES: 8)")
+                    "tokens take the heads path (default kernels/sparse_indexer.TILES: 32, every item)")
     ap.add_argument("--score-budget", type=int, default=None, help="override index_topk.SCORE_BUDGET (floats)")
     ap.add_argument("--rung-min", type=int, default=None, help="override index_topk.RUNG_MIN (entries)")
     ap.add_argument("--sub-block", type=int, default=None, help="override index_topk.SUB_BLOCK (two-stage)")

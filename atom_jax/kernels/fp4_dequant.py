@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.w4a16_grouped_gemm import DECODERS
+from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, by_decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +52,10 @@ def dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None = None, in
     """Fp4Weights [E, K/2, N] codes + [E, K/32, N] scales -> bf16 [E, K, N], the exact values of
     `packed.fp4_dequantize`. `decode`: "alu", "ptx" (CUDA only), or None: `ptx` where the program
     runs on CUDA, `alu` elsewhere and in interpret mode."""
-    if decode is None and not interpret:
-        # One branch per platform, chosen when the program is lowered (export to rocm included).
-        run = lambda d: lambda: dequantize(weights, tiles, False, d)  # noqa: E731
-        return jax.lax.platform_dependent(cuda=run("ptx"), default=run("alu"))
-    decode = decode or "alu"
-    if decode not in DECODERS or (interpret and decode == "ptx"):
-        raise ValueError(f"decode {decode!r}: choose from {sorted(DECODERS)} (ptx needs a CUDA GPU)")
+    return by_decoder(lambda d: _dequantize(weights, tiles, interpret, d), decode, interpret)
+
+
+def _dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None, interpret: bool, decode: str):
     if weights.ndim != 3:
         raise ValueError(f"expected an expert stack [E, K/2, N], got codes {weights.codes.shape}")
     packed.fp4_check(weights.codes.shape, weights.scales.shape)

@@ -53,13 +53,10 @@ def register(name: str, gathers_rows: bool = False):
     return deco
 
 
-def _num_rows(rows, row_ids) -> int:
-    return rows.shape[0] if row_ids is None else row_ids.shape[0]
-
-
 def _rows_per_group(rows, weights, mean_group, row_ids=None) -> float:
     """The caller's mean rows per expert (from the routing shape), else this call's average."""
-    return mean_group if mean_group is not None else _num_rows(rows, row_ids) / weights.shape[0]
+    from atom_jax.kernels.pallas_grouped_gemm import num_rows
+    return mean_group if mean_group is not None else num_rows(rows, row_ids) / weights.shape[0]
 
 
 def _zero_rows_past_groups(out, group_sizes, dtype):

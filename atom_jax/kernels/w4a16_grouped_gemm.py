@@ -87,6 +87,18 @@ def _decode_alu(codes, scales):
 DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
 
 
+def by_decoder(body, decode: str | None, interpret: bool):
+    """body(decoder name) under the decoder choice: `decode` "alu", "ptx" (CUDA only), or None:
+    `ptx` where the program runs on CUDA, `alu` elsewhere and in interpret mode (one branch per
+    platform, chosen when the program is lowered, export to rocm included)."""
+    if decode is None and not interpret:
+        return jax.lax.platform_dependent(cuda=lambda: body("ptx"), default=lambda: body("alu"))
+    decode = decode or "alu"
+    if decode not in DECODERS or (interpret and decode == "ptx"):
+        raise ValueError(f"decode {decode!r}: choose from {sorted(DECODERS)} (ptx needs a CUDA GPU)")
+    return body(decode)
+
+
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
             half_k: int, num_groups: int, decode: str, gather: bool, epilogue):
     ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
@@ -119,15 +131,12 @@ def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: Til
     row_ids [M] (then rows[row_ids[r]] instead of rows[r]); `epilogue` (fn, other [M, N]):
     fn(other[r] as float32, the float32 product) is stored. `decode`: "alu", "ptx" (CUDA only),
     or None: `ptx` where the program runs on CUDA, `alu` elsewhere and in interpret mode."""
-    if decode is None and not interpret:
-        # One branch per platform, chosen when the program is lowered (export to rocm included).
-        def run(d):
-            return lambda: grouped_gemm_ranges(rows, weights, starts, ends, cfg, False, zero_from, d, row_ids,
-                                               epilogue)
-        return jax.lax.platform_dependent(cuda=run("ptx"), default=run("alu"))
-    decode = decode or "alu"
-    if decode not in DECODERS or (interpret and decode == "ptx"):
-        raise ValueError(f"decode {decode!r}: choose from {sorted(DECODERS)} (ptx needs a CUDA GPU)")
+    return by_decoder(lambda d: _ranges(rows, weights, starts, ends, cfg, interpret, zero_from, d, row_ids, epilogue),
+                      decode, interpret)
+
+
+def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero_from, decode: str, row_ids,
+            epilogue):
     m, k = num_rows(rows, row_ids), rows.shape[1]
     g, k2, n = weights.shape
     if k != k2:
