@@ -192,13 +192,17 @@ def run_workload(engine, requests, prompts, max_concurrency: int | None, trace=N
                     rec["error"] = f"finish_reason {o.finish_reason}"
                 in_flight -= 1
     duration = time.perf_counter() - t0
+    return with_engine_counters(engine, summarize_records(list(records.values()), duration), max_in_flight)
+
+
+def with_engine_counters(engine, summary: dict, max_in_flight: int | None) -> dict:
+    """A bench_serving summary plus the per-GPU throughputs and the scheduler's counters."""
     st = engine.stats()
-    out = summarize_records(list(records.values()), duration)
     gpus = engine.config.dp
-    out.update({
+    summary.update({
         "gpus": gpus,
-        "total_token_throughput_per_gpu": out["total_token_throughput"] / gpus,
-        "output_throughput_per_gpu": out["output_throughput"] / gpus,
+        "total_token_throughput_per_gpu": summary["total_token_throughput"] / gpus,
+        "output_throughput_per_gpu": summary["output_throughput"] / gpus,
         "max_in_flight": max_in_flight,
         "steps": st["steps"], "idle_ticks": st["idle_ticks"],
         "padding_waste": st["padding_waste"], "mean_step_padding_waste": st["mean_step_padding_waste"],
@@ -206,7 +210,7 @@ def run_workload(engine, requests, prompts, max_concurrency: int | None, trace=N
         "tbo_off_steps": st["tbo_off_steps"], "bucket_steps": st["bucket_steps"],
         "num_preemptions": st["num_preemptions"],
     })
-    return out
+    return summary
 
 
 def run_http(engine, args, requests, max_concurrency: int | None) -> dict:
@@ -246,16 +250,7 @@ def run_http(engine, args, requests, max_concurrency: int | None) -> dict:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
-    st = engine.stats()
-    gpus = engine.config.dp
-    res.update({
-        "gpus": gpus, "total_token_throughput_per_gpu": res["total_token_throughput"] / gpus,
-        "output_throughput_per_gpu": res["output_throughput"] / gpus, "max_in_flight": None,
-        "steps": st["steps"], "idle_ticks": st["idle_ticks"], "padding_waste": st["padding_waste"],
-        "mean_step_padding_waste": st["mean_step_padding_waste"], "delayer_outcomes": st["delayer"],
-        "tbo_on_steps": st["tbo_on_steps"], "tbo_off_steps": st["tbo_off_steps"],
-        "bucket_steps": st["bucket_steps"], "num_preemptions": st["num_preemptions"]})
-    return res
+    return with_engine_counters(engine, res, None)
 
 
 _ROWS = (
