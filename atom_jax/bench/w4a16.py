@@ -118,8 +118,8 @@ def run(args) -> int:
            "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": []}
     print(f"# {out['device']}  copy {ceil['copy_GBps']} GB/s  matmul {ceil['matmul_TFLOPs']} TFLOP/s", flush=True)
 
-    def bf16(rows, w, sizes):  # the seam's tiles for these rows per expert, as `fp4()`'s kernel picks its own
-        return pg.grouped_gemm(rows, w, sizes, cfg=pg.default_tiles(rows.shape[0] / w.shape[0]), interpret=on_cpu)
+    def bf16(rows, w, sizes):  # (its tiles by rows per expert, as the seam's: pg.grouped_gemm's default)
+        return pg.grouped_gemm(rows, w, sizes, interpret=on_cpu)
 
     def fp4(cfg=None, decode=None):
         return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode)
