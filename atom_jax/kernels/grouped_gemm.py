@@ -220,12 +220,15 @@ W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokama
 
 # Rows per expert from which packed FP4 experts are first decoded to bf16 by the streaming
 # `fp4_dequant` kernel and then multiplied by the bf16 Pallas kernel, instead of decoded inside
-# the W4A16 kernel (which decodes the same weights again in every row tile: 0.46x the bf16
-# kernel at 8K tokens/rank on an H200). OFF (inf) until timed on a GPU: `python -m atom_jax.bench
-# w4a16` ('dequant_pallas' beside 'w4a16', and the decode kernel's GB/s alone) decides it.
+# the W4A16 kernel (which decodes the same weights again in every row tile). Measured on an H200
+# (`python -m atom_jax.bench w4a16 --tokens 64,1024,8192 --shapes flash_up,pro_up`,
+# docs/benchmarks.md): the decode-then-bf16 path takes 0.65x (V4-Flash) / 0.75x (V4-Pro) the
+# W4A16 time at 384 / 256 rows per expert and 2.4x at 32-48 rows; interpolated, the two cross
+# near 150-180 rows. The choice is static (per compiled bucket): a data-dependent switch would
+# be an XLA conditional, whose predicate the GPU runtime reads on the host.
 # The path holds a transient bf16 copy of the layer's experts per GEMM (V4-Flash up projection
-# over 2 ranks: 128 x 4096 x 2048 x 2 B = 2.1 GB), which the memory plan does not count yet.
-DEQUANT_MIN_ROWS_PER_GROUP = float("inf")
+# over 2 ranks: 128 x 4096 x 2048 x 2 B = 2.1 GB), inside the memory plan's reserve.
+DEQUANT_MIN_ROWS_PER_GROUP = 192
 
 
 def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
