@@ -365,6 +365,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def precompile_buckets(engine, workers: int) -> dict:
+    """Trace every bucket's step in turn and compile them on `workers` threads at once (at full
+    depth a bucket compiles in minutes: side by side they take about one's time).
+    -> {bucket label: [trace s, compile s]}."""
+    shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
+    times = engine.runner.precompile(shapes, workers)
+    return {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v] for (b, t), v in times.items()}
+
+
 def warm_up(engine, tbos, workers: int) -> tuple[dict, dict]:
     """Compile every bucket (for each TBO mode) and run each once, untimed; prints each
     bucket's trace / compile seconds. -> (warm-up seconds by TBO mode, {TBO mode: {bucket:
@@ -375,9 +384,7 @@ def warm_up(engine, tbos, workers: int) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         configure(engine, engine.config.delayer, tbo)
         if workers > 0:  # every bucket's step compiled in parallel first
-            shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
-            times = engine.runner.precompile(shapes, workers)
-            built[name] = {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v] for (b, t), v in times.items()}
+            built[name] = precompile_buckets(engine, workers)
             print(f"precompile (TBO {name}; traced in turn, compiled by {workers} threads at once):\n"
                   + "\n".join(f"  bucket {k}: trace {v[0]:.1f} s, compile {v[1]:.1f} s" for k, v in built[name].items()),
                   flush=True)

@@ -32,7 +32,8 @@ import numpy as np
 
 from atom_jax.config import tiny, v4_flash
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
-from atom_jax.bench.engine import random_model_on_mesh
+from atom_jax.bench.engine import precompile_buckets, random_model_on_mesh
+from atom_jax.engine.args import int_list
 from atom_jax.loader import random_model
 
 
@@ -54,6 +55,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--chunk-size", type=int, default=None, help="default: 2048 (GPU), 256 (--tiny)")
     ap.add_argument("--prefix-state-pages", type=int, default=None,
                     help="pages whose window state the prefix cache keeps (default: the engine's, 4 per slot)")
+    ap.add_argument("--buckets", type=int_list, default=None,
+                    help="step token buckets (default: the engine's); at full depth name only those the "
+                         "workload needs, e.g. 1024,8192 with --chunk-size 8192: each compiles for minutes")
+    ap.add_argument("--compile-workers", type=int, default=0,
+                    help="threads compiling the buckets' steps at once before warm-up (0: one by one)")
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--weights", choices=("bf16", "native"), default="bf16",
                     help="random expert weights in bf16 or packed FP4/FP8 (ignored with --tiny)")
@@ -181,13 +187,14 @@ def run_cli(args) -> int:
                       num_pages=pages, page_tokens=pt, max_model_len=max_len, max_tokens_per_step=chunk,
                       chunk_size=chunk, moe_backend=args.moe_backend, seed=args.seed,
                       compilation_cache_dir=None, weights="bf16" if args.tiny else args.weights,
-                      prefix_state_pages=args.prefix_state_pages)
+                      prefix_state_pages=args.prefix_state_pages, buckets=args.buckets)
     t0 = time.perf_counter()
     if args.tiny:
         model = random_model(cfg, seed=args.seed, dtype=dtype)
     else:  # created on the devices, sharded as the engine places it
         model = random_model_on_mesh(cfg, args.dp, dtype, ec.expert_mode, args.seed, ec.weights)
     engine = Engine(ec, model=model, tokenizer=None)
+    compiled = precompile_buckets(engine, args.compile_workers) if args.compile_workers > 0 else {}
     engine.warmup()
     warm_s = time.perf_counter() - t0
     rows = []
@@ -233,7 +240,7 @@ def run_cli(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dp": args.dp, "model": "tiny" if args.tiny else f"v4-flash-{args.layers}l",
-                       "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1),
+                       "args": vars(args) | {"func": None}, "warmup_s": round(warm_s, 1), "precompile_s": compiled,
                        "num_slots": ec.num_slots, "num_pages": ec.num_pages, "state_pages": engine.layout.state_pages,
                        "results": rows, "one_step": one_step}, f, indent=1)
     return 0
