@@ -229,6 +229,28 @@ def test_gpu_layout_report_numbers(gpu_like_trace):
     assert mbs["mb_b"]["communication"]["exposed_ms"] == pytest.approx(0.2)
     assert d["top_kernels"][0]["name"] in ("nvjet_tst_gemm", "ncclDevKernel_AllGather_RING_LL")
     assert "communication 0.300 ms" in format_report(rep)
+    # period: step starts 1.0 ms apart; busy in [0, 1 ms): GEMM..fusion 100-700 us + copy 10 us
+    assert d["step_period_ms"] == pytest.approx(1.0)
+    assert d["busy_share_of_period"] == pytest.approx(0.61)
+    assert "device busy 61.0% of it" in format_report(rep)
+
+
+def test_busy_share_of_period_counts_kernels_past_the_annotation():
+    """Overlap schedule: the host annotation of a step ends at its launch (0.2 ms) while its
+    kernels run on; the annotated share is then meaningless, the period's share is the truth."""
+    from atom_jax.trace.events import Step, Trace
+    from atom_jax.trace.hlo_index import HloIndex
+    rng = random.Random(7)
+    period_us, steps = 1000.0, 5
+    busy = [rng.uniform(300, 900) for _ in range(steps)]
+    raw = [RawEvent("/device:GPU:0", "Stream #1", "nvjet_gemm", 1e3 * (i * period_us + 50), 1e3 * busy[i],
+                    {"hlo_op": "c.1"}) for i in range(steps)]
+    events, _, platform = normalise(raw, {"/device:GPU:0": ["Stream #1"]})
+    marks = [Step(i, 1e3 * i * period_us, 1e3 * 200) for i in range(steps)]
+    d = analyse(Trace(Path("x"), "xplane", platform, events, marks, HloIndex(), {}))["devices"]["/device:GPU:0"]
+    assert d["step_period_ms"] == pytest.approx(period_us / 1e3)
+    # the last step starts the window's end: steps 0..3 count, each wholly inside its period
+    assert d["busy_share_of_period"] == pytest.approx(sum(busy[:-1]) / ((steps - 1) * period_us), abs=1e-4)
 
 
 def test_unannotated_capture_divides_span_by_steps():

@@ -122,8 +122,11 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
         devs = list(rep["devices"].values())
         busy = statistics.fmean(d["busy_ms"] for d in devs)
         step = statistics.fmean(d["step_time_ms"] for d in devs)
+        shares = [d["busy_share_of_period"] for d in devs if d["busy_share_of_period"] is not None]
         res.update(trace=path, busy_ms_per_step=round(busy, 3), step_ms_traced=round(step, 3),
-                   device_busy_share=round(busy / step, 3) if step else None)
+                   device_busy_share=round(busy / step, 3) if step else None,
+                   step_period_ms_traced=round(statistics.fmean(d["step_period_ms"] for d in devs), 3) if shares else None,
+                   busy_share_of_period=round(statistics.fmean(shares), 3) if shares else None)
     while engine.has_unfinished():  # the few steps left (max_tokens), so every page is free again
         engine.step()
     return res
@@ -141,11 +144,11 @@ def run_cli(args) -> int:
             res = run_case(engine, cfg.vocab_size, batch, mode, args, rng)
             results.append(res)
             print(json.dumps(res), flush=True)
-    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'tok/s':>10} {'busy share':>10}")
-    for r in results:
-        share = r.get("device_busy_share")
+    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'tok/s':>10} {'busy share':>10} {'of period':>10}")
+    for r in results:  # busy share: of the annotated step; of period: of step start to next start
+        share, period = r.get("device_busy_share"), r.get("busy_share_of_period")
         print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
-              f"{'' if share is None else f'{share:.0%}':>10}")
+              f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10}")
     phases = list(PHASES) + ["host", "total"]
     for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):
         print(f"\nhost ms/step by phase ({title}; wait = blocked on the device, host = all but wait)")

@@ -73,6 +73,7 @@ def summarize(rep: dict) -> dict:
         devices[name] = {
             "steps": d["steps"], "step_time_ms": step, "busy_ms": d["busy_ms"],
             "busy_share": round(d["busy_ms"] / step, 4) if step else None,
+            "step_period_ms": d["step_period_ms"], "busy_share_of_period": d["busy_share_of_period"],
             "categories_union_ms": {c: v["union_ms"] for c, v in d["categories"].items()},
             "communication_exposed_ms": d["communication"]["exposed_ms"],
             "top_kernels": [{k: t[k] for k in ("name", "category", "count", "per_step_ms", "mean_us")}
@@ -93,7 +94,9 @@ def format_summary(trace: dict, kernels: int = 3) -> list[str]:
     for name, d in trace["devices"].items():
         share = "-" if d["busy_share"] is None else f"{d['busy_share']:.0%}"
         cats = sorted(d["categories_union_ms"].items(), key=lambda kv: -kv[1])
-        lines.append(f"  {name}: step {d['step_time_ms']:.2f} ms, busy {d['busy_ms']:.2f} ms ({share}); "
+        period = ("" if d.get("busy_share_of_period") is None else
+                  f", period {d['step_period_ms']:.2f} ms ({d['busy_share_of_period']:.0%} busy)")
+        lines.append(f"  {name}: step {d['step_time_ms']:.2f} ms, busy {d['busy_ms']:.2f} ms ({share}){period}; "
                      + ", ".join(f"{c} {ms:.2f}" for c, ms in cats[:4]))
         for k in d["top_kernels"][:kernels]:
             lines.append(f"    {k['per_step_ms']:8.3f} ms/step  {k['category']:<10} {k['name'][:70]}")

@@ -115,6 +115,16 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         if inside:
             spans_per_step.append(max(e.end_ns for e in inside) - min(e.start_ns for e in inside))
 
+    # With the overlap schedule a step's annotation (host side) need not cover the gap before the
+    # next step: the period from one step's start to the next is the wall-clock step, and the
+    # device's busy time inside [first start, last start) over it is the share that counts.
+    starts = sorted(s for s, _ in windows) if trace.steps else []
+    period_ms = busy_period = None
+    if len(starts) >= 2:
+        span = starts[-1] - starts[0]
+        period_ms = round(span / (len(starts) - 1) / MS, 6)
+        busy_period = round(iv.total(iv.clip(_spans(all_events), starts[0], starts[-1])) / span, 4) if span else None
+
     by_cat = {c: [e for e in events if e.category == c] for c in CATEGORIES}
     compute = _spans(e for e in events if e.category in COMPUTE_CATEGORIES)
     categories = {
@@ -144,6 +154,8 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         "step_time_ms": round(step_ms, 6),
         "device_span_ms": round(statistics.fmean(spans_per_step) / MS, 6) if spans_per_step else 0.0,
         "busy_ms": _ms(iv.total(_spans(events)), n),
+        "step_period_ms": period_ms,  # start to start of consecutive annotated steps (None: < 2)
+        "busy_share_of_period": busy_period,
         "categories": categories,
         "communication": _comm_dict(communication_split(events, compute), n),
         "micro_batches": micro,
@@ -184,7 +196,9 @@ def _pct_text(p: float | None) -> str:
 def _device_lines(device: str, d: dict) -> list[str]:
     out = [f"== {device}: {d['events']} events over {d['steps']} step(s) ({d['step_source']})",
            f"   step {d['step_time_ms']:.3f} ms | device span {d['device_span_ms']:.3f} ms"
-           f" | busy {d['busy_ms']:.3f} ms  (per step)",
+           f" | busy {d['busy_ms']:.3f} ms  (per step)"
+           + (f"\n   period {d['step_period_ms']:.3f} ms (step start to next step start), device busy "
+              f"{_pct_text(100 * d['busy_share_of_period'])} of it" if d.get("busy_share_of_period") is not None else ""),
            f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% step':>8}"]
     for c, v in d["categories"].items():
         pct = _pct(v["union_ms"], d["step_time_ms"])
