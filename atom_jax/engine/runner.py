@@ -108,7 +108,7 @@ class ModelRunner:
         # `page_updates` per rank, sent in its input block); more than that uploads the whole
         # table (a restore reads no page table: the window-state entries come with it)
         self._page_table_dev = self.global_array(self.page_table.copy())  # (never the host table: see run)
-        self.page_updates = max(layout.num_slots, 16)
+        self.page_updates = page_updates_per_step(layout)
         self._no_updates = np.zeros((self.dp, self.page_updates, 3), np.int32)  # all padding (read only)
         self._no_updates[:, :, 0] = layout.num_slots
         self._no_updates.flags.writeable = False
@@ -116,17 +116,12 @@ class ModelRunner:
         # state, like _prev_rows; `forget_rows` after a failed step sends every row again)
         self._row_pages: dict[tuple[int, int], list[int]] = {}
         self._table_stale = False  # a step failed after writing the host table: upload it whole
-        self.max_samples = self.dp * layout.num_slots  # sampler rows, padded: one compile per bucket
+        self.max_samples = max_samples(layout, self.dp)  # sampler rows, padded: one compile per bucket
         # the previous step's output block [2, max_samples] (sampled tokens, logprob bits), on
         # the device: what PENDING inputs read
         self._last_out = place(np.zeros((2, self.max_samples), np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}  # request id -> row in _last_out (leader only)
-        step, _ = make_cached_step(model, mesh, layout, opts)
-        # one jitted program per (bucket, tbo); the cache and the page table are donated
-        # (updated in place)
-        self._device_step = jax.jit(
-            partial(_device_step, step, mesh, layout.num_slots, self.max_samples, self.page_updates),
-            static_argnames=("tbo",), donate_argnums=(1, 2))
+        self._device_step = device_step_program(model, mesh, layout, opts)
 
     def host_inputs(self, plan) -> StepInputs:
         """The host side of a step (numpy only, no device work): what every process of a
@@ -300,6 +295,31 @@ class ModelRunner:
 
 
 # ---- the packed host-to-device buffers and the one jitted step program ------------------
+def page_updates_per_step(layout: CacheLayout) -> int:
+    """Page-table entries per rank a step's input block carries (more: the whole table is sent)."""
+    return max(layout.num_slots, 16)
+
+
+def max_samples(layout: CacheLayout, dp: int) -> int:
+    """Sampler rows of every step, padded (one compile per bucket): every slot of every rank."""
+    return dp * layout.num_slots
+
+
+def device_step_program(model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions()):
+    """The engine's one jitted step program, compiled per (bucket, tbo):
+    `fn(params, cache, page_table, last_out, block, tbo=...)` (`_device_step`); the cache and
+    the page table are donated (updated in place)."""
+    step, _ = make_cached_step(model, mesh, layout, opts)
+    dp = mesh.shape[DP]
+    return jax.jit(partial(_device_step, step, mesh, layout.num_slots, max_samples(layout, dp),
+                           page_updates_per_step(layout)), static_argnames=("tbo",), donate_argnums=(1, 2))
+
+
+def input_block_len(layout: CacheLayout, dp: int, bucket: int, tbo: bool) -> int:
+    """int32 words of a (bucket, tbo) step's input block (`ModelRunner._input_block`)."""
+    row = len(_pack_batch(pack_chunks([], bucket, layout.num_slots, split=tbo))) + 3 * page_updates_per_step(layout)
+    return 6 * max_samples(layout, dp) + dp * row
+
 def _pack_batch(b) -> np.ndarray:
     """A rank's PackedBatch as one int32 row: the per-token arrays, then sample_idx."""
     return np.concatenate([getattr(b, k).astype(np.int32) for k in TOKEN_KEYS] + [b.sample_idx])

@@ -30,7 +30,7 @@ from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.hyper import hc_merge
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.placement import BY_EXPERT
-from atom_jax.trace.capture import MB_A, MB_B, micro_batch_scope
+from atom_jax.trace.capture import MB_A, MB_B, layer_scope, micro_batch_scope
 
 
 TBO_SCHEDULES = ("split", "fused")
@@ -167,8 +167,9 @@ class RankStep:
     # ---- schedules ------------------------------------------------------------------------
     def run_one_chain(self, chain: Chain):
         for i, block in enumerate(self.model.layers):
-            self.attention(i, block, chain, None)
-            self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
+            with layer_scope(i):
+                self.attention(i, block, chain, None)
+                self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
 
     def run_two_chains(self, a: Chain, b: Chain):
         """The overlapped schedule; the MoE half of each layer per `opts.tbo_schedule`
@@ -176,27 +177,28 @@ class RankStep:
         barrier = jax.lax.optimization_barrier
         moe = self._fused_moe if self.opts.tbo_schedule == "fused" else self._split_moe
         layers = list(self.model.layers)
-        with _in_a():
+        with layer_scope(0), _in_a():
             self.attention(0, layers[0], a, None)
         # Make attn(B) of layer 0 wait for attn(A), as later layers' do (through the RS(B)
         # barrier): otherwise XLA runs it first and AG(A) of layer 0 has nothing to hide behind.
         a.mid, b.streams = barrier((a.mid, b.streams))
         for i, block in enumerate(layers):
-            with _in_a():
-                ga = self.dispatch(a)
-            with _in_b():
-                self.attention(i, block, b, a)  # attn(B) || AG(A)
-            ga, b.mid = barrier((ga, b.mid))
-            ra, pb, sa, sb = moe(block, a, b, ga)
-            with _in_a():
-                self.finish(block, a, ra, sa)
-            with _in_b():
-                rb = self.combine(pb)
-            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
+            with layer_scope(i):
                 with _in_a():
+                    ga = self.dispatch(a)
+                with _in_b():
+                    self.attention(i, block, b, a)  # attn(B) || AG(A)
+                ga, b.mid = barrier((ga, b.mid))
+                ra, pb, sa, sb = moe(block, a, b, ga)
+                with _in_a():
+                    self.finish(block, a, ra, sa)
+                with _in_b():
+                    rb = self.combine(pb)
+            if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
+                with layer_scope(i + 1), _in_a():
                     self.attention(i + 1, layers[i + 1], a, b)
                 rb, a.mid = barrier((rb, a.mid))
-            with _in_b():
+            with layer_scope(i), _in_b():
                 self.finish(block, b, rb, sb)
 
     def _split_moe(self, block: Block, a: Chain, b: Chain, ga):

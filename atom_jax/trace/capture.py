@@ -39,6 +39,15 @@ def micro_batch_scope(name: str) -> contextlib.AbstractContextManager:
     return jax.named_scope(name)
 
 
+LAYER_SCOPE = "layer{}"  # named scope of decoder layer i's ops (op counts per layer: trace.op_counts)
+
+
+def layer_scope(i: int) -> contextlib.AbstractContextManager:
+    """``jax.named_scope`` for decoder layer ``i`` (use inside traced code): its ops get
+    ``.../layer<i>/...`` in their jaxpr name stack and HLO op_name metadata."""
+    return jax.named_scope(LAYER_SCOPE.format(int(i)))
+
+
 def micro_batch_annotation(name: str) -> jax.profiler.TraceAnnotation:
     """Host-side ``TraceAnnotation`` with a micro-batch name, for Python code that
     dispatches one micro-batch's work (not for code inside ``jit``)."""

@@ -1,0 +1,196 @@
+"""`python -m atom_jax.bench hlo-ops`: what the engine's decode step program holds, per layer.
+
+    python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 64            # CPU, lowered for CUDA
+    python -m atom_jax.bench hlo-ops --preset tiny --bucket 8 --json /tmp/ops.json
+    python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 1 --dp 2 --weights native --compiled  # GPU
+
+Builds the program the engine compiles for one (bucket, tbo) step (`runner.device_step_program`:
+input unpacking, page-table writes, the DP cached step over every layer, sampling) from
+abstract shapes only (nothing is allocated, so V4-Flash dims work on a laptop), traces it for
+the target platform (`--platform`: on a CPU machine `cuda` by default, so the Pallas kernels
+appear as the GPU would run them) and prints, per decoder layer (`layer<i>` scopes) and for
+the rest of the step:
+- jaxpr equations by primitive (`--views jaxpr`);
+- StableHLO ops by kind: the ones that become separate GPU kernels by name (custom calls =
+  Pallas kernels, sorts, scatters, gathers, reductions, dots, collectives, loops), elementwise
+  ops (XLA fuses them) lumped (`--views stablehlo`);
+- with `--compiled` (this process's backend only, e.g. on the GPU machine): the launches of
+  the compiled module, fusions by kind, while bodies times their trip count
+  (atom_jax/trace/op_counts.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PRESETS = ("tiny", "v4-flash", "v4-pro")
+VIEWS = ("jaxpr", "stablehlo")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("hlo-ops", help="op counts per layer of the engine's decode step program "
+                               "(jaxpr, StableHLO, compiled launches)", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=PRESETS, default="v4-flash")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4; tiny: its own 4)")
+    ap.add_argument("--bucket", type=int, default=64, help="tokens per rank of the step (a decode bucket)")
+    ap.add_argument("--slots", type=int, default=None, help="sequence slots per rank (default: the bucket)")
+    ap.add_argument("--dp", type=int, default=2)
+    ap.add_argument("--context", type=int, default=9216, help="max tokens per sequence (the page-table width)")
+    ap.add_argument("--page-tokens", type=int, default=128)
+    ap.add_argument("--weights", choices=("bf16", "native"), default="bf16")
+    ap.add_argument("--tbo", action="store_true", help="the two-chain (TBO) program")
+    ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
+    ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--attn-backend", default="auto")
+    ap.add_argument("--platform", default=None,
+                    help="lower for this platform (cuda, rocm, cpu); default: this backend, cuda on a CPU machine")
+    ap.add_argument("--views", default="jaxpr,stablehlo", help=f"comma list of {VIEWS}")
+    ap.add_argument("--compiled", action="store_true", help="also compile (this backend) and count launches")
+    ap.add_argument("--detail", default=None, metavar="SCOPE",
+                    help="with --compiled: list every launch of this scope (layer<i> or step) with its op_name")
+    ap.add_argument("--json", default=None)
+    ap.set_defaults(func=run_cli)
+    return ap
+
+
+def _config(preset: str, layers):
+    from atom_jax.config import tiny, v4_flash, v4_pro
+
+    if preset == "tiny":
+        cfg = tiny()
+        return cfg if layers is None else cfg.replace(
+            num_layers=layers, attn_kinds=tuple(cfg.attn_kinds[i % 4] for i in range(layers)),
+            hash_layers=tuple(cfg.hash_layers[i % 4] for i in range(layers)))
+    return (v4_flash if preset == "v4-flash" else v4_pro)(num_layers=layers or 4)
+
+
+def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucket: int = 64, slots=None,
+                   context: int = 9216, page_tokens: int = 128, prefix_caching: bool = True, tbo: bool = False,
+                   moe_backend: str = "auto", attn_backend: str = "auto"):
+    """-> (fn, args, kwargs): the engine's jitted step program and abstract arguments for one
+    (bucket, tbo) step; `fn.trace(*args, **kwargs)` traces it without allocating anything."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from atom_jax.cache import CacheLayout, init_cache
+    from atom_jax.scheduler.pages import default_state_pages
+    from atom_jax.engine.runner import device_step_program, input_block_len, max_samples
+    from atom_jax.loader import abstract_model
+    from atom_jax.sharding import DP, StepOptions, make_dp_mesh, param_specs
+
+    dtype = dtype or jnp.bfloat16
+    slots = slots or bucket
+    per_seq = -(-context // page_tokens)
+    num_pages = slots * per_seq + 1
+    layout = CacheLayout(slots, num_pages, page_tokens, per_seq,
+                         state_pages=default_state_pages(slots, num_pages) if prefix_caching else 0)
+    layout.check(cfg)
+    model = abstract_model(cfg, dtype, weights=weights)
+    mesh = make_dp_mesh(dp)
+    opts = StepOptions(moe_backend=moe_backend, attn_backend=attn_backend)
+    fn = device_step_program(model, mesh, layout, opts)
+
+    def sds(shape, dt, spec):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
+
+    pure = nnx.split(model)[1].to_pure_dict()
+    params = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), pure, param_specs(pure, opts.expert_mode))
+    one = jax.eval_shape(lambda: init_cache(cfg, layout, dtype))
+    cache = jax.tree.map(lambda a: sds((dp,) + a.shape, a.dtype, P(DP)), one)
+    page_table = sds((dp, slots, per_seq), jnp.int32, P(DP))
+    last_out = sds((2, max_samples(layout, dp)), jnp.int32, P())
+    block = sds((input_block_len(layout, dp, bucket, tbo),), jnp.int32, P())
+    return fn, (params, cache, page_table, last_out, block), {"tbo": tbo}
+
+
+def count_program(fn, args, kwargs, platform: str, views=VIEWS, compiled: bool = False) -> dict:
+    """-> {view: {scope: Counter}} for the views asked (and "compiled", "compiled_notes")."""
+    import contextlib
+
+    import jax
+
+    from atom_jax.kernels.platform import lowering_for
+    from atom_jax.trace import op_counts
+
+    here = jax.default_backend()
+    native = platform == here or (platform in ("cuda", "rocm") and here == "gpu")
+    if compiled and not native:
+        raise ValueError(f"--compiled compiles for this backend ({here}), not {platform}")
+    out = {}
+    ctx = contextlib.nullcontext() if native else lowering_for(platform)
+    with ctx:
+        traced = fn.trace(*args, **kwargs)
+        if "jaxpr" in views:
+            out["jaxpr"] = op_counts.jaxpr_counts(traced.jaxpr, platform)
+        if "stablehlo" in views or compiled:
+            lowered = traced.lower() if native else traced.lower(lowering_platforms=(platform,))
+            if "stablehlo" in views:
+                out["stablehlo"] = op_counts.stablehlo_counts(lowered.compiler_ir("stablehlo"))
+            if compiled:
+                launches, notes = op_counts.compiled_launches(lowered.compile().as_text())
+                out["compiled"] = op_counts.compiled_counts_of(launches)
+                out["compiled_launches"], out["compiled_notes"] = launches, notes
+    return out
+
+
+def _ensure_host_devices(n: int) -> None:
+    """A CPU run needs `n` host devices for the dp mesh: set before jax starts."""
+    flag = "--xla_force_host_platform_device_count"
+    if "jax" in sys.modules or flag in os.environ.get("XLA_FLAGS", ""):
+        return
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {flag}={max(n, 8)}").strip()
+
+
+def run_cli(args) -> int:
+    _ensure_host_devices(args.dp)
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from atom_jax.trace import op_counts
+
+    views = tuple(v for v in args.views.split(",") if v)
+    bad = [v for v in views if v not in VIEWS]
+    if bad:
+        raise SystemExit(f"--views: unknown {bad}; choose from {VIEWS}")
+    here = jax.default_backend()
+    platform = args.platform or ("cuda" if here == "cpu" else here)
+    cfg = _config(args.preset, args.layers)
+    dtype = jnp.float32 if args.preset == "tiny" else jnp.bfloat16
+    fn, a, kw = decode_program(cfg, dtype=dtype, weights=args.weights, dp=args.dp, bucket=args.bucket,
+                               slots=args.slots, context=args.context, page_tokens=args.page_tokens,
+                               prefix_caching=args.prefix_caching == "on", tbo=args.tbo,
+                               moe_backend=args.moe_backend, attn_backend=args.attn_backend)
+    res = count_program(fn, a, kw, platform, views, args.compiled)
+    kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(cfg.attn_kinds))
+    print(f"{args.preset} x{cfg.num_layers} layers ({kinds}), dp={args.dp}, bucket {args.bucket}, "
+          f"weights {args.weights}, tbo={args.tbo}, lowered for {platform}")
+    titles = {"jaxpr": "jaxpr primitive", "stablehlo": "stablehlo kind", "compiled": "compiled launch"}
+    for view in ("jaxpr", "stablehlo", "compiled"):
+        if view in res:
+            print()
+            print(op_counts.format_table(res[view], titles[view]))
+    for note in res.get("compiled_notes", []):
+        print("note:", note)
+    if args.detail and "compiled_launches" in res:
+        print(f"\nlaunches of {args.detail} (times per step, kind, instruction, op_name):")
+        for scope, mult, kind, name, op_name in res["compiled_launches"]:
+            if scope == args.detail:
+                print(f"{mult:>5} {kind:<28} {name:<40} {op_name}")
+    if args.json:
+        doc = {"preset": args.preset, "layers": cfg.num_layers, "attn_kinds": list(cfg.attn_kinds),
+               "dp": args.dp, "bucket": args.bucket, "weights": args.weights, "tbo": args.tbo,
+               "platform": platform, "jax": jax.__version__,
+               **{v: op_counts.to_json(res[v]) for v in ("jaxpr", "stablehlo", "compiled") if v in res}}
+        if "compiled_notes" in res:
+            doc["compiled_notes"] = res["compiled_notes"]
+            doc["compiled_launches"] = [list(x) for x in res["compiled_launches"]]
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
