@@ -18,6 +18,7 @@ from atom_jax.kernels import pallas_grouped_gemm as pg
 from atom_jax.kernels import w4a16_grouped_gemm as wg
 from atom_jax.kernels.platform import lowering_for
 from atom_jax.models.layers import swiglu_clamped
+from atom_jax.models import moe
 from atom_jax.models.moe import routed_experts, sort_by_expert
 
 SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=32)
@@ -29,7 +30,12 @@ def _scatter_reference(x, idx, weights, w1, w3, w2, limit, expert_offset):
     sorted outputs, f32 scatter-add back to tokens (ragged_dot)."""
     gemm = grouped_gemm.get("ragged_dot")
     n, k = idx.shape
-    order, valid, sizes = sort_by_expert(idx, expert_offset, w1.shape[0])  # the same route
+    e_local = w1.shape[0]
+    local = idx.reshape(-1) - expert_offset
+    valid = (local >= 0) & (local < e_local)
+    key = jnp.where(valid, local, e_local)
+    order = jnp.argsort(key, stable=True)  # the route, sorted
+    sizes = jnp.bincount(key, length=e_local + 1)[:e_local]
     token = order // k
     rows = x[token]
     h = swiglu_clamped(gemm(rows, w1, sizes).astype(jnp.float32), gemm(rows, w3, sizes).astype(jnp.float32), limit)
@@ -164,11 +170,33 @@ def test_swiglu_epilogue_matches_xla(kernel):
     assert np.all(ref[valid:] == 0)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_moe_lowers_without_row_gather_or_scatter(platform):
+def test_ranked_route_is_the_stable_sort():
+    """Decode-sized routes are ranked by comparisons (no sort, no scatter): the same
+    permutation, inverse and group sizes as the stable sort, ties and other ranks' experts
+    included."""
+    rng = np.random.default_rng()
+    n, k, e_local, offset = 37, 6, 5, 4
+    idx = jnp.asarray(rng.integers(0, 16, (n, k)), jnp.int32)  # experts 0..15, local 4..8: many ties
+    ranked = sort_by_expert(idx, offset, e_local)
+    sorted_ = sort_by_expert(idx, offset, e_local, rank_max=0)
+    local = np.asarray(idx).reshape(-1) - offset
+    key = np.where((local >= 0) & (local < e_local), local, e_local)
+    order = np.argsort(key, kind="stable")
+    for got in (ranked, sorted_):
+        np.testing.assert_array_equal(got[0], order)
+        np.testing.assert_array_equal(np.asarray(got[1])[order], np.arange(n * k))
+        np.testing.assert_array_equal(got[2], key < e_local)
+        np.testing.assert_array_equal(got[3], np.bincount(key, minlength=e_local + 1)[:e_local])
+
+
+@pytest.mark.parametrize("platform,rank_max", [("cuda", None), ("rocm", None), ("cuda", 0)])
+def test_moe_lowers_without_row_gather_or_scatter(platform, rank_max, monkeypatch):
     """The routed experts as the GPU runs them (Pallas kernels): the Triton kernels lower, and
     outside them no [N * k, D] gathered rows, no [N * k, I] SwiGLU pass and no scatter of rows:
-    only the [N * k] int32 inverse permutation is scattered."""
+    at decode sizes no sort or scatter at all; past RANK_ROUTE_MAX only the [N * k] int32
+    inverse permutation is scattered (and the group sizes counted)."""
+    if rank_max is not None:
+        monkeypatch.setattr(moe, "RANK_ROUTE_MAX", rank_max)
     n, k, d, i, e = 256, 6, 512, 256, 8
     args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int32),
             jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((e, d, i), jnp.bfloat16),
@@ -188,6 +216,9 @@ def test_moe_lowers_without_row_gather_or_scatter(platform):
     walk(fn.trace(*args).jaxpr.jaxpr)
     assert (n * k, d) not in shapes.get("gather", []), shapes["gather"]
     assert (n * k, i) not in shapes["logistic"]  # the SwiGLU runs in the w3 kernel, on its tiles
+    if rank_max is None:  # 1536 pairs: ranked
+        assert not {"sort", "scatter", "scatter-add"} & set(shapes), shapes.keys()
+        return
     assert shapes["scatter"] == [(n * k,)]  # the inverse permutation
     assert all(len(shape) == 1 for shape in shapes["scatter-add"])  # bincount's group sizes only
 

@@ -50,39 +50,64 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
-    order, valid, sizes = sort_by_expert(idx, expert_offset, e_local)
+    order, inv, valid, sizes = sort_by_expert(idx, expert_offset, e_local)
     token = (order // k).astype(jnp.int32)
     mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
     gate = gemm(x, w1, sizes, mean_group=mean, row_ids=token, zero_tail=False)
     swiglu = (functools.partial(swiglu_clamped, limit=limit), gate)  # h = swiglu(gate, x w3), in the w3 GEMM
     h = gemm(x, w3, sizes, mean_group=mean, row_ids=token, zero_tail=False, epilogue=swiglu)
     y = gemm(h, w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
-    return unroute(y, order, valid.reshape(n, k), weights, x.dtype)
+    return unroute(y, inv, valid.reshape(n, k), weights, x.dtype)
 
 
-def sort_by_expert(idx, expert_offset: int, e_local: int):
+# Up to this many (token, choice) pairs the route is ranked by comparisons instead of sorted
+# (`sort_by_expert`): decode steps (dp x tokens per rank x k: 768 at 64 tokens per rank, dp=2,
+# top-6). A GPU sort is several kernels (XLA's sort, or cub's radix sort: ~1 ms of a 4-layer
+# decode step at 64 sequences per rank on an H200, docs/design.md), plus a scatter for the
+# inverse permutation and one for the group sizes; the comparisons are three fused
+# compare-and-count reductions over [M, M] (16.7M int32 compares at the limit).
+RANK_ROUTE_MAX = 4096
+
+
+def sort_by_expert(idx, expert_offset: int, e_local: int, rank_max: int | None = None):
     """The route: the N * k (token, choice) pairs of idx [N, k] sorted, stably, by local expert
     (experts [expert_offset, expert_offset + e_local)); choices of experts held elsewhere sort
     past the last group. -> (order [N * k]: sorted position -> flat choice index t * k + j,
-    valid [N * k] bool: the choice is local, sizes [e_local]: rows per local expert)."""
+    inv [N * k]: its inverse (flat choice index -> sorted position), valid [N * k] bool: the
+    choice is local, sizes [e_local]: rows per local expert).
+
+    Up to `rank_max` pairs (default RANK_ROUTE_MAX) without a sort or a scatter: each pair's
+    sorted position is the count of pairs before it in (key, index) order, the permutation and
+    the group sizes are compare-and-count reductions too; the same permutation as the stable
+    sort (integers: exactly equal)."""
     local = idx.reshape(-1) - expert_offset
     valid = (local >= 0) & (local < e_local)
-    key = jnp.where(valid, local, e_local)
-    return jnp.argsort(key, stable=True), valid, jnp.bincount(key, length=e_local + 1)[:e_local]
+    key = jnp.where(valid, local, e_local).astype(jnp.int32)
+    m = key.shape[0]
+    i = jnp.arange(m, dtype=jnp.int32)
+    if m <= (RANK_ROUTE_MAX if rank_max is None else rank_max):
+        before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (i[None, :] < i[:, None]))
+        inv = jnp.sum(before, axis=1, dtype=jnp.int32)
+        order = jnp.sum(jnp.where(inv[None, :] == i[:, None], i[None, :], 0), axis=1, dtype=jnp.int32)
+        sizes = jnp.sum(key[None, :] == jnp.arange(e_local, dtype=jnp.int32)[:, None], axis=1, dtype=jnp.int32)
+        return order, inv, valid, sizes
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    # the inverse permutation: a scatter of N * k int32 (not of rows)
+    inv = jnp.zeros((m,), jnp.int32).at[order].set(i, unique_indices=True)
+    return order, inv, valid, jnp.bincount(key, length=e_local + 1)[:e_local]
 
 
-def unroute(y, order, valid, weights, dtype):
-    """out[t] = sum_j weights[t, j] * y[position of (t, j) in the sorted order] over t's valid
-    choices j, float32 accumulation, in `dtype`. y [N * k, D] in sorted order; order [N * k]
-    the sort permutation (sorted position -> flat choice index t * k + j); valid/weights [N, k].
+def unroute(y, inv, valid, weights, dtype):
+    """out[t] = sum_j weights[t, j] * y[inv[t * k + j]] over t's valid choices j, float32
+    accumulation, in `dtype`. y [N * k, D] in sorted order; inv [N * k] the sorted position of
+    each flat choice index t * k + j (`sort_by_expert`); valid/weights [N, k].
 
-    The inverse permutation is a scatter of N * k int32 (not of rows); each output row then
-    reads its k rows of y; an invalid choice's index is out of range and `mode="fill"` gives 0
-    there (a select after a clamped read: keep it a select, as y's rows past the last group may
-    be unwritten garbage, NaN included, which a multiply by a zero weight would let through)."""
+    Each output row reads its k rows of y; an invalid choice's index is out of range and
+    `mode="fill"` gives 0 there (a select after a clamped read: keep it a select, as y's rows
+    past the last group may be unwritten garbage, NaN included, which a multiply by a zero
+    weight would let through)."""
     n, k = valid.shape
-    m = order.shape[0]
-    inv = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+    m = inv.shape[0]
     inv = inv.reshape(n, k)
     w = jnp.where(valid, weights, 0.0).astype(jnp.float32)
     out = jnp.zeros((n, y.shape[-1]), jnp.float32)
