@@ -59,7 +59,10 @@ def _check(exported, cfg, tbo, attention_kernels=False):
     assert len(re.findall(r"stablehlo\.all_gather", text)) == chains * cfg.num_layers
     assert len(re.findall(r"stablehlo\.reduce_scatter", text)) == chains * cfg.num_layers
     gemms = 3 * chains * cfg.num_layers  # w1, w3, w2 per chain and layer
-    assert text.count(TRITON) > gemms if attention_kernels else text.count(TRITON) == gemms
+    sinkhorns = 2 * chains * cfg.num_layers  # the mHC comb of attention and MoE, per chain and layer
+    assert text.count("hc_sinkhorn") >= sinkhorns
+    kernels = gemms + sinkhorns
+    assert text.count(TRITON) > kernels if attention_kernels else text.count(TRITON) == kernels
 
 
 def test_auto_picks_the_triton_kernel_for_rocm():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atom_jax.config import ModelConfig
+from atom_jax.kernels.platform import is_cpu
 from atom_jax.models.layers import const_param, normal_param, rms_norm
 
 
@@ -29,13 +30,37 @@ class HyperConnection(nnx.Module):
         pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
         post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = mixes[..., 2 * n:].reshape(*mixes.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
-        comb = jax.nn.softmax(comb, axis=-1) + eps
-        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
-        for _ in range(self.cfg.hc_sinkhorn_iters - 1):
-            comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
-            comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+        comb = sinkhorn(comb, self.cfg.hc_sinkhorn_iters, eps)
         collapsed = jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
         return post, comb, collapsed
+
+
+def sinkhorn_reference(logits, iters: int, eps: float):
+    """logits [..., n, n] -> doubly stochastic comb: softmax over each row + eps, normalised
+    over columns, then `iters - 1` times over rows and columns (each sum + eps). The jnp path
+    (CPU) and the oracle of kernels/hc_sinkhorn.py."""
+    comb = jax.nn.softmax(logits, axis=-1) + eps
+    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
+        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+    return comb
+
+
+# "auto": the Pallas kernel (kernels/hc_sinkhorn.py, one launch) where the program is lowered
+# for a GPU, the jnp reference on CPU; "jnp": the reference everywhere. On a GPU the reference
+# is ~2 x iters small reduction kernels per call (about 40 launches per layer at V4's 20).
+SINKHORN_BACKEND = "auto"
+
+
+def sinkhorn(logits, iters: int, eps: float):
+    """`sinkhorn_reference`'s result, by SINKHORN_BACKEND."""
+    if SINKHORN_BACKEND not in ("auto", "jnp"):
+        raise ValueError(f"SINKHORN_BACKEND {SINKHORN_BACKEND!r}: choose 'auto' or 'jnp'")
+    if SINKHORN_BACKEND == "jnp" or is_cpu():
+        return sinkhorn_reference(logits, iters, eps)
+    from atom_jax.kernels import hc_sinkhorn
+    return hc_sinkhorn.sinkhorn(logits, iters, eps)
 
 
 def hc_merge(streams, block_out, post, comb):
