@@ -48,19 +48,20 @@ def byte_model_config():
 
 def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto", host: bool = False):
     """Build the model `source` names (float32 unless `dtype` says otherwise) in weight format
-    `weights` (auto / bf16 / native: `loader.load_model`; random weights: native or not).
+    `weights` (auto / bf16 / native / fp4-experts: `loader.load_model`; random weights:
+    `packed_params.random_format`, auto = bf16).
     `host`: a safetensors checkpoint's parameters stay in host memory for the caller to place."""
     import jax.numpy as jnp
 
     from atom_jax.loader import ORBAX_SUBDIR, load_model, random_model
+    from atom_jax.weights.formats import random_format
 
     dtype = jnp.float32 if dtype is None else dtype
     if source.kind == "default" and not os.path.isdir(os.path.join(source.path, ORBAX_SUBDIR)):
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
                                 "pass --model random, or rebuild it with python -m atom_jax.train_tiny")
     if source.kind == RANDOM:
-        return random_model(byte_model_config(), seed=seed, dtype=dtype,
-                            weights="native" if weights == "native" else "bf16")
+        return random_model(byte_model_config(), seed=seed, dtype=dtype, weights=random_format(weights))
     return load_model(source.path, dtype=dtype, weights=weights, host=host)
 
 

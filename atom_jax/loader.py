@@ -12,14 +12,15 @@ from flax import nnx
 
 from atom_jax.config import ModelConfig
 from atom_jax.models import DeepseekV4
-from atom_jax.models.packed_params import AUTO, BF16, NATIVE, SCALE, WEIGHT_FORMATS
+from atom_jax.models.packed_params import SCALE
 from atom_jax.models.param_map import FP4, FP8, MTP_NAME, param_map
 from atom_jax.weights import quant
+from atom_jax.weights.formats import AUTO, BF16, NATIVE, WEIGHT_FORMATS, packed_dense, packed_experts
 from atom_jax.weights.config_io import read_config, to_hf_dict
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint, plan_checkpoint
 
 ORBAX_SUBDIR = "orbax"
-WEIGHTS_FILE = "atom_jax_weights.json"  # beside an orbax checkpoint: {"weights": "bf16" | "native"}
+WEIGHTS_FILE = "atom_jax_weights.json"  # beside an orbax checkpoint: {"weights": <model format>}
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, with_mtp: bool = False,
@@ -118,7 +119,8 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
 
     `weights`: "bf16" dequantises FP8/FP4 tensors to `dtype`; "native" keeps the experts FP4 and
     the attention / shared-expert projections FP8 (packed_params; float tensors there are
-    quantised); "auto" is native when the checkpoint's experts are FP4. `host`: parameters stay
+    quantised); "fp4-experts" keeps the experts FP4 and dequantises the FP8 projections to
+    `dtype` (once, here); "auto" is native when the checkpoint's experts are FP4. `host`: parameters stay
     numpy arrays in host memory, for a caller that places them sharded (the engine: a model
     larger than one GPU never lands whole on device 0).
     Every tensor must map to a parameter with the right shape and every parameter must be
@@ -129,10 +131,15 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
     cfg = cfg or read_config(path)
     model = abstract_model(cfg, dtype, with_mtp, weights)
     targets = param_map(cfg, with_mtp)
-    native = weights == NATIVE
+    kept = {FP4} if packed_experts(weights) else set()  # the packed kinds the model keeps
+    if packed_dense(weights):
+        kept.add(FP8)
+
+    def packed(target):
+        return target.native in kept
 
     def keep_packed(name, kind):  # stored in the format the model keeps: no decode, no re-encode
-        return native and name in targets and targets[name].native == kind
+        return name in targets and packed(targets[name]) and targets[name].native == kind
 
     ignore = [] if with_mtp else [MTP_NAME.pattern]
     filler = _Filler(model, host)
@@ -143,7 +150,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
             raise CheckpointError(t.source, t.source_name, f"does not belong to this model (canonical name {t.name!r})")
         if t.name in filled:
             raise CheckpointError(t.source, t.source_name, "appears twice in the checkpoint")
-        if native and target.native is not None:
+        if packed(target):
             try:
                 codes, scales = _packed(t, target.native)
             except ValueError as e:

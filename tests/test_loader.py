@@ -78,9 +78,13 @@ def test_official_fp8_fp4_layout_matches_reference(saved_hf, tmp_path):
     ref_model = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "deq")).eval()
 
     ids = np.random.default_rng(3).integers(0, 256, size=(2, 96))
-    ours = np.asarray(jit_forward(load_model(str(tmp_path / "official")))(ids))
     ref = hf_logits(ref_model, ids)
-    assert np.max(np.abs(ours - ref)) < 1e-4
+    # auto = native (FP4 experts, FP8 projections); fp4-experts: the projections decoded at load
+    for weights in ("auto", "fp4-experts"):
+        model = load_model(str(tmp_path / "official"), weights=weights)
+        assert model.weights == ("native" if weights == "auto" else weights)
+        ours = np.asarray(jit_forward(model)(ids))
+        assert np.max(np.abs(ours - ref)) < 1e-4, weights
     # and the quantisation really changed the weights (the test would be vacuous otherwise)
     assert np.max(np.abs(ref - hf_logits(hf, ids))) > 1e-4
 

@@ -1,11 +1,15 @@
 """`--weights native`: a small official-layout checkpoint (FP4 experts, FP8 projections) made by
 the test loads packed (uint8 codes + scales), and its logits match the same checkpoint
 dequantised to dense weights, single device and DP 2 with TBO on and off; orbax keeps the packed
-form; `auto` picks native for a quantised checkpoint.
+form; `auto` picks native for a quantised checkpoint. `--weights fp4-experts` (experts packed, FP8
+projections decoded once at load) holds exactly native's decoded projections and gives native's
+logits and greedy tokens (engine, dp 1 and 2).
 
 Bound: the packed values decode exactly (e2m1 x 2**k and e4m3 x 2**k are exact in float32 and
 bf16), so native and dequantised models multiply the same numbers; in float32 the logits differ
-only by summation order: max |diff| <= 1e-4 x max |logit|."""
+only by summation order: max |diff| <= 1e-4 x max |logit|. fp4-experts against native: the same
+decoded float32 weights in the same matmuls (native decodes per call, then one einsum), so only
+XLA's summation order could differ: max |diff| <= 1e-6 x max |logit| (0 on CPU today)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ from flax import nnx
 from official_checkpoint import write_official_checkpoint
 
 from atom_jax.config import tiny
+from atom_jax.kernels.packed import fp8_dequantize
 from atom_jax.loader import load_model, random_model, resolve_weights, save_orbax
 from atom_jax.models import jit_forward
+from atom_jax.models.packed_params import FP8_ATTENTION, FP8_SHARED, SCALE
 from atom_jax.sharding import StepOptions, make_dp_mesh, make_step, shard_tokens
 
 BOUND = 1e-4
+SAME_WEIGHTS_BOUND = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +43,16 @@ def models(official):
 
 
 @pytest.fixture(scope="module")
+def fp4_experts(official):
+    return load_model(official, weights="fp4-experts")
+
+
+@pytest.fixture(scope="module")
+def native_logits(models, ids_and_ref):
+    return np.asarray(jit_forward(models[0])(ids_and_ref[0]))
+
+
+@pytest.fixture(scope="module")
 def ids_and_ref(models):
     """Token ids and the dequantised model's logits for them (one compile for every test)."""
     dense = models[1]
@@ -47,7 +64,7 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_ref):
+def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_ref, native_logits):
     native, dense = models
     ffn, attn = native.layers[0].ffn, native.layers[0].attn
     assert ffn.w1.get_value().dtype == jnp.uint8 and ffn.w1_scale.get_value().dtype == jnp.uint8
@@ -59,8 +76,7 @@ def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_r
     from atom_jax.sharding.memory import engine_memory_plan
     plan = engine_memory_plan(EngineConfig(model=official, dp=2), gpu_bytes=2**30)  # headers only
     assert plan.weights == "native" and "experts" in plan.format()
-    ids, ref = ids_and_ref
-    assert _rel(np.asarray(jit_forward(native)(ids)), ref) < BOUND  # (the kernels: test_w4a16.py)
+    assert _rel(native_logits, ids_and_ref[1]) < BOUND  # (the kernels: test_w4a16.py)
 
 
 @pytest.mark.parametrize("tbo", [False, True])
@@ -105,6 +121,116 @@ def test_engine_native_flag_generates_as_dequantised(official, models):
     for _ in range(3):
         ids = np.concatenate([ids, np.argmax(np.asarray(forward(ids))[:, -1], axis=-1)[:, None]], axis=1)
     assert native == ids[:, 17:].tolist()
+
+
+def _fp8_scale(native: dict, keys: tuple):
+    """The float32 block scales of native's leaf at `keys` if it is an FP8 projection, else None."""
+    parent = native
+    for k in keys[:-1]:
+        parent = parent[k]
+    scale = parent.get(f"{keys[-1]}{SCALE}")
+    return scale if scale is not None and scale.dtype == jnp.float32 else None
+
+
+def _decoded_like_fp4_experts(codes, scale, leaf: str):
+    """What fp4-experts holds for a native FP8 leaf: the decoded [out, in] weight in our layout."""
+    w = np.asarray(fp8_dequantize(jnp.asarray(codes), jnp.asarray(scale), jnp.float32))
+    if leaf == "wo_a":  # [G*o_lora, in/G] -> [G, in/G, o_lora] (param_map's _wo_a)
+        return w.reshape(tiny().o_groups, -1, w.shape[-1]).transpose(0, 2, 1)
+    return w.T
+
+
+def test_fp4_experts_holds_native_decoded_projections(models, fp4_experts, official, ids_and_ref, native_logits):
+    """fp4-experts = native with every FP8 projection decoded once at load: its dense projections
+    are exactly native's decoded codes x scales, every other leaf (FP4 experts included) is
+    native's byte for byte, and the logits are native's (SAME_WEIGHTS_BOUND)."""
+    from atom_jax.engine import EngineConfig
+    from atom_jax.sharding.memory import engine_memory_plan
+
+    native = nnx.state(models[0]).to_pure_dict()
+    new = nnx.state(fp4_experts).to_pure_dict()
+    new_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(new)}
+    decoded = 0
+    for path, a in jax.tree_util.tree_leaves_with_path(native):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+        name = jax.tree_util.keystr(path)
+        leaf = str(keys[-1])
+        if leaf.endswith(SCALE) and _fp8_scale(native, keys[:-1] + (leaf.removesuffix(SCALE),)) is not None:
+            assert name not in new_leaves, name  # no FP8 scales left
+            continue
+        b = new_leaves.pop(name)
+        scale = _fp8_scale(native, keys)
+        if scale is not None:
+            assert a.dtype == jnp.uint8 and b.dtype == jnp.float32 and keys[-1] in FP8_ATTENTION + FP8_SHARED, name
+            np.testing.assert_array_equal(np.asarray(b), _decoded_like_fp4_experts(a, scale, keys[-1]), err_msg=name)
+            decoded += 1
+        else:
+            assert a.dtype == b.dtype, name
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert not new_leaves and decoded == 8 * tiny().num_layers
+    assert fp4_experts.layers[0].ffn.w1.get_value().dtype == jnp.uint8  # experts stay packed
+    assert resolve_weights(official, "fp4-experts") == "fp4-experts"
+    plan = engine_memory_plan(EngineConfig(model=official, dp=2, weights="fp4-experts"), gpu_bytes=2**30)
+    assert plan.weights == "fp4-experts"
+    assert _rel(np.asarray(jit_forward(fp4_experts)(ids_and_ref[0])), native_logits) <= SAME_WEIGHTS_BOUND
+
+
+@pytest.fixture(scope="module")
+def native_greedy(models):
+    """Prompts and 3 greedy tokens of the native model by full-sequence forwards."""
+    prompts = np.random.default_rng().integers(0, models[0].cfg.vocab_size, size=(2, 17))
+    ids, forward = prompts, jit_forward(models[0])
+    for _ in range(3):
+        ids = np.concatenate([ids, np.argmax(np.asarray(forward(ids))[:, -1], axis=-1)[:, None]], axis=1)
+    return prompts, ids[:, 17:].tolist()
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_engine_fp4_experts_generates_as_native(official, native_greedy, dp):
+    """`--weights fp4-experts` through the engine (cached step; dp 2 with TBO): native's greedy tokens."""
+    from atom_jax.engine import Engine, EngineConfig
+    from atom_jax.scheduler import SamplingParams
+
+    small = dict(dp=dp, tbo=dp > 1, num_slots=4, num_pages=16, page_tokens=32, max_pages_per_seq=4,
+                 max_tokens_per_step=32, chunk_size=16, buckets=(32,), compilation_cache_dir=None)
+    prompts, want = native_greedy
+    eng = Engine(EngineConfig(model=official, weights="fp4-experts", **small), tokenizer=None)
+    assert eng.model.weights == "fp4-experts"
+    got = [o.token_ids for o in eng.generate([list(map(int, p)) for p in prompts],
+                                             SamplingParams(max_tokens=3, ignore_eos=True))]
+    assert got == want
+
+
+def test_fp4_experts_memory_plan_counts_projections_dense():
+    """Per GPU: fp4-experts = native - the FP8 projections (1-byte codes + float32 128x128 block
+    scales) + the same projections at 2 bytes per weight, counted here from the config's shapes;
+    random weights built on the devices (dp 2) hold what the plan says."""
+    from atom_jax.config import v4_flash
+    from atom_jax.sharding import random_params_on_mesh
+    from atom_jax.sharding.memory import measured_bytes_per_device, memory_plan
+
+    def plan(cfg, weights):
+        return memory_plan(cfg, 2, weights, gpu_bytes=2**40, dtype=jnp.bfloat16, page_tokens=128, num_slots=4,
+                           reserve_bytes=0)
+
+    cfg = v4_flash(num_layers=2)
+    h, si = cfg.num_heads * cfg.head_dim, cfg.moe_intermediate_size * cfg.n_shared_experts
+    go = cfg.o_groups * cfg.o_lora_rank
+    d = cfg.hidden_size
+    attention = [(cfg.q_lora_rank, d), (h, cfg.q_lora_rank), (cfg.head_dim, d), (go, h // cfg.o_groups), (d, go)]
+    shared = [(si, d), (si, d), (d, si)]  # [out, in] as stored
+    fp8 = sum(o * i + 4 * -(-o // 128) * -(-i // 128) for o, i in attention + shared) * cfg.num_layers
+    dense = sum(2 * o * i for o, i in attention + shared) * cfg.num_layers
+    native, new = plan(cfg, "native"), plan(cfg, "fp4-experts")
+    assert new.weight_bytes_per_gpu == native.weight_bytes_per_gpu - fp8 + dense
+    assert new.weight_bytes_by_part["experts"] == native.weight_bytes_by_part["experts"]
+
+    small = tiny()
+    _, params = random_params_on_mesh(small, make_dp_mesh(2), StepOptions(), jnp.bfloat16, weights="fp4-experts")
+    assert params["layers"][0]["ffn"]["w1"].dtype == jnp.uint8
+    assert params["layers"][0]["attn"]["wq_a"].dtype == jnp.bfloat16
+    measured = measured_bytes_per_device(params)
+    assert sorted(measured.values()) == [plan(small, "fp4-experts").weight_bytes_per_gpu] * 2
 
 
 @pytest.mark.parametrize("weights", ["native", "bf16"])

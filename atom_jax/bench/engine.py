@@ -93,7 +93,8 @@ def preset_config(preset: str, layers: int | None):
 
 def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int, weights: str = "bf16"):
     """An NNX model whose random parameters are created on the devices, sharded as the engine
-    places them (so placing them again moves nothing); `weights` "native": packed FP4 / FP8."""
+    places them (so placing them again moves nothing); `weights` "native": packed FP4 / FP8,
+    "fp4-experts": packed FP4 experts, dense projections."""
     from flax import nnx
 
     from atom_jax.sharding import StepOptions, make_dp_mesh, random_params_on_mesh
@@ -110,6 +111,7 @@ def build_engine(args):
     import jax.numpy as jnp
 
     from atom_jax.engine import Engine
+    from atom_jax.weights.formats import random_format
 
     if args.model is None:
         cfg = preset_config(args.preset, args.layers)
@@ -126,7 +128,7 @@ def build_engine(args):
         per_seq = args.max_pages_per_seq or -(-(args.max_model_len or longest) // page_tokens)
         overrides["num_pages"] = slots * per_seq
     ec = engine_config(args, **overrides)
-    weights = "native" if ec.weights == "native" else "bf16"  # random weights: auto = bf16
+    weights = random_format(ec.weights)
     if cfg is None:
         engine = Engine(ec, tokenizer=None)
         return engine, engine.model.cfg

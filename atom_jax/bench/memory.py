@@ -1,11 +1,13 @@
 """`python -m atom_jax.bench memory`: the memory plan of a DP deployment (weight bytes per GPU,
 KV bytes per token, KV tokens that fit), from shapes alone; with `--build`, also build the model
-with random weights directly on the devices (packed FP4 / FP8 with `--weights native`), measure
+with random weights directly on the devices (packed FP4 / FP8 with `--weights native`, packed FP4
+experts and bf16 projections with `--weights fp4-experts`), measure
 the bytes each GPU holds against the plan, and run one decode step (one-token rows, no KV
 cache) and one prefill step of the sharded DP forward.
 
     python -m atom_jax.bench memory --preset v4-flash --layers 43 --dp 2 --weights native
     python -m atom_jax.bench memory --preset v4-flash --layers 43 --dp 2 --weights native --build --json m.json
+    python -m atom_jax.bench memory --preset v4-flash --dp 2 --weights fp4-experts --build
     python -m atom_jax.bench memory --preset tiny --dp 2 --weights native --build      # CPU smoke run
 """
 
@@ -101,13 +103,17 @@ def run(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from atom_jax.weights import formats
+
     p = subparsers.add_parser("memory", help="memory plan per GPU (weights, KV); --build: measure it and run "
                               "one decode and one prefill step", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESET_DIMS, default="v4-flash")
     p.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
     p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--weights", choices=("bf16", "native"), default="native")
+    p.add_argument("--weights", choices=formats.MODEL_FORMATS, default="native",
+                   help="bf16: every weight dense; native: FP4 experts, FP8 projections; fp4-experts: "
+                   "FP4 experts, dense projections")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--gpu-gib", type=float, default=139.0, help="memory of one GPU (H200: ~139 GiB usable)")
     p.add_argument("--reserve-gib", type=float, default=8.0, help="kept back for activations and workspace")

@@ -35,6 +35,7 @@ from atom_jax.engine import Engine, EngineConfig, SamplingParams
 from atom_jax.bench.engine import precompile_buckets, random_model_on_mesh
 from atom_jax.engine.args import int_list
 from atom_jax.loader import random_model
+from atom_jax.weights.formats import MODEL_FORMATS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,8 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--compile-workers", type=int, default=0,
                     help="threads compiling the buckets' steps at once before warm-up (0: one by one)")
     ap.add_argument("--moe-backend", default="auto")
-    ap.add_argument("--weights", choices=("bf16", "native"), default="bf16",
-                    help="random expert weights in bf16 or packed FP4/FP8 (ignored with --tiny)")
+    ap.add_argument("--weights", choices=MODEL_FORMATS, default="bf16",
+                    help="random weights in bf16, packed FP4/FP8 (native) or FP4 experts with dense "
+                    "projections (fp4-experts) (ignored with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace", metavar="DIR",
                     help="a jax.profiler trace of the pair's 2nd request with the cache on (atom_jax.trace.report reads it)")

@@ -20,6 +20,7 @@ from atom_jax.chat.plan import REASONING_PARSERS, TEMPLATES as CHAT_TEMPLATES
 from atom_jax.kernels.names import ATTN_BACKENDS, MOE_BACKENDS
 from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.scheduler.pages import default_state_pages
+from atom_jax.weights.formats import AUTO, FORMATS_HELP, WEIGHT_FORMATS
 
 log = logging.getLogger("atom_jax.engine")
 
@@ -104,10 +105,8 @@ class EngineConfig:
     dtype: str = setting("float32", "dtype of the weights and activations",
                          choices=("float32", "bfloat16", "float16"))
     weights: str = setting(
-        "auto", "weight format on the device: bf16 dequantises DeepSeek's FP8 / FP4 tensors to "
-        "--dtype; native keeps the routed experts FP4 (W4A16 grouped GEMM) and the attention and "
-        "shared-expert projections FP8; auto: native when the checkpoint's experts are FP4",
-        choices=("auto", "bf16", "native"))
+        AUTO, f"weight format on the device: {FORMATS_HELP} (the model dtype: --dtype); auto: "
+        "native when the checkpoint's experts are FP4", choices=WEIGHT_FORMATS)
     num_slots: int = setting(16, "sequences resident at once per rank", type=positive_int)
     num_pages: int = setting(256, "cache pages per rank", type=positive_int)
     page_tokens: int = setting(128, "positions per cache page (a multiple of the compression "

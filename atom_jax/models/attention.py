@@ -16,6 +16,7 @@ from atom_jax.models.compressor import Compressor, Indexer, visible_entries
 from atom_jax.kernels.packed import fp8_grouped_linear
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
+from atom_jax.weights import formats
 
 
 def attend(q, keys, visible, sinks, scale):
@@ -44,7 +45,7 @@ def sliding_visible(q_pos, k_pos, window):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = pp.BF16):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = formats.BF16):
         self.cfg = cfg
         self.kind = kind
         self.ratio = {SLIDING: 0, CSA: cfg.csa_ratio, HCA: cfg.hca_ratio}[kind]
@@ -52,15 +53,15 @@ class Attention(nnx.Module):
         # [in, out]; grouped output: wo_a [G, H*D/G, o_lora] then wo_b [G*o_lora, hidden]
         shapes = {"wq_a": (cfg.hidden_size, cfg.q_lora_rank), "wq_b": (cfg.q_lora_rank, h * d),
                   "wkv": (cfg.hidden_size, d), "wo_b": (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)}
-        native = pp.check_format(weights) == pp.NATIVE
+        fp8 = formats.packed_dense(weights)
         for name, (i, o) in shapes.items():
-            if native:  # FP8 codes [out, in] + block scales (packed_params)
+            if fp8:  # FP8 codes [out, in] + block scales (packed_params)
                 codes, scale = pp.fp8_matrix(rngs, i, o)
                 setattr(self, name, codes)
                 setattr(self, name + pp.SCALE, scale)
             else:
                 setattr(self, name, normal_param(rngs, (i, o), dtype))
-        if native:  # the checkpoint's [G*o_lora, H*D/G], unscrambled at use
+        if fp8:  # the checkpoint's [G*o_lora, H*D/G], unscrambled at use
             self.wo_a, self.wo_a_scale = pp.fp8_matrix(rngs, h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
         else:
             self.wo_a = normal_param(rngs, (cfg.o_groups, h * d // cfg.o_groups, cfg.o_lora_rank), dtype)

@@ -11,8 +11,8 @@ from atom_jax.models.attention import Attention
 from atom_jax.models.hyper import HyperConnection, HyperHead, hc_merge
 from atom_jax.models.layers import const_param, normal_param, rms_norm
 from atom_jax.models.moe import MoE
-from atom_jax.models.packed_params import BF16
 from atom_jax.models.param_map import MTP_KIND
+from atom_jax.weights.formats import BF16
 
 
 class Block(nnx.Module):
@@ -47,7 +47,8 @@ class Block(nnx.Module):
 class DeepseekV4(nnx.Module):
     """Causal LM. `dtype` is the compute / storage dtype of the big matrices; norms, mHC,
     sinks and compressor position biases stay float32 as in DeepSeek's checkpoints. `weights`
-    "native" keeps experts FP4 and the attention / shared-expert projections FP8 (packed_params)."""
+    "native" keeps experts FP4 and the attention / shared-expert projections FP8, "fp4-experts"
+    only the experts FP4 (packed_params)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, with_mtp: bool = False,
                  weights: str = BF16):

@@ -13,6 +13,7 @@ from atom_jax.config import ModelConfig
 from atom_jax.kernels import grouped_gemm
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import normal_param, swiglu_clamped
+from atom_jax.weights import formats
 
 
 class Table(nnx.Variable):
@@ -118,7 +119,7 @@ def unroute(y, inv, valid, weights, dtype):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = pp.BF16):
+    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = formats.BF16):
         self.cfg = cfg
         self.is_hash = is_hash
         d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -129,16 +130,15 @@ class MoE(nnx.Module):
                 jax.random.split(rngs.params(), cfg.vocab_size)).astype(jnp.int32))
         else:
             self.gate_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
-        native = pp.check_format(weights) == pp.NATIVE
         for name, (k, n) in {"w1": (d, i), "w3": (d, i), "w2": (i, d)}.items():
-            if native:  # FP4 codes + ue8m0 scales (packed_params)
+            if formats.packed_experts(weights):  # FP4 codes + ue8m0 scales (packed_params)
                 codes, scales = pp.fp4_stack(rngs, e, k, n)
                 setattr(self, name, codes)
                 setattr(self, name + pp.SCALE, scales)
             else:
                 setattr(self, name, normal_param(rngs, (e, k, n), dtype))
         for name, (k, n) in {"s_w1": (d, si), "s_w3": (d, si), "s_w2": (si, d)}.items():
-            if native:  # FP8 codes [out, in] + block scales
+            if formats.packed_dense(weights):  # FP8 codes [out, in] + block scales
                 codes, scale = pp.fp8_matrix(rngs, k, n)
                 setattr(self, name, codes)
                 setattr(self, name + pp.SCALE, scale)

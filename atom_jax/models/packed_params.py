@@ -1,5 +1,7 @@
 """Parameters kept in DeepSeek's packed formats (`--weights native`): which weights, how they are
 stored in the model, their random initialisation, and the matmuls that read them.
+Which of them a model keeps packed: its weight format (weights.formats: `native` both kinds,
+`fp4-experts` only the experts, `bf16` none).
 
 * routed experts w1/w3/w2: FP4 (`kernels.packed.Fp4Weights` layout): `w1` holds uint8 codes
   [E, K/2, N] and `w1_scale` uint8 ue8m0 [E, K/32, N]; the grouped-GEMM seam takes them packed.
@@ -16,8 +18,6 @@ from flax import nnx
 
 from atom_jax.kernels import packed
 
-BF16, NATIVE, AUTO = "bf16", "native", "auto"
-WEIGHT_FORMATS = (AUTO, BF16, NATIVE)  # `--weights`; models take BF16 or NATIVE
 SCALE = "_scale"  # suffix of a packed weight's scale parameter
 
 FP8_ATTENTION = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
@@ -29,13 +29,6 @@ FP4_EXPERTS = ("w1", "w3", "w2")
 # codes clamped away have rms ~150, so the FP8 block scale is 0.02 / 150.
 FP4_RANDOM_SCALE_CODE = 120
 FP8_RANDOM_SCALE = 0.02 / 150.0
-
-
-def check_format(weights: str) -> str:
-    if weights not in (BF16, NATIVE):
-        raise ValueError(f"model weight format {weights!r}: choose {BF16!r} or {NATIVE!r} "
-                         f"({AUTO!r} is resolved by the loader)")
-    return weights
 
 
 def random_codes(key, shape):

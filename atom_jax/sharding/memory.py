@@ -177,13 +177,14 @@ def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
     format from the checkpoint's headers (or the embedded / random model's)."""
     from atom_jax.default_model import byte_model_config, resolve_model
     from atom_jax.loader import resolve_weights
+    from atom_jax.weights.formats import random_format
     from atom_jax.weights.config_io import read_config
 
     source = resolve_model(config.model)
     if source.kind == "dir":
         cfg, weights = read_config(source.path), resolve_weights(source.path, config.weights)
     else:
-        cfg, weights = byte_model_config(), "native" if config.weights == "native" else "bf16"
+        cfg, weights = byte_model_config(), random_format(config.weights)
     return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
                        page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode,
                        prefix_caching=config.enable_prefix_caching, state_pages=config.state_pages(),

@@ -8,12 +8,14 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.sharding.mesh import DP
+from atom_jax.weights.formats import packed_experts
 
 BY_EXPERT, BY_INTERMEDIATE = "expert", "intermediate"
 EXPERT_MODES = (BY_EXPERT, BY_INTERMEDIATE)
 
-# routed expert stacks: w1/w3 [E, D, I], w2 [E, I, D]; packed FP4 (`--weights native`) keeps the
-# same axes: codes w1 [E, D/2, I] and scales w1_scale [E, D/32, I], likewise w2 [E, I/2, D] ...
+# routed expert stacks: w1/w3 [E, D, I], w2 [E, I, D]; packed FP4 (`--weights native` or
+# `fp4-experts`) keeps the same axes: codes w1 [E, D/2, I] and scales w1_scale [E, D/32, I],
+# likewise w2 [E, I/2, D] ...
 _DENSE_EXPERT_SPECS = {
     BY_EXPERT: {"w1": P(DP, None, None), "w3": P(DP, None, None), "w2": P(DP, None, None)},
     BY_INTERMEDIATE: {"w1": P(None, None, DP), "w3": P(None, None, DP), "w2": P(None, DP, None)},
@@ -41,7 +43,7 @@ def check_divisible(cfg, dp: int, mode: str, weights: str = "bf16"):
         raise ValueError(f"{cfg.n_routed_experts} experts do not split over dp={dp}; use mode 'intermediate'")
     if mode == BY_INTERMEDIATE and cfg.moe_intermediate_size % dp:
         raise ValueError(f"moe_intermediate_size {cfg.moe_intermediate_size} does not split over dp={dp}")
-    if mode == BY_INTERMEDIATE and weights == "native" and cfg.moe_intermediate_size % (32 * dp):
+    if mode == BY_INTERMEDIATE and packed_experts(weights) and cfg.moe_intermediate_size % (32 * dp):
         raise ValueError(f"FP4 experts split by intermediate dim need moe_intermediate_size "
                          f"{cfg.moe_intermediate_size} to be a multiple of 32 x dp={dp} (whole scale groups); "
                          "use mode 'expert'")

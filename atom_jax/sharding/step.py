@@ -20,9 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from atom_jax.loader import abstract_model
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.layers import rms_norm
-from atom_jax.models.packed_params import BF16, SCALE, random_leaf
+from atom_jax.models.packed_params import SCALE, random_leaf
 from atom_jax.sharding.emulate import check_emulation, emulated, emulated_params
 from atom_jax.sharding.mesh import DP
+from atom_jax.weights.formats import BF16
 from atom_jax.sharding.microbatch import Segment, split_two, whole
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
@@ -123,8 +124,9 @@ def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed
                           experts: int | None = None):
     """Random parameters created directly on the devices, already sharded (a V4-Flash layer is
     ~13 GB of experts: building it on the host first would not fit). `weights` "native" makes
-    the packed FP4 / FP8 parameters directly (packed_params.random_leaf). `experts`: hold only
-    the first this many routed experts (dp emulation, sharding/emulate.py)."""
+    the packed FP4 / FP8 parameters directly (packed_params.random_leaf), "fp4-experts" the FP4
+    experts packed and the projections dense (random in `dtype`: nothing to decode). `experts`:
+    hold only the first this many routed experts (dp emulation, sharding/emulate.py)."""
     model = abstract_model(cfg, dtype, weights=weights)
     pure = nnx.split(model)[1].to_pure_dict()
     specs = param_specs(pure, opts.expert_mode)

@@ -1,0 +1,44 @@
+"""The weight formats a model can hold on the device (`--weights`); no jax, so argument parsers
+can name them. What each keeps packed (models.packed_params has the layouts):
+
+* `bf16`: every weight dense in the model dtype (FP8 / FP4 checkpoint tensors dequantised).
+* `native`: DeepSeek's own formats: routed experts FP4 (W4A16 grouped GEMM), attention and
+  shared-expert projections FP8 with 128x128 block scales.
+* `fp4-experts`: routed experts FP4 as in `native`; every FP8 projection decoded once, at load or
+  build time, to the model dtype (FP8 dense weights save memory, not time, at decode: the
+  per-step decode before the matmul costs more than reading the bf16 weight).
+* `auto` (a request, not a format): `native` for a checkpoint whose experts are FP4, else `bf16`.
+"""
+
+from __future__ import annotations
+
+BF16, NATIVE, FP4_EXPERTS_ONLY, AUTO = "bf16", "native", "fp4-experts", "auto"
+MODEL_FORMATS = (BF16, NATIVE, FP4_EXPERTS_ONLY)  # what a model is built in
+WEIGHT_FORMATS = (AUTO,) + MODEL_FORMATS  # `--weights`; `auto` is resolved by the loader
+
+FORMATS_HELP = ("bf16 dequantises DeepSeek's FP8 / FP4 tensors to the model dtype; native keeps the "
+                "routed experts FP4 (W4A16 grouped GEMM) and the attention and shared-expert "
+                "projections FP8; fp4-experts keeps the experts FP4 and decodes the FP8 projections "
+                "to the model dtype once, at load")
+
+
+def check_format(weights: str) -> str:
+    if weights not in MODEL_FORMATS:
+        raise ValueError(f"model weight format {weights!r}: choose from {MODEL_FORMATS} "
+                         f"({AUTO!r} is resolved by the loader)")
+    return weights
+
+
+def packed_experts(weights: str) -> bool:
+    """Routed experts kept FP4 (codes + ue8m0 scales)."""
+    return check_format(weights) in (NATIVE, FP4_EXPERTS_ONLY)
+
+
+def packed_dense(weights: str) -> bool:
+    """Attention / shared-expert projections kept FP8 (codes + block scales)."""
+    return check_format(weights) == NATIVE
+
+
+def random_format(weights: str) -> str:
+    """The format of random weights asked for with `--weights` (no checkpoint: `auto` = bf16)."""
+    return BF16 if weights == AUTO else check_format(weights)
