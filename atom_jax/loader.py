@@ -15,7 +15,8 @@ from atom_jax.models import DeepseekV4
 from atom_jax.models.packed_params import SCALE
 from atom_jax.models.param_map import FP4, FP8, MTP_NAME, param_map
 from atom_jax.weights import quant
-from atom_jax.weights.formats import AUTO, BF16, NATIVE, WEIGHT_FORMATS, packed_dense, packed_experts
+from atom_jax.weights.formats import (AUTO, BF16, FP4_EXPERTS_ONLY, NATIVE, WEIGHT_FORMATS, packed_dense,
+                                      packed_experts)
 from atom_jax.weights.config_io import read_config, to_hf_dict
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint, plan_checkpoint
 
@@ -194,6 +195,29 @@ def save_orbax(model: DeepseekV4, out_dir: str) -> str:
     return out_dir
 
 
+def decode_fp8_projections(model: DeepseekV4, host: bool = False) -> DeepseekV4:
+    """A native model as fp4-experts: every FP8 projection decoded (codes x block scales, the
+    loader's own dequantisation and layout transform) into a dense `model.dtype` parameter; the
+    FP4 experts and everything else unchanged. `host`: the decoded arrays stay numpy."""
+    if model.weights != NATIVE:
+        raise ValueError(f"decode_fp8_projections takes a native model, not {model.weights!r}")
+    with_mtp = len(model.mtp) > 0
+    pure = nnx.state(model).to_pure_dict()
+    for target in param_map(model.cfg, with_mtp).values():
+        if target.native != FP8:
+            continue
+        *parents, leaf = target.path
+        node = pure
+        for p in parents:
+            node = node[p]
+        codes, scale = np.asarray(node[leaf]), np.asarray(node.pop(leaf + SCALE))
+        dense = target.transform(quant.dequantize_fp8(codes, scale, _np_dtype(model.dtype)))
+        node[leaf] = dense if host else jnp.asarray(dense)
+    graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, with_mtp, FP4_EXPERTS_ONLY))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
 def _orbax_weights(path: str) -> str:
     """The weight format an orbax checkpoint was saved in (bf16 when it predates the record)."""
     import json
@@ -207,14 +231,17 @@ def _orbax_weights(path: str) -> str:
 
 def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights: str = AUTO,
                   host: bool = False) -> DeepseekV4:
-    """Restore as saved: the packed form stays packed. Asking for another format than the saved
+    """Restore as saved: the packed form stays packed; a native checkpoint can also be restored
+    as fp4-experts (its FP8 projections decoded here). Asking for any other format than the saved
     one is an error (convert from the safetensors checkpoint instead). `host`: numpy arrays in
     host memory (as `load_model(host=True)`)."""
-    import orbax.checkpoint as ocp
-
     saved = _orbax_weights(path)
+    if weights == FP4_EXPERTS_ONLY and saved == NATIVE:
+        return decode_fp8_projections(restore_orbax(path, dtype, with_mtp, NATIVE, host), host)
     if weights not in (AUTO, saved):
         raise CheckpointError(path, None, f"this orbax checkpoint holds {saved!r} weights, not {weights!r}")
+    import orbax.checkpoint as ocp
+
     cfg = read_config(path)
     abstract = abstract_model(cfg, dtype, with_mtp, saved)
     graphdef, abstract_state = nnx.split(abstract)

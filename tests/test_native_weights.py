@@ -25,6 +25,7 @@ from atom_jax.kernels.packed import fp8_dequantize
 from atom_jax.loader import load_model, random_model, resolve_weights, save_orbax
 from atom_jax.models import jit_forward
 from atom_jax.models.packed_params import FP8_ATTENTION, FP8_SHARED, SCALE
+from atom_jax.weights import CheckpointError
 from atom_jax.sharding import StepOptions, make_dp_mesh, make_step, shard_tokens
 
 BOUND = 1e-4
@@ -89,7 +90,9 @@ def test_native_dp2_matches_dequantised(models, ids_and_ref, tbo):
     assert _rel(np.asarray(step(params, shard_tokens(ids, mesh), tbo=tbo)), ref) < BOUND
 
 
-def test_orbax_round_trip_keeps_packed(models, tmp_path):
+def test_orbax_round_trip_keeps_packed(models, fp4_experts, tmp_path):
+    """Restored as saved; a native save restored as fp4-experts is what loading the safetensors
+    checkpoint as fp4-experts gives (the same decode), and other formats are refused."""
     native, _ = models
     out = save_orbax(native, str(tmp_path / "ckpt"))
     restored = load_model(out, host=True)  # auto: as saved; host: numpy, for sharded placement
@@ -101,6 +104,16 @@ def test_orbax_round_trip_keeps_packed(models, tmp_path):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved), jax.tree.leaves(back)):
         assert a.dtype == b.dtype, path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    as_fp4_experts = load_model(out, weights="fp4-experts", host=True)
+    assert as_fp4_experts.weights == "fp4-experts" and not hasattr(as_fp4_experts.layers[0].attn, "wq_a_scale")
+    want = nnx.state(fp4_experts).to_pure_dict()
+    got = nnx.state(as_fp4_experts).to_pure_dict()
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    with pytest.raises(CheckpointError, match="holds 'native' weights"):
+        load_model(out, weights="bf16")
 
 
 def test_engine_native_flag_generates_as_dequantised(official, models):
