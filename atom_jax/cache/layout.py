@@ -4,11 +4,12 @@ Per layer:
 - `ring_kv` [slots, W, hd] / `ring_pos` [slots, W]: the last W (sliding window) key/value rows of
   each sequence slot, with their positions (-1 = empty).
 - compressed layers: `entries` [pages * entries_per_page, hd], a paged pool of compressed entries
-  (entry w of a slot lives on page page_table[slot, w // entries_per_page]); `tail_kv` /
-  `tail_gate` [slots, R, c*hd]: the per-token compressor projections of the last R positions
-  (R = ratio for HCA; 2 * ratio for CSA, whose entries also read the previous window), so a
-  window cut by a chunk boundary completes exactly in the next chunk.
-- CSA layers: the same for the indexer (`ientries`, `itail_kv`, `itail_gate`).
+  (entry w of a slot lives on page page_table[slot, w // entries_per_page]); `tail`
+  [slots, R, columns]: the per-token compressor projections (kv [c*hd] then gate [c*hd]) of the
+  last R positions (R = ratio for HCA; 2 * ratio for CSA, whose entries also read the previous
+  window), so a window cut by a chunk boundary completes exactly in the next chunk.
+- CSA layers: the indexer's pool `ientries`; its kv and gate projections [2*di] each follow
+  the attention compressor's in the same `tail` rows (`compressor_columns`).
 
 A page covers `page_tokens` positions of a sequence (a multiple of every compression ratio);
 the host allocates pages (atom_jax.scheduler.pages) and passes each slot's page table in.
@@ -21,9 +22,9 @@ nothing kept). The step writes, as tokens pass:
 - every layer: `page_ring` [state_pages, min(W, page_tokens), hd], the KV rows of the page's
   last positions (the sliding window at the page's end; with pages shorter than W the window
   spans several pages, all of whose rows are kept);
-- CSA layers: `page_tail_kv` / `page_tail_gate` [state_pages, ratio, 2*hd], the compressor
-  projections of the page's last `ratio` positions (their Ca half feeds the next page's first
-  entry), and the indexer's (`page_itail_kv`, `page_itail_gate`). HCA needs nothing: a page
+- CSA layers: `page_tail` [state_pages, ratio, columns], the compressor and indexer
+  projections (the `tail` columns) of the page's last `ratio` positions (their Ca half feeds
+  the next page's first entry). HCA needs nothing: a page
   ends on a window boundary and no HCA window overlaps the previous one.
 `atom_jax.cache.restore` copies them into a slot when a sequence starts on cached pages. The
 window state is ~7x a page's compressed entries at V4-Flash dims, hence a pool smaller than
@@ -78,19 +79,24 @@ def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) ->
     overlap = kind == CSA
     span, c = (2 * r, 2) if overlap else (r, 1)
     pool = layout.num_pages * layout.entries_per_page(r)
-    layer.update(entries=jnp.zeros((pool, d), dtype),
-                 tail_kv=jnp.zeros((s, span, c * d), jnp.float32),
-                 tail_gate=jnp.zeros((s, span, c * d), jnp.float32))
+    width = sum(compressor_columns(cfg, kind))
+    layer.update(entries=jnp.zeros((pool, d), dtype), tail=jnp.zeros((s, span, width), jnp.float32))
     if overlap:
-        di = cfg.index_head_dim
-        layer.update(ientries=jnp.zeros((pool, di), dtype),
-                     itail_kv=jnp.zeros((s, span, 2 * di), jnp.float32),
-                     itail_gate=jnp.zeros((s, span, 2 * di), jnp.float32))
+        layer["ientries"] = jnp.zeros((pool, cfg.index_head_dim), dtype)
         if layout.page_state:
-            for pre, width in (("", d), ("i", di)):
-                for part in ("kv", "gate"):
-                    layer[f"page_{pre}tail_{part}"] = jnp.zeros((layout.state_pages, r, 2 * width), jnp.float32)
+            layer["page_tail"] = jnp.zeros((layout.state_pages, r, width), jnp.float32)
     return layer
+
+
+def compressor_columns(cfg: ModelConfig, kind: str) -> tuple[int, ...]:
+    """Column widths of a compressed layer's `tail` (and `page_tail`) rows, in order: the
+    attention compressor's kv and gate projections, then (CSA) the indexer's. One array for
+    all of them: a step writes a layer's tail rows with one scatter, reads them with one gather."""
+    if kind == SLIDING:
+        return ()
+    c = 2 if kind == CSA else 1
+    cols = (c * cfg.head_dim,) * 2
+    return cols + ((2 * cfg.index_head_dim,) * 2 if kind == CSA else ())
 
 
 def init_cache(cfg: ModelConfig, layout: CacheLayout, dtype=jnp.float32) -> list[dict]:

@@ -30,14 +30,12 @@ def restore_slots(cache: list[dict], slots, starts, entries, page_tokens: int) -
             ok = q >= 0
             layer["ring_kv"] = _set(layer["ring_kv"], slots, q % w, jnp.where(ok[..., None], rows, 0))
             layer["ring_pos"] = _set(layer["ring_pos"], slots, q % w, jnp.where(ok, q, -1))
-        for pre in ("", "i"):
-            if f"page_{pre}tail_kv" in layer:
-                r = layer[f"page_{pre}tail_kv"].shape[1]
-                span = layer[f"{pre}tail_kv"].shape[1]
-                q = starts[:, None] - r + jnp.arange(r)[None, :]  # [K, ratio], >= 0: P >= page
-                for part in ("kv", "gate"):
-                    rows = _rows_at(layer[f"page_{pre}tail_{part}"], entries, starts, q, page_tokens)
-                    layer[f"{pre}tail_{part}"] = _set(layer[f"{pre}tail_{part}"], slots, q % span, rows)
+        if "page_tail" in layer:  # every compressor's projections (kv, gate; the indexer's)
+            r = layer["page_tail"].shape[1]
+            span = layer["tail"].shape[1]
+            q = starts[:, None] - r + jnp.arange(r)[None, :]  # [K, ratio], >= 0: P >= page
+            rows = _rows_at(layer["page_tail"], entries, starts, q, page_tokens)
+            layer["tail"] = _set(layer["tail"], slots, q % span, rows)
         out.append(layer)
     return out
 

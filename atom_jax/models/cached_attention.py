@@ -49,48 +49,61 @@ def _page_rows(store, b, values, page_tokens):
     return store.at[addr, jnp.maximum(off, 0)].set(values.astype(store.dtype), mode="drop")
 
 
-def _compress_step(comp: Compressor, x, b, tail_kv, tail_gate, pool, page_table, epp, inv_freq, max_segments,
-                   page_tails=None, page_tokens=0):
-    """Emit the entries completed in this step, write them and the new tails (and, given
-    `page_tails` (kv, gate) of the layout's page state, each page's last tail rows).
-    -> (pool, tail_kv, tail_gate, page_tails).
+def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segments, page_tail=None,
+                   page_tokens=0):
+    """Emit the entries of every compressor in `comps` (one layer's, all of one ratio: the
+    attention's, and on CSA layers the indexer's) completed in this step, write them and the
+    new tails (and, given the layout's page state `page_tail`, each page's last tail rows).
+    -> (pools, tail, page_tail).
+
+    The compressors share the tail array (`cache.layout.compressor_columns`: each one's kv then
+    gate projections, side by side), so the rows of a window come from one gather of this
+    step's rows and one of the tail, and the tail and the page tail take one scatter each;
+    the window plan (which tokens close a window, their window's rows) is worked out once.
 
     Works per completed window (at most T // ratio + chunks of them, `max_windows`), not per
     token: only the tokens that close a window gather their window's rows."""
-    r, d = comp.ratio, comp.head_dim
-    kv, gate = comp.project(x)
-    kv = kv.astype(jnp.float32)
-    gate = gate.astype(jnp.float32) + comp.ape[...][jnp.mod(b["pos"], r)]
+    r, overlap = comps[0].ratio, comps[0].overlap
     pos = b["pos"]
     n = pos.shape[0]
+    parts = []
+    for comp in comps:
+        kv, gate = comp.project(x)
+        parts += [kv.astype(jnp.float32), gate.astype(jnp.float32) + comp.ape[...][jnp.mod(pos, r)]]
+    rows = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    if rows.shape[-1] != tail.shape[-1]:
+        raise ValueError(f"the compressors' projections are {rows.shape[-1]} wide, the cache tail {tail.shape[-1]}")
     (src,) = jnp.nonzero(b["valid"] & (jnp.mod(pos + 1, r) == 0), size=max_windows(n, r, max_segments),
                          fill_value=n)
     done = src < n
     wb = {k: b[k][jnp.minimum(src, n - 1)] for k in ("pos", "slot", "seg_start_idx", "seg_start_pos")}
     w = (wb["pos"] + 1) // r - 1
-    if comp.overlap:  # Ca of window w-1 (first r slots) then Cb of window w
+    if overlap:  # Ca of window w-1 (first r slots) then Cb of window w
         win = (w[:, None] - 1) * r + jnp.arange(2 * r)[None, :]
-        rows_kv = _window_rows(kv, tail_kv, wb, win)
-        rows_g = _window_rows(gate, tail_gate, wb, win)
-        first = jnp.arange(2 * r)[None, :] < r
-        wkv = jnp.where(first[..., None], rows_kv[..., :d], rows_kv[..., d:])
-        wg = jnp.where(first[..., None], rows_g[..., :d], rows_g[..., d:])
-        wg = jnp.where((win < 0)[..., None], -jnp.inf, wg)
     else:
         win = w[:, None] * r + jnp.arange(r)[None, :]
-        wkv = _window_rows(kv, tail_kv, wb, win)
-        wg = _window_rows(gate, tail_gate, wb, win)
-    pooled = jnp.sum(wkv * jax.nn.softmax(wg, axis=1), axis=1)
-    entries = comp.finish(pooled, w * r, inv_freq)
-    addr = jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pool.shape[0])
-    pool = pool.at[addr].set(entries.astype(pool.dtype), mode="drop")
-    span = tail_kv.shape[1]
+    window = _window_rows(rows, tail, wb, win)  # [windows, r or 2r, every compressor's columns]
+    first = jnp.arange(2 * r)[None, :] < r
+    addr = jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pools[0].shape[0])
+    out, off = [], 0
+    for comp, pool in zip(comps, pools):
+        cd = (2 if overlap else 1) * comp.head_dim
+        wkv, wg = window[..., off: off + cd], window[..., off + cd: off + 2 * cd]
+        off += 2 * cd
+        if overlap:
+            d = comp.head_dim
+            wkv = jnp.where(first[..., None], wkv[..., :d], wkv[..., d:])
+            wg = jnp.where(first[..., None], wg[..., :d], wg[..., d:])
+            wg = jnp.where((win < 0)[..., None], -jnp.inf, wg)
+        pooled = jnp.sum(wkv * jax.nn.softmax(wg, axis=1), axis=1)
+        entries = comp.finish(pooled, w * r, inv_freq)
+        out.append(pool.at[addr].set(entries.astype(pool.dtype), mode="drop"))
+    span = tail.shape[1]
     keep = b["valid"] & (pos >= b["seg_end_pos"] - span)  # only the chunk's last `span` survive
-    tail_kv = _write_last(tail_kv, b["slot"], jnp.mod(pos, span), kv, keep)
-    tail_gate = _write_last(tail_gate, b["slot"], jnp.mod(pos, span), gate, keep)
-    if page_tails is not None:
-        page_tails = tuple(_page_rows(t, b, v, page_tokens) for t, v in zip(page_tails, (kv, gate)))
-    return pool, tail_kv, tail_gate, page_tails
+    tail = _write_last(tail, b["slot"], jnp.mod(pos, span), rows, keep)
+    if page_tail is not None:
+        page_tail = _page_rows(page_tail, b, rows, page_tokens)
+    return out, tail, page_tail
 
 
 def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, backend: str = "jnp"):
@@ -113,16 +126,18 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     if attn.kind != SLIDING:
         r = attn.ratio
         epp = layout.entries_per_page(r)
-        pool, tkv, tg, pt = _compress_step(attn.compressor, x, b, cache["tail_kv"], cache["tail_gate"],
-                                           cache["entries"], page_table, epp, inv, segs,
-                                           _page_tails(cache, ""), layout.page_tokens)
-        cache.update(entries=pool, tail_kv=tkv, tail_gate=tg, **_page_tail_entries(pt, ""))
+        comps, pools = [attn.compressor], ["entries"]
+        if attn.kind == CSA:
+            comps, pools = comps + [attn.indexer.compressor], pools + ["ientries"]
+        out, tail, page_tail = _compress_step(comps, x, b, cache["tail"], [cache[k] for k in pools], page_table,
+                                              epp, inv, segs, cache.get("page_tail"), layout.page_tokens)
+        cache.update(zip(pools, out), tail=tail)
+        if page_tail is not None:
+            cache["page_tail"] = page_tail
+        pool = cache["entries"]
         n_vis = visible_counts(b, r)
         if attn.kind == CSA:
-            ipool, itkv, itg, pt = _compress_step(attn.indexer.compressor, x, b, cache["itail_kv"],
-                                                  cache["itail_gate"], cache["ientries"], page_table, epp, inv,
-                                                  segs, _page_tails(cache, "i"), layout.page_tokens)
-            cache.update(ientries=ipool, itail_kv=itkv, itail_gate=itg, **_page_tail_entries(pt, "i"))
+            ipool = cache["ientries"]
             qi, wi = attn.indexer.query(x, q_lora, pos, inv)
             capacity = page_table.shape[1] * epp
             k = min(cfg.index_topk, capacity)
@@ -153,19 +168,6 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     if "page_ring" in cache:  # prefix caching: the window rows at each page's end
         cache["page_ring"] = _page_rows(cache["page_ring"], b, kv, layout.page_tokens)
     return out, cache
-
-
-def _page_tails(cache, pre):
-    """The layout's per-page compressor state (kv, gate) for compressor `pre` ("" or the
-    indexer's "i"), or None when the cache keeps no page state."""
-    key = f"page_{pre}tail_kv"
-    return (cache[key], cache[f"page_{pre}tail_gate"]) if key in cache else None
-
-
-def _page_tail_entries(page_tails, pre) -> dict:
-    if page_tails is None:
-        return {}
-    return {f"page_{pre}tail_kv": page_tails[0], f"page_{pre}tail_gate": page_tails[1]}
 
 
 INDEX_BLOCK_JNP = 512  # entries scored per running-top-k step on the jnp path ([T, heads, block])
