@@ -5,9 +5,10 @@ bench_serving's `random` workload, reported the way SGLang publishes it.
         --random-input-len 8192 --random-output-len 1024 --random-range-ratio 1 \\
         --max-concurrency 1,64,256 --num-prompts 4,128,512 --trace /tmp/engine_trace --json engine.json
 
-Model: a preset's shapes (`--preset`, `--layers` cuts the depth) with random weights (V4
-presets: created on the devices already sharded, so a full-depth model never exists on one
-device; tiny / mid: on the host), or a
+Model: a preset's shapes (`--preset`, `--layers` cuts the depth) with random weights in the
+--weights format (native: FP4 experts, FP8 projections; fp4-experts: FP4 experts, projections in
+--dtype; V4 presets: created on the devices already sharded, so a full-depth model never exists
+on one device; tiny / mid: on the host), or a
 checkpoint (`--model DIR`). Engine flags are the engine's own (`python -m atom_jax.serve`'s:
 --num-slots, --buckets, --tbo, --delayer, --moe-backend, --compilation-cache-dir, ...); the
 cache is sized to the workload (--max-model-len = the longest request, pages for every slot)
