@@ -25,6 +25,8 @@ import argparse
 import os
 import sys
 
+from atom_jax.weights.formats import MODEL_FORMATS
+
 PRESETS = ("tiny", "v4-flash", "v4-pro")
 VIEWS = ("jaxpr", "stablehlo")
 
@@ -40,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--context", type=int, default=9216, help="max tokens per sequence (the page-table width)")
     ap.add_argument("--page-tokens", type=int, default=128)
-    ap.add_argument("--weights", choices=("bf16", "native"), default="bf16")
+    ap.add_argument("--weights", choices=MODEL_FORMATS, default="bf16")
     ap.add_argument("--tbo", action="store_true", help="the two-chain (TBO) program")
     ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     ap.add_argument("--moe-backend", default="auto")

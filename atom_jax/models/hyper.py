@@ -64,10 +64,20 @@ def sinkhorn(logits, iters: int, eps: float):
 
 
 def hc_merge(streams, block_out, post, comb):
-    """New streams: post[k] * block_out + sum_j comb[j, k] * streams[j]."""
+    """New streams: post[k] * block_out + sum_j comb[j, k] * streams[j].
+
+    The sum over the n streams is written out term by term (float32 products and sum, rounded
+    once to the streams' dtype, as a dot accumulating in float32 would): elementwise, so XLA
+    fuses the whole merge into one pass, where a [.., n, n] x [.., n, D] dot is a batched GEMM
+    kernel with K = n (4) and then another pass for the sum, twice per layer."""
     dtype = streams.dtype
-    mixed = jnp.einsum("...jk,...jd->...kd", comb.astype(dtype), streams)
-    return post.astype(dtype)[..., None] * block_out[..., None, :] + mixed
+    c = comb.astype(dtype).astype(jnp.float32)
+    s = streams.astype(jnp.float32)
+    n = streams.shape[-2]
+    mixed = c[..., 0, :, None] * s[..., 0, None, :]
+    for j in range(1, n):
+        mixed = mixed + c[..., j, :, None] * s[..., j, None, :]
+    return post.astype(dtype)[..., None] * block_out[..., None, :] + mixed.astype(dtype)
 
 
 class HyperHead(nnx.Module):

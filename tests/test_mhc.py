@@ -1,4 +1,5 @@
-"""The mHC Sinkhorn kernel (kernels/hc_sinkhorn.py) against the jnp reference (models/hyper.py)."""
+"""mHC pieces: the Sinkhorn kernel (kernels/hc_sinkhorn.py) against the jnp reference
+(models/hyper.py), and the stream merge against float64 math."""
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +52,21 @@ def test_kernel_matches_reference_on_gpu():
     got = jax.jit(lambda z: hc_sinkhorn.sinkhorn(z, 20, 1e-6))(x)
     ref = jax.jit(lambda z: hyper.sinkhorn_reference(z, 20, 1e-6))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_hc_merge_matches_float64(dtype, tol):
+    """post[k] * out + sum_j comb[j, k] * streams[j], with the mixing sum exact to float32 and
+    rounded once to the streams' dtype."""
+    rng = np.random.default_rng()
+    t, n, d = 5, 4, 48
+    streams = jnp.asarray(rng.standard_normal((t, n, d)), dtype)
+    out = jnp.asarray(rng.standard_normal((t, d)), dtype)
+    post = jnp.asarray(rng.random((t, n)) * 2, jnp.float32)
+    comb = hyper.sinkhorn_reference(_logits(rng, (t, n, n)), 20, 1e-6)
+    got = np.asarray(hyper.hc_merge(streams, out, post, comb).astype(jnp.float32), np.float64)
+    s64 = np.asarray(streams.astype(jnp.float32), np.float64)
+    c64 = np.asarray(comb.astype(dtype).astype(jnp.float32), np.float64)
+    p64 = np.asarray(post.astype(dtype).astype(jnp.float32), np.float64)
+    ref = p64[..., None] * np.asarray(out.astype(jnp.float32), np.float64)[:, None, :] + np.einsum("tjk,tjd->tkd", c64, s64)
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
