@@ -74,6 +74,8 @@ def sinkhorn(logits, iters: int, eps: float, interpret: bool = False, block_t: i
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
     z = logits.astype(jnp.float32).reshape(-1, n * n)
     t = z.shape[0]
+    if t == 0:  # no tokens: no launch (a grid of 0 programs)
+        return z.reshape(*lead, n, n)
     block_t = min(block_t, max(16, pl.next_power_of_2(t)))
     tiles = pl.cdiv(t, block_t)
     pad = tiles * block_t - t if interpret else 0  # interpret mode clamps slices instead of masking

@@ -4,6 +4,8 @@ normalised (doubly stochastic) `comb` matrix."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,16 +50,27 @@ def sinkhorn_reference(logits, iters: int, eps: float):
 
 
 # "auto": the Pallas kernel (kernels/hc_sinkhorn.py, one launch) where the program is lowered
-# for a GPU, the jnp reference on CPU; "jnp": the reference everywhere. On a GPU the reference
-# is ~2 x iters small reduction kernels per call (about 40 launches per layer at V4's 20).
+# for a GPU, the jnp reference on CPU; "jnp": the reference everywhere (the escape hatch where
+# the kernel fails on a GPU: set ATOM_JAX_SINKHORN=jnp, read when a program is traced). On a GPU
+# the reference is ~2 x iters small reduction kernels per call (about 40 launches per layer at
+# V4's 20).
 SINKHORN_BACKEND = "auto"
+SINKHORN_ENV = "ATOM_JAX_SINKHORN"
+SINKHORN_BACKENDS = ("auto", "jnp")
+
+
+def sinkhorn_backend() -> str:
+    """$ATOM_JAX_SINKHORN if set, else SINKHORN_BACKEND; an unknown name is refused."""
+    backend = os.environ.get(SINKHORN_ENV) or SINKHORN_BACKEND
+    if backend not in SINKHORN_BACKENDS:
+        raise ValueError(f"sinkhorn backend {backend!r} (${SINKHORN_ENV} or hyper.SINKHORN_BACKEND): "
+                         "choose 'auto' or 'jnp'")
+    return backend
 
 
 def sinkhorn(logits, iters: int, eps: float):
-    """`sinkhorn_reference`'s result, by SINKHORN_BACKEND."""
-    if SINKHORN_BACKEND not in ("auto", "jnp"):
-        raise ValueError(f"SINKHORN_BACKEND {SINKHORN_BACKEND!r}: choose 'auto' or 'jnp'")
-    if SINKHORN_BACKEND == "jnp" or is_cpu():
+    """`sinkhorn_reference`'s result, by `sinkhorn_backend()`."""
+    if sinkhorn_backend() == "jnp" or is_cpu():
         return sinkhorn_reference(logits, iters, eps)
     from atom_jax.kernels import hc_sinkhorn
     return hc_sinkhorn.sinkhorn(logits, iters, eps)
