@@ -89,3 +89,15 @@ def test_compiled_launches_multiply_loop_bodies():
     unknown = HLO.replace(', backend_config={"known_trip_count":{"n":"7"}}', "")
     launches, notes = op_counts.compiled_launches(unknown)
     assert op_counts.compiled_counts_of(launches)["layer1"]["fusion:kLoop"] == 1 and len(notes) == 1
+
+
+@pytest.mark.parametrize("weights", ["bf16", "native", "fp4-experts"])
+def test_cli_takes_every_model_weight_format(weights):
+    """`hlo-ops --weights` names every format a model is built in (weights.formats)."""
+    import argparse
+
+    from atom_jax.bench import hlo_ops
+
+    parser = argparse.ArgumentParser()
+    hlo_ops.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["hlo-ops", "--weights", weights]).weights == weights
