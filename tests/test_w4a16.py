@@ -71,6 +71,33 @@ def test_w4a16_kernel_matches_float64_reference(trial):
     assert np.all(out[sizes.sum():] == 0)
 
 
+def test_w4a16_swap_ab_matches_float64_reference():
+    """The swap-AB variant (out^T = W^T . A^T per K step, 8-row tiles), interpreted, as the MoE
+    calls it: rows gathered in the kernel (row_ids), the SwiGLU epilogue, zero tail; a skewed
+    routing (empty groups, one group holding most rows, group sizes off the 8-row grid)."""
+    rng = np.random.default_rng()
+    g, k, n, r = 6, 128, 64, 30
+    m = int(rng.integers(60, 100))
+    sizes = skewed_sizes(rng, m - int(rng.integers(1, 9)), g)
+    assert (sizes == 0).any() and sizes.max() > m // 2
+    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
+    ids = rng.integers(0, r, m).astype(np.int32)
+    gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
+    w, dense = random_fp4_experts(rng, g, k, n)
+    cfg = TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True)
+    epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
+    out = wg.grouped_gemm(x, w, jnp.asarray(sizes), cfg=cfg, interpret=True, row_ids=jnp.asarray(ids), epilogue=epi)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    up = grouped_reference(np.asarray(x, np.float64)[ids], dense, sizes)
+    gt = np.asarray(gate, np.float64)
+    ref = gt / (1 + np.exp(-gt)) * up
+    valid = sizes.sum()
+    out = np.asarray(out, np.float64)
+    row_err = np.linalg.norm(out[:valid] - ref[:valid], axis=1) / (np.linalg.norm(ref[:valid], axis=1) + 1e-6)
+    assert np.all(row_err < 2e-2)  # bf16 output rounding, every row
+    assert np.all(out[valid:] == 0)
+
+
 def test_seam_runs_packed_weights_on_every_cpu_backend():
     """Packed weights through the seam: the Pallas name runs the W4A16 kernel (interpreted),
     the others decode in jnp then run their bf16 path; all agree."""
@@ -85,17 +112,26 @@ def test_seam_runs_packed_weights_on_every_cpu_backend():
         np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max(), err_msg=name)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["plain", "row_ids+epilogue"])
-@pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_w4a16_kernel_lowers_for_gpu(platform, moe):
+SWAP_TILES = TileConfig(block_m=8, block_n=128, block_k=256, swap_ab=True)
+
+
+@pytest.mark.parametrize("variant", [
+    ("cuda", False, None, wg.DECODE_TILES), ("cuda", True, None, wg.DECODE_TILES),
+    ("rocm", False, None, wg.DECODE_TILES), ("rocm", True, None, wg.DECODE_TILES),
+    ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES)],
+    ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap"])
+def test_w4a16_kernel_lowers_for_gpu(variant):
     """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's);
-    `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue)."""
+    `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue); the
+    swap-AB variant with the platform's decoder (ptx on cuda, alu on rocm) and alu on cuda."""
+    platform, moe, decode, tiles = variant
+
     def f(x, c, s, sizes):
         if not moe:
-            return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=wg.DECODE_TILES)
+            return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=tiles, decode=decode)
         ids = jnp.arange(m, dtype=jnp.int32) % 8
         epi = (lambda gate, up: jax.nn.silu(gate) * up, x[:, :n])
-        return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=wg.DECODE_TILES, row_ids=ids,
+        return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=tiles, decode=decode, row_ids=ids,
                                zero_tail=False, epilogue=epi)
 
     g, k, n, m = 4, 512, 512, 64
@@ -103,6 +139,7 @@ def test_w4a16_kernel_lowers_for_gpu(platform, moe):
             jax.ShapeDtypeStruct((g, k // 32, n), jnp.uint8), jax.ShapeDtypeStruct((g,), jnp.int32))
     exported = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert ("w4a16_grouped_gemm_swap" in exported.mlir_module()) == tiles.swap_ab
     assert "w4a16_grouped_gemm" in exported.mlir_module()
 
 
@@ -151,6 +188,25 @@ def test_ptx_decoder_refused_in_interpret_mode():
     with pytest.raises(ValueError, match="ptx"):
         wg.grouped_gemm(jnp.zeros((8, 64), jnp.bfloat16), w, jnp.asarray([4, 4]), cfg=SMALL,
                         interpret=True, decode="ptx")
+
+
+def test_decode_sweep_tiles_fit_every_expert_shape():
+    """`bench w4a16 --decode-sweep`: at most 40 distinct configs, both variants (the swapped one
+    with 8- and 16-row tiles), each tile dividing K (in whole FP4 scale groups) and N of every shape."""
+    from atom_jax.bench.gemm import SHAPES
+    from atom_jax.bench.w4a16 import decode_sweep_tiles
+    tiles = decode_sweep_tiles()
+    assert len(set(tiles)) == len(tiles) <= 40
+    assert {t.block_m for t in tiles if t.swap_ab} == {8, 16} and any(not t.swap_ab for t in tiles)
+    for _, k, n in SHAPES.values():
+        assert all(k % t.block_k == 0 and t.block_k % packed.FP4_BLOCK == 0 and n % t.block_n == 0 for t in tiles)
+
+
+def test_swap_ab_refused_by_the_bf16_kernel():
+    from atom_jax.kernels import pallas_grouped_gemm as pg
+    with pytest.raises(ValueError, match="swap_ab"):
+        pg.grouped_gemm(jnp.zeros((8, 64), jnp.bfloat16), jnp.zeros((2, 64, 32), jnp.bfloat16), jnp.asarray([4, 4]),
+                        cfg=TileConfig(block_m=16, block_n=32, block_k=64, swap_ab=True), interpret=True)
 
 
 def test_fp8_kernel_matches_float64_reference():

@@ -2,6 +2,7 @@
 float32 reference on the dequantised weights (skewed routings: empty and very large groups).
 Run with `JAX_PLATFORMS=cuda python -m pytest -q -m gpu tests/test_w4a16_gpu.py`."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,16 @@ from atom_jax.weights import quant
 
 pytestmark = pytest.mark.gpu
 
+# The swap-AB variant (W^T . A^T per K step) at the decode tiles and with 8-row tiles.
+SWAP_TILES = [dataclasses.replace(wg.DECODE_TILES, swap_ab=True),
+              dataclasses.replace(wg.DECODE_TILES, block_m=8, swap_ab=True)]
+TILES = [wg.DECODE_TILES, wg.PREFILL_TILES, *SWAP_TILES]
+TILE_IDS = ["decode", "prefill", "swap16", "swap8"]
+
 
 @pytest.mark.parametrize("decode", ["ptx", "alu"])
 @pytest.mark.parametrize("trailing", [0, 7])
-@pytest.mark.parametrize("tiles", [wg.DECODE_TILES, wg.PREFILL_TILES], ids=["decode", "prefill"])
+@pytest.mark.parametrize("tiles", TILES, ids=TILE_IDS)
 def test_compiled_w4a16_matches_float32_reference(tiles, trailing, decode):
     rng = np.random.default_rng()
     g, k, n, m = 16, 512, 512, 1000
@@ -54,7 +61,7 @@ def test_fp8_linear_on_gpu_matches_float32_reference(use_kernel, rows):
     assert np.all(row_err < 1e-2)  # bf16 output rounding, every row
 
 
-@pytest.mark.parametrize("tiles", [wg.DECODE_TILES, wg.PREFILL_TILES], ids=["decode", "prefill"])
+@pytest.mark.parametrize("tiles", TILES, ids=TILE_IDS)
 def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
     """`row_ids`: rows[row_ids[r]] loaded inside the kernel (PTX decoder on CUDA) against the
     kernel on the rows gathered in XLA."""

@@ -1,9 +1,10 @@
 """`python -m atom_jax.bench w4a16`: the W4A16 grouped GEMM (FP4 experts decoded in the kernel)
 beside the bf16 Triton kernel at DeepSeek-V4 expert shapes per rank (experts over 2 ranks), the
 dense bf16 matmul of the same M x K x N, and the copy bandwidth measured in the same run.
-Variants of the FP4 path: `w4a16` (decoded inside the kernel), `dequant_bf16` (one XLA decode
-pass, then the bf16 kernel) and `dequant_pallas` (the streaming `fp4_dequant` kernel, then the
-bf16 kernel: the seam's path from `grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP` rows per expert,
+Variants of the FP4 path: `w4a16` (decoded inside the kernel), `w4a16_swap` (the same kernel and
+tiles with the swap-AB product, out^T = W^T . A^T: `TileConfig.swap_ab`), `dequant_bf16` (one XLA
+decode pass, then the bf16 kernel) and `dequant_pallas` (the streaming `fp4_dequant` kernel, then
+the bf16 kernel: the seam's path from `grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP` rows per expert,
 which these rows decide). The decode alone is timed per shape too (`decode` rows: GB/s of
 packed bytes read + bf16 bytes written, beside the same run's copy bandwidth), the kernel
 beside XLA's decode pass.
@@ -13,9 +14,15 @@ the expert weight bytes each kernel must stream (non-empty groups x K x N x 2 by
 x (1/2 + 1/32) bytes for FP4 codes + scales). The issue's targets: decode (64-256 tokens) FP4
 streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul rate. Each
 kernel is first checked against a float32 reference on a skewed routing (empty and very large
-groups). `--sweep` also times other W4A16 tile shapes, `--decode-sweep` other decode-kernel tiles.
+groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
+`--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
+`fp4_dequant` tiles. `--decode-sweep` times both W4A16 variants (`w4a16`, `w4a16_swap`) over
+`decode_sweep_tiles()` at every shape and each token count in the decode regime (< 32 rows per
+expert), each config first checked against the float32 reference, configs Triton refuses
+reported and skipped.
 
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
+    python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --json w4swap.json
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -27,6 +34,37 @@ import json
 
 from atom_jax.bench.gemm import SHAPES, TOPK, dense_case, save  # the same expert shapes per rank
 FP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32
+CHECK_TOL = 2e-2  # max relative row error vs float32 (bf16 output rounding) a kernel must meet
+DECODE_ROWS_PER_EXPERT = 32  # the decode sweep's token counts: below this many rows per expert
+# The decode sweep: (block_n, block_k) at 4 warps / 3 stages, then warps / stages around the
+# 128 x 256 of the decode tiles, then 256 x 256 at 8 warps; block_m 16 for `w4a16`, 8 and 16 for
+# `w4a16_swap` (the rows are the swapped product's N side).
+_SWEEP_NK = [(64, 256), (64, 512), (128, 128), (128, 256), (128, 512), (256, 128), (256, 256)]
+_SWEEP_WARPS_STAGES = [(8, 3), (4, 2), (4, 4)]
+
+
+def decode_sweep_tiles():
+    """The W4A16 decode sweep's tiles, both variants (33 configs)."""
+    from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
+    tiles = []
+    for swap, block_ms in ((False, (16,)), (True, (8, 16))):
+        for bm in block_ms:
+            tiles += [T(bm, bn, bk, 4, 3, swap) for bn, bk in _SWEEP_NK]
+            tiles += [T(bm, 128, 256, w, st, swap) for w, st in _SWEEP_WARPS_STAGES]
+            tiles.append(T(bm, 256, 256, 8, 3, swap))
+    return tiles
+
+
+def variant(cfg) -> str:
+    return "w4a16_swap" if cfg.swap_ab else "w4a16"
+
+
+def tiles_name(cfg) -> str:
+    return "x".join(map(str, dataclasses.astuple(cfg)[:5])) + (" swap" if getattr(cfg, "swap_ab", False) else "")
+
+
+def failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def random_fp4(key, g, k, n):
@@ -41,30 +79,51 @@ def random_fp4(key, g, k, n):
     return Fp4Weights(codes, scales)
 
 
-def _check(k, n, g, rows, rng, fns):
-    """Max relative row error of each kernel vs float32 on a skewed routing."""
+def _check_case(k, n, g, rows, rng):
+    """A skewed routing (empty and very large groups): rows x, packed experts w4, sizes and the
+    float32 reference (experts decoded one at a time: no float32 copy of the whole stack)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from atom_jax.bench.routings import skewed_sizes
-    from atom_jax.kernels.packed import fp4_dequantize
+    from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
     sizes = skewed_sizes(rng, rows, g)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     w4 = random_fp4(jax.random.key(3), g, k, n)
-    dense = np.asarray(fp4_dequantize(w4, jnp.float32))
     xf = np.asarray(x, np.float32)
     ends = np.cumsum(sizes)
     ref = np.zeros((rows, n), np.float32)
-    for e in range(g):
-        if sizes[e]:
-            ref[ends[e] - sizes[e]:ends[e]] = xf[ends[e] - sizes[e]:ends[e]] @ dense[e]
+    for e in np.flatnonzero(sizes):
+        dense = np.asarray(fp4_dequantize(Fp4Weights(w4.codes[e], w4.scales[e]), jnp.float32))
+        ref[ends[e] - sizes[e]:ends[e]] = xf[ends[e] - sizes[e]:ends[e]] @ dense
+    return {"x": x, "w4": w4, "sizes": jnp.asarray(sizes), "ref": ref, "valid": int(ends[-1])}
+
+
+def _check_error(case, fn, packed: bool = True) -> float:
+    """Max relative row error of fn(x, weights, sizes) vs the case's float32 reference (weights
+    packed, or decoded to bf16 for the bf16 kernel)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from atom_jax.kernels.packed import fp4_dequantize
+    w = case["w4"] if packed else fp4_dequantize(case["w4"], jnp.bfloat16)
+    got = np.asarray(jax.jit(fn)(case["x"], w, case["sizes"]), np.float32)
+    ref = case["ref"]
+    err = np.linalg.norm(got - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
+    return float(err[:case["valid"]].max())
+
+
+def _check(k, n, g, rows, rng, fns):
+    """Max relative row error of each kernel vs float32 on a skewed routing, or its failure."""
+    case = _check_case(k, n, g, rows, rng)
     out = {}
     for name, (fn, packed) in fns.items():
-        w = w4 if packed else jnp.asarray(dense, jnp.bfloat16)
-        got = np.asarray(jax.jit(fn)(x, w, jnp.asarray(sizes)), np.float32)
-        err = np.linalg.norm(got - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
-        out[name] = float(err[:ends[-1]].max())
+        try:
+            out[name] = _check_error(case, fn, packed)
+        except Exception as e:  # a kernel the compiler refuses is a result too
+            out[name] = failure(e)
     return out
 
 
@@ -96,6 +155,62 @@ def _time_decode(fn, w, ceil, iters, **fields):
     return dict(fields, ms=sec * 1e3, GBps=gbps, frac_of_copy=ceil["copy_GBps"] and gbps / ceil["copy_GBps"])
 
 
+def _rate_row(base, name, sec, weight_bytes, flops, ceil, dense_tf, bf16_sec):
+    """One timed kernel's row: ms, TFLOP/s, GB/s of expert weight bytes, their fractions of the
+    dense matmul rate and of the copy bandwidth, speed-up over the bf16 kernel."""
+    row = dict(base, kernel=name, ms=sec * 1e3, TFLOPs=flops / sec / 1e12, GBps=weight_bytes / sec / 1e9)
+    row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
+    row["frac_of_copy"] = ceil["copy_GBps"] and row["GBps"] / ceil["copy_GBps"]
+    row["speedup_vs_bf16"] = bf16_sec and bf16_sec / sec
+    return row
+
+
+def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
+    """Both W4A16 variants over `decode_sweep_tiles()` at every shape and decode token count:
+    each config checked on a skewed routing of the largest such count first; one that fails to
+    compile or misses CHECK_TOL is reported and not timed. Prints each variant's best."""
+    import jax
+
+    from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
+    cfgs = [T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True)] if args.tiny else decode_sweep_tiles()
+    for shape, (g, k, n) in shapes.items():
+        decode_tokens = [t for t in tokens if t * TOPK / g < DECODE_ROWS_PER_EXPERT] or tokens[:1]
+        case = _check_case(k, n, g, max(decode_tokens) * TOPK, rng)
+        w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        best = {}
+        for cfg in cfgs:
+            fn = fp4(cfg)
+            base = {"shape": shape, "kernel": variant(cfg), "tiles": dataclasses.asdict(cfg)}
+            try:
+                err = _check_error(case, fn)
+            except Exception as e:  # a tile shape the compiler refuses is a result too
+                err = failure(e)
+            if not (isinstance(err, float) and err < CHECK_TOL):
+                out["decode_sweep"].append(dict(base, check_err=err,
+                                                error=err if isinstance(err, str) else "wrong"))
+                print(f"decode sweep {shape} {tiles_name(cfg)}: {err if isinstance(err, str) else f'wrong ({err:.3g})'}",
+                      flush=True)
+                continue
+            for t in decode_tokens:
+                try:
+                    sec, nonempty = _time(fn, w_fp4, g, k, t, rng, args.iters)
+                except Exception as e:
+                    out["decode_sweep"].append(dict(base, tokens=t, check_err=err, error=failure(e)))
+                    print(f"decode sweep {shape} {t} {tiles_name(cfg)}: {failure(e)}", flush=True)
+                    continue
+                row = _rate_row(dict(base, tokens=t, check_err=err), variant(cfg), sec,
+                                nonempty * k * n * FP4_BYTES_PER_WEIGHT, 2.0 * t * TOPK * k * n, ceil, None, None)
+                out["decode_sweep"].append(row)
+                key = (t, variant(cfg))
+                if key not in best or sec < best[key][0]:
+                    best[key] = (sec, cfg)
+                print(f"decode sweep {shape} {t} {tiles_name(cfg):22} {row['ms']:8.3f} ms {row['GBps']:6.0f} GB/s "
+                      f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy (check {err:.1e})", flush=True)
+        for (t, name), (sec, cfg) in sorted(best.items(), key=lambda kv: kv[0]):
+            print(f"decode sweep {shape} {t} best {name:10} {tiles_name(cfg):22} {sec * 1e3:8.3f} ms", flush=True)
+        save(out, args.json)
+
+
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -115,7 +230,8 @@ def run(args) -> int:
         shapes, tokens = {"tiny_up": (4, 128, 128)}, [8, 32]
     ceil = {"copy_GBps": None, "matmul_TFLOPs": None} if on_cpu else device_ceilings()
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil, "topk": TOPK,
-           "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": []}
+           "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": [],
+           "dequant_sweep": []}
     print(f"# {out['device']}  copy {ceil['copy_GBps']} GB/s  matmul {ceil['matmul_TFLOPs']} TFLOP/s", flush=True)
 
     def bf16(rows, w, sizes):  # (its tiles by rows per expert, as the seam's: pg.grouped_gemm's default)
@@ -124,6 +240,10 @@ def run(args) -> int:
     def fp4(cfg=None, decode=None):
         return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode)
 
+    def fp4_swap(rows, w, sizes):  # w4a16's own tiles (by rows per expert), the swap-AB product
+        cfg = dataclasses.replace(wg.default_tiles(rows.shape[0] / w.shape[0]), swap_ab=True)
+        return wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu)
+
     def dequant_bf16(rows, w, sizes):  # one XLA decode pass, then the bf16 kernel
         return bf16(rows, fp4_dequantize(w, rows.dtype), sizes)
 
@@ -131,7 +251,8 @@ def run(args) -> int:
         return bf16(rows, fd.dequantize(w, interpret=on_cpu), sizes)
 
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
-    fp4_kernels = {"w4a16": fp4(), "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas}
+    fp4_kernels = {"w4a16": fp4(), "w4a16_swap": fp4_swap, "dequant_bf16": dequant_bf16,
+                   "dequant_pallas": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
 
@@ -139,6 +260,10 @@ def run(args) -> int:
         out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
                                       {"bf16": (bf16, False), **{n: (f, True) for n, f in fp4_kernels.items()}})
         print(f"check {shape}: max row rel err {out['checks'][shape]}", flush=True)
+    failed = {name for errs in out["checks"].values() for name, e in errs.items()
+              if not (isinstance(e, float) and e < CHECK_TOL)}
+    if failed:
+        print(f"left out of the timings (failed or wrong on some shape): {sorted(failed)}", flush=True)
     decoders = {"fp4_dequant": lambda w: fd.dequantize(w, interpret=on_cpu),
                 "xla_dequant": lambda w: fp4_dequantize(w, jnp.bfloat16)}
     for shape, (g, k, n) in shapes.items():
@@ -162,19 +287,26 @@ def run(args) -> int:
             secs = {}
             runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_fp4, FP4_BYTES_PER_WEIGHT) for n, f in fp4_kernels.items()]
             for name, fn, w, bpw in runs:
-                sec, nonempty = _time(fn, w, g, k, t, rng, args.iters)
+                if name in failed:
+                    continue
+                try:
+                    sec, nonempty = _time(fn, w, g, k, t, rng, args.iters)
+                except Exception as e:
+                    out["results"].append(dict(base, kernel=name, error=failure(e)))
+                    print(f"{shape:10} {t:6d} {name:14} {failure(e)}", flush=True)
+                    continue
                 secs[name] = sec
-                row = dict(base, kernel=name, ms=sec * 1e3, TFLOPs=flops / sec / 1e12,
-                           GBps=nonempty * k * n * bpw / sec / 1e9)
-                row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
-                row["frac_of_copy"] = ceil["copy_GBps"] and row["GBps"] / ceil["copy_GBps"]
-                row["speedup_vs_bf16"] = secs["bf16"] / sec
-                out["results"].append(row)
+                out["results"].append(row := _rate_row(base, name, sec, nonempty * k * n * bpw, flops, ceil,
+                                                       dense_tf, secs.get("bf16")))
                 print(f"{shape:10} {t:6d} {name:14} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
                       f"{100 * (row['frac_of_dense'] or 0):5.0f} {row['GBps']:7.0f} "
-                      f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16']:6.2f}", flush=True)
+                      f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16'] or 0:6.2f}", flush=True)
             if dense_s:
                 print(f"{shape:10} {t:6d} {'dense':14} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
+            if "w4a16" in secs and "w4a16_swap" in secs:
+                print(f"{shape:10} {t:6d} w4a16_swap / w4a16 time {secs['w4a16_swap'] / secs['w4a16']:.2f}", flush=True)
+            if "dequant_pallas" not in secs or "w4a16" not in secs:
+                continue
             # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
             faster = "dequant_pallas" if secs["dequant_pallas"] < secs["w4a16"] else "w4a16"
             out["seam_choice"].append({"shape": shape, "tokens": t, "rows_per_expert": t * TOPK / g,
@@ -184,6 +316,8 @@ def run(args) -> int:
                   f"(dequant_pallas / w4a16 time {secs['dequant_pallas'] / secs['w4a16']:.2f})", flush=True)
         save(out, args.json)
     if args.decode_sweep:
+        _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out)
+    if args.dequant_sweep:
         D = fd.DequantTiles
         dcfgs = [D(64, 512, 4, 1), D(32, 1024, 4, 1), D(128, 256, 4, 1), D(64, 1024, 8, 1), D(128, 512, 8, 1),
                  D(256, 256, 8, 1), D(64, 512, 4, 2), D(256, 1024, 8, 1)]
@@ -192,16 +326,15 @@ def run(args) -> int:
         first, (g, k, n) = next(iter(shapes.items()))
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
         for cfg in dcfgs:
-            tiles = "x".join(map(str, dataclasses.astuple(cfg)))
+            tiles = tiles_name(cfg)
             try:
                 row = _time_decode(lambda w, c=cfg: fd.dequantize(w, c, interpret=on_cpu), w_fp4, ceil, args.iters,
                                    shape=first, tiles=dataclasses.asdict(cfg))
-                print(f"decode sweep {tiles} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s", flush=True)
+                print(f"dequant sweep {tiles} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s", flush=True)
             except Exception as e:  # a tile shape the compiler rejects is a result too
-                row = {"shape": first, "tiles": dataclasses.asdict(cfg),
-                       "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                print(f"decode sweep {tiles} {row['error']}", flush=True)
-            out["decode_sweep"].append(row)
+                row = {"shape": first, "tiles": dataclasses.asdict(cfg), "error": failure(e)}
+                print(f"dequant sweep {tiles} {row['error']}", flush=True)
+            out["dequant_sweep"].append(row)
     if args.sweep:
         T = pg.TileConfig
         cfgs = [T(16, 128, 256, 4, 3), T(16, 256, 512, 4, 3), T(16, 256, 128, 4, 4), T(32, 128, 256, 4, 3),
@@ -218,9 +351,9 @@ def run(args) -> int:
                     row.update(ms=sec * 1e3, GBps=nonempty * k * n * FP4_BYTES_PER_WEIGHT / sec / 1e9,
                                TFLOPs=2.0 * t * TOPK * k * n / sec / 1e12)
                 except Exception as e:  # a tile shape the compiler rejects is a result too
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    row["error"] = failure(e)
                 out["sweep"].append(row)
-                print("sweep", t, "x".join(map(str, dataclasses.astuple(cfg))),
+                print("sweep", t, tiles_name(cfg),
                       row.get("error") or f"{row['ms']:.3f} ms {row['GBps']:.0f} GB/s {row['TFLOPs']:.1f} TF", flush=True)
     save(out, args.json)
     return 0
@@ -233,7 +366,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time other W4A16 tiles on the first shape")
-    p.add_argument("--decode-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="also time both W4A16 variants (w4a16, w4a16_swap) over decode_sweep_tiles() at every shape "
+                        "and decode token count (< 32 rows per expert), each checked against float32 first")
+    p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")
     p.set_defaults(func=run)

@@ -30,7 +30,7 @@ from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, by_decoder
 class DequantTiles:
     """One program's tile: block_k inputs (a multiple of 32: whole scale groups; block_k/2 code
     rows) x block_n columns. Powers of two (Triton). Not yet tuned on a GPU:
-    `python -m atom_jax.bench w4a16 --sweep` times others."""
+    `python -m atom_jax.bench w4a16 --dequant-sweep` times others."""
 
     block_k: int = 64
     block_n: int = 512

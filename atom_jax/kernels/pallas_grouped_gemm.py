@@ -40,6 +40,10 @@ class TileConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    # "Swap AB" (the W4A16 kernel only): each K step computes the transposed product
+    # W^T [block_n, K] . X^T [K, block_m], so the decoded weight tile is the MMA's A operand and
+    # the few rows of a decode work item its small N side (8 or 16, no padding to 64).
+    swap_ab: bool = False
 
 
 # Chosen from the tile sweeps of `python -m atom_jax.bench gemm` on H100 (docs/benchmarks.md,
@@ -174,6 +178,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
     cfg = cfg or PREFILL_TILES
+    if cfg.swap_ab:
+        raise ValueError("swap_ab is a W4A16-kernel variant (w4a16_grouped_gemm); the bf16 kernel has none")
     bk, bn = block_sizes(k, n, cfg)
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     starts, ends = with_zero_range(starts, ends, zero_from, m)

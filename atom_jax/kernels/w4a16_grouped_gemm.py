@@ -11,6 +11,14 @@ so both halves are contiguous loads and no in-register interleave is needed. Wit
 A tiles are gathered, x[row_ids[r]], as in the bf16 kernel (the even/odd reorder is then a pass
 over x's R rows, not over the M gathered ones). `epilogue` as in the bf16 kernel.
 
+`TileConfig.swap_ab` selects the "swap AB" product of small-M decode kernels (TRT-LLM,
+FlashInfer MoE): each K step computes out^T [block_n, block_m] += W^T . A^T, so the decoded
+weight tile is the MMA's A operand (which Hopper's wgmma and mma can take from registers) and
+the work item's few rows its N side (block_m 8 or 16 with no padding to wgmma's 64 rows); the
+float32 accumulator is transposed once per work item before the epilogue and the store. Same
+work list, decoders, gather and epilogue; not a default until a GPU measures it
+(`python -m atom_jax.bench w4a16 --decode-sweep`).
+
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
 bytes on an H200 (the bf16 kernel streams 3.6 TB/s). `ptx` (CUDA) decodes four code bytes per
@@ -104,6 +112,16 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
     ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
+    if cfg.swap_ab:  # out^T [block_n, block_m] += W^T [block_n, bkh] . A^T [bkh, block_m]
+        acc_shape = (cfg.block_n, cfg.block_m)
+
+        def product(a, w):
+            return plt.dot(w.astype(a.dtype), a, trans_a=True, trans_b=True)
+    else:  # out [block_m, block_n] += A [block_m, bkh] . W [bkh, block_n]
+        acc_shape = (cfg.block_m, cfg.block_n)
+
+        def product(a, w):
+            return plt.dot(a, w.astype(a.dtype))
 
     def accumulate(g, rows, cols, mine):
         load = a_tiles(x_ref, ids_ref, rows, mine)
@@ -114,10 +132,11 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
             even, odd = DECODERS[decode](c_ref[g, kb, cols], s_ref[g, ks, cols])
             a_even, a_odd = load(kb), load(ko)
-            acc = acc + plt.dot(a_even, even.astype(a_even.dtype))
-            return acc + plt.dot(a_odd, odd.astype(a_odd.dtype))
+            acc = acc + product(a_even, even)
+            return acc + product(a_odd, odd)
 
-        return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros(acc_shape, jnp.float32))
+        return acc.T if cfg.swap_ab else acc
 
     work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
               e_ref, epilogue)
@@ -162,7 +181,7 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="w4a16_grouped_gemm",
+        name="w4a16_grouped_gemm_swap" if cfg.swap_ab else "w4a16_grouped_gemm",
     )
     out = call(group, tile, count, starts, ends, *a_operands, weights.codes, weights.scales, *e_operands)
     return out[:m] if pad else out
