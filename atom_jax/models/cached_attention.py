@@ -26,15 +26,19 @@ def _write_last(buf, slot, idx, values, keep):
     return buf.at[slot, idx].set(values.astype(buf.dtype), mode="drop")
 
 
-def _window_rows(proj, tail, b, positions):
-    """Projections of `positions` [T, n] for each token's slot: from this chunk where the position
-    is at or after the chunk start, else from the slot's tail (indexed by position mod span)."""
-    span = tail.shape[1]
+def _window_index(b, positions, n_rows: int, span: int):
+    """Where the rows of `positions` [W, n] of each window's slot come from: this chunk's rows
+    (index into the step's [T] rows) where the position is at or after the chunk start, else the
+    slot's tail (indexed by position mod span). -> (in_chunk [W, n], chunk_idx, slot, tail_idx)."""
     in_chunk = positions >= b["seg_start_pos"][:, None]
-    idx = jnp.clip(b["seg_start_idx"][:, None] + positions - b["seg_start_pos"][:, None], 0, proj.shape[0] - 1)
-    from_chunk = proj[idx]
-    from_tail = tail[b["slot"][:, None], jnp.mod(positions, span)]
-    return jnp.where(in_chunk[..., None], from_chunk, from_tail)
+    idx = jnp.clip(b["seg_start_idx"][:, None] + positions - b["seg_start_pos"][:, None], 0, n_rows - 1)
+    return in_chunk, idx, b["slot"][:, None], jnp.mod(positions, span)
+
+
+def _window_rows(proj, tail, index):
+    """Rows [W, n, c] of `_window_index`'s positions: from proj [T, c] or from tail [slots, span, c]."""
+    in_chunk, idx, slot, tail_idx = index
+    return jnp.where(in_chunk[..., None], proj[idx], tail[slot, tail_idx])
 
 
 def _page_rows(store, b, values, page_tokens):
@@ -47,6 +51,38 @@ def _page_rows(store, b, values, page_tokens):
     keep = b["valid"] & (off >= 0) & (b["state"] >= 0)
     addr = jnp.where(keep, b["state"], store.shape[0])
     return store.at[addr, jnp.maximum(off, 0)].set(values.astype(store.dtype), mode="drop")
+
+
+PLANS = "plans"  # a chain's batch dict may hold a memo under this key: per-step plans every layer shares
+
+
+def _window_plan(b, r: int, overlap: bool, span: int, page_table, epp: int, pool_rows: int, max_segments: int):
+    """What the compressors of every layer of ratio `r` need that depends on the batch (and the
+    page table) only, worked out once per step when b holds a PLANS memo (the cached step puts
+    one in each chain's batch): the tokens that close a window (`jnp.nonzero`), their windows'
+    entry index w, positions `win` and where their rows come from, the pool address of each new
+    entry (out of range: none), and which tokens' rows the tail keeps."""
+    memo = b.get(PLANS)
+    key = ("windows", r, overlap, span, epp, pool_rows, max_segments, id(page_table))
+    if memo is not None and key in memo:
+        return memo[key]
+    pos = b["pos"]
+    n = pos.shape[0]
+    (src,) = jnp.nonzero(b["valid"] & (jnp.mod(pos + 1, r) == 0), size=max_windows(n, r, max_segments),
+                         fill_value=n)
+    done = src < n
+    wb = {k: b[k][jnp.minimum(src, n - 1)] for k in ("pos", "slot", "seg_start_idx", "seg_start_pos")}
+    w = (wb["pos"] + 1) // r - 1
+    if overlap:  # Ca of window w-1 (first r slots) then Cb of window w
+        win = (w[:, None] - 1) * r + jnp.arange(2 * r)[None, :]
+    else:
+        win = w[:, None] * r + jnp.arange(r)[None, :]
+    plan = {"w": w, "win": win, "index": _window_index(wb, win, n, span),
+            "addr": jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pool_rows),
+            "keep": b["valid"] & (pos >= b["seg_end_pos"] - span)}  # only the chunk's last `span` survive
+    if memo is not None:
+        memo[key] = plan
+    return plan
 
 
 def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segments, page_tail=None,
@@ -73,18 +109,11 @@ def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segm
     rows = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     if rows.shape[-1] != tail.shape[-1]:
         raise ValueError(f"the compressors' projections are {rows.shape[-1]} wide, the cache tail {tail.shape[-1]}")
-    (src,) = jnp.nonzero(b["valid"] & (jnp.mod(pos + 1, r) == 0), size=max_windows(n, r, max_segments),
-                         fill_value=n)
-    done = src < n
-    wb = {k: b[k][jnp.minimum(src, n - 1)] for k in ("pos", "slot", "seg_start_idx", "seg_start_pos")}
-    w = (wb["pos"] + 1) // r - 1
-    if overlap:  # Ca of window w-1 (first r slots) then Cb of window w
-        win = (w[:, None] - 1) * r + jnp.arange(2 * r)[None, :]
-    else:
-        win = w[:, None] * r + jnp.arange(r)[None, :]
-    window = _window_rows(rows, tail, wb, win)  # [windows, r or 2r, every compressor's columns]
+    plan = _window_plan(b, r, overlap, tail.shape[1], page_table, epp, pools[0].shape[0], max_segments)
+    w, win = plan["w"], plan["win"]
+    window = _window_rows(rows, tail, plan["index"])  # [windows, r or 2r, every compressor's columns]
     first = jnp.arange(2 * r)[None, :] < r
-    addr = jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pools[0].shape[0])
+    addr = plan["addr"]
     out, off = [], 0
     for comp, pool in zip(comps, pools):
         cd = (2 if overlap else 1) * comp.head_dim
@@ -99,8 +128,7 @@ def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segm
         entries = comp.finish(pooled, w * r, inv_freq)
         out.append(pool.at[addr].set(entries.astype(pool.dtype), mode="drop"))
     span = tail.shape[1]
-    keep = b["valid"] & (pos >= b["seg_end_pos"] - span)  # only the chunk's last `span` survive
-    tail = _write_last(tail, b["slot"], jnp.mod(pos, span), rows, keep)
+    tail = _write_last(tail, b["slot"], jnp.mod(pos, span), rows, plan["keep"])
     if page_tail is not None:
         page_tail = _page_rows(page_tail, b, rows, page_tokens)
     return out, tail, page_tail

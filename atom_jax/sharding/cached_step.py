@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from atom_jax.cache.restore import restore_slots
 from atom_jax.loader import abstract_model
-from atom_jax.models.cached_attention import cached_attention
+from atom_jax.models.cached_attention import PLANS, cached_attention
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import check_divisible, param_specs
@@ -25,8 +25,11 @@ PER_TOKEN = ("ids", "pos", "slot", "valid", "seg_start_idx", "seg_start_pos", "s
 
 
 def _slice_batch(b: dict, lo: int, hi: int) -> dict:
+    """A chain's tokens [lo, hi) of the batch, with an empty memo of the per-step plans its
+    layers share (models/cached_attention.PLANS)."""
     out = {k: b[k][lo:hi] for k in PER_TOKEN}
     out["seg_start_idx"] = out["seg_start_idx"] - lo
+    out[PLANS] = {}
     return out
 
 
