@@ -4,6 +4,7 @@ normalised (doubly stochastic) `comb` matrix."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -72,8 +73,27 @@ def sinkhorn(logits, iters: int, eps: float):
     """`sinkhorn_reference`'s result, by `sinkhorn_backend()`."""
     if sinkhorn_backend() == "jnp" or is_cpu():
         return sinkhorn_reference(logits, iters, eps)
+    return sinkhorn_kernel(logits, iters, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def sinkhorn_kernel(logits, iters: int, eps: float, interpret: bool = False):
+    """The Pallas kernel (kernels/hc_sinkhorn.py), differentiable: its backward is the
+    reference's, recomputed (training, train_tiny, on a GPU; the kernel has no VJP of its own)."""
     from atom_jax.kernels import hc_sinkhorn
-    return hc_sinkhorn.sinkhorn(logits, iters, eps)
+    return hc_sinkhorn.sinkhorn(logits, iters, eps, interpret=interpret)
+
+
+def _sinkhorn_kernel_fwd(logits, iters, eps, interpret):
+    return sinkhorn_kernel(logits, iters, eps, interpret), logits
+
+
+def _sinkhorn_kernel_bwd(iters, eps, interpret, logits, g):
+    out, vjp = jax.vjp(lambda z: sinkhorn_reference(z, iters, eps), logits)
+    return vjp(g.astype(out.dtype))
+
+
+sinkhorn_kernel.defvjp(_sinkhorn_kernel_fwd, _sinkhorn_kernel_bwd)
 
 
 def hc_merge(streams, block_out, post, comb):
