@@ -189,6 +189,25 @@ def test_ranked_route_is_the_stable_sort():
         np.testing.assert_array_equal(got[3], np.bincount(key, minlength=e_local + 1)[:e_local])
 
 
+@pytest.mark.gpu
+def test_ranked_route_at_the_limit_on_gpu():
+    """RANK_ROUTE_MAX pairs on the GPU: the stable sort's permutation and sizes, and the
+    [M, M] compares fused into their reductions (no M x M buffer: XLA's temporaries stay well
+    under M * M bytes; the CPU backend materialises them as int32, 67 MB)."""
+    rng = np.random.default_rng()
+    m, k, e_local, offset = moe.RANK_ROUTE_MAX, 8, 32, 32
+    idx = jnp.asarray(rng.integers(0, 128, (m // k, k)), jnp.int32)
+    fn = jax.jit(lambda i: sort_by_expert(i, offset, e_local))
+    order, inv, _, sizes = fn(idx)
+    local = np.asarray(idx).reshape(-1) - offset
+    key = np.where((local >= 0) & (local < e_local), local, e_local)
+    np.testing.assert_array_equal(order, np.argsort(key, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(inv)[np.asarray(order)], np.arange(m))
+    np.testing.assert_array_equal(sizes, np.bincount(key, minlength=e_local + 1)[:e_local])
+    temp = fn.lower(idx).compile().memory_analysis().temp_size_in_bytes
+    assert temp < m * m // 4, temp
+
+
 @pytest.mark.parametrize("platform,rank_max", [("cuda", None), ("rocm", None), ("cuda", 0)])
 def test_moe_lowers_without_row_gather_or_scatter(platform, rank_max, monkeypatch):
     """The routed experts as the GPU runs them (Pallas kernels): the Triton kernels lower, and
