@@ -59,14 +59,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _config(preset: str, layers):
-    from atom_jax.config import tiny, v4_flash, v4_pro
+    """The preset's config at `layers` layers (default 4; tiny has its own 4)."""
+    from atom_jax.config import PRESETS
 
     if preset == "tiny":
-        cfg = tiny()
-        return cfg if layers is None else cfg.replace(
-            num_layers=layers, attn_kinds=tuple(cfg.attn_kinds[i % 4] for i in range(layers)),
-            hash_layers=tuple(cfg.hash_layers[i % 4] for i in range(layers)))
-    return (v4_flash if preset == "v4-flash" else v4_pro)(num_layers=layers or 4)
+        if layers not in (None, 4):
+            raise SystemExit("--layers: the tiny preset has 4 layers")
+        return PRESETS["tiny"]()
+    return PRESETS[preset](num_layers=layers or 4)
 
 
 def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucket: int = 64, slots=None,
