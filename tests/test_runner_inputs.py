@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
+from atom_jax.engine.runner import input_block_len
 from failing_launch import first_launch_fails
 
 
@@ -18,6 +19,9 @@ def test_device_page_table_follows_the_host_table():
                               enable_prefix_caching=False))
     runner = eng.runner
     assert runner.page_updates == 16
+    for tbo in (False, True):  # what bench hlo-ops builds the step program from (abstract shapes)
+        assert input_block_len(runner.layout, runner.dp, 288, tbo) == runner._input_block(
+            runner.empty_inputs(288, tbo), None).size
     kinds = []
     real = runner._update_page_table
 

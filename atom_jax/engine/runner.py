@@ -240,6 +240,13 @@ class ModelRunner:
         per_rank[:, len(ranks[0]):] = updates.reshape(self.dp, -1)
         return block
 
+    def empty_inputs(self, bucket: int, tbo: bool) -> StepInputs:
+        """A (bucket, tbo) step with no tokens and no samples (what `precompile` lowers with)."""
+        none = np.zeros(0, np.int32)
+        return StepInputs(bucket, tbo, [[] for _ in range(self.dp)], [],
+                          SamplingRows(none, none.view(np.float32), none, none.view(np.float32),
+                                       none.view(np.uint32), none.view(np.uint32)))
+
     def precompile(self, shapes, workers: int = 4) -> dict:
         """Build the step for every (bucket, tbo) in `shapes` ahead of use: traced one after
         the other (Python), compiled by `workers` threads at once (XLA compiles outside the
@@ -254,11 +261,7 @@ class ModelRunner:
             if (bucket, tbo) in self._compiled or (bucket, tbo) in lowered:
                 continue
             t0 = time.perf_counter()
-            none = np.zeros(0, np.int32)
-            empty = StepInputs(bucket, tbo, [[] for _ in range(self.dp)], [],
-                               SamplingRows(none, none.view(np.float32), none, none.view(np.float32),
-                                            none.view(np.uint32), none.view(np.uint32)))
-            buf = place(self._input_block(empty, None), self._replicated)
+            buf = place(self._input_block(self.empty_inputs(bucket, tbo), None), self._replicated)
             lowered[(bucket, tbo)] = self._device_step.lower(self.params, self.cache, self._page_table_dev,
                                                              self._last_out, buf, tbo=tbo)
             times[(bucket, tbo)] = time.perf_counter() - t0
