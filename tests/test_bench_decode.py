@@ -32,3 +32,13 @@ def test_bench_decode_reports_host_time_by_phase(tmp_path):
     # still be running when the engine thread reads the clock)
     worker = thread["host_ms"]["dispatch_thread"]
     assert worker["steps"] >= 2 and worker["launch"] > 0 and worker["pack"] > 0
+
+
+def test_launch_summary_averages_devices():
+    from atom_jax.bench.decode import _launch_summary
+
+    la = [{"per_step": 100.0, "short_per_step": 80.0, "per_layer_mean": 20.0},
+          {"per_step": 110.0, "short_per_step": 90.0, "per_layer_mean": None}]
+    assert _launch_summary(la) == {"launches_per_step": 105.0, "short_launches_per_step": 85.0,
+                                   "launches_per_layer": 20.0}
+    assert _launch_summary([]) == {}

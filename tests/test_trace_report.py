@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from atom_jax.trace import intervals as iv
@@ -171,11 +172,11 @@ def _gpu_xspace_text() -> str:
             t0 = 1000 * step + 100
             # mb_a GEMM 0..300, NCCL 200..500 (100 hidden, 200 exposed), mb_b fusion 500..600
             compute.append(event("nvjet_tst_gemm", t0, 300, hlo_op="custom-call.1",
-                                 name="jit(step)/mb_a/dot_general"))
+                                 name="jit(step)/layer0/mb_a/dot_general"))
             comm.append(event("ncclDevKernel_AllGather_RING_LL", t0 + 200, 300,
                               hlo_op="all-gather-start.2", name="jit(step)/mb_b/all_gather"))
             compute.append(event("loop_fusion", t0 + 500, 100, hlo_op="fusion.9",
-                                 name="jit(step)/mb_b/add"))
+                                 name="jit(step)/layer1/mb_b/add"))
             compute.append(event("MemcpyD2D", t0 + 650, 10))
         ops = [event("fusion.9", 100, 100)]
         planes.append(f"""planes {{ id: {10 + gpu} name: "/device:GPU:{gpu}"
@@ -233,6 +234,30 @@ def test_gpu_layout_report_numbers(gpu_like_trace):
     assert d["step_period_ms"] == pytest.approx(1.0)
     assert d["busy_share_of_period"] == pytest.approx(0.61)
     assert "device busy 61.0% of it" in format_report(rep)
+    la = d["launches"]  # gemm (layer0), fusion (layer1), NCCL and copy (no layer) per step
+    assert la["per_step"] == 4 and la["short_per_step"] == 0
+    assert la["by_layer"] == {"layer0": 1, "layer1": 1} and la["outside_layers_per_step"] == 2
+    assert "launches 4.0 per step" in format_report(rep)
+
+
+def test_launches_per_step_and_layer():
+    """Short launches (< 10 us) and launches per decoder layer scope, from op_name metadata."""
+    from atom_jax.trace.report import _launches
+
+    rng = np.random.default_rng()
+    events, want = [], {}
+    for i, layer in enumerate(rng.integers(0, 5, 40)):
+        name = f"jit(step)/shard_map/layer{layer}/mb_a/add" if layer < 4 else "jit(step)/argmax"
+        events.append(Event("/device:GPU:0", "Stream #1", "loop_fusion", 100.0 * i, 1e3 * (3 + 4 * (i % 4)),
+                            {"name": name}))
+        key = f"layer{layer}" if layer < 4 else "step"
+        want[key] = want.get(key, 0) + 1
+    la = _launches(events, 2)
+    assert la["per_step"] == 20
+    assert la["short_per_step"] == sum(1 for e in events if e.dur_ns < 1e4) / 2  # 3 and 7 us
+    assert la["outside_layers_per_step"] == want.pop("step", 0) / 2
+    assert la["by_layer"] == {k: v / 2 for k, v in sorted(want.items())}
+    assert la["per_layer_max"] == max(want.values()) / 2 and la["layers"] == len(want)
 
 
 def test_busy_share_of_period_counts_kernels_past_the_annotation():

@@ -127,9 +127,24 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
                    device_busy_share=round(busy / step, 3) if step else None,
                    step_period_ms_traced=round(statistics.fmean(d["step_period_ms"] for d in devs), 3) if shares else None,
                    busy_share_of_period=round(statistics.fmean(shares), 3) if shares else None)
+        res.update(_launch_summary([d["launches"] for d in devs if d.get("launches")]))
     while engine.has_unfinished():  # the few steps left (max_tokens), so every page is free again
         engine.step()
     return res
+
+
+def _launch_summary(launches: list[dict]) -> dict:
+    """Kernels and copies per step, the short ones and per decoder layer (`trace.report`'s
+    "launches"), averaged over the devices."""
+    if not launches:
+        return {}
+
+    def mean(key):
+        vals = [la[key] for la in launches if la[key] is not None]
+        return round(statistics.fmean(vals), 2) if vals else None
+
+    return {"launches_per_step": mean("per_step"), "short_launches_per_step": mean("short_per_step"),
+            "launches_per_layer": mean("per_layer_mean")}
 
 
 def run_cli(args) -> int:

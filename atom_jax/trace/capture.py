@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from atom_jax.trace.categories import MICRO_BATCHES
+from atom_jax.trace.categories import LAYER_SCOPE, MICRO_BATCHES
 
 MB_A, MB_B = MICRO_BATCHES
 STEP_NAME = "step"  # StepTraceAnnotation name; the loader keys on its step_num stat
@@ -37,9 +37,6 @@ def micro_batch_scope(name: str) -> contextlib.AbstractContextManager:
     if name not in MICRO_BATCHES:
         raise ValueError(f"micro-batch scope must be one of {MICRO_BATCHES}, got {name!r}")
     return jax.named_scope(name)
-
-
-LAYER_SCOPE = "layer{}"  # named scope of decoder layer i's ops (op counts per layer: trace.op_counts)
 
 
 def layer_scope(i: int) -> contextlib.AbstractContextManager:

@@ -125,6 +125,23 @@ _MB_PATTERNS = {mb: re.compile(rf"(?<![A-Za-z0-9]){re.escape(mb)}(?![A-Za-z0-9])
                 for mb in MICRO_BATCHES}
 
 
+# Named scope of decoder layer i (`trace.capture.layer_scope`, put around each layer by the layer
+# loop): op_name metadata "jit(step)/.../layer12/mb_a/dot_general"; ops outside every layer
+# (input unpacking, embedding, logits, sampling) count as NO_LAYER.
+LAYER_SCOPE = "layer{}"
+NO_LAYER = "step"
+_LAYER_RE = re.compile(r'(?:^|[/"(])(layer\d+)(?:/|"|$)')
+
+
+def layer_of(texts: Iterable[str]) -> str:
+    """``layer<i>`` of the first text that names a layer scope, else NO_LAYER."""
+    for t in texts:
+        m = _LAYER_RE.search(t or "")
+        if m:
+            return m.group(1)
+    return NO_LAYER
+
+
 def micro_batch(texts: Iterable[str]) -> str:
     """``mb_a`` / ``mb_b`` if the texts (kernel name, op_name metadata, ...) name exactly
     one micro-batch scope, ``mixed`` if they name both, else ``unknown``."""

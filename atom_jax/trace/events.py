@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from atom_jax.trace import intervals as iv
-from atom_jax.trace.categories import classify, micro_batch as micro_batch_of
+from atom_jax.trace.categories import classify, layer_of, micro_batch as micro_batch_of
 from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, hlo_index_from_xspace
 
 XPLANE_GLOB = "*.xplane.pb"
@@ -77,6 +77,16 @@ class Event:
         if self.hlo is not None:
             texts += [self.hlo.op_name, *self.hlo.fused_op_names]
         return micro_batch_of(texts)
+
+
+    @functools.cached_property
+    def layer(self) -> str:
+        """The decoder layer scope ("layer<i>") of the op it ran (its own op_name first, then
+        the ops fused into it), else categories.NO_LAYER."""
+        texts = [str(v) for k, v in self.stats.items() if k in _SCOPE_STATS]
+        if self.hlo is not None:
+            texts = [self.hlo.op_name] + texts + list(self.hlo.fused_op_names)
+        return layer_of(texts)
 
 
 # Stats that may hold the op_name path; GPU kernels carry it as "name"

@@ -26,8 +26,9 @@ import collections
 import json
 import re
 
-STEP = "step"  # ops outside every layer scope
-_LAYER_RE = re.compile(r"(?:^|[/\"(])(layer\d+)(?:/|\"|$)")
+from atom_jax.trace.categories import NO_LAYER, layer_of
+
+STEP = NO_LAYER  # ops outside every layer scope
 # primitives whose nested jaxpr is a kernel body (one launch), not ops of the program
 _KERNEL_PRIMITIVES = {"pallas_call", "triton_kernel_call", "mosaic_gpu_call"}
 ELEMENTWISE, SHAPE = "elementwise", "shape"
@@ -52,8 +53,8 @@ def scope_of(name_stack: str, outer: str | None = None) -> str:
     reused by several layers keeps the caller's layer."""
     if outer and outer != STEP:
         return outer
-    m = _LAYER_RE.search(name_stack or "")
-    return m.group(1) if m else (outer or STEP)
+    found = layer_of([name_stack])
+    return found if found != NO_LAYER else (outer or STEP)
 
 
 def _table():

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from atom_jax.trace import intervals as iv
 from atom_jax.trace.categories import (
-    CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, UNKNOWN_MB,
+    CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, NO_LAYER, UNKNOWN_MB,
 )
 from atom_jax.trace.events import Event, Trace, load_trace
 
@@ -97,6 +97,33 @@ def _top_kernels(events: list[Event], top: int, steps: int) -> list[dict]:
     return rows[:top]
 
 
+SHORT_US = 10.0  # launches shorter than this are latency-bound: what a step bound by launches is made of
+
+
+def _launches(events: list[Event], steps: int) -> dict:
+    """Device events (kernels and copies) per step: all, the short ones (< SHORT_US) and their
+    time, and per decoder layer scope (the `layer<i>` named scope in their op_name): mean, min
+    and max over the layers seen, and outside every layer."""
+    steps = max(steps, 1)
+    short = [e for e in events if e.dur_ns < SHORT_US * 1e3]
+    by_layer: dict[str, int] = {}
+    for e in events:
+        by_layer[e.layer] = by_layer.get(e.layer, 0) + 1
+    outside = by_layer.pop(NO_LAYER, 0)
+    per_layer = [c / steps for c in by_layer.values()]
+    return {
+        "per_step": round(len(events) / steps, 2),
+        "short_per_step": round(len(short) / steps, 2),
+        "short_ms_per_step": _ms(sum(e.dur_ns for e in short), steps),
+        "layers": len(by_layer),
+        "per_layer_mean": round(statistics.fmean(per_layer), 2) if per_layer else None,
+        "per_layer_min": round(min(per_layer), 2) if per_layer else None,
+        "per_layer_max": round(max(per_layer), 2) if per_layer else None,
+        "outside_layers_per_step": round(outside / steps, 2),
+        "by_layer": {k: round(v / steps, 2) for k, v in sorted(by_layer.items(), key=lambda kv: int(kv[0][5:]))},
+    }
+
+
 def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | None = None) -> dict:
     all_events = [e for e in trace.events if e.device == device]
     windows = step_windows(trace, all_events)
@@ -149,6 +176,7 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
 
     return {
         "events": len(events),
+        "launches": _launches(events, n),
         "steps": n,
         "step_source": step_source,
         "step_time_ms": round(step_ms, 6),
@@ -193,12 +221,24 @@ def _pct_text(p: float | None) -> str:
     return f"{p:.1f}%" if p is not None else "-"
 
 
+def _launch_line(la: dict | None) -> str:
+    if not la:
+        return "   launches: -"
+    line = (f"   launches {la['per_step']:.1f} per step, {la['short_per_step']:.1f} under {SHORT_US:g} us "
+            f"({la['short_ms_per_step']:.3f} ms)")
+    if la["layers"]:
+        line += (f"; per layer {la['per_layer_mean']:.1f} (min {la['per_layer_min']:.1f}, max "
+                 f"{la['per_layer_max']:.1f}) over {la['layers']} layers, {la['outside_layers_per_step']:.1f} outside")
+    return line
+
+
 def _device_lines(device: str, d: dict) -> list[str]:
     out = [f"== {device}: {d['events']} events over {d['steps']} step(s) ({d['step_source']})",
            f"   step {d['step_time_ms']:.3f} ms | device span {d['device_span_ms']:.3f} ms"
            f" | busy {d['busy_ms']:.3f} ms  (per step)"
            + (f"\n   period {d['step_period_ms']:.3f} ms (step start to next step start), device busy "
               f"{_pct_text(100 * d['busy_share_of_period'])} of it" if d.get("busy_share_of_period") is not None else ""),
+           _launch_line(d.get("launches")),
            f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% step':>8}"]
     for c, v in d["categories"].items():
         pct = _pct(v["union_ms"], d["step_time_ms"])
