@@ -208,6 +208,25 @@ def test_ranked_route_at_the_limit_on_gpu():
     assert temp < m * m // 4, temp
 
 
+def test_rank_route_env_override(monkeypatch):
+    """$ATOM_JAX_RANK_ROUTE_MAX=0 sorts every route (the GPU A/B of the ranked route); a bad
+    value is refused."""
+    idx = jax.ShapeDtypeStruct((4, 2), jnp.int32)
+
+    def prims():
+        jaxpr = jax.make_jaxpr(lambda i: sort_by_expert(i, 0, 3))(idx)
+        return {e.primitive.name for e in jaxpr.jaxpr.eqns} | {
+            e.primitive.name for eqn in jaxpr.jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(eqn.params)
+            for e in sub.eqns}
+
+    assert "sort" not in prims()
+    monkeypatch.setenv(moe.RANK_ROUTE_ENV, "0")
+    assert "sort" in prims()
+    monkeypatch.setenv(moe.RANK_ROUTE_ENV, "lots")
+    with pytest.raises(ValueError, match="ATOM_JAX_RANK_ROUTE_MAX"):
+        prims()
+
+
 @pytest.mark.parametrize("platform,rank_max", [("cuda", None), ("rocm", None), ("cuda", 0)])
 def test_moe_lowers_without_row_gather_or_scatter(platform, rank_max, monkeypatch):
     """The routed experts as the GPU runs them (Pallas kernels): the Triton kernels lower, and

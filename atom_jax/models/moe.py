@@ -4,6 +4,7 @@ the grouped-GEMM seam, one shared expert; SwiGLU clamped at `swiglu_limit`."""
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,21 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
 # inverse permutation and one for the group sizes; the comparisons are three fused
 # compare-and-count reductions over [M, M] (16.7M int32 compares at the limit).
 RANK_ROUTE_MAX = 4096
+RANK_ROUTE_ENV = "ATOM_JAX_RANK_ROUTE_MAX"  # overrides it when set (0: always sort; read when traced)
+
+
+def rank_route_max() -> int:
+    """$ATOM_JAX_RANK_ROUTE_MAX if set (an int >= 0), else RANK_ROUTE_MAX."""
+    value = os.environ.get(RANK_ROUTE_ENV)
+    if value is None or value == "":
+        return RANK_ROUTE_MAX
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"${RANK_ROUTE_ENV}={value!r}: an int >= 0 (0: always sort the route)")
+    return n
 
 
 def sort_by_expert(idx, expert_offset: int, e_local: int, rank_max: int | None = None):
@@ -77,7 +93,7 @@ def sort_by_expert(idx, expert_offset: int, e_local: int, rank_max: int | None =
     inv [N * k]: its inverse (flat choice index -> sorted position), valid [N * k] bool: the
     choice is local, sizes [e_local]: rows per local expert).
 
-    Up to `rank_max` pairs (default RANK_ROUTE_MAX) without a sort or a scatter: each pair's
+    Up to `rank_max` pairs (default `rank_route_max()`: RANK_ROUTE_MAX or $ATOM_JAX_RANK_ROUTE_MAX) without a sort or a scatter: each pair's
     sorted position is the count of pairs before it in (key, index) order, the permutation and
     the group sizes are compare-and-count reductions too; the same permutation as the stable
     sort (integers: exactly equal)."""
@@ -86,7 +102,7 @@ def sort_by_expert(idx, expert_offset: int, e_local: int, rank_max: int | None =
     key = jnp.where(valid, local, e_local).astype(jnp.int32)
     m = key.shape[0]
     i = jnp.arange(m, dtype=jnp.int32)
-    if m <= (RANK_ROUTE_MAX if rank_max is None else rank_max):
+    if m <= (rank_route_max() if rank_max is None else rank_max):
         before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (i[None, :] < i[:, None]))
         inv = jnp.sum(before, axis=1, dtype=jnp.int32)
         order = jnp.sum(jnp.where(inv[None, :] == i[:, None], i[None, :], 0), axis=1, dtype=jnp.int32)
