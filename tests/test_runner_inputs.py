@@ -95,3 +95,22 @@ def test_the_first_steps_page_table_is_not_the_host_table(monkeypatch):
     table, at_dispatch = seen[0]
     assert not at_dispatch.any()  # the entries come in the input block, the device writes them
     np.testing.assert_array_equal(table, at_dispatch)  # the 2nd step's rows never reach it
+
+
+def test_small_buckets_sample_only_the_rows_they_can_hold():
+    """A step of `bucket` tokens per rank computes logits and samples for min(bucket, num_slots)
+    rows per rank, not for every slot: decode at bucket 4 with 8 slots (sequences on both of
+    2 ranks, the second rank's rows remapped) gives the tokens a bucket holding every slot
+    gives, greedy and seeded sampling alike."""
+    rng = np.random.default_rng()
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (9, 14, 5, 11, 7, 3)]
+    params = [SamplingParams(max_tokens=5, ignore_eos=True),
+              SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.9, top_p=0.8, seed=7)]
+    outs = []
+    for buckets in ((4, 32), (32,)):
+        eng = Engine(EngineConfig(dp=2, num_slots=8, num_pages=16, page_tokens=16, max_pages_per_seq=4,
+                                  max_tokens_per_step=32, chunk_size=32, buckets=buckets,
+                                  enable_prefix_caching=False))
+        outs.append([o.token_ids for p in params for o in eng.generate(prompts, p)])
+        eng.close()
+    assert outs[0] == outs[1]

@@ -359,11 +359,20 @@ def _device_step(step, mesh, num_slots, max_samples, num_updates, params, cache,
     batch["ids"] = jnp.where(ids < 0, last_out[0][jnp.maximum(-ids - 1, 0)], ids)
     logits, cache = step(params, cache, batch, page_table, tbo=tbo)
     f32, u32 = (lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)), (lambda a: jax.lax.bitcast_convert_type(a, jnp.uint32))  # noqa: E731
-    rows = sampling[0]
-    flat = logits.reshape(-1, logits.shape[-1])[rows]
-    toks, lps = sample_tokens(flat, f32(sampling[1]), sampling[2], f32(sampling[3]), u32(sampling[4]), u32(sampling[5]))
-    # one block, replicated, so every process (the scheduler's too) reads it in one copy
+    # logits [dp, S, vocab]: S = min(bucket, num_slots) rows per rank (a step of `bucket` tokens
+    # per rank samples at most that many), so the sampler runs on dp * S rows, not on every
+    # slot's (at bucket 1 and 64 slots: 2 rows of the vocabulary to sort instead of 128).
+    # The host's rows are rank * num_slots + j (j < S) and fill the first columns.
+    s = logits.shape[1]
+    cap = dp * s
+    rows = sampling[0, :cap]
+    flat = logits.reshape(-1, logits.shape[-1])[(rows // num_slots) * s + rows % num_slots]
+    toks, lps = sample_tokens(flat, f32(sampling[1, :cap]), sampling[2, :cap], f32(sampling[3, :cap]),
+                              u32(sampling[4, :cap]), u32(sampling[5, :cap]))
+    # one block, replicated, so every process (the scheduler's too) reads it in one copy; padded
+    # to max_samples columns, the shape every bucket's program reads back as `last_out`
     out = jnp.stack([toks, jax.lax.bitcast_convert_type(lps, jnp.int32)])
+    out = jnp.pad(out, ((0, 0), (0, max_samples - cap)))
     return cache, page_table, jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
 
 

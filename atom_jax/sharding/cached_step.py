@@ -52,12 +52,14 @@ class CachedRankStep(RankStep):
             chains.append(Chain(ids, self.model.embed_streams(ids), context=_slice_batch(b, lo, hi)))
         self.run(chains)
         streams = jnp.concatenate([c.streams for c in chains], axis=0)
-        return self.model.logits(streams[b["sample_idx"]]), self.cache
+        # each sampled chunk has a token here: a step of t tokens samples at most t of them
+        return self.model.logits(streams[b["sample_idx"][: min(t, b["sample_idx"].shape[0])]]), self.cache
 
 
 def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
     """-> (step, specs): `step(params, cache, batch, page_table, tbo=False)` ->
-    (logits [dp, S, vocab], cache).
+    (logits [dp, S, vocab], cache): S = min(T, len(sample_idx)) for T tokens per rank (the
+    first S entries of sample_idx: a step samples at most one token per chunk).
 
     params: the model's pure param dict placed per `param_specs`; cache: list of per-layer
     dicts whose arrays carry a leading [dp] axis; batch: PackedBatch arrays stacked to [dp, ...]
