@@ -32,6 +32,50 @@ def test_kernel_matches_reference_interpreted(shape, iters):
     np.testing.assert_allclose(np.asarray(got).sum(-2), 1.0, atol=1e-4)
 
 
+def test_comb_from_the_mixes_matches_reference_and_its_gradient():
+    """The mHC comb straight from the block's mixes (the kernel applies scale and bias to the
+    comb columns as it loads them): the reference's values, and through the custom VJP its
+    gradients for the mixes, the scale and the bias."""
+    rng = np.random.default_rng()
+    n, t = 4, 21
+    mixes = _logits(rng, (t, (2 + n) * n))
+    scale, bias = jnp.float32(rng.random() + 0.5), _logits(rng, (n * n,))
+    got = hc_sinkhorn.sinkhorn_affine(mixes, n, 2 * n, scale, bias, 3, 1e-6, interpret=True, block_t=16)
+    ref = hyper.affine_sinkhorn_reference(mixes, scale, bias, 2 * n, n, 3, 1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        np.asarray(ref), np.asarray(hyper.sinkhorn_reference(mixes[:, 2 * n:].reshape(t, n, n) * scale
+                                                             + bias.reshape(n, n), 3, 1e-6)))
+    w = _logits(rng, (t, n, n))
+
+    def loss(f):
+        return jax.grad(lambda m, s, b: jnp.sum(w * f(m, s, b)), argnums=(0, 1, 2))(mixes, scale, bias)
+
+    got = loss(lambda m, s, b: hyper.affine_sinkhorn_kernel(m, s, b, 2 * n, n, 3, 1e-6, True))
+    ref = loss(lambda m, s, b: hyper.affine_sinkhorn_reference(m, s, b, 2 * n, n, 3, 1e-6))
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(got[0][:, :2 * n])).max() == 0  # pre / post columns: not the comb's
+
+
+def test_hyper_connection_hands_the_kernel_its_mixes():
+    """Lowered for CUDA, an mHC block is one Sinkhorn kernel whose operand is the [T, 24] mixes
+    (no separate pass writes the comb logits) and no row reductions beyond its norms."""
+    from flax import nnx
+
+    from atom_jax.config import tiny
+
+    cfg = tiny()
+    hc = hyper.HyperConnection(cfg, nnx.Rngs(0))
+    streams = jax.ShapeDtypeStruct((64, cfg.hc_mult, cfg.hidden_size), jnp.float32)
+    fn = jax.jit(lambda s: hc(s))
+    with lowering_for("cuda"):
+        text = jax.export.export(fn, platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(streams).mlir_module()
+    calls = [line for line in text.splitlines() if TRITON in line and "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and "tensor<64x24xf32>" in calls[0], calls
+
+
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
 def test_hyper_connection_lowers_to_one_kernel(platform):
     """Lowered for a GPU, an mHC block's Sinkhorn is one Triton kernel and no row reductions;
@@ -83,6 +127,18 @@ def test_kernel_matches_reference_on_gpu(tokens, scale):
     x = jnp.asarray(rng.standard_normal((tokens, 4, 4)) * scale, jnp.float32)
     got = jax.jit(lambda z: hc_sinkhorn.sinkhorn(z, 20, 1e-6))(x)
     ref = jax.jit(lambda z: hyper.sinkhorn_reference(z, 20, 1e-6))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_comb_from_the_mixes_on_gpu():
+    """The model's path on a GPU: the comb from the mixes (scale and bias in the kernel)."""
+    rng = np.random.default_rng()
+    n = 4
+    mixes = _logits(rng, (1000, (2 + n) * n))
+    scale, bias = jnp.float32(1.7), _logits(rng, (n * n,))
+    got = jax.jit(lambda m: hyper.comb_of_mixes(m, scale, bias, n, 20, 1e-6))(mixes)
+    ref = jax.jit(lambda m: hyper.affine_sinkhorn_reference(m, scale, bias, 2 * n, n, 20, 1e-6))(mixes)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 

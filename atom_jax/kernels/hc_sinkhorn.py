@@ -8,6 +8,9 @@ array, two such blocks per layer: on a GPU each row sum is its own small reducti
 holds a block of tokens' n x n entries as n * n vectors in registers and runs the whole
 normalisation at once: one launch per mHC block.
 
+`sinkhorn_affine` reads the logits as an affine map of some columns of a wider array (the mHC
+comb's: the block's mixes times a scale plus a bias), so the model hands the kernel the mixes.
+
 The arithmetic is the reference's (`models.hyper.sinkhorn_reference`), entry by entry: the
 sums of n terms are added left to right (XLA's reduce may pair them differently: results agree
 to float32 rounding)."""
@@ -31,14 +34,19 @@ def _sum(xs):
     return out
 
 
-def _kernel(z_ref, o_ref, *, t: int, n: int, iters: int, eps: float, block_t: int):
+def _kernel(z_ref, *refs, t: int, n: int, iters: int, eps: float, block_t: int, col0: int, affine: bool):
+    a_ref, o_ref = refs if affine else (None, refs[0])
     rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
     mine = rows < t
 
     def at(ref, col):  # entry `col` of the block's tokens; both indices arrays (interpret mode)
         return ref.at[rows, jnp.full((block_t,), col, jnp.int32)]
 
-    c = [[plt.load(at(z_ref, a * n + b), mask=mine, other=0.0) for b in range(n)] for a in range(n)]
+    def logit(k):  # entry k of the n x n logits: column col0 + k, times the scale plus its bias
+        z = plt.load(at(z_ref, col0 + k), mask=mine, other=0.0)
+        return z * a_ref[0, k] + a_ref[1, k] if affine else z
+
+    c = [[logit(a * n + b) for b in range(n)] for a in range(n)]
     for a in range(n):  # softmax over each row, + eps
         top = c[a][0]
         for b in range(1, n):
@@ -70,22 +78,44 @@ def sinkhorn(logits, iters: int, eps: float, interpret: bool = False, block_t: i
     *lead, n, n2 = logits.shape
     if n != n2:
         raise ValueError(f"sinkhorn: logits must be [..., n, n], got {logits.shape}")
+    z = logits.astype(jnp.float32).reshape(-1, n * n)
+    return _call(z, n, iters, eps, interpret, block_t).reshape(*lead, n, n)
+
+
+def sinkhorn_affine(z, n: int, col0: int, scale, bias, iters: int, eps: float, interpret: bool = False,
+                    block_t: int = BLOCK_T):
+    """`sinkhorn` of the logits z[..., col0 : col0 + n * n] (as [..., n, n]) * scale + bias
+    ([n * n]), the affine applied as the kernel loads them: the mHC comb straight from a block's
+    mixes (col0 = 2n), so no XLA pass writes the logits first (one launch fewer per call).
+    z [..., columns] float32 -> [..., n, n] float32."""
+    *lead, width = z.shape
+    if width < col0 + n * n or jnp.size(bias) != n * n:
+        raise ValueError(f"sinkhorn_affine: z {z.shape}, bias {jnp.shape(bias)}: columns {col0}.. of n = {n}")
+    affine = jnp.stack([jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n * n,)),
+                        jnp.asarray(bias, jnp.float32).reshape(n * n)])
+    z = z.astype(jnp.float32).reshape(-1, width)
+    return _call(z, n, iters, eps, interpret, block_t, col0=col0, affine=affine).reshape(*lead, n, n)
+
+
+def _call(z, n: int, iters: int, eps: float, interpret: bool, block_t: int, col0: int = 0, affine=None):
+    """The kernel over z [T, columns]: logits from columns col0 .. col0 + n * n (with `affine`
+    [2, n * n]: times row 0 plus row 1) -> [T, n * n]."""
     if iters < 1:
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
-    z = logits.astype(jnp.float32).reshape(-1, n * n)
     t = z.shape[0]
     if t == 0:  # no tokens: no launch (a grid of 0 programs)
-        return z.reshape(*lead, n, n)
+        return jnp.zeros((0, n * n), jnp.float32)
     block_t = min(block_t, max(16, pl.next_power_of_2(t)))
     tiles = pl.cdiv(t, block_t)
     pad = tiles * block_t - t if interpret else 0  # interpret mode clamps slices instead of masking
     zp = jnp.pad(z, ((0, pad), (0, 0))) if pad else z
     out = pl.pallas_call(
-        functools.partial(_kernel, t=t, n=n, iters=iters, eps=float(eps), block_t=block_t),
+        functools.partial(_kernel, t=t, n=n, iters=iters, eps=float(eps), block_t=block_t, col0=col0,
+                          affine=affine is not None),
         out_shape=jax.ShapeDtypeStruct((t + pad, n * n), jnp.float32),
         grid=(tiles,),
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="hc_sinkhorn",
-    )(zp)
-    return (out[:t] if pad else out).reshape(*lead, n, n)
+    )(zp, *(() if affine is None else (affine,)))
+    return out[:t] if pad else out

@@ -32,8 +32,7 @@ class HyperConnection(nnx.Module):
         base, scale = self.base[...], self.scale[...]
         pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
         post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
-        comb = mixes[..., 2 * n:].reshape(*mixes.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
-        comb = sinkhorn(comb, self.cfg.hc_sinkhorn_iters, eps)
+        comb = comb_of_mixes(mixes, scale[2], base[2 * n:], n, self.cfg.hc_sinkhorn_iters, eps)
         collapsed = jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
         return post, comb, collapsed
 
@@ -69,31 +68,58 @@ def sinkhorn_backend() -> str:
     return backend
 
 
+def _use_reference() -> bool:
+    return sinkhorn_backend() == "jnp" or is_cpu()
+
+
 def sinkhorn(logits, iters: int, eps: float):
     """`sinkhorn_reference`'s result, by `sinkhorn_backend()`."""
-    if sinkhorn_backend() == "jnp" or is_cpu():
+    if _use_reference():
         return sinkhorn_reference(logits, iters, eps)
     return sinkhorn_kernel(logits, iters, eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def comb_of_mixes(mixes, scale, bias, n: int, iters: int, eps: float):
+    """The comb of an mHC block from its mixes [..., (2 + n) * n]: the Sinkhorn of the logits
+    mixes[..., 2n:] * scale + bias ([n * n]), by `sinkhorn_backend()`; the kernel takes the
+    mixes themselves (kernels/hc_sinkhorn.sinkhorn_affine)."""
+    if _use_reference():
+        return affine_sinkhorn_reference(mixes, scale, bias, 2 * n, n, iters, eps)
+    return affine_sinkhorn_kernel(mixes, scale, bias, 2 * n, n, iters, eps, False)
+
+
+def affine_sinkhorn_reference(z, scale, bias, col0: int, n: int, iters: int, eps: float):
+    """`sinkhorn_reference` of z[..., col0 : col0 + n * n] (as [..., n, n]) * scale + bias."""
+    logits = z[..., col0: col0 + n * n].reshape(*z.shape[:-1], n, n) * scale + bias.reshape(n, n)
+    return sinkhorn_reference(logits, iters, eps)
+
+
 def sinkhorn_kernel(logits, iters: int, eps: float, interpret: bool = False):
-    """The Pallas kernel (kernels/hc_sinkhorn.py), differentiable: its backward is the
+    """The Pallas kernel (kernels/hc_sinkhorn.py) on logits [..., n, n], differentiable (see
+    `affine_sinkhorn_kernel`); scale 1 and bias 0 leave the logits exact."""
+    n = logits.shape[-1]
+    z = logits.astype(jnp.float32).reshape(*logits.shape[:-2], n * n)
+    return affine_sinkhorn_kernel(z, jnp.float32(1.0), jnp.zeros((n * n,), jnp.float32), 0, n, iters, eps, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def affine_sinkhorn_kernel(z, scale, bias, col0: int, n: int, iters: int, eps: float, interpret: bool):
+    """`affine_sinkhorn_reference` by the Pallas kernel, differentiable: its backward is the
     reference's, recomputed (training, train_tiny, on a GPU; the kernel has no VJP of its own)."""
     from atom_jax.kernels import hc_sinkhorn
-    return hc_sinkhorn.sinkhorn(logits, iters, eps, interpret=interpret)
+    return hc_sinkhorn.sinkhorn_affine(z, n, col0, scale, bias, iters, eps, interpret=interpret)
 
 
-def _sinkhorn_kernel_fwd(logits, iters, eps, interpret):
-    return sinkhorn_kernel(logits, iters, eps, interpret), logits
+def _affine_sinkhorn_kernel_fwd(z, scale, bias, col0, n, iters, eps, interpret):
+    return affine_sinkhorn_kernel(z, scale, bias, col0, n, iters, eps, interpret), (z, scale, bias)
 
 
-def _sinkhorn_kernel_bwd(iters, eps, interpret, logits, g):
-    out, vjp = jax.vjp(lambda z: sinkhorn_reference(z, iters, eps), logits)
+def _affine_sinkhorn_kernel_bwd(col0, n, iters, eps, interpret, res, g):
+    out, vjp = jax.vjp(lambda z, s, b: affine_sinkhorn_reference(z, s, b, col0, n, iters, eps), *res)
     return vjp(g.astype(out.dtype))
 
 
-sinkhorn_kernel.defvjp(_sinkhorn_kernel_fwd, _sinkhorn_kernel_bwd)
+affine_sinkhorn_kernel.defvjp(_affine_sinkhorn_kernel_fwd, _affine_sinkhorn_kernel_bwd)
 
 
 def hc_merge(streams, block_out, post, comb):
