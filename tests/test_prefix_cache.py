@@ -410,3 +410,35 @@ def test_pages_of_a_failed_step_are_not_reused_by_the_prefix_cache():
     eng.reset_scheduler(prefix_caching=False)  # the oracle: no cache, the synchronous loop
     eng.config.overlap_schedule = False
     assert [o.token_ids for o in eng.generate([a, b], params)] == [got.token_ids, outs[1].token_ids]
+
+
+def test_restored_tail_holds_every_compressors_columns():
+    """The compressors' tail a restore rebuilds (one `tail` array per compressed layer: the
+    attention compressor's kv and gate, then the CSA indexer's) equals the tail of computing the
+    whole prompt, every column: the engine-level comparison above cannot see the indexer's
+    columns (at the tiny model's top-k every entry is selected). One slot, whose tail is
+    overwritten by an unrelated prompt in between; the prompt ends 2 tokens past the cached
+    pages, so the rows of the positions before them are the restored ones."""
+    from atom_jax.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng()
+    eng = Engine(EngineConfig(dp=1, num_slots=1, num_pages=8, page_tokens=16, max_pages_per_seq=4,
+                              max_tokens_per_step=64, chunk_size=64, buckets=(64,)))
+    stem = list(map(int, rng.integers(2, 256, 32)))
+    prompt = stem + list(map(int, rng.integers(2, 256, 2)))
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def tails(cache: bool):
+        eng.reset_scheduler(prefix_caching=cache)
+        eng.generate([stem], one)
+        eng.generate([list(map(int, rng.integers(2, 256, 40)))], one)  # another prompt in the slot
+        (out,) = eng.generate([prompt], one)
+        assert out.num_cached_tokens == (32 if cache else 0)
+        return [np.asarray(c["tail"])[0, 0] for c in eng.runner.cache if "page_tail" in c]
+
+    got, want = tails(True), tails(False)
+    eng.close()
+    assert got
+    for g, w in zip(got, want):
+        q = np.arange(32 - 4, 32) % g.shape[0]  # the positions the restore wrote (ratio 4)
+        np.testing.assert_allclose(g[q], w[q], rtol=1e-5, atol=1e-5)
