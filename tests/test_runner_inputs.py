@@ -131,3 +131,19 @@ def test_small_buckets_with_tbo_and_several_chunks_per_rank():
         outs.append([o.token_ids for _ in range(2) for o in eng.generate(prompts, params)])
         eng.close()
     assert outs[0] == outs[1]
+
+
+def test_a_chunk_without_tokens_is_refused():
+    """The decode step samples at most one row per token of the bucket (min(bucket, slots) per
+    rank): every chunk holds a token, so a chunk of none (which would also sample the token
+    before it) is refused, with or without the TBO split."""
+    import pytest
+
+    from atom_jax.cache import pack_chunks
+
+    chunks = [(0, 4, [5], True), (1, 0, [], True)]
+    for split in (False, True):
+        with pytest.raises(ValueError, match="no tokens"):
+            pack_chunks(chunks, 4, 8, split=split)
+    b = pack_chunks([(0, 4, [5], True), (1, 0, [6, 7, 8], True)], 4, 8, split=True)
+    assert b.num_samples == 2 and list(b.sample_idx[:2]) == [0, 3]

@@ -66,6 +66,8 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
         if len(set(slots)) != len(slots):  # the compressor sizes its work by this (max_windows)
             raise ValueError(f"a buffer (or TBO half) holds one chunk per slot; slots {slots}")
         lens = np.fromiter((len(c[2]) for c in region), np.int32, len(region))
+        if not lens.all():  # the decode step keeps min(size, slots) sampling rows: one token each at least
+            raise ValueError(f"a chunk holds no tokens (slots {[c[0] for c in region if not len(c[2])]})")
         n = int(lens.sum())
         if n > cap:
             raise ValueError(f"chunks hold more than {size} tokens")
