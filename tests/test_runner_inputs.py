@@ -117,18 +117,19 @@ def test_small_buckets_sample_only_the_rows_they_can_hold():
 
 
 def test_small_buckets_with_tbo_and_several_chunks_per_rank():
-    """The row remap under TBO and chunked prefill: 16 slots, buckets of 2-8 tokens per rank
-    (below the slot count), 4-token chunks so a rank samples from several chunks of one step
-    (decodes and prefills whose last chunk ends), split across TBO's halves; prefix caching on
-    (the second round restores cached pages). Equals one bucket holding every slot."""
+    """The row remap under TBO with prefix caching: 16 slots, a 4-token bucket per rank below
+    the slot count (its steps sample up to 4 chunks per rank, split between TBO's halves), 4-token
+    chunks; the second round restores cached pages. Equals one bucket holding every slot (and
+    fails without the remap)."""
     rng = np.random.default_rng()
-    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (9, 14, 5, 11, 7, 3, 2, 6)]
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (9, 21, 5, 19, 7, 3, 2, 6)]
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.9, top_p=0.8, seed=3)
     outs = []
-    for buckets in ((2, 4, 8, 16), (16,)):
+    for buckets in ((4, 16), (16,)):
         eng = Engine(EngineConfig(dp=2, num_slots=16, num_pages=48, page_tokens=16, max_pages_per_seq=2,
                                   max_tokens_per_step=16, chunk_size=4, buckets=buckets, tbo=True))
         outs.append([o.token_ids for _ in range(2) for o in eng.generate(prompts, params)])
+        assert eng.stats()["prefix_cache"]["hit_tokens"] > 0
         eng.close()
     assert outs[0] == outs[1]
 
