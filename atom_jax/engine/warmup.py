@@ -2,7 +2,8 @@
 `generate` before a `--profile` trace).
 
 XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
-on first use (the sampler's rows are padded, so it compiles once); on CPU each costs seconds.
+on first use (the sampler is part of each bucket's program, on min(bucket, num_slots) rows per
+rank); on CPU each costs seconds, at full depth on a GPU minutes.
 Run on the engine thread before serving, so the first real requests do not pay for it."""
 
 from __future__ import annotations
