@@ -63,9 +63,11 @@ def _window_plan(b, r: int, overlap: bool, span: int, page_table, epp: int, pool
     entry index w, positions `win` and where their rows come from, the pool address of each new
     entry (out of range: none), and which tokens' rows the tail keeps."""
     memo = b.get(PLANS)
+    # the entry holds the page table it was made from: a hit must be that very object (an id
+    # alone could be reused by another array once the first is freed)
     key = ("windows", r, overlap, span, epp, pool_rows, max_segments, id(page_table))
-    if memo is not None and key in memo:
-        return memo[key]
+    if memo is not None and key in memo and memo[key][0] is page_table:
+        return memo[key][1]
     pos = b["pos"]
     n = pos.shape[0]
     (src,) = jnp.nonzero(b["valid"] & (jnp.mod(pos + 1, r) == 0), size=max_windows(n, r, max_segments),
@@ -81,7 +83,7 @@ def _window_plan(b, r: int, overlap: bool, span: int, page_table, epp: int, pool
             "addr": jnp.where(done, entry_addresses(page_table, wb["slot"], jnp.maximum(w, 0), epp), pool_rows),
             "keep": b["valid"] & (pos >= b["seg_end_pos"] - span)}  # only the chunk's last `span` survive
     if memo is not None:
-        memo[key] = plan
+        memo[key] = (page_table, plan)
     return plan
 
 
