@@ -17,35 +17,35 @@ def _logits(rng, shape):
     return jnp.asarray(rng.standard_normal(shape) * 4.0, jnp.float32)
 
 
-@pytest.mark.parametrize("shape,iters", [((37, 4, 4), 4), ((2, 5, 3, 3), 2)])
-def test_kernel_matches_reference_interpreted(shape, iters):
-    """Ragged token counts (37: one partly filled block; 10 over 16-token blocks), V4's 4 x 4
-    and a 3 x 3, few iterations (each is unrolled: interpret mode compiles slowly; the GPU test
-    runs V4's 20); to float32 rounding (sums of n added in another order)."""
+@pytest.mark.parametrize("lead,n,col0,iters", [((37,), 4, 8, 4), ((2, 5), 3, 1, 2)])
+def test_kernel_matches_reference_interpreted(lead, n, col0, iters):
+    """The comb of the logits z[..., col0 : col0 + n * n] * scale + bias: ragged token counts (37:
+    one partly filled block; 10 over 16-token blocks), V4's 4 x 4 from its [T, 24] mixes and a
+    3 x 3 at an odd column between other columns, few iterations (each is unrolled: interpret
+    mode compiles slowly; the GPU test runs V4's 20); to float32 rounding (sums of n added in
+    another order)."""
     rng = np.random.default_rng()
-    x = _logits(rng, shape)
-    got = hc_sinkhorn.sinkhorn(x, iters, 1e-6, interpret=True, block_t=16)
-    ref = hyper.sinkhorn_reference(x, iters, 1e-6)
-    assert got.shape == shape
+    z = _logits(rng, (*lead, col0 + n * n + 2))
+    scale, bias = jnp.float32(rng.random() + 0.5), _logits(rng, (n * n,))
+    got = hc_sinkhorn.sinkhorn_affine(z, n, col0, scale, bias, iters, 1e-6, interpret=True, block_t=16)
+    ref = hyper.affine_sinkhorn_reference(z, scale, bias, col0, n, iters, 1e-6)
+    assert got.shape == (*lead, n, n)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(  # the reference reads those columns, times the scale plus the bias
+        np.asarray(ref), np.asarray(hyper.sinkhorn_reference(
+            z[..., col0:col0 + n * n].reshape(*lead, n, n) * scale + bias.reshape(n, n), iters, 1e-6)))
     # doubly stochastic to within the eps terms
     np.testing.assert_allclose(np.asarray(got).sum(-2), 1.0, atol=1e-4)
 
 
-def test_comb_from_the_mixes_matches_reference_and_its_gradient():
-    """The mHC comb straight from the block's mixes (the kernel applies scale and bias to the
-    comb columns as it loads them): the reference's values, and through the custom VJP its
-    gradients for the mixes, the scale and the bias."""
+def test_comb_gradient_through_the_kernel():
+    """Training (train_tiny) on a GPU differentiates the mHC comb: through the custom VJP (the
+    backward is the reference's, recomputed) the reference's gradients for the mixes, the scale
+    and the bias."""
     rng = np.random.default_rng()
     n, t = 4, 21
     mixes = _logits(rng, (t, (2 + n) * n))
     scale, bias = jnp.float32(rng.random() + 0.5), _logits(rng, (n * n,))
-    got = hc_sinkhorn.sinkhorn_affine(mixes, n, 2 * n, scale, bias, 3, 1e-6, interpret=True, block_t=16)
-    ref = hyper.affine_sinkhorn_reference(mixes, scale, bias, 2 * n, n, 3, 1e-6)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-7)
-    np.testing.assert_array_equal(
-        np.asarray(ref), np.asarray(hyper.sinkhorn_reference(mixes[:, 2 * n:].reshape(t, n, n) * scale
-                                                             + bias.reshape(n, n), 3, 1e-6)))
     w = _logits(rng, (t, n, n))
 
     def loss(f):
@@ -88,17 +88,21 @@ def test_hyper_connection_hands_the_kernel_its_mixes(platform):
     assert grad.count(TRITON) == 1
 
 
+# the comb_of_mixes arguments of a 64-token mHC block (n = 4): mixes, scale, bias
+COMB_ARGS = (jax.ShapeDtypeStruct((64, 24), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+             jax.ShapeDtypeStruct((16,), jnp.float32))
+
+
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_hyper_connection_lowers_to_one_kernel(platform):
+def test_comb_lowers_to_one_kernel(platform):
     """Lowered for a GPU, an mHC block's Sinkhorn is one Triton kernel and no row reductions;
     on CPU (and with SINKHORN_BACKEND 'jnp') the reference."""
-    x = jax.ShapeDtypeStruct((64, 4, 4), jnp.float32)
-    fn = jax.jit(lambda z: hyper.sinkhorn(z, 20, 1e-6))
+    fn = jax.jit(lambda m, s, b: hyper.comb_of_mixes(m, s, b, 4, 20, 1e-6))
     with lowering_for(platform):
         text = jax.export.export(fn, platforms=(platform,), disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(x).mlir_module()
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*COMB_ARGS).mlir_module()
     assert text.count(TRITON) == 1 and "hc_sinkhorn" in text and "stablehlo.reduce" not in text
-    assert TRITON not in jax.jit(fn).lower(x).as_text()  # this CPU process: the reference
+    assert TRITON not in fn.lower(*COMB_ARGS).as_text()  # this CPU process: the reference
 
 
 @pytest.mark.parametrize("how", ["env", "module"])
@@ -109,49 +113,39 @@ def test_jnp_backend_is_forced_on_a_gpu(how, monkeypatch):
         monkeypatch.setenv(hyper.SINKHORN_ENV, "jnp")
     else:
         monkeypatch.setattr(hyper, "SINKHORN_BACKEND", "jnp")
-    x = jax.ShapeDtypeStruct((8, 4, 4), jnp.float32)
-    fn = jax.jit(lambda z: hyper.sinkhorn(z, 3, 1e-6))
+    fn = jax.jit(lambda m, s, b: hyper.comb_of_mixes(m, s, b, 4, 3, 1e-6))
     with lowering_for("cuda"):
-        text = jax.export.export(fn, platforms=("cuda",))(x).mlir_module()
+        text = jax.export.export(fn, platforms=("cuda",))(*COMB_ARGS).mlir_module()
     assert TRITON not in text and "stablehlo.reduce" in text
     monkeypatch.setenv(hyper.SINKHORN_ENV, "triton")
     with pytest.raises(ValueError, match="choose 'auto' or 'jnp'"):
-        hyper.sinkhorn(jnp.zeros((2, 4, 4)), 3, 1e-6)
+        hyper.comb_of_mixes(jnp.zeros((2, 24)), 1.0, jnp.zeros((16,)), 4, 3, 1e-6)
 
 
 def test_no_tokens_no_launch():
     """An empty token axis returns an empty comb without a zero-program grid."""
+    fn = jax.jit(lambda z: hc_sinkhorn.sinkhorn_affine(z, 4, 8, 1.0, jnp.zeros((16,)), 20, 1e-6))
+    z = jax.ShapeDtypeStruct((0, 24), jnp.float32)
     with lowering_for("cuda"):
-        out = jax.eval_shape(lambda z: hc_sinkhorn.sinkhorn(z, 20, 1e-6), jax.ShapeDtypeStruct((0, 4, 4), jnp.float32))
-        text = jax.export.export(jax.jit(lambda z: hc_sinkhorn.sinkhorn(z, 20, 1e-6)), platforms=("cuda",))(
-            jax.ShapeDtypeStruct((0, 4, 4), jnp.float32)).mlir_module()
+        out = jax.eval_shape(fn, z)
+        text = jax.export.export(fn, platforms=("cuda",))(z).mlir_module()
     assert out.shape == (0, 4, 4) and TRITON not in text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens,scale", [(1, 4.0), (1000, 4.0), (4099, 30.0)])
-def test_kernel_matches_reference_on_gpu(tokens, scale):
-    """One token, a partly filled last block, large logits. Tolerance: Triton divides with
-    div.full.f32 (up to 2 ulp) where XLA rounds exactly, and the exps differ by an ulp or so; a
-    float32 simulation with every exp and division off by up to 4 ulp stays within 1e-6 + 1e-5
-    relative over 1.6M entries (2e-6 relative alone is exceeded by ~1 entry in 10^5)."""
-    rng = np.random.default_rng()
-    x = jnp.asarray(rng.standard_normal((tokens, 4, 4)) * scale, jnp.float32)
-    got = jax.jit(lambda z: hc_sinkhorn.sinkhorn(z, 20, 1e-6))(x)
-    ref = jax.jit(lambda z: hyper.sinkhorn_reference(z, 20, 1e-6))(x)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("size", [1.0, 30.0])
-def test_comb_from_the_mixes_on_gpu(size):
-    """The model's path on a GPU: the comb from the mixes (scale and bias in the kernel), at
-    ordinary and large mixes, values and gradients. The kernel may round mixes * scale + bias
-    once (an FMA) where XLA rounds twice: the logits then differ by an ulp of the largest, which
-    moves each output by that much relative (the softmax's exp), hence the logit-sized rtol term."""
+@pytest.mark.parametrize("tokens,size", [(1, 1.0), (1000, 1.0), (1000, 30.0), (4099, 30.0)])
+def test_comb_from_the_mixes_on_gpu(tokens, size):
+    """The model's path on a GPU: the comb from the mixes (scale and bias in the kernel), for one
+    token, partly filled last blocks, ordinary and large mixes; values and gradients. Triton
+    divides with div.full.f32 (up to 2 ulp) where XLA rounds exactly, and the exps differ by an
+    ulp or so; a float32 simulation with every exp and division off by up to 4 ulp stays within
+    1e-6 + 1e-5 relative over 1.6M entries (2e-6 relative alone is exceeded by ~1 entry in
+    10^5). The kernel may also round mixes * scale + bias once (an FMA) where XLA rounds twice:
+    the logits then differ by an ulp of the largest, which moves each output by that much
+    relative (the softmax's exp), hence the logit-sized rtol term."""
     rng = np.random.default_rng()
     n = 4
-    mixes = _logits(rng, (1000, (2 + n) * n)) * size
+    mixes = _logits(rng, (tokens, (2 + n) * n)) * size
     scale, bias = jnp.float32(1.7), _logits(rng, (n * n,))
     got = jax.jit(lambda m: hyper.comb_of_mixes(m, scale, bias, n, 20, 1e-6))(mixes)
     ref = jax.jit(lambda m: hyper.affine_sinkhorn_reference(m, scale, bias, 2 * n, n, 20, 1e-6))(mixes)
@@ -159,7 +153,7 @@ def test_comb_from_the_mixes_on_gpu(size):
     rtol = 1e-5 + 4 * float(np.finfo(np.float32).eps) * logit
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=rtol, atol=1e-6)
     assert np.isfinite(np.asarray(got)).all()
-    w = jnp.asarray(rng.standard_normal((1000, n, n)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((tokens, n, n)), jnp.float32)
 
     def grads(f):
         return jax.jit(jax.grad(lambda m, s, b: jnp.sum(w * f(m, s, b)), argnums=(0, 1, 2)))(mixes, scale, bias)
@@ -187,19 +181,3 @@ def test_hc_merge_matches_float64(dtype, tol):
     p64 = np.asarray(post.astype(dtype).astype(jnp.float32), np.float64)
     ref = p64[..., None] * np.asarray(out.astype(jnp.float32), np.float64)[:, None, :] + np.einsum("tjk,tjd->tkd", c64, s64)
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
-
-
-def test_gradient_through_the_kernel_path():
-    """Training (train_tiny) on a GPU differentiates the mHC: the kernel's backward is the
-    reference's (recomputed), the same gradient; lowered for cuda the gradient program builds."""
-    rng = np.random.default_rng()
-    x = _logits(rng, (5, 4, 4))
-    w = jnp.asarray(rng.standard_normal((5, 4, 4)), jnp.float32)
-    got = jax.grad(lambda z: jnp.sum(w * hyper.sinkhorn_kernel(z, 3, 1e-6, interpret=True)))(x)
-    ref = jax.grad(lambda z: jnp.sum(w * hyper.sinkhorn_reference(z, 3, 1e-6)))(x)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
-    fn = jax.jit(jax.grad(lambda z: jnp.sum(hyper.sinkhorn(z, 3, 1e-6) ** 2)))
-    with lowering_for("cuda"):
-        text = jax.export.export(fn, platforms=("cuda",), disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(jax.ShapeDtypeStruct((8, 4, 4), jnp.float32)).mlir_module()
-    assert text.count(TRITON) == 1  # the forward's kernel; the backward is the reference's

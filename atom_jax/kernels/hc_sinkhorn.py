@@ -9,7 +9,8 @@ holds a block of tokens' n x n entries as n * n vectors in registers and runs th
 normalisation at once: one launch per mHC block.
 
 `sinkhorn_affine` reads the logits as an affine map of some columns of a wider array (the mHC
-comb's: the block's mixes times a scale plus a bias), so the model hands the kernel the mixes.
+comb's: the block's mixes times a scale plus a bias), so the model hands the kernel the mixes
+(`models.hyper.comb_of_mixes`).
 
 The arithmetic is the reference's (`models.hyper.sinkhorn_reference`), entry by entry: the
 sums of n terms are added left to right (XLA's reduce may pair them differently: results agree
@@ -34,8 +35,7 @@ def _sum(xs):
     return out
 
 
-def _kernel(z_ref, *refs, t: int, n: int, iters: int, eps: float, block_t: int, col0: int, affine: bool):
-    a_ref, o_ref = refs if affine else (None, refs[0])
+def _kernel(z_ref, a_ref, o_ref, *, t: int, n: int, iters: int, eps: float, block_t: int, col0: int):
     rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
     mine = rows < t
 
@@ -44,7 +44,7 @@ def _kernel(z_ref, *refs, t: int, n: int, iters: int, eps: float, block_t: int, 
 
     def logit(k):  # entry k of the n x n logits: column col0 + k, times the scale plus its bias
         z = plt.load(at(z_ref, col0 + k), mask=mine, other=0.0)
-        return z * a_ref[0, k] + a_ref[1, k] if affine else z
+        return z * a_ref[0, k] + a_ref[1, k]
 
     c = [[logit(a * n + b) for b in range(n)] for a in range(n)]
     for a in range(n):  # softmax over each row, + eps
@@ -71,22 +71,13 @@ def _kernel(z_ref, *refs, t: int, n: int, iters: int, eps: float, block_t: int, 
             plt.store(at(o_ref, a * n + b), c[a][b], mask=mine)
 
 
-def sinkhorn(logits, iters: int, eps: float, interpret: bool = False, block_t: int = BLOCK_T):
-    """logits [..., n, n] float32 -> the doubly stochastic comb [..., n, n] float32:
-    softmax(logits, -1) + eps, normalised over columns, then `iters - 1` times over rows and
-    columns (each sum + eps)."""
-    *lead, n, n2 = logits.shape
-    if n != n2:
-        raise ValueError(f"sinkhorn: logits must be [..., n, n], got {logits.shape}")
-    z = logits.astype(jnp.float32).reshape(-1, n * n)
-    return _call(z, n, iters, eps, interpret, block_t).reshape(*lead, n, n)
-
-
 def sinkhorn_affine(z, n: int, col0: int, scale, bias, iters: int, eps: float, interpret: bool = False,
                     block_t: int = BLOCK_T):
-    """`sinkhorn` of the logits z[..., col0 : col0 + n * n] (as [..., n, n]) * scale + bias
-    ([n * n]), the affine applied as the kernel loads them: the mHC comb straight from a block's
-    mixes (col0 = 2n), so no XLA pass writes the logits first (one launch fewer per call).
+    """The doubly stochastic comb [..., n, n] float32 of the logits z[..., col0 : col0 + n * n]
+    (as [..., n, n]) * scale + bias ([n * n]): softmax(logits, -1) + eps, normalised over
+    columns, then `iters - 1` times over rows and columns (each sum + eps). The affine is
+    applied as the kernel loads the logits: the mHC comb straight from a block's mixes
+    (col0 = 2n), so no XLA pass writes the logits first (one launch fewer per call).
     z [..., columns] float32 -> [..., n, n] float32."""
     *lead, width = z.shape
     if width < col0 + n * n or jnp.size(bias) != n * n:
@@ -94,12 +85,12 @@ def sinkhorn_affine(z, n: int, col0: int, scale, bias, iters: int, eps: float, i
     affine = jnp.stack([jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (n * n,)),
                         jnp.asarray(bias, jnp.float32).reshape(n * n)])
     z = z.astype(jnp.float32).reshape(-1, width)
-    return _call(z, n, iters, eps, interpret, block_t, col0=col0, affine=affine).reshape(*lead, n, n)
+    return _call(z, n, iters, eps, interpret, block_t, col0, affine).reshape(*lead, n, n)
 
 
-def _call(z, n: int, iters: int, eps: float, interpret: bool, block_t: int, col0: int = 0, affine=None):
-    """The kernel over z [T, columns]: logits from columns col0 .. col0 + n * n (with `affine`
-    [2, n * n]: times row 0 plus row 1) -> [T, n * n]."""
+def _call(z, n: int, iters: int, eps: float, interpret: bool, block_t: int, col0: int, affine):
+    """The kernel over z [T, columns]: logits from columns col0 .. col0 + n * n, times `affine`
+    [2, n * n]'s row 0 plus its row 1 -> [T, n * n]."""
     if iters < 1:
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
     t = z.shape[0]
@@ -110,12 +101,11 @@ def _call(z, n: int, iters: int, eps: float, interpret: bool, block_t: int, col0
     pad = tiles * block_t - t if interpret else 0  # interpret mode clamps slices instead of masking
     zp = jnp.pad(z, ((0, pad), (0, 0))) if pad else z
     out = pl.pallas_call(
-        functools.partial(_kernel, t=t, n=n, iters=iters, eps=float(eps), block_t=block_t, col0=col0,
-                          affine=affine is not None),
+        functools.partial(_kernel, t=t, n=n, iters=iters, eps=float(eps), block_t=block_t, col0=col0),
         out_shape=jax.ShapeDtypeStruct((t + pad, n * n), jnp.float32),
         grid=(tiles,),
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="hc_sinkhorn",
-    )(zp, *(() if affine is None else (affine,)))
+    )(zp, affine)
     return out[:t] if pad else out

@@ -72,13 +72,6 @@ def _use_reference() -> bool:
     return sinkhorn_backend() == "jnp" or is_cpu()
 
 
-def sinkhorn(logits, iters: int, eps: float):
-    """`sinkhorn_reference`'s result, by `sinkhorn_backend()`."""
-    if _use_reference():
-        return sinkhorn_reference(logits, iters, eps)
-    return sinkhorn_kernel(logits, iters, eps)
-
-
 def comb_of_mixes(mixes, scale, bias, n: int, iters: int, eps: float):
     """The comb of an mHC block from its mixes [..., (2 + n) * n]: the Sinkhorn of the logits
     mixes[..., 2n:] * scale + bias ([n * n]), by `sinkhorn_backend()`; the kernel takes the
@@ -92,14 +85,6 @@ def affine_sinkhorn_reference(z, scale, bias, col0: int, n: int, iters: int, eps
     """`sinkhorn_reference` of z[..., col0 : col0 + n * n] (as [..., n, n]) * scale + bias."""
     logits = z[..., col0: col0 + n * n].reshape(*z.shape[:-1], n, n) * scale + bias.reshape(n, n)
     return sinkhorn_reference(logits, iters, eps)
-
-
-def sinkhorn_kernel(logits, iters: int, eps: float, interpret: bool = False):
-    """The Pallas kernel (kernels/hc_sinkhorn.py) on logits [..., n, n], differentiable (see
-    `affine_sinkhorn_kernel`); scale 1 and bias 0 leave the logits exact."""
-    n = logits.shape[-1]
-    z = logits.astype(jnp.float32).reshape(*logits.shape[:-2], n * n)
-    return affine_sinkhorn_kernel(z, jnp.float32(1.0), jnp.zeros((n * n,), jnp.float32), 0, n, iters, eps, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
