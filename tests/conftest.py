@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """Engine.warmup freezes the heap (a serving process keeps one engine for its lifetime);
+    a test process builds many engines, so each test gives the frozen objects back to the
+    collector: a dead engine's reference cycles must not outlive its test."""
+    yield
+    import gc
+
+    gc.unfreeze()

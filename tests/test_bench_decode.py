@@ -25,6 +25,9 @@ def test_bench_decode_reports_host_time_by_phase(tmp_path):
         # the loop's own time per step is what the phases add up to, give or take the bench's loop
         assert host["total"] <= r["ms_per_step"] * 1.05 + 0.05, r
         assert host["schedule"] > 0 and host["resolve"] > 0
+        # each timed iteration's spread: the mean lies within [min, max], median <= p90 <= max
+        assert 0 < r["ms_per_step_median"] <= r["ms_per_step_p90"] <= r["ms_per_step_max"], r
+        assert r["ms_per_step"] <= r["ms_per_step_max"] + 1e-3, r
     off, on, thread = results
     assert off["host_ms"]["launch"] > 0 and on["host_ms"]["launch"] > 0
     assert "dispatch_thread" not in on["host_ms"]

@@ -82,12 +82,23 @@ def _max_tokens(args) -> int:
     return args.warmup + args.steps + (args.trace_steps + 1 if args.trace else 0) + 4
 
 
-def _steps(engine, n: int) -> int:
-    """Run `n` engine iterations; -> output tokens they returned."""
+def _steps(engine, n: int, times: list | None = None) -> int:
+    """Run `n` engine iterations; -> output tokens they returned. `times` gets each iteration's
+    wall seconds (a mean hides a single long step: a collector pause, a page-table regrowth)."""
     out = 0
     for _ in range(n):
+        t0 = time.perf_counter()
         out += sum(len(o.new_token_ids) for o in engine.step())
+        if times is not None:
+            times.append(time.perf_counter() - t0)
     return out
+
+
+def _step_spread(times: list) -> dict:
+    """Median, p90 and max of the timed iterations (ms), beside the mean `ms_per_step`."""
+    ms = np.sort(np.asarray(times) * 1e3)
+    return {"ms_per_step_median": round(float(np.median(ms)), 3),
+            "ms_per_step_p90": round(float(np.percentile(ms, 90)), 3), "ms_per_step_max": round(float(ms[-1]), 3)}
 
 
 def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
@@ -106,11 +117,12 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
         engine.step()  # prefill (not timed)
     _steps(engine, args.warmup)
     engine.host_times(reset=True)
+    times = []
     t0 = time.perf_counter()
-    tokens = _steps(engine, args.steps)
+    tokens = _steps(engine, args.steps, times)
     wall = time.perf_counter() - t0
     res = {"mode": mode, "batch_per_rank": batch, "dp": engine.config.dp, "ms_per_step": round(1e3 * wall / args.steps, 3),
-           "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
+           **_step_spread(times), "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
     if args.trace:
         from atom_jax.trace.report import report
 
@@ -159,10 +171,12 @@ def run_cli(args) -> int:
             res = run_case(engine, cfg.vocab_size, batch, mode, args, rng)
             results.append(res)
             print(json.dumps(res), flush=True)
-    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'tok/s':>10} {'busy share':>10} {'of period':>10}")
+    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
+          f"{'busy share':>10} {'of period':>10}")
     for r in results:  # busy share: of the annotated step; of period: of step start to next start
         share, period = r.get("device_busy_share"), r.get("busy_share_of_period")
-        print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['output_tok_s']:>10.1f} "
+        print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
+              f"{r['ms_per_step_p90']:>8.3f} {r['ms_per_step_max']:>8.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10}")
     phases = list(PHASES) + ["host", "total"]
     for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -411,6 +412,11 @@ class Engine:
         warm_up(self)
         self.reset_scheduler(self.config.delayer)  # warm-up requests leave no trace in metrics
         self._warm = self._profiler.compiles
+        # What is alive now (weights' pytrees, compiled programs, tokenizer) lives as long as the
+        # engine: freeze it so the collector's full passes during serving do not walk it (a pause
+        # in the engine loop is a step the device waits for; SGLang and vLLM freeze after warm-up).
+        gc.collect()
+        gc.freeze()
 
     def start_profile(self, log_dir: str, steps: int | None = None) -> None:
         """Start a jax.profiler trace into `log_dir`; each model step is annotated. With `steps`,
