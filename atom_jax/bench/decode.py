@@ -164,6 +164,7 @@ def run_cli(args) -> int:
 
     batches = [int(b) for b in args.batches.split(",") if b]
     engine, cfg = _engine(args, batches)
+    engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
     rng = np.random.default_rng(0)
     results = []
     for batch in batches:
