@@ -209,7 +209,8 @@ def test_static_trip_loop_equals_the_dynamic_one_without_a_while():
 
     rng = np.random.default_rng()
     t, cap, block, k = 6, 200, 48, K
-    scores = np.round(rng.standard_normal((t, cap)), 1).astype(np.float32)  # rounding: ties
+    # rounding: ties; + 0.0 turns -0.0 into 0.0 (top_k orders -0.0 below 0.0, the oracle ties them)
+    scores = (np.round(rng.standard_normal((t, cap)), 1) + 0.0).astype(np.float32)
     make = lambda e0: jax.lax.dynamic_slice_in_dim(  # noqa: E731
         jnp.pad(jnp.asarray(scores), ((0, 0), (0, block))), e0, block, axis=1)
     trips = -(-cap // block)
@@ -223,3 +224,25 @@ def test_static_trip_loop_equals_the_dynamic_one_without_a_while():
     n = jnp.zeros(t, jnp.int32)
     assert "while" not in str(jax.make_jaxpr(lambda n: running_topk(make, n, k, block, trips))(n))
     assert "while" in str(jax.make_jaxpr(lambda n: running_topk(make, n, k, block))(n))
+
+
+def test_single_trip_loop_folds_no_index_constant():
+    """A static trip count of 1 (the capacity fits one block: 8K-token prefill steps on the GPU
+    path) lets XLA unroll running_topk's loop. The merge must not then hold an all-constant
+    [T, k + block] index array (the initial places beside the block's iota), which XLA's
+    constant folding turned into a literal per CSA layer (88 MB at 8192 tokens, 1-2 s of
+    compile each); and the selection stays the oracle's."""
+    from atom_jax.models.cache_reads import running_topk
+    from atom_jax.trace.hlo import large_constants
+
+    rng = np.random.default_rng()
+    t, block, k = 512, 256, K
+    scores = (np.round(rng.standard_normal((t, block)), 1) + 0.0).astype(np.float32)  # ties, no -0.0
+    fn = jax.jit(lambda s, n: running_topk(lambda e0: s, n, k, block, trips=1))
+    n_vis = rng.integers(0, block + 1, t).astype(np.int32)
+    n_vis[:3] = [0, 1, block]
+    args = (jnp.asarray(scores), jnp.asarray(n_vis))
+    big = large_constants(fn.lower(*args).compile().as_text(), min_bytes=4 * t * block)
+    assert not big, big  # before the fix: s32[512,264] pad(iota)
+    idx, ok = fn(*args)
+    _check(idx, ok, _oracle(scores, n_vis), n_vis)

@@ -429,6 +429,31 @@ def _pair_record(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LargeConstant:
+    computation: str
+    name: str
+    type_text: str  # e.g. "s32[8192,2688]{1,0}"
+    bytes: int
+    op_name: str | None  # the JAX op it was folded from, when XLA kept the metadata
+
+
+def large_constants(text: str, min_bytes: int = 1 << 20) -> list[LargeConstant]:
+    """Constant instructions of at least `min_bytes` in compiled HLO text, largest first.
+    XLA's constant folding turns an all-constant subgraph (an iota padded or concatenated
+    with constants, say) into a literal embedded in the executable: compile time (XLA
+    evaluates it on the host) and executable size per occurrence."""
+    found = []
+    for comp in parse_hlo_module(text).values():
+        for ins in comp.instructions:
+            if ins.opcode != "constant":
+                continue
+            size = shape_bytes(ins.type_text)
+            if size is not None and size >= min_bytes:
+                found.append(LargeConstant(comp.name, ins.name, ins.type_text, size, ins.op_name))
+    return sorted(found, key=lambda c: -c.bytes)
+
+
 def compiled_text(fn: Callable, *args: Any) -> str:
     """Scheduled HLO of fn on args (jitting it first unless it already is)."""
     import jax
