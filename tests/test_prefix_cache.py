@@ -69,14 +69,14 @@ def test_window_state_pool_bounds_where_a_cached_prefix_can_be_reused():
     pa = PageAllocator(num_pages=6, page_tokens=2, prefix_caching=True, state_pages=2)
     k = _keys([1, 2, 3, 4, 5, 6], 2)
     t = pa.allocate(6)
-    assert [pa.states.entry(p) for p in t] == [0, 1, -1]  # the pool ran out at the third page
+    assert [pa.states.entry(p) for p in t] == [-1, 0, 1]  # the pool ran out: the deepest pages keep it
     for p, key in zip(t, k):
         pa.register(p, key)
-    assert pa.match(k) == t[:2]  # reuse ends at the last page that kept its state
-    u = pa.allocate(2)  # takes the state of the least recently used full page, t[0]
-    assert pa.states.entry(u[0]) == 0 and pa.match(k[:1]) == [] and pa.match(k) == t[:2]
+    assert pa.match(k) == t and pa.match(k[:1]) == []  # no reuse point at the first page
+    u = pa.allocate(2)  # takes the state of the least recently used full page, t[1]
+    assert pa.states.entry(u[0]) == 0 and pa.match(k[:2]) == [] and pa.match(k) == t
     pa.register(u[0], k[0])  # the same block again, with its state: the index moves to it
-    assert pa.match(k) == [u[0], t[1]] and pa.num_cached == 3
+    assert pa.match(k) == [u[0], t[1], t[2]] and pa.match(k[:2]) == [u[0]] and pa.num_cached == 3
     pa.free(t)  # t[0] is private now: back to the pool, not cached
     assert pa.num_cached_free == 2 and pa.num_free == 5
     pa.free(u)
@@ -84,6 +84,57 @@ def test_window_state_pool_bounds_where_a_cached_prefix_can_be_reused():
     filling = PageAllocator(num_pages=4, page_tokens=2, prefix_caching=True, state_pages=1)
     a, b = filling.allocate(2), filling.allocate(2)
     assert filling.states.entry(a[0]) == 0 and filling.states.entry(b[0]) == -1  # a's is in use
+
+
+@pytest.mark.parametrize("window_pages", [1, 2])
+def test_an_allocation_larger_than_the_state_pool_keeps_its_deepest_reuse_points(window_pages):
+    """One chunk of 8 pages, 3 free entries: the last 3 pages keep their state (the first 3
+    did, before: a shared prefix of 7 pages was then reused only up to page 3). With a window
+    spanning 2 pages a reuse point needs its predecessor's state too: the run's first page is
+    then none."""
+    pa = PageAllocator(num_pages=12, page_tokens=2, prefix_caching=True, state_pages=3,
+                       window_pages=window_pages)
+    k = _keys(list(range(16)), 2)
+    t = pa.allocate(16)
+    assert [pa.states.has(p) for p in t] == [False] * 5 + [True] * 3
+    for p, key in zip(t, k):
+        pa.register(p, key)
+    assert pa.match(k[:7]) == t[:7]  # a second prompt sharing 7 of the 8 pages
+    # the shallowest reuse point: the first page of the run whose window keeps state
+    assert pa.match(k[:5 + window_pages]) == t[:5 + window_pages] and pa.match(k[:4 + window_pages]) == []
+    pa.free(t)
+    pa.check()
+
+
+def test_a_later_chunk_takes_the_state_of_its_own_earlier_pages_first():
+    """With no free entry left, a sequence's new pages (its next chunk) take the entries of its
+    own full pages, shallowest first, before another sequence's least recently used one; its
+    own pages another sequence holds too, and the pages it reused from the cache, are not its
+    to take."""
+    pa = PageAllocator(num_pages=16, page_tokens=2, prefix_caching=True, state_pages=4)
+    other = pa.allocate(2)  # another sequence's reuse point, the least recently used
+    pa.register(other[0], _keys([9, 9], 2)[0])
+    k = _keys(list(range(12)), 2)
+    t = pa.allocate(6)  # a prompt fed 3 pages a chunk: the first takes the 3 free entries
+    for p, key in zip(t, k):
+        pa.register(p, key)
+    pa.extend(t, 10, own_from=0)
+    assert [pa.states.has(p) for p in t] == [False, False, True, True, True]
+    assert pa.states.has(other[0]) and pa.states.num_evictions == 2
+    for p, key in zip(t[3:], k[3:]):
+        pa.register(p, key)
+    sharer = pa.acquire(pa.match(k[:3]))  # another sequence admitted onto t's first 3 pages
+    assert sharer == t[:3]
+    pa.extend(t, 12, own_from=0)  # t[2] is the sharer's reuse point: t[3] goes
+    assert [pa.states.has(p) for p in t] == [False, False, True, False, True, True]
+    pa.register(t[5], k[5])
+    pa.free(t)  # the sharer alone holds t[:3] now
+    pa.extend(sharer, 8, own_from=len(sharer))  # nothing of its own: the least recently used
+    assert not pa.states.has(other[0]) and pa.states.has(t[2]) and pa.states.has(sharer[-1])
+    assert pa.match(k) == t  # the first prompt's deepest reuse point is still there
+    pa.free(sharer)
+    pa.free(other)
+    pa.check()
 
 
 def _run_chunks(rs, work, sampled_token=7):
@@ -129,18 +180,20 @@ def test_placement_prefers_the_cached_rank_unless_it_is_much_busier():
     assert dp.add(Sequence("new", [7] * 3, SamplingParams(max_tokens=1))) == 1
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held(overlap):
+@pytest.mark.parametrize("overlap,state_pages", [(False, None), (True, None), (True, 4)])
+def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held(overlap, state_pages):
     """`overlap`: driven as the engine's overlap schedule (step N's tokens are read once step N+1
     is planned), and about one step in 5 fails when it is read: its requests fail, those
-    admitted onto the pages it offered to the prefix cache are recomputed. Every request
+    admitted onto the pages it offered to the prefix cache are recomputed. `state_pages`: the
+    window-state pool (None: every page keeps its state). Every request
     finishes exactly once: aborted, failed only if it was in a failed step (or can never fit),
     else by length with exactly the tokens sampled for its positions (none lost or repeated by a
     preemption or a recompute)."""
     from atom_jax.scheduler import PENDING
 
     rng = np.random.default_rng()
-    cfg = RankConfig(num_slots=3, num_pages=10, page_tokens=4, max_tokens_per_step=12, chunk_size=6)
+    cfg = RankConfig(num_slots=3, num_pages=10, page_tokens=4, max_tokens_per_step=12, chunk_size=6,
+                     prefix_state_pages=state_pages)
     sched = DPScheduler(2, cfg)
     stems = [list(map(int, rng.integers(0, 50, 24))) for _ in range(3)]
     seqs, finished, in_failed_step, aborted, prev = {}, [], set(), set(), None
@@ -195,6 +248,7 @@ def test_stress_random_overlapping_requests_and_aborts_leave_no_page_held(overla
             assert seq.output_token_ids == [token(seq, i) for i in range(seq.params.max_tokens)], seq
     pc = sched.metrics.prefix_cache
     assert pc["hits"] > 0 and pc["evictions"] > 0 and sched.metrics.num_preemptions > 0, pc
+    assert (pc["state_evictions"] > 0) == (state_pages is not None), pc
     for r in sched.ranks:
         assert r.pages.num_used == 0 and r.slots.num_free == cfg.num_slots
         assert all(r.pages.refcount(p) == 0 for p in range(cfg.num_pages))
@@ -442,3 +496,31 @@ def test_restored_tail_holds_every_compressors_columns():
     for g, w in zip(got, want):
         q = np.arange(32 - 4, 32) % g.shape[0]  # the positions the restore wrote (ratio 4)
         np.testing.assert_allclose(g[q], w[q], rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_in_one_chunk_larger_than_the_state_pool_is_reused_up_to_its_deepest_page():
+    """The pair of `bench prefix` in small: a 4-page prompt in one chunk with 2 window-state
+    entries, then a prompt sharing its first 3 pages and 5 tokens. The deepest pages kept the
+    state, so the second reuses all 3 shared pages (with the first pages keeping it: 2), and its
+    greedy output equals the output without the cache, token for token."""
+    from atom_jax.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng()
+    eng = Engine(EngineConfig(dp=1, num_slots=1, num_pages=8, page_tokens=16, max_pages_per_seq=8,
+                              max_tokens_per_step=64, chunk_size=64, buckets=(64,), delayer="off",
+                              prefix_state_pages=2))
+    first = list(map(int, rng.integers(2, 256, 64)))
+    second = first[:53] + list(map(int, rng.integers(2, 256, 11)))
+
+    def run(cache: bool):
+        eng.reset_scheduler(prefix_caching=cache)
+        a = eng.generate([first], SamplingParams(max_tokens=1, ignore_eos=True))[0]
+        b = eng.generate([second], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        eng.scheduler.check_invariants()
+        return a, b
+
+    a, b = run(True)
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 48)
+    want = run(False)
+    eng.close()
+    assert [a.token_ids, b.token_ids] == [o.token_ids for o in want]

@@ -72,8 +72,9 @@ class PageAllocator:
     Window state (docs/design.md, "Prefix caching"): a sequence can start after a cached page
     only if the sliding-window and compressor state at that page's end is kept, and it is kept
     for at most `state_pages` pages at once (`StatePool`; None: every page). A page gets a
-    state entry when it is allocated; `match` ends the reused run at the last page whose state
-    (and that of the `window_pages - 1` pages before it: the window spans them) is still there.
+    state entry when it is allocated, the deepest pages of an allocation first (`StatePool.give`);
+    `match` ends the reused run at the last page whose state (and that of the `window_pages - 1`
+    pages before it: the window spans them) is still there.
     """
 
     def __init__(self, num_pages: int, page_tokens: int, prefix_caching: bool = False,
@@ -138,12 +139,16 @@ class PageAllocator:
         """A new page table for `num_tokens` tokens; MemoryError if too few pages are free."""
         return self._take(self.pages_for(num_tokens))
 
-    def extend(self, pages: list[int], num_tokens: int) -> bool:
-        """Grow `pages` in place to hold `num_tokens` tokens. False (and no change) if short."""
+    def extend(self, pages: list[int], num_tokens: int, own_from: int | None = None) -> bool:
+        """Grow `pages` in place to hold `num_tokens` tokens. False (and no change) if short.
+        `own_from`: `pages[own_from:]` are the sequence's own pages (computed by it, not reused
+        from the cache): short of free window-state entries, the new pages take theirs first
+        (`StatePool.give`); None: it has none."""
         extra = self.extra_pages(pages, num_tokens)
         if extra > self.num_free:
             return False
-        pages.extend(self._take(extra))
+        own = () if own_from is None else pages[own_from:]
+        pages.extend(self._take(extra, own))
         return True
 
     def free(self, pages: list[int]) -> None:
@@ -234,7 +239,7 @@ class PageAllocator:
             self._pool.give([page])
         return True
 
-    def _take(self, n: int) -> list[int]:
+    def _take(self, n: int, own=()) -> list[int]:
         if n > self.num_free:
             raise MemoryError(f"asked for {n} pages, only {self.num_free} free")
         fresh = min(n, self._pool.num_free)
@@ -247,7 +252,8 @@ class PageAllocator:
             ids.append(p)
         for p in ids:
             self._refs[p] = 1
-            self.states.give(p)
+        # own pages another sequence holds now are its reuse point: not the caller's to recycle
+        self.states.give(ids, (p for p in own if self._refs[p] == 1))
         return ids
 
     def check(self) -> None:
@@ -267,10 +273,10 @@ class PageAllocator:
 
 class StatePool:
     """Which pages keep their window state (`cache.layout`: the `state_pages` entries of the
-    cache's page-state arrays), host side. A page allocated gets a free entry, else the entry
-    of the full page whose state was used least recently (registered, or read by a restore);
-    the entries of pages still being filled are never taken. `entry(page)`: -1 when none (the
-    step then drops that page's state rows)."""
+    cache's page-state arrays), host side. The pages of an allocation get entries deepest
+    first (`give`), from the free ones, else from full pages whose state may be read (registered:
+    `final`); the entries of pages still being filled are never taken. `entry(page)`: -1 when
+    none (the step then drops that page's state rows)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -288,14 +294,38 @@ class StatePool:
     def pages(self):
         return self._entry.keys()
 
-    def give(self, page: int) -> None:
-        """An entry for a freshly allocated page, if one is free or evictable."""
-        if self._free:
-            self._entry[page] = heapq.heappop(self._free)
-        elif self._lru:
-            victim, _ = self._lru.popitem(last=False)
-            self._entry[page] = self._entry.pop(victim)
+    def give(self, pages: list[int], own=()) -> None:
+        """Entries for a sequence's freshly allocated `pages` (in page-table order), as many as
+        are free or evictable, to the DEEPEST of them: the last pages of a chunk are the longest
+        reusable prefixes, and a run of pages ending at the last one keeps every reuse point in
+        it usable (`match` needs the `window_pages` pages before a reuse point to keep state).
+        Giving the first ones instead, a prompt allocated in one chunk larger than the pool kept
+        only its shallowest reuse points.
+
+        Where an entry comes from: a free one; else one of `own`, the sequence's own full pages
+        (shallowest first); else the full page whose state was used least recently. Own first:
+        a sequence's later chunk or decode page supersedes its own shallower reuse points (its
+        next turn, the likeliest reuse, starts at its deepest page; its interior pages serve
+        only a request branching inside it), while other sequences' states are mostly their
+        deepest points. So a long prompt fed chunk by chunk keeps the entries its first chunk
+        got, recycled forward, instead of flushing every other conversation's reuse point."""
+        entries = []
+        own = iter(own)
+        while len(entries) < len(pages):
+            if self._free:
+                entries.append(heapq.heappop(self._free))
+                continue
+            if not self._lru:
+                break
+            victim = next((p for p in own if p in self._lru), None)
+            if victim is None:
+                victim, _ = self._lru.popitem(last=False)
+            else:
+                del self._lru[victim]
+            entries.append(self._entry.pop(victim))
             self.num_evictions += 1
+        for page, e in zip(pages[len(pages) - len(entries):], sorted(entries)):
+            self._entry[page] = e
 
     def final(self, page: int) -> None:
         """The page is full and registered: its state may be read (and evicted) from now on."""

@@ -368,7 +368,7 @@ class RankScheduler:
         back = (-1,) * max(0, w - len(hit)) + tuple(self.pages.states.entry(p) for p in hit[-w:])
         self.pages.extend(seq.pages, start + n)
         seq.num_computed = start
-        seq.num_registered_pages = len(hit)
+        seq.num_registered_pages = seq.num_reused_pages = len(hit)
         if self.pages.prefix_caching:
             st = self.prefix_stats
             st.queries += 1
@@ -426,7 +426,7 @@ class RankScheduler:
         while only such sequences hold the pages `seq` needs, `seq` waits a step."""
         if len(seq.pages) * self.config.page_tokens >= num_tokens:
             return True  # most decodes: the last page has room
-        while not self.pages.extend(seq.pages, num_tokens):
+        while not self.pages.extend(seq.pages, num_tokens, own_from=seq.num_reused_pages):
             victim = next(s for s in reversed(self.running) if s is seq or not self._done_when_resolved(s))
             if victim is seq and all(s is seq or self._done_when_resolved(s) for s in self.running):
                 if self.running == [seq]:

@@ -49,10 +49,12 @@ class Sequence:
         self.arrival_time = arrival_time
         self.num_preemptions = 0
         # prefix cache: prompt tokens found cached at the first admission (None: not admitted
-        # yet), block keys computed so far, and how many of `pages` are registered
+        # yet), block keys computed so far, how many of `pages` are registered, and how many
+        # (the first ones) were reused from the cache at this admission (the rest it computes)
         self.num_cached_tokens: int | None = None
         self._block_keys: list[bytes] = []
         self.num_registered_pages = 0
+        self.num_reused_pages = 0
 
     # -- lengths -------------------------------------------------------------------------
     @property
