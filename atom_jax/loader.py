@@ -85,8 +85,10 @@ def _packed(t, native: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Filler:
-    """Puts values into the abstract model's variables; expert slices are staged on the host
-    and moved to the device once the whole stack is read (`host`: left in host memory)."""
+    """Puts values into the abstract model's variables. A parameter filled in parts (expert
+    slices of a stack, column blocks of a fused projection: `Target.expert` / `Target.cols`) is
+    staged on the host and moved to the device once every part is read (`host`: left in host
+    memory)."""
 
     def __init__(self, model, host: bool = False):
         self.model = model
@@ -94,23 +96,28 @@ class _Filler:
         self.staged: dict[tuple, np.ndarray] = {}
         self.remaining: dict[tuple, int] = {}
 
-    def put(self, t, path: tuple, value: np.ndarray, expert: int | None, np_dtype=None):
+    def put(self, t, path: tuple, value: np.ndarray, expert: int | None, np_dtype=None, cols=None):
         var = _variable(self.model, path)
         full = tuple(var.get_value().shape)
-        want = full if expert is None else full[1:]
+        if expert is not None:  # one [E, ...] stack's entry: staged, counted in experts
+            want, where, units, total = full[1:], expert, 1, full[0]
+        elif cols is not None:  # columns [start, stop) of the last axis: counted in columns
+            want, where, units, total = full[:-1] + (cols[1] - cols[0],), (..., slice(*cols)), cols[1] - cols[0], full[-1]
+        else:
+            want, where = full, None
         if value.shape != want:
             raise CheckpointError(t.source, t.source_name, f"shape {tuple(t.array.shape)} does not fit parameter "
                                   f"{'.'.join(map(str, path))} {want}")
         np_dtype = np_dtype or np.dtype(var.get_value().dtype)
-        if expert is None:
+        if where is None:
             var.set_value(self.to_value(value.astype(np_dtype)))
             return
         if path not in self.staged:
             self.staged[path] = np.zeros(full, np_dtype)
-            self.remaining[path] = full[0]
-        self.staged[path][expert] = value
-        self.remaining[path] -= 1
-        if self.remaining[path] == 0:  # whole stack read: move it to the device, free host copy
+            self.remaining[path] = total
+        self.staged[path][where] = value
+        self.remaining[path] -= units
+        if self.remaining[path] == 0:  # every part read: move it to the device, free host copy
             var.set_value(self.to_value(self.staged.pop(path)))
 
 
@@ -168,7 +175,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
         value = target.transform(np.asarray(t.array))
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
             raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")
-        filler.put(t, target.path, value, target.expert, np.dtype(np.int32) if target.integer else None)
+        filler.put(t, target.path, value, target.expert, np.dtype(np.int32) if target.integer else None, target.cols)
         filled.add(t.name)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -240,19 +247,56 @@ def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights:
         return decode_fp8_projections(restore_orbax(path, dtype, with_mtp, NATIVE, host), host)
     if weights not in (AUTO, saved):
         raise CheckpointError(path, None, f"this orbax checkpoint holds {saved!r} weights, not {weights!r}")
-    import orbax.checkpoint as ocp
-
     cfg = read_config(path)
     abstract = abstract_model(cfg, dtype, with_mtp, saved)
     graphdef, abstract_state = nnx.split(abstract)
     where = os.path.join(os.path.abspath(path), ORBAX_SUBDIR)
-    if host:
-        import jax
+    try:
+        state = _restore_as(where, abstract_state, host)
+    except ValueError:  # saved before the compressor projections were fused?
+        state = _restore_unfused(where, abstract_state, host)
+    return nnx.merge(graphdef, state)
 
+
+def _restore_as(where: str, abstract_state, host: bool):
+    """The saved state in the structure of `abstract_state` (`host`: numpy arrays)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if host:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_state)
         with ocp.PyTreeCheckpointer() as ckpt:
-            state = ckpt.restore(where, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
-        return nnx.merge(graphdef, state)
+            return ckpt.restore(where, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
     with ocp.StandardCheckpointer() as ckpt:
-        state = ckpt.restore(where, abstract_state)
-    return nnx.merge(graphdef, state)
+        return ckpt.restore(where, abstract_state)
+
+
+def _restore_unfused(where: str, abstract_state, host: bool = False):
+    """Restore an orbax checkpoint saved before each compressed layer's compressor (and indexer
+    head weight) projections became one fused `wcomp` (models/compressor.py): read the tree as
+    saved, fuse them in `projection_columns` order, fill the model's state. A tree that does not
+    hold that older layout raises orbax's own error again."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.restore(where)
+    fused = False
+    for layer in tree.get("layers", {}).values():
+        attn = layer.get("attn", {})
+        comp = attn.get("compressor", {})
+        if "wkv" not in comp:
+            continue
+        parts = [comp.pop("wkv"), comp.pop("wgate")]
+        if "indexer" in attn:
+            idx = attn["indexer"]
+            parts += [idx["compressor"].pop("wkv"), idx["compressor"].pop("wgate"), idx.pop("weights_proj")]
+        attn["wcomp"] = jax.tree.map(lambda *a: np.concatenate([np.asarray(x) for x in a], axis=-1), *parts)
+        fused = True
+    if not fused:
+        return _restore_as(where, abstract_state, host)
+    to_value = np.asarray if host else jnp.asarray
+    pure = jax.tree.map(lambda v: to_value(v["value"]), tree,
+                        is_leaf=lambda v: isinstance(v, dict) and set(v) == {"value"})
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return abstract_state

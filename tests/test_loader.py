@@ -98,6 +98,36 @@ def test_orbax_round_trip(saved_hf, tmp_path):
     np.testing.assert_array_equal(np.asarray(jit_forward(model)(ids)), np.asarray(jit_forward(restored)(ids)))
 
 
+def test_orbax_saved_before_fused_compressor_projections(tmp_path):
+    """An orbax checkpoint in the older layout (each compressor's wkv / wgate and the indexer's
+    weights_proj as their own leaves) restores into the fused `wcomp`, on device and on host."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from atom_jax.models.compressor import projection_columns, split_columns
+
+    model = random_model(tiny(), seed=5)
+    out = save_orbax(model, str(tmp_path / "ckpt"))
+    pure = nnx.state(model).to_pure_dict()
+    for i, kind in enumerate(model.cfg.attn_kinds):
+        attn = pure["layers"][i]["attn"]
+        if "wcomp" not in attn:
+            continue
+        parts = split_columns(np.asarray(attn.pop("wcomp")), projection_columns(model.cfg, kind))
+        attn["compressor"].update(wkv=parts[0], wgate=parts[1])
+        if "indexer" in attn:
+            attn["indexer"]["compressor"].update(wkv=parts[2], wgate=parts[3])
+            attn["indexer"]["weights_proj"] = parts[4]
+    legacy = jax.tree.map(lambda a: {"value": a}, pure)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(out, "orbax"), legacy, force=True)
+    ids = np.random.default_rng(2).integers(0, 256, size=(1, 40))
+    want = np.asarray(jit_forward(model)(ids))
+    for host in (False, True):
+        restored = load_model(out, host=host)
+        np.testing.assert_array_equal(np.asarray(jit_forward(restored)(ids)), want)
+
+
 def test_random_init_any_config():
     model = random_model(tiny(), seed=3)
     logits = jit_forward(model)(np.arange(50)[None] % 500)

@@ -37,6 +37,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from atom_jax.config import CSA, SLIDING, ModelConfig
+from atom_jax.models.compressor import compressor_columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +87,6 @@ def init_layer_cache(cfg: ModelConfig, layout: CacheLayout, kind: str, dtype) ->
         if layout.page_state:
             layer["page_tail"] = jnp.zeros((layout.state_pages, r, width), jnp.float32)
     return layer
-
-
-def compressor_columns(cfg: ModelConfig, kind: str) -> tuple[int, ...]:
-    """Column widths of a compressed layer's `tail` (and `page_tail`) rows, in order: the
-    attention compressor's kv and gate projections, then (CSA) the indexer's. One array for
-    all of them: a step writes a layer's tail rows with one scatter, reads them with one gather."""
-    if kind == SLIDING:
-        return ()
-    c = 2 if kind == CSA else 1
-    cols = (c * cfg.head_dim,) * 2
-    return cols + ((2 * cfg.index_head_dim,) * 2 if kind == CSA else ())
 
 
 def init_cache(cfg: ModelConfig, layout: CacheLayout, dtype=jnp.float32) -> list[dict]:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atom_jax.config import CSA, HCA, SLIDING, ModelConfig
-from atom_jax.models.compressor import Compressor, Indexer, visible_entries
+from atom_jax.models.compressor import Compressor, Indexer, projection_columns, split_columns, visible_entries
 from atom_jax.kernels.packed import fp8_grouped_linear
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
@@ -69,7 +69,9 @@ class Attention(nnx.Module):
         self.kv_norm = const_param((d,), 1.0)
         self.sinks = const_param((h,), 0.0)
         if self.kind != SLIDING:
-            self.compressor = Compressor(cfg, self.ratio, d, self.kind == CSA, rngs, dtype)
+            # the compressors' (and the indexer's head weights') projections, fused (compressor.py)
+            self.wcomp = normal_param(rngs, (cfg.hidden_size, sum(projection_columns(cfg, kind))), dtype)
+            self.compressor = Compressor(cfg, self.ratio, d, self.kind == CSA)
         if self.kind == CSA:
             self.indexer = Indexer(cfg, rngs, dtype)
 
@@ -88,6 +90,11 @@ class Attention(nnx.Module):
         q = rms_norm(q, None, cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         return apply_rope(q, cos[:, :, None], sin[:, :, None]), q_lora
+
+    def compressor_projections(self, x):
+        """x [..., D] -> [..., sum(projection_columns)] in x's dtype: every compressor's kv and
+        gate projections, then (CSA) the indexer's head weights, by one matmul."""
+        return x @ self.wcomp[...]
 
     def keys(self, x, positions):
         """x [B,S,D] -> sliding-window key/value rows [B,S,hd], roped."""
@@ -126,11 +133,13 @@ class Attention(nnx.Module):
         keys = self.keys(kv_x, kv_pos)
         visible = sliding_visible(positions, kv_pos, cfg.sliding_window)
         if self.kind != SLIDING:
-            entries = self.compressor.full_sequence(kv_x, self.inv_freq).astype(keys.dtype)
+            proj = split_columns(self.compressor_projections(kv_x), projection_columns(cfg, self.kind))
+            entries = self.compressor.full_sequence(proj[0], proj[1], self.inv_freq).astype(keys.dtype)
             seen = visible_entries(positions, entries.shape[1], self.ratio)
             if self.kind == CSA and entries.shape[1] > 0:
-                ikeys = self.indexer.compressor.full_sequence(kv_x, self.inv_freq)
-                scores = self.indexer.scores(x, q_lora, positions, ikeys, self.inv_freq)
+                ikeys = self.indexer.compressor.full_sequence(proj[2], proj[3], self.inv_freq)
+                head_proj = proj[4][:, kv_x.shape[1] - x.shape[1]:]  # x's rows (after the prefix)
+                scores = self.indexer.scores(head_proj, q_lora, positions, ikeys, self.inv_freq)
                 seen = self.indexer.select(scores, seen)
             keys = jnp.concatenate([keys, entries], axis=1)
             visible = jnp.concatenate([visible, seen], axis=-1)

@@ -87,14 +87,16 @@ def _window_plan(b, r: int, overlap: bool, span: int, page_table, epp: int, pool
     return plan
 
 
-def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segments, page_tail=None,
+def _compress_step(comps, proj, b, tail, pools, page_table, epp, inv_freq, max_segments, page_tail=None,
                    page_tokens=0):
     """Emit the entries of every compressor in `comps` (one layer's, all of one ratio: the
     attention's, and on CSA layers the indexer's) completed in this step, write them and the
     new tails (and, given the layout's page state `page_tail`, each page's last tail rows).
+    proj [T, >= tail columns]: this step's tokens' compressor projections (the attention's
+    `compressor_projections`; extra columns after the tail's are ignored).
     -> (pools, tail, page_tail).
 
-    The compressors share the tail array (`cache.layout.compressor_columns`: each one's kv then
+    The compressors share the tail array (`compressor.compressor_columns`: each one's kv then
     gate projections, side by side), so the rows of a window come from one gather of this
     step's rows and one of the tail, and the tail and the page tail take one scatter each;
     the window plan (which tokens close a window, their window's rows) is worked out once.
@@ -104,13 +106,13 @@ def _compress_step(comps, x, b, tail, pools, page_table, epp, inv_freq, max_segm
     r, overlap = comps[0].ratio, comps[0].overlap
     pos = b["pos"]
     n = pos.shape[0]
-    parts = []
-    for comp in comps:
-        kv, gate = comp.project(x)
-        parts += [kv.astype(jnp.float32), gate.astype(jnp.float32) + comp.ape[...][jnp.mod(pos, r)]]
-    rows = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-    if rows.shape[-1] != tail.shape[-1]:
-        raise ValueError(f"the compressors' projections are {rows.shape[-1]} wide, the cache tail {tail.shape[-1]}")
+    width = tail.shape[-1]
+    # each compressor's gate columns get its position bias; its kv columns nothing
+    bias = jnp.concatenate([part for comp in comps for part in
+                            (jnp.zeros_like(comp.ape[...]), comp.ape[...])], axis=-1)
+    if bias.shape[-1] != width or proj.shape[-1] < width:
+        raise ValueError(f"the compressors' projections are {bias.shape[-1]} wide, the cache tail {width}")
+    rows = proj[:, :width].astype(jnp.float32) + bias[jnp.mod(pos, r)]
     plan = _window_plan(b, r, overlap, tail.shape[1], page_table, epp, pools[0].shape[0], max_segments)
     w, win = plan["w"], plan["win"]
     window = _window_rows(rows, tail, plan["index"])  # [windows, r or 2r, every compressor's columns]
@@ -159,7 +161,8 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
         comps, pools = [attn.compressor], ["entries"]
         if attn.kind == CSA:
             comps, pools = comps + [attn.indexer.compressor], pools + ["ientries"]
-        out, tail, page_tail = _compress_step(comps, x, b, cache["tail"], [cache[k] for k in pools], page_table,
+        proj = attn.compressor_projections(x)
+        out, tail, page_tail = _compress_step(comps, proj, b, cache["tail"], [cache[k] for k in pools], page_table,
                                               epp, inv, segs, cache.get("page_tail"), layout.page_tokens)
         cache.update(zip(pools, out), tail=tail)
         if page_tail is not None:
@@ -168,7 +171,7 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
         n_vis = visible_counts(b, r)
         if attn.kind == CSA:
             ipool = cache["ientries"]
-            qi, wi = attn.indexer.query(x, q_lora, pos, inv)
+            qi, wi = attn.indexer.query(proj[:, cache["tail"].shape[-1]:], q_lora, pos, inv)
             capacity = page_table.shape[1] * epp
             k = min(cfg.index_topk, capacity)
             if kernels is None:

@@ -4,6 +4,11 @@ A compressor turns every `ratio` source tokens into one entry: a per-channel sof
 window of (gate + learned position bias) weights the projected KV, then RMSNorm and RoPE at the
 window's first position. CSA projects two series per token (Ca | Cb): entry w mixes window w-1's
 Ca with window w's Cb, so its effective window is 2 * ratio with stride ratio.
+
+The projections of the attention input that a compressed layer's compressors (and, on CSA
+layers, the indexer's head weights) take are ONE weight matrix, the attention's `wcomp`
+[hidden, sum(projection_columns)], filled at load time from the checkpoint's separate matrices
+(models/param_map.py): one matmul per layer instead of two to five.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atom_jax.config import ModelConfig
+from atom_jax.config import CSA, SLIDING, ModelConfig
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin
 
 
@@ -42,22 +47,44 @@ def pool_windows(kv, gate, overlap: bool, prev_ca_kv=None, prev_ca_gate=None):
     return jnp.sum(kv * weights, axis=2)
 
 
+def compressor_columns(cfg: ModelConfig, kind: str) -> tuple[int, ...]:
+    """Column widths of the compressors' projections of a compressed layer, in order: the
+    attention compressor's kv and gate, then (CSA) the indexer compressor's kv and gate. Also
+    the layout of the cache's `tail` rows (cache/layout.py): a step writes them as projected."""
+    if kind == SLIDING:
+        return ()
+    c = 2 if kind == CSA else 1
+    cols = (c * cfg.head_dim,) * 2
+    return cols + ((2 * cfg.index_head_dim,) * 2 if kind == CSA else ())
+
+
+def projection_columns(cfg: ModelConfig, kind: str) -> tuple[int, ...]:
+    """Column widths of the attention's fused `wcomp`: `compressor_columns`, then (CSA) the
+    indexer's head weights (its `weights_proj`, [index_n_heads])."""
+    return compressor_columns(cfg, kind) + ((cfg.index_n_heads,) if kind == CSA else ())
+
+
+def split_columns(a, widths):
+    """a [..., sum(widths)] -> the list of its consecutive column blocks of those widths."""
+    out, off = [], 0
+    for w in widths:
+        out.append(a[..., off: off + w])
+        off += w
+    return out
+
+
 class Compressor(nnx.Module):
-    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, overlap: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+    """A compressor's own parameters (position bias, norm); its kv and gate projections are
+    columns of the attention's fused `wcomp` (module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, overlap: bool):
         self.cfg = cfg
         self.ratio = ratio
         self.head_dim = head_dim
         self.overlap = overlap
         c = 2 if overlap else 1
-        self.wkv = normal_param(rngs, (cfg.hidden_size, c * head_dim), dtype)
-        self.wgate = normal_param(rngs, (cfg.hidden_size, c * head_dim), dtype)
         self.ape = const_param((ratio, c * head_dim), 0.0)
         self.norm = const_param((head_dim,), 1.0)
-
-    def project(self, x):
-        """Per-token (kv, gate) projections [.., c*d]; what a cache accumulates between windows."""
-        return x @ self.wkv[...], x @ self.wgate[...]
 
     def finish(self, pooled, first_positions, inv_freq):
         """RMSNorm then RoPE at each window's first position."""
@@ -65,15 +92,15 @@ class Compressor(nnx.Module):
         cos, sin = rope_cos_sin(first_positions, inv_freq)
         return apply_rope(out, cos, sin)
 
-    def full_sequence(self, x, inv_freq):
-        """x [B, S, D] from position 0 -> entries [B, S // ratio, d] (float32)."""
-        b, s, _ = x.shape
+    def full_sequence(self, kv, gate, inv_freq):
+        """kv / gate [B, S, c*d]: this compressor's projections of positions 0 .. S-1 -> entries
+        [B, S // ratio, d] (float32)."""
+        b, s, _ = kv.shape
         nw = s // self.ratio
         if nw == 0:  # shorter than one window: no entries yet
             return jnp.zeros((b, 0, self.head_dim), jnp.float32)
-        kv, gate = self.project(x[:, : nw * self.ratio])
-        kv = kv.reshape(b, nw, self.ratio, -1)
-        gate = gate.reshape(b, nw, self.ratio, -1) + self.ape[...]
+        kv = kv[:, : nw * self.ratio].reshape(b, nw, self.ratio, -1)
+        gate = gate[:, : nw * self.ratio].reshape(b, nw, self.ratio, -1) + self.ape[...]
         pooled = pool_windows(kv, gate, self.overlap)
         first = jnp.broadcast_to(jnp.arange(nw) * self.ratio, (b, nw))
         return self.finish(pooled, first, inv_freq)
@@ -87,27 +114,28 @@ def visible_entries(positions, n_entries, ratio):
 
 class Indexer(nnx.Module):
     """Lightning indexer: score_t(w) = sum_h weight_{t,h} * relu(q_{t,h} . k_w), keep the top-k
-    causally visible entries per query."""
+    causally visible entries per query. Its head weights `weights_proj` (x -> [H]) are the last
+    columns of the attention's fused `wcomp` (module docstring)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
         self.cfg = cfg
-        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim, True, rngs, dtype)
+        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim, True)
         self.wq_b = normal_param(rngs, (cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim), dtype)
-        self.weights_proj = normal_param(rngs, (cfg.hidden_size, cfg.index_n_heads), dtype)
 
-    def query(self, x, q_lora, positions, inv_freq):
-        """x [..,S,D], q_lora [..,S,R] -> (q [..,S,H,di] float32 roped, w [..,S,H] float32 with the
-        1/sqrt(di) and 1/sqrt(H) scales folded in): score(w) = sum_h w_h * relu(q_h . k_w)."""
+    def query(self, head_proj, q_lora, positions, inv_freq):
+        """head_proj [..,S,H] (x @ weights_proj), q_lora [..,S,R] -> (q [..,S,H,di] float32 roped,
+        w [..,S,H] float32 with the 1/sqrt(di) and 1/sqrt(H) scales folded in):
+        score(w) = sum_h w_h * relu(q_h . k_w)."""
         cfg = self.cfg
         q = (q_lora @ self.wq_b[...]).reshape(*q_lora.shape[:-1], cfg.index_n_heads, cfg.index_head_dim)
         cos, sin = rope_cos_sin(positions, inv_freq)
         q = apply_rope(q, cos[..., None, :], sin[..., None, :]).astype(jnp.float32)
-        w = (x @ self.weights_proj[...]).astype(jnp.float32)
+        w = head_proj.astype(jnp.float32)
         return q, w * (cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5)
 
-    def scores(self, x, q_lora, positions, keys, inv_freq):
-        """x [B,S,D], q_lora [B,S,R], keys [B,T,di] -> index scores [B,S,T] float32 (no mask)."""
-        q, w = self.query(x, q_lora, positions, inv_freq)
+    def scores(self, head_proj, q_lora, positions, keys, inv_freq):
+        """head_proj [B,S,H], q_lora [B,S,R], keys [B,T,di] -> index scores [B,S,T] float32 (no mask)."""
+        q, w = self.query(head_proj, q_lora, positions, inv_freq)
         dots = jnp.einsum("bshd,btd->bsht", q, keys.astype(jnp.float32))
         return jnp.einsum("bsht,bsh->bst", jax.nn.relu(dots), w)
 

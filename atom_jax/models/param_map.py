@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from atom_jax.config import CSA, SLIDING, ModelConfig
+from atom_jax.models.compressor import projection_columns
 from atom_jax.weights.reader import FP4, FP8
 
 # DeepSeek's released MTP blocks: sliding-window attention, learned routing
@@ -25,6 +26,9 @@ class Target:
     # FP8 / FP4: kept packed under `--weights native` (packed_params): then the parameter holds the
     # codes (FP8 [out, in] as stored; FP4 transposed to [in/2, out]) and `<leaf>_scale` the scales
     native: str | None = None
+    # set for one matrix's columns [start, stop) of a fused [in, out] parameter (the attention's
+    # `wcomp`: several checkpoint matrices that take the same input, one matmul at run time)
+    cols: tuple[int, int] | None = None
 
 
 def _t(a):
@@ -42,13 +46,22 @@ def _wo_a(groups):
     return f
 
 
-def _compressor(prefix: str, path: tuple) -> dict[str, Target]:
-    return {
-        f"{prefix}.wkv.weight": Target(path + ("wkv",), _t),
-        f"{prefix}.wgate.weight": Target(path + ("wgate",), _t),
-        f"{prefix}.ape": Target(path + ("ape",), _same),
-        f"{prefix}.norm.weight": Target(path + ("norm",), _same),
-    }
+def _compressors(cfg: ModelConfig, kind: str, a: str, ap: tuple) -> dict[str, Target]:
+    """A compressed layer's compressors (and its indexer's head weights): their projections are
+    column blocks of the attention's fused `wcomp`, in `projection_columns` order."""
+    names = [f"{a}.compressor.wkv.weight", f"{a}.compressor.wgate.weight"]
+    if kind == CSA:
+        names += [f"{a}.indexer.compressor.wkv.weight", f"{a}.indexer.compressor.wgate.weight",
+                  f"{a}.indexer.weights_proj.weight"]
+    m, off = {}, 0
+    for name, width in zip(names, projection_columns(cfg, kind), strict=True):
+        m[name] = Target(ap + ("wcomp",), _t, cols=(off, off + width))
+        off += width
+    for prefix, path in [(f"{a}.compressor", ap + ("compressor",))] + (
+            [(f"{a}.indexer.compressor", ap + ("indexer", "compressor"))] if kind == CSA else []):
+        m[f"{prefix}.ape"] = Target(path + ("ape",), _same)
+        m[f"{prefix}.norm.weight"] = Target(path + ("norm",), _same)
+    return m
 
 
 def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple) -> dict[str, Target]:
@@ -72,11 +85,9 @@ def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple)
         f"{a}.attn_sink": Target(ap + ("sinks",), _same),
     })
     if kind != SLIDING:
-        m.update(_compressor(f"{a}.compressor", ap + ("compressor",)))
+        m.update(_compressors(cfg, kind, a, ap))
     if kind == CSA:
-        m.update(_compressor(f"{a}.indexer.compressor", ap + ("indexer", "compressor")))
         m[f"{a}.indexer.wq_b.weight"] = Target(ap + ("indexer", "wq_b"), _t)
-        m[f"{a}.indexer.weights_proj.weight"] = Target(ap + ("indexer", "weights_proj"), _t)
     m[f"{f}.gate.weight"] = Target(fp + ("gate_w",), _t)
     if is_hash:
         m[f"{f}.gate.tid2eid"] = Target(fp + ("tid2eid",), _same, integer=True)
