@@ -16,7 +16,10 @@ the rest of the step:
   ops (XLA fuses them) lumped (`--views stablehlo`);
 - with `--compiled` (this process's backend only, e.g. on the GPU machine): the launches of
   the compiled module, fusions by kind, while bodies times their trip count
-  (atom_jax/trace/op_counts.py).
+  (atom_jax/trace/op_counts.py), and the literals of at least 1 MiB it embeds (what XLA's
+  constant folding made, with the op they came from);
+- the seconds spent tracing, lowering (and compiling) the program: the cold-start cost of one
+  bucket (`--trace-layers-once off`: every layer traced anew, for comparison).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from atom_jax.weights.formats import MODEL_FORMATS
 
 PRESETS = ("tiny", "v4-flash", "v4-pro")
+LARGE_CONSTANT_BYTES = 1 << 20  # --compiled lists literals of the compiled module at least this big
 VIEWS = ("jaxpr", "stablehlo")
 
 
@@ -47,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     ap.add_argument("--moe-backend", default="auto")
     ap.add_argument("--attn-backend", default="auto")
+    ap.add_argument("--trace-layers-once", choices=("on", "off"), default="on",
+                    help="trace each layer kind once (StepOptions.trace_layers_once; off: every layer anew)")
     ap.add_argument("--platform", default=None,
                     help="lower for this platform (cuda, rocm, cpu); default: this backend, cuda on a CPU machine")
     ap.add_argument("--views", default="jaxpr,stablehlo", help=f"comma list of {VIEWS}")
@@ -71,7 +77,7 @@ def _config(preset: str, layers):
 
 def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucket: int = 64, slots=None,
                    context: int = 9216, page_tokens: int = 128, prefix_caching: bool = True, tbo: bool = False,
-                   moe_backend: str = "auto", attn_backend: str = "auto"):
+                   moe_backend: str = "auto", attn_backend: str = "auto", trace_layers_once: bool = True):
     """-> (fn, args, kwargs): the engine's jitted step program and abstract arguments for one
     (bucket, tbo) step; `fn.trace(*args, **kwargs)` traces it without allocating anything."""
     import jax
@@ -94,7 +100,7 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
     layout.check(cfg)
     model = abstract_model(cfg, dtype, weights=weights)
     mesh = make_dp_mesh(dp)
-    opts = StepOptions(moe_backend=moe_backend, attn_backend=attn_backend)
+    opts = StepOptions(moe_backend=moe_backend, attn_backend=attn_backend, trace_layers_once=trace_layers_once)
     fn = device_step_program(model, mesh, layout, opts)
 
     def sds(shape, dt, spec):
@@ -113,30 +119,41 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
 def count_program(fn, args, kwargs, platform: str, views=VIEWS, compiled: bool = False) -> dict:
     """-> {view: {scope: Counter}} for the views asked (and "compiled", "compiled_notes")."""
     import contextlib
+    import time
 
     import jax
 
     from atom_jax.kernels.platform import lowering_for
     from atom_jax.trace import op_counts
+    from atom_jax.trace.hlo import large_constants
 
     here = jax.default_backend()
     native = platform == here or (platform in ("cuda", "rocm") and here == "gpu")
     if compiled and not native:
         raise ValueError(f"--compiled compiles for this backend ({here}), not {platform}")
-    out = {}
+    out, seconds = {}, {}
     ctx = contextlib.nullcontext() if native else lowering_for(platform)
     with ctx:
+        t0 = time.perf_counter()
         traced = fn.trace(*args, **kwargs)
+        seconds["trace"] = time.perf_counter() - t0
         if "jaxpr" in views:
             out["jaxpr"] = op_counts.jaxpr_counts(traced.jaxpr, platform)
         if "stablehlo" in views or compiled:
+            t0 = time.perf_counter()
             lowered = traced.lower() if native else traced.lower(lowering_platforms=(platform,))
+            seconds["lower"] = time.perf_counter() - t0
             if "stablehlo" in views:
                 out["stablehlo"] = op_counts.stablehlo_counts(lowered.compiler_ir("stablehlo"))
             if compiled:
-                launches, notes = op_counts.compiled_launches(lowered.compile().as_text())
+                t0 = time.perf_counter()
+                text = lowered.compile().as_text()
+                seconds["compile"] = time.perf_counter() - t0
+                launches, notes = op_counts.compiled_launches(text)
                 out["compiled"] = op_counts.compiled_counts_of(launches)
                 out["compiled_launches"], out["compiled_notes"] = launches, notes
+                out["large_constants"] = large_constants(text, LARGE_CONSTANT_BYTES)
+    out["seconds"] = seconds
     return out
 
 
@@ -150,6 +167,7 @@ def _ensure_host_devices(n: int) -> None:
 
 def run_cli(args) -> int:
     _ensure_host_devices(args.dp)
+    import dataclasses
     import json
 
     import jax
@@ -168,11 +186,13 @@ def run_cli(args) -> int:
     fn, a, kw = decode_program(cfg, dtype=dtype, weights=args.weights, dp=args.dp, bucket=args.bucket,
                                slots=args.slots, context=args.context, page_tokens=args.page_tokens,
                                prefix_caching=args.prefix_caching == "on", tbo=args.tbo,
-                               moe_backend=args.moe_backend, attn_backend=args.attn_backend)
+                               moe_backend=args.moe_backend, attn_backend=args.attn_backend,
+                               trace_layers_once=args.trace_layers_once == "on")
     res = count_program(fn, a, kw, platform, views, args.compiled)
     kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(cfg.attn_kinds))
     print(f"{args.preset} x{cfg.num_layers} layers ({kinds}), dp={args.dp}, bucket {args.bucket}, "
           f"weights {args.weights}, tbo={args.tbo}, lowered for {platform}")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
     titles = {"jaxpr": "jaxpr primitive", "stablehlo": "stablehlo kind", "compiled": "compiled launch"}
     for view in ("jaxpr", "stablehlo", "compiled"):
         if view in res:
@@ -180,6 +200,10 @@ def run_cli(args) -> int:
             print(op_counts.format_table(res[view], titles[view]))
     for note in res.get("compiled_notes", []):
         print("note:", note)
+    if "large_constants" in res:
+        print(f"constants of at least {LARGE_CONSTANT_BYTES >> 20} MiB in the compiled module: {len(res['large_constants'])}")
+        for c in res["large_constants"]:
+            print(f"  {c.type_text} {c.bytes / 2**20:.1f} MiB ({c.name}) {c.op_name or ''}")
     if args.detail and "compiled_launches" in res:
         print(f"\nlaunches of {args.detail} (times per step, kind, instruction, op_name):")
         for scope, mult, kind, name, op_name in res["compiled_launches"]:
@@ -188,11 +212,12 @@ def run_cli(args) -> int:
     if args.json:
         doc = {"preset": args.preset, "layers": cfg.num_layers, "attn_kinds": list(cfg.attn_kinds),
                "dp": args.dp, "bucket": args.bucket, "weights": args.weights, "tbo": args.tbo,
-               "platform": platform, "jax": jax.__version__,
+               "platform": platform, "jax": jax.__version__, "seconds": res["seconds"],
                **{v: op_counts.to_json(res[v]) for v in ("jaxpr", "stablehlo", "compiled") if v in res}}
         if "compiled_notes" in res:
             doc["compiled_notes"] = res["compiled_notes"]
             doc["compiled_launches"] = [list(x) for x in res["compiled_launches"]]
+            doc["large_constants"] = [dataclasses.asdict(c) for c in res["large_constants"]]
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return 0

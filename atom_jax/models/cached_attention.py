@@ -18,6 +18,7 @@ from atom_jax.models.attention import Attention
 from atom_jax.models.cache_reads import entry_addresses, jnp_index_scorer, max_windows, visible_counts
 from atom_jax.models.compressor import Compressor
 from atom_jax.models.index_topk import TopkPlan, index_topk, plan_topk
+from atom_jax.models.trace_once import traced_once
 
 
 def _write_last(buf, slot, idx, values, keep):
@@ -87,14 +88,13 @@ def _window_plan(b, r: int, overlap: bool, span: int, page_table, epp: int, pool
     return plan
 
 
-def _compress_step(comps, proj, b, tail, pools, page_table, epp, inv_freq, max_segments, page_tail=None,
-                   page_tokens=0):
+def _compress_step(comps, proj, b, tail, pools, plan, inv_freq, page_tail=None, page_tokens=0):
     """Emit the entries of every compressor in `comps` (one layer's, all of one ratio: the
     attention's, and on CSA layers the indexer's) completed in this step, write them and the
     new tails (and, given the layout's page state `page_tail`, each page's last tail rows).
     proj [T, >= tail columns]: this step's tokens' compressor projections (the attention's
-    `compressor_projections`; extra columns after the tail's are ignored).
-    -> (pools, tail, page_tail).
+    `compressor_projections`; extra columns after the tail's are ignored); `plan`: the step's
+    `_window_plan` for their ratio. -> (pools, tail, page_tail).
 
     The compressors share the tail array (`compressor.compressor_columns`: each one's kv then
     gate projections, side by side), so the rows of a window come from one gather of this
@@ -113,7 +113,6 @@ def _compress_step(comps, proj, b, tail, pools, page_table, epp, inv_freq, max_s
     if bias.shape[-1] != width or proj.shape[-1] < width:
         raise ValueError(f"the compressors' projections are {bias.shape[-1]} wide, the cache tail {width}")
     rows = proj[:, :width].astype(jnp.float32) + bias[jnp.mod(pos, r)]
-    plan = _window_plan(b, r, overlap, tail.shape[1], page_table, epp, pools[0].shape[0], max_segments)
     w, win = plan["w"], plan["win"]
     window = _window_rows(rows, tail, plan["index"])  # [windows, r or 2r, every compressor's columns]
     first = jnp.arange(2 * r)[None, :] < r
@@ -142,7 +141,21 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
     """x [T, D] normed attention input; b: the PackedBatch arrays (jnp); cache: this layer's.
     backend: "jnp" (reference, CPU path) or "pallas" (kernels/sparse_*.py; interpreted on CPU).
 
-    -> (out [T, D], new layer cache)."""
+    -> (out [T, D], new layer cache).
+
+    The compressors' window plan is worked out here, once per step when b holds a PLANS memo;
+    the rest is one function of the layer traced once per layer kind (models/trace_once.py)."""
+    windows = None
+    if attn.kind != SLIDING:
+        r = attn.ratio
+        windows = _window_plan(b, r, attn.compressor.overlap, cache["tail"].shape[1], page_table,
+                            layout.entries_per_page(r), cache["entries"].shape[0], layout.num_slots)
+    arrays = {k: v for k, v in b.items() if k != PLANS}
+    return _cached_attention(attn, x, arrays, cache, page_table, windows, layout, backend)
+
+
+@traced_once
+def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, layout, backend: str):
     cfg = attn.cfg
     inv = attn.inv_freq
     pos, slot, valid = b["pos"], b["slot"], b["valid"]
@@ -162,8 +175,8 @@ def cached_attention(attn: Attention, x, b, cache: dict, page_table, layout, bac
         if attn.kind == CSA:
             comps, pools = comps + [attn.indexer.compressor], pools + ["ientries"]
         proj = attn.compressor_projections(x)
-        out, tail, page_tail = _compress_step(comps, proj, b, cache["tail"], [cache[k] for k in pools], page_table,
-                                              epp, inv, segs, cache.get("page_tail"), layout.page_tokens)
+        out, tail, page_tail = _compress_step(comps, proj, b, cache["tail"], [cache[k] for k in pools], windows, inv,
+                                              cache.get("page_tail"), layout.page_tokens)
         cache.update(zip(pools, out), tail=tail)
         if page_tail is not None:
             cache["page_tail"] = page_tail

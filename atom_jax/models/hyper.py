@@ -14,6 +14,7 @@ from flax import nnx
 from atom_jax.config import ModelConfig
 from atom_jax.kernels.platform import is_cpu
 from atom_jax.models.layers import const_param, normal_param, rms_norm
+from atom_jax.models.trace_once import traced_once
 
 
 class HyperConnection(nnx.Module):
@@ -24,6 +25,7 @@ class HyperConnection(nnx.Module):
         self.base = const_param(((2 + n) * n,), 0.0)
         self.scale = const_param((3,), 1.0)
 
+    @traced_once
     def __call__(self, streams):
         """streams [..., N, D] -> (post [..., N], comb [..., N, N], collapsed [..., D]); float32 weights."""
         n, eps = self.cfg.hc_mult, self.cfg.hc_eps

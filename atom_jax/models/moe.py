@@ -14,6 +14,7 @@ from atom_jax.config import ModelConfig
 from atom_jax.kernels import grouped_gemm
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import normal_param, swiglu_clamped
+from atom_jax.models.trace_once import traced_once
 from atom_jax.weights import formats
 
 
@@ -161,6 +162,7 @@ class MoE(nnx.Module):
             else:
                 setattr(self, name, normal_param(rngs, (k, n), dtype))
 
+    @traced_once
     def route(self, x, token_ids):
         """x [N, D] -> (weights [N, k] float32, expert ids [N, k] int32)."""
         scores = router_scores(x, self.gate_w[...])
@@ -171,10 +173,12 @@ class MoE(nnx.Module):
         idx = idx.astype(jnp.int32)
         return normalise_weights(scores, idx, self.cfg), idx
 
+    @traced_once
     def shared(self, x):
         h = swiglu_clamped(pp.linear(x, self, "s_w1"), pp.linear(x, self, "s_w3"), self.cfg.swiglu_limit)
         return pp.linear(h, self, "s_w2")
 
+    @traced_once
     def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot"):
         return routed_experts(x, idx, weights, *(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS),
                               self.cfg.swiglu_limit, expert_offset, backend, self.cfg.n_routed_experts)

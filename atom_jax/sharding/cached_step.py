@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from atom_jax.cache.restore import restore_slots
 from atom_jax.loader import abstract_model
+from atom_jax.models import trace_once
 from atom_jax.models.cached_attention import PLANS, cached_attention
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
@@ -76,7 +77,8 @@ def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
         nnx.replace_by_pure_dict(st, local_params)
         squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
         runner = CachedRankStep(nnx.merge(graphdef, st), opts, dp, squeeze(cache), page_table[0], layout)
-        logits, new_cache = runner(squeeze(batch), tbo)
+        with trace_once.session(opts.trace_layers_once):
+            logits, new_cache = runner(squeeze(batch), tbo)
         return logits[None], jax.tree.map(lambda a: a[None], new_cache)
 
     def step(params, cache, batch, page_table, tbo: bool = False):

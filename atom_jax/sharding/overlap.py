@@ -60,6 +60,9 @@ class StepOptions:
     # the two-chain schedule when a step runs with TBO: "split" (each chain its own expert GEMM)
     # or "fused" (one expert GEMM over both chains' rows: expert weights read once per layer)
     tbo_schedule: str = "split"
+    # trace each layer kind once (models/trace_once.py: the layer's pieces as nested jits that
+    # XLA inlines again; same compiled program); False: every layer traced anew
+    trace_layers_once: bool = True
 
 
 @jax.tree_util.register_dataclass

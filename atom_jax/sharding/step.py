@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atom_jax.loader import abstract_model
+from atom_jax.models import trace_once
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.layers import rms_norm
 from atom_jax.models.packed_params import SCALE, random_leaf
@@ -110,7 +111,8 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
     def body(local_params, ids, tbo):
         st = nnx.split(skeleton)[1]
         nnx.replace_by_pure_dict(st, local_params)
-        return rank_step(nnx.merge(graphdef, st), opts, dp)(ids, tbo)
+        with trace_once.session(opts.trace_layers_once):
+            return rank_step(nnx.merge(graphdef, st), opts, dp)(ids, tbo)
 
     def step(params, ids, tbo: bool = False):
         sharded = jax.shard_map(partial(body, tbo=bool(tbo)), mesh=mesh, in_specs=(specs, P(DP)),

@@ -132,11 +132,20 @@ def stablehlo_counts(module) -> dict[str, collections.Counter]:
     """Ops by `stablehlo_kind` per scope, from an MLIR module (`Lowered.compiler_ir("stablehlo")`).
     A `func.call` counts its callee's ops at each call site (jax lowers a function traced once
     and used twice, e.g. the same-shaped layer, as one private function called twice)."""
+    table = _table()
+    for scope, _, kind in stablehlo_ops(module):
+        table[scope][kind] += 1
+    return dict(table)
+
+
+def stablehlo_ops(module):
+    """Every op the program runs, as (scope, op, `stablehlo_kind`): a called function's ops at
+    each call site (in the caller's scope), a `case` with a constant index as its taken branch
+    only (kind SHAPE for the case itself). Calls and returns themselves are not listed."""
     funcs = {}
     for op in module.body.operations:
         if op.operation.name == "func.func":
             funcs[_attr_str(op, "sym_name")] = op
-    table = _table()
 
     def walk_region_ops(ops, outer, depth):
         for op in ops:
@@ -145,7 +154,7 @@ def stablehlo_counts(module) -> dict[str, collections.Counter]:
             if name in ("func.call", "call"):
                 callee = funcs.get(_attr_str(op, "callee").lstrip("@"))
                 if callee is not None and depth < 64:
-                    walk_func(callee, scope if scope != STEP else outer, depth + 1)
+                    yield from walk_func(callee, scope if scope != STEP else outer, depth + 1)
                 continue
             if name == "func.return":
                 continue
@@ -158,21 +167,29 @@ def stablehlo_counts(module) -> dict[str, collections.Counter]:
                     regions = [regions[taken]]
                 if len(regions) == 1:
                     kind = SHAPE
-            table[scope][kind] += 1
+            yield scope, op, kind
             for region in regions:
                 for block in region.blocks:
-                    walk_region_ops(block.operations, scope if scope != STEP else outer, depth)
+                    yield from walk_region_ops(block.operations, scope if scope != STEP else outer, depth)
 
     def walk_func(func, outer, depth):
         for region in func.operation.regions:
             for block in region.blocks:
-                walk_region_ops(block.operations, outer, depth)
+                yield from walk_region_ops(block.operations, outer, depth)
 
     main = funcs.get("main")
     if main is None:
         raise ValueError("the module has no @main function")
-    walk_func(main, None, 0)
-    return dict(table)
+    yield from walk_func(main, None, 0)
+
+
+def parse_stablehlo(text: str):
+    """An MLIR module from StableHLO text (e.g. `jax.export.Exported.mlir_module()`)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    with mlir.make_ir_context():
+        return ir.Module.parse(text)
 
 
 def _attr_str(op, name: str) -> str:
