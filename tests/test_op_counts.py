@@ -101,3 +101,19 @@ def test_cli_takes_every_model_weight_format(weights):
     parser = argparse.ArgumentParser()
     hlo_ops.add_parser(parser.add_subparsers())
     assert parser.parse_args(["hlo-ops", "--weights", weights]).weights == weights
+
+
+def test_compiled_step_embeds_no_large_literal():
+    """The engine's step at a 1024-token bucket with the Pallas attention kernels (interpreted
+    on this CPU), where the indexer's running top-k has a static trip count of 1 (as 8K-token
+    steps have on a GPU): XLA unrolled that loop and folded its [T, k + block] index array into
+    a literal (here s32[1024,1028]; s32[8192,2688], 88 MB, per CSA layer of V4-Flash). No
+    literal of 1 MiB or more is left in the compiled module."""
+    from atom_jax.bench.hlo_ops import LARGE_CONSTANT_BYTES
+
+    cfg = _config("tiny", None)
+    fn, args, kw = decode_program(cfg, dtype=jnp.float32, dp=2, bucket=1024, slots=8, context=4096,
+                                  attn_backend="pallas")
+    res = count_program(fn, args, kw, "cpu", views=(), compiled=True)
+    assert LARGE_CONSTANT_BYTES == 1 << 20 and res["large_constants"] == [], res["large_constants"]
+    assert set(res["seconds"]) == {"trace", "lower", "compile"}

@@ -60,6 +60,8 @@ def traced_once(fn):
     arguments, argument shapes) inside a `session()`; see the module docstring."""
     sig = inspect.signature(fn)
     names = list(sig.parameters)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise TypeError(f"traced_once: {fn.__qualname__} takes *args / **kwargs; name its arguments")
 
     @functools.wraps(fn)
     def wrapper(module, *args, **kwargs):
