@@ -111,3 +111,21 @@ def test_each_kind_is_traced_once_and_ops_keep_their_layer():
         assert trace_once.active()
         assert [e.params["name"] for e in nested()] == ["__call__"]
     assert not trace_once.active()
+
+
+def test_traced_once_full_sequence_step_is_bit_identical():
+    """The full-sequence DP step (sharding/step.py: full-sequence attention per segment, TBO
+    cutting a row so chain B reads chain A's attention input as its prefix): the same logits
+    bit for bit with each layer kind traced once as traced layer by layer."""
+    from atom_jax.sharding import make_step, shard_tokens
+
+    cfg = tiny()
+    model = random_model(cfg, seed=int(np.random.default_rng().integers(1 << 30)))
+    mesh = make_dp_mesh(DP_SIZE)
+    ids = shard_tokens(np.random.default_rng().integers(0, cfg.vocab_size, (DP_SIZE * 1, 40)), mesh)
+    out = {}
+    for once in (True, False):
+        step, params = make_step(model, mesh, StepOptions(trace_layers_once=once))
+        out[once] = np.asarray(step(params, ids, tbo=True))
+    np.testing.assert_array_equal(out[True], out[False])
+    assert np.isfinite(out[True]).all()

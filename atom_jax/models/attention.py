@@ -16,6 +16,7 @@ from atom_jax.models.compressor import Compressor, Indexer, projection_columns, 
 from atom_jax.kernels.packed import fp8_grouped_linear
 from atom_jax.models import packed_params as pp
 from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
+from atom_jax.models.trace_once import traced_once
 from atom_jax.weights import formats
 
 
@@ -116,6 +117,7 @@ class Attention(nnx.Module):
         return pp.linear(mid.reshape(b, s, -1), self, "wo_b")
 
     # ---- full-sequence forward ---------------------------------------------------------------
+    @traced_once
     def __call__(self, x, positions, prefix=None):
         """x [B,S,D] at `positions` [B,S] -> [B,S,D].
 
