@@ -13,7 +13,8 @@ from flax import nnx
 
 from atom_jax.config import ModelConfig
 from atom_jax.models import DeepseekV4
-from atom_jax.models.packed_params import SCALE
+from atom_jax.kernels.packed import FP8_BLOCK
+from atom_jax.models.packed_params import FUSED, SCALE, fp8_rows
 from atom_jax.models.param_map import FP4, FP8, MTP_NAME, param_map
 from atom_jax.weights import quant
 from atom_jax.weights.formats import (AUTO, BF16, FP4_EXPERTS_ONLY, NATIVE, WEIGHT_FORMATS, packed_dense,
@@ -107,15 +108,13 @@ class _Filler:
         self.staged: dict[tuple, np.ndarray] = {}
         self.remaining: dict[tuple, int] = {}
 
-    def put(self, t, path: tuple, value: np.ndarray, expert: int | None, np_dtype=None, cols=None):
+    def put(self, t, path: tuple, value: np.ndarray, where=None, parts: int = 1, np_dtype=None):
+        """Set the parameter at `path` to `value`, or (`where`: an index into it) one of the
+        `parts` pieces that together fill it."""
         var = _variable(self.model, path)
         full = tuple(var.get_value().shape)
-        if expert is not None:  # one [E, ...] stack's entry: staged, counted in experts
-            want, where, units, total = full[1:], expert, 1, full[0]
-        elif cols is not None:  # columns [start, stop) of the last axis: counted in columns
-            want, where, units, total = full[:-1] + (cols[1] - cols[0],), (..., slice(*cols)), cols[1] - cols[0], full[-1]
-        else:
-            want, where = full, None
+        # the shape of full[where] without allocating full
+        want = full if where is None else np.lib.stride_tricks.as_strided(np.zeros(1), full, (0,) * len(full))[where].shape
         if value.shape != want:
             raise CheckpointError(t.source, t.source_name, f"shape {tuple(t.array.shape)} does not fit parameter "
                                   f"{'.'.join(map(str, path))} {want}")
@@ -125,11 +124,29 @@ class _Filler:
             return
         if path not in self.staged:
             self.staged[path] = np.zeros(full, np_dtype)
-            self.remaining[path] = total
+            self.remaining[path] = parts
         self.staged[path][where] = value
-        self.remaining[path] -= units
+        self.remaining[path] -= 1
         if self.remaining[path] == 0:  # every part read: move it to the device, free host copy
             var.set_value(self.to_value(self.staged.pop(path)))
+
+
+def _where(target, model, kind: str | None = None):
+    """(index into the parameter, pieces that fill it) for a target filled in parts, else
+    (None, 1). kind: None for the float form; "codes" / "scales" for an FP8 packed one (rows of
+    the [out, in] codes, row blocks of the scales)."""
+    if target.expert is not None:  # one [E, ...] stack's entry
+        return target.expert, _variable(model, target.path).get_value().shape[0]
+    if target.part is None:
+        return None, 1
+    n = len(target.part[1])
+    if kind is None:
+        return (Ellipsis, slice(*target.span())), n
+    start, stop = target.span(fp8=True)
+    if kind == "codes":
+        return slice(start, stop), n
+    b = FP8_BLOCK
+    return slice(start // b, -(-stop // b)), n
 
 
 def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelConfig | None = None,
@@ -175,8 +192,8 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
             except ValueError as e:
                 raise CheckpointError(t.source, t.source_name, str(e)) from None
             scale_path = target.path[:-1] + (target.path[-1] + SCALE,)
-            filler.put(t, target.path, codes, target.expert, np.dtype(np.uint8))
-            filler.put(t, scale_path, scales, target.expert)
+            filler.put(t, target.path, codes, *_where(target, model, "codes"), np.dtype(np.uint8))
+            filler.put(t, scale_path, scales, *_where(target, model, "scales"))
             filled.add(t.name)
             continue
         stored = np.asarray(t.array).dtype
@@ -186,7 +203,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
         value = target.transform(np.asarray(t.array))
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
             raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")
-        filler.put(t, target.path, value, target.expert, np.dtype(np.int32) if target.integer else None, target.cols)
+        filler.put(t, target.path, value, *_where(target, model), np.dtype(np.int32) if target.integer else None)
         filled.add(t.name)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -221,6 +238,7 @@ def decode_fp8_projections(model: DeepseekV4, host: bool = False) -> DeepseekV4:
         raise ValueError(f"decode_fp8_projections takes a native model, not {model.weights!r}")
     with_mtp = len(model.mtp) > 0
     pure = nnx.state(model).to_pure_dict()
+    fused: dict[tuple, tuple] = {}  # a fused parameter's path -> (its decoded [out, in] rows, dense [in, out])
     for target in param_map(model.cfg, with_mtp).values():
         if target.native != FP8:
             continue
@@ -228,9 +246,25 @@ def decode_fp8_projections(model: DeepseekV4, host: bool = False) -> DeepseekV4:
         node = pure
         for p in parents:
             node = node[p]
-        codes, scale = np.asarray(node[leaf]), np.asarray(node.pop(leaf + SCALE))
-        dense = target.transform(quant.dequantize_fp8(codes, scale, _np_dtype(model.dtype)))
-        node[leaf] = dense if host else jnp.asarray(dense)
+        if target.part is None:
+            codes, scale = np.asarray(node[leaf]), np.asarray(node.pop(leaf + SCALE))
+            dense = target.transform(quant.dequantize_fp8(codes, scale, _np_dtype(model.dtype)))
+            node[leaf] = dense if host else jnp.asarray(dense)
+            continue
+        if target.path not in fused:  # decode the whole fused parameter once; its parts fill `dense`
+            rows = quant.dequantize_fp8(np.asarray(node[leaf]), np.asarray(node.pop(leaf + SCALE)),
+                                        _np_dtype(model.dtype))
+            dense = np.zeros((rows.shape[1], sum(target.part[1])), rows.dtype)
+            fused[target.path] = rows, dense
+            node[leaf] = dense
+        rows, dense = fused[target.path]
+        dense[:, slice(*target.span())] = target.transform(rows[slice(*target.span(fp8=True))])
+    if not host:
+        for path, (_, dense) in fused.items():
+            node = pure
+            for p in path[:-1]:
+                node = node[p]
+            node[path[-1]] = jnp.asarray(dense)
     graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, with_mtp, FP4_EXPERTS_ONLY))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -283,27 +317,46 @@ def _restore_as(where: str, abstract_state, host: bool):
 
 
 def _restore_unfused(where: str, abstract_state, host: bool = False):
-    """Restore an orbax checkpoint saved before each compressed layer's compressor (and indexer
-    head weight) projections became one fused `wcomp` (models/compressor.py): read the tree as
-    saved, fuse them in `projection_columns` order, fill the model's state. A tree that does not
-    hold that older layout raises orbax's own error again."""
+    """Restore an orbax checkpoint saved before matrices that take the same input became one
+    fused parameter (each compressed layer's compressor and indexer head-weight projections:
+    `wcomp`, models/compressor.py; packed_params.FUSED: the shared expert's gate and up): read
+    the tree as saved, fuse them as the loader would, fill the model's state. A tree that does
+    not hold that older layout raises orbax's own error again."""
     import jax
     import orbax.checkpoint as ocp
 
     with ocp.PyTreeCheckpointer() as ckpt:
         tree = ckpt.restore(where)
+    value = lambda v: np.asarray(v["value"])  # noqa: E731 (a saved leaf: {"value": array})
     fused = False
-    for layer in tree.get("layers", {}).values():
-        attn = layer.get("attn", {})
-        comp = attn.get("compressor", {})
-        if "wkv" not in comp:
-            continue
-        parts = [comp.pop("wkv"), comp.pop("wgate")]
-        if "indexer" in attn:
-            idx = attn["indexer"]
-            parts += [idx["compressor"].pop("wkv"), idx["compressor"].pop("wgate"), idx.pop("weights_proj")]
-        attn["wcomp"] = jax.tree.map(lambda *a: np.concatenate([np.asarray(x) for x in a], axis=-1), *parts)
-        fused = True
+
+    def fuse(node):
+        nonlocal fused
+        if not isinstance(node, dict):
+            return
+        comp = node.get("compressor", {})
+        if "wkv" in comp:  # an attention module
+            parts = [comp.pop("wkv"), comp.pop("wgate")]
+            if "indexer" in node:
+                idx = node["indexer"]
+                parts += [idx["compressor"].pop("wkv"), idx["compressor"].pop("wgate"), idx.pop("weights_proj")]
+            node["wcomp"] = {"value": np.concatenate([value(p) for p in parts], axis=-1)}
+            fused = True
+        for name, members in FUSED.items():
+            if all(m in node for m in members):
+                mats = [value(node.pop(m)) for m in members]
+                if all(m + SCALE in node for m in members):  # FP8 [out, in]: rows padded to whole blocks
+                    scales = [value(node.pop(m + SCALE)) for m in members]
+                    mats = [np.pad(c, ((0, fp8_rows(c.shape[0]) - c.shape[0]), (0, 0))) for c in mats]
+                    node[name + SCALE] = {"value": np.concatenate(scales, axis=0)}
+                    node[name] = {"value": np.concatenate(mats, axis=0)}
+                else:
+                    node[name] = {"value": np.concatenate(mats, axis=-1)}
+                fused = True
+        for child in list(node.values()):
+            fuse(child)
+
+    fuse(tree)
     if not fused:
         return _restore_as(where, abstract_state, host)
     to_value = np.asarray if host else jnp.asarray

@@ -52,8 +52,8 @@ def write_official_checkpoint(model, path: str):
         value = np.asarray(_variable(model, target.path).get_value())
         if target.expert is not None:
             value = value[target.expert]
-        if target.cols is not None:  # one matrix of a fused projection
-            value = value[..., target.cols[0]: target.cols[1]]
+        if target.part is not None:  # one matrix of a fused projection (float form: columns)
+            value = value[..., slice(*target.span())]
         w = _checkpoint_layout(target, value, cfg)
         scale_name = name[: -len("weight")] + "scale"
         if target.native == FP4:

@@ -98,26 +98,37 @@ def test_orbax_round_trip(saved_hf, tmp_path):
     np.testing.assert_array_equal(np.asarray(jit_forward(model)(ids)), np.asarray(jit_forward(restored)(ids)))
 
 
-def test_orbax_saved_before_fused_compressor_projections(tmp_path):
-    """An orbax checkpoint in the older layout (each compressor's wkv / wgate and the indexer's
-    weights_proj as their own leaves) restores into the fused `wcomp`, on device and on host."""
+@pytest.mark.parametrize("weights", ["bf16", "native"])
+def test_orbax_saved_before_fused_projections(tmp_path, weights):
+    """An orbax checkpoint in the older layout (each compressor's wkv / wgate, the indexer's
+    weights_proj, the attention's wq_a / wkv, the shared expert's w1 / w3 as their own leaves;
+    FP8 unpadded) restores into the fused parameters, on device and on host, to the same logits."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from atom_jax.models.compressor import projection_columns, split_columns
+    from atom_jax.models.compressor import projection_columns
+    from atom_jax.models.layers import split_columns
+    from atom_jax.models.packed_params import FUSED, SCALE, fused_offsets, fused_widths
 
-    model = random_model(tiny(), seed=5)
+    model = random_model(tiny(), seed=5, weights=weights)
     out = save_orbax(model, str(tmp_path / "ckpt"))
     pure = nnx.state(model).to_pure_dict()
     for i, kind in enumerate(model.cfg.attn_kinds):
-        attn = pure["layers"][i]["attn"]
-        if "wcomp" not in attn:
-            continue
-        parts = split_columns(np.asarray(attn.pop("wcomp")), projection_columns(model.cfg, kind))
-        attn["compressor"].update(wkv=parts[0], wgate=parts[1])
-        if "indexer" in attn:
-            attn["indexer"]["compressor"].update(wkv=parts[2], wgate=parts[3])
-            attn["indexer"]["weights_proj"] = parts[4]
+        attn, ffn = pure["layers"][i]["attn"], pure["layers"][i]["ffn"]
+        if "wcomp" in attn:
+            parts = split_columns(np.asarray(attn.pop("wcomp")), projection_columns(model.cfg, kind))
+            attn["compressor"].update(wkv=parts[0], wgate=parts[1])
+            if "indexer" in attn:
+                attn["indexer"]["compressor"].update(wkv=parts[2], wgate=parts[3])
+                attn["indexer"]["weights_proj"] = parts[4]
+        for node, name in ((attn, "wqkv"), (ffn, "s_w13")):
+            w, widths = np.asarray(node.pop(name)), fused_widths(model.cfg, name)
+            if weights == "native":  # [out, in] rows, each part padded to whole 128-row scale blocks
+                scale = np.asarray(node.pop(name + SCALE))
+                for part, (a, b) in zip(FUSED[name], fused_offsets(widths, fp8=True)):
+                    node[part], node[part + SCALE] = w[a:b], scale[a // 128: -(-b // 128)]
+            else:
+                node.update(zip(FUSED[name], split_columns(w, widths)))
     legacy = jax.tree.map(lambda a: {"value": a}, pure)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out, "orbax"), legacy, force=True)

@@ -24,7 +24,7 @@ from atom_jax.config import tiny
 from atom_jax.kernels.packed import fp8_dequantize
 from atom_jax.loader import load_model, random_model, resolve_weights, save_orbax
 from atom_jax.models import jit_forward
-from atom_jax.models.packed_params import FP8_ATTENTION, FP8_SHARED, SCALE
+from atom_jax.models.packed_params import FP8_ATTENTION, FP8_SHARED, FUSED, SCALE, fused_offsets, fused_widths
 from atom_jax.weights import CheckpointError
 from atom_jax.sharding import StepOptions, make_dp_mesh, make_step, shard_tokens
 
@@ -69,7 +69,7 @@ def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_r
     native, dense = models
     ffn, attn = native.layers[0].ffn, native.layers[0].attn
     assert ffn.w1.get_value().dtype == jnp.uint8 and ffn.w1_scale.get_value().dtype == jnp.uint8
-    assert attn.wq_a.get_value().dtype == jnp.uint8 and attn.wq_a_scale.get_value().dtype == jnp.float32
+    assert attn.wqkv.get_value().dtype == jnp.uint8 and attn.wqkv_scale.get_value().dtype == jnp.float32
     assert ffn.w1.get_value().shape == (dense.cfg.n_routed_experts, dense.cfg.hidden_size // 2,
                                         dense.cfg.moe_intermediate_size)
     assert resolve_weights(official) == "native"
@@ -148,6 +148,8 @@ def _fp8_scale(native: dict, keys: tuple):
 def _decoded_like_fp4_experts(codes, scale, leaf: str):
     """What fp4-experts holds for a native FP8 leaf: the decoded [out, in] weight in our layout."""
     w = np.asarray(fp8_dequantize(jnp.asarray(codes), jnp.asarray(scale), jnp.float32))
+    if leaf in FUSED:  # each part's rows (padded to whole scale blocks), side by side as columns
+        return np.concatenate([w[a:b].T for a, b in fused_offsets(fused_widths(tiny(), leaf), fp8=True)], axis=1)
     if leaf == "wo_a":  # [G*o_lora, in/G] -> [G, in/G, o_lora] (param_map's _wo_a)
         return w.reshape(tiny().o_groups, -1, w.shape[-1]).transpose(0, 2, 1)
     return w.T
@@ -180,7 +182,7 @@ def test_fp4_experts_holds_native_decoded_projections(models, fp4_experts, offic
         else:
             assert a.dtype == b.dtype, name
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-    assert not new_leaves and decoded == 8 * tiny().num_layers
+    assert not new_leaves and decoded == len(FP8_ATTENTION + FP8_SHARED) * tiny().num_layers
     assert fp4_experts.layers[0].ffn.w1.get_value().dtype == jnp.uint8  # experts stay packed
     assert resolve_weights(official, "fp4-experts") == "fp4-experts"
     plan = engine_memory_plan(EngineConfig(model=official, dp=2, weights="fp4-experts"), gpu_bytes=2**30)
@@ -241,7 +243,7 @@ def test_fp4_experts_memory_plan_counts_projections_dense():
     small = tiny()
     _, params = random_params_on_mesh(small, make_dp_mesh(2), StepOptions(), jnp.bfloat16, weights="fp4-experts")
     assert params["layers"][0]["ffn"]["w1"].dtype == jnp.uint8
-    assert params["layers"][0]["attn"]["wq_a"].dtype == jnp.bfloat16
+    assert params["layers"][0]["attn"]["wqkv"].dtype == jnp.bfloat16
     measured = measured_bytes_per_device(params)
     assert sorted(measured.values()) == [plan(small, "fp4-experts").weight_bytes_per_gpu] * 2
 

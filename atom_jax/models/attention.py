@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atom_jax.config import CSA, HCA, SLIDING, ModelConfig
-from atom_jax.models.compressor import Compressor, Indexer, projection_columns, split_columns, visible_entries
+from atom_jax.models.compressor import Compressor, Indexer, projection_columns, visible_entries
 from atom_jax.kernels.packed import fp8_grouped_linear
 from atom_jax.models import packed_params as pp
-from atom_jax.models.layers import apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq
+from atom_jax.models.layers import (apply_rope, const_param, normal_param, rms_norm, rope_cos_sin, rope_inv_freq,
+                                    split_columns)
 from atom_jax.models.trace_once import traced_once
 from atom_jax.weights import formats
 
@@ -52,9 +53,10 @@ class Attention(nnx.Module):
         self.ratio = {SLIDING: 0, CSA: cfg.csa_ratio, HCA: cfg.hca_ratio}[kind]
         h, d = cfg.num_heads, cfg.head_dim
         # [in, out]; grouped output: wo_a [G, H*D/G, o_lora] then wo_b [G*o_lora, hidden]
-        shapes = {"wq_a": (cfg.hidden_size, cfg.q_lora_rank), "wq_b": (cfg.q_lora_rank, h * d),
-                  "wkv": (cfg.hidden_size, d), "wo_b": (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)}
+        shapes = {"wq_b": (cfg.q_lora_rank, h * d), "wo_b": (cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)}
         fp8 = formats.packed_dense(weights)
+        # the input's query down projection and kv projection: one fused parameter (packed_params.FUSED)
+        pp.fused_matrix(self, "wqkv", rngs, cfg.hidden_size, dtype, fp8)
         for name, (i, o) in shapes.items():
             if fp8:  # FP8 codes [out, in] + block scales (packed_params)
                 codes, scale = pp.fp8_matrix(rngs, i, o)
@@ -82,11 +84,16 @@ class Attention(nnx.Module):
         return rope_inv_freq(self.cfg, compressed=self.kind != SLIDING)
 
     # ---- pieces shared with the cached path ------------------------------------------------
-    def queries(self, x, positions):
-        """x [B,S,D] -> (q [B,S,H,hd] roped, q_lora [B,S,R] for the indexer)."""
+    def project_in(self, x):
+        """x [..., D] -> (x @ wq_a [..., R], x @ wkv [..., hd]): the input projections that
+        `queries` and `keys` take, by one matmul (the fused `wqkv`)."""
+        return pp.fused_linear(x, self, "wqkv")
+
+    def queries(self, q_a, positions):
+        """q_a [B,S,R] (`project_in`'s first) -> (q [B,S,H,hd] roped, q_lora [B,S,R] for the indexer)."""
         cfg = self.cfg
-        b, s, _ = x.shape
-        q_lora = rms_norm(pp.linear(x, self, "wq_a"), self.q_norm[...], cfg.rms_norm_eps)
+        b, s, _ = q_a.shape
+        q_lora = rms_norm(q_a, self.q_norm[...], cfg.rms_norm_eps)
         q = pp.linear(q_lora, self, "wq_b").reshape(b, s, cfg.num_heads, cfg.head_dim)
         q = rms_norm(q, None, cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
@@ -97,9 +104,9 @@ class Attention(nnx.Module):
         gate projections, then (CSA) the indexer's head weights, by one matmul."""
         return x @ self.wcomp[...]
 
-    def keys(self, x, positions):
-        """x [B,S,D] -> sliding-window key/value rows [B,S,hd], roped."""
-        kv = rms_norm(pp.linear(x, self, "wkv"), self.kv_norm[...], self.cfg.rms_norm_eps)
+    def keys(self, kv_a, positions):
+        """kv_a [B,S,hd] (`project_in`'s second) -> sliding-window key/value rows [B,S,hd], roped."""
+        kv = rms_norm(kv_a, self.kv_norm[...], self.cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         return apply_rope(kv, cos, sin)
 
@@ -125,14 +132,15 @@ class Attention(nnx.Module):
         attention input for positions 0..P-1 of the same rows) x continues those rows at P: this
         is how a micro-batch cut inside a request attends to the part the other chain holds."""
         cfg = self.cfg
-        q, q_lora = self.queries(x, positions)
         if prefix is None:
             kv_x, kv_pos = x, positions
         else:
             p = prefix.shape[1]
             kv_x = jnp.concatenate([prefix, x], axis=1)
             kv_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (x.shape[0], p)), positions], axis=1)
-        keys = self.keys(kv_x, kv_pos)
+        q_a, kv_a = self.project_in(kv_x)
+        q, q_lora = self.queries(q_a[:, kv_x.shape[1] - x.shape[1]:], positions)  # x's rows (after the prefix)
+        keys = self.keys(kv_a, kv_pos)
         visible = sliding_visible(positions, kv_pos, cfg.sliding_window)
         if self.kind != SLIDING:
             proj = split_columns(self.compressor_projections(kv_x), projection_columns(cfg, self.kind))

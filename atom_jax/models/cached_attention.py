@@ -161,9 +161,10 @@ def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, l
     pos, slot, valid = b["pos"], b["slot"], b["valid"]
     win = cfg.sliding_window
     kernels = _kernels(backend)
-    q, q_lora = attn.queries(x[None], pos[None])
+    q_a, kv_a = attn.project_in(x)
+    q, q_lora = attn.queries(q_a[None], pos[None])
     q, q_lora = q[0], q_lora[0]  # [T, H, hd], [T, R]
-    kv = attn.keys(x[None], pos[None])[0]  # [T, hd]
+    kv = attn.keys(kv_a[None], pos[None])[0]  # [T, hd]
     cache = dict(cache)
     segs = layout.num_slots  # a buffer (or each TBO half) holds at most one chunk per slot
 

@@ -64,15 +64,6 @@ def projection_columns(cfg: ModelConfig, kind: str) -> tuple[int, ...]:
     return compressor_columns(cfg, kind) + ((cfg.index_n_heads,) if kind == CSA else ())
 
 
-def split_columns(a, widths):
-    """a [..., sum(widths)] -> the list of its consecutive column blocks of those widths."""
-    out, off = [], 0
-    for w in widths:
-        out.append(a[..., off: off + w])
-        off += w
-    return out
-
-
 class Compressor(nnx.Module):
     """A compressor's own parameters (position bias, norm); its kv and gate projections are
     columns of the attention's fused `wcomp` (module docstring)."""

@@ -58,6 +58,15 @@ def apply_rope(x, cos, sin, inverse: bool = False):
     return jnp.concatenate([nope, rotated], axis=-1)
 
 
+def split_columns(a, widths):
+    """a [..., >= sum(widths)] -> the list of its consecutive column blocks of those widths."""
+    out, off = [], 0
+    for w in widths:
+        out.append(a[..., off: off + w])
+        off += w
+    return out
+
+
 def normal_param(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
 

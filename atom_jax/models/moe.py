@@ -154,13 +154,12 @@ class MoE(nnx.Module):
                 setattr(self, name + pp.SCALE, scales)
             else:
                 setattr(self, name, normal_param(rngs, (e, k, n), dtype))
-        for name, (k, n) in {"s_w1": (d, si), "s_w3": (d, si), "s_w2": (si, d)}.items():
-            if formats.packed_dense(weights):  # FP8 codes [out, in] + block scales
-                codes, scale = pp.fp8_matrix(rngs, k, n)
-                setattr(self, name, codes)
-                setattr(self, name + pp.SCALE, scale)
-            else:
-                setattr(self, name, normal_param(rngs, (k, n), dtype))
+        # the shared expert's gate and up projections: one fused parameter (packed_params.FUSED)
+        pp.fused_matrix(self, "s_w13", rngs, d, dtype, formats.packed_dense(weights))
+        if formats.packed_dense(weights):  # FP8 codes [out, in] + block scales
+            self.s_w2, self.s_w2_scale = pp.fp8_matrix(rngs, si, d)
+        else:
+            self.s_w2 = normal_param(rngs, (si, d), dtype)
 
     @traced_once
     def route(self, x, token_ids):
@@ -175,7 +174,8 @@ class MoE(nnx.Module):
 
     @traced_once
     def shared(self, x):
-        h = swiglu_clamped(pp.linear(x, self, "s_w1"), pp.linear(x, self, "s_w3"), self.cfg.swiglu_limit)
+        gate, up = pp.fused_linear(x, self, "s_w13")
+        h = swiglu_clamped(gate, up, self.cfg.swiglu_limit)
         return pp.linear(h, self, "s_w2")
 
     @traced_once

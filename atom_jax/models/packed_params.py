@@ -5,8 +5,12 @@ Which of them a model keeps packed: its weight format (weights.formats: `native`
 
 * routed experts w1/w3/w2: FP4 (`kernels.packed.Fp4Weights` layout): `w1` holds uint8 codes
   [E, K/2, N] and `w1_scale` uint8 ue8m0 [E, K/32, N]; the grouped-GEMM seam takes them packed.
-* attention wq_a, wq_b, wkv, wo_a, wo_b and the shared expert: FP8 e4m3 codes as uint8 in the
+* attention wq_a + wkv (fused: `wqkv`), wq_b, wo_a, wo_b and the shared expert: FP8 e4m3 codes as uint8 in the
   checkpoint's [out, in] orientation, `<name>_scale` float32 128x128 block scales.
+* fused projections (FUSED: matrices that take the same input, one parameter filled at load
+  time, one matmul per step, its result split by `fused_linear`): the float form holds the parts'
+  columns side by side; the FP8 form holds each part's rows padded to a multiple of the 128-row
+  scale block (`fp8_rows`; V4's widths need no padding), so every part keeps its own scales.
 Everything else (embeddings, head, norms, mHC, router, compressor, indexer) stays `dtype`.
 """
 
@@ -20,8 +24,22 @@ from atom_jax.kernels import packed
 
 SCALE = "_scale"  # suffix of a packed weight's scale parameter
 
-FP8_ATTENTION = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
-FP8_SHARED = ("s_w1", "s_w3", "s_w2")
+FP8_ATTENTION = ("wqkv", "wq_b", "wo_a", "wo_b")
+FP8_SHARED = ("s_w13", "s_w2")
+
+# fused parameter -> the checkpoint matrices it holds, in column order (models/param_map.py):
+# the attention input's query down projection and kv projection; the shared expert's gate and up
+FUSED = {"wqkv": ("wq_a", "wkv"), "s_w13": ("s_w1", "s_w3")}
+
+
+def fused_widths(cfg, name: str) -> tuple[int, ...]:
+    """The output widths of the parts of fused parameter `name` (FUSED), in order."""
+    if name == "wqkv":
+        return cfg.q_lora_rank, cfg.head_dim
+    if name == "s_w13":
+        si = cfg.moe_intermediate_size * cfg.n_shared_experts
+        return si, si
+    raise ValueError(f"{name!r} is not a fused parameter; known: {list(FUSED)}")
 FP4_EXPERTS = ("w1", "w3", "w2")
 
 # Random packed weights with about the spread of `normal_param`'s 0.02: uniform e2m1 codes have
@@ -61,6 +79,42 @@ def fp8_matrix(rngs: nnx.Rngs, in_f: int, out_f: int):
     b = packed.FP8_BLOCK
     codes = random_codes(rngs.params(), (out_f, in_f))
     return nnx.Param(codes), nnx.Param(jnp.full((-(-out_f // b), -(-in_f // b)), FP8_RANDOM_SCALE, jnp.float32))
+
+
+def fp8_rows(width: int) -> int:
+    """Rows a part of `width` outputs takes in a fused FP8 parameter (whole scale blocks)."""
+    return -(-width // packed.FP8_BLOCK) * packed.FP8_BLOCK
+
+
+def fused_offsets(widths, fp8: bool) -> list[tuple[int, int]]:
+    """(start, stop) of each part of a fused parameter along its output axis: the float form's
+    columns, or (fp8) the FP8 form's rows (each part padded to whole scale blocks)."""
+    out, off = [], 0
+    for w in widths:
+        out.append((off, off + w))
+        off += fp8_rows(w) if fp8 else w
+    return out
+
+
+def fused_matrix(module, name: str, rngs: nnx.Rngs, in_f: int, dtype, fp8: bool):
+    """Set `module.<name>` (and `<name>_scale`) to a random fused projection (FUSED)."""
+    widths = fused_widths(module.cfg, name)
+    if fp8:
+        codes, scale = fp8_matrix(rngs, in_f, sum(fp8_rows(w) for w in widths))
+        setattr(module, name, codes)
+        setattr(module, name + SCALE, scale)
+    else:
+        setattr(module, name, nnx.Param(jax.random.normal(rngs.params(), (in_f, sum(widths)), jnp.float32)
+                                         .astype(dtype) * 0.02))
+
+
+def fused_linear(x, module, name: str):
+    """x @ each part of the fused projection `module.<name>` (float or FP8): ONE matmul, split.
+    -> [x @ part for each part, in FUSED order]."""
+    widths = fused_widths(module.cfg, name)
+    y = linear(x, module, name)
+    fp8 = getattr(module, name + SCALE, None) is not None
+    return [y[..., a:b] for a, b in fused_offsets(widths, fp8)]
 
 
 def linear(x, module, name: str):

@@ -11,6 +11,7 @@ import numpy as np
 
 from atom_jax.config import CSA, SLIDING, ModelConfig
 from atom_jax.models.compressor import projection_columns
+from atom_jax.models.packed_params import FUSED, fused_offsets, fused_widths
 from atom_jax.weights.reader import FP4, FP8
 
 # DeepSeek's released MTP blocks: sliding-window attention, learned routing
@@ -26,9 +27,16 @@ class Target:
     # FP8 / FP4: kept packed under `--weights native` (packed_params): then the parameter holds the
     # codes (FP8 [out, in] as stored; FP4 transposed to [in/2, out]) and `<leaf>_scale` the scales
     native: str | None = None
-    # set for one matrix's columns [start, stop) of a fused [in, out] parameter (the attention's
-    # `wcomp`: several checkpoint matrices that take the same input, one matmul at run time)
-    cols: tuple[int, int] | None = None
+    # set for one matrix of a fused parameter (several checkpoint matrices that take the same
+    # input, one matmul at run time: the attention's `wcomp`, packed_params.FUSED): (this one's
+    # index, every part's width)
+    part: tuple[int, tuple[int, ...]] | None = None
+
+    def span(self, fp8: bool = False) -> tuple[int, int]:
+        """A fused part's (start, stop) along the parameter's output axis: its columns in the
+        float [in, out] form, its rows in the FP8 [out, in] form (packed_params.fused_offsets)."""
+        i, widths = self.part
+        return fused_offsets(widths, fp8)[i]
 
 
 def _t(a):
@@ -46,6 +54,15 @@ def _wo_a(groups):
     return f
 
 
+def _dense(cfg: ModelConfig, path: tuple, name: str) -> Target:
+    """An FP8 projection `name` of the module at `path`: its own parameter, or its part of a
+    fused one (packed_params.FUSED)."""
+    fused = next((k for k, parts in FUSED.items() if name in parts), None)
+    if fused is None:
+        return Target(path + (name,), _t, native=FP8)
+    return Target(path + (fused,), _t, native=FP8, part=(FUSED[fused].index(name), fused_widths(cfg, fused)))
+
+
 def _compressors(cfg: ModelConfig, kind: str, a: str, ap: tuple) -> dict[str, Target]:
     """A compressed layer's compressors (and its indexer's head weights): their projections are
     column blocks of the attention's fused `wcomp`, in `projection_columns` order."""
@@ -53,10 +70,9 @@ def _compressors(cfg: ModelConfig, kind: str, a: str, ap: tuple) -> dict[str, Ta
     if kind == CSA:
         names += [f"{a}.indexer.compressor.wkv.weight", f"{a}.indexer.compressor.wgate.weight",
                   f"{a}.indexer.weights_proj.weight"]
-    m, off = {}, 0
-    for name, width in zip(names, projection_columns(cfg, kind), strict=True):
-        m[name] = Target(ap + ("wcomp",), _t, cols=(off, off + width))
-        off += width
+    widths = projection_columns(cfg, kind)
+    m = {name: Target(ap + ("wcomp",), _t, part=(i, widths)) for i, name in enumerate(names)}
+    assert len(names) == len(widths)
     for prefix, path in [(f"{a}.compressor", ap + ("compressor",))] + (
             [(f"{a}.indexer.compressor", ap + ("indexer", "compressor"))] if kind == CSA else []):
         m[f"{prefix}.ape"] = Target(path + ("ape",), _same)
@@ -75,10 +91,10 @@ def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple)
         m[f"{prefix}.hc_{site}_base"] = Target(path + (f"hc_{site}", "base"), _same)
         m[f"{prefix}.hc_{site}_scale"] = Target(path + (f"hc_{site}", "scale"), _same)
     m.update({
-        f"{a}.wq_a.weight": Target(ap + ("wq_a",), _t, native=FP8),
+        f"{a}.wq_a.weight": _dense(cfg, ap, "wq_a"),
         f"{a}.q_norm.weight": Target(ap + ("q_norm",), _same),
         f"{a}.wq_b.weight": Target(ap + ("wq_b",), _t, native=FP8),
-        f"{a}.wkv.weight": Target(ap + ("wkv",), _t, native=FP8),
+        f"{a}.wkv.weight": _dense(cfg, ap, "wkv"),
         f"{a}.kv_norm.weight": Target(ap + ("kv_norm",), _same),
         f"{a}.wo_a.weight": Target(ap + ("wo_a",), _wo_a(cfg.o_groups), native=FP8),
         f"{a}.wo_b.weight": Target(ap + ("wo_b",), _t, native=FP8),
@@ -97,7 +113,7 @@ def _block(cfg: ModelConfig, kind: str, is_hash: bool, prefix: str, path: tuple)
         for w in ("w1", "w2", "w3"):
             m[f"{f}.experts.{e}.{w}.weight"] = Target(fp + (w,), _t, expert=e, native=FP4)
     for w in ("w1", "w2", "w3"):
-        m[f"{f}.shared_experts.{w}.weight"] = Target(fp + (f"s_{w}",), _t, native=FP8)
+        m[f"{f}.shared_experts.{w}.weight"] = _dense(cfg, fp, f"s_{w}")
     return m
 
 
