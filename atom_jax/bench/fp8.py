@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 
-# name: (K = in, N = out)
+# name: (K = in, N = out). The model runs wq_a | wkv and the shared gate | up each as ONE fused
+# projection (packed_params.FUSED): *_wqkv and *_shared_gate_up; the separate shapes stay for
+# comparison with earlier runs.
 SHAPES = {
     "flash_wq_a": (4096, 1024), "flash_wq_b": (1024, 32768), "flash_wkv": (4096, 512),
     "flash_wo_b": (8192, 4096), "flash_shared_up": (4096, 2048), "flash_shared_down": (2048, 4096),
+    "flash_wqkv": (4096, 1536), "flash_shared_gate_up": (4096, 4096),
     "pro_wq_a": (7168, 1536), "pro_wq_b": (1536, 65536), "pro_wo_b": (16384, 7168),
-    "pro_shared_up": (7168, 3072),
+    "pro_shared_up": (7168, 3072), "pro_wqkv": (7168, 2048), "pro_shared_gate_up": (7168, 6144),
 }
 
 
