@@ -389,6 +389,11 @@ def test_pair_first_token_comes_from_the_one_prefill_step_of_the_second_request(
     assert b["hit_tokens"] == 80
     assert [(s["bucket"], s["prefill_tokens"], s["decode_tokens"]) for s in b["steps"]] == [(16, 16, 0), (0, 0, 0)]
     assert eng.stats()["finished"] == {"length": 2} and not eng.has_unfinished()
+    # the bench's "one step alone" label: the first model step's bucket, past any idle ticks
+    from atom_jax.bench.prefix import model_step_bucket
+
+    idle = {"bucket": 0, "prefill_tokens": 0, "decode_tokens": 0}
+    assert model_step_bucket([idle, idle] + b["steps"]) == 16 and model_step_bucket([idle]) == 0
 
 
 def test_a_request_admitted_onto_a_failed_steps_pages_is_recomputed():

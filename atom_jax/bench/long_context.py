@@ -50,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--cache-len", type=int, default=None, help="--max-model-len of the engine (default "
                     "1048576; --tiny 4096)")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 8192; --tiny 256)")
-    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=64,
+                    help="decode steps timed per prompt (16 left a few tenths of a ms of noise at 2-3 ms per token)")
     ap.add_argument("--backends", default=None, help="attention backends to run, in order (default "
                     "pallas,jnp; --tiny: jnp, as pallas is interpreted on CPU)")
     ap.add_argument("--reference-max-prompt", type=int, default=16384)

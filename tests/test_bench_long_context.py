@@ -1,0 +1,25 @@
+"""`python -m atom_jax.bench long-context --tiny`: the real Engine on the tiny model, one prompt,
+prefill and decode timed beside the FLOP and byte floors the bench computes (the GPU run of
+issue 26 uses the same code at V4-Flash dims)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atom_jax.bench.__main__ import main
+
+
+def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
+    out = tmp_path / "lc.json"
+    assert main(["long-context", "--tiny", "--prompts", "300", "--decode-tokens", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert (row["backend"], row["prompt"], row["cache_len"], row["chunk"]) == ("jnp", 300, 4096, 256)
+    assert row["prefill_s"] > 0 and row["decode_ms"] > 0
+    assert row["prefill_tok_s"] == pytest.approx(300 / row["prefill_s"], rel=0.02)
+    # each "of floor" is the floor's time over the measured one
+    assert row["prefill_of_floor"] == pytest.approx(row["prefill_floor_s"] / row["prefill_s"], rel=0.05, abs=1e-3)
+    assert row["decode_of_floor"] == pytest.approx(row["decode_floor_ms"] / row["decode_ms"], rel=0.05, abs=1e-3)
+    assert res["ceilings"]["copy_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
