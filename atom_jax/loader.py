@@ -98,7 +98,7 @@ def _packed(t, native: str) -> tuple[np.ndarray, np.ndarray]:
 
 class _Filler:
     """Puts values into the abstract model's variables. A parameter filled in parts (expert
-    slices of a stack, column blocks of a fused projection: `Target.expert` / `Target.cols`) is
+    slices of a stack, blocks of a fused projection: `Target.expert` / `Target.part`) is
     staged on the host and moved to the device once every part is read (`host`: left in host
     memory)."""
 
@@ -319,9 +319,9 @@ def _restore_as(where: str, abstract_state, host: bool):
 def _restore_unfused(where: str, abstract_state, host: bool = False):
     """Restore an orbax checkpoint saved before matrices that take the same input became one
     fused parameter (each compressed layer's compressor and indexer head-weight projections:
-    `wcomp`, models/compressor.py; packed_params.FUSED: the shared expert's gate and up): read
-    the tree as saved, fuse them as the loader would, fill the model's state. A tree that does
-    not hold that older layout raises orbax's own error again."""
+    `wcomp`, models/compressor.py; packed_params.FUSED: the attention's wq_a | wkv and the
+    shared expert's gate | up): read the tree as saved, fuse them as the loader would, fill the
+    model's state. A tree that does not hold that older layout raises orbax's own error again."""
     import jax
     import orbax.checkpoint as ocp
 

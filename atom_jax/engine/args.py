@@ -172,7 +172,8 @@ class EngineConfig:
     prefix_state_pages: int | None = setting(
         None, "pages whose sliding-window state the prefix cache keeps at once (a cached prefix "
         "is reused up to the last page that kept it; a chunk with more new pages than entries "
-        "gives them to its last pages; each costs about 7x a page's compressed entries)", type=positive_int, show_default="4 per --num-slots, at most --num-pages")
+        "gives them to its last pages; each costs about 7x a page's compressed entries)", type=positive_int,
+        show_default="4 per --num-slots, at most --num-pages")
     thinking: bool = setting(
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
