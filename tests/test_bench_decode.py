@@ -45,3 +45,16 @@ def test_launch_summary_averages_devices():
     assert _launch_summary(la) == {"launches_per_step": 105.0, "short_launches_per_step": 85.0,
                                    "launches_per_layer": 20.0}
     assert _launch_summary([]) == {}
+
+
+def test_bench_decode_replay_probes_run_without_the_engine_loop(tmp_path):
+    """--replay: the last timed step dispatched again N times (runner, then the bare compiled call),
+    in the overlap loop and with the dispatch thread; the case's requests then run to their end."""
+    out = tmp_path / "replay.json"
+    assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "16",
+                 "--modes", "on,thread", "--replay", "3", "--json", str(out)]) == 0
+    for r in json.loads(out.read_text())["results"]:
+        assert r["replay_steps"] == 3, r
+        assert r["replay_run_ms"] > 0 and r["replay_call_ms"] > 0 and r["replay_call_launch_ms"] > 0, r
+        # every call returned before the final wait, so one call's return cannot exceed a step
+        assert r["replay_call_launch_ms"] <= r["replay_call_ms"] * 1.05 + 0.05, r

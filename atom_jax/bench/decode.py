@@ -11,6 +11,13 @@ tokens are prefilled, then --steps decode steps are timed (after --warmup untime
 also compile the decode bucket): ms per step (batch 1: ms per token) and output tokens/s, and the host's
 ms per step by phase (`Engine.host_times`: schedule, pack, dispatch, wait on the device,
 resolve, outputs; "host" is all but the wait).
+With --replay N, each case ends with two device-side probes over the last timed step's inputs,
+without the engine loop: `replay_run` dispatches the runner's step N times (packing, copy, call)
+and `replay_call` calls the compiled program N times with one input block, neither reading a
+token; then one wait for the device. Their ms per step against the loop's and the trace's busy
+time say whether the gap is the engine's host work (replay near the busy time) or the launch
+itself (replay near the loop's step): `replay_call_launch_ms` is the mean wall time of one call's
+return, i.e. how long the host blocks while the program's kernels are enqueued.
 With --trace, a jax.profiler trace of --trace-steps more decode steps per case is read with
 `atom_jax.trace.report`: device-busy time per step over the annotated step time (the overlap
 schedule annotates a whole engine iteration, so steps tile the timeline). Weights are random
@@ -19,6 +26,7 @@ bf16 at V4-Flash layer dims (float32 tiny model with --tiny)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atom_jax.engine.host_timing import PHASES
+from atom_jax.sharding.placement import place
 
 MODES = ("off", "on", "thread")
 
@@ -45,6 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="off,on,thread",
                     help="loops to run, in order: off (synchronous), on (overlap schedule), thread "
                     "(overlap schedule with the dispatch thread)")
+    ap.add_argument("--replay", type=int, default=0, metavar="N",
+                    help="after each case, time N dispatches of its last step without the engine loop (see above)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
     ap.add_argument("--trace-steps", type=int, default=12)
     ap.add_argument("--moe-backend", default="auto")
@@ -101,6 +112,52 @@ def _step_spread(times: list) -> dict:
             "ms_per_step_p90": round(float(np.percentile(ms, 90)), 3), "ms_per_step_max": round(float(ms[-1]), 3)}
 
 
+class _LastInputs:
+    """Wraps `runner.run` during the timed steps and keeps the last step's inputs."""
+
+    def __init__(self, runner):
+        self.runner, self.inputs, self._run = runner, None, runner.run
+
+    def __enter__(self):
+        def run(inputs):
+            self.inputs = inputs
+            return self._run(inputs)
+        self.runner.run = run
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner.run  # the bound method again
+
+
+def replay(runner, inputs, n: int) -> dict:
+    """ms per step of n dispatches of `inputs` through `runner.run` (pack, copy, call), then of n
+    calls of the compiled program on one placed input block; no token read, one wait at the end.
+    The cache and the last output advance as in real steps (the same rows rewritten), so the
+    engine goes on afterwards with the same pages; only its random-weight tokens differ."""
+    import jax
+
+    jax.block_until_ready(runner._last_out)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        runner.run(inputs)
+    jax.block_until_ready(runner._last_out)
+    run_ms = 1e3 * (time.perf_counter() - t0) / n
+    built = runner._compiled.get((inputs.bucket, inputs.tbo))
+    call = built if built is not None else functools.partial(runner._device_step, tbo=inputs.tbo)
+    buf = place(runner._input_block(inputs, None if runner._table_stale else runner._no_updates), runner._replicated)
+    launches = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t1 = time.perf_counter()
+        runner.cache, runner._page_table_dev, runner._last_out = call(
+            runner.params, runner.cache, runner._page_table_dev, runner._last_out, buf)
+        launches.append(time.perf_counter() - t1)
+    jax.block_until_ready(runner._last_out)
+    call_ms = 1e3 * (time.perf_counter() - t0) / n
+    return {"replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": round(call_ms, 3),
+            "replay_call_launch_ms": round(1e3 * statistics.fmean(launches), 3)}
+
+
 def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     from atom_jax.engine import SamplingParams
 
@@ -118,11 +175,16 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     _steps(engine, args.warmup)
     engine.host_times(reset=True)
     times = []
-    t0 = time.perf_counter()
-    tokens = _steps(engine, args.steps, times)
-    wall = time.perf_counter() - t0
+    with _LastInputs(engine.runner) as last:
+        t0 = time.perf_counter()
+        tokens = _steps(engine, args.steps, times)
+        wall = time.perf_counter() - t0
     res = {"mode": mode, "batch_per_rank": batch, "dp": engine.config.dp, "ms_per_step": round(1e3 * wall / args.steps, 3),
            **_step_spread(times), "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
+    if args.replay and last.inputs is not None:
+        if engine._launcher is not None:  # no launch of the dispatch thread in flight while replaying
+            engine._launcher._pool.submit(int).result()
+        res.update(replay(engine.runner, last.inputs, args.replay))
     if args.trace:
         from atom_jax.trace.report import report
 
@@ -189,6 +251,14 @@ def run_cli(args) -> int:
             if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
                 print(f"{'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
     print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
+    if any("replay_steps" in r for r in results):
+        print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
+        print(f"{'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} {'busy':>9}")
+        for r in results:
+            if "replay_steps" in r:
+                busy = r.get("busy_ms_per_step")
+                print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
+                      f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
     for batch in batches:
         by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}
         for mode in ("on", "thread"):
