@@ -47,13 +47,17 @@ def test_launch_summary_averages_devices():
     assert _launch_summary([]) == {}
 
 
-def test_bench_decode_replay_probes_run_without_the_engine_loop(tmp_path):
+def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
     """--replay: the last timed step dispatched again N times (runner, then the bare compiled call),
-    in the overlap loop and with the dispatch thread; the case's requests then run to their end."""
+    in the overlap loop and with the dispatch thread; the case's requests then run to their end.
+    --command-buffers xla,off: every case once per step program build, in that order."""
     out = tmp_path / "replay.json"
     assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "16",
-                 "--modes", "on,thread", "--replay", "3", "--json", str(out)]) == 0
-    for r in json.loads(out.read_text())["results"]:
+                 "--modes", "on,thread", "--replay", "3", "--command-buffers", "xla,off", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["command_buffers"], r["mode"]) for r in results] == [
+        ("xla", "on"), ("xla", "thread"), ("off", "on"), ("off", "thread")]
+    for r in results:
         assert r["replay_steps"] == 3, r
         assert r["replay_run_ms"] > 0 and r["replay_call_ms"] > 0 and r["replay_call_launch_ms"] > 0, r
         # every call returned before the final wait, so one call's return cannot exceed a step

@@ -148,3 +148,33 @@ def test_a_chunk_without_tokens_is_refused():
             pack_chunks(chunks, 4, 8, split=split)
     b = pack_chunks([(0, 4, [5], True), (1, 0, [6, 7, 8], True)], 4, 8, split=True)
     assert b.num_samples == 2 and list(b.sample_idx[:2]) == [0, 3]
+
+
+def test_command_buffer_modes_name_their_compile_options_and_keep_outputs():
+    """--command-buffers: every choice maps to the step program's XLA options ("off" clears the
+    GPU command-buffer set; a no-op on CPU), the runner rebuilds its program when switched, and
+    greedy outputs do not change; an unknown mode is refused by name."""
+    import pytest
+
+    from atom_jax.engine.args import COMMAND_BUFFERS
+    from atom_jax.engine.runner import COMMAND_BUFFER_OPTIONS, device_step_program
+
+    assert set(COMMAND_BUFFERS) == set(COMMAND_BUFFER_OPTIONS)
+    assert COMMAND_BUFFER_OPTIONS["off"] == {"xla_gpu_enable_command_buffer": ""}
+    rng = np.random.default_rng()
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (23, 9)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs = {}
+    for mode in COMMAND_BUFFERS:
+        eng = Engine(EngineConfig(num_slots=2, num_pages=16, page_tokens=16, max_pages_per_seq=4,
+                                  max_tokens_per_step=32, chunk_size=32, buckets=(32,), command_buffers=mode))
+        assert eng.runner.command_buffers == mode
+        outs[mode] = [o.token_ids for o in eng.generate(prompts, params)]
+    assert outs["off"] == outs["xla"]
+    runner = eng.runner
+    runner.precompile([(32, False)], workers=1)
+    assert runner._compiled
+    runner.use_command_buffers("xla")  # a switch drops what was built with the other options
+    assert runner.command_buffers == "xla" and not runner._compiled
+    with pytest.raises(ValueError, match="unknown command_buffers 'graphs'"):
+        device_step_program(runner.model, runner.mesh, runner.layout, runner.opts, "graphs")

@@ -18,6 +18,9 @@ token; then one wait for the device. Their ms per step against the loop's and th
 time say whether the gap is the engine's host work (replay near the busy time) or the launch
 itself (replay near the loop's step): `replay_call_launch_ms` is the mean wall time of one call's
 return, i.e. how long the host blocks while the program's kernels are enqueued.
+--command-buffers xla,off compiles the step with and without XLA's GPU command buffers (CUDA
+graphs) and runs every case with each (a jax.profiler trace turns command buffers off unless
+XLA_FLAGS has --xla_enable_command_buffers_during_profiling=true, so a traced step shows the "off" launch).
 With --trace, a jax.profiler trace of --trace-steps more decode steps per case is read with
 `atom_jax.trace.report`: device-busy time per step over the annotated step time (the overlap
 schedule annotates a whole engine iteration, so steps tile the timeline). Weights are random
@@ -54,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="off,on,thread",
                     help="loops to run, in order: off (synchronous), on (overlap schedule), thread "
                     "(overlap schedule with the dispatch thread)")
+    ap.add_argument("--command-buffers", default="xla", metavar="LIST",
+                    help="comma list of the step program's XLA GPU command buffers (xla: XLA's default "
+                    "CUDA graphs, off: none); each is compiled and warmed in turn, then every case runs")
     ap.add_argument("--replay", type=int, default=0, metavar="N",
                     help="after each case, time N dispatches of its last step without the engine loop (see above)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
@@ -188,7 +194,7 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     if args.trace:
         from atom_jax.trace.report import report
 
-        path = os.path.join(args.trace, f"{mode}_b{batch}")
+        path = os.path.join(args.trace, f"{mode}_b{batch}_cb{engine.runner.command_buffers}")
         engine.start_profile(path, args.trace_steps)
         _steps(engine, args.trace_steps + 1)
         engine.stop_profile()
@@ -226,44 +232,56 @@ def run_cli(args) -> int:
 
     batches = [int(b) for b in args.batches.split(",") if b]
     engine, cfg = _engine(args, batches)
-    engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
+    from atom_jax.engine.args import COMMAND_BUFFERS
+
+    buffers = [b for b in args.command_buffers.split(",") if b]
+    if not buffers or any(b not in COMMAND_BUFFERS for b in buffers):
+        raise SystemExit(f"--command-buffers: a comma list of {', '.join(COMMAND_BUFFERS)}")
     rng = np.random.default_rng(0)
     results = []
-    for batch in batches:
-        for mode in args.modes.split(","):
-            res = run_case(engine, cfg.vocab_size, batch, mode, args, rng)
-            results.append(res)
-            print(json.dumps(res), flush=True)
-    print(f"\n{'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
+    for cb in buffers:
+        if cb != engine.runner.command_buffers or not results:
+            engine.config.command_buffers = cb
+            engine.runner.use_command_buffers(cb)
+            engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
+        for batch in batches:
+            for mode in args.modes.split(","):
+                res = {**run_case(engine, cfg.vocab_size, batch, mode, args, rng), "command_buffers": cb}
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    print(f"\n{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
           f"{'busy share':>10} {'of period':>10}")
     for r in results:  # busy share: of the annotated step; of period: of step start to next start
         share, period = r.get("device_busy_share"), r.get("busy_share_of_period")
-        print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
+        print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
               f"{r['ms_per_step_p90']:>8.3f} {r['ms_per_step_max']:>8.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10}")
     phases = list(PHASES) + ["host", "total"]
     for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):
         print(f"\nhost ms/step by phase ({title}; wait = blocked on the device, host = all but wait)")
-        print(f"{'batch/rank':>10} {'mode':>6} " + " ".join(f"{p:>9}" for p in phases))
+        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} " + " ".join(f"{p:>9}" for p in phases))
         for r in results:
-            print(f"{r['batch_per_rank']:>10} {r['mode']:>6} " + " ".join(f"{part(r['host_ms'])[p]:>9.3f}" for p in phases))
+            print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} "
+                  + " ".join(f"{part(r['host_ms'])[p]:>9.3f}" for p in phases))
             thread = r["host_ms"].get("dispatch_thread")
             if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
-                print(f"{'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
+                print(f"{'':>7} {'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
     print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
-        print(f"{'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} {'busy':>9}")
+        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} {'busy':>9}")
         for r in results:
             if "replay_steps" in r:
                 busy = r.get("busy_ms_per_step")
-                print(f"{r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
+                print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
                       f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
-    for batch in batches:
-        by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch}
-        for mode in ("on", "thread"):
-            if "off" in by and mode in by:
-                print(f"batch {batch}/rank: {mode} / off tok/s = {by[mode]['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
+    for cb in buffers:
+        for batch in batches:
+            by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["command_buffers"] == cb}
+            for mode in ("on", "thread"):
+                if "off" in by and mode in by:
+                    print(f"command buffers {cb}, batch {batch}/rank: {mode} / off tok/s = "
+                          f"{by[mode]['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": cfg.num_layers,

@@ -22,6 +22,8 @@ from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.scheduler.pages import default_state_pages
 from atom_jax.weights.formats import AUTO, FORMATS_HELP, WEIGHT_FORMATS
 
+COMMAND_BUFFERS = ("xla", "off")  # --command-buffers (runner.COMMAND_BUFFER_OPTIONS: what each compiles with)
+
 log = logging.getLogger("atom_jax.engine")
 
 
@@ -152,6 +154,10 @@ class EngineConfig:
         "the compiled program called: on GPU, the kernel launches) from a second thread while "
         "the engine thread streams the previous step and plans the next", type=on_off,
         metavar="{on,off}", show_default="off")
+    command_buffers: str = setting(
+        "xla", "the step program's XLA GPU command buffers (CUDA graphs): xla = XLA's default "
+        "set; off = none, every kernel launched on its own (no effect on CPU)",
+        choices=COMMAND_BUFFERS)
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(
         None, "persistent XLA compilation cache, so a restart skips compiling ('off': none)",

@@ -91,7 +91,8 @@ class Engine:
                            attn_backend=cfg.attn_backend)
         self.mesh = make_dp_mesh(cfg.dp)
         self.clock = HostClock()  # host ms per step by phase (`host_times`)
-        self.runner = ModelRunner(model, self.mesh, self.layout, opts, clock=self.clock)
+        self.runner = ModelRunner(model, self.mesh, self.layout, opts, clock=self.clock,
+                                  command_buffers=cfg.command_buffers)
         self.cluster = cluster
         if cluster is not None:
             cluster.attach(self.runner, cfg)

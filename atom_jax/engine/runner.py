@@ -87,9 +87,11 @@ class ModelRunner:
     back (a PENDING token of the overlap schedule: `host_inputs` encodes it as -(row + 1),
     the row of the previous step's sampler output)."""
 
-    def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(), clock=None):
+    def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(), clock=None,
+                 command_buffers: str = "xla"):
         """`clock`: the engine's `HostClock` (`run` charges its numpy packing to "pack", its
-        host-to-device copies to "transfer")."""
+        host-to-device copies to "transfer"); `command_buffers`: the step program's XLA GPU
+        command buffers (`COMMAND_BUFFER_OPTIONS`)."""
         self.model, self.mesh, self.layout = model, mesh, layout
         self.clock = clock if clock is not None else HostClock()
         self.dp = mesh.shape[DP]
@@ -121,7 +123,15 @@ class ModelRunner:
         # the device: what PENDING inputs read
         self._last_out = place(np.zeros((2, self.max_samples), np.int32), self._replicated)
         self._prev_rows: dict[str, int] = {}  # request id -> row in _last_out (leader only)
-        self._device_step = device_step_program(model, mesh, layout, opts)
+        self.opts = opts
+        self.use_command_buffers(command_buffers)
+
+    def use_command_buffers(self, mode: str) -> None:
+        """(Re)build the step program with these command buffers; programs built ahead by
+        `precompile` are dropped (the next `precompile` or step compiles them anew)."""
+        self._device_step = device_step_program(self.model, self.mesh, self.layout, self.opts, mode)
+        self.command_buffers = mode
+        self._compiled.clear()
 
     def host_inputs(self, plan) -> StepInputs:
         """The host side of a step (numpy only, no device work): what every process of a
@@ -308,14 +318,24 @@ def max_samples(layout: CacheLayout, dp: int) -> int:
     return dp * layout.num_slots
 
 
-def device_step_program(model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions()):
+# --command-buffers -> the step program's XLA compile options. "off" clears XLA's repeated
+# xla_gpu_enable_command_buffer (an empty value leaves no command type): each kernel is then
+# launched on its own instead of through CUDA graphs that XLA updates when buffers move.
+COMMAND_BUFFER_OPTIONS = {"xla": None, "off": {"xla_gpu_enable_command_buffer": ""}}
+
+
+def device_step_program(model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(),
+                        command_buffers: str = "xla"):
     """The engine's one jitted step program, compiled per (bucket, tbo):
     `fn(params, cache, page_table, last_out, block, tbo=...)` (`_device_step`); the cache and
     the page table are donated (updated in place)."""
+    if command_buffers not in COMMAND_BUFFER_OPTIONS:
+        raise ValueError(f"unknown command_buffers {command_buffers!r}; known: {sorted(COMMAND_BUFFER_OPTIONS)}")
     step, _ = make_cached_step(model, mesh, layout, opts)
     dp = mesh.shape[DP]
     return jax.jit(partial(_device_step, step, mesh, layout.num_slots, max_samples(layout, dp),
-                           page_updates_per_step(layout)), static_argnames=("tbo",), donate_argnums=(1, 2))
+                           page_updates_per_step(layout)), static_argnames=("tbo",), donate_argnums=(1, 2),
+                   compiler_options=COMMAND_BUFFER_OPTIONS[command_buffers])
 
 
 def input_block_len(layout: CacheLayout, dp: int, bucket: int, tbo: bool) -> int:
