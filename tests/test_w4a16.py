@@ -101,6 +101,46 @@ def test_w4a16_swap_ab_matches_float64_reference():
     assert np.all(out[valid:] == 0)
 
 
+@pytest.mark.parametrize("stages", [1, 2], ids=["plain", "prefetch"])
+def test_w4a16_gemv_matches_float64_reference(stages):
+    """The GEMV variant (no MMA: float32 FMAs, 4-row work items), interpreted, as the MoE calls
+    it (rows gathered in the kernel, the SwiGLU epilogue, zero tail), with and without the
+    register prefetch: empty groups, one group of more than 16 rows (several work items),
+    group sizes off the 4-row grid, rows in no group."""
+    rng = np.random.default_rng()
+    g, k, n, r = 5, 128, 64, 20
+    sizes = skewed_sizes(rng, int(rng.integers(30, 45)), g)
+    sizes[np.argmin(sizes)] = 0
+    sizes[np.argmax(sizes)] = max(sizes.max(), 17 + int(rng.integers(0, 4)))
+    m = int(sizes.sum()) + int(rng.integers(1, 6))
+    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
+    ids = rng.integers(0, r, m).astype(np.int32)
+    gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
+    w, dense = random_fp4_experts(rng, g, k, n)
+    cfg = TileConfig(block_m=4, block_n=32, block_k=64, num_stages=stages, gemv=True)
+    epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
+    out = wg.grouped_gemm(x, w, jnp.asarray(sizes), cfg=cfg, interpret=True, row_ids=jnp.asarray(ids), epilogue=epi)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    up = grouped_reference(np.asarray(x, np.float64)[ids], dense, sizes)
+    gt = np.asarray(gate, np.float64)
+    ref = gt / (1 + np.exp(-gt)) * up
+    valid = sizes.sum()
+    out = np.asarray(out, np.float64)
+    row_err = np.linalg.norm(out[:valid] - ref[:valid], axis=1) / (np.linalg.norm(ref[:valid], axis=1) + 1e-6)
+    assert np.all(row_err < 2e-2)  # bf16 output rounding, every row
+    assert np.all(out[valid:] == 0)
+
+
+def test_gemv_tiles_refused_where_they_do_not_apply():
+    w, _ = random_fp4_experts(np.random.default_rng(), 2, 64, 32)
+    x, sizes = jnp.zeros((8, 64), jnp.bfloat16), jnp.asarray([4, 4])
+    with pytest.raises(ValueError, match="block_m <= 16"):
+        wg.grouped_gemm(x, w, sizes, cfg=TileConfig(block_m=32, block_n=32, block_k=64, gemv=True), interpret=True)
+    with pytest.raises(ValueError, match="swap_ab"):
+        wg.grouped_gemm(x, w, sizes, cfg=TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True, gemv=True),
+                        interpret=True)
+
+
 def test_seam_runs_packed_weights_on_every_cpu_backend():
     """Packed weights through the seam: the Pallas name runs the W4A16 kernel (interpreted),
     the others decode in jnp then run their bf16 path; all agree."""
@@ -121,12 +161,15 @@ SWAP_TILES = TileConfig(block_m=8, block_n=128, block_k=256, swap_ab=True)
 @pytest.mark.parametrize("variant", [
     ("cuda", False, None, wg.DECODE_TILES), ("cuda", True, None, wg.DECODE_TILES),
     ("rocm", False, None, wg.DECODE_TILES), ("rocm", True, None, wg.DECODE_TILES),
-    ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES)],
-    ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap"])
+    ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES),
+    ("cuda", True, None, wg.GEMV_TILES), ("rocm", True, None, wg.GEMV_TILES)],
+    ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap",
+         "cuda-moe-gemv", "rocm-moe-gemv"])
 def test_w4a16_kernel_lowers_for_gpu(variant):
     """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's);
     `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue); the
-    swap-AB variant with the platform's decoder (ptx on cuda, alu on rocm) and alu on cuda."""
+    swap-AB variant with the platform's decoder (ptx on cuda, alu on rocm) and alu on cuda; the
+    GEMV variant with the platform's decoder."""
     platform, moe, decode, tiles = variant
 
     def f(x, c, s, sizes):
@@ -143,6 +186,7 @@ def test_w4a16_kernel_lowers_for_gpu(variant):
     exported = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     assert ("w4a16_grouped_gemm_swap" in exported.mlir_module()) == tiles.swap_ab
+    assert ("w4a16_grouped_gemm_gemv" in exported.mlir_module()) == tiles.gemv
     assert "w4a16_grouped_gemm" in exported.mlir_module()
 
 
@@ -194,13 +238,18 @@ def test_ptx_decoder_refused_in_interpret_mode():
 
 
 def test_decode_sweep_tiles_fit_every_expert_shape():
-    """`bench w4a16 --decode-sweep`: at most 40 distinct configs, both variants (the swapped one
-    with 8- and 16-row tiles), each tile dividing K (in whole FP4 scale groups) and N of every shape."""
+    """`bench w4a16 --decode-sweep`: at most 24 distinct configs per variant, all three variants
+    (the swapped one with 8- and 16-row tiles, the GEMV one with at most GEMV_MAX_BLOCK_M rows),
+    `--variants` picking some, each tile dividing K (in whole FP4 scale groups) and N of every shape."""
     from atom_jax.bench.gemm import SHAPES
-    from atom_jax.bench.w4a16 import decode_sweep_tiles
+    from atom_jax.bench.w4a16 import VARIANTS, decode_sweep_tiles, variant
     tiles = decode_sweep_tiles()
-    assert len(set(tiles)) == len(tiles) <= 40
-    assert {t.block_m for t in tiles if t.swap_ab} == {8, 16} and any(not t.swap_ab for t in tiles)
+    assert len(set(tiles)) == len(tiles)
+    by_variant = {v: [t for t in tiles if variant(t) == v] for v in VARIANTS}
+    assert all(0 < len(ts) <= 24 for ts in by_variant.values())
+    assert decode_sweep_tiles(("w4a16_gemv",)) == by_variant["w4a16_gemv"]
+    assert {t.block_m for t in by_variant["w4a16_swap"]} == {8, 16}
+    assert max(t.block_m for t in by_variant["w4a16_gemv"]) <= wg.GEMV_MAX_BLOCK_M
     for _, k, n in SHAPES.values():
         assert all(k % t.block_k == 0 and t.block_k % packed.FP4_BLOCK == 0 and n % t.block_n == 0 for t in tiles)
 

@@ -2,7 +2,8 @@
 beside the bf16 Triton kernel at DeepSeek-V4 expert shapes per rank (experts over 2 ranks), the
 dense bf16 matmul of the same M x K x N, and the copy bandwidth measured in the same run.
 Variants of the FP4 path: `w4a16` (decoded inside the kernel), `w4a16_swap` (the same kernel and
-tiles with the swap-AB product, out^T = W^T . A^T: `TileConfig.swap_ab`), `dequant_bf16` (one XLA
+tiles with the swap-AB product, out^T = W^T . A^T: `TileConfig.swap_ab`), `w4a16_gemv` (no MMA:
+float32 FMAs on the decoded tile, `TileConfig.gemv`, at `GEMV_TILES`), `dequant_bf16` (one XLA
 decode pass, then the bf16 kernel) and `dequant_pallas` (the streaming `fp4_dequant` kernel, then
 the bf16 kernel: the seam's path from `grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP` rows per expert,
 which these rows decide). The decode alone is timed per shape too (`decode` rows: GB/s of
@@ -16,13 +17,14 @@ streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul
 kernel is first checked against a float32 reference on a skewed routing (empty and very large
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
-`fp4_dequant` tiles. `--decode-sweep` times both W4A16 variants (`w4a16`, `w4a16_swap`) over
-`decode_sweep_tiles()` at every shape and each token count in the decode regime (< 32 rows per
+`fp4_dequant` tiles. `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
+`w4a16_gemv`; `--variants` picks some) over `decode_sweep_tiles()` at every shape and each token count in the decode regime (< 32 rows per
 expert), each config first checked against the float32 reference, configs Triton refuses
 reported and skipped.
 
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
     python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --json w4swap.json
+    python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --variants w4a16,w4a16_gemv
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -41,26 +43,40 @@ DECODE_ROWS_PER_EXPERT = 32  # the decode sweep's token counts: below this many 
 # `w4a16_swap` (the rows are the swapped product's N side).
 _SWEEP_NK = [(64, 256), (64, 512), (128, 128), (128, 256), (128, 512), (256, 128), (256, 256)]
 _SWEEP_WARPS_STAGES = [(8, 3), (4, 2), (4, 4)]
+# `w4a16_gemv` (no MMA): (block_m, block_n, block_k, warps, stages). Stages >= 2 = one step of
+# prefetch in registers. Chosen so that ptxas (CUDA 13.4's, sm_90a, on pip Triton 3.9's compile of
+# these kernels' Pallas TTIR: not XLA's Triton, so only indicative) spills no registers: 121-240 registers per thread; block_m 1-8 (padding
+# rows cost FMAs; larger groups run as several items).
+_SWEEP_GEMV = [(4, 128, 64, 4, 2), (4, 128, 64, 4, 1), (2, 128, 64, 4, 2), (2, 128, 128, 4, 2),
+               (1, 128, 128, 4, 2), (4, 128, 128, 8, 2), (4, 128, 128, 8, 1), (2, 256, 64, 4, 2),
+               (4, 256, 64, 8, 2), (4, 128, 32, 2, 2), (4, 64, 64, 2, 2), (8, 128, 64, 8, 2),
+               (8, 128, 32, 4, 2), (2, 512, 32, 4, 2)]
+VARIANTS = ("w4a16", "w4a16_swap", "w4a16_gemv")
 
 
-def decode_sweep_tiles():
-    """The W4A16 decode sweep's tiles, both variants (33 configs)."""
+def decode_sweep_tiles(variants=VARIANTS):
+    """The W4A16 decode sweep's tiles of `variants` (w4a16: 11, w4a16_swap: 22, w4a16_gemv: 14)."""
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
     tiles = []
-    for swap, block_ms in ((False, (16,)), (True, (8, 16))):
+    for name, swap, block_ms in (("w4a16", False, (16,)), ("w4a16_swap", True, (8, 16))):
+        if name not in variants:
+            continue
         for bm in block_ms:
             tiles += [T(bm, bn, bk, 4, 3, swap) for bn, bk in _SWEEP_NK]
             tiles += [T(bm, 128, 256, w, st, swap) for w, st in _SWEEP_WARPS_STAGES]
             tiles.append(T(bm, 256, 256, 8, 3, swap))
+    if "w4a16_gemv" in variants:
+        tiles += [T(*t, gemv=True) for t in _SWEEP_GEMV]
     return tiles
 
 
 def variant(cfg) -> str:
-    return "w4a16_swap" if cfg.swap_ab else "w4a16"
+    return "w4a16_gemv" if cfg.gemv else "w4a16_swap" if cfg.swap_ab else "w4a16"
 
 
 def tiles_name(cfg) -> str:
-    return "x".join(map(str, dataclasses.astuple(cfg)[:5])) + (" swap" if getattr(cfg, "swap_ab", False) else "")
+    kind = " gemv" if getattr(cfg, "gemv", False) else " swap" if getattr(cfg, "swap_ab", False) else ""
+    return "x".join(map(str, dataclasses.astuple(cfg)[:5])) + kind
 
 
 def failure(e: Exception) -> str:
@@ -172,7 +188,13 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
     import jax
 
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
-    cfgs = [T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True)] if args.tiny else decode_sweep_tiles()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    cfgs = decode_sweep_tiles(variants)
+    if args.tiny:
+        cfgs = [c for c in (T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True), T(4, 32, 64, 4, 2, False, True))
+                if variant(c) in variants]
     for shape, (g, k, n) in shapes.items():
         decode_tokens = [t for t in tokens if t * TOPK / g < DECODE_ROWS_PER_EXPERT] or tokens[:1]
         case = _check_case(k, n, g, max(decode_tokens) * TOPK, rng)
@@ -254,8 +276,9 @@ def run(args) -> int:
         return bf16(rows, fd.dequantize(w, interpret=on_cpu), sizes)
 
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
-    fp4_kernels = {"w4a16": fp4(), "w4a16_swap": fp4_swap, "dequant_bf16": dequant_bf16,
-                   "dequant_pallas": dequant_pallas}
+    # `w4a16_gemv`: the no-MMA variant at its tiles (wg.GEMV_TILES) at every token count.
+    fp4_kernels = {"w4a16": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
+                   "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
 
@@ -306,8 +329,9 @@ def run(args) -> int:
                       f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16'] or 0:6.2f}", flush=True)
             if dense_s:
                 print(f"{shape:10} {t:6d} {'dense':14} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
-            if "w4a16" in secs and "w4a16_swap" in secs:
-                print(f"{shape:10} {t:6d} w4a16_swap / w4a16 time {secs['w4a16_swap'] / secs['w4a16']:.2f}", flush=True)
+            for other in ("w4a16_swap", "w4a16_gemv"):
+                if "w4a16" in secs and other in secs:
+                    print(f"{shape:10} {t:6d} {other} / w4a16 time {secs[other] / secs['w4a16']:.2f}", flush=True)
             if "dequant_pallas" not in secs or "w4a16" not in secs:
                 continue
             # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
@@ -370,8 +394,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="also time other W4A16 tiles on the first shape")
     p.add_argument("--decode-sweep", action="store_true",
-                   help="also time both W4A16 variants (w4a16, w4a16_swap) over decode_sweep_tiles() at every shape "
+                   help="also time the W4A16 variants (--variants) over decode_sweep_tiles() at every shape "
                         "and decode token count (< 32 rows per expert), each checked against float32 first")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="the decode sweep's variants: w4a16 (MMA), w4a16_swap (swap-AB MMA), w4a16_gemv (no MMA)")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")

@@ -44,6 +44,10 @@ class TileConfig:
     # W^T [block_n, K] . X^T [K, block_m], so the decoded weight tile is the MMA's A operand and
     # the few rows of a decode work item its small N side (8 or 16, no padding to 64).
     swap_ab: bool = False
+    # "GEMV" (the W4A16 kernel only): no MMA; each K step multiplies the decoded weight tile by
+    # each of the work item's block_m rows elementwise and sums over K (CUDA-core FMAs, float32),
+    # so the decoded tile never goes through shared memory into an MMA operand layout.
+    gemv: bool = False
 
 
 # Chosen from the tile sweeps of `python -m atom_jax.bench gemm` on H100 (docs/benchmarks.md,
@@ -178,8 +182,8 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
     cfg = cfg or PREFILL_TILES
-    if cfg.swap_ab:
-        raise ValueError("swap_ab is a W4A16-kernel variant (w4a16_grouped_gemm); the bf16 kernel has none")
+    if cfg.swap_ab or cfg.gemv:
+        raise ValueError("swap_ab and gemv are W4A16-kernel variants (w4a16_grouped_gemm); the bf16 kernel has neither")
     bk, bn = block_sizes(k, n, cfg)
     cfg = dataclasses.replace(cfg, block_k=bk, block_n=bn)
     starts, ends = with_zero_range(starts, ends, zero_from, m)

@@ -19,6 +19,18 @@ float32 accumulator is transposed once per work item before the epilogue and the
 work list, decoders, gather and epilogue; not a default until a GPU measures it
 (`python -m atom_jax.bench w4a16 --decode-sweep`).
 
+`TileConfig.gemv` selects the decode variant without the MMA: each K step adds, for each of the
+work item's block_m rows (1-16: the work list cuts larger groups into block_m-row items, each
+streaming the group's weights again), x[row, k] * w[k, :] in float32 to per-thread partial sums
+(`_gemv_accumulate`): CUDA-core FMAs on the decoded tile where its load and the decoder leave it
+in registers, with no trip through shared memory into an MMA operand layout (which held the MMA
+variants at 34-40% of copy bandwidth at decode), and one reduction over K per work item. At decode
+(2-6 rows per expert) its FMAs are few next to the bytes streamed, so small block_m (padding
+rows cost FMAs) and many programs in flight (experts x column tiles: 2K-6K at V4 shapes per
+rank) should leave it bound by the packed bytes. Same work list, decoders, gather, epilogue and
+zero range; `default_tiles` selects it below GEMV_MAX_ROWS_PER_GROUP rows per expert (0, never,
+until `bench w4a16 --decode-sweep` measures it on a GPU).
+
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
 bytes on an H200 (the bf16 kernel streams 3.6 TB/s). `ptx` (CUDA) decodes four code bytes per
@@ -48,9 +60,16 @@ from atom_jax.kernels.pallas_grouped_gemm import (TileConfig, a_tiles, epilogue_
 # (16x256x256: 0.459), 8192 tokens/rank 3.350 ms (128x128x128, 8 warps: 3.750).
 DECODE_TILES = TileConfig(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=3)
 PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
+# The GEMV variant's tiles (not yet measured on a GPU: `bench w4a16 --decode-sweep` times others)
+# and the rows per expert below which `default_tiles` picks it: 0 (never) until measured.
+GEMV_TILES = TileConfig(block_m=4, block_n=128, block_k=64, num_warps=4, num_stages=2, gemv=True)
+GEMV_MAX_ROWS_PER_GROUP = 0.0
+GEMV_MAX_BLOCK_M = 16  # rows per GEMV work item (unrolled; each holds block_n/threads partial sums per thread)
 
 
 def default_tiles(rows_per_group: float) -> TileConfig:
+    if rows_per_group < GEMV_MAX_ROWS_PER_GROUP:
+        return GEMV_TILES
     return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
 
 
@@ -112,6 +131,11 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
     ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
+    if cfg.gemv:
+        accumulate = _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg, k_steps, half_k, decode)
+        work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
+                  e_ref, epilogue)
+        return
     if cfg.swap_ab:  # out^T [block_n, block_m] += W^T [block_n, bkh] . A^T [bkh, block_m]
         acc_shape = (cfg.block_n, cfg.block_m)
 
@@ -142,6 +166,78 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
               e_ref, epilogue)
 
 
+def gemv_lanes(block_k: int, block_n: int, num_warps: int) -> int:
+    """R, the code rows of a [block_k/2, block_n] uint8 tile that Triton's coalesced layout
+    spreads over threads and warps (16 bytes per thread along N, the warp's other threads and then
+    the warps along K): each thread holds the tile's rows k = s * R + (its lane), so the GEMV's
+    partial sums over s stay in registers. Only speed depends on this matching the layout."""
+    threads_n = max(1, min(32, block_n // 16))
+    warps_n = max(1, min(num_warps, block_n // (16 * 32)))
+    lanes = max(1, min(block_k // 2, (32 // threads_n) * (num_warps // warps_n)))
+    while (block_k // 2) % lanes:  # a divisor of the tile's rows (block_k need not be a power of two)
+        lanes //= 2
+    return lanes
+
+
+def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int, half_k: int, decode: str):
+    """The GEMV variant's accumulate(g, rows, cols, mine) -> float32 [block_m, block_n]: no MMA.
+
+    Each K step decodes the [bkh, block_n] weight halves where their load left them and views
+    them as [S, R, block_n] (bkh = S * R code rows, R = `gemv_lanes`: the rows spread over
+    threads); row r of the work item adds sum over s of x[r, k] * w[k, :] to its own float32
+    [R, block_n] partial sums, elementwise FMAs within each thread. The R partial sums are added
+    once per work item, and the rows assembled into the [block_m, block_n] tile then. With
+    num_stages >= 2 the next step's code and scale bytes are loaded before this step's decode
+    (carried in registers: one step of prefetch), so each thread has two steps' bytes in flight."""
+    bm, bn = cfg.block_m, cfg.block_n
+    bkh, bks = cfg.block_k // 2, cfg.block_k // packed.FP4_BLOCK
+    lanes = gemv_lanes(cfg.block_k, bn, cfg.num_warps)
+    prefetch = cfg.num_stages >= 2
+    shape3 = (bkh // lanes, lanes, 1)
+    k3 = jnp.arange(bkh, dtype=jnp.int32).reshape(shape3)  # code row s * R + l of the tile
+    row_iota = jnp.arange(bm, dtype=jnp.int32)
+
+    def pick(v, r):  # element r of a [block_m] vector, as a scalar (no slicing of values in Triton)
+        return jnp.sum(jnp.where(row_iota == r, v, 0))
+
+    def accumulate(g, rows, cols, mine):
+        valid = mine[:, 0].astype(jnp.int32)
+        src = rows.start + row_iota if ids_ref is None else plt.load(ids_ref.at[rows], mask=mine[:, 0], other=0)
+        # per row: x's row (the gathered id or itself) and its mask, broadcast to the [S, R, 1] loads
+        x_rows = [jnp.full(shape3, pick(src, r), jnp.int32) for r in range(bm)]
+        masks = [jnp.full(shape3, pick(valid, r) > 0) for r in range(bm)]
+
+        def weights(kk):  # the step's packed bytes: code tile and scales (kk traced, or 0)
+            aligned = (lambda v, m: v) if isinstance(kk, int) else pl.multiple_of
+            kb = pl.ds(aligned(kk * bkh, bkh), bkh)
+            ks = pl.ds(aligned(kk * bks, bks), bks)
+            return c_ref[g, kb, cols], s_ref[g, ks, cols]
+
+        def step(kk, carry):
+            accs, packed_w = carry
+            if prefetch:  # issue the next step's loads before this step's decode and FMAs
+                packed_w, this = weights(jnp.minimum(kk + 1, k_steps - 1)), packed_w
+            else:
+                this = weights(kk)
+            out = list(accs)
+            for k0, w in zip((kk * bkh, half_k + kk * bkh), DECODERS[decode](*this)):
+                w3 = w.astype(jnp.float32).reshape(bkh // lanes, lanes, bn)
+                for r in range(bm):
+                    a = plt.load(x_ref.at[x_rows[r], k0 + k3], mask=masks[r], other=0.0).astype(jnp.float32)
+                    out[r] = out[r] + jnp.sum(a * w3, axis=0)
+            return tuple(out), packed_w
+
+        zeros = tuple(jnp.zeros((lanes, bn), jnp.float32) for _ in range(bm))
+        first = weights(0) if prefetch else (jnp.zeros((), jnp.uint8),) * 2
+        accs, _ = jax.lax.fori_loop(0, k_steps, step, (zeros, first))
+        tile = jnp.zeros((bm, bn), jnp.float32)
+        for r, acc in enumerate(accs):
+            tile = tile + jnp.where(row_iota[:, None] == r, jnp.sum(acc, axis=0)[None, :], 0.0)
+        return tile
+
+    return accumulate
+
+
 def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
                         interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None,
                         epilogue=None):
@@ -162,6 +258,9 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
         raise ValueError(f"rows have K={k}, weights K={k2}")
     packed.fp4_check(weights.codes.shape, weights.scales.shape)
     cfg = cfg or PREFILL_TILES
+    if cfg.gemv and (cfg.swap_ab or cfg.block_m > GEMV_MAX_BLOCK_M):
+        raise ValueError(f"gemv tiles take block_m <= {GEMV_MAX_BLOCK_M} rows (larger groups run as several "
+                         f"items) and no swap_ab; got block_m={cfg.block_m}, swap_ab={cfg.swap_ab}")
     bk = min(cfg.block_k, k)
     bn = min(cfg.block_n, n)
     if bk % packed.FP4_BLOCK or k % bk or n % bn:
@@ -181,10 +280,15 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="w4a16_grouped_gemm_swap" if cfg.swap_ab else "w4a16_grouped_gemm",
+        name=kernel_name(cfg),
     )
     out = call(group, tile, count, starts, ends, *a_operands, weights.codes, weights.scales, *e_operands)
     return out[:m] if pad else out
+
+
+def kernel_name(cfg: TileConfig) -> str:
+    """The pallas_call's name (seen in traces and lowered modules) of a variant."""
+    return "w4a16_grouped_gemm" + ("_gemv" if cfg.gemv else "_swap" if cfg.swap_ab else "")
 
 
 def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
