@@ -55,15 +55,26 @@ def test_greedy_matches_transformers_generate(hf_dir, dp, tbo, chunk):
     eng.scheduler.check_invariants()
 
 
-@pytest.mark.parametrize("attn_backend", ["jnp", "pallas"])  # pallas: the kernels, interpreted
-def test_incremental_logits_equal_full_sequence(attn_backend):
+# pallas: the kernels, interpreted; pallas-rowselect: the indexer's prefill top-k policy
+# ("rowselect", models/index_topk.py) at every step, in windows of 16 of the 64 rows
+@pytest.mark.parametrize("attn_backend", ["jnp", "pallas", "pallas-rowselect"])
+def test_incremental_logits_equal_full_sequence(attn_backend, monkeypatch):
+    if attn_backend == "pallas-rowselect":
+        from atom_jax.models import index_topk
+
+        monkeypatch.setattr(index_topk, "AUTO_MAX_TOKENS", 0)
+        monkeypatch.setattr(index_topk, "SCORE_BUDGET", 16 * 128)  # 64 tokens x the 128-entry rung: 4 windows
+        attn_backend = "pallas"
+        short = True
+    else:
+        short = False
     cfg = tiny()
     model = random_model(cfg, seed=int(np.random.SeedSequence().entropy % 2**31))
     layout = CacheLayout(num_slots=3, num_pages=24, page_tokens=32, max_pages_per_seq=8)
     rng = np.random.default_rng()
     # shorter for the interpreted kernels (each step runs every Pallas program on the CPU);
     # both pass several windows, HCA entries and more CSA entries than the top-k keeps
-    lengths = [70, 45, 101] if attn_backend == "jnp" else [50, 37, 70]
+    lengths = [70, 45, 101] if attn_backend == "jnp" else [40, 30, 45] if short else [50, 37, 70]
     seqs = [rng.integers(0, cfg.vocab_size, size=n) for n in lengths]
     full = [np.asarray(jit_forward(model)(s[None]))[0] for s in seqs]
     page_table = np.arange(24, dtype=np.int32).reshape(3, 8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from atom_jax.cache import pack_chunks
-from atom_jax.kernels import sparse_indexer
+from atom_jax.kernels import sparse_indexer, topk_select
 from atom_jax.models import index_topk as it
 from atom_jax.models.cache_reads import NO_ENTRY, jnp_index_scorer
 
@@ -38,6 +38,19 @@ def _check(idx, ok, want, n_vis):
     for r, n in enumerate(n_vis):
         assert set(idx[r][ok[r]].tolist()) == want[r], f"token {r} ({n} visible)"
         assert np.all(idx[r][~ok[r]] == NO_ENTRY) and ok[r].sum() == min(n, K)
+
+
+def _array_scorer(scores):
+    """make_scorer over a fixed [T, cap] score array (columns and rows past it: zeros)."""
+    t = scores.shape[0]
+
+    def make(width, rows=None):
+        pad = jnp.pad(jnp.asarray(scores), ((0, rows or 0), (0, 2 * width)))
+        if rows is None:
+            return lambda e0: jax.lax.dynamic_slice(pad, (0, e0), (t, width))
+        return lambda e0, r0: jax.lax.dynamic_slice(pad, (r0, e0), (rows, width))
+
+    return make
 
 
 def _inputs(rng):
@@ -75,12 +88,16 @@ def test_every_policy_matches_the_oracle(small_widths, scorer):
     tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=ALIGN)
     plans = {p: it.plan_topk(64, cap, K, p, align=ALIGN) for p in it.POLICIES}
     assert plans["single"].rungs == (32, 64) and plans["single"].loop_block == 48
+    # rowselect: every rung to the capacity, in windows of 64, 64, 32 and 16 rows (those of 32
+    # and 16 cut the 40-token prefill chunk)
+    assert plans["rowselect"].rungs == (32, 64, 128, 208) and plans["rowselect"].row_chunks == (64, 64, 32, 16)
 
     def step(n_vis):
-        def make(width):
+        def make(width, rows=None):
             if scorer == "jnp":
-                return jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, width)
-            return sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, width, 4, tiles=tiles, interpret=True)
+                return jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, width, rows)
+            return sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, width, 4, tiles=tiles, interpret=True,
+                                         rows=rows)
         return {p: it.index_topk(make, n_vis, K, plan) for p, plan in plans.items()}
 
     step = jax.jit(step)
@@ -98,8 +115,7 @@ def test_ties_resolve_to_the_lowest_entry_index(small_widths):
     scores = rng.integers(0, 3, size=(t, cap)).astype(np.float32)
     scores[1] = 0.0
     scores[4, :150] = 0.0
-    make = lambda width: lambda e0: jax.lax.dynamic_slice_in_dim(  # noqa: E731
-        jnp.pad(jnp.asarray(scores), ((0, 0), (0, 2 * width))), e0, width, axis=1)
+    make = _array_scorer(scores)
     cases = [np.array([200, 37, 0, 1, 190, 9], np.int32), np.array([30, 31, 8, 7, 3, 0], np.int32)]
     plans = [it.plan_topk(t, cap, K, p, align=ALIGN) for p in it.POLICIES]
     run = jax.jit(lambda n: [it.index_topk(make, n, K, plan) for plan in plans])
@@ -109,17 +125,66 @@ def test_ties_resolve_to_the_lowest_entry_index(small_widths):
             _check(idx, ok, want, n_vis)
 
 
+def test_rowselect_windows_equal_the_loop(monkeypatch):
+    """"rowselect" over windows of rows that do not divide T (37 tokens in 2 windows of 24 or 3
+    of 16, the last one padded), scores in {0, 1, 2} with many exact zeros (ties straddling the k-th place
+    and whole rows of zeros), ragged visible counts with 0, 1 and fewer than k entries: the
+    loop's selected sets, which are the oracle's."""
+    monkeypatch.setattr(it, "SCORE_BUDGET", 37 * 40)
+    monkeypatch.setattr(it, "RUNG_MIN", 32)
+    rng = np.random.default_rng()
+    t, cap = 37, 160
+    scores = (rng.integers(0, 3, size=(t, cap)) * (rng.random((t, cap)) < 0.3)).astype(np.float32)
+    scores[5] = 0.0
+    plan = it.plan_topk(t, cap, K, "rowselect", align=ALIGN)
+    assert plan.rungs == (32, 64, 128, 160) and plan.row_chunks == (37, 24, 16, 16)
+    loop = it.plan_topk(t, cap, K, "loop", align=ALIGN)
+    make = _array_scorer(scores)
+    run = jax.jit(lambda n: [it.index_topk(make, n, K, p) for p in (plan, loop)])
+    for top in (cap, 100, 60):  # rungs 160, 128 and 64, all in windows
+        n_vis = rng.integers(0, top + 1, size=t).astype(np.int32)
+        n_vis[:5] = [0, 1, K - 3, top, top - 1]
+        (ri, rok), (li, lok) = run(jnp.asarray(n_vis))
+        want = _oracle(scores, n_vis)
+        _check(ri, rok, want, n_vis)
+        _check(li, lok, want, n_vis)
+
+
+def test_pallas_radix_select_equals_the_jnp_one():
+    """The Pallas selection (interpret mode; tiles of 16 entries, a width of 200 that is not a
+    multiple of them) returns exactly `radix_select`'s indices, in the same order, which hold
+    the oracle's sets: scores in {0, 1, 2} with many exact zeros, a row of zeros, a row with
+    no eligible entry, rows with fewer than k eligible entries, negative scores."""
+    assert topk_select.NO_ENTRY == NO_ENTRY
+    rng = np.random.default_rng()
+    t, width = 7, 200
+    scores = (rng.integers(0, 3, size=(t, width)) * (rng.random((t, width)) < 0.3)).astype(np.float32)
+    scores[1] = 0.0
+    scores[6] = -rng.random(width).astype(np.float32)  # negatives order below zero
+    n_vis = rng.integers(0, width + 1, size=t).astype(np.int32)
+    n_vis[:4] = [width, width - 1, 0, K - 3]
+    s = jnp.asarray(np.where(np.arange(width)[None, :] < n_vis[:, None], scores, -np.inf).astype(np.float32))
+    got = np.asarray(topk_select.radix_select(s, K, interpret=True, block_w=16))
+    np.testing.assert_array_equal(got, np.asarray(it.radix_select(s, K)))
+    _check(got, got < n_vis[:, None], _oracle(scores, n_vis), n_vis)
+
+
 def test_plan_follows_tokens_and_capacity():
     cap = 262144  # a 1M-token cache's CSA entries
     assert it.plan_topk(1, cap, 512, "loop") == it.TopkPlan("loop", (), 16384)  # 16 blocks: dynamic
-    short = it.plan_topk(8192, 8320, 512)  # blocks of 4096 to a small capacity: 3, a static loop
+    short = it.plan_topk(8192, 8320, 512, "loop")  # blocks of 4096 to a small capacity: 3, a static loop
     assert (short.method, short.loop_block, short.loop_trips) == ("loop", 4096, 3)
     small = it.plan_topk(16, cap, 512, "select")
     assert small.rungs == (4096, 16384, 65536, 262144) and small.loop_block == 0
     mid = it.plan_topk(512, cap, 512, "two-stage")  # 512 x 32768 scores fit the budget, 65536 not
     assert mid.rungs == (4096, 16384) and mid.loop_block == it.outer_block(cap, 512)
     assert it.plan_topk(8192, cap, 512, "single").method == "loop"  # no rung within the budget
-    assert it.plan_topk(8192, cap, 512).method == "loop"
+    assert it.plan_topk(8192, cap, 512, "loop").method == "loop"
+    # prefill under auto: rowselect, every rung x2 to the capacity, each call within the budget
+    pre = it.plan_topk(8192, cap, 512)
+    assert pre.method == "rowselect" and pre.rungs == tuple(4096 << i for i in range(7)) and not pre.loop_block
+    assert pre.row_chunks == (4096, 2048, 1024, 512, 256, 128, 64)
+    assert it.plan_topk(600, 32768, 512).row_chunks[-1] == 304  # 2 windows, not 512 + 88
     assert it.plan_topk(1, 100, 100, "single").rungs == (128,)  # one rung: the capacity, aligned
     with pytest.raises(ValueError, match="unknown indexer top-k policy"):
         it.plan_topk(1, cap, 512, "sorted")
@@ -128,21 +193,24 @@ def test_plan_follows_tokens_and_capacity():
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
 def test_policies_lower_for_gpu_at_v4_flash_dims(platform):
     """Every policy around the Pallas scorer (Triton) at a 1M-token cache's 262,144 CSA entries,
-    16 decode tokens: the rung switch, the loop and the selections export for the GPU."""
+    16 decode tokens: the rung switch, the loop and the selections (rowselect's: the Pallas
+    one) export for the GPU."""
     t, slots, epp, cap, k = 16, 16, 64, 262144, 512
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     b = {n: i32(t) for n in ("pos", "slot", "seg_start_idx", "seg_start_pos", "seg_end_pos")}
     b["valid"] = jax.ShapeDtypeStruct((t,), jnp.bool_)
 
     def fn(q, w, pool, pt, bb, nv):
-        make = lambda width: sparse_indexer.scorer(q, w, pool, pt, bb, nv, epp, width, slots)  # noqa: E731
-        return [it.index_topk(make, nv, k, it.plan_topk(t, cap, k, p)) for p in it.POLICIES]
+        make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, pt, bb, nv, epp, width, slots,  # noqa: E731
+                                                              rows=rows)
+        return [it.index_topk(make, nv, k, it.plan_topk(t, cap, k, p), select=topk_select.radix_select)
+                for p in it.POLICIES]
 
     check = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(
         jax.ShapeDtypeStruct((t, 64, 128), jnp.float32), jax.ShapeDtypeStruct((t, 64), jnp.float32),
         jax.ShapeDtypeStruct((cap, 128), jnp.bfloat16), i32(slots, cap // epp), b, i32(t))
-    assert "triton" in exp.mlir_module()
+    assert "triton" in exp.mlir_module() and "topk_radix_select" in exp.mlir_module()
 
 
 def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
@@ -169,11 +237,12 @@ def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
 
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["single", "two-stage", "select"])
+@pytest.mark.parametrize("policy", ["single", "two-stage", "select", "rowselect"])
 def test_compiled_policies_at_v4_flash_dims(policy):
-    """64 heads x 128 dims, bf16 keys, k 512, up to 65K visible entries, the Pallas scorer:
-    each policy selects exactly what the loop (today's policy) selects from the same kernel
-    scores; and on scores in {0, 1, 2} at 262K entries exactly the oracle's entries."""
+    """64 heads x 128 dims, bf16 keys, k 512, up to 65K visible entries, the Pallas scorer (and
+    for rowselect the Pallas selection): each policy selects exactly what the loop selects from
+    the same kernel scores; and on scores in {0, 1, 2} at 262K entries exactly the oracle's
+    entries."""
     rng = np.random.default_rng()
     t, k, epp, pages = 16, 512, 64, 1024  # capacity 65536 entries
     chunks = [(s, int(rng.integers(0, 4 * pages * epp - 1)), np.zeros(1, np.int32), True) for s in range(t)]
@@ -184,8 +253,10 @@ def test_compiled_policies_at_v4_flash_dims(policy):
     w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
     n_vis = jnp.asarray((np.asarray(b["pos"]) + 1) // 4, jnp.int32)
     cap = pages * epp
-    make = lambda width: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t)  # noqa: E731
-    run = jax.jit(lambda n: [it.index_topk(make, n, k, it.plan_topk(t, cap, k, p)) for p in ("loop", policy)])
+    make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t,  # noqa: E731
+                                                          rows=rows)
+    run = jax.jit(lambda n: [it.index_topk(make, n, k, it.plan_topk(t, cap, k, p), select=topk_select.radix_select)
+                             for p in ("loop", policy)])
     (li, lok), (pi, pok) = run(n_vis)
     for r in range(t):
         assert set(np.asarray(pi)[r][np.asarray(pok)[r]]) == set(np.asarray(li)[r][np.asarray(lok)[r]])
@@ -194,8 +265,8 @@ def test_compiled_policies_at_v4_flash_dims(policy):
     scores = jnp.asarray(rng.integers(0, 3, size=(t, cap)), jnp.float32)
     n_vis = np.asarray(rng.integers(0, cap + 1, size=t), np.int32)
     n_vis[:3] = [0, 1, 300]
-    idx, ok = jax.jit(lambda n: it.index_topk(lambda width: lambda e0: scores[:, :width], n, k,
-                                              it.plan_topk(t, cap, k, policy)))(jnp.asarray(n_vis))
+    idx, ok = jax.jit(lambda n: it.index_topk(_array_scorer(scores), n, k, it.plan_topk(t, cap, k, policy),
+                                              select=topk_select.radix_select))(jnp.asarray(n_vis))
     want = _oracle(scores, n_vis, k)
     for r in range(t):
         assert set(np.asarray(idx)[r][np.asarray(ok)[r]].tolist()) == want[r]

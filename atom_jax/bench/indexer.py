@@ -26,7 +26,14 @@ with all heads in one dot per token), jnp, none (precomputed random scores, relu
 exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on GPUs, jnp on CPU (the kernel interpreted on CPU
 measures nothing; pallas scorers run interpreted there, as a check only).
 
-    python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas"""
+    python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas
+
+Prefill: "rowselect" (no sort; `auto` above 512 tokens) against the loop, the scorer and the
+selection together (pallas) and the selection alone (none); --row-select jnp times rowselect
+with XLA's radix_select instead of the Pallas selection:
+
+    python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768,131072 --scorer pallas,none \
+        --policies rowselect --json indexer_prefill.json"""
 
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap = subparsers.add_parser("indexer", help="the indexer's top-k selection alone: each policy vs today's loop "
                                "over tokens x visible entries (GPU; --tiny on CPU)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default=None, help="T per step, comma list (default 1,8,64,512,8192; --tiny 1,8)")
+    ap.add_argument("--tokens", default=None, help="T per step, comma list (default 1,8,64,512,8192; --tiny 1,8,96)")
     ap.add_argument("--visible", default=None, help="visible entries, comma list (default 1024,16384,65536,262144; "
                     "--tiny 256,2048)")
     ap.add_argument("--capacity", type=int, default=None, help="entries per sequence's page table (default: the "
@@ -71,6 +78,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--score-budget", type=int, default=None, help="override index_topk.SCORE_BUDGET (floats)")
     ap.add_argument("--rung-min", type=int, default=None, help="override index_topk.RUNG_MIN (entries)")
     ap.add_argument("--sub-block", type=int, default=None, help="override index_topk.SUB_BLOCK (two-stage)")
+    ap.add_argument("--row-rung-ratio", type=int, default=None, help="override index_topk.ROW_RUNG_RATIO "
+                    "(rowselect's widths)")
+    ap.add_argument("--select-block-w", type=int, default=None, help="override kernels/topk_select.BLOCK_W "
+                    "(entries per tile of the Pallas selection, a power of two)")
+    ap.add_argument("--select-warps", type=int, default=None, help="override kernels/topk_select.NUM_WARPS")
+    ap.add_argument("--row-select", choices=("auto", "pallas", "jnp"), default="auto", help="rowselect's "
+                    "selection: the Pallas kernel (kernels/topk_select.py, as the engine runs it) or the jnp "
+                    "radix_select; auto: pallas on GPUs, jnp on CPU")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (float32 keys, the jnp scorer)")
     ap.add_argument("--json")
@@ -113,22 +128,31 @@ def _case(rng, t, visible, capacity, dtype, decode_max, random_scores: bool):
     return a, epp, slots
 
 
-def _selector(policy, t, capacity, k, epp, slots, scorer, tiles):
-    from atom_jax.kernels import sparse_indexer
+def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp"):
+    import functools
+
+    from atom_jax.kernels import sparse_indexer, topk_select
     from atom_jax.models.cache_reads import jnp_index_scorer
 
     plan = it.plan_topk(t, capacity, k, policy, align=tiles.block_e)
     path = scorer.split("-")[1] if "-" in scorer else "auto"
 
     def select(a):
-        def make(width):
+        def make(width, rows=None):
             if scorer == "none":
-                return lambda e0: jax.lax.dynamic_slice_in_dim(a["scores"], e0, width, axis=1)
+                if rows is None:
+                    return lambda e0: jax.lax.dynamic_slice_in_dim(a["scores"], e0, width, axis=1)
+                s = jnp.pad(a["scores"], ((0, rows), (0, 0)))  # the last window's rows past T
+                return lambda e0, r0: jax.lax.dynamic_slice(s, (r0, e0), (rows, width))
             if scorer == "jnp":
-                return jnp_index_scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"]["slot"], epp, width)
+                return jnp_index_scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"]["slot"], epp, width, rows)
             return sparse_indexer.scorer(a["q"], a["w"], a["pool"], a["page_table"], a["b"], a["n_vis"], epp, width,
-                                         slots, tiles=tiles, path=path, interpret=jax.default_backend() == "cpu")
-        return it.index_topk(make, a["n_vis"], k, plan)
+                                         slots, tiles=tiles, path=path, interpret=jax.default_backend() == "cpu",
+                                         rows=rows)
+        select = None
+        if row_select == "pallas":
+            select = functools.partial(topk_select.radix_select, interpret=jax.default_backend() == "cpu")
+        return it.index_topk(make, a["n_vis"], k, plan, select=select)
 
     return jax.jit(select), plan
 
@@ -145,16 +169,20 @@ def run_cli(args) -> int:
     from atom_jax.kernels import sparse_indexer
 
     tiny = args.tiny
-    for name, value in (("SCORE_BUDGET", args.score_budget), ("RUNG_MIN", args.rung_min),
-                        ("SUB_BLOCK", args.sub_block)):
+    from atom_jax.kernels import topk_select
+
+    for mod, name, value in ((it, "SCORE_BUDGET", args.score_budget), (it, "RUNG_MIN", args.rung_min),
+                             (it, "SUB_BLOCK", args.sub_block), (it, "ROW_RUNG_RATIO", args.row_rung_ratio),
+                             (topk_select, "BLOCK_W", args.select_block_w),
+                             (topk_select, "NUM_WARPS", args.select_warps)):
         if value is not None:
-            setattr(it, name, value)  # this process only: the JSON records the values used
+            setattr(mod, name, value)  # this process only: the JSON records the values used
     tiles = sparse_indexer.TILES
     for field, value in (("block_t", args.block_t), ("block_e", args.block_e), ("num_warps", args.num_warps),
                          ("heads_max", args.heads_max), ("heads_as", args.heads_as)):
         if value is not None:
             tiles = dataclasses.replace(tiles, **{field: value})
-    tokens = _ints(args.tokens or ("1,8" if tiny else "1,8,64,512,8192"))
+    tokens = _ints(args.tokens or ("1,8,96" if tiny else "1,8,64,512,8192"))
     visible = _ints(args.visible or ("256,2048" if tiny else "1024,16384,65536,262144"))
     capacity = args.capacity or max(visible)
     if max(visible) > capacity:
@@ -167,10 +195,13 @@ def run_cli(args) -> int:
     if set(scorers) - set(SCORERS):
         raise SystemExit(f"unknown --scorer {sorted(set(scorers) - set(SCORERS))}; known: auto, {', '.join(SCORERS)}")
     dtype = jnp.float32 if tiny or jax.default_backend() == "cpu" else jnp.bfloat16
+    row_select = args.row_select if args.row_select != "auto" else ("jnp" if jax.default_backend() == "cpu"
+                                                                    else "pallas")
     k = min(v4_flash(1).index_topk, capacity)
     device = jax.devices()[0].device_kind
     print(f"device {device}, scorers {scorers}, keys {jnp.dtype(dtype).name}, capacity {capacity} entries, k {k}; "
-          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO}, sub-block {it.SUB_BLOCK}; "
+          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO} (rowselect x{it.ROW_RUNG_RATIO}, "
+          f"{row_select} selection), sub-block {it.SUB_BLOCK}; "
           f"{tiles}", flush=True)
     rng = np.random.default_rng(0)
     results = []
@@ -184,8 +215,9 @@ def run_cli(args) -> int:
                 for policy in policies:
                     row = {"tokens": t, "visible": longest, "scorer": scorer, "policy": policy}
                     try:
-                        fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer, tiles)
-                        row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block)
+                        fn, plan = _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select)
+                        row.update(plan=plan.method, rungs=list(plan.rungs), loop_block=plan.loop_block,
+                                   row_chunks=list(plan.row_chunks))
                         if policy != "loop" and plan.method == "loop":  # no rung fits T: the baseline itself
                             continue
                         t0 = time.perf_counter()
@@ -221,7 +253,10 @@ def run_cli(args) -> int:
                        "capacity": capacity, "k": k, "index_heads": cfg.index_n_heads,
                        "index_head_dim": cfg.index_head_dim, "score_budget": it.SCORE_BUDGET,
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
-                       "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS},
+                       "row_rung_ratio": it.ROW_RUNG_RATIO, "row_select": row_select,
+                       "select_block_w": topk_select.BLOCK_W, "select_warps": topk_select.NUM_WARPS,
+                       "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS,
+                                "large_policy": it.AUTO_LARGE_POLICY},
                        "tiles": dataclasses.asdict(tiles), "block_t": tiles.block_t,
                        "results": results}, f, indent=1)
     return 0

@@ -7,8 +7,9 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
     python -m atom_jax.bench long-context --tiny                       # CPU smoke run
 
 --topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
-top-k of every step, the policy before models/index_topk.py's one-call policies); the jnp
-path always runs the loop. --indexer-paths auto,tiles runs the kernels once per path of the
+top-k of every step, the policy before models/index_topk.py's one-call policies; a named
+policy is used at every step size, decode and prefill; auto: `single` up to 512 tokens,
+`rowselect` above); the jnp path always runs the loop. --indexer-paths auto,tiles runs the kernels once per path of the
 indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens as the dots' rows for every
 work item, the kernel before its decode path; heads: the heads path, one dot of all heads per
 token, always).
@@ -61,7 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "cache vs a small one; e.g. 16448)")
     ap.add_argument("--topk-policies", default="auto", help="indexer top-k policies the kernels run under, in "
                     "order (models/index_topk.py: auto, loop = the running top-k before the one-call policies, "
-                    "single, two-stage, select); each is a separate engine, all in this run")
+                    "single, two-stage, select, rowselect; a named one at every step size); each is a separate "
+                    "engine, all in this run")
     ap.add_argument("--indexer-paths", default="auto", help="the indexer scorer kernel's paths the kernels run "
                     "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads); each "
                     "is a separate engine, all in this run")
@@ -193,11 +195,12 @@ def run_cli(args) -> int:
                 if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
                     small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
                     runs.append((backend, policy, path, args.baseline_cache_len, chunk, small))
-    auto, tiles = index_topk.AUTO_POLICY, sparse_indexer.TILES
+    auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
     for backend, policy, path, c_len, b_chunk, lens in runs:
         if not lens:
             continue
-        index_topk.AUTO_POLICY = auto if policy == "auto" else policy  # read when the engine compiles
+        # read when the engine compiles
+        index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
         sparse_indexer.TILES = tiles if path == "-" else sparse_indexer.tiles_for(path, tiles)  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
@@ -232,7 +235,7 @@ def run_cli(args) -> int:
             print(json.dumps(row), flush=True)
         del engine
         jax.clear_caches()
-    index_topk.AUTO_POLICY, sparse_indexer.TILES = auto, tiles
+    (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
     print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:

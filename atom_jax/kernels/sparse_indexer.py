@@ -92,7 +92,9 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
         end = jnp.minimum(ends_ref[g], row0 + bt)
         rows = row0 + jnp.arange(bt, dtype=jnp.int32)
         mine = rows < end
-        out_rows = rows % n_rows  # distinct (interpret mode stores masked rows back as they were)
+        # output row: the token's row within the call's window of rows (starting at e0_ref[1]);
+        # distinct (interpret mode stores masked rows back as they were)
+        out_rows = (rows - e0_ref[1]) % n_rows
         rows = jnp.where(mine, rows, row0)
         slot = slot_ref[row0]
         nvis = jnp.where(mine, nvis_ref[rows], 0)
@@ -136,7 +138,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                         s = plt.dot(keys, qt, trans_b=True, allow_tf32=tf32)  # [be, hp] f32
                         acc = jnp.sum(jnp.maximum(s, 0.0) * wt[None, :], axis=1)  # [be]
                     out = jnp.where(e < nvis_ref[r], acc, -jnp.inf)
-                    o_ref[jnp.zeros((be,), jnp.int32) + r, cols] = out
+                    o_ref[jnp.zeros((be,), jnp.int32) + r - e0_ref[1], cols] = out
                     return carry
 
                 jax.lax.fori_loop(row0, end, token, row0)
@@ -162,20 +164,23 @@ def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int
 
 
 def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segments: int,
-           tiles: IndexerTiles | None = None, interpret: bool = False, path: str = "auto"):
+           tiles: IndexerTiles | None = None, interpret: bool = False, path: str = "auto", rows: int | None = None):
     """The block scorer `running_topk` calls: e0 -> [T, block] (see `block_scores`). What does
     not depend on e0 (the work list, casts, flattened tables) is computed once, outside the
-    caller's loop over blocks. tiles: default the module's TILES as it is at trace time."""
+    caller's loop over blocks. tiles: default the module's TILES as it is at trace time.
+    rows: score a window of `rows` tokens per call instead ("rowselect" in
+    models/index_topk.py): (e0, r0) -> [rows, block] for the buffer's tokens r0 .. r0 + rows - 1
+    (the chunks' ranges clipped to the window; rows past T are not written)."""
     tiles = tiles_for(path, TILES if tiles is None else tiles)
     t, heads, dim = q.shape
     if block % tiles.block_e:
         raise ValueError(f"block {block} must be a multiple of block_e {tiles.block_e}")
     starts, ends = chunk_ranges(b)
-    items = min(t, -(-t // tiles.block_t) + max_segments)
-    group, tile, count = work_items(starts, ends, tiles.block_t, items)
+    window = t if rows is None else rows
+    items = min(window, -(-window // tiles.block_t) + max_segments)
     # Interpret mode stores a tile's masked rows back as they were: they need rows of their own,
     # or they undo a real row's store (a buffer of fewer than block_t tokens).
-    n_rows = max(t, tiles.block_t) if interpret else t
+    n_rows = max(window, tiles.block_t) if interpret else window
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, heads=heads, dim=dim, epp=epp, max_pages=page_table.shape[1],
                           n_rows=n_rows),
@@ -185,7 +190,18 @@ def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segm
         interpret=interpret,
         name="indexer_scores",
     )
-    before = (group, tile, count, starts, ends, b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32))
+    slots, nvis = b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32)
     after = (q.reshape(t * heads, dim).astype(ipool.dtype), w.astype(jnp.float32).reshape(-1), ipool,
              page_table.reshape(-1).astype(jnp.int32))
-    return lambda e0: call(*before, jnp.asarray(e0, jnp.int32).reshape(1), *after)[:t]
+    if rows is None:
+        before = (*work_items(starts, ends, tiles.block_t, items), starts, ends, slots, nvis)
+        return lambda e0: call(*before, jnp.stack([jnp.asarray(e0, jnp.int32), jnp.int32(0)]), *after)[:t]
+
+    def windowed(e0, r0):
+        r0 = jnp.asarray(r0, jnp.int32)
+        lo, hi = jnp.clip(starts, r0, r0 + rows), jnp.clip(ends, r0, r0 + rows)
+        hi = jnp.maximum(hi, lo)
+        return call(*work_items(lo, hi, tiles.block_t, items), lo, hi, slots, nvis,
+                    jnp.stack([jnp.asarray(e0, jnp.int32), r0]), *after)[:rows]
+
+    return windowed

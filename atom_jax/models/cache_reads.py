@@ -65,17 +65,23 @@ def running_topk(block_scores, n_visible, k: int, block: int, trips: int = 0):
     return idx, idx < n_visible[:, None]
 
 
-def jnp_index_scorer(q, w, ipool, page_table, slot, epp: int, block: int):
+def jnp_index_scorer(q, w, ipool, page_table, slot, epp: int, block: int, rows: int | None = None):
     """The jnp block scorer (CPU path and oracle): q [T, H, di] float32 (roped), w [T, H] float32
     (scales folded in) -> e0 -> [T, block] sum_h w[t,h] * relu(q[t,h] . key[e]). Gathers one
-    block of keys per token ([T, block, di]), never the slot's whole capacity."""
-    def scores(e0):
+    block of keys per token ([T, block, di]), never the slot's whole capacity. rows: score
+    `rows` tokens per call instead, (e0, r0) -> [rows, block] for tokens r0 .. r0 + rows - 1
+    (rows past T score as token 0's slot and are the caller's to ignore)."""
+    def scores(e0, q=q, w=w, slot=slot):
         e = e0 + jnp.arange(block, dtype=jnp.int32)
         keys = ipool[entry_addresses(page_table, slot[:, None], e[None, :], epp)].astype(jnp.float32)
         dots = jnp.einsum("thd,tbd->thb", q, keys)
         return jnp.einsum("thb,th->tb", jax.nn.relu(dots), w)
 
-    return scores
+    if rows is None:
+        return scores
+    pad = -(-q.shape[0] // rows) * rows - q.shape[0]
+    q, w, slot = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (q, w, slot))
+    return lambda e0, r0: scores(e0, *(jax.lax.dynamic_slice_in_dim(x, r0, rows) for x in (q, w, slot)))
 
 
 def max_windows(tokens: int, ratio: int, max_segments: int) -> int:

@@ -8,6 +8,8 @@ The math is the full-sequence path's (attention.py); only where keys come from d
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -194,9 +196,9 @@ def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, l
             else:
                 ind = kernels.sparse_indexer
                 plan = plan_topk(pos.shape[0], capacity, k, align=ind.TILES.block_e)
-                make = lambda width: ind.scorer(qi, wi, ipool, page_table, b, n_vis, epp, width, segs,  # noqa: E731
-                                                interpret=kernels.interpret)
-            top, _ = index_topk(make, n_vis, k, plan)
+                make = lambda width, rows=None: ind.scorer(qi, wi, ipool, page_table, b, n_vis, epp,  # noqa: E731
+                                                           width, segs, interpret=kernels.interpret, rows=rows)
+            top, _ = index_topk(make, n_vis, k, plan, select=None if kernels is None else kernels.select)
 
     keys = dict(pool=pool, page_table=page_table, epp=layout.entries_per_page(attn.ratio) if pool is not None else 1,
                 n_visible=n_vis, selected=top)
@@ -222,8 +224,9 @@ INDEX_BLOCK_JNP = 512  # entries scored per running-top-k step on the jnp path (
 
 class _Kernels:
     def __init__(self, interpret: bool):
-        from atom_jax.kernels import sparse_attention, sparse_indexer
+        from atom_jax.kernels import sparse_attention, sparse_indexer, topk_select
         self.sparse_attention, self.sparse_indexer, self.interpret = sparse_attention, sparse_indexer, interpret
+        self.select = functools.partial(topk_select.radix_select, interpret=interpret)  # "rowselect"'s selection
 
 
 def _kernels(backend: str):

@@ -2,7 +2,8 @@
 entries and selects the top k of each, chosen in ONE place (`plan_topk`) by the step's token
 count and the cache capacity. Every policy is exact and keeps the tie rule of
 models/cache_reads.py (among equal scores the LOWER entry index wins); only the order of the
-selected indices differs (score order for the top_k policies, entry order for "select").
+selected indices differs (score order for the top_k policies, entry order for "select" and
+"rowselect").
 
 Policies:
 - "loop": `cache_reads.running_topk` over blocks of `outer_block` entries up to the longest
@@ -20,11 +21,34 @@ Policies:
   found by a radix search over the scores' bits (8 passes; each counts, per row, the entries at
   or above 16 candidate thresholds), then every entry above it plus the lowest-index entries
   equal to it are kept and compacted (cumsum + scatter) in entry order.
+- "rowselect" (prefill): "select" in windows of query rows: at each rung width W the step's
+  tokens are cut into windows of R rows (R x W <= SCORE_BUDGET, `row_chunk`; the last window
+  padded with rows of no visible entry), each ONE scorer call writing [R, W] and one sort-free
+  selection of it, over a static count of windows (lax.map). Selection: `select=` of
+  `index_topk` (default `radix_select`; a Pallas kernel may stand in). Rungs x ROW_RUNG_RATIO.
 
 Width of the one-call policies: a ladder of static widths (RUNG_MIN, x RUNG_RATIO, ... up to
 the capacity; `lax.switch` takes the smallest rung holding the step's longest visible prefix),
 so the work follows the context within a factor RUNG_RATIO, and only rungs with
-tokens x width <= SCORE_BUDGET float32 scores exist: longer prefixes fall back to "loop".
+tokens x width <= SCORE_BUDGET float32 scores exist: longer prefixes fall back to "loop"
+("rowselect" keeps every rung and cuts the rows instead).
+
+Prefill (steps of more than AUTO_MAX_TOKENS tokens): bytes and sorts per policy at T = 8192
+tokens, k = 512, each token seeing V = 32K (a 128K-token context) or 128K (512K) entries:
+- "single", "two-stage", "select": no rung fits the budget (8192 x 4096 scores > SCORE_BUDGET),
+  so they run the loop.
+- "loop": blocks of 4096 entries (`outer_block`): V / 4096 = 8 / 32 iterations, each a scorer
+  call writing [8192, 4096] float32 (128 MiB) and a lax.top_k over [8192, 4608]: k = 512 is
+  past XLA's small-k GPU TopK, so a SORT of 8192 rows of 4608 (value, index) pairs per block:
+  8 / 32 sorts, 1 / 4 GiB of scores. Measured on an H200 (docs/benchmarks.md, "the heads
+  scorer on every path"): 19 ms at V = 16K (4 blocks), 147 ms at V = 128K (32 blocks), ~4.6 ms
+  per block against ~0.7 ms of scorer FLOPs per block: the sorts are most of it.
+- "rowselect": width W = V (rungs x2: 32K / 128K), windows of 512 / 128 rows, 16 / 64 scorer
+  calls of 64 MiB each: the same 1 / 4 GiB of scores written once, NO sort; the radix search
+  reads them 8 times and the compaction ~2 more (jnp `radix_select`: ~10 / 40 GiB, ~2.5 / 10 ms
+  at 4 TB/s; a Pallas select that keeps a row in L2 for its passes reads them about once).
+  The rung switch is one conditional per CSA layer (as for decode), the window loop a static
+  trip count. So `auto` takes "rowselect" above AUTO_MAX_TOKENS (AUTO_LARGE_POLICY).
 
 The defaults below are meant to be changed after a GPU run of `python -m atom_jax.bench
 indexer` (which times every policy against "loop" in one run)."""
@@ -40,13 +64,17 @@ import numpy as np
 
 from atom_jax.models.cache_reads import NO_ENTRY, running_topk
 
-POLICIES = ("loop", "single", "two-stage", "select")
+POLICIES = ("loop", "single", "two-stage", "select", "rowselect")
 
 # ---- the defaults (one place; see the module docstring) ------------------------------------
 AUTO_POLICY = "single"  # the one-call policy `auto` uses while a rung fits the budget
-AUTO_MAX_TOKENS = 512  # steps with more tokens than this always use "loop" under `auto`
+AUTO_MAX_TOKENS = 512  # steps with more tokens than this use AUTO_LARGE_POLICY under `auto`
+AUTO_LARGE_POLICY = "rowselect"  # prefill steps: no sort (see "Prefill" in the module docstring)
 SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 64 MiB)
 RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
+# "rowselect"'s widths: 4K, 8K, 16K, ... Finer than RUNG_RATIO because its radix passes read the
+# whole width (x1.44 the visible prefix on average instead of x2.16), at 2x the branches.
+ROW_RUNG_RATIO = 2
 SUB_BLOCK = 16384  # "two-stage": entries per sub-block (at least k)
 MIN_OUTER_BLOCK, MAX_OUTER_BLOCK = 4096, 16384  # "loop": entries per call and merge
 # "loop" over at most this many blocks to the capacity: a static trip count. A data-dependent
@@ -68,6 +96,7 @@ class TopkPlan:
     rungs: tuple[int, ...] = ()
     loop_block: int = 0
     loop_trips: int = 0
+    row_chunks: tuple[int, ...] = ()  # "rowselect": query rows per scorer call, one per rung
 
 
 def _round_up(n: int, m: int) -> int:
@@ -83,13 +112,22 @@ def outer_block(capacity: int, tokens: int, align: int = 128) -> int:
     return min(per_token, _round_up(capacity, align))
 
 
+def row_chunk(tokens: int, width: int, align: int = 8) -> int:
+    """"rowselect": query rows per scorer call of `width` entries, so one call writes at most
+    SCORE_BUDGET scores (at least one row), the step's tokens split into equal chunks (rounded
+    up to `align` rows) so the last one is not mostly padding."""
+    n = -(-tokens * width // SCORE_BUDGET)  # calls
+    rows = -(-tokens // max(n, 1))
+    return max(1, min(tokens, _round_up(rows, align) if rows > align else rows))
+
+
 def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: int = 128) -> TopkPlan:
     """How a step of `tokens` tokens selects k of at most `capacity` entries per token. `align`:
     widths are multiples of it (the scorer's entry tile)."""
     if policy not in POLICIES + ("auto",):
         raise ValueError(f"unknown indexer top-k policy {policy!r}; known: {['auto', *POLICIES]}")
     if policy == "auto":
-        policy = AUTO_POLICY if tokens <= AUTO_MAX_TOKENS else "loop"
+        policy = AUTO_POLICY if tokens <= AUTO_MAX_TOKENS else AUTO_LARGE_POLICY
     block = outer_block(capacity, tokens, align)
     trips = -(-capacity // block)
     loop = TopkPlan("loop", (), block, trips if trips <= STATIC_LOOP_TRIPS else 0)
@@ -97,10 +135,13 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
         return loop
     top = _round_up(capacity, align)
     rungs, w = [], _round_up(max(RUNG_MIN, k), align)
+    ratio = ROW_RUNG_RATIO if policy == "rowselect" else RUNG_RATIO
     while w < top:
         rungs.append(w)
-        w = _round_up(w * RUNG_RATIO, align)
+        w = _round_up(w * ratio, align)
     rungs.append(top)
+    if policy == "rowselect":  # every rung: the rows per call shrink instead
+        return TopkPlan(policy, tuple(rungs), row_chunks=tuple(row_chunk(tokens, r) for r in rungs))
     rungs = tuple(r for r in rungs if tokens * r <= SCORE_BUDGET)
     if not rungs:
         return loop
@@ -109,13 +150,20 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
     return TopkPlan(policy, rungs)
 
 
-def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan):
+def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):
     """Top-k entry indices per token under `plan`. make_scorer(width) -> (e0 -> [T, width]
     float32 scores of entries e0.. of each token's slot; values at or past a token's visible
-    count are ignored). -> (idx [T, k] int32, ok [T, k] bool): ok marks real visible entries,
-    other places hold NO_ENTRY."""
+    count are ignored); "rowselect" calls make_scorer(width, rows) -> ((e0, r0) -> [rows, width]
+    scores of the buffer's tokens r0 .. r0 + rows - 1; rows past T: anything). select(s, k):
+    "rowselect"'s selection of [rows, width] scores (-inf: not eligible), `radix_select`'s
+    contract; default radix_select (a Pallas kernel may stand in). -> (idx [T, k] int32,
+    ok [T, k] bool): ok marks real visible entries, other places hold NO_ENTRY."""
     n_visible = n_visible.astype(jnp.int32)
-    branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method) for w in plan.rungs]
+    if plan.method == "rowselect":
+        branches = [functools.partial(_row_select, make_scorer(w, r), w, r, k, select or radix_select)
+                    for w, r in zip(plan.rungs, plan.row_chunks)]
+    else:
+        branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method) for w in plan.rungs]
     if plan.loop_block:
         branches.append(lambda nv: running_topk(make_scorer(plan.loop_block), nv, k, plan.loop_block,
                                                 plan.loop_trips))
@@ -147,6 +195,26 @@ def _one_call(scorer, width: int, k: int, method: str, n_visible):
         else:
             raise ValueError(f"{method!r} is not a one-call policy")
         idx = jnp.where(v > -jnp.inf, idx.astype(jnp.int32), NO_ENTRY)
+    return idx, idx < n_visible[:, None]
+
+
+def _row_select(scorer, width: int, rows: int, k: int, select, n_visible):
+    """"rowselect" at one width: the step's rows in chunks of `rows` (the last one padded with
+    rows of no visible entry), each ONE scorer call and one sort-free selection, over a static
+    count of chunks (lax.map: a loop whose trip count XLA knows)."""
+    t = n_visible.shape[0]
+    n = -(-t // rows)
+    nv = jnp.pad(n_visible, (0, n * rows - t))
+    e = jnp.arange(width, dtype=jnp.int32)
+
+    def chunk(r0):
+        live = e[None, :] < jax.lax.dynamic_slice_in_dim(nv, r0, rows)[:, None]
+        return select(jnp.where(live, scorer(0, r0), -jnp.inf), k)
+
+    if n == 1:
+        idx = chunk(jnp.int32(0))
+    else:
+        idx = jax.lax.map(chunk, jnp.arange(n, dtype=jnp.int32) * rows).reshape(n * rows, k)[:t]
     return idx, idx < n_visible[:, None]
 
 
