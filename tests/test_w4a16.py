@@ -230,6 +230,68 @@ def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
     np.testing.assert_array_equal(odd, e2m1[codes >> 4] * scale)
 
 
+def _run_ptx(asm: str, operands: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """numpy interpreter of the few PTX instructions the decoders use, on uint32 words (one per
+    array element): mov, prmt (byte select), shl, and, lop3 (any truth table) and fma.rn.bf16x2
+    (each lane in float64, rounded once to bf16 as the hardware does). Returns the registers."""
+    regs = {k: v.astype(np.uint32) for k, v in operands.items()}
+    n = next(iter(regs.values())).shape
+
+    def val(tok):
+        return regs[tok] if tok in regs else np.full(n, int(tok, 0) & 0xFFFFFFFF, np.uint32)
+
+    def bf16_lanes(w):
+        return [((w >> sh) & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64) for sh in (0, 16)]
+
+    for stmt in asm.replace("{", ";").replace("}", ";").replace("\n", ";").split(";"):
+        if not stmt.strip() or stmt.strip().startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        x = [val(a) for a in src]
+        if op == "mov.b32":
+            out = x[0]
+        elif op == "prmt.b32":
+            pool = [(x[0] >> (8 * i)) & 0xFF for i in range(4)] + [(x[1] >> (8 * i)) & 0xFF for i in range(4)]
+            sel = int(src[2], 0)
+            out = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        elif op == "shl.b32":
+            out = (x[0].astype(np.uint64) << int(src[1], 0)).astype(np.uint32)
+        elif op == "and.b32":
+            out = x[0] & x[1]
+        elif op == "lop3.b32":
+            lut, out = int(src[3], 0), np.zeros(n, np.uint32)
+            for bit in range(32):
+                idx = (((x[0] >> bit) & 1) << 2) | (((x[1] >> bit) & 1) << 1) | ((x[2] >> bit) & 1)
+                out |= ((lut >> idx) & 1).astype(np.uint32) << bit
+        elif op == "fma.rn.bf16x2":
+            lanes = [a * b + c for a, b, c in zip(*map(bf16_lanes, x))]
+            out = sum(lane.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32) << sh
+                      for lane, sh in zip(lanes, (0, 16)))
+        else:
+            raise AssertionError(f"instruction {op} not modelled")
+        regs[dst] = np.asarray(out, np.uint32)
+    return regs
+
+
+def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():
+    """The GEMV's inline assembly (`_PTX_DECODE_F32`: scale bytes in, float32 out), run by a PTX
+    interpreter on all 256 code bytes with scales 2**-127 (s = 0 gives 0) to 2**100: the
+    checkpoint decoder's values exactly, for the even (low nibble) and odd (high nibble) inputs."""
+    rng = np.random.default_rng()
+    codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
+    s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
+    s[0] = 0
+    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
+    scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
+    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    for (lo, sg), nibble in (((6, 12), codes & 0xF), ((2, 8), codes >> 4)):
+        asm = wg._PTX_DECODE_F32.replace("LO", str(lo)).replace("SG", str(sg))
+        regs = _run_ptx(asm, {"$4": word(codes), "$5": word(s)})
+        got = np.stack([regs[f"${i}"].view(np.float32) for i in range(4)], 1)
+        np.testing.assert_array_equal(got, e2m1[nibble] * scale)
+
+
 def test_ptx_decoder_refused_in_interpret_mode():
     w, _ = random_fp4_experts(np.random.default_rng(), 2, 64, 32)
     with pytest.raises(ValueError, match="ptx"):

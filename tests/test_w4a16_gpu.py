@@ -22,9 +22,9 @@ pytestmark = pytest.mark.gpu
 # The swap-AB variant (W^T . A^T per K step) at the decode tiles and with 8-row tiles.
 SWAP_TILES = [dataclasses.replace(wg.DECODE_TILES, swap_ab=True),
               dataclasses.replace(wg.DECODE_TILES, block_m=8, swap_ab=True)]
-# The GEMV variant (no MMA) at its tiles (4-row items, register prefetch) and with 1-row items
-# and no prefetch (every group of the skewed routing runs as many items).
-GEMV_TILES = [wg.GEMV_TILES, dataclasses.replace(wg.GEMV_TILES, block_m=1, block_k=128, num_stages=1)]
+# The GEMV variant (no MMA) at its tiles (4-row items) and with 1-row items and the register
+# prefetch (every group of the skewed routing runs as many items).
+GEMV_TILES = [wg.GEMV_TILES, dataclasses.replace(wg.GEMV_TILES, block_m=1, block_k=128, num_stages=2)]
 TILES = [wg.DECODE_TILES, wg.PREFILL_TILES, *SWAP_TILES, *GEMV_TILES]
 TILE_IDS = ["decode", "prefill", "swap16", "swap8", "gemv", "gemv1"]
 

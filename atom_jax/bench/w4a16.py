@@ -18,9 +18,9 @@ kernel is first checked against a float32 reference on a skewed routing (empty a
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
 `fp4_dequant` tiles. `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
-`w4a16_gemv`; `--variants` picks some) over `decode_sweep_tiles()` at every shape and each token count in the decode regime (< 32 rows per
-expert), each config first checked against the float32 reference, configs Triton refuses
-reported and skipped.
+`w4a16_gemv`; `--variants` picks some) over `decode_sweep_tiles()` at every shape and each
+token count in the decode regime (< 32 rows per expert), each config first checked against the
+float32 reference, configs Triton refuses reported and skipped.
 
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
     python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --json w4swap.json
@@ -45,17 +45,17 @@ _SWEEP_NK = [(64, 256), (64, 512), (128, 128), (128, 256), (128, 512), (256, 128
 _SWEEP_WARPS_STAGES = [(8, 3), (4, 2), (4, 4)]
 # `w4a16_gemv` (no MMA): (block_m, block_n, block_k, warps, stages). Stages >= 2 = one step of
 # prefetch in registers. Chosen so that ptxas (CUDA 13.4's, sm_90a, on pip Triton 3.9's compile of
-# these kernels' Pallas TTIR: not XLA's Triton, so only indicative) spills no registers: 121-240 registers per thread; block_m 1-8 (padding
-# rows cost FMAs; larger groups run as several items).
-_SWEEP_GEMV = [(4, 128, 64, 4, 2), (4, 128, 64, 4, 1), (2, 128, 64, 4, 2), (2, 128, 128, 4, 2),
-               (1, 128, 128, 4, 2), (4, 128, 128, 8, 2), (4, 128, 128, 8, 1), (2, 256, 64, 4, 2),
-               (4, 256, 64, 8, 2), (4, 128, 32, 2, 2), (4, 64, 64, 2, 2), (8, 128, 64, 8, 2),
-               (8, 128, 32, 4, 2), (2, 512, 32, 4, 2)]
+# these kernels' Pallas TTIR: not XLA's Triton, so only indicative) spills no registers (48-210
+# per thread); block_m 1-8 (padding rows cost FMAs; larger groups run as several items).
+_SWEEP_GEMV = [(4, 128, 64, 4, 1), (4, 128, 64, 4, 2), (2, 128, 64, 4, 1), (2, 128, 128, 4, 1),
+               (1, 128, 128, 4, 1), (4, 128, 128, 4, 1), (4, 128, 128, 8, 1), (4, 256, 64, 8, 1),
+               (4, 256, 128, 8, 1), (2, 256, 64, 4, 1), (4, 128, 32, 2, 1), (4, 64, 64, 2, 1),
+               (8, 128, 64, 8, 1), (8, 128, 32, 4, 1), (2, 512, 32, 4, 1)]
 VARIANTS = ("w4a16", "w4a16_swap", "w4a16_gemv")
 
 
 def decode_sweep_tiles(variants=VARIANTS):
-    """The W4A16 decode sweep's tiles of `variants` (w4a16: 11, w4a16_swap: 22, w4a16_gemv: 14)."""
+    """The W4A16 decode sweep's tiles of `variants` (w4a16: 11, w4a16_swap: 22, w4a16_gemv: 15)."""
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
     tiles = []
     for name, swap, block_ms in (("w4a16", False, (16,)), ("w4a16_swap", True, (8, 16))):

@@ -22,14 +22,16 @@ work list, decoders, gather and epilogue; not a default until a GPU measures it
 `TileConfig.gemv` selects the decode variant without the MMA: each K step adds, for each of the
 work item's block_m rows (1-16: the work list cuts larger groups into block_m-row items, each
 streaming the group's weights again), x[row, k] * w[k, :] in float32 to per-thread partial sums
-(`_gemv_accumulate`): CUDA-core FMAs on the decoded tile where its load and the decoder leave it
-in registers, with no trip through shared memory into an MMA operand layout (which held the MMA
-variants at 34-40% of copy bandwidth at decode), and one reduction over K per work item. At decode
-(2-6 rows per expert) its FMAs are few next to the bytes streamed, so small block_m (padding
-rows cost FMAs) and many programs in flight (experts x column tiles: 2K-6K at V4 shapes per
-rank) should leave it bound by the packed bytes. Same work list, decoders, gather, epilogue and
-zero range; `default_tiles` selects it below GEMV_MAX_ROWS_PER_GROUP rows per expert (0, never,
-until `bench w4a16 --decode-sweep` measures it on a GPU).
+(`_gemv_accumulate`): one CUDA-core FMA per weight and row on the decoded values where their
+load left them, no trip through shared memory into an MMA operand layout (which held the MMA
+variants at 34-40% of copy bandwidth at decode), one reduction over K per work item. Same work
+list, gather, epilogue and zero range; `default_tiles` selects it below GEMV_MAX_ROWS_PER_GROUP
+rows per expert (0, never, until `bench w4a16 --decode-sweep` measures it on a GPU). Its issue
+budget is tight: compiled offline for sm_90a (pip Triton 3.9 on this kernel's TTIR, not XLA's
+Triton, so indicative only), the K loop issues ~12 instructions per weight per thread at
+block_m 4 (4 FMAs, ~5.5 for the decode and its scales) and ~9 at block_m 2, the MMA kernel's
+~6.5; streaming 80% of an H200's copy bandwidth (3.2 TB/s of 0.53-byte weights) leaves ~5.5
+(33.5 T lane-instructions/s), so expect it ALU-bound unless the decode gets cheaper.
 
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
@@ -62,7 +64,7 @@ DECODE_TILES = TileConfig(block_m=16, block_n=128, block_k=256, num_warps=4, num
 PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 # The GEMV variant's tiles (not yet measured on a GPU: `bench w4a16 --decode-sweep` times others)
 # and the rows per expert below which `default_tiles` picks it: 0 (never) until measured.
-GEMV_TILES = TileConfig(block_m=4, block_n=128, block_k=64, num_warps=4, num_stages=2, gemv=True)
+GEMV_TILES = TileConfig(block_m=4, block_n=128, block_k=64, num_warps=4, num_stages=1, gemv=True)
 GEMV_MAX_ROWS_PER_GROUP = 0.0
 GEMV_MAX_BLOCK_M = 16  # rows per GEMV work item (unrolled; each holds block_n/threads partial sums per thread)
 
@@ -112,6 +114,45 @@ def _decode_alu(codes, scales):
 
 
 DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
+
+# The GEMV's decode (`_decode_ptx_f32`): `_PTX_DECODE`'s bit logic for four code bytes in $4,
+# their four scale bytes in $5 (one per code byte: prmt spreads two to the 16-bit lanes, << 7
+# makes each the bf16 2**(s - 127)), and the four float32 values out in $0..$3 (a bf16 pair
+# widened by one shift or mask each), as the float32 FMAs take them.
+_PTX_DECODE_F32 = """{
+.reg .b32 t, u, v, d, k, z, s0, s1;
+mov.b32 k, 0x7E807E80;
+mov.b32 z, 0x80008000;
+prmt.b32 s0, $5, 0, 0x4140; shl.b32 s0, s0, 7; prmt.b32 s1, $5, 0, 0x4342; shl.b32 s1, s1, 7;
+prmt.b32 t, $4, 0, 0x4140;
+shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 d, d, s0, z; shl.b32 $0, d, 16; and.b32 $1, d, 0xFFFF0000;
+prmt.b32 t, $4, 0, 0x4342;
+shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 d, d, s1, z; shl.b32 $2, d, 16; and.b32 $3, d, 0xFFFF0000;
+}"""
+
+
+def _decode_ptx_f32(codes, scales):
+    """codes uint8 [R, N] and each code byte's own scale byte, uint8 [R, N] -> (even, odd)
+    float32 [R, N] via `_PTX_DECODE_F32` (the GEMV's form: the scales loaded in the codes'
+    layout and converted inside the assembly)."""
+    out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+
+    def half(lo, sg):
+        asm = _PTX_DECODE_F32.replace("LO", str(lo)).replace("SG", str(sg))
+        return plt.elementwise_inline_asm(asm, args=[codes, scales], constraints="=r,=r,=r,=r,r,r", pack=4,
+                                          result_shape_dtypes=[out])[0]
+
+    return half(6, 12), half(2, 8)
+
+
+def _decode_alu_f32(codes, scales):
+    c, s = codes.astype(jnp.int32), packed.ue8m0_to_float32(scales.astype(jnp.int32))
+    return packed.e2m1_to_float32(c & 0xF) * s, packed.e2m1_to_float32(c >> 4) * s
+
+
+F32_DECODERS = {"alu": _decode_alu_f32, "ptx": _decode_ptx_f32}  # (codes, per-code scales) -> float32 halves
 
 
 def by_decoder(body, decode: str | None, interpret: bool):
@@ -166,52 +207,57 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
               e_ref, epilogue)
 
 
-def gemv_lanes(block_k: int, block_n: int, num_warps: int) -> int:
-    """R, the code rows of a [block_k/2, block_n] uint8 tile that Triton's coalesced layout
-    spreads over threads and warps (16 bytes per thread along N, the warp's other threads and then
-    the warps along K): each thread holds the tile's rows k = s * R + (its lane), so the GEMV's
-    partial sums over s stay in registers. Only speed depends on this matching the layout."""
+def gemv_rows(block_k: int, block_n: int, num_warps: int) -> int:
+    """The code rows of the GEMV's weight sub-tiles: those of a [rows, block_n] uint8 tile that
+    Triton's coalesced layout (16 bytes per thread along N, the warp's other threads and then the
+    warps along K) gives one row per thread, at least one scale group (16 code rows = 32 inputs)
+    and at most the step's block_k/2 rows. Only speed depends on this matching the layout."""
     threads_n = max(1, min(32, block_n // 16))
     warps_n = max(1, min(num_warps, block_n // (16 * 32)))
-    lanes = max(1, min(block_k // 2, (32 // threads_n) * (num_warps // warps_n)))
-    while (block_k // 2) % lanes:  # a divisor of the tile's rows (block_k need not be a power of two)
-        lanes //= 2
-    return lanes
+    rows = max(packed.FP4_BLOCK // 2, (32 // threads_n) * (num_warps // warps_n))
+    half = block_k // 2
+    return rows if half % rows == 0 else packed.FP4_BLOCK // 2
 
 
 def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int, half_k: int, decode: str):
     """The GEMV variant's accumulate(g, rows, cols, mine) -> float32 [block_m, block_n]: no MMA.
 
-    Each K step decodes the [bkh, block_n] weight halves where their load left them and views
-    them as [S, R, block_n] (bkh = S * R code rows, R = `gemv_lanes`: the rows spread over
-    threads); row r of the work item adds sum over s of x[r, k] * w[k, :] to its own float32
-    [R, block_n] partial sums, elementwise FMAs within each thread. The R partial sums are added
-    once per work item, and the rows assembled into the [block_m, block_n] tile then. With
-    num_stages >= 2 the next step's code and scale bytes are loaded before this step's decode
-    (carried in registers: one step of prefetch), so each thread has two steps' bytes in flight."""
+    Each K step reads its [block_k/2, block_n] code bytes as sub-tiles of `gemv_rows` rows (one
+    row per thread in Triton's load layout, whole scale groups), decodes each where its load left
+    it, and row r of the work item adds x[r, k] * w[k, :] to its own float32 [rows, block_n]
+    partial sums: one FMA per weight and row within each thread, no data exchanged between
+    threads. The partial sums are added over their rows once per work item, and the rows
+    assembled into the [block_m, block_n] tile then. With num_stages >= 2 the next step's bytes
+    are loaded before this step's decode (carried in registers: one step of prefetch; offline
+    compiles show it costs ~40% more instructions per step, repacking the carried bytes)."""
     bm, bn = cfg.block_m, cfg.block_n
-    bkh, bks = cfg.block_k // 2, cfg.block_k // packed.FP4_BLOCK
-    lanes = gemv_lanes(cfg.block_k, bn, cfg.num_warps)
+    bkh = cfg.block_k // 2
+    sub = gemv_rows(cfg.block_k, bn, cfg.num_warps)
     prefetch = cfg.num_stages >= 2
-    shape3 = (bkh // lanes, lanes, 1)
-    k3 = jnp.arange(bkh, dtype=jnp.int32).reshape(shape3)  # code row s * R + l of the tile
+    k_sub = jnp.arange(sub, dtype=jnp.int32)[:, None]  # [sub, 1]: x's columns of a sub-tile
     row_iota = jnp.arange(bm, dtype=jnp.int32)
 
     def pick(v, r):  # element r of a [block_m] vector, as a scalar (no slicing of values in Triton)
         return jnp.sum(jnp.where(row_iota == r, v, 0))
 
     def accumulate(g, rows, cols, mine):
+        cols_s = (cols.start + jnp.arange(bn, dtype=jnp.int32))[None, :]
         valid = mine[:, 0].astype(jnp.int32)
         src = rows.start + row_iota if ids_ref is None else plt.load(ids_ref.at[rows], mask=mine[:, 0], other=0)
-        # per row: x's row (the gathered id or itself) and its mask, broadcast to the [S, R, 1] loads
-        x_rows = [jnp.full(shape3, pick(src, r), jnp.int32) for r in range(bm)]
-        masks = [jnp.full(shape3, pick(valid, r) > 0) for r in range(bm)]
+        # per row: x's row (the gathered id or itself) and its mask, broadcast to the [sub, 1] loads
+        x_rows = [jnp.full((sub, 1), pick(src, r), jnp.int32) for r in range(bm)]
+        masks = [jnp.full((sub, 1), pick(valid, r) > 0) for r in range(bm)]
 
-        def weights(kk):  # the step's packed bytes: code tile and scales (kk traced, or 0)
+        def weights(kk):  # the step's packed bytes: (codes, their scales) of each sub-tile (kk traced, or 0)
             aligned = (lambda v, m: v) if isinstance(kk, int) else pl.multiple_of
-            kb = pl.ds(aligned(kk * bkh, bkh), bkh)
-            ks = pl.ds(aligned(kk * bks, bks), bks)
-            return c_ref[g, kb, cols], s_ref[g, ks, cols]
+            out = []
+            for j in range(bkh // sub):
+                row0 = aligned(kk * bkh + j * sub, sub)
+                # each code byte's scale byte, loaded as a [sub, block_n] tile like the codes (the same
+                # Triton layout: no shared-memory exchange to broadcast a scale row over 16 code rows)
+                s_rows = (row0 + k_sub) // (packed.FP4_BLOCK // 2)
+                out.append((c_ref[g, pl.ds(row0, sub), cols], plt.load(s_ref.at[g, s_rows, cols_s])))
+            return tuple(out)
 
         def step(kk, carry):
             accs, packed_w = carry
@@ -220,15 +266,16 @@ def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int
             else:
                 this = weights(kk)
             out = list(accs)
-            for k0, w in zip((kk * bkh, half_k + kk * bkh), DECODERS[decode](*this)):
-                w3 = w.astype(jnp.float32).reshape(bkh // lanes, lanes, bn)
-                for r in range(bm):
-                    a = plt.load(x_ref.at[x_rows[r], k0 + k3], mask=masks[r], other=0.0).astype(jnp.float32)
-                    out[r] = out[r] + jnp.sum(a * w3, axis=0)
+            for j, (codes, scales) in enumerate(this):
+                for k0, w in zip((0, half_k), F32_DECODERS[decode](codes, scales)):
+                    cols_x = k0 + kk * bkh + j * sub + k_sub
+                    for r in range(bm):
+                        a = plt.load(x_ref.at[x_rows[r], cols_x], mask=masks[r], other=0.0)
+                        out[r] = out[r] + a.astype(jnp.float32) * w
             return tuple(out), packed_w
 
-        zeros = tuple(jnp.zeros((lanes, bn), jnp.float32) for _ in range(bm))
-        first = weights(0) if prefetch else (jnp.zeros((), jnp.uint8),) * 2
+        zeros = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
+        first = weights(0) if prefetch else ((jnp.zeros((), jnp.uint8),) * 2,)
         accs, _ = jax.lax.fori_loop(0, k_steps, step, (zeros, first))
         tile = jnp.zeros((bm, bn), jnp.float32)
         for r, acc in enumerate(accs):
