@@ -28,10 +28,12 @@ variants at 34-40% of copy bandwidth at decode), one reduction over K per work i
 list, gather, epilogue and zero range; `default_tiles` selects it below GEMV_MAX_ROWS_PER_GROUP
 rows per expert (0, never, until `bench w4a16 --decode-sweep` measures it on a GPU). Its issue
 budget is tight: compiled offline for sm_90a (pip Triton 3.9 on this kernel's TTIR, not XLA's
-Triton, so indicative only), the K loop issues ~12 instructions per weight per thread at
-block_m 4 (4 FMAs, ~5.5 for the decode and its scales) and ~9 at block_m 2, the MMA kernel's
-~6.5; streaming 80% of an H200's copy bandwidth (3.2 TB/s of 0.53-byte weights) leaves ~5.5
-(33.5 T lane-instructions/s), so expect it ALU-bound unless the decode gets cheaper.
+Triton, so indicative only), its K loop issues 10.0 SASS instructions per weight at block_m 4
+(4 FFMA, 5.3 for the decode and its scales), 7.6 at block_m 2, the MMA kernel's (16x128x256)
+6.2; streaming 80% of an H200's copy bandwidth (3.2 TB/s of 0.53-byte weights) leaves ~5.5
+(132 SMs x 4 warp-instructions per clock), so expect it issue-bound near 40-45% of copy at 3-4
+rows per expert unless the decode gets much cheaper (no CUDA-core FMA on Hopper takes bf16
+inputs with a float32 sum, so the FMAs alone cost one instruction per weight and row).
 
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
