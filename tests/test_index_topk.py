@@ -194,7 +194,7 @@ def test_plan_follows_tokens_and_capacity():
 def test_policies_lower_for_gpu_at_v4_flash_dims(platform):
     """Every policy around the Pallas scorer (Triton) at a 1M-token cache's 262,144 CSA entries,
     16 decode tokens: the rung switch, the loop and the selections (rowselect's: the Pallas
-    one) export for the GPU."""
+    one) export for the GPU; and rowselect with the scorer's prefill tiles."""
     t, slots, epp, cap, k = 16, 16, 64, 262144, 512
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     b = {n: i32(t) for n in ("pos", "slot", "seg_start_idx", "seg_start_pos", "seg_end_pos")}
@@ -203,8 +203,11 @@ def test_policies_lower_for_gpu_at_v4_flash_dims(platform):
     def fn(q, w, pool, pt, bb, nv):
         make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, pt, bb, nv, epp, width, slots,  # noqa: E731
                                                               rows=rows)
+        prefill = lambda width, rows=None: sparse_indexer.scorer(  # noqa: E731
+            q, w, pool, pt, bb, nv, epp, width, slots, tiles=sparse_indexer.PREFILL_TILES, rows=rows)
+        plan = it.plan_topk(t, cap, k, "rowselect", align=sparse_indexer.PREFILL_TILES.block_e)
         return [it.index_topk(make, nv, k, it.plan_topk(t, cap, k, p), select=topk_select.radix_select)
-                for p in it.POLICIES]
+                for p in it.POLICIES] + [it.index_topk(prefill, nv, k, plan, select=topk_select.radix_select)]
 
     check = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(
@@ -270,6 +273,34 @@ def test_compiled_policies_at_v4_flash_dims(policy):
     want = _oracle(scores, n_vis, k)
     for r in range(t):
         assert set(np.asarray(idx)[r][np.asarray(ok)[r]].tolist()) == want[r]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefill_tiles", [False, True])
+def test_compiled_rowselect_at_prefill(prefill_tiles):
+    """A 2,048-token prefill chunk at V4-Flash indexer dims over up to 16K visible entries
+    (windows of 2,048 / 1,024 rows at the 8K / 16K rungs), the Pallas scorer with its default or
+    prefill tiles: rowselect with the Pallas selection selects exactly the loop's entries from
+    the same kernel's scores."""
+    rng = np.random.default_rng()
+    t, k, epp, pages = 2048, 512, 64, 256  # capacity 16384 entries
+    b = {n: jnp.asarray(v) for n, v in pack_chunks([(0, 4 * pages * epp - t, np.zeros(t, np.int32), True)], t,
+                                                   1).arrays().items()}
+    page_table = jnp.asarray(rng.permutation(pages)[None], jnp.int32)
+    pool = jnp.asarray(rng.standard_normal((pages * epp, 128)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((t, 64, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, 64)) / 64, jnp.float32)
+    n_vis = jnp.asarray((np.asarray(b["pos"]) + 1) // 4, jnp.int32)
+    tiles = sparse_indexer.PREFILL_TILES if prefill_tiles else sparse_indexer.TILES
+    make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, 1,  # noqa: E731
+                                                          tiles=tiles, rows=rows)
+    plans = [it.plan_topk(t, pages * epp, k, p, align=tiles.block_e) for p in ("loop", "rowselect")]
+    assert plans[1].row_chunks[-2:] == (2048, 1024)
+    run = jax.jit(lambda n: [it.index_topk(make, n, k, p, select=topk_select.radix_select) for p in plans])
+    (li, lok), (ri, rok) = run(n_vis)
+    li, lok, ri, rok = (np.asarray(x) for x in (li, lok, ri, rok))
+    for r in range(t):
+        assert set(ri[r][rok[r]].tolist()) == set(li[r][lok[r]].tolist()), f"token {r}"
 
 
 def test_static_trip_loop_equals_the_dynamic_one_without_a_while():

@@ -78,6 +78,39 @@ def test_indexer_kernel_and_running_topk_match_reference(path):
             assert np.all(idx[r][~ok[r]] == NO_ENTRY)
 
 
+def test_prefill_tiles_only_from_their_token_count(monkeypatch):
+    assert sparse_indexer.PREFILL_MIN_TOKENS == 0 and sparse_indexer.tiles_for_step(8192) is sparse_indexer.TILES
+    monkeypatch.setattr(sparse_indexer, "PREFILL_MIN_TOKENS", 513)
+    assert sparse_indexer.tiles_for_step(512) is sparse_indexer.TILES
+    assert sparse_indexer.tiles_for_step(513) is sparse_indexer.PREFILL_TILES
+
+
+def test_prefill_tiles_and_row_windows_match_reference():
+    """The candidate prefill tiles (sparse_indexer.PREFILL_TILES: 32 tokens x 256 entries per
+    program) score what the jnp scorer scores, over the whole buffer and over windows of 24
+    rows (the "rowselect" calls: chunk ranges clipped to the window, rows past T unwritten)."""
+    rng = np.random.default_rng()
+    b, page_table, n_slots = _batch(rng, max_start=600)
+    t, heads, dim = b["pos"].shape[0], 2, 16
+    pool = jnp.asarray(rng.standard_normal((page_table.size * EPP, dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
+    n_vis = visible_counts(b, RATIO)
+    tiles = sparse_indexer.PREFILL_TILES
+    block = tiles.block_e
+    live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
+    ref = np.asarray(jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, block)(0))
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True)
+    np.testing.assert_allclose(np.where(live, ker(0), 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
+    win = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
+                                rows=24)
+    for r0 in (0, 24, 48):  # the last window: 16 rows of the buffer, 8 past it
+        n = min(24, t - r0)
+        got = np.asarray(win(0, r0))[:n]
+        np.testing.assert_allclose(np.where(live[r0:r0 + n], got, 0), np.where(live[r0:r0 + n], ref[r0:r0 + n], 0),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("t,heads_as", [(1, "cols"), (8, "cols"), (8, "rows")])
 def test_heads_scorer_on_decode_steps_matches_oracle(t, heads_as):
     """The heads path on decode steps (one token per chunk; T = 1, and 5 tokens of

@@ -22,18 +22,22 @@ near-ties that rounding swaps).
 same case and policy over this one's): pallas (the Pallas kernel as the engine runs it: each
 work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles (every item
 with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
-with all heads in one dot per token), jnp, none (precomputed random scores, relu: many
-exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on GPUs, jnp on CPU (the kernel interpreted on CPU
-measures nothing; pallas scorers run interpreted there, as a check only).
+with all heads in one dot per token), pallas-prefill (the Pallas kernel with
+kernels/sparse_indexer.PREFILL_TILES, the engine's tiles for long steps once
+PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it), jnp, none (precomputed random
+scores, relu: many exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on
+GPUs, jnp on CPU (the kernel interpreted on CPU measures nothing; pallas scorers run
+interpreted there, as a check only).
 
     python -m atom_jax.bench indexer --tokens 1,64 --scorer pallas-tiles,pallas-heads,pallas
 
 Prefill: "rowselect" (no sort; `auto` above 512 tokens) against the loop, the scorer and the
-selection together (pallas) and the selection alone (none); --row-select jnp times rowselect
-with XLA's radix_select instead of the Pallas selection:
+selection together (pallas; pallas-prefill with the candidate prefill tiles) and the selection
+alone (none); --row-select jnp times rowselect with XLA's radix_select instead of the Pallas
+selection:
 
-    python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768,131072 --scorer pallas,none \
-        --policies rowselect --json indexer_prefill.json"""
+    python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768,131072 \\
+        --scorer pallas,pallas-prefill,none --policies rowselect --json indexer_prefill.json"""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ from atom_jax.config import v4_flash
 from atom_jax.models import index_topk as it
 
 PAGE_TOKENS = 256
-SCORERS = ("pallas", "pallas-tiles", "pallas-heads", "jnp", "none")
+SCORERS = ("pallas", "pallas-tiles", "pallas-heads", "pallas-prefill", "jnp", "none")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -134,6 +138,8 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp
     from atom_jax.kernels import sparse_indexer, topk_select
     from atom_jax.models.cache_reads import jnp_index_scorer
 
+    if scorer == "pallas-prefill":
+        tiles, scorer = sparse_indexer.PREFILL_TILES, "pallas"
     plan = it.plan_topk(t, capacity, k, policy, align=tiles.block_e)
     path = scorer.split("-")[1] if "-" in scorer else "auto"
 
@@ -200,9 +206,9 @@ def run_cli(args) -> int:
     k = min(v4_flash(1).index_topk, capacity)
     device = jax.devices()[0].device_kind
     print(f"device {device}, scorers {scorers}, keys {jnp.dtype(dtype).name}, capacity {capacity} entries, k {k}; "
-          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO} (rowselect x{it.ROW_RUNG_RATIO}, "
-          f"{row_select} selection), sub-block {it.SUB_BLOCK}; "
-          f"{tiles}", flush=True)
+          f"budget {it.SCORE_BUDGET} scores, rungs from {it.RUNG_MIN} x{it.RUNG_RATIO} (rowselect "
+          f"x{it.ROW_RUNG_RATIO}, {row_select} selection), sub-block {it.SUB_BLOCK}; {tiles}; pallas-prefill "
+          f"{sparse_indexer.PREFILL_TILES}", flush=True)
     rng = np.random.default_rng(0)
     results = []
     for t in tokens:
@@ -258,5 +264,6 @@ def run_cli(args) -> int:
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS,
                                 "large_policy": it.AUTO_LARGE_POLICY},
                        "tiles": dataclasses.asdict(tiles), "block_t": tiles.block_t,
+                       "prefill_tiles": dataclasses.asdict(sparse_indexer.PREFILL_TILES),
                        "results": results}, f, indent=1)
     return 0

@@ -9,10 +9,11 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
 --topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
 top-k of every step, the policy before models/index_topk.py's one-call policies; a named
 policy is used at every step size, decode and prefill; auto: `single` up to 512 tokens,
-`rowselect` above); the jnp path always runs the loop. --indexer-paths auto,tiles runs the kernels once per path of the
-indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens as the dots' rows for every
-work item, the kernel before its decode path; heads: the heads path, one dot of all heads per
-token, always).
+`rowselect` above); the jnp path always runs the loop. --indexer-paths auto,tiles runs the
+kernels once per path of the indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens
+as the dots' rows for every work item, the kernel before its decode path; heads: the heads
+path, one dot of all heads per token, always; prefill: auto, with
+sparse_indexer.PREFILL_TILES for steps of more than 512 tokens).
 
 Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
 prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and
@@ -65,8 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "single, two-stage, select, rowselect; a named one at every step size); each is a separate "
                     "engine, all in this run")
     ap.add_argument("--indexer-paths", default="auto", help="the indexer scorer kernel's paths the kernels run "
-                    "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads); each "
-                    "is a separate engine, all in this run")
+                    "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads, prefill "
+                    "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
     ap.add_argument("--tiny", action="store_true")
@@ -184,7 +185,8 @@ def run_cli(args) -> int:
         index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
     paths = list(dict.fromkeys(args.indexer_paths.split(",")))
     for p in paths:
-        sparse_indexer.tiles_for(p)
+        if p != "prefill":
+            sparse_indexer.tiles_for(p)
     for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
         reference = backend == "jnp"
         lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
@@ -196,12 +198,14 @@ def run_cli(args) -> int:
                     small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
                     runs.append((backend, policy, path, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
+    prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
     for backend, policy, path, c_len, b_chunk, lens in runs:
         if not lens:
             continue
         # read when the engine compiles
         index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
-        sparse_indexer.TILES = tiles if path == "-" else sparse_indexer.tiles_for(path, tiles)  # likewise
+        sparse_indexer.TILES = tiles if path in ("-", "prefill") else sparse_indexer.tiles_for(path, tiles)  # likewise
+        sparse_indexer.PREFILL_MIN_TOKENS = index_topk.AUTO_MAX_TOKENS + 1 if path == "prefill" else prefill_min
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
                                      not args.no_prefix_caching)
@@ -236,6 +240,7 @@ def run_cli(args) -> int:
         del engine
         jax.clear_caches()
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
+    sparse_indexer.PREFILL_MIN_TOKENS = prefill_min
     print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:

@@ -55,6 +55,17 @@ class IndexerTiles:
 
 
 TILES = IndexerTiles()
+# Prefill tiles: steps of at least PREFILL_MIN_TOKENS tokens score with PREFILL_TILES (0: never,
+# the default until `bench indexer --scorer pallas,pallas-prefill` at 8K tokens shows a win on
+# the GPU; `tiles_for_step` is the one place that decides). Why they may win: the heads path
+# reads a work item's queries (block_t tokens x 64 heads x 128 dims, bf16: 512 KiB) once per
+# block_e entries and does 2 x block_t x block_e x 64 x 128 FLOPs with them: at block_e 128 an
+# 8K-token step over 32K visible entries reads 32 GiB of queries (from L2 mostly, 3-5 ms) for
+# 4.4 TFLOP (5.6 ms at the H200's rate), as much traffic as work. block_e 256 halves it (the
+# key tile, 64 KiB, is read once per item either way); 8 warps keep the [256, heads] float32
+# dot result at 64 registers per thread.
+PREFILL_TILES = IndexerTiles(block_e=256, num_warps=8)
+PREFILL_MIN_TOKENS = 0
 SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.heads_max decides
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 
@@ -69,6 +80,12 @@ def tiles_for(path: str, tiles: IndexerTiles = TILES) -> IndexerTiles:
     if path == "auto":
         return tiles
     return dataclasses.replace(tiles, heads_max=0 if path == "tiles" else tiles.block_t)
+
+
+def tiles_for_step(tokens: int) -> IndexerTiles:
+    """The tiles a step of `tokens` tokens scores with: PREFILL_TILES from PREFILL_MIN_TOKENS
+    tokens (when that is > 0), else TILES (both as they are at trace time)."""
+    return PREFILL_TILES if 0 < PREFILL_MIN_TOKENS <= tokens else TILES
 
 
 def chunk_ranges(b):

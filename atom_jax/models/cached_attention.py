@@ -195,9 +195,10 @@ def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, l
                 make = lambda width: jnp_index_scorer(qi, wi, ipool, page_table, slot, epp, width)  # noqa: E731
             else:
                 ind = kernels.sparse_indexer
-                plan = plan_topk(pos.shape[0], capacity, k, align=ind.TILES.block_e)
+                tiles = ind.tiles_for_step(pos.shape[0])
+                plan = plan_topk(pos.shape[0], capacity, k, align=tiles.block_e)
                 make = lambda width, rows=None: ind.scorer(qi, wi, ipool, page_table, b, n_vis, epp,  # noqa: E731
-                                                           width, segs, interpret=kernels.interpret, rows=rows)
+                                                           width, segs, tiles, kernels.interpret, rows=rows)
             top, _ = index_topk(make, n_vis, k, plan, select=None if kernels is None else kernels.select)
 
     keys = dict(pool=pool, page_table=page_table, epp=layout.entries_per_page(attn.ratio) if pool is not None else 1,
