@@ -76,18 +76,23 @@ def test_w4a16_swap_ab_matches_float64_reference():
     calls it: rows gathered in the kernel (row_ids), the SwiGLU epilogue, zero tail; a skewed
     routing (empty groups, one group holding most rows, group sizes off the 8-row grid)."""
     rng = np.random.default_rng()
-    g, k, n, r = 6, 128, 64, 30
+    g, r = 6, 30
     m = int(rng.integers(60, 100))
     sizes = skewed_sizes(rng, m - int(rng.integers(1, 9)), g)
     small = np.argmin(sizes)  # its rows to the largest group: at least one empty group (skewed_sizes may have none)
     sizes[np.argmax(sizes)] += sizes[small]
     sizes[small] = 0
     assert sizes.max() > m // 2
+    _check_as_the_moe_calls_it(rng, sizes, m, TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True), g=g, r=r)
+
+
+def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: int, k: int = 128, n: int = 64):
+    """The kernel at `cfg`, interpreted, with rows gathered in the kernel (row_ids into r rows),
+    the SwiGLU epilogue and the zero tail, against float64 on the decoded weights."""
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = rng.integers(0, r, m).astype(np.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
     w, dense = random_fp4_experts(rng, g, k, n)
-    cfg = TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True)
     epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
     out = wg.grouped_gemm(x, w, jnp.asarray(sizes), cfg=cfg, interpret=True, row_ids=jnp.asarray(ids), epilogue=epi)
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
@@ -108,27 +113,12 @@ def test_w4a16_gemv_matches_float64_reference(stages):
     register prefetch: empty groups, one group of more than 16 rows (several work items),
     group sizes off the 4-row grid, rows in no group."""
     rng = np.random.default_rng()
-    g, k, n, r = 5, 128, 64, 20
-    sizes = skewed_sizes(rng, int(rng.integers(30, 45)), g)
+    sizes = skewed_sizes(rng, int(rng.integers(30, 45)), 5)
     sizes[np.argmin(sizes)] = 0
     sizes[np.argmax(sizes)] = max(sizes.max(), 17 + int(rng.integers(0, 4)))
     m = int(sizes.sum()) + int(rng.integers(1, 6))
-    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
-    ids = rng.integers(0, r, m).astype(np.int32)
-    gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
-    w, dense = random_fp4_experts(rng, g, k, n)
     cfg = TileConfig(block_m=4, block_n=32, block_k=64, num_stages=stages, gemv=True)
-    epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
-    out = wg.grouped_gemm(x, w, jnp.asarray(sizes), cfg=cfg, interpret=True, row_ids=jnp.asarray(ids), epilogue=epi)
-    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
-    up = grouped_reference(np.asarray(x, np.float64)[ids], dense, sizes)
-    gt = np.asarray(gate, np.float64)
-    ref = gt / (1 + np.exp(-gt)) * up
-    valid = sizes.sum()
-    out = np.asarray(out, np.float64)
-    row_err = np.linalg.norm(out[:valid] - ref[:valid], axis=1) / (np.linalg.norm(ref[:valid], axis=1) + 1e-6)
-    assert np.all(row_err < 2e-2)  # bf16 output rounding, every row
-    assert np.all(out[valid:] == 0)
+    _check_as_the_moe_calls_it(rng, sizes, m, cfg, g=5, r=20)
 
 
 def test_gemv_tiles_refused_where_they_do_not_apply():

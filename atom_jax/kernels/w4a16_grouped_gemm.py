@@ -99,12 +99,19 @@ fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, $4, z;
 def _decode_ptx(codes, scales):
     """codes uint8 [Kh, N], scales uint8 [Kh/16, N] -> (even, odd) bf16 [Kh, N] via `_PTX_DECODE`."""
     sc = jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
-    sc = packed.expand_rows(sc, packed.FP4_BLOCK // 2)
-    out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+    return _asm_halves(_PTX_DECODE, [codes, packed.expand_rows(sc, packed.FP4_BLOCK // 2)], jnp.bfloat16,
+                       "=r,=r,r,r,r")
+
+
+def _asm_halves(template: str, args, dtype, constraints: str):
+    """(even, odd) [Kh, N] `dtype` from a decoder's inline assembly over four code bytes at a
+    time: one instance with the low nibbles' shifts (magnitude 6, sign 12), one with the high
+    nibbles' (2, 8)."""
+    out = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
     def half(lo, sg):
-        asm = _PTX_DECODE.replace("LO", str(lo)).replace("SG", str(sg))
-        return plt.elementwise_inline_asm(asm, args=[codes, sc], constraints="=r,=r,r,r,r", pack=4,
+        asm = template.replace("LO", str(lo)).replace("SG", str(sg))
+        return plt.elementwise_inline_asm(asm, args=args, constraints=constraints, pack=4,
                                           result_shape_dtypes=[out])[0]
 
     return half(6, 12), half(2, 8)
@@ -139,14 +146,7 @@ def _decode_ptx_f32(codes, scales):
     """codes uint8 [R, N] and each code byte's own scale byte, uint8 [R, N] -> (even, odd)
     float32 [R, N] via `_PTX_DECODE_F32` (the GEMV's form: the scales loaded in the codes'
     layout and converted inside the assembly)."""
-    out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
-
-    def half(lo, sg):
-        asm = _PTX_DECODE_F32.replace("LO", str(lo)).replace("SG", str(sg))
-        return plt.elementwise_inline_asm(asm, args=[codes, scales], constraints="=r,=r,=r,=r,r,r", pack=4,
-                                          result_shape_dtypes=[out])[0]
-
-    return half(6, 12), half(2, 8)
+    return _asm_halves(_PTX_DECODE_F32, [codes, scales], jnp.float32, "=r,=r,=r,=r,r,r")
 
 
 def _decode_alu_f32(codes, scales):
