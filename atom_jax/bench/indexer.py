@@ -87,6 +87,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--select-block-w", type=int, default=None, help="override kernels/topk_select.BLOCK_W "
                     "(entries per tile of the Pallas selection, a power of two)")
     ap.add_argument("--select-warps", type=int, default=None, help="override kernels/topk_select.NUM_WARPS")
+    ap.add_argument("--select-digit-bits", type=int, default=None, help="override kernels/topk_select.DIGIT_BITS "
+                    "(1, 2, 4 or 8 bits per counting pass)")
     ap.add_argument("--row-select", choices=("auto", "pallas", "jnp"), default="auto", help="rowselect's "
                     "selection: the Pallas kernel (kernels/topk_select.py, as the engine runs it) or the jnp "
                     "radix_select; auto: pallas on GPUs, jnp on CPU")
@@ -180,7 +182,8 @@ def run_cli(args) -> int:
     for mod, name, value in ((it, "SCORE_BUDGET", args.score_budget), (it, "RUNG_MIN", args.rung_min),
                              (it, "SUB_BLOCK", args.sub_block), (it, "ROW_RUNG_RATIO", args.row_rung_ratio),
                              (topk_select, "BLOCK_W", args.select_block_w),
-                             (topk_select, "NUM_WARPS", args.select_warps)):
+                             (topk_select, "NUM_WARPS", args.select_warps),
+                             (topk_select, "DIGIT_BITS", args.select_digit_bits)):
         if value is not None:
             setattr(mod, name, value)  # this process only: the JSON records the values used
     tiles = sparse_indexer.TILES
@@ -261,6 +264,7 @@ def run_cli(args) -> int:
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
                        "row_rung_ratio": it.ROW_RUNG_RATIO, "row_select": row_select,
                        "select_block_w": topk_select.BLOCK_W, "select_warps": topk_select.NUM_WARPS,
+                       "select_digit_bits": topk_select.DIGIT_BITS,
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS,
                                 "large_policy": it.AUTO_LARGE_POLICY},
                        "tiles": dataclasses.asdict(tiles), "block_t": tiles.block_t,
