@@ -89,6 +89,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--select-warps", type=int, default=None, help="override kernels/topk_select.NUM_WARPS")
     ap.add_argument("--select-digit-bits", type=int, default=None, help="override kernels/topk_select.DIGIT_BITS "
                     "(1, 2, 4 or 8 bits per counting pass)")
+    ap.add_argument("--select-no-prune", action="store_true", help="kernels/topk_select.PRUNE off: the Pallas "
+                    "selection's radix passes over whole rows instead of the entries above the groups' bound")
     ap.add_argument("--row-select", choices=("auto", "pallas", "jnp"), default="auto", help="rowselect's "
                     "selection: the Pallas kernel (kernels/topk_select.py, as the engine runs it) or the jnp "
                     "radix_select; auto: pallas on GPUs, jnp on CPU")
@@ -183,7 +185,8 @@ def run_cli(args) -> int:
                              (it, "SUB_BLOCK", args.sub_block), (it, "ROW_RUNG_RATIO", args.row_rung_ratio),
                              (topk_select, "BLOCK_W", args.select_block_w),
                              (topk_select, "NUM_WARPS", args.select_warps),
-                             (topk_select, "DIGIT_BITS", args.select_digit_bits)):
+                             (topk_select, "DIGIT_BITS", args.select_digit_bits),
+                             (topk_select, "PRUNE", False if args.select_no_prune else None)):
         if value is not None:
             setattr(mod, name, value)  # this process only: the JSON records the values used
     tiles = sparse_indexer.TILES
@@ -264,7 +267,7 @@ def run_cli(args) -> int:
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
                        "row_rung_ratio": it.ROW_RUNG_RATIO, "row_select": row_select,
                        "select_block_w": topk_select.BLOCK_W, "select_warps": topk_select.NUM_WARPS,
-                       "select_digit_bits": topk_select.DIGIT_BITS,
+                       "select_digit_bits": topk_select.DIGIT_BITS, "select_prune": topk_select.PRUNE,
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS,
                                 "large_policy": it.AUTO_LARGE_POLICY},
                        "tiles": dataclasses.asdict(tiles), "block_t": tiles.block_t,

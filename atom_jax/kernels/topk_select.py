@@ -3,16 +3,28 @@ interpreted on CPU): the kernel stand-in for `models/index_topk.radix_select`, s
 (indices of the k largest scores of each row, lowest index first among equal scores, listed in
 entry order, NO_ENTRY filling rows with fewer than k eligible (> -inf) entries).
 
-One program per row. The row is read in tiles of BLOCK_W entries: 8 counting passes (the
-radix search of `radix_select`, DIGIT_BITS = 4 bits per pass: per pass, per lane, 16 counts of
-the keys at or above 16 candidate thresholds, summed across lanes once per pass), one pass counting the
-keys above the k-th, then one pass keeping every entry above it plus the lowest-index ties and
-writing their indices at their rank (a running count plus the tile's prefix sum). About ten
-reads of a row of W float32 scores (128 KiB at W = 32K) per program: the rows in flight
-(a few per SM) fit the GPU's L2, so the scores come from DRAM about once, where XLA's jnp
-passes each read the whole [rows, W] array from DRAM (and its 16-threshold count may read it
-once per threshold). The compares dominate: 8 x 16 per entry, 34 G at T = 8192, W = 32K (a few
-ms of the integer units); DIGIT_BITS = 2 makes it 16 x 4 compares over twice the passes."""
+One program per row, read in tiles of BLOCK_W entries. The selection proper (`_select`):
+32 / DIGIT_BITS counting passes (the radix search of `radix_select`: per pass, per lane,
+2^DIGIT_BITS counts of the keys at or above as many candidate thresholds, summed across lanes
+once per pass), one pass counting the keys above the k-th, then one pass keeping every entry
+above it plus the lowest-index ties and writing their indices at their rank (a running count
+plus the tile's prefix sum). Over a whole row of W entries that is 8 x 16 compares per entry at
+the default 4 bits: ~34 G at T = 8192, W = 32K, milliseconds of the integer units.
+
+So with PRUNE (the default) the selection runs on the few entries that can be in the top k:
+1. one pass keeps the running maximum of each of G = 4k lanes (lane j: entries j, j + G, ...;
+   G strided groups); L, the k-th largest of those G maxima, is at most the row's k-th largest
+   score (k groups have a maximum >= L: k distinct entries >= L);
+2. one pass writes the indices of the finite entries >= L, in entry order, to a scratch row
+   (a running count plus the tile's prefix sum); typically ~k to 2k of them (every entry when
+   the row is all ties);
+3. a barrier (the scratch is read by other threads of the program), then `_select` over the
+   survivors (their scores gathered from the row): the radix search over them finds the same
+   k-th largest (it is >= L, and no entry above it is missing), and the survivors keep entry
+   order, so the ties go to the same lowest indices.
+Two reads of the row plus ~10 ops per entry, the rest on the survivors. The rows in flight (a
+few per SM) fit the GPU's L2, so repeated reads of a row come from L2, where XLA's jnp passes
+each read the whole [rows, W] array from DRAM."""
 
 from __future__ import annotations
 
@@ -25,9 +37,11 @@ from jax.experimental.pallas import triton as plt
 
 NO_ENTRY = jnp.iinfo(jnp.int32).max  # models/cache_reads.NO_ENTRY (kernels do not import models)
 DIGIT_BITS = 4  # bits per counting pass (1, 2, 4 or 8): 32 / DIGIT_BITS passes of 2^DIGIT_BITS compares
-BLOCK_W = 512  # entries per tile (a power of two; the counting passes hold 16 x BLOCK_W counts)
+BLOCK_W = 512  # entries per tile (a power of two; the counting passes hold 2^DIGIT_BITS x BLOCK_W counts)
 NUM_WARPS = 8  # a program holds one row: more warps per row (few rows per call at long context)
 NUM_STAGES = 2  # software pipelining of the tiles' loads
+PRUNE = True  # select among the entries at or above the strided groups' bound (see the module)
+PRUNE_GROUPS_PER_K = 4  # G = this x k lanes (rounded up to a power of two)
 
 
 def _ordered(x):
@@ -36,58 +50,115 @@ def _ordered(x):
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _kernel(s_ref, o_ref, *, k: int, width: int, bw: int, kp: int, stride: int, bits: int):
-    r = pl.program_id(0)
-    tiles = -(-width // bw)
-    cols = jnp.arange(bw, dtype=jnp.int32)
+def _kth_key(key, k: int):
+    """The k-th largest of the uint32 keys [n] held in registers (bit by bit from the top)."""
+    tau = jnp.uint32(0)
+    for b in range(31, -1, -1):
+        cand = tau | jnp.uint32(1 << b)
+        tau = jnp.where(jnp.sum((key >= cand).astype(jnp.int32)) >= k, cand, tau)
+    return tau
 
-    def load(i):
-        c = i * bw + cols
-        inside = c < width
-        x = plt.load(s_ref.at[r * width + jnp.where(inside, c, 0)], mask=inside, other=-jnp.inf)
-        return _ordered(x), c, inside, x > -jnp.inf
 
+def _select(load, tiles, emit, k: int, bw: int, bits: int):
+    """The radix selection over tiles 0 .. tiles - 1 of load(i) -> (key [bw] uint32, entry index
+    [bw] int32, real [bw]: a finite score; tail lanes: False). emit(pos, entry, ok) stores the
+    kept entries at their rank."""
     digits = jnp.arange(1 << bits, dtype=jnp.uint32)
     tau = jnp.uint32(0)
     for shift in range(32 - bits, -1, -bits):
-        cand = tau | (digits << shift)  # [16], ascending
+        cand = tau | (digits << shift)  # ascending
 
         def count(i, acc, cand=cand):  # per-lane counts: no cross-thread reduction per tile
-            key, _, inside, _ = load(i)
-            return acc + ((key[None, :] >= cand[:, None]) & inside[None, :]).astype(jnp.int32)
+            key, _, real = load(i)
+            return acc + ((key[None, :] >= cand[:, None]) & real[None, :]).astype(jnp.int32)
 
         cnt = jnp.sum(jax.lax.fori_loop(0, tiles, count, jnp.zeros((1 << bits, bw), jnp.int32)), axis=1)
-        d = jnp.sum((cnt >= k).astype(jnp.int32)) - 1  # the largest digit keeping >= k keys (0 always)
+        d = jnp.sum((cnt >= k).astype(jnp.int32)) - 1  # the largest digit keeping >= k keys (-1: fewer than k)
         tau = tau | (jnp.maximum(d, 0).astype(jnp.uint32) << shift)
 
     def above(i, acc):
-        key, _, inside, _ = load(i)
-        return acc + ((key > tau) & inside).astype(jnp.int32)
+        key, _, real = load(i)
+        return acc + ((key > tau) & real).astype(jnp.int32)
 
     need = k - jnp.sum(jax.lax.fori_loop(0, tiles, above, jnp.zeros((bw,), jnp.int32)))
-    out = jnp.arange(kp, dtype=jnp.int32)
-    # Masked lanes point past the row's k places (distinct: interpret mode stores them back as
-    # they were, which would undo a real lane's store to the same place).
-    plt.store(o_ref.at[r * stride + out], jnp.full((kp,), NO_ENTRY, jnp.int32), mask=out < k)
 
     def keep(i, carry):
         kept, ties = carry
-        key, c, inside, finite = load(i)
-        real = inside & finite
+        key, entry, real = load(i)
         tie = ((key == tau) & real).astype(jnp.int32)
         rank = ties + jnp.cumsum(tie) - tie
         take = (((key > tau) & real) | ((tie == 1) & (rank < need))).astype(jnp.int32)
         pos = kept + jnp.cumsum(take) - take
-        ok = (take == 1) & (pos < k)
-        plt.store(o_ref.at[r * stride + jnp.where(ok, pos, k + cols)], c, mask=ok)
+        emit(pos, entry, (take == 1) & (pos < k))
         return kept + jnp.sum(take), ties + jnp.sum(tie)
 
     jax.lax.fori_loop(0, tiles, keep, (jnp.int32(0), jnp.int32(0)))
 
 
+def _kernel(s_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride: int, bits: int, groups: int,
+            interpret: bool):
+    r = pl.program_id(0)
+    cols = jnp.arange(bw, dtype=jnp.int32)
+    tiles = -(-width // bw)
+    # Masked lanes point past the row's k places (distinct: interpret mode stores them back as
+    # they were, which would undo a real lane's store to the same place).
+    out = jnp.arange(kp, dtype=jnp.int32)
+    plt.store(o_ref.at[r * stride + out], jnp.full((kp,), NO_ENTRY, jnp.int32), mask=out < k)
+
+    def emit(pos, entry, ok):
+        plt.store(o_ref.at[r * stride + jnp.where(ok, pos, k + cols)], entry, mask=ok)
+
+    def row(c, inside):
+        x = plt.load(s_ref.at[r * width + jnp.where(inside, c, 0)], mask=inside, other=-jnp.inf)
+        return _ordered(x), inside & (x > -jnp.inf)
+
+    if not scratch:  # select over the whole row
+        def load(i):
+            c = i * bw + cols
+            key, real = row(c, c < width)
+            return key, c, real
+
+        _select(load, tiles, emit, k, bw, bits)
+        return
+
+    (sel_ref,) = scratch  # [rows, width + bw]: the survivors' entry indices, then masked lanes' room
+    lanes = jnp.arange(groups, dtype=jnp.int32)
+
+    def group_max(i, m):
+        c = i * groups + lanes
+        inside = c < width
+        return jnp.maximum(m, plt.load(s_ref.at[r * width + jnp.where(inside, c, 0)], mask=inside, other=-jnp.inf))
+
+    m = jax.lax.fori_loop(0, -(-width // groups), group_max, jnp.full((groups,), -jnp.inf, jnp.float32))
+    bound = _kth_key(_ordered(m), k)
+    base = r * (width + bw)
+
+    def compact(i, n):
+        c = i * bw + cols
+        key, real = row(c, c < width)
+        take = (real & (key >= bound)).astype(jnp.int32)
+        pos = n + jnp.cumsum(take) - take
+        plt.store(sel_ref.at[base + jnp.where(take == 1, pos, width + cols)], c, mask=take == 1)
+        return n + jnp.sum(take)
+
+    n = jax.lax.fori_loop(0, tiles, compact, jnp.int32(0))
+    if not interpret:  # the survivors were written by other threads of this program
+        plt.debug_barrier()
+
+    def load(i):
+        p = i * bw + cols
+        inside = p < n
+        entry = plt.load(sel_ref.at[base + jnp.where(inside, p, 0)], mask=inside, other=0)
+        key, real = row(entry, inside)
+        return key, entry, real
+
+    _select(load, (n + bw - 1) // bw, emit, k, bw, bits)
+
+
 def radix_select(s, k: int, interpret: bool = False, block_w: int | None = None, num_warps: int | None = None):
     """s [R, W] float32 (-inf: not eligible) -> [R, k] int32 entry indices (see the module).
-    block_w, num_warps: default the module's BLOCK_W and NUM_WARPS as they are at trace time."""
+    block_w, num_warps: default the module's BLOCK_W and NUM_WARPS as they are at trace time
+    (as are DIGIT_BITS and PRUNE)."""
     block_w, num_warps = block_w or BLOCK_W, num_warps or NUM_WARPS
     if block_w & (block_w - 1):
         raise ValueError(f"block_w {block_w} must be a power of two")
@@ -99,12 +170,17 @@ def radix_select(s, k: int, interpret: bool = False, block_w: int | None = None,
     bw = min(block_w, max(16, 1 << (width - 1).bit_length()))
     kp = max(16, 1 << (k - 1).bit_length())
     stride = k + max(bw, kp)  # a row's k places, then room for its masked lanes
+    groups = max(16, 1 << (PRUNE_GROUPS_PER_K * k - 1).bit_length())
+    out_shape = [jax.ShapeDtypeStruct((rows * stride,), jnp.int32)]
+    if PRUNE:
+        out_shape.append(jax.ShapeDtypeStruct((rows * (width + bw),), jnp.int32))  # the survivors (scratch)
     call = pl.pallas_call(
-        functools.partial(_kernel, k=k, width=width, bw=bw, kp=kp, stride=stride, bits=DIGIT_BITS),
-        out_shape=jax.ShapeDtypeStruct((rows * stride,), jnp.int32),
+        functools.partial(_kernel, k=k, width=width, bw=bw, kp=kp, stride=stride, bits=DIGIT_BITS, groups=groups,
+                          interpret=interpret),
+        out_shape=out_shape,
         grid=(rows,),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
         interpret=interpret,
         name="topk_radix_select",
     )
-    return call(s.astype(jnp.float32).reshape(-1)).reshape(rows, stride)[:, :k]
+    return call(s.astype(jnp.float32).reshape(-1))[0].reshape(rows, stride)[:, :k]

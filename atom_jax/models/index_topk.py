@@ -46,7 +46,9 @@ tokens, k = 512, each token seeing V = 32K (a 128K-token context) or 128K (512K)
 - "rowselect": width W = V (rungs x2: 32K / 128K), windows of 512 / 128 rows, 16 / 64 scorer
   calls of 64 MiB each: the same 1 / 4 GiB of scores written once, NO sort; the radix search
   reads them 8 times and the compaction ~2 more (jnp `radix_select`: ~10 / 40 GiB, ~2.5 / 10 ms
-  at 4 TB/s; a Pallas select that keeps a row in L2 for its passes reads them about once).
+  at 4 TB/s). The kernel path selects with kernels/topk_select.py instead: a row per program,
+  read twice (a lower bound of its k-th score from strided groups' maxima, then the entries
+  at or above it), the radix passes over those ~k-2k survivors only.
   The rung switch is one conditional per CSA layer (as for decode), the window loop a static
   trip count. So `auto` takes "rowselect" above AUTO_MAX_TOKENS (AUTO_LARGE_POLICY).
 
