@@ -33,8 +33,8 @@ interpreted there, as a check only).
 
 Prefill: "rowselect" (no sort; `auto` above 512 tokens) against the loop, the scorer and the
 selection together (pallas; pallas-prefill with the candidate prefill tiles) and the selection
-alone (none); --row-select jnp times rowselect with XLA's radix_select instead of the Pallas
-selection:
+alone (none); --row-select jnp times rowselect (and select) with XLA's radix_select instead of
+the Pallas selection:
 
     python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768,131072 \\
         --scorer pallas,pallas-prefill,none --policies rowselect --json indexer_prefill.json"""
@@ -91,9 +91,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(1, 2, 4 or 8 bits per counting pass)")
     ap.add_argument("--select-no-prune", action="store_true", help="kernels/topk_select.PRUNE off: the Pallas "
                     "selection's radix passes over whole rows instead of the entries above the groups' bound")
-    ap.add_argument("--row-select", choices=("auto", "pallas", "jnp"), default="auto", help="rowselect's "
-                    "selection: the Pallas kernel (kernels/topk_select.py, as the engine runs it) or the jnp "
-                    "radix_select; auto: pallas on GPUs, jnp on CPU")
+    ap.add_argument("--row-select", choices=("auto", "pallas", "jnp"), default="auto", help="the selection of "
+                    "select and rowselect: the Pallas kernel (kernels/topk_select.py, as the engine runs it) or the "
+                    "jnp radix_select; auto: pallas on GPUs, jnp on CPU")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (float32 keys, the jnp scorer)")
     ap.add_argument("--json")

@@ -20,7 +20,8 @@ Policies:
 - "select": one scorer call over W and no sort at all: the k-th largest score of each row is
   found by a radix search over the scores' bits (8 passes; each counts, per row, the entries at
   or above 16 candidate thresholds), then every entry above it plus the lowest-index entries
-  equal to it are kept and compacted (cumsum + scatter) in entry order.
+  equal to it are kept and compacted (cumsum + scatter) in entry order (`select=` of
+  `index_topk`: the engine's kernel path passes kernels/topk_select.py's, see "rowselect").
 - "rowselect" (prefill): "select" in windows of query rows: at each rung width W the step's
   tokens are cut into windows of R rows (R x W <= SCORE_BUDGET, `row_chunk`; the last window
   padded with rows of no visible entry), each ONE scorer call writing [R, W] and one sort-free
@@ -157,15 +158,17 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):
     float32 scores of entries e0.. of each token's slot; values at or past a token's visible
     count are ignored); "rowselect" calls make_scorer(width, rows) -> ((e0, r0) -> [rows, width]
     scores of the buffer's tokens r0 .. r0 + rows - 1; rows past T: anything). select(s, k):
-    "rowselect"'s selection of [rows, width] scores (-inf: not eligible), `radix_select`'s
-    contract; default radix_select (a Pallas kernel may stand in). -> (idx [T, k] int32,
-    ok [T, k] bool): ok marks real visible entries, other places hold NO_ENTRY."""
+    the selection of "select" and "rowselect" over [rows, width] scores (-inf: not eligible),
+    `radix_select`'s contract; default radix_select (a Pallas kernel may stand in).
+    -> (idx [T, k] int32, ok [T, k] bool): ok marks real visible entries, other places hold
+    NO_ENTRY."""
     n_visible = n_visible.astype(jnp.int32)
     if plan.method == "rowselect":
         branches = [functools.partial(_row_select, make_scorer(w, r), w, r, k, select or radix_select)
                     for w, r in zip(plan.rungs, plan.row_chunks)]
     else:
-        branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method) for w in plan.rungs]
+        branches = [functools.partial(_one_call, make_scorer(w), w, k, plan.method, select or radix_select)
+                    for w in plan.rungs]
     if plan.loop_block:
         branches.append(lambda nv: running_topk(make_scorer(plan.loop_block), nv, k, plan.loop_block,
                                                 plan.loop_trips))
@@ -177,12 +180,12 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):
     return jax.lax.switch(i, branches, n_visible)
 
 
-def _one_call(scorer, width: int, k: int, method: str, n_visible):
+def _one_call(scorer, width: int, k: int, method: str, select, n_visible):
     t = n_visible.shape[0]
     e = jnp.arange(width, dtype=jnp.int32)
     s = jnp.where(e[None, :] < n_visible[:, None], scorer(0), -jnp.inf)
     if method == "select":
-        idx = radix_select(s, k)
+        idx = select(s, k)
     else:
         if method == "two-stage" and width > max(SUB_BLOCK, k):
             sub = max(SUB_BLOCK, k)
