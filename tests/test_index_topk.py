@@ -156,7 +156,8 @@ def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune):
     multiple of them), pruned to the entries at or above the bound of 32 strided groups or
     over whole rows, returns exactly `radix_select`'s indices, in the same order, which hold
     the oracle's sets: scores in {0, 1, 2} with many exact zeros, a row of zeros, a row with
-    no eligible entry, rows with fewer than k eligible entries, negative scores."""
+    no eligible entry, rows with fewer than k eligible entries, negative scores; and the same
+    given each row's eligible prefix instead of -inf past it."""
     assert topk_select.NO_ENTRY == NO_ENTRY
     monkeypatch.setattr(topk_select, "PRUNE", prune)
     rng = np.random.default_rng()
@@ -166,10 +167,16 @@ def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune):
     scores[6] = -rng.random(width).astype(np.float32)  # negatives order below zero
     n_vis = rng.integers(0, width + 1, size=t).astype(np.int32)
     n_vis[:4] = [width, width - 1, 0, K - 3]
-    s = jnp.asarray(np.where(np.arange(width)[None, :] < n_vis[:, None], scores, -np.inf).astype(np.float32))
+    live = np.arange(width)[None, :] < n_vis[:, None]
+    s = jnp.asarray(np.where(live, scores, -np.inf).astype(np.float32))
     got = np.asarray(topk_select.radix_select(s, K, interpret=True, block_w=16))
     np.testing.assert_array_equal(got, np.asarray(it.radix_select(s, K)))
     _check(got, got < n_vis[:, None], _oracle(scores, n_vis), n_vis)
+    # the eligible prefix given instead: what lies past it (huge scores, NaN) is never selected
+    junk = jnp.asarray(np.where(live, scores, np.where(rng.random((t, width)) < 0.5, 1e9, np.nan)).astype(np.float32))
+    n = jnp.asarray(n_vis)
+    np.testing.assert_array_equal(np.asarray(topk_select.radix_select(junk, K, n, interpret=True, block_w=16)), got)
+    np.testing.assert_array_equal(np.asarray(it.radix_select(junk, K, n)), got)
 
 
 def test_plan_follows_tokens_and_capacity():

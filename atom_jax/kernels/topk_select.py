@@ -3,7 +3,9 @@ interpreted on CPU): the kernel stand-in for `models/index_topk.radix_select`, s
 (indices of the k largest scores of each row, lowest index first among equal scores, listed in
 entry order, NO_ENTRY filling rows with fewer than k eligible (> -inf) entries).
 
-One program per row, read in tiles of BLOCK_W entries. The selection proper (`_select`):
+One program per row, read in tiles of BLOCK_W entries up to its eligible prefix (n_valid: the
+token's visible count; the work follows the context, not the width). The selection proper
+(`_select`):
 32 / DIGIT_BITS counting passes (the radix search of `radix_select`: per pass, per lane,
 2^DIGIT_BITS counts of the keys at or above as many candidate thresholds, summed across lanes
 once per pass), one pass counting the keys above the k-th, then one pass keeping every entry
@@ -95,11 +97,12 @@ def _select(load, tiles, emit, k: int, bw: int, bits: int):
     jax.lax.fori_loop(0, tiles, keep, (jnp.int32(0), jnp.int32(0)))
 
 
-def _kernel(s_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride: int, bits: int, groups: int,
+def _kernel(s_ref, n_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride: int, bits: int, groups: int,
             interpret: bool):
     r = pl.program_id(0)
     cols = jnp.arange(bw, dtype=jnp.int32)
-    tiles = -(-width // bw)
+    nv = jnp.clip(n_ref[r], 0, width)  # the row's eligible prefix: the tiles past it are never read
+    tiles = (nv + bw - 1) // bw
     # Masked lanes point past the row's k places (distinct: interpret mode stores them back as
     # they were, which would undo a real lane's store to the same place).
     out = jnp.arange(kp, dtype=jnp.int32)
@@ -115,7 +118,7 @@ def _kernel(s_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride
     if not scratch:  # select over the whole row
         def load(i):
             c = i * bw + cols
-            key, real = row(c, c < width)
+            key, real = row(c, c < nv)
             return key, c, real
 
         _select(load, tiles, emit, k, bw, bits)
@@ -126,16 +129,16 @@ def _kernel(s_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride
 
     def group_max(i, m):
         c = i * groups + lanes
-        inside = c < width
+        inside = c < nv
         return jnp.maximum(m, plt.load(s_ref.at[r * width + jnp.where(inside, c, 0)], mask=inside, other=-jnp.inf))
 
-    m = jax.lax.fori_loop(0, -(-width // groups), group_max, jnp.full((groups,), -jnp.inf, jnp.float32))
+    m = jax.lax.fori_loop(0, (nv + groups - 1) // groups, group_max, jnp.full((groups,), -jnp.inf, jnp.float32))
     bound = _kth_key(_ordered(m), k)
     base = r * (width + bw)
 
     def compact(i, n):
         c = i * bw + cols
-        key, real = row(c, c < width)
+        key, real = row(c, c < nv)
         take = (real & (key >= bound)).astype(jnp.int32)
         pos = n + jnp.cumsum(take) - take
         plt.store(sel_ref.at[base + jnp.where(take == 1, pos, width + cols)], c, mask=take == 1)
@@ -155,8 +158,12 @@ def _kernel(s_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride
     _select(load, (n + bw - 1) // bw, emit, k, bw, bits)
 
 
-def radix_select(s, k: int, interpret: bool = False, block_w: int | None = None, num_warps: int | None = None):
+def radix_select(s, k: int, n_valid=None, interpret: bool = False, block_w: int | None = None,
+                 num_warps: int | None = None):
     """s [R, W] float32 (-inf: not eligible) -> [R, k] int32 entry indices (see the module).
+    n_valid [R]: only each row's first n_valid entries are eligible, and only they are read
+    (the others may hold anything: the scorer leaves the blocks past a tile's visible counts
+    unwritten); default all W.
     block_w, num_warps: default the module's BLOCK_W and NUM_WARPS as they are at trace time
     (as are DIGIT_BITS and PRUNE)."""
     block_w, num_warps = block_w or BLOCK_W, num_warps or NUM_WARPS
@@ -183,4 +190,5 @@ def radix_select(s, k: int, interpret: bool = False, block_w: int | None = None,
         interpret=interpret,
         name="topk_radix_select",
     )
-    return call(s.astype(jnp.float32).reshape(-1))[0].reshape(rows, stride)[:, :k]
+    n_valid = jnp.full((rows,), width, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    return call(s.astype(jnp.float32).reshape(-1), n_valid)[0].reshape(rows, stride)[:, :k]

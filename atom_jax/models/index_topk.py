@@ -21,7 +21,7 @@ Policies:
   found by a radix search over the scores' bits (8 passes; each counts, per row, the entries at
   or above 16 candidate thresholds), then every entry above it plus the lowest-index entries
   equal to it are kept and compacted (cumsum + scatter) in entry order (`select=` of
-  `index_topk`: the engine's kernel path passes kernels/topk_select.py's, see "rowselect").
+  `index_topk`: the engine's kernel path passes kernels/topk_select.py's, see "Prefill").
 - "rowselect" (prefill): "select" in windows of query rows: at each rung width W the step's
   tokens are cut into windows of R rows (R x W <= SCORE_BUDGET, `row_chunk`; the last window
   padded with rows of no visible entry), each ONE scorer call writing [R, W] and one sort-free
@@ -158,8 +158,9 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):
     float32 scores of entries e0.. of each token's slot; values at or past a token's visible
     count are ignored); "rowselect" calls make_scorer(width, rows) -> ((e0, r0) -> [rows, width]
     scores of the buffer's tokens r0 .. r0 + rows - 1; rows past T: anything). select(s, k):
-    the selection of "select" and "rowselect" over [rows, width] scores (-inf: not eligible),
-    `radix_select`'s contract; default radix_select (a Pallas kernel may stand in).
+    select(s, k, n_valid): the selection of "select" and "rowselect" over [rows, width] scores
+    of which the first n_valid [rows] of each row are eligible, `radix_select`'s contract;
+    default radix_select (a Pallas kernel may stand in).
     -> (idx [T, k] int32, ok [T, k] bool): ok marks real visible entries, other places hold
     NO_ENTRY."""
     n_visible = n_visible.astype(jnp.int32)
@@ -182,11 +183,11 @@ def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):
 
 def _one_call(scorer, width: int, k: int, method: str, select, n_visible):
     t = n_visible.shape[0]
-    e = jnp.arange(width, dtype=jnp.int32)
-    s = jnp.where(e[None, :] < n_visible[:, None], scorer(0), -jnp.inf)
     if method == "select":
-        idx = select(s, k)
+        idx = select(scorer(0), k, n_visible)
     else:
+        e = jnp.arange(width, dtype=jnp.int32)
+        s = jnp.where(e[None, :] < n_visible[:, None], scorer(0), -jnp.inf)
         if method == "two-stage" and width > max(SUB_BLOCK, k):
             sub = max(SUB_BLOCK, k)
             nb = -(-width // sub)
@@ -210,11 +211,9 @@ def _row_select(scorer, width: int, rows: int, k: int, select, n_visible):
     t = n_visible.shape[0]
     n = -(-t // rows)
     nv = jnp.pad(n_visible, (0, n * rows - t))
-    e = jnp.arange(width, dtype=jnp.int32)
 
     def chunk(r0):
-        live = e[None, :] < jax.lax.dynamic_slice_in_dim(nv, r0, rows)[:, None]
-        return select(jnp.where(live, scorer(0, r0), -jnp.inf), k)
+        return select(scorer(0, r0), k, jax.lax.dynamic_slice_in_dim(nv, r0, rows))
 
     if n == 1:
         idx = chunk(jnp.int32(0))
@@ -229,11 +228,15 @@ def _ordered_keys(s):
     return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))
 
 
-def radix_select(s, k: int, digit_bits: int = 4):
+def radix_select(s, k: int, n_valid=None, digit_bits: int = 4):
     """Indices of the k largest entries of each row of s [T, W] float32 (-inf: not eligible),
     lowest index first among equal scores, listed in entry order; NO_ENTRY fills rows with fewer
-    than k eligible entries. No sort: tau, the k-th largest ordered key of a row, is the largest
-    threshold with at least k keys at or above it, built digit by digit from the top bit."""
+    than k eligible entries. n_valid [T]: only each row's first n_valid entries are eligible
+    (the others may hold anything). No sort: tau, the k-th largest ordered key of a row, is the
+    largest threshold with at least k keys at or above it, built digit by digit from the top
+    bit."""
+    if n_valid is not None:
+        s = jnp.where(jnp.arange(s.shape[1])[None, :] < n_valid[:, None], s, -jnp.inf)
     t, width = s.shape
     if width < k:
         raise ValueError(f"{width} entries cannot hold a top-{k}")
