@@ -48,10 +48,11 @@ tokens, k = 512, each token seeing V = 32K (a 128K-token context) or 128K (512K)
   calls of 64 MiB each: the same 1 / 4 GiB of scores written once, NO sort; the radix search
   reads them 8 times and the compaction ~2 more (jnp `radix_select`: ~10 / 40 GiB, ~2.5 / 10 ms
   at 4 TB/s). The kernel path selects with kernels/topk_select.py instead: a row per program,
-  read twice (a lower bound of its k-th score from strided groups' maxima, then the entries
-  at or above it), the radix passes over those ~k-2k survivors only.
-  The rung switch is one conditional per CSA layer (as for decode), the window loop a static
-  trip count. So `auto` takes "rowselect" above AUTO_MAX_TOKENS (AUTO_LARGE_POLICY).
+  its visible prefix read twice (a lower bound of its k-th score from strided groups' maxima,
+  then the entries at or above it: 2 / 8 GiB, mostly from L2), the radix passes over those
+  ~k-2k survivors only. The rung switch is one conditional per CSA layer (as for decode), the
+  window loop a static trip count. So `auto` takes "rowselect" above AUTO_MAX_TOKENS
+  (AUTO_LARGE_POLICY); not yet measured on a GPU (the commands are in bench/indexer.py).
 
 The defaults below are meant to be changed after a GPU run of `python -m atom_jax.bench
 indexer` (which times every policy against "loop" in one run)."""
