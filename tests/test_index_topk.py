@@ -190,11 +190,13 @@ def test_plan_follows_tokens_and_capacity():
     assert mid.rungs == (4096, 16384) and mid.loop_block == it.outer_block(cap, 512)
     assert it.plan_topk(8192, cap, 512, "single").method == "loop"  # no rung within the budget
     assert it.plan_topk(8192, cap, 512, "loop").method == "loop"
-    # prefill under auto: rowselect, every rung x2 to the capacity, each call within the budget
-    pre = it.plan_topk(8192, cap, 512)
+    # prefill under auto: AUTO_LARGE_POLICY (the loop until rowselect is measured on a GPU)
+    assert it.plan_topk(8192, cap, 512).method == it.AUTO_LARGE_POLICY
+    # rowselect: every rung x2 to the capacity, each call within the budget
+    pre = it.plan_topk(8192, cap, 512, "rowselect")
     assert pre.method == "rowselect" and pre.rungs == tuple(4096 << i for i in range(7)) and not pre.loop_block
     assert pre.row_chunks == (4096, 2048, 1024, 512, 256, 128, 64)
-    assert it.plan_topk(600, 32768, 512).row_chunks[-1] == 304  # 2 windows, not 512 + 88
+    assert it.plan_topk(600, 32768, 512, "rowselect").row_chunks[-1] == 304  # 2 windows, not 512 + 88
     assert it.plan_topk(1, 100, 100, "single").rungs == (128,)  # one rung: the capacity, aligned
     with pytest.raises(ValueError, match="unknown indexer top-k policy"):
         it.plan_topk(1, cap, 512, "sorted")

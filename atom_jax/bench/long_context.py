@@ -230,11 +230,12 @@ def run_cli(args) -> int:
             # prefill also streams every weight once per chunk
             byte_floor = -(-n // b_chunk) * total_bytes / (ceil["copy_GBps"] * 1e9)
             dec_floor = (weights + decode_cache_bytes(cfg, n, itemsize)) / (ceil["copy_GBps"] * 1e9)
-            row.update(prefill_s=round(prefill_s, 3), prefill_tok_s=round(n / prefill_s, 1),
-                       prefill_floor_s=round(max(flop_floor, byte_floor), 4),
-                       prefill_of_floor=round(max(flop_floor, byte_floor) / prefill_s, 3),
-                       decode_ms=round(decode_s * 1e3, 3), decode_floor_ms=round(dec_floor * 1e3, 4),
-                       decode_of_floor=round(dec_floor / decode_s, 3))
+            sig = lambda x: float(f"{x:.4g}")  # noqa: E731  (4 significant digits: tiny times keep their ratio)
+            row.update(prefill_s=sig(prefill_s), prefill_tok_s=round(n / prefill_s, 1),
+                       prefill_floor_s=sig(max(flop_floor, byte_floor)),
+                       prefill_of_floor=sig(max(flop_floor, byte_floor) / prefill_s),
+                       decode_ms=sig(decode_s * 1e3), decode_floor_ms=sig(dec_floor * 1e3),
+                       decode_of_floor=sig(dec_floor / decode_s))
             results.append(row)
             print(json.dumps(row), flush=True)
         del engine
