@@ -2,6 +2,8 @@
 (interpret mode on CPU) against a float64 reference on the dequantised weights, with fresh
 skewed routings: empty groups, one group holding most rows, rows in no group."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -86,15 +88,21 @@ def test_w4a16_swap_ab_matches_float64_reference():
     _check_as_the_moe_calls_it(rng, sizes, m, TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True), g=g, r=r)
 
 
-def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: int, k: int = 128, n: int = 64):
+def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: int, k: int = 128, n: int = 64,
+                               k_major: bool = False):
     """The kernel at `cfg`, interpreted, with rows gathered in the kernel (row_ids into r rows),
-    the SwiGLU epilogue and the zero tail, against float64 on the decoded weights."""
+    the SwiGLU epilogue and the zero tail, against float64 on the decoded weights. `k_major`:
+    the weights as `packed.Fp4WeightsKMajor`, and the output bit for bit that of the [K/2, N] codes."""
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = rng.integers(0, r, m).astype(np.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
     w, dense = random_fp4_experts(rng, g, k, n)
     epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
-    out = wg.grouped_gemm(x, w, jnp.asarray(sizes), cfg=cfg, interpret=True, row_ids=jnp.asarray(ids), epilogue=epi)
+    run = functools.partial(wg.grouped_gemm, x, group_sizes=jnp.asarray(sizes), cfg=cfg, interpret=True,
+                            row_ids=jnp.asarray(ids), epilogue=epi)
+    out = run(packed.to_k_major(w) if k_major else w)
+    if k_major:
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(run(w)))
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     up = grouped_reference(np.asarray(x, np.float64)[ids], dense, sizes)
     gt = np.asarray(gate, np.float64)
@@ -104,6 +112,24 @@ def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: i
     row_err = np.linalg.norm(out[:valid] - ref[:valid], axis=1) / (np.linalg.norm(ref[:valid], axis=1) + 1e-6)
     assert np.all(row_err < 2e-2)  # bf16 output rounding, every row
     assert np.all(out[valid:] == 0)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["mma", "swap"])
+def test_w4a16_k_major_codes_match_float64_and_the_standard_layout(swap):
+    """K-major codes (`packed.Fp4WeightsKMajor`), interpreted, as the MoE calls the kernel, on a
+    skewed routing: float64 on the decoded weights, and bit for bit the [K/2, N] codes' output."""
+    rng = np.random.default_rng()
+    sizes = skewed_sizes(rng, int(rng.integers(30, 50)), 5)
+    m = int(sizes.sum()) + int(rng.integers(1, 6))
+    cfg = TileConfig(block_m=8 if swap else 16, block_n=32, block_k=64, swap_ab=swap)
+    _check_as_the_moe_calls_it(rng, sizes, m, cfg, g=5, r=20, k_major=True)
+
+
+def test_k_major_round_trip_and_shape():
+    w, _ = random_fp4_experts(np.random.default_rng(), 3, 64, 32)
+    km = packed.to_k_major(w)
+    assert km.codes.shape == (3, 32, 32) and km.shape == w.shape == (3, 64, 32)
+    np.testing.assert_array_equal(np.asarray(packed.from_k_major(km).codes), np.asarray(w.codes))
 
 
 @pytest.mark.parametrize("stages", [1, 2], ids=["plain", "prefetch"])
@@ -129,6 +155,9 @@ def test_gemv_tiles_refused_where_they_do_not_apply():
     with pytest.raises(ValueError, match="swap_ab"):
         wg.grouped_gemm(x, w, sizes, cfg=TileConfig(block_m=8, block_n=32, block_k=64, swap_ab=True, gemv=True),
                         interpret=True)
+    with pytest.raises(ValueError, match="K-major"):
+        wg.grouped_gemm(x, packed.to_k_major(w), sizes, cfg=TileConfig(block_m=4, block_n=32, block_k=64, gemv=True),
+                        interpret=True)
 
 
 def test_seam_runs_packed_weights_on_every_cpu_backend():
@@ -146,32 +175,38 @@ def test_seam_runs_packed_weights_on_every_cpu_backend():
 
 
 SWAP_TILES = TileConfig(block_m=8, block_n=128, block_k=256, swap_ab=True)
+# A K-major candidate of the decode sweep (`bench w4a16 --variants w4a16_kmajor`).
+KMAJOR_TILES = TileConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
 
 
 @pytest.mark.parametrize("variant", [
     ("cuda", False, None, wg.DECODE_TILES), ("cuda", True, None, wg.DECODE_TILES),
     ("rocm", False, None, wg.DECODE_TILES), ("rocm", True, None, wg.DECODE_TILES),
     ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES),
-    ("cuda", True, None, wg.GEMV_TILES), ("rocm", True, None, wg.GEMV_TILES)],
+    ("cuda", True, None, wg.GEMV_TILES), ("rocm", True, None, wg.GEMV_TILES),
+    ("cuda", True, None, KMAJOR_TILES, True), ("rocm", True, None, KMAJOR_TILES, True),
+    ("cuda", True, None, SWAP_TILES, True)],
     ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap",
-         "cuda-moe-gemv", "rocm-moe-gemv"])
+         "cuda-moe-gemv", "rocm-moe-gemv", "cuda-moe-kmajor", "rocm-moe-kmajor", "cuda-moe-swap-kmajor"])
 def test_w4a16_kernel_lowers_for_gpu(variant):
     """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's);
     `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue); the
     swap-AB variant with the platform's decoder (ptx on cuda, alu on rocm) and alu on cuda; the
     GEMV variant with the platform's decoder."""
-    platform, moe, decode, tiles = variant
+    platform, moe, decode, tiles, *k_major = variant
+    weights = packed.Fp4WeightsKMajor if k_major else packed.Fp4Weights
 
     def f(x, c, s, sizes):
         if not moe:
-            return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=tiles, decode=decode)
+            return wg.grouped_gemm(x, weights(c, s), sizes, cfg=tiles, decode=decode)
         ids = jnp.arange(m, dtype=jnp.int32) % 8
         epi = (lambda gate, up: jax.nn.silu(gate) * up, x[:, :n])
-        return wg.grouped_gemm(x, packed.Fp4Weights(c, s), sizes, cfg=tiles, decode=decode, row_ids=ids,
+        return wg.grouped_gemm(x, weights(c, s), sizes, cfg=tiles, decode=decode, row_ids=ids,
                                zero_tail=False, epilogue=epi)
 
     g, k, n, m = 4, 512, 512, 64
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k // 2, n), jnp.uint8),
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((g, n, k // 2) if k_major else (g, k // 2, n), jnp.uint8),
             jax.ShapeDtypeStruct((g, k // 32, n), jnp.uint8), jax.ShapeDtypeStruct((g,), jnp.int32))
     exported = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)

@@ -18,7 +18,9 @@ kernel is first checked against a float32 reference on a skewed routing (empty a
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
 `fp4_dequant` tiles. `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
-`w4a16_gemv`; `--variants` picks some) over `decode_sweep_tiles()` at every shape and each
+`w4a16_gemv`, `w4a16_kmajor`; `--variants` picks some) over `decode_sweep_tiles()` (and
+`KMAJOR_TILES`: the MMA kernel on K-major codes, `packed.Fp4WeightsKMajor`, converted once per
+shape outside the timing) at every shape and each
 token count in the decode regime (< 32 rows per expert), each config first checked against the
 float32 reference, configs Triton refuses reported and skipped.
 
@@ -52,6 +54,22 @@ _SWEEP_GEMV = [(4, 128, 64, 4, 1), (4, 128, 64, 4, 2), (2, 128, 64, 4, 1), (2, 1
                (4, 256, 128, 8, 1), (2, 256, 64, 4, 1), (4, 128, 32, 2, 1), (4, 64, 64, 2, 1),
                (8, 128, 64, 8, 1), (8, 128, 32, 4, 1), (2, 512, 32, 4, 1)]
 VARIANTS = ("w4a16", "w4a16_swap", "w4a16_gemv")
+# `w4a16_kmajor`: the MMA kernel (plain or swap-AB) reading K-major codes (`packed.Fp4WeightsKMajor`:
+# one 32-bit shared-memory load per four code bytes instead of four byte loads and their repacking).
+# Offline SASS (pip Triton 3.9 on this kernel's TTIR for sm_90a, indicative only), K loop per
+# weight: 16x128x256 4/3 5.0 instructions (the [K/2, N] layout 6.2), 208 registers (2 blocks per
+# SM); 16x64x256 4/3 5.5 at 123 registers (4 blocks per SM). Candidates until a GPU measures them.
+KMAJOR = "w4a16_kmajor"
+ALL_VARIANTS = (*VARIANTS, KMAJOR)
+_SWEEP_KMAJOR = [(16, 128, 256, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2),
+                 (16, 64, 512, 4, 3), (16, 128, 128, 4, 3), (16, 256, 256, 8, 3), (16, 64, 256, 2, 3)]
+_SWEEP_KMAJOR_SWAP = [(8, 128, 256, 4, 3), (8, 64, 256, 4, 3)]
+
+
+def kmajor_tiles():
+    """The `w4a16_kmajor` candidates of the decode sweep (plain MMA, then swap-AB)."""
+    from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
+    return [T(*t) for t in _SWEEP_KMAJOR] + [T(*t, swap_ab=True) for t in _SWEEP_KMAJOR_SWAP]
 
 
 def decode_sweep_tiles(variants=VARIANTS):
@@ -187,46 +205,53 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
     compile or misses CHECK_TOL is reported and not timed. Prints each variant's best."""
     import jax
 
+    from atom_jax.kernels.packed import to_k_major
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
     variants = args.variants.split(",")
-    if unknown := set(variants) - set(VARIANTS):
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    cfgs = decode_sweep_tiles(variants)
+    if unknown := set(variants) - set(ALL_VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    # (variant name, tiles, K-major codes?)
+    cfgs = [(variant(c), c, False) for c in decode_sweep_tiles(variants)]
+    cfgs += [(KMAJOR, c, True) for c in kmajor_tiles()] if KMAJOR in variants else []
     if args.tiny:
-        cfgs = [c for c in (T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True), T(4, 32, 64, 4, 2, False, True))
-                if variant(c) in variants]
+        cfgs = [(variant(c), c, False) for c in (T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True),
+                                                 T(4, 32, 64, 4, 2, False, True)) if variant(c) in variants]
+        cfgs += [(KMAJOR, T(8, 32, 64, 4, 2), True)] if KMAJOR in variants else []
     for shape, (g, k, n) in shapes.items():
         decode_tokens = [t for t in tokens if t * TOPK / g < DECODE_ROWS_PER_EXPERT] or tokens[:1]
         case = _check_case(k, n, g, max(decode_tokens) * TOPK, rng)
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        if any(km for _, _, km in cfgs):  # converted once, outside the timing (as at load)
+            case_km, w_km = dict(case, w4=to_k_major(case["w4"])), to_k_major(w_fp4)
         best = {}
-        for cfg in cfgs:
+        for name, cfg, k_major in cfgs:
             fn = fp4(cfg)
-            base = {"shape": shape, "kernel": variant(cfg), "tiles": dataclasses.asdict(cfg)}
+            base = {"shape": shape, "kernel": name, "tiles": dataclasses.asdict(cfg), "k_major": k_major}
+            label = tiles_name(cfg) + (" kmajor" if k_major else "")
             try:
-                err = _check_error(case, fn)
+                err = _check_error(case_km if k_major else case, fn)
             except Exception as e:  # a tile shape the compiler refuses is a result too
                 err = failure(e)
             if not (isinstance(err, float) and err < CHECK_TOL):
                 out["decode_sweep"].append(dict(base, check_err=err,
                                                 error=err if isinstance(err, str) else "wrong"))
-                print(f"decode sweep {shape} {tiles_name(cfg)}: {err if isinstance(err, str) else f'wrong ({err:.3g})'}",
+                print(f"decode sweep {shape} {label}: {err if isinstance(err, str) else f'wrong ({err:.3g})'}",
                       flush=True)
                 continue
             for t in decode_tokens:
                 try:
-                    sec, nonempty = _time(fn, w_fp4, g, k, t, rng, args.iters)
+                    sec, nonempty = _time(fn, w_km if k_major else w_fp4, g, k, t, rng, args.iters)
                 except Exception as e:
                     out["decode_sweep"].append(dict(base, tokens=t, check_err=err, error=failure(e)))
-                    print(f"decode sweep {shape} {t} {tiles_name(cfg)}: {failure(e)}", flush=True)
+                    print(f"decode sweep {shape} {t} {label}: {failure(e)}", flush=True)
                     continue
-                row = _rate_row(dict(base, tokens=t, check_err=err), variant(cfg), sec,
+                row = _rate_row(dict(base, tokens=t, check_err=err), name, sec,
                                 nonempty * k * n * FP4_BYTES_PER_WEIGHT, 2.0 * t * TOPK * k * n, ceil, None, None)
                 out["decode_sweep"].append(row)
-                key = (t, variant(cfg))
+                key = (t, name)
                 if key not in best or row["ms"] < best[key][0]["ms"]:
                     best[key] = (row, cfg)
-                print(f"decode sweep {shape} {t} {tiles_name(cfg):22} {row['ms']:8.3f} ms {row['GBps']:6.0f} GB/s "
+                print(f"decode sweep {shape} {t} {label:29} {row['ms']:8.3f} ms {row['GBps']:6.0f} GB/s "
                       f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy (check {err:.1e})", flush=True)
         for (t, name), (row, cfg) in sorted(best.items(), key=lambda kv: kv[0]):
             other = best.get((t, "w4a16"))
@@ -396,8 +421,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--decode-sweep", action="store_true",
                    help="also time the W4A16 variants (--variants) over decode_sweep_tiles() at every shape "
                         "and decode token count (< 32 rows per expert), each checked against float32 first")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="the decode sweep's variants: w4a16 (MMA), w4a16_swap (swap-AB MMA), w4a16_gemv (no MMA)")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                   help="the decode sweep's variants: w4a16 (MMA), w4a16_swap (swap-AB MMA), w4a16_gemv (no MMA), "
+                        "w4a16_kmajor (the MMA kernel on K-major codes)")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")

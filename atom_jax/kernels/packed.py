@@ -40,6 +40,35 @@ class Fp4Weights:
         return self.codes.ndim
 
 
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp4WeightsKMajor:
+    """`Fp4Weights` with the codes stored K-major, [..., N, K/2] (the checkpoint's own [out, in/2]
+    orientation: each column's bytes contiguous along K); scales as `Fp4Weights`' [..., K/32, N].
+    The W4A16 MMA kernel reads these with one 32-bit shared-memory load per four code bytes of a
+    column, where the [K/2, N] layout costs four byte loads and their repacking (`to_k_major`)."""
+
+    codes: jax.Array  # uint8 [..., N, K/2]
+    scales: jax.Array  # uint8 [..., K/32, N]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.codes.shape[:-2], 2 * self.codes.shape[-1], self.codes.shape[-2])
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+
+def to_k_major(w: Fp4Weights) -> Fp4WeightsKMajor:
+    """The same weights with K-major codes (one transpose of the codes: do it once, at load)."""
+    return Fp4WeightsKMajor(jnp.swapaxes(w.codes, -1, -2), w.scales)
+
+
+def from_k_major(w: Fp4WeightsKMajor) -> Fp4Weights:
+    return Fp4Weights(jnp.swapaxes(w.codes, -1, -2), w.scales)
+
 def fp4_check(codes_shape, scales_shape):
     *lead, kh, n = codes_shape
     k = 2 * kh

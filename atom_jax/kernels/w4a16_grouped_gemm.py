@@ -35,6 +35,28 @@ Triton, so indicative only), its K loop issues 10.0 SASS instructions per weight
 rows per expert unless the decode gets much cheaper (no CUDA-core FMA on Hopper takes bf16
 inputs with a float32 sum, so the FMAs alone cost one instruction per weight and row).
 
+K-major codes (`packed.Fp4WeightsKMajor`: [G, N, K/2], the checkpoint's own orientation, made
+once at load by `packed.to_k_major`) run the same MMA kernels (plain and swap-AB; not the GEMV):
+each K step reads the [block_n, block_k/2] code tile and transposes it (`.T`, a view), the rest
+unchanged, results bit for bit those of the [K/2, N] codes. Why: Triton decodes in the MMA
+operand layout, where each thread holds four K-consecutive code bytes of one column; from the
+[K/2, N] layout's shared-memory tile those are four byte loads (LDS.U8) and three byte permutes
+to pack them, from the K-major tile one 32-bit load. Compiled offline for sm_90a (pip Triton 3.9
+on this kernel's TTIR, indicative only), the K loop per weight (per thread: SASS instructions /
+weights), registers per thread and blocks per SM (128 threads):
+
+  tiles (m x n x k, warps/stages)   [K/2, N] codes             K-major codes
+  16x128x256 4/3 (DECODE_TILES)     6.2, 189 regs, 2 blocks    5.0, 208 regs, 2 blocks
+  16x128x256 4/2                    6.0, 186 regs, 2 blocks    5.0, 191 regs, 2 blocks
+  16x64x256 4/3                     6.6, 120 regs, 4 blocks    5.5, 123 regs, 4 blocks
+  16x64x256 4/2                     6.3, 101 regs, 4 blocks    5.4, 106 regs, 4 blocks
+  16x128x128 4/3                    6.3, 144 regs, 3 blocks    5.2, 143 regs, 3 blocks
+
+(the rest per weight: the decode 3.0, its constants and shifts as IMAD, the A operand's register
+moves ~0.2-0.75, the MMA 0.25; the IMAD count is the decoder's shifts, IMAD.SHL, and moves,
+IMAD.MOV, not address arithmetic). Candidates of `bench w4a16 --decode-sweep` (`w4a16_kmajor`)
+until a GPU measures them; the engine's weights stay [K/2, N] until then.
+
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
 bytes on an H200 (the bf16 kernel streams 3.6 TB/s). `ptx` (CUDA) decodes four code bytes per
@@ -170,7 +192,7 @@ def by_decoder(body, decode: str | None, interpret: bool):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            half_k: int, num_groups: int, decode: str, gather: bool, epilogue):
+            half_k: int, num_groups: int, decode: str, gather: bool, epilogue, k_major: bool = False):
     ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
@@ -197,7 +219,8 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             kb = pl.ds(pl.multiple_of(kk * bkh, bkh), bkh)
             ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
             ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
-            even, odd = DECODERS[decode](c_ref[g, kb, cols], s_ref[g, ks, cols])
+            codes = c_ref[g, cols, kb].T if k_major else c_ref[g, kb, cols]
+            even, odd = DECODERS[decode](codes, s_ref[g, ks, cols])
             a_even, a_odd = load(kb), load(ko)
             acc = acc + product(a_even, even)
             return acc + product(a_odd, odd)
@@ -287,7 +310,7 @@ def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int
     return accumulate
 
 
-def grouped_gemm_ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg: TileConfig | None = None,
+def grouped_gemm_ranges(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, starts, ends, cfg: TileConfig | None = None,
                         interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None,
                         epilogue=None):
     """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
@@ -305,8 +328,11 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     g, k2, n = weights.shape
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
-    packed.fp4_check(weights.codes.shape, weights.scales.shape)
+    k_major = isinstance(weights, packed.Fp4WeightsKMajor)
+    packed.fp4_check((g, k2 // 2, n), weights.scales.shape)
     cfg = cfg or PREFILL_TILES
+    if k_major and cfg.gemv:
+        raise ValueError("K-major codes (packed.Fp4WeightsKMajor) run on the MMA tiles only, not gemv")
     if cfg.gemv and (cfg.swap_ab or cfg.block_m > GEMV_MAX_BLOCK_M):
         raise ValueError(f"gemv tiles take block_m <= {GEMV_MAX_BLOCK_M} rows (larger groups run as several "
                          f"items) and no swap_ab; got block_m={cfg.block_m}, swap_ab={cfg.swap_ab}")
@@ -324,7 +350,7 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g, decode=decode,
-                          gather=row_ids is not None, epilogue=fn),
+                          gather=row_ids is not None, epilogue=fn, k_major=k_major),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -340,7 +366,7 @@ def kernel_name(cfg: TileConfig) -> str:
     return "w4a16_grouped_gemm" + ("_gemv" if cfg.gemv else "_swap" if cfg.swap_ab else "")
 
 
-def grouped_gemm(rows, weights: packed.Fp4Weights, group_sizes, cfg: TileConfig | None = None,
+def grouped_gemm(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, group_sizes, cfg: TileConfig | None = None,
                  interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True,
                  epilogue=None):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
