@@ -215,44 +215,25 @@ def test_w4a16_kernel_lowers_for_gpu(variant):
     assert "w4a16_grouped_gemm" in exported.mlir_module()
 
 
-def _emulate_ptx_decode(codes: np.ndarray, scales_bf16: np.ndarray):
-    """numpy model of `w4a16_grouped_gemm._PTX_DECODE` on one 4-byte word per row: prmt, shifts,
-    masks and lop3 on uint32, bf16x2 lanes multiplied in float64 and rounded to bf16 as fma.rn does."""
-    b = codes.astype(np.uint32)
-
-    def lanes(word):  # uint32 -> two bf16 values (low lane first) as float64
-        lo = (word & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
-        hi = (word >> 16).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)
-        return np.stack([lo, hi], -1)
-
-    def rne(x):
-        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
-
-    outs = []
-    for pair in ((0, 1), (2, 3)):
-        t = b[:, pair[0]] | (b[:, pair[1]] << 16)  # prmt 0x4140 / 0x4342
-        for lo_shift, sign_shift in ((6, 12), (2, 8)):
-            d = ((t << sign_shift) & 0x80008000) | ((t << lo_shift) & 0x01C001C0)
-            v = rne(lanes(d.astype(np.uint32)) * 2.0 ** 126)
-            outs.append(rne(v * scales_bf16[:, list(pair)].astype(np.float64)))
-    even = np.concatenate([outs[0], outs[2]], -1)
-    odd = np.concatenate([outs[1], outs[3]], -1)
-    return even, odd
-
-
 def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
-    """The inline-assembly decoder's bit logic (emulated) on all 256 code bytes and scales from
-    2**-127 (s = 0 gives 0) to 2**100: the checkpoint decoder's values exactly."""
+    """The MMA kernels' inline assembly (`_PTX_DECODE`: bf16 scales in, bf16x2 out), run by a PTX
+    interpreter on all 256 code bytes with scales 2**-127 (s = 0 gives 0) to 2**100: the
+    checkpoint decoder's values exactly, for the even (low nibble) and odd (high nibble) inputs."""
     rng = np.random.default_rng()
     codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
     s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
     s[0] = 0
-    sc = (s.astype(np.int16) << 7).view(ml_dtypes.bfloat16)
-    even, odd = _emulate_ptx_decode(codes, sc)
+    sc = (s.astype(np.uint32) << 7)  # bf16 bits of 2**(s - 127)
+    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
     scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
     e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    np.testing.assert_array_equal(even, e2m1[codes & 0xF] * scale)
-    np.testing.assert_array_equal(odd, e2m1[codes >> 4] * scale)
+    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
+        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE, half),
+                        {"$2": word(codes), "$3": sc[:, 0] | sc[:, 1] << 16, "$4": sc[:, 2] | sc[:, 3] << 16})
+        got = np.stack([(regs[f"${i}"] >> sh & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
+                        for i in (0, 1) for sh in (0, 16)], 1).astype(np.float64)
+        np.testing.assert_array_equal(got, e2m1[nibble] * scale)
+        assert np.array_equal(np.signbit(got), np.signbit(e2m1[nibble] * scale))  # -0 where the code's sign is set
 
 
 def _run_ptx(asm: str, operands: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -279,7 +260,9 @@ def _run_ptx(asm: str, operands: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         elif op == "prmt.b32":
             pool = [(x[0] >> (8 * i)) & 0xFF for i in range(4)] + [(x[1] >> (8 * i)) & 0xFF for i in range(4)]
             sel = int(src[2], 0)
-            out = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+            byte = [pool[(sel >> (4 * i)) & 7] for i in range(4)]  # selector bit 3: the byte's top bit replicated
+            byte = [np.where(b & 0x80, 0xFF, 0) if (sel >> (4 * i)) & 8 else b for i, b in enumerate(byte)]
+            out = sum((b.astype(np.uint32) & 0xFF) << (8 * i) for i, b in enumerate(byte))
         elif op == "shl.b32":
             out = (x[0].astype(np.uint64) << int(src[1], 0)).astype(np.uint32)
         elif op == "and.b32":
@@ -310,9 +293,8 @@ def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():
     word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
     scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
     e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    for (lo, sg), nibble in (((6, 12), codes & 0xF), ((2, 8), codes >> 4)):
-        asm = wg._PTX_DECODE_F32.replace("LO", str(lo)).replace("SG", str(sg))
-        regs = _run_ptx(asm, {"$4": word(codes), "$5": word(s)})
+    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
+        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_F32, half), {"$4": word(codes), "$5": word(s)})
         got = np.stack([regs[f"${i}"].view(np.float32) for i in range(4)], 1)
         np.testing.assert_array_equal(got, e2m1[nibble] * scale)
 

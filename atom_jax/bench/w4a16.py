@@ -55,10 +55,8 @@ _SWEEP_GEMV = [(4, 128, 64, 4, 1), (4, 128, 64, 4, 2), (2, 128, 64, 4, 1), (2, 1
                (8, 128, 64, 8, 1), (8, 128, 32, 4, 1), (2, 512, 32, 4, 1)]
 VARIANTS = ("w4a16", "w4a16_swap", "w4a16_gemv")
 # `w4a16_kmajor`: the MMA kernel (plain or swap-AB) reading K-major codes (`packed.Fp4WeightsKMajor`:
-# one 32-bit shared-memory load per four code bytes instead of four byte loads and their repacking).
-# Offline SASS (pip Triton 3.9 on this kernel's TTIR for sm_90a, indicative only), K loop per
-# weight: 16x128x256 4/3 5.0 instructions (the [K/2, N] layout 6.2), 208 registers (2 blocks per
-# SM); 16x64x256 4/3 5.5 at 123 registers (4 blocks per SM). Candidates until a GPU measures them.
+# one 32-bit shared-memory load per four code bytes instead of four byte loads and their repacking;
+# offline SASS counts in `w4a16_grouped_gemm`'s docstring). Candidates until a GPU measures them.
 KMAJOR = "w4a16_kmajor"
 ALL_VARIANTS = (*VARIANTS, KMAJOR)
 _SWEEP_KMAJOR = [(16, 128, 256, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2),
@@ -73,7 +71,7 @@ def kmajor_tiles():
 
 
 def decode_sweep_tiles(variants=VARIANTS):
-    """The W4A16 decode sweep's tiles of `variants` (w4a16: 11, w4a16_swap: 22, w4a16_gemv: 15)."""
+    """The W4A16 decode sweep's tiles of `variants` (w4a16: 13, w4a16_swap: 22, w4a16_gemv: 15)."""
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
     tiles = []
     for name, swap, block_ms in (("w4a16", False, (16,)), ("w4a16_swap", True, (8, 16))):
@@ -83,6 +81,8 @@ def decode_sweep_tiles(variants=VARIANTS):
             tiles += [T(bm, bn, bk, 4, 3, swap) for bn, bk in _SWEEP_NK]
             tiles += [T(bm, 128, 256, w, st, swap) for w, st in _SWEEP_WARPS_STAGES]
             tiles.append(T(bm, 256, 256, 8, 3, swap))
+            if not swap:  # 5 blocks per SM by registers offline (96 and 180 per thread): occupancy
+                tiles += [T(bm, 64, 256, 4, 2), T(bm, 64, 256, 2, 3)]
     if "w4a16_gemv" in variants:
         tiles += [T(*t, gemv=True) for t in _SWEEP_GEMV]
     return tiles

@@ -28,9 +28,9 @@ variants at 34-40% of copy bandwidth at decode), one reduction over K per work i
 list, gather, epilogue and zero range; `default_tiles` selects it below GEMV_MAX_ROWS_PER_GROUP
 rows per expert (0, never, until `bench w4a16 --decode-sweep` measures it on a GPU). Its issue
 budget is tight: compiled offline for sm_90a (pip Triton 3.9 on this kernel's TTIR, not XLA's
-Triton, so indicative only), its K loop issues 10.0 SASS instructions per weight at block_m 4
-(4 FFMA, 5.3 for the decode and its scales), 7.6 at block_m 2, the MMA kernel's (16x128x256)
-6.2; streaming 80% of an H200's copy bandwidth (3.2 TB/s of 0.53-byte weights) leaves ~5.5
+Triton, so indicative only), its K loop issues 9.4 SASS instructions per weight at block_m 4
+(4 FFMA, ~4.7 for the decode and its scales), 6.9 at block_m 2, the MMA kernel's (16x128x256)
+5.5; streaming 80% of an H200's copy bandwidth (3.2 TB/s of 0.53-byte weights) leaves ~5.5
 (132 SMs x 4 warp-instructions per clock), so expect it issue-bound near 40-45% of copy at 3-4
 rows per expert unless the decode gets much cheaper (no CUDA-core FMA on Hopper takes bf16
 inputs with a float32 sum, so the FMAs alone cost one instruction per weight and row).
@@ -41,29 +41,38 @@ each K step reads the [block_n, block_k/2] code tile and transposes it (`.T`, a 
 unchanged, results bit for bit those of the [K/2, N] codes. Why: Triton decodes in the MMA
 operand layout, where each thread holds four K-consecutive code bytes of one column; from the
 [K/2, N] layout's shared-memory tile those are four byte loads (LDS.U8) and three byte permutes
-to pack them, from the K-major tile one 32-bit load. Compiled offline for sm_90a (pip Triton 3.9
-on this kernel's TTIR, indicative only), the K loop per weight (per thread: SASS instructions /
-weights), registers per thread and blocks per SM (128 threads):
+to pack them, from the K-major tile one 32-bit load (ldmatrix). Compiled offline for sm_90a (pip
+Triton 3.9 on this kernel's TTIR, not XLA's Triton: indicative only), the K loop's SASS
+instructions per weight (per thread), registers per thread and blocks per SM (by registers;
+128 threads, 64 at 2 warps), with the `ptx` decoder before and after its cut to one permute,
+shift and mask per two weights (below):
 
-  tiles (m x n x k, warps/stages)   [K/2, N] codes             K-major codes
-  16x128x256 4/3 (DECODE_TILES)     6.2, 189 regs, 2 blocks    5.0, 208 regs, 2 blocks
-  16x128x256 4/2                    6.0, 186 regs, 2 blocks    5.0, 191 regs, 2 blocks
-  16x64x256 4/3                     6.6, 120 regs, 4 blocks    5.5, 123 regs, 4 blocks
-  16x64x256 4/2                     6.3, 101 regs, 4 blocks    5.4, 106 regs, 4 blocks
-  16x128x128 4/3                    6.3, 144 regs, 3 blocks    5.2, 143 regs, 3 blocks
+  tiles (m x n x k, warps/stages)   [K/2, N] codes                K-major codes
+                                    decoder: before    after      before        after
+  16x128x256 4/3 (DECODE_TILES)     6.2 189r 2b     5.5 160r 3b   5.0 208r 2b   4.5 164r 3b
+  16x128x256 4/2                    6.0 186r 2b     5.5 164r 3b   5.0 191r 2b   4.5 161r 3b
+  16x64x256 4/3                     6.6 120r 4b     6.0  96r 5b   5.5 123r 4b   5.0  97r 4b
+  16x64x256 4/2                     6.3 101r 4b     5.6  96r 5b   5.4 106r 4b   4.9  98r 4b
+  16x128x128 4/3                    6.3 144r 3b     5.8 127r 4b   5.2 143r 3b   4.8 125r 4b
+  16x64x256 2/3                     6.2 188r 5b     5.6 180r 5b   5.0 243r 4b   4.5 168r 6b
 
-(the rest per weight: the decode 3.0, its constants and shifts as IMAD, the A operand's register
-moves ~0.2-0.75, the MMA 0.25; the IMAD count is the decoder's shifts, IMAD.SHL, and moves,
-IMAD.MOV, not address arithmetic). Candidates of `bench w4a16 --decode-sweep` (`w4a16_kmajor`)
-until a GPU measures them; the engine's weights stay [K/2, N] until then.
+(80% of an H200's copy bandwidth leaves ~5.5 per weight. What remains at 16x128x256, K-major:
+the decode ~2.6 per weight with its two bf16 multiplies 1.0, the A operand's register moves
+~0.75 (IMAD.MOV/MOV: Triton loads the bf16 rows 4 K-values per thread, kWidth 4 from the 8-bit
+codes, and ptxas gathers the MMA fragments per instruction), the MMA 0.25, the scales ~0.3; the
+IMAD count of the issue's 395 was these moves and the decoder's shifts, IMAD.SHL, not address
+arithmetic: the loop's address math is a few IADD3/LEA per step.) Candidates of `bench w4a16
+--decode-sweep` (`w4a16_kmajor`) until a GPU measures them; the engine's weights stay [K/2, N].
 
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
 bytes on an H200 (the bf16 kernel streams 3.6 TB/s). `ptx` (CUDA) decodes four code bytes per
-inline-assembly instance with byte permutes and 3-input logic ops, about 3 operations per weight:
-sign and magnitude bits land where a bf16 holds them (value = e2m1 * 2**-126, subnormal for the
-e2m1 subnormal 0.5), one multiply by 2**126 makes them exact e2m1 values, a second applies the
-ue8m0 scale (two multiplies so that scales above 2**1 cannot overflow).
+inline-assembly instance per half (even / odd inputs), about 2.6 operations per weight: one byte
+permute per two bytes, which also replicates each nibble's sign above it, then one shift and
+one mask per two weights put sign and magnitude bits where a bf16 holds them (value = e2m1 *
+2**-126, subnormal for the e2m1 subnormal 0.5), one multiply by 2**126 makes them exact e2m1
+values, a second applies the ue8m0 scale (two multiplies so that scales above 2**1 cannot
+overflow).
 """
 
 from __future__ import annotations
@@ -100,20 +109,21 @@ def default_tiles(rows_per_group: float) -> TileConfig:
 
 
 # Four code bytes in $2 (elements e0..e3), their bf16 scales in $3 (e0, e1) and $4 (e2, e3); out
-# $0/$1 bf16x2 values of the low (even-input) or the high (odd-input) nibbles. prmt spreads two
-# bytes to the two 16-bit lanes; (t << LO) & 0x01C001C0 puts a nibble's magnitude in bf16's
-# exponent-low/mantissa-high bits and (t << SG) & 0x80008000 its sign (lop3 0xEA = (a & b) | c);
-# low nibbles shift by 6 and 12, high nibbles by 2 and 8. (One instance per half: Pallas' Triton
-# lowering of jax 0.10 mishandles inline assembly with several results.)
+# $0/$1 bf16x2 values of the low (even-input) or the high (odd-input) nibbles. c: the codes with
+# the half's nibbles in each byte's top (<< NIB: 4 for the low nibbles, 0 for the high ones);
+# prmt puts two bytes in the two 16-bit lanes, each above its own sign (selector nibbles 8-B
+# replicate a byte's top bit: the nibble's sign), so one shift by 2 and one mask (0x81C081C0)
+# leave each lane's sign at bf16's sign bit and its magnitude in bf16's exponent-low /
+# mantissa-high bits. (One instance per half: Pallas' Triton lowering of jax 0.10 mishandles
+# inline assembly with several results.)
 _PTX_DECODE = """{
-.reg .b32 t, u, v, d, k, z;
+.reg .b32 c, t, d, k, z;
 mov.b32 k, 0x7E807E80;
 mov.b32 z, 0x80008000;
-prmt.b32 t, $2, 0, 0x4140;
-shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+shl.b32 c, $2, NIB;
+prmt.b32 t, c, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
 fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $0, d, $3, z;
-prmt.b32 t, $2, 0, 0x4342;
-shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+prmt.b32 t, c, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
 fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, $4, z;
 }"""
 
@@ -125,18 +135,24 @@ def _decode_ptx(codes, scales):
                        "=r,=r,r,r,r")
 
 
+NIBBLE_SHIFTS = {"even": 4, "odd": 0}  # each half's nibble to its byte's top: the low (even inputs) by 4
+
+
+def half_asm(template: str, half: str) -> str:
+    """A decoder's inline assembly for the "even" (low nibble) or "odd" (high nibble) half."""
+    return template.replace("NIB", str(NIBBLE_SHIFTS[half]))
+
+
 def _asm_halves(template: str, args, dtype, constraints: str):
     """(even, odd) [Kh, N] `dtype` from a decoder's inline assembly over four code bytes at a
-    time: one instance with the low nibbles' shifts (magnitude 6, sign 12), one with the high
-    nibbles' (2, 8)."""
+    time: one instance per half (`half_asm`)."""
     out = jax.ShapeDtypeStruct(args[0].shape, dtype)
 
-    def half(lo, sg):
-        asm = template.replace("LO", str(lo)).replace("SG", str(sg))
-        return plt.elementwise_inline_asm(asm, args=args, constraints=constraints, pack=4,
+    def half(name):
+        return plt.elementwise_inline_asm(half_asm(template, name), args=args, constraints=constraints, pack=4,
                                           result_shape_dtypes=[out])[0]
 
-    return half(6, 12), half(2, 8)
+    return half("even"), half("odd")
 
 
 def _decode_alu(codes, scales):
@@ -151,15 +167,14 @@ DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
 # makes each the bf16 2**(s - 127)), and the four float32 values out in $0..$3 (a bf16 pair
 # widened by one shift or mask each), as the float32 FMAs take them.
 _PTX_DECODE_F32 = """{
-.reg .b32 t, u, v, d, k, z, s0, s1;
+.reg .b32 c, t, d, k, z, s0, s1;
 mov.b32 k, 0x7E807E80;
 mov.b32 z, 0x80008000;
 prmt.b32 s0, $5, 0, 0x4140; shl.b32 s0, s0, 7; prmt.b32 s1, $5, 0, 0x4342; shl.b32 s1, s1, 7;
-prmt.b32 t, $4, 0, 0x4140;
-shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+shl.b32 c, $4, NIB;
+prmt.b32 t, c, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
 fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 d, d, s0, z; shl.b32 $0, d, 16; and.b32 $1, d, 0xFFFF0000;
-prmt.b32 t, $4, 0, 0x4342;
-shl.b32 u, t, LO; and.b32 u, u, 0x01C001C0; shl.b32 v, t, SG; lop3.b32 d, v, 0x80008000, u, 0xEA;
+prmt.b32 t, c, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
 fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 d, d, s1, z; shl.b32 $2, d, 16; and.b32 $3, d, 0xFFFF0000;
 }"""
 
