@@ -185,7 +185,7 @@ KMAJOR_TILES = TileConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_
     ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES),
     ("cuda", True, None, wg.GEMV_TILES), ("rocm", True, None, wg.GEMV_TILES),
     ("cuda", True, None, KMAJOR_TILES, True), ("rocm", True, None, KMAJOR_TILES, True),
-    ("cuda", True, None, SWAP_TILES, True)],
+    ("cuda", True, None, TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True), True)],
     ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap",
          "cuda-moe-gemv", "rocm-moe-gemv", "cuda-moe-kmajor", "rocm-moe-kmajor", "cuda-moe-swap-kmajor"])
 def test_w4a16_kernel_lowers_for_gpu(variant):

@@ -15,6 +15,7 @@ from test_w4a16 import random_fp4_experts
 from atom_jax.bench.routings import skewed_sizes
 from atom_jax.kernels import packed
 from atom_jax.kernels import w4a16_grouped_gemm as wg
+from atom_jax.kernels.pallas_grouped_gemm import TileConfig
 from atom_jax.weights import quant
 
 pytestmark = pytest.mark.gpu
@@ -74,7 +75,9 @@ def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
 
 
 @pytest.mark.parametrize("tiles", [dataclasses.replace(wg.DECODE_TILES, block_n=64),
-                                   dataclasses.replace(wg.DECODE_TILES, block_m=8, swap_ab=True)], ids=["mma", "swap8"])
+                                   dataclasses.replace(wg.DECODE_TILES, block_m=8, swap_ab=True),
+                                   TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True)],
+                         ids=["mma", "swap8", "swap8-2warps"])
 def test_compiled_w4a16_k_major_codes_match_the_standard_layout(tiles):
     """K-major codes (`packed.Fp4WeightsKMajor`) compiled: bit for bit the [K/2, N] codes' output,
     and the float32 reference, on a skewed routing."""

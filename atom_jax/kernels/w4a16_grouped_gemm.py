@@ -55,8 +55,16 @@ shift and mask per two weights (below):
   16x64x256 4/2                     6.3 101r 4b     5.6  96r 5b   5.4 106r 4b   4.9  98r 4b
   16x128x128 4/3                    6.3 144r 3b     5.8 127r 4b   5.2 143r 3b   4.8 125r 4b
   16x64x256 2/3                     6.2 188r 5b     5.6 180r 5b   5.0 243r 4b   4.5 168r 6b
+  swap-AB 8x128x256 4/3 (wgmma)     8.3             7.8 253r 2b   5.5 245r 2b   4.9 216r 2b
+  swap-AB 8x64x256 2/3 (mma.sync)                   8.2 246r 4b                 3.7 125r 8b
+  swap-AB 8x64x128 2/3                                                          3.9  94r 10b
+  swap-AB 8x128x128 2/3                                                         3.7 159r 6b
+  swap-AB 16x64x256 2/3                                                         4.3 168r 6b
 
-(80% of an H200's copy bandwidth leaves ~5.5 per weight. What remains at 16x128x256, K-major:
+(80% of an H200's copy bandwidth leaves ~5.5 per weight. The best: K-major swap-AB at 1-2 warps,
+where Triton keeps Hopper's mma.sync (wgmma wants 4-warp groups): the decoded weights are its A
+operand straight from the decoder's registers and the rows its B operand, 4 K-values per thread
+as the MMA takes them, so no register moves. What remains at 16x128x256, K-major:
 the decode ~2.6 per weight with its two bf16 multiplies 1.0, the A operand's register moves
 ~0.75 (IMAD.MOV/MOV: Triton loads the bf16 rows 4 K-values per thread, kWidth 4 from the 8-bit
 codes, and ptxas gathers the MMA fragments per instruction), the MMA 0.25, the scales ~0.3; the
