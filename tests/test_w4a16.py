@@ -89,10 +89,11 @@ def test_w4a16_swap_ab_matches_float64_reference():
 
 
 def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: int, k: int = 128, n: int = 64,
-                               k_major: bool = False):
+                               k_major: bool = False, one_multiply: bool = False):
     """The kernel at `cfg`, interpreted, with rows gathered in the kernel (row_ids into r rows),
     the SwiGLU epilogue and the zero tail, against float64 on the decoded weights. `k_major`:
-    the weights as `packed.Fp4WeightsKMajor`, and the output bit for bit that of the [K/2, N] codes."""
+    the weights as `packed.Fp4WeightsKMajor`; `one_multiply`: the one-multiply decoder; either
+    way the output bit for bit that of the plain call."""
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = rng.integers(0, r, m).astype(np.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)) * 2, jnp.bfloat16)
@@ -100,8 +101,9 @@ def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: i
     epi = (lambda gt, up: jax.nn.silu(gt) * up, gate)
     run = functools.partial(wg.grouped_gemm, x, group_sizes=jnp.asarray(sizes), cfg=cfg, interpret=True,
                             row_ids=jnp.asarray(ids), epilogue=epi)
-    out = run(packed.to_k_major(w) if k_major else w)
-    if k_major:
+    out = run(packed.to_k_major(w) if k_major else w, one_multiply=one_multiply)
+    if k_major or one_multiply:
+        assert wg.one_multiply_fits(w) or not one_multiply
         np.testing.assert_array_equal(np.asarray(out), np.asarray(run(w)))
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     up = grouped_reference(np.asarray(x, np.float64)[ids], dense, sizes)
@@ -114,15 +116,18 @@ def _check_as_the_moe_calls_it(rng, sizes, m: int, cfg: TileConfig, g: int, r: i
     assert np.all(out[valid:] == 0)
 
 
-@pytest.mark.parametrize("swap", [False, True], ids=["mma", "swap"])
-def test_w4a16_k_major_codes_match_float64_and_the_standard_layout(swap):
-    """K-major codes (`packed.Fp4WeightsKMajor`), interpreted, as the MoE calls the kernel, on a
-    skewed routing: float64 on the decoded weights, and bit for bit the [K/2, N] codes' output."""
+@pytest.mark.parametrize("swap,k_major,one_multiply", [(False, True, False), (True, True, False),
+                                                       (False, False, True), (True, True, True)],
+                         ids=["mma-kmajor", "swap-kmajor", "mma-1mul", "swap-kmajor-1mul"])
+def test_w4a16_k_major_codes_and_one_multiply_match_float64_and_the_plain_kernel(swap, k_major, one_multiply):
+    """K-major codes (`packed.Fp4WeightsKMajor`) and the one-multiply decoder, interpreted, as the
+    MoE calls the kernel, on a skewed routing: float64 on the decoded weights, and bit for bit the
+    output of the [K/2, N] codes with the two-multiply decoder."""
     rng = np.random.default_rng()
     sizes = skewed_sizes(rng, int(rng.integers(30, 50)), 5)
     m = int(sizes.sum()) + int(rng.integers(1, 6))
     cfg = TileConfig(block_m=8 if swap else 16, block_n=32, block_k=64, swap_ab=swap)
-    _check_as_the_moe_calls_it(rng, sizes, m, cfg, g=5, r=20, k_major=True)
+    _check_as_the_moe_calls_it(rng, sizes, m, cfg, g=5, r=20, k_major=k_major, one_multiply=one_multiply)
 
 
 def test_k_major_round_trip_and_shape():
@@ -185,15 +190,18 @@ KMAJOR_TILES = TileConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_
     ("cuda", True, None, SWAP_TILES), ("cuda", True, "alu", SWAP_TILES), ("rocm", True, None, SWAP_TILES),
     ("cuda", True, None, wg.GEMV_TILES), ("rocm", True, None, wg.GEMV_TILES),
     ("cuda", True, None, KMAJOR_TILES, True), ("rocm", True, None, KMAJOR_TILES, True),
-    ("cuda", True, None, TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True), True)],
+    ("cuda", True, None, TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True), True),
+    ("cuda", True, None, wg.DECODE_TILES, False, True),
+    ("cuda", True, None, TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True), True, True)],
     ids=["cuda", "cuda-moe", "rocm", "rocm-moe", "cuda-moe-swap", "cuda-moe-swap-alu", "rocm-moe-swap",
-         "cuda-moe-gemv", "rocm-moe-gemv", "cuda-moe-kmajor", "rocm-moe-kmajor", "cuda-moe-swap-kmajor"])
+         "cuda-moe-gemv", "rocm-moe-gemv", "cuda-moe-kmajor", "rocm-moe-kmajor", "cuda-moe-swap-kmajor",
+         "cuda-moe-1mul", "cuda-moe-swap-kmajor-1mul"])
 def test_w4a16_kernel_lowers_for_gpu(variant):
     """The Triton lowering runs on CPU through jax.export (the GPU compile itself is the GPU test's);
     `moe`: as the MoE's w3 GEMM calls it (rows gathered in the kernel, the SwiGLU epilogue); the
     swap-AB variant with the platform's decoder (ptx on cuda, alu on rocm) and alu on cuda; the
     GEMV variant with the platform's decoder."""
-    platform, moe, decode, tiles, *k_major = variant
+    platform, moe, decode, tiles, k_major, one_multiply = (*variant, False, False)[:6]
     weights = packed.Fp4WeightsKMajor if k_major else packed.Fp4Weights
 
     def f(x, c, s, sizes):
@@ -202,7 +210,7 @@ def test_w4a16_kernel_lowers_for_gpu(variant):
         ids = jnp.arange(m, dtype=jnp.int32) % 8
         epi = (lambda gate, up: jax.nn.silu(gate) * up, x[:, :n])
         return wg.grouped_gemm(x, weights(c, s), sizes, cfg=tiles, decode=decode, row_ids=ids,
-                               zero_tail=False, epilogue=epi)
+                               zero_tail=False, epilogue=epi, one_multiply=one_multiply)
 
     g, k, n, m = 4, 512, 512, 64
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
@@ -280,6 +288,27 @@ def _run_ptx(asm: str, operands: dict[str, np.ndarray]) -> dict[str, np.ndarray]
             raise AssertionError(f"instruction {op} not modelled")
         regs[dst] = np.asarray(out, np.uint32)
     return regs
+
+
+def test_one_multiply_ptx_decode_matches_checkpoint_decoder_over_its_scales():
+    """The one-multiply inline assembly (`_PTX_DECODE_1MUL`, scales from `_one_mul_scales`), run
+    by the PTX interpreter on all 256 code bytes and every scale byte of ONE_MUL_SCALE_BYTES: the
+    checkpoint decoder's values times 2**-ONE_MUL_SHIFT exactly (signed zeros included)."""
+    lo, hi = wg.ONE_MUL_SCALE_BYTES
+    codes = np.tile(np.arange(256, dtype=np.uint8).reshape(64, 4), (hi - lo + 1, 1))
+    s = np.repeat(np.arange(lo, hi + 1, dtype=np.uint8), 64)[:, None].repeat(4, 1)
+    sc = np.asarray(wg._one_mul_scales(jnp.asarray(s))).view(np.uint16).astype(np.uint32)
+    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
+    want_scale = 2.0 ** (s.astype(np.float64) - 127 - wg.ONE_MUL_SHIFT)
+    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
+        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_1MUL, half),
+                        {"$2": word(codes), "$3": sc[:, 0] | sc[:, 1] << 16, "$4": sc[:, 2] | sc[:, 3] << 16})
+        got = np.stack([(regs[f"${i}"] >> sh & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
+                        for i in (0, 1) for sh in (0, 16)], 1).astype(np.float64)
+        want = e2m1[nibble] * want_scale
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
 
 
 def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():

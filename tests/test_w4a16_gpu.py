@@ -78,17 +78,21 @@ def test_compiled_w4a16_row_ids_gather_matches_gathered_rows(tiles):
                                    dataclasses.replace(wg.DECODE_TILES, block_m=8, swap_ab=True),
                                    TileConfig(8, 64, 256, num_warps=2, num_stages=3, swap_ab=True)],
                          ids=["mma", "swap8", "swap8-2warps"])
-def test_compiled_w4a16_k_major_codes_match_the_standard_layout(tiles):
-    """K-major codes (`packed.Fp4WeightsKMajor`) compiled: bit for bit the [K/2, N] codes' output,
-    and the float32 reference, on a skewed routing."""
+@pytest.mark.parametrize("one_multiply", [False, True], ids=["2mul", "1mul"])
+def test_compiled_w4a16_k_major_codes_match_the_standard_layout(tiles, one_multiply):
+    """K-major codes (`packed.Fp4WeightsKMajor`), with either PTX decoder, compiled: bit for bit the
+    [K/2, N] codes' output with the two-multiply decoder, and the float32 reference, on a skewed
+    routing (scales in ONE_MUL_SCALE_BYTES)."""
     rng = np.random.default_rng()
     g, k, n, m = 16, 512, 512, 300
     sizes = jnp.asarray(skewed_sizes(rng, m - 7, g))
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w, dense = random_fp4_experts(rng, g, k, n)
-    run = jax.jit(lambda a, b, s: wg.grouped_gemm(a, b, s, cfg=tiles))
-    out = np.asarray(run(x, packed.to_k_major(w), sizes), np.float32)
-    np.testing.assert_array_equal(out, np.asarray(run(x, w, sizes), np.float32))
+    assert wg.one_multiply_fits(w)
+    run = jax.jit(lambda a, b, s, one: wg.grouped_gemm(a, b, s, cfg=tiles, decode="ptx", one_multiply=one),
+                  static_argnums=3)
+    out = np.asarray(run(x, packed.to_k_major(w), sizes, one_multiply), np.float32)
+    np.testing.assert_array_equal(out, np.asarray(run(x, w, sizes, False), np.float32))
     ref = grouped_reference(np.asarray(x, np.float32), dense, np.asarray(sizes))
     row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
     assert np.all(row_err[:m - 7] < 2e-2)

@@ -18,7 +18,7 @@ kernel is first checked against a float32 reference on a skewed routing (empty a
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
 `fp4_dequant` tiles. `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
-`w4a16_gemv`, `w4a16_kmajor`; `--variants` picks some) over `decode_sweep_tiles()` (and
+`w4a16_gemv`, `w4a16_kmajor`, `w4a16_1mul`; `--variants` picks some) over `decode_sweep_tiles()` (and
 `KMAJOR_TILES`: the MMA kernel on K-major codes, `packed.Fp4WeightsKMajor`, converted once per
 shape outside the timing) at every shape and each
 token count in the decode regime (< 32 rows per expert), each config first checked against the
@@ -58,7 +58,12 @@ VARIANTS = ("w4a16", "w4a16_swap", "w4a16_gemv")
 # one 32-bit shared-memory load per four code bytes instead of four byte loads and their repacking;
 # offline SASS counts in `w4a16_grouped_gemm`'s docstring). Candidates until a GPU measures them.
 KMAJOR = "w4a16_kmajor"
-ALL_VARIANTS = (*VARIANTS, KMAJOR)
+# `w4a16_1mul`: the one-multiply decoder (`grouped_gemm(..., one_multiply=True)`, exact for scale
+# bytes `ONE_MUL_SCALE_BYTES`, which `random_fp4`'s are), on [K/2, N] and K-major codes.
+ONE_MUL = "w4a16_1mul"
+ALL_VARIANTS = (*VARIANTS, KMAJOR, ONE_MUL)
+_SWEEP_ONE_MUL = [(16, 128, 256, 4, 3), (16, 64, 256, 4, 2), (16, 128, 128, 4, 3)]  # both layouts
+_SWEEP_ONE_MUL_KMAJOR_SWAP = [(8, 64, 256, 2, 3), (8, 64, 256, 2, 2), (8, 128, 128, 2, 3)]
 _SWEEP_KMAJOR = [(16, 128, 256, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2),
                  (16, 128, 128, 4, 3), (16, 64, 256, 2, 3)]
 # swap-AB at 1-2 warps (no warpgroup: Hopper's mma.sync, the decoded weights as its A operand from
@@ -71,6 +76,13 @@ def kmajor_tiles():
     """The `w4a16_kmajor` candidates of the decode sweep (plain MMA, then swap-AB)."""
     from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
     return [T(*t) for t in _SWEEP_KMAJOR] + [T(*t, swap_ab=True) for t in _SWEEP_KMAJOR_SWAP]
+
+
+def one_mul_tiles():
+    """The `w4a16_1mul` candidates: (tiles, K-major codes?)."""
+    from atom_jax.kernels.pallas_grouped_gemm import TileConfig as T
+    return ([(T(*t), False) for t in _SWEEP_ONE_MUL] + [(T(*t), True) for t in _SWEEP_ONE_MUL]
+            + [(T(*t, swap_ab=True), True) for t in _SWEEP_ONE_MUL_KMAJOR_SWAP])
 
 
 def decode_sweep_tiles(variants=VARIANTS):
@@ -213,24 +225,27 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
     variants = args.variants.split(",")
     if unknown := set(variants) - set(ALL_VARIANTS):
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
-    # (variant name, tiles, K-major codes?)
-    cfgs = [(variant(c), c, False) for c in decode_sweep_tiles(variants)]
-    cfgs += [(KMAJOR, c, True) for c in kmajor_tiles()] if KMAJOR in variants else []
+    # (variant name, tiles, K-major codes?, one-multiply decoder?)
+    cfgs = [(variant(c), c, False, False) for c in decode_sweep_tiles(variants)]
+    cfgs += [(KMAJOR, c, True, False) for c in kmajor_tiles()] if KMAJOR in variants else []
+    cfgs += [(ONE_MUL, c, km, True) for c, km in one_mul_tiles()] if ONE_MUL in variants else []
     if args.tiny:
-        cfgs = [(variant(c), c, False) for c in (T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True),
-                                                 T(4, 32, 64, 4, 2, False, True)) if variant(c) in variants]
-        cfgs += [(KMAJOR, T(8, 32, 64, 4, 2), True)] if KMAJOR in variants else []
+        cfgs = [(variant(c), c, False, False) for c in (T(8, 32, 64, 4, 2, False), T(8, 32, 64, 4, 2, True),
+                                                        T(4, 32, 64, 4, 2, False, True)) if variant(c) in variants]
+        cfgs += [(KMAJOR, T(8, 32, 64, 4, 2), True, False)] if KMAJOR in variants else []
+        cfgs += [(ONE_MUL, T(8, 32, 64, 4, 2, True), True, True)] if ONE_MUL in variants else []
     for shape, (g, k, n) in shapes.items():
         decode_tokens = [t for t in tokens if t * TOPK / g < DECODE_ROWS_PER_EXPERT] or tokens[:1]
         case = _check_case(k, n, g, max(decode_tokens) * TOPK, rng)
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
-        if any(km for _, _, km in cfgs):  # converted once, outside the timing (as at load)
+        if any(km for _, _, km, _ in cfgs):  # converted once, outside the timing (as at load)
             case_km, w_km = dict(case, w4=to_k_major(case["w4"])), to_k_major(w_fp4)
         best = {}
-        for name, cfg, k_major in cfgs:
-            fn = fp4(cfg)
-            base = {"shape": shape, "kernel": name, "tiles": dataclasses.asdict(cfg), "k_major": k_major}
-            label = tiles_name(cfg) + (" kmajor" if k_major else "")
+        for name, cfg, k_major, one_mul in cfgs:
+            fn = fp4(cfg, one_multiply=one_mul)
+            base = {"shape": shape, "kernel": name, "tiles": dataclasses.asdict(cfg), "k_major": k_major,
+                    "one_multiply": one_mul}
+            label = tiles_name(cfg) + (" kmajor" if k_major else "") + (" 1mul" if one_mul else "")
             try:
                 err = _check_error(case_km if k_major else case, fn)
             except Exception as e:  # a tile shape the compiler refuses is a result too
@@ -253,13 +268,13 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
                 out["decode_sweep"].append(row)
                 key = (t, name)
                 if key not in best or row["ms"] < best[key][0]["ms"]:
-                    best[key] = (row, cfg)
+                    best[key] = (row, label)
                 print(f"decode sweep {shape} {t} {label:29} {row['ms']:8.3f} ms {row['GBps']:6.0f} GB/s "
                       f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy (check {err:.1e})", flush=True)
-        for (t, name), (row, cfg) in sorted(best.items(), key=lambda kv: kv[0]):
+        for (t, name), (row, label) in sorted(best.items(), key=lambda kv: kv[0]):
             other = best.get((t, "w4a16"))
             vs = f"  {row['ms'] / other[0]['ms']:.2f}x w4a16's best time" if other and name != "w4a16" else ""
-            print(f"decode sweep {shape} {t} best {name:10} {tiles_name(cfg):22} {row['ms']:8.3f} ms "
+            print(f"decode sweep {shape} {t} best {name:10} {label:29} {row['ms']:8.3f} ms "
                   f"{row['GBps']:6.0f} GB/s {100 * (row['frac_of_copy'] or 0):4.0f}% of copy{vs}", flush=True)
         save(out, args.json)
 
@@ -290,8 +305,9 @@ def run(args) -> int:
     def bf16(rows, w, sizes):  # (its tiles by rows per expert, as the seam's: pg.grouped_gemm's default)
         return pg.grouped_gemm(rows, w, sizes, interpret=on_cpu)
 
-    def fp4(cfg=None, decode=None):
-        return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode)
+    def fp4(cfg=None, decode=None, one_multiply=False):
+        return lambda rows, w, sizes: wg.grouped_gemm(rows, w, sizes, cfg=cfg, interpret=on_cpu, decode=decode,
+                                                      one_multiply=one_multiply)
 
     def fp4_swap(rows, w, sizes):  # w4a16's own tiles (by rows per expert), the swap-AB product
         cfg = dataclasses.replace(wg.default_tiles(rows.shape[0] / w.shape[0]), swap_ab=True)
@@ -426,7 +442,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "and decode token count (< 32 rows per expert), each checked against float32 first")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS),
                    help="the decode sweep's variants: w4a16 (MMA), w4a16_swap (swap-AB MMA), w4a16_gemv (no MMA), "
-                        "w4a16_kmajor (the MMA kernel on K-major codes)")
+                        "w4a16_kmajor (the MMA kernel on K-major codes), w4a16_1mul (the one-multiply decoder)")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")

@@ -61,6 +61,11 @@ shift and mask per two weights (below):
   swap-AB 8x128x128 2/3                                                         3.7 159r 6b
   swap-AB 16x64x256 2/3                                                         4.3 168r 6b
 
+With the one-multiply decoder (`one_multiply=True`, below; "after" column's code layout):
+16x128x256 4/3 5.0 162r 3b ([K/2, N]), 3.9 163r 3b (K-major); 16x64x256 4/2 5.2 102r 4b;
+16x128x128 4/3 5.3 128r 4b; K-major swap-AB 8x64x256 2/3 3.2 127r 8b, 2/2 3.1 161r 6b,
+8x128x128 2/3 3.2 161r 6b.
+
 (80% of an H200's copy bandwidth leaves ~5.5 per weight. The best: K-major swap-AB at 1-2 warps,
 where Triton keeps Hopper's mma.sync (wgmma wants 4-warp groups): the decoded weights are its A
 operand straight from the decoder's registers and the rows its B operand, 4 K-values per thread
@@ -170,6 +175,44 @@ def _decode_alu(codes, scales):
 
 DECODERS = {"alu": _decode_alu, "ptx": _decode_ptx}
 
+# The one-multiply decoders (`grouped_gemm(..., one_multiply=True)`, a candidate of `bench w4a16
+# --decode-sweep`): `_PTX_DECODE` without its multiply by 2**126, the scale folded in instead,
+# 2**(s - 1 - ONE_MUL_SHIFT), so the decoded weights are the true ones times 2**-ONE_MUL_SHIFT and
+# the float32 sums are multiplied back once per work item: half the decoder's bf16 multiplies
+# (0.5 SASS instructions per weight). Exact (the same products, the same float32 sums scaled by a
+# power of two) for the ue8m0 scale bytes ONE_MUL_SCALE_BYTES (2**-116 .. 2**17), while the scaled
+# sums stay in float32's normal range (above 2**-126); other scale bytes give wrong values.
+ONE_MUL_SHIFT = 16
+ONE_MUL_SCALE_BYTES = (11, 144)
+_PTX_DECODE_1MUL = _PTX_DECODE.replace("fma.rn.bf16x2 d, d, k, z; ", "")
+
+
+def _one_mul_scales(scales):
+    """uint8 ue8m0 bytes s -> bf16 2**(s - 1 - ONE_MUL_SHIFT): 2**126 (the decoder's subnormal
+    placement) times the scale times 2**-ONE_MUL_SHIFT (one multiply-add on the byte; s = 0 gives
+    2**-127 here, 0 in the other decoders: outside ONE_MUL_SCALE_BYTES)."""
+    return jax.lax.bitcast_convert_type((scales.astype(jnp.int16) << 7) + ((126 - ONE_MUL_SHIFT) << 7), jnp.bfloat16)
+
+
+def _decode_ptx_1mul(codes, scales):
+    sc = packed.expand_rows(_one_mul_scales(scales), packed.FP4_BLOCK // 2)
+    return _asm_halves(_PTX_DECODE_1MUL, [codes, sc], jnp.bfloat16, "=r,=r,r,r,r")
+
+
+def _decode_alu_1mul(codes, scales):
+    even, odd = packed.fp4_decode_halves(codes, scales)  # exact float32; the bf16 of it / 2**SHIFT is exact
+    return ((even * 2.0 ** -ONE_MUL_SHIFT).astype(jnp.bfloat16), (odd * 2.0 ** -ONE_MUL_SHIFT).astype(jnp.bfloat16))
+
+
+ONE_MUL_DECODERS = {"alu": _decode_alu_1mul, "ptx": _decode_ptx_1mul}
+
+
+def one_multiply_fits(weights) -> bool:
+    """Whether `one_multiply=True` is exact for these weights' scales (concrete arrays)."""
+    s = jnp.asarray(weights.scales)
+    lo, hi = ONE_MUL_SCALE_BYTES
+    return bool(jnp.all((s >= lo) & (s <= hi)))
+
 # The GEMV's decode (`_decode_ptx_f32`): `_PTX_DECODE`'s bit logic for four code bytes in $4,
 # their four scale bytes in $5 (one per code byte: prmt spreads two to the 16-bit lanes, << 7
 # makes each the bf16 2**(s - 127)), and the four float32 values out in $0..$3 (a bf16 pair
@@ -215,7 +258,8 @@ def by_decoder(body, decode: str | None, interpret: bool):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            half_k: int, num_groups: int, decode: str, gather: bool, epilogue, k_major: bool = False):
+            half_k: int, num_groups: int, decode: str, gather: bool, epilogue, k_major: bool = False,
+            one_mul: bool = False):
     ids_ref, e_ref, (x_ref, c_ref, s_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
     bkh = cfg.block_k // 2  # code rows (bytes) per K step
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
@@ -243,12 +287,14 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             ko = pl.ds(pl.multiple_of(half_k + kk * bkh, bkh), bkh)
             ks = pl.ds(pl.multiple_of(kk * bks, bks), bks)
             codes = c_ref[g, cols, kb].T if k_major else c_ref[g, kb, cols]
-            even, odd = DECODERS[decode](codes, s_ref[g, ks, cols])
+            even, odd = (ONE_MUL_DECODERS if one_mul else DECODERS)[decode](codes, s_ref[g, ks, cols])
             a_even, a_odd = load(kb), load(ko)
             acc = acc + product(a_even, even)
             return acc + product(a_odd, odd)
 
         acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros(acc_shape, jnp.float32))
+        if one_mul:
+            acc = acc * jnp.float32(2.0 ** ONE_MUL_SHIFT)
         return acc.T if cfg.swap_ab else acc
 
     work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
@@ -335,18 +381,19 @@ def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int
 
 def grouped_gemm_ranges(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, starts, ends, cfg: TileConfig | None = None,
                         interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None,
-                        epilogue=None):
+                        epilogue=None, one_multiply: bool = False):
     """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
     zero when zero_from is given; other rows unspecified. rows bf16 [M, K], or [R, K] with
     row_ids [M] (then rows[row_ids[r]] instead of rows[r]); `epilogue` (fn, other [M, N]):
     fn(other[r] as float32, the float32 product) is stored. `decode`: "alu", "ptx" (CUDA only),
-    or None: `ptx` where the program runs on CUDA, `alu` elsewhere and in interpret mode."""
-    return by_decoder(lambda d: _ranges(rows, weights, starts, ends, cfg, interpret, zero_from, d, row_ids, epilogue),
-                      decode, interpret)
+    or None: `ptx` where the program runs on CUDA, `alu` elsewhere and in interpret mode.
+    `one_multiply`: the one-multiply decoders (MMA tiles only; exact where `one_multiply_fits`)."""
+    return by_decoder(lambda d: _ranges(rows, weights, starts, ends, cfg, interpret, zero_from, d, row_ids, epilogue,
+                                        one_multiply), decode, interpret)
 
 
 def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero_from, decode: str, row_ids,
-            epilogue):
+            epilogue, one_multiply: bool = False):
     m, k = num_rows(rows, row_ids), rows.shape[1]
     g, k2, n = weights.shape
     if k != k2:
@@ -354,8 +401,9 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     k_major = isinstance(weights, packed.Fp4WeightsKMajor)
     packed.fp4_check((g, k2 // 2, n), weights.scales.shape)
     cfg = cfg or PREFILL_TILES
-    if k_major and cfg.gemv:
-        raise ValueError("K-major codes (packed.Fp4WeightsKMajor) run on the MMA tiles only, not gemv")
+    if (k_major or one_multiply) and cfg.gemv:
+        raise ValueError("K-major codes (packed.Fp4WeightsKMajor) and one_multiply run on the MMA tiles only, "
+                         "not gemv")
     if cfg.gemv and (cfg.swap_ab or cfg.block_m > GEMV_MAX_BLOCK_M):
         raise ValueError(f"gemv tiles take block_m <= {GEMV_MAX_BLOCK_M} rows (larger groups run as several "
                          f"items) and no swap_ab; got block_m={cfg.block_m}, swap_ab={cfg.swap_ab}")
@@ -373,7 +421,7 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, half_k=k // 2, num_groups=g, decode=decode,
-                          gather=row_ids is not None, epilogue=fn, k_major=k_major),
+                          gather=row_ids is not None, epilogue=fn, k_major=k_major, one_mul=one_multiply),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -391,12 +439,13 @@ def kernel_name(cfg: TileConfig) -> str:
 
 def grouped_gemm(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, group_sizes, cfg: TileConfig | None = None,
                  interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True,
-                 epilogue=None):
+                 epilogue=None, one_multiply: bool = False):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
     (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
-    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored."""
+    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
+    `one_multiply`: see `grouped_gemm_ranges`."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
-    ranges = functools.partial(grouped_gemm_ranges, decode=decode)
+    ranges = functools.partial(grouped_gemm_ranges, decode=decode, one_multiply=one_multiply)
     return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
                             zero_tail=zero_tail, epilogue=epilogue)
