@@ -223,6 +223,26 @@ def test_w4a16_kernel_lowers_for_gpu(variant):
     assert "w4a16_grouped_gemm" in exported.mlir_module()
 
 
+E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def _word(b):  # [rows, 4] uint8 -> one little-endian uint32 per row
+    return (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)
+
+
+def _check_bf16_decoder(template: str, codes, sc_bits, scale):
+    """An MMA decoder's inline assembly (four code bytes in $2, bf16 scale pairs in $3/$4, bf16x2
+    out in $0/$1) by the PTX interpreter: each half exactly e2m1(nibble) * scale, signed zeros too."""
+    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
+        regs = _run_ptx(wg.half_asm(template, half), {"$2": _word(codes), "$3": sc_bits[:, 0] | sc_bits[:, 1] << 16,
+                                                      "$4": sc_bits[:, 2] | sc_bits[:, 3] << 16})
+        got = np.stack([(regs[f"${i}"] >> sh & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
+                        for i in (0, 1) for sh in (0, 16)], 1).astype(np.float64)
+        want = E2M1[nibble] * scale
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(np.signbit(got), np.signbit(want))  # -0 where the code's sign is set
+
+
 def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
     """The MMA kernels' inline assembly (`_PTX_DECODE`: bf16 scales in, bf16x2 out), run by a PTX
     interpreter on all 256 code bytes with scales 2**-127 (s = 0 gives 0) to 2**100: the
@@ -231,17 +251,8 @@ def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
     codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
     s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
     s[0] = 0
-    sc = (s.astype(np.uint32) << 7)  # bf16 bits of 2**(s - 127)
-    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
     scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
-    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
-        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE, half),
-                        {"$2": word(codes), "$3": sc[:, 0] | sc[:, 1] << 16, "$4": sc[:, 2] | sc[:, 3] << 16})
-        got = np.stack([(regs[f"${i}"] >> sh & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
-                        for i in (0, 1) for sh in (0, 16)], 1).astype(np.float64)
-        np.testing.assert_array_equal(got, e2m1[nibble] * scale)
-        assert np.array_equal(np.signbit(got), np.signbit(e2m1[nibble] * scale))  # -0 where the code's sign is set
+    _check_bf16_decoder(wg._PTX_DECODE, codes, s.astype(np.uint32) << 7, scale)  # bf16 bits of 2**(s - 127)
 
 
 def _run_ptx(asm: str, operands: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,17 +309,7 @@ def test_one_multiply_ptx_decode_matches_checkpoint_decoder_over_its_scales():
     codes = np.tile(np.arange(256, dtype=np.uint8).reshape(64, 4), (hi - lo + 1, 1))
     s = np.repeat(np.arange(lo, hi + 1, dtype=np.uint8), 64)[:, None].repeat(4, 1)
     sc = np.asarray(wg._one_mul_scales(jnp.asarray(s))).view(np.uint16).astype(np.uint32)
-    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
-    want_scale = 2.0 ** (s.astype(np.float64) - 127 - wg.ONE_MUL_SHIFT)
-    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
-        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_1MUL, half),
-                        {"$2": word(codes), "$3": sc[:, 0] | sc[:, 1] << 16, "$4": sc[:, 2] | sc[:, 3] << 16})
-        got = np.stack([(regs[f"${i}"] >> sh & 0xFFFF).astype(np.uint16).view(ml_dtypes.bfloat16)
-                        for i in (0, 1) for sh in (0, 16)], 1).astype(np.float64)
-        want = e2m1[nibble] * want_scale
-        np.testing.assert_array_equal(got, want)
-        assert np.array_equal(np.signbit(got), np.signbit(want))
+    _check_bf16_decoder(wg._PTX_DECODE_1MUL, codes, sc, 2.0 ** (s.astype(np.float64) - 127 - wg.ONE_MUL_SHIFT))
 
 
 def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():
@@ -319,13 +320,11 @@ def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():
     codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
     s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
     s[0] = 0
-    word = lambda b: (b.astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1).astype(np.uint32)  # noqa: E731
     scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
-    e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
     for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
-        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_F32, half), {"$4": word(codes), "$5": word(s)})
+        regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_F32, half), {"$4": _word(codes), "$5": _word(s)})
         got = np.stack([regs[f"${i}"].view(np.float32) for i in range(4)], 1)
-        np.testing.assert_array_equal(got, e2m1[nibble] * scale)
+        np.testing.assert_array_equal(got, E2M1[nibble] * scale)
 
 
 def test_ptx_decoder_refused_in_interpret_mode():

@@ -379,9 +379,9 @@ def _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg: TileConfig, k_steps: int
     return accumulate
 
 
-def grouped_gemm_ranges(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None, decode: str | None = None, row_ids=None,
-                        epilogue=None, one_multiply: bool = False):
+def grouped_gemm_ranges(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, starts, ends,
+                        cfg: TileConfig | None = None, interpret: bool = False, zero_from=None,
+                        decode: str | None = None, row_ids=None, epilogue=None, one_multiply: bool = False):
     """out[r] = rows[r] @ dequant(weights[g]) for r in [starts[g], ends[g]); rows [zero_from, M)
     zero when zero_from is given; other rows unspecified. rows bf16 [M, K], or [R, K] with
     row_ids [M] (then rows[row_ids[r]] instead of rows[r]); `epilogue` (fn, other [M, N]):
@@ -437,9 +437,9 @@ def kernel_name(cfg: TileConfig) -> str:
     return "w4a16_grouped_gemm" + ("_gemv" if cfg.gemv else "_swap" if cfg.swap_ab else "")
 
 
-def grouped_gemm(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, decode: str | None = None, row_ids=None, zero_tail: bool = True,
-                 epilogue=None, one_multiply: bool = False):
+def grouped_gemm(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, group_sizes,
+                 cfg: TileConfig | None = None, interpret: bool = False, decode: str | None = None, row_ids=None,
+                 zero_tail: bool = True, epilogue=None, one_multiply: bool = False):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
     (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
     (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
