@@ -347,6 +347,9 @@ def test_decode_sweep_tiles_fit_every_expert_shape():
     assert decode_sweep_tiles(("w4a16_gemv",)) == by_variant["w4a16_gemv"]
     assert {t.block_m for t in by_variant["w4a16_swap"]} == {8, 16}
     assert max(t.block_m for t in by_variant["w4a16_gemv"]) <= wg.GEMV_MAX_BLOCK_M
+    from atom_jax.bench.w4a16 import kmajor_tiles, one_mul_tiles
+    tiles += kmajor_tiles() + [t for t, _ in one_mul_tiles()]
+    assert not any(t.gemv for t in kmajor_tiles() + [t for t, _ in one_mul_tiles()])  # MMA tiles only
     for _, k, n in SHAPES.values():
         assert all(k % t.block_k == 0 and t.block_k % packed.FP4_BLOCK == 0 and n % t.block_n == 0 for t in tiles)
 
