@@ -243,15 +243,20 @@ def _check_bf16_decoder(template: str, codes, sc_bits, scale):
         assert np.array_equal(np.signbit(got), np.signbit(want))  # -0 where the code's sign is set
 
 
+def _every_code_byte():
+    """All 256 code bytes [64, 4], fresh random ue8m0 scale bytes 0..227 (row 0: s = 0) and their
+    float64 scales (2**(s - 127), s = 0 -> 0)."""
+    codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
+    s = np.random.default_rng().integers(0, 228, size=(64, 4)).astype(np.uint8)
+    s[0] = 0
+    return codes, s, np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
+
+
 def test_ptx_decode_bit_logic_matches_checkpoint_decoder_on_every_byte():
     """The MMA kernels' inline assembly (`_PTX_DECODE`: bf16 scales in, bf16x2 out), run by a PTX
     interpreter on all 256 code bytes with scales 2**-127 (s = 0 gives 0) to 2**100: the
     checkpoint decoder's values exactly, for the even (low nibble) and odd (high nibble) inputs."""
-    rng = np.random.default_rng()
-    codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
-    s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
-    s[0] = 0
-    scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
+    codes, s, scale = _every_code_byte()
     _check_bf16_decoder(wg._PTX_DECODE, codes, s.astype(np.uint32) << 7, scale)  # bf16 bits of 2**(s - 127)
 
 
@@ -316,11 +321,7 @@ def test_gemv_ptx_decode_matches_checkpoint_decoder_on_every_byte():
     """The GEMV's inline assembly (`_PTX_DECODE_F32`: scale bytes in, float32 out), run by a PTX
     interpreter on all 256 code bytes with scales 2**-127 (s = 0 gives 0) to 2**100: the
     checkpoint decoder's values exactly, for the even (low nibble) and odd (high nibble) inputs."""
-    rng = np.random.default_rng()
-    codes = np.arange(256, dtype=np.uint8).reshape(64, 4)
-    s = rng.integers(0, 228, size=(64, 4)).astype(np.uint8)
-    s[0] = 0
-    scale = np.where(s == 0, 0.0, 2.0 ** (s.astype(np.float64) - 127))
+    codes, s, scale = _every_code_byte()
     for half, nibble in (("even", codes & 0xF), ("odd", codes >> 4)):
         regs = _run_ptx(wg.half_asm(wg._PTX_DECODE_F32, half), {"$4": _word(codes), "$5": _word(s)})
         got = np.stack([regs[f"${i}"].view(np.float32) for i in range(4)], 1)
