@@ -63,6 +63,7 @@ def test_incremental_logits_equal_full_sequence(attn_backend, monkeypatch):
         from atom_jax.models import index_topk
 
         monkeypatch.setattr(index_topk, "AUTO_MAX_TOKENS", 0)
+        monkeypatch.setattr(index_topk, "AUTO_LARGE_POLICY", "rowselect")
         monkeypatch.setattr(index_topk, "SCORE_BUDGET", 16 * 128)  # 64 tokens x the 128-entry rung: 4 windows
         attn_backend = "pallas"
         short = True
