@@ -29,7 +29,6 @@ bf16 at V4-Flash layer dims (float32 tiny model with --tiny)."""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -148,15 +147,12 @@ def replay(runner, inputs, n: int) -> dict:
         runner.run(inputs)
     jax.block_until_ready(runner._last_out)
     run_ms = 1e3 * (time.perf_counter() - t0) / n
-    built = runner._compiled.get((inputs.bucket, inputs.tbo))
-    call = built if built is not None else functools.partial(runner._device_step, tbo=inputs.tbo)
-    buf = place(runner._input_block(inputs, None if runner._table_stale else runner._no_updates), runner._replicated)
+    buf = place(runner._input_block(inputs, runner._no_updates), runner._replicated)
     launches = []
     t0 = time.perf_counter()
     for _ in range(n):
         t1 = time.perf_counter()
-        runner.cache, runner._page_table_dev, runner._last_out = call(
-            runner.params, runner.cache, runner._page_table_dev, runner._last_out, buf)
+        runner._last_out = runner.call_program(inputs.bucket, inputs.tbo, buf)
         launches.append(time.perf_counter() - t1)
     jax.block_until_ready(runner._last_out)
     call_ms = 1e3 * (time.perf_counter() - t0) / n
@@ -189,7 +185,7 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
            **_step_spread(times), "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
     if args.replay and last.inputs is not None:
         if engine._launcher is not None:  # no launch of the dispatch thread in flight while replaying
-            engine._launcher._pool.submit(int).result()
+            engine._launcher.drain()
         res.update(replay(engine.runner, last.inputs, args.replay))
     if args.trace:
         from atom_jax.trace.report import report
@@ -240,10 +236,9 @@ def run_cli(args) -> int:
     rng = np.random.default_rng(0)
     results = []
     for cb in buffers:
-        if cb != engine.runner.command_buffers or not results:
-            engine.config.command_buffers = cb
-            engine.runner.use_command_buffers(cb)
-            engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
+        engine.config.command_buffers = cb
+        engine.runner.use_command_buffers(cb)
+        engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
         for batch in batches:
             for mode in args.modes.split(","):
                 res = {**run_case(engine, cfg.vocab_size, batch, mode, args, rng), "command_buffers": cb}

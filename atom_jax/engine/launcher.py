@@ -45,6 +45,10 @@ class Launcher:
         finally:
             self.clock.stop("launch")
 
+    def drain(self) -> None:
+        """Wait until every launch submitted so far has run (the thread stays)."""
+        self._pool.submit(int).result()
+
     def close(self) -> None:
         """Wait for pending launches and end the thread."""
         self._pool.shutdown(wait=True)

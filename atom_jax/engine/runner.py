@@ -197,18 +197,25 @@ class ModelRunner:
                 self.restore_slots(inputs.restores)
             buf = place(buf, self._replicated)
             self.clock.lap("transfer")
-            args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
-            built = self._compiled.get((inputs.bucket, inputs.tbo))
-            if built is not None:
-                self.cache, self._page_table_dev, out = built(*args)
-            else:
-                self.cache, self._page_table_dev, out = self._device_step(*args, tbo=inputs.tbo)
+            out = self.call_program(inputs.bucket, inputs.tbo, buf)
         except BaseException:
             self._table_stale = True  # the device may not hold the rows just written
             raise
         self._table_stale = False
         self._last_out = out
         return StepResult.packed(out, len(inputs.sampling.rows))
+
+    def call_program(self, bucket: int, tbo: bool, buf):
+        """Call the (bucket, tbo) step program (built ahead by `precompile`, else jitted now) on a
+        placed input block; the cache and the device page table advance, the output block is
+        returned (`run` keeps it as the next step's last output)."""
+        args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
+        built = self._compiled.get((bucket, tbo))
+        if built is not None:
+            self.cache, self._page_table_dev, out = built(*args)
+        else:
+            self.cache, self._page_table_dev, out = self._device_step(*args, tbo=tbo)
+        return out
 
     def _update_page_table(self, page_rows):
         """Write `page_rows` into the host table; -> the entries that changed, [dp, K, 3]
