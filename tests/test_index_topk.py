@@ -190,8 +190,8 @@ def test_plan_follows_tokens_and_capacity():
     assert mid.rungs == (4096, 16384) and mid.loop_block == it.outer_block(cap, 512)
     assert it.plan_topk(8192, cap, 512, "single").method == "loop"  # no rung within the budget
     assert it.plan_topk(8192, cap, 512, "loop").method == "loop"
-    # prefill under auto: AUTO_LARGE_POLICY (the loop until rowselect is measured on a GPU)
-    assert it.plan_topk(8192, cap, 512).method == it.AUTO_LARGE_POLICY
+    # prefill under auto: AUTO_LARGE_POLICY, the sort-free rowselect
+    assert it.plan_topk(8192, cap, 512).method == it.AUTO_LARGE_POLICY == "rowselect"
     # rowselect: every rung x2 to the capacity, each call within the budget
     pre = it.plan_topk(8192, cap, 512, "rowselect")
     assert pre.method == "rowselect" and pre.rungs == tuple(4096 << i for i in range(7)) and not pre.loop_block

@@ -79,7 +79,10 @@ def test_indexer_kernel_and_running_topk_match_reference(path):
 
 
 def test_prefill_tiles_only_from_their_token_count(monkeypatch):
-    assert sparse_indexer.PREFILL_MIN_TOKENS == 0 and sparse_indexer.tiles_for_step(8192) is sparse_indexer.TILES
+    assert sparse_indexer.tiles_for_step(sparse_indexer.PREFILL_MIN_TOKENS) is sparse_indexer.PREFILL_TILES
+    assert sparse_indexer.tiles_for_step(sparse_indexer.PREFILL_MIN_TOKENS - 1) is sparse_indexer.TILES
+    monkeypatch.setattr(sparse_indexer, "PREFILL_MIN_TOKENS", 0)  # 0: never
+    assert sparse_indexer.tiles_for_step(8192) is sparse_indexer.TILES
     monkeypatch.setattr(sparse_indexer, "PREFILL_MIN_TOKENS", 513)
     assert sparse_indexer.tiles_for_step(512) is sparse_indexer.TILES
     assert sparse_indexer.tiles_for_step(513) is sparse_indexer.PREFILL_TILES

@@ -55,17 +55,19 @@ class IndexerTiles:
 
 
 TILES = IndexerTiles()
-# Prefill tiles: steps of at least PREFILL_MIN_TOKENS tokens score with PREFILL_TILES (0: never,
-# the default until `bench indexer --scorer pallas,pallas-prefill` at 8K tokens shows a win on
-# the GPU; `tiles_for_step` is the one place that decides). Why they may win: the heads path
-# reads a work item's queries (block_t tokens x 64 heads x 128 dims, bf16: 512 KiB) once per
+# Prefill tiles: steps of at least PREFILL_MIN_TOKENS tokens score with PREFILL_TILES
+# (`tiles_for_step` is the one place that decides). Measured on an H200 (2026-12-01,
+# `bench indexer --tokens 8192 --scorer pallas,pallas-prefill`, docs/benchmarks.md): at 8192
+# tokens they are 1.06-1.09x faster under "rowselect" and 1.01-1.02x under the loop (8K-128K
+# visible entries); smaller steps were not measured, so they keep TILES. Why they win: the heads
+# path reads a work item's queries (block_t tokens x 64 heads x 128 dims, bf16: 512 KiB) once per
 # block_e entries and does 2 x block_t x block_e x 64 x 128 FLOPs with them: at block_e 128 an
 # 8K-token step over 32K visible entries reads 32 GiB of queries (from L2 mostly, 3-5 ms) for
 # 4.4 TFLOP (5.6 ms at the H200's rate), as much traffic as work. block_e 256 halves it (the
 # key tile, 64 KiB, is read once per item either way); 8 warps keep the [256, heads] float32
 # dot result at 64 registers per thread.
 PREFILL_TILES = IndexerTiles(block_e=256, num_warps=8)
-PREFILL_MIN_TOKENS = 0
+PREFILL_MIN_TOKENS = 8192
 SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.heads_max decides
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 

@@ -51,10 +51,10 @@ tokens, k = 512, each token seeing V = 32K (a 128K-token context) or 128K (512K)
   its visible prefix read twice (a lower bound of its k-th score from strided groups' maxima,
   then the entries at or above it: 2 / 8 GiB, mostly from L2), the radix passes over those
   ~k-2k survivors only. The rung switch is one conditional per CSA layer (as for decode), the
-  window loop a static trip count. By these counts "rowselect" should be `auto`'s choice above
-  AUTO_MAX_TOKENS (AUTO_LARGE_POLICY), but it is not measured on a GPU yet (the commands are in
-  bench/indexer.py), so `auto` keeps "loop" there until it is: the full-depth engine rows in
-  docs/benchmarks.md ran the loop, and a change of default goes with the run that shows it.
+  window loop a static trip count. Measured on an H200 (2026-12-01, docs/benchmarks.md, "Sort-free
+  prefill top-k"): at 8192 tokens "rowselect" takes 4.4 / 14.0 / 62.8 ms against the loop's
+  9.2 / 36.4 / 144.2 ms for 8K / 32K / 128K visible entries (2.1-2.6x), the same selections, so it
+  is `auto`'s choice above AUTO_MAX_TOKENS (AUTO_LARGE_POLICY).
 
 The defaults below are meant to be changed after a GPU run of `python -m atom_jax.bench
 indexer` (which times every policy against "loop" in one run)."""
@@ -75,7 +75,7 @@ POLICIES = ("loop", "single", "two-stage", "select", "rowselect")
 # ---- the defaults (one place; see the module docstring) ------------------------------------
 AUTO_POLICY = "single"  # the one-call policy `auto` uses while a rung fits the budget
 AUTO_MAX_TOKENS = 512  # steps with more tokens than this use AUTO_LARGE_POLICY under `auto`
-AUTO_LARGE_POLICY = "loop"  # prefill steps; "rowselect" (no sort) once measured (module docstring)
+AUTO_LARGE_POLICY = "rowselect"  # prefill steps: no sort, 2.1-2.6x the loop on an H200 (module docstring)
 SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 64 MiB)
 RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
 # "rowselect"'s widths: 4K, 8K, 16K, ... Finer than RUNG_RATIO because its radix passes read the
