@@ -30,7 +30,8 @@ def small_widths(monkeypatch):
 
 
 def _oracle(scores, n_vis, k=K):
-    return [set(sorted(range(n), key=lambda e: (-s[e], e))[:k]) for s, n in zip(np.asarray(scores), n_vis)]
+    """Each row's first n entries sorted by (score desc, entry index asc): the tie rule."""
+    return [set(np.lexsort((np.arange(n), -s[:n]))[:k].tolist()) for s, n in zip(np.asarray(scores), n_vis)]
 
 
 def _check(idx, ok, want, n_vis):
@@ -251,13 +252,13 @@ def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
 
 
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`
-@pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["single", "two-stage", "select", "rowselect"])
-def test_compiled_policies_at_v4_flash_dims(policy):
-    """64 heads x 128 dims, bf16 keys, k 512, up to 65K visible entries, the Pallas scorer (and
-    for rowselect the Pallas selection): each policy selects exactly what the loop selects from
-    the same kernel scores; and on scores in {0, 1, 2} at 262K entries exactly the oracle's
-    entries."""
+# Lean on purpose (each rung is its own Triton kernels to compile): RUNG_MIN is raised so a step
+# has 2-3 rungs, and the loop's selections at V4-Flash dims are compiled once for every policy.
+@pytest.fixture(scope="module")
+def flash_decode_step():
+    """16 decode tokens of 16 slots at V4-Flash indexer dims (64 heads x 128, bf16 keys, k 512),
+    up to 65,536 visible entries through permuted pages, and the loop's selections over the
+    Pallas scorer's scores."""
     rng = np.random.default_rng()
     t, k, epp, pages = 16, 512, 64, 1024  # capacity 65536 entries
     chunks = [(s, int(rng.integers(0, 4 * pages * epp - 1)), np.zeros(1, np.int32), True) for s in range(t)]
@@ -270,16 +271,31 @@ def test_compiled_policies_at_v4_flash_dims(policy):
     cap = pages * epp
     make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, t,  # noqa: E731
                                                           rows=rows)
-    run = jax.jit(lambda n: [it.index_topk(make, n, k, it.plan_topk(t, cap, k, p), select=topk_select.radix_select)
-                             for p in ("loop", policy)])
-    (li, lok), (pi, pok) = run(n_vis)
-    for r in range(t):
-        assert set(np.asarray(pi)[r][np.asarray(pok)[r]]) == set(np.asarray(li)[r][np.asarray(lok)[r]])
+    li, lok = jax.jit(lambda n: it.index_topk(make, n, k, it.plan_topk(t, cap, k, "loop")))(n_vis)
+    loop = [set(np.asarray(li)[r][np.asarray(lok)[r]].tolist()) for r in range(t)]
+    return make, n_vis, cap, k, loop
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["single", "two-stage", "select", "rowselect"])
+def test_compiled_policies_at_v4_flash_dims(policy, flash_decode_step, monkeypatch):
+    """The Pallas scorer (and for the sort-free policies the Pallas selection): each policy
+    selects exactly what the loop selects from the same kernel scores; and on scores in
+    {0, 1, 2} at 262K entries exactly the oracle's entries."""
+    make, n_vis, cap, k, loop = flash_decode_step
+    t = n_vis.shape[0]
+    monkeypatch.setattr(it, "RUNG_MIN", 16384)  # rungs 16K, 64K (x2 for rowselect: 16K, 32K, 64K)
+    pi, pok = jax.jit(lambda n: it.index_topk(make, n, k, it.plan_topk(t, cap, k, policy),
+                                              select=topk_select.radix_select))(n_vis)
+    for r in range(t):
+        assert set(np.asarray(pi)[r][np.asarray(pok)[r]].tolist()) == loop[r], f"token {r}"
+
+    rng = np.random.default_rng()
     cap = 262144
+    monkeypatch.setattr(it, "RUNG_MIN", 65536)  # rungs 64K, 256K (rowselect: 64K, 128K, 256K)
     scores = jnp.asarray(rng.integers(0, 3, size=(t, cap)), jnp.float32)
     n_vis = np.asarray(rng.integers(0, cap + 1, size=t), np.int32)
-    n_vis[:3] = [0, 1, 300]
+    n_vis[:4] = [0, 1, 300, 70000]
     idx, ok = jax.jit(lambda n: it.index_topk(_array_scorer(scores), n, k, it.plan_topk(t, cap, k, policy),
                                               select=topk_select.radix_select))(jnp.asarray(n_vis))
     want = _oracle(scores, n_vis, k)
@@ -289,11 +305,12 @@ def test_compiled_policies_at_v4_flash_dims(policy):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefill_tiles", [False, True])
-def test_compiled_rowselect_at_prefill(prefill_tiles):
+def test_compiled_rowselect_at_prefill(prefill_tiles, monkeypatch):
     """A 2,048-token prefill chunk at V4-Flash indexer dims over up to 16K visible entries
     (windows of 2,048 / 1,024 rows at the 8K / 16K rungs), the Pallas scorer with its default or
     prefill tiles: rowselect with the Pallas selection selects exactly the loop's entries from
     the same kernel's scores."""
+    monkeypatch.setattr(it, "RUNG_MIN", 8192)  # two rungs (the 4K one adds compiles, no coverage)
     rng = np.random.default_rng()
     t, k, epp, pages = 2048, 512, 64, 256  # capacity 16384 entries
     b = {n: jnp.asarray(v) for n, v in pack_chunks([(0, 4 * pages * epp - t, np.zeros(t, np.int32), True)], t,
@@ -307,7 +324,7 @@ def test_compiled_rowselect_at_prefill(prefill_tiles):
     make = lambda width, rows=None: sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, width, 1,  # noqa: E731
                                                           tiles=tiles, rows=rows)
     plans = [it.plan_topk(t, pages * epp, k, p, align=tiles.block_e) for p in ("loop", "rowselect")]
-    assert plans[1].row_chunks[-2:] == (2048, 1024)
+    assert plans[1].rungs == (8192, 16384) and plans[1].row_chunks == (2048, 1024)
     run = jax.jit(lambda n: [it.index_topk(make, n, k, p, select=topk_select.radix_select) for p in plans])
     (li, lok), (ri, rok) = run(n_vis)
     li, lok, ri, rok = (np.asarray(x) for x in (li, lok, ri, rok))
