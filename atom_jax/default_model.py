@@ -46,10 +46,12 @@ def byte_model_config():
     return tiny().replace(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
-def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto", host: bool = False):
+def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str = "auto", host: bool = False,
+                  expert_layout: str = "nmajor"):
     """Build the model `source` names (float32 unless `dtype` says otherwise) in weight format
     `weights` (auto / bf16 / native / fp4-experts: `loader.load_model`; random weights:
     `packed_params.random_format`, auto = bf16).
+    `expert_layout`: the FP4 experts' code layout, "nmajor" or "kmajor" (weights.formats).
     `host`: a safetensors checkpoint's parameters stay in host memory for the caller to place."""
     import jax.numpy as jnp
 
@@ -61,8 +63,9 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str =
         raise FileNotFoundError(f"the embedded default model is missing from {source.path}; "
                                 "pass --model random, or rebuild it with python -m atom_jax.train_tiny")
     if source.kind == RANDOM:
-        return random_model(byte_model_config(), seed=seed, dtype=dtype, weights=random_format(weights))
-    return load_model(source.path, dtype=dtype, weights=weights, host=host)
+        return random_model(byte_model_config(), seed=seed, dtype=dtype, weights=random_format(weights),
+                            expert_layout=expert_layout)
+    return load_model(source.path, dtype=dtype, weights=weights, host=host, expert_layout=expert_layout)
 
 
 def load_resolved_tokenizer(source: ModelSource):

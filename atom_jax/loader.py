@@ -14,11 +14,11 @@ from flax import nnx
 from atom_jax.config import ModelConfig
 from atom_jax.models import DeepseekV4
 from atom_jax.kernels.packed import FP8_BLOCK
-from atom_jax.models.packed_params import FUSED, SCALE, fp8_rows
+from atom_jax.models.packed_params import FP4_EXPERTS as FP4_EXPERT_NAMES, FUSED, SCALE, fp8_rows
 from atom_jax.models.param_map import FP4, FP8, MTP_NAME, param_map
 from atom_jax.weights import quant
-from atom_jax.weights.formats import (AUTO, BF16, FP4_EXPERTS_ONLY, NATIVE, WEIGHT_FORMATS, packed_dense,
-                                      packed_experts)
+from atom_jax.weights.formats import (AUTO, BF16, EXPERT_LAYOUTS, FP4_EXPERTS_ONLY, KMAJOR, NATIVE, NMAJOR,
+                                      WEIGHT_FORMATS, model_layout, packed_dense, packed_experts)
 from atom_jax.weights.config_io import read_config, to_hf_dict
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint, plan_checkpoint
 
@@ -27,8 +27,9 @@ WEIGHTS_FILE = "atom_jax_weights.json"  # beside an orbax checkpoint: {"weights"
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, with_mtp: bool = False,
-                 weights: str = BF16) -> DeepseekV4:
-    return DeepseekV4(cfg, nnx.Rngs(seed), dtype=dtype, with_mtp=with_mtp, weights=weights)
+                 weights: str = BF16, expert_layout: str = NMAJOR) -> DeepseekV4:
+    return DeepseekV4(cfg, nnx.Rngs(seed), dtype=dtype, with_mtp=with_mtp, weights=weights,
+                      expert_layout=expert_layout)
 
 
 class _ShapeOnlyRngs:
@@ -41,9 +42,40 @@ class _ShapeOnlyRngs:
         return jax.random.key(0)
 
 
-def abstract_model(cfg: ModelConfig, dtype=jnp.float32, with_mtp: bool = False, weights: str = BF16) -> DeepseekV4:
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32, with_mtp: bool = False, weights: str = BF16,
+                   expert_layout: str = NMAJOR) -> DeepseekV4:
     """Shapes only, no memory: the skeleton that loading fills."""
-    return nnx.eval_shape(lambda: DeepseekV4(cfg, _ShapeOnlyRngs(), dtype=dtype, with_mtp=with_mtp, weights=weights))
+    return nnx.eval_shape(lambda: DeepseekV4(cfg, _ShapeOnlyRngs(), dtype=dtype, with_mtp=with_mtp, weights=weights,
+                                             expert_layout=expert_layout))
+
+
+def abstract_like(model: DeepseekV4) -> DeepseekV4:
+    """`abstract_model` of `model`'s own config, dtype, MTP, weight format and expert layout."""
+    return abstract_model(model.cfg, model.dtype, len(model.mtp) > 0, model.weights, model.expert_layout)
+
+
+def with_expert_layout(model: DeepseekV4, layout: str) -> DeepseekV4:
+    """`model` with its FP4 experts' codes in `layout` ("nmajor" / "kmajor": one transpose of each
+    expert stack's codes, [E, K/2, N] <-> [E, N, K/2]; arrays stay where they are, numpy or
+    device). The same model when it already holds that layout or its experts are dense."""
+    layout = model_layout(model.weights, layout)
+    if layout == model.expert_layout:
+        return model
+    pure = nnx.state(model).to_pure_dict()
+
+    def swap(node):
+        if isinstance(node, dict):
+            for name, child in node.items():
+                if name in FP4_EXPERT_NAMES and isinstance(node.get(name + SCALE), (np.ndarray, jax.Array)):
+                    node[name] = (np.ascontiguousarray(np.swapaxes(child, -1, -2)) if isinstance(child, np.ndarray)
+                                  else jnp.swapaxes(child, -1, -2))
+                else:
+                    swap(child)
+
+    swap(pure)
+    graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, len(model.mtp) > 0, model.weights, layout))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
 def _variable(model, path):
@@ -80,16 +112,18 @@ def _e8m0_bytes(scale: np.ndarray, source, name) -> np.ndarray:
     return (e + 127).astype(np.uint8)
 
 
-def _packed(t, native: str) -> tuple[np.ndarray, np.ndarray]:
+def _packed(t, native: str, expert_layout: str = NMAJOR) -> tuple[np.ndarray, np.ndarray]:
     """(codes, scales) in the model's packed layout (packed_params) for one checkpoint tensor:
-    as stored when its format matches, else quantised from its float values."""
+    as stored when its format matches, else quantised from its float values. FP4 codes: the
+    checkpoint's [out, in/2] kept as is for the K-major layout, else transposed."""
     if native == FP4:
         if t.kind == FP4:
             codes, scales = t.array, _e8m0_bytes(t.scale, t.source, t.source_name)
         else:
             q, sc = quant.quantize_fp4(np.asarray(t.array, np.float32))
             codes, scales = q.view(np.uint8), sc.view(np.uint8)
-        return np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T)  # [in/2, out], [in/32, out]
+        codes = codes if expert_layout == KMAJOR else codes.T  # [out, in/2] (K-major) or [in/2, out]
+        return np.ascontiguousarray(codes), np.ascontiguousarray(scales.T)  # scales [in/32, out]
     if t.kind == FP8:
         return t.array, quant.scale_to_float32(t.scale)
     q, sc = quant.quantize_fp8(np.asarray(t.array, np.float32))
@@ -150,22 +184,24 @@ def _where(target, model, kind: str | None = None):
 
 
 def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelConfig | None = None,
-               weights: str = AUTO, host: bool = False) -> DeepseekV4:
+               weights: str = AUTO, host: bool = False, expert_layout: str = NMAJOR) -> DeepseekV4:
     """Stream a safetensors checkpoint into the model, tensor by tensor.
 
     `weights`: "bf16" dequantises FP8/FP4 tensors to `dtype`; "native" keeps the experts FP4 and
     the attention / shared-expert projections FP8 (packed_params; float tensors there are
     quantised); "fp4-experts" keeps the experts FP4 and dequantises the FP8 projections to
-    `dtype` (once, here); "auto" is native when the checkpoint's experts are FP4. `host`: parameters stay
+    `dtype` (once, here); "auto" is native when the checkpoint's experts are FP4. `expert_layout`: the
+    FP4 experts' code layout, "nmajor" or "kmajor" (weights.formats). `host`: parameters stay
     numpy arrays in host memory, for a caller that places them sharded (the engine: a model
     larger than one GPU never lands whole on device 0).
     Every tensor must map to a parameter with the right shape and every parameter must be
     filled; otherwise a CheckpointError names the tensor (and its file)."""
     weights = resolve_weights(path, weights)
     if os.path.isdir(os.path.join(path, ORBAX_SUBDIR)):
-        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp, weights=weights, host=host)
+        return restore_orbax(path, dtype=dtype, with_mtp=with_mtp, weights=weights, host=host,
+                             expert_layout=expert_layout)
     cfg = cfg or read_config(path)
-    model = abstract_model(cfg, dtype, with_mtp, weights)
+    model = abstract_model(cfg, dtype, with_mtp, weights, expert_layout)
     targets = param_map(cfg, with_mtp)
     kept = {FP4} if packed_experts(weights) else set()  # the packed kinds the model keeps
     if packed_dense(weights):
@@ -188,7 +224,7 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
             raise CheckpointError(t.source, t.source_name, "appears twice in the checkpoint")
         if packed(target):
             try:
-                codes, scales = _packed(t, target.native)
+                codes, scales = _packed(t, target.native, model.expert_layout)
             except ValueError as e:
                 raise CheckpointError(t.source, t.source_name, str(e)) from None
             scale_path = target.path[:-1] + (target.path[-1] + SCALE,)
@@ -223,7 +259,8 @@ def save_orbax(model: DeepseekV4, out_dir: str) -> str:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(to_hf_dict(model.cfg), f, indent=1)
     with open(os.path.join(out_dir, WEIGHTS_FILE), "w") as f:
-        json.dump({"weights": getattr(model, "weights", BF16)}, f)
+        json.dump({"weights": getattr(model, "weights", BF16),
+                   "expert_layout": getattr(model, "expert_layout", NMAJOR)}, f)
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, ORBAX_SUBDIR), state, force=True)
@@ -265,35 +302,52 @@ def decode_fp8_projections(model: DeepseekV4, host: bool = False) -> DeepseekV4:
             for p in path[:-1]:
                 node = node[p]
             node[path[-1]] = jnp.asarray(dense)
-    graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, with_mtp, FP4_EXPERTS_ONLY))
+    graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, with_mtp, FP4_EXPERTS_ONLY, model.expert_layout))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 
-def _orbax_weights(path: str) -> str:
-    """The weight format an orbax checkpoint was saved in (bf16 when it predates the record)."""
+def _orbax_record(path: str) -> dict:
+    """`WEIGHTS_FILE` beside an orbax checkpoint ({} when it predates the record)."""
     import json
 
     f = os.path.join(path, WEIGHTS_FILE)
     if not os.path.exists(f):
-        return BF16
+        return {}
     with open(f) as fh:
-        return json.load(fh).get("weights", BF16)
+        return json.load(fh)
+
+
+def _orbax_weights(path: str) -> str:
+    """The weight format an orbax checkpoint was saved in (bf16 when it predates the record)."""
+    return _orbax_record(path).get("weights", BF16)
+
+
+def _orbax_layout(path: str) -> str:
+    """The FP4 experts' code layout an orbax checkpoint was saved in (nmajor when not recorded)."""
+    layout = _orbax_record(path).get("expert_layout", NMAJOR)
+    if layout not in EXPERT_LAYOUTS:
+        raise CheckpointError(path, WEIGHTS_FILE, f"unknown expert_layout {layout!r}")
+    return layout
 
 
 def restore_orbax(path: str, dtype=jnp.float32, with_mtp: bool = False, weights: str = AUTO,
-                  host: bool = False) -> DeepseekV4:
+                  host: bool = False, expert_layout: str | None = None) -> DeepseekV4:
     """Restore as saved: the packed form stays packed; a native checkpoint can also be restored
     as fp4-experts (its FP8 projections decoded here). Asking for any other format than the saved
-    one is an error (convert from the safetensors checkpoint instead). `host`: numpy arrays in
-    host memory (as `load_model(host=True)`)."""
+    one is an error (convert from the safetensors checkpoint instead). `expert_layout` ("nmajor" /
+    "kmajor"; None: as saved): FP4 experts saved in the other layout are transposed after the
+    restore. `host`: numpy arrays in host memory (as `load_model(host=True)`)."""
     saved = _orbax_weights(path)
+    if expert_layout is not None and expert_layout != _orbax_layout(path):
+        model = restore_orbax(path, dtype, with_mtp, weights, host)
+        return with_expert_layout(model, expert_layout)
     if weights == FP4_EXPERTS_ONLY and saved == NATIVE:
         return decode_fp8_projections(restore_orbax(path, dtype, with_mtp, NATIVE, host), host)
     if weights not in (AUTO, saved):
         raise CheckpointError(path, None, f"this orbax checkpoint holds {saved!r} weights, not {weights!r}")
     cfg = read_config(path)
-    abstract = abstract_model(cfg, dtype, with_mtp, saved)
+    abstract = abstract_model(cfg, dtype, with_mtp, saved, _orbax_layout(path))
     graphdef, abstract_state = nnx.split(abstract)
     where = os.path.join(os.path.abspath(path), ORBAX_SUBDIR)
     try:

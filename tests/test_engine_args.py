@@ -75,8 +75,17 @@ def test_unset_flags_give_the_config_defaults_and_set_ones_map_onto_fields():
     assert engine_config(serve_parser().parse_args(["--no-enable-prefix-caching"])).enable_prefix_caching is False
 
 
+def test_expert_layout_flag_resolves_by_platform():
+    """--expert-layout: auto is kmajor on a GPU, nmajor on CPU; an explicit choice stays."""
+    assert engine_config(serve_parser().parse_args([])).expert_layout == "auto"
+    for argv, cpu, gpu in (([], "nmajor", "kmajor"), (["--expert-layout", "nmajor"], "nmajor", "nmajor"),
+                           (["--expert-layout", "kmajor"], "kmajor", "kmajor")):
+        cfg = engine_config(generate_parser().parse_args(GEN_REQUIRED + argv))
+        assert (cfg.expert_layout_on("cpu"), cfg.expert_layout_on("gpu")) == (cpu, gpu)
+
+
 @pytest.mark.parametrize("argv", [["--num-slots", "0"], ["--buckets", "8,x"], ["--tbo", "maybe"],
-                                  ["--dtype", "int3"]])
+                                  ["--dtype", "int3"], ["--expert-layout", "rowmajor"]])
 def test_bad_engine_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         serve_parser().parse_args(argv)

@@ -37,21 +37,27 @@ def test_decode_kernel_equals_reference_dequant_exactly():
     ref = packed.fp4_dequantize(w, jnp.float32).astype(jnp.bfloat16)
     assert out.shape == (3, 128, 64) and out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    km = packed.to_k_major(w)  # K-major codes (`--expert-layout kmajor`): the same values, both decoders
+    np.testing.assert_array_equal(np.asarray(fd.dequantize(km, fd.DequantTiles(block_k=64, block_n=32), interpret=True)),
+                                  np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(packed.fp4_dequantize(km, jnp.float32)), np.asarray(ref, np.float32))
     with pytest.raises(ValueError, match="multiples of block_k"):
         fd.dequantize(w, fd.DequantTiles(block_k=48), interpret=True)
 
 
-def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False):
+def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=False):
     """The seam as the MoE's w3 GEMM runs it (rows gathered by row_ids, the SwiGLU epilogue,
     rows past the groups unwritten) on a skewed routing: the in-kernel W4A16 path, then the
     dequant path forced (threshold 0), both against float64 on the same exact weights and each
-    other (float32 accumulate; the difference is bf16 output rounding)."""
+    other (float32 accumulate; the difference is bf16 output rounding). `k_major`: the experts
+    as `packed.Fp4WeightsKMajor` (the K-major default tiles, the decode kernel's K-major tiles)."""
     rng = np.random.default_rng()
     sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.bfloat16)
     w, dense = random_fp4_experts(rng, g, k, n)
+    w = packed.to_k_major(w) if k_major else w
     swiglu = functools.partial(swiglu_clamped, limit=2.0)
 
     def call(*args):
@@ -74,21 +80,24 @@ def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False):
     np.testing.assert_allclose(via_bf16, in_kernel, rtol=2e-2, atol=tol)
 
 
-def test_seam_dequant_path_matches_w4a16_path(monkeypatch):
-    check_seam_paths(monkeypatch, g=4, k=64, n=32, r=20, m=50, trailing=5)
+@pytest.mark.parametrize("k_major", [False, True], ids=["nmajor", "kmajor"])
+def test_seam_dequant_path_matches_w4a16_path(monkeypatch, k_major):
+    check_seam_paths(monkeypatch, g=4, k=64, n=32, r=20, m=50, trailing=5, k_major=k_major)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "rocm"])
-def test_seam_dequant_path_lowers_for_gpu(platform, monkeypatch):
+@pytest.mark.parametrize("platform,k_major", [("cuda", False), ("rocm", False), ("cuda", True)],
+                         ids=["cuda", "rocm", "cuda-kmajor"])
+def test_seam_dequant_path_lowers_for_gpu(platform, k_major, monkeypatch):
     """The decode kernel and the bf16 kernel after it lower as Triton calls (jax.export on CPU;
-    the GPU compile is the GPU test's)."""
+    the GPU compile is the GPU test's); K-major codes too."""
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
     g, k, n, m = 4, 256, 512, 64
 
     def f(x, c, s, sizes):
-        return grouped_gemm.get("pallas")(x, packed.Fp4Weights(c, s), sizes)
+        return grouped_gemm.get("pallas")(x, packed.fp4_weights(c, s, k_major), sizes)
 
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k // 2, n), jnp.uint8),
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((g, n, k // 2) if k_major else (g, k // 2, n), jnp.uint8),
             jax.ShapeDtypeStruct((g, k // 32, n), jnp.uint8), jax.ShapeDtypeStruct((g,), jnp.int32))
     with lowering_for(platform):
         text = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[

@@ -267,3 +267,91 @@ def test_memory_plan_matches_placed_bytes(weights):
                             reserve_bytes=0)
         ratio = plan.weight_bytes_by_part["experts"] / dense.weight_bytes_by_part["experts"]
         assert abs(ratio - (0.5 + 1 / 32) / 2) < 1e-9
+
+
+# ---- `--expert-layout kmajor`: FP4 expert codes [E, N, K/2] (the checkpoint's own orientation) ----
+@pytest.fixture(scope="module")
+def kmajor(official):
+    return load_model(official, weights="native", expert_layout="kmajor")
+
+
+def test_kmajor_loads_the_checkpoint_orientation_and_gives_nmajor_logits(models, kmajor, ids_and_ref, native_logits):
+    """Loaded K-major: every expert stack's codes are nmajor's transposed (the checkpoint's [out,
+    in/2] bytes), scales and every other leaf byte for byte nmajor's; the logits (jnp path) are
+    nmajor's bit for bit."""
+    from atom_jax.loader import with_expert_layout
+    from atom_jax.models.packed_params import FP4_EXPERTS
+
+    native = models[0]
+    assert kmajor.expert_layout == "kmajor" and native.expert_layout == "nmajor"
+    cfg = native.cfg
+    assert kmajor.layers[0].ffn.w2.get_value().shape == (cfg.n_routed_experts, cfg.hidden_size,
+                                                          cfg.moe_intermediate_size // 2)
+    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(native).to_pure_dict())}
+    swapped = 0
+    for path, got in jax.tree_util.tree_leaves_with_path(nnx.state(kmajor).to_pure_dict()):
+        name, leaf = jax.tree_util.keystr(path), str(getattr(path[-1], "key", path[-1]))
+        a = np.asarray(want.pop(name))
+        if leaf in FP4_EXPERTS:
+            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
+        np.testing.assert_array_equal(np.asarray(got), a, err_msg=name)
+    assert not want and swapped == 3 * cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(jit_forward(kmajor)(ids_and_ref[0])), native_logits)
+    back = with_expert_layout(kmajor, "nmajor")  # and the conversion back: nmajor's codes
+    np.testing.assert_array_equal(np.asarray(back.layers[1].ffn.w3.get_value()),
+                                  np.asarray(native.layers[1].ffn.w3.get_value()))
+
+
+def test_kmajor_dp2_tbo_matches_nmajor_bit_for_bit(models, kmajor, ids_and_ref):
+    """dp 2 with TBO: experts sharded by expert (codes [E/2, N, K/2] per rank), the same logits as
+    nmajor's bit for bit; sharded by intermediate dim the K-major codes' specs swap their axes."""
+    from jax.sharding import PartitionSpec as P
+
+    from atom_jax.sharding.placement import BY_INTERMEDIATE, param_specs
+    mesh = make_dp_mesh(2)
+    ids = shard_tokens(ids_and_ref[0], mesh)
+    out = {}
+    for name, model in (("nmajor", models[0]), ("kmajor", kmajor)):
+        step, params = make_step(model, mesh, StepOptions())
+        assert params["layers"][0]["ffn"]["w1"].sharding.spec[0] == "dp"
+        out[name] = np.asarray(step(params, ids, tbo=True))
+    np.testing.assert_array_equal(out["kmajor"], out["nmajor"])
+    assert _rel(out["kmajor"], ids_and_ref[1]) < BOUND
+    specs = param_specs(nnx.state(kmajor).to_pure_dict(), BY_INTERMEDIATE, "kmajor")["layers"][0]["ffn"]
+    assert (specs["w1"], specs["w2"], specs["w1_scale"], specs["w2_scale"]) == (
+        P(None, "dp", None), P(None, None, "dp"), P(None, None, "dp"), P(None, "dp", None))
+
+
+def test_orbax_round_trip_keeps_kmajor(kmajor, models, tmp_path):
+    """Saved K-major: restored as saved (codes byte for byte), or as nmajor on request (nmajor's
+    codes)."""
+    out = save_orbax(kmajor, str(tmp_path / "ckpt"))
+    restored = load_model(out, host=True, expert_layout="kmajor")
+    assert restored.expert_layout == "kmajor" and restored.weights == "native"
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(kmajor).to_pure_dict()),
+                            jax.tree.leaves(nnx.state(restored).to_pure_dict())):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    from atom_jax.loader import restore_orbax
+    assert restore_orbax(out).expert_layout == "kmajor"  # as saved
+    as_n = load_model(out, expert_layout="nmajor")
+    assert as_n.expert_layout == "nmajor"
+    np.testing.assert_array_equal(np.asarray(as_n.layers[0].ffn.w2.get_value()),
+                                  np.asarray(models[0].layers[0].ffn.w2.get_value()))
+
+
+def test_engine_kmajor_flag_generates_as_nmajor(official, native_greedy):
+    """`EngineConfig.expert_layout` through the engine (cached step, dp 2, TBO): the model is
+    loaded K-major and placed sharded, and its greedy tokens are nmajor's."""
+    from atom_jax.engine import Engine, EngineConfig
+    from atom_jax.scheduler import SamplingParams
+
+    small = dict(dp=2, tbo=True, num_slots=4, num_pages=16, page_tokens=32, max_pages_per_seq=4,
+                 max_tokens_per_step=32, chunk_size=16, buckets=(32,), compilation_cache_dir=None)
+    prompts, want = native_greedy
+    eng = Engine(EngineConfig(model=official, weights="native", expert_layout="kmajor", **small), tokenizer=None)
+    assert eng.model.expert_layout == "kmajor"
+    assert eng.runner.params["layers"][0]["ffn"]["w2"].shape == eng.model.layers[0].ffn.w2.get_value().shape
+    got = [o.token_ids for o in eng.generate([list(map(int, p)) for p in prompts],
+                                             SamplingParams(max_tokens=3, ignore_eos=True))]
+    assert got == want

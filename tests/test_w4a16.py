@@ -130,6 +130,19 @@ def test_w4a16_k_major_codes_and_one_multiply_match_float64_and_the_plain_kernel
     _check_as_the_moe_calls_it(rng, sizes, m, cfg, g=5, r=20, k_major=k_major, one_multiply=one_multiply)
 
 
+def test_k_major_default_tiles_are_the_measured_mma_ones():
+    """K-major codes never get GEMV tiles (MMA only); decode sizes get the H200's measured bests
+    (swap-AB 8x128x256 4w at ~3 rows per expert, 16x64x256 2w at ~12), prefill PREFILL_TILES."""
+    for rows in (0.5, 3, 5.9, 6, 12, 31.9, 32, 512):
+        t = wg.default_tiles(rows, k_major=True)
+        assert not t.gemv
+        assert t == (wg.PREFILL_TILES if rows >= 32 else wg.KMAJOR_DECODE_TILES_SMALL if rows < 6
+                     else wg.KMAJOR_DECODE_TILES)
+    assert wg.KMAJOR_DECODE_TILES_SMALL == TileConfig(8, 128, 256, 4, 3, swap_ab=True)
+    assert wg.KMAJOR_DECODE_TILES == TileConfig(16, 64, 256, 2, 3, swap_ab=True)
+    assert wg.default_tiles(3) == wg.default_tiles(3, k_major=False)  # [K/2, N] codes: unchanged
+
+
 def test_k_major_round_trip_and_shape():
     w, _ = random_fp4_experts(np.random.default_rng(), 3, 64, 32)
     km = packed.to_k_major(w)
@@ -349,7 +362,7 @@ def test_decode_sweep_tiles_fit_every_expert_shape():
     assert {t.block_m for t in by_variant["w4a16_swap"]} == {8, 16}
     assert max(t.block_m for t in by_variant["w4a16_gemv"]) <= wg.GEMV_MAX_BLOCK_M
     from atom_jax.bench.w4a16 import kmajor_tiles, one_mul_tiles
-    tiles += kmajor_tiles() + [t for t, _ in one_mul_tiles()]
+    tiles += kmajor_tiles() + [t for t, _ in one_mul_tiles()] + [wg.KMAJOR_DECODE_TILES, wg.KMAJOR_DECODE_TILES_SMALL]
     assert not any(t.gemv for t in kmajor_tiles() + [t for t, _ in one_mul_tiles()])  # MMA tiles only
     for _, k, n in SHAPES.values():
         assert all(k % t.block_k == 0 and t.block_k % packed.FP4_BLOCK == 0 and n % t.block_n == 0 for t in tiles)

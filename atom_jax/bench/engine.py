@@ -92,16 +92,17 @@ def preset_config(preset: str, layers: int | None):
     return make(num_layers=layers)
 
 
-def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int, weights: str = "bf16"):
+def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int, weights: str = "bf16",
+                         expert_layout: str = "nmajor"):
     """An NNX model whose random parameters are created on the devices, sharded as the engine
     places them (so placing them again moves nothing); `weights` "native": packed FP4 / FP8,
-    "fp4-experts": packed FP4 experts, dense projections."""
+    "fp4-experts": packed FP4 experts, dense projections; `expert_layout`: their codes' layout."""
     from flax import nnx
 
     from atom_jax.sharding import StepOptions, make_dp_mesh, random_params_on_mesh
 
     skeleton, params = random_params_on_mesh(cfg, make_dp_mesh(dp), StepOptions(expert_mode=expert_mode),
-                                             dtype, seed, weights=weights)
+                                             dtype, seed, weights=weights, expert_layout=expert_layout)
     graphdef, state = nnx.split(skeleton)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -109,6 +110,7 @@ def random_model_on_mesh(cfg, dp: int, dtype, expert_mode: str, seed: int, weigh
 
 def build_engine(args):
     """-> (Engine, ModelConfig) from parsed flags."""
+    import jax
     import jax.numpy as jnp
 
     from atom_jax.engine import Engine
@@ -130,15 +132,16 @@ def build_engine(args):
         overrides["num_pages"] = slots * per_seq
     ec = engine_config(args, **overrides)
     weights = random_format(ec.weights)
+    layout = ec.expert_layout_on(jax.default_backend())  # built in it (the engine keeps a model's layout)
     if cfg is None:
         engine = Engine(ec, tokenizer=None)
         return engine, engine.model.cfg
     if args.preset in SMALL_PRESETS:  # built on the host like `--model random`
         from atom_jax.loader import random_model
 
-        model = random_model(cfg, seed=ec.seed, dtype=jnp.dtype(dtype), weights=weights)
+        model = random_model(cfg, seed=ec.seed, dtype=jnp.dtype(dtype), weights=weights, expert_layout=layout)
     else:
-        model = random_model_on_mesh(cfg, ec.dp, jnp.dtype(dtype), ec.expert_mode, ec.seed, weights)
+        model = random_model_on_mesh(cfg, ec.dp, jnp.dtype(dtype), ec.expert_mode, ec.seed, weights, layout)
     return Engine(ec, model=model, tokenizer=None), cfg
 
 

@@ -20,7 +20,7 @@ from atom_jax.chat.plan import REASONING_PARSERS, TEMPLATES as CHAT_TEMPLATES
 from atom_jax.kernels.names import ATTN_BACKENDS, MOE_BACKENDS
 from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.scheduler.pages import default_state_pages
-from atom_jax.weights.formats import AUTO, FORMATS_HELP, WEIGHT_FORMATS
+from atom_jax.weights.formats import AUTO, FORMATS_HELP, LAYOUT_CHOICES, LAYOUT_HELP, WEIGHT_FORMATS, resolve_layout
 
 COMMAND_BUFFERS = ("xla", "off")  # --command-buffers (runner.COMMAND_BUFFER_OPTIONS: what each compiles with)
 
@@ -109,6 +109,8 @@ class EngineConfig:
     weights: str = setting(
         AUTO, f"weight format on the device: {FORMATS_HELP} (the model dtype: --dtype); auto: "
         "native when the checkpoint's experts are FP4", choices=WEIGHT_FORMATS)
+    expert_layout: str = setting(AUTO, LAYOUT_HELP + " (a model passed to Engine keeps its own layout "
+                                 "unless this says kmajor or nmajor)", choices=LAYOUT_CHOICES)
     num_slots: int = setting(16, "sequences resident at once per rank", type=positive_int)
     num_pages: int = setting(256, "cache pages per rank", type=positive_int)
     page_tokens: int = setting(128, "positions per cache page (a multiple of the compression "
@@ -184,6 +186,11 @@ class EngineConfig:
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
 
+    def expert_layout_on(self, platform: str) -> str:
+        """The FP4 experts' code layout of a run on `platform` (jax's backend name): the one
+        resolution of --expert-layout (weights.formats.resolve_layout)."""
+        return resolve_layout(self.expert_layout, platform)
+
     def state_pages(self) -> int:
         """Entries of the prefix cache's window-state pool (0: prefix caching off)."""
         if not self.enable_prefix_caching:
@@ -213,7 +220,7 @@ class EngineConfig:
         return length, pages
 
 
-_MODEL_FLAGS = ("model", "dtype", "weights", "seed", "chat_template", "reasoning_parser", "thinking")
+_MODEL_FLAGS = ("model", "dtype", "weights", "expert_layout", "seed", "chat_template", "reasoning_parser", "thinking")
 FLAG_FIELDS = tuple(f for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag"))
 
 

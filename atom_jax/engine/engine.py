@@ -25,6 +25,7 @@ from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
 from atom_jax.scheduler.validation import check_request, check_text, check_token_ids
 from atom_jax.sharding import StepOptions, make_dp_mesh
+from atom_jax.weights.formats import AUTO
 
 log = logging.getLogger("atom_jax.engine")
 
@@ -74,10 +75,18 @@ class Engine:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         dtype = jnp.dtype(cfg.dtype)
         source = resolve_model(cfg.model)  # the one place --model is interpreted
+        import jax
+
+        layout = cfg.expert_layout_on(jax.default_backend())  # FP4 experts' codes: kmajor / nmajor
         if model is None:
             # host: the runner places the parameters sharded (a model larger than one GPU must not
             # land whole on device 0 first)
-            model = load_resolved(source, seed=cfg.seed, dtype=dtype, weights=cfg.weights, host=True)
+            model = load_resolved(source, seed=cfg.seed, dtype=dtype, weights=cfg.weights, host=True,
+                                  expert_layout=layout)
+        elif cfg.expert_layout != AUTO:  # a given model keeps its own layout unless told otherwise
+            from atom_jax.loader import with_expert_layout
+
+            model = with_expert_layout(model, layout)
         self.model = model
         self.tokenizer = load_resolved_tokenizer(source) if tokenizer == "auto" else tokenizer
         self.chat_settings = ChatSettings(cfg.chat_template, cfg.reasoning_parser, cfg.thinking)

@@ -99,7 +99,7 @@ class ModelRunner:
         self.window_pages = pages_for(self.cfg.sliding_window, layout.page_tokens)  # pages a window spans
         self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
-        self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode)
+        self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode, model.expert_layout)
         shard = self._dp_sharding = NamedSharding(mesh, P(DP))
         self._replicated = NamedSharding(mesh, P())
         one = init_cache(self.cfg, layout, model.dtype)

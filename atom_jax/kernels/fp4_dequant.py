@@ -41,33 +41,36 @@ class DequantTiles:
 DEFAULT_TILES = DequantTiles()
 
 
-def _kernel(c_ref, s_ref, o_ref, *, decode: str):
-    even, odd = DECODERS[decode](c_ref[...], s_ref[...])
+def _kernel(c_ref, s_ref, o_ref, *, decode: str, k_major: bool):
+    codes = c_ref[...].T if k_major else c_ref[...]  # K-major: the [block_n, block_k/2] tile transposed
+    even, odd = DECODERS[decode](codes, s_ref[...])
     o_ref[:, 0, :] = even
     o_ref[:, 1, :] = odd
 
 
-def dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None = None, interpret: bool = False,
+def dequantize(weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, tiles: DequantTiles | None = None, interpret: bool = False,
                decode: str | None = None) -> jax.Array:
-    """Fp4Weights [E, K/2, N] codes + [E, K/32, N] scales -> bf16 [E, K, N], the exact values of
-    `packed.fp4_dequantize`. `decode`: "alu", "ptx" (CUDA only), or None: `ptx` where the program
+    """Fp4Weights [E, K/2, N] codes (or `Fp4WeightsKMajor`'s [E, N, K/2]) + [E, K/32, N] scales ->
+    bf16 [E, K, N], the exact values of `packed.fp4_dequantize`. `decode`: "alu", "ptx" (CUDA only), or None: `ptx` where the program
     runs on CUDA, `alu` elsewhere and in interpret mode."""
     return by_decoder(lambda d: _dequantize(weights, tiles, interpret, d), decode, interpret)
 
 
-def _dequantize(weights: packed.Fp4Weights, tiles: DequantTiles | None, interpret: bool, decode: str):
+def _dequantize(weights, tiles: DequantTiles | None, interpret: bool, decode: str):
     if weights.ndim != 3:
         raise ValueError(f"expected an expert stack [E, K/2, N], got codes {weights.codes.shape}")
-    packed.fp4_check(weights.codes.shape, weights.scales.shape)
     e, k, n = weights.shape
+    k_major = isinstance(weights, packed.Fp4WeightsKMajor)
+    packed.fp4_check((e, k // 2, n), weights.scales.shape)
     tiles = tiles or DEFAULT_TILES
     bk, bn = block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
     out = pl.pallas_call(
-        functools.partial(_kernel, decode=decode),
+        functools.partial(_kernel, decode=decode, k_major=k_major),
         out_shape=jax.ShapeDtypeStruct((e, k // 2, 2, n), jnp.bfloat16),
         grid=(e, k // bk, n // bn),
-        in_specs=[pl.BlockSpec((None, bkh, bn), lambda g, i, j: (g, i, j)),
+        in_specs=[pl.BlockSpec((None, bn, bkh), lambda g, i, j: (g, j, i)) if k_major else
+                  pl.BlockSpec((None, bkh, bn), lambda g, i, j: (g, i, j)),
                   pl.BlockSpec((None, bks, bn), lambda g, i, j: (g, i, j))],
         out_specs=pl.BlockSpec((None, bkh, 2, bn), lambda g, i, j: (g, i, 0, j)),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),

@@ -19,7 +19,8 @@ so neither its product nor h costs an XLA pass over all M rows); those kernels a
 stored tile (on their float32 accumulator), the seam applies it in XLA for the others (on
 their product as stored, rounded to rows.dtype: the rounding the MoE had before the epilogue).
 
-`weights` may also be packed FP4 experts (`packed.Fp4Weights`, W4A16): `get(name)` then runs the
+`weights` may also be packed FP4 experts (`packed.Fp4Weights`, or `packed.Fp4WeightsKMajor`: the
+same weights with K-major codes, `--expert-layout`; W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU; from DEQUANT_MIN_ROWS_PER_GROUP rows
 per expert the `fp4_dequant` kernel then the bf16 Pallas kernel), or decodes the weights in jnp and
 runs the named bf16 backend (CPU, references); see `w4a16`.
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from atom_jax.kernels.platform import is_cpu, is_rocm, target_platform
-from atom_jax.kernels.packed import Fp4Weights, fp4_dequantize
+from atom_jax.kernels.packed import FP4_TYPES, Fp4Weights, Fp4WeightsKMajor, fp4_dequantize
 
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None[, row_ids=None])
 
@@ -245,7 +246,7 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     return True
 
 
-def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
+def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
           epilogue=None):
     """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
     the W4A16 Pallas kernel (interpreted on CPU) below DEQUANT_MIN_ROWS_PER_GROUP rows per
@@ -263,7 +264,7 @@ def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, ro
             return pallas(rows, dense.astype(rows.dtype), group_sizes, mean_group, row_ids=row_ids,
                           zero_tail=zero_tail, epilogue=epilogue)
         from atom_jax.kernels import w4a16_grouped_gemm
-        tiles = w4a16_grouped_gemm.default_tiles(rows_per_group)
+        tiles = w4a16_grouped_gemm.default_tiles(rows_per_group, isinstance(weights, Fp4WeightsKMajor))
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
                                                row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
     return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids,
@@ -271,7 +272,7 @@ def w4a16(name: str, rows, weights: Fp4Weights, group_sizes, mean_group=None, ro
 
 
 def get(name: str) -> GroupedGemm:
-    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights`, and optional
+    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights` / `Fp4WeightsKMajor`, and optional
     `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA), `zero_tail`
     (False: rows past the last group may be left unwritten) and `epilogue` (fn, other)."""
     if name not in _BACKENDS:
@@ -279,7 +280,7 @@ def get(name: str) -> GroupedGemm:
     backend = _BACKENDS[name]
 
     def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
-        if isinstance(weights, Fp4Weights):
+        if isinstance(weights, FP4_TYPES):
             return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail, epilogue)
         if name in GATHERS_ROWS:
             return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail,

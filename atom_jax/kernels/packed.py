@@ -69,6 +69,16 @@ def to_k_major(w: Fp4Weights) -> Fp4WeightsKMajor:
 def from_k_major(w: Fp4WeightsKMajor) -> Fp4Weights:
     return Fp4Weights(jnp.swapaxes(w.codes, -1, -2), w.scales)
 
+
+FP4_TYPES = (Fp4Weights, Fp4WeightsKMajor)  # packed FP4 experts, either code layout
+
+
+def fp4_weights(codes, scales, k_major: bool) -> Fp4Weights | Fp4WeightsKMajor:
+    """The packed operand of stored codes and scales: codes [..., N, K/2] when `k_major`, else
+    [..., K/2, N]."""
+    return (Fp4WeightsKMajor if k_major else Fp4Weights)(codes, scales)
+
+
 def fp4_check(codes_shape, scales_shape):
     *lead, kh, n = codes_shape
     k = 2 * kh
@@ -107,8 +117,10 @@ def fp4_decode_halves(codes, scales):
     return e2m1_to_float32(c & 0xF) * s, e2m1_to_float32(c >> 4) * s
 
 
-def fp4_dequantize(w: Fp4Weights, dtype=jnp.bfloat16):
-    """Fp4Weights [..., K/2, N] -> dense [..., K, N] `dtype` (exact in bf16 and float32)."""
+def fp4_dequantize(w: Fp4Weights | Fp4WeightsKMajor, dtype=jnp.bfloat16):
+    """Fp4Weights [..., K/2, N] (or K-major) -> dense [..., K, N] `dtype` (exact in bf16 and float32)."""
+    if isinstance(w, Fp4WeightsKMajor):
+        w = from_k_major(w)
     *lead, kh, n = w.codes.shape
     codes = w.codes.reshape(-1, kh, n)
     scales = w.scales.reshape(-1, w.scales.shape[-2], n)

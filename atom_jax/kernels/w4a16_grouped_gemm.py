@@ -75,7 +75,9 @@ the decode ~2.6 per weight with its two bf16 multiplies 1.0, the A operand's reg
 codes, and ptxas gathers the MMA fragments per instruction), the MMA 0.25, the scales ~0.3; the
 IMAD count of the issue's 395 was these moves and the decoder's shifts, IMAD.SHL, not address
 arithmetic: the loop's address math is a few IADD3/LEA per step.) Candidates of `bench w4a16
---decode-sweep` (`w4a16_kmajor`) until a GPU measures them; the engine's weights stay [K/2, N].
+--decode-sweep` (`w4a16_kmajor`); measured on an H200 (2026-12-01) K-major codes were 1.5x faster at
+64 tokens per rank and 1.17x at 256, so the engine holds its experts K-major on GPU
+(`--expert-layout`; tiles: `default_tiles(..., k_major=True)`).
 
 Two decoders compute the same bf16 values. `alu` (ROCm, interpret mode) builds float32 bits with
 integer ops, about 18 operations per weight; it made the kernel ALU-bound at 0.3 TB/s of packed
@@ -115,7 +117,27 @@ GEMV_MAX_ROWS_PER_GROUP = 0.0
 GEMV_MAX_BLOCK_M = 16  # rows per GEMV work item (unrolled; each holds block_n/threads partial sums per thread)
 
 
-def default_tiles(rows_per_group: float) -> TileConfig:
+# K-major codes (`packed.Fp4WeightsKMajor`, the engine's `--expert-layout kmajor`) at decode: the
+# bests of `python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up --decode-sweep` on
+# 1x H200 (2026-12-01, docs/benchmarks.md; V4-Flash up projection, 128 experts per rank): 64
+# tokens/rank (3 rows per expert) swap-AB 8x128x256 4 warps 3 stages 0.204 ms, 68% of copy
+# bandwidth ([K/2, N] codes' best 0.305 ms, 46%); 256 tokens/rank (12 rows) swap-AB 16x64x256
+# 2 warps 3 stages 0.292 ms, 50% (plain 16x64x256 4/3 0.294; [K/2, N] 0.342 ms, 43%). Between
+# the two measured sizes the switch is at their geometric middle, 6 rows per expert. From
+# 32 rows per expert K-major codes keep PREFILL_TILES (prefill with K-major codes unmeasured:
+# `bench w4a16 --tokens 8192 --kernels w4a16,w4a16_kmajor`).
+KMAJOR_DECODE_TILES_SMALL = TileConfig(block_m=8, block_n=128, block_k=256, num_warps=4, num_stages=3, swap_ab=True)
+KMAJOR_DECODE_TILES = TileConfig(block_m=16, block_n=64, block_k=256, num_warps=2, num_stages=3, swap_ab=True)
+KMAJOR_SMALL_MAX_ROWS_PER_GROUP = 6.0
+
+
+def default_tiles(rows_per_group: float, k_major: bool = False) -> TileConfig:
+    """The tiles for this many rows per expert (the routing's mean) and code layout (`k_major`:
+    `packed.Fp4WeightsKMajor`, which runs the MMA tiles only)."""
+    if k_major:
+        if rows_per_group >= 32:
+            return PREFILL_TILES
+        return KMAJOR_DECODE_TILES_SMALL if rows_per_group < KMAJOR_SMALL_MAX_ROWS_PER_GROUP else KMAJOR_DECODE_TILES
     if rows_per_group < GEMV_MAX_ROWS_PER_GROUP:
         return GEMV_TILES
     return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
@@ -445,7 +467,8 @@ def grouped_gemm(rows, weights: packed.Fp4Weights | packed.Fp4WeightsKMajor, gro
     (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
     `one_multiply`: see `grouped_gemm_ranges`."""
     if cfg is None:
-        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
+        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1),
+                            isinstance(weights, packed.Fp4WeightsKMajor))
     ranges = functools.partial(grouped_gemm_ranges, decode=decode, one_multiply=one_multiply)
     return from_group_sizes(ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
                             zero_tail=zero_tail, epilogue=epilogue)

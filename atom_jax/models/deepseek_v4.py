@@ -12,19 +12,19 @@ from atom_jax.models.hyper import HyperConnection, HyperHead, hc_merge
 from atom_jax.models.layers import const_param, normal_param, rms_norm
 from atom_jax.models.moe import MoE
 from atom_jax.models.param_map import MTP_KIND
-from atom_jax.weights.formats import BF16
+from atom_jax.weights.formats import BF16, NMAJOR, model_layout
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: str, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32,
-                 weights: str = BF16):
+                 weights: str = BF16, expert_layout: str = NMAJOR):
         self.cfg = cfg
         self.attn_norm = const_param((cfg.hidden_size,), 1.0)
         self.ffn_norm = const_param((cfg.hidden_size,), 1.0)
         self.hc_attn = HyperConnection(cfg, rngs)
         self.hc_ffn = HyperConnection(cfg, rngs)
         self.attn = Attention(cfg, kind, rngs, dtype, weights)
-        self.ffn = MoE(cfg, is_hash, rngs, dtype, weights)
+        self.ffn = MoE(cfg, is_hash, rngs, dtype, weights, expert_layout)
 
     def attn_in(self, streams):
         post, comb, x = self.hc_attn(streams)
@@ -48,21 +48,23 @@ class DeepseekV4(nnx.Module):
     """Causal LM. `dtype` is the compute / storage dtype of the big matrices; norms, mHC,
     sinks and compressor position biases stay float32 as in DeepSeek's checkpoints. `weights`
     "native" keeps experts FP4 and the attention / shared-expert projections FP8, "fp4-experts"
-    only the experts FP4 (packed_params)."""
+    only the experts FP4 (packed_params). `expert_layout`: the FP4 experts' code layout, "nmajor"
+    or "kmajor" (weights.formats; always nmajor for dense experts)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, with_mtp: bool = False,
-                 weights: str = BF16):
+                 weights: str = BF16, expert_layout: str = NMAJOR):
         self.cfg = cfg
         self.dtype = dtype
         self.weights = weights
+        self.expert_layout = expert_layout = model_layout(weights, expert_layout)
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([Block(cfg, cfg.attn_kinds[i], cfg.hash_layers[i], rngs, dtype, weights)
+        self.layers = nnx.List([Block(cfg, cfg.attn_kinds[i], cfg.hash_layers[i], rngs, dtype, weights, expert_layout)
                                 for i in range(cfg.num_layers)])
         self.hc_head = HyperHead(cfg, rngs)
         self.norm = const_param((cfg.hidden_size,), 1.0)
         self.head = normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
-        self.mtp = nnx.List([MTPBlock(cfg, rngs, dtype, weights) for _ in range(n_mtp)])
+        self.mtp = nnx.List([MTPBlock(cfg, rngs, dtype, weights, expert_layout) for _ in range(n_mtp)])
 
     def embed_streams(self, token_ids):
         x = self.embed[...][token_ids]
@@ -101,14 +103,15 @@ class MTPBlock(nnx.Module):
     embedding and the main model's streams are normed, projected and summed, then run through
     one decoder block and its own HC head and norm; the LM head is shared with the main model."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = BF16):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = BF16,
+                 expert_layout: str = NMAJOR):
         self.cfg = cfg
         d = cfg.hidden_size
         self.enorm = const_param((d,), 1.0)
         self.hnorm = const_param((d,), 1.0)
         self.e_proj = normal_param(rngs, (d, d), dtype)
         self.h_proj = normal_param(rngs, (d, d), dtype)
-        self.block = Block(cfg, MTP_KIND, False, rngs, dtype, weights)
+        self.block = Block(cfg, MTP_KIND, False, rngs, dtype, weights, expert_layout)
         self.hc_head = HyperHead(cfg, rngs)
         self.norm = const_param((d,), 1.0)
 

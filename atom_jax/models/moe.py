@@ -38,7 +38,7 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
 
     x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D] (dense, or packed
-    `Fp4Weights` of those shapes: the seam runs them W4A16). Choices of experts
+    `Fp4Weights` / `Fp4WeightsKMajor` of those shapes: the seam runs them W4A16). Choices of experts
     held elsewhere contribute nothing (sorted past the last group, weight zeroed).
 
     Route: the N * k (token, choice) pairs sorted by local expert (stable); the first GEMMs take
@@ -136,9 +136,11 @@ def unroute(y, inv, valid, weights, dtype):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = formats.BF16):
+    def __init__(self, cfg: ModelConfig, is_hash: bool, rngs: nnx.Rngs, dtype=jnp.float32, weights: str = formats.BF16,
+                 expert_layout: str = formats.NMAJOR):
         self.cfg = cfg
         self.is_hash = is_hash
+        self.expert_layout = formats.model_layout(weights, expert_layout)  # FP4 codes [E, N, K/2] when kmajor
         d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         si = i * cfg.n_shared_experts
         self.gate_w = normal_param(rngs, (d, e), dtype)
@@ -149,7 +151,7 @@ class MoE(nnx.Module):
             self.gate_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
         for name, (k, n) in {"w1": (d, i), "w3": (d, i), "w2": (i, d)}.items():
             if formats.packed_experts(weights):  # FP4 codes + ue8m0 scales (packed_params)
-                codes, scales = pp.fp4_stack(rngs, e, k, n)
+                codes, scales = pp.fp4_stack(rngs, e, k, n, self.expert_layout == formats.KMAJOR)
                 setattr(self, name, codes)
                 setattr(self, name + pp.SCALE, scales)
             else:

@@ -5,6 +5,8 @@ Which of them a model keeps packed: its weight format (weights.formats: `native`
 
 * routed experts w1/w3/w2: FP4 (`kernels.packed.Fp4Weights` layout): `w1` holds uint8 codes
   [E, K/2, N] and `w1_scale` uint8 ue8m0 [E, K/32, N]; the grouped-GEMM seam takes them packed.
+  With the K-major layout (the MoE's `expert_layout` "kmajor", `--expert-layout`) `w1` holds the
+  codes [E, N, K/2] (`Fp4WeightsKMajor`), the scales as before.
 * attention wq_a + wkv (fused: `wqkv`), wq_b, wo_a, wo_b and the shared expert: FP8 e4m3 codes as uint8 in the
   checkpoint's [out, in] orientation, `<name>_scale` float32 128x128 block scales.
 * fused projections (FUSED: matrices that take the same input, one parameter filled at load
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atom_jax.kernels import packed
+from atom_jax.weights.formats import KMAJOR
 
 SCALE = "_scale"  # suffix of a packed weight's scale parameter
 
@@ -66,11 +69,12 @@ def random_leaf(key, name: str, shape, dtype):
     return None
 
 
-def fp4_stack(rngs: nnx.Rngs, e: int, k: int, n: int):
-    """(codes Param uint8 [e, k/2, n], scales Param uint8 [e, k/32, n]) for experts [e, k, n]."""
+def fp4_stack(rngs: nnx.Rngs, e: int, k: int, n: int, k_major: bool = False):
+    """(codes Param uint8 [e, k/2, n], or [e, n, k/2] when `k_major`; scales Param uint8
+    [e, k/32, n]) for experts [e, k, n]."""
     if k % packed.FP4_BLOCK:
         raise ValueError(f"FP4 experts need K a multiple of {packed.FP4_BLOCK}, got {k}")
-    codes = random_codes(rngs.params(), (e, k // 2, n))
+    codes = random_codes(rngs.params(), (e, n, k // 2) if k_major else (e, k // 2, n))
     return nnx.Param(codes), nnx.Param(jnp.full((e, k // packed.FP4_BLOCK, n), FP4_RANDOM_SCALE_CODE, jnp.uint8))
 
 
@@ -126,8 +130,9 @@ def linear(x, module, name: str):
 
 
 def expert_weights(module, name: str):
-    """The grouped-GEMM operand of an expert stack: the dense [E, K, N] array or Fp4Weights."""
+    """The grouped-GEMM operand of an expert stack: the dense [E, K, N] array, or Fp4Weights
+    (Fp4WeightsKMajor when the module's `expert_layout` is "kmajor")."""
     scale = getattr(module, name + SCALE, None)
     if scale is None:
         return getattr(module, name)[...]
-    return packed.Fp4Weights(getattr(module, name)[...], scale[...])
+    return packed.fp4_weights(getattr(module, name)[...], scale[...], module.expert_layout == KMAJOR)

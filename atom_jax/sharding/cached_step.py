@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from atom_jax.cache.restore import restore_slots
-from atom_jax.loader import abstract_model
+from atom_jax.loader import abstract_like
 from atom_jax.models import trace_once
 from atom_jax.models.cached_attention import PLANS, cached_attention
 from atom_jax.sharding.mesh import DP
@@ -69,8 +69,8 @@ def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):
     dp = mesh.shape[DP]
     check_divisible(model.cfg, dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
-    specs = param_specs(state.to_pure_dict(), opts.expert_mode)
-    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
+    specs = param_specs(state.to_pure_dict(), opts.expert_mode, model.expert_layout)
+    skeleton = abstract_like(model)
 
     def body(local_params, cache, batch, page_table, tbo):
         st = nnx.split(skeleton)[1]

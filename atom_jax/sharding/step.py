@@ -17,14 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from atom_jax.loader import abstract_model
+from atom_jax.loader import abstract_like, abstract_model
 from atom_jax.models import trace_once
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.layers import rms_norm
 from atom_jax.models.packed_params import SCALE, random_leaf
 from atom_jax.sharding.emulate import check_emulation, emulated, emulated_params
 from atom_jax.sharding.mesh import DP
-from atom_jax.weights.formats import BF16
+from atom_jax.weights.formats import BF16, NMAJOR
 from atom_jax.sharding.microbatch import Segment, split_two, whole
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import BY_EXPERT, check_divisible, param_specs
@@ -96,7 +96,7 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
     check_divisible(model.cfg, emulate_dp or dp, opts.expert_mode, model.weights)
     graphdef, state = nnx.split(model)
     pure = state.to_pure_dict()
-    specs = param_specs(pure, opts.expert_mode)
+    specs = param_specs(pure, opts.expert_mode, model.expert_layout)
     params = None
     if place:
         params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
@@ -106,7 +106,7 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
         rank_step = partial(emulated(FullSeqRankStep), virtual_dp=emulate_dp)
         if place:
             params = emulated_params(params, mesh, emulate_dp)
-    skeleton = abstract_model(model.cfg, model.dtype, with_mtp=len(model.mtp) > 0, weights=model.weights)
+    skeleton = abstract_like(model)
 
     def body(local_params, ids, tbo):
         st = nnx.split(skeleton)[1]
@@ -123,15 +123,17 @@ def make_step(model: DeepseekV4, mesh, opts: StepOptions = StepOptions(), place:
 
 
 def random_params_on_mesh(cfg, mesh, opts: StepOptions, dtype=jnp.bfloat16, seed: int = 0, weights: str = BF16,
-                          experts: int | None = None):
+                          experts: int | None = None, expert_layout: str = NMAJOR):
     """Random parameters created directly on the devices, already sharded (a V4-Flash layer is
     ~13 GB of experts: building it on the host first would not fit). `weights` "native" makes
     the packed FP4 / FP8 parameters directly (packed_params.random_leaf), "fp4-experts" the FP4
     experts packed and the projections dense (random in `dtype`: nothing to decode). `experts`:
-    hold only the first this many routed experts (dp emulation, sharding/emulate.py)."""
-    model = abstract_model(cfg, dtype, weights=weights)
+    hold only the first this many routed experts (dp emulation, sharding/emulate.py).
+    `expert_layout`: the FP4 experts' code layout (weights.formats: the codes are random bytes
+    in that shape)."""
+    model = abstract_model(cfg, dtype, weights=weights, expert_layout=expert_layout)
     pure = nnx.split(model)[1].to_pure_dict()
-    specs = param_specs(pure, opts.expert_mode)
+    specs = param_specs(pure, opts.expert_mode, model.expert_layout)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(pure)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     makers = {}  # one compiled maker per (shape, dtype, spec): layers repeat, so few compiles

@@ -8,6 +8,12 @@ can name them. What each keeps packed (models.packed_params has the layouts):
   build time, to the model dtype (FP8 dense weights save memory, not time, at decode: the
   per-step decode before the matmul costs more than reading the bf16 weight).
 * `auto` (a request, not a format): `native` for a checkpoint whose experts are FP4, else `bf16`.
+
+The FP4 experts' code layout (`--expert-layout`; `kernels.packed`): `nmajor` holds codes
+[E, K/2, N] (`Fp4Weights`), `kmajor` [E, N, K/2] (`Fp4WeightsKMajor`: the checkpoint's own [out,
+in/2] orientation, which the W4A16 MMA kernel reads with one 32-bit load per four code bytes);
+the scales are [E, K/32, N] in both. `auto` resolves by platform (`resolve_layout`). Dense
+(bf16) experts have no layout: their models always say `nmajor`.
 """
 
 from __future__ import annotations
@@ -42,3 +48,31 @@ def packed_dense(weights: str) -> bool:
 def random_format(weights: str) -> str:
     """The format of random weights asked for with `--weights` (no checkpoint: `auto` = bf16)."""
     return BF16 if weights == AUTO else check_format(weights)
+
+
+NMAJOR, KMAJOR = "nmajor", "kmajor"
+EXPERT_LAYOUTS = (NMAJOR, KMAJOR)  # what a model holds
+LAYOUT_CHOICES = (AUTO,) + EXPERT_LAYOUTS  # `--expert-layout`
+LAYOUT_HELP = ("code layout of FP4 experts on the device: kmajor [E, N, K/2] (the checkpoint's own "
+               "orientation; the W4A16 kernel's fastest), nmajor [E, K/2, N]; auto: kmajor on GPU "
+               "(measured faster at every decode size on an H200), nmajor on CPU")
+
+
+def resolve_layout(layout: str, platform: str) -> str:
+    """`--expert-layout` for a run on `platform` (jax's backend name): `auto` is kmajor on a GPU
+    (1.5x faster W4A16 decode at 64 tokens per rank, 1.17x at 256, H200 2026-12-01,
+    docs/benchmarks.md), nmajor on CPU (the jnp path decodes either, nmajor without a transpose)."""
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"--expert-layout {layout!r}: choose from {LAYOUT_CHOICES}")
+    if layout != AUTO:
+        return layout
+    return NMAJOR if platform == "cpu" else KMAJOR
+
+
+def model_layout(weights: str, layout: str) -> str:
+    """The layout a model in format `weights` holds when `layout` is asked for: dense experts
+    have none (nmajor)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert layout {layout!r}: choose from {EXPERT_LAYOUTS} ({AUTO!r} is resolved by "
+                         "resolve_layout)")
+    return layout if packed_experts(weights) else NMAJOR
