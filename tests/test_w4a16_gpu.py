@@ -96,3 +96,29 @@ def test_compiled_w4a16_k_major_codes_match_the_standard_layout(tiles, one_multi
     ref = grouped_reference(np.asarray(x, np.float32), dense, np.asarray(sizes))
     row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
     assert np.all(row_err[:m - 7] < 2e-2)
+
+
+@pytest.mark.parametrize("tokens", [16, 64, 512, 1024], ids=["3rows", "12rows", "96rows", "192rows-dequant"])
+def test_engine_moe_with_k_major_experts_matches_float32(tokens):
+    """The engine's routed-expert call (`models.moe.routed_experts`: rows gathered by token, the
+    w3 GEMM's SwiGLU epilogue, w2, unroute) through the seam's "pallas" backend with K-major
+    experts (`--expert-layout kmajor`) at their default tiles, by rows per expert: swap-AB
+    8x128x256 (3), 16x64x256 2 warps (12), PREFILL_TILES (96), the K-major `fp4_dequant` path
+    (192): against float32 on the decoded weights, beside the [K/2, N] codes' call."""
+    from atom_jax.models.moe import routed_experts
+
+    rng = np.random.default_rng()
+    e, d, i, topk, limit = 32, 512, 256, 6, 10.0
+    ws = [random_fp4_experts(rng, e, *kn) for kn in ((d, i), (d, i), (i, d))]
+    x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16)
+    idx = jnp.asarray(np.argsort(rng.random((tokens, e)), axis=1)[:, :topk], jnp.int32)
+    wts = jnp.asarray(rng.uniform(0.1, 1.0, (tokens, topk)), jnp.float32)
+    run = jax.jit(lambda *w: routed_experts(x, idx, wts, *w, limit, 0, "pallas", e))
+    with jax.default_matmul_precision("highest"):  # float32, not TF32
+        ref = np.asarray(routed_experts(x.astype(jnp.float32), idx, wts, *(jnp.asarray(dense) for _, dense in ws),
+                                        limit, 0, "ragged_dot", e), np.float64)
+    for k_major in (False, True):
+        out = np.asarray(run(*(packed.to_k_major(w) if k_major else w for w, _ in ws)), np.float64)
+        assert np.all(np.isfinite(out))
+        row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
+        assert np.all(row_err < 3e-2), (k_major, float(row_err.max()))  # bf16 h and output rounding

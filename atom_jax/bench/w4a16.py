@@ -27,6 +27,8 @@ float32 reference, configs Triton refuses reported and skipped.
     python -m atom_jax.bench w4a16 --json w4a16.json        # GPU
     python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --json w4swap.json
     python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --variants w4a16,w4a16_gemv
+    python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,pro_up \
+        --kernels w4a16,w4a16_kmajor,dequant_pallas,dequant_pallas_kmajor   # prefill, both code layouts
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -149,15 +151,16 @@ def _check_case(k, n, g, rows, rng):
     return {"x": x, "w4": w4, "sizes": jnp.asarray(sizes), "ref": ref, "valid": int(ends[-1])}
 
 
-def _check_error(case, fn, packed: bool = True) -> float:
+def _check_error(case, fn, packed: bool = True, k_major: bool = False) -> float:
     """Max relative row error of fn(x, weights, sizes) vs the case's float32 reference (weights
-    packed, or decoded to bf16 for the bf16 kernel)."""
+    packed, K-major codes when `k_major`, or decoded to bf16 for the bf16 kernel)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from atom_jax.kernels.packed import fp4_dequantize
+    from atom_jax.kernels.packed import fp4_dequantize, to_k_major
     w = case["w4"] if packed else fp4_dequantize(case["w4"], jnp.bfloat16)
+    w = to_k_major(w) if k_major else w
     got = np.asarray(jax.jit(fn)(case["x"], w, case["sizes"]), np.float32)
     ref = case["ref"]
     err = np.linalg.norm(got - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
@@ -165,12 +168,13 @@ def _check_error(case, fn, packed: bool = True) -> float:
 
 
 def _check(k, n, g, rows, rng, fns):
-    """Max relative row error of each kernel vs float32 on a skewed routing, or its failure."""
+    """Max relative row error of each kernel vs float32 on a skewed routing, or its failure.
+    fns: name -> (fn, packed weights?, K-major codes?)."""
     case = _check_case(k, n, g, rows, rng)
     out = {}
-    for name, (fn, packed) in fns.items():
+    for name, (fn, packed, k_major) in fns.items():
         try:
-            out[name] = _check_error(case, fn, packed)
+            out[name] = _check_error(case, fn, packed, k_major)
         except Exception as e:  # a kernel the compiler refuses is a result too
             out[name] = failure(e)
     return out
@@ -288,7 +292,7 @@ def run(args) -> int:
     from atom_jax.kernels import fp4_dequant as fd
     from atom_jax.kernels import pallas_grouped_gemm as pg
     from atom_jax.kernels import w4a16_grouped_gemm as wg
-    from atom_jax.kernels.packed import fp4_dequantize
+    from atom_jax.kernels.packed import fp4_dequantize, to_k_major
 
     on_cpu = jax.default_backend() == "cpu"
     rng = np.random.default_rng(0)
@@ -321,14 +325,26 @@ def run(args) -> int:
 
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
     # `w4a16_gemv`: the no-MMA variant at its tiles (wg.GEMV_TILES) at every token count.
-    fp4_kernels = {"w4a16": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
-                   "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas}
+    # `*_kmajor`: the same calls on K-major codes (`packed.Fp4WeightsKMajor`, the engine's
+    # `--expert-layout kmajor`; converted once per shape, outside the timing): w4a16_kmajor at its
+    # own default tiles (`default_tiles(..., k_major=True)`), dequant_pallas_kmajor the decode
+    # kernel reading K-major code tiles.
+    fp4_kernels = {"w4a16": fp4(), "w4a16_kmajor": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
+                   "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas,
+                   "dequant_pallas_kmajor": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
+    if args.kernels:
+        keep = args.kernels.split(",")
+        if unknown := set(keep) - set(fp4_kernels):
+            raise SystemExit(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(fp4_kernels)}")
+        fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name in keep}
+    k_major = {name: name.endswith("_kmajor") for name in fp4_kernels}
 
     for shape, (g, k, n) in shapes.items():
         out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
-                                      {"bf16": (bf16, False), **{n: (f, True) for n, f in fp4_kernels.items()}})
+                                      {"bf16": (bf16, False, False),
+                                       **{n: (f, True, k_major[n]) for n, f in fp4_kernels.items()}})
         print(f"check {shape}: max row rel err {out['checks'][shape]}", flush=True)
     failed = {name for errs in out["checks"].values() for name, e in errs.items()
               if not (isinstance(e, float) and e < CHECK_TOL)}
@@ -344,10 +360,11 @@ def run(args) -> int:
             print(f"decode {shape:10} {name:14} {row['ms']:8.3f} ms {row['GBps']:7.0f} GB/s "
                   f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy", flush=True)
     save(out, args.json)
-    print(f"{'shape':10} {'tok':>6} {'kernel':14} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
+    print(f"{'shape':10} {'tok':>6} {'kernel':21} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>7} {'%copy':>5} {'x bf16':>6}")
     for shape, (g, k, n) in shapes.items():
         w_bf16 = jax.random.normal(jax.random.key(7), (g, k, n), jnp.bfloat16) * 0.02
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
+        w_km = to_k_major(w_fp4) if any(k_major.values()) else None
         for t in tokens:
             flops = 2.0 * t * TOPK * k * n
             dense_s = None if on_cpu else dense_case(k, n, t, args.iters)
@@ -355,7 +372,8 @@ def run(args) -> int:
             base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
                     "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
             secs = {}
-            runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_fp4, FP4_BYTES_PER_WEIGHT) for n, f in fp4_kernels.items()]
+            runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_km if k_major[n] else w_fp4, FP4_BYTES_PER_WEIGHT)
+                                                    for n, f in fp4_kernels.items()]
             for name, fn, w, bpw in runs:
                 if name in failed:
                     continue
@@ -363,19 +381,21 @@ def run(args) -> int:
                     sec, nonempty = _time(fn, w, g, k, t, rng, args.iters)
                 except Exception as e:
                     out["results"].append(dict(base, kernel=name, error=failure(e)))
-                    print(f"{shape:10} {t:6d} {name:14} {failure(e)}", flush=True)
+                    print(f"{shape:10} {t:6d} {name:21} {failure(e)}", flush=True)
                     continue
                 secs[name] = sec
                 out["results"].append(row := _rate_row(base, name, sec, nonempty * k * n * bpw, flops, ceil,
                                                        dense_tf, secs.get("bf16")))
-                print(f"{shape:10} {t:6d} {name:14} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
+                print(f"{shape:10} {t:6d} {name:21} {row['ms']:8.3f} {row['TFLOPs']:8.1f} "
                       f"{100 * (row['frac_of_dense'] or 0):5.0f} {row['GBps']:7.0f} "
                       f"{100 * (row['frac_of_copy'] or 0):5.0f} {row['speedup_vs_bf16'] or 0:6.2f}", flush=True)
             if dense_s:
-                print(f"{shape:10} {t:6d} {'dense':14} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
-            for other in ("w4a16_swap", "w4a16_gemv"):
-                if "w4a16" in secs and other in secs:
-                    print(f"{shape:10} {t:6d} {other} / w4a16 time {secs[other] / secs['w4a16']:.2f}", flush=True)
+                print(f"{shape:10} {t:6d} {'dense':21} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
+            for other, base_name in (("w4a16_swap", "w4a16"), ("w4a16_gemv", "w4a16"), ("w4a16_kmajor", "w4a16"),
+                                     ("dequant_pallas_kmajor", "dequant_pallas")):
+                if base_name in secs and other in secs:
+                    print(f"{shape:10} {t:6d} {other} / {base_name} time {secs[other] / secs[base_name]:.2f}",
+                          flush=True)
             if "dequant_pallas" not in secs or "w4a16" not in secs:
                 continue
             # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
@@ -443,6 +463,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(ALL_VARIANTS),
                    help="the decode sweep's variants: w4a16 (MMA), w4a16_swap (swap-AB MMA), w4a16_gemv (no MMA), "
                         "w4a16_kmajor (the MMA kernel on K-major codes), w4a16_1mul (the one-multiply decoder)")
+    p.add_argument("--kernels", default="",
+                   help="the main table's FP4 kernels, comma list (default: all): w4a16, w4a16_kmajor (K-major codes, "
+                        "their default tiles), w4a16_swap, w4a16_gemv, w4a16_alu (GPU), dequant_bf16, dequant_pallas, "
+                        "dequant_pallas_kmajor; the bf16 kernel always runs")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")
