@@ -119,13 +119,13 @@ GEMV_MAX_BLOCK_M = 16  # rows per GEMV work item (unrolled; each holds block_n/t
 
 # K-major codes (`packed.Fp4WeightsKMajor`, the engine's `--expert-layout kmajor`) at decode: the
 # bests of `python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up --decode-sweep` on
-# 1x H200 (2026-12-01, docs/benchmarks.md; V4-Flash up projection, 128 experts per rank): 64
-# tokens/rank (3 rows per expert) swap-AB 8x128x256 4 warps 3 stages 0.204 ms, 68% of copy
-# bandwidth ([K/2, N] codes' best 0.305 ms, 46%); 256 tokens/rank (12 rows) swap-AB 16x64x256
-# 2 warps 3 stages 0.292 ms, 50% (plain 16x64x256 4/3 0.294; [K/2, N] 0.342 ms, 43%). Between
-# the two measured sizes the switch is at their geometric middle, 6 rows per expert. From
-# 32 rows per expert K-major codes keep PREFILL_TILES (prefill with K-major codes unmeasured:
-# `bench w4a16 --tokens 8192 --kernels w4a16,w4a16_kmajor`).
+# 1x H200 (2026-12-01, docs/benchmarks.md "Issue 19: W4A16 decode with K-major codes"; V4-Flash
+# up projection, 128 experts per rank): 64 tokens/rank (3 rows per expert) swap-AB 8x128x256
+# 4 warps 3 stages 0.204 ms, 68% of copy bandwidth ([K/2, N] codes' best 0.305 ms, 46%); 256
+# tokens/rank (12 rows) swap-AB 16x64x256 2 warps 3 stages 0.292 ms, 50% (plain 16x64x256 4/3
+# 0.294; [K/2, N] 0.342 ms, 43%). Between the two measured sizes the switch is at their
+# geometric middle, 6 rows per expert. From 32 rows per expert K-major codes keep PREFILL_TILES
+# (prefill with K-major codes unmeasured: `bench w4a16 --tokens 8192 --kernels w4a16,w4a16_kmajor`).
 KMAJOR_DECODE_TILES_SMALL = TileConfig(block_m=8, block_n=128, block_k=256, num_warps=4, num_stages=3, swap_ab=True)
 KMAJOR_DECODE_TILES = TileConfig(block_m=16, block_n=64, block_k=256, num_warps=2, num_stages=3, swap_ab=True)
 KMAJOR_SMALL_MAX_ROWS_PER_GROUP = 6.0
