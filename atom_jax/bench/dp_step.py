@@ -32,7 +32,7 @@ from atom_jax.sharding import DP, StepOptions, make_dp_mesh, make_step, random_p
 from atom_jax.sharding.emulate import check_emulation, held_experts
 from atom_jax.trace.capture import profile_steps
 from atom_jax.trace.hlo import analyze_hlo
-from atom_jax.weights.formats import MODEL_FORMATS
+from atom_jax.weights.formats import LAYOUT_CHOICES, LAYOUT_HELP, MODEL_FORMATS, resolve_layout
 
 
 def time_fn(fn, inputs, iters):
@@ -105,6 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--weights", choices=MODEL_FORMATS, default="bf16",
                     help="random weights: bf16, native (FP4 experts, FP8 projections) or fp4-experts "
                     "(FP4 experts, dense projections)")
+    ap.add_argument("--expert-layout", choices=LAYOUT_CHOICES, default="auto",
+                    help=f"with FP4 experts: {LAYOUT_HELP} (compare layouts with one run each)")
     ap.add_argument("--emulate-dp", type=int, default=None, metavar="N",
                     help="each device runs one rank of dp=N (rank shapes and per-rank link volume; "
                          "atom_jax/sharding/emulate.py says what it leaves out)")
@@ -139,9 +141,10 @@ def run_cli(args) -> int:
         check_emulation(cfg.n_routed_experts, dp, emulate, args.expert_mode)
     model, params = random_params_on_mesh(
         cfg, mesh, base, dtype, weights=args.weights,
-        experts=held_experts(cfg.n_routed_experts, dp, emulate) if emulate else None)
+        experts=held_experts(cfg.n_routed_experts, dp, emulate) if emulate else None,
+        expert_layout=resolve_layout(args.expert_layout, jax.default_backend()))
     print(f"{label}: devices {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
-          f"weights {args.weights}; "
+          f"weights {args.weights} (experts {model.expert_layout}); "
           f"backend {args.backend}; capacity factor {grouped_gemm.CAPACITY_FACTOR}", flush=True)
 
     schedules = args.tbo_schedule.split(",")
@@ -197,7 +200,8 @@ def run_cli(args) -> int:
         rows_out.append(res)
         print(json.dumps(res), flush=True)
         if args.json:  # after every case: a run cut short still leaves its finished rows
-            write_json(args.json, dp, rank_dp, label, emulate, cfg, dtype, args.backend, rows_out, args.weights)
+            write_json(args.json, dp, rank_dp, label, emulate, cfg, dtype, args.backend, rows_out, args.weights,
+                       model.expert_layout)
 
     tbo_names = [n for n, tbo, _ in variants if tbo]
     head = "".join(f" {n + ' ms':>9} {n + '/base':>10} {'overlap':>9} {'sync':>4}" for n in tbo_names)
@@ -213,11 +217,13 @@ def run_cli(args) -> int:
     return 0
 
 
-def write_json(path, dp, rank_dp, label, emulate, cfg, dtype, backend, rows_out, weights="bf16"):
+def write_json(path, dp, rank_dp, label, emulate, cfg, dtype, backend, rows_out, weights="bf16",
+               expert_layout="nmajor"):
     with open(path, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "devices": dp, "dp": rank_dp, "label": label,
                    "emulated": bool(emulate), "layers": cfg.num_layers, "dims": model_dims(cfg, dtype),
-                   "backend": backend, "weights": weights, "jax": jax.__version__, "results": rows_out}, f, indent=1)
+                   "backend": backend, "weights": weights, "expert_layout": expert_layout, "jax": jax.__version__,
+                   "results": rows_out}, f, indent=1)
 
 
 def compile_all(model, mesh, base, params, variants, case_inputs, emulate, workers: int) -> dict:

@@ -200,7 +200,8 @@ def run_cli(args) -> int:
     if args.tiny:
         model = random_model(cfg, seed=args.seed, dtype=dtype)
     else:  # created on the devices, sharded as the engine places it
-        model = random_model_on_mesh(cfg, args.dp, dtype, ec.expert_mode, args.seed, ec.weights)
+        model = random_model_on_mesh(cfg, args.dp, dtype, ec.expert_mode, args.seed, ec.weights,
+                                     ec.expert_layout_on(jax.default_backend()))
     engine = Engine(ec, model=model, tokenizer=None)
     compiled = precompile_buckets(engine, args.compile_workers) if args.compile_workers > 0 else {}
     engine.warmup()
