@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 
-from atom_jax.weights.formats import MODEL_FORMATS
+from atom_jax.weights.formats import LAYOUT_CHOICES, MODEL_FORMATS, resolve_layout
 
 PRESETS = ("tiny", "v4-flash", "v4-pro")
 LARGE_CONSTANT_BYTES = 1 << 20  # --compiled lists literals of the compiled module at least this big
@@ -47,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--context", type=int, default=9216, help="max tokens per sequence (the page-table width)")
     ap.add_argument("--page-tokens", type=int, default=128)
     ap.add_argument("--weights", choices=MODEL_FORMATS, default="bf16")
+    ap.add_argument("--expert-layout", choices=LAYOUT_CHOICES, default="auto",
+                    help="FP4 experts' code layout (auto: the engine's on the lowered-for platform, kmajor on GPU)")
     ap.add_argument("--tbo", action="store_true", help="the two-chain (TBO) program")
     ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     ap.add_argument("--moe-backend", default="auto")
@@ -77,7 +79,8 @@ def _config(preset: str, layers):
 
 def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucket: int = 64, slots=None,
                    context: int = 9216, page_tokens: int = 128, prefix_caching: bool = True, tbo: bool = False,
-                   moe_backend: str = "auto", attn_backend: str = "auto", trace_layers_once: bool = True):
+                   moe_backend: str = "auto", attn_backend: str = "auto", trace_layers_once: bool = True,
+                   expert_layout: str = "nmajor"):
     """-> (fn, args, kwargs): the engine's jitted step program and abstract arguments for one
     (bucket, tbo) step; `fn.trace(*args, **kwargs)` traces it without allocating anything."""
     import jax
@@ -98,7 +101,7 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
     layout = CacheLayout(slots, num_pages, page_tokens, per_seq,
                          state_pages=default_state_pages(slots, num_pages) if prefix_caching else 0)
     layout.check(cfg)
-    model = abstract_model(cfg, dtype, weights=weights)
+    model = abstract_model(cfg, dtype, weights=weights, expert_layout=expert_layout)
     mesh = make_dp_mesh(dp)
     opts = StepOptions(moe_backend=moe_backend, attn_backend=attn_backend, trace_layers_once=trace_layers_once)
     fn = device_step_program(model, mesh, layout, opts)
@@ -107,7 +110,8 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
 
     pure = nnx.split(model)[1].to_pure_dict()
-    params = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), pure, param_specs(pure, opts.expert_mode))
+    specs = param_specs(pure, opts.expert_mode, model.expert_layout)
+    params = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), pure, specs)
     one = jax.eval_shape(lambda: init_cache(cfg, layout, dtype))
     cache = jax.tree.map(lambda a: sds((dp,) + a.shape, a.dtype, P(DP)), one)
     page_table = sds((dp, slots, per_seq), jnp.int32, P(DP))
@@ -183,15 +187,17 @@ def run_cli(args) -> int:
     platform = args.platform or ("cuda" if here == "cpu" else here)
     cfg = _config(args.preset, args.layers)
     dtype = jnp.float32 if args.preset == "tiny" else jnp.bfloat16
+    layout = resolve_layout(args.expert_layout, "cpu" if platform == "cpu" else "gpu")
     fn, a, kw = decode_program(cfg, dtype=dtype, weights=args.weights, dp=args.dp, bucket=args.bucket,
                                slots=args.slots, context=args.context, page_tokens=args.page_tokens,
                                prefix_caching=args.prefix_caching == "on", tbo=args.tbo,
                                moe_backend=args.moe_backend, attn_backend=args.attn_backend,
-                               trace_layers_once=args.trace_layers_once == "on")
+                               trace_layers_once=args.trace_layers_once == "on",
+                               expert_layout=layout)
     res = count_program(fn, a, kw, platform, views, args.compiled)
     kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(cfg.attn_kinds))
     print(f"{args.preset} x{cfg.num_layers} layers ({kinds}), dp={args.dp}, bucket {args.bucket}, "
-          f"weights {args.weights}, tbo={args.tbo}, lowered for {platform}")
+          f"weights {args.weights} (experts {layout}), tbo={args.tbo}, lowered for {platform}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
     titles = {"jaxpr": "jaxpr primitive", "stablehlo": "stablehlo kind", "compiled": "compiled launch"}
     for view in ("jaxpr", "stablehlo", "compiled"):
