@@ -13,7 +13,8 @@ from atom_jax.bench.__main__ import main
 
 def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
     out = tmp_path / "lc.json"
-    assert main(["long-context", "--tiny", "--prompts", "300", "--decode-tokens", "3", "--json", str(out)]) == 0
+    assert main(["long-context", "--tiny", "--prompts", "300", "--decode-tokens", "3", "--json", str(out),
+                 "--trace", str(tmp_path / "trace"), "--trace-steps", "1"]) == 0
     res = json.loads(out.read_text())
     (row,) = res["results"]
     assert (row["backend"], row["prompt"], row["cache_len"], row["chunk"]) == ("jnp", 300, 4096, 256)
@@ -23,3 +24,12 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
     assert row["prefill_of_floor"] == pytest.approx(row["prefill_floor_s"] / row["prefill_s"], rel=0.05, abs=1e-3)
     assert row["decode_of_floor"] == pytest.approx(row["decode_floor_ms"] / row["decode_ms"], rel=0.05, abs=1e-3)
     assert res["ceilings"]["copy_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
+    # --trace: one prefill chunk profiled after the timed run: its kernels by layer and category
+    # (the CPU client may run a small step inline on the calling thread, recorded as host events,
+    # so a CPU trace can hold no device events; a GPU one always does)
+    (tr,) = res["traces"]
+    assert tr["steps"] == 1 and tr["prompt"] == 300 and tr["trace"].startswith(str(tmp_path))
+    assert sum(tr["by_layer_category_ms"].values()) == pytest.approx(tr["sum_ms"], rel=0.01, abs=0.01)
+    assert tr["busy_ms"] <= tr["sum_ms"] + 0.01
+    if tr["top_kernels"]:
+        assert tr["busy_ms"] > 0 and any("layer" in k["op_name"] for k in tr["top_kernels"])

@@ -3,6 +3,9 @@
     python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 64            # CPU, lowered for CUDA
     python -m atom_jax.bench hlo-ops --preset tiny --bucket 8 --json /tmp/ops.json
     python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 1 --dp 2 --weights native --compiled  # GPU
+    python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 8192 --slots 2 --dp 1 \
+        --context 1048576 --page-tokens 256 --attn-backend pallas --views bytes --case-branch 3
+        # an 8K prefill chunk with a 1M cache (bench long-context's engine): bytes and FLOPs
 
 Builds the program the engine compiles for one (bucket, tbo) step (`runner.device_step_program`:
 input unpacking, page-table writes, the DP cached step over every layer, sampling) from
@@ -18,6 +21,11 @@ the rest of the step:
   the compiled module, fusions by kind, while bodies times their trip count
   (atom_jax/trace/op_counts.py), and the literals of at least 1 MiB it embeds (what XLA's
   constant folding made, with the op they came from);
+- bytes and FLOPs per layer and op family, before fusion (`--views bytes`,
+  trace/op_bytes.py: loops times their trip count, the indexer's rung switch as the branch
+  `--case-branch` (default the widest; rungs 4K x 2^i entries for "rowselect": 3 = 32K, a
+  128K-token context), grouped GEMM and indexer kernels' FLOPs from their shapes) and the
+  `--top` largest single movers with their source line;
 - the seconds spent tracing, lowering (and compiling) the program: the cold-start cost of one
   bucket (`--trace-layers-once off`: every layer traced anew, for comparison).
 """
@@ -32,7 +40,7 @@ from atom_jax.weights.formats import LAYOUT_CHOICES, MODEL_FORMATS, resolve_layo
 
 PRESETS = ("tiny", "v4-flash", "v4-pro")
 LARGE_CONSTANT_BYTES = 1 << 20  # --compiled lists literals of the compiled module at least this big
-VIEWS = ("jaxpr", "stablehlo")
+VIEWS = ("jaxpr", "stablehlo", "bytes")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,6 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--platform", default=None,
                     help="lower for this platform (cuda, rocm, cpu); default: this backend, cuda on a CPU machine")
     ap.add_argument("--views", default="jaxpr,stablehlo", help=f"comma list of {VIEWS}")
+    ap.add_argument("--case-branch", type=int, default=None,
+                    help="--views bytes: the branch of a computed switch counted (default the last)")
+    ap.add_argument("--top", type=int, default=30, help="--views bytes: list this many largest movers")
     ap.add_argument("--compiled", action="store_true", help="also compile (this backend) and count launches")
     ap.add_argument("--detail", default=None, metavar="SCOPE",
                     help="with --compiled: list every launch of this scope (layer<i> or step) with its op_name")
@@ -120,8 +131,24 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
     return fn, (params, cache, page_table, last_out, block), {"tbo": tbo}
 
 
-def count_program(fn, args, kwargs, platform: str, views=VIEWS, compiled: bool = False) -> dict:
-    """-> {view: {scope: Counter}} for the views asked (and "compiled", "compiled_notes")."""
+def kernel_flops_of(cfg):
+    """kernel_flops for trace/op_bytes.census_ops: grouped GEMMs from their shapes, the indexer's
+    scores [R, W] as R x W x index heads x index head dim MACs (every entry of the width; the
+    kernel skips the blocks past the visible counts)."""
+    from atom_jax.trace.op_bytes import grouped_gemm_flops
+
+    def flops(name, operands, results):
+        if "indexer_scores" in name and results and len(results[0]) == 2:
+            return 2.0 * results[0][0] * results[0][1] * cfg.index_n_heads * cfg.index_head_dim
+        return grouped_gemm_flops(name, operands, results)
+
+    return flops
+
+
+def count_program(fn, args, kwargs, platform: str, views=VIEWS[:2], compiled: bool = False, case_branch=None,
+                  kernel_flops=None) -> dict:
+    """-> {view: {scope: Counter}} for the views asked (and "compiled", "compiled_notes"; "bytes":
+    trace/op_bytes' (rows, notes))."""
     import contextlib
     import time
 
@@ -143,12 +170,18 @@ def count_program(fn, args, kwargs, platform: str, views=VIEWS, compiled: bool =
         seconds["trace"] = time.perf_counter() - t0
         if "jaxpr" in views:
             out["jaxpr"] = op_counts.jaxpr_counts(traced.jaxpr, platform)
-        if "stablehlo" in views or compiled:
+        if "stablehlo" in views or "bytes" in views or compiled:
             t0 = time.perf_counter()
             lowered = traced.lower() if native else traced.lower(lowering_platforms=(platform,))
             seconds["lower"] = time.perf_counter() - t0
             if "stablehlo" in views:
                 out["stablehlo"] = op_counts.stablehlo_counts(lowered.compiler_ir("stablehlo"))
+            if "bytes" in views:
+                from atom_jax.trace import op_bytes
+
+                pick = (lambda n: n - 1) if case_branch is None else (lambda n: min(case_branch, n - 1))
+                out["bytes"] = op_bytes.census_ops(lowered.compiler_ir("stablehlo"), pick,
+                                                   kernel_flops or op_bytes.grouped_gemm_flops)
             if compiled:
                 t0 = time.perf_counter()
                 text = lowered.compile().as_text()
@@ -194,7 +227,7 @@ def run_cli(args) -> int:
                                moe_backend=args.moe_backend, attn_backend=args.attn_backend,
                                trace_layers_once=args.trace_layers_once == "on",
                                expert_layout=layout)
-    res = count_program(fn, a, kw, platform, views, args.compiled)
+    res = count_program(fn, a, kw, platform, views, args.compiled, args.case_branch, kernel_flops_of(cfg))
     kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(cfg.attn_kinds))
     print(f"{args.preset} x{cfg.num_layers} layers ({kinds}), dp={args.dp}, bucket {args.bucket}, "
           f"weights {args.weights} (experts {layout}), tbo={args.tbo}, lowered for {platform}")
@@ -204,6 +237,18 @@ def run_cli(args) -> int:
         if view in res:
             print()
             print(op_counts.format_table(res[view], titles[view]))
+    if "bytes" in res:
+        from atom_jax.trace import op_bytes
+
+        rows, notes = res["bytes"]
+        print()
+        for note in sorted(set(notes)):
+            print("note:", note)
+        print(op_bytes.format_census(op_bytes.census_table(rows)))
+        print(f"\nthe {args.top} largest movers (scope, family, runs per step, MiB per step, result, where):")
+        for r in op_bytes.top_ops(rows, args.top):
+            print(f"{r.scope:7} {r.family:12} x{r.times:<3} {r.bytes * r.times / 2**20:8.0f} {r.type_text[:44]:44} "
+                  f"{r.where[:160]}")
     for note in res.get("compiled_notes", []):
         print("note:", note)
     if "large_constants" in res:
@@ -220,6 +265,11 @@ def run_cli(args) -> int:
                "dp": args.dp, "bucket": args.bucket, "weights": args.weights, "tbo": args.tbo,
                "platform": platform, "jax": jax.__version__, "seconds": res["seconds"],
                **{v: op_counts.to_json(res[v]) for v in ("jaxpr", "stablehlo", "compiled") if v in res}}
+        if "bytes" in res:
+            from atom_jax.trace import op_bytes
+
+            doc["bytes"] = {s: {f: dict(zip(("bytes", "flops", "runs"), c)) for f, c in fams.items()}
+                            for s, fams in op_bytes.census_table(res["bytes"][0]).items()}
         if "compiled_notes" in res:
             doc["compiled_notes"] = res["compiled_notes"]
             doc["compiled_launches"] = [list(x) for x in res["compiled_launches"]]

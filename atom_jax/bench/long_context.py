@@ -5,6 +5,14 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
     python -m atom_jax.bench long-context --layers 4 --prompts 4096,16384,131072,1048576 \\
         --cache-len 1048576 --chunk 8192 --json long_context.json      # GPU, V4-Flash dims
     python -m atom_jax.bench long-context --tiny                       # CPU smoke run
+    python -m atom_jax.bench long-context --prompts 131072 --decode-tokens 16 --backends pallas \
+        --trace /tmp/lc_trace --trace-steps 2   # + a profile of 2 prefill chunks near 128K (GPU)
+
+--trace DIR: after the timed runs, the kernels' engine prefills the longest prompt once more
+under jax.profiler for --trace-steps chunks just before its last one (so near its full
+context), and prints where those chunks' device time goes: per decoder layer and kernel
+category, and the kernels taking most of it with the source of their HLO (op_name). Not
+part of the timed rows.
 
 --topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
 top-k of every step, the policy before models/index_topk.py's one-call policies; a named
@@ -70,6 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
+    ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
+                    "longest prompt with the kernels (see above) into DIR")
+    ap.add_argument("--trace-steps", type=int, default=2, help="--trace: prefill chunks profiled")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -156,6 +167,71 @@ def _run_prompt(engine, vocab: int, length: int, decode_tokens: int, rng):
     return prefill, (statistics.median(gaps) if len(gaps) else float("nan"))
 
 
+def _trace_prompt(engine, vocab: int, length: int, chunk: int, steps: int, path: str, rng) -> int:
+    """Prefill a prompt of `length` tokens, profiling `steps` chunks before its last one (the
+    last chunk and a decode step after them let the profiled work finish). -> chunks profiled."""
+    from atom_jax.engine import SamplingParams
+
+    chunks = -(-length // chunk)
+    steps = max(1, min(steps, chunks - 1))
+    first = max(0, chunks - steps - 1)
+    engine.add_request(prompt_token_ids=list(map(int, rng.integers(2, vocab, length))),
+                       params=SamplingParams(max_tokens=2, ignore_eos=True))
+    done = 0
+    while engine.has_unfinished():
+        if done == first:
+            engine.start_profile(path, steps)
+        engine.step()
+        done += 1
+    engine.stop_profile()
+    return steps
+
+
+def trace_summary(path: str, steps: int, top: int = 25) -> dict:
+    """Device time per profiled step of a trace: busy (the union of the GPU's kernels), the sum of
+    kernel times per decoder layer and category, and the `top` kernels by time with their HLO
+    op_name (the jax source path of the op they ran)."""
+    import collections
+
+    from atom_jax.trace.events import load_trace
+    from atom_jax.trace.intervals import total
+
+    trace = load_trace(path)
+    events = [e for e in trace.events if "GPU" in e.device or "gpu" in e.device.lower()] or trace.events
+    per_step = lambda ns: round(ns / 1e6 / steps, 3)  # noqa: E731
+    table = collections.defaultdict(float)
+    kernels = collections.defaultdict(lambda: [0.0, 0, "", "", ""])
+    for e in events:
+        table[(e.layer, e.category)] += e.dur_ns
+        k = kernels[e.name]
+        k[0] += e.dur_ns
+        k[1] += 1
+        k[2], k[3] = e.category, e.layer
+        k[4] = k[4] or (e.hlo.op_name if e.hlo is not None else "")
+    return {"steps": steps, "busy_ms": per_step(total([(e.start_ns, e.end_ns) for e in events])),
+            "sum_ms": per_step(sum(e.dur_ns for e in events)),
+            "by_layer_category_ms": {f"{layer}/{cat}": per_step(ns) for (layer, cat), ns in sorted(table.items())},
+            "top_kernels": [{"name": n, "ms": per_step(v[0]), "count": v[1] / steps, "category": v[2],
+                             "layer": v[3], "op_name": v[4]}
+                            for n, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def format_trace_summary(summary: dict) -> str:
+    rows = summary["by_layer_category_ms"]
+    layers = sorted({k.split("/")[0] for k in rows})
+    cats = sorted({k.split("/")[1] for k in rows})
+    out = [f"profiled prefill chunk: device busy {summary['busy_ms']:.2f} ms, kernels' sum {summary['sum_ms']:.2f} ms "
+           "(per chunk)", f"{'ms per chunk':<14}" + "".join(f"{c:>11}" for c in cats) + f"{'all':>11}"]
+    for layer in layers:
+        vals = [rows.get(f"{layer}/{c}", 0.0) for c in cats]
+        out.append(f"{layer:<14}" + "".join(f"{v:>11.2f}" for v in vals) + f"{sum(vals):>11.2f}")
+    out.append(f"top kernels: {'ms':>7} {'per chunk':>9}  {'category':<10} {'layer':<8} name | op_name")
+    for k in summary["top_kernels"]:
+        out.append(f"{'':<13}{k['ms']:>7.2f} {k['count']:>9.1f}  {k['category']:<10} {k['layer']:<8} "
+                   f"{k['name'][:60]} | {k['op_name'][-110:]}")
+    return "\n".join(out)
+
+
 def run_cli(args) -> int:
     from atom_jax.loader import random_model
 
@@ -178,7 +254,7 @@ def run_cli(args) -> int:
     total_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
-    results = []
+    results, traces = [], []
     runs = []  # (backend, top-k policy, indexer scorer path, cache length, chunk, prompts)
     policies = list(dict.fromkeys(args.topk_policies.split(",")))
     for p in policies:
@@ -238,6 +314,15 @@ def run_cli(args) -> int:
                        decode_of_floor=sig(dec_floor / decode_s))
             results.append(row)
             print(json.dumps(row), flush=True)
+        if args.trace and c_len == cache_len:
+            import os
+
+            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_p{max(lens)}".replace("-", "_"))
+            steps = _trace_prompt(engine, cfg.vocab_size, max(lens), b_chunk, args.trace_steps, tdir, rng)
+            summary = trace_summary(tdir, steps)
+            print(format_trace_summary(summary), flush=True)
+            traces.append({"backend": backend, "topk": policy, "indexer": path, "prompt": max(lens), "trace": tdir,
+                           **summary})
         del engine
         jax.clear_caches()
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
@@ -256,6 +341,7 @@ def run_cli(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil,
                        "layers": cfg.num_layers, "dtype": str(jnp.dtype(dtype)),
-                       "prefix_caching": not args.no_prefix_caching, "results": results}, f, indent=1)
+                       "prefix_caching": not args.no_prefix_caching, "results": results, "traces": traces},
+                      f, indent=1)
     return 0
 
