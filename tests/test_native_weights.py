@@ -80,14 +80,21 @@ def test_native_keeps_packed_and_matches_dequantised(models, official, ids_and_r
     assert _rel(native_logits, ids_and_ref[1]) < BOUND  # (the kernels: test_w4a16.py)
 
 
-@pytest.mark.parametrize("tbo", [False, True])
-def test_native_dp2_matches_dequantised(models, ids_and_ref, tbo):
-    native, _ = models
+@pytest.fixture(scope="module")
+def native_dp2(models, ids_and_ref):
+    """(params, {tbo: logits}) of the native model's dp 2 step, TBO off and on (one program each,
+    shared by the tests that compare with them)."""
     mesh = make_dp_mesh(2)
-    ids, ref = ids_and_ref
-    step, params = make_step(native, mesh, StepOptions())
+    step, params = make_step(models[0], mesh, StepOptions())
+    ids = shard_tokens(ids_and_ref[0], mesh)
+    return params, {tbo: np.asarray(step(params, ids, tbo=tbo)) for tbo in (False, True)}
+
+
+@pytest.mark.parametrize("tbo", [False, True])
+def test_native_dp2_matches_dequantised(native_dp2, ids_and_ref, tbo):
+    params, logits = native_dp2
     assert params["layers"][0]["ffn"]["w1_scale"].sharding.spec[0] == "dp"  # scales follow their experts
-    assert _rel(np.asarray(step(params, shard_tokens(ids, mesh), tbo=tbo)), ref) < BOUND
+    assert _rel(logits[tbo], ids_and_ref[1]) < BOUND
 
 
 def test_orbax_round_trip_keeps_packed(models, fp4_experts, tmp_path):
@@ -302,21 +309,18 @@ def test_kmajor_loads_the_checkpoint_orientation_and_gives_nmajor_logits(models,
                                   np.asarray(native.layers[1].ffn.w3.get_value()))
 
 
-def test_kmajor_dp2_tbo_matches_nmajor_bit_for_bit(models, kmajor, ids_and_ref):
+def test_kmajor_dp2_tbo_matches_nmajor_bit_for_bit(native_dp2, kmajor, ids_and_ref):
     """dp 2 with TBO: experts sharded by expert (codes [E/2, N, K/2] per rank), the same logits as
     nmajor's bit for bit; sharded by intermediate dim the K-major codes' specs swap their axes."""
     from jax.sharding import PartitionSpec as P
 
     from atom_jax.sharding.placement import BY_INTERMEDIATE, param_specs
     mesh = make_dp_mesh(2)
-    ids = shard_tokens(ids_and_ref[0], mesh)
-    out = {}
-    for name, model in (("nmajor", models[0]), ("kmajor", kmajor)):
-        step, params = make_step(model, mesh, StepOptions())
-        assert params["layers"][0]["ffn"]["w1"].sharding.spec[0] == "dp"
-        out[name] = np.asarray(step(params, ids, tbo=True))
-    np.testing.assert_array_equal(out["kmajor"], out["nmajor"])
-    assert _rel(out["kmajor"], ids_and_ref[1]) < BOUND
+    step, params = make_step(kmajor, mesh, StepOptions())
+    assert params["layers"][0]["ffn"]["w1"].sharding.spec[0] == "dp"
+    out = np.asarray(step(params, shard_tokens(ids_and_ref[0], mesh), tbo=True))
+    np.testing.assert_array_equal(out, native_dp2[1][True])
+    assert _rel(out, ids_and_ref[1]) < BOUND
     specs = param_specs(nnx.state(kmajor).to_pure_dict(), BY_INTERMEDIATE, "kmajor")["layers"][0]["ffn"]
     assert (specs["w1"], specs["w2"], specs["w1_scale"], specs["w2_scale"]) == (
         P(None, "dp", None), P(None, None, "dp"), P(None, None, "dp"), P(None, "dp", None))
