@@ -125,14 +125,16 @@ def test_dp_step_lowers_for_rocm(setup, tbo):
     _check(_export(step, params, ids, tbo=tbo), cfg, tbo)
 
 
-def test_dp_step_with_native_weights_lowers_for_rocm():
-    """Packed FP4 experts / FP8 projections (`weights="native"`): the W4A16 Triton kernel in
-    place of the bf16 one, one per expert projection."""
+@pytest.mark.parametrize("expert_layout", ["nmajor", "kmajor"])
+def test_dp_step_with_native_weights_lowers_for_rocm(expert_layout):
+    """Packed FP4 experts / FP8 projections (`weights="native"`), codes in either layout (kmajor:
+    `--expert-layout auto` on a GPU, ROCm included): the W4A16 Triton kernel in place of the bf16
+    one, one per expert projection."""
     cfg = tiny()
-    model = abstract_model(cfg, jnp.bfloat16, weights="native")
+    model = abstract_model(cfg, jnp.bfloat16, weights="native", expert_layout=expert_layout)
     mesh = make_dp_mesh(DP_SIZE)
     pure = nnx.split(model)[1].to_pure_dict()
-    params = _abstract(pure, mesh, param_specs(pure))
+    params = _abstract(pure, mesh, param_specs(pure, expert_layout=expert_layout))
     step, _ = make_step(model, mesh, StepOptions(moe_backend="auto"), place=False)
     ids = jax.ShapeDtypeStruct((DP_SIZE * 2, 8), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
     triton = _check(_export(step, params, ids, tbo=False), cfg, False)
