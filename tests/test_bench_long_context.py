@@ -33,3 +33,15 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
     assert tr["busy_ms"] <= tr["sum_ms"] + 0.01
     if tr["top_kernels"]:
         assert tr["busy_ms"] > 0 and any("layer" in k["op_name"] for k in tr["top_kernels"])
+
+
+def test_attention_tiles_specs():
+    from atom_jax.bench.long_context import attention_tiles
+    from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
+
+    assert attention_tiles("default") is None
+    assert attention_tiles("64x32x8") == AttentionTiles(64, 32, 8, TILES.num_stages)
+    assert attention_tiles("16x64x4x3") == AttentionTiles(16, 64, 4, 3)
+    for bad in ("64x32", "64x0x8", "axbxc"):
+        with pytest.raises(SystemExit):
+            attention_tiles(bad)

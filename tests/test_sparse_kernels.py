@@ -329,3 +329,17 @@ def test_compiled_heads_scorer_on_a_decode_batch():
     for r in range(t):
         a, c = set(np.asarray(ki)[r][np.asarray(kok)[r]]), set(np.asarray(ri)[r][np.asarray(rok)[r]])
         assert len(a) == len(c) == min(k, int(n_vis[r])) and len(a & c) >= 0.98 * len(c)
+
+
+def test_attend_takes_the_module_tiles_at_trace_time(monkeypatch):
+    """Without tiles=, the kernel's grid follows sparse_attention.TILES as it is when traced (what
+    `bench long-context --attention-tiles` sets): 2 and 4 heads per program."""
+    rng = np.random.default_rng()
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, "hca")
+    t, heads = q.shape[:2]
+    for bh in (2, 4):
+        monkeypatch.setattr(sparse_attention, "TILES", sparse_attention.AttentionTiles(block_h=bh, block_k=16))
+        jaxpr = jax.make_jaxpr(lambda q: sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, 0.1,
+                                                                 interpret=True, **args))(q)
+        grids = [e.params["grid_mapping"].grid for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+        assert [g[:2] for g in grids] == [(t, max(heads, sparse_attention.MIN_ROWS) // bh)]  # heads padded to 16

@@ -4,7 +4,7 @@
     python -m atom_jax.bench hlo-ops --preset tiny --bucket 8 --json /tmp/ops.json
     python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 1 --dp 2 --weights native --compiled  # GPU
     python -m atom_jax.bench hlo-ops --preset v4-flash --layers 4 --bucket 8192 --slots 2 --dp 1 \
-        --context 1048576 --page-tokens 256 --attn-backend pallas --views bytes --case-branch 3
+        --context 1048576 --page-tokens 256 --attn-backend pallas --views bytes --case-branch 3 --visible 131072
         # an 8K prefill chunk with a 1M cache (bench long-context's engine): bytes and FLOPs
 
 Builds the program the engine compiles for one (bucket, tbo) step (`runner.device_step_program`:
@@ -69,6 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--case-branch", type=int, default=None,
                     help="--views bytes: the branch of a computed switch counted (default the last)")
     ap.add_argument("--top", type=int, default=30, help="--views bytes: list this many largest movers")
+    ap.add_argument("--visible", type=int, default=None, help="--views bytes: the tokens of context the sparse "
+                    "attention kernels' FLOPs are counted at (default: --context)")
     ap.add_argument("--compiled", action="store_true", help="also compile (this backend) and count launches")
     ap.add_argument("--detail", default=None, metavar="SCOPE",
                     help="with --compiled: list every launch of this scope (layer<i> or step) with its op_name")
@@ -131,15 +133,21 @@ def decode_program(cfg, *, dtype=None, weights: str = "bf16", dp: int = 2, bucke
     return fn, (params, cache, page_table, last_out, block), {"tbo": tbo}
 
 
-def kernel_flops_of(cfg):
+def kernel_flops_of(cfg, context: int | None = None):
     """kernel_flops for trace/op_bytes.census_ops: grouped GEMMs from their shapes, the indexer's
     scores [R, W] as R x W x index heads x index head dim MACs (every entry of the width; the
-    kernel skips the blocks past the visible counts)."""
+    kernel skips the blocks past the visible counts), the sparse attention's [T, H x hd] output
+    as QK and PV MACs over each token's keys at `context` tokens (the sliding window, plus the
+    indexer's top-k on CSA or context / hca_ratio entries on HCA; 0: the kernel not counted)."""
     from atom_jax.trace.op_bytes import grouped_gemm_flops
 
     def flops(name, operands, results):
         if "indexer_scores" in name and results and len(results[0]) == 2:
             return 2.0 * results[0][0] * results[0][1] * cfg.index_n_heads * cfg.index_head_dim
+        if "sparse_attention_" in name and context and results and len(results[0]) == 2:
+            extra = {"list": min(cfg.index_topk, context // cfg.csa_ratio), "all": context // cfg.hca_ratio}
+            keys = cfg.sliding_window + next((v for k, v in extra.items() if f"sparse_attention_{k}" in name), 0)
+            return 4.0 * results[0][0] * results[0][1] * keys
         return grouped_gemm_flops(name, operands, results)
 
     return flops
@@ -227,7 +235,8 @@ def run_cli(args) -> int:
                                moe_backend=args.moe_backend, attn_backend=args.attn_backend,
                                trace_layers_once=args.trace_layers_once == "on",
                                expert_layout=layout)
-    res = count_program(fn, a, kw, platform, views, args.compiled, args.case_branch, kernel_flops_of(cfg))
+    res = count_program(fn, a, kw, platform, views, args.compiled, args.case_branch,
+                        kernel_flops_of(cfg, args.visible or args.context))
     kinds = ", ".join(f"{i}:{k}" for i, k in enumerate(cfg.attn_kinds))
     print(f"{args.preset} x{cfg.num_layers} layers ({kinds}), dp={args.dp}, bucket {args.bucket}, "
           f"weights {args.weights} (experts {layout}), tbo={args.tbo}, lowered for {platform}")

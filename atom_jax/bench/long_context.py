@@ -8,6 +8,10 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
     python -m atom_jax.bench long-context --prompts 131072 --decode-tokens 16 --backends pallas \
         --trace /tmp/lc_trace --trace-steps 2   # + a profile of 2 prefill chunks near 128K (GPU)
 
+--attention-tiles default,64x32x8 runs the kernels once per tile shape of the sparse attention
+kernel (query heads per program x keys per step x warps [x stages]; default: its TILES, 32
+heads x 32 keys, 8 warps).
+
 --trace DIR: after the timed runs, the kernels' engine prefills the longest prompt once more
 under jax.profiler for --trace-steps chunks just before its last one (so near its full
 context), and prints where those chunks' device time goes: per decoder layer and kernel
@@ -46,7 +50,7 @@ import numpy as np
 
 from atom_jax.bench.timing import device_ceilings
 from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
-from atom_jax.kernels import sparse_indexer
+from atom_jax.kernels import sparse_attention, sparse_indexer
 from atom_jax.models import index_topk
 
 
@@ -76,6 +80,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--indexer-paths", default="auto", help="the indexer scorer kernel's paths the kernels run "
                     "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads, prefill "
                     "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
+    ap.add_argument("--attention-tiles", default="default", help="the sparse attention kernel's tiles the kernels "
+                    "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS] = query heads per "
+                    "program x keys per step x warps (x pipeline stages), e.g. default,64x32x8,16x64x4; each is a "
+                    "separate engine, all in this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
@@ -88,6 +96,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ---- floors --------------------------------------------------------------------------------
+def attention_tiles(spec: str):
+    """'default' -> None (the kernel's TILES); 'HxKxW[xS]' -> AttentionTiles(block_h=H, block_k=K,
+    num_warps=W, num_stages=S or the default's)."""
+    from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
+
+    if spec == "default":
+        return None
+    try:
+        parts = [int(x) for x in spec.split("x")]
+        if len(parts) not in (3, 4) or min(parts) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS] (e.g. 64x32x8)") from None
+    return AttentionTiles(*parts[:3], parts[3] if len(parts) == 4 else TILES.num_stages)
+
+
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:
     return (positions + 1) // ratio
 
@@ -255,7 +279,7 @@ def run_cli(args) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
     results, traces = [], []
-    runs = []  # (backend, top-k policy, indexer scorer path, cache length, chunk, prompts)
+    runs = []  # (backend, top-k policy, indexer scorer path, attention tiles, cache length, chunk, prompts)
     policies = list(dict.fromkeys(args.topk_policies.split(",")))
     for p in policies:
         index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
@@ -263,36 +287,41 @@ def run_cli(args) -> int:
     for p in paths:
         if p != "prefill":
             sparse_indexer.tiles_for(p)
+    atiles = list(dict.fromkeys(args.attention_tiles.split(",")))
+    for a in atiles:
+        attention_tiles(a)  # malformed specs fail before any work
     for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
         reference = backend == "jnp"
         lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
         for policy in (["loop"] if reference else policies):  # the jnp path always loops
-            for path in (["-"] if reference else paths):
-                runs.append((backend, policy, path, cache_len,
+            for path, at in ([("-", "-")] if reference else [(p, a) for p in paths for a in atiles]):
+                runs.append((backend, policy, path, at, cache_len,
                              min(chunk, args.reference_chunk) if reference else chunk, lens))
                 if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
                     small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
-                    runs.append((backend, policy, path, args.baseline_cache_len, chunk, small))
+                    runs.append((backend, policy, path, at, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
     prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
-    for backend, policy, path, c_len, b_chunk, lens in runs:
+    attn_default = sparse_attention.TILES
+    for backend, policy, path, at, c_len, b_chunk, lens in runs:
         if not lens:
             continue
         # read when the engine compiles
         index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
         sparse_indexer.TILES = tiles if path in ("-", "prefill") else sparse_indexer.tiles_for(path, tiles)  # likewise
         sparse_indexer.PREFILL_MIN_TOKENS = index_topk.AUTO_MAX_TOKENS + 1 if path == "prefill" else prefill_min
+        sparse_attention.TILES = (attention_tiles(at) if at != "-" else None) or attn_default  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
                                      not args.no_prefix_caching)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"backend": backend, "topk": policy, "indexer": path, "cache_len": c_len,
+            results.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         for n in lens:
-            row = {"backend": backend, "topk": policy, "indexer": path, "prompt": n, "cache_len": c_len,
+            row = {"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
                    "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
@@ -317,24 +346,27 @@ def run_cli(args) -> int:
         if args.trace and c_len == cache_len:
             import os
 
-            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_p{max(lens)}".replace("-", "_"))
+            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_{at}_p{max(lens)}".replace("-", "_"))
             steps = _trace_prompt(engine, cfg.vocab_size, max(lens), b_chunk, args.trace_steps, tdir, rng)
             summary = trace_summary(tdir, steps)
             print(format_trace_summary(summary), flush=True)
-            traces.append({"backend": backend, "topk": policy, "indexer": path, "prompt": max(lens), "trace": tdir,
+            traces.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(lens),
+                           "trace": tdir,
                            **summary})
         del engine
         jax.clear_caches()
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
-    sparse_indexer.PREFILL_MIN_TOKENS = prefill_min
-    print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
+    sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
+    print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['cache_len']:8d} {r.get('prompt', '-'):>8} "
+            print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
+                  f"{r.get('prompt', '-'):>8} "
                   f"failed: {r['error'][:80]}")
             continue
-        print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
+        print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
+              f"{r['prompt']:8d} {r['chunk']:6d} "
               f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
     if args.json:

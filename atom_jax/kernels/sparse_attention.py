@@ -131,13 +131,15 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
-           n_visible=None, selected=None, tiles: AttentionTiles = TILES, interpret: bool = False,
+           n_visible=None, selected=None, tiles: AttentionTiles | None = None, interpret: bool = False,
            splits: int | None = None):
     """q [T,H,hd]; kv [T,hd] this step's key rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as
     before this step; pool [N,hd] compressed entries (None: sliding only); page_table
     [slots, max_pages]; n_visible [T]; selected [T,k] entry indices (CSA) or None (HCA: every
     visible entry). splits: programs per token sharing its HCA entries (None: DECODE_SPLITS for
-    steps of at most SPLIT_MAX_TOKENS tokens, else 1). -> [T,H,hd] in q's dtype."""
+    steps of at most SPLIT_MAX_TOKENS tokens, else 1). tiles: default the module's TILES as it is
+    at trace time (`bench long-context --attention-tiles` swaps it). -> [T,H,hd] in q's dtype."""
+    tiles = tiles or TILES
     t, h0, dim = q.shape
     if h0 < MIN_ROWS:  # Triton dots need >= 16 rows: zero heads (a sink of 0) fill up, then go
         q = jnp.pad(q, ((0, 0), (0, MIN_ROWS - h0), (0, 0)))
