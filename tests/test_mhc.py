@@ -181,3 +181,23 @@ def test_hc_merge_matches_float64(dtype, tol):
     p64 = np.asarray(post.astype(dtype).astype(jnp.float32), np.float64)
     ref = p64[..., None] * np.asarray(out.astype(jnp.float32), np.float64)[:, None, :] + np.einsum("tjk,tjd->tkd", c64, s64)
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_hc_mixes_match_float64(dtype):
+    """rms_norm(flattened streams) @ fn in float64 (the streams as given): the bf16 path's one
+    product with [hi | lo] halves of fn keeps float32-level accuracy (where bf16(fn) alone
+    would be ~1e-3 off)."""
+    rng = np.random.default_rng()
+    t, n, d, m = 6, 4, 64, 24
+    streams = jnp.asarray(rng.standard_normal((t, n, d)) * 3, dtype)
+    fn = jnp.asarray(rng.standard_normal((n * d, m)) / 16, jnp.float32)
+    x = np.asarray(streams.astype(jnp.float32), np.float64).reshape(t, n * d)
+    ref = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)) @ np.asarray(fn, np.float64)
+    got = np.asarray(hyper.hc_mixes(streams, fn, 1e-6), np.float64)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 2e-5 * scale
+    if dtype == jnp.bfloat16:  # what the split buys
+        crude = np.asarray(jnp.dot(streams.reshape(t, -1), fn.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
+                           np.float64) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        assert np.abs(crude - ref).max() > 10 * np.abs(got - ref).max()

@@ -13,7 +13,7 @@ from flax import nnx
 
 from atom_jax.config import ModelConfig
 from atom_jax.kernels.platform import is_cpu
-from atom_jax.models.layers import const_param, normal_param, rms_norm
+from atom_jax.models.layers import const_param, normal_param
 from atom_jax.models.trace_once import traced_once
 
 
@@ -29,14 +29,35 @@ class HyperConnection(nnx.Module):
     def __call__(self, streams):
         """streams [..., N, D] -> (post [..., N], comb [..., N, N], collapsed [..., D]); float32 weights."""
         n, eps = self.cfg.hc_mult, self.cfg.hc_eps
-        flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-        mixes = rms_norm(flat, None, self.cfg.rms_norm_eps) @ self.fn[...]
+        mixes = hc_mixes(streams, self.fn[...], self.cfg.rms_norm_eps)
         base, scale = self.base[...], self.scale[...]
         pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
         post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = comb_of_mixes(mixes, scale[2], base[2 * n:], n, self.cfg.hc_sinkhorn_iters, eps)
         collapsed = jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
         return post, comb, collapsed
+
+
+def hc_mixes(streams, fn, eps: float):
+    """rms_norm(streams [..., N, D] flattened to [..., N * D], in float32) @ fn [N * D, m]
+    (float32), without a float32 copy of the streams: the norm's per-row scale is applied to the
+    product (the same in exact arithmetic), and bf16 streams multiply fn split into two bf16
+    halves, hi = bf16(fn) and lo = bf16(fn - hi), in ONE bf16 product with [hi | lo] that
+    accumulates in float32 (bf16 x bf16 products are exact in float32; hi + lo holds fn to
+    ~2^-17). So the GEMM reads the bf16 streams once, where the float32 form wrote and re-read
+    a float32 copy twice their size (at an 8K-token prefill chunk of V4-Flash, 512 MiB per call,
+    two calls per layer)."""
+    flat = streams.reshape(*streams.shape[:-2], -1)
+    xf = flat.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    fn = fn.astype(jnp.float32)
+    if flat.dtype != jnp.bfloat16:
+        return (xf @ fn) * inv
+    hi = fn.astype(jnp.bfloat16)
+    lo = (fn - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    both = jnp.dot(flat, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
+    m = fn.shape[1]
+    return (both[..., :m] + both[..., m:]) * inv
 
 
 def sinkhorn_reference(logits, iters: int, eps: float):
@@ -137,7 +158,6 @@ class HyperHead(nnx.Module):
         self.scale = const_param((1,), 1.0)
 
     def __call__(self, streams):
-        flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-        mixes = rms_norm(flat, None, self.cfg.rms_norm_eps) @ self.fn[...]
+        mixes = hc_mixes(streams, self.fn[...], self.cfg.rms_norm_eps)
         pre = jax.nn.sigmoid(mixes * self.scale[...][0] + self.base[...]) + self.cfg.hc_eps
         return jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
