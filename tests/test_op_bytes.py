@@ -61,3 +61,9 @@ def test_grouped_gemm_flops_from_the_weights_shape():
     operands = [[640], [49152, 2048], [256, 2048, 4096]]
     assert op_bytes.grouped_gemm_flops(name, operands, [[49152, 4096]]) == 2.0 * 49152 * 2048 * 4096
     assert op_bytes.grouped_gemm_flops("indexer_scores/pallas_call", operands, [[49152, 4096]]) == 0.0
+
+
+def test_grouped_gemm_reads_its_expert_weights():
+    types = ["tensor<640xi32>", "tensor<49152x2048xbf16>", "tensor<256x2048x4096xbf16>"]
+    assert op_bytes.grouped_gemm_reads("grouped_gemm/pallas_call", types) == 256 * 2048 * 4096 * 2
+    assert op_bytes.grouped_gemm_reads("sparse_attention_all/pallas_call", types) == 0

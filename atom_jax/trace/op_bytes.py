@@ -12,8 +12,9 @@ the widest rung). Bytes per run, by family:
 - scatter, dynamic_update_slice: the update read and written (in place; a scatter into an
   operand XLA cannot alias costs a copy of the whole operand on top, not counted);
 - reduce, reduce_window, sort, top_k, collectives: operands read, results written;
-- custom calls (Pallas kernels): their results written only (they read parts of operands such
-  as whole cache pools; their reads are not knowable from the HLO);
+- custom calls (Pallas kernels): their results written (they read parts of operands such as
+  whole cache pools; their reads are not knowable from the HLO), plus `kernel_reads`' count
+  (default: a grouped GEMM's expert weights, read whole in prefill);
 - elementwise: their results, an upper bound of what a fusion materialises ("convert" apart:
   dtype casts, e.g. float32 upcasts of bf16 operands).
 `top_ops` lists the single largest movers with their name stack, to find them in the model.
@@ -134,11 +135,21 @@ def grouped_gemm_flops(name: str, operands: list[list[int]], results: list[list[
     return 2.0 * results[0][0] * k * n
 
 
-def census_ops(module, branch=lambda n: n - 1, kernel_flops=grouped_gemm_flops):
+def grouped_gemm_reads(name: str, operand_types: list[str]) -> int:
+    """Bytes a grouped GEMM kernel must read besides its rows: its expert weights (the rank-3
+    operand) once, when every expert has rows (prefill; at least once per row tile of an
+    expert unless the L2 keeps them); 0 for other kernels."""
+    if "grouped_gemm" not in name:
+        return 0
+    return sum(tensor_bytes(t) for t in operand_types if len(_dims(t)) == 3)
+
+
+def census_ops(module, branch=lambda n: n - 1, kernel_flops=grouped_gemm_flops, kernel_reads=grouped_gemm_reads):
     """Every costed op of the program's @main as a Row (see the module). `branch(n)`: the branch
     of a `case` with a computed index that runs (default the last). kernel_flops(name, operand
     dims, result dims) -> FLOPs of a custom call (a Pallas kernel: its name stack, e.g.
-    "grouped_gemm/pallas_call ...")."""
+    "grouped_gemm/pallas_call ..."); kernel_reads(name, operand types) -> bytes it reads on top
+    of the results it writes (default: a grouped GEMM's expert weights)."""
     funcs = {_attr_str(op, "sym_name"): op for op in module.body.operations if op.operation.name == "func.func"}
     rows, notes = [], []
 
@@ -182,6 +193,8 @@ def census_ops(module, branch=lambda n: n - 1, kernel_flops=grouped_gemm_flops):
             if kind.startswith("custom_call") and kernel_flops is not None:
                 flops = kernel_flops(where, [_dims(str(v.type)) for v in op.operation.operands],
                                      [_dims(str(v.type)) for v in op.operation.results])
+            if kind.startswith("custom_call") and kernel_reads is not None:
+                nbytes += kernel_reads(where, [str(v.type) for v in op.operation.operands])
             if nbytes or flops:
                 types = ", ".join(str(r.type) for r in op.operation.results)
                 rows.append(Row(scope, family(name, kind), mult, nbytes, flops, types, where))
