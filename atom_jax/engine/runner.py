@@ -20,7 +20,13 @@ from atom_jax.scheduler.pages import pages_for
 from atom_jax.scheduler.sequence import PENDING
 from atom_jax.sharding import DP, StepOptions
 from atom_jax.sharding.cached_step import make_cached_step, make_restore
+from atom_jax.sharding.memory import check_program_fits, free_device_bytes, program_temp_bytes
 from atom_jax.sharding.placement import place, shard_params
+
+# what a step program too large for the free device memory asks the user to lower
+LOWER_FOR_MEMORY = ("lower --max-tokens-per-step (with --buckets: the largest bucket), --num-slots or "
+                    "--num-pages (the KV cache), or run with --tbo off (a TBO step holds both micro-batches' "
+                    "temporaries)")
 
 
 @dataclasses.dataclass
@@ -98,6 +104,7 @@ class ModelRunner:
         self.cfg = model.cfg
         self.window_pages = pages_for(self.cfg.sliding_window, layout.page_tokens)  # pages a window spans
         self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
+        self.temp_bytes = {}  # (bucket, tbo) -> its temporary device bytes (None: not reported)
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
         self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode, model.expert_layout)
         shard = self._dp_sharding = NamedSharding(mesh, P(DP))
@@ -290,7 +297,12 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             for key, exe, sec in pool.map(build, list(lowered)):
                 self._compiled[key] = exe
+                self.temp_bytes[key] = program_temp_bytes(exe)
                 times[key] = (times[key], sec)
+        free = free_device_bytes(self.mesh.devices.flat)
+        for bucket, tbo in sorted(lowered, key=lambda k: -(self.temp_bytes[k] or 0)):
+            check_program_fits(f"the step program of bucket {bucket} (TBO {'on' if tbo else 'off'})",
+                               self.temp_bytes[(bucket, tbo)], free, LOWER_FOR_MEMORY)
         return times
 
     def restore_slots(self, restores) -> None:

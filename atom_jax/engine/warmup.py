@@ -3,7 +3,9 @@
 
 XLA compiles one program per token bucket (and per TBO choice, which follows from the bucket)
 on first use (the sampler is part of each bucket's program, on min(bucket, num_slots) rows per
-rank); on CPU each costs seconds, at full depth on a GPU minutes.
+rank); on CPU each costs seconds, at full depth on a GPU minutes. Each is built ahead of its
+first run (`ModelRunner.precompile`), which checks its temporary memory against the free device
+memory.
 Run on the engine thread before serving, so the first real requests do not pay for it."""
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def warm_up(engine) -> None:
              "cache makes the next start fast)", list(engine.buckets))
     for bucket in engine.buckets:
         t0 = time.perf_counter()
+        # compiled ahead (a no-op for a program `precompile` built already), so a program that
+        # needs more temporary memory than the devices have free fails here with a clear error
+        # (ProgramMemoryError) instead of in the allocator during its first run
+        engine.runner.precompile([(bucket, engine.scheduler.use_tbo(bucket))], workers=1)
         lengths = [min(n, max_prompt) for n in
                    _prompt_lengths(bucket, cfg.max_tokens_per_step, cfg.chunk_size, cfg.num_slots)]
         # The same set per rank: new requests go to the rank with the least pending prefill.

@@ -246,29 +246,61 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     return True
 
 
-def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, mean_group=None, row_ids=None, zero_tail=True,
-          epilogue=None):
+def _packed_path(name: str, weights: Fp4Weights | Fp4WeightsKMajor, rows_per_group: float) -> tuple[str, str]:
+    """How backend `name` multiplies packed FP4 experts at `rows_per_group` rows per expert (the
+    one decision, for `w4a16` and `decode_ahead`): ("w4a16", kernel name): decoded inside the
+    W4A16 kernel; ("dequant", "pallas"): decoded by the `fp4_dequant` kernel, then the bf16 Pallas
+    kernel; ("jnp", bf16 backend): decoded in jnp (exact), then that backend."""
+    if name == "auto":
+        name = "ragged_dot" if _on_cpu() else "pallas"
+    if name not in W4A16_KERNEL_NAMES:
+        return "jnp", name
+    if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP and _dequant_path_fits(weights, rows_per_group):
+        return "dequant", "pallas"
+    return "w4a16", name
+
+
+def _decode(how: str, weights: Fp4Weights | Fp4WeightsKMajor, dtype):
+    if how == "dequant":
+        from atom_jax.kernels import fp4_dequant
+        return fp4_dequant.dequantize(weights, interpret=_on_cpu()).astype(dtype)
+    return fp4_dequantize(weights, dtype)
+
+
+def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, mean_group=None, row_ids=None,
+          zero_tail=True, epilogue=None):
     """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
     the W4A16 Pallas kernel (interpreted on CPU) below DEQUANT_MIN_ROWS_PER_GROUP rows per
     expert, from there the experts decoded by the `fp4_dequant` kernel and the bf16 Pallas kernel
     (decoding in one XLA pass instead measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA
     streamed ~1 TB/s). Other names: the weights decoded to rows.dtype in jnp (exact) and the named
     bf16 backend ('auto' on CPU: ragged_dot). Both kernel paths gather `row_ids` themselves."""
-    if name == "auto":
-        name = "ragged_dot" if _on_cpu() else "pallas"
-    if name in W4A16_KERNEL_NAMES:
-        rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
-        if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP and _dequant_path_fits(weights, rows_per_group):
-            from atom_jax.kernels import fp4_dequant
-            dense = fp4_dequant.dequantize(weights, interpret=_on_cpu())
-            return pallas(rows, dense.astype(rows.dtype), group_sizes, mean_group, row_ids=row_ids,
-                          zero_tail=zero_tail, epilogue=epilogue)
+    rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
+    how, backend = _packed_path(name, weights, rows_per_group)
+    if how == "w4a16":
         from atom_jax.kernels import w4a16_grouped_gemm
         tiles = w4a16_grouped_gemm.default_tiles(rows_per_group, isinstance(weights, Fp4WeightsKMajor))
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
                                                row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
-    return get(name)(rows, fp4_dequantize(weights, rows.dtype), group_sizes, mean_group, row_ids=row_ids,
-                     epilogue=epilogue)
+    dense = _decode(how, weights, rows.dtype)
+    if how == "dequant":
+        return pallas(rows, dense, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    return get(backend)(rows, dense, group_sizes, mean_group, row_ids=row_ids, epilogue=epilogue)
+
+
+def decode_ahead(name: str, weights, rows_per_group: float, dtype):
+    """The experts as `get(name)` would decode them for a call of `rows_per_group` rows per expert,
+    decoded now, so that several GEMMs share one decode (the two TBO chains of a layer); `get(name)`
+    given them multiplies exactly as it would the packed weights. None where `get(name)` would
+    not decode them first: dense weights, the W4A16 kernel's rows per expert, and the kernel names
+    whose decoded path `get(name)` would not take given bf16 weights (e.g. 'mosaic')."""
+    if not isinstance(weights, FP4_TYPES):
+        return None
+    how, backend = _packed_path(name, weights, rows_per_group)
+    given_dense = choose(rows_per_group) if name == "auto" else name  # what get(name) runs on bf16 weights
+    if how == "w4a16" or given_dense != backend:
+        return None
+    return _decode(how, weights, dtype)
 
 
 def get(name: str) -> GroupedGemm:

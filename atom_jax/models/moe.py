@@ -180,10 +180,28 @@ class MoE(nnx.Module):
         h = swiglu_clamped(gate, up, self.cfg.swiglu_limit)
         return pp.linear(h, self, "s_w2")
 
+    def expert_stacks(self) -> tuple:
+        """(w1, w3, w2): the routed experts' grouped-GEMM operands (dense [E, K, N] or Fp4Weights)."""
+        return tuple(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS)
+
+    def rows_per_expert(self, tokens: int) -> float:
+        """Mean rows per expert of a routed call over `tokens` tokens (`routed_experts`' mean_group)."""
+        return tokens * self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
+
     @traced_once
-    def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot"):
-        return routed_experts(x, idx, weights, *(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS),
-                              self.cfg.swiglu_limit, expert_offset, backend, self.cfg.n_routed_experts)
+    def decode_stacks(self, stacks, rows_per_expert: float, backend: str, dtype: str):
+        """`stacks` (w1, w3, w2) with the FP4 ones the grouped-GEMM seam would decode for routed
+        calls of `rows_per_expert` rows per expert decoded now (`grouped_gemm.decode_ahead`), so
+        several calls share one decode; -> None where the seam would not decode them first."""
+        out = [grouped_gemm.decode_ahead(backend, w, rows_per_expert, dtype) for w in stacks]
+        return None if any(w is None for w in out) else tuple(out)
+
+    @traced_once
+    def routed(self, x, weights, idx, expert_offset=0, backend="ragged_dot", stacks=None):
+        """`stacks`: the (w1, w3, w2) operands to use instead of the module's own (`decode_stacks`)."""
+        stacks = self.expert_stacks() if stacks is None else stacks
+        return routed_experts(x, idx, weights, *stacks, self.cfg.swiglu_limit, expert_offset, backend,
+                              self.cfg.n_routed_experts)
 
     def __call__(self, x, token_ids, backend="ragged_dot"):
         """x [N, D], token_ids [N] -> [N, D]."""

@@ -163,6 +163,52 @@ def measured_bytes_per_device(tree) -> dict:
     return out
 
 
+def program_temp_bytes(compiled) -> int | None:
+    """Temporary device memory one run of a compiled program allocates (XLA's memory analysis:
+    its activations and workspace, one block per device), or None where the backend does not
+    report it."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def free_device_bytes(devices) -> tuple[int, int] | None:
+    """(free, limit) bytes of the device with the least free memory among `devices` (its
+    allocator's limit less the bytes in use), or None where the devices report none (CPU)."""
+    worst = None
+    for d in devices:
+        try:
+            stats = d.memory_stats() or {}
+        except Exception:
+            stats = {}
+        if "bytes_limit" not in stats:
+            continue
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        if worst is None or free < worst[0]:
+            worst = (free, int(stats["bytes_limit"]))
+    return worst
+
+
+class ProgramMemoryError(RuntimeError):
+    """A compiled step program needs more temporary memory than its devices have free."""
+
+
+def check_program_fits(what: str, temp: int | None, free: tuple[int, int] | None, lower: str) -> None:
+    """Raise ProgramMemoryError, naming `what` (e.g. 'the step of bucket 8192, TBO on'), its
+    temporary bytes and the free memory, and what to `lower`, when `temp` exceeds the free bytes
+    (nothing to check where either is unknown): before the program runs, instead of an
+    allocator failure in its first run (and, with several ranks, the others waiting for it in a
+    collective)."""
+    if temp is None or free is None or temp <= free[0]:
+        return
+    raise ProgramMemoryError(
+        f"{what} needs {fmt_bytes(temp)} of temporary device memory per GPU, but only "
+        f"{fmt_bytes(free[0])} of {fmt_bytes(free[1])} is free once the weights and the KV cache are "
+        f"placed ({fmt_bytes(temp - free[0])} short): {lower}")
+
+
 def device_memory_bytes(default: int = int(139 * GiB)) -> int:
     """Memory of one accelerator (its allocator limit), or `default` where none is reported."""
     try:

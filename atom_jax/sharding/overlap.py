@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from atom_jax.kernels.packed import FP4_TYPES
 from atom_jax.models.deepseek_v4 import Block, DeepseekV4
 from atom_jax.models.hyper import hc_merge
 from atom_jax.sharding.mesh import DP
@@ -143,13 +144,31 @@ class RankStep:
             return {"x": parts[0], "weights": parts[1], "idx": parts[2]}
         return {"x": parts[0], "ids": parts[1][:, 0]}
 
-    def experts(self, block: Block, gathered):
+    def experts(self, block: Block, gathered, stacks=None):
+        """`stacks`: the layer's expert operands decoded ahead (`decoded_stacks`), else None."""
         if "weights" in gathered:
             weights, idx = gathered["weights"], gathered["idx"]
         else:
             weights, idx = block.ffn.route(gathered["x"], gathered["ids"])
         return block.ffn.routed(gathered["x"], weights, idx, expert_offset=self.expert_offset(),
-                                backend=self.opts.moe_backend)
+                                backend=self.opts.moe_backend, stacks=stacks)
+
+    def decoded_stacks(self, block: Block, ga):
+        """The layer's FP4 experts decoded once for both chains' expert GEMMs, where the grouped-GEMM
+        seam would decode them for each chain's call anyway (prefill-sized chains: from
+        DEQUANT_MIN_ROWS_PER_GROUP rows per expert), else None (each call as without TBO).
+        Left to the seam, each chain would decode its own copy, or XLA would merge the two
+        decodes and place them where it likes: a layer's decoded experts (V4-Flash at dp=2: 3 x
+        2 GiB) from several layers live at once, the TBO step's temporaries then far above the
+        base step's (issue 20). Here the decode waits for chain A's gathered rows (an
+        optimization barrier), so one layer's decoded experts live at a time: from MoE(A) to MoE(B)."""
+        ffn = block.ffn
+        stacks = ffn.expert_stacks()
+        if not any(isinstance(w, FP4_TYPES) for w in stacks):  # dense experts: nothing to decode
+            return None
+        stacks, _ = jax.lax.optimization_barrier((stacks, ga["x"]))
+        return ffn.decode_stacks(stacks, ffn.rows_per_expert(ga["x"].shape[0]), self.opts.moe_backend,
+                                 jnp.dtype(ga["x"].dtype))
 
     def expert_offset(self):
         """Index of this rank's first expert (0 when every rank holds a slice of every expert)."""
@@ -208,15 +227,18 @@ class RankStep:
         """Each chain its own expert GEMM: MoE(A) || AG(B), then RS(A) || MoE(B).
         -> (A reduced, B's partial sums, None, None)."""
         barrier = jax.lax.optimization_barrier
+        stacks = self.decoded_stacks(block, ga)
         with _in_a():
-            pa = self.experts(block, ga)
+            pa = self.experts(block, ga, stacks)
         with _in_b():
             gb = self.dispatch(b)  # MoE(A) || AG(B)
         pa, gb = barrier((pa, gb))
         with _in_a():
             ra = self.combine(pa)
         with _in_b():
-            pb = self.experts(block, gb)  # RS(A) || MoE(B)
+            # (chain B takes A's decode for the same rows per expert: the same decision)
+            same = gb["x"].shape[0] == ga["x"].shape[0]
+            pb = self.experts(block, gb, stacks if same else None)  # RS(A) || MoE(B)
         ra, pb = barrier((ra, pb))
         return ra, pb, None, None
 
