@@ -21,7 +21,7 @@ import pytest
 from test_fp4_dequant import random_packed
 
 from atom_jax.config import tiny
-from atom_jax.kernels import grouped_gemm
+from atom_jax.kernels import grouped_gemm, packed
 from atom_jax.loader import random_model
 from atom_jax.sharding import StepOptions, make_dp_mesh, make_step
 from atom_jax.sharding.memory import ProgramMemoryError
@@ -36,13 +36,16 @@ def _seam_call(name, x, w, sizes, ids, gate, mean):
                       np.float32)
 
 
-@pytest.mark.parametrize("name, threshold", [("ragged_dot", None), ("auto", None), ("pallas", 0)])
-def test_decode_ahead_multiplies_exactly_as_the_seam(name, threshold, monkeypatch):
+@pytest.mark.parametrize("name, threshold, k_major", [("ragged_dot", None, False), ("auto", None, False),
+                                                      ("pallas", 0, False), ("pallas", 0, True)])
+def test_decode_ahead_multiplies_exactly_as_the_seam(name, threshold, k_major, monkeypatch):
     if threshold is not None:  # the decode kernel + bf16 Pallas path at these few rows
         monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", threshold)
     rng = np.random.default_rng()
     g, k, n, r, m = 4, 64, 32, 20, 48
     w = random_packed(rng, g, k, n, lowest=100)
+    if k_major:
+        w = packed.to_k_major(w)
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
     gate = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)

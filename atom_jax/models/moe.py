@@ -181,7 +181,7 @@ class MoE(nnx.Module):
         return pp.linear(h, self, "s_w2")
 
     def expert_stacks(self) -> tuple:
-        """(w1, w3, w2): the routed experts' grouped-GEMM operands (dense [E, K, N] or Fp4Weights)."""
+        """(w1, w3, w2): the routed experts' grouped-GEMM operands (dense [E, K, N] or packed FP4)."""
         return tuple(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS)
 
     def rows_per_expert(self, tokens: int) -> float:
@@ -189,7 +189,7 @@ class MoE(nnx.Module):
         return tokens * self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
 
     @traced_once
-    def decode_stacks(self, stacks, rows_per_expert: float, backend: str, dtype: str):
+    def decode_stacks(self, stacks, rows_per_expert: float, backend: str, dtype):
         """`stacks` (w1, w3, w2) with the FP4 ones the grouped-GEMM seam would decode for routed
         calls of `rows_per_expert` rows per expert decoded now (`grouped_gemm.decode_ahead`), so
         several calls share one decode; -> None where the seam would not decode them first."""
