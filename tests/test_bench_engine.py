@@ -36,6 +36,8 @@ def test_engine_bench_tiny_dp2(tmp_path):
     assert [(r["delayer"], r.get("http", False)) for r in res["runs"]] == [("off", False), ("on", False),
                                                                           ("off", True)]
     assert set(res["precompile_s"]["auto"]) == {"16", "64"}  # both buckets built ahead, no TBO
+    temp = res["program_temp_bytes"]["auto"]  # XLA's memory analysis of each step program
+    assert set(temp) == {"16", "64"} and 0 < temp["16"] <= temp["64"] and res["tbo_modes_left_out"] == {}
     for r in res["runs"]:
         assert (r["completed"], r["failed"]) == (6, 0)
         assert r["total_input_tokens"] == sum(q.input_len for q in reqs)
@@ -50,6 +52,30 @@ def test_engine_bench_tiny_dp2(tmp_path):
         assert 0 <= r["padding_waste"] < 1 and r["steps"] > 0
         assert r["tbo_on_steps"] == 0 and r["tbo_off_steps"] == r["steps"]  # below tbo_min_tokens
     assert res["runs"][0]["delayer_outcomes"]["delay"] == 0  # off never delays
+
+
+def test_a_tbo_mode_that_does_not_fit_is_left_out(tmp_path, monkeypatch, capsys):
+    """--tbo-modes off,on where the TBO programs need more than the GPUs have free (faked: 1 byte
+    free for them): the TBO-on mode is reported with the bucket and the flags to lower and left
+    out, the TBO-off mode still warms up, the exit status says something was left out."""
+    from atom_jax.engine import runner as runner_mod
+
+    real = runner_mod.check_program_fits
+    monkeypatch.setattr(runner_mod, "check_program_fits", lambda what, temp, free, lower: real(
+        what, temp, (1, 2 ** 30) if "TBO on" in what else free, lower))
+    out = tmp_path / "engine.json"
+    args = parse(["--preset", "tiny", "--dp", "2", "--num-slots", "2", "--page-tokens", "32",
+                  "--max-tokens-per-step", "32", "--chunk-size", "32", "--buckets", "32",
+                  "--compilation-cache-dir", "off", "--num-prompts", "2", "--random-input-len", "8",
+                  "--random-output-len", "2", "--tbo-modes", "off,on", "--compile-workers", "1",
+                  "--compile-only", "--json", str(out)])
+    assert engine_bench.run_cli(args) == 1
+    res = json.loads(out.read_text())
+    assert list(res["warmup_s"]) == ["off"] and list(res["tbo_modes_left_out"]) == ["on"]
+    why = res["tbo_modes_left_out"]["on"]
+    assert "bucket 32 (TBO on)" in why and "--max-tokens-per-step" in why and "--num-slots" in why
+    assert res["program_temp_bytes"]["on"]["32 tbo"] > 1  # compiled, measured, then refused
+    assert "TBO on: left out" in capsys.readouterr().out
 
 
 def test_precompiled_steps_run_without_compiling_and_match_the_jit_path():

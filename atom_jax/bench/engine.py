@@ -25,7 +25,10 @@ Every bucket is compiled first, outside the timed runs: traced one after the oth
 by --compile-workers threads at once (ModelRunner.precompile: a 43-layer step takes minutes to
 compile, one program per bucket), then Engine.warmup runs each bucket once (for each
 --tbo-modes entry); the persistent compilation cache (on by default, like the CLIs) makes a
-rerun skip most compiling; each bucket's trace and compile seconds are printed. Every
+rerun skip most compiling; each bucket's trace and compile seconds are printed, and each step
+program's temporary memory per GPU (XLA's memory analysis) beside the GPUs' free memory; a
+--tbo-modes entry whose programs need more than is free is reported (ProgramMemoryError: the
+bucket, the bytes, the flags to lower) and its runs left out, the other modes run. Every
 --max-concurrency entry (a comma list) is its own set of timed runs on the same compiled
 engine: --num-prompts gives one count for all or one per concurrency, and a run of N sends
 the first N requests of one workload (the same prompts at every concurrency). --delayer-modes /
@@ -43,7 +46,7 @@ output) and output tokens/s, also per GPU (one GPU per DP rank); TTFT, TPOT, ITL
 median / p99; padding waste, PrefillDelayer outcomes and TBO steps from the scheduler. A table
 (a column per run, its concurrency and prompt count included), and JSON with --json (rewritten
 after each run, "finished" false until the end: a call cut short keeps its runs). The exit
-status is 1 if any run did not complete all its prompts. --http repeats the first run through
+status is 1 if any run did not complete all its prompts or a TBO mode was left out. --http repeats the first run through
 the OpenAI server on the same engine (`bench serve`'s client, same prompts): the server's cost beside the engine's.
 """
 
@@ -371,33 +374,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _label(bucket: int, tbo: bool) -> str:
+    return f"{bucket}{' tbo' if tbo else ''}"
+
+
 def precompile_buckets(engine, workers: int) -> dict:
     """Trace every bucket's step in turn and compile them on `workers` threads at once (at full
     depth a bucket compiles in minutes: side by side they take about one's time).
     -> {bucket label: [trace s, compile s]}."""
     shapes = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
     times = engine.runner.precompile(shapes, workers)
-    return {f"{b}{' tbo' if t else ''}": [round(x, 2) for x in v] for (b, t), v in times.items()}
+    return {_label(b, t): [round(x, 2) for x in v] for (b, t), v in times.items()}
 
 
-def warm_up(engine, tbos, workers: int) -> tuple[dict, dict]:
+def program_memory(engine) -> dict:
+    """{bucket label: temporary bytes per GPU of its step program (XLA's memory analysis; None:
+    not reported)} for the buckets of the current TBO mode that are compiled."""
+    temp = engine.runner.temp_bytes
+    keys = [(b, engine.scheduler.use_tbo(b)) for b in engine.buckets]
+    return {_label(*k): temp[k] for k in keys if k in temp}
+
+
+def warm_up(engine, tbos, workers: int) -> tuple[dict, dict, dict, dict]:
     """Compile every bucket (for each TBO mode) and run each once, untimed; prints each
-    bucket's trace / compile seconds. -> (warm-up seconds by TBO mode, {TBO mode: {bucket:
-    [trace s, compile s]}})."""
-    warm, built = {}, {}
+    bucket's trace / compile seconds and its program's temporary bytes. A mode whose programs
+    need more temporary memory than the GPUs have free (ProgramMemoryError) is reported and left
+    out, the others go on. -> (warm-up seconds by TBO mode, {TBO mode: {bucket: [trace s,
+    compile s]}}, {TBO mode: {bucket: temporary bytes}}, {TBO mode left out: why})."""
+    from atom_jax.sharding.memory import ProgramMemoryError, fmt_bytes, free_device_bytes
+
+    warm, built, temp, refused = {}, {}, {}, {}
     for tbo in tbos:  # every bucket compiled (or read from the persistent cache), untimed
         name = TBO_NAMES[tbo]
         t0 = time.perf_counter()
         configure(engine, engine.config.delayer, tbo)
-        if workers > 0:  # every bucket's step compiled in parallel first
-            built[name] = precompile_buckets(engine, workers)
-            print(f"precompile (TBO {name}; traced in turn, compiled by {workers} threads at once):\n"
-                  + "\n".join(f"  bucket {k}: trace {v[0]:.1f} s, compile {v[1]:.1f} s" for k, v in built[name].items()),
-                  flush=True)
-        engine.warmup()
+        try:
+            if workers > 0:  # every bucket's step compiled in parallel first
+                built[name] = precompile_buckets(engine, workers)
+                print(f"precompile (TBO {name}; traced in turn, compiled by {workers} threads at once):\n"
+                      + "\n".join(f"  bucket {k}: trace {v[0]:.1f} s, compile {v[1]:.1f} s"
+                                  for k, v in built[name].items()), flush=True)
+            engine.warmup()
+        except ProgramMemoryError as e:
+            refused[name] = str(e)
+            print(f"TBO {name}: left out, {e}", flush=True)
+            continue
+        finally:
+            temp[name] = program_memory(engine)
+            free = free_device_bytes(engine.mesh.devices.flat)
+            print(f"step programs' temporary memory per GPU (TBO {name}): "
+                  + ", ".join(f"bucket {k} {'?' if v is None else fmt_bytes(v)}" for k, v in temp[name].items())
+                  + (f"; free {fmt_bytes(free[0])} of {fmt_bytes(free[1])}" if free else ""), flush=True)
         warm[name] = round(time.perf_counter() - t0, 2)
         print(f"warm-up (TBO {name}): {warm[name]:.1f} s, buckets {list(engine.buckets)}", flush=True)
-    return warm, built
+    return warm, built, temp, refused
 
 
 def run_one(engine, requests, prompts, concurrency, delayer: str, tbo, trace=None) -> dict:
@@ -465,11 +495,12 @@ def run(args) -> dict:
     requests = random_requests(total, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.request_rate, args.workload_seed)
     prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
-    warm, built = warm_up(engine, tbos, args.compile_workers)
-    res = {**header(args, cfg, engine.config), "build_s": build_s, "warmup_s": warm, "precompile_s": built, "runs": [],
-           "trace": None, "finished": False}
+    warm, built, temp, refused = warm_up(engine, tbos, args.compile_workers)
+    res = {**header(args, cfg, engine.config), "build_s": build_s, "warmup_s": warm, "precompile_s": built,
+           "program_temp_bytes": temp, "tbo_modes_left_out": refused, "runs": [], "trace": None, "finished": False}
     save(args.json, res)
-    combos = run_combos(plan, delayers, tbos, args.modes_at)
+    tbos = [t for t in tbos if TBO_NAMES[t] not in refused]
+    combos = run_combos(plan, delayers, tbos, args.modes_at) if tbos else []
     trace = None
     for i, (c, n, delayer, tbo) in enumerate([] if args.compile_only else combos):
         if args.trace and i == len(combos) - 1:
@@ -501,4 +532,5 @@ def run_cli(args) -> int:
     if args.json:
         save(args.json, res)
         print(f"wrote {args.json}")
-    return 0 if all(r["completed"] == r["num_prompts"] for r in res["runs"]) else 1
+    done = all(r["completed"] == r["num_prompts"] for r in res["runs"])
+    return 0 if done and not res["tbo_modes_left_out"] else 1
