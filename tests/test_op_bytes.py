@@ -61,6 +61,10 @@ def test_grouped_gemm_flops_from_the_weights_shape():
     operands = [[640], [49152, 2048], [256, 2048, 4096]]
     assert op_bytes.grouped_gemm_flops(name, operands, [[49152, 4096]]) == 2.0 * 49152 * 2048 * 4096
     assert op_bytes.grouped_gemm_flops("indexer_scores/pallas_call", operands, [[49152, 4096]]) == 0.0
+    # FP4 codes hold K/2 bytes per column ([E, K/2, N]; K-major [E, N, K/2]): K is the rows'
+    for codes in ([256, 1024, 4096], [256, 4096, 1024]):
+        packed = [[640], [49152, 2048], codes, [256, 64, 4096]]
+        assert op_bytes.grouped_gemm_flops(name, packed, [[49152, 4096]]) == 2.0 * 49152 * 2048 * 4096
 
 
 def test_grouped_gemm_reads_its_expert_weights():

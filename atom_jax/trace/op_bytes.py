@@ -126,13 +126,16 @@ class Row:
 
 
 def grouped_gemm_flops(name: str, operands: list[list[int]], results: list[list[int]]) -> float:
-    """2 x MACs of a grouped GEMM kernel (its name holds "grouped_gemm"): rows [M, K] against
-    expert weights [E, K, N] (the rank-3 operand) -> [M, N]; else 0."""
+    """2 x MACs of a grouped GEMM kernel (its name holds "grouped_gemm"): rows [R, K] (the first
+    rank-2 operand) against expert weights (a rank-3 operand) -> [M, N]; else 0. K is the rows',
+    not the weights': packed FP4 codes hold K/2 bytes ([E, K/2, N], or [E, N, K/2] K-major)."""
     weights = [d for d in operands if len(d) == 3]
+    rows = [d for d in operands if len(d) == 2]
     if "grouped_gemm" not in name or not weights or not results or len(results[0]) != 2:
         return 0.0
-    _, k, n = weights[0]
-    return 2.0 * results[0][0] * k * n
+    m, n = results[0]
+    k = rows[0][1] if rows else weights[0][1]
+    return 2.0 * m * k * n
 
 
 def grouped_gemm_reads(name: str, operand_types: list[str]) -> int:
