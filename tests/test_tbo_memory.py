@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +177,30 @@ def test_warmup_refuses_a_program_that_does_not_fit(engine, monkeypatch):
     # with the memory it needs free, the same warm-up runs
     monkeypatch.setattr(runner_mod, "free_device_bytes", lambda devices: (temp, 2 ** 30))
     engine.warmup()
+
+
+@pytest.mark.parametrize("tbo", [False, True])
+def test_native_tbo_step_lowers_for_rocm_with_one_decode_per_expert_stack(tbo, monkeypatch):
+    """The GPU path (lowered for ROCm, `auto`, K-major experts as a GPU holds them) with the decode
+    path forced on: three fp4_dequant Triton kernels per layer with TBO as without (each layer's
+    experts decoded once, shared by the chains' bf16 GEMMs), and each chain its own three GEMMs."""
+    from test_rocm_lowering import DP_SIZE, _abstract, _export, _ops
+
+    from atom_jax.loader import abstract_model
+    from atom_jax.sharding import DP, param_specs
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flax import nnx
+
+    monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
+    cfg = tiny()
+    model = abstract_model(cfg, jnp.bfloat16, weights="native", expert_layout="kmajor")
+    mesh = make_dp_mesh(DP_SIZE)
+    pure = nnx.split(model)[1].to_pure_dict()
+    params = _abstract(pure, mesh, param_specs(pure, expert_layout="kmajor"))
+    step, _ = make_step(model, mesh, StepOptions(moe_backend="auto"), place=False)
+    ids = jax.ShapeDtypeStruct((DP_SIZE * 2, 8), jnp.int32, sharding=NamedSharding(mesh, P(DP)))
+    triton = [text for kind, text in _ops(_export(step, params, ids, tbo=tbo)) if kind == "custom_call:triton"]
+    names = collections.Counter(m.group(1) for t in triton if (m := re.search(r'name = "([^"]*)"', t)))
+    chains = 2 if tbo else 1
+    assert names["fp4_dequant"] == 3 * cfg.num_layers  # not 3 per chain
+    assert names["grouped_gemm"] == 3 * chains * cfg.num_layers  # the bf16 kernel: w1, w3, w2 per chain
