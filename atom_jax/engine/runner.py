@@ -139,6 +139,7 @@ class ModelRunner:
         self._device_step = device_step_program(self.model, self.mesh, self.layout, self.opts, mode)
         self.command_buffers = mode
         self._compiled.clear()
+        self.temp_bytes.clear()
 
     def host_inputs(self, plan) -> StepInputs:
         """The host side of a step (numpy only, no device work): what every process of a

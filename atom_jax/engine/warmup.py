@@ -14,6 +14,7 @@ import logging
 import time
 
 from atom_jax.scheduler import SamplingParams
+from atom_jax.sharding.memory import fmt_bytes
 
 log = logging.getLogger("atom_jax.engine")
 
@@ -42,13 +43,16 @@ def warm_up(engine) -> None:
         # compiled ahead (a no-op for a program `precompile` built already), so a program that
         # needs more temporary memory than the devices have free fails here with a clear error
         # (ProgramMemoryError) instead of in the allocator during its first run
-        engine.runner.precompile([(bucket, engine.scheduler.use_tbo(bucket))], workers=1)
+        key = (bucket, engine.scheduler.use_tbo(bucket))
+        engine.runner.precompile([key], workers=1)
         lengths = [min(n, max_prompt) for n in
                    _prompt_lengths(bucket, cfg.max_tokens_per_step, cfg.chunk_size, cfg.num_slots)]
         # The same set per rank: new requests go to the rank with the least pending prefill.
         prompts = [[1] * n for n in lengths] * cfg.dp
         engine.generate(prompts, one)
-        log.info("warm-up: bucket %d ready in %.1f s", bucket, time.perf_counter() - t0)
+        temp = engine.runner.temp_bytes.get(key)
+        log.info("warm-up: bucket %d%s ready in %.1f s%s", bucket, " (TBO)" if key[1] else "",
+                 time.perf_counter() - t0, "" if temp is None else f", {fmt_bytes(temp)} of temporaries per GPU")
     if engine.layout.page_state and max_prompt > cfg.page_tokens:
         # the prefix cache's slot restore compiles on a real hit, through the step path (so every
         # process of a multi-host run takes part): the same prompt twice, one page reused
