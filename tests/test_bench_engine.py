@@ -38,6 +38,7 @@ def test_engine_bench_tiny_dp2(tmp_path):
     assert set(res["precompile_s"]["auto"]) == {"16", "64"}  # both buckets built ahead, no TBO
     temp = res["program_temp_bytes"]["auto"]  # XLA's memory analysis of each step program
     assert set(temp) == {"16", "64"} and 0 < temp["16"] <= temp["64"] and res["tbo_modes_left_out"] == {}
+    assert res["memory_plan"]["reserve_bytes"] == temp["64"]  # the largest step's, not the fixed 8 GiB
     for r in res["runs"]:
         assert (r["completed"], r["failed"]) == (6, 0)
         assert r["total_input_tokens"] == sum(q.input_len for q in reqs)

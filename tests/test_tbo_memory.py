@@ -177,6 +177,13 @@ def test_warmup_refuses_a_program_that_does_not_fit(engine, monkeypatch):
     # with the memory it needs free, the same warm-up runs
     monkeypatch.setattr(runner_mod, "free_device_bytes", lambda devices: (temp, 2 ** 30))
     engine.warmup()
+    # the memory plan reserves the largest compiled step's temporaries instead of the fixed 8 GiB
+    from atom_jax.sharding.memory import GiB, engine_memory_plan
+    largest = max(runner.temp_bytes.values())
+    plan = engine.memory_plan(gpu_bytes=16 * GiB)
+    fixed = engine_memory_plan(engine.config, 16 * GiB, model=engine.model)
+    assert plan.reserve_bytes == largest < 8 * GiB and fixed.reserve_bytes == 8 * GiB
+    assert plan.kv_budget_bytes == fixed.kv_budget_bytes + 8 * GiB - largest
 
 
 @pytest.mark.parametrize("tbo", [False, True])

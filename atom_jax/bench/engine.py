@@ -28,7 +28,9 @@ compile, one program per bucket), then Engine.warmup runs each bucket once (for 
 rerun skip most compiling; each bucket's trace and compile seconds are printed, and each step
 program's temporary memory per GPU (XLA's memory analysis) beside the GPUs' free memory; a
 --tbo-modes entry whose programs need more than is free is reported (ProgramMemoryError: the
-bucket, the bytes, the flags to lower) and its runs left out, the other modes run. Every
+bucket, the bytes, the flags to lower) and its runs left out, the other modes run; then the
+memory plan (sharding/memory.py) reserving the largest compiled step's temporaries: how many KV
+tokens per GPU fit beside them. Every
 --max-concurrency entry (a comma list) is its own set of timed runs on the same compiled
 engine: --num-prompts gives one count for all or one per concurrency, and a run of N sends
 the first N requests of one workload (the same prompts at every concurrency). --delayer-modes /
@@ -496,8 +498,11 @@ def run(args) -> dict:
                                args.random_range_ratio, args.request_rate, args.workload_seed)
     prompts = random_prompt_ids(requests, cfg.vocab_size, args.workload_seed)
     warm, built, temp, refused = warm_up(engine, tbos, args.compile_workers)
+    memory = engine.memory_plan()  # its reserve: the largest compiled step's temporaries
+    print("memory plan, reserving the largest compiled step's temporaries:\n" + memory.format(), flush=True)
     res = {**header(args, cfg, engine.config), "build_s": build_s, "warmup_s": warm, "precompile_s": built,
-           "program_temp_bytes": temp, "tbo_modes_left_out": refused, "runs": [], "trace": None, "finished": False}
+           "program_temp_bytes": temp, "tbo_modes_left_out": refused, "memory_plan": memory.to_dict(), "runs": [],
+           "trace": None, "finished": False}
     save(args.json, res)
     tbos = [t for t in tbos if TBO_NAMES[t] not in refused]
     combos = run_combos(plan, delayers, tbos, args.modes_at) if tbos else []

@@ -428,6 +428,16 @@ class Engine:
         gc.collect()
         gc.freeze()
 
+    def memory_plan(self, gpu_bytes: int | None = None):
+        """The deployment's memory plan (`sharding.memory`) for this engine's model and settings,
+        reserving the largest temporaries of the step programs compiled so far (XLA's memory
+        analysis; the fixed default reserve before any, or where the backend reports none)."""
+        from atom_jax.sharding.memory import engine_memory_plan
+
+        temps = [t for t in self.runner.temp_bytes.values() if t is not None]
+        return engine_memory_plan(self.config, gpu_bytes, model=self.model,
+                                  reserve_bytes=max(temps) if temps else None)
+
     def start_profile(self, log_dir: str, steps: int | None = None) -> None:
         """Start a jax.profiler trace into `log_dir`; each model step is annotated. With `steps`,
         it stops by itself after that many model steps. ValueError if a trace is running."""

@@ -44,7 +44,7 @@ class MemoryPlan:
     kv_bytes_per_token: float  # paged compressed entries, all layers
     kv_bytes_per_slot: int  # ring + compressor tails, all layers
     gpu_bytes: int
-    reserve_bytes: int  # activations, workspace, compiled programs
+    reserve_bytes: int  # activations, workspace, compiled programs (an engine's: its largest step's temporaries)
     num_slots: int
     state_pages: int = 0  # prefix caching: pages whose window state is kept at once
     state_bytes_per_page: int = 0  # one page's window state (ring rows, CSA tails), all layers
@@ -218,20 +218,27 @@ def device_memory_bytes(default: int = int(139 * GiB)) -> int:
     return int(stats.get("bytes_limit", default))
 
 
-def engine_memory_plan(config, gpu_bytes: int | None = None) -> MemoryPlan:
+def engine_memory_plan(config, gpu_bytes: int | None = None, model=None,
+                       reserve_bytes: int | None = None) -> MemoryPlan:
     """The plan for an `EngineConfig` before anything is loaded: the model's config and weight
-    format from the checkpoint's headers (or the embedded / random model's)."""
-    from atom_jax.default_model import byte_model_config, resolve_model
-    from atom_jax.loader import resolve_weights
-    from atom_jax.weights.formats import random_format
-    from atom_jax.weights.config_io import read_config
-
-    source = resolve_model(config.model)
-    if source.kind == "dir":
-        cfg, weights = read_config(source.path), resolve_weights(source.path, config.weights)
+    format from the checkpoint's headers (or the embedded / random model's); `model`: a built
+    model's instead (`Engine.memory_plan`). `reserve_bytes`: the activations' share (default
+    the fixed 8 GiB; an engine that compiled its steps reserves the largest one's temporaries)."""
+    if model is not None:
+        cfg, weights = model.cfg, model.weights
     else:
-        cfg, weights = byte_model_config(), random_format(config.weights)
+        from atom_jax.default_model import byte_model_config, resolve_model
+        from atom_jax.loader import resolve_weights
+        from atom_jax.weights.formats import random_format
+        from atom_jax.weights.config_io import read_config
+
+        source = resolve_model(config.model)
+        if source.kind == "dir":
+            cfg, weights = read_config(source.path), resolve_weights(source.path, config.weights)
+        else:
+            cfg, weights = byte_model_config(), random_format(config.weights)
+    reserve = {} if reserve_bytes is None else {"reserve_bytes": reserve_bytes}
     return memory_plan(cfg, config.dp, weights, gpu_bytes or device_memory_bytes(), jnp.dtype(config.dtype),
                        page_tokens=config.page_tokens, num_slots=config.num_slots, mode=config.expert_mode,
                        prefix_caching=config.enable_prefix_caching, state_pages=config.state_pages(),
-                       num_pages=config.num_pages)
+                       num_pages=config.num_pages, **reserve)
