@@ -99,11 +99,12 @@ def _walk(jaxpr, decodes: list, pinned: list):
             _walk(sub, decodes, pinned)
 
 
-def test_tbo_decodes_each_layer_once_after_its_gather(monkeypatch):
+@pytest.mark.parametrize("schedule", ["split", "fused"])
+def test_tbo_decodes_each_layer_once_after_its_gather(schedule, monkeypatch):
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)  # every GEMM takes the decode path
     model = random_model(tiny(), seed=0, weights="native")
     mesh = make_dp_mesh(2)
-    step, params = make_step(model, mesh, StepOptions(moe_backend="pallas"))
+    step, params = make_step(model, mesh, StepOptions(moe_backend="pallas", tbo_schedule=schedule))
     ids = jnp.zeros((2, 16), jnp.int32)
     counts = {}
     for tbo in (False, True):

@@ -157,6 +157,8 @@ class RankStep:
         """The layer's FP4 experts decoded once for both chains' expert GEMMs, where the grouped-GEMM
         seam would decode them for each chain's call anyway (prefill-sized chains: from
         DEQUANT_MIN_ROWS_PER_GROUP rows per expert), else None (each call as without TBO).
+        `ga`: the gathered rows of the first call that uses them (the fused schedule: both
+        chains' rows, its one call).
         Left to the seam, each chain would decode its own copy, or XLA would merge the two
         decodes and place them where it likes: a layer's decoded experts (V4-Flash at dp=2: 3 x
         2 GiB) from several layers live at once, the TBO step's temporaries then far above the
@@ -257,7 +259,8 @@ class RankStep:
             sa = block.ffn.shared(a.mid.x)  # shared(A) || AG(B)
         gb, sa = barrier((gb, sa))
         rows = ga["x"].shape[0]
-        partial = self.experts(block, {k: jnp.concatenate([ga[k], gb[k]]) for k in ga})
+        both = {k: jnp.concatenate([ga[k], gb[k]]) for k in ga}
+        partial = self.experts(block, both, self.decoded_stacks(block, both))
         with _in_a():
             ra = self.combine(partial[:rows])
         with _in_b():
