@@ -1,5 +1,6 @@
-"""A runner whose first launch fails (on the dispatch thread when the engine has one): for tests
-of what a step failing after dispatch leaves behind."""
+"""A runner whose first launch fails (on the dispatch thread when the engine has one; after its
+step was prepared, so the host page table already holds the step's rows): for tests of what a
+step failing after dispatch leaves behind."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import contextlib
 
 @contextlib.contextmanager
 def first_launch_fails(engine, message: str = "launch fell over"):
-    real, calls = engine.runner.run, []
+    real, calls = engine.runner.launch, []
 
-    def flaky(inputs):
+    def flaky(step):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError(message)
-        return real(inputs)
+        return real(step)
 
-    engine.runner.run = flaky
+    engine.runner.launch = flaky
     try:
         yield
     finally:
-        del engine.runner.run
+        del engine.runner.launch

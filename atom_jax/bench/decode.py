@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from atom_jax.engine.host_timing import PHASES
-from atom_jax.sharding.placement import place
 
 MODES = ("off", "on", "thread")
 
@@ -118,25 +117,27 @@ def _step_spread(times: list) -> dict:
 
 
 class _LastInputs:
-    """Wraps `runner.run` during the timed steps and keeps the last step's inputs."""
+    """Wraps `runner.prepare` (every loop's, the dispatch thread's too) during the timed steps
+    and keeps the last step's inputs."""
 
     def __init__(self, runner):
-        self.runner, self.inputs, self._run = runner, None, runner.run
+        self.runner, self.inputs, self._prepare = runner, None, runner.prepare
 
     def __enter__(self):
-        def run(inputs):
+        def prepare(inputs):
             self.inputs = inputs
-            return self._run(inputs)
-        self.runner.run = run
+            return self._prepare(inputs)
+        self.runner.prepare = prepare
         return self
 
     def __exit__(self, *exc):
-        del self.runner.run  # the bound method again
+        del self.runner.prepare  # the bound method again
 
 
 def replay(runner, inputs, n: int) -> dict:
     """ms per step of n dispatches of `inputs` through `runner.run` (pack, copy, call), then of n
-    calls of the compiled program on one placed input block; no token read, one wait at the end.
+    calls of the compiled program on one packed input block (each call copies it, as in a
+    step); no token read, one wait at the end.
     The cache and the last output advance as in real steps (the same rows rewritten), so the
     engine goes on afterwards with the same pages; only its random-weight tokens differ."""
     import jax
@@ -147,7 +148,7 @@ def replay(runner, inputs, n: int) -> dict:
         runner.run(inputs)
     jax.block_until_ready(runner._last_out)
     run_ms = 1e3 * (time.perf_counter() - t0) / n
-    buf = place(runner._input_block(inputs, runner._no_updates), runner._replicated)
+    buf = runner._input_block(inputs, runner._no_updates)  # numpy, as `prepare` hands it to the call
     launches = []
     t0 = time.perf_counter()
     for _ in range(n):

@@ -152,9 +152,9 @@ class EngineConfig:
         "behind the device (off: the synchronous loop, for debugging)", type=on_off,
         metavar="{on,off}", show_default="on")
     dispatch_thread: bool = setting(
-        False, "with the overlap schedule, launch each step (its inputs copied to the device, "
-        "the compiled program called: on GPU, the kernel launches) from a second thread while "
-        "the engine thread streams the previous step and plans the next", type=on_off,
+        False, "with the overlap schedule, launch each step (the compiled program called on "
+        "its packed inputs: on GPU, the kernel launches) from a second thread while the engine "
+        "thread streams the previous step and plans and packs the next", type=on_off,
         metavar="{on,off}", show_default="off")
     command_buffers: str = setting(
         "xla", "the step program's XLA GPU command buffers (CUDA graphs): xla = XLA's default "

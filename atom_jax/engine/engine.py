@@ -308,6 +308,10 @@ class Engine:
     def _fail(self, plan, e: Exception) -> None:
         """Fail every request of `plan` (its step raised `e`); each says why. A request that
         was not in the step but reused the pages it offered to the prefix cache is recomputed."""
+        if self._launcher is not None:
+            # launches submitted after the failed one may still read the host page table (a
+            # failed launch makes the next one upload it): none runs once planning goes on
+            self._launcher.drain()
         self.runner.forget_rows()
         error = f"the model step failed: {type(e).__name__}: {e}"
         log.exception("model step failed; failing its %d request(s)", sum(len(work) for work in plan.per_rank),
@@ -360,13 +364,12 @@ class Engine:
             return self.cluster.lead_step(inputs)
         if self.config.dispatch_thread and self.config.overlap_schedule:
             if self._launcher is None:
-                self._launcher = Launcher(lambda step_inputs: self.runner.run(step_inputs))
-            self.runner.clock = self._launcher.clock
-            return self._launcher.submit(inputs)
+                self._launcher = Launcher(lambda step: self.runner.launch(step))
+            # packed here, launched there: the dispatch thread only calls the step program
+            return self._launcher.submit(self.runner.prepare(inputs))
         if self._launcher is not None:  # the thread was turned off: let its launches finish
             self._launcher.close()
             self._launcher = None
-        self.runner.clock = self.clock
         return self.runner.run(inputs)
 
     def _check_stop_strings(self, tr: _Tracked):

@@ -4,13 +4,16 @@ CPU and GPU). `python -m atom_jax.bench decode` prints it per case.
 
 Phases of one engine iteration (`Engine.step`), in the order they run:
   schedule  planning the step (scheduler: delayer, decodes, prefill chunks, admissions)
-  pack      the step's numpy inputs (`ModelRunner.host_inputs`, the packed token buffer and
-            sampling block, page-table rows)
-  transfer  host-to-device copies of those inputs (a multi-host leader's plan broadcast
-            counts in pack)
-  launch    the call of the compiled step: jit dispatch, and on GPU XLA's kernel launches
-            (it returns before the device has run the step; on CPU, a step whose inputs are
-            all ready may run inline here)
+  pack      the step's numpy inputs (`ModelRunner.host_inputs`, then `prepare`: the packed
+            token buffer and sampling block, page-table rows)
+  transfer  host-to-device copies made before the call: a whole page table when a step
+            replaces it; a multi-process run's input block (a multi-host leader's plan
+            broadcast counts in pack). One process: the input block is copied by the call
+            itself (jax's C++ dispatch), inside launch
+  launch    the call of the compiled step: jit dispatch, the input block's copy, and on GPU
+            XLA's kernel launches (it returns before the device has run the step; on CPU, a
+            step whose inputs are all ready may run inline here). With the dispatch thread,
+            the engine thread's launch is the hand-off; the thread's own clock times the call
   wait      blocked on the device, reading a step's sampled tokens (synchronous loop: the whole
             device step; overlap schedule: the part of it the host did not hide)
   resolve   the read tokens into the scheduler (stop checks, `max_tokens`, page bookkeeping)

@@ -1,13 +1,14 @@
 """`Launcher`: the overlap schedule's dispatch thread (`--dispatch-thread on`). Each step's
-`ModelRunner.run` (its input block packed and copied to the device, the compiled program
-called) runs on one worker thread, in submission order, while the engine thread goes on
-reading the previous step's tokens, streaming them and planning the next step. jax releases
-the GIL while XLA executes a call (on GPU: while it launches the step's kernels), so the two
-threads overlap. `fetch()` of a launched step waits for its launch, then for the device.
+`ModelRunner.launch` (the compiled program called on the input block the engine thread packed
+with `ModelRunner.prepare`) runs on one worker thread, in submission order, while the engine
+thread goes on reading the previous step's tokens, streaming them and planning and packing the
+next step. jax releases the GIL while XLA executes a call (on GPU: while it launches the step's
+kernels), so the two threads overlap. `fetch()` of a launched step waits for its launch, then
+for the device.
 
 Only the launcher thread touches the runner's device state (cache, page table, last output)
-while a launch is pending; the engine thread keeps to the runner's host-side planning state
-(`host_inputs`)."""
+while a launch is pending; the engine thread keeps to the runner's host side (`host_inputs`,
+`prepare`)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ class LaunchedStep:
 
 class Launcher:
     def __init__(self, run):
-        """`run(inputs)` -> StepResult: called on the worker thread (looked up per call by the
-        engine, so a test may replace the runner's method)."""
+        """`run(step)` -> StepResult: called on the worker thread (the engine passes a lambda
+        that looks up `runner.launch` per call, so a test may replace the runner's method)."""
         self._run = run
-        self.clock = HostClock()  # the worker's time per launch (the runner's pack / transfer laps)
+        self.clock = HostClock()  # the worker's time per launch (all of it "launch")
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="atom-launch")
 
     def submit(self, inputs) -> LaunchedStep:

@@ -4,6 +4,7 @@ turns a scheduler StepPlan into packed buffers, runs one step and samples on dev
 from __future__ import annotations
 
 import dataclasses
+import threading
 from functools import partial
 
 import jax
@@ -57,6 +58,20 @@ class StepInputs:
     restores: list = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class PreparedStep:
+    """A step ready to launch (`ModelRunner.prepare`): its input block (numpy in a one-process
+    run: the program's call copies it; placed otherwise), the whole page table when the step
+    replaces it (placed; else None), its restores and its number of sampling rows."""
+
+    bucket: int
+    tbo: bool
+    block: object
+    table: object
+    restores: list
+    n: int
+
+
 class StepResult:
     """A dispatched step's sampled tokens, still on the device (replicated on every process).
     `fetch()` waits for the step and reads them: (tokens [n], logprobs [n]) of its sampling rows.
@@ -88,15 +103,16 @@ class ModelRunner:
     """The device side of the engine. One step is `run(host_inputs(plan))`: `host_inputs` is
     numpy only (what a multi-host leader broadcasts), `run` is what every process executes.
 
-    `run` dispatches one compiled program (token fix-up, model step, sampler) and returns at
+    `run` (`prepare`, then `launch`: with the engine's dispatch thread, the engine thread
+    prepares and the dispatch thread launches) dispatches one compiled program (token fix-up, model step, sampler) and returns at
     once; its sampled tokens stay on the device, where the next step reads the ones it feeds
     back (a PENDING token of the overlap schedule: `host_inputs` encodes it as -(row + 1),
     the row of the previous step's sampler output)."""
 
     def __init__(self, model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(), clock=None,
                  command_buffers: str = "xla"):
-        """`clock`: the engine's `HostClock` (`run` charges its numpy packing to "pack", its
-        host-to-device copies to "transfer"); `command_buffers`: the step program's XLA GPU
+        """`clock`: the engine's `HostClock` (`prepare` charges its numpy packing to "pack", its
+        host-to-device copies before the call to "transfer"); `command_buffers`: the step program's XLA GPU
         command buffers (`COMMAND_BUFFER_OPTIONS`)."""
         self.model, self.mesh, self.layout = model, mesh, layout
         self.clock = clock if clock is not None else HostClock()
@@ -124,7 +140,9 @@ class ModelRunner:
         # (rank, slot) -> the pages host_inputs last sent for that row (the leader's planning
         # state, like _prev_rows; `forget_rows` after a failed step sends every row again)
         self._row_pages: dict[tuple[int, int], list[int]] = {}
-        self._table_stale = False  # a step failed after writing the host table: upload it whole
+        self._table_stale = False  # a prepare failed after writing the host table: upload it whole
+        self._device_stale = False  # a launch failed: the device table may lack rows (launch)
+        self._table_lock = threading.Lock()  # the host table: written by prepare, read by a stale launch
         self.max_samples = max_samples(layout, self.dp)  # sampler rows, padded: one compile per bucket
         # the previous step's output block [2, max_samples] (sampled tokens, logprob bits), on
         # the device: what PENDING inputs read
@@ -182,43 +200,74 @@ class ModelRunner:
         return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling, restores)
 
     def forget_rows(self) -> None:
-        """A step failed: its page-table rows may never have reached the table, so the next
-        steps send every row they use again."""
+        """A step failed: its page-table rows may never have reached the device table, so the
+        next steps send every row they use again and the next prepared step the whole table."""
         self._row_pages.clear()
+        self._table_stale = True
 
     def run(self, inputs: StepInputs) -> StepResult:
         """Dispatch a step (every process of a multi-host run calls it with the same inputs);
-        returns without waiting for the device. Host-to-device: one int32 block (sampling rows,
-        every rank's packed tokens and changed page-table entries); the whole page table only
-        when more entries changed than a step carries."""
-        updates = self._update_page_table(inputs.page_rows)
+        returns without waiting for the device: `launch(prepare(inputs))` on one thread."""
+        return self.launch(self.prepare(inputs))
+
+    def prepare(self, inputs: StepInputs) -> PreparedStep:
+        """The host side of a step's dispatch (the engine thread's, also with the dispatch
+        thread): the host page table written, the step's one int32 input block packed
+        (sampling rows, every rank's packed tokens and changed page-table entries); the whole
+        page table placed only when more entries changed than a step carries. Touches no device
+        state (cache, device page table, last output): `launch` does, in step order."""
         try:
-            if self._table_stale:
-                updates = None
-            buf = self._input_block(inputs, updates)
-            self.clock.lap("pack")
-            if updates is None:
+            with self._table_lock:
+                updates = self._update_page_table(inputs.page_rows)
+                if self._table_stale:
+                    updates = None
                 # a copy: on CPU, device_put may alias (not copy) a numpy array, and the host
                 # table is written in place by later steps while this one may still read it
-                self._page_table_dev = self.global_array(self.page_table.copy())
-            if inputs.restores:
-                self.restore_slots(inputs.restores)
-            buf = place(buf, self._replicated)
+                table = self.page_table.copy() if updates is None else None
+            block = self._input_block(inputs, updates)
+            self.clock.lap("pack")
+            if table is not None:
+                table = self.global_array(table)
+            if jax.process_count() > 1:  # one process: the program's call copies the numpy block
+                block = place(block, self._replicated)
             self.clock.lap("transfer")
-            out = self.call_program(inputs.bucket, inputs.tbo, buf)
         except BaseException:
-            self._table_stale = True  # the device may not hold the rows just written
+            self._table_stale = True  # the host table may hold rows no step will send
             raise
         self._table_stale = False
-        self._last_out = out
-        return StepResult.packed(out, len(inputs.sampling.rows))
+        return PreparedStep(inputs.bucket, inputs.tbo, block, table, inputs.restores, len(inputs.sampling.rows))
 
-    def call_program(self, bucket: int, tbo: bool, buf):
-        """Call the (bucket, tbo) step program (built ahead by `precompile`, else jitted now) on a
-        placed input block; the cache and the device page table advance, the output block is
-        returned (`run` keeps it as the next step's last output)."""
-        args = (self.params, self.cache, self._page_table_dev, self._last_out, buf)
+    def launch(self, step: PreparedStep) -> StepResult:
+        """Call the step program on a prepared step (the dispatch thread's part): the device
+        page table replaced if the step carries a whole one, the restores run, the program
+        called; its output block becomes the next step's last output. After a failed launch
+        the device table may lack rows its step carried: the next launch uploads the host
+        table (the engine drains the dispatch thread before it plans again, `Engine._fail`)."""
+        try:
+            if step.table is not None:
+                self._page_table_dev = step.table
+            elif self._device_stale:
+                with self._table_lock:
+                    self._page_table_dev = self.global_array(self.page_table.copy())
+            if step.restores:
+                self.restore_slots(step.restores)
+            out = self.call_program(step.bucket, step.tbo, step.block)
+        except BaseException:
+            self._device_stale = True
+            raise
+        self._device_stale = False
+        self._last_out = out
+        return StepResult.packed(out, step.n)
+
+    def call_program(self, bucket: int, tbo: bool, block):
+        """Call the (bucket, tbo) step program (built ahead by `precompile`, else jitted now) on
+        an input block (numpy, copied by the call's C++ path: cheaper than a device_put from
+        Python, or already placed); the cache and the device page table advance, the output
+        block is returned (`launch` keeps it as the next step's last output)."""
         built = self._compiled.get((bucket, tbo))
+        if built is None and isinstance(block, np.ndarray):
+            block = place(block, self._replicated)  # the jitted program would take it uncommitted
+        args = (self.params, self.cache, self._page_table_dev, self._last_out, block)
         if built is not None:
             self.cache, self._page_table_dev, out = built(*args)
         else:
