@@ -63,3 +63,4 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
         assert r["replay_run_ms"] > 0 and r["replay_call_ms"] > 0 and r["replay_call_launch_ms"] > 0, r
         # every call returned before the final wait, so one call's return cannot exceed a step
         assert r["replay_call_launch_ms"] <= r["replay_call_ms"] * 1.05 + 0.05, r
+        assert 0 < r["replay_call_placed_launch_ms"] <= r["replay_call_placed_ms"] * 1.05 + 0.05, r

@@ -178,3 +178,42 @@ def test_command_buffer_modes_name_their_compile_options_and_keep_outputs():
     assert runner.command_buffers == "xla" and not runner._compiled
     with pytest.raises(ValueError, match="unknown command_buffers 'graphs'"):
         device_step_program(runner.model, runner.mesh, runner.layout, runner.opts, "graphs")
+
+
+def test_a_failed_launch_makes_the_next_launch_upload_the_host_table(monkeypatch):
+    # the overlap schedule with the dispatch thread prepares step N+1 (its page-table entries
+    # computed against the host table, which already holds step N's rows) before step N's
+    # launch fails: step N's entries never reached the device, so step N+1's launch must
+    # upload the host table whole rather than trust its entries alone
+    import atom_jax.engine.runner as runner_mod
+    from atom_jax.cache import CacheLayout
+    from atom_jax.config import tiny
+    from atom_jax.loader import random_model
+    from atom_jax.sharding import make_dp_mesh
+
+    layout = CacheLayout(num_slots=2, num_pages=8, page_tokens=16, max_pages_per_seq=4)
+    runner = runner_mod.ModelRunner(random_model(tiny(), seed=0), make_dp_mesh(1), layout)
+    seen = []
+
+    def step(params, cache, page_table, last_out, block, tbo):
+        seen.append(np.array(page_table))  # the device table the program starts from
+        if len(seen) == 1:
+            raise RuntimeError("launch fell over")
+        return cache, page_table, last_out
+
+    runner._device_step, runner._compiled = step, {}
+    rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
+                                                               np.uint32, np.uint32)))
+    first = runner.prepare(runner_mod.StepInputs(16, False, [[]], [(0, 1, np.array([3, 4], np.int32))], rows))
+    second = runner.prepare(runner_mod.StepInputs(16, False, [[]], [(0, 0, np.array([5], np.int32))], rows))
+    assert first.table is None and second.table is None  # both carry entries only
+    try:
+        runner.launch(first)
+    except RuntimeError:
+        pass
+    runner.launch(second)
+    assert not seen[0].any()
+    np.testing.assert_array_equal(seen[1][0, 1], [3, 4, 0, 0])  # the failed step's row, from the host
+    third = runner.prepare(runner_mod.StepInputs(16, False, [[]], [], rows))
+    runner.launch(third)
+    np.testing.assert_array_equal(seen[2], runner.page_table)  # the device table is the host table again

@@ -11,10 +11,11 @@ tokens are prefilled, then --steps decode steps are timed (after --warmup untime
 also compile the decode bucket): ms per step (batch 1: ms per token) and output tokens/s, and the host's
 ms per step by phase (`Engine.host_times`: schedule, pack, dispatch, wait on the device,
 resolve, outputs; "host" is all but the wait).
-With --replay N, each case ends with two device-side probes over the last timed step's inputs,
+With --replay N, each case ends with device-side probes over the last timed step's inputs,
 without the engine loop: `replay_run` dispatches the runner's step N times (packing, copy, call)
-and `replay_call` calls the compiled program N times with one input block, neither reading a
-token; then one wait for the device. Their ms per step against the loop's and the trace's busy
+and `replay_call` calls the compiled program N times with one packed numpy input block (the
+call copies it, as in the engine), `replay_call_placed` the same with the block placed by a
+device_put from Python before each call; none reads a token; then one wait for the device. Their ms per step against the loop's and the trace's busy
 time say whether the gap is the engine's host work (replay near the busy time) or the launch
 itself (replay near the loop's step): `replay_call_launch_ms` is the mean wall time of one call's
 return, i.e. how long the host blocks while the program's kernels are enqueued.
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atom_jax.engine.host_timing import PHASES
+from atom_jax.sharding.placement import place
 
 MODES = ("off", "on", "thread")
 
@@ -149,16 +151,29 @@ def replay(runner, inputs, n: int) -> dict:
     jax.block_until_ready(runner._last_out)
     run_ms = 1e3 * (time.perf_counter() - t0) / n
     buf = runner._input_block(inputs, runner._no_updates)  # numpy, as `prepare` hands it to the call
+    call_ms, launch_ms = _replay_calls(runner, inputs, n, lambda: buf)
+    # the same with the block placed by a device_put from Python first (what `prepare` did
+    # before its block went into the call as numpy): which copy is cheaper on this device
+    placed_ms, placed_launch_ms = _replay_calls(runner, inputs, n, lambda: place(buf, runner._replicated))
+    return {"replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": call_ms,
+            "replay_call_launch_ms": launch_ms, "replay_call_placed_ms": placed_ms,
+            "replay_call_placed_launch_ms": placed_launch_ms}
+
+
+def _replay_calls(runner, inputs, n: int, block) -> tuple[float, float]:
+    """n calls of the step program on `block()` (made inside the timed call) -> (ms per step,
+    mean ms until one call returns)."""
+    import jax
+
     launches = []
     t0 = time.perf_counter()
     for _ in range(n):
         t1 = time.perf_counter()
-        runner._last_out = runner.call_program(inputs.bucket, inputs.tbo, buf)
+        runner._last_out = runner.call_program(inputs.bucket, inputs.tbo, block())
         launches.append(time.perf_counter() - t1)
     jax.block_until_ready(runner._last_out)
     call_ms = 1e3 * (time.perf_counter() - t0) / n
-    return {"replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": round(call_ms, 3),
-            "replay_call_launch_ms": round(1e3 * statistics.fmean(launches), 3)}
+    return round(call_ms, 3), round(1e3 * statistics.fmean(launches), 3)
 
 
 def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
@@ -265,12 +280,15 @@ def run_cli(args) -> int:
     print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
-        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} {'busy':>9}")
+        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
+              f"{'placed':>9} {'p.launch':>9} {'busy':>9}")
         for r in results:
             if "replay_steps" in r:
                 busy = r.get("busy_ms_per_step")
                 print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
-                      f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
+                      f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {r['replay_call_placed_ms']:>9.3f} "
+                      f"{r['replay_call_placed_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
+        print("(call: the numpy block into the call, as the engine does; placed: a device_put first, then the call)")
     for cb in buffers:
         for batch in batches:
             by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["command_buffers"] == cb}
