@@ -3,6 +3,8 @@ random stress run, and engine outputs with the cache equal to outputs without it
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -317,7 +319,7 @@ def test_a_dispatched_step_keeps_its_page_table_when_the_next_step_rewrites_rows
         seen.append(page_table)  # read when the step runs: after the host moved on
         return cache, page_table, last_out
 
-    runner._device_step, runner._compiled = step, {}
+    runner.program = lambda bucket, tbo: functools.partial(step, tbo=tbo)  # the step stands in for the program
     runner.page_updates = 0  # every changed row places the whole table (what may alias)
     rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
                                                                np.uint32, np.uint32)))

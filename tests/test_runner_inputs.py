@@ -4,6 +4,8 @@ carries, or before a restore), so the device's page table always equals the host
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from atom_jax.engine import Engine, EngineConfig, SamplingParams
@@ -87,7 +89,7 @@ def test_the_first_steps_page_table_is_not_the_host_table(monkeypatch):
         seen.append((page_table, np.array(page_table)))  # the table, and its contents at dispatch
         return cache, np.array(page_table), last_out
 
-    runner._device_step, runner._compiled = step, {}
+    runner.program = lambda bucket, tbo: functools.partial(step, tbo=tbo)  # the step stands in for the program
     rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
                                                                np.uint32, np.uint32)))
     for page_rows in ([(0, 1, np.array([3, 4], np.int32))], [(0, 1, np.array([5], np.int32))]):
@@ -201,7 +203,7 @@ def test_a_failed_launch_makes_the_next_launch_upload_the_host_table(monkeypatch
             raise RuntimeError("launch fell over")
         return cache, page_table, last_out
 
-    runner._device_step, runner._compiled = step, {}
+    runner.program = lambda bucket, tbo: functools.partial(step, tbo=tbo)  # the step stands in for the program
     rows = runner_mod.SamplingRows(*(np.zeros(0, t) for t in (np.int32, np.float32, np.int32, np.float32,
                                                                np.uint32, np.uint32)))
     first = runner.prepare(runner_mod.StepInputs(16, False, [[]], [(0, 1, np.array([3, 4], np.int32))], rows))

@@ -119,7 +119,7 @@ class ModelRunner:
         self.dp = mesh.shape[DP]
         self.cfg = model.cfg
         self.window_pages = pages_for(self.cfg.sliding_window, layout.page_tokens)  # pages a window spans
-        self._compiled = {}  # (bucket, tbo) -> executable built ahead by `precompile`
+        self._compiled = {}  # (bucket, tbo) -> executable (`program`: built ahead by `precompile` or on first use)
         self.temp_bytes = {}  # (bucket, tbo) -> its temporary device bytes (None: not reported)
         # the same specs make_cached_step compiled against (param_specs of this expert mode)
         self.params = shard_params(nnx.split(model)[1].to_pure_dict(), mesh, opts.expert_mode, model.expert_layout)
@@ -260,19 +260,32 @@ class ModelRunner:
         return StepResult.packed(out, step.n)
 
     def call_program(self, bucket: int, tbo: bool, block):
-        """Call the (bucket, tbo) step program (built ahead by `precompile`, else jitted now) on
-        an input block (numpy, copied by the call's C++ path: cheaper than a device_put from
-        Python, or already placed); the cache and the device page table advance, the output
-        block is returned (`launch` keeps it as the next step's last output)."""
-        built = self._compiled.get((bucket, tbo))
-        if built is None and isinstance(block, np.ndarray):
-            block = place(block, self._replicated)  # the jitted program would take it uncommitted
-        args = (self.params, self.cache, self._page_table_dev, self._last_out, block)
-        if built is not None:
-            self.cache, self._page_table_dev, out = built(*args)
-        else:
-            self.cache, self._page_table_dev, out = self._device_step(*args, tbo=tbo)
+        """Call the (bucket, tbo) step program (`program`) on an input block: numpy (copied by
+        the call's C++ dispatch, much cheaper than a device_put from Python) or placed. The
+        cache and the device page table advance; the output block is returned (`launch` keeps
+        it as the next step's last output)."""
+        built = self.program(bucket, tbo)
+        self.cache, self._page_table_dev, out = built(self.params, self.cache, self._page_table_dev,
+                                                      self._last_out, block)
         return out
+
+    def program(self, bucket: int, tbo: bool):
+        """The compiled (bucket, tbo) step program: built ahead by `precompile`, else compiled
+        now (once). Always an ahead-of-time executable, whose input shardings are fixed, so a
+        numpy block goes in as the replicated block it was compiled for (a jitted function
+        would take it as an uncommitted argument: another compile, another program)."""
+        built = self._compiled.get((bucket, tbo))
+        if built is None:
+            self.precompile([(bucket, tbo)], workers=1)  # (its temporaries measured and checked)
+            built = self._compiled[(bucket, tbo)]
+        return built
+
+    def _lower(self, bucket: int, tbo: bool):
+        """Trace and lower the (bucket, tbo) step program against the runner's arrays and an
+        abstract replicated input block of that step's length."""
+        block = jax.ShapeDtypeStruct((input_block_len(self.layout, self.dp, bucket, tbo),), jnp.int32,
+                                     sharding=self._replicated)
+        return self._device_step.lower(self.params, self.cache, self._page_table_dev, self._last_out, block, tbo=tbo)
 
     def _update_page_table(self, page_rows):
         """Write `page_rows` into the host table; -> the entries that changed, [dp, K, 3]
@@ -324,7 +337,7 @@ class ModelRunner:
     def precompile(self, shapes, workers: int = 4) -> dict:
         """Build the step for every (bucket, tbo) in `shapes` ahead of use: traced one after
         the other (Python), compiled by `workers` threads at once (XLA compiles outside the
-        GIL), kept for `run`. A 43-layer step takes minutes to compile, a program per bucket:
+        GIL), kept for `run` (`program` compiles a missing one on first use). A 43-layer step takes minutes to compile, a program per bucket:
         in parallel, warm-up takes about the longest of them instead of their sum. -> seconds
         {(bucket, tbo): (trace, compile)}."""
         import concurrent.futures
@@ -335,9 +348,7 @@ class ModelRunner:
             if (bucket, tbo) in self._compiled or (bucket, tbo) in lowered:
                 continue
             t0 = time.perf_counter()
-            buf = place(self._input_block(self.empty_inputs(bucket, tbo), None), self._replicated)
-            lowered[(bucket, tbo)] = self._device_step.lower(self.params, self.cache, self._page_table_dev,
-                                                             self._last_out, buf, tbo=tbo)
+            lowered[(bucket, tbo)] = self._lower(bucket, tbo)
             times[(bucket, tbo)] = time.perf_counter() - t0
 
         def build(key):
