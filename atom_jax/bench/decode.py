@@ -275,9 +275,10 @@ def run_cli(args) -> int:
             print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} "
                   + " ".join(f"{part(r['host_ms'])[p]:>9.3f}" for p in phases))
             thread = r["host_ms"].get("dispatch_thread")
-            if thread:  # the dispatch thread's own time per step (its launch = the runner's run)
+            if thread:  # the dispatch thread's own time per step (its launch = the runner's launch)
                 print(f"{'':>7} {'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
-    print("(thr): the dispatch thread, per step: pack and transfer inside its launch, launch = the rest")
+    print("(thr): the dispatch thread, per step: its launch (the program called, the input block copied by the call;"
+          " the engine thread packed it)")
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
         print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "

@@ -459,7 +459,7 @@ class Engine:
         """The engine loop's host time: ms per step by phase (`atom_jax.engine.host_timing`)
         since the last reset; `reset` starts a new count after reading this one."""
         out = self.clock.snapshot()
-        if self._launcher is not None:  # its "launch": the runner's run, timed on that thread
+        if self._launcher is not None:  # its "launch": the runner's launch, timed on that thread
             out["dispatch_thread"] = self._launcher.clock.snapshot()
         if reset:
             self.clock.reset()
