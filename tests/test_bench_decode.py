@@ -64,3 +64,21 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
         # every call returned before the final wait, so one call's return cannot exceed a step
         assert r["replay_call_launch_ms"] <= r["replay_call_ms"] * 1.05 + 0.05, r
         assert 0 < r["replay_call_placed_launch_ms"] <= r["replay_call_placed_ms"] * 1.05 + 0.05, r
+
+
+def test_bench_decode_runs_every_case_per_decode_topk_policy(tmp_path):
+    """--decode-topk auto,rowselect: the step programs built once per decode top-k policy (the
+    module's AUTO_POLICY while they are traced), every case run with each, labelled; the
+    module's default is back afterwards."""
+    from atom_jax.models import index_topk
+
+    default = index_topk.AUTO_POLICY
+    out = tmp_path / "topk.json"
+    assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "16",
+                 "--modes", "on", "--decode-topk", "auto,rowselect", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["decode_topk"]) for r in results] == [("xla/auto", "auto"), ("xla/rowselect", "rowselect")]
+    assert all(r["output_tok_s"] > 0 for r in results)
+    assert index_topk.AUTO_POLICY == default
+    with pytest.raises(SystemExit):
+        main(["decode", "--tiny", "--decode-topk", "sorted"])

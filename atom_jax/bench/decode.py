@@ -19,6 +19,10 @@ device_put from Python before each call; none reads a token; then one wait for t
 time say whether the gap is the engine's host work (replay near the busy time) or the launch
 itself (replay near the loop's step): `replay_call_launch_ms` is the mean wall time of one call's
 return, i.e. how long the host blocks while the program's kernels are enqueued.
+--decode-topk auto,rowselect builds the step programs once per indexer top-k policy of decode
+steps (`models/index_topk.AUTO_POLICY`, what `auto` runs up to AUTO_MAX_TOKENS tokens per step;
+it matters on CSA layers once the context passes one rung, 16K tokens: use --prompt-len 32768 or
+more) and runs every case with each; rows are labelled command buffers/policy.
 --command-buffers xla,off compiles the step with and without XLA's GPU command buffers (CUDA
 graphs) and runs every case with each (a jax.profiler trace turns command buffers off unless
 XLA_FLAGS has --xla_enable_command_buffers_during_profiling=true, so a traced step shows the "off" launch).
@@ -60,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--command-buffers", default="xla", metavar="LIST",
                     help="comma list of the step program's XLA GPU command buffers (xla: XLA's default "
                     "CUDA graphs, off: none); each is compiled and warmed in turn, then every case runs")
+    ap.add_argument("--decode-topk", default="auto", metavar="LIST",
+                    help="comma list of the indexer top-k policies decode steps run (auto: the default, "
+                    "models/index_topk.AUTO_POLICY); each builds the step programs again (see above)")
     ap.add_argument("--replay", type=int, default=0, metavar="N",
                     help="after each case, time N dispatches of its last step without the engine loop (see above)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
@@ -206,7 +213,9 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     if args.trace:
         from atom_jax.trace.report import report
 
-        path = os.path.join(args.trace, f"{mode}_b{batch}_cb{engine.runner.command_buffers}")
+        from atom_jax.models import index_topk
+
+        path = os.path.join(args.trace, f"{mode}_b{batch}_cb{engine.runner.command_buffers}_{index_topk.AUTO_POLICY}")
         engine.start_profile(path, args.trace_steps)
         _steps(engine, args.trace_steps + 1)
         engine.stop_profile()
@@ -249,53 +258,66 @@ def run_cli(args) -> int:
     buffers = [b for b in args.command_buffers.split(",") if b]
     if not buffers or any(b not in COMMAND_BUFFERS for b in buffers):
         raise SystemExit(f"--command-buffers: a comma list of {', '.join(COMMAND_BUFFERS)}")
+    from atom_jax.models import index_topk
+
+    policies = [p for p in args.decode_topk.split(",") if p]
+    if not policies or any(p not in ("auto", *index_topk.POLICIES) for p in policies):
+        raise SystemExit(f"--decode-topk: a comma list of auto, {', '.join(index_topk.POLICIES)}")
     rng = np.random.default_rng(0)
-    results = []
-    for cb in buffers:
-        engine.config.command_buffers = cb
-        engine.runner.use_command_buffers(cb)
-        engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
-        for batch in batches:
-            for mode in args.modes.split(","):
-                res = {**run_case(engine, cfg.vocab_size, batch, mode, args, rng), "command_buffers": cb}
-                results.append(res)
-                print(json.dumps(res), flush=True)
-    print(f"\n{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
+    results, default_policy = [], index_topk.AUTO_POLICY
+    try:
+        for cb in buffers:
+            for policy in policies:
+                # read when the step is traced: use_command_buffers builds the programs anew
+                index_topk.AUTO_POLICY = default_policy if policy == "auto" else policy
+                engine.config.command_buffers = cb
+                engine.runner.use_command_buffers(cb)
+                engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
+                variant = cb if len(policies) == 1 else f"{cb}/{policy}"
+                for batch in batches:
+                    for mode in args.modes.split(","):
+                        res = {**run_case(engine, cfg.vocab_size, batch, mode, args, rng), "command_buffers": cb,
+                               "decode_topk": policy, "variant": variant}
+                        results.append(res)
+                        print(json.dumps(res), flush=True)
+    finally:
+        index_topk.AUTO_POLICY = default_policy
+    print(f"\n{'variant':>14} {'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
           f"{'busy share':>10} {'of period':>10}")
     for r in results:  # busy share: of the annotated step; of period: of step start to next start
         share, period = r.get("device_busy_share"), r.get("busy_share_of_period")
-        print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
+        print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
               f"{r['ms_per_step_p90']:>8.3f} {r['ms_per_step_max']:>8.3f} {r['output_tok_s']:>10.1f} "
               f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10}")
     phases = list(PHASES) + ["host", "total"]
     for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):
         print(f"\nhost ms/step by phase ({title}; wait = blocked on the device, host = all but wait)")
-        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} " + " ".join(f"{p:>9}" for p in phases))
+        print(f"{'variant':>14} {'batch/rank':>10} {'mode':>6} " + " ".join(f"{p:>9}" for p in phases))
         for r in results:
-            print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} "
+            print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} "
                   + " ".join(f"{part(r['host_ms'])[p]:>9.3f}" for p in phases))
             thread = r["host_ms"].get("dispatch_thread")
             if thread:  # the dispatch thread's own time per step (its launch = the runner's launch)
-                print(f"{'':>7} {'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
+                print(f"{'':>14} {'':>10} {'(thr)':>6} " + " ".join(f"{part(thread)[p]:>9.3f}" for p in phases))
     print("(thr): the dispatch thread, per step: its launch (the program called, the input block copied by the call;"
           " the engine thread packed it)")
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
-        print(f"{'cmd buf':>7} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
+        print(f"{'variant':>14} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
               f"{'placed':>9} {'p.launch':>9} {'busy':>9}")
         for r in results:
             if "replay_steps" in r:
                 busy = r.get("busy_ms_per_step")
-                print(f"{r['command_buffers']:>7} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
+                print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
                       f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {r['replay_call_placed_ms']:>9.3f} "
                       f"{r['replay_call_placed_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
         print("(call: the numpy block into the call, as the engine does; placed: a device_put first, then the call)")
-    for cb in buffers:
+    for variant in dict.fromkeys(r["variant"] for r in results):
         for batch in batches:
-            by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["command_buffers"] == cb}
+            by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["variant"] == variant}
             for mode in ("on", "thread"):
                 if "off" in by and mode in by:
-                    print(f"command buffers {cb}, batch {batch}/rank: {mode} / off tok/s = "
+                    print(f"{variant}, batch {batch}/rank: {mode} / off tok/s = "
                           f"{by[mode]['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
