@@ -69,7 +69,9 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
 def test_bench_decode_runs_every_case_per_decode_topk_policy(tmp_path):
     """--decode-topk auto,rowselect: the step programs built once per decode top-k policy (the
     module's AUTO_POLICY while they are traced), every case run with each, labelled; the
-    module's default is back afterwards."""
+    module's default is back afterwards. (The tiny CPU engine runs the jnp attention, whose
+    top-k is always the loop: that a policy reaches the kernel path's plan is `plan_topk`'s own
+    test in test_index_topk.py.)"""
     from atom_jax.models import index_topk
 
     default = index_topk.AUTO_POLICY
