@@ -65,7 +65,9 @@ KMAJOR = "w4a16_kmajor"
 ONE_MUL = "w4a16_1mul"
 ALL_VARIANTS = (*VARIANTS, KMAJOR, ONE_MUL)
 _SWEEP_ONE_MUL = [(16, 128, 256, 4, 3), (16, 64, 256, 4, 2), (16, 128, 128, 4, 3)]  # both layouts
-_SWEEP_ONE_MUL_KMAJOR_SWAP = [(8, 64, 256, 2, 3), (8, 64, 256, 2, 2), (8, 128, 128, 2, 3)]
+# + the two K-major swap-AB bests of the 2026-12-01 sweep without it (64 / 256 tokens)
+_SWEEP_ONE_MUL_KMAJOR_SWAP = [(8, 64, 256, 2, 3), (8, 64, 256, 2, 2), (8, 128, 128, 2, 3), (8, 128, 256, 4, 3),
+                              (16, 64, 256, 2, 3)]
 _SWEEP_KMAJOR = [(16, 128, 256, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2),
                  (16, 128, 128, 4, 3), (16, 64, 256, 2, 3)]
 # swap-AB at 1-2 warps (no warpgroup: Hopper's mma.sync, the decoded weights as its A operand from
