@@ -11,12 +11,23 @@ import pytest
 from atom_jax.bench.__main__ import main
 
 
-def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
+def test_long_context_tiny_reports_times_beside_their_floors(tmp_path, monkeypatch):
+    from atom_jax.bench import long_context
+
+    real = long_context._run_prompt
+
+    def run_prompt(engine, vocab, length, decode_tokens, rng):  # the 400-token prompt fails (as a GPU OOM)
+        if length == 400:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (faked)")
+        return real(engine, vocab, length, decode_tokens, rng)
+
+    monkeypatch.setattr(long_context, "_run_prompt", run_prompt)
     out = tmp_path / "lc.json"
-    assert main(["long-context", "--tiny", "--prompts", "300", "--decode-tokens", "3", "--json", str(out),
+    assert main(["long-context", "--tiny", "--prompts", "300,400", "--decode-tokens", "3", "--json", str(out),
                  "--trace", str(tmp_path / "trace"), "--trace-steps", "1"]) == 0
     res = json.loads(out.read_text())
-    (row,) = res["results"]
+    row, failed = res["results"]
+    assert failed["prompt"] == 400 and "RESOURCE_EXHAUSTED" in failed["error"]
     assert (row["backend"], row["prompt"], row["cache_len"], row["chunk"]) == ("jnp", 300, 4096, 256)
     assert row["prefill_s"] > 0 and row["decode_ms"] > 0
     assert row["prefill_tok_s"] == pytest.approx(300 / row["prefill_s"], rel=0.02)
@@ -26,7 +37,8 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path):
     assert res["ceilings"]["copy_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
     # --trace: one prefill chunk profiled after the timed run: its kernels by layer and category
     # (the CPU client may run a small step inline on the calling thread, recorded as host events,
-    # so a CPU trace can hold no device events; a GPU one always does)
+    # so a CPU trace can hold no device events; a GPU one always does); the longest prompt that
+    # ran, not the failed one
     (tr,) = res["traces"]
     assert tr["steps"] == 1 and tr["prompt"] == 300 and tr["trace"].startswith(str(tmp_path))
     assert sum(tr["by_layer_category_ms"].values()) == pytest.approx(tr["sum_ms"], rel=0.01, abs=0.01)

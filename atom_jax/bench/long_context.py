@@ -12,7 +12,7 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
 kernel (query heads per program x keys per step x warps [x stages]; default: its TILES, 32
 heads x 32 keys, 8 warps).
 
---trace DIR: after the timed runs, the kernels' engine prefills the longest prompt once more
+--trace DIR: after the timed runs, the kernels' engine prefills the longest prompt that ran once more
 under jax.profiler for --trace-steps chunks just before its last one (so near its full
 context), and prints where those chunks' device time goes: per decoder layer and kernel
 category, and the kernels taking most of it with the source of their HLO (op_name). Not
@@ -320,6 +320,7 @@ def run_cli(args) -> int:
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
+        done = []  # the prompts that ran (a failed one is not traced: its prefill may not reach a chunk)
         for n in lens:
             row = {"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
                    "chunk": b_chunk,
@@ -342,15 +343,16 @@ def run_cli(args) -> int:
                        decode_ms=sig(decode_s * 1e3), decode_floor_ms=sig(dec_floor * 1e3),
                        decode_of_floor=sig(dec_floor / decode_s))
             results.append(row)
+            done.append(n)
             print(json.dumps(row), flush=True)
-        if args.trace and c_len == cache_len:
+        if args.trace and c_len == cache_len and done:
             import os
 
-            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_{at}_p{max(lens)}".replace("-", "_"))
-            steps = _trace_prompt(engine, cfg.vocab_size, max(lens), b_chunk, args.trace_steps, tdir, rng)
+            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_{at}_p{max(done)}".replace("-", "_"))
+            steps = _trace_prompt(engine, cfg.vocab_size, max(done), b_chunk, args.trace_steps, tdir, rng)
             summary = trace_summary(tdir, steps)
             print(format_trace_summary(summary), flush=True)
-            traces.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(lens),
+            traces.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(done),
                            "trace": tdir,
                            **summary})
         del engine
