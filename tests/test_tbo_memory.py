@@ -175,6 +175,10 @@ def test_warmup_refuses_a_program_that_does_not_fit(engine, monkeypatch):
     for want in ("bucket 32", "TBO on", "1.00 KiB", "--max-tokens-per-step", "--num-slots", "--num-pages",
                  "--tbo off"):
         assert want in text, (want, text)
+    # the refused program is not kept: a step of that shape (here: the dispatch's first use)
+    # checks again instead of running a program the devices have no room for
+    with pytest.raises(ProgramMemoryError):
+        runner.program(32, True)
     # with the memory it needs free, the same warm-up runs
     monkeypatch.setattr(runner_mod, "free_device_bytes", lambda devices: (temp, 2 ** 30))
     engine.warmup()

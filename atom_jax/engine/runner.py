@@ -21,7 +21,7 @@ from atom_jax.scheduler.pages import pages_for
 from atom_jax.scheduler.sequence import PENDING
 from atom_jax.sharding import DP, StepOptions
 from atom_jax.sharding.cached_step import make_cached_step, make_restore
-from atom_jax.sharding.memory import check_program_fits, free_device_bytes, program_temp_bytes
+from atom_jax.sharding.memory import ProgramMemoryError, check_program_fits, free_device_bytes, program_temp_bytes
 from atom_jax.sharding.placement import place, shard_params
 
 # what a step program too large for the free device memory asks the user to lower
@@ -361,9 +361,18 @@ class ModelRunner:
                 self.temp_bytes[key] = program_temp_bytes(exe)
                 times[key] = (times[key], sec)
         free = free_device_bytes(self.mesh.devices.flat)
+        refused = None
         for bucket, tbo in sorted(lowered, key=lambda k: -(self.temp_bytes[k] or 0)):
-            check_program_fits(f"the step program of bucket {bucket} (TBO {'on' if tbo else 'off'})",
-                               self.temp_bytes[(bucket, tbo)], free, LOWER_FOR_MEMORY)
+            try:
+                check_program_fits(f"the step program of bucket {bucket} (TBO {'on' if tbo else 'off'})",
+                                   self.temp_bytes[(bucket, tbo)], free, LOWER_FOR_MEMORY)
+            except ProgramMemoryError as e:
+                # not kept: a later step of this shape checks again instead of running it unchecked
+                # (an allocator failure on one rank leaves the others waiting in a collective)
+                del self._compiled[(bucket, tbo)]
+                refused = refused or e
+        if refused is not None:
+            raise refused  # the largest
         return times
 
     def restore_slots(self, restores) -> None:
