@@ -45,11 +45,12 @@ class HostClock:
 
     def lap(self, phase: str) -> None:
         """Charge the time since the last lap (or `start`) to `phase`. No-op outside a step."""
-        if self._t is None:
+        t, c = self._t, self._cpu  # read once: another thread's reset may clear them meanwhile
+        if t is None:
             return
         now, cpu = time.perf_counter(), time.thread_time()
-        self.seconds[phase] += now - self._t
-        self.cpu_seconds[phase] += cpu - self._cpu
+        self.seconds[phase] += now - t
+        self.cpu_seconds[phase] += cpu - c
         self._t, self._cpu = now, cpu
 
     def stop(self, phase: str) -> None:
