@@ -1,7 +1,7 @@
 """A census of the bytes and FLOPs a lowered program moves, per decoder layer and op family,
 from its StableHLO (before XLA's fusion): where a step's memory traffic can go.
 
-Each op the program runs (`op_counts.stablehlo_ops`' walk: a called function's ops at every
+Each op the program runs (`op_counts.walk_stablehlo`: a called function's ops at every
 call site) is weighted by how often it runs: a `while` with a constant bound (fori_loop,
 lax.map, scan) multiplies its body by its trip count; a `case` on a computed index (the
 indexer's rung switch) counts only the branch `branch(n_branches)` picks (default the last:
@@ -27,8 +27,8 @@ import collections
 import dataclasses
 import re
 
-from atom_jax.trace.op_counts import (ELEMENTWISE, SHAPE, STEP, _attr_str, _constant_index, _location_text, layer_order,
-                                      scope_of, stablehlo_kind)
+from atom_jax.trace.op_counts import (ELEMENTWISE, SHAPE, _attr_str, _constant_index, _location_text, layer_order,
+                                      stablehlo_kind, walk_stablehlo)
 
 _ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "ui64": 8, "i32": 4, "ui32": 4, "i16": 2, "ui16": 2,
              "i8": 1, "ui8": 1, "i1": 1, "f8E4M3FN": 1, "f8E5M2": 1, "f8E4M3FNUZ": 1, "f8E5M2FNUZ": 1, "f8E8M0FNU": 1,
@@ -153,62 +153,41 @@ def census_ops(module, branch=lambda n: n - 1, kernel_flops=grouped_gemm_flops, 
     dims, result dims) -> FLOPs of a custom call (a Pallas kernel: its name stack, e.g.
     "grouped_gemm/pallas_call ..."); kernel_reads(name, operand types) -> bytes it reads on top
     of the results it writes (default: a grouped GEMM's expert weights)."""
-    funcs = {_attr_str(op, "sym_name"): op for op in module.body.operations if op.operation.name == "func.func"}
     rows, notes = [], []
 
-    def walk(ops, outer, mult, depth):
-        for op in ops:
-            name = op.operation.name
-            loc = _location_text(op)
-            scope = scope_of(loc, outer)
-            inner = scope if scope != STEP else outer
-            if name in ("func.call", "call"):
-                callee = funcs.get(_attr_str(op, "callee").lstrip("@"))
-                if callee is not None and depth < 64:
-                    for region in callee.operation.regions:
-                        for block in region.blocks:
-                            walk(block.operations, inner, mult, depth + 1)
-                continue
-            if name == "func.return":
-                continue
-            regions = list(op.operation.regions)
-            if name == "stablehlo.while":
-                trips = _trip_count(op)
-                if trips is None:
-                    notes.append(f"while ({scope}) without a constant bound: its body counted once")
-                for block in regions[1].blocks:
-                    walk(block.operations, inner, mult * (trips or 1), depth)
-                continue
-            if name == "stablehlo.case":
-                taken = _constant_index(op)
-                if taken is None and len(regions) > 1:
-                    taken = branch(len(regions))
-                    notes.append(f"case ({scope}, {len(regions)} branches): branch {taken} counted")
-                for block in regions[taken if taken is not None else 0].blocks:
-                    walk(block.operations, inner, mult, depth)
-                continue
-            target = _attr_str(op, "call_target_name") if name.endswith("custom_call") else None
-            kind = stablehlo_kind(name, target)
-            if kind == SHAPE:
-                continue
-            nbytes, flops = op_cost(op, kind)
-            where = _name_stack(loc)
-            if kind.startswith("custom_call") and kernel_flops is not None:
-                flops = kernel_flops(where, [_dims(str(v.type)) for v in op.operation.operands],
-                                     [_dims(str(v.type)) for v in op.operation.results])
-            if kind.startswith("custom_call") and kernel_reads is not None:
-                nbytes += kernel_reads(where, [str(v.type) for v in op.operation.operands])
-            if nbytes or flops:
-                types = ", ".join(str(r.type) for r in op.operation.results)
-                rows.append(Row(scope, family(name, kind), mult, nbytes, flops, types, where))
-            # other ops' regions (reductions', sorts' and scatters' bodies) are scalar: not costed
+    def descend(op, scope):  # control flow's regions; other ops' (reductions', sorts' bodies) are scalar
+        regions = list(op.operation.regions)
+        if op.operation.name == "stablehlo.while":
+            trips = _trip_count(op)
+            if trips is None:
+                notes.append(f"while ({scope}) without a constant bound: its body counted once")
+            return [(regions[1], trips or 1)]
+        if op.operation.name == "stablehlo.case":
+            taken = _constant_index(op)
+            if taken is None and len(regions) > 1:
+                taken = branch(len(regions))
+                notes.append(f"case ({scope}, {len(regions)} branches): branch {taken} counted")
+            return [(regions[taken if taken is not None else 0], 1)]
+        return []
 
-    main = funcs.get("main")
-    if main is None:
-        raise ValueError("the module has no @main function")
-    for region in main.operation.regions:
-        for block in region.blocks:
-            walk(block.operations, None, 1, 0)
+    for scope, op, mult in walk_stablehlo(module, descend):
+        name = op.operation.name
+        if name in ("stablehlo.while", "stablehlo.case"):  # their bodies' ops are costed
+            continue
+        target = _attr_str(op, "call_target_name") if name.endswith("custom_call") else None
+        kind = stablehlo_kind(name, target)
+        if kind == SHAPE:
+            continue
+        nbytes, flops = op_cost(op, kind)
+        where = _name_stack(_location_text(op))
+        if kind.startswith("custom_call") and kernel_flops is not None:
+            flops = kernel_flops(where, [_dims(str(v.type)) for v in op.operation.operands],
+                                 [_dims(str(v.type)) for v in op.operation.results])
+        if kind.startswith("custom_call") and kernel_reads is not None:
+            nbytes += kernel_reads(where, [str(v.type) for v in op.operation.operands])
+        if nbytes or flops:
+            types = ", ".join(str(r.type) for r in op.operation.results)
+            rows.append(Row(scope, family(name, kind), mult, nbytes, flops, types, where))
     return rows, notes
 
 

@@ -138,49 +138,62 @@ def stablehlo_counts(module) -> dict[str, collections.Counter]:
     return dict(table)
 
 
-def stablehlo_ops(module):
-    """Every op the program runs, as (scope, op, `stablehlo_kind`): a called function's ops at
-    each call site (in the caller's scope), a `case` with a constant index as its taken branch
-    only (kind SHAPE for the case itself). Calls and returns themselves are not listed."""
-    funcs = {}
-    for op in module.body.operations:
-        if op.operation.name == "func.func":
-            funcs[_attr_str(op, "sym_name")] = op
+def walk_stablehlo(module, descend):
+    """Every op of the program's @main as (scope, op, mult): a called function's ops at each call
+    site (in the caller's scope), calls and returns themselves not listed. After an op, the walk
+    enters the regions descend(op, scope) returns, as [(region, factor)]: their ops run factor
+    times as often as the op (a while body's trip count; 1 elsewhere)."""
+    funcs = {_attr_str(op, "sym_name"): op for op in module.body.operations if op.operation.name == "func.func"}
 
-    def walk_region_ops(ops, outer, depth):
+    def walk_ops(ops, outer, mult, depth):
         for op in ops:
             name = op.operation.name
             scope = scope_of(_location_text(op), outer)
+            inner = scope if scope != STEP else outer
             if name in ("func.call", "call"):
                 callee = funcs.get(_attr_str(op, "callee").lstrip("@"))
                 if callee is not None and depth < 64:
-                    yield from walk_func(callee, scope if scope != STEP else outer, depth + 1)
+                    yield from walk_func(callee, inner, mult, depth + 1)
                 continue
             if name == "func.return":
                 continue
-            target = _attr_str(op, "call_target_name") if name.endswith("custom_call") else None
-            kind = stablehlo_kind(name, target)
-            regions = list(op.operation.regions)
-            if name == "stablehlo.case":  # a branch chosen at lowering (constant index) is no conditional
-                taken = _constant_index(op)
-                if taken is not None and taken < len(regions):
-                    regions = [regions[taken]]
-                if len(regions) == 1:
-                    kind = SHAPE
-            yield scope, op, kind
-            for region in regions:
+            yield scope, op, mult
+            for region, factor in descend(op, scope):
                 for block in region.blocks:
-                    yield from walk_region_ops(block.operations, scope if scope != STEP else outer, depth)
+                    yield from walk_ops(block.operations, inner, mult * factor, depth)
 
-    def walk_func(func, outer, depth):
+    def walk_func(func, outer, mult, depth):
         for region in func.operation.regions:
             for block in region.blocks:
-                yield from walk_region_ops(block.operations, outer, depth)
+                yield from walk_ops(block.operations, outer, mult, depth)
 
     main = funcs.get("main")
     if main is None:
         raise ValueError("the module has no @main function")
-    yield from walk_func(main, None, 0)
+    yield from walk_func(main, None, 1, 0)
+
+
+def _taken_regions(op) -> list:
+    """An op's regions, a `case` with a constant index (a branch chosen at lowering) its taken one."""
+    regions = list(op.operation.regions)
+    if op.operation.name == "stablehlo.case":
+        taken = _constant_index(op)
+        if taken is not None and taken < len(regions):
+            return [regions[taken]]
+    return regions
+
+
+def stablehlo_ops(module):
+    """Every op the program runs, as (scope, op, `stablehlo_kind`): a called function's ops at
+    each call site (in the caller's scope), a `case` with a constant index as its taken branch
+    only (kind SHAPE for the case itself). Calls and returns themselves are not listed."""
+    for scope, op, _ in walk_stablehlo(module, lambda op, scope: [(r, 1) for r in _taken_regions(op)]):
+        name = op.operation.name
+        target = _attr_str(op, "call_target_name") if name.endswith("custom_call") else None
+        kind = stablehlo_kind(name, target)
+        if name == "stablehlo.case" and len(_taken_regions(op)) == 1:  # no conditional
+            kind = SHAPE
+        yield scope, op, kind
 
 
 def parse_stablehlo(text: str):
