@@ -59,8 +59,11 @@ DECODE_TILES = TileConfig(block_m=16, block_n=256, block_k=128, num_warps=4, num
 PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4)
 
 
+DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)
+
+
 def default_tiles(rows_per_group: float) -> TileConfig:
-    return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
+    return DECODE_TILES if rows_per_group < DECODE_MAX_ROWS_PER_GROUP else PREFILL_TILES
 
 
 COMPARE_ALL_MAX = 1 << 22  # a.size * v.size up to which searchsorted_right compares all pairs

@@ -101,8 +101,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.pallas_grouped_gemm import (TileConfig, a_tiles, epilogue_operands, from_group_sizes, num_rows,
-                                                  padded_a, split_refs, with_zero_range, work_item, work_items)
+from atom_jax.kernels.pallas_grouped_gemm import (DECODE_MAX_ROWS_PER_GROUP, TileConfig, a_tiles, epilogue_operands,
+                                                  from_group_sizes, num_rows, padded_a, split_refs, with_zero_range,
+                                                  work_item, work_items)
 
 # block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
 # scale groups). The fastest of `python -m atom_jax.bench w4a16 --sweep` on 1x H200 with the
@@ -134,13 +135,13 @@ KMAJOR_SMALL_MAX_ROWS_PER_GROUP = 6.0
 def default_tiles(rows_per_group: float, k_major: bool = False) -> TileConfig:
     """The tiles for this many rows per expert (the routing's mean) and code layout (`k_major`:
     `packed.Fp4WeightsKMajor`, which runs the MMA tiles only)."""
-    if k_major:
-        if rows_per_group >= 32:
-            return PREFILL_TILES
-        return KMAJOR_DECODE_TILES_SMALL if rows_per_group < KMAJOR_SMALL_MAX_ROWS_PER_GROUP else KMAJOR_DECODE_TILES
-    if rows_per_group < GEMV_MAX_ROWS_PER_GROUP:
+    if not k_major and rows_per_group < GEMV_MAX_ROWS_PER_GROUP:
         return GEMV_TILES
-    return DECODE_TILES if rows_per_group < 32 else PREFILL_TILES
+    if rows_per_group >= DECODE_MAX_ROWS_PER_GROUP:
+        return PREFILL_TILES
+    if k_major:
+        return KMAJOR_DECODE_TILES_SMALL if rows_per_group < KMAJOR_SMALL_MAX_ROWS_PER_GROUP else KMAJOR_DECODE_TILES
+    return DECODE_TILES
 
 
 # Four code bytes in $2 (elements e0..e3), their bf16 scales in $3 (e0, e1) and $4 (e2, e3); out
