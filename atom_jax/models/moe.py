@@ -34,6 +34,11 @@ def normalise_weights(scores, idx, cfg: ModelConfig):
     return w * cfg.routed_scaling_factor
 
 
+def mean_rows_per_expert(tokens: int, top_k: int, n_experts: int) -> float:
+    """Average rows per expert of a routed call: its (token, choice) pairs over the experts."""
+    return tokens * top_k / n_experts
+
+
 def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot", n_experts=None):
     """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
 
@@ -55,7 +60,7 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     e_local = w1.shape[0]
     order, inv, valid, sizes = sort_by_expert(idx, expert_offset, e_local)
     token = (order // k).astype(jnp.int32)
-    mean = n * k / (n_experts or e_local)  # average rows per expert, for capacity backends
+    mean = mean_rows_per_expert(n, k, n_experts or e_local)  # for capacity backends and the seam's path choice
     gate = gemm(x, w1, sizes, mean_group=mean, row_ids=token, zero_tail=False)
     swiglu = (functools.partial(swiglu_clamped, limit=limit), gate)  # h = swiglu(gate, x w3), in the w3 GEMM
     h = gemm(x, w3, sizes, mean_group=mean, row_ids=token, zero_tail=False, epilogue=swiglu)
@@ -186,7 +191,7 @@ class MoE(nnx.Module):
 
     def rows_per_expert(self, tokens: int) -> float:
         """Mean rows per expert of a routed call over `tokens` tokens (`routed_experts`' mean_group)."""
-        return tokens * self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
+        return mean_rows_per_expert(tokens, self.cfg.num_experts_per_tok, self.cfg.n_routed_experts)
 
     @traced_once
     def decode_stacks(self, stacks, rows_per_expert: float, backend: str, dtype):
