@@ -246,14 +246,16 @@ def run_cli(args) -> int:
         if view in res:
             print()
             print(op_counts.format_table(res[view], titles[view]))
+    census = None  # per scope and family: printed, and the JSON's "bytes"
     if "bytes" in res:
         from atom_jax.trace import op_bytes
 
         rows, notes = res["bytes"]
+        census = op_bytes.census_table(rows)
         print()
         for note in sorted(set(notes)):
             print("note:", note)
-        print(op_bytes.format_census(op_bytes.census_table(rows)))
+        print(op_bytes.format_census(census))
         print(f"\nthe {args.top} largest movers (scope, family, runs per step, MiB per step, result, where):")
         for r in op_bytes.top_ops(rows, args.top):
             print(f"{r.scope:7} {r.family:12} x{r.times:<3} {r.bytes * r.times / 2**20:8.0f} {r.type_text[:44]:44} "
@@ -274,11 +276,9 @@ def run_cli(args) -> int:
                "dp": args.dp, "bucket": args.bucket, "weights": args.weights, "tbo": args.tbo,
                "platform": platform, "jax": jax.__version__, "seconds": res["seconds"],
                **{v: op_counts.to_json(res[v]) for v in ("jaxpr", "stablehlo", "compiled") if v in res}}
-        if "bytes" in res:
-            from atom_jax.trace import op_bytes
-
+        if census is not None:
             doc["bytes"] = {s: {f: dict(zip(("bytes", "flops", "runs"), c)) for f, c in fams.items()}
-                            for s, fams in op_bytes.census_table(res["bytes"][0]).items()}
+                            for s, fams in census.items()}
         if "compiled_notes" in res:
             doc["compiled_notes"] = res["compiled_notes"]
             doc["compiled_launches"] = [list(x) for x in res["compiled_launches"]]
