@@ -68,7 +68,11 @@ ALL_VARIANTS = (*VARIANTS, KMAJOR, ONE_MUL)
 _SWEEP_ONE_MUL = [(16, 128, 256, 4, 3), (16, 64, 256, 4, 2), (16, 128, 128, 4, 3)]  # both layouts
 # + the two K-major swap-AB bests of the 2026-12-01 sweep without it (64 / 256 tokens)
 _SWEEP_ONE_MUL_KMAJOR_SWAP = [(8, 64, 256, 2, 3), (8, 64, 256, 2, 2), (8, 128, 128, 2, 3), (8, 128, 256, 4, 3),
-                              (16, 64, 256, 2, 3)]
+                              (16, 64, 256, 2, 3),
+                              # deeper pipelines and more warps per weight tile around the 64-token best (the
+                              # decoder is ALU-bound near 70% of copy: more warps hide the loads' latency)
+                              (8, 128, 256, 4, 4), (8, 128, 512, 4, 3), (8, 256, 256, 8, 3), (8, 128, 256, 8, 3),
+                              (16, 128, 256, 4, 3), (16, 64, 256, 4, 3)]
 _SWEEP_KMAJOR = [(16, 128, 256, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2),
                  (16, 128, 128, 4, 3), (16, 64, 256, 2, 3)]
 # swap-AB at 1-2 warps (no warpgroup: Hopper's mma.sync, the decoded weights as its A operand from
