@@ -7,7 +7,9 @@ over two GPUs), beside a dense bf16 matmul of the same M x K x N and the measure
 Rows per rank = tokens per rank x top-6, routed uniformly at random over the rank's experts.
 Reports TFLOP/s (useful FLOPs, 2*M*K*N) and GB/s of expert weights streamed (non-empty groups
 x K x N x 2 bytes) for every backend side by side; checks each backend against a float32
-reference on a skewed routing (empty and very large groups) first. Also sweeps Pallas tiles."""
+reference on a skewed routing (empty and very large groups) first. Also sweeps Pallas tiles.
+`--prefill-tiles` instead sweeps the bf16 kernel's tiles at a prefill chunk's MoE calls only
+(bench/gemm_tiles.py)."""
 
 from __future__ import annotations
 
@@ -113,11 +115,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     ap.add_argument("--json")
+    ap.add_argument("--prefill-tiles", action="store_true",
+                    help="only sweep the bf16 kernel's tiles at a prefill chunk's MoE calls (bench/gemm_tiles.py)")
+    ap.add_argument("--budget-s", type=float, default=100.0,
+                    help="--prefill-tiles: start no candidate past this many seconds")
     ap.set_defaults(func=run_cli)
     return ap
 
 
 def run_cli(args) -> int:
+    if args.prefill_tiles:
+        from atom_jax.bench import gemm_tiles
+        return gemm_tiles.run(args)
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in args.tokens.split(",")]
     sweep_tokens = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else []

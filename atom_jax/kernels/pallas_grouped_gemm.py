@@ -59,11 +59,23 @@ DECODE_TILES = TileConfig(block_m=16, block_n=256, block_k=128, num_warps=4, num
 PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4)
 
 
+# Mid-sized groups (dp=1 prefill: an 8K-token chunk x top-6 over 256 experts is ~192 rows per
+# expert, where a 128-row tile computes 256 rows for a 129-256-row group): MID_TILES from
+# DECODE_MAX_ROWS_PER_GROUP up to MID_MAX_ROWS_PER_GROUP rows per expert. Until the H200 sweep
+# (`python -m atom_jax.bench gemm --prefill-tiles`, which prints the constant to set) MID_TILES is
+# PREFILL_TILES: same choices as before.
+MID_TILES = PREFILL_TILES
+MID_MAX_ROWS_PER_GROUP = 256
+
 DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)
 
 
 def default_tiles(rows_per_group: float) -> TileConfig:
-    return DECODE_TILES if rows_per_group < DECODE_MAX_ROWS_PER_GROUP else PREFILL_TILES
+    """DECODE_TILES below DECODE_MAX_ROWS_PER_GROUP rows per expert, MID_TILES below
+    MID_MAX_ROWS_PER_GROUP, PREFILL_TILES from there."""
+    if rows_per_group < DECODE_MAX_ROWS_PER_GROUP:
+        return DECODE_TILES
+    return MID_TILES if rows_per_group < MID_MAX_ROWS_PER_GROUP else PREFILL_TILES
 
 
 COMPARE_ALL_MAX = 1 << 22  # a.size * v.size up to which searchsorted_right compares all pairs

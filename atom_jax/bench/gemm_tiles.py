@@ -1,0 +1,227 @@
+"""`python -m atom_jax.bench gemm --prefill-tiles`: the bf16 grouped-GEMM kernel's tiles at the
+MoE calls of a prefill chunk as the engine makes them (V4-Flash, 8K tokens per rank, top-6),
+beside a dense matmul of the same useful rows; prints the best tiles per case and a JSON.
+
+    python -m atom_jax.bench gemm --prefill-tiles --json tiles.json     # GPU, < 2 min
+    python -m atom_jax.bench gemm --prefill-tiles --tiny                # CPU smoke run
+
+Cases (`CASES`): dp=1 (256 experts, ~192 rows per expert: where `pallas_grouped_gemm.MID_TILES`
+applies) and dp=2 (128 experts per rank; each rank multiplies both ranks' gathered tokens, the
+half of the choices that are its experts', ~384 rows per expert: PREFILL_TILES), each for the
+up projection (hidden -> moe_inter, rows gathered from the tokens by `row_ids`, as the w1 and w3
+GEMMs run) and the down projection (moe_inter -> hidden, rows in place); rows past the last
+group are left unwritten (`zero_tail=False`), as in the MoE. Routing: each choice picks an
+expert uniformly at random (random router weights, as `bench long-context`). TFLOP/s counts the
+useful FLOPs (2 x local rows x K x N); `frac_of_dense` is against a dense bf16 matmul of the
+local rows. Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget
+(`--budget-s`: no new candidate starts past it; the rows so far are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atom_jax.bench.routings import uniform_sizes
+from atom_jax.bench.timing import back_to_back_time
+from atom_jax.kernels import pallas_grouped_gemm as pg
+
+TOPK = 6
+HIDDEN, MOE_INTER, EXPERTS = 4096, 2048, 256  # V4-Flash
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    projection: str  # "up" (rows gathered by row_ids) or "down"
+    dp: int
+    tokens: int = 8192  # per rank
+
+    @property
+    def groups(self) -> int:
+        return EXPERTS // self.dp
+
+    @property
+    def kn(self) -> tuple[int, int]:
+        return (HIDDEN, MOE_INTER) if self.projection == "up" else (MOE_INTER, HIDDEN)
+
+    @property
+    def rows_per_group(self) -> float:
+        return self.tokens * TOPK / self.groups  # = mean_rows_per_expert(tokens * dp, TOPK, EXPERTS)
+
+    @property
+    def name(self) -> str:
+        return f"{self.projection}_dp{self.dp}"
+
+
+CASES = [Case("up", 1), Case("down", 1), Case("up", 2), Case("down", 2)]
+
+T = pg.TileConfig
+# Around today's PREFILL_TILES (first): 64-row tiles (a 192-row group takes 3 with no padding,
+# vs 2 x 128 = 256 rows), 128-wide column tiles, 128-deep K steps, warps and pipeline depth.
+# Each fits an H200's 227 KB of shared memory (stages x (block_m + block_n) x block_k x 2 B).
+CANDIDATES = [
+    T(128, 256, 64, 8, 4), T(128, 256, 64, 8, 3), T(64, 256, 64, 4, 4), T(64, 256, 64, 8, 4),
+    T(64, 256, 64, 8, 3), T(64, 128, 64, 4, 4), T(64, 128, 128, 4, 3), T(64, 128, 128, 8, 4),
+    T(128, 128, 64, 4, 4), T(128, 128, 64, 8, 4), T(128, 128, 128, 8, 3), T(128, 128, 128, 4, 3),
+]
+MAX_ERR = 2e-2  # bf16 outputs (one rounding each) of float32 sums in another order
+TINY_CASES = [Case("up", 1, tokens=16), Case("down", 2, tokens=16)]
+TINY_SHAPE = (8, 64, 128)  # (experts, hidden, inter) of the CPU smoke run
+TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2)]
+
+
+def tiny_shape(case: Case) -> tuple[int, int, int]:
+    """(groups, K, N) of a case in the CPU smoke run."""
+    g, d, i = TINY_SHAPE
+    return (g, d, i) if case.projection == "up" else (g, i, d)
+
+
+def tiles_name(cfg: pg.TileConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s"
+
+
+def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
+    """`copies` inputs of one MoE call, as `routed_experts` makes it: (a, row_ids or None, sizes).
+    up: a = the gathered tokens [tokens x dp, K], row_ids [tokens x dp x TOPK] (the sorted
+    choices' tokens); down: a = [tokens x dp x TOPK, K] rows in place. Each rank's experts hold
+    1/dp of the choices, uniformly at random; the rest sort past the last group."""
+    tokens = case.tokens * case.dp
+    m = tokens * TOPK
+    out = []
+    for i in range(copies):
+        sizes = jnp.asarray(uniform_sizes(rng, m // case.dp, groups))
+        key = jax.random.key(i)
+        if case.projection == "up":
+            a = jax.random.normal(key, (tokens, k), jnp.bfloat16)
+            ids = jnp.asarray(rng.integers(0, tokens, m), jnp.int32)
+        else:
+            a, ids = jax.random.normal(key, (m, k), jnp.bfloat16), None
+        out.append((a, ids, sizes))
+    return out
+
+
+def time_tiles(cfg, inputs, w, iters: int, ref=None):
+    """(seconds per call, the output of inputs[0], its max error relative to `ref`'s largest
+    entry over the rows in groups, or None without `ref`)."""
+    interpret = jax.default_backend() == "cpu"
+    f = jax.jit(lambda a, w, s, ids: pg.grouped_gemm(a, w, s, cfg=cfg, interpret=interpret, row_ids=ids,
+                                                     zero_tail=False))
+    sec = back_to_back_time(lambda i: f(inputs[i][0], w, inputs[i][2], inputs[i][1]), range(len(inputs)),
+                            iters=iters)
+    a, ids, sizes = inputs[0]
+    out = f(a, w, sizes, ids)
+    return sec, out, None if ref is None else float(rel_error(out, ref, jnp.sum(sizes)))
+
+
+@jax.jit
+def rel_error(out, ref, valid):
+    """max |out - ref| / max |ref| over rows [0, valid) (rows past the groups are unwritten)."""
+    rows = (jnp.arange(out.shape[0]) < valid)[:, None]
+    diff = jnp.where(rows, jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)), 0)
+    return jnp.max(diff) / jnp.max(jnp.where(rows, jnp.abs(ref.astype(jnp.float32)), 0))
+
+
+def dense_time(rows: int, k: int, n: int, iters: int) -> float:
+    xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+    w = jax.random.normal(jax.random.key(7), (k, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    return back_to_back_time(lambda i: f(xs[i], w), [0, 1], iters=iters)
+
+
+def best_rows(rows):
+    """{case: its fastest row} over the rows without an error."""
+    best = {}
+    for r in rows:
+        if "ms" in r and (r["case"] not in best or r["ms"] < best[r["case"]]["ms"]):
+            best[r["case"]] = r
+    return best
+
+
+def constant_line(name: str, rows) -> str | None:
+    """The `pallas_grouped_gemm` constant to set from `rows` (cases of one tile regime): the
+    candidate with the least total time over them, as Python."""
+    totals = {}
+    for r in rows:
+        if "ms" in r:
+            key = json.dumps(r["tiles"], sort_keys=True)
+            totals.setdefault(key, []).append(r["ms"])
+    cases = len({r["case"] for r in rows})
+    full = {key: sum(ms) for key, ms in totals.items() if len(ms) == cases}
+    if not full:
+        return None
+    t = json.loads(min(full, key=full.get))
+    return (f"{name} = TileConfig(block_m={t['block_m']}, block_n={t['block_n']}, block_k={t['block_k']}, "
+            f"num_warps={t['num_warps']}, num_stages={t['num_stages']})")
+
+
+def run(args) -> int:
+    rng = np.random.default_rng(0)
+    cases, candidates = (TINY_CASES, TINY_CANDIDATES) if args.tiny else (CASES, CANDIDATES)
+    on_gpu = jax.default_backend() != "cpu"
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "topk": TOPK,
+           "current": {"MID_TILES": dataclasses.asdict(pg.MID_TILES), "PREFILL_TILES": dataclasses.asdict(pg.PREFILL_TILES),
+                       "MID_MAX_ROWS_PER_GROUP": pg.MID_MAX_ROWS_PER_GROUP},
+           "rows": [], "dense": {}}
+    t0 = time.time()
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    print(f"# {out['device']}  candidates {len(candidates)}  cases {[c.name for c in cases]}", flush=True)
+    print(f"{'case':9} {'rows/exp':>8} {'tiles':22} {'ms':>8} {'TFLOP/s':>8} {'%dense':>6}", flush=True)
+    for ci, case in enumerate(cases):
+        groups, k, n = tiny_shape(case) if args.tiny else (case.groups, *case.kn)
+        inputs = case_inputs(case, rng, groups, k, n)
+        w = jax.random.normal(jax.random.key(7), (groups, k, n), jnp.bfloat16) * 0.02
+        local_rows = case.tokens * TOPK
+        flops = 2.0 * local_rows * k * n
+        dense_s = dense_time(local_rows, k, n, args.iters) if on_gpu else None
+        out["dense"][case.name] = {"ms": dense_s and dense_s * 1e3, "TFLOPs": dense_s and flops / dense_s / 1e12}
+        if dense_s:
+            print(f"{case.name:9} {'':8} {'dense_matmul':22} {dense_s * 1e3:8.3f} {flops / dense_s / 1e12:8.1f}",
+                  flush=True)
+        ref = None  # the first candidate's output (today's PREFILL_TILES): the others must agree
+        share = args.budget_s * (ci + 1) / len(cases)  # each case's share of the budget, unused time carried
+        for cfg in candidates:
+            if time.time() - t0 > share:
+                print(f"# {share:.0f} s of the {args.budget_s:.0f} s budget spent: {case.name} {tiles_name(cfg)} "
+                      "and later skipped", flush=True)
+                break
+            row = {"case": case.name, "groups": groups, "K": k, "N": n, "tokens_per_rank": case.tokens,
+                   "dp": case.dp, "rows_per_group": local_rows / groups, "tiles": dataclasses.asdict(cfg)}
+            try:
+                sec, got, err = time_tiles(cfg, inputs, w, args.iters, ref)
+                ref = got if ref is None else ref
+                if err is not None and not err < MAX_ERR:  # a wrong kernel is not a candidate, however fast
+                    raise ArithmeticError(f"wrong: max error {err:.3g} of the largest entry vs the first candidate")
+                row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12, max_err_vs_first=err or 0.0)
+                if dense_s:
+                    row["frac_of_dense"] = dense_s / sec
+                print(f"{case.name:9} {row['rows_per_group']:8.0f} {tiles_name(cfg):22} {row['ms']:8.3f} "
+                      f"{row['TFLOPs']:8.1f} {100 * row.get('frac_of_dense', 0):6.1f}", flush=True)
+            except Exception as e:  # record, keep going (e.g. out of shared memory, or wrong)
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"{case.name:9} {'':8} {tiles_name(cfg):22} error {row['error'][:100]}", flush=True)
+            out["rows"].append(row)
+        save()
+    out["best"] = {c: {"tiles": r["tiles"], "ms": r["ms"]} for c, r in best_rows(out["rows"]).items()}
+    for c, r in out["best"].items():
+        print(f"best {c}: {tiles_name(pg.TileConfig(**r['tiles']))} {r['ms']:.3f} ms", flush=True)
+    # The constants to set: the least total time over the cases each regime covers.
+    mid = [r for r in out["rows"] if r["rows_per_group"] < pg.MID_MAX_ROWS_PER_GROUP]
+    big = [r for r in out["rows"] if r["rows_per_group"] >= pg.MID_MAX_ROWS_PER_GROUP]
+    out["set"] = {name: line for name, line in (("MID_TILES", constant_line("MID_TILES", mid)),
+                                                ("PREFILL_TILES", constant_line("PREFILL_TILES", big))) if line}
+    for line in out["set"].values():
+        print(f"set in atom_jax/kernels/pallas_grouped_gemm.py: {line}", flush=True)
+    out["seconds"] = time.time() - t0
+    print(f"# {out['seconds']:.0f} s", flush=True)
+    save()
+    return 0

@@ -1,0 +1,73 @@
+"""The bf16 grouped GEMM's tile choice by rows per expert (decode / mid / prefill) and the
+prefill tile sweep (`python -m atom_jax.bench gemm --prefill-tiles`) on CPU."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from atom_jax.bench import gemm_tiles
+from atom_jax.kernels import grouped_gemm
+from atom_jax.kernels import pallas_grouped_gemm as pg
+
+MID = pg.TileConfig(64, 128, 64, 4, 3)  # distinct from DECODE_TILES and PREFILL_TILES
+
+
+@pytest.mark.parametrize("rows,want", [(1, "decode"), (pg.DECODE_MAX_ROWS_PER_GROUP - 0.5, "decode"),
+                                       (pg.DECODE_MAX_ROWS_PER_GROUP, "mid"), (192, "mid"),
+                                       (pg.MID_MAX_ROWS_PER_GROUP - 0.5, "mid"),
+                                       (pg.MID_MAX_ROWS_PER_GROUP, "prefill"), (384, "prefill")])
+def test_default_tiles_has_three_regimes(monkeypatch, rows, want):
+    """Changing MID_TILES alone moves the mid regime (dp=1 prefill chunks: 8K tokens x 6 / 256
+    experts = 192 rows per expert); dp=2's 384 rows keep PREFILL_TILES."""
+    monkeypatch.setattr(pg, "MID_TILES", MID)
+    assert pg.default_tiles(rows) == {"decode": pg.DECODE_TILES, "mid": MID, "prefill": pg.PREFILL_TILES}[want]
+    assert pg.DECODE_MAX_ROWS_PER_GROUP < 192 < pg.MID_MAX_ROWS_PER_GROUP <= 384
+
+
+def test_seam_picks_mid_tiles_from_the_callers_rows_per_expert(monkeypatch):
+    """The pallas backend passes the routing shape's mean rows per expert (not this call's
+    rows over its experts) to default_tiles."""
+    monkeypatch.setattr(pg, "MID_TILES", MID)
+    seen = []
+    monkeypatch.setattr(pg, "grouped_gemm", lambda *a, cfg=None, **kw: seen.append(cfg))
+    x, w = np.zeros((8, 4), np.float32), np.zeros((2, 4, 4), np.float32)
+    sizes = np.array([4, 4], np.int32)
+    for mean in (192, 384, 8):
+        grouped_gemm.get("pallas")(x, w, sizes, mean_group=mean)
+    assert seen == [MID, pg.PREFILL_TILES, pg.DECODE_TILES]
+
+
+def test_constant_line_is_the_least_total_time_over_every_case():
+    a, b = pg.TileConfig(64, 128, 64, 4, 3), pg.TileConfig(128, 256, 64, 8, 4)
+    c = pg.TileConfig(64, 256, 64, 4, 4)
+    rows = [{"case": "up", "tiles": a.__dict__, "ms": 1.0}, {"case": "down", "tiles": a.__dict__, "ms": 3.0},
+            {"case": "up", "tiles": b.__dict__, "ms": 2.0}, {"case": "down", "tiles": b.__dict__, "ms": 1.5},
+            {"case": "up", "tiles": c.__dict__, "ms": 0.5}, {"case": "down", "tiles": c.__dict__, "error": "x"}]
+    line = gemm_tiles.constant_line("MID_TILES", rows)  # c is fastest on "up" but failed "down"
+    assert line == ("MID_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4)")
+    assert eval(line.split(" = ")[1], {"TileConfig": pg.TileConfig}) == b
+    assert gemm_tiles.constant_line("MID_TILES", rows[-1:]) is None
+
+
+def test_case_inputs_are_the_moes_calls():
+    """dp=2: every rank multiplies both ranks' tokens; half the choices are its experts'."""
+    rng = np.random.default_rng()
+    (a, ids, sizes), = gemm_tiles.case_inputs(gemm_tiles.Case("up", 2, tokens=16), rng, 8, 64, 128, copies=1)
+    assert a.shape == (32, 64) and ids.shape == (32 * 6,) and int(ids.max()) < 32
+    assert int(sizes.sum()) == 16 * 6 and sizes.shape == (8,)
+    (a, ids, sizes), = gemm_tiles.case_inputs(gemm_tiles.Case("down", 1, tokens=16), rng, 8, 128, 64, copies=1)
+    assert a.shape == (96, 128) and ids is None and int(sizes.sum()) == 96
+    assert gemm_tiles.Case("up", 1).rows_per_group == 192 and gemm_tiles.Case("down", 2).rows_per_group == 384
+
+
+def test_prefill_tile_sweep_runs_on_cpu(tmp_path):
+    path = tmp_path / "tiles.json"
+    args = argparse.Namespace(tiny=True, iters=1, budget_s=600.0, json=str(path))
+    assert gemm_tiles.run(args) == 0
+    out = json.loads(path.read_text())
+    assert len(out["rows"]) == len(gemm_tiles.TINY_CASES) * len(gemm_tiles.TINY_CANDIDATES)
+    assert all(r["ms"] > 0 and r["max_err_vs_first"] < 1e-6 for r in out["rows"])
+    assert set(out["best"]) == {c.name for c in gemm_tiles.TINY_CASES}
+    assert out["set"]["MID_TILES"].startswith("MID_TILES = TileConfig(")
