@@ -54,6 +54,7 @@ def test_attention_tiles_specs():
     assert attention_tiles("default") is None
     assert attention_tiles("64x32x8") == AttentionTiles(64, 32, 8, TILES.num_stages)
     assert attention_tiles("16x64x4x3") == AttentionTiles(16, 64, 4, 3)
+    assert attention_tiles("16x64x4x3x0") == AttentionTiles(16, 64, 4, 3, prefetch=False)
     for bad in ("64x32", "64x0x8", "axbxc"):
         with pytest.raises(SystemExit):
             attention_tiles(bad)

@@ -184,17 +184,19 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
     return b, q, kv, ring_kv, jnp.asarray(ring_pos), sinks, args
 
 
-@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split"])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
+                                  "hca-split-noprefetch"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
-    keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode."""
+    keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
+    -noprefetch: the entries' loop without loading the next block ahead (AttentionTiles.prefetch)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
     scale = q.shape[-1] ** -0.5
-    split = kind.endswith("-split")
-    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16)
+    split = "-split" in kind
+    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16, prefetch="noprefetch" not in kind)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)

@@ -97,19 +97,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ---- floors --------------------------------------------------------------------------------
 def attention_tiles(spec: str):
-    """'default' -> None (the kernel's TILES); 'HxKxW[xS]' -> AttentionTiles(block_h=H, block_k=K,
-    num_warps=W, num_stages=S or the default's)."""
+    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP]]' -> AttentionTiles(block_h=H, block_k=K,
+    num_warps=W, num_stages=S or the default's, prefetch=P (0/1) or the default's)."""
     from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
 
     if spec == "default":
         return None
     try:
         parts = [int(x) for x in spec.split("x")]
-        if len(parts) not in (3, 4) or min(parts) < 1:
+        if len(parts) not in (3, 4, 5) or min(parts[:4]) < 1 or parts[4:] not in ([], [0], [1]):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS] (e.g. 64x32x8)") from None
-    return AttentionTiles(*parts[:3], parts[3] if len(parts) == 4 else TILES.num_stages)
+        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP]] (e.g. 64x32x8, 64x32x8x2x0)") \
+            from None
+    return AttentionTiles(*parts[:3], parts[3] if len(parts) >= 4 else TILES.num_stages,
+                          bool(parts[4]) if len(parts) == 5 else TILES.prefetch)
 
 
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:

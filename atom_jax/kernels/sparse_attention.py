@@ -38,6 +38,10 @@ class AttentionTiles:
     block_k: int = 32  # keys per step
     num_warps: int = 8  # the [block_h, 512] float32 accumulator needs the registers
     num_stages: int = 2
+    # The compressed entries' loop loads block i + 1's keys (selection -> page table -> pool: three
+    # dependent loads) before block i's dots, carrying them in registers, so their latency overlaps
+    # the math instead of stalling each step (Triton's pipeliner does not prefetch such gathers).
+    prefetch: bool = True
 
 
 TILES = AttentionTiles()
@@ -74,33 +78,48 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         acc = acc * alpha[:, None] + plt.dot(pr.astype(keys.dtype), keys, allow_tf32=not exact)
         return m_new, l, acc
 
-    def window(i, carry):
+    def window_keys(i):  # window block i's keys and validity (i >= n_win: nothing loaded)
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp
         ring_row = slot * win + jax.lax.rem(j + win, win)
-        rp = plt.load(rpos_ref.at[ring_row], mask=~in_chunk, other=-1)
+        rp = plt.load(rpos_ref.at[ring_row], mask=in_win & ~in_chunk, other=-1)
         ok_chunk = in_win & in_chunk
         ok_ring = in_win & ~in_chunk & (j >= 0) & (rp == j)
         chunk_row = jnp.where(ok_chunk, ssi + j - ssp, 0)
         kc = plt.load(kv_ref.at[chunk_row[:, None], d[None, :]], mask=ok_chunk[:, None], other=0.0)
         kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], d[None, :]],
                       mask=ok_ring[:, None], other=0.0)
-        return update(carry, jnp.where(ok_chunk[:, None], kc, kr), ok_chunk | ok_ring)
+        return jnp.where(ok_chunk[:, None], kc, kr), ok_chunk | ok_ring
 
-    def entries(i, carry):
+    def window(i, carry):
+        return update(carry, *window_keys(i))
+
+    def window_prefetched(i, c):  # as entries_prefetched (below)
+        nxt = window_keys(i + 1)
+        return (*update(c[:3], c[3], c[4]), *nxt)
+
+    def entry_keys(i, live=True):  # block i's keys and validity (nothing loaded where not live)
         if mode == "all":
             e = i * bk + cols
-            ok = e < nvis
+            ok = (e < nvis) & live
         else:
             e = plt.load(sel_ref.at[jnp.zeros((bk,), jnp.int32) + t, i * bk + cols],
-                         mask=i * bk + cols < n_sel, other=-1)
+                         mask=(i * bk + cols < n_sel) & live, other=-1)
             ok = (e >= 0) & (e < nvis)
         e = jnp.where(ok, e, 0)
         page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
         addr = jnp.where(ok, page * epp + e % epp, 0)
-        keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=ok[:, None], other=0.0)
-        return update(carry, keys, ok)
+        return plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=ok[:, None], other=0.0), ok
+
+    def entries(i, carry):
+        return update(carry, *entry_keys(i))
+
+    def entries_prefetched(hi):
+        def body(i, c):
+            nxt = entry_keys(i + 1, i + 1 < hi)
+            return (*update(c[:3], c[3], c[4]), *nxt)
+        return body
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
              jnp.zeros((bh, dim), jnp.float32))
@@ -109,15 +128,22 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
     # split cost each of the 16 decode programs per token the window's dots for nothing.
     n_win = -(-win // bk)
-    if splits == 1:
-        carry = jax.lax.fori_loop(0, n_win, window, carry)
+    if tiles.prefetch:
+        def window_loop(c):
+            return jax.lax.fori_loop(0, n_win, window_prefetched, (*c, *window_keys(0)))[:3]
     else:
-        carry = jax.lax.cond(sp == 0, lambda c: jax.lax.fori_loop(0, n_win, window, c), lambda c: c, carry)
+        def window_loop(c):
+            return jax.lax.fori_loop(0, n_win, window, c)
+    carry = window_loop(carry) if splits == 1 else jax.lax.cond(sp == 0, window_loop, lambda c: c, carry)
     if mode != "none":
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
         per = (n_blocks + splits - 1) // splits
-        carry = jax.lax.fori_loop(sp * per, jnp.minimum(n_blocks, sp * per + per), entries, carry)
+        lo, hi = sp * per, jnp.minimum(n_blocks, sp * per + per)
+        if tiles.prefetch:
+            carry = jax.lax.fori_loop(lo, hi, entries_prefetched(hi), (*carry, *entry_keys(lo, lo < hi)))[:3]
+        else:
+            carry = jax.lax.fori_loop(lo, hi, entries, carry)
     m, l, acc = carry
     if splits == 1:
         sink = sink_ref[heads]
