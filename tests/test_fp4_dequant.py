@@ -45,6 +45,18 @@ def test_decode_kernel_equals_reference_dequant_exactly():
         fd.dequantize(w, fd.DequantTiles(block_k=48), interpret=True)
 
 
+def test_k_major_decode_writes_n_by_k_without_transpose_exactly():
+    """`dequantize_k_major`: K-major codes -> [E, N, K] bf16, the reference decode's values with
+    the last two axes swapped (every code pair, scales 0, subnormal and overflowing)."""
+    w = random_packed(np.random.default_rng(), 3, 128, 64)
+    ref = np.asarray(packed.fp4_dequantize(w, jnp.float32).astype(jnp.bfloat16), np.float32)
+    out = fd.dequantize_k_major(packed.to_k_major(w), fd.DequantTiles(block_k=64, block_n=32), interpret=True)
+    assert out.shape == (3, 64, 128) and out.dtype == jnp.bfloat16  # grid 3 x 2 x 2
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.swapaxes(ref, 1, 2))
+    with pytest.raises(ValueError, match="K-major"):
+        fd.dequantize_k_major(w, interpret=True)
+
+
 def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=False):
     """The seam as the MoE's w3 GEMM runs it (rows gathered by row_ids, the SwiGLU epilogue,
     rows past the groups unwritten) on a skewed routing: the in-kernel W4A16 path, then the
@@ -67,8 +79,9 @@ def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=Fa
 
     in_kernel = call(x, w, sizes, ids, gate)
     calls = []
-    real = fd.dequantize
-    monkeypatch.setattr(fd, "dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    name = "dequantize_k_major" if k_major else "dequantize"  # K-major: [E, N, K], no transpose
+    real = getattr(fd, name)
+    monkeypatch.setattr(fd, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
     via_bf16 = call(x, w, sizes, ids, gate)
     assert calls, "the forced threshold must take the dequant path"
@@ -85,8 +98,8 @@ def test_seam_dequant_path_matches_w4a16_path(monkeypatch, k_major):
     check_seam_paths(monkeypatch, g=4, k=64, n=32, r=20, m=50, trailing=5, k_major=k_major)
 
 
-@pytest.mark.parametrize("platform,k_major", [("cuda", False), ("rocm", False), ("cuda", True)],
-                         ids=["cuda", "rocm", "cuda-kmajor"])
+@pytest.mark.parametrize("platform,k_major", [("cuda", False), ("rocm", False), ("cuda", True), ("rocm", True)],
+                         ids=["cuda", "rocm", "cuda-kmajor", "rocm-kmajor"])
 def test_seam_dequant_path_lowers_for_gpu(platform, k_major, monkeypatch):
     """The decode kernel and the bf16 kernel after it lower as Triton calls (jax.export on CPU;
     the GPU compile is the GPU test's); K-major codes too."""
@@ -102,8 +115,10 @@ def test_seam_dequant_path_lowers_for_gpu(platform, k_major, monkeypatch):
     with lowering_for(platform):
         text = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
-    # two Triton calls (the in-kernel W4A16 path is one)
+    # two Triton calls (the in-kernel W4A16 path is one); K-major: the no-transpose decode and
+    # no XLA transpose between it and the bf16 kernel
     assert text.count(TRITON) == 2 and "fp4_dequant" in text
+    assert ("fp4_dequant_kmajor" in text) == k_major and "stablehlo.transpose" not in text
 
 
 def test_seam_keeps_the_w4a16_kernel_where_the_dequant_path_does_not_fit(monkeypatch):
@@ -124,3 +139,20 @@ def test_seam_keeps_the_w4a16_kernel_where_the_dequant_path_does_not_fit(monkeyp
     out = grouped_gemm.get("pallas")(x, w, sizes)
     ref = grouped_reference(np.asarray(x), dense, np.asarray(sizes))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_prefill_sweep_tiles_fit_the_prefill_shapes():
+    """`bench w4a16 --prefill-sweep`: at most 8 distinct bf16-kernel tiles, each dividing the
+    V4-Flash and V4-Pro up/down shapes' K and N and within Hopper's shared memory (A and B tiles
+    x stages); the decode tiles divide them too (powers of two)."""
+    from atom_jax.bench.gemm import SHAPES
+    from atom_jax.bench.w4a16_prefill import DECODE_TILES, GEMM_TILES
+    from atom_jax.kernels import pallas_grouped_gemm as pg
+    assert len(set(GEMM_TILES)) == len(GEMM_TILES) <= 8 and fd.KMAJOR_TILES == fd.DequantTiles(*DECODE_TILES[0])
+    for shape in ("flash_up", "flash_down", "pro_up"):
+        _, k, n = SHAPES[shape]
+        for bm, bn, bk, _, stages in GEMM_TILES:
+            assert pg.block_sizes(k, n, pg.TileConfig(bm, bn, bk)) == (bk, bn)
+            assert (bm + bn) * bk * 2 * stages <= 227 * 1024
+        for t in DECODE_TILES:
+            assert fd.block_sizes(k, n, fd.DequantTiles(*t)) == t[:2]

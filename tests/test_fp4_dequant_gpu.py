@@ -28,3 +28,20 @@ def test_compiled_decode_equals_reference_dequant(tiles, decode):
 
 def test_compiled_seam_dequant_path_matches_reference(monkeypatch):
     check_seam_paths(monkeypatch, g=16, k=512, n=512, r=300, m=1000, trailing=7, jit=True)
+
+
+@pytest.mark.parametrize("decode", ["ptx", "alu"])
+@pytest.mark.parametrize("tiles", [fd.KMAJOR_TILES, fd.DequantTiles(block_k=256, block_n=128, num_warps=8)],
+                         ids=["default", "256x128"])
+def test_compiled_k_major_decode_equals_reference_dequant(tiles, decode):
+    """`dequantize_k_major` compiled (the in-register interleave of Triton's join + reshape):
+    [E, N, K], the reference decode transposed, bit for bit."""
+    w = random_packed(np.random.default_rng(), 4, 1024, 2048, lowest=2)
+    out = jax.jit(lambda v: fd.dequantize_k_major(v, tiles, decode=decode))(packed.to_k_major(w))
+    ref = jax.jit(lambda v: packed.fp4_dequantize(v, jnp.float32).astype(jnp.bfloat16))(w)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.swapaxes(np.asarray(ref, np.float32), 1, 2))
+
+
+def test_compiled_seam_dequant_path_k_major_matches_reference(monkeypatch):
+    """K-major codes: the no-transpose decode, then the bf16 kernel with `transpose_b`."""
+    check_seam_paths(monkeypatch, g=16, k=512, n=512, r=300, m=1000, trailing=7, jit=True, k_major=True)

@@ -41,6 +41,25 @@ def test_pallas_matches_ragged_dot_and_float64(trial):
     assert np.all(out[sizes.sum():] == 0)
 
 
+def test_transpose_b_reads_weights_n_by_k_with_gathered_rows():
+    """`transpose_b`: weights stored [G, N, K] (the K-major decode's layout), rows gathered by
+    row_ids, groups ragged (empty ones, one large), rows past the groups zero: against float64."""
+    rng = np.random.default_rng()
+    g, k, n, m, r = 5, 48, 64, 70, 30
+    sizes = _random_sizes(rng, g, m - 3)
+    x = rng.standard_normal((r, k)).astype(np.float32)
+    ids = rng.integers(0, r, m).astype(np.int32)
+    weights = rng.standard_normal((g, k, n)).astype(np.float32)
+    out = np.asarray(pg.grouped_gemm(jnp.asarray(x), jnp.asarray(np.swapaxes(weights, 1, 2)), jnp.asarray(sizes),
+                                     cfg=SMALL, interpret=True, row_ids=jnp.asarray(ids), transpose_b=True))
+    ref = grouped_reference(x[ids], weights, sizes)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.all(out[sizes.sum():] == 0)
+    with pytest.raises(ValueError, match="weights K"):  # [G, K, N] given as [G, N, K]: K mismatch is caught
+        pg.grouped_gemm(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(sizes), cfg=SMALL, interpret=True,
+                        row_ids=jnp.asarray(ids), transpose_b=True)
+
+
 def test_pallas_bf16_inputs_accumulate_in_float32():
     rng = np.random.default_rng()
     g, k, n, m = 4, 256, 32, 48

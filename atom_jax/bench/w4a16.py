@@ -17,7 +17,8 @@ streams >= 80% of copy bandwidth; prefill (8K tokens) >= 50% of the dense matmul
 kernel is first checked against a float32 reference on a skewed routing (empty and very large
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
-`fp4_dequant` tiles. `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
+`fp4_dequant` tiles, `--prefill-sweep` the tiles of the K-major prefill path (`bench/w4a16_prefill.py`:
+the bf16 kernel's with `transpose_b`, the K-major decode's). `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
 `w4a16_gemv`, `w4a16_kmajor`, `w4a16_1mul`; `--variants` picks some) over `decode_sweep_tiles()` (and
 `KMAJOR_TILES`: the MMA kernel on K-major codes, `packed.Fp4WeightsKMajor`, converted once per
 shape outside the timing) at every shape and each
@@ -29,6 +30,8 @@ float32 reference, configs Triton refuses reported and skipped.
     python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,pro_up --decode-sweep --variants w4a16,w4a16_gemv
     python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,pro_up \
         --kernels w4a16,w4a16_kmajor,dequant_pallas,dequant_pallas_kmajor   # prefill, both code layouts
+    python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up \
+        --kernels dequant_pallas,dequant_pallas_kmajor,dequant_pallas_kmajor_transpose --prefill-sweep
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -330,15 +333,21 @@ def run(args) -> int:
     def dequant_pallas(rows, w, sizes):  # the streaming decode kernel, then the bf16 kernel
         return bf16(rows, fd.dequantize(w, interpret=on_cpu), sizes)
 
+    def dequant_pallas_kmajor(rows, w, sizes):  # K-major codes -> [E, N, K] (no transpose), transpose_b
+        return pg.grouped_gemm(rows, fd.dequantize_k_major(w, interpret=on_cpu), sizes, interpret=on_cpu,
+                               transpose_b=True)
+
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
     # `w4a16_gemv`: the no-MMA variant at its tiles (wg.GEMV_TILES) at every token count.
     # `*_kmajor`: the same calls on K-major codes (`packed.Fp4WeightsKMajor`, the engine's
     # `--expert-layout kmajor`; converted once per shape, outside the timing): w4a16_kmajor at its
-    # own default tiles (`default_tiles(..., k_major=True)`), dequant_pallas_kmajor the decode
-    # kernel reading K-major code tiles.
+    # own default tiles (`default_tiles(..., k_major=True)`); dequant_pallas_kmajor the seam's
+    # K-major prefill path (the no-transpose decode to [E, N, K], the bf16 kernel with
+    # `transpose_b`), dequant_pallas_kmajor_transpose the earlier one (each K-major code tile
+    # transposed in the decode kernel to write [E, K, N]).
     fp4_kernels = {"w4a16": fp4(), "w4a16_kmajor": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
                    "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas,
-                   "dequant_pallas_kmajor": dequant_pallas}
+                   "dequant_pallas_kmajor": dequant_pallas_kmajor, "dequant_pallas_kmajor_transpose": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
     if args.kernels:
@@ -346,7 +355,7 @@ def run(args) -> int:
         if unknown := set(keep) - set(fp4_kernels):
             raise SystemExit(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(fp4_kernels)}")
         fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name in keep}
-    k_major = {name: name.endswith("_kmajor") for name in fp4_kernels}
+    k_major = {name: "_kmajor" in name for name in fp4_kernels}
 
     for shape, (g, k, n) in shapes.items():
         out["checks"][shape] = _check(k, n, g, 40 if args.tiny else 8 * g, rng,
@@ -359,10 +368,13 @@ def run(args) -> int:
         print(f"left out of the timings (failed or wrong on some shape): {sorted(failed)}", flush=True)
     decoders = {"fp4_dequant": lambda w: fd.dequantize(w, interpret=on_cpu),
                 "xla_dequant": lambda w: fp4_dequantize(w, jnp.bfloat16)}
+    if any(k_major.values()):
+        decoders["fp4_dequant_kmajor"] = lambda w: fd.dequantize_k_major(w, interpret=on_cpu)
     for shape, (g, k, n) in shapes.items():
         w_fp4 = random_fp4(jax.random.key(8), g, k, n)
         for name, fn in decoders.items():
-            row = _time_decode(fn, w_fp4, ceil, args.iters, shape=shape, kernel=name)
+            w = to_k_major(w_fp4) if name.endswith("_kmajor") else w_fp4
+            row = _time_decode(fn, w, ceil, args.iters, shape=shape, kernel=name)
             out["decode"].append(row)
             print(f"decode {shape:10} {name:14} {row['ms']:8.3f} ms {row['GBps']:7.0f} GB/s "
                   f"{100 * (row['frac_of_copy'] or 0):4.0f}% of copy", flush=True)
@@ -399,7 +411,9 @@ def run(args) -> int:
             if dense_s:
                 print(f"{shape:10} {t:6d} {'dense':21} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
             for other, base_name in (("w4a16_swap", "w4a16"), ("w4a16_gemv", "w4a16"), ("w4a16_kmajor", "w4a16"),
-                                     ("dequant_pallas_kmajor", "dequant_pallas")):
+                                     ("dequant_pallas_kmajor", "dequant_pallas"),
+                                     ("dequant_pallas_kmajor_transpose", "dequant_pallas"),
+                                     ("dequant_pallas_kmajor", "dequant_pallas_kmajor_transpose")):
                 if base_name in secs and other in secs:
                     print(f"{shape:10} {t:6d} {other} / {base_name} time {secs[other] / secs[base_name]:.2f}",
                           flush=True)
@@ -415,6 +429,9 @@ def run(args) -> int:
         save(out, args.json)
     if args.decode_sweep:
         _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out)
+    if args.prefill_sweep:
+        from atom_jax.bench.w4a16_prefill import prefill_sweep
+        prefill_sweep(args, shapes, tokens, ceil, out, on_cpu, save)
     if args.dequant_sweep:
         D = fd.DequantTiles
         dcfgs = [D(64, 512, 4, 1), D(32, 1024, 4, 1), D(128, 256, 4, 1), D(64, 1024, 8, 1), D(128, 512, 8, 1),
@@ -473,8 +490,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="",
                    help="the main table's FP4 kernels, comma list (default: all): w4a16, w4a16_kmajor (K-major codes, "
                         "their default tiles), w4a16_swap, w4a16_gemv, w4a16_alu (GPU), dequant_bf16, dequant_pallas, "
-                        "dequant_pallas_kmajor; the bf16 kernel always runs")
+                        "dequant_pallas_kmajor (the no-transpose K-major path: [E, N, K] decode, transpose_b), "
+                        "dequant_pallas_kmajor_transpose (the decode transposing K-major tiles); the bf16 kernel always runs")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
+    p.add_argument("--prefill-sweep", action="store_true",
+                   help="also time the K-major prefill path's tiles: the bf16 kernel's with transpose_b (every shape, "
+                        ">= 32 rows per expert) and dequantize_k_major's (first shape); bench/w4a16_prefill.py")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")
     p.set_defaults(func=run)

@@ -10,6 +10,14 @@ the same way), which yields the even inputs (low nibbles) and the odd inputs (hi
 two tiles. The output is allocated as [E, K/2, 2, N] (the same bytes as [E, K, N]: input 2r is
 [r, 0], input 2r + 1 is [r, 1]), so the two halves are two plain stores of whole rows (stride
 2N) and no in-register interleave is needed; the final reshape is free.
+
+K-major codes (`packed.Fp4WeightsKMajor`, [E, N, K/2]) decode either to the same [E, K, N]
+(`dequantize`: each code tile transposed in the kernel, through shared memory) or, without any
+transpose, to [E, N, K] (`dequantize_k_major`): each program reads a [block_n, block_k/2] code
+tile (rows contiguous along K), spreads its small [block_k/32, block_n] scale tile to one scale
+byte per code byte, and writes the [block_n, block_k] bf16 tile with each byte's two values side
+by side (input 2r, 2r + 1: an in-register interleave, Triton's join + reshape), both sides
+coalesced. The bf16 Pallas kernel multiplies that layout with `transpose_b`.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, by_decoder
+from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, PER_CODE_DECODERS, by_decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +47,9 @@ class DequantTiles:
 
 
 DEFAULT_TILES = DequantTiles()
+# `dequantize_k_major`'s: code rows of block_k/2 = 256 bytes (two 128-byte lines), bf16 rows of
+# 1 KiB. Not yet tuned on a GPU: `python -m atom_jax.bench w4a16 --dequant-sweep` times others.
+KMAJOR_TILES = DequantTiles(block_k=512, block_n=64)
 
 
 def _kernel(c_ref, s_ref, o_ref, *, decode: str, k_major: bool):
@@ -78,6 +89,43 @@ def _dequantize(weights, tiles: DequantTiles | None, interpret: bool, decode: st
         name="fp4_dequant",
     )(weights.codes, weights.scales)
     return out.reshape(e, k, n)
+
+
+def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str):
+    codes = c_ref[...]  # [block_n, block_k/2]
+    bn, bkh = codes.shape
+    scales = s_ref[...].T  # [block_n, block_k/32]: 1/16 of the code tile
+    scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK // 2)).reshape(bn, bkh)
+    even, odd = PER_CODE_DECODERS[decode](codes, scales)
+    o_ref[...] = jnp.stack([even, odd], axis=-1).reshape(bn, 2 * bkh)  # input 2r, 2r + 1 side by side
+
+
+def dequantize_k_major(weights: packed.Fp4WeightsKMajor, tiles: DequantTiles | None = None, interpret: bool = False,
+                       decode: str | None = None) -> jax.Array:
+    """Fp4WeightsKMajor ([E, N, K/2] codes, [E, K/32, N] scales) -> bf16 [E, N, K] (the dense
+    experts with their last two axes swapped: out[e, n, k] = `packed.fp4_dequantize(weights)[e,
+    k, n]`), without transposing the codes. `decode` as `dequantize`'s."""
+    if not isinstance(weights, packed.Fp4WeightsKMajor) or weights.ndim != 3:
+        raise ValueError("dequantize_k_major takes an expert stack of K-major codes (packed.Fp4WeightsKMajor [E, N, K/2])")
+    return by_decoder(lambda d: _dequantize_k_major(weights, tiles or KMAJOR_TILES, interpret, d), decode, interpret)
+
+
+def _dequantize_k_major(weights, tiles: DequantTiles, interpret: bool, decode: str):
+    e, k, n = weights.shape
+    packed.fp4_check((e, k // 2, n), weights.scales.shape)
+    bk, bn = block_sizes(k, n, tiles)
+    bkh, bks = bk // 2, bk // packed.FP4_BLOCK
+    return pl.pallas_call(
+        functools.partial(_kernel_k_major, decode=decode),
+        out_shape=jax.ShapeDtypeStruct((e, n, k), jnp.bfloat16),
+        grid=(e, n // bn, k // bk),  # along K fastest: consecutive programs write consecutive rows
+        in_specs=[pl.BlockSpec((None, bn, bkh), lambda g, j, i: (g, j, i)),
+                  pl.BlockSpec((None, bks, bn), lambda g, j, i: (g, i, j))],
+        out_specs=pl.BlockSpec((None, bn, bk), lambda g, j, i: (g, j, i)),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="fp4_dequant_kmajor",
+    )(weights.codes, weights.scales)
 
 
 def block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int, int]:

@@ -23,7 +23,9 @@ their product as stored, rounded to rows.dtype: the rounding the MoE had before 
 same weights with K-major codes, `--expert-layout`; W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU; from DEQUANT_MIN_ROWS_PER_GROUP rows
 per expert the `fp4_dequant` kernel then the bf16 Pallas kernel), or decodes the weights in jnp and
-runs the named bf16 backend (CPU, references); see `w4a16`.
+runs the named bf16 backend (CPU, references); see `w4a16`. K-major codes on the dequant path
+decode to `packed.DenseKMajor` ([E, N, K] bf16, no transpose), which the Pallas backend
+multiplies as it is (`transpose_b`) and the other backends take as `dense()`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from atom_jax.kernels.platform import is_cpu, is_rocm, target_platform
-from atom_jax.kernels.packed import FP4_TYPES, Fp4Weights, Fp4WeightsKMajor, fp4_dequantize
+from atom_jax.kernels.packed import FP4_TYPES, DenseKMajor, Fp4Weights, Fp4WeightsKMajor, fp4_dequantize
 
 GroupedGemm = Callable[..., jax.Array]  # (rows, weights, group_sizes, mean_group=None[, row_ids=None])
 
@@ -120,11 +122,14 @@ def _on_cpu() -> bool:
 
 @register("pallas", gathers_rows=True)
 def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
-    """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests)."""
+    """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests). Takes
+    `DenseKMajor` weights as they are (the kernel's `transpose_b`)."""
     from atom_jax.kernels import pallas_grouped_gemm
     tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
-    return pallas_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
-                                            row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    k_major = isinstance(weights, DenseKMajor)
+    return pallas_grouped_gemm.grouped_gemm(rows, weights.w if k_major else weights, group_sizes, cfg=tiles,
+                                            interpret=_on_cpu(), row_ids=row_ids, zero_tail=zero_tail,
+                                            epilogue=epilogue, transpose_b=k_major)
 
 
 @register("capacity_dropless")
@@ -217,6 +222,8 @@ def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=Tr
 # Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16
 # Triton kernel (the Mosaic and tokamax kernels take bf16 weights only).
 W4A16_KERNEL_NAMES = frozenset({"pallas", "capacity_dropless", "mosaic", "tokamax"})
+# Backend names that take `DenseKMajor` weights as they are ('auto' passes them on to its choice).
+TAKES_DENSE_K_MAJOR = frozenset({"pallas", "auto"})
 
 
 # Rows per expert from which packed FP4 experts are first decoded to bf16 by the streaming
@@ -239,7 +246,7 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     from atom_jax.kernels import fp4_dequant, pallas_grouped_gemm
     _, k, n = weights.shape
     try:
-        fp4_dequant.block_sizes(k, n)
+        fp4_dequant.block_sizes(k, n, fp4_dequant.KMAJOR_TILES if isinstance(weights, Fp4WeightsKMajor) else None)
         pallas_grouped_gemm.block_sizes(k, n, pallas_grouped_gemm.default_tiles(rows_per_group))
     except ValueError:
         return False
@@ -261,8 +268,12 @@ def _packed_path(name: str, weights: Fp4Weights | Fp4WeightsKMajor, rows_per_gro
 
 
 def _decode(how: str, weights: Fp4Weights | Fp4WeightsKMajor, dtype):
+    """The experts decoded for `how`: the decode kernel's [E, K, N] bf16, or `DenseKMajor` [E, N,
+    K] from K-major codes (no transpose); jnp's [E, K, N] for "jnp"."""
     if how == "dequant":
         from atom_jax.kernels import fp4_dequant
+        if isinstance(weights, Fp4WeightsKMajor):
+            return DenseKMajor(fp4_dequant.dequantize_k_major(weights, interpret=_on_cpu()).astype(dtype))
         return fp4_dequant.dequantize(weights, interpret=_on_cpu()).astype(dtype)
     return fp4_dequantize(weights, dtype)
 
@@ -304,7 +315,7 @@ def decode_ahead(name: str, weights, rows_per_group: float, dtype):
 
 
 def get(name: str) -> GroupedGemm:
-    """Backend `name`, taking bf16 weights [G, K, N] or packed `Fp4Weights` / `Fp4WeightsKMajor`, and optional
+    """Backend `name`, taking bf16 weights [G, K, N] (or `DenseKMajor`) or packed `Fp4Weights` / `Fp4WeightsKMajor`, and optional
     `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA), `zero_tail`
     (False: rows past the last group may be left unwritten) and `epilogue` (fn, other)."""
     if name not in _BACKENDS:
@@ -314,6 +325,8 @@ def get(name: str) -> GroupedGemm:
     def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
         if isinstance(weights, FP4_TYPES):
             return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail, epilogue)
+        if isinstance(weights, DenseKMajor) and name not in TAKES_DENSE_K_MAJOR:
+            weights = weights.dense()
         if name in GATHERS_ROWS:
             return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail,
                            epilogue=epilogue)

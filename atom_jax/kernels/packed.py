@@ -73,6 +73,33 @@ def from_k_major(w: Fp4WeightsKMajor) -> Fp4Weights:
 FP4_TYPES = (Fp4Weights, Fp4WeightsKMajor)  # packed FP4 experts, either code layout
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseKMajor:
+    """Dense experts [..., K, N] stored with their last two axes swapped, `w` [..., N, K]: what
+    the decode kernel makes of K-major FP4 codes without a transpose
+    (`fp4_dequant.dequantize_k_major`); the grouped-GEMM seam's Pallas backend multiplies it as
+    it is (`transpose_b`), the other backends take `dense()`."""
+
+    w: jax.Array  # [..., N, K]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.w.shape[:-2], self.w.shape[-1], self.w.shape[-2])
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def dense(self) -> jax.Array:
+        """The [..., K, N] array (an XLA transpose)."""
+        return jnp.swapaxes(self.w, -1, -2)
+
+
 def fp4_weights(codes, scales, k_major: bool) -> Fp4Weights | Fp4WeightsKMajor:
     """The packed operand of stored codes and scales: codes [..., N, K/2] when `k_major`, else
     [..., K/2, N]."""

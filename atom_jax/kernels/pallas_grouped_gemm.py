@@ -20,6 +20,11 @@ On GPU the kernel reads and writes `rows` and the output in place: masked loads 
 never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
 ~0.2 of 1.24 ms, docs/benchmarks.md round 5). Interpret mode (CPU) clamps out-of-range slices
 instead of masking, so there both are padded by one row tile.
+
+With `transpose_b` the weights are stored [G, N, K] (each output column's K values contiguous:
+what `fp4_dequant.dequantize_k_major` makes of K-major FP4 codes) and each K step multiplies the
+[block_n, block_k] tile transposed (`dot(..., trans_b=True)`: on Hopper the MMA takes a K-major B
+operand from shared memory as it is, no transpose in registers).
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ def split_refs(refs, gather: bool, fused: bool):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            num_groups: int, gather: bool, epilogue):
+            num_groups: int, gather: bool, epilogue, transpose_b: bool = False):
     ids_ref, e_ref, (x_ref, w_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
 
     def accumulate(g, rows, cols, mine):
@@ -169,6 +174,8 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
 
         def step(kk, acc):
             ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
+            if transpose_b:  # weights [G, N, K]: the [block_n, block_k] tile, K-major
+                return acc + plt.dot(load(ks), w_ref[g, cols, ks], trans_b=True)
             return acc + plt.dot(load(ks), w_ref[g, ks, cols])
 
         return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
@@ -187,13 +194,15 @@ def block_sizes(k: int, n: int, cfg: TileConfig) -> tuple[int, int]:
 
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
-                        interpret: bool = False, zero_from=None, row_ids=None, epilogue=None):
+                        interpret: bool = False, zero_from=None, row_ids=None, epilogue=None,
+                        transpose_b: bool = False):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
     when zero_from (a scalar at or past the last range) is given; other rows unspecified.
     With row_ids [M] (int32, each in [0, R) for rows [R, K]): rows[row_ids[r]] instead of rows[r].
-    With epilogue (fn, other [M, N]): out[r] = fn(other[r] as float32, the float32 product)."""
+    With epilogue (fn, other [M, N]): out[r] = fn(other[r] as float32, the float32 product).
+    With transpose_b: weights stored [G, N, K], out[r] = rows[r] @ weights[g].T."""
     m, k = num_rows(rows, row_ids), rows.shape[1]
-    g, k2, n = weights.shape
+    g, k2, n = (weights.shape[0], weights.shape[2], weights.shape[1]) if transpose_b else weights.shape
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
     cfg = cfg or PREFILL_TILES
@@ -209,7 +218,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None,
-                          epilogue=fn),
+                          epilogue=fn, transpose_b=transpose_b),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -263,21 +272,24 @@ def group_ranges(group_sizes):
 
 
 def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=None, zero_tail=True,
-                     epilogue=None):
+                     epilogue=None, **options):
     """The seam's contract over a ranges kernel (`grouped_gemm_ranges(rows, weights, starts,
     ends, *args, zero_from=..., row_ids=..., epilogue=...)`): contiguous groups by size; rows
     past the last group are zero (unwritten with zero_tail=False)."""
     starts, ends = group_ranges(group_sizes)
     extra = {name: v for name, v in (("row_ids", row_ids), ("epilogue", epilogue)) if v is not None}
-    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **extra)
+    return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **extra,
+                         **options)
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
-                 interpret: bool = False, row_ids=None, zero_tail: bool = True, epilogue=None):
+                 interpret: bool = False, row_ids=None, zero_tail: bool = True, epilogue=None,
+                 transpose_b: bool = False):
     """The seam's contract: contiguous groups by size; rows past the last group are zero
     (unwritten with zero_tail=False). `row_ids` [M]: the product's rows are rows[row_ids]
-    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored."""
+    (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
+    `transpose_b`: weights stored [G, N, K] (rows @ weights[g].T)."""
     if cfg is None:
         cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
     return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
-                            zero_tail=zero_tail, epilogue=epilogue)
+                            zero_tail=zero_tail, epilogue=epilogue, transpose_b=transpose_b)

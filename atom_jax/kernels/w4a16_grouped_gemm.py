@@ -164,11 +164,20 @@ fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, $4, z;
 }"""
 
 
+def _ue8m0_bf16(scales):
+    return jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
+
+
 def _decode_ptx(codes, scales):
     """codes uint8 [Kh, N], scales uint8 [Kh/16, N] -> (even, odd) bf16 [Kh, N] via `_PTX_DECODE`."""
-    sc = jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
-    return _asm_halves(_PTX_DECODE, [codes, packed.expand_rows(sc, packed.FP4_BLOCK // 2)], jnp.bfloat16,
-                       "=r,=r,r,r,r")
+    return _asm_halves(_PTX_DECODE, [codes, packed.expand_rows(_ue8m0_bf16(scales), packed.FP4_BLOCK // 2)],
+                       jnp.bfloat16, "=r,=r,r,r,r")
+
+
+def _decode_ptx_per_code(codes, scales):
+    """codes uint8 [R, C] and each code byte's own scale byte, uint8 [R, C] -> (even, odd) bf16
+    [R, C] via `_PTX_DECODE` (any code layout: the scales already spread to the codes')."""
+    return _asm_halves(_PTX_DECODE, [codes, _ue8m0_bf16(scales)], jnp.bfloat16, "=r,=r,r,r,r")
 
 
 NIBBLE_SHIFTS = {"even": 4, "odd": 0}  # each half's nibble to its byte's top: the low (even inputs) by 4
@@ -266,6 +275,14 @@ def _decode_alu_f32(codes, scales):
 
 
 F32_DECODERS = {"alu": _decode_alu_f32, "ptx": _decode_ptx_f32}  # (codes, per-code scales) -> float32 halves
+
+
+def _decode_alu_per_code(codes, scales):
+    even, odd = _decode_alu_f32(codes, scales)
+    return even.astype(jnp.bfloat16), odd.astype(jnp.bfloat16)
+
+
+PER_CODE_DECODERS = {"alu": _decode_alu_per_code, "ptx": _decode_ptx_per_code}  # (codes, per-code scales) -> bf16 halves
 
 
 def by_decoder(body, decode: str | None, interpret: bool):

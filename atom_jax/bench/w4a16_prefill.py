@@ -1,0 +1,104 @@
+"""`python -m atom_jax.bench w4a16 --prefill-sweep`: the tiles of the seam's K-major prefill path
+(K-major FP4 codes decoded to [E, N, K] bf16 by `fp4_dequant.dequantize_k_major`, then the bf16
+Pallas kernel with `transpose_b`), so that one GPU call picks its defaults:
+
+* the bf16 kernel's tiles (`GEMM_TILES`, at most 8) on the decoded weights (decoded once per
+  shape, outside the timing), at every shape and each prefill token count (>= 32 rows per
+  expert), each checked against the same run's `pallas_grouped_gemm.default_tiles` output on
+  the timed inputs (the default itself is checked against float32 by the main table's
+  `dequant_pallas_kmajor`), beside the dense matmul of the same M x K x N;
+* the decode kernel's tiles (`DECODE_TILES`) on the first shape: GB/s of packed bytes read +
+  bf16 written, beside the same run's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# (block_m, block_n, block_k, num_warps, num_stages): the bf16 kernel's prefill tiles first, then
+# around it; each within Hopper's 227 KiB of shared memory per block (A + B tiles x stages).
+GEMM_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+              (64, 256, 64, 4, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (64, 128, 128, 4, 4)]
+# (block_k, block_n, num_warps, num_stages) of `dequantize_k_major`: KMAJOR_TILES first.
+DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 8, 1), (256, 64, 4, 1)]
+TINY_GEMM_TILES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2)]
+TINY_DECODE_TILES = [(64, 32, 4, 1)]
+
+
+def _row_err(got, want, valid: int) -> float:
+    import numpy as np
+    got, want = np.asarray(got, np.float32)[:valid], np.asarray(want, np.float32)[:valid]
+    return float((np.linalg.norm(got - want, axis=1) / (np.linalg.norm(want, axis=1) + 1e-6)).max())
+
+
+def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
+    """Times `GEMM_TILES` (every shape, prefill token counts) and `DECODE_TILES` (first shape);
+    rows into out["prefill_sweep"] / out["prefill_decode_sweep"]; prints each shape's best."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from atom_jax.bench.gemm import TOPK, dense_case
+    from atom_jax.bench.routings import uniform_sizes
+    from atom_jax.bench.timing import back_to_back_time
+    from atom_jax.bench.w4a16 import CHECK_TOL, DECODE_ROWS_PER_EXPERT, _time_decode, failure, random_fp4, tiles_name
+    from atom_jax.kernels import fp4_dequant as fd
+    from atom_jax.kernels import pallas_grouped_gemm as pg
+    from atom_jax.kernels.packed import to_k_major
+
+    gemm_tiles = [pg.TileConfig(*t) for t in (TINY_GEMM_TILES if args.tiny else GEMM_TILES)]
+    decode_tiles = [fd.DequantTiles(*t) for t in (TINY_DECODE_TILES if args.tiny else DECODE_TILES)]
+    out.setdefault("prefill_sweep", [])
+    out.setdefault("prefill_decode_sweep", [])
+    rng = np.random.default_rng(1)
+    for si, (shape, (g, k, n)) in enumerate(shapes.items()):
+        w_km = to_k_major(random_fp4(jax.random.key(8), g, k, n))
+        if si == 0:
+            for dcfg in decode_tiles:
+                row = {"shape": shape, "tiles": dataclasses.asdict(dcfg)}
+                try:
+                    row = _time_decode(lambda w, c=dcfg: fd.dequantize_k_major(w, c, interpret=on_cpu), w_km, ceil,
+                                       args.iters, **row)
+                    print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s "
+                          f"{100 * (row['frac_of_copy'] or 0):.0f}% of copy", flush=True)
+                except Exception as e:  # a tile shape the compiler refuses is a result too
+                    row["error"] = failure(e)
+                    print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['error']}", flush=True)
+                out["prefill_decode_sweep"].append(row)
+        wt = jax.block_until_ready(fd.dequantize_k_major(w_km, interpret=on_cpu))  # [E, N, K], once
+        for t in [t for t in tokens if t * TOPK / g >= DECODE_ROWS_PER_EXPERT] or tokens[-1:]:
+            rows, flops = t * TOPK, 2.0 * t * TOPK * k * n
+            sizes = [jnp.asarray(uniform_sizes(rng, rows, g)) for _ in range(2)]
+            xs = [jax.random.normal(jax.random.key(i), (rows, k), jnp.bfloat16) for i in range(2)]
+            dense_s = None if on_cpu else dense_case(k, n, t, args.iters)
+            dense_tf = dense_s and flops / dense_s / 1e12
+            want = jax.jit(lambda a, b, s: pg.grouped_gemm(a, b, s, interpret=on_cpu, transpose_b=True))(
+                xs[0], wt, sizes[0])
+            best = None
+            for cfg in gemm_tiles:
+                row = {"shape": shape, "tokens": t, "tiles": dataclasses.asdict(cfg),
+                       "dense_matmul_TFLOPs": dense_tf}
+                try:
+                    f = jax.jit(lambda a, b, s, c=cfg: pg.grouped_gemm(a, b, s, cfg=c, interpret=on_cpu,
+                                                                       transpose_b=True))
+                    row["check_err"] = _row_err(f(xs[0], wt, sizes[0]), want, rows)
+                    if row["check_err"] >= CHECK_TOL:
+                        raise ValueError(f"differs from the default tiles' output ({row['check_err']:.3g})")
+                    sec = back_to_back_time(lambda i: f(xs[i], wt, sizes[i]), [0, 1], iters=args.iters)
+                    row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12)
+                    row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
+                    if best is None or row["ms"] < best["ms"]:
+                        best = row
+                    print(f"prefill sweep {shape} {t} {tiles_name(cfg):18} {row['ms']:8.3f} ms "
+                          f"{row['TFLOPs']:7.1f} TFLOP/s {100 * (row['frac_of_dense'] or 0):4.0f}% of dense",
+                          flush=True)
+                except Exception as e:  # a tile shape the compiler refuses is a result too
+                    row["error"] = failure(e)
+                    print(f"prefill sweep {shape} {t} {tiles_name(cfg):18} {row['error']}", flush=True)
+                out["prefill_sweep"].append(row)
+            if best:
+                dense = f"{dense_s * 1e3:.3f} ms" if dense_s else "not timed"
+                print(f"prefill sweep {shape} {t} best {tiles_name(pg.TileConfig(**best['tiles']))} "
+                      f"{best['ms']:.3f} ms {100 * (best['frac_of_dense'] or 0):.0f}% of dense "
+                      f"(dense {dense}; the decode not included)", flush=True)
+        save(out, args.json)
