@@ -81,6 +81,6 @@ def test_bench_decode_runs_every_case_per_decode_topk_policy(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [(r["variant"], r["decode_topk"]) for r in results] == [("xla/auto", "auto"), ("xla/rowselect", "rowselect")]
     assert all(r["output_tok_s"] > 0 for r in results)
-    assert index_topk.AUTO_POLICY == default
+    assert index_topk.AUTO_POLICY == default and index_topk.AUTO_SWITCH_FREE == "flat"
     with pytest.raises(SystemExit):
         main(["decode", "--tiny", "--decode-topk", "sorted"])

@@ -199,6 +199,15 @@ def test_plan_follows_tokens_and_capacity():
     assert pre.row_chunks == (4096, 2048, 1024, 512, 256, 128, 64)
     assert it.plan_topk(600, 32768, 512, "rowselect").row_chunks[-1] == 304  # 2 windows, not 512 + 88
     assert it.plan_topk(1, 100, 100, "single").rungs == (128,)  # one rung: the capacity, aligned
+    # flat: rowselect at the capacity alone, windows within the budget
+    assert it.plan_topk(64, cap, 512, "flat") == it.TopkPlan("rowselect", (cap,), row_chunks=(64,))
+    assert it.plan_topk(512, cap, 512, "flat").row_chunks == (64,)  # 8 windows (a static loop)
+    # decode under auto: AUTO_POLICY's plan where it has one branch, else flat (no device-side branch)
+    assert it.plan_topk(64, 9216 // 4, 512) == it.plan_topk(64, 9216 // 4, 512, it.AUTO_POLICY)
+    for t in (1, 64, 512):
+        assert it.branches_on_device(it.plan_topk(t, cap, 512, it.AUTO_POLICY))
+        assert it.plan_topk(t, cap, 512) == it.plan_topk(t, cap, 512, "flat")
+        assert not it.branches_on_device(it.plan_topk(t, cap, 512))
     with pytest.raises(ValueError, match="unknown indexer top-k policy"):
         it.plan_topk(1, cap, 512, "sorted")
 
@@ -277,7 +286,7 @@ def flash_decode_step():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["single", "two-stage", "select", "rowselect"])
+@pytest.mark.parametrize("policy", ["single", "two-stage", "select", "rowselect", "flat"])
 def test_compiled_policies_at_v4_flash_dims(policy, flash_decode_step, monkeypatch):
     """The Pallas scorer (and for the sort-free policies the Pallas selection): each policy
     selects exactly what the loop selects from the same kernel scores; and on scores in

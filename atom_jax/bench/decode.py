@@ -22,7 +22,7 @@ return, i.e. how long the host blocks while the program's kernels are enqueued.
 --decode-topk auto,rowselect builds the step programs once per indexer top-k policy of decode
 steps (`models/index_topk.AUTO_POLICY`, what `auto` runs up to AUTO_MAX_TOKENS tokens per step;
 it matters on CSA layers once the context passes one rung, 16K tokens: use --prompt-len 32768 or
-more) and runs every case with each; rows are labelled command buffers/policy.
+more; there `auto` runs the switch-free "flat", a named policy its rung switch, AUTO_SWITCH_FREE) and runs every case with each; rows are labelled command buffers/policy.
 --command-buffers xla,off compiles the step with and without XLA's GPU command buffers (CUDA
 graphs) and runs every case with each (a jax.profiler trace turns command buffers off unless
 XLA_FLAGS has --xla_enable_command_buffers_during_profiling=true, so a traced step shows the "off" launch).
@@ -265,11 +265,13 @@ def run_cli(args) -> int:
         raise SystemExit(f"--decode-topk: a comma list of auto, {', '.join(index_topk.POLICIES)}")
     rng = np.random.default_rng(0)
     results, default_policy = [], index_topk.AUTO_POLICY
+    switch_free = index_topk.AUTO_SWITCH_FREE  # a named policy runs as named (its rung switch too)
     try:
         for cb in buffers:
             for policy in policies:
                 # read when the step is traced: use_command_buffers builds the programs anew
                 index_topk.AUTO_POLICY = default_policy if policy == "auto" else policy
+                index_topk.AUTO_SWITCH_FREE = switch_free if policy == "auto" else None
                 engine.config.command_buffers = cb
                 engine.runner.use_command_buffers(cb)
                 engine.warmup()  # as `serve` does: every bucket compiled, what is alive then frozen (gc)
@@ -281,7 +283,7 @@ def run_cli(args) -> int:
                         results.append(res)
                         print(json.dumps(res), flush=True)
     finally:
-        index_topk.AUTO_POLICY = default_policy
+        index_topk.AUTO_POLICY, index_topk.AUTO_SWITCH_FREE = default_policy, switch_free
     print(f"\n{'variant':>14} {'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
           f"{'busy share':>10} {'of period':>10}")
     for r in results:  # busy share: of the annotated step; of period: of step start to next start

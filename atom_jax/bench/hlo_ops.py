@@ -26,6 +26,9 @@ the rest of the step:
   `--case-branch` (default the widest; rungs 4K x 2^i entries for "rowselect": 3 = 32K, a
   128K-token context), grouped GEMM and indexer kernels' FLOPs from their shapes) and the
   `--top` largest single movers with their source line;
+- what makes the host wait for the device while the step is launched (`--views sync`,
+  trace/host_sync.py): while loops of unknown trip count, conditionals, host callbacks outside
+  kernels, with their layer and source line (the decode step should have none: issue 27);
 - the seconds spent tracing, lowering (and compiling) the program: the cold-start cost of one
   bucket (`--trace-layers-once off`: every layer traced anew, for comparison).
 """
@@ -40,7 +43,7 @@ from atom_jax.weights.formats import LAYOUT_CHOICES, MODEL_FORMATS, resolve_layo
 
 PRESETS = ("tiny", "v4-flash", "v4-pro")
 LARGE_CONSTANT_BYTES = 1 << 20  # --compiled lists literals of the compiled module at least this big
-VIEWS = ("jaxpr", "stablehlo", "bytes")
+VIEWS = ("jaxpr", "stablehlo", "bytes", "sync")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -178,6 +181,10 @@ def count_program(fn, args, kwargs, platform: str, views=VIEWS[:2], compiled: bo
         seconds["trace"] = time.perf_counter() - t0
         if "jaxpr" in views:
             out["jaxpr"] = op_counts.jaxpr_counts(traced.jaxpr, platform)
+        if "sync" in views:
+            from atom_jax.trace.host_sync import host_sync_ops
+
+            out["sync"] = host_sync_ops(traced.jaxpr, platform)
         if "stablehlo" in views or "bytes" in views or compiled:
             t0 = time.perf_counter()
             lowered = traced.lower() if native else traced.lower(lowering_platforms=(platform,))
@@ -246,6 +253,11 @@ def run_cli(args) -> int:
         if view in res:
             print()
             print(op_counts.format_table(res[view], titles[view]))
+    if "sync" in res:
+        from atom_jax.trace.host_sync import format_host_syncs
+
+        print()
+        print(format_host_syncs(res["sync"]))
     census = None  # per scope and family: printed, and the JSON's "bytes"
     if "bytes" in res:
         from atom_jax.trace import op_bytes
@@ -276,6 +288,8 @@ def run_cli(args) -> int:
                "dp": args.dp, "bucket": args.bucket, "weights": args.weights, "tbo": args.tbo,
                "platform": platform, "jax": jax.__version__, "seconds": res["seconds"],
                **{v: op_counts.to_json(res[v]) for v in ("jaxpr", "stablehlo", "compiled") if v in res}}
+        if "sync" in res:
+            doc["host_syncs"] = [dataclasses.asdict(o) for o in res["sync"]]
         if census is not None:
             doc["bytes"] = {s: {f: dict(zip(("bytes", "flops", "runs"), c)) for f, c in fams.items()}
                             for s, fams in census.items()}

@@ -303,6 +303,7 @@ def run_cli(args) -> int:
                     small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
                     runs.append((backend, policy, path, at, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
+    switch_free = index_topk.AUTO_SWITCH_FREE  # a named policy runs as named (its rung switch too)
     prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
     attn_default = sparse_attention.TILES
     for backend, policy, path, at, c_len, b_chunk, lens in runs:
@@ -310,6 +311,7 @@ def run_cli(args) -> int:
             continue
         # read when the engine compiles
         index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
+        index_topk.AUTO_SWITCH_FREE = switch_free if policy == "auto" else None
         sparse_indexer.TILES = tiles if path in ("-", "prefill") else sparse_indexer.tiles_for(path, tiles)  # likewise
         sparse_indexer.PREFILL_MIN_TOKENS = index_topk.AUTO_MAX_TOKENS + 1 if path == "prefill" else prefill_min
         sparse_attention.TILES = (attention_tiles(at) if at != "-" else None) or attn_default  # likewise
@@ -360,6 +362,7 @@ def run_cli(args) -> int:
         del engine
         jax.clear_caches()
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
+    index_topk.AUTO_SWITCH_FREE = switch_free
     sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
     print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")

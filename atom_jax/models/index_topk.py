@@ -27,12 +27,25 @@ Policies:
   padded with rows of no visible entry), each ONE scorer call writing [R, W] and one sort-free
   selection of it, over a static count of windows (lax.map). Selection: `select=` of
   `index_topk` (default `radix_select`; a Pallas kernel may stand in). Rungs x ROW_RUNG_RATIO.
+- "flat" (decode at long context): "rowselect" at ONE width, the capacity: no rung switch, so
+  nothing in the step branches on the device. On the kernel path the work still follows the
+  context: the scorer skips the sub-blocks past a tile's visible prefix and the Pallas selection
+  reads each row's visible prefix only (the jnp `radix_select` reads the whole width).
 
 Width of the one-call policies: a ladder of static widths (RUNG_MIN, x RUNG_RATIO, ... up to
 the capacity; `lax.switch` takes the smallest rung holding the step's longest visible prefix),
 so the work follows the context within a factor RUNG_RATIO, and only rungs with
 tokens x width <= SCORE_BUDGET float32 scores exist: longer prefixes fall back to "loop"
 ("rowselect" keeps every rung and cuts the rows instead).
+
+No device-side branch in a decode step (`auto`, AUTO_SWITCH_FREE): where AUTO_POLICY's plan
+would branch on the device (more than one rung: a `lax.switch`, i.e. an XLA conditional, or the
+loop with a trip count that follows the data), `auto` plans "flat" instead for steps of at most
+AUTO_MAX_TOKENS tokens. XLA's GPU conditional (and such a while loop) copies its branch index
+(predicate) to the host and waits for it, so the launch of every decode step past 16K tokens of
+context would block until the device reached the first CSA layer's switch, and the host could
+not prepare the next step meanwhile (issue 27; `atom_jax.trace.host_sync` lists such ops, and
+tests/test_step_program.py keeps them out of the engine's decode step).
 
 Prefill (steps of more than AUTO_MAX_TOKENS tokens): bytes and sorts per policy at T = 8192
 tokens, k = 512, each token seeing V = 32K (a 128K-token context) or 128K (512K) entries:
@@ -70,12 +83,15 @@ import numpy as np
 
 from atom_jax.models.cache_reads import NO_ENTRY, running_topk
 
-POLICIES = ("loop", "single", "two-stage", "select", "rowselect")
+POLICIES = ("loop", "single", "two-stage", "select", "rowselect", "flat")
 
 # ---- the defaults (one place; see the module docstring) ------------------------------------
 AUTO_POLICY = "single"  # the one-call policy `auto` uses while a rung fits the budget
 AUTO_MAX_TOKENS = 512  # steps with more tokens than this use AUTO_LARGE_POLICY under `auto`
 AUTO_LARGE_POLICY = "rowselect"  # prefill steps: no sort, 2.1-2.6x the loop on an H200 (module docstring)
+# what `auto` plans for a decode step where AUTO_POLICY's plan would branch on the device
+# (module docstring); None: AUTO_POLICY's plan as it is (a named policy always is)
+AUTO_SWITCH_FREE = "flat"
 SCORE_BUDGET = 1 << 24  # float32 scores one scorer call may write ([T, width]: 64 MiB)
 RUNG_MIN, RUNG_RATIO = 4096, 4  # widths of the one-call policies: 4K, 16K, 64K, 256K entries...
 # "rowselect"'s widths: 4K, 8K, 16K, ... Finer than RUNG_RATIO because its radix passes read the
@@ -133,13 +149,21 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
     if policy not in POLICIES + ("auto",):
         raise ValueError(f"unknown indexer top-k policy {policy!r}; known: {['auto', *POLICIES]}")
     if policy == "auto":
-        policy = AUTO_POLICY if tokens <= AUTO_MAX_TOKENS else AUTO_LARGE_POLICY
+        if tokens > AUTO_MAX_TOKENS:
+            policy = AUTO_LARGE_POLICY
+        else:
+            plan = plan_topk(tokens, capacity, k, AUTO_POLICY, align)
+            if AUTO_SWITCH_FREE and branches_on_device(plan):
+                return plan_topk(tokens, capacity, k, AUTO_SWITCH_FREE, align)
+            return plan
+    top = _round_up(capacity, align)
+    if policy == "flat":
+        return TopkPlan("rowselect", (top,), row_chunks=(row_chunk(tokens, top),))
     block = outer_block(capacity, tokens, align)
     trips = -(-capacity // block)
     loop = TopkPlan("loop", (), block, trips if trips <= STATIC_LOOP_TRIPS else 0)
     if policy == "loop":
         return loop
-    top = _round_up(capacity, align)
     rungs, w = [], _round_up(max(RUNG_MIN, k), align)
     ratio = ROW_RUNG_RATIO if policy == "rowselect" else RUNG_RATIO
     while w < top:
@@ -154,6 +178,13 @@ def plan_topk(tokens: int, capacity: int, k: int, policy: str = "auto", align: i
     if rungs[-1] < top:
         return TopkPlan(policy, rungs, loop.loop_block, loop.loop_trips)
     return TopkPlan(policy, rungs)
+
+
+def branches_on_device(plan: TopkPlan) -> bool:
+    """Whether `index_topk` under `plan` decides on the device what runs next: a switch over
+    more than one branch (rungs, the loop fallback) or a loop whose trip count follows the data."""
+    branches = len(plan.rungs) + (1 if plan.loop_block else 0)
+    return branches > 1 or bool(plan.loop_block and not plan.loop_trips)
 
 
 def index_topk(make_scorer, n_visible, k: int, plan: TopkPlan, select=None):

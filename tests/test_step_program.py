@@ -1,0 +1,70 @@
+"""The engine's decode step program holds nothing that makes the host wait for the device while
+it is launched (issue 27): no while loop whose trip count follows the data, no conditional, no
+host callback outside kernel bodies (`atom_jax.trace.host_sync`). XLA's GPU runtime copies
+such a loop's predicate or a conditional's branch index to the host and waits for it, so the
+call of the step would return only when the device reached it.
+
+The step is built from abstract shapes at V4-Flash dims (4 layers: sliding, sliding, CSA, HCA;
+nothing allocated) and traced for CUDA on this CPU, so the Pallas kernel path is the one
+checked; contexts past 16K tokens give the indexer more than one top-k rung, where the decode
+step used to switch on the device."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from atom_jax.bench.hlo_ops import _config, decode_program
+from atom_jax.kernels.platform import lowering_for
+from atom_jax.models import index_topk
+from atom_jax.trace.host_sync import format_host_syncs, host_sync_ops
+
+
+def _decode_syncs(bucket: int, context: int):
+    cfg = _config("v4-flash", 4)
+    fn, args, kw = decode_program(cfg, dp=1, bucket=bucket, slots=64, context=context, expert_layout="nmajor")
+    with lowering_for("cuda"):
+        return host_sync_ops(fn.trace(*args, **kw).jaxpr, "cuda")
+
+
+@pytest.mark.parametrize("bucket,context", [(1, 1 << 20), (64, 1 << 17)])
+def test_decode_step_launch_never_waits_for_the_device(bucket, context):
+    ops = _decode_syncs(bucket, context)
+    assert not ops, format_host_syncs(ops)
+
+
+def test_the_check_sees_the_rung_switch(monkeypatch):
+    """Without the switch-free decode plan, the indexer's rung switch is in the CSA layer: the
+    check above would fail if it came back."""
+    monkeypatch.setattr(index_topk, "AUTO_SWITCH_FREE", None)
+    ops = _decode_syncs(1, 1 << 20)
+    assert [(o.kind, o.detail, o.scope) for o in ops] == [("cond", "4 branches", "layer2")], ops
+    assert "models/index_topk.py" in ops[0].where
+
+
+def test_host_sync_ops_kinds():
+    """Each kind on a small function: listed where the launch would wait, not for the loops of
+    known trip count, platform choices or a kernel's own loop and branch."""
+    def kernel(x_ref, n_ref, o_ref):
+        acc = jax.lax.fori_loop(0, n_ref[0], lambda i, a: a + x_ref[...], jnp.zeros_like(x_ref[...]))
+        o_ref[...] = jax.lax.cond(n_ref[0] > 2, lambda: acc, lambda: -acc)
+
+    def fn(x, n):
+        static = jax.lax.fori_loop(0, 4, lambda i, a: a * 2, x)  # a scan: known trip count
+        dynamic = jax.lax.fori_loop(0, n[0], lambda i, a: a + 1, x)
+        branch = jax.lax.cond(n[0] > 0, jnp.sin, jnp.cos, x)
+        plat = jax.lax.platform_dependent(x, cpu=jnp.exp, default=jnp.tanh)
+        cb = jax.pure_callback(lambda a: np.asarray(a) + 1, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        kern = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=True)(x, n)
+        return static + dynamic + branch + plat + cb + kern
+
+    x, n = jnp.ones((8,), jnp.float32), jnp.array([3], jnp.int32)
+    jaxpr = jax.make_jaxpr(fn)(x, n)
+    kinds = sorted((o.kind, o.detail) for o in host_sync_ops(jaxpr, "cpu"))
+    assert kinds == [("cond", "2 branches"), ("pure_callback", ""), ("while", "")], kinds
+    assert all("tests/test_step_program.py" not in o.where for o in host_sync_ops(jaxpr))  # atom_jax frames only
+    # the numbers the function computes are unchanged by being inspected
+    np.testing.assert_allclose(jax.jit(fn)(x, n), fn(x, n), rtol=1e-6)
