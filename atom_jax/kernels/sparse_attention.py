@@ -38,10 +38,12 @@ class AttentionTiles:
     block_k: int = 32  # keys per step
     num_warps: int = 8  # the [block_h, 512] float32 accumulator needs the registers
     num_stages: int = 2
-    # The compressed entries' loop loads block i + 1's keys (selection -> page table -> pool: three
-    # dependent loads) before block i's dots, carrying them in registers, so their latency overlaps
-    # the math instead of stalling each step (Triton's pipeliner does not prefetch such gathers).
-    prefetch: bool = True
+    # prefetch: the window's and the entries' loops load block i + 1's keys (selection -> page table
+    # -> pool: dependent loads) before block i's dots, carrying them in registers. Off: measured on
+    # an H200 (bench long-context, 128K, 2026-12-01 session 10) 64x32x8 with it 105.9K tok/s prefill,
+    # without 121.3K (the carried [block_k, 512] keys cost the registers the accumulator needs);
+    # 64x64x8, 1 stage, with it 125.1K.
+    prefetch: bool = False
 
 
 TILES = AttentionTiles()
