@@ -71,3 +71,15 @@ def test_prefill_tile_sweep_runs_on_cpu(tmp_path):
     assert all(r["ms"] > 0 and r["max_err_vs_first"] < 1e-6 for r in out["rows"])
     assert set(out["best"]) == {c.name for c in gemm_tiles.TINY_CASES}
     assert out["set"]["MID_TILES"].startswith("MID_TILES = TileConfig(")
+    gate_up = {r["variant"]: r for r in out["gate_up"]}  # the up case's SwiGLU(x w1, x w3) both ways
+    assert set(gate_up) == {"two_calls", "fused"} and gate_up["fused"]["max_err_vs_two_calls"] < 2e-2
+
+
+def test_fuse_line_is_the_least_rows_per_expert_from_which_fused_wins():
+    def rows(*cases):
+        return [{"case": f"up{rpg}", "rows_per_group": rpg, "variant": v, "ms": ms}
+                for rpg, two, fused in cases for v, ms in (("two_calls", two), ("fused", fused))]
+
+    assert gemm_tiles.fuse_line(rows((192, 2.0, 1.8), (384, 4.0, 3.9))) == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 192"
+    assert gemm_tiles.fuse_line(rows((192, 2.0, 2.1), (384, 4.0, 3.9))) == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 384"
+    assert gemm_tiles.fuse_line(rows((192, 2.0, 1.8), (384, 4.0, 4.1))) is None

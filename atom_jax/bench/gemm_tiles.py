@@ -13,13 +13,17 @@ GEMMs run) and the down projection (moe_inter -> hidden, rows in place); rows pa
 group are left unwritten (`zero_tail=False`), as in the MoE. Routing: each choice picks an
 expert uniformly at random (random router weights, as `bench long-context`). TFLOP/s counts the
 useful FLOPs (2 x local rows x K x N); `frac_of_dense` is against a dense bf16 matmul of the
-local rows. Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget
+local rows. For the up cases it also times h = SwiGLU(x w1, x w3) as the MoE computes it: two
+calls (today) vs one `grouped_gemm_pair` call (each A tile loaded once for both products; "gate_up"
+rows), and prints `grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP` to set where the fused call won.
+Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget
 (`--budget-s`: no new candidate starts past it; the rows so far are kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -30,6 +34,7 @@ import numpy as np
 from atom_jax.bench.routings import uniform_sizes
 from atom_jax.bench.timing import back_to_back_time
 from atom_jax.kernels import pallas_grouped_gemm as pg
+from atom_jax.models.layers import swiglu_clamped
 
 TOPK = 6
 HIDDEN, MOE_INTER, EXPERTS = 4096, 2048, 256  # V4-Flash
@@ -70,6 +75,10 @@ CANDIDATES = [
     T(128, 128, 64, 4, 4), T(128, 128, 64, 8, 4), T(128, 128, 128, 8, 3), T(128, 128, 128, 4, 3),
 ]
 MAX_ERR = 2e-2  # bf16 outputs (one rounding each) of float32 sums in another order
+SWIGLU_LIMIT = 10.0  # V4's swiglu_limit
+# The fused gate/up kernel's alternatives to `pg.pair_tiles` (each K step multiplies the A tile
+# by two [block_k, block_n] weight tiles; two float32 accumulators).
+PAIR_CANDIDATES = [T(64, 128, 64, 4, 4), T(128, 128, 64, 8, 3), T(64, 128, 64, 8, 4)]
 TINY_CASES = [Case("up", 1, tokens=16), Case("down", 2, tokens=16)]
 TINY_SHAPE = (8, 64, 128)  # (experts, hidden, inter) of the CPU smoke run
 TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2)]
@@ -105,17 +114,44 @@ def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
     return out
 
 
-def time_tiles(cfg, inputs, w, iters: int, ref=None):
-    """(seconds per call, the output of inputs[0], its max error relative to `ref`'s largest
-    entry over the rows in groups, or None without `ref`)."""
-    interpret = jax.default_backend() == "cpu"
-    f = jax.jit(lambda a, w, s, ids: pg.grouped_gemm(a, w, s, cfg=cfg, interpret=interpret, row_ids=ids,
-                                                     zero_tail=False))
-    sec = back_to_back_time(lambda i: f(inputs[i][0], w, inputs[i][2], inputs[i][1]), range(len(inputs)),
+def time_call(call, inputs, weights, iters: int, ref=None):
+    """`call(a, weights, sizes, row_ids)` jitted: (seconds per call, the output of inputs[0], its
+    max error relative to `ref`'s largest entry over the rows in groups, or None without `ref`)."""
+    f = jax.jit(call)
+    sec = back_to_back_time(lambda i: f(inputs[i][0], weights, inputs[i][2], inputs[i][1]), range(len(inputs)),
                             iters=iters)
     a, ids, sizes = inputs[0]
-    out = f(a, w, sizes, ids)
+    out = f(a, weights, sizes, ids)
     return sec, out, None if ref is None else float(rel_error(out, ref, jnp.sum(sizes)))
+
+
+def tiles_call(cfg):
+    """One projection with tiles `cfg`, as the MoE calls it (rows past the groups unwritten)."""
+    interpret = jax.default_backend() == "cpu"
+    return lambda a, ws, s, ids: pg.grouped_gemm(a, ws[0], s, cfg=cfg, interpret=interpret, row_ids=ids,
+                                                 zero_tail=False)
+
+
+def gate_up_calls(rows_per_group: float, pair_candidates):
+    """{name: (tiles, call(a, (w1, w3), sizes, row_ids))}: h = SwiGLU(a w1, a w3) as the MoE
+    computes it: two calls at the seam's tiles (the up GEMM's epilogue applies the SwiGLU), and
+    one `grouped_gemm_pair` call at its default tiles and at `pair_candidates`."""
+    interpret = jax.default_backend() == "cpu"
+    act = functools.partial(swiglu_clamped, limit=SWIGLU_LIMIT)
+    single = pg.default_tiles(rows_per_group)
+
+    def two(a, ws, s, ids):
+        gate = pg.grouped_gemm(a, ws[0], s, cfg=single, interpret=interpret, row_ids=ids, zero_tail=False)
+        return pg.grouped_gemm(a, ws[1], s, cfg=single, interpret=interpret, row_ids=ids, zero_tail=False,
+                               epilogue=(act, gate))
+
+    def fused(cfg):
+        return lambda a, ws, s, ids: pg.grouped_gemm_pair(a, *ws, s, act, cfg=cfg, interpret=interpret, row_ids=ids,
+                                                          zero_tail=False)
+
+    calls = {"two_calls": (single, two), "fused": (pg.pair_tiles(rows_per_group), fused(pg.pair_tiles(rows_per_group)))}
+    calls.update({f"fused {tiles_name(c)}": (c, fused(c)) for c in pair_candidates if c != pg.pair_tiles(rows_per_group)})
+    return calls
 
 
 @jax.jit
@@ -159,6 +195,45 @@ def constant_line(name: str, rows) -> str | None:
             f"num_warps={t['num_warps']}, num_stages={t['num_stages']})")
 
 
+def gate_up_rows(out, case: Case, inputs, groups: int, k: int, n: int, rows_per_group: float, dense_s, args):
+    """The up case's h = SwiGLU(x w1, x w3) both ways (`gate_up_calls`) into out["gate_up"];
+    each checked against the two calls' output."""
+    ws = tuple(jax.random.normal(jax.random.key(8 + i), (groups, k, n), jnp.bfloat16) * 0.02 for i in range(2))
+    flops = 2 * 2.0 * case.tokens * TOPK * k * n
+    ref = None
+    for name, (cfg, call) in gate_up_calls(rows_per_group, [] if args.tiny else PAIR_CANDIDATES).items():
+        row = {"case": case.name, "variant": name, "rows_per_group": rows_per_group, "tiles": dataclasses.asdict(cfg)}
+        try:
+            sec, got, err = time_call(call, inputs, ws, args.iters, ref)
+            ref = got if ref is None else ref
+            if err is not None and not err < MAX_ERR:
+                raise ArithmeticError(f"wrong: max error {err:.3g} of the largest entry vs the two calls")
+            row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12, max_err_vs_two_calls=err or 0.0)
+            if dense_s:
+                row["frac_of_dense"] = 2 * dense_s / sec
+            print(f"{case.name:9} {rows_per_group:8.0f} gate_up {name:36} {tiles_name(cfg):22} {row['ms']:8.3f} "
+                  f"{row['TFLOPs']:8.1f} {100 * row.get('frac_of_dense', 0):6.1f}", flush=True)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"{case.name:9} gate_up {name} error {row['error'][:100]}", flush=True)
+        out["gate_up"].append(row)
+
+
+def fuse_line(rows) -> str | None:
+    """grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP to set: from the least rows per expert of the
+    cases where the fused call (its default tiles) beat the two calls, if it did at every larger
+    case; None where it never did."""
+    by_case = {}
+    for r in rows:
+        if "ms" in r and r["variant"] in ("two_calls", "fused"):
+            by_case.setdefault((r["rows_per_group"], r["case"]), {})[r["variant"]] = r["ms"]
+    wins = [(rpg, v["fused"] < v["two_calls"]) for (rpg, _), v in sorted(by_case.items()) if len(v) == 2]
+    for i, (rpg, _) in enumerate(wins):
+        if all(w for _, w in wins[i:]):
+            return f"FUSE_GATE_UP_MIN_ROWS_PER_GROUP = {int(rpg)}"
+    return None
+
+
 def run(args) -> int:
     rng = np.random.default_rng(0)
     cases, candidates = (TINY_CASES, TINY_CANDIDATES) if args.tiny else (CASES, CANDIDATES)
@@ -166,7 +241,7 @@ def run(args) -> int:
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "topk": TOPK,
            "current": {"MID_TILES": dataclasses.asdict(pg.MID_TILES), "PREFILL_TILES": dataclasses.asdict(pg.PREFILL_TILES),
                        "MID_MAX_ROWS_PER_GROUP": pg.MID_MAX_ROWS_PER_GROUP},
-           "rows": [], "dense": {}}
+           "rows": [], "dense": {}, "gate_up": []}
     t0 = time.time()
 
     def save():
@@ -187,6 +262,8 @@ def run(args) -> int:
         if dense_s:
             print(f"{case.name:9} {'':8} {'dense_matmul':22} {dense_s * 1e3:8.3f} {flops / dense_s / 1e12:8.1f}",
                   flush=True)
+        if case.projection == "up":
+            gate_up_rows(out, case, inputs, groups, k, n, local_rows / groups, dense_s, args)
         ref = None  # the first candidate's output (today's PREFILL_TILES): the others must agree
         share = args.budget_s * (ci + 1) / len(cases)  # each case's share of the budget, unused time carried
         for cfg in candidates:
@@ -197,7 +274,7 @@ def run(args) -> int:
             row = {"case": case.name, "groups": groups, "K": k, "N": n, "tokens_per_rank": case.tokens,
                    "dp": case.dp, "rows_per_group": local_rows / groups, "tiles": dataclasses.asdict(cfg)}
             try:
-                sec, got, err = time_tiles(cfg, inputs, w, args.iters, ref)
+                sec, got, err = time_call(tiles_call(cfg), inputs, (w,), args.iters, ref)
                 ref = got if ref is None else ref
                 if err is not None and not err < MAX_ERR:  # a wrong kernel is not a candidate, however fast
                     raise ArithmeticError(f"wrong: max error {err:.3g} of the largest entry vs the first candidate")
@@ -221,6 +298,10 @@ def run(args) -> int:
                                                 ("PREFILL_TILES", constant_line("PREFILL_TILES", big))) if line}
     for line in out["set"].values():
         print(f"set in atom_jax/kernels/pallas_grouped_gemm.py: {line}", flush=True)
+    line = fuse_line(out["gate_up"])
+    if line:
+        out["set"]["FUSE_GATE_UP_MIN_ROWS_PER_GROUP"] = line
+        print(f"set in atom_jax/kernels/grouped_gemm.py: {line}", flush=True)
     out["seconds"] = time.time() - t0
     print(f"# {out['seconds']:.0f} s", flush=True)
     save()

@@ -314,6 +314,57 @@ def decode_ahead(name: str, weights, rows_per_group: float, dtype):
     return _decode(how, weights, dtype)
 
 
+# Rows per expert from which `gate_up` runs the gate and up GEMMs as one Pallas kernel
+# (`pallas_grouped_gemm.grouped_gemm_pair`) where the backend resolves to the bf16 Pallas kernel.
+# inf (never) until measured on a GPU: `python -m atom_jax.bench gemm --prefill-tiles` times
+# both ways at a prefill chunk's up projection ("gate_up" rows).
+FUSE_GATE_UP_MIN_ROWS_PER_GROUP = float("inf")
+
+
+def fused_gate_up(name: str, w_gate, w_up, rows_per_group: float) -> bool:
+    """Whether `gate_up` runs backend `name`'s gate and up GEMMs as one kernel at this many rows
+    per expert: from FUSE_GATE_UP_MIN_ROWS_PER_GROUP, where the seam would run both on the bf16
+    Pallas kernel (dense experts, `DenseKMajor` included; FP4 experts where it decodes them to bf16
+    first), stacks of one shape and type whose K and N the pair's tiles divide."""
+    from atom_jax.kernels import pallas_grouped_gemm
+    if rows_per_group < FUSE_GATE_UP_MIN_ROWS_PER_GROUP:
+        return False
+    if w_gate.shape != w_up.shape or type(w_gate) is not type(w_up):
+        return False
+    if isinstance(w_gate, FP4_TYPES):
+        if _packed_path(name, w_gate, rows_per_group) != ("dequant", "pallas"):
+            return False
+    elif (choose(rows_per_group) if name == "auto" else name) != "pallas":
+        return False
+    _, k, n = w_gate.shape
+    try:
+        pallas_grouped_gemm.block_sizes(k, n, pallas_grouped_gemm.pair_tiles(rows_per_group))
+    except ValueError:
+        return False
+    return True
+
+
+def gate_up(name: str, rows, w_gate, w_up, group_sizes, act, mean_group=None, row_ids=None, zero_tail=True):
+    """act(rows @ w_gate as rows.dtype, as float32; rows @ w_up, float32) for the rows in groups
+    (the MoE's h = SwiGLU(x w1, x w3)), backend `name`: the gate GEMM, then the up GEMM with act
+    as its epilogue; or, where `fused_gate_up`, both in one Pallas kernel (same values: each A
+    tile loaded once, the gate product not stored). `row_ids` and `zero_tail` as `get(name)`."""
+    rows_per_group = _rows_per_group(rows, w_gate, mean_group, row_ids)
+    if fused_gate_up(name, w_gate, w_up, rows_per_group):
+        from atom_jax.kernels import pallas_grouped_gemm
+        if isinstance(w_gate, FP4_TYPES):
+            w_gate, w_up = (_decode("dequant", w, rows.dtype) for w in (w_gate, w_up))
+        k_major = isinstance(w_gate, DenseKMajor)  # [G, N, K] as decoded from K-major codes
+        w_gate, w_up = (w.w if k_major else w for w in (w_gate, w_up))
+        return pallas_grouped_gemm.grouped_gemm_pair(
+            rows, w_gate, w_up, group_sizes, act, cfg=pallas_grouped_gemm.pair_tiles(rows_per_group),
+            interpret=_on_cpu(), row_ids=row_ids, zero_tail=zero_tail, transpose_b=k_major)
+    gemm = get(name)
+    gate = gemm(rows, w_gate, group_sizes, mean_group=mean_group, row_ids=row_ids, zero_tail=zero_tail)
+    return gemm(rows, w_up, group_sizes, mean_group=mean_group, row_ids=row_ids, zero_tail=zero_tail,
+                epilogue=(act, gate))
+
+
 def get(name: str) -> GroupedGemm:
     """Backend `name`, taking bf16 weights [G, K, N] (or `DenseKMajor`) or packed `Fp4Weights` / `Fp4WeightsKMajor`, and optional
     `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA), `zero_tail`

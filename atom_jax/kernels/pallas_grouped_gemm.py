@@ -15,6 +15,8 @@ writes the [M, K] gathered rows (x[token] for every (token, choice)) to HBM; row
 range (the zero range included) load nothing. With `epilogue` (fn, other [M, N]) each stored
 tile is fn(other's tile as float32, the float32 product), elementwise (the MoE's SwiGLU of the
 w1 product and the w3 product, so neither the w3 product nor h is a separate XLA pass).
+`grouped_gemm_pair` multiplies each A tile by two weight stacks (the w1 and w3 experts) in one
+kernel and stores combine(first product, second product): the gate product never goes to HBM.
 
 On GPU the kernel reads and writes `rows` and the output in place: masked loads and stores
 never touch rows past M, so neither is padded or sliced (at 4K tokens/rank those copies were
@@ -166,19 +168,28 @@ def split_refs(refs, gather: bool, fused: bool):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: TileConfig, k_steps: int,
-            num_groups: int, gather: bool, epilogue, transpose_b: bool = False):
-    ids_ref, e_ref, (x_ref, w_ref, o_ref) = split_refs(refs, gather, epilogue is not None)
+            num_groups: int, gather: bool, epilogue, transpose_b: bool = False, combine=None):
+    ids_ref, e_ref, (x_ref, *w_refs, o_ref) = split_refs(refs, gather, epilogue is not None)
 
     def accumulate(g, rows, cols, mine):
         load = a_tiles(x_ref, ids_ref, rows, mine)
 
-        def step(kk, acc):
-            ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
+        def product(a, w_ref, ks):
             if transpose_b:  # weights [G, N, K]: the [block_n, block_k] tile, K-major
-                return acc + plt.dot(load(ks), w_ref[g, cols, ks], trans_b=True)
-            return acc + plt.dot(load(ks), w_ref[g, ks, cols])
+                return plt.dot(a, w_ref[g, cols, ks], trans_b=True)
+            return plt.dot(a, w_ref[g, ks, cols])
 
-        return jax.lax.fori_loop(0, k_steps, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+        def step(kk, accs):  # one A tile load per K step for every weight stack
+            ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
+            a = load(ks)
+            return tuple(acc + product(a, w_ref, ks) for acc, w_ref in zip(accs, w_refs))
+
+        zero = jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32)
+        accs = jax.lax.fori_loop(0, k_steps, step, (zero,) * len(w_refs))
+        if combine is None:
+            return accs[0]
+        # the first product rounded as the unfused first GEMM stores it (`grouped_gemm_pair`)
+        return combine(accs[0].astype(o_ref.dtype).astype(jnp.float32), accs[1])
 
     work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
               e_ref, epilogue)
@@ -195,14 +206,18 @@ def block_sizes(k: int, n: int, cfg: TileConfig) -> tuple[int, int]:
 
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = None,
                         interpret: bool = False, zero_from=None, row_ids=None, epilogue=None,
-                        transpose_b: bool = False):
+                        transpose_b: bool = False, combine=None):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
     when zero_from (a scalar at or past the last range) is given; other rows unspecified.
     With row_ids [M] (int32, each in [0, R) for rows [R, K]): rows[row_ids[r]] instead of rows[r].
     With epilogue (fn, other [M, N]): out[r] = fn(other[r] as float32, the float32 product).
-    With transpose_b: weights stored [G, N, K], out[r] = rows[r] @ weights[g].T."""
+    With transpose_b: weights stored [G, N, K], out[r] = rows[r] @ weights[g].T.
+    With combine (fn): weights is a pair (wa, wb) of one shape and out[r] = fn(rows[r] @ wa[g]
+    rounded to rows.dtype, as float32; rows[r] @ wb[g], float32), both products from one A load."""
     m, k = num_rows(rows, row_ids), rows.shape[1]
-    g, k2, n = (weights.shape[0], weights.shape[2], weights.shape[1]) if transpose_b else weights.shape
+    stacks = pair_stacks(weights, combine, epilogue)
+    shape = stacks[0].shape
+    g, k2, n = (shape[0], shape[2], shape[1]) if transpose_b else shape
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
     cfg = cfg or PREFILL_TILES
@@ -218,15 +233,28 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None,
-                          epilogue=fn, transpose_b=transpose_b),
+                          epilogue=fn, transpose_b=transpose_b, combine=combine),
         out_shape=jax.ShapeDtypeStruct((m + pad, n), rows.dtype),
         grid=(n // bn, items),
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm",
     )
-    out = call(group, tile, count, starts, ends, *a_operands, weights, *e_operands)
+    out = call(group, tile, count, starts, ends, *a_operands, *stacks, *e_operands)
     return out[:m] if pad else out
+
+
+def pair_stacks(weights, combine, epilogue) -> tuple:
+    """The weight stacks a ranges call multiplies: (weights,), or with `combine` the pair (wa, wb)
+    (same shape; no `epilogue` then)."""
+    if combine is None:
+        return (weights,)
+    if epilogue is not None:
+        raise ValueError("combine and epilogue are exclusive")
+    wa, wb = weights
+    if wa.shape != wb.shape:
+        raise ValueError(f"a pair's weight stacks must have one shape, got {wa.shape} and {wb.shape}")
+    return (wa, wb)
 
 
 def epilogue_operands(epilogue, shape, pad: int):
@@ -280,6 +308,27 @@ def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=N
     extra = {name: v for name, v in (("row_ids", row_ids), ("epilogue", epilogue)) if v is not None}
     return ranges_kernel(rows, weights, starts, ends, *args, zero_from=ends[-1] if zero_tail else None, **extra,
                          **options)
+
+
+def pair_tiles(rows_per_group: float) -> TileConfig:
+    """`grouped_gemm_pair`'s tiles: default_tiles' with half as many columns (at least 64), so
+    its two float32 accumulators hold as many values, and its K steps load as many weights, as
+    the single product's one."""
+    cfg = default_tiles(rows_per_group)
+    return dataclasses.replace(cfg, block_n=max(cfg.block_n // 2, 64))
+
+
+def grouped_gemm_pair(rows, wa, wb, group_sizes, combine, cfg: TileConfig | None = None, interpret: bool = False,
+                      row_ids=None, zero_tail: bool = True, transpose_b: bool = False):
+    """combine(rows @ wa[g] rounded to rows.dtype, as float32; rows @ wb[g] in float32) per row
+    (groups as `grouped_gemm`), in one kernel loading each A tile once for both products (the
+    MoE's gate and up GEMMs, combine its SwiGLU): the values of `grouped_gemm(rows, wa, ...)`
+    then `grouped_gemm(rows, wb, ..., epilogue=(combine, that))`, without the first product's
+    round trip through HBM. wa and wb [G, K, N] of one shape ([G, N, K] with transpose_b)."""
+    if cfg is None:
+        cfg = pair_tiles(num_rows(rows, row_ids) / max(wa.shape[0], 1))
+    return from_group_sizes(grouped_gemm_ranges, rows, (wa, wb), group_sizes, cfg, interpret, row_ids=row_ids,
+                            zero_tail=zero_tail, transpose_b=transpose_b, combine=combine)
 
 
 def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,

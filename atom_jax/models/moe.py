@@ -54,16 +54,16 @@ def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend=
     past the last group is used (the w2 kernel does not load them; the unroute's fill-mode gather
     may read one, clamped, and selects 0), so the kernels that can leave them unwritten
     (`zero_tail=False`). The SwiGLU is the w3 GEMM's epilogue: on the float32 product in the
-    Pallas / W4A16 kernels, on the product rounded to x's dtype for the other backends."""
+    Pallas / W4A16 kernels, on the product rounded to x's dtype for the other backends; where
+    `grouped_gemm.fused_gate_up`, the w1 and w3 GEMMs are one Pallas kernel (same values)."""
     gemm = grouped_gemm.get(backend)
     n, k = idx.shape
     e_local = w1.shape[0]
     order, inv, valid, sizes = sort_by_expert(idx, expert_offset, e_local)
     token = (order // k).astype(jnp.int32)
     mean = mean_rows_per_expert(n, k, n_experts or e_local)  # for capacity backends and the seam's path choice
-    gate = gemm(x, w1, sizes, mean_group=mean, row_ids=token, zero_tail=False)
-    swiglu = (functools.partial(swiglu_clamped, limit=limit), gate)  # h = swiglu(gate, x w3), in the w3 GEMM
-    h = gemm(x, w3, sizes, mean_group=mean, row_ids=token, zero_tail=False, epilogue=swiglu)
+    swiglu = functools.partial(swiglu_clamped, limit=limit)  # h = swiglu(x w1, x w3), in the w3 GEMM (or the pair's)
+    h = grouped_gemm.gate_up(backend, x, w1, w3, sizes, swiglu, mean_group=mean, row_ids=token, zero_tail=False)
     y = gemm(h, w2, sizes, mean_group=mean, zero_tail=False)  # [N * k, D], sorted order
     return unroute(y, inv, valid.reshape(n, k), weights, x.dtype)
 
