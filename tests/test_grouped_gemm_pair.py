@@ -14,6 +14,7 @@ from atom_jax.bench.routings import skewed_sizes
 from atom_jax.bench.w4a16 import random_fp4
 from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
+from atom_jax.kernels.packed import DenseKMajor
 from atom_jax.models.layers import swiglu_clamped
 from atom_jax.models.moe import routed_experts
 
@@ -21,17 +22,19 @@ SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=16)
 SWIGLU = functools.partial(swiglu_clamped, limit=2.5)
 
 
-@pytest.mark.parametrize("zero_tail", [True, False])
-def test_pair_matches_the_two_calls_and_float64(zero_tail):
-    """Fresh skewed routing (empty groups, one large), gathered rows, rows in no group."""
+@pytest.mark.parametrize("zero_tail,k_major", [(True, False), (False, True)])
+def test_pair_matches_the_two_calls_and_float64(zero_tail, k_major):
+    """Fresh skewed routing (empty groups, one large), gathered rows, rows in no group;
+    `k_major`: the stacks stored [G, N, K] (`transpose_b`, as decoded from K-major FP4 codes)."""
     rng = np.random.default_rng()
     g, k, n, r, m, trailing = 5, 64, 64, 30, 90, 7
     sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
     x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
     wa, wb = (jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16) for _ in range(2))
     ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
-    pair = np.asarray(pg.grouped_gemm_pair(x, wa, wb, sizes, SWIGLU, cfg=SMALL, interpret=True, row_ids=ids,
-                                           zero_tail=zero_tail), np.float32)
+    stacks = [jnp.swapaxes(w, 1, 2) if k_major else w for w in (wa, wb)]
+    pair = np.asarray(pg.grouped_gemm_pair(x, *stacks, sizes, SWIGLU, cfg=SMALL, interpret=True, row_ids=ids,
+                                           zero_tail=zero_tail, transpose_b=k_major), np.float32)
     gate = pg.grouped_gemm(x, wa, sizes, cfg=SMALL, interpret=True, row_ids=ids)
     two = np.asarray(pg.grouped_gemm(x, wb, sizes, cfg=pg.TileConfig(16, 64, 16), interpret=True, row_ids=ids,
                                      epilogue=(SWIGLU, gate)), np.float32)
@@ -71,6 +74,8 @@ def test_fused_gate_up_is_the_seams_bf16_pallas_path_from_the_constant(monkeypat
     assert grouped_gemm.fused_gate_up("pallas", fp4, fp4, grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
     assert not grouped_gemm.fused_gate_up("pallas", fp4, fp4, grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP - 1)
     assert not grouped_gemm.fused_gate_up("pallas", fp4, w, grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
+    km = DenseKMajor(jnp.zeros((4, 512, 256), jnp.bfloat16))  # decoded K-major experts (decode_ahead's)
+    assert grouped_gemm.fused_gate_up("pallas", km, km, 192) and not grouped_gemm.fused_gate_up("pallas", km, w, 192)
 
 
 def test_moe_with_the_fused_gate_up_matches_the_two_calls(monkeypatch):
