@@ -64,6 +64,7 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
         # every call returned before the final wait, so one call's return cannot exceed a step
         assert r["replay_call_launch_ms"] <= r["replay_call_ms"] * 1.05 + 0.05, r
         assert 0 < r["replay_call_placed_launch_ms"] <= r["replay_call_placed_ms"] * 1.05 + 0.05, r
+        assert r["replay_idle_launch_ms"] > 0 and r["replay_args_launch_ms"] > 0, r
 
 
 def test_bench_decode_runs_every_case_per_decode_topk_policy(tmp_path):

@@ -18,7 +18,14 @@ call copies it, as in the engine), `replay_call_placed` the same with the block 
 device_put from Python before each call; none reads a token; then one wait for the device. Their ms per step against the loop's and the trace's busy
 time say whether the gap is the engine's host work (replay near the busy time) or the launch
 itself (replay near the loop's step): `replay_call_launch_ms` is the mean wall time of one call's
-return, i.e. how long the host blocks while the program's kernels are enqueued.
+return, i.e. how long the host blocks while the program's kernels are enqueued. Calls made back
+to back can also block because the device is behind (its launch queues full), so two more
+probes split the launch: `replay_idle_launch_ms`, one call's return with the device idle (a wait
+before each call, not timed): the host's own cost of the launch; `replay_args_launch_ms`, one
+call of a program of ONE small kernel over the same arguments (the weights, the cache, the page
+table, the last output and the numpy block, none dropped): what the arguments alone cost the
+dispatch. Idle minus args is XLA enqueueing the step's kernels; call minus idle is waiting for
+the device.
 --decode-topk auto,rowselect builds the step programs once per indexer top-k policy of decode
 steps (`models/index_topk.AUTO_POLICY`, what `auto` runs up to AUTO_MAX_TOKENS tokens per step;
 it matters on CSA layers once the context passes one rung, 16K tokens: use --prompt-len 32768 or
@@ -162,19 +169,42 @@ def replay(runner, inputs, n: int) -> dict:
     # the same with the block placed by a device_put from Python first (what `prepare` did
     # before its block went into the call as numpy): which copy is cheaper on this device
     placed_ms, placed_launch_ms = _replay_calls(runner, inputs, n, lambda: place(buf, runner._replicated))
+    _, idle_launch_ms = _replay_calls(runner, inputs, n, lambda: buf, idle=True)
     return {"replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": call_ms,
             "replay_call_launch_ms": launch_ms, "replay_call_placed_ms": placed_ms,
-            "replay_call_placed_launch_ms": placed_launch_ms}
+            "replay_call_placed_launch_ms": placed_launch_ms, "replay_idle_launch_ms": idle_launch_ms,
+            "replay_args_launch_ms": _args_launch_ms(runner, buf, n)}
 
 
-def _replay_calls(runner, inputs, n: int, block) -> tuple[float, float]:
+def _args_launch_ms(runner, buf, n: int) -> float:
+    """Mean ms until one call returns of a one-kernel program over the step's arguments (every
+    one passed: keep_unused), the device idle before each call."""
+    import jax
+
+    args = (runner.params, runner.cache, runner._page_table_dev, runner._last_out)
+    block = jax.ShapeDtypeStruct(buf.shape, buf.dtype, sharding=runner._replicated)
+    exe = jax.jit(lambda params, cache, table, last, blk: last + blk[0], keep_unused=True).lower(*args, block).compile()
+    times = []
+    for _ in range(n + 1):  # the first call sets up the fast path: not counted
+        jax.block_until_ready(runner._last_out)
+        t0 = time.perf_counter()
+        out = exe(*args, buf)
+        times.append(time.perf_counter() - t0)
+        jax.block_until_ready(out)
+    return round(1e3 * statistics.fmean(times[1:]), 3)
+
+
+def _replay_calls(runner, inputs, n: int, block, idle: bool = False) -> tuple[float, float]:
     """n calls of the step program on `block()` (made inside the timed call) -> (ms per step,
-    mean ms until one call returns)."""
+    mean ms until one call returns). idle: wait for the device before each call (so the ms per
+    step then includes those waits)."""
     import jax
 
     launches = []
     t0 = time.perf_counter()
     for _ in range(n):
+        if idle:
+            jax.block_until_ready(runner._last_out)
         t1 = time.perf_counter()
         runner._last_out = runner.call_program(inputs.bucket, inputs.tbo, block())
         launches.append(time.perf_counter() - t1)
@@ -306,14 +336,16 @@ def run_cli(args) -> int:
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
         print(f"{'variant':>14} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
-              f"{'placed':>9} {'p.launch':>9} {'busy':>9}")
+              f"{'placed':>9} {'p.launch':>9} {'idle l.':>9} {'args l.':>9} {'busy':>9}")
         for r in results:
             if "replay_steps" in r:
                 busy = r.get("busy_ms_per_step")
                 print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
                       f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {r['replay_call_placed_ms']:>9.3f} "
-                      f"{r['replay_call_placed_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
-        print("(call: the numpy block into the call, as the engine does; placed: a device_put first, then the call)")
+                      f"{r['replay_call_placed_launch_ms']:>9.3f} {r['replay_idle_launch_ms']:>9.3f} "
+                      f"{r['replay_args_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
+        print("(call: the numpy block into the call, as the engine does; placed: a device_put first, then the call;"
+              " idle l.: one call's return with the device idle; args l.: a one-kernel program's, same arguments)")
     for variant in dict.fromkeys(r["variant"] for r in results):
         for batch in batches:
             by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["variant"] == variant}
