@@ -2,50 +2,25 @@
 interpret mode on CPU) against the two-call path it replaces and a float64 reference; the
 seam's choice (`grouped_gemm.fused_gate_up`) and the MoE through it."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grouped_reference import grouped_reference
+from pair_check import SWIGLU, check_pair_against_two_calls
 
-from atom_jax.bench.routings import skewed_sizes
 from atom_jax.bench.w4a16 import random_fp4
 from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
 from atom_jax.kernels.packed import DenseKMajor
-from atom_jax.models.layers import swiglu_clamped
 from atom_jax.models.moe import routed_experts
 
 SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=16)
-SWIGLU = functools.partial(swiglu_clamped, limit=2.5)
 
 
 @pytest.mark.parametrize("zero_tail,k_major", [(True, False), (False, True)])
 def test_pair_matches_the_two_calls_and_float64(zero_tail, k_major):
-    """Fresh skewed routing (empty groups, one large), gathered rows, rows in no group;
-    `k_major`: the stacks stored [G, N, K] (`transpose_b`, as decoded from K-major FP4 codes)."""
-    rng = np.random.default_rng()
-    g, k, n, r, m, trailing = 5, 64, 64, 30, 90, 7
-    sizes = jnp.asarray(skewed_sizes(rng, m - trailing, g))
-    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
-    wa, wb = (jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16) for _ in range(2))
-    ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
-    stacks = [jnp.swapaxes(w, 1, 2) if k_major else w for w in (wa, wb)]
-    pair = np.asarray(pg.grouped_gemm_pair(x, *stacks, sizes, SWIGLU, cfg=SMALL, interpret=True, row_ids=ids,
-                                           zero_tail=zero_tail, transpose_b=k_major), np.float32)
-    gate = pg.grouped_gemm(x, wa, sizes, cfg=SMALL, interpret=True, row_ids=ids)
-    two = np.asarray(pg.grouped_gemm(x, wb, sizes, cfg=pg.TileConfig(16, 64, 16), interpret=True, row_ids=ids,
-                                     epilogue=(SWIGLU, gate)), np.float32)
-    valid = m - trailing
-    np.testing.assert_allclose(pair[:valid], two[:valid], rtol=1e-2, atol=1e-2 * np.abs(two).max())
-    xf, af, bf = (np.asarray(v, np.float64) for v in (x[ids], wa, wb))
-    s = np.asarray(sizes)
-    want = np.asarray(SWIGLU(jnp.asarray(grouped_reference(xf, af, s)), jnp.asarray(grouped_reference(xf, bf, s))))
-    assert np.linalg.norm(pair[:valid] - want[:valid]) / np.linalg.norm(want[:valid]) < 1e-2
-    if zero_tail:
-        assert np.all(pair[valid:] == 0)
+    check_pair_against_two_calls(np.random.default_rng(), SMALL, pg.TileConfig(16, 64, 16), 5, 64, 64, r=30, m=90,
+                                 trailing=7, interpret=True, zero_tail=zero_tail, k_major=k_major)
 
 
 def test_pair_refuses_mismatched_stacks_and_an_epilogue():
