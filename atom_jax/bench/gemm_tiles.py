@@ -149,8 +149,9 @@ def gate_up_calls(rows_per_group: float, pair_candidates):
         return lambda a, ws, s, ids: pg.grouped_gemm_pair(a, *ws, s, act, cfg=cfg, interpret=interpret, row_ids=ids,
                                                           zero_tail=False)
 
-    calls = {"two_calls": (single, two), "fused": (pg.pair_tiles(rows_per_group), fused(pg.pair_tiles(rows_per_group)))}
-    calls.update({f"fused {tiles_name(c)}": (c, fused(c)) for c in pair_candidates if c != pg.pair_tiles(rows_per_group)})
+    pair = pg.pair_tiles(rows_per_group)
+    calls = {"two_calls": (single, two), "fused": (pair, fused(pair))}
+    calls.update({f"fused {tiles_name(c)}": (c, fused(c)) for c in pair_candidates if c != pair})
     return calls
 
 
@@ -239,7 +240,8 @@ def run(args) -> int:
     cases, candidates = (TINY_CASES, TINY_CANDIDATES) if args.tiny else (CASES, CANDIDATES)
     on_gpu = jax.default_backend() != "cpu"
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "topk": TOPK,
-           "current": {"MID_TILES": dataclasses.asdict(pg.MID_TILES), "PREFILL_TILES": dataclasses.asdict(pg.PREFILL_TILES),
+           "current": {"MID_TILES": dataclasses.asdict(pg.MID_TILES),
+                       "PREFILL_TILES": dataclasses.asdict(pg.PREFILL_TILES),
                        "MID_MAX_ROWS_PER_GROUP": pg.MID_MAX_ROWS_PER_GROUP},
            "rows": [], "dense": {}, "gate_up": []}
     t0 = time.time()
