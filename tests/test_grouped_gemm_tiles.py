@@ -75,11 +75,28 @@ def test_prefill_tile_sweep_runs_on_cpu(tmp_path):
     assert set(gate_up) == {"two_calls", "fused"} and gate_up["fused"]["max_err_vs_two_calls"] < 2e-2
 
 
-def test_fuse_line_is_the_least_rows_per_expert_from_which_fused_wins():
-    def rows(*cases):
-        return [{"case": f"up{rpg}", "rows_per_group": rpg, "variant": v, "ms": ms}
-                for rpg, two, fused in cases for v, ms in (("two_calls", two), ("fused", fused))]
+def test_fuse_and_pair_lines_are_the_best_fused_tiles_against_the_two_calls():
+    derived = pg.pair_tiles(192).__dict__
+    other = pg.TileConfig(64, 128, 64, 4, 4).__dict__
 
-    assert gemm_tiles.fuse_line(rows((192, 2.0, 1.8), (384, 4.0, 3.9))) == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 192"
-    assert gemm_tiles.fuse_line(rows((192, 2.0, 2.1), (384, 4.0, 3.9))) == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 384"
-    assert gemm_tiles.fuse_line(rows((192, 2.0, 1.8), (384, 4.0, 4.1))) is None
+    def rows(*cases):  # (rows per expert, two calls ms, fused at pair_tiles ms, fused at `other` ms)
+        return [{"case": f"up{rpg}", "rows_per_group": rpg, "variant": v, "tiles": t, "ms": ms}
+                for rpg, two, fused, alt in cases
+                for v, t, ms in (("two_calls", derived, two), ("fused", derived, fused), ("fused 64", other, alt))]
+
+    def lines(*cases):
+        return gemm_tiles.fuse_line(rows(*cases)), gemm_tiles.pair_line(rows(*cases))
+
+    assert lines((192, 2.0, 1.8, 9), (384, 4.0, 3.9, 9)) == ("FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 192", None)
+    assert lines((192, 2.0, 2.1, 9), (384, 4.0, 3.9, 9))[0] == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 384"
+    assert lines((192, 2.0, 1.8, 9), (384, 4.0, 4.1, 9))[0] is None
+    # the 64-row pair tiles are best in total: judged at those, and PAIR_TILES says so
+    fuse, pair = lines((192, 2.0, 2.1, 1.5), (384, 4.0, 4.1, 3.5))
+    assert fuse == "FUSE_GATE_UP_MIN_ROWS_PER_GROUP = 192"
+    assert pair == "PAIR_TILES = TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)"
+
+
+def test_pair_tiles_is_the_constant_when_set(monkeypatch):
+    assert pg.pair_tiles(192).block_n == pg.default_tiles(192).block_n // 2
+    monkeypatch.setattr(pg, "PAIR_TILES", MID)
+    assert pg.pair_tiles(192) == pg.pair_tiles(1000) == MID

@@ -15,7 +15,8 @@ expert uniformly at random (random router weights, as `bench long-context`). TFL
 useful FLOPs (2 x local rows x K x N); `frac_of_dense` is against a dense bf16 matmul of the
 local rows. For the up cases it also times h = SwiGLU(x w1, x w3) as the MoE computes it: two
 calls (today) vs one `grouped_gemm_pair` call (each A tile loaded once for both products; "gate_up"
-rows), and prints `grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP` to set where the fused call won.
+rows), and prints `grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP` to set where the fused call won
+(and `pallas_grouped_gemm.PAIR_TILES` where other tiles than `pair_tiles`' did best).
 Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget
 (`--budget-s`: no new candidate starts past it; the rows so far are kept).
 """
@@ -179,19 +180,23 @@ def best_rows(rows):
     return best
 
 
-def constant_line(name: str, rows) -> str | None:
-    """The `pallas_grouped_gemm` constant to set from `rows` (cases of one tile regime): the
-    candidate with the least total time over them, as Python."""
+def best_tiles(rows) -> dict | None:
+    """The tiles (as a dict) with the least total time over every case of `rows`, among those
+    with a time at each; None if none has."""
     totals = {}
     for r in rows:
         if "ms" in r:
-            key = json.dumps(r["tiles"], sort_keys=True)
-            totals.setdefault(key, []).append(r["ms"])
+            totals.setdefault(json.dumps(r["tiles"], sort_keys=True), []).append(r["ms"])
     cases = len({r["case"] for r in rows})
     full = {key: sum(ms) for key, ms in totals.items() if len(ms) == cases}
-    if not full:
+    return json.loads(min(full, key=full.get)) if full else None
+
+
+def constant_line(name: str, rows) -> str | None:
+    """The constant `name` to set from `rows` (cases of one regime): `best_tiles`, as Python."""
+    t = best_tiles(rows)
+    if t is None:
         return None
-    t = json.loads(min(full, key=full.get))
     return (f"{name} = TileConfig(block_m={t['block_m']}, block_n={t['block_n']}, block_k={t['block_k']}, "
             f"num_warps={t['num_warps']}, num_stages={t['num_stages']})")
 
@@ -220,19 +225,33 @@ def gate_up_rows(out, case: Case, inputs, groups: int, k: int, n: int, rows_per_
         out["gate_up"].append(row)
 
 
+def fused_rows(rows):
+    return [r for r in rows if r["variant"].startswith("fused")]
+
+
 def fuse_line(rows) -> str | None:
-    """grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP to set: from the least rows per expert of the
-    cases where the fused call (its default tiles) beat the two calls, if it did at every larger
-    case; None where it never did."""
+    """grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP to set: the fused call at its best tiles over
+    the cases (`best_tiles`, what PAIR_TILES would be) against the two calls, from the least rows
+    per expert from which it won at every case; None where it did not win at the largest."""
+    tiles = best_tiles(fused_rows(rows))
     by_case = {}
     for r in rows:
-        if "ms" in r and r["variant"] in ("two_calls", "fused"):
-            by_case.setdefault((r["rows_per_group"], r["case"]), {})[r["variant"]] = r["ms"]
-    wins = [(rpg, v["fused"] < v["two_calls"]) for (rpg, _), v in sorted(by_case.items()) if len(v) == 2]
+        if "ms" in r and (r["variant"] == "two_calls" or r["tiles"] == tiles and r["variant"] != "two_calls"):
+            by_case.setdefault((r["rows_per_group"], r["case"]), {})[r["variant"] == "two_calls"] = r["ms"]
+    wins = [(rpg, v[False] < v[True]) for (rpg, _), v in sorted(by_case.items()) if len(v) == 2]
     for i, (rpg, _) in enumerate(wins):
         if all(w for _, w in wins[i:]):
             return f"FUSE_GATE_UP_MIN_ROWS_PER_GROUP = {int(rpg)}"
     return None
+
+
+def pair_line(rows) -> str | None:
+    """pallas_grouped_gemm.PAIR_TILES to set: the fused call's best tiles over the cases, where
+    they are not `pair_tiles`' at some case."""
+    tiles = best_tiles(fused_rows(rows))
+    if tiles is None or all(dataclasses.asdict(pg.pair_tiles(r["rows_per_group"])) == tiles for r in rows):
+        return None
+    return constant_line("PAIR_TILES", fused_rows(rows))
 
 
 def run(args) -> int:
@@ -304,6 +323,10 @@ def run(args) -> int:
     if line:
         out["set"]["FUSE_GATE_UP_MIN_ROWS_PER_GROUP"] = line
         print(f"set in atom_jax/kernels/grouped_gemm.py: {line}", flush=True)
+        pair = pair_line(out["gate_up"])
+        if pair:
+            out["set"]["PAIR_TILES"] = pair
+            print(f"set in atom_jax/kernels/pallas_grouped_gemm.py: {pair}", flush=True)
     out["seconds"] = time.time() - t0
     print(f"# {out['seconds']:.0f} s", flush=True)
     save()

@@ -310,10 +310,17 @@ def from_group_sizes(ranges_kernel, rows, weights, group_sizes, *args, row_ids=N
                          **options)
 
 
+# `grouped_gemm_pair`'s tiles at every rows per expert when set (from `bench gemm --prefill-tiles`);
+# None: `pair_tiles` derives them from default_tiles'.
+PAIR_TILES: TileConfig | None = None
+
+
 def pair_tiles(rows_per_group: float) -> TileConfig:
-    """`grouped_gemm_pair`'s tiles: default_tiles' with half as many columns (at least 64), so
-    its two float32 accumulators hold as many values, and its K steps load as many weights, as
-    the single product's one."""
+    """`grouped_gemm_pair`'s tiles: PAIR_TILES if set, else default_tiles' with half as many
+    columns (at least 64), so its two float32 accumulators hold as many values, and its K steps
+    load as many weights, as the single product's one."""
+    if PAIR_TILES is not None:
+        return PAIR_TILES
     cfg = default_tiles(rows_per_group)
     return dataclasses.replace(cfg, block_n=max(cfg.block_n // 2, 64))
 
