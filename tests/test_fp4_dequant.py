@@ -144,9 +144,9 @@ def test_seam_keeps_the_w4a16_kernel_where_the_dequant_path_does_not_fit(monkeyp
 def test_prefill_sweep_tiles_fit_the_prefill_shapes():
     """`bench w4a16 --prefill-sweep`: at most 8 distinct bf16-kernel tiles, each dividing the
     V4-Flash and V4-Pro up/down shapes' K and N and within Hopper's shared memory (A and B tiles
-    x stages); the decode tiles divide them too (powers of two)."""
+    x stages); the decode and W4A16 tiles divide them too."""
     from atom_jax.bench.gemm import SHAPES
-    from atom_jax.bench.w4a16_prefill import DECODE_TILES, GEMM_TILES
+    from atom_jax.bench.w4a16_prefill import DECODE_TILES, GEMM_TILES, W4A16_TILES
     from atom_jax.kernels import pallas_grouped_gemm as pg
     assert len(set(GEMM_TILES)) == len(GEMM_TILES) <= 8 and fd.KMAJOR_TILES == fd.DequantTiles(*DECODE_TILES[0])
     for shape in ("flash_up", "flash_down", "pro_up"):
@@ -156,3 +156,5 @@ def test_prefill_sweep_tiles_fit_the_prefill_shapes():
             assert (bm + bn) * bk * 2 * stages <= 227 * 1024
         for t in DECODE_TILES:
             assert fd.block_sizes(k, n, fd.DequantTiles(*t)) == t[:2]
+        for _, bn, bk, _, _ in W4A16_TILES:  # the W4A16 kernel's: whole scale groups per K step
+            assert k % bk == 0 and bk % packed.FP4_BLOCK == 0 and n % bn == 0

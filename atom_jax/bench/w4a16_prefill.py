@@ -8,7 +8,11 @@ Pallas kernel with `transpose_b`), so that one GPU call picks its defaults:
   the timed inputs (the default itself is checked against float32 by the main table's
   `dequant_pallas_kmajor`), beside the dense matmul of the same M x K x N;
 * the decode kernel's tiles (`DECODE_TILES`) on the first shape: GB/s of packed bytes read +
-  bf16 written, beside the same run's copy bandwidth.
+  bf16 written, beside the same run's copy bandwidth;
+* on the first shape, the fused W4A16 kernel on the same K-major codes at taller row tiles
+  (`W4A16_TILES`: 256 rows decode each weight tile once per 256 rows instead of per 64-128, and
+  no bf16 copy of the experts is written and read back), checked the same way, timed beside
+  the decode-then-bf16 path (`path` rows: the decode + the best bf16 tiles, as the seam runs it).
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ GEMM_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), 
               (64, 256, 64, 4, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (64, 128, 128, 4, 4)]
 # (block_k, block_n, num_warps, num_stages) of `dequantize_k_major`: KMAJOR_TILES first.
 DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 8, 1), (256, 64, 4, 1)]
+# The W4A16 kernel (K-major codes, MMA): 256-row tiles (no register spills in an offline sm_90a
+# compile of their TTIR; 512 x 64 and 256 x 128 spilled), then the 128-row ones near the
+# [K/2, N] codes' 8K-token best (128x128x128, 8 warps).
+W4A16_TILES = [(256, 64, 64, 8, 3), (256, 64, 128, 8, 2), (256, 64, 64, 8, 4), (128, 64, 128, 8, 3),
+               (128, 128, 128, 8, 3)]
 TINY_GEMM_TILES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2)]
 TINY_DECODE_TILES = [(64, 32, 4, 1)]
+TINY_W4A16_TILES = [(32, 32, 64, 4, 2)]
 
 
 def _row_err(got, want, valid: int) -> float:
@@ -44,12 +54,15 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
     from atom_jax.bench.w4a16 import CHECK_TOL, DECODE_ROWS_PER_EXPERT, _time_decode, failure, random_fp4, tiles_name
     from atom_jax.kernels import fp4_dequant as fd
     from atom_jax.kernels import pallas_grouped_gemm as pg
+    from atom_jax.kernels import w4a16_grouped_gemm as wg
     from atom_jax.kernels.packed import to_k_major
 
     gemm_tiles = [pg.TileConfig(*t) for t in (TINY_GEMM_TILES if args.tiny else GEMM_TILES)]
     decode_tiles = [fd.DequantTiles(*t) for t in (TINY_DECODE_TILES if args.tiny else DECODE_TILES)]
+    w4a16_tiles = [pg.TileConfig(*t) for t in (TINY_W4A16_TILES if args.tiny else W4A16_TILES)]
     out.setdefault("prefill_sweep", [])
     out.setdefault("prefill_decode_sweep", [])
+    decode_s = None
     rng = np.random.default_rng(1)
     for si, (shape, (g, k, n)) in enumerate(shapes.items()):
         w_km = to_k_major(random_fp4(jax.random.key(8), g, k, n))
@@ -61,6 +74,8 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
                                        args.iters, **row)
                     print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s "
                           f"{100 * (row['frac_of_copy'] or 0):.0f}% of copy", flush=True)
+                    if dcfg == fd.KMAJOR_TILES or (args.tiny and decode_s is None):
+                        decode_s = row["ms"] / 1e3  # the seam's decode
                 except Exception as e:  # a tile shape the compiler refuses is a result too
                     row["error"] = failure(e)
                     print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['error']}", flush=True)
@@ -74,31 +89,47 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
             dense_tf = dense_s and flops / dense_s / 1e12
             want = jax.jit(lambda a, b, s: pg.grouped_gemm(a, b, s, interpret=on_cpu, transpose_b=True))(
                 xs[0], wt, sizes[0])
-            best = None
-            for cfg in gemm_tiles:
-                row = {"shape": shape, "tokens": t, "tiles": dataclasses.asdict(cfg),
+
+            def candidate(kernel, cfg, fn, w):
+                """Check fn(x, w, sizes) against `want`, time it; the row (or its failure)."""
+                row = {"shape": shape, "tokens": t, "kernel": kernel, "tiles": dataclasses.asdict(cfg),
                        "dense_matmul_TFLOPs": dense_tf}
+                label = f"{kernel} {tiles_name(cfg)}"
                 try:
-                    f = jax.jit(lambda a, b, s, c=cfg: pg.grouped_gemm(a, b, s, cfg=c, interpret=on_cpu,
-                                                                       transpose_b=True))
-                    row["check_err"] = _row_err(f(xs[0], wt, sizes[0]), want, rows)
+                    f = jax.jit(fn)
+                    row["check_err"] = _row_err(f(xs[0], w, sizes[0]), want, rows)
                     if row["check_err"] >= CHECK_TOL:
                         raise ValueError(f"differs from the default tiles' output ({row['check_err']:.3g})")
-                    sec = back_to_back_time(lambda i: f(xs[i], wt, sizes[i]), [0, 1], iters=args.iters)
+                    sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i]), [0, 1], iters=args.iters)
                     row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12)
                     row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
-                    if best is None or row["ms"] < best["ms"]:
-                        best = row
-                    print(f"prefill sweep {shape} {t} {tiles_name(cfg):18} {row['ms']:8.3f} ms "
+                    print(f"prefill sweep {shape} {t} {label:24} {row['ms']:8.3f} ms "
                           f"{row['TFLOPs']:7.1f} TFLOP/s {100 * (row['frac_of_dense'] or 0):4.0f}% of dense",
                           flush=True)
                 except Exception as e:  # a tile shape the compiler refuses is a result too
                     row["error"] = failure(e)
-                    print(f"prefill sweep {shape} {t} {tiles_name(cfg):18} {row['error']}", flush=True)
+                    print(f"prefill sweep {shape} {t} {label:24} {row['error']}", flush=True)
                 out["prefill_sweep"].append(row)
-            if best:
-                dense = f"{dense_s * 1e3:.3f} ms" if dense_s else "not timed"
-                print(f"prefill sweep {shape} {t} best {tiles_name(pg.TileConfig(**best['tiles']))} "
+                return row
+
+            rows_bf16 = [candidate("bf16_transpose_b", c, lambda a, b, s, c=c: pg.grouped_gemm(
+                a, b, s, cfg=c, interpret=on_cpu, transpose_b=True), wt) for c in gemm_tiles]
+            timed = [r for r in rows_bf16 if "ms" in r]
+            dense = f"{dense_s * 1e3:.3f} ms" if dense_s else "not timed"
+            if timed:
+                best = min(timed, key=lambda r: r["ms"])
+                print(f"prefill sweep {shape} {t} best bf16 {tiles_name(pg.TileConfig(**best['tiles']))} "
                       f"{best['ms']:.3f} ms {100 * (best['frac_of_dense'] or 0):.0f}% of dense "
                       f"(dense {dense}; the decode not included)", flush=True)
+                if si == 0 and decode_s:  # the seam's path at the best tiles: decode + bf16 kernel
+                    sec = decode_s + best["ms"] / 1e3
+                    path = {"shape": shape, "tokens": t, "kernel": "path", "tiles": best["tiles"], "ms": sec * 1e3,
+                            "TFLOPs": flops / sec / 1e12, "frac_of_dense": dense_tf and flops / sec / 1e12 / dense_tf}
+                    out["prefill_sweep"].append(path)
+                    print(f"prefill sweep {shape} {t} path = decode {decode_s * 1e3:.3f} + bf16 {best['ms']:.3f} ms "
+                          f"= {path['ms']:.3f} ms {100 * (path['frac_of_dense'] or 0):.0f}% of dense", flush=True)
+            if si == 0:  # the fused W4A16 kernel at tall row tiles, on the K-major codes
+                for c in w4a16_tiles:
+                    candidate("w4a16_kmajor", c, lambda a, b, s, c=c: wg.grouped_gemm(
+                        a, b, s, cfg=c, interpret=on_cpu), w_km)
         save(out, args.json)
