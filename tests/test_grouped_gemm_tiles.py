@@ -64,7 +64,7 @@ def test_case_inputs_are_the_moes_calls():
 
 def test_prefill_tile_sweep_runs_on_cpu(tmp_path):
     path = tmp_path / "tiles.json"
-    args = argparse.Namespace(tiny=True, iters=1, budget_s=600.0, json=str(path))
+    args = argparse.Namespace(tiny=True, iters=1, budget_s=600.0, compile_threads=2, json=str(path))
     assert gemm_tiles.run(args) == 0
     out = json.loads(path.read_text())
     assert len(out["rows"]) == len(gemm_tiles.TINY_CASES) * len(gemm_tiles.TINY_CANDIDATES)

@@ -118,7 +118,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--prefill-tiles", action="store_true",
                     help="only sweep the bf16 kernel's tiles at a prefill chunk's MoE calls (bench/gemm_tiles.py)")
     ap.add_argument("--budget-s", type=float, default=100.0,
-                    help="--prefill-tiles: start no candidate past this many seconds")
+                    help="--prefill-tiles: time no candidate past this many seconds")
+    ap.add_argument("--compile-threads", type=int, default=8,
+                    help="--prefill-tiles: kernels compiled at once (1: one after another)")
     ap.set_defaults(func=run_cli)
     return ap
 

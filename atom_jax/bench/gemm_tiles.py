@@ -17,12 +17,14 @@ local rows. For the up cases it also times h = SwiGLU(x w1, x w3) as the MoE com
 calls (today) vs one `grouped_gemm_pair` call (each A tile loaded once for both products; "gate_up"
 rows), and prints `grouped_gemm.FUSE_GATE_UP_MIN_ROWS_PER_GROUP` to set where the fused call won
 (and `pallas_grouped_gemm.PAIR_TILES` where other tiles than `pair_tiles`' did best).
-Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget
-(`--budget-s`: no new candidate starts past it; the rows so far are kept).
+Candidates (`CANDIDATES`) are few so that compiles stay inside the time budget; each case's
+kernels compile first, `--compile-threads` at once (1: one after another), then run one by one
+(`--budget-s`: no candidate is timed past it; the rows so far are kept).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -115,10 +117,31 @@ def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
     return out
 
 
-def time_call(call, inputs, weights, iters: int, ref=None):
-    """`call(a, weights, sizes, row_ids)` jitted: (seconds per call, the output of inputs[0], its
-    max error relative to `ref`'s largest entry over the rows in groups, or None without `ref`)."""
-    f = jax.jit(call)
+def compile_all(jobs, inputs, threads: int):
+    """{key: (call(a, weights, sizes, row_ids), weights)} -> {key: the call jitted and compiled
+    for inputs[0]'s shapes, or the exception compiling it raised}, compiled on `threads` threads
+    at once (the sweep's time is mostly compiles: Triton and ptxas, which release the GIL)."""
+    a, ids, sizes = inputs[0]
+
+    def compile_one(job):
+        call, weights = job
+        try:
+            return jax.jit(call).lower(a, weights, sizes, ids).compile()
+        except Exception as e:  # recorded in the job's row (e.g. out of shared memory)
+            return e
+
+    if threads <= 1:
+        return {key: compile_one(job) for key, job in jobs.items()}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return dict(zip(jobs, pool.map(compile_one, jobs.values())))
+
+
+def time_call(f, inputs, weights, iters: int, ref=None):
+    """`f(a, weights, sizes, row_ids)` (compiled; raised if an exception): (seconds per call, the
+    output of inputs[0], its max error relative to `ref`'s largest entry over the rows in groups,
+    or None without `ref`)."""
+    if isinstance(f, Exception):
+        raise f
     sec = back_to_back_time(lambda i: f(inputs[i][0], weights, inputs[i][2], inputs[i][1]), range(len(inputs)),
                             iters=iters)
     a, ids, sizes = inputs[0]
@@ -201,16 +224,14 @@ def constant_line(name: str, rows) -> str | None:
             f"num_warps={t['num_warps']}, num_stages={t['num_stages']})")
 
 
-def gate_up_rows(out, case: Case, inputs, groups: int, k: int, n: int, rows_per_group: float, dense_s, args):
-    """The up case's h = SwiGLU(x w1, x w3) both ways (`gate_up_calls`) into out["gate_up"];
-    each checked against the two calls' output."""
-    ws = tuple(jax.random.normal(jax.random.key(8 + i), (groups, k, n), jnp.bfloat16) * 0.02 for i in range(2))
-    flops = 2 * 2.0 * case.tokens * TOPK * k * n
+def gate_up_rows(out, case: Case, inputs, ws, calls, rows_per_group: float, flops: float, dense_s, iters: int):
+    """The up case's h = SwiGLU(x w1, x w3) both ways into out["gate_up"]: `calls` {name: (tiles,
+    compiled call)} (`gate_up_calls`, compiled), each checked against the two calls' output."""
     ref = None
-    for name, (cfg, call) in gate_up_calls(rows_per_group, [] if args.tiny else PAIR_CANDIDATES).items():
+    for name, (cfg, call) in calls.items():
         row = {"case": case.name, "variant": name, "rows_per_group": rows_per_group, "tiles": dataclasses.asdict(cfg)}
         try:
-            sec, got, err = time_call(call, inputs, ws, args.iters, ref)
+            sec, got, err = time_call(call, inputs, ws, iters, ref)
             ref = got if ref is None else ref
             if err is not None and not err < MAX_ERR:
                 raise ArithmeticError(f"wrong: max error {err:.3g} of the largest entry vs the two calls")
@@ -283,11 +304,20 @@ def run(args) -> int:
         if dense_s:
             print(f"{case.name:9} {'':8} {'dense_matmul':22} {dense_s * 1e3:8.3f} {flops / dense_s / 1e12:8.1f}",
                   flush=True)
+        jobs = {i: (tiles_call(cfg), (w,)) for i, cfg in enumerate(candidates)}
+        if case.projection == "up":  # and h = SwiGLU(x w1, x w3), two calls vs fused
+            ws = tuple(jax.random.normal(jax.random.key(8 + i), (groups, k, n), jnp.bfloat16) * 0.02 for i in range(2))
+            pairs = gate_up_calls(local_rows / groups, [] if args.tiny else PAIR_CANDIDATES)
+            jobs.update({name: (call, ws) for name, (_, call) in pairs.items()})
+        t1 = time.time()
+        compiled = compile_all(jobs, inputs, args.compile_threads)
+        print(f"# {case.name}: {len(jobs)} compiled in {time.time() - t1:.0f} s", flush=True)
         if case.projection == "up":
-            gate_up_rows(out, case, inputs, groups, k, n, local_rows / groups, dense_s, args)
+            gate_up_rows(out, case, inputs, ws, {name: (cfg, compiled[name]) for name, (cfg, _) in pairs.items()},
+                         local_rows / groups, 2 * flops, dense_s, args.iters)
         ref = None  # the first candidate's output (today's PREFILL_TILES): the others must agree
         share = args.budget_s * (ci + 1) / len(cases)  # each case's share of the budget, unused time carried
-        for cfg in candidates:
+        for i, cfg in enumerate(candidates):
             if time.time() - t0 > share:
                 print(f"# {share:.0f} s of the {args.budget_s:.0f} s budget spent: {case.name} {tiles_name(cfg)} "
                       "and later skipped", flush=True)
@@ -295,7 +325,7 @@ def run(args) -> int:
             row = {"case": case.name, "groups": groups, "K": k, "N": n, "tokens_per_rank": case.tokens,
                    "dp": case.dp, "rows_per_group": local_rows / groups, "tiles": dataclasses.asdict(cfg)}
             try:
-                sec, got, err = time_call(tiles_call(cfg), inputs, (w,), args.iters, ref)
+                sec, got, err = time_call(compiled[i], inputs, (w,), args.iters, ref)
                 ref = got if ref is None else ref
                 if err is not None and not err < MAX_ERR:  # a wrong kernel is not a candidate, however fast
                     raise ArithmeticError(f"wrong: max error {err:.3g} of the largest entry vs the first candidate")
