@@ -56,6 +56,7 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
     assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "16",
                  "--modes", "on,thread", "--replay", "3", "--command-buffers", "xla,off", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
+    assert "env" in json.loads(out.read_text()) and "platform_version" in json.loads(out.read_text())
     assert [(r["command_buffers"], r["mode"]) for r in results] == [
         ("xla", "on"), ("xla", "thread"), ("off", "on"), ("off", "thread")]
     for r in results:
@@ -65,6 +66,7 @@ def test_bench_decode_replay_probes_and_command_buffer_modes(tmp_path):
         assert r["replay_call_launch_ms"] <= r["replay_call_ms"] * 1.05 + 0.05, r
         assert 0 < r["replay_call_placed_launch_ms"] <= r["replay_call_placed_ms"] * 1.05 + 0.05, r
         assert r["replay_idle_launch_ms"] > 0 and r["replay_args_launch_ms"] > 0, r
+        assert r["replay_read_ms"] > 0 and r["replay_sync_ms"] > 0, r
 
 
 def test_bench_decode_runs_every_case_per_decode_topk_policy(tmp_path):

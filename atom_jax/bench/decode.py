@@ -25,7 +25,11 @@ before each call, not timed): the host's own cost of the launch; `replay_args_la
 call of a program of ONE small kernel over the same arguments (the weights, the cache, the page
 table, the last output and the numpy block, none dropped): what the arguments alone cost the
 dispatch. Idle minus args is XLA enqueueing the step's kernels; call minus idle is waiting for
-the device.
+the device. And two that read tokens as the loops do, without the scheduler: `replay_read_ms`,
+ms per step of n dispatches through `runner.run`, each followed by reading the tokens of the one
+before it (the overlap loop's pattern), `replay_sync_ms` each followed by reading its own (the
+synchronous loop's). Read near run and the loop far above: the engine's own host work is what
+the loop adds; read near the loop: reading the tokens is.
 --decode-topk auto,rowselect builds the step programs once per indexer top-k policy of decode
 steps (`models/index_topk.AUTO_POLICY`, what `auto` runs up to AUTO_MAX_TOKENS tokens per step;
 it matters on CSA layers once the context passes one rung, 16K tokens: use --prompt-len 32768 or
@@ -53,6 +57,10 @@ from atom_jax.engine.host_timing import PHASES
 from atom_jax.sharding.placement import place
 
 MODES = ("off", "on", "thread")
+# environment variables recorded in the JSON: XLA's flags, and the PJRT GPU client's choice
+# (XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT=1: the TFRT client, which enqueues a program's kernels
+# from its own thread per device instead of the calling one)
+ENV_RECORDED = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -170,10 +178,28 @@ def replay(runner, inputs, n: int) -> dict:
     # before its block went into the call as numpy): which copy is cheaper on this device
     placed_ms, placed_launch_ms = _replay_calls(runner, inputs, n, lambda: place(buf, runner._replicated))
     _, idle_launch_ms = _replay_calls(runner, inputs, n, lambda: buf, idle=True)
-    return {"replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": call_ms,
+    read_ms, sync_ms = _replay_reads(runner, inputs, n, lag=1), _replay_reads(runner, inputs, n, lag=0)
+    return {"replay_read_ms": read_ms, "replay_sync_ms": sync_ms, "replay_steps": n, "replay_run_ms": round(run_ms, 3), "replay_call_ms": call_ms,
             "replay_call_launch_ms": launch_ms, "replay_call_placed_ms": placed_ms,
             "replay_call_placed_launch_ms": placed_launch_ms, "replay_idle_launch_ms": idle_launch_ms,
             "replay_args_launch_ms": _args_launch_ms(runner, buf, n)}
+
+
+def _replay_reads(runner, inputs, n: int, lag: int) -> float:
+    """ms per step of n dispatches through `runner.run`, each followed by reading the tokens of
+    the dispatch `lag` steps before it (the rest read at the end)."""
+    import jax
+
+    jax.block_until_ready(runner._last_out)
+    pending = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pending.append(runner.run(inputs))
+        if len(pending) > lag:
+            pending.pop(0).fetch()
+    for res in pending:
+        res.fetch()
+    return round(1e3 * (time.perf_counter() - t0) / n, 3)
 
 
 def _args_launch_ms(runner, buf, n: int) -> float:
@@ -336,16 +362,18 @@ def run_cli(args) -> int:
     if any("replay_steps" in r for r in results):
         print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
         print(f"{'variant':>14} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
-              f"{'placed':>9} {'p.launch':>9} {'idle l.':>9} {'args l.':>9} {'busy':>9}")
+              f"{'placed':>9} {'p.launch':>9} {'idle l.':>9} {'args l.':>9} {'read':>9} {'sync':>9} {'busy':>9}")
         for r in results:
             if "replay_steps" in r:
                 busy = r.get("busy_ms_per_step")
                 print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['replay_run_ms']:>9.3f} "
                       f"{r['replay_call_ms']:>9.3f} {r['replay_call_launch_ms']:>9.3f} {r['replay_call_placed_ms']:>9.3f} "
                       f"{r['replay_call_placed_launch_ms']:>9.3f} {r['replay_idle_launch_ms']:>9.3f} "
-                      f"{r['replay_args_launch_ms']:>9.3f} {'' if busy is None else f'{busy:9.3f}':>9}")
+                      f"{r['replay_args_launch_ms']:>9.3f} {r['replay_read_ms']:>9.3f} {r['replay_sync_ms']:>9.3f} "
+                      f"{'' if busy is None else f'{busy:9.3f}':>9}")
         print("(call: the numpy block into the call, as the engine does; placed: a device_put first, then the call;"
-              " idle l.: one call's return with the device idle; args l.: a one-kernel program's, same arguments)")
+              " idle l.: one call's return with the device idle; args l.: a one-kernel program's, same arguments;"
+              " read / sync: runner.run each step, then the tokens of the step before / its own read)")
     for variant in dict.fromkeys(r["variant"] for r in results):
         for batch in batches:
             by = {r["mode"]: r for r in results if r["batch_per_rank"] == batch and r["variant"] == variant}
@@ -355,6 +383,9 @@ def run_cli(args) -> int:
                           f"{by[mode]['output_tok_s'] / by['off']['output_tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "layers": cfg.num_layers,
+            env = {k: os.environ[k] for k in ENV_RECORDED if k in os.environ}  # what changes the runtime
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "env": env,
+                       "platform_version": str(getattr(jax.devices()[0].client, "platform_version", "")),
+                       "layers": cfg.num_layers,
                        "prompt_len": args.prompt_len, "results": results}, f, indent=1)
     return 0
