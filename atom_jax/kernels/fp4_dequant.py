@@ -18,7 +18,7 @@ tile (rows contiguous along K), spreads its small [block_k/32, block_n] scale ti
 byte per code byte, and writes the [block_n, block_k] bf16 tile with each byte's two values side
 by side (input 2r, 2r + 1: an in-register interleave, Triton's join + reshape), both sides
 coalesced: 4 code bytes loaded and 16 output bytes stored per thread, no shared-memory trip for
-either (see `_kernel_k_major`). The bf16 Pallas kernel multiplies that layout with `transpose_b`.
+either (`load_in_runs`; the [K/2, N] kernel reads 8 code bytes per thread the same way). The bf16 Pallas kernel multiplies that layout with `transpose_b`.
 """
 
 from __future__ import annotations
@@ -53,8 +53,25 @@ DEFAULT_TILES = DequantTiles()
 KMAJOR_TILES = DequantTiles(block_k=512, block_n=64)
 
 
+def load_in_runs(ref, run: int):
+    """The whole 2-D block `ref`, read through column indices written (c // run) * run + c % run
+    (= c): Triton then knows runs of `run` contiguous elements only and gives each thread `run`
+    of them per load (a warp's loads still contiguous), instead of 16 bytes. The decode kernels
+    read `run` code bytes per thread so that their bf16 values are exactly one 16-byte store per
+    thread in the layout Triton picks for the output: otherwise each thread's 16 code bytes
+    decode to 32-64 output bytes, which Triton moves through shared memory into the store's
+    layout (offline sm_90a compile of these kernels' TTIR: 33-65 barriers per program, 1 with
+    this; 80 registers instead of 128)."""
+    rows, cols = ref.shape
+    c = jnp.arange(cols, dtype=jnp.int32)
+    c = jax.lax.div(c, run) * run + jax.lax.rem(c, run)
+    return plt.load(ref.at[jnp.arange(rows, dtype=jnp.int32)[:, None], c[None, :]])
+
+
 def _kernel(c_ref, s_ref, o_ref, *, decode: str, k_major: bool):
-    codes = c_ref[...].T if k_major else c_ref[...]  # K-major: the [block_n, block_k/2] tile transposed
+    # K-major: the [block_n, block_k/2] tile transposed; else 8 code bytes per thread, whose even
+    # and odd values are one 16-byte store each (see `load_in_runs`)
+    codes = c_ref[...].T if k_major else load_in_runs(c_ref, 8)
     even, odd = DECODERS[decode](codes, s_ref[...])
     o_ref[:, 0, :] = even
     o_ref[:, 1, :] = odd
@@ -94,15 +111,9 @@ def _dequantize(weights, tiles: DequantTiles | None, interpret: bool, decode: st
 
 def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str):
     bn, bkh = c_ref.shape
-    # The code tile [block_n, block_k/2], read through column indices written (r // 4) * 4 + r % 4
-    # (= r): Triton then knows runs of 4 contiguous bytes only and gives each thread 4 code bytes
-    # (one 32-bit load, a warp's 128 bytes contiguous), whose 8 bf16 values are one 16-byte store
-    # in the layout Triton picks for the output: no layout conversion through shared memory. Read
-    # plainly, each thread takes 16 code bytes and its 64 output bytes went through shared memory
-    # in 2 KiB rounds (offline sm_90a compile of this TTIR: 65 barriers per program, now 1).
-    r = jnp.arange(bkh, dtype=jnp.int32)
-    cols = jax.lax.div(r, 4) * 4 + jax.lax.rem(r, 4)
-    codes = plt.load(c_ref.at[jnp.arange(bn, dtype=jnp.int32)[:, None], cols[None, :]])
+    # [block_n, block_k/2], 4 code bytes per thread: their 8 bf16 values side by side are one
+    # 16-byte store (`load_in_runs`; read plainly: 65 barriers per program offline, now 1)
+    codes = load_in_runs(c_ref, 4)
     scales = s_ref[...].T  # [block_n, block_k/32]: 1/16 of the code tile
     scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK // 2)).reshape(bn, bkh)
     even, odd = PER_CODE_DECODERS[decode](codes, scales)
