@@ -158,3 +158,19 @@ def test_prefill_sweep_tiles_fit_the_prefill_shapes():
             assert fd.block_sizes(k, n, fd.DequantTiles(*t)) == t[:2]
         for _, bn, bk, _, _ in W4A16_TILES:  # the W4A16 kernel's: whole scale groups per K step
             assert k % bk == 0 and bk % packed.FP4_BLOCK == 0 and n % bn == 0
+
+
+def test_prefill_sweep_runs_and_checks_every_candidate():
+    """`bench w4a16 --prefill-sweep` on a tiny shape (interpret mode): every candidate compiled,
+    checked against the default tiles' output and timed; the seam's path row (decode + best)."""
+    import argparse
+
+    from atom_jax.bench.w4a16 import CHECK_TOL
+    from atom_jax.bench.w4a16_prefill import prefill_sweep
+    out = {}
+    prefill_sweep(argparse.Namespace(tiny=True, iters=1, json=None), {"tiny_up": (4, 128, 128)}, [32],
+                  {"copy_GBps": None}, out, True, lambda *a: None)
+    kernels = [r["kernel"] for r in out["prefill_sweep"]]
+    assert kernels.count("bf16_transpose_b") == 2 and "w4a16_kmajor" in kernels and "path" in kernels
+    assert all("error" not in r and r.get("check_err", 0) < CHECK_TOL for r in out["prefill_sweep"])
+    assert [r["tiles"]["block_k"] for r in out["prefill_decode_sweep"] if "ms" in r] == [64]

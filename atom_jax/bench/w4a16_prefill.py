@@ -18,6 +18,7 @@ Pallas kernel with `transpose_b`), so that one GPU call picks its defaults:
 from __future__ import annotations
 
 import dataclasses
+import time
 
 # (block_m, block_n, block_k, num_warps, num_stages): the bf16 kernel's prefill tiles first, then
 # around it; each within Hopper's 227 KiB of shared memory per block (A + B tiles x stages).
@@ -30,6 +31,7 @@ DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 
 # [K/2, N] codes' 8K-token best (128x128x128, 8 warps).
 W4A16_TILES = [(256, 64, 64, 8, 3), (256, 64, 128, 8, 2), (256, 64, 64, 8, 4), (128, 64, 128, 8, 3),
                (128, 128, 128, 8, 3)]
+COMPILE_THREADS = 8  # candidates compiled at once (Triton and ptxas release the GIL)
 TINY_GEMM_TILES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2)]
 TINY_DECODE_TILES = [(64, 32, 4, 1)]
 TINY_W4A16_TILES = [(32, 32, 64, 4, 2)]
@@ -49,6 +51,7 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
     import numpy as np
 
     from atom_jax.bench.gemm import TOPK, dense_case
+    from atom_jax.bench.gemm_tiles import compile_all
     from atom_jax.bench.routings import uniform_sizes
     from atom_jax.bench.timing import back_to_back_time
     from atom_jax.bench.w4a16 import CHECK_TOL, DECODE_ROWS_PER_EXPERT, _time_decode, failure, random_fp4, tiles_name
@@ -62,24 +65,23 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
     w4a16_tiles = [pg.TileConfig(*t) for t in (TINY_W4A16_TILES if args.tiny else W4A16_TILES)]
     out.setdefault("prefill_sweep", [])
     out.setdefault("prefill_decode_sweep", [])
-    decode_s = None
     rng = np.random.default_rng(1)
     for si, (shape, (g, k, n)) in enumerate(shapes.items()):
         w_km = to_k_major(random_fp4(jax.random.key(8), g, k, n))
-        if si == 0:
-            for dcfg in decode_tiles:
-                row = {"shape": shape, "tiles": dataclasses.asdict(dcfg)}
-                try:
-                    row = _time_decode(lambda w, c=dcfg: fd.dequantize_k_major(w, c, interpret=on_cpu), w_km, ceil,
-                                       args.iters, **row)
-                    print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s "
-                          f"{100 * (row['frac_of_copy'] or 0):.0f}% of copy", flush=True)
-                    if dcfg == fd.KMAJOR_TILES or (args.tiny and decode_s is None):
-                        decode_s = row["ms"] / 1e3  # the seam's decode
-                except Exception as e:  # a tile shape the compiler refuses is a result too
-                    row["error"] = failure(e)
-                    print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['error']}", flush=True)
-                out["prefill_decode_sweep"].append(row)
+        decode_s = None  # the seam's decode (KMAJOR_TILES) of this shape's experts
+        for dcfg in decode_tiles if si == 0 else [fd.KMAJOR_TILES]:
+            row = {"shape": shape, "tiles": dataclasses.asdict(dcfg)}
+            try:
+                row = _time_decode(lambda w, c=dcfg: fd.dequantize_k_major(w, c, interpret=on_cpu), w_km, ceil,
+                                   args.iters, **row)
+                print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['ms']:.3f} ms {row['GBps']:.0f} GB/s "
+                      f"{100 * (row['frac_of_copy'] or 0):.0f}% of copy", flush=True)
+                if dcfg == fd.KMAJOR_TILES or (args.tiny and decode_s is None):
+                    decode_s = row["ms"] / 1e3
+            except Exception as e:  # a tile shape the compiler refuses is a result too
+                row["error"] = failure(e)
+                print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['error']}", flush=True)
+            out["prefill_decode_sweep"].append(row)
         wt = jax.block_until_ready(fd.dequantize_k_major(w_km, interpret=on_cpu))  # [E, N, K], once
         for t in [t for t in tokens if t * TOPK / g >= DECODE_ROWS_PER_EXPERT] or tokens[-1:]:
             rows, flops = t * TOPK, 2.0 * t * TOPK * k * n
@@ -89,20 +91,32 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
             dense_tf = dense_s and flops / dense_s / 1e12
             want = jax.jit(lambda a, b, s: pg.grouped_gemm(a, b, s, interpret=on_cpu, transpose_b=True))(
                 xs[0], wt, sizes[0])
-
-            def candidate(kernel, cfg, fn, w):
-                """Check fn(x, w, sizes) against `want`, time it; the row (or its failure)."""
+            # (kernel, tiles) -> (call(a, weights, sizes, row_ids), weights): the bf16 kernel's tiles
+            # on the decoded experts, and on the first shape the W4A16 kernel's on the K-major codes
+            jobs = {("bf16_transpose_b", c): (lambda a, b, s, ids, c=c: pg.grouped_gemm(
+                a, b, s, cfg=c, interpret=on_cpu, transpose_b=True), wt) for c in gemm_tiles}
+            if si == 0:
+                jobs |= {("w4a16_kmajor", c): (lambda a, b, s, ids, c=c: wg.grouped_gemm(
+                    a, b, s, cfg=c, interpret=on_cpu), w_km) for c in w4a16_tiles}
+            t0 = time.time()
+            compiled = compile_all(jobs, [(xs[0], None, sizes[0])], COMPILE_THREADS)
+            print(f"# prefill sweep {shape} {t}: {len(jobs)} compiled in {time.time() - t0:.0f} s", flush=True)
+            timed = {}
+            for (kernel, cfg), (_, w) in jobs.items():
                 row = {"shape": shape, "tokens": t, "kernel": kernel, "tiles": dataclasses.asdict(cfg),
                        "dense_matmul_TFLOPs": dense_tf}
                 label = f"{kernel} {tiles_name(cfg)}"
                 try:
-                    f = jax.jit(fn)
-                    row["check_err"] = _row_err(f(xs[0], w, sizes[0]), want, rows)
+                    f = compiled[(kernel, cfg)]
+                    if isinstance(f, Exception):
+                        raise f
+                    row["check_err"] = _row_err(f(xs[0], w, sizes[0], None), want, rows)
                     if row["check_err"] >= CHECK_TOL:
                         raise ValueError(f"differs from the default tiles' output ({row['check_err']:.3g})")
-                    sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i]), [0, 1], iters=args.iters)
+                    sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i], None), [0, 1], iters=args.iters)
                     row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12)
                     row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
+                    timed.setdefault(kernel, []).append(row)
                     print(f"prefill sweep {shape} {t} {label:24} {row['ms']:8.3f} ms "
                           f"{row['TFLOPs']:7.1f} TFLOP/s {100 * (row['frac_of_dense'] or 0):4.0f}% of dense",
                           flush=True)
@@ -110,26 +124,17 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
                     row["error"] = failure(e)
                     print(f"prefill sweep {shape} {t} {label:24} {row['error']}", flush=True)
                 out["prefill_sweep"].append(row)
-                return row
-
-            rows_bf16 = [candidate("bf16_transpose_b", c, lambda a, b, s, c=c: pg.grouped_gemm(
-                a, b, s, cfg=c, interpret=on_cpu, transpose_b=True), wt) for c in gemm_tiles]
-            timed = [r for r in rows_bf16 if "ms" in r]
             dense = f"{dense_s * 1e3:.3f} ms" if dense_s else "not timed"
-            if timed:
-                best = min(timed, key=lambda r: r["ms"])
-                print(f"prefill sweep {shape} {t} best bf16 {tiles_name(pg.TileConfig(**best['tiles']))} "
-                      f"{best['ms']:.3f} ms {100 * (best['frac_of_dense'] or 0):.0f}% of dense "
-                      f"(dense {dense}; the decode not included)", flush=True)
-                if si == 0 and decode_s:  # the seam's path at the best tiles: decode + bf16 kernel
+            for kernel, krows in timed.items():
+                best = min(krows, key=lambda r: r["ms"])
+                print(f"prefill sweep {shape} {t} best {kernel} {tiles_name(pg.TileConfig(**best['tiles']))} "
+                      f"{best['ms']:.3f} ms {100 * (best['frac_of_dense'] or 0):.0f}% of dense (dense {dense})",
+                      flush=True)
+                if kernel == "bf16_transpose_b" and decode_s:  # the seam's path: decode + the best tiles
                     sec = decode_s + best["ms"] / 1e3
                     path = {"shape": shape, "tokens": t, "kernel": "path", "tiles": best["tiles"], "ms": sec * 1e3,
                             "TFLOPs": flops / sec / 1e12, "frac_of_dense": dense_tf and flops / sec / 1e12 / dense_tf}
                     out["prefill_sweep"].append(path)
                     print(f"prefill sweep {shape} {t} path = decode {decode_s * 1e3:.3f} + bf16 {best['ms']:.3f} ms "
                           f"= {path['ms']:.3f} ms {100 * (path['frac_of_dense'] or 0):.0f}% of dense", flush=True)
-            if si == 0:  # the fused W4A16 kernel at tall row tiles, on the K-major codes
-                for c in w4a16_tiles:
-                    candidate("w4a16_kmajor", c, lambda a, b, s, c=c: wg.grouped_gemm(
-                        a, b, s, cfg=c, interpret=on_cpu), w_km)
         save(out, args.json)
