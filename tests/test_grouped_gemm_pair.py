@@ -11,7 +11,7 @@ from pair_check import SWIGLU, check_pair_against_two_calls
 from atom_jax.bench.w4a16 import random_fp4
 from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
-from atom_jax.kernels.packed import DenseKMajor
+from atom_jax.kernels.packed import DenseKMajor, to_k_major
 from atom_jax.models.moe import routed_experts
 
 SMALL = pg.TileConfig(block_m=16, block_n=32, block_k=16)
@@ -71,4 +71,32 @@ def test_moe_with_the_fused_gate_up_matches_the_two_calls(monkeypatch):
     fused = np.asarray(jax.jit(lambda *a: routed_experts(*a, 2.5, backend="pallas"))(x, idx, weights, w1, w3, w2),
                        np.float32)
     assert calls  # the fused kernel ran
+    np.testing.assert_allclose(fused, two, rtol=2e-2, atol=2e-2 * np.abs(two).max())
+
+
+@pytest.mark.parametrize("k_major", [False, True])
+def test_gate_up_on_fp4_experts_decoded_then_fused_matches_the_two_calls(monkeypatch, k_major):
+    """Packed FP4 experts at prefill rows per expert: the seam decodes them (`fp4_dequant`,
+    K-major codes to `DenseKMajor`) and runs the pair; same values as the two decoded calls."""
+    rng = np.random.default_rng()
+    g, k, n, r, m = 4, 256, 256, 16, 40
+    w1, w3 = (random_fp4(jax.random.key(int(rng.integers(1 << 30))), g, k, n) for _ in range(2))
+    if k_major:
+        w1, w3 = to_k_major(w1), to_k_major(w3)
+    x = jnp.asarray(rng.standard_normal((r, k)), jnp.bfloat16)
+    sizes = jnp.asarray(np.bincount(rng.integers(0, g, m), minlength=g), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, r, m), jnp.int32)
+    mean = grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP
+
+    def run():
+        return np.asarray(grouped_gemm.gate_up("pallas", x, w1, w3, sizes, SWIGLU, mean_group=mean, row_ids=ids),
+                          np.float32)
+
+    two = run()
+    monkeypatch.setattr(grouped_gemm, "FUSE_GATE_UP_MIN_ROWS_PER_GROUP", 0)
+    calls = []
+    real = pg.grouped_gemm_pair
+    monkeypatch.setattr(pg, "grouped_gemm_pair", lambda *a, **kw: calls.append(kw["transpose_b"]) or real(*a, **kw))
+    fused = run()
+    assert calls == [k_major]
     np.testing.assert_allclose(fused, two, rtol=2e-2, atol=2e-2 * np.abs(two).max())
