@@ -417,15 +417,17 @@ def run(args) -> int:
                 if base_name in secs and other in secs:
                     print(f"{shape:10} {t:6d} {other} / {base_name} time {secs[other] / secs[base_name]:.2f}",
                           flush=True)
-            if "dequant_pallas" not in secs or "w4a16" not in secs:
-                continue
-            # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
-            faster = "dequant_pallas" if secs["dequant_pallas"] < secs["w4a16"] else "w4a16"
-            out["seam_choice"].append({"shape": shape, "tokens": t, "rows_per_expert": t * TOPK / g,
-                                                      "faster": faster,
-                                                      "dequant_over_w4a16": secs["dequant_pallas"] / secs["w4a16"]})
-            print(f"{shape:10} {t:6d} faster: {faster} at {t * TOPK / g:.1f} rows/expert "
-                  f"(dequant_pallas / w4a16 time {secs['dequant_pallas'] / secs['w4a16']:.2f})", flush=True)
+            # the seam's choice at this rows-per-expert (grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP), per
+            # code layout: the decode-then-bf16 path vs the in-kernel W4A16 one
+            for layout, dq, w4 in (("nmajor", "dequant_pallas", "w4a16"),
+                                   ("kmajor", "dequant_pallas_kmajor", "w4a16_kmajor")):
+                if dq not in secs or w4 not in secs:
+                    continue
+                faster = dq if secs[dq] < secs[w4] else w4
+                out["seam_choice"].append({"shape": shape, "tokens": t, "rows_per_expert": t * TOPK / g,
+                                           "layout": layout, "faster": faster, "dequant_over_w4a16": secs[dq] / secs[w4]})
+                print(f"{shape:10} {t:6d} faster: {faster} at {t * TOPK / g:.1f} rows/expert "
+                      f"({dq} / {w4} time {secs[dq] / secs[w4]:.2f})", flush=True)
         save(out, args.json)
     if args.decode_sweep:
         _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out)
