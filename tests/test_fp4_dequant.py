@@ -55,6 +55,11 @@ def test_k_major_decode_writes_n_by_k_without_transpose_exactly():
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.swapaxes(ref, 1, 2))
     with pytest.raises(ValueError, match="K-major"):
         fd.dequantize_k_major(w, interpret=True)
+    # block_k halved until it divides K: V4-Pro's down projection split 8 ways by intermediate
+    # dim (K = 384) keeps the decode-then-bf16 path with K-major codes
+    assert fd.k_major_block_sizes(384, 7168) == (128, 64) and fd.k_major_block_sizes(128, 64) == (128, 64)
+    pro_down = packed.Fp4WeightsKMajor(jnp.zeros((2, 7168, 192), jnp.uint8), jnp.zeros((2, 12, 7168), jnp.uint8))
+    assert grouped_gemm._dequant_path_fits(pro_down, 256.0)
 
 
 def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=False):

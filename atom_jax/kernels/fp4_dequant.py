@@ -133,7 +133,7 @@ def dequantize_k_major(weights: packed.Fp4WeightsKMajor, tiles: DequantTiles | N
 def _dequantize_k_major(weights, tiles: DequantTiles, interpret: bool, decode: str):
     e, k, n = weights.shape
     packed.fp4_check((e, k // 2, n), weights.scales.shape)
-    bk, bn = block_sizes(k, n, tiles)
+    bk, bn = k_major_block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
     return pl.pallas_call(
         functools.partial(_kernel_k_major, decode=decode),
@@ -158,6 +158,17 @@ def block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int,
         raise ValueError(f"K={k} and N={n} must be multiples of block_k={bk} (itself a multiple of "
                          f"{packed.FP4_BLOCK}) and block_n={bn}, both powers of two")
     return bk, bn
+
+
+def k_major_block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int, int]:
+    """`block_sizes` of `dequantize_k_major` (default KMAJOR_TILES): block_k halved from the
+    tiles' until it divides K, down to one scale group (V4-Pro's 3072 intermediate split 8 ways
+    is K = 384 in the down projection: 128)."""
+    tiles = tiles or KMAJOR_TILES
+    bk = tiles.block_k
+    while bk > packed.FP4_BLOCK and k % bk:
+        bk //= 2
+    return block_sizes(k, n, dataclasses.replace(tiles, block_k=bk))
 
 
 def bytes_moved(shape) -> float:

@@ -246,7 +246,10 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     from atom_jax.kernels import fp4_dequant, pallas_grouped_gemm
     _, k, n = weights.shape
     try:
-        fp4_dequant.block_sizes(k, n, fp4_dequant.KMAJOR_TILES if isinstance(weights, Fp4WeightsKMajor) else None)
+        if isinstance(weights, Fp4WeightsKMajor):
+            fp4_dequant.k_major_block_sizes(k, n)
+        else:
+            fp4_dequant.block_sizes(k, n)
         pallas_grouped_gemm.block_sizes(k, n, pallas_grouped_gemm.default_tiles(rows_per_group))
     except ValueError:
         return False
