@@ -114,6 +114,35 @@ def test_prefill_tiles_and_row_windows_match_reference():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["tiles", "heads"])
+def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
+    """Decode-sized calls past MAX_PROGRAMS programs (here 4): few programs along the entries,
+    each scoring its sub-blocks j, j + stride, ... up to its tile's longest visible prefix, over
+    the whole buffer and over windows of rows; the same scores as the jnp scorer."""
+    monkeypatch.setattr(sparse_indexer, "MAX_PROGRAMS", 4)
+    assert sparse_indexer.score_programs(12, 1, 1) == 4 and sparse_indexer.score_programs(12, 3, 64) == 1
+    assert sparse_indexer.score_programs(2, 2, 64) == 2 and sparse_indexer.score_programs(12, 3, 513) == 12
+    rng = np.random.default_rng()
+    b, page_table, n_slots = _batch(rng, max_start=600)
+    t, heads, dim = b["pos"].shape[0], 2, 16
+    pool = jnp.asarray(rng.standard_normal((page_table.size * EPP, dim)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
+    n_vis = visible_counts(b, RATIO)
+    cap = page_table.shape[1] * EPP
+    block = -(-cap // 16) * 16
+    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16)
+    live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
+    ref = np.asarray(jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, block)(0))
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
+                                path=path)
+    np.testing.assert_allclose(np.where(live, ker(0), 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
+    win = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
+                                rows=24, path=path)
+    got = np.concatenate([np.asarray(win(0, r0)) for r0 in (0, 24, 48)])[:t]
+    np.testing.assert_allclose(np.where(live, got, 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("t,heads_as", [(1, "cols"), (8, "cols"), (8, "rows")])
 def test_heads_scorer_on_decode_steps_matches_oracle(t, heads_as):
     """The heads path on decode steps (one token per chunk; T = 1, and 5 tokens of

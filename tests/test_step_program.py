@@ -23,17 +23,30 @@ from atom_jax.models import index_topk
 from atom_jax.trace.host_sync import format_host_syncs, host_sync_ops
 
 
-def _decode_syncs(bucket: int, context: int):
+def _decode_step(bucket: int, context: int, lower: bool = False):
+    """-> (host syncs of the traced step, its StableHLO text lowered for CUDA or None, the
+    number of donated leaves: the cache's and the page table)."""
     cfg = _config("v4-flash", 4)
     fn, args, kw = decode_program(cfg, dp=1, bucket=bucket, slots=64, context=context, expert_layout="nmajor")
     with lowering_for("cuda"):
-        return host_sync_ops(fn.trace(*args, **kw).jaxpr, "cuda")
+        traced = fn.trace(*args, **kw)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text() if lower else None
+    return host_sync_ops(traced.jaxpr, "cuda"), text, len(jax.tree.leaves(args[1])) + 1
+
+
+def _decode_syncs(bucket: int, context: int):
+    return _decode_step(bucket, context)[0]
 
 
 @pytest.mark.parametrize("bucket,context", [(1, 1 << 20), (64, 1 << 17)])
 def test_decode_step_launch_never_waits_for_the_device(bucket, context):
-    ops = _decode_syncs(bucket, context)
+    ops, text, donated = _decode_step(bucket, context, lower=bucket == 64)
     assert not ops, format_host_syncs(ops)
+    if text is not None:
+        # every donated buffer (the cache, the page table) is updated in place: a donated input
+        # XLA cannot alias is copied whole by the step instead
+        main = text[text.index("func.func public @main"):]
+        assert main[: main.index("{\n")].count("tf.aliasing_output") == donated == 19
 
 
 def test_the_check_sees_the_rung_switch(monkeypatch):

@@ -6,7 +6,8 @@ slot's page table. The caller (models/index_topk.py) picks how many entries one 
 (a block of a loop with a running top-k, or one call over the step's longest visible prefix,
 within a float32 score budget), so no [T, heads, E] tensor exists.
 
-Programs: (entry sub-block, work item); a work item is a tile of `block_t` consecutive tokens
+Programs: (entry sub-block, work item) (decode-sized calls of very many sub-blocks: fewer
+programs along the entries, each looping over its sub-blocks, `score_programs`); a work item is a tile of `block_t` consecutive tokens
 of ONE chunk of the packed buffer (tiles start at the chunk's first token, as the grouped GEMM's
 start at a group's first row), so its tokens share one slot and one key block, loaded once for
 all tokens and heads. Two ways to score it, chosen per work item in ONE place
@@ -72,6 +73,25 @@ SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.he
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 
 
+# A call of at most LOOP_MAX_ROWS rows (decode) whose grid of (entry sub-block, work item)
+# would pass MAX_PROGRAMS programs runs MAX_PROGRAMS // items programs along the entries instead,
+# each looping over its sub-blocks up to its tile's longest visible prefix (`score_programs`).
+LOOP_MAX_ROWS, MAX_PROGRAMS = 512, 4096
+
+
+def score_programs(sub_blocks: int, items: int, rows: int) -> int:
+    """Programs along the entries of one scorer call of `rows` rows: one per sub-block (all
+    launched; those past every visible prefix of their tile exit at once), except for calls of
+    at most LOOP_MAX_ROWS rows whose grid would pass MAX_PROGRAMS: then MAX_PROGRAMS // items,
+    each scoring sub-blocks j, j + that, ... below its tile's longest visible prefix (a loop
+    inside the program, on the device). The decode step's "flat" top-k scores the whole capacity
+    in one call (models/index_topk.py), whose sub-blocks past the real context would otherwise
+    be mostly empty programs: 131,072 at 64 tokens and a 1M-token cache's 262,144 entries."""
+    if rows > LOOP_MAX_ROWS or sub_blocks * items <= MAX_PROGRAMS:
+        return sub_blocks
+    return max(1, MAX_PROGRAMS // items)
+
+
 def tiles_for(path: str, tiles: IndexerTiles = TILES) -> IndexerTiles:
     """The tiles of a scorer path: "tiles" (tokens as the dots' rows, every item), "heads"
     (the heads path, every item) or "auto" (`tiles.heads_max` decides per work item)."""
@@ -99,7 +119,7 @@ def chunk_ranges(b):
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis_ref, e0_ref,
             q_ref, w_ref, pool_ref, pt_ref, o_ref, *, tiles: IndexerTiles, heads: int, dim: int,
-            epp: int, max_pages: int, n_rows: int):
+            epp: int, max_pages: int, n_rows: int, sub_blocks: int, stride: int):
     j = pl.program_id(0)
     i = pl.program_id(1)
     bt, be = tiles.block_t, tiles.block_e
@@ -117,11 +137,10 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
         rows = jnp.where(mine, rows, row0)
         slot = slot_ref[row0]
         nvis = jnp.where(mine, nvis_ref[rows], 0)
-        first = e0_ref[0] + j * be
         max_vis = jnp.max(nvis)
 
-        @pl.when(first < max_vis)  # sub-blocks past every token's visible prefix: nothing to do
-        def _score():
+        def score(jj):  # sub-block jj of the call's entries (below max_vis)
+            first = e0_ref[0] + jj * be
             e = first + jnp.arange(be, dtype=jnp.int32)
             live = e < max_vis
             page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
@@ -129,7 +148,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
             d = jnp.arange(dim, dtype=jnp.int32)
             keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
             tf32 = keys.dtype != jnp.float32
-            cols = j * be + jnp.arange(be, dtype=jnp.int32)
+            cols = jj * be + jnp.arange(be, dtype=jnp.int32)
 
             def tokens_as_rows():  # loop over heads: [bt, di] x [di, be] dots
                 def head(h, acc):
@@ -171,6 +190,18 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                 pl.when(few)(heads_in_dot)
                 pl.when(~few)(tokens_as_rows)
 
+        if stride >= sub_blocks:  # a program per sub-block; those past every visible prefix: nothing to do
+            pl.when(e0_ref[0] + j * be < max_vis)(lambda: score(j))
+        else:  # sub-blocks j, j + stride, ... up to the tile's longest visible prefix (`score_programs`)
+            span = jnp.minimum(max_vis - e0_ref[0], sub_blocks * be) - j * be
+            trips = jnp.maximum(span + stride * be - 1, 0) // (stride * be)
+
+            def step(s, carry):
+                score(j + s * stride)
+                return carry
+
+            jax.lax.fori_loop(0, trips, step, jnp.int32(0))
+
 
 def block_scores(q, w, ipool, page_table, b, n_visible, e0, epp: int, block: int, max_segments: int,
                  tiles: IndexerTiles | None = None, interpret: bool = False, path: str = "auto"):
@@ -200,11 +231,13 @@ def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segm
     # Interpret mode stores a tile's masked rows back as they were: they need rows of their own,
     # or they undo a real row's store (a buffer of fewer than block_t tokens).
     n_rows = max(window, tiles.block_t) if interpret else window
+    sub_blocks = block // tiles.block_e
+    programs = score_programs(sub_blocks, items, window)
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, heads=heads, dim=dim, epp=epp, max_pages=page_table.shape[1],
-                          n_rows=n_rows),
+                          n_rows=n_rows, sub_blocks=sub_blocks, stride=programs),
         out_shape=jax.ShapeDtypeStruct((n_rows, block), jnp.float32),
-        grid=(block // tiles.block_e, items),
+        grid=(programs, items),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="indexer_scores",
