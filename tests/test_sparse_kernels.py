@@ -88,9 +88,9 @@ def test_prefill_tiles_only_from_their_token_count(monkeypatch):
     assert sparse_indexer.tiles_for_step(513) is sparse_indexer.PREFILL_TILES
 
 
-def test_prefill_tiles_and_row_windows_match_reference():
-    """The candidate prefill tiles (sparse_indexer.PREFILL_TILES: 32 tokens x 256 entries per
-    program) score what the jnp scorer scores, over the whole buffer and over windows of 24
+def _check_scorer_and_row_windows(tiles, block: int | None = None, path: str = "auto"):
+    """The Pallas scorer (interpret mode) with `tiles` over `block` entries (default one
+    block_e) scores what the jnp scorer scores, over the whole buffer and over windows of 24
     rows (the "rowselect" calls: chunk ranges clipped to the window, rows past T unwritten)."""
     rng = np.random.default_rng()
     b, page_table, n_slots = _batch(rng, max_start=600)
@@ -99,39 +99,7 @@ def test_prefill_tiles_and_row_windows_match_reference():
     q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
     n_vis = visible_counts(b, RATIO)
-    tiles = sparse_indexer.PREFILL_TILES
-    block = tiles.block_e
-    live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
-    ref = np.asarray(jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, block)(0))
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True)
-    np.testing.assert_allclose(np.where(live, ker(0), 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
-    win = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
-                                rows=24)
-    for r0 in (0, 24, 48):  # the last window: 16 rows of the buffer, 8 past it
-        n = min(24, t - r0)
-        got = np.asarray(win(0, r0))[:n]
-        np.testing.assert_allclose(np.where(live[r0:r0 + n], got, 0), np.where(live[r0:r0 + n], ref[r0:r0 + n], 0),
-                                   rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("path", ["tiles", "heads"])
-def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
-    """Decode-sized calls past MAX_PROGRAMS programs (here 4): few programs along the entries,
-    each scoring its sub-blocks j, j + stride, ... up to its tile's longest visible prefix, over
-    the whole buffer and over windows of rows; the same scores as the jnp scorer."""
-    monkeypatch.setattr(sparse_indexer, "MAX_PROGRAMS", 4)
-    assert sparse_indexer.score_programs(12, 1, 1) == 4 and sparse_indexer.score_programs(12, 3, 64) == 1
-    assert sparse_indexer.score_programs(2, 2, 64) == 2 and sparse_indexer.score_programs(12, 3, 513) == 12
-    rng = np.random.default_rng()
-    b, page_table, n_slots = _batch(rng, max_start=600)
-    t, heads, dim = b["pos"].shape[0], 2, 16
-    pool = jnp.asarray(rng.standard_normal((page_table.size * EPP, dim)), jnp.float32)
-    q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
-    n_vis = visible_counts(b, RATIO)
-    cap = page_table.shape[1] * EPP
-    block = -(-cap // 16) * 16
-    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16)
+    block = block or tiles.block_e
     live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
     ref = np.asarray(jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, block)(0))
     ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
@@ -139,8 +107,31 @@ def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
     np.testing.assert_allclose(np.where(live, ker(0), 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
     win = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
                                 rows=24, path=path)
-    got = np.concatenate([np.asarray(win(0, r0)) for r0 in (0, 24, 48)])[:t]
-    np.testing.assert_allclose(np.where(live, got, 0), np.where(live, ref, 0), rtol=1e-5, atol=1e-5)
+    for r0 in (0, 24, 48):  # the last window: 16 rows of the buffer, 8 past it
+        n = min(24, t - r0)
+        got = np.asarray(win(0, r0))[:n]
+        np.testing.assert_allclose(np.where(live[r0:r0 + n], got, 0), np.where(live[r0:r0 + n], ref[r0:r0 + n], 0),
+                                   rtol=1e-5, atol=1e-5)
+    return page_table.shape[1] * EPP
+
+
+def test_prefill_tiles_and_row_windows_match_reference():
+    """The candidate prefill tiles (sparse_indexer.PREFILL_TILES: 32 tokens x 256 entries per
+    program) score what the jnp scorer scores, whole buffer and row windows."""
+    _check_scorer_and_row_windows(sparse_indexer.PREFILL_TILES)
+
+
+@pytest.mark.parametrize("path", ["tiles", "heads"])
+def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
+    """Decode-sized calls past MAX_PROGRAMS programs (here 4): few programs along the entries,
+    each scoring its sub-blocks j, j + stride, ... up to its tile's longest visible prefix, over
+    the whole buffer and over windows of rows; the same scores as the jnp scorer. (The buffer's
+    capacity is 39 pages x 4 entries: 10 sub-blocks of 16 x 10 / 8 work items, so ONE program
+    along the entries scores them all.)"""
+    monkeypatch.setattr(sparse_indexer, "MAX_PROGRAMS", 4)
+    assert sparse_indexer.score_programs(12, 1, 1) == 4 and sparse_indexer.score_programs(12, 3, 64) == 1
+    assert sparse_indexer.score_programs(2, 2, 64) == 2 and sparse_indexer.score_programs(12, 3, 513) == 12
+    assert _check_scorer_and_row_windows(sparse_indexer.IndexerTiles(block_t=16, block_e=16), 160, path) == 156
 
 
 @pytest.mark.parametrize("t,heads_as", [(1, "cols"), (8, "cols"), (8, "rows")])
