@@ -123,7 +123,7 @@ def test_prefill_tiles_and_row_windows_match_reference():
 
 @pytest.mark.parametrize("path", ["tiles", "heads"])
 def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
-    """Decode-sized calls past MAX_PROGRAMS programs (here 4): few programs along the entries,
+    """Calls of decode-sized steps past MAX_PROGRAMS programs (here 4): few programs along the entries,
     each scoring its sub-blocks j, j + stride, ... up to its tile's longest visible prefix, over
     the whole buffer and over windows of rows; the same scores as the jnp scorer. (The buffer's
     capacity is 39 pages x 4 entries: 10 sub-blocks of 16 x 10 / 8 work items, so ONE program

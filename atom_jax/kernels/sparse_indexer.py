@@ -73,21 +73,23 @@ SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.he
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 
 
-# A call of at most LOOP_MAX_ROWS rows (decode) whose grid of (entry sub-block, work item)
-# would pass MAX_PROGRAMS programs runs MAX_PROGRAMS // items programs along the entries instead,
-# each looping over its sub-blocks up to its tile's longest visible prefix (`score_programs`).
-LOOP_MAX_ROWS, MAX_PROGRAMS = 512, 4096
+# A call of a step of at most LOOP_MAX_TOKENS tokens (decode: models/index_topk.AUTO_MAX_TOKENS)
+# whose grid of (entry sub-block, work item) would pass MAX_PROGRAMS programs runs
+# MAX_PROGRAMS // items programs along the entries instead, each looping over its sub-blocks up
+# to its tile's longest visible prefix (`score_programs`). Prefill steps keep their grid.
+LOOP_MAX_TOKENS, MAX_PROGRAMS = 512, 4096
 
 
-def score_programs(sub_blocks: int, items: int, rows: int) -> int:
-    """Programs along the entries of one scorer call of `rows` rows: one per sub-block (all
-    launched; those past every visible prefix of their tile exit at once), except for calls of
-    at most LOOP_MAX_ROWS rows whose grid would pass MAX_PROGRAMS: then MAX_PROGRAMS // items,
-    each scoring sub-blocks j, j + that, ... below its tile's longest visible prefix (a loop
-    inside the program, on the device). The decode step's "flat" top-k scores the whole capacity
-    in one call (models/index_topk.py), whose sub-blocks past the real context would otherwise
-    be mostly empty programs: 131,072 at 64 tokens and a 1M-token cache's 262,144 entries."""
-    if rows > LOOP_MAX_ROWS or sub_blocks * items <= MAX_PROGRAMS:
+def score_programs(sub_blocks: int, items: int, tokens: int) -> int:
+    """Programs along the entries of one scorer call in a step of `tokens` tokens: one per
+    sub-block (all launched; those past every visible prefix of their tile exit at once),
+    except in steps of at most LOOP_MAX_TOKENS tokens when the grid would pass MAX_PROGRAMS:
+    then MAX_PROGRAMS // items, each scoring sub-blocks j, j + that, ... below its tile's
+    longest visible prefix (a loop inside the program, on the device). The decode step's "flat"
+    top-k scores the whole capacity in one call (models/index_topk.py), whose sub-blocks past
+    the real context would otherwise be mostly empty programs: 131,072 at 64 tokens and a
+    1M-token cache's 262,144 entries."""
+    if tokens > LOOP_MAX_TOKENS or sub_blocks * items <= MAX_PROGRAMS:
         return sub_blocks
     return max(1, MAX_PROGRAMS // items)
 
@@ -232,7 +234,7 @@ def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segm
     # or they undo a real row's store (a buffer of fewer than block_t tokens).
     n_rows = max(window, tiles.block_t) if interpret else window
     sub_blocks = block // tiles.block_e
-    programs = score_programs(sub_blocks, items, window)
+    programs = score_programs(sub_blocks, items, t)
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, heads=heads, dim=dim, epp=epp, max_pages=page_table.shape[1],
                           n_rows=n_rows, sub_blocks=sub_blocks, stride=programs),
