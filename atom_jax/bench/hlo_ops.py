@@ -68,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help="trace each layer kind once (StepOptions.trace_layers_once; off: every layer anew)")
     ap.add_argument("--platform", default=None,
                     help="lower for this platform (cuda, rocm, cpu); default: this backend, cuda on a CPU machine")
-    ap.add_argument("--views", default="jaxpr,stablehlo", help=f"comma list of {VIEWS}")
+    ap.add_argument("--views", default="jaxpr,stablehlo,sync", help=f"comma list of {VIEWS}")
     ap.add_argument("--case-branch", type=int, default=None,
                     help="--views bytes: the branch of a computed switch counted (default the last)")
     ap.add_argument("--top", type=int, default=30, help="--views bytes: list this many largest movers")
