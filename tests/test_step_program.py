@@ -81,3 +81,20 @@ def test_host_sync_ops_kinds():
     assert all("tests/test_step_program.py" not in o.where for o in host_sync_ops(jaxpr))  # atom_jax frames only
     # the numbers the function computes are unchanged by being inspected
     np.testing.assert_allclose(jax.jit(fn)(x, n), fn(x, n), rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bucket,context", [(1, 1 << 20), (64, 1 << 17)])
+def test_compiled_decode_step_has_no_host_sync(bucket, context):
+    """The same decode steps compiled by XLA for this GPU (abstract arguments: nothing
+    allocated): no conditional and every while loop with a known trip count in the compiled
+    module, so nothing XLA adds (sort or scatter expansions, loops of its own) waits either."""
+    from atom_jax.trace.op_counts import compiled_launches
+
+    from atom_jax.weights.formats import resolve_layout
+
+    cfg = _config("v4-flash", 4)
+    fn, args, kw = decode_program(cfg, dp=1, bucket=bucket, slots=64, context=context,
+                                  expert_layout=resolve_layout("auto", "gpu"))  # the engine's on a GPU
+    _, notes = compiled_launches(fn.trace(*args, **kw).lower().compile().as_text())
+    assert not notes, notes  # "while ...: trip count unknown" / "conditional ...: every branch counted"
