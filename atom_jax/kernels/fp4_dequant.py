@@ -16,9 +16,9 @@ K-major codes (`packed.Fp4WeightsKMajor`, [E, N, K/2]) decode either to the same
 transpose, to [E, N, K] (`dequantize_k_major`): each program reads a [block_n, block_k/2] code
 tile (rows contiguous along K), spreads its small [block_k/32, block_n] scale tile to one scale
 byte per code byte, and writes the [block_n, block_k] bf16 tile with each byte's two values side
-by side (input 2r, 2r + 1: an in-register interleave, Triton's join + reshape), both sides
-coalesced: 4 code bytes loaded and 16 output bytes stored per thread, no shared-memory trip for
-either (`load_in_runs`; the [K/2, N] kernel reads 8 code bytes per thread the same way). The bf16 Pallas kernel multiplies that layout with `transpose_b`.
+by side (input 2r, 2r + 1: two stores into the output's [N, K/2, 2] view, as the [K/2, N] kernel's
+[K/2, 2, N]; an in-register interleave, Triton's join + reshape, ordered them wrongly on an H200), 4
+code bytes loaded per thread, no shared-memory trip for the codes (`load_in_runs`; the [K/2, N] kernel reads 8 code bytes per thread the same way). The bf16 Pallas kernel multiplies that layout with `transpose_b`.
 """
 
 from __future__ import annotations
@@ -117,7 +117,11 @@ def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str):
     scales = s_ref[...].T  # [block_n, block_k/32]: 1/16 of the code tile
     scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK // 2)).reshape(bn, bkh)
     even, odd = PER_CODE_DECODERS[decode](codes, scales)
-    o_ref[...] = jnp.stack([even, odd], axis=-1).reshape(bn, 2 * bkh)  # input 2r, 2r + 1 side by side
+    # input 2r, 2r + 1 side by side: two stores into the [.., K/2, 2] view (no in-register interleave:
+    # Triton's join + reshape of the PTX decoder's halves put the values in the wrong order on an
+    # H200, [e0, e1, o0, o1] for [e0, o0, e1, o1]: GPU test of 2026-12-01, session 10)
+    o_ref[:, :, 0] = even
+    o_ref[:, :, 1] = odd
 
 
 def dequantize_k_major(weights: packed.Fp4WeightsKMajor, tiles: DequantTiles | None = None, interpret: bool = False,
@@ -135,17 +139,18 @@ def _dequantize_k_major(weights, tiles: DequantTiles, interpret: bool, decode: s
     packed.fp4_check((e, k // 2, n), weights.scales.shape)
     bk, bn = k_major_block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
-    return pl.pallas_call(
+    out = pl.pallas_call(
         functools.partial(_kernel_k_major, decode=decode),
-        out_shape=jax.ShapeDtypeStruct((e, n, k), jnp.bfloat16),
+        out_shape=jax.ShapeDtypeStruct((e, n, k // 2, 2), jnp.bfloat16),  # the bytes of [E, N, K]
         grid=(e, n // bn, k // bk),  # along K fastest: consecutive programs write consecutive rows
         in_specs=[pl.BlockSpec((None, bn, bkh), lambda g, j, i: (g, j, i)),
                   pl.BlockSpec((None, bks, bn), lambda g, j, i: (g, i, j))],
-        out_specs=pl.BlockSpec((None, bn, bk), lambda g, j, i: (g, j, i)),
+        out_specs=pl.BlockSpec((None, bn, bkh, 2), lambda g, j, i: (g, j, i, 0)),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="fp4_dequant_kmajor",
     )(weights.codes, weights.scales)
+    return out.reshape(e, n, k)
 
 
 def block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int, int]:
