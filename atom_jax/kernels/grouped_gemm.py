@@ -319,8 +319,9 @@ def decode_ahead(name: str, weights, rows_per_group: float, dtype):
 
 # Rows per expert from which `gate_up` runs the gate and up GEMMs as one Pallas kernel
 # (`pallas_grouped_gemm.grouped_gemm_pair`) where the backend resolves to the bf16 Pallas kernel.
-# inf (never) until measured on a GPU: `python -m atom_jax.bench gemm --prefill-tiles` times
-# both ways at a prefill chunk's up projection ("gate_up" rows). FP4 experts on the dequant path
+# inf (never): on an H200 (`python -m atom_jax.bench gemm --prefill-tiles`, 2026-12-01 session 10)
+# the fused kernel at its best tiles lost to the two calls at a prefill chunk's up projection,
+# 4.27 vs 3.82 ms (192 rows per expert) and 3.61 vs 3.44 ms (384). FP4 experts on the dequant path
 # are then decoded to bf16 both before the one call (two transient stacks at once, not one after
 # the other; V4-Flash at dp=2: 2 x 2.1 GB).
 FUSE_GATE_UP_MIN_ROWS_PER_GROUP = float("inf")

@@ -68,9 +68,11 @@ PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, nu
 
 # Mid-sized groups (dp=1 prefill: an 8K-token chunk x top-6 over 256 experts is ~192 rows per
 # expert, where a 128-row tile computes 256 rows for a 129-256-row group): MID_TILES from
-# DECODE_MAX_ROWS_PER_GROUP up to MID_MAX_ROWS_PER_GROUP rows per expert. Until the H200 sweep
-# (`python -m atom_jax.bench gemm --prefill-tiles`, which prints the constant to set) MID_TILES is
-# PREFILL_TILES: same choices as before.
+# DECODE_MAX_ROWS_PER_GROUP up to MID_MAX_ROWS_PER_GROUP rows per expert. Measured on an H200
+# (`python -m atom_jax.bench gemm --prefill-tiles`, 2026-12-01 session 10, docs/benchmarks.md):
+# PREFILL_TILES were the best of 12 candidates at 192 rows per expert too (64-row tiles 10-30%
+# slower), so MID_TILES is PREFILL_TILES on NVIDIA; the tier is there for a platform (ROCm) whose
+# sweep says otherwise.
 MID_TILES = PREFILL_TILES
 MID_MAX_ROWS_PER_GROUP = 256
 
