@@ -84,7 +84,7 @@ def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=Fa
 
     in_kernel = call(x, w, sizes, ids, gate)
     calls = []
-    name = "dequantize_k_major" if k_major else "dequantize"  # K-major: [E, N, K], no transpose
+    name = "dequantize_k_major" if k_major and grouped_gemm.KMAJOR_DECODE_TO_NK else "dequantize"
     real = getattr(fd, name)
     monkeypatch.setattr(fd, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
@@ -98,17 +98,22 @@ def check_seam_paths(monkeypatch, g, k, n, r, m, trailing, jit=False, k_major=Fa
     np.testing.assert_allclose(via_bf16, in_kernel, rtol=2e-2, atol=tol)
 
 
-@pytest.mark.parametrize("k_major", [False, True], ids=["nmajor", "kmajor"])
-def test_seam_dequant_path_matches_w4a16_path(monkeypatch, k_major):
+@pytest.mark.parametrize("k_major,to_nk", [(False, False), (True, False), (True, True)],
+                         ids=["nmajor", "kmajor", "kmajor-to-nk"])
+def test_seam_dequant_path_matches_w4a16_path(monkeypatch, k_major, to_nk):
+    """kmajor-to-nk: K-major codes decoded to [E, N, K] (KMAJOR_DECODE_TO_NK), the bf16 kernel's transpose_b."""
+    monkeypatch.setattr(grouped_gemm, "KMAJOR_DECODE_TO_NK", to_nk)
     check_seam_paths(monkeypatch, g=4, k=64, n=32, r=20, m=50, trailing=5, k_major=k_major)
 
 
-@pytest.mark.parametrize("platform,k_major", [("cuda", False), ("rocm", False), ("cuda", True), ("rocm", True)],
-                         ids=["cuda", "rocm", "cuda-kmajor", "rocm-kmajor"])
-def test_seam_dequant_path_lowers_for_gpu(platform, k_major, monkeypatch):
+@pytest.mark.parametrize("platform,k_major,to_nk", [("cuda", False, False), ("rocm", False, False), ("cuda", True, False),
+                                                   ("rocm", True, False), ("cuda", True, True)],
+                         ids=["cuda", "rocm", "cuda-kmajor", "rocm-kmajor", "cuda-kmajor-to-nk"])
+def test_seam_dequant_path_lowers_for_gpu(platform, k_major, to_nk, monkeypatch):
     """The decode kernel and the bf16 kernel after it lower as Triton calls (jax.export on CPU;
-    the GPU compile is the GPU test's); K-major codes too."""
+    the GPU compile is the GPU test's); K-major codes too, by either decode (KMAJOR_DECODE_TO_NK)."""
     monkeypatch.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 0)
+    monkeypatch.setattr(grouped_gemm, "KMAJOR_DECODE_TO_NK", to_nk)
     g, k, n, m = 4, 256, 512, 64
 
     def f(x, c, s, sizes):
@@ -120,10 +125,10 @@ def test_seam_dequant_path_lowers_for_gpu(platform, k_major, monkeypatch):
     with lowering_for(platform):
         text = jax.export.export(jax.jit(f), platforms=(platform,), disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
-    # two Triton calls (the in-kernel W4A16 path is one); K-major: the no-transpose decode and
-    # no XLA transpose between it and the bf16 kernel
+    # two Triton calls (the in-kernel W4A16 path is one) and no XLA transpose between them; the
+    # no-transpose K-major decode only where chosen
     assert text.count(TRITON) == 2 and "fp4_dequant" in text
-    assert ("fp4_dequant_kmajor" in text) == k_major and "stablehlo.transpose" not in text
+    assert ("fp4_dequant_kmajor" in text) == to_nk and "stablehlo.transpose" not in text
 
 
 def test_seam_keeps_the_w4a16_kernel_where_the_dequant_path_does_not_fit(monkeypatch):

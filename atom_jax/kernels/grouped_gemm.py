@@ -239,6 +239,16 @@ TAKES_DENSE_K_MAJOR = frozenset({"pallas", "auto"})
 DEQUANT_MIN_ROWS_PER_GROUP = 192
 
 
+# K-major codes on the dequant path: False = `fp4_dequant.dequantize` (each code tile transposed in
+# the kernel, [E, K, N] bf16, then the bf16 kernel); True = `fp4_dequant.dequantize_k_major` ([E, N,
+# K] bf16, no transpose, then the bf16 kernel with `transpose_b`). Measured on an H200 (`bench w4a16
+# --tokens 8192 --kernels dequant_pallas,dequant_pallas_kmajor`, 2026-12-01 session 10): the
+# no-transpose decode whose halves were interleaved in registers was fast (0.79 ms, 84% of copy;
+# path 2.17 ms) but ordered the values wrongly on the GPU; stored as two strided halves it is right
+# and slow (2.72 ms; path 3.99 ms), so the transposing decode (path 2.47 ms) stays.
+KMAJOR_DECODE_TO_NK = False
+
+
 def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     """Whether the decode kernel and then the bf16 Pallas kernel take these experts' K and N
     (their tiles must divide them; e.g. N = 384, V4-Pro's intermediate size split 8 ways, does
@@ -246,7 +256,7 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     from atom_jax.kernels import fp4_dequant, pallas_grouped_gemm
     _, k, n = weights.shape
     try:
-        if isinstance(weights, Fp4WeightsKMajor):
+        if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
             fp4_dequant.k_major_block_sizes(k, n)
         else:
             fp4_dequant.block_sizes(k, n)
@@ -272,10 +282,10 @@ def _packed_path(name: str, weights: Fp4Weights | Fp4WeightsKMajor, rows_per_gro
 
 def _decode(how: str, weights: Fp4Weights | Fp4WeightsKMajor, dtype):
     """The experts decoded for `how`: the decode kernel's [E, K, N] bf16, or `DenseKMajor` [E, N,
-    K] from K-major codes (no transpose); jnp's [E, K, N] for "jnp"."""
+    K] from K-major codes where KMAJOR_DECODE_TO_NK; jnp's [E, K, N] for "jnp"."""
     if how == "dequant":
         from atom_jax.kernels import fp4_dequant
-        if isinstance(weights, Fp4WeightsKMajor):
+        if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
             return DenseKMajor(fp4_dequant.dequantize_k_major(weights, interpret=_on_cpu()).astype(dtype))
         return fp4_dequant.dequantize(weights, interpret=_on_cpu()).astype(dtype)
     return fp4_dequantize(weights, dtype)

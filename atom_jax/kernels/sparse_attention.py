@@ -30,20 +30,21 @@ from jax.experimental.pallas import triton as plt
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTiles:
-    # block_h 64: all of V4-Flash's 64 heads in one program, so a token's keys are read once. Measured
-    # (1x H200, bench long-context, 128K prompt, 1M cache, 8K chunks, 2026-12-01 session 10): 32 heads
-    # 103.5K tok/s prefill and 2.35 ms decode; 64 heads 121.6K and 2.12 ms; 64x32 with 3 stages 118.5K;
-    # 64x16/4 warps 85.5K; 64x32/4 warps 99.8K; 64x64/8 warps runs out of shared memory.
-    block_h: int = 64  # query heads per program (rows of the dots; >= 16 on GPU)
-    block_k: int = 32  # keys per step
+    # Defaults measured on an H200 (bench long-context, V4-Flash dims, 128K prompt, 1M cache, 8K chunks,
+    # 2026-12-01 session 10, docs/benchmarks.md), prefill tok/s / decode ms: 32x32x8 (2 stages) 103.5K /
+    # 2.35; 64x32x8 121.6K / 2.12; 64x64x8 with 1 stage and prefetch 125.1K / 2.23 (121.3K for 64x32x8 in
+    # that run), without prefetch 123.3K / 2.04 (121.6K for 64x32x8 in that run); 64x64x8 with 2 stages
+    # runs out of shared memory; 4 warps lose (64x32x4 99.8K, 64x16x4 85.5K).
+    block_h: int = 64  # query heads per program (rows of the dots; >= 16 on GPU): all of V4-Flash's, keys read once
+    block_k: int = 64  # keys per step
     num_warps: int = 8  # the [block_h, 512] float32 accumulator needs the registers
-    num_stages: int = 2
+    num_stages: int = 1  # 2 stages of 64-key blocks exceed the shared memory
     # prefetch: the window's and the entries' loops load block i + 1's keys (selection -> page table
-    # -> pool: dependent loads) before block i's dots, carrying them in registers. Off: measured on
-    # an H200 (bench long-context, 128K, 2026-12-01 session 10) 64x32x8 with it 105.9K tok/s prefill,
-    # without 121.3K (the carried [block_k, 512] keys cost the registers the accumulator needs);
-    # 64x64x8, 1 stage, with it 125.1K.
-    prefetch: bool = False
+    # -> pool: dependent loads) before block i's dots, carrying them in registers. At 64x32x8, 2 stages
+    # it cost 13% (105.9K vs 121.3K: the registers the accumulator needs); at 64x64x8, 1 stage (no
+    # pipelining by Triton) each variant against 64x32x8 in its own run: +3.1% prefill with prefetch,
+    # +1.4% without (not yet side by side).
+    prefetch: bool = True
 
 
 TILES = AttentionTiles()
