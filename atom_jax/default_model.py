@@ -68,6 +68,18 @@ def load_resolved(source: ModelSource, seed: int = 0, dtype=None, weights: str =
     return load_model(source.path, dtype=dtype, weights=weights, host=host, expert_layout=expert_layout)
 
 
+def model_format(source: ModelSource, weights: str = "auto") -> str:
+    """The weight format `load_resolved(source, weights=weights)` builds (`auto` resolved: random
+    weights bf16, a checkpoint by its headers), e.g. to resolve --expert-layout before loading."""
+    from atom_jax.weights.formats import random_format
+
+    if source.kind == RANDOM:
+        return random_format(weights)
+    from atom_jax.loader import resolve_weights
+
+    return resolve_weights(source.path, weights)
+
+
 def load_resolved_tokenizer(source: ModelSource):
     """The byte tokenizer (with its plain chat format) for the embedded models, else the
     directory's own tokenizer (None when it has none: token-id prompts only)."""

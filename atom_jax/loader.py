@@ -55,22 +55,22 @@ def abstract_like(model: DeepseekV4) -> DeepseekV4:
 
 
 def with_expert_layout(model: DeepseekV4, layout: str) -> DeepseekV4:
-    """`model` with its FP4 experts' codes in `layout` ("nmajor" / "kmajor": one transpose of each
-    expert stack's codes, [E, K/2, N] <-> [E, N, K/2]; arrays stay where they are, numpy or
-    device). The same model when it already holds that layout or its experts are dense."""
+    """`model` with its routed experts in `layout` ("nmajor" / "kmajor": one transpose of each
+    expert stack, FP4 codes [E, K/2, N] <-> [E, N, K/2], dense [E, K, N] <-> [E, N, K]; arrays
+    stay where they are, numpy or device). The same model when it already holds that layout."""
     layout = model_layout(model.weights, layout)
     if layout == model.expert_layout:
         return model
     pure = nnx.state(model).to_pure_dict()
 
-    def swap(node):
+    def swap(node, in_ffn=False):
         if isinstance(node, dict):
             for name, child in node.items():
-                if name in FP4_EXPERT_NAMES and isinstance(node.get(name + SCALE), (np.ndarray, jax.Array)):
+                if in_ffn and name in FP4_EXPERT_NAMES and isinstance(child, (np.ndarray, jax.Array)):
                     node[name] = (np.ascontiguousarray(np.swapaxes(child, -1, -2)) if isinstance(child, np.ndarray)
                                   else jnp.swapaxes(child, -1, -2))
                 else:
-                    swap(child)
+                    swap(child, name == "ffn")
 
     swap(pure)
     graphdef, state = nnx.split(abstract_model(model.cfg, model.dtype, len(model.mtp) > 0, model.weights, layout))
@@ -191,7 +191,8 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
     the attention / shared-expert projections FP8 (packed_params; float tensors there are
     quantised); "fp4-experts" keeps the experts FP4 and dequantises the FP8 projections to
     `dtype` (once, here); "auto" is native when the checkpoint's experts are FP4. `expert_layout`: the
-    FP4 experts' code layout, "nmajor" or "kmajor" (weights.formats). `host`: parameters stay
+    routed experts' layout, "nmajor" or "kmajor" (weights.formats; kmajor keeps each expert's
+    [out, in] as stored, FP4 codes and dense weights alike). `host`: parameters stay
     numpy arrays in host memory, for a caller that places them sharded (the engine: a model
     larger than one GPU never lands whole on device 0).
     Every tensor must map to a parameter with the right shape and every parameter must be
@@ -236,7 +237,10 @@ def load_model(path: str, dtype=jnp.float32, with_mtp: bool = False, cfg: ModelC
         if (stored.kind in "biu") != bool(target.integer):  # I64 read as a float weight: refuse
             raise CheckpointError(t.source, t.source_name, f"stored as {stored} but the parameter is "
                                   f"{'an integer table' if target.integer else 'floating point'}")
-        value = target.transform(np.asarray(t.array))
+        if target.expert is not None and model.expert_layout == KMAJOR:  # dense expert: [out, in] as stored
+            value = np.asarray(t.array)
+        else:
+            value = target.transform(np.asarray(t.array))
         if target.integer and (value.min() < 0 or value.max() >= cfg.n_routed_experts):
             raise CheckpointError(t.source, t.source_name, f"expert ids outside [0, {cfg.n_routed_experts})")
         filler.put(t, target.path, value, *_where(target, model), np.dtype(np.int32) if target.integer else None)

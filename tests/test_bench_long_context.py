@@ -58,3 +58,32 @@ def test_attention_tiles_specs():
     for bad in ("64x32", "64x0x8", "axbxc"):
         with pytest.raises(SystemExit):
             attention_tiles(bad)
+
+
+def test_expert_layouts_run_in_one_process_on_the_same_weights(tmp_path, monkeypatch):
+    """`--expert-layout nmajor,kmajor`: one engine per layout, in order, each given the same
+    random model with its routed experts in that layout ([E, K, N], then the same values [E, N,
+    K]); the rows say which. (The engine and its timing are stand-ins: the first test runs them.)"""
+    import numpy as np
+
+    from atom_jax.bench import long_context
+
+    seen = []
+
+    def engine(model, *a, **kw):
+        w1 = np.asarray(model.layers[0].ffn.w1.get_value())
+        seen.append((model.expert_layout, w1 if model.expert_layout == "nmajor" else np.swapaxes(w1, -1, -2)))
+        return object(), 0.0
+
+    monkeypatch.setattr(long_context, "_engine", engine)
+    monkeypatch.setattr(long_context, "_run_prompt", lambda *a: (0.5, 0.01))
+    monkeypatch.setattr(long_context, "device_ceilings", lambda: {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0})
+    out = tmp_path / "lc.json"
+    assert main(["long-context", "--tiny", "--prompts", "300", "--decode-tokens", "3", "--json", str(out),
+                 "--expert-layout", "nmajor,kmajor"]) == 0
+    assert [layout for layout, _ in seen] == ["nmajor", "kmajor"]
+    np.testing.assert_array_equal(seen[0][1], seen[1][1])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["experts"], r["prompt"]) for r in rows] == [("nmajor", 300), ("kmajor", 300)]
+    with pytest.raises(SystemExit, match="expert-layout"):
+        main(["long-context", "--tiny", "--expert-layout", "nmajor,sideways"])

@@ -75,13 +75,23 @@ def test_unset_flags_give_the_config_defaults_and_set_ones_map_onto_fields():
     assert engine_config(serve_parser().parse_args(["--no-enable-prefix-caching"])).enable_prefix_caching is False
 
 
-def test_expert_layout_flag_resolves_by_platform():
-    """--expert-layout: auto is kmajor on a GPU, nmajor on CPU; an explicit choice stays."""
+def test_expert_layout_flag_resolves_by_platform(monkeypatch):
+    """--expert-layout: auto is kmajor on a GPU, nmajor on CPU, for FP4 experts (and `auto`
+    weights); for bf16 experts auto is kmajor on a GPU only where BF16_KMAJOR_ON_GPU; an explicit
+    choice stays, for either format."""
+    from atom_jax.weights import formats
+
     assert engine_config(serve_parser().parse_args([])).expert_layout == "auto"
     for argv, cpu, gpu in (([], "nmajor", "kmajor"), (["--expert-layout", "nmajor"], "nmajor", "nmajor"),
                            (["--expert-layout", "kmajor"], "kmajor", "kmajor")):
         cfg = engine_config(generate_parser().parse_args(GEN_REQUIRED + argv))
         assert (cfg.expert_layout_on("cpu"), cfg.expert_layout_on("gpu")) == (cpu, gpu)
+        assert cfg.expert_layout_on("gpu", "native") == gpu
+        bf16 = "nmajor" if not argv else gpu
+        assert (cfg.expert_layout_on("cpu", "bf16"), cfg.expert_layout_on("gpu", "bf16")) == (cpu, bf16)
+    monkeypatch.setattr(formats, "BF16_KMAJOR_ON_GPU", True)  # the one constant that flips it
+    cfg = engine_config(generate_parser().parse_args(GEN_REQUIRED))
+    assert (cfg.expert_layout_on("cpu", "bf16"), cfg.expert_layout_on("gpu", "bf16")) == ("nmajor", "kmajor")
 
 
 @pytest.mark.parametrize("argv", [["--num-slots", "0"], ["--buckets", "8,x"], ["--tbo", "maybe"],

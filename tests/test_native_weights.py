@@ -359,3 +359,55 @@ def test_engine_kmajor_flag_generates_as_nmajor(official, native_greedy):
     got = [o.token_ids for o in eng.generate([list(map(int, p)) for p in prompts],
                                              SamplingParams(max_tokens=3, ignore_eos=True))]
     assert got == want
+
+
+# ---- `--expert-layout kmajor` with bf16 experts: [E, N, K] (the checkpoint's [out, in]) ----
+@pytest.fixture(scope="module")
+def bf16_kmajor(official):
+    return load_model(official, weights="bf16", expert_layout="kmajor")
+
+
+def test_bf16_kmajor_loads_the_checkpoint_orientation_and_gives_nmajor_logits(models, bf16_kmajor, ids_and_ref):
+    """Dense experts loaded K-major: every expert stack is nmajor's transposed (each expert's
+    [out, in] as stored), every other leaf nmajor's; the logits (jnp path: the seam transposes
+    `DenseKMajor` back) are nmajor's bit for bit; `with_expert_layout` converts both ways."""
+    from atom_jax.kernels.packed import DenseKMajor
+    from atom_jax.loader import with_expert_layout
+    from atom_jax.models.packed_params import FP4_EXPERTS
+
+    dense, km = models[1], bf16_kmajor
+    cfg = dense.cfg
+    assert km.expert_layout == "kmajor" and km.weights == "bf16" and dense.expert_layout == "nmajor"
+    assert km.layers[0].ffn.w1.get_value().shape == (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size)
+    assert all(isinstance(w, DenseKMajor) for w in km.layers[0].ffn.expert_stacks())
+    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(dense).to_pure_dict())}
+    swapped = 0
+    for path, got in jax.tree_util.tree_leaves_with_path(nnx.state(km).to_pure_dict()):
+        name, leaf = jax.tree_util.keystr(path), str(getattr(path[-1], "key", path[-1]))
+        a = np.asarray(want.pop(name))
+        if leaf in FP4_EXPERTS:
+            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
+        np.testing.assert_array_equal(np.asarray(got), a, err_msg=name)
+    assert not want and swapped == 3 * cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(jit_forward(km)(ids_and_ref[0])), ids_and_ref[1])
+    back = with_expert_layout(km, "nmajor")
+    assert back.expert_layout == "nmajor"
+    np.testing.assert_array_equal(np.asarray(back.layers[1].ffn.w2.get_value()),
+                                  np.asarray(dense.layers[1].ffn.w2.get_value()))
+    there = with_expert_layout(dense, "kmajor")
+    np.testing.assert_array_equal(np.asarray(there.layers[0].ffn.w3.get_value()),
+                                  np.asarray(km.layers[0].ffn.w3.get_value()))
+
+
+def test_bf16_kmajor_dp2_tbo_matches_nmajor_bit_for_bit(models, bf16_kmajor, ids_and_ref):
+    """dp 2 with TBO: the K-major dense experts sharded by expert ([E/2, N, K] per rank), the same
+    logits as the nmajor model's dp 2 TBO step bit for bit."""
+    mesh = make_dp_mesh(2)
+    ids = shard_tokens(ids_and_ref[0], mesh)
+    out = {}
+    for m in (models[1], bf16_kmajor):
+        step, params = make_step(m, mesh, StepOptions())
+        assert params["layers"][0]["ffn"]["w1"].sharding.spec[0] == "dp"
+        out[m.expert_layout] = np.asarray(step(params, ids, tbo=True))
+    np.testing.assert_array_equal(out["kmajor"], out["nmajor"])
+    assert _rel(out["kmajor"], ids_and_ref[1]) < BOUND  # dp 2 vs one device: summation order only

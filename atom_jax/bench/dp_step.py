@@ -142,7 +142,7 @@ def run_cli(args) -> int:
     model, params = random_params_on_mesh(
         cfg, mesh, base, dtype, weights=args.weights,
         experts=held_experts(cfg.n_routed_experts, dp, emulate) if emulate else None,
-        expert_layout=resolve_layout(args.expert_layout, jax.default_backend()))
+        expert_layout=resolve_layout(args.expert_layout, jax.default_backend(), args.weights))
     print(f"{label}: devices {dp} x {jax.devices()[0].device_kind}; layers {cfg.num_layers} {cfg.attn_kinds}; "
           f"weights {args.weights} (experts {model.expert_layout}); "
           f"backend {args.backend}; capacity factor {grouped_gemm.CAPACITY_FACTOR}", flush=True)

@@ -137,7 +137,7 @@ def build_engine(args):
         overrides["num_pages"] = slots * per_seq
     ec = engine_config(args, **overrides)
     weights = random_format(ec.weights)
-    layout = ec.expert_layout_on(jax.default_backend())  # built in it (the engine keeps a model's layout)
+    layout = ec.expert_layout_on(jax.default_backend(), weights)  # built in it (the engine keeps a model's layout)
     if cfg is None:
         engine = Engine(ec, tokenizer=None)
         return engine, engine.model.cfg

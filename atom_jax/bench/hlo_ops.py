@@ -235,7 +235,7 @@ def run_cli(args) -> int:
     platform = args.platform or ("cuda" if here == "cpu" else here)
     cfg = _config(args.preset, args.layers)
     dtype = jnp.float32 if args.preset == "tiny" else jnp.bfloat16
-    layout = resolve_layout(args.expert_layout, "cpu" if platform == "cpu" else "gpu")
+    layout = resolve_layout(args.expert_layout, "cpu" if platform == "cpu" else "gpu", args.weights)
     fn, a, kw = decode_program(cfg, dtype=dtype, weights=args.weights, dp=args.dp, bucket=args.bucket,
                                slots=args.slots, context=args.context, page_tokens=args.page_tokens,
                                prefix_caching=args.prefix_caching == "on", tbo=args.tbo,

@@ -18,6 +18,12 @@ context), and prints where those chunks' device time goes: per decoder layer and
 category, and the kernels taking most of it with the source of their HLO (op_name). Not
 part of the timed rows.
 
+--expert-layout nmajor,kmajor runs the kernels once per routed-expert layout (weights.formats:
+kmajor holds the bf16 experts [E, N, K], which the Pallas grouped GEMM multiplies with
+`transpose_b`; the same weights, transposed between the layouts' runs; auto: the engine's
+choice for bf16 experts on this platform). Each is a separate engine (per attention backend),
+all in this run.
+
 --topk-policies auto,loop runs the kernels once per indexer top-k policy (loop: the running
 top-k of every step, the policy before models/index_topk.py's one-call policies; a named
 policy is used at every step size, decode and prefill; auto: `single` up to 512 tokens,
@@ -52,6 +58,7 @@ from atom_jax.bench.timing import device_ceilings
 from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
 from atom_jax.kernels import sparse_attention, sparse_indexer
 from atom_jax.models import index_topk
+from atom_jax.weights.formats import BF16, resolve_layout
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -73,6 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--baseline-cache-len", type=int, default=None, help="also run the kernels with this "
                     "smaller cache for the prompts that fit it (same-run baseline: a 16K prompt with a 1M "
                     "cache vs a small one; e.g. 16448)")
+    ap.add_argument("--expert-layout", default="auto", help="routed-expert layouts the kernels run with, in order "
+                    "(nmajor [E, K, N], kmajor [E, N, K], auto: the engine's for bf16 experts here); each is a "
+                    "separate engine, the same weights, all in this run (e.g. nmajor,kmajor)")
     ap.add_argument("--topk-policies", default="auto", help="indexer top-k policies the kernels run under, in "
                     "order (models/index_topk.py: auto, loop = the running top-k before the one-call policies, "
                     "single, two-stage, select, rowselect; a named one at every step size); each is a separate "
@@ -259,7 +269,7 @@ def format_trace_summary(summary: dict) -> str:
 
 
 def run_cli(args) -> int:
-    from atom_jax.loader import random_model
+    from atom_jax.loader import random_model, with_expert_layout
 
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
@@ -271,6 +281,11 @@ def run_cli(args) -> int:
     page_tokens = 64 if args.tiny else 256
     if max(prompts) + args.decode_tokens + 1 > cache_len:
         raise SystemExit(f"the longest prompt plus {args.decode_tokens + 1} tokens exceeds --cache-len {cache_len}")
+    try:  # bad names fail before any work
+        layouts = list(dict.fromkeys(resolve_layout(x, jax.default_backend(), BF16)
+                                     for x in args.expert_layout.split(",")))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     ceil = device_ceilings()
     print(f"device {jax.devices()[0].device_kind}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
@@ -281,7 +296,7 @@ def run_cli(args) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     weights = active_weight_bytes(cfg, total_bytes, itemsize)
     results, traces = [], []
-    runs = []  # (backend, top-k policy, indexer scorer path, attention tiles, cache length, chunk, prompts)
+    runs = []  # (layout, backend, top-k policy, indexer scorer path, attention tiles, cache length, chunk, prompts)
     policies = list(dict.fromkeys(args.topk_policies.split(",")))
     for p in policies:
         index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
@@ -292,23 +307,25 @@ def run_cli(args) -> int:
     atiles = list(dict.fromkeys(args.attention_tiles.split(",")))
     for a in atiles:
         attention_tiles(a)  # malformed specs fail before any work
-    for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
-        reference = backend == "jnp"
-        lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
-        for policy in (["loop"] if reference else policies):  # the jnp path always loops
-            for path, at in ([("-", "-")] if reference else [(p, a) for p in paths for a in atiles]):
-                runs.append((backend, policy, path, at, cache_len,
-                             min(chunk, args.reference_chunk) if reference else chunk, lens))
-                if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
-                    small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
-                    runs.append((backend, policy, path, at, args.baseline_cache_len, chunk, small))
+    for layout in layouts:  # grouped by layout: the model is transposed once per layout
+        for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
+            reference = backend == "jnp"
+            lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
+            for policy in (["loop"] if reference else policies):  # the jnp path always loops
+                for path, at in ([("-", "-")] if reference else [(p, a) for p in paths for a in atiles]):
+                    runs.append((layout, backend, policy, path, at, cache_len,
+                                 min(chunk, args.reference_chunk) if reference else chunk, lens))
+                    if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
+                        small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
+                        runs.append((layout, backend, policy, path, at, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
     switch_free = index_topk.AUTO_SWITCH_FREE  # a named policy runs as named (its rung switch too)
     prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
     attn_default = sparse_attention.TILES
-    for backend, policy, path, at, c_len, b_chunk, lens in runs:
+    for layout, backend, policy, path, at, c_len, b_chunk, lens in runs:
         if not lens:
             continue
+        model = with_expert_layout(model, layout)  # the same model where it already holds it
         # read when the engine compiles
         index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
         index_topk.AUTO_SWITCH_FREE = switch_free if policy == "auto" else None
@@ -319,14 +336,14 @@ def run_cli(args) -> int:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
                                      not args.no_prefix_caching)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
+            results.append({"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         done = []  # the prompts that ran (a failed one is not traced: its prefill may not reach a chunk)
         for n in lens:
-            row = {"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
+            row = {"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
                    "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
@@ -352,11 +369,11 @@ def run_cli(args) -> int:
         if args.trace and c_len == cache_len and done:
             import os
 
-            tdir = os.path.join(args.trace, f"{backend}_{policy}_{path}_{at}_p{max(done)}".replace("-", "_"))
+            tdir = os.path.join(args.trace, f"{layout}_{backend}_{policy}_{path}_{at}_p{max(done)}".replace("-", "_"))
             steps = _trace_prompt(engine, cfg.vocab_size, max(done), b_chunk, args.trace_steps, tdir, rng)
             summary = trace_summary(tdir, steps)
             print(format_trace_summary(summary), flush=True)
-            traces.append({"backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(done),
+            traces.append({"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(done),
                            "trace": tdir,
                            **summary})
         del engine
@@ -364,15 +381,15 @@ def run_cli(args) -> int:
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
     index_topk.AUTO_SWITCH_FREE = switch_free
     sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
-    print(f"\n{'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
+    print(f"\n{'experts':7} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
+            print(f"{r['experts']:7} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
                   f"{r.get('prompt', '-'):>8} "
                   f"failed: {r['error'][:80]}")
             continue
-        print(f"{r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
+        print(f"{r['experts']:7} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
               f"{r['prompt']:8d} {r['chunk']:6d} "
               f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")

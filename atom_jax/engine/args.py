@@ -186,10 +186,12 @@ class EngineConfig:
         False, "V4 thinking mode for chat requests that do not set chat_template_kwargs."
         "thinking", type=on_off, metavar="{on,off}", show_default="off")
 
-    def expert_layout_on(self, platform: str) -> str:
-        """The FP4 experts' code layout of a run on `platform` (jax's backend name): the one
-        resolution of --expert-layout (weights.formats.resolve_layout)."""
-        return resolve_layout(self.expert_layout, platform)
+    def expert_layout_on(self, platform: str, weights: str | None = None) -> str:
+        """The routed experts' layout of a run on `platform` (jax's backend name) of a model in
+        format `weights` (default --weights; pass the resolved format where known: `auto` resolves
+        the layout as for FP4 experts): the one resolution of --expert-layout
+        (weights.formats.resolve_layout)."""
+        return resolve_layout(self.expert_layout, platform, self.weights if weights is None else weights)
 
     def state_pages(self) -> int:
         """Entries of the prefix cache's window-state pool (0: prefix caching off)."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from atom_jax.cache import CacheLayout
 from atom_jax.chat import ChatDelta, ChatPlan, ChatSettings, plan_chat
-from atom_jax.default_model import load_resolved, load_resolved_tokenizer, resolve_model
+from atom_jax.default_model import load_resolved, load_resolved_tokenizer, model_format, resolve_model
 from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.host_timing import HostClock
@@ -77,7 +77,8 @@ class Engine:
         source = resolve_model(cfg.model)  # the one place --model is interpreted
         import jax
 
-        layout = cfg.expert_layout_on(jax.default_backend())  # FP4 experts' codes: kmajor / nmajor
+        fmt = model.weights if model is not None else model_format(source, cfg.weights)
+        layout = cfg.expert_layout_on(jax.default_backend(), fmt)  # the routed experts': kmajor / nmajor
         if model is None:
             # host: the runner places the parameters sharded (a model larger than one GPU must not
             # land whole on device 0 first)

@@ -48,8 +48,8 @@ class DeepseekV4(nnx.Module):
     """Causal LM. `dtype` is the compute / storage dtype of the big matrices; norms, mHC,
     sinks and compressor position biases stay float32 as in DeepSeek's checkpoints. `weights`
     "native" keeps experts FP4 and the attention / shared-expert projections FP8, "fp4-experts"
-    only the experts FP4 (packed_params). `expert_layout`: the FP4 experts' code layout, "nmajor"
-    or "kmajor" (weights.formats; always nmajor for dense experts)."""
+    only the experts FP4 (packed_params). `expert_layout`: the routed experts' layout, "nmajor"
+    or "kmajor" (weights.formats: FP4 codes and dense experts alike)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, with_mtp: bool = False,
                  weights: str = BF16, expert_layout: str = NMAJOR):

@@ -42,8 +42,8 @@ def mean_rows_per_expert(tokens: int, top_k: int, n_experts: int) -> float:
 def routed_experts(x, idx, weights, w1, w3, w2, limit, expert_offset=0, backend="ragged_dot", n_experts=None):
     """Sum over each token's chosen experts that live in [expert_offset, expert_offset + E_local).
 
-    x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D] (dense, or packed
-    `Fp4Weights` / `Fp4WeightsKMajor` of those shapes: the seam runs them W4A16). Choices of experts
+    x [N, D]; idx/weights [N, k]; w1/w3 [E_local, D, I]; w2 [E_local, I, D] (dense, `DenseKMajor`,
+    or packed `Fp4Weights` / `Fp4WeightsKMajor` of those shapes: the seam runs them W4A16). Choices of experts
     held elsewhere contribute nothing (sorted past the last group, weight zeroed).
 
     Route: the N * k (token, choice) pairs sorted by local expert (stable); the first GEMMs take
@@ -145,7 +145,9 @@ class MoE(nnx.Module):
                  expert_layout: str = formats.NMAJOR):
         self.cfg = cfg
         self.is_hash = is_hash
-        self.expert_layout = formats.model_layout(weights, expert_layout)  # FP4 codes [E, N, K/2] when kmajor
+        # kmajor: the routed experts [E, N, K] (FP4 codes [E, N, K/2]), the checkpoint's [out, in]
+        self.expert_layout = formats.model_layout(weights, expert_layout)
+        k_major = self.expert_layout == formats.KMAJOR
         d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         si = i * cfg.n_shared_experts
         self.gate_w = normal_param(rngs, (d, e), dtype)
@@ -156,11 +158,11 @@ class MoE(nnx.Module):
             self.gate_bias = nnx.Param(jnp.zeros((e,), jnp.float32))
         for name, (k, n) in {"w1": (d, i), "w3": (d, i), "w2": (i, d)}.items():
             if formats.packed_experts(weights):  # FP4 codes + ue8m0 scales (packed_params)
-                codes, scales = pp.fp4_stack(rngs, e, k, n, self.expert_layout == formats.KMAJOR)
+                codes, scales = pp.fp4_stack(rngs, e, k, n, k_major)
                 setattr(self, name, codes)
                 setattr(self, name + pp.SCALE, scales)
             else:
-                setattr(self, name, normal_param(rngs, (e, k, n), dtype))
+                setattr(self, name, normal_param(rngs, (e, n, k) if k_major else (e, k, n), dtype))
         # the shared expert's gate and up projections: one fused parameter (packed_params.FUSED)
         pp.fused_matrix(self, "s_w13", rngs, d, dtype, formats.packed_dense(weights))
         if formats.packed_dense(weights):  # FP8 codes [out, in] + block scales
@@ -186,7 +188,8 @@ class MoE(nnx.Module):
         return pp.linear(h, self, "s_w2")
 
     def expert_stacks(self) -> tuple:
-        """(w1, w3, w2): the routed experts' grouped-GEMM operands (dense [E, K, N] or packed FP4)."""
+        """(w1, w3, w2): the routed experts' grouped-GEMM operands (dense [E, K, N], `DenseKMajor`
+        [E, N, K] when kmajor, or packed FP4)."""
         return tuple(pp.expert_weights(self, w) for w in pp.FP4_EXPERTS)
 
     def rows_per_expert(self, tokens: int) -> float:

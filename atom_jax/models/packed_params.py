@@ -6,7 +6,8 @@ Which of them a model keeps packed: its weight format (weights.formats: `native`
 * routed experts w1/w3/w2: FP4 (`kernels.packed.Fp4Weights` layout): `w1` holds uint8 codes
   [E, K/2, N] and `w1_scale` uint8 ue8m0 [E, K/32, N]; the grouped-GEMM seam takes them packed.
   With the K-major layout (the MoE's `expert_layout` "kmajor", `--expert-layout`) `w1` holds the
-  codes [E, N, K/2] (`Fp4WeightsKMajor`), the scales as before.
+  codes [E, N, K/2] (`Fp4WeightsKMajor`), the scales as before; dense (bf16) experts are then
+  held [E, N, K] and handed to the seam as `DenseKMajor`.
 * attention wq_a + wkv (fused: `wqkv`), wq_b, wo_a, wo_b and the shared expert: FP8 e4m3 codes as uint8 in the
   checkpoint's [out, in] orientation, `<name>_scale` float32 128x128 block scales.
 * fused projections (FUSED: matrices that take the same input, one parameter filled at load
@@ -130,9 +131,12 @@ def linear(x, module, name: str):
 
 
 def expert_weights(module, name: str):
-    """The grouped-GEMM operand of an expert stack: the dense [E, K, N] array, or Fp4Weights
-    (Fp4WeightsKMajor when the module's `expert_layout` is "kmajor")."""
+    """The grouped-GEMM operand of an expert stack: the dense [E, K, N] array, or Fp4Weights;
+    when the module's `expert_layout` is "kmajor", `DenseKMajor` (the array held [E, N, K]) or
+    Fp4WeightsKMajor."""
     scale = getattr(module, name + SCALE, None)
+    k_major = module.expert_layout == KMAJOR
     if scale is None:
-        return getattr(module, name)[...]
-    return packed.fp4_weights(getattr(module, name)[...], scale[...], module.expert_layout == KMAJOR)
+        w = getattr(module, name)[...]
+        return packed.DenseKMajor(w) if k_major else w
+    return packed.fp4_weights(getattr(module, name)[...], scale[...], k_major)
