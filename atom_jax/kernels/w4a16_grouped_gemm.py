@@ -174,12 +174,6 @@ def _decode_ptx(codes, scales):
                        jnp.bfloat16, "=r,=r,r,r,r")
 
 
-def _decode_ptx_per_code(codes, scales):
-    """codes uint8 [R, C] and each code byte's own scale byte, uint8 [R, C] -> (even, odd) bf16
-    [R, C] via `_PTX_DECODE` (any code layout: the scales already spread to the codes')."""
-    return _asm_halves(_PTX_DECODE, [codes, _ue8m0_bf16(scales)], jnp.bfloat16, "=r,=r,r,r,r")
-
-
 NIBBLE_SHIFTS = {"even": 4, "odd": 0}  # each half's nibble to its byte's top: the low (even inputs) by 4
 
 
@@ -277,12 +271,51 @@ def _decode_alu_f32(codes, scales):
 F32_DECODERS = {"alu": _decode_alu_f32, "ptx": _decode_ptx_f32}  # (codes, per-code scales) -> float32 halves
 
 
-def _decode_alu_per_code(codes, scales):
-    even, odd = _decode_alu_f32(codes, scales)
-    return even.astype(jnp.bfloat16), odd.astype(jnp.bfloat16)
+# The pair decode (`fp4_dequant.dequantize_k_major`): four code bytes in $4, their four scale
+# bytes in $5 (one per code byte, made bf16x2 2**(s - 127) as in `_PTX_DECODE_F32`), out $0..$3
+# one 32-bit word per code byte holding both its bf16 values, the even input (low nibble) in the low
+# 16 bits and the odd input (high nibble) in the high 16 bits: little-endian, the bytes of the
+# two inputs side by side. `_PTX_DECODE`'s arithmetic decodes the even halves of bytes 0,1 (e) and
+# 2,3 (f) and the odd halves (g, h) as bf16x2, then one prmt per byte picks its (even, odd) lanes
+# (selector 0x5410: the low lanes of the two registers, 0x7632: the high lanes), so no value
+# crosses threads and the store is one plain 32-bit store (Triton's join + reshape of the bf16
+# halves ordered them wrongly on an H200).
+_PTX_DECODE_PAIRS = """{
+.reg .b32 c, t, d, k, z, s0, s1, e, f, g, h;
+mov.b32 k, 0x7E807E80;
+mov.b32 z, 0x80008000;
+prmt.b32 s0, $5, 0, 0x4140; shl.b32 s0, s0, 7; prmt.b32 s1, $5, 0, 0x4342; shl.b32 s1, s1, 7;
+shl.b32 c, $4, 4;
+prmt.b32 t, c, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 e, d, s0, z;
+prmt.b32 t, c, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 f, d, s1, z;
+prmt.b32 t, $4, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 g, d, s0, z;
+prmt.b32 t, $4, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 h, d, s1, z;
+prmt.b32 $0, e, g, 0x5410; prmt.b32 $1, e, g, 0x7632;
+prmt.b32 $2, f, h, 0x5410; prmt.b32 $3, f, h, 0x7632;
+}"""
 
 
-PER_CODE_DECODERS = {"alu": _decode_alu_per_code, "ptx": _decode_ptx_per_code}  # (codes, per-code scales) -> bf16 halves
+def _decode_ptx_pairs(codes, scales):
+    """codes uint8 [R, C] and each code byte's own scale byte, uint8 [R, C] -> int32 [R, C]: each
+    code byte's two bf16 values in one word (`_PTX_DECODE_PAIRS`). int32, not uint32: Pallas types
+    an unsigned inline-assembly result ui32, which Triton's verifier rejects (signless integers only)."""
+    return plt.elementwise_inline_asm(_PTX_DECODE_PAIRS, args=[codes, scales], constraints="=r,=r,=r,=r,r,r", pack=4,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.int32)])[0]
+
+
+def _decode_alu_pairs(codes, scales):
+    """`_decode_ptx_pairs`' words from the float32 decode: each value is exact in bf16 (at most two
+    significant bits), so its bf16 bits are its float32 bits' top half."""
+    even, odd = (jax.lax.bitcast_convert_type(h, jnp.int32) for h in _decode_alu_f32(codes, scales))
+    return (odd & jnp.int32(-0x10000)) | jax.lax.shift_right_logical(even, jnp.int32(16))
+
+
+# (codes, per-code scales) -> int32 words (even | odd << 16): the bytes of the bf16 pairs
+PAIR_DECODERS = {"alu": _decode_alu_pairs, "ptx": _decode_ptx_pairs}
 
 
 def by_decoder(body, decode: str | None, interpret: bool):
