@@ -14,20 +14,23 @@ two tiles. The output is allocated as [E, K/2, 2, N] (the same bytes as [E, K, N
 K-major codes (`packed.Fp4WeightsKMajor`, [E, N, K/2]) decode either to the same [E, K, N]
 (`dequantize`: each code tile transposed in the kernel, through shared memory) or, without any
 transpose, to [E, N, K] (`dequantize_k_major`): each program reads a [block_n, block_k/2] code
-tile (rows contiguous along K, 4 code bytes per thread: `load_in_runs`), spreads its small
-[block_k/32, block_n] scale tile to one scale byte per code byte, and decodes each code byte to
-ONE 32-bit word holding both its bf16 values, the even input 2r (low nibble) in the low half and
-the odd input 2r + 1 in the high half (`w4a16_grouped_gemm.PAIR_DECODERS`: on CUDA one inline
-assembly per 4 code bytes, `_PTX_DECODE`'s arithmetic then one byte permute per word; the ALU
-decoder's float32 bits elsewhere). Little-endian, the int32 [E, N, K/2] output has exactly the
-bytes of bf16 [E, N, K]: one plain 16-byte store per thread, and XLA's bitcast to bf16 [E, N,
-K/2, 2] and reshape outside the kernel are free. No interleave in Triton: its join + reshape of
-the two bf16 halves ordered them [e0, e1, o0, o1] on an H200 (wrong), and two strided 2-byte
-stores into an [N, K/2, 2] view were right but slow (2.72 ms for the V4-Flash up projection's
-experts vs 0.79; offline sm_90a, pip Triton 3.9 on the TTIR, 512x64 tiles, 4 warps: 256 b16
-stores, 65 barriers and 255 registers with stack per program; the word decode: 32 v4.b32
-stores, 1 barrier, 109 registers, no spills, ~4.9 SASS instructions per weight). The bf16
-Pallas kernel multiplies that layout with `transpose_b`.
+tile (rows contiguous along K, 4 code bytes per thread: `load_in_runs`) and its small
+[block_k/32, block_n] scale tile, spreads both to the [block_n, block_k] output tile (each code
+byte twice, for inputs 2r and 2r + 1; each scale byte 32 times) with a select byte per column
+(0xFF where odd: the high nibble), and decodes that tile purely elementwise
+(`w4a16_grouped_gemm.SELECT_DECODERS`: on CUDA one inline assembly per 4 inputs, `_PTX_DECODE`'s
+arithmetic after one lop3 that puts each input's own nibble at its byte's top; the ALU decoder
+elsewhere), so the bf16 tile is stored as it is, 16 bytes per thread. No interleave anywhere: an
+in-register interleave of the two decoded halves (Triton's join + reshape) ordered them [e0, e1,
+o0, o1] on an H200 (wrong); two strided stores into an [N, K/2, 2] view were right but slow (the
+V4-Flash up projection's experts in 2.72 ms against 0.79 for the wrong one); one 32-bit word per
+code byte bitcast to bf16 outside the kernel costs a copy of the output (XLA's GPU pipeline
+expands a bitcast between widths into arithmetic: BitcastDtypesExpander). Offline sm_90a compile
+(pip Triton 3.9 on the TTIR, 512x64 tiles, 4 warps; indicative only): 32 16-byte stores, 1
+barrier, 144 registers, no spills, ~5.3 SASS instructions per weight, where the strided stores
+took 256 2-byte stores, 65 barriers and 255 registers with stack (the other tiles of `bench w4a16
+--prefill-sweep`: 16-byte stores, at most 1 barrier, no spills). The bf16 Pallas kernel
+multiplies that layout with `transpose_b`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
-from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, PAIR_DECODERS, by_decoder
+from atom_jax.kernels.w4a16_grouped_gemm import DECODERS, SELECT_DECODERS, by_decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +123,16 @@ def _dequantize(weights, tiles: DequantTiles | None, interpret: bool, decode: st
 
 def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str):
     bn, bkh = c_ref.shape
-    # [block_n, block_k/2], 4 code bytes per thread: their 4 words are one 16-byte store
-    # (`load_in_runs`; read plainly: 65 barriers per program offline, 1 with it)
+    bk = 2 * bkh
+    # [block_n, block_k/2], 4 code bytes per thread (`load_in_runs`; read plainly: 65 barriers per
+    # program offline, 1 with it), then each byte twice: inputs 2r and 2r + 1
     codes = load_in_runs(c_ref, 4)
-    scales = s_ref[...].T  # [block_n, block_k/32]: 1/16 of the code tile
-    scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK // 2)).reshape(bn, bkh)
-    # one 32-bit word per code byte, its even value in the low half and its odd value in the high half:
-    # the bytes of the two bf16 side by side, one plain store, no interleave in Triton
-    o_ref[...] = PAIR_DECODERS[decode](codes, scales)
+    codes = jnp.broadcast_to(codes[:, :, None], (bn, bkh, 2)).reshape(bn, bk)
+    scales = s_ref[...].T  # [block_n, block_k/32]: 1/32 of the output tile
+    scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK)).reshape(bn, bk)
+    odd = jnp.broadcast_to(((jnp.arange(bk, dtype=jnp.int32) & 1) * 0xFF).astype(jnp.uint8)[None, :], (bn, bk))
+    # one value per input, elementwise: the output tile stored as it is, no interleave
+    o_ref[...] = SELECT_DECODERS[decode](codes, scales, odd)
 
 
 def dequantize_k_major(weights: packed.Fp4WeightsKMajor, tiles: DequantTiles | None = None, interpret: bool = False,
@@ -145,25 +150,18 @@ def _dequantize_k_major(weights, tiles: DequantTiles, interpret: bool, decode: s
     packed.fp4_check((e, k // 2, n), weights.scales.shape)
     bk, bn = k_major_block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
-    words = pl.pallas_call(
+    out = pl.pallas_call(
         functools.partial(_kernel_k_major, decode=decode),
-        out_shape=jax.ShapeDtypeStruct((e, n, k // 2), jnp.int32),  # the bytes of bf16 [E, N, K]
+        out_shape=jax.ShapeDtypeStruct((e, n, k), jnp.bfloat16),
         grid=(e, n // bn, k // bk),  # along K fastest: consecutive programs write consecutive rows
         in_specs=[pl.BlockSpec((None, bn, bkh), lambda g, j, i: (g, j, i)),
                   pl.BlockSpec((None, bks, bn), lambda g, j, i: (g, i, j))],
-        out_specs=pl.BlockSpec((None, bn, bkh), lambda g, j, i: (g, j, i)),
+        out_specs=pl.BlockSpec((None, bn, bk), lambda g, j, i: (g, j, i)),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="fp4_dequant_kmajor",
     )(weights.codes, weights.scales)
-    # [E, N, K/2] words -> [E, N, K/2, 2] bf16 (low half first: input 2r, then 2r + 1) -> [E, N, K]
-    return words_to_bf16(words)
-
-
-def words_to_bf16(words):
-    """32-bit [..., C] words holding bf16 pairs (low half first) -> bf16 [..., 2C], the same bytes
-    (XLA's bitcast to a narrower type splits each word low half first; the reshape is free)."""
-    return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(*words.shape[:-1], 2 * words.shape[-1])
+    return out
 
 
 def block_sizes(k: int, n: int, tiles: DequantTiles | None = None) -> tuple[int, int]:

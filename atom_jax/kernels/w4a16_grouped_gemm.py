@@ -271,51 +271,45 @@ def _decode_alu_f32(codes, scales):
 F32_DECODERS = {"alu": _decode_alu_f32, "ptx": _decode_ptx_f32}  # (codes, per-code scales) -> float32 halves
 
 
-# The pair decode (`fp4_dequant.dequantize_k_major`): four code bytes in $4, their four scale
-# bytes in $5 (one per code byte, made bf16x2 2**(s - 127) as in `_PTX_DECODE_F32`), out $0..$3
-# one 32-bit word per code byte holding both its bf16 values, the even input (low nibble) in the low
-# 16 bits and the odd input (high nibble) in the high 16 bits: little-endian, the bytes of the
-# two inputs side by side. `_PTX_DECODE`'s arithmetic decodes the even halves of bytes 0,1 (e) and
-# 2,3 (f) and the odd halves (g, h) as bf16x2, then one prmt per byte picks its (even, odd) lanes
-# (selector 0x5410: the low lanes of the two registers, 0x7632: the high lanes), so no value
-# crosses threads and the store is one plain 32-bit store (Triton's join + reshape of the bf16
-# halves ordered them wrongly on an H200).
-_PTX_DECODE_PAIRS = """{
-.reg .b32 c, t, d, k, z, s0, s1, e, f, g, h;
+# The per-input decode (`fp4_dequant.dequantize_k_major`): a purely elementwise decode of the
+# [block_n, block_k] bf16 output tile itself, so the kernel stores it as it is (no interleave of
+# two halves in Triton, whose join + reshape of the bf16 halves ordered them wrongly on an H200,
+# and no wider words bitcast to bf16 outside, which XLA's GPU pipeline expands into a copy of the
+# whole output: BitcastDtypesExpander). Input j of the tile gets its code byte (each byte twice:
+# inputs 2r and 2r + 1), its scale byte and a select byte, 0xFF where j is odd (the high nibble)
+# and 0 where even (the low nibble). Four inputs per instance: codes in $2, scale bytes in $3 (made
+# bf16x2 2**(s - 127) as in `_PTX_DECODE_F32`), select bytes in $4; one lop3 puts each input's own
+# nibble at its byte's top (the byte itself where odd, the byte << 4 where even: (a & c) | (b & ~c),
+# table 0xE4), then `_PTX_DECODE`'s arithmetic, out $0/$1 bf16x2.
+_PTX_DECODE_SELECT = """{
+.reg .b32 c, t, d, k, z, s0, s1;
 mov.b32 k, 0x7E807E80;
 mov.b32 z, 0x80008000;
-prmt.b32 s0, $5, 0, 0x4140; shl.b32 s0, s0, 7; prmt.b32 s1, $5, 0, 0x4342; shl.b32 s1, s1, 7;
-shl.b32 c, $4, 4;
+prmt.b32 s0, $3, 0, 0x4140; shl.b32 s0, s0, 7; prmt.b32 s1, $3, 0, 0x4342; shl.b32 s1, s1, 7;
+shl.b32 t, $2, 4;
+lop3.b32 c, $2, t, $4, 0xE4;
 prmt.b32 t, c, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
-fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 e, d, s0, z;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $0, d, s0, z;
 prmt.b32 t, c, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
-fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 f, d, s1, z;
-prmt.b32 t, $4, 0, 0x9180; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
-fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 g, d, s0, z;
-prmt.b32 t, $4, 0, 0xB3A2; shl.b32 t, t, 2; and.b32 d, t, 0x81C081C0;
-fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 h, d, s1, z;
-prmt.b32 $0, e, g, 0x5410; prmt.b32 $1, e, g, 0x7632;
-prmt.b32 $2, f, h, 0x5410; prmt.b32 $3, f, h, 0x7632;
+fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, s1, z;
 }"""
 
 
-def _decode_ptx_pairs(codes, scales):
-    """codes uint8 [R, C] and each code byte's own scale byte, uint8 [R, C] -> int32 [R, C]: each
-    code byte's two bf16 values in one word (`_PTX_DECODE_PAIRS`). int32, not uint32: Pallas types
-    an unsigned inline-assembly result ui32, which Triton's verifier rejects (signless integers only)."""
-    return plt.elementwise_inline_asm(_PTX_DECODE_PAIRS, args=[codes, scales], constraints="=r,=r,=r,=r,r,r", pack=4,
-                                      result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.int32)])[0]
+def _decode_ptx_select(codes, scales, odd):
+    """codes, scale bytes and select bytes (0xFF: the high nibble), uint8 [R, C] each -> bf16 [R, C]:
+    each element's own nibble decoded (`_PTX_DECODE_SELECT`)."""
+    return plt.elementwise_inline_asm(_PTX_DECODE_SELECT, args=[codes, scales, odd], constraints="=r,=r,r,r,r", pack=4,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)])[0]
 
 
-def _decode_alu_pairs(codes, scales):
-    """`_decode_ptx_pairs`' words from the float32 decode: each value is exact in bf16 (at most two
-    significant bits), so its bf16 bits are its float32 bits' top half."""
-    even, odd = (jax.lax.bitcast_convert_type(h, jnp.int32) for h in _decode_alu_f32(codes, scales))
-    return (odd & jnp.int32(-0x10000)) | jax.lax.shift_right_logical(even, jnp.int32(16))
+def _decode_alu_select(codes, scales, odd):
+    c = codes.astype(jnp.int32)
+    nibble = jnp.where(odd != 0, c >> 4, c & 0xF)
+    return (packed.e2m1_to_float32(nibble) * packed.ue8m0_to_float32(scales.astype(jnp.int32))).astype(jnp.bfloat16)
 
 
-# (codes, per-code scales) -> int32 words (even | odd << 16): the bytes of the bf16 pairs
-PAIR_DECODERS = {"alu": _decode_alu_pairs, "ptx": _decode_ptx_pairs}
+# (codes, per-input scales, select bytes) -> bf16, one value per input
+SELECT_DECODERS = {"alu": _decode_alu_select, "ptx": _decode_ptx_select}
 
 
 def by_decoder(body, decode: str | None, interpret: bool):
