@@ -53,6 +53,8 @@ def test_k_major_decode_writes_n_by_k_without_transpose_exactly():
     out = fd.dequantize_k_major(packed.to_k_major(w), fd.DequantTiles(block_k=64, block_n=32), interpret=True)
     assert out.shape == (3, 64, 128) and out.dtype == jnp.bfloat16  # grid 3 x 2 x 2
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.swapaxes(ref, 1, 2))
+    gathered = fd.dequantize_k_major(packed.to_k_major(w), fd.DequantTiles(64, 32, gather_codes=True), interpret=True)
+    np.testing.assert_array_equal(np.asarray(gathered), np.asarray(out))  # code bytes read twice, not spread
     with pytest.raises(ValueError, match="K-major"):
         fd.dequantize_k_major(w, interpret=True)
     # block_k halved until it divides K: V4-Pro's down projection split 8 ways by intermediate
@@ -100,10 +102,10 @@ def test_k_major_decode_lowers_for_gpu_at_flash_shapes(platform):
     on rocm), nothing after it in XLA (no transpose, no bitcast: XLA's GPU pipeline expands a
     bitcast between widths into a copy)."""
     from atom_jax.bench.gemm import SHAPES
-    for shape in ("flash_up", "flash_down"):
+    for shape, tiles in (("flash_up", None), ("flash_down", None), ("flash_up", fd.DequantTiles(512, 64, gather_codes=True))):
         e, k, n = SHAPES[shape]
         args = (jax.ShapeDtypeStruct((e, n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((e, k // 32, n), jnp.uint8))
-        f = jax.jit(lambda c, s: fd.dequantize_k_major(packed.Fp4WeightsKMajor(c, s)))
+        f = jax.jit(lambda c, s, t=tiles: fd.dequantize_k_major(packed.Fp4WeightsKMajor(c, s), t))
         with lowering_for(platform):
             exp = jax.export.export(f, platforms=(platform,), disabled_checks=[
                 jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)

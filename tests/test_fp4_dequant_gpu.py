@@ -31,12 +31,13 @@ def test_compiled_seam_dequant_path_matches_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("decode", ["ptx", "alu"])
-@pytest.mark.parametrize("tiles", [fd.KMAJOR_TILES, fd.DequantTiles(block_k=256, block_n=128, num_warps=8)],
-                         ids=["default", "256x128"])
+@pytest.mark.parametrize("tiles", [fd.KMAJOR_TILES, fd.DequantTiles(block_k=256, block_n=128, num_warps=8),
+                                   fd.DequantTiles(block_k=512, block_n=64, gather_codes=True)],
+                         ids=["default", "256x128", "gather"])
 def test_compiled_k_major_decode_equals_reference_dequant(tiles, decode):
-    """`dequantize_k_major` compiled, both decoders (one 32-bit word per code byte, its two bf16
-    values; Triton's join + reshape of the halves before it was wrong on an H200): [E, N, K], the
-    reference decode transposed, bit for bit."""
+    """`dequantize_k_major` compiled, both decoders, the code bytes spread in Triton (broadcast +
+    reshape) or gathered (each read twice): [E, N, K], the reference decode transposed, bit for bit
+    (a join + reshape of two decoded halves before it was wrong on an H200)."""
     w = random_packed(np.random.default_rng(), 4, 1024, 2048, lowest=2)
     out = jax.jit(lambda v: fd.dequantize_k_major(v, tiles, decode=decode))(packed.to_k_major(w))
     ref = jax.jit(lambda v: packed.fp4_dequantize(v, jnp.float32).astype(jnp.bfloat16))(w)

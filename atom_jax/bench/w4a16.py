@@ -120,8 +120,9 @@ def variant(cfg) -> str:
 
 
 def tiles_name(cfg) -> str:
-    kind = " gemv" if getattr(cfg, "gemv", False) else " swap" if getattr(cfg, "swap_ab", False) else ""
-    return "x".join(map(str, dataclasses.astuple(cfg)[:5])) + kind
+    kind = (" gemv" if getattr(cfg, "gemv", False) else " swap" if getattr(cfg, "swap_ab", False) else
+            " gather" if getattr(cfg, "gather_codes", False) else "")
+    return "x".join(str(v) for v in dataclasses.astuple(cfg)[:5] if not isinstance(v, bool)) + kind
 
 
 def failure(e: Exception) -> str:

@@ -24,8 +24,9 @@ import time
 # around it; each within Hopper's 227 KiB of shared memory per block (A + B tiles x stages).
 GEMM_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
               (64, 256, 64, 4, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (64, 128, 128, 4, 4)]
-# (block_k, block_n, num_warps, num_stages) of `dequantize_k_major`: KMAJOR_TILES first.
-DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 8, 1), (256, 64, 4, 1)]
+# (block_k, block_n, num_warps, num_stages[, gather_codes]) of `dequantize_k_major`: KMAJOR_TILES first.
+DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 8, 1), (256, 64, 4, 1),
+                (512, 64, 4, 1, True), (256, 128, 4, 1, True)]
 # The W4A16 kernel (K-major codes, MMA): 256-row tiles (no register spills in an offline sm_90a
 # compile of their TTIR; 512 x 64 and 256 x 128 spilled), then the 128-row ones near the
 # [K/2, N] codes' 8K-token best (128x128x128, 8 warps).

@@ -57,6 +57,11 @@ class DequantTiles:
     block_n: int = 512
     num_warps: int = 4
     num_stages: int = 1
+    # `dequantize_k_major` only: load each code byte twice straight from memory (column c reads
+    # byte c // 2: byte loads, no reshape) instead of 4 bytes per thread spread by a broadcast +
+    # reshape in Triton (whose join + reshape misordered values on an H200 once): `bench w4a16
+    # --prefill-sweep` times both, the GPU test checks both.
+    gather_codes: bool = False
 
 
 DEFAULT_TILES = DequantTiles()
@@ -121,13 +126,18 @@ def _dequantize(weights, tiles: DequantTiles | None, interpret: bool, decode: st
     return out.reshape(e, k, n)
 
 
-def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str):
+def _kernel_k_major(c_ref, s_ref, o_ref, *, decode: str, gather_codes: bool):
     bn, bkh = c_ref.shape
     bk = 2 * bkh
-    # [block_n, block_k/2], 4 code bytes per thread (`load_in_runs`; read plainly: 65 barriers per
-    # program offline, 1 with it), then each byte twice: inputs 2r and 2r + 1
-    codes = load_in_runs(c_ref, 4)
-    codes = jnp.broadcast_to(codes[:, :, None], (bn, bkh, 2)).reshape(bn, bk)
+    # each code byte twice (inputs 2r and 2r + 1): gathered, or the [block_n, block_k/2] tile read 4
+    # code bytes per thread (`load_in_runs`; read plainly: 65 barriers per program offline, 1 with
+    # it) and spread
+    if gather_codes:
+        codes = plt.load(c_ref.at[jnp.arange(bn, dtype=jnp.int32)[:, None],
+                                  jax.lax.div(jnp.arange(bk, dtype=jnp.int32), 2)[None, :]])
+    else:
+        codes = load_in_runs(c_ref, 4)
+        codes = jnp.broadcast_to(codes[:, :, None], (bn, bkh, 2)).reshape(bn, bk)
     scales = s_ref[...].T  # [block_n, block_k/32]: 1/32 of the output tile
     scales = jnp.broadcast_to(scales[:, :, None], (bn, scales.shape[1], packed.FP4_BLOCK)).reshape(bn, bk)
     odd = jnp.broadcast_to(((jnp.arange(bk, dtype=jnp.int32) & 1) * 0xFF).astype(jnp.uint8)[None, :], (bn, bk))
@@ -151,7 +161,7 @@ def _dequantize_k_major(weights, tiles: DequantTiles, interpret: bool, decode: s
     bk, bn = k_major_block_sizes(k, n, tiles)
     bkh, bks = bk // 2, bk // packed.FP4_BLOCK
     out = pl.pallas_call(
-        functools.partial(_kernel_k_major, decode=decode),
+        functools.partial(_kernel_k_major, decode=decode, gather_codes=tiles.gather_codes),
         out_shape=jax.ShapeDtypeStruct((e, n, k), jnp.bfloat16),
         grid=(e, n // bn, k // bk),  # along K fastest: consecutive programs write consecutive rows
         in_specs=[pl.BlockSpec((None, bn, bkh), lambda g, j, i: (g, j, i)),
