@@ -102,7 +102,8 @@ def test_k_major_decode_lowers_for_gpu_at_flash_shapes(platform):
     on rocm), nothing after it in XLA (no transpose, no bitcast: XLA's GPU pipeline expands a
     bitcast between widths into a copy)."""
     from atom_jax.bench.gemm import SHAPES
-    for shape, tiles in (("flash_up", None), ("flash_down", None), ("flash_up", fd.DequantTiles(512, 64, gather_codes=True))):
+    gather = fd.DequantTiles(512, 64, gather_codes=True)
+    for shape, tiles in (("flash_up", None), ("flash_down", None), ("flash_up", gather)):
         e, k, n = SHAPES[shape]
         args = (jax.ShapeDtypeStruct((e, n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((e, k // 32, n), jnp.uint8))
         f = jax.jit(lambda c, s, t=tiles: fd.dequantize_k_major(packed.Fp4WeightsKMajor(c, s), t))

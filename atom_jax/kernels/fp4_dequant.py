@@ -16,8 +16,9 @@ K-major codes (`packed.Fp4WeightsKMajor`, [E, N, K/2]) decode either to the same
 transpose, to [E, N, K] (`dequantize_k_major`): each program reads a [block_n, block_k/2] code
 tile (rows contiguous along K, 4 code bytes per thread: `load_in_runs`) and its small
 [block_k/32, block_n] scale tile, spreads both to the [block_n, block_k] output tile (each code
-byte twice, for inputs 2r and 2r + 1; each scale byte 32 times) with a select byte per column
-(0xFF where odd: the high nibble), and decodes that tile purely elementwise
+byte twice, for inputs 2r and 2r + 1, by a broadcast + reshape in Triton, or with
+`DequantTiles.gather_codes` read twice from memory; each scale byte 32 times) with a select byte
+per column (0xFF where odd: the high nibble), and decodes that tile purely elementwise
 (`w4a16_grouped_gemm.SELECT_DECODERS`: on CUDA one inline assembly per 4 inputs, `_PTX_DECODE`'s
 arithmetic after one lop3 that puts each input's own nibble at its byte's top; the ALU decoder
 elsewhere), so the bf16 tile is stored as it is, 16 bytes per thread. No interleave anywhere: an
@@ -29,8 +30,9 @@ expands a bitcast between widths into arithmetic: BitcastDtypesExpander). Offlin
 (pip Triton 3.9 on the TTIR, 512x64 tiles, 4 warps; indicative only): 32 16-byte stores, 1
 barrier, 144 registers, no spills, ~5.3 SASS instructions per weight, where the strided stores
 took 256 2-byte stores, 65 barriers and 255 registers with stack (the other tiles of `bench w4a16
---prefill-sweep`: 16-byte stores, at most 1 barrier, no spills). The bf16 Pallas kernel
-multiplies that layout with `transpose_b`.
+--prefill-sweep`: 16-byte stores, at most 1 barrier, no spills; gathered codes: 256 byte loads
+per thread instead of 32 4-byte ones, ~7.4 instructions per weight, 164 registers). The bf16
+Pallas kernel multiplies that layout with `transpose_b`.
 """
 
 from __future__ import annotations
