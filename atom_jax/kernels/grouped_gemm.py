@@ -244,8 +244,10 @@ DEQUANT_MIN_ROWS_PER_GROUP = 192
 # K] bf16, no transpose, then the bf16 kernel with `transpose_b`). Measured on an H200 (`bench w4a16
 # --tokens 8192 --kernels dequant_pallas,dequant_pallas_kmajor`, 2026-12-01 session 10): the
 # no-transpose decode whose halves were interleaved in registers was fast (0.79 ms, 84% of copy;
-# path 2.17 ms) but ordered the values wrongly on the GPU; stored as two strided halves it is right
-# and slow (2.72 ms; path 3.99 ms), so the transposing decode (path 2.47 ms) stays.
+# path 2.17 ms) but ordered the values wrongly on the GPU; stored as two strided halves it was right
+# and slow (2.72 ms; path 3.99 ms), so the transposing decode (path 2.47 ms) stays until the per-
+# element decode that replaced both (each output column decodes its own code byte's nibble: no
+# interleave, 16-byte stores) is measured on a GPU.
 KMAJOR_DECODE_TO_NK = False
 
 
