@@ -74,10 +74,13 @@ def test_moe_with_the_fused_gate_up_matches_the_two_calls(monkeypatch):
     np.testing.assert_allclose(fused, two, rtol=2e-2, atol=2e-2 * np.abs(two).max())
 
 
-@pytest.mark.parametrize("k_major", [False, True])
-def test_gate_up_on_fp4_experts_decoded_then_fused_matches_the_two_calls(monkeypatch, k_major):
-    """Packed FP4 experts at prefill rows per expert: the seam decodes them (`fp4_dequant`,
-    K-major codes to `DenseKMajor`) and runs the pair; same values as the two decoded calls."""
+@pytest.mark.parametrize("k_major,to_nk", [(False, False), (True, False), (True, True)],
+                         ids=["nmajor", "kmajor", "kmajor-to-nk"])
+def test_gate_up_on_fp4_experts_decoded_then_fused_matches_the_two_calls(monkeypatch, k_major, to_nk):
+    """Packed FP4 experts at prefill rows per expert: the seam decodes them (`fp4_dequant`; K-major
+    codes to `DenseKMajor` where KMAJOR_DECODE_TO_NK) and runs the pair; same values as the two
+    decoded calls."""
+    monkeypatch.setattr(grouped_gemm, "KMAJOR_DECODE_TO_NK", to_nk)
     rng = np.random.default_rng()
     g, k, n, r, m = 4, 256, 256, 16, 40
     w1, w3 = (random_fp4(jax.random.key(int(rng.integers(1 << 30))), g, k, n) for _ in range(2))
@@ -98,5 +101,5 @@ def test_gate_up_on_fp4_experts_decoded_then_fused_matches_the_two_calls(monkeyp
     real = pg.grouped_gemm_pair
     monkeypatch.setattr(pg, "grouped_gemm_pair", lambda *a, **kw: calls.append(kw["transpose_b"]) or real(*a, **kw))
     fused = run()
-    assert calls == [k_major]
+    assert calls == [to_nk]
     np.testing.assert_allclose(fused, two, rtol=2e-2, atol=2e-2 * np.abs(two).max())
