@@ -96,6 +96,34 @@ def test_moe_through_compiled_kernels_matches_float32_experts(backend):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2  # bf16 rounding of h and out
 
 
+@pytest.mark.parametrize("tokens", [16, 2048], ids=["decode", "prefill"])
+def test_moe_with_kmajor_bf16_experts_matches_float32_experts(tokens):
+    """`--expert-layout kmajor` with bf16 experts: the stacks held [E, N, K] and handed to the
+    seam as `DenseKMajor`, so the compiled Pallas kernel multiplies them with `transpose_b`, at
+    decode rows per expert (DECODE_TILES: unmeasured before) and at prefill ones (PREFILL_TILES),
+    half the experts held elsewhere, against the float32 [E, K, N] experts through `dense`."""
+    from atom_jax.kernels.packed import DenseKMajor
+    from atom_jax.models.moe import mean_rows_per_expert, routed_experts
+    rng = np.random.default_rng()
+    d, i, e_all, topk = 512, 256, 32, 6
+    e_local, offset = e_all // 2, e_all // 2
+    want = pg.DECODE_TILES if tokens == 16 else pg.PREFILL_TILES
+    assert pg.default_tiles(mean_rows_per_expert(tokens, topk, e_all)) == want
+    x = jnp.asarray(rng.standard_normal((tokens, d)), jnp.bfloat16)
+    idx = jnp.asarray(np.stack([rng.choice(e_all, topk, replace=False) for _ in range(tokens)]), jnp.int32)
+    w = jnp.asarray(rng.random((tokens, topk)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e_local, d, i)) / np.sqrt(d), jnp.bfloat16) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e_local, i, d)) / np.sqrt(i), jnp.bfloat16)
+    run = jax.jit(lambda *a, backend: routed_experts(*a, 7.0, expert_offset=offset, backend=backend,
+                                                     n_experts=e_all), static_argnames="backend")
+    k_major = [DenseKMajor(jnp.swapaxes(a, 1, 2)) for a in (w1, w3, w2)]
+    out = np.asarray(run(x, idx, w, *k_major, backend="pallas"), np.float32)
+    f32 = [a.astype(jnp.float32) for a in (x, w1, w3, w2)]
+    ref = np.asarray(run(f32[0], idx, w, *f32[1:], backend="dense"), np.float32)
+    assert np.all(np.isfinite(out))
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2  # bf16 rounding of h and out
+
+
 @pytest.mark.parametrize("tiles", [pg.DECODE_TILES, pg.PREFILL_TILES], ids=["decode", "prefill"])
 def test_compiled_row_ids_gather_matches_gathered_rows(tiles):
     """`row_ids`: the kernel loads rows[row_ids[r]] itself (the MoE's first GEMMs); the same

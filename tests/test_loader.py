@@ -98,6 +98,46 @@ def test_orbax_round_trip(saved_hf, tmp_path):
     np.testing.assert_array_equal(np.asarray(jit_forward(model)(ids)), np.asarray(jit_forward(restored)(ids)))
 
 
+def test_hf_checkpoint_loads_bf16_experts_kmajor_and_orbax_keeps_it(saved_hf, tmp_path):
+    """`expert_layout="kmajor"` with bf16 experts from an HF checkpoint: each routed expert's
+    [out, in] kept as stored ([E, N, K]: nmajor's stacks transposed), every other leaf nmajor's;
+    saved with orbax it restores K-major (as saved), or nmajor on request."""
+    from flax import nnx
+
+    from atom_jax.models.packed_params import FP4_EXPERTS
+
+    _, src = saved_hf
+    nmajor, kmajor = load_model(src, host=True), load_model(src, host=True, expert_layout="kmajor")
+    assert (nmajor.weights, nmajor.expert_layout, kmajor.expert_layout) == ("bf16", "nmajor", "kmajor")
+
+    def leaves(model):
+        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                jax.tree_util.tree_leaves_with_path(nnx.state(model).to_pure_dict())}
+
+    want, swapped = leaves(nmajor), 0
+    for name, got in leaves(kmajor).items():
+        a = want.pop(name)
+        if name.split("'")[-2] in FP4_EXPERTS:
+            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
+        np.testing.assert_array_equal(got, a, err_msg=name)
+    assert not want and swapped == 3 * kmajor.cfg.num_layers
+    cfg = kmajor.cfg  # random init builds them K-major directly
+    assert random_model(cfg, expert_layout="kmajor").layers[0].ffn.w2.get_value().shape == (
+        cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+    out = save_orbax(kmajor, str(tmp_path / "ckpt"))
+    from atom_jax.loader import restore_orbax
+
+    restored = restore_orbax(out, host=True)  # as saved
+    assert restored.expert_layout == "kmajor"
+    assert load_model(out, host=True, expert_layout="kmajor").expert_layout == "kmajor"
+    for (name, a), b in zip(leaves(kmajor).items(), leaves(restored).values()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    as_n = load_model(out, host=True, expert_layout="nmajor")
+    assert as_n.expert_layout == "nmajor"
+    np.testing.assert_array_equal(np.asarray(as_n.layers[0].ffn.w1.get_value()),
+                                  np.asarray(nmajor.layers[0].ffn.w1.get_value()))
+
+
 @pytest.mark.parametrize("weights", ["bf16", "native"])
 def test_orbax_saved_before_fused_projections(tmp_path, weights):
     """An orbax checkpoint in the older layout (each compressor's wkv / wgate, the indexer's

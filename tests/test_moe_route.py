@@ -274,3 +274,55 @@ def test_packed_experts_through_w4a16_kernel_match_decoded():
         x, idx, w, w1, w3, w2, 7.0, expert_offset=e_local, backend=backend), np.float32)
     out, ref = run("pallas"), run("ragged_dot")
     np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_kmajor_bf16_experts_through_pallas_match_nmajor():
+    """bf16 experts held K-major (`DenseKMajor`, [E, N, K]: `--expert-layout kmajor`): the Pallas
+    kernel (interpreted) multiplies them with `transpose_b` and gives the [E, K, N] experts'
+    output (the same products and tiles: equal to float32 rounding), half the experts held
+    elsewhere, skewed routing; an XLA backend gets them transposed back."""
+    from atom_jax.kernels.packed import DenseKMajor
+    rng = np.random.default_rng()
+    n, k, d, i, e_all, e_local = 24, 3, 64, 64, 8, 4
+    idx = jnp.asarray(_skewed_routing(rng, n, k, e_all, hot=5))
+    x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    w = jnp.asarray(rng.random((n, k)), jnp.float32)
+    stacks = [jnp.asarray(rng.standard_normal((e_local, a, b)) / 8, jnp.float32) for a, b in ((d, i), (d, i), (i, d))]
+    k_major = [DenseKMajor(jnp.swapaxes(s, 1, 2)) for s in stacks]
+    run = lambda ws, backend: np.asarray(routed_experts(  # noqa: E731
+        x, idx, w, *ws, 7.0, expert_offset=e_local, backend=backend))
+    ref = run(stacks, "ragged_dot")
+    np.testing.assert_allclose(run(k_major, "pallas"), run(stacks, "pallas"), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(run(k_major, "pallas"), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(run(k_major, "ragged_dot"), ref)
+
+
+def test_kmajor_bf16_moe_lowers_to_the_bf16_kernel_without_transposing_experts():
+    """The routed experts with `DenseKMajor` stacks lowered for cuda: the bf16 Pallas kernel (three
+    Triton calls, with `transpose_b`), no XLA transpose of an expert stack."""
+    from atom_jax.kernels.packed import DenseKMajor
+    n, k, d, i, e = 256, 6, 512, 256, 8
+    bf = jnp.bfloat16
+    args = (jax.ShapeDtypeStruct((n, d), bf), jax.ShapeDtypeStruct((n, k), jnp.int32),
+            jax.ShapeDtypeStruct((n, k), jnp.float32), DenseKMajor(jax.ShapeDtypeStruct((e, i, d), bf)),
+            DenseKMajor(jax.ShapeDtypeStruct((e, i, d), bf)), DenseKMajor(jax.ShapeDtypeStruct((e, d, i), bf)))
+    fn = jax.jit(lambda *a: routed_experts(*a, 7.0, expert_offset=3, backend="pallas"))
+    with lowering_for("cuda"):
+        text = jax.export.export(fn, platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args).mlir_module()
+        jaxpr = fn.trace(*args).jaxpr.jaxpr
+    assert text.count(TRITON) == 3
+    transposed, weights = [], []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "transpose":
+                transposed.extend(v.aval.shape for v in eqn.outvars)
+            if eqn.primitive.name == "pallas_call":
+                assert "grouped_gemm" in str(eqn.params["name"]) and "w4a16" not in str(eqn.params["name"])
+                weights.append(eqn.invars[-2 if len(weights) == 1 else -1].aval.shape)  # the w3 call: + gate
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jaxpr)
+    assert not [s for s in transposed if len(s) == 3], transposed
+    assert weights == [(e, i, d), (e, i, d), (e, d, i)]  # the stacks reach the kernels as held, [E, N, K]
