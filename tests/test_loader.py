@@ -19,6 +19,7 @@ from atom_jax.models import jit_forward
 from atom_jax.weights import quant
 from atom_jax.weights.reader import CheckpointError, iter_checkpoint
 from hf_reference import hf_logits, make_hf_model
+from layout_check import assert_experts_transposed
 from official_checkpoint import write_safetensors_with_dtypes
 
 FP8_LEAVES = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|shared_experts\.w[123]\.weight$")
@@ -104,23 +105,10 @@ def test_hf_checkpoint_loads_bf16_experts_kmajor_and_orbax_keeps_it(saved_hf, tm
     saved with orbax it restores K-major (as saved), or nmajor on request."""
     from flax import nnx
 
-    from atom_jax.models.packed_params import FP4_EXPERTS
-
     _, src = saved_hf
     nmajor, kmajor = load_model(src, host=True), load_model(src, host=True, expert_layout="kmajor")
     assert (nmajor.weights, nmajor.expert_layout, kmajor.expert_layout) == ("bf16", "nmajor", "kmajor")
-
-    def leaves(model):
-        return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-                jax.tree_util.tree_leaves_with_path(nnx.state(model).to_pure_dict())}
-
-    want, swapped = leaves(nmajor), 0
-    for name, got in leaves(kmajor).items():
-        a = want.pop(name)
-        if name.split("'")[-2] in FP4_EXPERTS:
-            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
-        np.testing.assert_array_equal(got, a, err_msg=name)
-    assert not want and swapped == 3 * kmajor.cfg.num_layers
+    assert_experts_transposed(kmajor, nmajor)
     cfg = kmajor.cfg  # random init builds them K-major directly
     assert random_model(cfg, expert_layout="kmajor").layers[0].ffn.w2.get_value().shape == (
         cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
@@ -130,8 +118,8 @@ def test_hf_checkpoint_loads_bf16_experts_kmajor_and_orbax_keeps_it(saved_hf, tm
     restored = restore_orbax(out, host=True)  # as saved
     assert restored.expert_layout == "kmajor"
     assert load_model(out, host=True, expert_layout="kmajor").expert_layout == "kmajor"
-    for (name, a), b in zip(leaves(kmajor).items(), leaves(restored).values()):
-        np.testing.assert_array_equal(a, b, err_msg=name)
+    for a, b in zip(*(jax.tree.leaves(nnx.state(m).to_pure_dict()) for m in (kmajor, restored))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     as_n = load_model(out, host=True, expert_layout="nmajor")
     assert as_n.expert_layout == "nmajor"
     np.testing.assert_array_equal(np.asarray(as_n.layers[0].ffn.w1.get_value()),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from layout_check import assert_experts_transposed
 from official_checkpoint import write_official_checkpoint
 
 from atom_jax.config import tiny
@@ -287,22 +288,13 @@ def test_kmajor_loads_the_checkpoint_orientation_and_gives_nmajor_logits(models,
     in/2] bytes), scales and every other leaf byte for byte nmajor's; the logits (jnp path) are
     nmajor's bit for bit."""
     from atom_jax.loader import with_expert_layout
-    from atom_jax.models.packed_params import FP4_EXPERTS
 
     native = models[0]
     assert kmajor.expert_layout == "kmajor" and native.expert_layout == "nmajor"
     cfg = native.cfg
     assert kmajor.layers[0].ffn.w2.get_value().shape == (cfg.n_routed_experts, cfg.hidden_size,
                                                           cfg.moe_intermediate_size // 2)
-    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(native).to_pure_dict())}
-    swapped = 0
-    for path, got in jax.tree_util.tree_leaves_with_path(nnx.state(kmajor).to_pure_dict()):
-        name, leaf = jax.tree_util.keystr(path), str(getattr(path[-1], "key", path[-1]))
-        a = np.asarray(want.pop(name))
-        if leaf in FP4_EXPERTS:
-            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
-        np.testing.assert_array_equal(np.asarray(got), a, err_msg=name)
-    assert not want and swapped == 3 * cfg.num_layers
+    assert_experts_transposed(kmajor, native)
     np.testing.assert_array_equal(np.asarray(jit_forward(kmajor)(ids_and_ref[0])), native_logits)
     back = with_expert_layout(kmajor, "nmajor")  # and the conversion back: nmajor's codes
     np.testing.assert_array_equal(np.asarray(back.layers[1].ffn.w3.get_value()),
@@ -373,22 +365,13 @@ def test_bf16_kmajor_loads_the_checkpoint_orientation_and_gives_nmajor_logits(mo
     `DenseKMajor` back) are nmajor's bit for bit; `with_expert_layout` converts both ways."""
     from atom_jax.kernels.packed import DenseKMajor
     from atom_jax.loader import with_expert_layout
-    from atom_jax.models.packed_params import FP4_EXPERTS
 
     dense, km = models[1], bf16_kmajor
     cfg = dense.cfg
     assert km.expert_layout == "kmajor" and km.weights == "bf16" and dense.expert_layout == "nmajor"
     assert km.layers[0].ffn.w1.get_value().shape == (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size)
     assert all(isinstance(w, DenseKMajor) for w in km.layers[0].ffn.expert_stacks())
-    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(dense).to_pure_dict())}
-    swapped = 0
-    for path, got in jax.tree_util.tree_leaves_with_path(nnx.state(km).to_pure_dict()):
-        name, leaf = jax.tree_util.keystr(path), str(getattr(path[-1], "key", path[-1]))
-        a = np.asarray(want.pop(name))
-        if leaf in FP4_EXPERTS:
-            a, swapped = np.swapaxes(a, -1, -2), swapped + 1
-        np.testing.assert_array_equal(np.asarray(got), a, err_msg=name)
-    assert not want and swapped == 3 * cfg.num_layers
+    assert_experts_transposed(km, dense)
     np.testing.assert_array_equal(np.asarray(jit_forward(km)(ids_and_ref[0])), ids_and_ref[1])
     back = with_expert_layout(km, "nmajor")
     assert back.expert_layout == "nmajor"

@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--page-tokens", type=int, default=128)
     ap.add_argument("--weights", choices=MODEL_FORMATS, default="bf16")
     ap.add_argument("--expert-layout", choices=LAYOUT_CHOICES, default="auto",
-                    help="FP4 experts' code layout (auto: the engine's on the lowered-for platform, kmajor on GPU)")
+                    help="routed experts' layout (auto: the engine's on the lowered-for platform and --weights)")
     ap.add_argument("--tbo", action="store_true", help="the two-chain (TBO) program")
     ap.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     ap.add_argument("--moe-backend", default="auto")
