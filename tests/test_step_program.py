@@ -95,6 +95,6 @@ def test_compiled_decode_step_has_no_host_sync(bucket, context):
 
     cfg = _config("v4-flash", 4)
     fn, args, kw = decode_program(cfg, dp=1, bucket=bucket, slots=64, context=context,
-                                  expert_layout=resolve_layout("auto", "gpu"))  # the engine's on a GPU
+                                  expert_layout=resolve_layout("auto", "gpu", "bf16"))  # the engine's on a GPU
     _, notes = compiled_launches(fn.trace(*args, **kw).lower().compile().as_text())
     assert not notes, notes  # "while ...: trip count unknown" / "conditional ...: every branch counted"

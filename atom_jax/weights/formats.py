@@ -69,7 +69,7 @@ LAYOUT_HELP = ("layout of the routed experts on the device: kmajor [E, N, K] (FP
 BF16_KMAJOR_ON_GPU = False
 
 
-def resolve_layout(layout: str, platform: str, weights: str = NATIVE) -> str:
+def resolve_layout(layout: str, platform: str, weights: str) -> str:
     """`--expert-layout` for a run on `platform` (jax's backend name) of a model in format
     `weights` (its experts FP4 unless `bf16`; `auto`, not yet resolved: as FP4, the format `auto`
     gives a checkpoint with FP4 experts). `auto`: nmajor on CPU (the jnp path decodes
