@@ -205,18 +205,21 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
 
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
-                                  "hca-split-noprefetch"])
+                                  "hca-split-noprefetch", "csa-dv", "hca-split-dv", "sliding-dv"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
-    -noprefetch: the entries' loop without loading the next block ahead (AttentionTiles.prefetch)."""
+    -noprefetch: the entries' loop without loading the next block ahead (AttentionTiles.prefetch).
+    -dv: the value dim in 2 column blocks, one program each (AttentionTiles.dv_split; with -split,
+    the partial softmax statistics written by column block 0 alone)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
     scale = q.shape[-1] ** -0.5
     split = "-split" in kind
-    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16, prefetch="noprefetch" not in kind)
+    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16, prefetch="noprefetch" not in kind,
+                                            dv_split=2 if "-dv" in kind else 1)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)
@@ -240,10 +243,10 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
         exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(*args)
         assert "triton" in exp.mlir_module()
 
-    def attn(sel, splits=None):
+    def attn(sel, splits=None, tiles=None):
         def fn(q, kv, ring, rpos, bb, sinks, pool, pt, nv, *s):
             return sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04, pool=pool, page_table=pt, epp=epp,
-                                           n_visible=nv, selected=s[0] if s else None, splits=splits)
+                                           n_visible=nv, selected=s[0] if s else None, splits=splits, tiles=tiles)
         args = [bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b,
                 jax.ShapeDtypeStruct((64,), jnp.float32), bf(slots * pages * epp, 512), i32(slots, pages), i32(t)]
         export(fn, *args, *([i32(t, 512)] if sel else []))
@@ -251,6 +254,9 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=True)
     attn(sel=False)  # t = 32: decode's split HCA entries
     attn(sel=False, splits=1)
+    dv2 = sparse_attention.AttentionTiles(dv_split=2)  # the value dim over 2 programs: CSA, decode's split HCA
+    attn(sel=True, tiles=dv2)
+    attn(sel=False, tiles=dv2)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
     for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),

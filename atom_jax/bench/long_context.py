@@ -9,8 +9,8 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
         --trace /tmp/lc_trace --trace-steps 2   # + a profile of 2 prefill chunks near 128K (GPU)
 
 --attention-tiles default,64x32x8 runs the kernels once per tile shape of the sparse attention
-kernel (query heads per program x keys per step x warps [x stages]; default: its TILES, 32
-heads x 32 keys, 8 warps).
+kernel (query heads per program x keys per step x warps [x stages [x prefetch 0/1 [x value-dim
+blocks, AttentionTiles.dv_split]]]; default: its TILES).
 
 --trace DIR: after the timed runs, the kernels' engine prefills the longest prompt that ran once more
 under jax.profiler for --trace-steps chunks just before its last one (so near its full
@@ -91,9 +91,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads, prefill "
                     "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
     ap.add_argument("--attention-tiles", default="default", help="the sparse attention kernel's tiles the kernels "
-                    "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS] = query heads per "
-                    "program x keys per step x warps (x pipeline stages), e.g. default,64x32x8,16x64x4; each is a "
-                    "separate engine, all in this run")
+                    "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS[xP[xD]]] = query heads "
+                    "per program x keys per step x warps (x pipeline stages x prefetch 0/1 x value-dim blocks, "
+                    "one program each), e.g. default,64x32x8,64x64x8x1x1x2; each is a separate engine, all in "
+                    "this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
@@ -107,21 +108,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ---- floors --------------------------------------------------------------------------------
 def attention_tiles(spec: str):
-    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP]]' -> AttentionTiles(block_h=H, block_k=K,
-    num_warps=W, num_stages=S or the default's, prefetch=P (0/1) or the default's)."""
+    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD]]]' -> AttentionTiles(block_h=H, block_k=K,
+    num_warps=W, num_stages=S or the default's, prefetch=P (0/1) or the default's, dv_split=D or the
+    default's)."""
     from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
 
     if spec == "default":
         return None
     try:
         parts = [int(x) for x in spec.split("x")]
-        if len(parts) not in (3, 4, 5) or min(parts[:4]) < 1 or parts[4:] not in ([], [0], [1]):
+        if len(parts) not in (3, 4, 5, 6) or min(parts[:4] + parts[5:]) < 1 or parts[4:5] not in ([], [0], [1]):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP]] (e.g. 64x32x8, 64x32x8x2x0)") \
-            from None
+        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD]]] (e.g. 64x32x8, "
+                         "64x32x8x2x0, 64x64x8x1x1x2)") from None
     return AttentionTiles(*parts[:3], parts[3] if len(parts) >= 4 else TILES.num_stages,
-                          bool(parts[4]) if len(parts) == 5 else TILES.prefetch)
+                          bool(parts[4]) if len(parts) >= 5 else TILES.prefetch,
+                          parts[5] if len(parts) == 6 else TILES.dv_split)
 
 
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Sparse flash attention over the paged cache in Pallas (Triton backend: NVIDIA and ROCm;
 interpreted on CPU). Same contract as models/cached_attention.reference_attend.
 
-One program per (token, block of heads): the heads are the rows of the dots (V4's attention is
-MQA: one 512-wide key/value head shared by all query heads), so a token's keys are read once
-per head block. Keys, in blocks of `block_k`, with one online softmax (float32 running max,
+One program per (token, block of heads[, decode split][, block of value columns]): the heads are
+the rows of the dots (V4's attention is MQA: one 512-wide key/value head shared by all query
+heads), so a token's keys are read once per head block (and per block of value columns:
+AttentionTiles.dv_split, each such program computing the full scores but accumulating only its
+output columns). Keys, in blocks of `block_k`, with one online softmax (float32 running max,
 sum and accumulator; dots in the inputs' dtype, bf16 on GPU, accumulating in float32):
 
 1. the sliding window, positions p - W + 1 .. p: rows of the token's own chunk straight from
@@ -45,6 +47,12 @@ class AttentionTiles:
     # pipelining by Triton) each variant against 64x32x8 in its own run: +3.1% prefill with prefetch,
     # +1.4% without (not yet side by side).
     prefetch: bool = True
+    # dv_split: the output's value dim (512) in this many column blocks, one program each (a 4th grid
+    # axis): each recomputes the full-width scores q . k and the softmax statistics (cheap FLOPs here)
+    # but loads keys' value columns, accumulates and stores only its [block_h, dim / dv_split] slice,
+    # so its float32 accumulator takes 1/dv_split of the registers (more programs per SM, or room to
+    # pipeline) for dv_split x the score dots and key-row loads. 1: one program holds all columns.
+    dv_split: int = 1
 
 
 TILES = AttentionTiles()
@@ -61,16 +69,19 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     t = pl.program_id(0)
     hb = pl.program_id(1)
     sp = pl.program_id(2)  # split of the HCA entries (decode: several programs per token)
-    bh, bk = tiles.block_h, tiles.block_k
+    bh, bk, nv = tiles.block_h, tiles.block_k, tiles.dv_split
     heads = hb * bh + jnp.arange(bh, dtype=jnp.int32)
     d = jnp.arange(dim, dtype=jnp.int32)
+    dvb = pl.program_id(3) if nv > 1 else 0  # this program's block of value columns
+    dv = d if nv == 1 else dvb * (dim // nv) + jnp.arange(dim // nv, dtype=jnp.int32)
     trow = jnp.zeros((bh, 1), jnp.int32) + t
     q = q_ref[trow, heads[:, None] * dim + d[None, :]]  # [bh, dim]
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
     cols = jnp.arange(bk, dtype=jnp.int32)
 
-    def update(carry, keys, ok):
+    def update(carry, keys, *vals_ok):  # vals_ok: (ok,) (values = keys) or (this program's value columns, ok)
         m, l, acc = carry
+        vals, ok = (keys, *vals_ok) if nv == 1 else vals_ok
         exact = keys.dtype == jnp.float32  # float32 models (tests): no TF32 rounding
         s = plt.dot(q, keys, trans_b=True, allow_tf32=not exact) * scale  # [bh, bk] float32
         s = jnp.where(ok[None, :], s, -jnp.inf)
@@ -78,10 +89,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         alpha = jnp.exp(m - m_new)
         pr = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + plt.dot(pr.astype(keys.dtype), keys, allow_tf32=not exact)
+        acc = acc * alpha[:, None] + plt.dot(pr.astype(vals.dtype), vals, allow_tf32=not exact)
         return m_new, l, acc
 
-    def window_keys(i):  # window block i's keys and validity (i >= n_win: nothing loaded)
+    def window_keys(i):  # window block i's keys [, value columns] and validity (i >= n_win: nothing loaded)
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp
@@ -90,19 +101,22 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         ok_chunk = in_win & in_chunk
         ok_ring = in_win & ~in_chunk & (j >= 0) & (rp == j)
         chunk_row = jnp.where(ok_chunk, ssi + j - ssp, 0)
-        kc = plt.load(kv_ref.at[chunk_row[:, None], d[None, :]], mask=ok_chunk[:, None], other=0.0)
-        kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], d[None, :]],
-                      mask=ok_ring[:, None], other=0.0)
-        return jnp.where(ok_chunk[:, None], kc, kr), ok_chunk | ok_ring
+
+        def rows(c):  # columns c of the block's keys
+            kc = plt.load(kv_ref.at[chunk_row[:, None], c[None, :]], mask=ok_chunk[:, None], other=0.0)
+            kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], c[None, :]],
+                          mask=ok_ring[:, None], other=0.0)
+            return jnp.where(ok_chunk[:, None], kc, kr)
+        return (rows(d), *(() if nv == 1 else (rows(dv),)), ok_chunk | ok_ring)
 
     def window(i, carry):
         return update(carry, *window_keys(i))
 
     def window_prefetched(i, c):  # as entries_prefetched (below)
         nxt = window_keys(i + 1)
-        return (*update(c[:3], c[3], c[4]), *nxt)
+        return (*update(c[:3], *c[3:]), *nxt)
 
-    def entry_keys(i, live=True):  # block i's keys and validity (nothing loaded where not live)
+    def entry_keys(i, live=True):  # block i's keys [, value columns] and validity (nothing loaded where not live)
         if mode == "all":
             e = i * bk + cols
             ok = (e < nvis) & live
@@ -113,7 +127,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         e = jnp.where(ok, e, 0)
         page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
         addr = jnp.where(ok, page * epp + e % epp, 0)
-        return plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=ok[:, None], other=0.0), ok
+        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0)
+                  for c in ((d,) if nv == 1 else (d, dv))), ok)
 
     def entries(i, carry):
         return update(carry, *entry_keys(i))
@@ -121,11 +136,11 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     def entries_prefetched(hi):
         def body(i, c):
             nxt = entry_keys(i + 1, i + 1 < hi)
-            return (*update(c[:3], c[3], c[4]), *nxt)
+            return (*update(c[:3], *c[3:]), *nxt)
         return body
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
-             jnp.zeros((bh, dim), jnp.float32))
+             jnp.zeros((bh, dv.shape[0]), jnp.float32))
     # The window is split 0's alone: the other splits skip its loop (a cond around a loop of
     # static trip count; a bound chosen with jnp.where(sp == 0, ...) made jax 0.11.2's Triton
     # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
@@ -154,13 +169,19 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.exp(sink - m_new)
         out = acc * (alpha / l)[:, None]
-        out_refs[0][trow, heads[:, None] * dim + d[None, :]] = out.astype(out_refs[0].dtype)
+        out_refs[0][trow, heads[:, None] * dim + dv[None, :]] = out.astype(out_refs[0].dtype)
     else:  # partial softmax state of this split; `_combine` merges the splits and the sink
         m_ref, l_ref, acc_ref = out_refs
         col = sp * heads_total + heads
-        m_ref[trow[:, 0], col] = m
-        l_ref[trow[:, 0], col] = l
-        acc_ref[trow, col[:, None] * dim + d[None, :]] = acc
+
+        def stats():  # identical in every value-column block: block 0 writes them
+            m_ref[trow[:, 0], col] = m
+            l_ref[trow[:, 0], col] = l
+        if nv == 1:
+            stats()
+        else:
+            pl.when(dvb == 0)(stats)
+        acc_ref[trow, col[:, None] * dim + dv[None, :]] = acc
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
@@ -182,6 +203,8 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
     bh = min(tiles.block_h, h)
     if h % bh:
         raise ValueError(f"{h} heads do not split into blocks of {bh}")
+    if tiles.dv_split < 1 or dim % tiles.dv_split:
+        raise ValueError(f"value dim {dim} does not split into {tiles.dv_split} column blocks")
     tiles = dataclasses.replace(tiles, block_h=bh)
     mode = "none" if pool is None else ("all" if selected is None else "list")
     if pool is None:
@@ -199,7 +222,7 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         functools.partial(_kernel, tiles=tiles, dim=dim, win=win, scale=float(scale), mode=mode, epp=epp,
                           max_pages=page_table.shape[1], n_sel=sel.shape[1], splits=splits, heads_total=h),
         out_shape=out_shape,
-        grid=(t, h // bh, splits),
+        grid=(t, h // bh, splits, *((tiles.dv_split,) if tiles.dv_split > 1 else ())),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=f"sparse_attention_{mode}",
