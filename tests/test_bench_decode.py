@@ -13,11 +13,14 @@ from atom_jax.engine.host_timing import PHASES
 
 def test_bench_decode_reports_host_time_by_phase(tmp_path):
     out = tmp_path / "decode.json"
-    assert main(["decode", "--tiny", "--batches", "2", "--steps", "3", "--warmup", "1", "--prompt-len", "16",
+    # 8 prompts of 16 tokens prefill one per step (the tiny bench's 16-token budget): the first
+    # sequences decode meanwhile, and must all still be decoding through the timed steps
+    assert main(["decode", "--tiny", "--batches", "8", "--steps", "3", "--warmup", "1", "--prompt-len", "16",
                  "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in results] == ["off", "on", "thread"]
     for r in results:
+        assert r["tokens_per_step"] == 8, r
         host = r["host_ms"]
         assert host["steps"] == 3 and all(host[p] >= 0 for p in PHASES), r
         assert host["host"] == pytest.approx(sum(host[p] for p in PHASES if p != "wait"), abs=1e-3)

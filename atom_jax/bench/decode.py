@@ -247,10 +247,15 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     engine.config.overlap_schedule = mode != "off"
     engine.config.dispatch_thread = mode == "thread"
     engine.reset_scheduler(engine.config.delayer)
-    params = SamplingParams(max_tokens=_max_tokens(args), ignore_eos=True)
     n = batch * engine.config.dp
-    for _ in range(n):
-        engine.add_request(prompt_token_ids=list(map(int, rng.integers(2, vocab, args.prompt_len))), params=params)
+    # Sequences prefilled early decode while the later ones prefill: each may emit one token per
+    # prefill step before the timed part, so max_tokens covers those too, and every sequence is
+    # still decoding through the timed steps (else the batch shrinks as early ones finish: with
+    # 64 x 32K-token prompts, ~1,000 prefill steps, only a couple were left). Aborted at the end.
+    prefill_steps = -(-n * args.prompt_len // engine.config.max_tokens_per_step) + n
+    params = SamplingParams(max_tokens=_max_tokens(args) + prefill_steps, ignore_eos=True)
+    ids = [engine.add_request(prompt_token_ids=list(map(int, rng.integers(2, vocab, args.prompt_len))), params=params)
+           for _ in range(n)]
     while engine.scheduler.num_waiting or any(s.is_prefilling for r in engine.scheduler.ranks for s in r.running):
         engine.step()  # prefill (not timed)
     _steps(engine, args.warmup)
@@ -261,7 +266,8 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
         tokens = _steps(engine, args.steps, times)
         wall = time.perf_counter() - t0
     res = {"mode": mode, "batch_per_rank": batch, "dp": engine.config.dp, "ms_per_step": round(1e3 * wall / args.steps, 3),
-           **_step_spread(times), "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True)}
+           **_step_spread(times), "output_tok_s": round(tokens / wall, 1), "host_ms": engine.host_times(reset=True),
+           "tokens_per_step": round(tokens / args.steps, 2)}  # = batch x dp while every sequence decodes
     if args.replay and last.inputs is not None:
         if engine._launcher is not None:  # no launch of the dispatch thread in flight while replaying
             engine._launcher.drain()
@@ -285,7 +291,9 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
                    step_period_ms_traced=round(statistics.fmean(d["step_period_ms"] for d in devs), 3) if shares else None,
                    busy_share_of_period=round(statistics.fmean(shares), 3) if shares else None)
         res.update(_launch_summary([d["launches"] for d in devs if d.get("launches")]))
-    while engine.has_unfinished():  # the few steps left (max_tokens), so every page is free again
+    for rid in ids:  # what is left of max_tokens is not measured: abort, so every page is free again
+        engine.abort(rid)
+    while engine.has_unfinished():  # a step in flight (overlap schedule) completes
         engine.step()
     return res
 
