@@ -52,6 +52,19 @@ class AttentionTiles:
     # but loads keys' value columns, accumulates and stores only its [block_h, dim / dv_split] slice,
     # so its float32 accumulator takes 1/dv_split of the registers (more programs per SM, or room to
     # pipeline) for dv_split x the score dots and key-row loads. 1: one program holds all columns.
+    # Offline, indicative (pip Triton 3.9 on this kernel's Pallas TTIR, not XLA's Triton; ptxas 13.4,
+    # sm_90a; 8192 tokens, V4-Flash dims, bf16): bytes of register spill stores per thread for the CSA
+    # (list) kernel [HCA (all) kernel], shared memory in KiB; every variant uses 255 registers per thread:
+    #   tiles HxKxW, stages, prefetch   dv_split 1           dv_split 2           dv_split 4
+    #   64x64x8, 1, prefetch            2508 [2760], 128     2644 [2448], 160     -
+    #   64x64x8, 1, no prefetch         1788 [1736], 128      948 [848], 160      672, 144
+    #   64x32x8, 2, prefetch            1980 [1932], 96      1304 [1244], 112     -
+    #   64x32x8, 2, no prefetch         1080 [1012], 160        0 [24], 208         0, 184
+    #   64x64x8, 2, no prefetch         1448, 256 (*)         224, 352 (*)        (*: > 227 KiB, cannot launch)
+    #   64x32x4, 2, no prefetch         2848, 160            1752, 208            172, 184
+    # So splitting the value dim removes the spills (64x32x8, 2 stages: none at 2 or 4) but not the
+    # register cap or the shared memory that hold one program per SM; with prefetch the carried value
+    # columns eat the saving. To be measured on a GPU (bench long-context --attention-tiles ...x2).
     dv_split: int = 1
 
 
