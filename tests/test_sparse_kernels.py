@@ -273,19 +273,21 @@ V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_toke
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split"])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-dv", "hca-split-dv"])
 def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
-    hca-split: the HCA entries shared out to 16 programs per token, as decode does."""
+    hca-split: the HCA entries shared out to 16 programs per token, as decode does; -dv: the value
+    dim in 2 column blocks (AttentionTiles.dv_split), 64x32x8, 2 stages, no prefetch."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(
-        rng, kind.split("-")[0], jnp.bfloat16, ratio=4 if kind == "csa" else 128, **V4)
+        rng, kind.split("-")[0], jnp.bfloat16, ratio=4 if kind.startswith("csa") else 128, **V4)
     scale = q.shape[-1] ** -0.5
-    splits = 16 if kind == "hca-split" else None
-    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, **args))(q, kv, ring_kv, ring_pos, b,
-                                                                                        sinks)
+    splits = 16 if "-split" in kind else None
+    tiles = sparse_attention.AttentionTiles(64, 32, 8, 2, prefetch=False, dv_split=2) if "-dv" in kind else None
+    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, **args))(
+        q, kv, ring_kv, ring_pos, b, sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731
     # jitted: eager, each of the reference's ops would be its own GPU compile
     arrays = {k: v for k, v in args.items() if k != "epp"}
