@@ -105,7 +105,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         acc = acc * alpha[:, None] + plt.dot(pr.astype(vals.dtype), vals, allow_tf32=not exact)
         return m_new, l, acc
 
-    def window_keys(i):  # window block i's keys [, value columns] and validity (i >= n_win: nothing loaded)
+    def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
+        # blocks i >= n_win load nothing anyway
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp
@@ -122,13 +123,6 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             return jnp.where(ok_chunk[:, None], kc, kr)
         return (rows(d), *(() if nv == 1 else (rows(dv),)), ok_chunk | ok_ring)
 
-    def window(i, carry):
-        return update(carry, *window_keys(i))
-
-    def window_prefetched(i, c):  # as entries_prefetched (below)
-        nxt = window_keys(i + 1)
-        return (*update(c[:3], *c[3:]), *nxt)
-
     def entry_keys(i, live=True):  # block i's keys [, value columns] and validity (nothing loaded where not live)
         if mode == "all":
             e = i * bk + cols
@@ -143,14 +137,16 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0)
                   for c in ((d,) if nv == 1 else (d, dv))), ok)
 
-    def entries(i, carry):
-        return update(carry, *entry_keys(i))
+    def blocks(lo, hi, carry, load):
+        """`update` over key blocks lo .. hi - 1 of load(i, live); with `prefetch`, block i + 1's
+        keys (loaded where live) before block i's dots, carried in registers."""
+        if not tiles.prefetch:
+            return jax.lax.fori_loop(lo, hi, lambda i, c: update(c, *load(i)), carry)
 
-    def entries_prefetched(hi):
         def body(i, c):
-            nxt = entry_keys(i + 1, i + 1 < hi)
+            nxt = load(i + 1, i + 1 < hi)
             return (*update(c[:3], *c[3:]), *nxt)
-        return body
+        return jax.lax.fori_loop(lo, hi, body, (*carry, *load(lo, lo < hi)))[:3]
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
              jnp.zeros((bh, dv.shape[0]), jnp.float32))
@@ -159,22 +155,14 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
     # split cost each of the 16 decode programs per token the window's dots for nothing.
     n_win = -(-win // bk)
-    if tiles.prefetch:
-        def window_loop(c):
-            return jax.lax.fori_loop(0, n_win, window_prefetched, (*c, *window_keys(0)))[:3]
-    else:
-        def window_loop(c):
-            return jax.lax.fori_loop(0, n_win, window, c)
+    def window_loop(c):
+        return blocks(0, n_win, c, window_keys)
     carry = window_loop(carry) if splits == 1 else jax.lax.cond(sp == 0, window_loop, lambda c: c, carry)
     if mode != "none":
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
         per = (n_blocks + splits - 1) // splits
-        lo, hi = sp * per, jnp.minimum(n_blocks, sp * per + per)
-        if tiles.prefetch:
-            carry = jax.lax.fori_loop(lo, hi, entries_prefetched(hi), (*carry, *entry_keys(lo, lo < hi)))[:3]
-        else:
-            carry = jax.lax.fori_loop(lo, hi, entries, carry)
+        carry = blocks(sp * per, jnp.minimum(n_blocks, sp * per + per), carry, entry_keys)
     m, l, acc = carry
     if splits == 1:
         sink = sink_ref[heads]
