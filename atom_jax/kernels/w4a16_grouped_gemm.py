@@ -164,14 +164,11 @@ fma.rn.bf16x2 d, d, k, z; fma.rn.bf16x2 $1, d, $4, z;
 }"""
 
 
-def _ue8m0_bf16(scales):
-    return jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
-
-
 def _decode_ptx(codes, scales):
     """codes uint8 [Kh, N], scales uint8 [Kh/16, N] -> (even, odd) bf16 [Kh, N] via `_PTX_DECODE`."""
-    return _asm_halves(_PTX_DECODE, [codes, packed.expand_rows(_ue8m0_bf16(scales), packed.FP4_BLOCK // 2)],
-                       jnp.bfloat16, "=r,=r,r,r,r")
+    sc = jax.lax.bitcast_convert_type(scales.astype(jnp.int16) << 7, jnp.bfloat16)  # 2**(s-127); s=0 -> 0
+    return _asm_halves(_PTX_DECODE, [codes, packed.expand_rows(sc, packed.FP4_BLOCK // 2)], jnp.bfloat16,
+                       "=r,=r,r,r,r")
 
 
 NIBBLE_SHIFTS = {"even": 4, "odd": 0}  # each half's nibble to its byte's top: the low (even inputs) by 4
