@@ -213,9 +213,15 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 ]
 
 
+def dense_backend(name: str, rows_per_group: float) -> str:
+    """The backend `get(name)` runs on dense (bf16) weights at this many rows per expert: `choose`'s
+    for 'auto', else `name`."""
+    return choose(rows_per_group) if name == "auto" else name
+
+
 @register("auto", gathers_rows=True)
 def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
-    backend = get(choose(_rows_per_group(rows, weights, mean_group, row_ids)))
+    backend = get(dense_backend("auto", _rows_per_group(rows, weights, mean_group, row_ids)))
     return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
 
 
@@ -323,8 +329,7 @@ def decode_ahead(name: str, weights, rows_per_group: float, dtype):
     if not isinstance(weights, FP4_TYPES):
         return None
     how, backend = _packed_path(name, weights, rows_per_group)
-    given_dense = choose(rows_per_group) if name == "auto" else name  # what get(name) runs on bf16 weights
-    if how == "w4a16" or given_dense != backend:
+    if how == "w4a16" or dense_backend(name, rows_per_group) != backend:
         return None
     return _decode(how, weights, dtype)
 
@@ -352,7 +357,7 @@ def fused_gate_up(name: str, w_gate, w_up, rows_per_group: float) -> bool:
     if isinstance(w_gate, FP4_TYPES):
         if _packed_path(name, w_gate, rows_per_group) != ("dequant", "pallas"):
             return False
-    elif (choose(rows_per_group) if name == "auto" else name) != "pallas":
+    elif dense_backend(name, rows_per_group) != "pallas":
         return False
     _, k, n = w_gate.shape
     try:
