@@ -41,6 +41,15 @@ def test_bench_decode_reports_host_time_by_phase(tmp_path):
     assert thread["host_ms"]["pack"] > 0
 
 
+def test_bench_decode_pages_cover_the_prefill_steps_tokens(tmp_path):
+    """A prompt whose pages leave little room (120 of 128 tokens): the tokens sequences emit while
+    later prompts prefill still fit the context the bench sized (it raised InvalidRequest before)."""
+    out = tmp_path / "full_pages.json"
+    assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "120",
+                 "--modes", "on", "--json", str(out)]) == 0
+    assert [r["tokens_per_step"] for r in json.loads(out.read_text())["results"]] == [2]
+
+
 def test_launch_summary_averages_devices():
     from atom_jax.bench.decode import _launch_summary
 

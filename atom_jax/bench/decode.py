@@ -105,9 +105,9 @@ def _engine(args, batches):
     model = random_model(cfg, seed=0, dtype=dtype)
     page_tokens = 128
     slots = max(batches)
-    per_seq = -(-(args.prompt_len + _max_tokens(args)) // page_tokens)
     chunk = min(args.prompt_len, 2048)
     budget = max(chunk, slots)
+    per_seq = -(-(args.prompt_len + _max_tokens(args, slots * args.dp, budget)) // page_tokens)
     buckets = tuple(sorted(set(batches) | {budget}))
     ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=slots, page_tokens=page_tokens,
                       num_pages=slots * per_seq + 1, max_model_len=per_seq * page_tokens,
@@ -117,8 +117,12 @@ def _engine(args, batches):
     return Engine(ec, model=model, tokenizer=None), cfg
 
 
-def _max_tokens(args) -> int:
-    return args.warmup + args.steps + (args.trace_steps + 1 if args.trace else 0) + 4
+def _max_tokens(args, n: int, budget: int) -> int:
+    """max_tokens of each of `n` requests prefilled at `budget` tokens per step: the timed and
+    untimed decode steps, plus one token per prefill step (sequences prefilled early decode while
+    the later ones prefill; the pages per sequence are sized from this too)."""
+    prefill_steps = -(-n * args.prompt_len // budget) + n
+    return args.warmup + args.steps + (args.trace_steps + 1 if args.trace else 0) + 4 + prefill_steps
 
 
 def _steps(engine, n: int, times: list | None = None) -> int:
@@ -252,8 +256,7 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
     # prefill step before the timed part, so max_tokens covers those too, and every sequence is
     # still decoding through the timed steps (else the batch shrinks as early ones finish: with
     # 64 x 32K-token prompts, ~1,000 prefill steps, only a couple were left). Aborted at the end.
-    prefill_steps = -(-n * args.prompt_len // engine.config.max_tokens_per_step) + n
-    params = SamplingParams(max_tokens=_max_tokens(args) + prefill_steps, ignore_eos=True)
+    params = SamplingParams(max_tokens=_max_tokens(args, n, engine.config.max_tokens_per_step), ignore_eos=True)
     ids = [engine.add_request(prompt_token_ids=list(map(int, rng.integers(2, vocab, args.prompt_len))), params=params)
            for _ in range(n)]
     while engine.scheduler.num_waiting or any(s.is_prefilling for r in engine.scheduler.ranks for s in r.running):
