@@ -308,10 +308,6 @@ class Decoded:
         return self.w.shape
 
     @property
-    def ndim(self) -> int:
-        return self.w.ndim
-
-    @property
     def dtype(self):
         return self.w.dtype
 
