@@ -86,8 +86,14 @@ def test_mosaic_dequant_gemm_on_hopper_where_its_tiles_fit(mosaic_dequant):
     assert grouped_gemm._packed_path("pallas", fits, 64.0) == ("w4a16", "pallas")
     mosaic_dequant.setattr(grouped_gemm, "DEQUANT_GEMM", "pallas")
     assert grouped_gemm.dequant_gemm(fits) == "pallas"
+    mosaic_dequant.setenv(grouped_gemm.DEQUANT_GEMM_ENV, "mosaic")  # the environment overrides the constant
+    assert grouped_gemm.dequant_gemm(fits) == "mosaic"
+    mosaic_dequant.setenv(grouped_gemm.DEQUANT_GEMM_ENV, "cublas")
+    with pytest.raises(ValueError, match="ATOM_JAX_DEQUANT_GEMM is 'cublas'"):
+        grouped_gemm.dequant_gemm(fits)
+    mosaic_dequant.delenv(grouped_gemm.DEQUANT_GEMM_ENV)
     mosaic_dequant.setattr(grouped_gemm, "DEQUANT_GEMM", "cublas")
-    with pytest.raises(ValueError, match="cublas"):
+    with pytest.raises(ValueError, match="DEQUANT_GEMM is 'cublas'"):
         grouped_gemm.dequant_gemm(fits)
 
 
@@ -135,20 +141,20 @@ def test_seam_dequant_path_through_mosaic_lowers_for_cuda(mosaic_dequant, ahead)
 
 def test_bench_w4a16_tiny_skips_the_mosaic_rows_off_hopper(tmp_path, capsys, monkeypatch):
     """`bench w4a16 --tiny` with the Mosaic rows asked for, on CPU: skipped with the reason printed,
-    the other rows checked and timed; on Hopper (simulated) only a shape its tiles do not divide
-    skips them."""
+    the other rows (the seam's dequant path as the MoE calls it too) checked and timed; on Hopper
+    (simulated) only a shape its tiles do not divide skips them."""
     import json
 
     from atom_jax.bench.__main__ import main
     from atom_jax.bench.w4a16 import CHECK_TOL, _mosaic_unfit
     path = tmp_path / "w4a16.json"
-    assert main(["w4a16", "--tiny", "--kernels", "dequant_pallas,dequant_mosaic,dequant_mosaic_kmajor",
-                 "--iters", "1", "--json", str(path)]) == 0
-    assert ("skipped dequant_mosaic, dequant_mosaic_kmajor: the Mosaic kernel needs an NVIDIA Hopper GPU"
-            in capsys.readouterr().out)
+    assert main(["w4a16", "--tiny", "--kernels", "dequant_pallas,dequant_mosaic,dequant_mosaic_kmajor,seam_pallas,"
+                 "seam_mosaic", "--iters", "1", "--json", str(path)]) == 0
+    assert ("skipped dequant_mosaic, dequant_mosaic_kmajor, seam_mosaic: the Mosaic kernel needs an NVIDIA Hopper "
+            "GPU" in capsys.readouterr().out)
     out = json.loads(path.read_text())
-    assert {r["kernel"] for r in out["results"]} == {"bf16", "dequant_pallas"}
-    assert out["checks"]["tiny_up"]["dequant_pallas"] < CHECK_TOL
+    assert {r["kernel"] for r in out["results"]} == {"bf16", "dequant_pallas", "seam_pallas"}
+    assert all(out["checks"]["tiny_up"][k] < CHECK_TOL for k in ("dequant_pallas", "seam_pallas"))
     monkeypatch.setattr(grouped_gemm, "is_hopper", lambda: True)
     assert _mosaic_unfit({"tiny_up": (4, 128, 256)}, "H200") is None
     assert "pro_mid" in _mosaic_unfit({"tiny_up": (4, 128, 256), "pro_mid": (4, 128, 384)}, "H200")

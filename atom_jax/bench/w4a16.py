@@ -11,7 +11,9 @@ GPU kernel: the seam's path with `grouped_gemm.DEQUANT_GEMM = "mosaic"`; `dequan
 K-major codes through the transposing decode), skipped with the reason printed elsewhere (and where
 its tiles do not divide a shape's K and N). These rows pass no `row_ids` and no epilogue: in the MoE
 the Pallas kernel gathers the rows and applies the SwiGLU itself, the seam does both in XLA for the
-Mosaic kernel. The decode alone is timed per shape too (`decode` rows: GB/s of
+Mosaic kernel, so `seam_pallas` / `seam_mosaic` (+ `_kmajor`) time the seam's dequant path with
+either `grouped_gemm.DEQUANT_GEMM` as the MoE's w3 GEMM calls it (row_ids, an epilogue operand
+[rows, N]). The decode alone is timed per shape too (`decode` rows: GB/s of
 packed bytes read + bf16 bytes written, beside the same run's copy bandwidth), the kernel
 beside XLA's decode pass.
 
@@ -37,8 +39,8 @@ float32 reference, configs Triton refuses reported and skipped.
         --kernels w4a16,w4a16_kmajor,dequant_pallas,dequant_pallas_kmajor   # prefill, both code layouts
     python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up \
         --kernels dequant_pallas,dequant_pallas_kmajor,dequant_pallas_kmajor_transpose --prefill-sweep
-    python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up \
-        --kernels dequant_pallas,dequant_mosaic,dequant_mosaic_kmajor   # the dequant path's bf16 GEMM (Hopper)
+    python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up --kernels \
+        dequant_pallas,dequant_mosaic,dequant_mosaic_kmajor,seam_pallas,seam_mosaic   # the dequant path's GEMM
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -301,6 +303,29 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
         save(out, args.json)
 
 
+def _seam_call(gemm: str, rows, w, sizes):
+    """The seam's dequant path, `grouped_gemm.get("pallas")` with `grouped_gemm.DEQUANT_GEMM = gemm`
+    (while traced), on packed experts `w` (or (w, other)) as the MoE's w3 GEMM calls it: rows
+    gathered by `row_ids` (the identity, data-dependent so that no compiler drops the gather) and
+    the epilogue other x product (other [rows, N]; ones unless given: the product itself, so the
+    float32 check holds). `mean_group` at least DEQUANT_MIN_ROWS_PER_GROUP: the dequant path at any
+    rows per expert (the check's few rows too); the call's own rows per expert from there."""
+    import jax.numpy as jnp
+
+    from atom_jax.kernels import grouped_gemm as gg
+    w, other = w if isinstance(w, tuple) else (w, None)
+    if other is None:
+        other = jnp.ones((rows.shape[0], w.shape[2]), rows.dtype)
+    ids = jnp.arange(rows.shape[0], dtype=jnp.int32) + jnp.minimum(sizes[0], 0).astype(jnp.int32)
+    mean = max(rows.shape[0] / w.shape[0], gg.DEQUANT_MIN_ROWS_PER_GROUP)
+    before, gg.DEQUANT_GEMM = gg.DEQUANT_GEMM, gemm
+    try:
+        return gg.get("pallas")(rows, w, sizes, mean, row_ids=ids, zero_tail=False,
+                                epilogue=(lambda o, p: o * p, other))
+    finally:
+        gg.DEQUANT_GEMM = before
+
+
 def _mosaic_unfit(shapes, device: str) -> str | None:
     """Why the Mosaic kernel's rows (`dequant_mosaic*`) cannot run here, or None: it needs an NVIDIA
     Hopper GPU, and its tiles must divide every shape's K and N."""
@@ -361,6 +386,11 @@ def run(args) -> int:
         from atom_jax.kernels import mosaic_grouped_gemm as mg
         return mg.grouped_gemm(rows, fd.dequantize(w), sizes)
 
+    def seam(gemm: str):
+        """The seam as the MoE's w3 call makes it, `grouped_gemm.DEQUANT_GEMM = gemm` (its path at
+        these rows per expert: see `_seam_call`)."""
+        return lambda rows, w, sizes: _seam_call(gemm, rows, w, sizes)
+
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
     # `w4a16_gemv`: the no-MMA variant at its tiles (wg.GEMV_TILES) at every token count.
     # `*_kmajor`: the same calls on K-major codes (`packed.Fp4WeightsKMajor`, the engine's
@@ -371,10 +401,14 @@ def run(args) -> int:
     # transposed in the decode kernel to write [E, K, N]).
     # `dequant_mosaic`: the seam's dequant path with `grouped_gemm.DEQUANT_GEMM = "mosaic"` (Hopper
     # only) on [K/2, N] codes, `dequant_mosaic_kmajor` on K-major ones through the transposing decode.
+    # `seam_pallas` / `seam_mosaic` (+ `_kmajor`): the seam's dequant path with that DEQUANT_GEMM, rows
+    # gathered by `row_ids` and an epilogue, as the MoE's w3 GEMM calls it (`_seam_call`).
     fp4_kernels = {"w4a16": fp4(), "w4a16_kmajor": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
                    "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas,
                    "dequant_pallas_kmajor": dequant_pallas_kmajor, "dequant_pallas_kmajor_transpose": dequant_pallas,
-                   "dequant_mosaic": dequant_mosaic, "dequant_mosaic_kmajor": dequant_mosaic}
+                   "dequant_mosaic": dequant_mosaic, "dequant_mosaic_kmajor": dequant_mosaic,
+                   "seam_pallas": seam("pallas"), "seam_pallas_kmajor": seam("pallas"),
+                   "seam_mosaic": seam("mosaic"), "seam_mosaic_kmajor": seam("mosaic")}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
     if args.kernels:
@@ -383,7 +417,7 @@ def run(args) -> int:
             raise SystemExit(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(fp4_kernels)}")
         fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name in keep}
     if why := _mosaic_unfit(shapes, out["device"]):
-        if skip := [name for name in fp4_kernels if name.startswith("dequant_mosaic")]:
+        if skip := [name for name in fp4_kernels if "_mosaic" in name]:
             print(f"skipped {', '.join(skip)}: {why}", flush=True)
         fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name not in skip}
     k_major = {name: "_kmajor" in name for name in fp4_kernels}
@@ -422,8 +456,12 @@ def run(args) -> int:
             base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
                     "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
             secs = {}
-            runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_km if k_major[n] else w_fp4, FP4_BYTES_PER_WEIGHT)
-                                                    for n, f in fp4_kernels.items()]
+            # the seam rows' epilogue operand, [rows, N] in memory as the MoE's gate product is
+            other = jnp.ones((t * TOPK, n), jnp.bfloat16) if any(s.startswith("seam_") for s in fp4_kernels) else None
+            runs = [("bf16", bf16, w_bf16, 2.0)]
+            for name, f in fp4_kernels.items():
+                w = w_km if k_major[name] else w_fp4
+                runs.append((name, f, (w, other) if name.startswith("seam_") else w, FP4_BYTES_PER_WEIGHT))
             for name, fn, w, bpw in runs:
                 if name in failed:
                     continue
@@ -444,6 +482,7 @@ def run(args) -> int:
             for other, base_name in (("w4a16_swap", "w4a16"), ("w4a16_gemv", "w4a16"), ("w4a16_kmajor", "w4a16"),
                                      ("dequant_mosaic", "dequant_pallas"),
                                      ("dequant_mosaic_kmajor", "dequant_pallas_kmajor_transpose"),
+                                     ("seam_mosaic", "seam_pallas"), ("seam_mosaic_kmajor", "seam_pallas_kmajor"),
                                      ("dequant_pallas_kmajor", "dequant_pallas"),
                                      ("dequant_pallas_kmajor_transpose", "dequant_pallas"),
                                      ("dequant_pallas_kmajor", "dequant_pallas_kmajor_transpose")):
@@ -527,7 +566,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "their default tiles), w4a16_swap, w4a16_gemv, w4a16_alu (GPU), dequant_bf16, dequant_pallas, "
                         "dequant_pallas_kmajor (the no-transpose K-major path: [E, N, K] decode, transpose_b), "
                         "dequant_pallas_kmajor_transpose (the decode transposing K-major tiles), dequant_mosaic, "
-                        "dequant_mosaic_kmajor (the decode, then the Mosaic kernel: Hopper only); the bf16 kernel always runs")
+                        "dequant_mosaic_kmajor (the decode, then the Mosaic kernel: Hopper only), seam_pallas, "
+                        "seam_mosaic (+ _kmajor: the seam's dequant path as the MoE's w3 GEMM calls it); "
+                        "the bf16 kernel always runs")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--prefill-sweep", action="store_true",
                    help="also time the K-major prefill path's tiles: the bf16 kernel's with transpose_b (every shape, "

@@ -32,6 +32,7 @@ multiplies as it is (`transpose_b`) and the other backends take as `dense()`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
@@ -274,17 +275,22 @@ KMAJOR_DECODE_TO_NK = False
 # [E, K, N] decoded experts whose K and N its tiles divide); elsewhere "pallas". The Mosaic kernel
 # gathers no rows and applies no epilogue: with it the seam gathers `row_ids` and applies the
 # SwiGLU epilogue in XLA (`get`). "pallas" until `bench w4a16 --kernels dequant_pallas,
-# dequant_mosaic` measures the decode + Mosaic path faster on an H200.
+# dequant_mosaic,seam_pallas,seam_mosaic` measures the decode + Mosaic path faster on an H200.
+# $ATOM_JAX_DEQUANT_GEMM, when set, overrides it (read when traced: end-to-end benchmarks of either).
 DEQUANT_GEMM = "pallas"
 DEQUANT_GEMMS = ("pallas", "mosaic")
+DEQUANT_GEMM_ENV = "ATOM_JAX_DEQUANT_GEMM"
 
 
 def dequant_gemm(weights: Fp4Weights | Fp4WeightsKMajor) -> str:
-    """The bf16 backend the dequant path multiplies `weights`, once decoded, with: DEQUANT_GEMM
-    where it can run them, else "pallas" (the one decision; `_packed_path` asks it)."""
-    if DEQUANT_GEMM not in DEQUANT_GEMMS:
-        raise ValueError(f"grouped_gemm.DEQUANT_GEMM is {DEQUANT_GEMM!r}; choose from {DEQUANT_GEMMS}")
-    if DEQUANT_GEMM == "pallas" or not is_hopper():
+    """The bf16 backend the dequant path multiplies `weights`, once decoded, with: DEQUANT_GEMM (or
+    $ATOM_JAX_DEQUANT_GEMM) where it can run them, else "pallas" (the one decision; `_packed_path`
+    asks it)."""
+    want = os.environ.get(DEQUANT_GEMM_ENV) or DEQUANT_GEMM
+    if want not in DEQUANT_GEMMS:
+        where = f"${DEQUANT_GEMM_ENV}" if os.environ.get(DEQUANT_GEMM_ENV) else "grouped_gemm.DEQUANT_GEMM"
+        raise ValueError(f"{where} is {want!r}; choose from {', '.join(DEQUANT_GEMMS)}")
+    if want == "pallas" or not is_hopper():
         return "pallas"
     if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
         return "pallas"  # decoded to `DenseKMajor` [E, N, K]: the Mosaic kernel takes [E, K, N] only
