@@ -178,3 +178,31 @@ def test_prefill_sweep_mosaic_tiles_fit_the_prefill_shapes_and_lower():
         assert ring + 2 * cfg.epi_m * cfg.tile_n * 2 <= 227 * 1024, cfg
         fn = jax.jit(lambda a, b, s, c=cfg: mg.grouped_gemm(a, b, s, c))
         assert "mosaic_gpu" in fn.trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("gemm", ["mosaic", "pallas"])
+def test_moe_with_fp4_experts_lowers_to_decodes_then_the_chosen_gemm(mosaic_dequant, gemm):
+    """Hopper simulated, the routed experts as the model calls them (K-major FP4 codes, the GPU
+    layout; 'auto'; 192 rows per expert) lowered for CUDA: three decode kernels, then the three
+    GEMMs on the Mosaic kernel where DEQUANT_GEMM = "mosaic", on the Pallas (Triton) kernel else."""
+    import re
+
+    from atom_jax.models.moe import routed_experts
+    mosaic_dequant.setattr(grouped_gemm, "is_hopper", lambda: True)
+    mosaic_dequant.setattr(grouped_gemm, "DEQUANT_MIN_ROWS_PER_GROUP", 192)
+    mosaic_dequant.setattr(grouped_gemm, "DEQUANT_GEMM", gemm)
+    t, d, i, e, topk = 256, 256, 256, 8, 6
+
+    def f(x, idx, wts, *codes_scales):
+        w1, w3, w2 = (packed.Fp4WeightsKMajor(c, s) for c, s in zip(codes_scales[::2], codes_scales[1::2]))
+        return routed_experts(x, idx, wts, w1, w3, w2, 7.0, backend="auto", n_experts=e)
+
+    S = jax.ShapeDtypeStruct
+    up = (S((e, i, d // 2), jnp.uint8), S((e, d // 32, i), jnp.uint8))
+    args = (S((t, d), jnp.bfloat16), S((t, topk), jnp.int32), S((t, topk), jnp.float32), *up, *up,
+            S((e, d, i // 2), jnp.uint8), S((e, i // 32, d), jnp.uint8))
+    with lowering_for("cuda"):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
+    triton, mosaic = calls.count("__gpu$xla.gpu.triton"), sum(c.startswith("mosaic_gpu") for c in calls)
+    assert (triton, mosaic) == ((3, 3) if gemm == "mosaic" else (6, 0)), calls
