@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_fp4_dequant import check_seam_paths, random_packed
-from test_w4a16 import random_fp4_experts
 
-from atom_jax.bench.routings import skewed_sizes
 from atom_jax.kernels import fp4_dequant as fd
 from atom_jax.kernels import packed
 
@@ -49,33 +47,3 @@ def test_compiled_k_major_decode_equals_reference_dequant(tiles, decode):
 def test_compiled_seam_dequant_path_k_major_matches_reference(monkeypatch):
     """K-major codes: the no-transpose decode, then the bf16 kernel with `transpose_b`."""
     check_seam_paths(monkeypatch, g=16, k=512, n=512, r=300, m=1000, trailing=7, jit=True, k_major=True)
-
-
-@pytest.mark.parametrize("k_major", [False, True], ids=["nmajor", "kmajor"])
-def test_compiled_seam_dequant_path_through_mosaic_matches_reference(monkeypatch, k_major):
-    """`grouped_gemm.DEQUANT_GEMM = "mosaic"` on Hopper: the decode kernel to [E, K, N] (K-major codes
-    through the transposing decode), then the Mosaic kernel, the rows gathered and the SwiGLU
-    applied in XLA, on a skewed routing (empty and very large groups), against float64 and the
-    in-kernel W4A16 path; then experts `decode_ahead` decoded (`Decoded`) give the same values."""
-    from atom_jax.kernels import grouped_gemm
-    from atom_jax.kernels import mosaic_grouped_gemm as mg
-    if not grouped_gemm.is_hopper():
-        pytest.skip(f"the Mosaic kernel needs an NVIDIA Hopper GPU (this one: {jax.devices()[0].device_kind})")
-    monkeypatch.setattr(grouped_gemm, "DEQUANT_GEMM", "mosaic")
-    monkeypatch.setattr(grouped_gemm, "KMAJOR_DECODE_TO_NK", False)
-    calls = []
-    real = mg.grouped_gemm
-    monkeypatch.setattr(mg, "grouped_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    check_seam_paths(monkeypatch, g=16, k=512, n=512, r=300, m=1000, trailing=7, jit=True, k_major=k_major)
-    assert calls, "DEQUANT_GEMM = 'mosaic' must run the Mosaic kernel on Hopper"
-    rng = np.random.default_rng()
-    g, k, n, m = 16, 512, 512, 1000
-    w, _ = random_fp4_experts(rng, g, k, n)
-    w = packed.to_k_major(w) if k_major else w
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    sizes = jnp.asarray(skewed_sizes(rng, m, g))
-    ahead = grouped_gemm.decode_ahead("pallas", w, m / g, jnp.bfloat16)
-    assert isinstance(ahead, grouped_gemm.Decoded) and ahead.backend == "mosaic"
-    run = jax.jit(lambda a, b, s: grouped_gemm.get("pallas")(a, b, s))
-    got, want = (np.asarray(run(x, v, sizes), np.float32) for v in (ahead, w))
-    np.testing.assert_array_equal(got, want)

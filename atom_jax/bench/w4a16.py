@@ -6,14 +6,7 @@ tiles with the swap-AB product, out^T = W^T . A^T: `TileConfig.swap_ab`), `w4a16
 float32 FMAs on the decoded tile, `TileConfig.gemv`, at `GEMV_TILES`), `dequant_bf16` (one XLA
 decode pass, then the bf16 kernel) and `dequant_pallas` (the streaming `fp4_dequant` kernel, then
 the bf16 kernel: the seam's path from `grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP` rows per expert,
-which these rows decide); on a Hopper GPU also `dequant_mosaic` (the same decode, then the Mosaic
-GPU kernel: the seam's path with `grouped_gemm.DEQUANT_GEMM = "mosaic"`; `dequant_mosaic_kmajor` on
-K-major codes through the transposing decode), skipped with the reason printed elsewhere (and where
-its tiles do not divide a shape's K and N). These rows pass no `row_ids` and no epilogue: in the MoE
-the Pallas kernel gathers the rows and applies the SwiGLU itself, the seam does both in XLA for the
-Mosaic kernel, so `seam_pallas` / `seam_mosaic` (+ `_kmajor`) time the seam's dequant path with
-either `grouped_gemm.DEQUANT_GEMM` as the MoE's w3 GEMM calls it (row_ids, an epilogue operand
-[rows, N]). The decode alone is timed per shape too (`decode` rows: GB/s of
+which these rows decide). The decode alone is timed per shape too (`decode` rows: GB/s of
 packed bytes read + bf16 bytes written, beside the same run's copy bandwidth), the kernel
 beside XLA's decode pass.
 
@@ -25,7 +18,7 @@ kernel is first checked against a float32 reference on a skewed routing (empty a
 groups); a kernel that fails (compile error, wrong result) is reported and left out, the run goes on.
 `--sweep` also times other W4A16 tile shapes on the first shape, `--dequant-sweep` other
 `fp4_dequant` tiles, `--prefill-sweep` the tiles of the K-major prefill path (`bench/w4a16_prefill.py`:
-the bf16 kernel's with `transpose_b`, the K-major decode's; on Hopper the Mosaic kernel's too). `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
+the bf16 kernel's with `transpose_b`, the K-major decode's). `--decode-sweep` times the W4A16 variants (`w4a16`, `w4a16_swap`,
 `w4a16_gemv`, `w4a16_kmajor`, `w4a16_1mul`; `--variants` picks some) over `decode_sweep_tiles()` (and
 `KMAJOR_TILES`: the MMA kernel on K-major codes, `packed.Fp4WeightsKMajor`, converted once per
 shape outside the timing) at every shape and each
@@ -39,8 +32,6 @@ float32 reference, configs Triton refuses reported and skipped.
         --kernels w4a16,w4a16_kmajor,dequant_pallas,dequant_pallas_kmajor   # prefill, both code layouts
     python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up \
         --kernels dequant_pallas,dequant_pallas_kmajor,dequant_pallas_kmajor_transpose --prefill-sweep
-    python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up --kernels \
-        dequant_pallas,dequant_mosaic,dequant_mosaic_kmajor,seam_pallas,seam_mosaic   # the dequant path's GEMM
     python -m atom_jax.bench w4a16 --tiny                    # CPU smoke run (interpret mode)
 """
 
@@ -303,41 +294,6 @@ def _decode_sweep(args, shapes, tokens, fp4, rng, ceil, out):
         save(out, args.json)
 
 
-def _seam_call(gemm: str, rows, w, sizes):
-    """The seam's dequant path, `grouped_gemm.get("pallas")` with `grouped_gemm.DEQUANT_GEMM = gemm`
-    (while traced), on packed experts `w` (or (w, other)) as the MoE's w3 GEMM calls it: rows
-    gathered by `row_ids` (the identity, data-dependent so that no compiler drops the gather) and
-    the epilogue other x product (other [rows, N]; ones unless given: the product itself, so the
-    float32 check holds). `mean_group` at least DEQUANT_MIN_ROWS_PER_GROUP: the dequant path at any
-    rows per expert (the check's few rows too); the call's own rows per expert from there."""
-    import jax.numpy as jnp
-
-    from atom_jax.kernels import grouped_gemm as gg
-    w, other = w if isinstance(w, tuple) else (w, None)
-    if other is None:
-        other = jnp.ones((rows.shape[0], w.shape[2]), rows.dtype)
-    ids = jnp.arange(rows.shape[0], dtype=jnp.int32) + jnp.minimum(sizes[0], 0).astype(jnp.int32)
-    mean = max(rows.shape[0] / w.shape[0], gg.DEQUANT_MIN_ROWS_PER_GROUP)
-    before, gg.DEQUANT_GEMM = gg.DEQUANT_GEMM, gemm
-    try:
-        return gg.get("pallas")(rows, w, sizes, mean, row_ids=ids, zero_tail=False,
-                                epilogue=(lambda o, p: o * p, other))
-    finally:
-        gg.DEQUANT_GEMM = before
-
-
-def _mosaic_unfit(shapes, device: str) -> str | None:
-    """Why the Mosaic kernel's rows (`dequant_mosaic*`) cannot run here, or None: it needs an NVIDIA
-    Hopper GPU, and its tiles must divide every shape's K and N."""
-    from atom_jax.kernels.grouped_gemm import is_hopper
-    if not is_hopper():
-        return f"the Mosaic kernel needs an NVIDIA Hopper GPU (this run: {device})"
-    from atom_jax.kernels import mosaic_grouped_gemm as mg
-    if unfit := [shape for shape, (_, k, n) in shapes.items() if not mg.fits(k, n)]:
-        return f"the Mosaic kernel's tiles do not divide K and N of {', '.join(unfit)}"
-    return None
-
-
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -354,7 +310,7 @@ def run(args) -> int:
     shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.tiny:
-        shapes, tokens = {"tiny_up": (4, 128, 256)}, [8, 32]  # N: a multiple of the Mosaic kernel's 256
+        shapes, tokens = {"tiny_up": (4, 128, 128)}, [8, 32]
     ceil = {"copy_GBps": None, "matmul_TFLOPs": None} if on_cpu else device_ceilings()
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil, "topk": TOPK,
            "checks": {}, "results": [], "decode": [], "seam_choice": [], "sweep": [], "decode_sweep": [],
@@ -382,15 +338,6 @@ def run(args) -> int:
         return pg.grouped_gemm(rows, fd.dequantize_k_major(w, interpret=on_cpu), sizes, interpret=on_cpu,
                                transpose_b=True)
 
-    def dequant_mosaic(rows, w, sizes):  # the streaming decode kernel to [E, K, N], then the Mosaic kernel
-        from atom_jax.kernels import mosaic_grouped_gemm as mg
-        return mg.grouped_gemm(rows, fd.dequantize(w), sizes)
-
-    def seam(gemm: str):
-        """The seam as the MoE's w3 call makes it, `grouped_gemm.DEQUANT_GEMM = gemm` (its path at
-        these rows per expert: see `_seam_call`)."""
-        return lambda rows, w, sizes: _seam_call(gemm, rows, w, sizes)
-
     # On a GPU the platform's decoder (`w4a16`: ptx on CUDA) runs beside the portable one forced.
     # `w4a16_gemv`: the no-MMA variant at its tiles (wg.GEMV_TILES) at every token count.
     # `*_kmajor`: the same calls on K-major codes (`packed.Fp4WeightsKMajor`, the engine's
@@ -399,16 +346,9 @@ def run(args) -> int:
     # K-major prefill path (the no-transpose decode to [E, N, K], the bf16 kernel with
     # `transpose_b`), dequant_pallas_kmajor_transpose the earlier one (each K-major code tile
     # transposed in the decode kernel to write [E, K, N]).
-    # `dequant_mosaic`: the seam's dequant path with `grouped_gemm.DEQUANT_GEMM = "mosaic"` (Hopper
-    # only) on [K/2, N] codes, `dequant_mosaic_kmajor` on K-major ones through the transposing decode.
-    # `seam_pallas` / `seam_mosaic` (+ `_kmajor`): the seam's dequant path with that DEQUANT_GEMM, rows
-    # gathered by `row_ids` and an epilogue, as the MoE's w3 GEMM calls it (`_seam_call`).
     fp4_kernels = {"w4a16": fp4(), "w4a16_kmajor": fp4(), "w4a16_swap": fp4_swap, "w4a16_gemv": fp4(wg.GEMV_TILES),
                    "dequant_bf16": dequant_bf16, "dequant_pallas": dequant_pallas,
-                   "dequant_pallas_kmajor": dequant_pallas_kmajor, "dequant_pallas_kmajor_transpose": dequant_pallas,
-                   "dequant_mosaic": dequant_mosaic, "dequant_mosaic_kmajor": dequant_mosaic,
-                   "seam_pallas": seam("pallas"), "seam_pallas_kmajor": seam("pallas"),
-                   "seam_mosaic": seam("mosaic"), "seam_mosaic_kmajor": seam("mosaic")}
+                   "dequant_pallas_kmajor": dequant_pallas_kmajor, "dequant_pallas_kmajor_transpose": dequant_pallas}
     if not on_cpu:
         fp4_kernels["w4a16_alu"] = fp4(decode="alu")
     if args.kernels:
@@ -416,10 +356,6 @@ def run(args) -> int:
         if unknown := set(keep) - set(fp4_kernels):
             raise SystemExit(f"--kernels: unknown {sorted(unknown)}; choose from {', '.join(fp4_kernels)}")
         fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name in keep}
-    if why := _mosaic_unfit(shapes, out["device"]):
-        if skip := [name for name in fp4_kernels if "_mosaic" in name]:
-            print(f"skipped {', '.join(skip)}: {why}", flush=True)
-        fp4_kernels = {name: fn for name, fn in fp4_kernels.items() if name not in skip}
     k_major = {name: "_kmajor" in name for name in fp4_kernels}
 
     for shape, (g, k, n) in shapes.items():
@@ -456,12 +392,8 @@ def run(args) -> int:
             base = {"shape": shape, "groups": g, "K": k, "N": n, "tokens": t, "rows": t * TOPK,
                     "dense_matmul_ms": dense_s and dense_s * 1e3, "dense_matmul_TFLOPs": dense_tf}
             secs = {}
-            # the seam rows' epilogue operand, [rows, N] in memory as the MoE's gate product is
-            other = jnp.ones((t * TOPK, n), jnp.bfloat16) if any(s.startswith("seam_") for s in fp4_kernels) else None
-            runs = [("bf16", bf16, w_bf16, 2.0)]
-            for name, f in fp4_kernels.items():
-                w = w_km if k_major[name] else w_fp4
-                runs.append((name, f, (w, other) if name.startswith("seam_") else w, FP4_BYTES_PER_WEIGHT))
+            runs = [("bf16", bf16, w_bf16, 2.0)] + [(n, f, w_km if k_major[n] else w_fp4, FP4_BYTES_PER_WEIGHT)
+                                                    for n, f in fp4_kernels.items()]
             for name, fn, w, bpw in runs:
                 if name in failed:
                     continue
@@ -480,9 +412,6 @@ def run(args) -> int:
             if dense_s:
                 print(f"{shape:10} {t:6d} {'dense':21} {dense_s * 1e3:8.3f} {dense_tf:8.1f}", flush=True)
             for other, base_name in (("w4a16_swap", "w4a16"), ("w4a16_gemv", "w4a16"), ("w4a16_kmajor", "w4a16"),
-                                     ("dequant_mosaic", "dequant_pallas"),
-                                     ("dequant_mosaic_kmajor", "dequant_pallas_kmajor_transpose"),
-                                     ("seam_mosaic", "seam_pallas"), ("seam_mosaic_kmajor", "seam_pallas_kmajor"),
                                      ("dequant_pallas_kmajor", "dequant_pallas"),
                                      ("dequant_pallas_kmajor_transpose", "dequant_pallas"),
                                      ("dequant_pallas_kmajor", "dequant_pallas_kmajor_transpose")):
@@ -565,15 +494,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the main table's FP4 kernels, comma list (default: all): w4a16, w4a16_kmajor (K-major codes, "
                         "their default tiles), w4a16_swap, w4a16_gemv, w4a16_alu (GPU), dequant_bf16, dequant_pallas, "
                         "dequant_pallas_kmajor (the no-transpose K-major path: [E, N, K] decode, transpose_b), "
-                        "dequant_pallas_kmajor_transpose (the decode transposing K-major tiles), dequant_mosaic, "
-                        "dequant_mosaic_kmajor (the decode, then the Mosaic kernel: Hopper only), seam_pallas, "
-                        "seam_mosaic (+ _kmajor: the seam's dequant path as the MoE's w3 GEMM calls it); "
-                        "the bf16 kernel always runs")
+                        "dequant_pallas_kmajor_transpose (the decode transposing K-major tiles); the bf16 kernel always runs")
     p.add_argument("--dequant-sweep", action="store_true", help="also time other fp4_dequant tiles on the first shape")
     p.add_argument("--prefill-sweep", action="store_true",
                    help="also time the K-major prefill path's tiles: the bf16 kernel's with transpose_b (every shape, "
-                        ">= 32 rows per expert), dequantize_k_major's (first shape) and on Hopper the Mosaic kernel's "
-                        "(MosaicTiles, on the transposing decode's [E, K, N]); bench/w4a16_prefill.py")
+                        ">= 32 rows per expert) and dequantize_k_major's (first shape); bench/w4a16_prefill.py")
     p.add_argument("--tiny", action="store_true", help="small shapes, CPU smoke run")
     p.add_argument("--json")
     p.set_defaults(func=run)

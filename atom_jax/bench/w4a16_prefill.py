@@ -9,10 +9,6 @@ Pallas kernel with `transpose_b`), so that one GPU call picks its defaults:
   `dequant_pallas_kmajor`), beside the dense matmul of the same M x K x N;
 * the decode kernel's tiles (`DECODE_TILES`) on the first shape: GB/s of packed bytes read +
   bf16 written, beside the same run's copy bandwidth;
-* on a Hopper GPU, the Mosaic kernel's tiles (`MOSAIC_TILES`, `mosaic_grouped_gemm.MosaicTiles`) on the
-  same codes decoded to [E, K, N] by the transposing decode (`fp4_dequant.dequantize`: the seam's
-  path with `grouped_gemm.DEQUANT_GEMM = "mosaic"`), checked and timed the same way, with their own
-  `path` row (that decode, timed per shape, + the best Mosaic tiles);
 * on the first shape, the fused W4A16 kernel on the same K-major codes at taller row tiles
   (`W4A16_TILES`: 256 rows decode each weight tile once per 256 rows instead of per 64-128, and
   no bf16 copy of the experts is written and read back), checked the same way, timed beside
@@ -36,13 +32,6 @@ DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 
 # [K/2, N] codes' 8K-token best (128x128x128, 8 warps).
 W4A16_TILES = [(256, 64, 64, 8, 3), (256, 64, 128, 8, 2), (256, 64, 64, 8, 4), (128, 64, 128, 8, 3),
                (128, 128, 128, 8, 3)]
-# `MosaicTiles` (tile_m, tile_n, tile_k, stages, epi_m, band): its default first, then deeper or
-# shallower TMA rings, other launch bands, 128-deep K steps, 128-column CTAs; each within Hopper's
-# 227 KiB of shared memory per block ((tile_m + 2 * tile_n) x tile_k x 2 B x stages + the epilogue's
-# 2 x epi_m x tile_n x 2 B).
-MOSAIC_TILES = [(128, 128, 64, 3, 64, 8), (128, 128, 64, 4, 64, 8), (128, 128, 64, 2, 64, 8),
-                (128, 128, 64, 3, 64, 4), (128, 128, 64, 3, 64, 16), (128, 128, 128, 2, 64, 8),
-                (128, 64, 64, 4, 64, 8), (128, 64, 128, 3, 64, 8)]
 COMPILE_THREADS = 8  # candidates compiled at once (Triton and ptxas release the GIL)
 TINY_GEMM_TILES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2)]
 TINY_DECODE_TILES = [(64, 32, 4, 1)]
@@ -80,10 +69,6 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
     from atom_jax.kernels import w4a16_grouped_gemm as wg
     from atom_jax.kernels.packed import to_k_major
 
-    from atom_jax.bench.w4a16 import _mosaic_unfit
-    mosaic_why = _mosaic_unfit(shapes, jax.devices()[0].device_kind)
-    if mosaic_why:
-        print(f"# prefill sweep: no Mosaic tiles: {mosaic_why}", flush=True)
     gemm_tiles = [pg.TileConfig(*t) for t in (TINY_GEMM_TILES if args.tiny else GEMM_TILES)]
     decode_tiles = [fd.DequantTiles(*t) for t in (TINY_DECODE_TILES if args.tiny else DECODE_TILES)]
     w4a16_tiles = [pg.TileConfig(*t) for t in (TINY_W4A16_TILES if args.tiny else W4A16_TILES)]
@@ -107,17 +92,6 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
                 print(f"prefill decode sweep {shape} {tiles_name(dcfg)} {row['error']}", flush=True)
             out["prefill_decode_sweep"].append(row)
         wt = jax.block_until_ready(fd.dequantize_k_major(w_km, interpret=on_cpu))  # [E, N, K], once
-        decode_kn_s, w_kn, mosaic_tiles = None, None, []
-        if not mosaic_why:  # the transposing decode to [E, K, N] (the Mosaic kernel's), timed and done once
-            from atom_jax.kernels import mosaic_grouped_gemm as mg
-            mosaic_tiles = [mg.MosaicTiles(*t) for t in MOSAIC_TILES]
-            row = _time_decode(lambda w: fd.dequantize(w), w_km, ceil, args.iters, shape=shape,
-                               tiles=dataclasses.asdict(fd.DEFAULT_TILES), kernel="dequantize")
-            out["prefill_decode_sweep"].append(row)
-            decode_kn_s = row["ms"] / 1e3
-            print(f"prefill decode sweep {shape} dequantize (to [E, K, N]) {row['ms']:.3f} ms {row['GBps']:.0f} GB/s",
-                  flush=True)
-            w_kn = jax.block_until_ready(fd.dequantize(w_km))
         for t in [t for t in tokens if t * TOPK / g >= DECODE_ROWS_PER_EXPERT] or tokens[-1:]:
             rows, flops = t * TOPK, 2.0 * t * TOPK * k * n
             sizes = [jnp.asarray(uniform_sizes(rng, rows, g)) for _ in range(2)]
@@ -130,8 +104,6 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
             # on the decoded experts, and on the first shape the W4A16 kernel's on the K-major codes
             jobs = {("bf16_transpose_b", c): (lambda a, b, s, ids, c=c: pg.grouped_gemm(
                 a, b, s, cfg=c, interpret=on_cpu, transpose_b=True), wt) for c in gemm_tiles}
-            jobs |= {("mosaic", c): (lambda a, b, s, ids, c=c: mg.grouped_gemm(a, b, s, c), w_kn)
-                     for c in mosaic_tiles}
             if si == 0:
                 jobs |= {("w4a16_kmajor", c): (lambda a, b, s, ids, c=c: wg.grouped_gemm(
                     a, b, s, cfg=c, interpret=on_cpu), w_km) for c in w4a16_tiles}
@@ -153,7 +125,7 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
                     sec = back_to_back_time(lambda i: f(xs[i], w, sizes[i], None), [0, 1], iters=args.iters)
                     row.update(ms=sec * 1e3, TFLOPs=flops / sec / 1e12)
                     row["frac_of_dense"] = dense_tf and row["TFLOPs"] / dense_tf
-                    timed.setdefault(kernel, []).append((row, cfg))
+                    timed.setdefault(kernel, []).append(row)
                     print(f"prefill sweep {shape} {t} {label:24} {row['ms']:8.3f} ms "
                           f"{row['TFLOPs']:7.1f} TFLOP/s {100 * (row['frac_of_dense'] or 0):4.0f}% of dense",
                           flush=True)
@@ -162,21 +134,16 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
                     print(f"prefill sweep {shape} {t} {label:24} {row['error']}", flush=True)
                 out["prefill_sweep"].append(row)
             dense = f"{dense_s * 1e3:.3f} ms" if dense_s else "not timed"
-            # the seam's paths, decode + the best tiles: `path` (the K-major decode, the bf16 Pallas kernel
-            # with transpose_b), `path_mosaic` (the transposing decode, the Mosaic kernel)
-            paths = {"bf16_transpose_b": ("path", decode_s), "mosaic": ("path_mosaic", decode_kn_s)}
             for kernel, krows in timed.items():
-                best, best_cfg = min(krows, key=lambda rc: rc[0]["ms"])
-                print(f"prefill sweep {shape} {t} best {kernel} {tiles_name(best_cfg)} "
+                best = min(krows, key=lambda r: r["ms"])
+                print(f"prefill sweep {shape} {t} best {kernel} {tiles_name(pg.TileConfig(**best['tiles']))} "
                       f"{best['ms']:.3f} ms {100 * (best['frac_of_dense'] or 0):.0f}% of dense (dense {dense})",
                       flush=True)
-                path_name, path_decode_s = paths.get(kernel, (None, None))
-                if path_decode_s:
-                    sec = path_decode_s + best["ms"] / 1e3
-                    path = {"shape": shape, "tokens": t, "kernel": path_name, "tiles": best["tiles"], "ms": sec * 1e3,
+                if kernel == "bf16_transpose_b" and decode_s:  # the seam's path: decode + the best tiles
+                    sec = decode_s + best["ms"] / 1e3
+                    path = {"shape": shape, "tokens": t, "kernel": "path", "tiles": best["tiles"], "ms": sec * 1e3,
                             "TFLOPs": flops / sec / 1e12, "frac_of_dense": dense_tf and flops / sec / 1e12 / dense_tf}
                     out["prefill_sweep"].append(path)
-                    print(f"prefill sweep {shape} {t} {path_name} = decode {path_decode_s * 1e3:.3f} + {kernel} "
-                          f"{best['ms']:.3f} ms = {path['ms']:.3f} ms {100 * (path['frac_of_dense'] or 0):.0f}% "
-                          f"of dense", flush=True)
+                    print(f"prefill sweep {shape} {t} path = decode {decode_s * 1e3:.3f} + bf16 {best['ms']:.3f} ms "
+                          f"= {path['ms']:.3f} ms {100 * (path['frac_of_dense'] or 0):.0f}% of dense", flush=True)
         save(out, args.json)

@@ -22,8 +22,7 @@ their product as stored, rounded to rows.dtype: the rounding the MoE had before 
 `weights` may also be packed FP4 experts (`packed.Fp4Weights`, or `packed.Fp4WeightsKMajor`: the
 same weights with K-major codes, `--expert-layout`; W4A16): `get(name)` then runs the
 W4A16 Pallas kernel for the GPU-kernel names ('auto' on GPU; from DEQUANT_MIN_ROWS_PER_GROUP rows
-per expert the `fp4_dequant` kernel then the bf16 kernel `dequant_gemm` picks: Pallas, or Mosaic on
-Hopper where DEQUANT_GEMM says so), or decodes the weights in jnp and
+per expert the `fp4_dequant` kernel then the bf16 Pallas kernel), or decodes the weights in jnp and
 runs the named bf16 backend (CPU, references); see `w4a16`. K-major codes on the dequant path
 decode to `packed.DenseKMajor` ([E, N, K] bf16, no transpose), which the Pallas backend
 multiplies as it is (`transpose_b`) and the other backends take as `dense()`.
@@ -31,8 +30,6 @@ multiplies as it is (`transpose_b`) and the other backends take as `dense()`.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Callable
 
 import jax
@@ -177,21 +174,12 @@ def tokamax_ragged(rows, weights, group_sizes, mean_group=None):
     return _zero_rows_past_groups(out, group_sizes, rows.dtype)
 
 
-def is_hopper() -> bool:
-    """Kernels are traced for this process's GPU and it is an NVIDIA Hopper (sm_90) one: what the
-    Mosaic GPU kernels (ours, tokamax's) need. False on CPU, ROCm, other NVIDIA generations and
-    while lowering for another platform (`platform.lowering_for`)."""
-    if target_platform() not in ("gpu", "cuda") or is_rocm():
-        return False
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-
-
 def tokamax_usable() -> bool:
     """tokamax's Mosaic kernel needs an NVIDIA Hopper (sm_90) GPU and the package."""
     try:
         import tokamax  # noqa: F401
-        return is_hopper()
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
     except Exception:
         return False
 
@@ -269,55 +257,6 @@ DEQUANT_MIN_ROWS_PER_GROUP = 192
 KMAJOR_DECODE_TO_NK = False
 
 
-# The bf16 grouped GEMM the dequant path runs on the decoded experts: "pallas" (the Triton kernel,
-# every GPU) or "mosaic" (`mosaic_grouped_gemm`: TMA + wgmma, 93% of cuBLAS on one group vs the
-# Triton kernel's 83% on an H100). "mosaic" applies where `dequant_gemm` says it can (a Hopper GPU,
-# [E, K, N] decoded experts whose K and N its tiles divide); elsewhere "pallas". The Mosaic kernel
-# gathers no rows and applies no epilogue: with it the seam gathers `row_ids` and applies the
-# SwiGLU epilogue in XLA (`get`). "pallas" until `bench w4a16 --kernels dequant_pallas,
-# dequant_mosaic,seam_pallas,seam_mosaic` measures the decode + Mosaic path faster on an H200.
-# $ATOM_JAX_DEQUANT_GEMM, when set, overrides it (read when traced: end-to-end benchmarks of either).
-DEQUANT_GEMM = "pallas"
-DEQUANT_GEMMS = ("pallas", "mosaic")
-DEQUANT_GEMM_ENV = "ATOM_JAX_DEQUANT_GEMM"
-
-
-def dequant_gemm(weights: Fp4Weights | Fp4WeightsKMajor) -> str:
-    """The bf16 backend the dequant path multiplies `weights`, once decoded, with: DEQUANT_GEMM (or
-    $ATOM_JAX_DEQUANT_GEMM) where it can run them, else "pallas" (the one decision; `_packed_path`
-    asks it)."""
-    want = os.environ.get(DEQUANT_GEMM_ENV) or DEQUANT_GEMM
-    if want not in DEQUANT_GEMMS:
-        where = f"${DEQUANT_GEMM_ENV}" if os.environ.get(DEQUANT_GEMM_ENV) else "grouped_gemm.DEQUANT_GEMM"
-        raise ValueError(f"{where} is {want!r}; choose from {', '.join(DEQUANT_GEMMS)}")
-    if want == "pallas" or not is_hopper():
-        return "pallas"
-    if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
-        return "pallas"  # decoded to `DenseKMajor` [E, N, K]: the Mosaic kernel takes [E, K, N] only
-    from atom_jax.kernels import mosaic_grouped_gemm
-    _, k, n = weights.shape
-    return "mosaic" if mosaic_grouped_gemm.fits(k, n) else "pallas"
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Decoded:
-    """Experts `decode_ahead` decoded for a bf16 backend other than the one `get(name)` runs on bf16
-    weights (the dequant path's Mosaic kernel, `dequant_gemm`): `get(name)` given them runs
-    `backend` on `w`, as it would after decoding the packed weights itself."""
-
-    w: jax.Array | DenseKMajor  # [E, K, N], or [E, N, K] from K-major codes (KMAJOR_DECODE_TO_NK)
-    backend: str = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-
 def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     """Whether the decode kernel and then the bf16 Pallas kernel take these experts' K and N
     (their tiles must divide them; e.g. N = 384, V4-Pro's intermediate size split 8 ways, does
@@ -337,16 +276,15 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
 
 def _packed_path(name: str, weights: Fp4Weights | Fp4WeightsKMajor, rows_per_group: float) -> tuple[str, str]:
     """How backend `name` multiplies packed FP4 experts at `rows_per_group` rows per expert (the
-    one decision, for `w4a16`, `decode_ahead` and `fused_gate_up`): ("w4a16", kernel name): decoded
-    inside the W4A16 kernel; ("dequant", "pallas"): decoded by the `fp4_dequant` kernel, then the bf16
-    Pallas kernel; ("dequant", "mosaic"): the same decode, then the Mosaic kernel (`dequant_gemm`);
-    ("jnp", bf16 backend): decoded in jnp (exact), then that backend."""
+    one decision, for `w4a16` and `decode_ahead`): ("w4a16", kernel name): decoded inside the
+    W4A16 kernel; ("dequant", "pallas"): decoded by the `fp4_dequant` kernel, then the bf16 Pallas
+    kernel; ("jnp", bf16 backend): decoded in jnp (exact), then that backend."""
     if name == "auto":
         name = "ragged_dot" if _on_cpu() else "pallas"
     if name not in W4A16_KERNEL_NAMES:
         return "jnp", name
     if rows_per_group >= DEQUANT_MIN_ROWS_PER_GROUP and _dequant_path_fits(weights, rows_per_group):
-        return "dequant", dequant_gemm(weights)
+        return "dequant", "pallas"
     return "w4a16", name
 
 
@@ -365,12 +303,10 @@ def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, 
           zero_tail=True, epilogue=None):
     """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
     the W4A16 Pallas kernel (interpreted on CPU) below DEQUANT_MIN_ROWS_PER_GROUP rows per
-    expert, from there the experts decoded by the `fp4_dequant` kernel and the bf16 kernel that
-    `dequant_gemm` names: Pallas, or Mosaic on Hopper where DEQUANT_GEMM = "mosaic" (decoding in one
-    XLA pass instead measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA streamed ~1 TB/s).
-    Other names: the weights decoded to rows.dtype in jnp (exact) and the named bf16 backend ('auto'
-    on CPU: ragged_dot). The W4A16 and bf16 Pallas kernels gather `row_ids` themselves (the Mosaic
-    kernel's rows are gathered in XLA)."""
+    expert, from there the experts decoded by the `fp4_dequant` kernel and the bf16 Pallas kernel
+    (decoding in one XLA pass instead measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA
+    streamed ~1 TB/s). Other names: the weights decoded to rows.dtype in jnp (exact) and the named
+    bf16 backend ('auto' on CPU: ragged_dot). Both kernel paths gather `row_ids` themselves."""
     rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
     how, backend = _packed_path(name, weights, rows_per_group)
     if how == "w4a16":
@@ -379,24 +315,23 @@ def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, 
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
                                                row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
     dense = _decode(how, weights, rows.dtype)
-    return get(backend)(rows, dense, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    if how == "dequant":
+        return pallas(rows, dense, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    return get(backend)(rows, dense, group_sizes, mean_group, row_ids=row_ids, epilogue=epilogue)
 
 
 def decode_ahead(name: str, weights, rows_per_group: float, dtype):
     """The experts as `get(name)` would decode them for a call of `rows_per_group` rows per expert,
     decoded now, so that several GEMMs share one decode (the two TBO chains of a layer); `get(name)`
-    given them multiplies exactly as it would the packed weights: the bf16 experts where it runs the
-    same backend on bf16 weights, else `Decoded` naming the dequant path's backend (`dequant_gemm`:
-    the Mosaic kernel under 'pallas' or 'auto'; the bf16 Pallas kernel under 'mosaic' unless
-    DEQUANT_GEMM is "mosaic"). None where `get(name)` would not decode them first: dense weights
-    and the W4A16 kernel's rows per expert."""
+    given them multiplies exactly as it would the packed weights. None where `get(name)` would
+    not decode them first: dense weights, the W4A16 kernel's rows per expert, and the kernel names
+    whose decoded path `get(name)` would not take given bf16 weights (e.g. 'mosaic')."""
     if not isinstance(weights, FP4_TYPES):
         return None
     how, backend = _packed_path(name, weights, rows_per_group)
-    if how == "w4a16":
+    if how == "w4a16" or dense_backend(name, rows_per_group) != backend:
         return None
-    dense = _decode(how, weights, dtype)
-    return dense if dense_backend(name, rows_per_group) == backend else Decoded(dense, backend)
+    return _decode(how, weights, dtype)
 
 
 # Rows per expert from which `gate_up` runs the gate and up GEMMs as one Pallas kernel
@@ -419,10 +354,7 @@ def fused_gate_up(name: str, w_gate, w_up, rows_per_group: float) -> bool:
         return False
     if w_gate.shape != w_up.shape or type(w_gate) is not type(w_up):
         return False
-    if isinstance(w_gate, Decoded):  # decoded ahead for the dequant path's backend
-        if w_gate.backend != "pallas":
-            return False
-    elif isinstance(w_gate, FP4_TYPES):
+    if isinstance(w_gate, FP4_TYPES):
         if _packed_path(name, w_gate, rows_per_group) != ("dequant", "pallas"):
             return False
     elif dense_backend(name, rows_per_group) != "pallas":
@@ -445,8 +377,6 @@ def gate_up(name: str, rows, w_gate, w_up, group_sizes, act, mean_group=None, ro
         from atom_jax.kernels import pallas_grouped_gemm
         if isinstance(w_gate, FP4_TYPES):
             w_gate, w_up = (_decode("dequant", w, rows.dtype) for w in (w_gate, w_up))
-        elif isinstance(w_gate, Decoded):
-            w_gate, w_up = w_gate.w, w_up.w
         k_major = isinstance(w_gate, DenseKMajor)  # [G, N, K] as decoded from K-major codes
         w_gate, w_up = (w.w if k_major else w for w in (w_gate, w_up))
         return pallas_grouped_gemm.grouped_gemm_pair(
@@ -459,8 +389,7 @@ def gate_up(name: str, rows, w_gate, w_up, group_sizes, act, mean_group=None, ro
 
 
 def get(name: str) -> GroupedGemm:
-    """Backend `name`, taking bf16 weights [G, K, N] (or `DenseKMajor`), packed `Fp4Weights` / `Fp4WeightsKMajor`
-    (or `decode_ahead`'s `Decoded`), and optional
+    """Backend `name`, taking bf16 weights [G, K, N] (or `DenseKMajor`) or packed `Fp4Weights` / `Fp4WeightsKMajor`, and optional
     `row_ids` (rows[row_ids] gathered in the kernel where it can, else in XLA), `zero_tail`
     (False: rows past the last group may be left unwritten) and `epilogue` (fn, other)."""
     if name not in _BACKENDS:
@@ -468,8 +397,6 @@ def get(name: str) -> GroupedGemm:
     backend = _BACKENDS[name]
 
     def run(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
-        if isinstance(weights, Decoded):  # decoded ahead: the backend the dequant path runs
-            return get(weights.backend)(rows, weights.w, group_sizes, mean_group, row_ids, zero_tail, epilogue)
         if isinstance(weights, FP4_TYPES):
             return w4a16(name, rows, weights, group_sizes, mean_group, row_ids, zero_tail, epilogue)
         if isinstance(weights, DenseKMajor) and name not in TAKES_DENSE_K_MAJOR:

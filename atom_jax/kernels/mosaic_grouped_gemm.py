@@ -77,12 +77,6 @@ def aligned_work_list(starts, ends, tile_m: int, max_items: int):
     return row0, lo, hi, group, count
 
 
-def fits(k: int, n: int, cfg: MosaicTiles = PREFILL_MOSAIC) -> bool:
-    """Whether `cfg`'s tiles divide K (tile_k) and N (a CTA's 2 * tile_n columns) and tile_m
-    divides into epilogue chunks: the shapes the kernel takes."""
-    return k % cfg.tile_k == 0 and n % (2 * cfg.tile_n) == 0 and cfg.tile_m % cfg.epi_m == 0
-
-
 def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_MOSAIC,
                         zero_from=None):
     """out[r] = rows[r] @ weights[g] for r in [starts[g], ends[g]); rows [zero_from, M) are zero
@@ -93,7 +87,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
     cta_n = 2 * bn
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
-    if not fits(k, n, cfg):
+    if k % bk or n % cta_n or bm % cfg.epi_m:
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
