@@ -46,6 +46,7 @@ measured copy bandwidth."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -108,23 +109,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ---- floors --------------------------------------------------------------------------------
 def attention_tiles(spec: str):
-    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD]]]' -> AttentionTiles(block_h=H, block_k=K,
-    num_warps=W, num_stages=S or the default's, prefetch=P (0/1) or the default's, dv_split=D or the
-    default's)."""
+    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT]]]]' -> AttentionTiles(block_h=H,
+    block_k=K, num_warps=W, num_stages=S, prefetch=P (0/1), dv_split=D, transpose=T (0/1)), each field
+    left out the default's."""
     from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
 
     if spec == "default":
         return None
     try:
         parts = [int(x) for x in spec.split("x")]
-        if len(parts) not in (3, 4, 5, 6) or min(parts[:4] + parts[5:]) < 1 or parts[4:5] not in ([], [0], [1]):
+        if len(parts) not in (3, 4, 5, 6, 7) or min(parts[:4] + parts[5:6]) < 1 or \
+                any(f not in (0, 1) for f in parts[4:5] + parts[6:7]):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD]]] (e.g. 64x32x8, "
-                         "64x32x8x2x0, 64x64x8x1x1x2)") from None
-    return AttentionTiles(*parts[:3], parts[3] if len(parts) >= 4 else TILES.num_stages,
-                          bool(parts[4]) if len(parts) >= 5 else TILES.prefetch,
-                          parts[5] if len(parts) == 6 else TILES.dv_split)
+        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD[xT]]]] (e.g. 64x32x8, "
+                         "64x32x8x2x0, 64x64x8x1x1x2, 64x128x8x1x0x1x1)") from None
+    given = dict(zip(("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv_split", "transpose"), parts))
+    for flag in ("prefetch", "transpose"):
+        if flag in given:
+            given[flag] = bool(given[flag])
+    return dataclasses.replace(TILES, **given)
 
 
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:

@@ -66,6 +66,12 @@ class AttentionTiles:
     # register cap or the shared memory that hold one program per SM; with prefetch the carried value
     # columns eat the saving. To be measured on a GPU (bench long-context --attention-tiles ...x2).
     dv_split: int = 1
+    # transpose: compute S^T = K . Q^T [block_k, block_h] and O^T += V^T . P^T [dim, block_h] (the
+    # softmax runs down the key axis). Triton gives a dot that feeds another dot warpsPerCTA
+    # [num_warps, 1]: with 8 warps and 64 heads as M, both warp groups compute the same 64 x block_k
+    # scores (half the QK^T wgmmas are redundant) and hold them twice; transposed, M is the keys
+    # (block_k = 128 fills the two warp groups) and the value dim (512), so no warp group repeats work.
+    transpose: bool = False
 
 
 TILES = AttentionTiles()
@@ -96,6 +102,16 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         m, l, acc = carry
         vals, ok = (keys, *vals_ok) if nv == 1 else vals_ok
         exact = keys.dtype == jnp.float32  # float32 models (tests): no TF32 rounding
+        if tiles.transpose:  # scores^T [bk, bh], softmax down axis 0, acc^T [dim, bh]
+            s = plt.dot(keys, q, trans_b=True, allow_tf32=not exact) * scale
+            s = jnp.where(ok[:, None], s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=0))
+            alpha = jnp.exp(m - m_new)
+            pr = jnp.exp(s - m_new[None, :])
+            l = l * alpha + jnp.sum(pr, axis=0)
+            acc = acc * alpha[None, :] + plt.dot(vals, pr.astype(vals.dtype), trans_a=True,
+                                                 allow_tf32=not exact)
+            return m_new, l, acc
         s = plt.dot(q, keys, trans_b=True, allow_tf32=not exact) * scale  # [bh, bk] float32
         s = jnp.where(ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -149,7 +165,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         return jax.lax.fori_loop(lo, hi, body, (*carry, *load(lo, lo < hi)))[:3]
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
-             jnp.zeros((bh, dv.shape[0]), jnp.float32))
+             jnp.zeros((dv.shape[0], bh) if tiles.transpose else (bh, dv.shape[0]), jnp.float32))
     # The window is split 0's alone: the other splits skip its loop (a cond around a loop of
     # static trip count; a bound chosen with jnp.where(sp == 0, ...) made jax 0.11.2's Triton
     # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
@@ -169,8 +185,12 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         m_new = jnp.maximum(m, sink)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.exp(sink - m_new)
-        out = acc * (alpha / l)[:, None]
-        out_refs[0][trow, heads[:, None] * dim + dv[None, :]] = out.astype(out_refs[0].dtype)
+        if tiles.transpose:  # acc^T [dim, bh]: stored through transposed indices
+            out_refs[0][trow.T, heads[None, :] * dim + dv[:, None]] = \
+                (acc * (alpha / l)[None, :]).astype(out_refs[0].dtype)
+        else:
+            out = acc * (alpha / l)[:, None]
+            out_refs[0][trow, heads[:, None] * dim + dv[None, :]] = out.astype(out_refs[0].dtype)
     else:  # partial softmax state of this split; `_combine` merges the splits and the sink
         m_ref, l_ref, acc_ref = out_refs
         col = sp * heads_total + heads
@@ -182,7 +202,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             stats()
         else:
             pl.when(dvb == 0)(stats)
-        acc_ref[trow, col[:, None] * dim + dv[None, :]] = acc
+        if tiles.transpose:
+            acc_ref[trow.T, col[None, :] * dim + dv[:, None]] = acc
+        else:
+            acc_ref[trow, col[:, None] * dim + dv[None, :]] = acc
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
