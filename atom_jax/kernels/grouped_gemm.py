@@ -247,14 +247,14 @@ DEQUANT_MIN_ROWS_PER_GROUP = 192
 
 # K-major codes on the dequant path: False = `fp4_dequant.dequantize` (each code tile transposed in
 # the kernel, [E, K, N] bf16, then the bf16 kernel); True = `fp4_dequant.dequantize_k_major` ([E, N,
-# K] bf16, no transpose, then the bf16 kernel with `transpose_b`). Measured on an H200 (`bench w4a16
-# --tokens 8192 --kernels dequant_pallas,dequant_pallas_kmajor`, 2026-12-01 session 10): the
-# no-transpose decode whose halves were interleaved in registers was fast (0.79 ms, 84% of copy;
-# path 2.17 ms) but ordered the values wrongly on the GPU; stored as two strided halves it was right
-# and slow (2.72 ms; path 3.99 ms), so the transposing decode (path 2.47 ms) stays until the per-
-# element decode that replaced both (each output column decodes its own code byte's nibble: no
-# interleave, 16-byte stores) is measured on a GPU.
-KMAJOR_DECODE_TO_NK = False
+# K] bf16, no transpose: each output column decodes its own code byte's nibble, 16-byte stores; then
+# the bf16 kernel with `transpose_b`). Measured on an H200 (`bench w4a16 --tokens 8192 --shapes
+# flash_up,flash_down --kernels dequant_pallas,dequant_pallas_kmajor,dequant_pallas_kmajor_transpose`,
+# 2026-12-01 session 11, same run): path 2.117 / 2.212 ms (51% / 47% of dense) against the
+# transposing decode's 2.457 / 2.544 ms (44% / 41%), 0.86x the time, values as exact as the bf16
+# row's (the GPU tests of the decode pass). Session 10's earlier no-transpose decodes were wrong
+# (register interleave) or slow (strided halves).
+KMAJOR_DECODE_TO_NK = True
 
 
 def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
