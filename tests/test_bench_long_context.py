@@ -47,6 +47,13 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path, monkeypat
         assert tr["busy_ms"] > 0 and any("layer" in k["op_name"] for k in tr["top_kernels"])
 
 
+def test_baseline_cache_that_fits_no_prompt_is_an_error():
+    """A --baseline-cache-len no prompt fits (prompt + decoded tokens + 1) stops before any work
+    instead of silently running no baseline row."""
+    with pytest.raises(SystemExit, match="baseline-cache-len 1000"):
+        main(["long-context", "--tiny", "--prompts", "1000", "--decode-tokens", "4", "--baseline-cache-len", "1000"])
+
+
 def test_attention_tiles_specs():
     from atom_jax.bench.long_context import attention_tiles
     from atom_jax.kernels.sparse_attention import TILES, AttentionTiles

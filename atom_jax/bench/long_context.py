@@ -288,6 +288,9 @@ def run_cli(args) -> int:
     page_tokens = 64 if args.tiny else 256
     if max(prompts) + args.decode_tokens + 1 > cache_len:
         raise SystemExit(f"the longest prompt plus {args.decode_tokens + 1} tokens exceeds --cache-len {cache_len}")
+    if args.baseline_cache_len and min(prompts) + args.decode_tokens + 1 > args.baseline_cache_len:
+        raise SystemExit(f"no prompt plus {args.decode_tokens + 1} tokens fits --baseline-cache-len "
+                         f"{args.baseline_cache_len}: the baseline would run nothing")
     try:  # bad names fail before any work
         layouts = list(dict.fromkeys(resolve_layout(x, jax.default_backend(), BF16)
                                      for x in args.expert_layout.split(",")))
