@@ -26,6 +26,7 @@ COMMANDS = {
     "hlo-ops": "atom_jax.bench.hlo_ops",
     "long-context": "atom_jax.bench.long_context",
     "indexer": "atom_jax.bench.indexer",
+    "attention": "atom_jax.bench.attention",
     "prefix": "atom_jax.bench.prefix",
 }
 
