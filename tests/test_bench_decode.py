@@ -50,6 +50,18 @@ def test_bench_decode_pages_cover_the_prefill_steps_tokens(tmp_path):
     assert [r["tokens_per_step"] for r in json.loads(out.read_text())["results"]] == [2]
 
 
+def test_bench_decode_expert_layout(tmp_path):
+    """--expert-layout kmajor: the random bf16 experts held [E, N, K], recorded in the JSON; a bad name
+    stops before any work."""
+    out = tmp_path / "kmajor.json"
+    assert main(["decode", "--tiny", "--batches", "2", "--steps", "2", "--warmup", "1", "--prompt-len", "16",
+                 "--modes", "on", "--expert-layout", "kmajor", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["expert_layout"] == "kmajor" and data["results"][0]["tokens_per_step"] == 2
+    with pytest.raises(SystemExit, match="expert-layout"):
+        main(["decode", "--tiny", "--expert-layout", "kmajr"])
+
+
 def test_launch_summary_averages_devices():
     from atom_jax.bench.decode import _launch_summary
 

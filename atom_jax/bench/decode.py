@@ -87,6 +87,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace each case into DIR/<mode>_b<batch>")
     ap.add_argument("--trace-steps", type=int, default=12)
     ap.add_argument("--moe-backend", default="auto")
+    ap.add_argument("--expert-layout", default="auto", help="the random bf16 experts' layout (weights.formats: "
+                    "nmajor, kmajor, auto = the engine's choice for bf16 experts on this platform)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model in float32 (CPU smoke run)")
     ap.add_argument("--prefix-caching", choices=("on", "off"), default="on",
                     help="the engine's prefix cache (on: the default, its per-page state work included)")
@@ -102,7 +104,14 @@ def _engine(args, batches):
 
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    model = random_model(cfg, seed=0, dtype=dtype)
+    import jax
+
+    from atom_jax.weights.formats import BF16, resolve_layout
+    try:
+        layout = resolve_layout(args.expert_layout, jax.default_backend(), BF16)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    model = random_model(cfg, seed=0, dtype=dtype, expert_layout=layout)
     page_tokens = 128
     slots = max(batches)
     chunk = min(args.prompt_len, 2048)
@@ -114,7 +123,7 @@ def _engine(args, batches):
                       max_tokens_per_step=budget, chunk_size=chunk, buckets=buckets, tbo=False,
                       moe_backend=args.moe_backend, compilation_cache_dir=None,
                       enable_prefix_caching=args.prefix_caching == "on")
-    return Engine(ec, model=model, tokenizer=None), cfg
+    return Engine(ec, model=model, tokenizer=None), cfg, layout
 
 
 def _max_tokens(args, n: int, budget: int) -> int:
@@ -319,7 +328,7 @@ def run_cli(args) -> int:
     import jax
 
     batches = [int(b) for b in args.batches.split(",") if b]
-    engine, cfg = _engine(args, batches)
+    engine, cfg, layout = _engine(args, batches)
     from atom_jax.engine.args import COMMAND_BUFFERS
 
     buffers = [b for b in args.command_buffers.split(",") if b]
@@ -398,5 +407,5 @@ def run_cli(args) -> int:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "env": env,
                        "platform_version": str(getattr(jax.devices()[0].client, "platform_version", "")),
                        "layers": cfg.num_layers,
-                       "prompt_len": args.prompt_len, "results": results}, f, indent=1)
+                       "prompt_len": args.prompt_len, "expert_layout": layout, "results": results}, f, indent=1)
     return 0
