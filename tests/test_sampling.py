@@ -40,3 +40,106 @@ def test_seed_reproducible_and_counter_advances():
     a, _ = _draw(logits, 1.0, 0, 1.0, [7, 7], [0, 1])
     b, _ = _draw(logits, 1.0, 0, 1.0, [7, 7], [0, 1])
     assert np.array_equal(a, b) and a[0] != a[1]
+
+
+# -- the sort-free cut search (issue 27) against a float64 oracle and the sorted sampler it replaced
+
+def _sorted_sampler(logits, temperature, top_k, top_p, seeds, counters):
+    """The sampler as it was before the radix select (a full-vocabulary sort per row), kept as
+    the oracle for the seeded draws. -> (tokens, logprobs, its support mask)."""
+    import jax
+
+    v = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    desc = jnp.where(desc >= kth, desc, -jnp.inf)
+    cum = jnp.cumsum(jax.nn.softmax(desc, axis=-1), axis=-1)
+    keep_n = jnp.sum(cum - jax.nn.softmax(desc, axis=-1) < top_p[:, None], axis=-1)
+    pth = jnp.take_along_axis(desc, jnp.maximum(keep_n - 1, 0)[:, None], axis=-1)
+    support = (scaled >= kth) & (scaled >= pth)
+    masked = jnp.where(support, scaled, -jnp.inf)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    tokens = jnp.where(temperature <= 0, greedy, drawn).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], support
+
+
+def _oracle_support(scaled, k, p):
+    """float64 numpy, one row: values >= the k-th largest (ties kept); of those, values >= the
+    largest cut whose softmax mass (over the top-k set) of values >= it reaches p."""
+    s = scaled.astype(np.float64)
+    desc = np.sort(s)[::-1]
+    kth = desc[(len(s) if k <= 0 else min(k, len(s))) - 1]
+    top_k = s >= kth
+    if p >= 1:
+        return top_k
+    kept = desc[desc >= kth]
+    cum = np.cumsum(np.exp(kept - s.max())) / np.exp(kept - s.max()).sum()
+    cut = kept[min(int(np.searchsorted(cum, p)), len(kept) - 1)]
+    return top_k & (s >= cut)
+
+
+def _rows(rng, s, v):
+    """Logits with ties, very peaked and very flat rows, and per-row sampling parameters mixing
+    greedy, top_k 1/5/V/0 and top_p 0.1/0.9/1.0."""
+    x = rng.standard_normal((s, v)) * 3
+    kinds = np.arange(s) % 6
+    x[kinds == 1] = np.round(x[kinds == 1] * 2) / 2  # many ties, -0.0 among them
+    x[kinds == 2, rng.integers(v)] += 60  # one token holds all the mass (the tail underflows)
+    x[kinds == 3] *= 1e-4  # nearly uniform
+    x[kinds == 4] = 0.25  # exactly uniform: one tie group
+    x[kinds == 5] = np.round(x[kinds == 5]) - 0.0 * x[kinds == 5]
+    temperature = rng.choice([0.0, 0.6, 1.0, 1.7], s).astype(np.float32)
+    top_k = rng.choice([0, 1, 5, v, v + 7], s).astype(np.int32)
+    top_p = rng.choice([0.1, 0.9, 1.0, rng.uniform(0.2, 0.99)], s).astype(np.float32)
+    return x.astype(np.float32), temperature, top_k, top_p
+
+
+def test_ordered_keys_keep_the_float_order():
+    import jax
+
+    from atom_jax.engine.sampler import ordered_keys
+
+    # normal floats only: XLA flushes subnormals to zero, for its comparisons too
+    x = np.concatenate([np.random.default_rng().standard_normal(200) * 10 ** np.arange(-20, 20, 0.2),
+                        [0.0, -0.0, np.inf, -np.inf, 1.2e-38, -1.2e-38, 3.4e38, -3.4e38]]).astype(np.float32)
+    keys = np.asarray(jax.jit(ordered_keys)(x)).astype(np.int64)
+    i, j = np.triu_indices(len(x), 1)
+    assert np.array_equal(np.sign(keys[i] - keys[j]), np.sign(x[i].astype(np.float64) - x[j]))
+
+
+def test_support_matches_float64_oracle_and_draws_match_sorted_sampler():
+    import jax
+
+    from atom_jax.engine.sampler import support_mask
+
+    rng = np.random.default_rng()
+    s, v = 48, 700
+    logits, temperature, top_k, top_p = _rows(rng, s, v)
+    scaled = logits / np.maximum(temperature, np.float32(1e-6))[:, None]
+    got = np.asarray(jax.jit(support_mask)(scaled, top_k, top_p))
+    for r in range(s):
+        near = [_oracle_support(scaled[r], top_k[r], q) for q in (top_p[r], top_p[r] - 1e-6, top_p[r] + 1e-6)]
+        assert any(np.array_equal(got[r], m) for m in near), (r, top_k[r], top_p[r], got[r].sum(), near[0].sum())
+    # the kept sets span the cases: one token, a few, a nucleus, the whole row
+    sizes = got.sum(-1)
+    assert sizes.min() == 1 and sizes.max() == v and len(set(sizes.tolist())) > 8
+
+    args = (jnp.asarray(logits), jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
+            jnp.asarray(rng.integers(0, 2**32, s), jnp.uint32), jnp.asarray(rng.integers(0, 2**32, s), jnp.uint32))
+    toks, lps = map(np.asarray, jax.jit(sample_tokens)(*args))
+    ref_toks, ref_lps, ref_support = map(np.asarray, jax.jit(_sorted_sampler)(*args))
+    same = (got == ref_support).all(-1)
+    # the sorted cumsum can reach 1.0 before the row's tail (its mass rounds away), so with
+    # top_p 1.0 it drops that tail; below 1.0 the two agree but at rounding boundaries
+    boundary = np.array([not np.array_equal(_oracle_support(scaled[r], top_k[r], top_p[r] - 1e-6),
+                                            _oracle_support(scaled[r], top_k[r], top_p[r] + 1e-6)) for r in range(s)])
+    assert same[(top_p < 1) & ~boundary].all() and same.sum() >= s // 2, same
+    np.testing.assert_array_equal(toks[same], ref_toks[same])
+    np.testing.assert_array_equal(lps[same], ref_lps[same])
+    assert got[np.arange(s), toks][temperature > 0].all()
+    assert np.array_equal(toks[temperature == 0], logits[temperature == 0].argmax(-1))
