@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from atom_jax.engine.sampler import sample_tokens
 
@@ -112,13 +113,13 @@ def test_ordered_keys_keep_the_float_order():
     assert np.array_equal(np.sign(keys[i] - keys[j]), np.sign(x[i].astype(np.float64) - x[j]))
 
 
-def test_support_matches_float64_oracle_and_draws_match_sorted_sampler():
+@pytest.mark.parametrize("s,v", [(48, 700), pytest.param(64, 129280, marks=pytest.mark.gpu, id="v4-vocab")])
+def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
     import jax
 
     from atom_jax.engine.sampler import support_mask
 
     rng = np.random.default_rng()
-    s, v = 48, 700
     logits, temperature, top_k, top_p = _rows(rng, s, v)
     scaled = logits / np.maximum(temperature, np.float32(1e-6))[:, None]
     got = np.asarray(jax.jit(support_mask)(scaled, top_k, top_p))

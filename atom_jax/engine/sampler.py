@@ -26,26 +26,39 @@ def ordered_keys(x):
     return jnp.where(u >= jnp.uint32(1 << 31), ~u, u | jnp.uint32(1 << 31))
 
 
-def _sums_at_or_above(keys, weights, thresholds):
-    """keys [S, V] u32, weights [S, V] (or a scalar), thresholds: list of [S] u32 -> list of [S]:
-    per row the sum of the weights whose key >= each threshold. One variadic reduction, so the
-    row is read once for all thresholds."""
-    w = jnp.broadcast_to(weights, keys.shape)
-    zero = jnp.zeros((), w.dtype)
-    ops = [jnp.where(keys >= t[:, None], w, zero) for t in thresholds]
-    return jax.lax.reduce(ops, [zero] * len(ops), lambda a, b: [x + y for x, y in zip(a, b)], (1,))
+_CHUNK = 512  # the vocabulary is summed in chunks of this many, then over the chunks
+
+
+def _chunked(x):
+    """[S, V] -> [S, C, _CHUNK], zero-padded: sums over a row are taken chunk by chunk, then over
+    the chunks (two reductions: f32 sums accurate to ~1e-7 relative on every backend, where
+    one sequential pass over 129K terms drifts by ~1e-3; a GPU splits such rows anyway)."""
+    s, v = x.shape
+    c = -(-v // _CHUNK)
+    return jnp.pad(x, ((0, 0), (0, c * _CHUNK - v))).reshape(s, c, _CHUNK)
+
+
+def _sum_rows(ops):
+    """list of [S, C, L] -> list of [S] row sums: one variadic reduction over L, one over C."""
+    zeros = [jnp.zeros((), o.dtype) for o in ops]
+    add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
+    return jax.lax.reduce(jax.lax.reduce(ops, zeros, add, (2,)), zeros, add, (1,))
 
 
 def _radix_select(keys, weights, target):
-    """Per row the largest u32 t with sum(weights[keys >= t]) >= target (weights >= 0, so the sum
-    falls as t grows; t is then a key of the row), or 0 where even the row's total is below the
-    target. RADIX_BITS of t per pass, from the top: each pass sums at the 2**RADIX_BITS - 1
-    candidate digits above the current prefix and keeps the largest digit that reaches the
-    target (the sums fall with the digit, so that is the count of digits reaching it)."""
+    """keys [S, C, L] u32, weights [S, C, L] >= 0 (zero on the padding), target [S] -> per row
+    the largest u32 t with sum(weights[keys >= t]) >= target (the sum falls as t grows, so t is
+    then a key of the row), or 0 where even the row's total is below the target. RADIX_BITS of
+    t per pass, from the top: each pass sums at the 2**RADIX_BITS - 1 candidate digits above
+    the current prefix in one variadic reduction (the row is read once for all of them) and
+    keeps the largest digit that reaches the target (the sums fall with the digit, so that is
+    the count of digits reaching it)."""
     t = jnp.zeros(keys.shape[:1], jnp.uint32)
+    zero = jnp.zeros((), weights.dtype)
     for p in reversed(range(_PASSES)):
         shift = p * RADIX_BITS
-        sums = _sums_at_or_above(keys, weights, [t + jnp.uint32(d << shift) for d in range(1, 1 << RADIX_BITS)])
+        cands = [t + jnp.uint32(d << shift) for d in range(1, 1 << RADIX_BITS)]
+        sums = _sum_rows([jnp.where(keys >= c[:, None, None], weights, zero) for c in cands])
         digit = sum((s >= target).astype(jnp.uint32) for s in sums)  # elementwise on the reduction's outputs
         t = t + (digit << shift)
     return t
@@ -70,13 +83,13 @@ def support_mask(scaled, top_k, top_p):
     to nothing (a cumulative sum reaching 1.0 early would drop it)."""
     v = scaled.shape[-1]
     keys = ordered_keys(scaled)
+    chunks = _chunked(keys)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth = _radix_select(keys, jnp.int32(1), k)  # the k-th largest key: count(keys >= kth) >= k
-    in_top_k = keys >= kth[:, None]
+    kth = _radix_select(chunks, _chunked(jnp.ones(scaled.shape, jnp.int32)), k)  # count(keys >= kth) >= k
     top = jnp.max(scaled, axis=-1)
-    mass = jnp.where(in_top_k, jnp.exp(scaled - top[:, None]), 0.0)
-    total = jnp.sum(mass, axis=-1)
-    cut = _radix_select(keys, mass, top_p * total)
+    mass = _chunked(jnp.where(keys >= kth[:, None], jnp.exp(scaled - top[:, None]), 0.0))
+    (total,) = _sum_rows([mass])
+    cut = _radix_select(chunks, mass, top_p * total)
     cut = jnp.where(top_p >= 1, kth, jnp.maximum(cut, kth))
     cut = jnp.minimum(cut, ordered_keys(top))  # the largest value always stays
     return keys >= cut[:, None]
