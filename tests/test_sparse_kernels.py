@@ -206,7 +206,7 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
                                   "hca-split-noprefetch", "csa-dv", "hca-split-dv", "sliding-dv", "csa-transpose",
-                                  "hca-split-transpose"])
+                                  "hca-split-transpose", "csa-chunks", "hca-split-transpose-chunks-rows"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -214,15 +214,20 @@ def test_attention_kernel_matches_reference(kind):
     -dv: the value dim in 2 column blocks, one program each (AttentionTiles.dv_split; with -split,
     the partial softmax statistics written by column block 0 alone). -transpose: scores and
     accumulator transposed (AttentionTiles.transpose; with -split, the partial states stored
-    through transposed indices)."""
+    through transposed indices). -chunks: q, keys and accumulator in 2 column pieces
+    (AttentionTiles.dim_chunks). -rows: the entries' loop carries the next block's row addresses
+    instead of its keys (AttentionTiles.prefetch_rows)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
     scale = q.shape[-1] ** -0.5
     split = "-split" in kind
-    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16, prefetch="noprefetch" not in kind,
-                                            dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind)
+    rows = "-rows" in kind
+    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16,
+                                            prefetch="noprefetch" not in kind and not rows,
+                                            dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
+                                            dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)
@@ -260,9 +265,10 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     dv2 = sparse_attention.AttentionTiles(dv_split=2)  # the value dim over 2 programs: CSA, decode's split HCA
     attn(sel=True, tiles=dv2)
     attn(sel=False, tiles=dv2)
-    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True)  # S^T, O^T: CSA, split HCA
-    attn(sel=True, tiles=tr)
+    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True)
+    attn(sel=True, tiles=tr)  # S^T, O^T in 4 column pieces, row addresses a step ahead: CSA, decode's split HCA
     attn(sel=False, tiles=tr)
+    attn(sel=True, tiles=sparse_attention.AttentionTiles(dim_chunks=4))  # the default's dots in 4 column pieces
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
     for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),
@@ -285,7 +291,8 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
     hca-split: the HCA entries shared out to 16 programs per token, as decode does; -dv: the value
     dim in 2 column blocks (AttentionTiles.dv_split), 64x32x8, 2 stages, no prefetch; -t: scores
-    and accumulator transposed (AttentionTiles.transpose), 64x128x8, 1 stage, no prefetch."""
+    and accumulator transposed in 4 column pieces, the next block's row addresses carried
+    (AttentionTiles transpose, dim_chunks 4, prefetch_rows), 64x128x8, 1 stage."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -294,7 +301,8 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     scale = q.shape[-1] ** -0.5
     splits = 16 if "-split" in kind else None
     tiles = sparse_attention.AttentionTiles(64, 32, 8, 2, prefetch=False, dv_split=2) if "-dv" in kind else \
-        sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True) if kind.endswith("-t") else None
+        sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4,
+                                        prefetch_rows=True) if kind.endswith("-t") else None
     out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, **args))(
         q, kv, ring_kv, ring_pos, b, sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731

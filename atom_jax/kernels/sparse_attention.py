@@ -72,6 +72,31 @@ class AttentionTiles:
     # scores (half the QK^T wgmmas are redundant) and hold them twice; transposed, M is the keys
     # (block_k = 128 fills the two warp groups) and the value dim (512), so no warp group repeats work.
     transpose: bool = False
+    # dim_chunks: q, each key block and the accumulator as this many [., dim / dim_chunks] column
+    # pieces (dv_split 1 only): the scores are the sum of the pieces' dots and each piece of keys,
+    # loaded and stored to shared memory on its own, is the values of its accumulator piece. Triton
+    # loads a [block_k, 512] key block into registers before storing it to shared memory (at 1 stage,
+    # no cp.async): 128 registers a thread at 128 keys x 8 warps on top of the accumulator's 128;
+    # in pieces, only one piece's registers need be live at a time.
+    dim_chunks: int = 1
+    # prefetch_rows (with prefetch off): the entries' loop carries block i + 1's pool row addresses
+    # (selection -> page table: dependent loads, [block_k] int32) rather than its keys, so a step
+    # waits for one load (its keys, addressed a step ahead), not three in a chain.
+    prefetch_rows: bool = False
+    # Offline, per step of the entries' loop (session 11; same tools as the dv_split table; SASS by
+    # nvdisasm; per thread, 8 warps, one program per SM; instructions, spill (local) load/store bytes;
+    # HGMMA = Hopper wgmma, every variant uses it, never mma.sync; key loads are LDG.128 throughout):
+    #   tiles (spec)                   keys  HCA instr  HCA spill B  CSA instr  CSA spill B  HGMMA MACs
+    #   default 64x64x8x1x1             64   2324       1368/880     2225       1372/632     3.1M (QK^T 2x)
+    #   64x64x8x1x0 (no prefetch)       64   1736        900/388     1864        932/388     3.1M
+    #   64x128x8x1x0x1x1 (transpose)   128   2810        576/332     2957        556/292     4.2M (none 2x)
+    #   ... x4 (dim_chunks 4)          128   2156        428/188     2203        432/180     4.2M
+    #   ... x4x1 (+ prefetch_rows)     128   2185        432/188     2246        448/184     4.2M
+    # i.e. per 64 keys the default's 2324 instructions and 2248 B of spill traffic a thread (575 KB a
+    # step for the SM, 9x its 64 KB of keys) against 1090 and 310 B transposed in 4 pieces (MACs per 64
+    # keys 3.1M -> 2.1M). Spills come from the accumulator (128 registers) plus, at the same time, the
+    # P.V dot's result (plt.dot accumulates from zero and the add stays an add in Triton 3.9: 128 more)
+    # and the staged or prefetched keys (64-128). To be measured: `bench attention`.
 
 
 TILES = AttentionTiles()
@@ -94,32 +119,37 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     dvb = pl.program_id(3) if nv > 1 else 0  # this program's block of value columns
     dv = d if nv == 1 else dvb * (dim // nv) + jnp.arange(dim // nv, dtype=jnp.int32)
     trow = jnp.zeros((bh, 1), jnp.int32) + t
-    q = q_ref[trow, heads[:, None] * dim + d[None, :]]  # [bh, dim]
+    nc = tiles.dim_chunks
+    pieces = (d,) if nc == 1 else tuple(c * (dim // nc) + jnp.arange(dim // nc, dtype=jnp.int32) for c in range(nc))
+    qs = [q_ref[trow, heads[:, None] * dim + c[None, :]] for c in pieces]  # [bh, dim / nc] each
+    kcols = pieces if nv == 1 else (d, dv)  # columns of each key load: score pieces [, this program's values]
+    outs = pieces if nv == 1 else (dv,)  # columns of each accumulator piece
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
     cols = jnp.arange(bk, dtype=jnp.int32)
 
-    def update(carry, keys, *vals_ok):  # vals_ok: (ok,) (values = keys) or (this program's value columns, ok)
-        m, l, acc = carry
-        vals, ok = (keys, *vals_ok) if nv == 1 else vals_ok
-        exact = keys.dtype == jnp.float32  # float32 models (tests): no TF32 rounding
+    def update(carry, *loaded):  # loaded: (*key pieces (kcols), ok); carry: (m, l, *accumulator pieces (outs))
+        m, l, accs = carry[0], carry[1], carry[2:]
+        *keys, ok = loaded
+        vals = keys if nv == 1 else keys[1:]
+        keys = keys if nv == 1 else keys[:1]
+        exact = keys[0].dtype == jnp.float32  # float32 models (tests): no TF32 rounding
+        dot = functools.partial(plt.dot, allow_tf32=not exact)
         if tiles.transpose:  # scores^T [bk, bh], softmax down axis 0, acc^T [dim, bh]
-            s = plt.dot(keys, q, trans_b=True, allow_tf32=not exact) * scale
+            s = functools.reduce(jnp.add, [dot(k, qc, trans_b=True) for k, qc in zip(keys, qs)]) * scale
             s = jnp.where(ok[:, None], s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=0))
             alpha = jnp.exp(m - m_new)
             pr = jnp.exp(s - m_new[None, :])
             l = l * alpha + jnp.sum(pr, axis=0)
-            acc = acc * alpha[None, :] + plt.dot(vals, pr.astype(vals.dtype), trans_a=True,
-                                                 allow_tf32=not exact)
-            return m_new, l, acc
-        s = plt.dot(q, keys, trans_b=True, allow_tf32=not exact) * scale  # [bh, bk] float32
+            return (m_new, l, *(a * alpha[None, :] + dot(v, pr.astype(v.dtype), trans_a=True)
+                                for a, v in zip(accs, vals)))
+        s = functools.reduce(jnp.add, [dot(qc, k, trans_b=True) for k, qc in zip(keys, qs)]) * scale  # [bh, bk]
         s = jnp.where(ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         pr = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + plt.dot(pr.astype(vals.dtype), vals, allow_tf32=not exact)
-        return m_new, l, acc
+        return (m_new, l, *(a * alpha[:, None] + dot(pr.astype(v.dtype), v) for a, v in zip(accs, vals)))
 
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
         # blocks i >= n_win load nothing anyway
@@ -137,9 +167,9 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], c[None, :]],
                           mask=ok_ring[:, None], other=0.0)
             return jnp.where(ok_chunk[:, None], kc, kr)
-        return (rows(d), *(() if nv == 1 else (rows(dv),)), ok_chunk | ok_ring)
+        return (*(rows(c) for c in kcols), ok_chunk | ok_ring)
 
-    def entry_keys(i, live=True):  # block i's keys [, value columns] and validity (nothing loaded where not live)
+    def entry_rows(i, live=True):  # block i's pool rows and validity (nothing loaded where not live)
         if mode == "all":
             e = i * bk + cols
             ok = (e < nvis) & live
@@ -149,23 +179,36 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             ok = (e >= 0) & (e < nvis)
         e = jnp.where(ok, e, 0)
         page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
-        addr = jnp.where(ok, page * epp + e % epp, 0)
-        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0)
-                  for c in ((d,) if nv == 1 else (d, dv))), ok)
+        return jnp.where(ok, page * epp + e % epp, 0), ok
 
-    def blocks(lo, hi, carry, load):
+    def pool_keys(addr, ok):  # the key pieces [, value columns] of pool rows addr, and ok
+        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
+
+    def entry_keys(i, live=True):  # block i's keys [, value columns] and validity
+        return pool_keys(*entry_rows(i, live))
+
+    n_carry = 2 + len(outs)
+
+    def blocks(lo, hi, carry, load, rows=None):
         """`update` over key blocks lo .. hi - 1 of load(i, live); with `prefetch`, block i + 1's
-        keys (loaded where live) before block i's dots, carried in registers."""
+        keys (loaded where live) before block i's dots, carried in registers; with `prefetch_rows`
+        and `rows` (the entries' loop), block i + 1's row addresses rows(i + 1, live)."""
+        if not tiles.prefetch and tiles.prefetch_rows and rows is not None:
+            def body_rows(i, c):
+                cur = pool_keys(*c[n_carry:])
+                nxt = rows(i + 1, i + 1 < hi)
+                return (*update(c[:n_carry], *cur), *nxt)
+            return jax.lax.fori_loop(lo, hi, body_rows, (*carry, *rows(lo, lo < hi)))[:n_carry]
         if not tiles.prefetch:
             return jax.lax.fori_loop(lo, hi, lambda i, c: update(c, *load(i)), carry)
 
         def body(i, c):
             nxt = load(i + 1, i + 1 < hi)
-            return (*update(c[:3], *c[3:]), *nxt)
-        return jax.lax.fori_loop(lo, hi, body, (*carry, *load(lo, lo < hi)))[:3]
+            return (*update(c[:n_carry], *c[n_carry:]), *nxt)
+        return jax.lax.fori_loop(lo, hi, body, (*carry, *load(lo, lo < hi)))[:n_carry]
 
     carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
-             jnp.zeros((dv.shape[0], bh) if tiles.transpose else (bh, dv.shape[0]), jnp.float32))
+             *(jnp.zeros((c.shape[0], bh) if tiles.transpose else (bh, c.shape[0]), jnp.float32) for c in outs))
     # The window is split 0's alone: the other splits skip its loop (a cond around a loop of
     # static trip count; a bound chosen with jnp.where(sp == 0, ...) made jax 0.11.2's Triton
     # compile fail on an H200: 'scf.for' bounds of different types). Running it masked in every
@@ -178,19 +221,20 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         nvis = nvis_ref[t]
         n_blocks = (nvis + bk - 1) // bk if mode == "all" else -(-n_sel // bk)
         per = (n_blocks + splits - 1) // splits
-        carry = blocks(sp * per, jnp.minimum(n_blocks, sp * per + per), carry, entry_keys)
-    m, l, acc = carry
+        carry = blocks(sp * per, jnp.minimum(n_blocks, sp * per + per), carry, entry_keys, entry_rows)
+    m, l, accs = carry[0], carry[1], carry[2:]
     if splits == 1:
         sink = sink_ref[heads]
         m_new = jnp.maximum(m, sink)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.exp(sink - m_new)
-        if tiles.transpose:  # acc^T [dim, bh]: stored through transposed indices
-            out_refs[0][trow.T, heads[None, :] * dim + dv[:, None]] = \
-                (acc * (alpha / l)[None, :]).astype(out_refs[0].dtype)
-        else:
-            out = acc * (alpha / l)[:, None]
-            out_refs[0][trow, heads[:, None] * dim + dv[None, :]] = out.astype(out_refs[0].dtype)
+        for acc, c in zip(accs, outs):
+            if tiles.transpose:  # acc^T [dim, bh]: stored through transposed indices
+                out_refs[0][trow.T, heads[None, :] * dim + c[:, None]] = \
+                    (acc * (alpha / l)[None, :]).astype(out_refs[0].dtype)
+            else:
+                out = acc * (alpha / l)[:, None]
+                out_refs[0][trow, heads[:, None] * dim + c[None, :]] = out.astype(out_refs[0].dtype)
     else:  # partial softmax state of this split; `_combine` merges the splits and the sink
         m_ref, l_ref, acc_ref = out_refs
         col = sp * heads_total + heads
@@ -202,10 +246,11 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             stats()
         else:
             pl.when(dvb == 0)(stats)
-        if tiles.transpose:
-            acc_ref[trow.T, col[None, :] * dim + dv[:, None]] = acc
-        else:
-            acc_ref[trow, col[:, None] * dim + dv[None, :]] = acc
+        for acc, c in zip(accs, outs):
+            if tiles.transpose:
+                acc_ref[trow.T, col[None, :] * dim + c[:, None]] = acc
+            else:
+                acc_ref[trow, col[:, None] * dim + c[None, :]] = acc
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
@@ -229,6 +274,8 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         raise ValueError(f"{h} heads do not split into blocks of {bh}")
     if tiles.dv_split < 1 or dim % tiles.dv_split:
         raise ValueError(f"value dim {dim} does not split into {tiles.dv_split} column blocks")
+    if tiles.dim_chunks < 1 or dim % tiles.dim_chunks or (tiles.dim_chunks > 1 and tiles.dv_split > 1):
+        raise ValueError(f"head dim {dim} does not split into {tiles.dim_chunks} pieces (dv_split 1 only)")
     tiles = dataclasses.replace(tiles, block_h=bh)
     mode = "none" if pool is None else ("all" if selected is None else "list")
     if pool is None:
