@@ -206,7 +206,8 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
                                   "hca-split-noprefetch", "csa-dv", "hca-split-dv", "sliding-dv", "csa-transpose",
-                                  "hca-split-transpose", "csa-chunks", "hca-split-transpose-chunks-rows"])
+                                  "hca-split-transpose", "csa-chunks", "sliding-window1",
+                                  "hca-split-transpose-chunks-rows-window1"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -216,7 +217,8 @@ def test_attention_kernel_matches_reference(kind):
     accumulator transposed (AttentionTiles.transpose; with -split, the partial states stored
     through transposed indices). -chunks: q, keys and accumulator in 2 column pieces
     (AttentionTiles.dim_chunks). -rows: the entries' loop carries the next block's row addresses
-    instead of its keys (AttentionTiles.prefetch_rows)."""
+    instead of its keys (AttentionTiles.prefetch_rows). -window1: the window's keys in one load
+    from the ring's rows then the chunk's (AttentionTiles.one_window_load)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -227,7 +229,8 @@ def test_attention_kernel_matches_reference(kind):
     tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16,
                                             prefetch="noprefetch" not in kind and not rows,
                                             dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
-                                            dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows)
+                                            dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows,
+                                            one_window_load="-window1" in kind)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)
@@ -265,9 +268,10 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     dv2 = sparse_attention.AttentionTiles(dv_split=2)  # the value dim over 2 programs: CSA, decode's split HCA
     attn(sel=True, tiles=dv2)
     attn(sel=False, tiles=dv2)
-    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True)
-    attn(sel=True, tiles=tr)  # S^T, O^T in 4 column pieces, row addresses a step ahead: CSA, decode's split HCA
-    attn(sel=False, tiles=tr)
+    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True,
+                                         one_window_load=True)
+    attn(sel=True, tiles=tr)  # S^T, O^T in 4 column pieces, row addresses a step ahead, one window load: CSA,
+    attn(sel=False, tiles=tr)  # decode's split HCA
     attn(sel=True, tiles=sparse_attention.AttentionTiles(dim_chunks=4))  # the default's dots in 4 column pieces
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
@@ -286,13 +290,14 @@ V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_toke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-dv", "hca-split-dv", "hca-t", "csa-t",
-                                  "hca-split-t"])
+                                  "hca-split-t", "sliding-t"])
 def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
     hca-split: the HCA entries shared out to 16 programs per token, as decode does; -dv: the value
     dim in 2 column blocks (AttentionTiles.dv_split), 64x32x8, 2 stages, no prefetch; -t: scores
-    and accumulator transposed in 4 column pieces, the next block's row addresses carried
-    (AttentionTiles transpose, dim_chunks 4, prefetch_rows), 64x128x8, 1 stage."""
+    and accumulator transposed in 4 column pieces, the next block's row addresses carried, the
+    window in one load (AttentionTiles transpose, dim_chunks 4, prefetch_rows, one_window_load),
+    64x128x8, 1 stage."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -302,7 +307,7 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     splits = 16 if "-split" in kind else None
     tiles = sparse_attention.AttentionTiles(64, 32, 8, 2, prefetch=False, dv_split=2) if "-dv" in kind else \
         sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4,
-                                        prefetch_rows=True) if kind.endswith("-t") else None
+                                        prefetch_rows=True, one_window_load=True) if kind.endswith("-t") else None
     out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, **args))(
         q, kv, ring_kv, ring_pos, b, sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731

@@ -11,7 +11,7 @@ beside the FLOP and byte floors of the same work, for each attention backend in 
 --attention-tiles default,64x32x8 runs the kernels once per tile shape of the sparse attention
 kernel (query heads per program x keys per step x warps [x stages [x prefetch 0/1 [x value-dim
 blocks, AttentionTiles.dv_split [x transpose 0/1 [x head-dim pieces, dim_chunks [x prefetch_rows
-0/1]]]]]]; default: its TILES).
+0/1 [x one_window_load 0/1]]]]]]]; default: its TILES).
 
 --trace DIR: after the timed runs, the kernels' engine prefills the longest prompt that ran once more
 under jax.profiler for --trace-steps chunks just before its last one (so near its full
@@ -110,13 +110,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ---- floors --------------------------------------------------------------------------------
 _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv_split", "transpose", "dim_chunks",
-                "prefetch_rows")  # a spec's fields, in order
+                "prefetch_rows", "one_window_load")  # a spec's fields, in order
 
 
 def attention_tiles(spec: str):
-    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT[xC[xR]]]]]]' -> AttentionTiles(
+    """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]]' -> AttentionTiles(
     block_h=H, block_k=K, num_warps=W, num_stages=S, prefetch=P (0/1), dv_split=D, transpose=T (0/1),
-    dim_chunks=C, prefetch_rows=R (0/1)), each field left out the default's."""
+    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1)), each field left out the default's."""
     from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
 
     if spec == "default":
@@ -124,13 +124,13 @@ def attention_tiles(spec: str):
     try:
         parts = [int(x) for x in spec.split("x")]
         if not 3 <= len(parts) <= len(_TILE_FIELDS) or min(parts[:4] + parts[5:6] + parts[7:8]) < 1 or \
-                any(f not in (0, 1) for f in parts[4:5] + parts[6:7] + parts[8:9]):
+                any(f not in (0, 1) for f in parts[4:5] + parts[6:7] + parts[8:10]):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD[xT[xC[xR]]]]]] (e.g. "
-                         "64x32x8, 64x32x8x2x0, 64x64x8x1x1x2, 64x128x8x1x0x1x1x4x1)") from None
+        raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]] (e.g. "
+                         "64x32x8, 64x32x8x2x0, 64x64x8x1x1x2, 64x128x8x1x0x1x1x4x1x1)") from None
     given = dict(zip(_TILE_FIELDS, parts))
-    for flag in ("prefetch", "transpose", "prefetch_rows"):
+    for flag in ("prefetch", "transpose", "prefetch_rows", "one_window_load"):
         if flag in given:
             given[flag] = bool(given[flag])
     return dataclasses.replace(TILES, **given)

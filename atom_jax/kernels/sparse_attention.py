@@ -83,6 +83,10 @@ class AttentionTiles:
     # (selection -> page table: dependent loads, [block_k] int32) rather than its keys, so a step
     # waits for one load (its keys, addressed a step ahead), not three in a chain.
     prefetch_rows: bool = False
+    # one_window_load: the window's keys in one gathered load per piece from the ring's rows followed by
+    # this step's key rows (concatenated outside the kernel: a [slots * W + T, dim] copy per call)
+    # instead of a load from each and a select: half the window's load instructions and addresses.
+    one_window_load: bool = False
     # Offline, per step of the entries' loop (session 11; same tools as the dv_split table; SASS by
     # nvdisasm; per thread, 8 warps, one program per SM; instructions, spill (local) load/store bytes;
     # HGMMA = Hopper wgmma, every variant uses it, never mma.sync; key loads are LDG.128 throughout):
@@ -92,6 +96,10 @@ class AttentionTiles:
     #   64x128x8x1x0x1x1 (transpose)   128   2810        576/332     2957        556/292     4.2M (none 2x)
     #   ... x4 (dim_chunks 4)          128   2156        428/188     2203        432/180     4.2M
     #   ... x4x1 (+ prefetch_rows)     128   2185        432/188     2246        448/184     4.2M
+    #   ... x4x1x1 (+ one_window_load) 128   2291        972/296     -           -           4.2M
+    # A sliding (none) program's whole window (128 keys), dynamic counts: default 7639 instructions with
+    # ~4.5 KB of spill traffic a thread; no prefetch 5939; x4 3856, 576 B; x4x1x1 3016 and no spills at
+    # all (226 registers); 64x64x8x1x0 with one_window_load 4916.
     # i.e. per 64 keys the default's 2324 instructions and 2248 B of spill traffic a thread (575 KB a
     # step for the SM, 9x its 64 KB of keys) against 1090 and 310 B transposed in 4 pieces (MACs per 64
     # keys 3.1M -> 2.1M). Spills come from the accumulator (128 registers) plus, at the same time, the
@@ -161,6 +169,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         ok_chunk = in_win & in_chunk
         ok_ring = in_win & ~in_chunk & (j >= 0) & (rp == j)
         chunk_row = jnp.where(ok_chunk, ssi + j - ssp, 0)
+        if tiles.one_window_load:  # kv_ref: the ring's rows, then this step's
+            ok = ok_chunk | ok_ring
+            row = jnp.where(ok_chunk, ring_ref.shape[0] + chunk_row, jnp.where(ok_ring, ring_row, 0))
+            return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
 
         def rows(c):  # columns c of the block's keys
             kc = plt.load(kv_ref.at[chunk_row[:, None], c[None, :]], mask=ok_chunk[:, None], other=0.0)
@@ -298,8 +310,11 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         interpret=interpret,
         name=f"sparse_attention_{mode}",
     )
+    def window_rows(kv, ring):  # (kv_ref, ring_ref): with one_window_load, kv_ref holds the ring's rows first
+        return (jnp.concatenate([ring, kv]) if tiles.one_window_load else kv), ring
     out = call(i32(b["pos"]), i32(b["slot"]), i32(b["seg_start_idx"]), i32(b["seg_start_pos"]), i32(n_visible),
-               q.reshape(t, h * dim), kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype),
+               q.reshape(t, h * dim),
+               *window_rows(kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype)),
                i32(ring_pos).reshape(-1), pool.astype(q.dtype), i32(page_table).reshape(-1),
                jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32))
     if splits > 1:
