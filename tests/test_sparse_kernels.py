@@ -268,8 +268,8 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     dv2 = sparse_attention.AttentionTiles(dv_split=2)  # the value dim over 2 programs: CSA, decode's split HCA
     attn(sel=True, tiles=dv2)
     attn(sel=False, tiles=dv2)
-    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True,
-                                         one_window_load=True)
+    tr = sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4,
+                                         prefetch_rows=True, one_window_load=True)
     attn(sel=True, tiles=tr)  # S^T, O^T in 4 column pieces, row addresses a step ahead, one window load: CSA,
     attn(sel=False, tiles=tr)  # decode's split HCA
     attn(sel=True, tiles=sparse_attention.AttentionTiles(dim_chunks=4))  # the default's dots in 4 column pieces

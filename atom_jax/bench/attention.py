@@ -72,7 +72,8 @@ def _inputs(dims: dict, dtype, seed: int = 0):
     ring_pos = np.full((slots, win), -1, np.int32)
     for p in range(max(0, start - win), start):
         ring_pos[0, p % win] = p
-    common = dict(q=jnp.asarray(rng.standard_normal((t, h, d)), dtype), kv=jnp.asarray(rng.standard_normal((t, d)), dtype),
+    common = dict(q=jnp.asarray(rng.standard_normal((t, h, d)), dtype),
+                  kv=jnp.asarray(rng.standard_normal((t, d)), dtype),
                   ring_kv=jnp.asarray(rng.standard_normal((slots, win, d)), dtype), ring_pos=jnp.asarray(ring_pos),
                   b=b, sinks=jnp.asarray(rng.standard_normal(h), jnp.float32))
     modes = {"none": {}}

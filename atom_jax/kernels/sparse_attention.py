@@ -90,21 +90,22 @@ class AttentionTiles:
     # Offline, per step of the entries' loop (session 11; same tools as the dv_split table; SASS by
     # nvdisasm; per thread, 8 warps, one program per SM; instructions, spill (local) load/store bytes;
     # HGMMA = Hopper wgmma, every variant uses it, never mma.sync; key loads are LDG.128 throughout):
-    #   tiles (spec)                   keys  HCA instr  HCA spill B  CSA instr  CSA spill B  HGMMA MACs
+    #   tiles (spec)                   keys  HCA instr  HCA spill B  CSA instr  CSA spill B  MACs/warp group
     #   default 64x64x8x1x1             64   2324       1368/880     2225       1372/632     3.1M (QK^T 2x)
     #   64x64x8x1x0 (no prefetch)       64   1736        900/388     1864        932/388     3.1M
     #   64x128x8x1x0x1x1 (transpose)   128   2810        576/332     2957        556/292     4.2M (none 2x)
     #   ... x4 (dim_chunks 4)          128   2156        428/188     2203        432/180     4.2M
     #   ... x4x1 (+ prefetch_rows)     128   2185        432/188     2246        448/184     4.2M
     #   ... x4x1x1 (+ one_window_load) 128   2291        972/296     -           -           4.2M
-    # A sliding (none) program's whole window (128 keys), dynamic counts: default 7639 instructions with
-    # ~4.5 KB of spill traffic a thread; no prefetch 5939; x4 3856, 576 B; x4x1x1 3016 and no spills at
-    # all (226 registers); 64x64x8x1x0 with one_window_load 4916.
-    # i.e. per 64 keys the default's 2324 instructions and 2248 B of spill traffic a thread (575 KB a
-    # step for the SM, 9x its 64 KB of keys) against 1090 and 310 B transposed in 4 pieces (MACs per 64
-    # keys 3.1M -> 2.1M). Spills come from the accumulator (128 registers) plus, at the same time, the
-    # P.V dot's result (plt.dot accumulates from zero and the add stays an add in Triton 3.9: 128 more)
-    # and the staged or prefetched keys (64-128). To be measured: `bench attention`.
+    # So per 64 keys the default's 2324 instructions and 2248 B of spill traffic a thread (575 KB a step
+    # for the SM, 9x its 64 KB of keys) against 1078 and 308 B transposed in 4 pieces (wgmma MACs a warp
+    # group per 64 keys 3.1M -> 2.1M). The spills: the accumulator (128 registers) live beside the P.V
+    # dot's result (plt.dot accumulates from zero and Triton 3.9 keeps the add: 128 more; with the
+    # accumulator fed to tt.dot by hand in the TTIR, 64x64x8x1x0's HCA spill traffic drops 1288 -> 768 B)
+    # and the staged or prefetched keys (64-128). A sliding (none) program's whole window (128 keys),
+    # dynamic counts: default 7639 instructions, ~4.5 KB of spill traffic a thread; no prefetch 5939;
+    # x4 3856, 576 B; x4x1x1 3016 and no spills (226 registers); 64x64x8x1x0 + one_window_load 4916.
+    # To be measured: `bench attention`.
 
 
 TILES = AttentionTiles()
