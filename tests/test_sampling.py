@@ -1,15 +1,17 @@
 """On-device sampling: greedy, top-k / top-p supports, seeded reproducibility."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from atom_jax.engine.sampler import sample_tokens
+from atom_jax.kernels.platform import lowering_for
 
 
 def _draw(logits, t, k, p, seeds, counters):
     s = logits.shape[0]
-    toks, lps = sample_tokens(jnp.asarray(logits, jnp.float32), jnp.full((s,), t, jnp.float32),
+    toks, lps = jax.jit(sample_tokens)(jnp.asarray(logits, jnp.float32), jnp.full((s,), t, jnp.float32),
                               jnp.full((s,), k, jnp.int32), jnp.full((s,), p, jnp.float32),
                               jnp.asarray(seeds, jnp.uint32), jnp.asarray(counters, jnp.uint32))
     return np.asarray(toks), np.asarray(lps)
@@ -48,8 +50,6 @@ def test_seed_reproducible_and_counter_advances():
 def _sorted_sampler(logits, temperature, top_k, top_p, seeds, counters):
     """The sampler as it was before the radix select (a full-vocabulary sort per row), kept as
     the oracle for the seeded draws. -> (tokens, logprobs, its support mask)."""
-    import jax
-
     v = logits.shape[-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1)
@@ -101,8 +101,6 @@ def _rows(rng, s, v):
 
 
 def test_ordered_keys_keep_the_float_order():
-    import jax
-
     from atom_jax.engine.sampler import ordered_keys
 
     # normal floats only: XLA flushes subnormals to zero, for its comparisons too
@@ -115,8 +113,6 @@ def test_ordered_keys_keep_the_float_order():
 
 @pytest.mark.parametrize("s,v", [(48, 700), pytest.param(64, 129280, marks=pytest.mark.gpu, id="v4-vocab")])
 def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
-    import jax
-
     from atom_jax.engine.sampler import support_mask
 
     rng = np.random.default_rng()
@@ -126,6 +122,9 @@ def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
     for r in range(s):
         near = [_oracle_support(scaled[r], top_k[r], q) for q in (top_p[r], top_p[r] - 1e-6, top_p[r] + 1e-6)]
         assert any(np.array_equal(got[r], m) for m in near), (r, top_k[r], top_p[r], got[r].sum(), near[0].sum())
+    # the passes as a GPU runs them (unrolled; rolled on the CPU) keep the same sets
+    with lowering_for("cuda"):
+        np.testing.assert_array_equal(np.asarray(jax.jit(support_mask)(scaled, top_k, top_p)), got)
     # the kept sets span the cases: one token, a few, a nucleus, the whole row
     sizes = got.sum(-1)
     assert sizes.min() == 1 and sizes.max() == v and len(set(sizes.tolist())) > 8

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from atom_jax.kernels.platform import is_cpu
+
 RADIX_BITS = 4  # key bits resolved per pass: 32 / RADIX_BITS passes of 2**RADIX_BITS - 1 thresholds each
 _PASSES = 32 // RADIX_BITS
 
@@ -53,15 +55,19 @@ def _radix_select(keys, weights, target):
     the current prefix in one variadic reduction (the row is read once for all of them) and
     keeps the largest digit that reaches the target (the sums fall with the digit, so that is
     the count of digits reaching it)."""
-    t = jnp.zeros(keys.shape[:1], jnp.uint32)
     zero = jnp.zeros((), weights.dtype)
-    for p in reversed(range(_PASSES)):
-        shift = p * RADIX_BITS
-        cands = [t + jnp.uint32(d << shift) for d in range(1, 1 << RADIX_BITS)]
+
+    def one_pass(i, t):
+        shift = jnp.uint32(32 - RADIX_BITS) - jnp.uint32(RADIX_BITS) * i.astype(jnp.uint32)
+        cands = [t + (jnp.uint32(d) << shift) for d in range(1, 1 << RADIX_BITS)]
         sums = _sum_rows([jnp.where(keys >= c[:, None, None], weights, zero) for c in cands])
         digit = sum((s >= target).astype(jnp.uint32) for s in sums)  # elementwise on the reduction's outputs
-        t = t + (digit << shift)
-    return t
+        return t + (digit << shift)
+
+    # A static trip count (a scan: no host sync). Unrolled on a GPU, so every pass's kernels
+    # stay in the step's command buffer (no loop the host steps through); rolled on the CPU,
+    # where compiling one pass instead of 8 keeps each step program's compile ~0.5 s shorter.
+    return jax.lax.fori_loop(0, _PASSES, one_pass, jnp.zeros(keys.shape[:1], jnp.uint32), unroll=not is_cpu())
 
 
 def support_mask(scaled, top_k, top_p):
