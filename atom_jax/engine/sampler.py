@@ -4,9 +4,10 @@ The per-request parameters it reads are `atom_jax.scheduler.sampling_params.Samp
 
 No sort of the vocabulary (issue 27: a segmented radix sort of [S, 129280] f32 was ~1 ms of
 each decode step at 128 rows per rank): the top-k and top-p cut values are found by a radix
-select over the order-preserving u32 keys of the scaled logits, a fixed number of passes,
-each one reduction over the vocabulary (no scatter, no sort, no data-dependent loop or
-conditional: the step program stays launchable without waiting on the device)."""
+select over the order-preserving u32 keys of the scaled logits: 2 x 32 / RADIX_BITS passes,
+each one variadic reduction over the vocabulary (per 512-token chunk, then over the chunks),
+with no scatter, no sort, no data-dependent loop or conditional (the step program stays
+launchable without waiting on the device)."""
 
 from __future__ import annotations
 
@@ -80,13 +81,15 @@ def support_mask(scaled, top_k, top_p):
     >= the largest cut c whose mass of values >= c is >= top_p; top_p >= 1 keeps the whole
     top-k set.
 
-    Rounding: the masses are f32 sums of exp(scaled - max) over the kept tokens, in reduction
-    order, compared with top_p times their total, where a sorted implementation compares an f32
-    cumulative sum of normalized probabilities. Both are exact up to f32 rounding (~1e-7 times
-    the number of terms, relative); they can disagree only in rows where the mass at a tie
-    group's boundary equals top_p within that rounding (~1e-6), where one keeps that group and
-    the other does not. top_p >= 1 keeps every top-k token here even when the tail's mass rounds
-    to nothing (a cumulative sum reaching 1.0 early would drop it)."""
+    Rounding: the masses here are f32 sums of exp(scaled - max) over the kept tokens (chunk by
+    chunk, then over the chunks) compared with top_p times their total, where the sorted
+    implementation this replaced compared an f32 cumulative sum of normalized probabilities
+    in descending order. Both equal the exact rule up to f32 rounding, so they (and a float64
+    oracle) can disagree only in rows where the mass of the values >= some tie group's value
+    lies within that rounding of top_p (~1e-6 at 129K terms): one side keeps that group, the
+    other does not. One deliberate difference: top_p >= 1 keeps every top-k token here, where
+    the cumulative sum could reach 1.0 before the row's tail (its mass rounding away) and
+    drop that tail."""
     v = scaled.shape[-1]
     keys = ordered_keys(scaled)
     chunks = _chunked(keys)
