@@ -470,7 +470,7 @@ def _device_step(step, mesh, num_slots, max_samples, num_updates, params, cache,
     f32, u32 = (lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)), (lambda a: jax.lax.bitcast_convert_type(a, jnp.uint32))  # noqa: E731
     # logits [dp, S, vocab]: S = min(bucket, num_slots) rows per rank (a step of `bucket` tokens
     # per rank samples at most that many), so the sampler runs on dp * S rows, not on every
-    # slot's (at bucket 1 and 64 slots: 2 rows of the vocabulary to sort instead of 128).
+    # slot's (at bucket 1 and 64 slots: 2 rows of the vocabulary to search instead of 128).
     # The host's rows are rank * num_slots + j (j < S) and fill the first columns.
     s = logits.shape[1]
     cap = dp * s
