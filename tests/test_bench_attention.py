@@ -23,6 +23,7 @@ def test_attention_bench_tiny_rows_per_tiles_and_mode(tmp_path):
         assert r["transpose"] == (spec != "default") and r["programs"] == 32  # 32 tokens x 16 heads in one block
         programs_per_sm = max(r["programs"] / res["sms"], 1)
         assert r["us_per_step"] == pytest.approx(1e3 * r["ms"] / programs_per_sm / r["key_steps"])
+        assert r["of_default"] == pytest.approx(r["ms"] / rows["default", mode]["ms"])
     # window 16 in 8-key blocks: 2 steps; the selection's 16 entries: 2 more; HCA: (pos + 1) // 128 in 8s
     assert rows["16x8x4x1x0x1x1", "none"]["key_steps"] == 2 and rows["16x8x4x1x0x1x1", "list"]["key_steps"] == 4
     assert rows["16x8x4x1x0x1x1", "all"]["key_steps"] == 3  # positions 600..631: 4 visible entries, 1 block

@@ -2,7 +2,7 @@
 variant, at one prefill chunk near a long context (V4-Flash dims: 64 query heads, one 512-wide
 key/value head, a 128-row window, 512 selected CSA entries):
 
-    python -m atom_jax.bench attention --attention-tiles default,64x128x8x1x0x1x1 \\
+    python -m atom_jax.bench attention --attention-tiles default,64x128x8x1x0x1x1x4x1 \\
         --json attention_h200.json                                   # GPU: 8K chunk at 120K
     python -m atom_jax.bench attention --tiny                        # CPU smoke run (interpreted)
 
@@ -13,9 +13,14 @@ entries below each token's visible count), `none` (a sliding layer: the window a
 reported beside it). Per row: ms per call, the key blocks a program steps through (window +
 entries, averaged over the chunk's tokens), and the microseconds one such step takes if every
 SM runs one program at a time (ms / (programs / SMs) / steps; the kernels hold one program per
-SM at V4-Flash dims), the number the tile options are meant to move. --tiles as in
-`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT]]]] (heads x keys per step x warps,
-stages, prefetch 0/1, value-dim blocks, transpose 0/1).
+SM at V4-Flash dims), the number the tile options are meant to move; with `default` among the
+specs, each row's ms over the default's for its mode (of_default). --attention-tiles as in
+`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]] (heads x keys per step x
+warps, stages, prefetch 0/1, value-dim blocks, transpose 0/1, head-dim pieces, prefetch_rows 0/1,
+one_window_load 0/1: AttentionTiles). The session-11 candidates (offline counts in AttentionTiles):
+
+    python -m atom_jax.bench attention --attention-tiles \
+        default,64x64x8x1x0,64x128x8x1x0x1x1,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1,64x128x8x1x0x1x1x4x1x1
 
 --tiny: 16 heads x 64 dims, a 32-token chunk at 600, the kernel interpreted on CPU (a check that
 the wiring runs, and each row's error against the jnp reference; its times measure nothing)."""
@@ -141,6 +146,15 @@ def run_cli(args) -> int:
             rows.append(row)
             print(f"{spec:>20} {mode:>4}: {row['ms']:9.3f} ms  {steps:6.1f} key steps  "
                   f"{row['us_per_step']:7.2f} us/step  (compile {compile_s:.1f} s)", flush=True)
+    base = {r["mode"]: r["ms"] for r in rows if r["tiles"] == "default"}
+    for r in rows:  # against the default tiles of the same run, where it ran
+        if r["mode"] in base:
+            r["of_default"] = r["ms"] / base[r["mode"]]
+    if base:
+        print("\nms / default's ms, same run:")
+        for r in rows:
+            if "of_default" in r:
+                print(f"{r['tiles']:>20} {r['mode']:>4}: {r['of_default']:.3f}")
     res = dict(device=str(dev), sms=sms, dims=dims, results=rows)
     if args.json:
         with open(args.json, "w") as f:
