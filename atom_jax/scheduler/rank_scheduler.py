@@ -265,7 +265,7 @@ class RankScheduler:
             elif self._done_when_resolved(seq):
                 continue
             elif self._reserve(seq, seq.total_len):
-                self._put(ChunkWork(seq, seq.num_computed, 1, True))
+                self._put(seq, seq.num_computed, 1, True)
 
         if allow_prefill:
             # 2. Continue prefills already holding a slot (oldest first).
@@ -275,8 +275,7 @@ class RankScheduler:
                 if seq.status is SeqStatus.RUNNING:  # (a decode's pages may have preempted it)
                     n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
                     if self._reserve(seq, seq.num_computed + n):
-                        self._put(ChunkWork(seq, seq.num_computed, n,
-                                            seq.num_computed + n == seq.total_len))
+                        self._put(seq, seq.num_computed, n, seq.num_computed + n == seq.total_len)
             # 3. Admit waiting sequences in arrival order (no skipping: FCFS, no starvation).
             while self.waiting and self._budget > 0 and self.slots.num_free:
                 if not self._admit(self.waiting[0]):
@@ -339,8 +338,11 @@ class RankScheduler:
 
     def _at_length(self, seq: Sequence) -> bool:
         """`seq` has all the tokens it may have (max_tokens, or the context limit)."""
-        return seq.num_output_tokens >= seq.params.max_tokens or (
-            self.config.max_seq_len is not None and seq.total_len >= self.config.max_seq_len)
+        n_out = len(seq.output_token_ids)  # (lengths inlined: asked per sequence per step)
+        if n_out >= seq.params.max_tokens:
+            return True
+        limit = self.config.max_seq_len
+        return limit is not None and len(seq.prompt_token_ids) + n_out >= limit
 
     def _done_when_resolved(self, seq: Sequence) -> bool:
         """Overlap schedule: `seq`'s newest token is still on the device and ends it whatever its
@@ -379,8 +381,8 @@ class RankScheduler:
             seq.num_cached_tokens = min(start, seq.num_prompt_tokens)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
-        self._put(ChunkWork(seq, start, n, start + n == seq.total_len, restore=start > 0,
-                            restore_states=back if hit else ()))
+        self._put(seq, start, n, start + n == seq.total_len, restore=start > 0,
+                  restore_states=back if hit else ())
         return True
 
     def _register_full_pages(self, seq: Sequence, registered: list) -> None:
@@ -409,14 +411,17 @@ class RankScheduler:
             s.num_cached_tokens = None  # what its first admission reused was not there
         return hit
 
-    def _put(self, chunk: ChunkWork) -> None:
+    def _put(self, seq: Sequence, start: int, n: int, sample: bool, restore: bool = False,
+             restore_states: tuple = ()) -> None:
+        """Plan the chunk [start, start + n) of `seq` (built once: the host's hot path, one per
+        running sequence per step)."""
+        page_states = ()
         states = self.pages.states
         if states.size:  # where the chunk's pages keep their window state
-            pt, seq = self.config.page_tokens, chunk.seq
-            first, end = chunk.start_pos // pt, (chunk.start_pos + chunk.num_tokens - 1) // pt + 1
-            chunk = dataclasses.replace(chunk, page_states=tuple(states.entry(p) for p in seq.pages[first:end]))
-        self._work[chunk.request_id] = chunk
-        self._budget -= chunk.num_tokens
+            pt = self.config.page_tokens
+            page_states = tuple(map(states.entry, seq.pages[start // pt: (start + n - 1) // pt + 1]))
+        self._work[seq.request_id] = ChunkWork(seq, start, n, sample, restore, page_states, restore_states)
+        self._budget -= n
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens` tokens, preempting the newest running sequences
