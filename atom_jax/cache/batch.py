@@ -8,6 +8,7 @@ cache). Padding tokens have valid=False and never write the cache."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -62,34 +63,38 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
     for base, cap, region in regions:  # vectorised over the region's chunks (the host's hot path)
         if not region:
             continue
+        m = len(region)
         slots = [c[0] for c in region]
-        if len(set(slots)) != len(slots):  # the compressor sizes its work by this (max_windows)
+        if len(set(slots)) != m:  # the compressor sizes its work by this (max_windows)
             raise ValueError(f"a buffer (or TBO half) holds one chunk per slot; slots {slots}")
-        lens = np.fromiter((len(c[2]) for c in region), np.int32, len(region))
+        toks = [c[2] for c in region]
+        lens = np.fromiter(map(len, toks), np.int32, m)
         if not lens.all():  # the decode step keeps min(size, slots) sampling rows: one token each at least
             raise ValueError(f"a chunk holds no tokens (slots {[c[0] for c in region if not len(c[2])]})")
         n = int(lens.sum())
         if n > cap:
             raise ValueError(f"chunks hold more than {size} tokens")
         offs = base + np.cumsum(lens, dtype=np.int32) - lens  # each chunk's first buffer index
-        starts = np.fromiter((c[1] for c in region), np.int32, len(region))
+        starts = np.fromiter((c[1] for c in region), np.int32, m)
         sl_ = slice(base, base + n)
-        ids[sl_] = np.concatenate([np.asarray(c[2], np.int32) for c in region])
+        # one pass over every token (not an array per chunk: a decode step has one token each)
+        ids[sl_] = np.fromiter(itertools.chain.from_iterable(toks), np.int32, n)
         s_idx[sl_] = np.repeat(offs, lens)
         s_pos[sl_] = np.repeat(starts, lens)
         e_pos[sl_] = np.repeat(starts + lens, lens)
         pos[sl_] = s_pos[sl_] + np.arange(base, base + n, dtype=np.int32) - s_idx[sl_]
         slot[sl_] = np.repeat(np.asarray(slots, np.int32), lens)
         valid[sl_] = True
-        want = np.fromiter((bool(c[3]) for c in region), bool, len(region))
+        want = np.fromiter((bool(c[3]) for c in region), bool, m)
         k = int(want.sum())
         if ns + k > max_samples:
             raise ValueError(f"more than {max_samples} sampling positions")
         sample[ns: ns + k] = (offs + lens - 1)[want]
         ns += k
-        if any(chunk_states(c) is not None for c in region):
-            state[sl_] = np.concatenate([np.full(len(c[2]), -1, np.int32) if chunk_states(c) is None
-                                         else np.asarray(chunk_states(c), np.int32) for c in region])
+        states = [chunk_states(c) for c in region]
+        if any(st is not None for st in states):
+            state[sl_] = np.fromiter(itertools.chain.from_iterable(
+                (-1,) * len(t) if st is None else st for t, st in zip(toks, states)), np.int32, n)
     return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, state, sample, ns)
 
 

@@ -167,35 +167,37 @@ class ModelRunner:
         token (sampled by the previous step, not read yet) becomes -(its row + 1) there.
         Call once per step, in step order."""
         chunks, page_rows, rows, params, counters, restores = [], [], [], [], [], []
-        prev_rows, next_rows = self._prev_rows, {}
+        prev_rows, next_rows, row_pages = self._prev_rows, {}, self._row_pages
+        num_slots, page_tokens = self.layout.num_slots, self.layout.page_tokens
         for r, work in enumerate(plan.per_rank):
-            rank_chunks, j = [], 0
+            rank_chunks, row = [], r * num_slots
             for w in work:
                 seq = w.seq
-                if self._row_pages.get((r, seq.slot)) != seq.pages:  # list compare: cheap per decode
+                if row_pages.get((r, seq.slot)) != seq.pages:  # list compare: cheap per decode
                     page_rows.append((r, seq.slot, np.asarray(seq.pages, np.int32)))
-                    self._row_pages[(r, seq.slot)] = list(seq.pages)
+                    row_pages[(r, seq.slot)] = list(seq.pages)
                 toks = w.token_ids()  # a fresh list (the packer and the plan channel take lists)
                 if toks and toks[-1] == PENDING:  # only the newest token can be pending
                     toks[-1] = -(prev_rows[seq.request_id] + 1)
-                states = w.token_states(self.layout.page_tokens)  # None without prefix caching
+                states = w.token_states(page_tokens)  # None without prefix caching
                 rank_chunks.append((seq.slot, w.start_pos, toks, bool(w.sample), states))
                 if w.restore:
                     restores.append((r, seq.slot, w.start_pos, w.restore_states))
                 if w.sample:
                     next_rows[seq.request_id] = len(rows)
-                    rows.append(r * self.layout.num_slots + j)
+                    rows.append(row)
+                    row += 1
                     params.append(seq.params)
                     counters.append(len(seq.output_token_ids))
-                    j += 1
             chunks.append(rank_chunks)
         self._prev_rows = next_rows
+        n = len(rows)
         sampling = SamplingRows(
             rows=np.asarray(rows, np.int32).reshape(-1),
-            temperature=np.asarray([p.temperature for p in params], np.float32).reshape(-1),
-            top_k=np.asarray([p.top_k for p in params], np.int32).reshape(-1),
-            top_p=np.asarray([p.top_p for p in params], np.float32).reshape(-1),
-            seed=np.asarray([p.seed % 2**32 for p in params], np.uint32).reshape(-1),
+            temperature=np.fromiter([p.temperature for p in params], np.float32, n),
+            top_k=np.fromiter([p.top_k for p in params], np.int32, n),
+            top_p=np.fromiter([p.top_p for p in params], np.float32, n),
+            seed=np.fromiter([p.seed % 2**32 for p in params], np.uint32, n),
             counter=np.asarray(counters, np.uint32).reshape(-1))
         return StepInputs(plan.bucket, bool(plan.tbo), chunks, page_rows, sampling, restores)
 
