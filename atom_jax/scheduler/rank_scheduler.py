@@ -87,6 +87,8 @@ class ChunkWork:
         """The state entry of each token's page, or None when no page keeps state."""
         if not self.page_states:
             return None
+        if self.num_tokens == 1:  # a decode (the host's hot path)
+            return [self.page_states[0]]
         out, pos, end = [], self.start_pos, self.start_pos + self.num_tokens
         for entry in self.page_states:  # one run of tokens per page (the host's hot path)
             nxt = min(end, (pos // page_tokens + 1) * page_tokens)

@@ -101,6 +101,8 @@ class Sequence:
     def token_ids(self, start: int, num: int) -> list[int]:
         """Known tokens [start, start+num): what the engine feeds for a chunk."""
         n, end = len(self.prompt_token_ids), start + num
+        if num == 1 and start >= n:  # a decode's token (the host's hot path)
+            return self.output_token_ids[start - n: end - n]
         head = self.prompt_token_ids[start:end] if start < n else []
         tail = self.output_token_ids[max(start - n, 0):max(end - n, 0)] if end > n else []
         return head + tail
