@@ -63,10 +63,12 @@ class RankConfig:
         return self
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class ChunkWork:
     """Feed tokens [start_pos, start_pos + num_tokens) of `seq`; sample after the last one
-    when `sample` (the chunk reaches the end of the known tokens)."""
+    when `sample` (the chunk reaches the end of the known tokens). Read only once planned (not
+    frozen: one is built per running sequence per step, and a frozen dataclass's __init__
+    costs about 3x as much)."""
 
     seq: Sequence
     start_pos: int
