@@ -77,8 +77,12 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
         offs = base + np.cumsum(lens, dtype=np.int32) - lens  # each chunk's first buffer index
         starts = np.fromiter((c[1] for c in region), np.int32, m)
         sl_ = slice(base, base + n)
-        # one pass over every token (not an array per chunk: a decode step has one token each)
-        ids[sl_] = np.fromiter(itertools.chain.from_iterable(toks), np.int32, n)
+        # decode-sized chunks: one pass over every token (not an array per one-token chunk); long
+        # (prefill) chunks: concatenated (fromiter walks a numpy chunk element by element: an 8K-token
+        # array 0.36 ms vs 1.4 us)
+        one_pass = n <= 2 * m
+        ids[sl_] = (np.fromiter(itertools.chain.from_iterable(toks), np.int32, n) if one_pass
+                    else np.concatenate([np.asarray(t, np.int32) for t in toks]))
         s_idx[sl_] = np.repeat(offs, lens)
         s_pos[sl_] = np.repeat(starts, lens)
         e_pos[sl_] = np.repeat(starts + lens, lens)
@@ -93,8 +97,9 @@ def pack_chunks(chunks, size: int, max_samples: int, split: bool = False) -> Pac
         ns += k
         states = [chunk_states(c) for c in region]
         if any(st is not None for st in states):
-            state[sl_] = np.fromiter(itertools.chain.from_iterable(
-                (-1,) * len(t) if st is None else st for t, st in zip(toks, states)), np.int32, n)
+            full = [np.full(len(t), -1, np.int32) if st is None else st for t, st in zip(toks, states)]
+            state[sl_] = (np.fromiter(itertools.chain.from_iterable(full), np.int32, n) if one_pass
+                          else np.concatenate([np.asarray(st, np.int32) for st in full]))
     return PackedBatch(ids, pos, slot, valid, s_idx, s_pos, e_pos, state, sample, ns)
 
 
