@@ -133,6 +133,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     qs = [q_ref[trow, heads[:, None] * dim + c[None, :]] for c in pieces]  # [bh, dim / nc] each
     kcols = pieces if nv == 1 else (d, dv)  # columns of each key load: score pieces [, this program's values]
     outs = pieces if nv == 1 else (dv,)  # columns of each accumulator piece
+    # a per-head vector [bh] against scores / accumulators (transpose: heads are their columns)
+    per_head = (lambda x: x[None, :]) if tiles.transpose else (lambda x: x[:, None])  # noqa: E731
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
     cols = jnp.arange(bk, dtype=jnp.int32)
 
@@ -143,22 +145,20 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         keys = keys if nv == 1 else keys[:1]
         exact = keys[0].dtype == jnp.float32  # float32 models (tests): no TF32 rounding
         dot = functools.partial(plt.dot, allow_tf32=not exact)
-        if tiles.transpose:  # scores^T [bk, bh], softmax down axis 0, acc^T [dim, bh]
+        # scores [bh, bk] (transpose: scores^T [bk, bh], the softmax down axis 0, acc^T [dim, bh])
+        if tiles.transpose:
             s = functools.reduce(jnp.add, [dot(k, qc, trans_b=True) for k, qc in zip(keys, qs)]) * scale
-            s = jnp.where(ok[:, None], s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=0))
-            alpha = jnp.exp(m - m_new)
-            pr = jnp.exp(s - m_new[None, :])
-            l = l * alpha + jnp.sum(pr, axis=0)
-            return (m_new, l, *(a * alpha[None, :] + dot(v, pr.astype(v.dtype), trans_a=True)
-                                for a, v in zip(accs, vals)))
-        s = functools.reduce(jnp.add, [dot(qc, k, trans_b=True) for k, qc in zip(keys, qs)]) * scale  # [bh, bk]
-        s = jnp.where(ok[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        else:
+            s = functools.reduce(jnp.add, [dot(qc, k, trans_b=True) for k, qc in zip(keys, qs)]) * scale
+        kax = 0 if tiles.transpose else 1  # the key axis of s
+        s = jnp.where(ok[:, None] if tiles.transpose else ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=kax))
         alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new[:, None])
-        l = l * alpha + jnp.sum(pr, axis=1)
-        return (m_new, l, *(a * alpha[:, None] + dot(pr.astype(v.dtype), v) for a, v in zip(accs, vals)))
+        pr = jnp.exp(s - per_head(m_new))
+        l = l * alpha + jnp.sum(pr, axis=kax)
+        pv = (lambda v: dot(v, pr.astype(v.dtype), trans_a=True)) if tiles.transpose else \
+            (lambda v: dot(pr.astype(v.dtype), v))
+        return (m_new, l, *(a * per_head(alpha) + pv(v) for a, v in zip(accs, vals)))
 
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
         # blocks i >= n_win load nothing anyway
@@ -236,18 +236,19 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         per = (n_blocks + splits - 1) // splits
         carry = blocks(sp * per, jnp.minimum(n_blocks, sp * per + per), carry, entry_keys, entry_rows)
     m, l, accs = carry[0], carry[1], carry[2:]
+
+    def store(ref, rows, c, val):  # val [len(rows), len(c)] (transpose: [len(c), len(rows)]) at row t
+        if tiles.transpose:
+            ref[trow.T, rows[None, :] * dim + c[:, None]] = val
+        else:
+            ref[trow, rows[:, None] * dim + c[None, :]] = val
     if splits == 1:
         sink = sink_ref[heads]
         m_new = jnp.maximum(m, sink)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.exp(sink - m_new)
         for acc, c in zip(accs, outs):
-            if tiles.transpose:  # acc^T [dim, bh]: stored through transposed indices
-                out_refs[0][trow.T, heads[None, :] * dim + c[:, None]] = \
-                    (acc * (alpha / l)[None, :]).astype(out_refs[0].dtype)
-            else:
-                out = acc * (alpha / l)[:, None]
-                out_refs[0][trow, heads[:, None] * dim + c[None, :]] = out.astype(out_refs[0].dtype)
+            store(out_refs[0], heads, c, (acc * per_head(alpha / l)).astype(out_refs[0].dtype))
     else:  # partial softmax state of this split; `_combine` merges the splits and the sink
         m_ref, l_ref, acc_ref = out_refs
         col = sp * heads_total + heads
@@ -260,10 +261,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         else:
             pl.when(dvb == 0)(stats)
         for acc, c in zip(accs, outs):
-            if tiles.transpose:
-                acc_ref[trow.T, col[None, :] * dim + c[:, None]] = acc
-            else:
-                acc_ref[trow, col[:, None] * dim + c[None, :]] = acc
+            store(acc_ref, col, c, acc)
 
 
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
