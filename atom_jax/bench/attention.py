@@ -50,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                "sliding none) and tile variant at one chunk near a long context (GPU; --tiny on CPU)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attention-tiles", default="default",
-                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT]]]] (default: default)")
+                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]], as bench "
+                    "long-context's (default: default)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of all,list,none (default: all three)")
     ap.add_argument("--tokens", type=int, default=None, help="chunk tokens (default 8192; --tiny 32)")
     ap.add_argument("--start", type=int, default=None, help="context before the chunk (default 122880; --tiny 600)")

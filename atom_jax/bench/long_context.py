@@ -93,9 +93,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads, prefill "
                     "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
     ap.add_argument("--attention-tiles", default="default", help="the sparse attention kernel's tiles the kernels "
-                    "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS[xP[xD]]] = query heads "
-                    "per program x keys per step x warps (x pipeline stages x prefetch 0/1 x value-dim blocks, "
-                    "one program each), e.g. default,64x32x8,64x64x8x1x1x2; each is a separate engine, all in "
+                    "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]] = "
+                    "query heads per program x keys per step x warps (x pipeline stages x prefetch 0/1 x value-dim "
+                    "blocks x transpose 0/1 x head-dim pieces x prefetch_rows 0/1 x one_window_load 0/1: "
+                    "AttentionTiles), e.g. default,64x32x8,64x64x8x1x1x2; each is a separate engine, all in "
                     "this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
