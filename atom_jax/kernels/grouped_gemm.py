@@ -257,6 +257,11 @@ DEQUANT_MIN_ROWS_PER_GROUP = 192
 KMAJOR_DECODE_TO_NK = True
 
 
+def _decodes_to_nk(weights) -> bool:
+    """Whether the dequant path decodes these experts to [E, N, K] (`dequantize_k_major`)."""
+    return isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK
+
+
 def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     """Whether the decode kernel and then the bf16 Pallas kernel take these experts' K and N
     (their tiles must divide them; e.g. N = 384, V4-Pro's intermediate size split 8 ways, does
@@ -264,7 +269,7 @@ def _dequant_path_fits(weights: Fp4Weights, rows_per_group: float) -> bool:
     from atom_jax.kernels import fp4_dequant, pallas_grouped_gemm
     _, k, n = weights.shape
     try:
-        if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
+        if _decodes_to_nk(weights):
             fp4_dequant.k_major_block_sizes(k, n)
         else:
             fp4_dequant.block_sizes(k, n)
@@ -293,7 +298,7 @@ def _decode(how: str, weights: Fp4Weights | Fp4WeightsKMajor, dtype):
     K] from K-major codes where KMAJOR_DECODE_TO_NK; jnp's [E, K, N] for "jnp"."""
     if how == "dequant":
         from atom_jax.kernels import fp4_dequant
-        if isinstance(weights, Fp4WeightsKMajor) and KMAJOR_DECODE_TO_NK:
+        if _decodes_to_nk(weights):
             return DenseKMajor(fp4_dequant.dequantize_k_major(weights, interpret=_on_cpu()).astype(dtype))
         return fp4_dequant.dequantize(weights, interpret=_on_cpu()).astype(dtype)
     return fp4_dequantize(weights, dtype)
