@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from atom_jax.bench.sampler import sorted_sampler
 from atom_jax.engine.sampler import sample_tokens
 from atom_jax.kernels.platform import lowering_for
 
@@ -46,28 +47,6 @@ def test_seed_reproducible_and_counter_advances():
 
 
 # -- the sort-free cut search (issue 27) against a float64 oracle and the sorted sampler it replaced
-
-def _sorted_sampler(logits, temperature, top_k, top_p, seeds, counters):
-    """The sampler as it was before the radix select (a full-vocabulary sort per row), kept as
-    the oracle for the seeded draws. -> (tokens, logprobs, its support mask)."""
-    v = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
-    desc = jnp.where(desc >= kth, desc, -jnp.inf)
-    cum = jnp.cumsum(jax.nn.softmax(desc, axis=-1), axis=-1)
-    keep_n = jnp.sum(cum - jax.nn.softmax(desc, axis=-1) < top_p[:, None], axis=-1)
-    pth = jnp.take_along_axis(desc, jnp.maximum(keep_n - 1, 0)[:, None], axis=-1)
-    support = (scaled >= kth) & (scaled >= pth)
-    masked = jnp.where(support, scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
-    tokens = jnp.where(temperature <= 0, greedy, drawn).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], support
-
 
 def _oracle_support(scaled, k, p):
     """float64 numpy, one row: values >= the k-th largest (ties kept); of those, values >= the
@@ -138,7 +117,7 @@ def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
     args = (jnp.asarray(logits), jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
             jnp.asarray(rng.integers(0, 2**32, s), jnp.uint32), jnp.asarray(rng.integers(0, 2**32, s), jnp.uint32))
     toks, lps = map(np.asarray, jax.jit(sample_tokens)(*args))
-    ref_toks, ref_lps, ref_support = map(np.asarray, jax.jit(_sorted_sampler)(*args))
+    ref_toks, ref_lps, ref_support = map(np.asarray, jax.jit(sorted_sampler)(*args))
     same = (got == ref_support).all(-1)
     # the sorted cumsum can reach 1.0 before the row's tail (its mass rounds away), so with
     # top_p 1.0 it drops that tail; below 1.0 the two agree but where the f32 cumsum (up to

@@ -23,6 +23,7 @@ COMMANDS = {
     "engine": "atom_jax.bench.engine",
     "engine-delayer": "atom_jax.bench.engine_delayer",
     "decode": "atom_jax.bench.decode",
+    "sampler": "atom_jax.bench.sampler",
     "hlo-ops": "atom_jax.bench.hlo_ops",
     "long-context": "atom_jax.bench.long_context",
     "indexer": "atom_jax.bench.indexer",
