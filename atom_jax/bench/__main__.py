@@ -29,6 +29,7 @@ COMMANDS = {
     "indexer": "atom_jax.bench.indexer",
     "attention": "atom_jax.bench.attention",
     "prefix": "atom_jax.bench.prefix",
+    "sass": "atom_jax.bench.sass",
 }
 
 
