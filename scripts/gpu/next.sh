@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The next GPU session's plan (written 2026-12-01, session 12, which had no device time; measure
+# what sessions 11-12 landed unmeasured). One `run` call per part, each under 10 minutes:
+#   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
+# BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
+#   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
+# (echo /.gpu/ >> .git/info/exclude once). Parts:
+#   c1  GPU-marked tests of the kernels and sampler changed since the last GPU run; bench sampler
+#       (radix vs sorted, b1/64/256); bench attention at the candidate tiles (main) and the default
+#       tiles of BASE (the kernel before the P.V dot took its accumulator) in the same call
+#   c2  bench long-context, 128K prompt, 1M cache: default vs $SPEC (the best of c1) [vs BASE]
+#   c3  issue 27: batch-1 decode traced (busy share) with the radix sampler; batch-64 expert layouts
+#   c4  issue 19: W4A16 decode sweep at 64/256 tokens (flash_up, flash_down)
+source "$(dirname "$0")/lib.sh"
+J=$OUT  # JSON results next to the logs
+part=${1:?part: c1 c2 c3 c4}
+
+base() {  # run "$@" with the BASE tree's atom_jax first on the path
+  PYTHONPATH="$PWD/.gpu/base:$PYTHONPATH" "$@"
+}
+
+case $part in
+c1)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 200 env JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py tests/test_sampling.py tests/test_step_program.py
+  step sampler 60 python -m atom_jax.bench sampler --batches 1,64,256 --json "$J/sampler.json"
+  step attention 200 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x64x8x1x0,64x128x8x1x0x1x1,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1
+  [ -d .gpu/base ] && step attention_base 90 base python -m atom_jax.bench attention --iters 5 \
+    --json "$J/attention_base.json" --attention-tiles default,64x128x8x1x0x1x1x4
+  ;;
+c2)
+  SPEC=${SPEC:-64x128x8x1x0x1x1x4}
+  step long_context 540 python -m atom_jax.bench long-context --prompts 131072 --backends pallas \
+    --decode-tokens 16 --attention-tiles "default,$SPEC" --json "$J/long_context_128k.json"
+  ;;
+c3)
+  step decode_b1_trace 280 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true \
+    python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes off,on --steps 64 --replay 16 \
+    --trace "$OUT/dtr" --json "$J/decode_b1_trace.json"  # JSON: busy_ms_per_step, device_busy_share
+  rm -rf "$OUT/dtr"  # the traces are large; the JSON keeps the busy numbers
+  for layout in nmajor kmajor; do  # bf16 experts' layout at batch 64 (BF16_KMAJOR_ON_GPU is still False)
+    step "decode_b64_$layout" 130 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 64 --modes on \
+      --steps 32 --expert-layout "$layout" --json "$J/decode_b64_$layout.json"
+  done
+  ;;
+c4)
+  step w4a16_decode 540 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
+    --decode-sweep --variants w4a16_kmajor --json "$J/w4a16_decode.json"
+  ;;
+*) echo "unknown part $part"; exit 2 ;;
+esac
