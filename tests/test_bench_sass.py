@@ -26,6 +26,37 @@ def test_attention_lowers_to_triton_modules_with_dots(mode):
     assert ("scf.for" in mod.ttir) and (("tt.load" in mod.ttir))
 
 
+def _acc_type(tiles, dims):
+    """The MLIR type of one accumulator piece (the P.V dots' result)."""
+    rows, cols = tiles.block_h, dims["dim"] // tiles.dim_chunks
+    return f"tensor<{cols}x{rows}xf32>" if tiles.transpose else f"tensor<{rows}x{cols}xf32>"
+
+
+@pytest.mark.parametrize("spec", ["16x16x4", "16x16x4x1x0x1x1x2"])  # plain; transposed in 2 head-dim pieces
+@pytest.mark.parametrize("mode", ["all", "list", "none"])
+def test_attention_pv_dots_fold_into_their_accumulator(spec, mode):
+    """Pallas writes every dot as tt.dot(a, b, 0); the online-softmax update's P.V dots must keep
+    the shape Triton's combine pattern folds into tt.dot(p, v, acc * alpha): zero accumulator, one
+    use, an add (checked here on the Pallas TTIR, no pip Triton needed)."""
+    tiles = attention_tiles(spec)
+    [mod] = sass.attention_modules(tiles, mode, SMALL)
+    dots = sass.dot_accumulators(mod.ttir)
+    assert all(d["zero_acc"] for d in dots)
+    pv = [d for d in dots if d["type"] == _acc_type(tiles, SMALL)]
+    sites = 1 if mode == "none" else 2  # the window's update [and the entries']
+    assert len(pv) == sites * tiles.dim_chunks and all(d["folds"] for d in pv)
+
+
+def test_attention_dots_accumulate_after_triton_passes():
+    pytest.importorskip("triton", reason="pip Triton is not installed (`pip install triton`): no TTIR passes")
+    tiles = attention_tiles("16x16x4")
+    [mod] = sass.attention_modules(tiles, "all", SMALL)
+    dots = sass.dot_accumulators(sass.ttir_passes(mod.ttir))
+    pv = [d for d in dots if d["type"] == _acc_type(tiles, SMALL)]
+    assert len(pv) == 2 and not any(d["zero_acc"] for d in pv)  # tt.dot(p, v, acc * alpha)
+    assert any(d["zero_acc"] for d in dots)  # the scores start from zero
+
+
 def test_w4a16_lowers_to_one_triton_module():
     [mod] = sass.w4a16_modules("flash_up", 8)
     assert mod.name.startswith("w4a16_grouped_gemm") and "tt.dot" in mod.ttir
@@ -87,3 +118,4 @@ def test_compile_for_sm90a():
     r = sass.compile_module(mod)
     assert 0 < r["registers"] <= 255 and r["shared_B"] > 0 and r["spill_store_B"] is not None
     assert r["hot_loop"]["HGMMA"] + r["hot_loop"]["HMMA"] > 0 and "ttg." in r["ttgir"]
+    assert r["dots"] == 4 and r["zero_acc_dots"] == 2  # window and entries: scores from 0, P.V into the accumulator

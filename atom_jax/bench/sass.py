@@ -4,15 +4,19 @@ The kernel call is lowered on this CPU for CUDA (`kernels.platform.lowering_for`
 custom call's module is taken from the lowered program (the `__gpu$xla.gpu.triton` call's
 backend_config holds it as MLIR bytecode in the `ir` string; read back with jaxlib's Triton
 dialect and printed as TTIR text: no pip Triton needed for that step), compiled by pip Triton
-(`pip install triton`) for cuda sm_90a (capability 90) with the call's num_warps / num_stages,
-then `ptxas -arch=sm_90a -v` (registers, spill bytes) and `nvdisasm` (SASS). Per kernel: registers
-per thread, spill store/load bytes, shared memory, and the SASS of its innermost loops: a loop is
-a backward branch (a BRA to a label at or above it), innermost when no other loop lies inside
-it; the hot loop is the last innermost one in the code (the attention kernel's entries loop for
-`all` / `list`, its window loop for `none`, none when the window is one step: 128 keys a step;
-the W4A16 kernel's K loop). Counts in it: SASS
-instructions, HGMMA (Hopper wgmma) / HMMA (mma.sync), LDG, LDGSTS (cp.async), LDS (+LDSM), STS, and the spill
-traffic STL / LDL (count and bytes a thread per iteration).
+(`pip install triton`) for cuda sm_90a (capability 90) with the call's num_warps / num_stages:
+Triton's TTIR passes first, as XLA runs them (`ttir_passes`: triton.compile skips them for a
+.ttir source, and without them add(dot(a, b, 0), c) is not folded into dot(a, b, c)), then the
+rest of Triton's pipeline, `ptxas -arch=sm_90a -v` (registers, spill bytes) and `nvdisasm`
+(SASS). Per kernel: registers per thread, spill store/load bytes, shared memory, the compiled
+TTIR's tt.dots and how many of them start from a zero accumulator (`dot_accumulators`), and the
+SASS of its innermost loops: a loop is a backward branch (a BRA to an earlier label), innermost
+when no other loop lies inside it; the hot loop is the last innermost one in the code (the
+attention kernel's entries loop for `all` / `list`, its window loop for `none`; none when the
+window is one step, 128 keys a step, and the table shows the whole kernel's counts; the W4A16
+kernel's K loop). Counts in it: SASS instructions, HGMMA (Hopper wgmma) / HMMA (mma.sync), LDG,
+LDGSTS (cp.async), LDS (+LDSM), STS, and the spill traffic STL / LDL (count, and bytes a thread
+moves per iteration).
 
     python -m atom_jax.bench sass --kernel attention --tiles default,64x128x8x1x0x1x1x4
     python -m atom_jax.bench sass --kernel w4a16 --tokens 64,8192 --json w4.json
@@ -51,13 +55,12 @@ class TritonModule:
 
 # --- extraction (jax only) -------------------------------------------------------------------
 
-def _custom_calls(op):
+def _walk(op):
     for region in op.regions:
         for block in region.blocks:
             for o in block.operations:
-                if o.name == "stablehlo.custom_call":
-                    yield o
-                yield from _custom_calls(o)
+                yield o
+                yield from _walk(o)
 
 
 def triton_modules(lowered) -> list[TritonModule]:
@@ -68,8 +71,9 @@ def triton_modules(lowered) -> list[TritonModule]:
 
     module = lowered.compiler_ir("stablehlo")
     out = []
-    for call in _custom_calls(module.operation):
-        if ir.StringAttr(call.attributes["call_target_name"]).value != TRITON_TARGET:
+    for call in _walk(module.operation):
+        if call.name != "stablehlo.custom_call" or \
+                ir.StringAttr(call.attributes["call_target_name"]).value != TRITON_TARGET:
             continue
         if "mhlo.backend_config" not in call.attributes:  # jax's opaque proto form: not read here
             raise RuntimeError(f"a {TRITON_TARGET} call without mhlo.backend_config: this jax's Pallas "
@@ -83,6 +87,58 @@ def triton_modules(lowered) -> list[TritonModule]:
         i32 = lambda k: ir.IntegerAttr(cfg[k]).value  # noqa: E731
         out.append(TritonModule(ir.StringAttr(cfg["name"]).value, text, i32("num_warps"), i32("num_stages"),
                                 (i32("grid_x"), i32("grid_y"), i32("grid_z"))))
+    return out
+
+
+def _is_zero(value) -> bool:
+    """A zero constant: arith.constant 0 / dense<0>, or tt.splat of one (as Pallas writes a dot's
+    accumulator before canonicalization folds the splat)."""
+    from jax._src.lib.mlir import ir
+
+    owner = value.owner
+    if not isinstance(owner, (ir.Operation, ir.OpView)):
+        return False  # a block argument: a loop-carried accumulator
+    op = owner.operation
+    if op.name == "tt.splat":
+        return _is_zero(op.operands[0])
+    if op.name != "arith.constant":
+        return False
+    attr = op.attributes["value"]
+    if isinstance(attr, ir.DenseElementsAttr):
+        return attr.is_splat and _zero_attr(attr.get_splat_value())
+    return _zero_attr(attr)
+
+
+def _zero_attr(attr) -> bool:
+    from jax._src.lib.mlir import ir
+
+    return isinstance(attr, (ir.FloatAttr, ir.IntegerAttr)) and attr.value == 0
+
+
+def dot_accumulators(ttir: str) -> list[dict]:
+    """Every tt.dot of a TTIR module (Pallas' or after Triton's passes), in order: its result type,
+    whether its accumulator operand is a zero constant, and whether Triton's combine pattern
+    (Combine.td: add(dot(a, b, 0), c) in either order, the dot's result used once, no
+    maxNumImpreciseAcc) folds the add that uses it into dot(a, b, c)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    ctx = mlir.make_ir_context()
+    tt_dialect.register_dialect(ctx)
+    out = []
+    with ctx:
+        module = ir.Module.parse(ttir)
+        for op in _walk(module.operation):
+            if op.operation.name != "tt.dot":
+                continue
+            op = op.operation
+            zero = _is_zero(op.operands[2])
+            uses = list(op.results[0].uses)
+            imprecise = op.attributes["maxNumImpreciseAcc"] if "maxNumImpreciseAcc" in op.attributes else None
+            folds = (zero and len(uses) == 1 and uses[0].owner.operation.name in ("arith.addf", "arith.addi")
+                     and (imprecise is None or ir.IntegerAttr(imprecise).value == 0))
+            out.append(dict(type=str(op.results[0].type), zero_acc=zero, folds=folds))
     return out
 
 
@@ -190,13 +246,37 @@ def parse_ptxas(log: str) -> dict:
                 spill_load_B=num(r"(\d+) bytes spill loads"), stack_B=num(r"(\d+) bytes stack frame"))
 
 
-def compile_module(mod: TritonModule, ptxas: str | None = None, nvdisasm: str | None = None,
-                   keep: str | None = None) -> dict:
-    """TTIR -> (pip Triton) TTGIR, PTX; -> (ptxas -v) cubin, registers, spills; -> SASS."""
+def ttir_passes(ttir: str) -> str:
+    """The TTIR after Triton's own TTIR passes (make_ttir: inline, canonicalize, combine -- which
+    folds add(dot(a, b, 0), c) into dot(a, b, c) --, reorder broadcasts, CSE, DCE, loop unroll), as
+    XLA runs them on a Pallas kernel (MakeTTIR in its compilation_pipeline_cuda.cc). triton.compile
+    starts a .ttir source after that stage, so they are run here first."""
     triton, GPUTarget = _triton()
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", CAPABILITY, 32))
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ttir"
+        src.write_text(ttir)
+        module = ir.parse_mlir_module(str(src), ctx)
+    module.context = ctx
+    backend.make_ttir(module, {}, None, CAPABILITY)
+    return str(module)
+
+
+def compile_module(mod: TritonModule, ptxas: str | None = None, nvdisasm: str | None = None,
+                   keep: str | None = None, passes: bool = True) -> dict:
+    """TTIR -> (pip Triton: its TTIR passes unless not `passes`, then the rest) TTGIR, PTX;
+    -> (ptxas -v) cubin, registers, spills; -> SASS."""
+    triton, GPUTarget = _triton()
+    ttir = ttir_passes(mod.ttir) if passes else mod.ttir
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{mod.name}.ttir"
-        src.write_text(mod.ttir)
+        src.write_text(ttir)
         k = triton.compile(str(src), target=GPUTarget("cuda", CAPABILITY, 32),
                            options=dict(num_warps=mod.num_warps, num_stages=mod.num_stages))
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
@@ -217,9 +297,12 @@ def compile_module(mod: TritonModule, ptxas: str | None = None, nvdisasm: str | 
         if keep:
             out = Path(keep)
             out.mkdir(parents=True, exist_ok=True)
-            for ext, text in (("ttir", mod.ttir), ("ttgir", k.asm["ttgir"]), ("ptx", k.asm["ptx"]), ("sass", sass)):
+            for ext, text in (("pallas.ttir", mod.ttir), ("ttir", ttir), ("ttgir", k.asm["ttgir"]),
+                              ("ptx", k.asm["ptx"]), ("sass", sass)):
                 (out / f"{mod.name}.{ext}").write_text(text)
-    return dict(info, **sass_counts(sass), ttgir=k.asm["ttgir"])
+    dots = dot_accumulators(ttir)
+    return dict(info, dots=len(dots), zero_acc_dots=sum(d["zero_acc"] for d in dots), **sass_counts(sass), ttir=ttir,
+                ttgir=k.asm["ttgir"])
 
 
 # --- SASS ------------------------------------------------------------------------------------
@@ -294,7 +377,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--k-major", action="store_true", help="w4a16: K-major codes (Fp4WeightsKMajor)")
     ap.add_argument("--ptxas", help="ptxas to run (default: pip Triton's for sm_90)")
     ap.add_argument("--nvdisasm", help="nvdisasm to run (default: pip Triton's bundled one)")
-    ap.add_argument("--keep", help="write each kernel's ttir / ttgir / ptx / sass to this folder")
+    ap.add_argument("--keep", help="write each kernel's pallas.ttir (as lowered) / ttir (after Triton's TTIR passes) "
+                    "/ ttgir / ptx / sass to this folder")
+    ap.add_argument("--no-ttir-passes", action="store_true",
+                    help="compile the Pallas TTIR without Triton's TTIR passes (as session 11's scripts did: no "
+                    "dot-add fold, no CSE; not what XLA runs)")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
     return ap
@@ -332,27 +419,30 @@ HOT_COLUMNS = ("instructions", "HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STL", "
 
 def _line(label, r) -> str:
     """One table row: the kernel's registers, spill bytes, shared memory; its hot loop's counts."""
-    hot = r["hot_loop"] or dict.fromkeys((*HOT_COLUMNS, "spill_load_B", "spill_store_B"), "-")
+    hot = r["hot_loop"] or r["code"]  # no loop (a one-step window): the whole kernel's, marked
     spill = f"{r['spill_store_B']}/{r['spill_load_B']}"
     counts = " ".join(f"{hot[c]:>{max(len(c), 5)}}" for c in HOT_COLUMNS)
-    return (f"{label:>34.34} {r['registers']:>4} {spill:>13} {r['shared_B'] / 1024:>8.0f} | {counts} "
-            f"{hot['spill_load_B']}/{hot['spill_store_B']}")
+    dots = f"{r['dots']}/{r['zero_acc_dots']}"
+    return (f"{label:>34.34} {r['registers']:>4} {spill:>13} {r['shared_B'] / 1024:>8.0f} {dots:>9} | {counts} "
+            f"{hot['spill_load_B']}/{hot['spill_store_B']}" + ("" if r["hot_loop"] else " (no loop: whole kernel)"))
 
 
 def run_cli(args) -> int:
     _triton()  # fail early, with the install command, before any lowering
     rows = []
-    print(f"{'kernel':>34} {'regs':>4} {'spill st/ld B':>13} {'smem KiB':>8} | "
+    print(f"{'kernel':>34} {'regs':>4} {'spill st/ld B':>13} {'smem KiB':>8} {'dots/0acc':>9} | "
           + " ".join(f"{c:>{max(len(c), 5)}}" for c in HOT_COLUMNS) + " spill ld/st B (right of |: the hot loop)",
           flush=True)
     for label, fields, modules in _cases(args):
         for mod in modules():
-            r = compile_module(mod, args.ptxas, args.nvdisasm, args.keep)
-            r.pop("ttgir")
+            keep = args.keep and os.path.join(args.keep, label.replace(" ", "_"))
+            r = compile_module(mod, args.ptxas, args.nvdisasm, keep, passes=not args.no_ttir_passes)
+            r.pop("ttir"), r.pop("ttgir")
             rows.append(dict(fields, kernel=mod.name, num_warps=mod.num_warps, num_stages=mod.num_stages, **r))
             print(_line(label, r), flush=True)
     if rows:
-        print(f"(ptxas: {rows[0]['ptxas']}; sm_{CAPABILITY}a; per thread; hot loop = the last innermost loop)")
+        print(f"(ptxas: {rows[0]['ptxas']}; sm_{CAPABILITY}a; per thread; dots/0acc: tt.dots in the compiled TTIR / "
+              "those accumulating from zero; hot loop = the last innermost loop)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(capability=CAPABILITY, results=rows), f, indent=1)

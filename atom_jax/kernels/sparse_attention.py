@@ -52,19 +52,22 @@ class AttentionTiles:
     # but loads keys' value columns, accumulates and stores only its [block_h, dim / dv_split] slice,
     # so its float32 accumulator takes 1/dv_split of the registers (more programs per SM, or room to
     # pipeline) for dv_split x the score dots and key-row loads. 1: one program holds all columns.
-    # Offline, indicative (pip Triton 3.9 on this kernel's Pallas TTIR, not XLA's Triton; ptxas 13.4,
-    # sm_90a; 8192 tokens, V4-Flash dims, bf16): bytes of register spill stores per thread for the CSA
-    # (list) kernel [HCA (all) kernel], shared memory in KiB; every variant uses 255 registers per thread:
+    # Offline, indicative (`python -m atom_jax.bench sass`: pip Triton 3.9 with its TTIR passes, as XLA
+    # runs them, on this kernel's Pallas TTIR, not XLA's Triton; ptxas 13.4, sm_90a; 8192 tokens, V4-Flash
+    # dims, bf16; session 12): bytes of register spill stores per thread for the CSA (list) kernel [HCA
+    # (all) kernel], shared memory in KiB; every variant uses 255 registers per thread:
     #   tiles HxKxW, stages, prefetch   dv_split 1           dv_split 2           dv_split 4
-    #   64x64x8, 1, prefetch            2508 [2760], 128     2644 [2448], 160     -
-    #   64x64x8, 1, no prefetch         1788 [1736], 128      948 [848], 160      672, 144
-    #   64x32x8, 2, prefetch            1980 [1932], 96      1304 [1244], 112     -
-    #   64x32x8, 2, no prefetch         1080 [1012], 160        0 [24], 208         0, 184
-    #   64x64x8, 2, no prefetch         1448, 256 (*)         224, 352 (*)        (*: > 227 KiB, cannot launch)
-    #   64x32x4, 2, no prefetch         2848, 160            1752, 208            172, 184
-    # So splitting the value dim removes the spills (64x32x8, 2 stages: none at 2 or 4) but not the
-    # register cap or the shared memory that hold one program per SM; with prefetch the carried value
-    # columns eat the saving. To be measured on a GPU (bench long-context --attention-tiles ...x2).
+    #   64x64x8, 1, prefetch            1712 [2010], 128     2264 [2672], 160     -
+    #   64x64x8, 1, no prefetch         1476 [1460], 128      928 [848], 160      672 [704], 144
+    #   64x32x8, 2, prefetch            1384 [1602], 96      1028 [1264], 112     -
+    #   64x32x8, 2, no prefetch           52 [32], 160          0 [0], 208          0 [0], 184
+    #   64x64x8, 2, no prefetch          584 [604], 256 (*)    20 [4], 352 (*)    (*: > 227 KiB, cannot launch)
+    #   64x32x4, 2, no prefetch         2740 [2728], 160      296 [184], 208        0 [0], 184
+    # (Session 11's table, from scripts that skipped Triton's TTIR passes, had 2508 [2760] for the
+    # default: see the entries' loop table below.) So without prefetch 64x32x8 at 2 stages barely
+    # spills even at dv_split 1, and splitting the value dim removes the rest, but not the register cap
+    # or the shared memory that hold one program per SM; with prefetch the carried keys eat the saving.
+    # To be measured on a GPU (bench long-context --attention-tiles ...x2).
     dv_split: int = 1
     # transpose: compute S^T = K . Q^T [block_k, block_h] and O^T += V^T . P^T [dim, block_h] (the
     # softmax runs down the key axis). Triton gives a dot that feeds another dot warpsPerCTA
@@ -87,24 +90,29 @@ class AttentionTiles:
     # this step's key rows (concatenated outside the kernel: a [slots * W + T, dim] copy per call)
     # instead of a load from each and a select: half the window's load instructions and addresses.
     one_window_load: bool = False
-    # Offline, per step of the entries' loop (session 11; same tools as the dv_split table; SASS by
-    # nvdisasm; per thread, 8 warps, one program per SM; instructions, spill (local) load/store bytes;
-    # HGMMA = Hopper wgmma, every variant uses it, never mma.sync; key loads are LDG.128 throughout):
-    #   tiles (spec)                   keys  HCA instr  HCA spill B  CSA instr  CSA spill B  MACs/warp group
-    #   default 64x64x8x1x1             64   2324       1368/880     2225       1372/632     3.1M (QK^T 2x)
-    #   64x64x8x1x0 (no prefetch)       64   1736        900/388     1864        932/388     3.1M
-    #   64x128x8x1x0x1x1 (transpose)   128   2810        576/332     2957        556/292     4.2M (none 2x)
-    #   ... x4 (dim_chunks 4)          128   2156        428/188     2203        432/180     4.2M
-    #   ... x4x1 (+ prefetch_rows)     128   2185        432/188     2246        448/184     4.2M
-    #   ... x4x1x1 (+ one_window_load) 128   2291        972/296     -           -           4.2M
-    # So per 64 keys the default's 2324 instructions and 2248 B of spill traffic a thread (575 KB a step
-    # for the SM, 9x its 64 KB of keys) against 1078 and 308 B transposed in 4 pieces (wgmma MACs a warp
-    # group per 64 keys 3.1M -> 2.1M). The spills: the accumulator (128 registers) live beside the P.V
-    # dot's result (plt.dot accumulates from zero and Triton 3.9 keeps the add: 128 more; with the
-    # accumulator fed to tt.dot by hand in the TTIR, 64x64x8x1x0's HCA spill traffic drops 1288 -> 768 B)
-    # and the staged or prefetched keys (64-128). A sliding (none) program's whole window (128 keys),
-    # dynamic counts: default 7639 instructions, ~4.5 KB of spill traffic a thread; no prefetch 5939;
-    # x4 3856, 576 B; x4x1x1 3016 and no spills (226 registers); 64x64x8x1x0 + one_window_load 4916.
+    # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
+    # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
+    # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
+    # mma.sync; key loads are LDG.128 throughout). In brackets session 11's spill bytes, from scripts that
+    # compiled the Pallas TTIR without Triton's TTIR passes (triton.compile starts a .ttir source after
+    # them; XLA runs them), so without the combine below:
+    #   tiles (spec)                   keys  HCA instr  HCA spill B         CSA instr  CSA spill B         MACs/wg
+    #   default 64x64x8x1x1             64   2042       1146/582 [1368/880]  2070      1200/412 [1372/632]  3.1M (QK 2x)
+    #   64x64x8x1x0 (no prefetch)       64   1518        588/132 [900/388]   1759       728/192 [932/388]   3.1M
+    #   64x128x8x1x0x1x1 (transpose)   128   2392        464/216 [576/332]   3017       516/236 [556/292]   4.2M (no 2x)
+    #   ... x4 (dim_chunks 4)          128   1916        220/0 [428/188]     2013       232/0 [432/180]     4.2M
+    #   ... x4x1 (+ prefetch_rows)     128   1963        248/12 [432/188]    2094       292/52 [448/184]    4.2M
+    #   ... x4x1x1 (+ one_window_load) 128   2107        836/164 [972/296]   2226       868/188             4.2M
+    # Pallas writes every dot as tt.dot(a, b, 0); Triton's combine pattern (Combine.td: add(dot(a, b, 0),
+    # c) in either order -> dot(a, b, c) where the dot's one use is that add) makes `acc * alpha + pv(v)`
+    # tt.dot(p, v, acc * alpha), and each head-dim piece's score dot accumulate into the previous
+    # piece's (tests/test_bench_sass.py checks the kernel keeps that shape), so the dot's result is never
+    # held beside the accumulator. Per 64 keys the default's 2042 instructions and 1728 B of spill
+    # traffic a thread against 958 and 110 B transposed in 4 pieces (wgmma MACs a warp group per 64 keys
+    # 3.1M -> 2.1M). What still spills: the prefetched keys carried across steps (64-128 registers
+    # beside the accumulator's 128) and the default's duplicated scores. A sliding (none) program, ptxas
+    # spill stores for the whole kernel: default 480 B (1472 without the passes), 64x64x8x1x0 336, x4
+    # 100, x4x1x1 none (221 registers).
     # To be measured: `bench attention`.
 
 
@@ -158,6 +166,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         l = l * alpha + jnp.sum(pr, axis=kax)
         pv = (lambda v: dot(v, pr.astype(v.dtype), trans_a=True)) if tiles.transpose else \
             (lambda v: dot(pr.astype(v.dtype), v))
+        # dot + add, as Triton's combine folds them into tt.dot(p, v, acc * alpha): the dot's result
+        # used once, by the add (tests/test_bench_sass.py), or it is held beside the accumulator
         return (m_new, l, *(a * per_head(alpha) + pv(v) for a, v in zip(accs, vals)))
 
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
