@@ -6,8 +6,8 @@
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
 # (echo /.gpu/ >> .git/info/exclude once). Parts:
 #   c1  GPU-marked tests of the kernels and sampler changed since the last GPU run; bench sampler
-#       (radix vs sorted, b1/64/256); bench attention at the candidate tiles (main) and the default
-#       tiles of BASE (the kernel before the P.V dot took its accumulator) in the same call
+#       (radix vs sorted, b1/64/256); bench attention at the candidate tiles; ncu's registers and
+#       spill bytes of the attention kernels (if ncu reads counters there)
 #   c2  bench long-context, 128K prompt, 1M cache: default vs $SPEC (the best of c1) [vs BASE]
 #   c3  issue 27: batch-1 decode traced (busy share) with the radix sampler; batch-64 expert layouts
 #   c4  issue 19: W4A16 decode sweep at 64/256 tokens (flash_up, flash_down)
@@ -25,10 +25,13 @@ c1)
   step tests 200 env JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider \
     tests/test_sparse_kernels.py tests/test_sampling.py tests/test_step_program.py
   step sampler 60 python -m atom_jax.bench sampler --batches 1,64,256 --json "$J/sampler.json"
-  step attention 200 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
-    default,64x64x8x1x0,64x128x8x1x0x1x1,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1
-  [ -d .gpu/base ] && step attention_base 90 base python -m atom_jax.bench attention --iters 5 \
-    --json "$J/attention_base.json" --attention-tiles default,64x128x8x1x0x1x1x4
+  step attention 220 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x32x8x2x0,64x64x8x1x0,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1
+  # the real compile's registers and local-memory (spill) bytes per kernel, against `bench sass`'s offline
+  # table in AttentionTiles (which assumes XLA's Triton folds the P.V add into the dot, as pip Triton does)
+  command -v ncu >/dev/null && step ncu_attention 120 ncu --clock-control none -k regex:sparse_attention \
+    --metrics launch__registers_per_thread,l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum,l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum,gpu__time_duration.sum \
+    python -m atom_jax.bench attention --modes all,list,none --iters 1 --attention-tiles default,64x128x8x1x0x1x1x4
   ;;
 c2)
   SPEC=${SPEC:-64x128x8x1x0x1x1x4}
