@@ -2,12 +2,19 @@
 # call each, 10 minutes at most) from the repo root, with $OUT the folder that comes back.
 #   step NAME MAXSEC CMD...   runs CMD with its output in $OUT/NAME.log, stopped at MAXSEC or at
 #                             the call's DEADLINE (whichever is first); skipped when < 20 s remain
-# Results: every step's log and whatever it writes under $OUT (JSON: --json $OUT/...).
+# Results: every step's log and whatever it writes under $OUT (JSON: --json $OUT/...), packed at
+# exit into $OUT/res.tgz beside $OUT/summary.txt (the tool brings back at most 8 files, 16 MiB each).
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : "${OUT:?run me through the device tool: \$OUT must be set}"
 : "${DEADLINE:=$(( $(date +%s) + 570 ))}"  # the call's own 600 s less a margin to bring $OUT back
 SUMMARY=$OUT/summary.txt
+# JAX's persistent compilation cache across calls (each call may get a fresh machine): a carried
+# .gpu/jc.tgz (the previous call's $OUT/jc.tgz, copied here; carry [".gpu"]) seeds it, and this
+# call's cache comes back as $OUT/jc.tgz when it fits the tool's 16 MiB per file.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
+mkdir -p "$JAX_COMPILATION_CACHE_DIR"
+[ -f .gpu/jc.tgz ] && tar xzf .gpu/jc.tgz -C "$JAX_COMPILATION_CACHE_DIR"
 
 step() {
   local name=$1 max=$2; shift 2
@@ -22,3 +29,11 @@ step() {
 
 # GPU-marked tests of the named files (the CPU suite runs in CI; these are the ones that skip there)
 gpu_tests() { JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider "$@"; }
+
+pack() {  # at exit: everything but the summary into one archive; the compile cache beside it
+  tar czf /tmp/jc.tgz -C "$JAX_COMPILATION_CACHE_DIR" . && (( $(stat -c %s /tmp/jc.tgz) < 15000000 )) \
+    && mv /tmp/jc.tgz "$OUT/jc.tgz" || echo "compile cache not brought back (too large or failed)" >>"$SUMMARY"
+  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name res.tgz ! -name jc.tgz -print0 \
+      | xargs -0 -r tar czf res.tgz --remove-files ) || echo "pack failed" >>"$SUMMARY"
+}
+trap pack EXIT
