@@ -11,9 +11,11 @@
 #   c2  bench long-context, 128K prompt, 1M cache: default vs $SPEC (the best of c1) [vs BASE]
 #   c3  issue 27: batch-1 decode traced (busy share) with the radix sampler; batch-64 expert layouts
 #   c4  issue 19: W4A16 decode sweep at 64/256 tokens (flash_up, flash_down)
+#   c5  (kind nvidia-h200-x2, when lent) issue 27 at dp=2, 64 sequences per rank: off/on, traced
+#       (busy share, on/off ratio), default client and the TFRT GPU client
 source "$(dirname "$0")/lib.sh"
 J=$OUT  # JSON results next to the logs
-part=${1:?part: c1 c2 c3 c4}
+part=${1:?part: c1 c2 c3 c4 c5}
 
 base() {  # run "$@" with the BASE tree's atom_jax first on the path
   PYTHONPATH="$PWD/.gpu/base:$PYTHONPATH" "$@"
@@ -50,7 +52,17 @@ c3)
   ;;
 c4)
   step w4a16_decode 540 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
-    --decode-sweep --variants w4a16_kmajor --json "$J/w4a16_decode.json"
+    --decode-sweep --variants w4a16_kmajor,w4a16_1mul --json "$J/w4a16_decode.json"
+  ;;
+c5)
+  for client in default tfrt; do
+    tfrt=$([ $client = tfrt ] && echo 1 || echo 0)
+    step "decode_dp2_b64_$client" 270 env XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT=$tfrt \
+      XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true \
+      python -m atom_jax.bench decode --dp 2 --layers 4 --batches 64 --modes off,on --steps 48 --replay 16 \
+      --trace "$OUT/dtr_$client" --json "$J/decode_dp2_b64_$client.json"
+    rm -rf "$OUT/dtr_$client"
+  done
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
