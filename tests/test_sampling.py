@@ -94,10 +94,18 @@ def test_ordered_keys_keep_the_float_order():
     assert np.array_equal(np.sign(keys[i] - keys[j]), np.sign(x[i].astype(np.float64) - x[j]))
 
 
-@pytest.mark.parametrize("s,v", [(48, 700), pytest.param(64, 129280, marks=pytest.mark.gpu, id="v4-vocab")])
-def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
-    from atom_jax.engine.sampler import support_mask
+@pytest.mark.parametrize("s,v,variant", [
+    (48, 700, "default"), pytest.param(64, 129280, "default", marks=pytest.mark.gpu, id="v4-vocab"),
+    pytest.param(64, 129280, "4x1", marks=pytest.mark.gpu, id="v4-vocab-one-level-sums")])
+def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v, variant):
+    from atom_jax.bench.sampler import radix_variant
+    from atom_jax.engine import sampler
 
+    with radix_variant(variant):
+        _support_and_draws(s, v, sampler.support_mask, sampler.sample_tokens)
+
+
+def _support_and_draws(s, v, support_mask, sample_tokens):
     rng = np.random.default_rng()
     logits, temperature, top_k, top_p = _rows(rng, s, v)
     # the scaled logits as the backend divides them (the oracle and both samplers see the same)
@@ -129,3 +137,19 @@ def test_support_matches_float64_oracle_and_draws_match_sorted_sampler(s, v):
     np.testing.assert_array_equal(lps[same], ref_lps[same])
     assert got[np.arange(s), toks][temperature > 0].all()
     assert np.array_equal(toks[temperature == 0], logits[temperature == 0].argmax(-1))
+
+
+@pytest.mark.parametrize("spec", ["4x1", "8x1"])
+def test_radix_variants_keep_the_default_supports(spec):
+    """The bench's radix variants (key bits per pass x row-sum levels) cut where the default does
+    (rolled passes: the unrolled ones, as a GPU runs them, are checked above for the default)."""
+    from atom_jax.bench.sampler import radix_variant
+    from atom_jax.engine.sampler import support_mask
+
+    rng = np.random.default_rng()
+    logits, temperature, top_k, top_p = _rows(rng, 48, 700)
+    scaled = logits / np.maximum(temperature, 1e-6)[:, None]
+    want = np.asarray(jax.jit(support_mask)(scaled, top_k, top_p))
+    with radix_variant(spec):
+        got = np.asarray(jax.jit(support_mask)(scaled, top_k, top_p))
+    np.testing.assert_array_equal(got, want)

@@ -5,15 +5,21 @@ full-vocabulary sort per row, `sorted_sampler` below), same inputs, same run:
     python -m atom_jax.bench sampler --batches 1,64,256 --json sampler_h200.json   # GPU, V4 vocabulary
     python -m atom_jax.bench sampler --tiny                                        # CPU smoke run
 
-Per batch size: ms per call of each (jitted, called back to back: in the engine the sampler is
-part of the step program, so launch gaps are not its cost), the ratio, and the share of rows
-where both drew the same token (the two keep the same supports up to f32 rounding at the cut,
-and draw with the same keys, so nearly all rows agree; greedy rows always do). Rows mix the
-engine's cases: greedy, temperature 0.6-1.7, top_k 0/1/50, top_p 0.9/1.0."""
+Variants of the radix select (`--variants`, RADIXxLEVELS: key bits per pass x row-sum levels,
+`engine.sampler.RADIX_BITS` / `SUM_LEVELS` set while each is traced; `default` is the engine's):
+4x2 = 16 passes of two reductions each, 4x1 = 16 of one, 8x1 = 8 passes of one reduction over
+255 thresholds. On a GPU each reduction is about one kernel, which at batch 1 is its cost.
+
+Per batch size and variant: ms per call (jitted, called back to back: in the engine the sampler
+is part of the step program, so launch gaps are not its cost), over the sorted sampler's, and
+the share of rows where both drew the same token (the two keep the same supports up to f32
+rounding at the cut, and draw with the same keys, so nearly all rows agree; greedy rows always
+do). Rows mix the engine's cases: greedy, temperature 0.6-1.7, top_k 0/1/50, top_p 0.9/1.0."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import jax
@@ -52,6 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default=None, help="comma list of rows per call (default 1,64,256; --tiny 1,8)")
     ap.add_argument("--vocab", type=int, default=None, help=f"default {V4_VOCAB} (V4's); --tiny 1000")
+    ap.add_argument("--variants", default="default,4x1,8x1",
+                    help="comma list of radix variants RADIXxLEVELS (e.g. 4x2, 4x1, 8x1) or default")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes")
     ap.add_argument("--json")
@@ -72,24 +80,50 @@ def sampler_inputs(rows: int, vocab: int, seed: int = 0):
             jnp.asarray(rng.integers(0, 2**32, rows), jnp.uint32), jnp.asarray(rng.integers(0, 2**32, rows), jnp.uint32))
 
 
+@contextlib.contextmanager
+def radix_variant(spec: str):
+    """engine.sampler's RADIX_BITS / SUM_LEVELS as `spec` says ('default' or BITSxLEVELS) inside
+    this block. jit's trace cache does not know them, so it is cleared on the way in and out (as
+    `kernels.platform.lowering_for` does): trace, compile and time a variant inside the block."""
+    from atom_jax.engine import sampler
+
+    saved = sampler.RADIX_BITS, sampler.SUM_LEVELS
+    if spec != "default":
+        bits, levels = (int(x) for x in spec.split("x"))
+        if 32 % bits or levels not in (1, 2):
+            raise SystemExit(f"--variants: {spec!r}: RADIXxLEVELS with RADIX dividing 32, LEVELS 1 or 2")
+        sampler.RADIX_BITS, sampler.SUM_LEVELS = bits, levels
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        sampler.RADIX_BITS, sampler.SUM_LEVELS = saved
+        jax.clear_caches()
+
+
 def run_cli(args) -> int:
     from atom_jax.engine.sampler import sample_tokens
 
     batches = [int(b) for b in (args.batches or ("1,8" if args.tiny else "1,64,256")).split(",")]
     vocab = args.vocab or (1000 if args.tiny else V4_VOCAB)
-    radix = jax.jit(sample_tokens)
+    variants = args.variants.split(",")
     sort = jax.jit(lambda *a: sorted_sampler(*a)[:2])
     rows = []
     for b in batches:
         inputs = sampler_inputs(b, vocab)
-        ms = {name: 1e3 * back_to_back_time(lambda _, fn=fn: fn(*inputs), iters=args.iters)
-              for name, fn in (("radix", radix), ("sorted", sort))}
-        same = float(np.mean(np.asarray(radix(*inputs)[0]) == np.asarray(sort(*inputs)[0])))
-        row = dict(rows=b, vocab=vocab, radix_ms=ms["radix"], sorted_ms=ms["sorted"],
-                   radix_over_sorted=ms["radix"] / ms["sorted"], same_token_share=same)
-        rows.append(row)
-        print(f"rows {b:4d}: radix {row['radix_ms']:8.3f} ms  sorted {row['sorted_ms']:8.3f} ms  "
-              f"radix/sorted {row['radix_over_sorted']:.3f}  same token {same:.3f}", flush=True)
+        sorted_ms = 1e3 * back_to_back_time(lambda _: sort(*inputs), iters=args.iters)
+        ref_tokens = np.asarray(sort(*inputs)[0])
+        print(f"rows {b:4d}: sorted {sorted_ms:8.3f} ms", flush=True)
+        for spec in variants:
+            with radix_variant(spec):
+                radix = jax.jit(sample_tokens)
+                tokens = np.asarray(radix(*inputs)[0])
+                ms = 1e3 * back_to_back_time(lambda _: radix(*inputs), iters=args.iters)
+            row = dict(rows=b, vocab=vocab, variant=spec, radix_ms=ms, sorted_ms=sorted_ms,
+                       radix_over_sorted=ms / sorted_ms, same_token_share=float(np.mean(tokens == ref_tokens)))
+            rows.append(row)
+            print(f"           radix {spec:>7} {ms:8.3f} ms  / sorted {row['radix_over_sorted']:.3f}  "
+                  f"same token {row['same_token_share']:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=str(jax.devices()[0]), results=rows), f, indent=1)

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 from atom_jax.kernels.platform import is_cpu
 
 RADIX_BITS = 4  # key bits resolved per pass: 32 / RADIX_BITS passes of 2**RADIX_BITS - 1 thresholds each
-_PASSES = 32 // RADIX_BITS
+# Row sums in two levels (per _CHUNK, then over the chunks: two reductions a pass) or one (the whole
+# row: one reduction, so one kernel a pass on a GPU instead of two). None: two on the CPU, where XLA
+# sums a row sequentially (129K f32 terms drift by ~1e-3), and on GPUs until `bench sampler`
+# measures one level there (a GPU reduces a row as a tree). Both read at trace time.
+SUM_LEVELS: int | None = None
 
 
 def ordered_keys(x):
@@ -33,19 +37,22 @@ _CHUNK = 512  # the vocabulary is summed in chunks of this many, then over the c
 
 
 def _chunked(x):
-    """[S, V] -> [S, C, _CHUNK], zero-padded: sums over a row are taken chunk by chunk, then over
-    the chunks (two reductions: f32 sums accurate to ~1e-7 relative on every backend, where
-    one sequential pass over 129K terms drifts by ~1e-3; a GPU splits such rows anyway)."""
+    """[S, V] -> [S, C, L], zero-padded: sums over a row are taken chunk by chunk (L = _CHUNK),
+    then over the chunks; with SUM_LEVELS 1, one chunk of the whole row (C = 1, L = V)."""
     s, v = x.shape
+    if (SUM_LEVELS or 2) == 1:
+        return x.reshape(s, 1, v)
     c = -(-v // _CHUNK)
     return jnp.pad(x, ((0, 0), (0, c * _CHUNK - v))).reshape(s, c, _CHUNK)
 
 
 def _sum_rows(ops):
-    """list of [S, C, L] -> list of [S] row sums: one variadic reduction over L, one over C."""
+    """list of [S, C, L] -> list of [S] row sums: one variadic reduction over L, one over C
+    (none where C = 1)."""
     zeros = [jnp.zeros((), o.dtype) for o in ops]
     add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
-    return jax.lax.reduce(jax.lax.reduce(ops, zeros, add, (2,)), zeros, add, (1,))
+    sums = jax.lax.reduce(ops, zeros, add, (2,))
+    return [x[:, 0] for x in sums] if ops[0].shape[1] == 1 else jax.lax.reduce(sums, zeros, add, (1,))
 
 
 def _radix_select(keys, weights, target):
@@ -68,7 +75,7 @@ def _radix_select(keys, weights, target):
     # A static trip count (a scan: no host sync). Unrolled on a GPU, so every pass's kernels
     # stay in the step's command buffer (no loop the host steps through); rolled on the CPU,
     # where compiling one pass instead of 8 keeps each step program's compile ~0.5 s shorter.
-    return jax.lax.fori_loop(0, _PASSES, one_pass, jnp.zeros(keys.shape[:1], jnp.uint32), unroll=not is_cpu())
+    return jax.lax.fori_loop(0, 32 // RADIX_BITS, one_pass, jnp.zeros(keys.shape[:1], jnp.uint32), unroll=not is_cpu())
 
 
 def support_mask(scaled, top_k, top_p):
