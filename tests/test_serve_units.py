@@ -12,25 +12,12 @@ import types
 import pytest
 
 from atom_jax.engine.info import EngineInfo
+from atom_jax.engine.outputs import RequestOutput as Output
 from atom_jax.scheduler import SamplingParams
 from atom_jax.serve.engine_loop import EngineLoop
 from atom_jax.serve.errors import OpenAIError
 from atom_jax.serve.prepare import PreparedRequest
 from atom_jax.serve.responses import ChunkWriter, Deltas
-
-
-@dataclasses.dataclass
-class Output:  # the fields of engine.RequestOutput the server reads
-    request_id: str
-    prompt_token_ids: list
-    token_ids: list
-    new_token_ids: list
-    text: str | None
-    delta_text: str | None
-    finished: bool
-    finish_reason: str | None
-    logprobs: list
-    num_cached_tokens: int = 0
 
 
 class FakeEngine:
@@ -269,7 +256,7 @@ def test_completion_logprobs_leave_out_a_cut_stop_string():
     streamed = [json.loads(c[0][len("data: "):])["choices"][0]["logprobs"]["tokens"] for c in chunks]
     assert streamed == [["h", "i"], [" "]]
     # a length finish keeps every token
-    full = dataclasses.replace(final, finish_reason="length", text="hi STOP")
+    full = Output("r", [1], ids, ids, "hi STOP", None, True, "length", [-0.5] * len(ids))
     assert full_response(req, INFO, full)["choices"][0]["logprobs"]["tokens"] == list("hi STOP")
 
 

@@ -26,25 +26,35 @@ class IncrementalDetokenizer:
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
         self._prefix = 0  # decode from here, for context
-        self._read = 0  # tokens up to here are in `_decoded`
-        self._decoded = ""  # the stable text: no character in it can change any more
-        self._cut: int | None = None  # where a matched stop string starts
-        self._sent = 0  # characters handed out as deltas
+        self._read = 0  # tokens up to here are decoded
+        # The stable text (no character in it can change any more) is `pieces` + `_rest`:
+        # `pieces` what was handed out as deltas (append-only: outputs keep views of it),
+        # `_rest` the decoded text not handed out yet (held back: a few characters). Nothing
+        # per step touches the whole text; `text()` joins it only when asked.
+        self.pieces: list[str] = []
+        self._rest = ""
+        self._sent = 0  # characters handed out (in `pieces`)
+        self._cut: int | None = None  # where a matched stop string starts (absolute)
 
     @property
     def stopped(self) -> bool:
         """A stop string matched (the text ends where it starts)."""
         return self._cut is not None
 
+    @property
+    def num_sent(self) -> int:
+        """Characters handed out as deltas (the length of `pieces` joined)."""
+        return self._sent
+
     def add(self, ids) -> bool:
         """Append new output tokens; True when a stop string now matches."""
         if self._cut is not None or not ids:
             return self.stopped
         self.ids.extend(int(t) for t in ids)
-        before = len(self._decoded)
         piece = self._decode_new(final=False)
         if piece:
-            self._decoded += piece
+            before = self._sent + len(self._rest)
+            self._rest += piece
             self._match_stops(before)
         return self.stopped
 
@@ -52,20 +62,28 @@ class IncrementalDetokenizer:
         """The request ended: decode whatever is left (an incomplete character becomes U+FFFD,
         as a full decode gives it)."""
         if self._cut is None and self._read < len(self.ids):
-            self._decoded += self._decode_new(final=True)
+            self._rest += self._decode_new(final=True)
+
+    def _final_len(self, finished: bool) -> int:
+        """How many characters are final now."""
+        if self._cut is not None:
+            return self._cut
+        total = self._sent + len(self._rest)
+        return total if finished else max(total - self.holdback, self._sent)
 
     def text(self, finished: bool) -> str:
-        """All text that is final now (everything once `finished`, cut at a stop string)."""
-        if self._cut is not None:
-            return self._decoded[:self._cut]
-        if finished:
-            return self._decoded
-        return self._decoded[:max(len(self._decoded) - self.holdback, self._sent)]
+        """All text that is final now (everything once `finished`, cut at a stop string).
+        O(length): the engine's outputs read `pieces` after `delta` instead."""
+        return "".join(self.pieces) + self._rest[:self._final_len(finished) - self._sent]
 
     def delta(self, finished: bool) -> str:
-        """The text that became final since the last call."""
-        text = self.text(finished)
-        new, self._sent = text[self._sent:], len(text)
+        """The text that became final since the last call (appended to `pieces`)."""
+        k = self._final_len(finished) - self._sent
+        if k <= 0:
+            return ""
+        new, self._rest = self._rest[:k], self._rest[k:]
+        self.pieces.append(new)
+        self._sent += k
         return new
 
     def _decode_new(self, final: bool) -> str:
@@ -78,8 +96,11 @@ class IncrementalDetokenizer:
         return text[len(known):]
 
     def _match_stops(self, before: int) -> None:
-        # A new match ends in the new text: search from where one could start.
-        start = max(0, before - max((len(s) for s in self.stops), default=0) + 1)
-        hits = [i for i in (self._decoded.find(s, start) for s in self.stops) if i >= 0]
+        # A new match ends in the new text: search from where one could start (the held-back
+        # `holdback` characters before it are still in `_rest`, unless a finished delta sent them).
+        if not self.stops:
+            return
+        start = max(0, before - self.holdback - self._sent)
+        hits = [i for i in (self._rest.find(s, start) for s in self.stops) if i >= 0]
         if hits:
-            self._cut = max(min(hits), self._sent)
+            self._cut = self._sent + min(hits)

@@ -20,6 +20,7 @@ from atom_jax.engine.args import EngineConfig
 from atom_jax.engine.detokenizer import IncrementalDetokenizer
 from atom_jax.engine.host_timing import HostClock
 from atom_jax.engine.launcher import Launcher
+from atom_jax.engine.outputs import Prefix, RequestOutput, TextPrefix
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
@@ -28,23 +29,6 @@ from atom_jax.sharding import StepOptions, make_dp_mesh
 from atom_jax.weights.formats import AUTO
 
 log = logging.getLogger("atom_jax.engine")
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]  # one list shared by a request's outputs (read only)
-    token_ids: list[int]  # all output tokens so far
-    new_token_ids: list[int]
-    text: str | None  # the text that is final so far (None without a tokenizer); only grows
-    delta_text: str | None  # what `text` gained since this request's previous output
-    finished: bool
-    finish_reason: str | None
-    logprobs: list[float]  # the chosen tokens' logprobs, when the request's params ask for them
-    chat: ChatDelta | None = None  # chat requests: this output's reasoning / content / tool calls
-    message: dict | None = None  # chat requests, once finished: the OpenAI assistant message
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (usage.cached_tokens)
-    error: str | None = None  # why, when finish_reason is "error"
 
 
 class _Tracked:
@@ -57,7 +41,10 @@ class _Tracked:
         self.detok = IncrementalDetokenizer(tokenizer, seq.params.stop) if tokenizer is not None else None
         self.chat: ChatPlan | None = None
         self.chat_parser = None
-        self.chat_total = ChatDelta()
+        # the chat deltas so far, as pieces (joined once, for the finished message)
+        self.chat_reasoning: list[str] = []
+        self.chat_content: list[str] = []
+        self.chat_calls: list = []
         self.error: str | None = None  # why the request failed (finish_reason "error")
 
 
@@ -386,26 +373,34 @@ class Engine:
 
     def _output(self, tr: _Tracked) -> RequestOutput:
         """`text`: the request's text that is final so far (all of it once finished, cut at a
-        stop string); `delta_text`: what of it is new since the last output."""
+        stop string); `delta_text`: what of it is new since the last output. O(the new tokens):
+        the cumulative fields are views of the request's history (`engine/outputs.py`)."""
         seq = tr.seq
-        toks = list(seq.output_token_ids)
-        new = toks[tr.sent_tokens:]
-        tr.sent_tokens = len(toks)
+        toks = seq.output_token_ids
+        n = len(toks)
+        if n and toks[-1] == PENDING:  # (not read yet: not an output token)
+            n -= 1
+        new = toks[tr.sent_tokens:n]
+        tr.sent_tokens = n
+        finished = seq.is_finished
         text = delta = None
         if tr.detok is not None:
-            text = tr.detok.text(seq.is_finished)
-            delta = tr.detok.delta(seq.is_finished)
+            delta = tr.detok.delta(finished)
+            text = TextPrefix(tr.detok.pieces, len(tr.detok.pieces), tr.detok.num_sent)
         reason, chat, message = seq.finish_reason, None, None
         if tr.chat_parser is not None:
             chat = tr.chat_parser.feed(delta or "")
-            if seq.is_finished:
+            if finished:
                 chat.extend(tr.chat_parser.finish())
                 reason = tr.chat_parser.finish_reason(reason)
-            tr.chat_total.extend(dataclasses.replace(chat, tool_calls=list(chat.tool_calls)))
-            if seq.is_finished:
-                message = tr.chat.to_message(tr.chat_total)
-        return RequestOutput(seq.request_id, tr.prompt_ids, toks, new, text, delta,
-                             seq.is_finished, reason, list(tr.logprobs), chat, message, seq.num_cached_tokens or 0,
+            tr.chat_reasoning.append(chat.reasoning)
+            tr.chat_content.append(chat.content)
+            tr.chat_calls.extend(chat.tool_calls)
+            if finished:
+                total = ChatDelta("".join(tr.chat_reasoning), "".join(tr.chat_content), list(tr.chat_calls))
+                message = tr.chat.to_message(total)
+        return RequestOutput(seq.request_id, tr.prompt_ids, Prefix(toks, n), new, text, delta,
+                             finished, reason, Prefix(tr.logprobs), chat, message, seq.num_cached_tokens or 0,
                              tr.error if seq.finish_reason == "error" else None)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

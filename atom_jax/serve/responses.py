@@ -13,7 +13,7 @@ from atom_jax.serve.prepare import PreparedRequest
 
 
 def usage(out) -> dict:
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    prompt, completion = len(out.prompt_token_ids), out.num_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             # prompt tokens served from the prefix cache (OpenAI's field)
@@ -28,7 +28,9 @@ def _finite(lp: float) -> float:
 class Deltas:
     """What is new in each cumulative output: text, token ids and their logprobs. The engine's
     `out.text` only grows (its detokenizer holds back what a stop string or an incomplete
-    UTF-8 character may still change), so the new text is what follows the part sent."""
+    UTF-8 character may still change), so the new text is what follows the part sent. The
+    stream may skip outputs (it keeps the newest), so this reads what follows the part sent
+    (`*_since`: O(what is new), never the whole output per chunk), not the output's deltas."""
 
     def __init__(self, request: PreparedRequest, info: EngineInfo):
         self.tokenizer = info.tokenizer
@@ -36,11 +38,11 @@ class Deltas:
         self.sent_tokens = 0
 
     def update(self, out) -> tuple[str, list[int], list[float]]:
-        ids = out.token_ids[self.sent_tokens:]
-        lps = [_finite(x) for x in out.logprobs[self.sent_tokens:len(out.token_ids)]]
-        self.sent_tokens = len(out.token_ids)
-        text = out.text or ""
-        delta, self.sent_text = text[self.sent_text:], max(len(text), self.sent_text)
+        n = out.num_tokens
+        ids = out.token_ids_since(self.sent_tokens)
+        lps = [_finite(x) for x in out.logprobs_since(self.sent_tokens, n)]
+        self.sent_tokens = n
+        delta, self.sent_text = out.text_since(self.sent_text), max(out.text_len, self.sent_text)
         return delta, ids, lps
 
     def token_text(self, token_id: int) -> str:
