@@ -316,15 +316,16 @@ class Engine:
 
     def _outputs(self, new_tokens, finished) -> list[RequestOutput]:
         touched = dict.fromkeys([seq.request_id for seq, _ in new_tokens] + [s.request_id for s in finished])
-        outputs = []
-        for rid in touched:
-            tr = self._requests.get(rid)
+        outputs, requests = [], self._requests
+        for rid in touched:  # (per request per step: the host's hot path)
+            tr = requests.get(rid)
             if tr is None:
                 continue
-            self._check_stop_strings(tr)
+            if tr.detok is not None:
+                self._check_stop_strings(tr)
             outputs.append(self._output(tr))
             if tr.seq.is_finished:
-                del self._requests[rid]
+                del requests[rid]
         return outputs
 
     @property

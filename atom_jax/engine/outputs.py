@@ -64,14 +64,6 @@ class TextPrefix:
         return "".join(self.pieces[:self.k])
 
 
-def _given(v, view, cache: dict, key: str):
-    """A view as is; a plain value (tests, fakes) is viewed whole and read back as itself."""
-    if v is None or isinstance(v, view):
-        return v
-    cache[key] = v
-    return TextPrefix.of(v) if view is TextPrefix else Prefix(v)
-
-
 class RequestOutput:
     """One request's output after a step (vLLM's cumulative RequestOutput, with the step's
     delta alongside):
@@ -105,10 +97,22 @@ class RequestOutput:
         self.finished, self.finish_reason = finished, finish_reason
         self.chat, self.message = chat, message
         self.num_cached_tokens, self.error = num_cached_tokens, error
-        self._cache = {}
-        self._tokens = _given(token_ids if token_ids is not None else [], Prefix, self._cache, "token_ids")
-        self._logprobs = _given(logprobs if logprobs is not None else [], Prefix, self._cache, "logprobs")
-        self._text = _given(text, TextPrefix, self._cache, "text")
+        self._cache = None  # what was built on read (made then: the engine's outputs are mostly never read in full)
+        # (views, from the engine: as they are, nothing built per step)
+        self._tokens = token_ids if type(token_ids) is Prefix else self._given(token_ids, Prefix, "token_ids")
+        self._logprobs = logprobs if type(logprobs) is Prefix else self._given(logprobs, Prefix, "logprobs")
+        self._text = text if text is None or type(text) is TextPrefix else self._given(text, TextPrefix, "text")
+
+    def _given(self, v, view, key: str):
+        """A plain value (tests, fakes; None: empty) is viewed whole and read back as itself."""
+        if isinstance(v, view):
+            return v
+        if v is None:
+            v = []
+        if self._cache is None:
+            self._cache = {}
+        self._cache[key] = v
+        return TextPrefix.of(v) if view is TextPrefix else Prefix(v)
 
     # -- the cumulative fields: built on first read -----------------------------------------
     @property
@@ -124,6 +128,8 @@ class RequestOutput:
         return None if self._text is None else self._full("text", self._text)
 
     def _full(self, key, view):
+        if self._cache is None:
+            self._cache = {}
         v = self._cache.get(key)
         if v is None:
             v = self._cache[key] = view.full()

@@ -187,7 +187,11 @@ class DPScheduler:
     def resolve(self, tokens) -> StepOutput:
         """Overlap schedule: the values of PENDING tokens, [(sequence, token id), ...] of the
         step before the one just planned. Runs the stop checks `on_step_done` skipped."""
-        new_tokens = [(seq, int(tok)) for seq, tok in tokens if self.ranks[seq.rank].resolve(seq, int(tok))]
+        ranks, new_tokens = self.ranks, []
+        for seq, tok in tokens:  # (per sequence per step: the host's hot path)
+            tok = int(tok)
+            if ranks[seq.rank].resolve(seq, tok):
+                new_tokens.append((seq, tok))
         return StepOutput(new_tokens, self.pop_finished())
 
     def pop_finished(self) -> list[Sequence]:
@@ -217,8 +221,8 @@ class DPScheduler:
         else:
             prefill = decode = 0
             for work in plan.per_rank:
-                for c in work:
-                    if c.is_decode:
+                for c in work:  # (ChunkWork.is_decode inlined: per chunk per step)
+                    if c.num_tokens == 1 and c.start_pos >= len(c.seq.prompt_token_ids):
                         decode += 1
                     else:
                         prefill += c.num_tokens

@@ -326,9 +326,10 @@ class RankScheduler:
     def resolve(self, seq: Sequence, token_id: int) -> bool:
         """The value of `seq`'s PENDING token; finish as `on_tokens` would. False (and nothing
         changes) if the sequence has no pending token (it finished meanwhile, e.g. aborted)."""
-        if seq.is_finished or not seq.has_pending:
+        out = seq.output_token_ids  # (has_pending and is_finished inlined: per sequence per step)
+        if seq.status is SeqStatus.FINISHED or not out or out[-1] != PENDING:
             return False
-        seq.output_token_ids[-1] = token_id
+        out[-1] = token_id
         self._check_stop(seq, token_id)
         return True
 
@@ -353,7 +354,8 @@ class RankScheduler:
         value (length): it gets no more steps, only `resolve` (which finishes it). Planning its
         decode would run a whole step for a token that is dropped: for a lone request, a step
         between its first token and the next request's prefill."""
-        return seq.has_pending and self._at_length(seq)
+        out = seq.output_token_ids  # (has_pending inlined: asked twice per sequence per step)
+        return bool(out) and out[-1] == PENDING and self._at_length(seq)
 
     # -- internals -------------------------------------------------------------------------
     def _admit(self, seq: Sequence) -> bool:
