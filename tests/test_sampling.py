@@ -134,7 +134,9 @@ def _support_and_draws(s, v, support_mask, sample_tokens):
                                             _oracle_support(scaled[r], top_k[r], top_p[r] + 1e-5)) for r in range(s)])
     assert same[(top_p < 1) & ~boundary].all() and same.sum() >= s // 2, same
     np.testing.assert_array_equal(toks[same], ref_toks[same])
-    np.testing.assert_array_equal(lps[same], ref_lps[same])
+    # log-probs: the same float32 log-sum-exp over the row, its terms summed in another order by the
+    # one-level variant (SUM_LEVELS 1): equal up to a few ulps (an H200 gave 1 ulp on 2 of 59 rows)
+    np.testing.assert_array_max_ulp(lps[same], ref_lps[same], maxulp=4)
     assert got[np.arange(s), toks][temperature > 0].all()
     assert np.array_equal(toks[temperature == 0], logits[temperature == 0].argmax(-1))
 

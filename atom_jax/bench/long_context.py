@@ -47,7 +47,6 @@ measured copy bandwidth."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -117,8 +116,9 @@ _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv
 def attention_tiles(spec: str):
     """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]]' -> AttentionTiles(
     block_h=H, block_k=K, num_warps=W, num_stages=S, prefetch=P (0/1), dv_split=D, transpose=T (0/1),
-    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1)), each field left out the default's."""
-    from atom_jax.kernels.sparse_attention import TILES, AttentionTiles
+    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1)), each field left out AttentionTiles' field
+    default (the plain layout, not the kernel's TILES)."""
+    from atom_jax.kernels.sparse_attention import AttentionTiles
 
     if spec == "default":
         return None
@@ -134,7 +134,7 @@ def attention_tiles(spec: str):
     for flag in ("prefetch", "transpose", "prefetch_rows", "one_window_load"):
         if flag in given:
             given[flag] = bool(given[flag])
-    return dataclasses.replace(TILES, **given)
+    return AttentionTiles(**given)
 
 
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:

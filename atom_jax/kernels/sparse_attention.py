@@ -116,7 +116,15 @@ class AttentionTiles:
     # To be measured: `bench attention`.
 
 
-TILES = AttentionTiles()
+# The kernel's tiles (the dataclass's field defaults are the plain layout that `bench long-context
+# --attention-tiles HxKxW...` specs start from). Measured on an H200, 2026-12-01 session 13 (`bench
+# attention`, 8K tokens at 128K, V4-Flash dims, ms per call for HCA / CSA / sliding; `bench long-context`,
+# 128K prompt, 1M cache, 8K chunks, prefill tok/s, same run): the plain 64x64x8 with prefetch 17.39 /
+# 10.25 / 2.11 ms, 108.7K tok/s; transposed 128 keys in 4 column pieces with the next block's row
+# addresses 5.73 / 4.58 / 1.30 ms, 134.4K tok/s (1.24x; decode 1.99 vs 2.21 ms/token at 128K). S^T = K . Q^T
+# gives the two warp groups disjoint key rows (no duplicated scores) and the pieces keep the key
+# registers to one piece's: spill 220 B per 128 keys a thread against 1728 per 64 (offline table above).
+TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
 # a partial softmax that `_combine` merges (flash-decoding), instead of one program's long loop.

@@ -64,5 +64,15 @@ c5)
     rm -rf "$OUT/dtr_$client"
   done
   ;;
+s13)  # session 13: the transposed attention tiles as the default (c1/c2 measured them first)
+  step attention 150 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x128x8x1x0x1x1x4x1x1,64x128x8x1x0x2x1x1x1,64x32x8x2x0x2,64x64x8x2x0x2
+  step long_context 300 python -m atom_jax.bench long-context --prompts 4096,16384,131072,1048559 \
+    --baseline-cache-len 16448 --backends pallas --decode-tokens 16 --json "$J/long_context.json"
+  step tests_attention 100 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py -k compiled_attention
+  step tests_sampling_step 150 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sampling.py tests/test_step_program.py
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
