@@ -6,6 +6,8 @@ pages reused across slots' histories."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,6 +241,47 @@ def test_attention_kernel_matches_reference(kind):
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
 
 
+def _rope_case(rng, q, rope_dim=8):
+    """cos/sin [T, R/2] of random positions and q scaled per head (so the norm matters)."""
+    t = q.shape[0]
+    ang = rng.uniform(0, 100, (t, rope_dim // 2)).astype(np.float32)
+    q = q * jnp.asarray(rng.uniform(0.1, 10, q.shape[:2])[..., None], q.dtype)
+    return q, (jnp.cos(ang), jnp.sin(ang))
+
+
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa-transpose-chunks", "hca-split-transpose-chunks",
+                                  "sliding-chunks", "csa-dv", "hca-norope-chunks"])
+def test_fused_query_norm_and_rope_match_the_jnp_math(kind):
+    """attend(..., rope=(cos, sin), norm_eps) with AttentionTiles.fuse_rope (q's per-head RMS norm and
+    RoPE on its loaded rows, the output's inverse RoPE on the accumulator piece through the permutation
+    dot; -split and -dv: that one in jnp after the kernel) equals models/layers' rms_norm + apply_rope,
+    the kernel, and the inverse apply_rope; -chunks: the rope columns in the last of 4 pieces (16 wide);
+    -norope: no norm (norm_eps None)."""
+    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
+    from atom_jax.models.cached_attention import reference_attend
+
+    rng = np.random.default_rng()
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0], d=64)
+    q, (cos, sin) = _rope_case(rng, q)
+    scale, eps = q.shape[-1] ** -0.5, None if "-norope" in kind else 1e-6
+    split = "-split" in kind
+    tiles = sparse_attention.AttentionTiles(block_h=4, block_k=4 if split else 16, prefetch=False,
+                                            dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
+                                            dim_chunks=4 if "-chunks" in kind else 1, fuse_rope=True)
+    out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
+                                  splits=3 if split else 1, rope=(cos, sin), norm_eps=eps, **args)
+    qn = apply_rope(q if eps is None else rms_norm(q, None, eps), cos[:, None], sin[:, None])
+    ref = apply_rope(reference_attend(qn, kv, ring_kv, ring_pos, b, sinks, scale, **args), cos[:, None],
+                     sin[:, None], inverse=True)
+    valid = np.asarray(b["valid"])
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
+    # the same call without the fusion (the jnp passes around the kernel) agrees too
+    plain = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, interpret=True,
+                                    tiles=dataclasses.replace(tiles, fuse_rope=False), splits=3 if split else 1,
+                                    rope=(cos, sin), norm_eps=eps, **args)
+    np.testing.assert_allclose(np.asarray(plain)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("platform", ["cuda", "rocm"])
 def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     """The Triton lowering (the portable default) of both kernels at V4-Flash head dims, bf16,
@@ -254,12 +297,14 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
         exp = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=check)(*args)
         assert "triton" in exp.mlir_module()
 
-    def attn(sel, splits=None, tiles=None):
-        def fn(q, kv, ring, rpos, bb, sinks, pool, pt, nv, *s):
+    def attn(sel, splits=None, tiles=None, rope=False):
+        def fn(q, kv, ring, rpos, bb, sinks, pool, pt, nv, cos, sin, *s):
             return sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04, pool=pool, page_table=pt, epp=epp,
-                                           n_visible=nv, selected=s[0] if s else None, splits=splits, tiles=tiles)
+                                           n_visible=nv, selected=s[0] if s else None, splits=splits, tiles=tiles,
+                                           rope=(cos, sin) if rope else None, norm_eps=1e-6)
         args = [bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b,
-                jax.ShapeDtypeStruct((64,), jnp.float32), bf(slots * pages * epp, 512), i32(slots, pages), i32(t)]
+                jax.ShapeDtypeStruct((64,), jnp.float32), bf(slots * pages * epp, 512), i32(slots, pages), i32(t),
+                *[jax.ShapeDtypeStruct((t, 32), jnp.float32)] * 2]
         export(fn, *args, *([i32(t, 512)] if sel else []))
 
     attn(sel=True)
@@ -273,6 +318,10 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=True, tiles=tr)  # S^T, O^T in 4 column pieces, row addresses a step ahead, one window load: CSA,
     attn(sel=False, tiles=tr)  # decode's split HCA
     attn(sel=True, tiles=sparse_attention.AttentionTiles(dim_chunks=4))  # the default's dots in 4 column pieces
+    fused = dataclasses.replace(sparse_attention.TILES, fuse_rope=True)  # q's norm and RoPE, the output's inverse
+    attn(sel=True, tiles=fused, rope=True)  # RoPE in the kernel (the permutation dot): CSA, decode's split HCA
+    attn(sel=False, tiles=fused, rope=True)
+    attn(sel=False, splits=1, tiles=dataclasses.replace(fused, transpose=False), rope=True)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
     for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),
@@ -290,14 +339,16 @@ V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_toke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-dv", "hca-split-dv", "hca-t", "csa-t",
-                                  "hca-split-t", "sliding-t"])
+                                  "hca-split-t", "sliding-t", "sliding-f", "hca-f", "csa-f", "hca-split-f"])
 def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
     hca-split: the HCA entries shared out to 16 programs per token, as decode does; -dv: the value
     dim in 2 column blocks (AttentionTiles.dv_split), 64x32x8, 2 stages, no prefetch; -t: scores
     and accumulator transposed in 4 column pieces, the next block's row addresses carried, the
     window in one load (AttentionTiles transpose, dim_chunks 4, prefetch_rows, one_window_load),
-    64x128x8, 1 stage."""
+    64x128x8, 1 stage; -f: the kernel's TILES with fuse_rope, q given as projected (the reference gets it
+    normed and roped by models/layers' math in float32, and its output de-rotated)."""
+    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -308,14 +359,23 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     tiles = sparse_attention.AttentionTiles(64, 32, 8, 2, prefetch=False, dv_split=2) if "-dv" in kind else \
         sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4,
                                         prefetch_rows=True, one_window_load=True) if kind.endswith("-t") else None
-    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, **args))(
-        q, kv, ring_kv, ring_pos, b, sinks)
+    fused = kind.endswith("-f")
+    rope, q = ((None, q) if not fused else _rope_case(rng, q, 64)[::-1])
+    if fused:
+        tiles = dataclasses.replace(sparse_attention.TILES, fuse_rope=True)
+    out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, rope=rope, norm_eps=1e-6,
+                                                     **args))(q, kv, ring_kv, ring_pos, b, sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731
     # jitted: eager, each of the reference's ops would be its own GPU compile
     arrays = {k: v for k, v in args.items() if k != "epp"}
-    ref = jax.jit(lambda a, kw: reference_attend(*map(f32, a[:3]), *a[3:], scale, epp=args["epp"],
-                                                 **{k: f32(v) for k, v in kw.items()}))(
-        (q, kv, ring_kv, ring_pos, b, sinks), arrays)
+
+    def reference(a, kw):
+        qf = f32(a[0])
+        if fused:
+            qf = apply_rope(rms_norm(qf, None, 1e-6), rope[0][:, None], rope[1][:, None])
+        o = reference_attend(qf, *map(f32, a[1:3]), *a[3:], scale, epp=args["epp"], **{k: f32(v) for k, v in kw.items()})
+        return apply_rope(o, rope[0][:, None], rope[1][:, None], inverse=True) if fused else o
+    ref = jax.jit(reference)((q, kv, ring_kv, ring_pos, b, sinks), arrays)
     valid = np.asarray(b["valid"])
     out, ref = np.asarray(out, np.float32)[valid], np.asarray(ref)[valid]
     assert np.all(np.isfinite(out))

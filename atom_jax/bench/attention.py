@@ -15,9 +15,9 @@ entries, averaged over the chunk's tokens), and the microseconds one such step t
 SM runs one program at a time (ms / (programs / SMs) / steps; the kernels hold one program per
 SM at V4-Flash dims), the number the tile options are meant to move; with `default` among the
 specs, each row's ms over the default's for its mode (of_default). --attention-tiles as in
-`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]] (heads x keys per step x
+`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]] (heads x keys per step x
 warps, stages, prefetch 0/1, value-dim blocks, transpose 0/1, head-dim pieces, prefetch_rows 0/1,
-one_window_load 0/1: AttentionTiles). The session-11 candidates (offline counts in AttentionTiles):
+one_window_load 0/1, fuse_rope 0/1: AttentionTiles). The session-11 candidates (offline counts in AttentionTiles):
 
     python -m atom_jax.bench attention --attention-tiles \
         default,64x64x8x1x0,64x128x8x1x0x1x1,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1,64x128x8x1x0x1x1x4x1x1
@@ -41,8 +41,9 @@ from atom_jax.bench.timing import median_time
 
 MODES = ("all", "list", "none")
 RATIO = {"all": 128, "list": 4}  # compression ratio of the layer kind each mode serves
-V4 = dict(tokens=8192, start=120 * 1024, heads=64, dim=512, window=128, selected=512, page_tokens=128)
-TINY = dict(tokens=32, start=600, heads=16, dim=64, window=16, selected=16, page_tokens=128)
+V4 = dict(tokens=8192, start=120 * 1024, heads=64, dim=512, window=128, selected=512, page_tokens=128, rope=64)
+TINY = dict(tokens=32, start=600, heads=16, dim=64, window=16, selected=16, page_tokens=128, rope=16)
+NORM_EPS = 1e-6
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                "sliding none) and tile variant at one chunk near a long context (GPU; --tiny on CPU)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attention-tiles", default="default",
-                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT[xC[xR[xO]]]]]]], as bench "
+                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]], as bench "
                     "long-context's (default: default)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of all,list,none (default: all three)")
     ap.add_argument("--tokens", type=int, default=None, help="chunk tokens (default 8192; --tiny 32)")
@@ -81,7 +82,8 @@ def _inputs(dims: dict, dtype, seed: int = 0):
     common = dict(q=jnp.asarray(rng.standard_normal((t, h, d)), dtype),
                   kv=jnp.asarray(rng.standard_normal((t, d)), dtype),
                   ring_kv=jnp.asarray(rng.standard_normal((slots, win, d)), dtype), ring_pos=jnp.asarray(ring_pos),
-                  b=b, sinks=jnp.asarray(rng.standard_normal(h), jnp.float32))
+                  b=b, sinks=jnp.asarray(rng.standard_normal(h), jnp.float32),
+                  rope=_cos_sin(start + np.arange(t), dims["rope"]))
     modes = {"none": {}}
     for mode, ratio in RATIO.items():
         epp = pt_tok // ratio
@@ -93,6 +95,12 @@ def _inputs(dims: dict, dtype, seed: int = 0):
         modes[mode] = dict(pool=jnp.asarray(rng.standard_normal((slots * max_pages * epp, d)), dtype),
                            page_table=page_table, epp=epp, n_visible=nv, selected=sel)
     return common, modes
+
+
+def _cos_sin(positions: np.ndarray, rope_dim: int):
+    """cos/sin [T, R/2] at the positions (V4's rope_theta 10000, no YaRN: the cost does not depend on it)."""
+    ang = positions[:, None].astype(np.float32) * 10000.0 ** (-np.arange(0, rope_dim, 2, dtype=np.float32) / rope_dim)
+    return jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
 
 
 def key_steps(mode: str, tiles, window: int, n_visible: np.ndarray, selected: int) -> float:
@@ -107,6 +115,7 @@ def key_steps(mode: str, tiles, window: int, n_visible: np.ndarray, selected: in
 
 def run_cli(args) -> int:
     from atom_jax.kernels import sparse_attention as sa
+    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
     dims = dict(TINY if args.tiny else V4)
@@ -128,7 +137,7 @@ def run_cli(args) -> int:
             kw = per_mode[mode]
             fn = jax.jit(lambda c, kw=kw, tiles=tiles: sa.attend(
                 c["q"], c["kv"], c["ring_kv"], c["ring_pos"], c["b"], c["sinks"], scale, tiles=tiles, splits=1,
-                interpret=interpret, **kw))
+                interpret=interpret, rope=c["rope"], norm_eps=NORM_EPS, **kw))
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn(common))
             compile_s = time.perf_counter() - t0
@@ -141,8 +150,10 @@ def run_cli(args) -> int:
                        key_steps=steps, us_per_step=1e6 * med / max(programs / sms, 1) / steps,
                        finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()), **dataclasses.asdict(tiles))
             if args.tiny:  # the jnp reference fits only small sizes
-                ref = reference_attend(common["q"], common["kv"], common["ring_kv"], common["ring_pos"], common["b"],
-                                       common["sinks"], scale, **kw)
+                cos, sin = (x[:, None] for x in common["rope"])
+                qn = apply_rope(rms_norm(common["q"], None, NORM_EPS), cos, sin)
+                ref = apply_rope(reference_attend(qn, common["kv"], common["ring_kv"], common["ring_pos"], common["b"],
+                                                  common["sinks"], scale, **kw), cos, sin, inverse=True)
                 row["max_abs_err"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
             rows.append(row)
             print(f"{spec:>20} {mode:>4}: {row['ms']:9.3f} ms  {steps:6.1f} key steps  "

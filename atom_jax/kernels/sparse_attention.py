@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from atom_jax.kernels.norm_rope import apply_rope, rms_norm
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTiles:
@@ -90,6 +92,12 @@ class AttentionTiles:
     # this step's key rows (concatenated outside the kernel: a [slots * W + T, dim] copy per call)
     # instead of a load from each and a select: half the window's load instructions and addresses.
     one_window_load: bool = False
+    # fuse_rope: with `attend(..., rope=...)`, the query's per-head RMS norm and RoPE (on its rows as
+    # loaded) and the output's inverse RoPE (on the accumulator piece holding the rope columns, through an
+    # exact 0/1 permutation dot) run in the kernel; off, in jnp around it: XLA then makes a full pass over
+    # q [T, H, 512] before the kernel (read, reduce, rotate, write) and one over the output after it (its
+    # concatenate fusions): ~1 GiB of traffic a layer at an 8K-token chunk of V4-Flash.
+    fuse_rope: bool = False
     # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
     # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
     # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
@@ -126,6 +134,7 @@ class AttentionTiles:
 # registers to one piece's: spill 220 B per 128 keys a thread against 1728 per 64 (offline table above).
 TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
+ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
 # a partial softmax that `_combine` merges (flash-decoding), instead of one program's long loop.
 DECODE_SPLITS, SPLIT_MAX_TOKENS = 16, 64
@@ -133,8 +142,9 @@ _NEG = -1e30  # running max start: finite, so fully masked blocks give exp(-inf)
 
 
 def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_ref, rpos_ref,
-            pool_ref, pt_ref, sel_ref, sink_ref, *out_refs, tiles: AttentionTiles, dim: int, win: int,
-            scale: float, mode: str, epp: int, max_pages: int, n_sel: int, splits: int, heads_total: int):
+            pool_ref, pt_ref, sel_ref, sink_ref, cos_ref, sin_ref, *out_refs, tiles: AttentionTiles, dim: int,
+            win: int, scale: float, mode: str, epp: int, max_pages: int, n_sel: int, splits: int,
+            heads_total: int, rope_dim: int, norm_eps: float | None, rope_out: bool):
     t = pl.program_id(0)
     hb = pl.program_id(1)
     sp = pl.program_id(2)  # split of the HCA entries (decode: several programs per token)
@@ -146,9 +156,14 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     trow = jnp.zeros((bh, 1), jnp.int32) + t
     nc = tiles.dim_chunks
     pieces = (d,) if nc == 1 else tuple(c * (dim // nc) + jnp.arange(dim // nc, dtype=jnp.int32) for c in range(nc))
+    pieces_lo = tuple(c * (dim // nc) for c in range(nc))  # static first column of each piece
     qs = [q_ref[trow, heads[:, None] * dim + c[None, :]] for c in pieces]  # [bh, dim / nc] each
+    rot = functools.partial(_rotate, cos_ref, sin_ref, t, dim, rope_dim)
+    if rope_dim:  # q arrives as projected: the per-head RMS norm and the RoPE here (`attend`'s `rope`)
+        qs = _prepare_queries(q_ref, trow, heads, dim, rope_dim, pieces, pieces_lo, qs, rot, norm_eps)
     kcols = pieces if nv == 1 else (d, dv)  # columns of each key load: score pieces [, this program's values]
     outs = pieces if nv == 1 else (dv,)  # columns of each accumulator piece
+    outs_lo = pieces_lo if nv == 1 else (None,)  # None: not static (this program's value block)
     # a per-head vector [bh] against scores / accumulators (transpose: heads are their columns)
     per_head = (lambda x: x[None, :]) if tiles.transpose else (lambda x: x[:, None])  # noqa: E731
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
@@ -265,8 +280,11 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         m_new = jnp.maximum(m, sink)
         alpha = jnp.exp(m - m_new)
         l = l * alpha + jnp.exp(sink - m_new)
-        for acc, c in zip(accs, outs):
-            store(out_refs[0], heads, c, (acc * per_head(alpha / l)).astype(out_refs[0].dtype))
+        for acc, c, lo in zip(accs, outs, outs_lo):
+            o = (acc * per_head(alpha / l)).astype(out_refs[0].dtype)
+            if rope_out and _holds_rope(lo, c.shape[0], dim, rope_dim):  # undo the RoPE at the query's position
+                o = rot(c, o, dims_axis=0 if tiles.transpose else 1, inverse=True)
+            store(out_refs[0], heads, c, o)
     else:  # partial softmax state of this split; `_combine` merges the splits and the sink
         m_ref, l_ref, acc_ref = out_refs
         col = sp * heads_total + heads
@@ -282,17 +300,73 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             store(acc_ref, col, c, acc)
 
 
+def _holds_rope(lo: int | None, width: int, dim: int, rope_dim: int) -> bool:
+    """Whether a piece of `width` columns from `lo` (None: not known statically) may hold rope columns."""
+    return lo is None or lo + width > dim - rope_dim
+
+
+def _rotate(cos_ref, sin_ref, t, dim: int, rope_dim: int, c, x, *, dims_axis: int, inverse: bool, swapped=None):
+    """x's columns c (an index vector along `dims_axis`) with models/layers.apply_rope's rotation at token
+    t's angle: x[j] cos + x[j ^ 1] (-sin for even j, +sin for odd; the other way with `inverse`) on the
+    last rope_dim columns, x[j] elsewhere (cos 1, sin 0), in float32 like apply_rope, then x's dtype.
+    x[j ^ 1] is `swapped` where given (q: loaded so), else x times a 0/1 permutation matrix: an exact dot
+    (each result is one element times 1, plus zeros), as registers cannot be permuted directly."""
+    half = rope_dim // 2
+    off = c - (dim - rope_dim)
+    in_rope = off >= 0
+    k = t * half + jnp.where(in_rope, off // 2, 0)
+    cos = jnp.where(in_rope, plt.load(cos_ref.at[k], mask=in_rope, other=1.0), 1.0)
+    sin = jnp.where(in_rope, plt.load(sin_ref.at[k], mask=in_rope, other=0.0), 0.0)
+    odd = jax.lax.rem(c, 2) == 1
+    sin = jnp.where(odd, -sin, sin) if inverse else jnp.where(odd, sin, -sin)
+    if swapped is None:
+        i = jnp.arange(c.shape[0], dtype=jnp.int32)
+        pm = (i[:, None] == (i + 1 - 2 * jax.lax.rem(i, 2))[None, :]).astype(x.dtype)  # symmetric
+        exact = x.dtype == jnp.float32
+        swapped = plt.dot(x, pm, allow_tf32=not exact) if dims_axis == 1 else plt.dot(pm, x, allow_tf32=not exact)
+    along = (lambda v: v[None, :]) if dims_axis == 1 else (lambda v: v[:, None])  # noqa: E731
+    return (x.astype(jnp.float32) * along(cos) + swapped.astype(jnp.float32) * along(sin)).astype(x.dtype)
+
+
+def _prepare_queries(q_ref, trow, heads, dim: int, rope_dim: int, pieces, pieces_lo, qs, rot, norm_eps):
+    """q's pieces [bh, width] as projected -> normed (models/layers.rms_norm without weight: float32, then
+    q's dtype) and roped (apply_rope), the pair partners of the rope columns loaded from q_ref."""
+    r = None
+    if norm_eps is not None:
+        qf = [x.astype(jnp.float32) for x in qs]
+        r = jax.lax.rsqrt(functools.reduce(jnp.add, [jnp.sum(x * x, axis=1) for x in qf]) / dim + norm_eps)[:, None]
+        qs = [(x * r).astype(q_ref.dtype) for x in qf]
+    out = []
+    for x, c, lo in zip(qs, pieces, pieces_lo):
+        if _holds_rope(lo, c.shape[0], dim, rope_dim):
+            partner = c + 1 - 2 * jax.lax.rem(c, 2)
+            in_rope = c >= dim - rope_dim
+            sw = plt.load(q_ref.at[trow, heads[:, None] * dim + partner[None, :]], mask=in_rope[None, :], other=0.0)
+            if r is not None:
+                sw = (sw.astype(jnp.float32) * r).astype(q_ref.dtype)
+            x = rot(c, x, dims_axis=1, inverse=False, swapped=sw)
+        out.append(x)
+    return out
+
+
 def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
            n_visible=None, selected=None, tiles: AttentionTiles | None = None, interpret: bool = False,
-           splits: int | None = None):
+           splits: int | None = None, rope=None, norm_eps: float | None = None):
     """q [T,H,hd]; kv [T,hd] this step's key rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as
     before this step; pool [N,hd] compressed entries (None: sliding only); page_table
     [slots, max_pages]; n_visible [T]; selected [T,k] entry indices (CSA) or None (HCA: every
     visible entry). splits: programs per token sharing its HCA entries (None: DECODE_SPLITS for
     steps of at most SPLIT_MAX_TOKENS tokens, else 1). tiles: default the module's TILES as it is
-    at trace time (`bench long-context --attention-tiles` swaps it). -> [T,H,hd] in q's dtype."""
+    at trace time (`bench long-context --attention-tiles` swaps it). rope: None (q arrives normed and
+    roped, the output leaves as attended), or (cos, sin) [T, R/2] float32 at each token's position: q
+    arrives as projected, gets the per-head RMS norm (norm_eps; None: none) and the RoPE, and the output
+    leaves with the RoPE undone (models/attention.py's `queries` and `output`), inside the kernel where
+    tiles.fuse_rope, else in jnp around it. -> [T,H,hd] in q's dtype."""
     tiles = tiles or TILES
     t, h0, dim = q.shape
+    fuse = rope is not None and tiles.fuse_rope
+    if rope is not None and not fuse:
+        q = apply_rope(q if norm_eps is None else rms_norm(q, None, norm_eps), rope[0][:, None], rope[1][:, None])
     if h0 < MIN_ROWS:  # Triton dots need >= 16 rows: zero heads (a sink of 0) fill up, then go
         q = jnp.pad(q, ((0, 0), (0, MIN_ROWS - h0), (0, 0)))
         sinks = jnp.pad(sinks, (0, MIN_ROWS - h0))
@@ -314,13 +388,20 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
     sel = selected if selected is not None else jnp.zeros((t, 1), jnp.int32)
     if splits is None:
         splits = DECODE_SPLITS if mode == "all" and t <= SPLIT_MAX_TOKENS else 1
+    # the output's rope columns in the kernel: one program holds the whole softmax (no split) and the
+    # piece holding them is narrow enough for the permutation dot (a [512, 512] one would cost a key step)
+    piece = dim // max(tiles.dim_chunks, tiles.dv_split)
+    rope_out = fuse and splits == 1 and piece <= ROPE_PIECE_MAX
+    rope_dim = 2 * rope[0].shape[-1] if fuse else 0
+    cos, sin = (jnp.asarray(x, jnp.float32).reshape(-1) for x in rope) if fuse else (jnp.zeros((1,), jnp.float32),) * 2
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
     out_shape = jax.ShapeDtypeStruct((t, h * dim), q.dtype) if splits == 1 else \
         (f32(t, splits * h), f32(t, splits * h), f32(t, splits * h * dim))
     call = pl.pallas_call(
         functools.partial(_kernel, tiles=tiles, dim=dim, win=win, scale=float(scale), mode=mode, epp=epp,
-                          max_pages=page_table.shape[1], n_sel=sel.shape[1], splits=splits, heads_total=h),
+                          max_pages=page_table.shape[1], n_sel=sel.shape[1], splits=splits, heads_total=h,
+                          rope_dim=rope_dim, norm_eps=norm_eps if fuse else None, rope_out=rope_out),
         out_shape=out_shape,
         grid=(t, h // bh, splits, *((tiles.dv_split,) if tiles.dv_split > 1 else ())),
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
@@ -333,10 +414,13 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
                q.reshape(t, h * dim),
                *window_rows(kv.astype(q.dtype), ring_kv.reshape(slots * win, dim).astype(q.dtype)),
                i32(ring_pos).reshape(-1), pool.astype(q.dtype), i32(page_table).reshape(-1),
-               jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32))
+               jnp.where(sel == jnp.iinfo(jnp.int32).max, -1, i32(sel)), sinks.astype(jnp.float32), cos, sin)
     if splits > 1:
         out = _combine(*out, sinks.astype(jnp.float32), splits, h, dim).astype(q.dtype)
-    return out.reshape(t, h, dim)[:, :h0]
+    out = out.reshape(t, h, dim)[:, :h0]
+    if rope is not None and not rope_out:
+        out = apply_rope(out, rope[0][:, None], rope[1][:, None], inverse=True)
+    return out
 
 
 def _combine(m, l, acc, sinks, splits: int, h: int, dim: int):

@@ -89,13 +89,18 @@ class Attention(nnx.Module):
         `queries` and `keys` take, by one matmul (the fused `wqkv`)."""
         return pp.fused_linear(x, self, "wqkv")
 
-    def queries(self, q_a, positions):
-        """q_a [B,S,R] (`project_in`'s first) -> (q [B,S,H,hd] roped, q_lora [B,S,R] for the indexer)."""
+    def query_heads(self, q_a):
+        """q_a [B,S,R] (`project_in`'s first) -> (q [B,S,H,hd] as projected, before its per-head norm
+        and RoPE; q_lora [B,S,R] for the indexer)."""
         cfg = self.cfg
         b, s, _ = q_a.shape
         q_lora = rms_norm(q_a, self.q_norm[...], cfg.rms_norm_eps)
-        q = pp.linear(q_lora, self, "wq_b").reshape(b, s, cfg.num_heads, cfg.head_dim)
-        q = rms_norm(q, None, cfg.rms_norm_eps)
+        return pp.linear(q_lora, self, "wq_b").reshape(b, s, cfg.num_heads, cfg.head_dim), q_lora
+
+    def queries(self, q_a, positions):
+        """q_a [B,S,R] (`project_in`'s first) -> (q [B,S,H,hd] normed and roped, q_lora [B,S,R])."""
+        q, q_lora = self.query_heads(q_a)
+        q = rms_norm(q, None, self.cfg.rms_norm_eps)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         return apply_rope(q, cos[:, :, None], sin[:, :, None]), q_lora
 
@@ -112,10 +117,13 @@ class Attention(nnx.Module):
 
     def output(self, attn, positions):
         """attn [B,S,H,hd] -> [B,S,hidden]: undo RoPE at the query position, grouped projection."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        return self.project_out(apply_rope(attn, cos[:, :, None], sin[:, :, None], inverse=True))
+
+    def project_out(self, attn):
+        """attn [B,S,H,hd] with its RoPE undone -> [B,S,hidden]: the grouped output projection."""
         cfg = self.cfg
         b, s = attn.shape[:2]
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        attn = apply_rope(attn, cos[:, :, None], sin[:, :, None], inverse=True)
         grouped = attn.reshape(b, s, cfg.o_groups, -1)
         if hasattr(self, "wo_a_scale"):  # FP8, stacked as the checkpoint's [G*o_lora, H*D/G]
             mid = fp8_grouped_linear(grouped, self.wo_a[...], self.wo_a_scale[...], cfg.o_groups)

@@ -20,6 +20,7 @@ from atom_jax.models.attention import Attention
 from atom_jax.models.cache_reads import entry_addresses, jnp_index_scorer, max_windows, visible_counts
 from atom_jax.models.compressor import Compressor
 from atom_jax.models.index_topk import TopkPlan, index_topk, plan_topk
+from atom_jax.models.layers import rope_cos_sin
 from atom_jax.models.trace_once import traced_once
 
 
@@ -164,7 +165,9 @@ def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, l
     win = cfg.sliding_window
     kernels = _kernels(backend)
     q_a, kv_a = attn.project_in(x)
-    q, q_lora = attn.queries(q_a[None], pos[None])
+    # the kernels take q as projected and give the output back de-rotated (their norm and RoPE, in the
+    # kernel where its tiles fuse them); the jnp path, q normed and roped and its output to de-rotate
+    q, q_lora = attn.query_heads(q_a[None]) if kernels is not None else attn.queries(q_a[None], pos[None])
     q, q_lora = q[0], q_lora[0]  # [T, H, hd], [T, R]
     kv = attn.keys(kv_a[None], pos[None])[0]  # [T, hd]
     cache = dict(cache)
@@ -205,11 +208,13 @@ def _cached_attention(attn: Attention, x, b, cache: dict, page_table, windows, l
                 n_visible=n_vis, selected=top)
     if kernels is not None:
         out = kernels.sparse_attention.attend(q, kv, cache["ring_kv"], cache["ring_pos"], b, attn.sinks[...],
-                                              cfg.head_dim ** -0.5, interpret=kernels.interpret, **keys)
+                                              cfg.head_dim ** -0.5, interpret=kernels.interpret,
+                                              rope=rope_cos_sin(pos, inv), norm_eps=cfg.rms_norm_eps, **keys)
+        out = attn.project_out(out[None])[0]
     else:
         out = reference_attend(q, kv, cache["ring_kv"], cache["ring_pos"], b, attn.sinks[...], cfg.head_dim ** -0.5,
                                **keys)
-    out = attn.output(out[None], pos[None])[0]
+        out = attn.output(out[None], pos[None])[0]
 
     # ring update after reading: each chunk's last W rows replace the slot's oldest
     keep = valid & (pos >= b["seg_end_pos"] - win)

@@ -8,15 +8,7 @@ import numpy as np
 from flax import nnx
 
 from atom_jax.config import ModelConfig, yarn_inv_freq
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm computed in float32; the weight is float32 too (as DeepSeek keeps it)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    if weight is not None:
-        xf = xf * weight.astype(jnp.float32)
-    return xf.astype(x.dtype)
+from atom_jax.kernels.norm_rope import apply_rope, rms_norm  # noqa: F401  (re-exported: the models' names)
 
 
 def swiglu_clamped(gate, up, limit):
@@ -37,25 +29,6 @@ def rope_cos_sin(positions, inv_freq):
     """cos/sin of shape positions.shape + (rope_dim // 2,), float32."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     return jnp.cos(freqs), jnp.sin(freqs)
-
-
-def apply_rope(x, cos, sin, inverse: bool = False):
-    """Interleaved-pair RoPE on the trailing rope slice of x.
-
-    x: [..., S, (heads,) D]; cos/sin: [..., S, R/2]. When x has a heads axis the caller passes
-    cos/sin already expanded (`cos[..., None, :]`). `inverse` rotates by -angle (V4 undoes the
-    rotation on the attention output because keys double as values)."""
-    half = cos.shape[-1]
-    rope_dim = 2 * half
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    rf = rope.astype(jnp.float32).reshape(*rope.shape[:-1], half, 2)
-    x0, x1 = rf[..., 0], rf[..., 1]
-    if inverse:
-        sin = -sin
-    r0 = x0 * cos - x1 * sin
-    r1 = x1 * cos + x0 * sin
-    rotated = jnp.stack([r0, r1], axis=-1).reshape(rope.shape).astype(x.dtype)
-    return jnp.concatenate([nope, rotated], axis=-1)
 
 
 def split_columns(a, widths):
