@@ -74,5 +74,13 @@ s13)  # session 13: the transposed attention tiles as the default (c1/c2 measure
   step tests_sampling_step 150 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_sampling.py tests/test_step_program.py
   ;;
+s14a)  # session 14: q's norm/RoPE and the output's inverse RoPE in the attention kernel (fuse_rope)
+  step tests_attention 170 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py -k compiled_attention
+  step attention 120 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x128x8x1x0x1x1x4x1x0x1,64x128x8x1x0x1x1x4x1x1x1
+  step long_context 260 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 16 \
+    --attention-tiles default,64x128x8x1x0x1x1x4x1x0x1 --json "$J/long_context.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
