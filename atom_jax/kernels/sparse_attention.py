@@ -132,7 +132,10 @@ class AttentionTiles:
 # addresses 5.73 / 4.58 / 1.30 ms, 134.4K tok/s (1.24x; decode 1.99 vs 2.21 ms/token at 128K). S^T = K . Q^T
 # gives the two warp groups disjoint key rows (no duplicated scores) and the pieces keep the key
 # registers to one piece's: spill 220 B per 128 keys a thread against 1728 per 64 (offline table above).
-TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True)
+# fuse_rope, 2026-12-02 session 14, same tiles otherwise, same run: bench attention HCA / CSA / sliding 6.57 /
+# 5.26 / 2.04 ms (the jnp norm/RoPE passes around the kernel included) -> 6.04 / 4.60 / 1.44 ms; bench long-context
+# 128K 126.1K -> 132.7K tok/s (this card ran the s13 default 5% slower than s13's did).
+TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each

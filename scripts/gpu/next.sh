@@ -82,5 +82,11 @@ s14a)  # session 14: q's norm/RoPE and the output's inverse RoPE in the attentio
   step long_context 260 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 16 \
     --attention-tiles default,64x128x8x1x0x1x1x4x1x0x1 --json "$J/long_context.json"
   ;;
+s14b)  # fuse_rope on by default: heads per program (2 programs an SM?), then the long-context rows
+  step attention 170 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,32x128x8x1x0x1x1x4x1x0x1,32x64x8x1x0x1x1x4x1x0x1,32x128x4x1x0x1x1x4x1x0x1,16x128x4x1x0x1x1x4x1x0x1
+  step long_context 330 python -m atom_jax.bench long-context --prompts 4096,16384,131072,1048559 \
+    --baseline-cache-len 16448 --backends pallas --decode-tokens 16 --json "$J/long_context.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
