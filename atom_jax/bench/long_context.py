@@ -236,7 +236,7 @@ def _trace_prompt(engine, vocab: int, length: int, chunk: int, steps: int, path:
     return steps
 
 
-def trace_summary(path: str, steps: int, top: int = 25) -> dict:
+def trace_summary(path: str, steps: int, top: int = 60) -> dict:
     """Device time per profiled step of a trace: busy (the union of the GPU's kernels), the sum of
     kernel times per decoder layer and category, and the `top` kernels by time with their HLO
     op_name (the jax source path of the op they ran)."""

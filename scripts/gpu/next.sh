@@ -88,5 +88,11 @@ s14b)  # fuse_rope on by default: heads per program (2 programs an SM?), then th
   step long_context 330 python -m atom_jax.bench long-context --prompts 4096,16384,131072,1048559 \
     --baseline-cache-len 16448 --backends pallas --decode-tokens 16 --json "$J/long_context.json"
   ;;
+s14c)  # where a 128K chunk goes now (trace), and issue 27's batch-1 decode with the fused attention
+  step lc_trace 200 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps 2 --json "$J/long_context_trace.json"
+  step decode_b1 220 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes off,on --steps 64 \
+    --replay 16 --trace /tmp/dtr --json "$J/decode_b1.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
