@@ -94,5 +94,24 @@ s14c)  # where a 128K chunk goes now (trace), and issue 27's batch-1 decode with
   step decode_b1 220 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes off,on --steps 64 \
     --replay 16 --trace /tmp/dtr --json "$J/decode_b1.json"
   ;;
+s14d)  # pipelined key blocks (2-3 stages of 64 keys fit shared memory in 4 pieces?); the best vs default at 128K
+  step attention 220 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x64x8x1x0x1x1x4x1x0x1,64x64x8x2x0x1x1x4x0x0x1,64x64x8x2x0x1x1x4x1x0x1,64x64x8x2x0x1x1x2x0x0x1,64x64x8x3x0x1x1x4x0x0x1,64x128x8x2x0x1x1x4x0x0x1
+  best=$(python - "$J/attention.json" <<'PY'
+import json, sys, collections
+rows = json.load(open(sys.argv[1]))["results"]
+tot = collections.defaultdict(float); n = collections.Counter()
+for r in rows:
+    if "ms" in r:  # a chunk's attention: one HCA, one CSA, two sliding layers
+        tot[r["tiles"]] += r["ms"] * (2 if r["mode"] == "none" else 1); n[r["tiles"]] += 1
+ok = {t: v for t, v in tot.items() if n[t] == 3}
+best = min(ok, key=ok.get)
+print(best if best != "default" and ok[best] < 0.97 * ok["default"] else "")
+PY
+)
+  echo "best attention tiles: ${best:-default}" | tee -a "$SUMMARY"
+  [ -n "$best" ] && step long_context 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas \
+    --decode-tokens 16 --attention-tiles "default,$best" --json "$J/long_context.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
