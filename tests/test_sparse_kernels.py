@@ -209,8 +209,7 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
                                   "hca-split-noprefetch", "csa-dv", "hca-split-dv", "sliding-dv", "csa-transpose",
                                   "hca-split-transpose", "csa-chunks", "sliding-window1",
-                                  "hca-split-transpose-chunks-rows-window1", "csa-noprefetch-transpose-chunks-rows-reload",
-                                  "sliding-noprefetch-transpose-reload", "hca-split-noprefetch-transpose-chunks-reload"])
+                                  "hca-split-transpose-chunks-rows-window1"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -226,7 +225,6 @@ def test_attention_kernel_matches_reference(kind):
 
     rng = np.random.default_rng()
     b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
-    # -reload: each accumulator piece's values loaded again before its dot (AttentionTiles.reload_values)
     scale = q.shape[-1] ** -0.5
     split = "-split" in kind
     rows = "-rows" in kind
@@ -234,7 +232,7 @@ def test_attention_kernel_matches_reference(kind):
                                             prefetch="noprefetch" not in kind and not rows,
                                             dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
                                             dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows,
-                                            one_window_load="-window1" in kind, reload_values="-reload" in kind)
+                                            one_window_load="-window1" in kind)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)
@@ -324,9 +322,6 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=True, tiles=fused, rope=True)  # RoPE in the kernel (the permutation dot): CSA, decode's split HCA
     attn(sel=False, tiles=fused, rope=True)
     attn(sel=False, splits=1, tiles=dataclasses.replace(fused, transpose=False), rope=True)
-    wide = dataclasses.replace(fused, block_k=256, reload_values=True)  # 256-key blocks, values loaded again
-    attn(sel=True, tiles=wide, rope=True)
-    attn(sel=False, splits=1, tiles=wide, rope=True)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
     for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),
@@ -344,8 +339,7 @@ V4 = dict(heads=64, d=512, win=128, k=512, size=1024, max_start=40000, page_toke
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-dv", "hca-split-dv", "hca-t", "csa-t",
-                                  "hca-split-t", "sliding-t", "sliding-f", "hca-f", "csa-f", "hca-split-f", "sliding-f-wide",
-                                  "hca-f-wide", "csa-f-wide", "hca-split-f-wide"])
+                                  "hca-split-t", "sliding-t", "sliding-f", "hca-f", "csa-f", "hca-split-f"])
 def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     """bf16 in, float32 accumulate, against the jnp reference in float32 (positions to 40K);
     hca-split: the HCA entries shared out to 16 programs per token, as decode does; -dv: the value
@@ -353,8 +347,7 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     and accumulator transposed in 4 column pieces, the next block's row addresses carried, the
     window in one load (AttentionTiles transpose, dim_chunks 4, prefetch_rows, one_window_load),
     64x128x8, 1 stage; -f: the kernel's TILES with fuse_rope, q given as projected (the reference gets it
-    normed and roped by models/layers' math in float32, and its output de-rotated); -wide: and 256-key
-    blocks, each piece's values loaded again for its dot (reload_values)."""
+    normed and roped by models/layers' math in float32, and its output de-rotated)."""
     from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
@@ -366,12 +359,10 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     tiles = sparse_attention.AttentionTiles(64, 32, 8, 2, prefetch=False, dv_split=2) if "-dv" in kind else \
         sparse_attention.AttentionTiles(64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4,
                                         prefetch_rows=True, one_window_load=True) if kind.endswith("-t") else None
-    fused = "-f" in kind
+    fused = kind.endswith("-f")
     rope, q = ((None, q) if not fused else _rope_case(rng, q, 64)[::-1])
     if fused:
         tiles = dataclasses.replace(sparse_attention.TILES, fuse_rope=True)
-    if kind.endswith("-wide"):
-        tiles = dataclasses.replace(tiles, block_k=256, reload_values=True)
     out = jax.jit(lambda *a: sparse_attention.attend(*a, scale, splits=splits, tiles=tiles, rope=rope, norm_eps=1e-6,
                                                      **args))(q, kv, ring_kv, ring_pos, b, sinks)
     f32 = lambda a: a.astype(jnp.float32) if getattr(a, "dtype", None) == jnp.bfloat16 else a  # noqa: E731

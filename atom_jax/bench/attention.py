@@ -15,9 +15,9 @@ entries, averaged over the chunk's tokens), and the microseconds one such step t
 SM runs one program at a time (ms / (programs / SMs) / steps; the kernels hold one program per
 SM at V4-Flash dims), the number the tile options are meant to move; with `default` among the
 specs, each row's ms over the default's for its mode (of_default). --attention-tiles as in
-`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xV]]]]]]]]] (heads x keys per step x
+`bench long-context --attention-tiles`: HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]] (heads x keys per step x
 warps, stages, prefetch 0/1, value-dim blocks, transpose 0/1, head-dim pieces, prefetch_rows 0/1,
-one_window_load 0/1, fuse_rope 0/1, reload_values 0/1: AttentionTiles). The session-11 candidates (offline counts in AttentionTiles):
+one_window_load 0/1, fuse_rope 0/1: AttentionTiles). The session-11 candidates (offline counts in AttentionTiles):
 
     python -m atom_jax.bench attention --attention-tiles \
         default,64x64x8x1x0,64x128x8x1x0x1x1,64x128x8x1x0x1x1x4,64x128x8x1x0x1x1x4x1,64x128x8x1x0x1x1x4x1x1
@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                "sliding none) and tile variant at one chunk near a long context (GPU; --tiny on CPU)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attention-tiles", default="default",
-                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xV]]]]]]]]], as bench "
+                    help="comma list of tile specs: default or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]], as bench "
                     "long-context's (default: default)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of all,list,none (default: all three)")
     ap.add_argument("--tokens", type=int, default=None, help="chunk tokens (default 8192; --tiny 32)")

@@ -369,7 +369,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("attention", "w4a16"), default="attention")
     ap.add_argument("--tiles", "--attention-tiles", dest="tiles", default="default",
-                    help="attention: comma list of tile specs, default or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xV]]]]]]]]] as "
+                    help="attention: comma list of tile specs, default or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]] as "
                     "bench attention / long-context --attention-tiles (default: default)")
     ap.add_argument("--modes", default=",".join(ATTENTION_MODES), help="attention: comma list of all,list,none")
     ap.add_argument("--shapes", default="flash_up,flash_down", help="w4a16: comma list of bench gemm's SHAPES")

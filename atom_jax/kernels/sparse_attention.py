@@ -98,12 +98,6 @@ class AttentionTiles:
     # q [T, H, 512] before the kernel (read, reduce, rotate, write) and one over the output after it (its
     # concatenate fusions): ~1 GiB of traffic a layer at an 8K-token chunk of V4-Flash.
     fuse_rope: bool = False
-    # reload_values (transpose, dv_split 1): each accumulator piece's values loaded again right before its
-    # P^T dot (the same rows, evict_first) instead of keeping the score pass's key pieces for it, so only
-    # one piece of the key block need be held at a time: a 256-key block fits shared memory (4 pieces
-    # of [256, 128] held at once would need 256 KiB). An H200 step costs about the same at 64 and 128 keys
-    # (10.8 and 11.0 us, session 14): the step's latency, not its keys, sets the time.
-    reload_values: bool = False
     # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
     # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
     # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
@@ -141,6 +135,10 @@ class AttentionTiles:
 # fuse_rope, 2026-12-02 session 14, same tiles otherwise, same run: bench attention HCA / CSA / sliding 6.57 /
 # 5.26 / 2.04 ms (the jnp norm/RoPE passes around the kernel included) -> 6.04 / 4.60 / 1.44 ms; bench long-context
 # 128K 126.1K -> 132.7K tok/s (this card ran the s13 default 5% slower than s13's did).
+# Tried in session 14 and dropped (docs/benchmarks.md): 32 or 16 heads a program (1.26x and more the chunk's
+# time); 64 keys a step costs the same 10.8 us as 128 (the step's latency, not its keys); 2-3 pipeline stages
+# (64 keys, 4 pieces) and 256-key blocks, even with the values re-loaded piece by piece, ask 256-336 KiB of
+# shared memory (227 available); re-loading the values at 128 keys costs 1.33x (HCA) and 1.52x (CSA).
 TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
@@ -178,14 +176,11 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
     cols = jnp.arange(bk, dtype=jnp.int32)
 
-    def update(carry, *loaded, reload=None):  # loaded: (*key pieces (kcols), ok); carry: (m, l, *accumulator
-        # pieces (outs)); reload: None, or columns -> the block's keys at those columns, loaded again (reload_values)
+    def update(carry, *loaded):  # loaded: (*key pieces (kcols), ok); carry: (m, l, *accumulator pieces (outs))
         m, l, accs = carry[0], carry[1], carry[2:]
         *keys, ok = loaded
         vals = keys if nv == 1 else keys[1:]
         keys = keys if nv == 1 else keys[:1]
-        if reload is not None:
-            vals = [functools.partial(reload, c) for c in outs]  # called at each piece's dot, not before
         exact = keys[0].dtype == jnp.float32  # float32 models (tests): no TF32 rounding
         dot = functools.partial(plt.dot, allow_tf32=not exact)
         # scores [bh, bk] (transpose: scores^T [bk, bh], the softmax down axis 0, acc^T [dim, bh])
@@ -203,12 +198,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             (lambda v: dot(pr.astype(v.dtype), v))
         # dot + add, as Triton's combine folds them into tt.dot(p, v, acc * alpha): the dot's result
         # used once, by the add (tests/test_bench_sass.py), or it is held beside the accumulator
-        return (m_new, l, *(a * per_head(alpha) + pv(v() if reload is not None else v) for a, v in zip(accs, vals)))
+        return (m_new, l, *(a * per_head(alpha) + pv(v) for a, v in zip(accs, vals)))
 
-    def window_keys(i, live=None, cols_of=None, again=False):  # window block i's keys [, value columns] (or
-        # the pieces cols_of; again: a reload, evict_first) and validity; `live` unused: blocks i >= n_win load nothing
-        cols_of = cols_of or kcols
-        ev = "evict_first" if again else None
+    def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
+        # blocks i >= n_win load nothing anyway
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp
@@ -220,16 +213,14 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         if tiles.one_window_load:  # kv_ref: the ring's rows, then this step's
             ok = ok_chunk | ok_ring
             row = jnp.where(ok_chunk, ring_ref.shape[0] + chunk_row, jnp.where(ok_ring, ring_row, 0))
-            return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0, eviction_policy=ev)
-                      for c in cols_of), ok)
+            return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
 
         def rows(c):  # columns c of the block's keys
-            kc = plt.load(kv_ref.at[chunk_row[:, None], c[None, :]], mask=ok_chunk[:, None], other=0.0,
-                          eviction_policy=ev)
+            kc = plt.load(kv_ref.at[chunk_row[:, None], c[None, :]], mask=ok_chunk[:, None], other=0.0)
             kr = plt.load(ring_ref.at[jnp.where(ok_ring, ring_row, 0)[:, None], c[None, :]],
-                          mask=ok_ring[:, None], other=0.0, eviction_policy=ev)
+                          mask=ok_ring[:, None], other=0.0)
             return jnp.where(ok_chunk[:, None], kc, kr)
-        return (*(rows(c) for c in cols_of), ok_chunk | ok_ring)
+        return (*(rows(c) for c in kcols), ok_chunk | ok_ring)
 
     def entry_rows(i, live=True):  # block i's pool rows and validity (nothing loaded where not live)
         if mode == "all":
@@ -243,17 +234,11 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         page = pt_ref[slot * max_pages + jnp.minimum(e // epp, max_pages - 1)]
         return jnp.where(ok, page * epp + e % epp, 0), ok
 
-    def pool_keys(addr, ok, cols_of=None, again=False):  # the key pieces [, value columns] (or the pieces
-        # cols_of; again: a reload, evict_first) of pool rows addr, and ok
-        ev = "evict_first" if again else None
-        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0, eviction_policy=ev)
-                  for c in cols_of or kcols), ok)
+    def pool_keys(addr, ok):  # the key pieces [, value columns] of pool rows addr, and ok
+        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
 
-    def entry_keys(i, live=True, cols_of=None, again=False):  # block i's keys [, value columns] and validity
-        return pool_keys(*entry_rows(i, live), cols_of=cols_of, again=again)
-
-    def reloader(load, *args):  # reload_values: columns c -> the block's keys at c, loaded again
-        return (lambda c: load(*args, cols_of=(c,), again=True)[0]) if tiles.reload_values else None
+    def entry_keys(i, live=True):  # block i's keys [, value columns] and validity
+        return pool_keys(*entry_rows(i, live))
 
     n_carry = 2 + len(outs)
 
@@ -265,10 +250,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             def body_rows(i, c):
                 cur = pool_keys(*c[n_carry:])
                 nxt = rows(i + 1, i + 1 < hi)
-                return (*update(c[:n_carry], *cur, reload=reloader(pool_keys, *c[n_carry:])), *nxt)
+                return (*update(c[:n_carry], *cur), *nxt)
             return jax.lax.fori_loop(lo, hi, body_rows, (*carry, *rows(lo, lo < hi)))[:n_carry]
         if not tiles.prefetch:
-            return jax.lax.fori_loop(lo, hi, lambda i, c: update(c, *load(i), reload=reloader(load, i)), carry)
+            return jax.lax.fori_loop(lo, hi, lambda i, c: update(c, *load(i)), carry)
 
         def body(i, c):
             nxt = load(i + 1, i + 1 < hi)
@@ -399,8 +384,6 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         raise ValueError(f"{h} heads do not split into blocks of {bh}")
     if tiles.dv_split < 1 or dim % tiles.dv_split:
         raise ValueError(f"value dim {dim} does not split into {tiles.dv_split} column blocks")
-    if tiles.reload_values and (tiles.prefetch or tiles.dv_split > 1):
-        raise ValueError("reload_values loads a block's values again: not with prefetch (keys carried) or dv_split")
     if tiles.dim_chunks < 1 or dim % tiles.dim_chunks or (tiles.dim_chunks > 1 and tiles.dv_split > 1):
         raise ValueError(f"head dim {dim} does not split into {tiles.dim_chunks} pieces (dv_split 1 only)")
     tiles = dataclasses.replace(tiles, block_h=bh)

@@ -113,15 +113,5 @@ PY
   [ -n "$best" ] && step long_context 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas \
     --decode-tokens 16 --attention-tiles "default,$best" --json "$J/long_context.json"
   ;;
-s14e)  # 256-key blocks with the values loaded again per piece (reload_values); the best vs default at 128K
-  step attention 150 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
-    default,64x256x8x1x0x1x1x4x1x0x1x1,64x128x8x1x0x1x1x4x1x0x1x1,64x256x8x1x0x1x1x8x1x0x1x1
-  best=$(python scripts/gpu/best_tiles.py "$J/attention.json")
-  echo "best attention tiles: ${best:-default}" | tee -a "$SUMMARY"
-  [ -n "$best" ] && step long_context 200 python -m atom_jax.bench long-context --prompts 131072 --backends pallas \
-    --decode-tokens 16 --attention-tiles "default,$best" --json "$J/long_context.json"
-  step tests_wide 150 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
-    tests/test_sparse_kernels.py -k wide
-  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
