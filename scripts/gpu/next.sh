@@ -113,5 +113,14 @@ PY
   [ -n "$best" ] && step long_context 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas \
     --decode-tokens 16 --attention-tiles "default,$best" --json "$J/long_context.json"
   ;;
+s14f)  # the engine's kernel path (fused RoPE) compiled on the GPU against the full-sequence forward, float32; 128K
+  # prefill with 8K and with 16K chunks, same machine
+  step tests_engine 200 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+    -p no:cacheprovider tests/test_engine.py -k "incremental and pallas"
+  step lc_8k 100 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/long_context_8k.json"
+  step lc_16k 100 python -m atom_jax.bench long-context --prompts 131072 --chunk 16384 --backends pallas \
+    --decode-tokens 4 --json "$J/long_context_16k.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
