@@ -163,7 +163,7 @@ def run_conversations(engine, rng, vocab, args) -> dict:
         while engine.has_unfinished():
             for o in engine.step():
                 c, t0 = started[o.request_id]
-                if o.new_token_ids and len(o.token_ids) == len(o.new_token_ids):
+                if o.new_token_ids and o.num_tokens == len(o.new_token_ids):  # the first tokens (num_tokens: no list built)
                     ttft.setdefault(turn, []).append(time.perf_counter() - t0)
                 if o.finished:
                     answers[c] = o.token_ids
