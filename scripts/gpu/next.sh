@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next GPU session's plan (written 2026-12-01, session 12, which had no device time; measure
-# what sessions 11-12 landed unmeasured). One `run` call per part, each under 10 minutes:
+# GPU session plans (parts c1-c5 written in session 12, s13 and s14a-f run in sessions 13-14; n1 is the next
+# session's first). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -121,6 +121,12 @@ s14f)  # the engine's kernel path (fused RoPE) compiled on the GPU against the f
     --json "$J/long_context_8k.json"
   step lc_16k 100 python -m atom_jax.bench long-context --prompts 131072 --chunk 16384 --backends pallas \
     --decode-tokens 4 --json "$J/long_context_16k.json"
+  ;;
+n1)  # next session: the sampler per batch (radix 1.7x slower than sorted at b1 in s13: choose by batch?), b64 decode
+  step sampler 200 python -m atom_jax.bench sampler --batches 1,8,64,256 --iters 10 --variants default \
+    --json "$J/sampler.json"
+  step decode_b64 300 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 64 --modes off,on --steps 48 \
+    --replay 16 --json "$J/decode_b64.json"
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
