@@ -257,7 +257,6 @@ def test_fused_query_norm_and_rope_match_the_jnp_math(kind):
     dot; -split and -dv: that one in jnp after the kernel) equals models/layers' rms_norm + apply_rope,
     the kernel, and the inverse apply_rope; -chunks: the rope columns in the last of 4 pieces (16 wide);
     -norope: no norm (norm_eps None)."""
-    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -270,9 +269,7 @@ def test_fused_query_norm_and_rope_match_the_jnp_math(kind):
                                             dim_chunks=4 if "-chunks" in kind else 1, fuse_rope=True)
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=3 if split else 1, rope=(cos, sin), norm_eps=eps, **args)
-    qn = apply_rope(q if eps is None else rms_norm(q, None, eps), cos[:, None], sin[:, None])
-    ref = apply_rope(reference_attend(qn, kv, ring_kv, ring_pos, b, sinks, scale, **args), cos[:, None],
-                     sin[:, None], inverse=True)
+    ref = reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, rope=(cos, sin), norm_eps=eps, **args)
     valid = np.asarray(b["valid"])
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
     # the same call without the fusion (the jnp passes around the kernel) agrees too
@@ -348,7 +345,6 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     window in one load (AttentionTiles transpose, dim_chunks 4, prefetch_rows, one_window_load),
     64x128x8, 1 stage; -f: the kernel's TILES with fuse_rope, q given as projected (the reference gets it
     normed and roped by models/layers' math in float32, and its output de-rotated)."""
-    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -369,13 +365,9 @@ def test_compiled_attention_kernel_at_v4_flash_dims(kind):
     # jitted: eager, each of the reference's ops would be its own GPU compile
     arrays = {k: v for k, v in args.items() if k != "epp"}
 
-    def reference(a, kw):
-        qf = f32(a[0])
-        if fused:
-            qf = apply_rope(rms_norm(qf, None, 1e-6), rope[0][:, None], rope[1][:, None])
-        o = reference_attend(qf, *map(f32, a[1:3]), *a[3:], scale, epp=args["epp"], **{k: f32(v) for k, v in kw.items()})
-        return apply_rope(o, rope[0][:, None], rope[1][:, None], inverse=True) if fused else o
-    ref = jax.jit(reference)((q, kv, ring_kv, ring_pos, b, sinks), arrays)
+    ref = jax.jit(lambda a, kw: reference_attend(*map(f32, a[:3]), *a[3:], scale, epp=args["epp"], rope=rope,
+                                                 norm_eps=1e-6, **{k: f32(v) for k, v in kw.items()}))(
+        (q, kv, ring_kv, ring_pos, b, sinks), arrays)
     valid = np.asarray(b["valid"])
     out, ref = np.asarray(out, np.float32)[valid], np.asarray(ref)[valid]
     assert np.all(np.isfinite(out))

@@ -67,7 +67,9 @@ def _inputs(dims: dict, dtype, seed: int = 0):
     """One sequence's chunk [start, start + tokens) in slot 0 of 2, a shuffled page table, the
     ring holding the window before the chunk, and per mode its pool, visible counts, selection."""
     from atom_jax.cache import pack_chunks
+    from atom_jax.config import yarn_inv_freq
     from atom_jax.models.cache_reads import visible_counts
+    from atom_jax.models.layers import rope_cos_sin
 
     rng = np.random.default_rng(seed)
     t, start, h, d, win, pt_tok = (dims[k] for k in ("tokens", "start", "heads", "dim", "window", "page_tokens"))
@@ -83,7 +85,8 @@ def _inputs(dims: dict, dtype, seed: int = 0):
                   kv=jnp.asarray(rng.standard_normal((t, d)), dtype),
                   ring_kv=jnp.asarray(rng.standard_normal((slots, win, d)), dtype), ring_pos=jnp.asarray(ring_pos),
                   b=b, sinks=jnp.asarray(rng.standard_normal(h), jnp.float32),
-                  rope=_cos_sin(start + np.arange(t), dims["rope"]))
+                  # plain RoPE at theta 10000 (the kernel's cost does not depend on YaRN)
+                  rope=rope_cos_sin(jnp.arange(start, start + t), yarn_inv_freq(dims["rope"], 10000.0, None)))
     modes = {"none": {}}
     for mode, ratio in RATIO.items():
         epp = pt_tok // ratio
@@ -95,12 +98,6 @@ def _inputs(dims: dict, dtype, seed: int = 0):
         modes[mode] = dict(pool=jnp.asarray(rng.standard_normal((slots * max_pages * epp, d)), dtype),
                            page_table=page_table, epp=epp, n_visible=nv, selected=sel)
     return common, modes
-
-
-def _cos_sin(positions: np.ndarray, rope_dim: int):
-    """cos/sin [T, R/2] at the positions (V4's rope_theta 10000, no YaRN: the cost does not depend on it)."""
-    ang = positions[:, None].astype(np.float32) * 10000.0 ** (-np.arange(0, rope_dim, 2, dtype=np.float32) / rope_dim)
-    return jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
 
 
 def key_steps(mode: str, tiles, window: int, n_visible: np.ndarray, selected: int) -> float:
@@ -115,7 +112,6 @@ def key_steps(mode: str, tiles, window: int, n_visible: np.ndarray, selected: in
 
 def run_cli(args) -> int:
     from atom_jax.kernels import sparse_attention as sa
-    from atom_jax.kernels.norm_rope import apply_rope, rms_norm
     from atom_jax.models.cached_attention import reference_attend
 
     dims = dict(TINY if args.tiny else V4)
@@ -155,10 +151,8 @@ def run_cli(args) -> int:
                        key_steps=steps, us_per_step=1e6 * med / max(programs / sms, 1) / steps,
                        finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()), **dataclasses.asdict(tiles))
             if args.tiny:  # the jnp reference fits only small sizes
-                cos, sin = (x[:, None] for x in common["rope"])
-                qn = apply_rope(rms_norm(common["q"], None, NORM_EPS), cos, sin)
-                ref = apply_rope(reference_attend(qn, common["kv"], common["ring_kv"], common["ring_pos"], common["b"],
-                                                  common["sinks"], scale, **kw), cos, sin, inverse=True)
+                ref = reference_attend(common["q"], common["kv"], common["ring_kv"], common["ring_pos"], common["b"],
+                                       common["sinks"], scale, rope=common["rope"], norm_eps=NORM_EPS, **kw)
                 row["max_abs_err"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
             rows.append(row)
             print(f"{spec:>20} {mode:>4}: {row['ms']:9.3f} ms  {steps:6.1f} key steps  "

@@ -34,3 +34,14 @@ def apply_rope(x, cos, sin, inverse: bool = False):
     r1 = x1 * cos + x0 * sin
     rotated = jnp.stack([r0, r1], axis=-1).reshape(rope.shape).astype(x.dtype)
     return jnp.concatenate([nope, rotated], axis=-1)
+
+
+def rope_queries(q, rope, norm_eps):
+    """q [T, H, D] as projected -> its weightless per-head RMS norm (norm_eps None: none) and RoPE at
+    rope = (cos, sin) [T, R/2]: the attention's query math (models/attention.py `queries`)."""
+    return apply_rope(q if norm_eps is None else rms_norm(q, None, norm_eps), rope[0][:, None], rope[1][:, None])
+
+
+def unrope_output(out, rope):
+    """out [T, H, D] -> its RoPE undone at rope = (cos, sin) [T, R/2] (models/attention.py `output`)."""
+    return apply_rope(out, rope[0][:, None], rope[1][:, None], inverse=True)

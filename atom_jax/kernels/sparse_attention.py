@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from atom_jax.kernels.norm_rope import apply_rope, rms_norm
+from atom_jax.kernels.norm_rope import rope_queries, unrope_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,8 +322,8 @@ def _rotate(cos_ref, sin_ref, t, dim: int, rope_dim: int, c, x, *, dims_axis: in
     off = c - (dim - rope_dim)
     in_rope = off >= 0
     k = t * half + jnp.where(in_rope, off // 2, 0)
-    cos = jnp.where(in_rope, plt.load(cos_ref.at[k], mask=in_rope, other=1.0), 1.0)
-    sin = jnp.where(in_rope, plt.load(sin_ref.at[k], mask=in_rope, other=0.0), 0.0)
+    cos = plt.load(cos_ref.at[k], mask=in_rope, other=1.0)
+    sin = plt.load(sin_ref.at[k], mask=in_rope, other=0.0)
     odd = jax.lax.rem(c, 2) == 1
     sin = jnp.where(odd, -sin, sin) if inverse else jnp.where(odd, sin, -sin)
     if swapped is None:
@@ -373,7 +373,7 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
     t, h0, dim = q.shape
     fuse = rope is not None and tiles.fuse_rope
     if rope is not None and not fuse:
-        q = apply_rope(q if norm_eps is None else rms_norm(q, None, norm_eps), rope[0][:, None], rope[1][:, None])
+        q = rope_queries(q, rope, norm_eps)
     if h0 < MIN_ROWS:  # Triton dots need >= 16 rows: zero heads (a sink of 0) fill up, then go
         q = jnp.pad(q, ((0, 0), (0, MIN_ROWS - h0), (0, 0)))
         sinks = jnp.pad(sinks, (0, MIN_ROWS - h0))
@@ -426,7 +426,7 @@ def attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None
         out = _combine(*out, sinks.astype(jnp.float32), splits, h, dim).astype(q.dtype)
     out = out.reshape(t, h, dim)[:, :h0]
     if rope is not None and not rope_out:
-        out = apply_rope(out, rope[0][:, None], rope[1][:, None], inverse=True)
+        out = unrope_output(out, rope)
     return out
 
 

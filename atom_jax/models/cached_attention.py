@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from atom_jax.config import CSA, SLIDING
 from atom_jax.kernels.names import ATTN_BACKENDS
+from atom_jax.kernels.norm_rope import rope_queries, unrope_output
 from atom_jax.kernels.platform import is_cpu, target_platform
 from atom_jax.models.attention import Attention
 from atom_jax.models.cache_reads import entry_addresses, jnp_index_scorer, max_windows, visible_counts
@@ -253,7 +254,7 @@ def resolve_attn_backend(backend: str, platform: str | None = None) -> str:
 
 
 def reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_table=None, epp=1,
-                     n_visible=None, selected=None):
+                     n_visible=None, selected=None, rope=None, norm_eps=None):
     """The jnp path and oracle (same contract as kernels.sparse_attention.attend): softmax with
     the per-head sink over each token's window rows, its selected CSA entries or its visible HCA
     entries (models/attention.py's math), as an online softmax over those key sets, so every
@@ -262,7 +263,11 @@ def reference_attend(q, kv, ring_kv, ring_pos, b, sinks, scale, pool=None, page_
 
     q [T,H,hd]; kv [T,hd] this step's rows; ring_kv [slots,W,hd] / ring_pos [slots,W] as before
     this step; pool [N,hd] compressed entries (None: sliding only); n_visible [T]; selected
-    [T,k] entry indices (CSA; None: all visible entries, HCA)."""
+    [T,k] entry indices (CSA; None: all visible entries, HCA). rope / norm_eps: as the kernel's
+    (q as projected, normed and roped here, the output de-rotated; None: q as given)."""
+    if rope is not None:
+        return unrope_output(reference_attend(rope_queries(q, rope, norm_eps), kv, ring_kv, ring_pos, b, sinks, scale,
+                                              pool, page_table, epp, n_visible, selected), rope)
     t, h, d = q.shape
     state = (jnp.full((t, h), _NEG, jnp.float32), jnp.zeros((t, h), jnp.float32), jnp.zeros((t, h, d), jnp.float32))
     state = _online(q, state, *window_keys(kv, ring_kv, ring_pos, b), scale)
