@@ -170,53 +170,6 @@ def test_heads_scorer_on_decode_steps_matches_oracle(t, heads_as):
         assert set(idx[r][ok[r]].tolist()) == want, f"token {r}"
 
 
-def _fp8_oracle_scorer(q, w, pool, page_table, slot, block):
-    """fp8_scores over each token's block of entries from e0 (keys gathered through the page table)."""
-    from atom_jax.models.cache_reads import entry_addresses
-
-    def scores(e0):
-        e = e0 + jnp.arange(block, dtype=jnp.int32)
-        keys = pool[entry_addresses(page_table, slot[:, None], e[None, :], EPP)]
-        return sparse_indexer.fp8_scores(q, w, keys)
-    return scores
-
-
-@pytest.mark.parametrize("path,keys", [("tiles", "kernel"), ("heads", "kernel"), ("heads", "pool")])
-def test_fp8_scorer_matches_its_oracle_and_nearly_the_float32_scores(path, keys):
-    """IndexerTiles.fp8 (interpret mode), each path: the scores of fp8_scores (the same rotation and
-    row scales; e4m3 products exact in float32) over the whole buffer and row windows; and within FP8's
-    rounding of the float32 scores, with nearly the same top-k."""
-    rng = np.random.default_rng()
-    b, page_table, n_slots = _batch(rng, max_start=600)
-    t, heads, dim, block = b["pos"].shape[0], 4, 16, 32
-    pool = jnp.asarray(rng.standard_normal((page_table.size * EPP, dim)), jnp.float32)
-    q = jnp.asarray(rng.standard_normal((t, heads, dim)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((t, heads)), jnp.float32)
-    n_vis = visible_counts(b, RATIO)
-    tiles = sparse_indexer.IndexerTiles(block_t=16, block_e=16, fp8=True, fp8_keys=keys)
-    live = np.arange(block)[None, :] + 16 < np.asarray(n_vis)[:, None]
-    want = np.asarray(_fp8_oracle_scorer(q, w, pool, page_table, b["slot"], block)(16))
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
-                                path=path)
-    np.testing.assert_allclose(np.where(live, ker(16), 0), np.where(live, want, 0), rtol=1e-5, atol=1e-5)
-    win = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, EPP, block, n_slots, tiles=tiles, interpret=True,
-                                path=path, rows=24)
-    got = np.asarray(win(16, 24))[:24]
-    np.testing.assert_allclose(np.where(live[24:48], got, 0), np.where(live[24:48], want[24:48], 0), rtol=1e-5,
-                               atol=1e-5)
-    exact = np.asarray(jnp_index_scorer(q, w, pool, page_table, b["slot"], EPP, block)(16))
-    err = np.linalg.norm(np.where(live, want - exact, 0)) / np.linalg.norm(np.where(live, exact, 0))
-    assert 1e-4 < err < 0.1, err  # FP8 rounding: visible, small
-
-
-def test_hadamard_rotation_keeps_dot_products():
-    h = np.asarray(sparse_indexer.hadamard(128))
-    np.testing.assert_array_equal(h @ h.T, 128 * np.eye(128))
-    assert set(np.unique(h)) == {-1.0, 1.0}
-    with pytest.raises(ValueError, match="power-of-two"):
-        sparse_indexer.hadamard(96)
-
-
 def test_running_topk_ties_go_to_the_lowest_entry_index():
     """All-equal scores across several blocks: the k lowest visible indices, in index order."""
     n_vis = jnp.asarray([37, 5, 0, 64], jnp.int32)
@@ -368,10 +321,9 @@ def test_kernels_lower_for_gpu_at_v4_flash_dims(platform):
     attn(sel=False, splits=1, tiles=dataclasses.replace(fused, transpose=False), rope=True)
     export(lambda q, kv, ring, rpos, bb, sinks: sparse_attention.attend(q, kv, ring, rpos, bb, sinks, 0.04),
            bf(t, 64, 512), bf(t, 512), bf(slots, 128, 512), i32(slots, 128), b, jax.ShapeDtypeStruct((64,), jnp.float32))
-    for path, heads, heads_as, fp8 in (("auto", 64, "cols", False), ("tiles", 64, "cols", False),
-                                       ("heads", 64, "rows", False), ("heads", 2, "cols", False),
-                                       ("auto", 64, "cols", True)):  # auto: both paths' code
-        tiles = sparse_indexer.IndexerTiles(heads_as=heads_as, fp8=fp8)
+    for path, heads, heads_as in (("auto", 64, "cols"), ("tiles", 64, "cols"), ("heads", 64, "rows"),
+                                  ("heads", 2, "cols")):  # auto: both paths' code
+        tiles = sparse_indexer.IndexerTiles(heads_as=heads_as)
         export(lambda q, w, pool, pt, bb, nv: sparse_indexer.block_scores(q, w, pool, pt, bb, nv, 0, epp, 4096, slots,
                                                                           tiles=tiles, path=path),
                jax.ShapeDtypeStruct((t, heads, 128), jnp.float32), jax.ShapeDtypeStruct((t, heads), jnp.float32),
@@ -455,33 +407,6 @@ def test_compiled_indexer_at_v4_flash_dims(path, flash_indexer_case):
     for r in np.flatnonzero(np.asarray(b["valid"])):
         a, c = set(ki[r][kok[r]].tolist()), set(ri[r][rok[r]].tolist())
         assert len(a) == len(c) and len(a & c) >= 0.98 * len(c)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("path,keys", [("heads", "kernel"), ("tiles", "kernel"), ("heads", "pool")])
-def test_compiled_fp8_indexer_at_v4_flash_dims(path, keys, flash_indexer_case):
-    """IndexerTiles.fp8 compiled (e4m3 dots), keys quantized in the kernel or before it: block scores match
-    fp8_scores (the same codes; the kernel's division and summation order may move a code by one
-    step), within FP8's rounding of the float32 scores, and the top-512 keeps most of the float32
-    scorer's selection."""
-    (q, w, pool, page_table, b, n_vis, epp, block), want, (ri, rok) = flash_indexer_case
-    tiles = dataclasses.replace(sparse_indexer.TILES, fp8=True, fp8_keys=keys)
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6, tiles=tiles, path=path)
-    live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
-    got = np.asarray(jax.jit(ker)(0))
-    from atom_jax.models.cache_reads import entry_addresses
-
-    rows = np.flatnonzero(np.asarray(b["valid"]))[::16]  # a sample of tokens: the oracle gathers [T, E, di]
-    keys = pool[entry_addresses(page_table, b["slot"][rows, None], jnp.arange(block)[None, :], epp)]
-    oracle = np.asarray(jax.jit(sparse_indexer.fp8_scores)(q[rows], w[rows], keys))
-    lv = live[rows]
-    assert np.linalg.norm(np.where(lv, got[rows] - oracle, 0)) / np.linalg.norm(np.where(lv, oracle, 0)) < 2e-3
-    err = np.linalg.norm(np.where(live, got - want, 0)) / np.linalg.norm(np.where(live, want, 0))
-    assert err < 0.1, err
-    ki, kok = (np.asarray(x) for x in jax.jit(lambda: running_topk(ker, n_vis, 512, block))())
-    kept = [len(set(ki[r][kok[r]].tolist()) & set(ri[r][rok[r]].tolist())) / max(1, rok[r].sum())
-            for r in np.flatnonzero(np.asarray(b["valid"]))]
-    assert np.mean(kept) >= 0.8, np.mean(kept)
 
 
 @pytest.mark.gpu

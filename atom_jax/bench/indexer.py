@@ -24,8 +24,7 @@ work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles
 with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
 with all heads in one dot per token), pallas-prefill (the Pallas kernel with
 kernels/sparse_indexer.PREFILL_TILES, the engine's tiles for long steps once
-PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it), pallas-fp8 (PREFILL_TILES scoring
-in FP8: `kept_base` is the share of the first scorer's selected entries it keeps), jnp, none (precomputed random
+PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it), jnp, none (precomputed random
 scores, relu: many exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on
 GPUs, jnp on CPU (the kernel interpreted on CPU measures nothing; pallas scorers run
 interpreted there, as a check only).
@@ -55,8 +54,7 @@ from atom_jax.config import v4_flash
 from atom_jax.models import index_topk as it
 
 PAGE_TOKENS = 256
-SCORERS = ("pallas", "pallas-tiles", "pallas-heads", "pallas-prefill", "pallas-fp8", "pallas-fp8pool", "jnp",
-           "none")
+SCORERS = ("pallas", "pallas-tiles", "pallas-heads", "pallas-prefill", "jnp", "none")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -139,16 +137,13 @@ def _case(rng, t, visible, capacity, dtype, decode_max, random_scores: bool):
 
 
 def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp"):
-    import dataclasses
     import functools
 
     from atom_jax.kernels import sparse_indexer, topk_select
     from atom_jax.models.cache_reads import jnp_index_scorer
 
-    if scorer in ("pallas-prefill", "pallas-fp8", "pallas-fp8pool"):
-        tiles = dataclasses.replace(sparse_indexer.PREFILL_TILES, fp8=scorer != "pallas-prefill",
-                                    fp8_keys="pool" if scorer == "pallas-fp8pool" else "kernel")
-        scorer = "pallas"
+    if scorer == "pallas-prefill":
+        tiles, scorer = sparse_indexer.PREFILL_TILES, "pallas"
     plan = it.plan_topk(t, capacity, k, policy, align=tiles.block_e)
     path = scorer.split("-")[1] if "-" in scorer else "auto"
 
@@ -176,14 +171,6 @@ def _same(a, b) -> float:
     (ai, aok), (bi, bok) = [(np.asarray(i), np.asarray(o)) for i, o in (a, b)]
     rows = [set(ai[r][aok[r]].tolist()) == set(bi[r][bok[r]].tolist()) for r in range(ai.shape[0])]
     return float(np.mean(rows))
-
-
-def _kept(a, b) -> float:
-    """Mean share of b's selected entries that a selects too (FP8 scores swap entries near the k-th)."""
-    (ai, aok), (bi, bok) = [(np.asarray(i), np.asarray(o)) for i, o in (a, b)]
-    shares = [len(set(ai[r][aok[r]].tolist()) & set(want)) / len(want)
-              for r in range(ai.shape[0]) if len(want := bi[r][bok[r]].tolist())]
-    return round(float(np.mean(shares)), 4) if shares else 1.0
 
 
 def run_cli(args) -> int:
@@ -257,21 +244,20 @@ def run_cli(args) -> int:
                     base = (out, med) if policy == "loop" else base
                     first.setdefault(policy, (out, med))
                     row.update(ms=round(med * 1e3, 4), min_ms=round(best * 1e3, 4),
-                               vs_base=round(first[policy][1] / med, 3), same_base=_same(out, first[policy][0]),
-                               kept_base=_kept(out, first[policy][0]))
+                               vs_base=round(first[policy][1] / med, 3), same_base=_same(out, first[policy][0]))
                     if base is not None:
                         row.update(vs_loop=round(base[1] / med, 3), same=_same(out, base[0]))
                     results.append(row)
                     print(json.dumps(row), flush=True)
     print(f"\n{'T':>5} {'visible':>8} {'scorer':12} {'policy':10} {'plan':10} {'ms':>9} {'min ms':>9} {'x loop':>7} "
-          f"{'x base':>7} {'same':>5} {'same base':>9} {'kept base':>9} {'compile s':>9}")
+          f"{'x base':>7} {'same':>5} {'same base':>9} {'compile s':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['tokens']:5d} {r['visible']:8d} {r['scorer']:12} {r['policy']:10} failed: {r['error'][:80]}")
             continue
         print(f"{r['tokens']:5d} {r['visible']:8d} {r['scorer']:12} {r['policy']:10} {r['plan']:10} {r['ms']:9.3f} "
               f"{r['min_ms']:9.3f} {r.get('vs_loop', float('nan')):7.2f} {r['vs_base']:7.2f} "
-              f"{r.get('same', float('nan')):5.2f} {r['same_base']:9.2f} {r['kept_base']:9.4f} {r['compile_s']:9.2f}")
+              f"{r.get('same', float('nan')):5.2f} {r['same_base']:9.2f} {r['compile_s']:9.2f}")
     if args.json:
         cfg = v4_flash(1)
         with open(args.json, "w") as f:

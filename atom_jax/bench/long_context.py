@@ -32,9 +32,7 @@ policy is used at every step size, decode and prefill; auto: `single` up to 512 
 kernels once per path of the indexer's scorer kernel (kernels/sparse_indexer.py; tiles: tokens
 as the dots' rows for every work item, the kernel before its decode path; heads: the heads
 path, one dot of all heads per token, always; prefill: auto, with
-sparse_indexer.PREFILL_TILES for steps of more than 512 tokens; fp8: auto, PREFILL_TILES scoring
-in FP8, `prefill_of_floor_fp8_indexer` the share of a floor that counts the indexer's dots at
-FP8's rate).
+sparse_indexer.PREFILL_TILES for steps of more than 512 tokens).
 
 Backends: `pallas` (the sparse kernels) for every prompt; `jnp` (the reference path) for
 prompts up to --reference-max-prompt, with --reference-chunk chunks (its per-token gathers and
@@ -49,7 +47,6 @@ measured copy bandwidth."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -93,15 +90,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "engine, all in this run")
     ap.add_argument("--indexer-paths", default="auto", help="the indexer scorer kernel's paths the kernels run "
                     "with, in order (kernels/sparse_indexer.py: auto, tiles = before the decode path, heads, prefill "
-                    "= auto with PREFILL_TILES above 512 tokens, fp8 = PREFILL_TILES scoring in FP8); each is a separate engine, all in this run")
+                    "= auto with PREFILL_TILES above 512 tokens); each is a separate engine, all in this run")
     ap.add_argument("--attention-tiles", default="default", help="the sparse attention kernel's tiles the kernels "
                     "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF]]]]]]]] = "
                     "query heads per program x keys per step x warps (x pipeline stages x prefetch 0/1 x value-dim "
                     "blocks x transpose 0/1 x head-dim pieces x prefetch_rows 0/1 x one_window_load 0/1 x fuse_rope 0/1: "
                     "AttentionTiles), e.g. default,64x32x8,64x64x8x1x1x2; each is a separate engine, all in "
                     "this run")
-    ap.add_argument("--score-budget", type=int, default=None, help="override models/index_topk.SCORE_BUDGET (float32 "
-                    "scores one indexer scorer call may write) for this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
                     "state written each step)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
@@ -146,9 +141,8 @@ def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:
     return (positions + 1) // ratio
 
 
-def prompt_flops(cfg: ModelConfig, length: int, start: int = 0, indexer_rate: float = 1.0) -> float:
-    """FLOPs (2 x MACs) of prefilling positions [start, start + length), in bf16-matmul equivalents: the
-    indexer's score dots divided by `indexer_rate` (2: scored in FP8 at twice bf16's rate)."""
+def prompt_flops(cfg: ModelConfig, length: int, start: int = 0) -> float:
+    """FLOPs (2 x MACs) of prefilling positions [start, start + length)."""
     d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     p = np.arange(start, start + length, dtype=np.float64)
     proj = d * cfg.q_lora_rank + cfg.q_lora_rank * h * hd + d * hd + h * hd * cfg.o_lora_rank + \
@@ -161,7 +155,7 @@ def prompt_flops(cfg: ModelConfig, length: int, start: int = 0, indexer_rate: fl
         if kind == CSA:
             n = _visible(cfg.csa_ratio, p)
             keys = keys + np.minimum(n, cfg.index_topk)
-            extra = cfg.index_n_heads * cfg.index_head_dim * n.sum() / indexer_rate  # indexer dots
+            extra = cfg.index_n_heads * cfg.index_head_dim * n.sum()  # indexer dots
             extra += length * (cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + d * cfg.index_n_heads)
             extra += length * 2 * d * 2 * (hd + cfg.index_head_dim)  # both compressors' (kv, gate)
         elif kind == HCA:
@@ -308,8 +302,6 @@ def run_cli(args) -> int:
                                      for x in args.expert_layout.split(",")))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if args.score_budget:
-        index_topk.SCORE_BUDGET = args.score_budget  # this process only; the JSON records it
     ceil = device_ceilings()
     print(f"device {jax.devices()[0].device_kind}: copy {ceil['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
@@ -326,7 +318,7 @@ def run_cli(args) -> int:
         index_topk.plan_topk(1, 1, 1, p)  # unknown names fail before any work
     paths = list(dict.fromkeys(args.indexer_paths.split(",")))
     for p in paths:
-        if p not in ("prefill", "fp8"):
+        if p != "prefill":
             sparse_indexer.tiles_for(p)
     atiles = list(dict.fromkeys(args.attention_tiles.split(",")))
     for a in atiles:
@@ -344,7 +336,7 @@ def run_cli(args) -> int:
                         runs.append((layout, backend, policy, path, at, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
     switch_free = index_topk.AUTO_SWITCH_FREE  # a named policy runs as named (its rung switch too)
-    prefill_min, prefill_tiles = sparse_indexer.PREFILL_MIN_TOKENS, sparse_indexer.PREFILL_TILES
+    prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
     attn_default = sparse_attention.TILES
     for layout, backend, policy, path, at, c_len, b_chunk, lens in runs:
         if not lens:
@@ -353,9 +345,8 @@ def run_cli(args) -> int:
         # read when the engine compiles
         index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY = auto if policy == "auto" else (policy, policy)
         index_topk.AUTO_SWITCH_FREE = switch_free if policy == "auto" else None
-        sparse_indexer.TILES = tiles if path in ("-", "prefill", "fp8") else sparse_indexer.tiles_for(path, tiles)  # likewise
+        sparse_indexer.TILES = tiles if path in ("-", "prefill") else sparse_indexer.tiles_for(path, tiles)  # likewise
         sparse_indexer.PREFILL_MIN_TOKENS = index_topk.AUTO_MAX_TOKENS + 1 if path == "prefill" else prefill_min
-        sparse_indexer.PREFILL_TILES = dataclasses.replace(prefill_tiles, fp8=path == "fp8" or prefill_tiles.fp8)
         sparse_attention.TILES = (attention_tiles(at) if at != "-" else None) or attn_default  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
@@ -388,9 +379,6 @@ def run_cli(args) -> int:
                        prefill_of_floor=sig(max(flop_floor, byte_floor) / prefill_s),
                        decode_ms=sig(decode_s * 1e3), decode_floor_ms=sig(dec_floor * 1e3),
                        decode_of_floor=sig(dec_floor / decode_s))
-            if sparse_indexer.PREFILL_TILES.fp8:  # the indexer's dots at FP8's rate (2x bf16's) in the floor too
-                fp8_floor = prompt_flops(cfg, n, indexer_rate=2.0) / (ceil["matmul_TFLOPs"] * 1e12)
-                row.update(prefill_of_floor_fp8_indexer=sig(max(fp8_floor, byte_floor) / prefill_s))
             results.append(row)
             done.append(n)
             print(json.dumps(row), flush=True)
@@ -409,7 +397,6 @@ def run_cli(args) -> int:
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
     index_topk.AUTO_SWITCH_FREE = switch_free
     sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
-    sparse_indexer.PREFILL_TILES = prefill_tiles
     print(f"\n{'experts':7} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
@@ -426,7 +413,7 @@ def run_cli(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceilings": ceil,
                        "layers": cfg.num_layers, "dtype": str(jnp.dtype(dtype)),
-                       "prefix_caching": not args.no_prefix_caching, "score_budget": index_topk.SCORE_BUDGET, "results": results, "traces": traces},
+                       "prefix_caching": not args.no_prefix_caching, "results": results, "traces": traces},
                       f, indent=1)
     return 0
 

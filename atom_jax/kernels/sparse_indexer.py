@@ -53,18 +53,6 @@ class IndexerTiles:
     # The heads path's dot: "cols" [block_e, di] x [di, H] (its sum over the heads stays within
     # a warp) or "rows" [H, di] x [di, block_e] (the sum over rows crosses warps).
     heads_as: str = "cols"
-    # fp8: score in FP8 (e4m3) as DeepSeek's inference and SGLang/vLLM's DeepGEMM indexer do: q and the
-    # keys rotated by one 128x128 Hadamard matrix (spreads outliers; dot products unchanged), then each
-    # q row (token, head) and each key row quantized with its own scale (amax / 448), the dots e4m3 x e4m3
-    # accumulating in float32 (Hopper's FP8 rate is 2x bf16's), the scales applied outside the dots (relu
-    # is positively homogeneous). Keys are quantized in the kernel from the bf16 pool, once per key
-    # block a program holds: the cache layout is unchanged. Off: bf16 dots (transformers' numerics up to
-    # q's rounding to bf16). `fp8_scores` is the oracle.
-    fp8: bool = False
-    # where the fp8 keys are made: "kernel" (rotated and quantized from the bf16 pool per key block a
-    # program holds) or "pool" (the whole pool rotated and quantized by XLA before the call: codes and
-    # row scales loaded as such; a pass over the pool per scorer call)
-    fp8_keys: str = "kernel"
 
 
 TILES = IndexerTiles()
@@ -83,9 +71,6 @@ PREFILL_TILES = IndexerTiles(block_e=256, num_warps=8)
 PREFILL_MIN_TOKENS = 8192
 SCORER_PATHS = ("auto", "tiles", "heads")  # `scorer(path=...)`: auto = TILES.heads_max decides
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3's largest finite value: a row's amax maps to it
-_TINY = 1e-30  # an all-zero row's amax (masked keys): its codes are 0
 
 
 # A call of a step of at most LOOP_MAX_TOKENS tokens (decode: models/index_topk.AUTO_MAX_TOKENS)
@@ -135,7 +120,7 @@ def chunk_ranges(b):
 
 
 def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis_ref, e0_ref,
-            q_ref, w_ref, pool_ref, pt_ref, had_ref, o_ref, *, tiles: IndexerTiles, heads: int, dim: int,
+            q_ref, w_ref, pool_ref, pt_ref, o_ref, *, tiles: IndexerTiles, heads: int, dim: int,
             epp: int, max_pages: int, n_rows: int, sub_blocks: int, stride: int):
     j = pl.program_id(0)
     i = pl.program_id(1)
@@ -166,13 +151,6 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
             keys = plt.load(pool_ref.at[addr[:, None], d[None, :]], mask=live[:, None], other=0.0)
             tf32 = keys.dtype != jnp.float32
             cols = jj * be + jnp.arange(be, dtype=jnp.int32)
-            kscale = None  # fp8: each key row's scale, applied to its column of scores
-            if tiles.fp8 and tiles.fp8_keys == "pool":  # pool_ref: codes; had_ref: each row's scale
-                kscale = plt.load(had_ref.at[addr], mask=live, other=0.0)
-            elif tiles.fp8:
-                rotated = plt.dot(keys, had_ref[d[:, None], d[None, :]], allow_tf32=tf32)  # [be, dim] f32
-                keys, kscale = _quantize_rows(rotated)
-            scaled = (lambda x: x) if kscale is None else (lambda x: x * kscale)  # noqa: E731  x [.., be]
 
             def tokens_as_rows():  # loop over heads: [bt, di] x [di, be] dots
                 def head(h, acc):
@@ -180,7 +158,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                     s = plt.dot(qh, keys, trans_b=True, allow_tf32=tf32)  # [bt, be] f32
                     return acc + jnp.maximum(s, 0.0) * w_ref[rows * heads + h][:, None]
 
-                acc = scaled(jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32)))
+                acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((bt, be), jnp.float32))
                 out = jnp.where(e[None, :] < nvis[:, None], acc, -jnp.inf)
                 plt.store(o_ref.at[out_rows[:, None], cols[None, :]], out, mask=mine[:, None])
 
@@ -199,7 +177,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                     else:
                         s = plt.dot(keys, qt, trans_b=True, allow_tf32=tf32)  # [be, hp] f32
                         acc = jnp.sum(jnp.maximum(s, 0.0) * wt[None, :], axis=1)  # [be]
-                    out = jnp.where(e < nvis_ref[r], scaled(acc), -jnp.inf)
+                    out = jnp.where(e < nvis_ref[r], acc, -jnp.inf)
                     o_ref[jnp.zeros((be,), jnp.int32) + r - e0_ref[1], cols] = out
                     return carry
 
@@ -267,14 +245,8 @@ def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segm
         name="indexer_scores",
     )
     slots, nvis = b["slot"].astype(jnp.int32), n_visible.astype(jnp.int32)
-    if tiles.fp8:
-        qk, w, had = fp8_queries(q, w)
-        had = had.astype(ipool.dtype)  # +-1: exact in bf16
-        if tiles.fp8_keys == "pool":
-            ipool, had = _quantize_rows(jnp.dot(ipool.astype(jnp.float32), had.astype(jnp.float32)))
-    else:
-        qk, had = q.reshape(t * heads, dim).astype(ipool.dtype), jnp.zeros((1, 1), jnp.float32)
-    after = (qk, w.astype(jnp.float32).reshape(-1), ipool, page_table.reshape(-1).astype(jnp.int32), had)
+    after = (q.reshape(t * heads, dim).astype(ipool.dtype), w.astype(jnp.float32).reshape(-1), ipool,
+             page_table.reshape(-1).astype(jnp.int32))
     if rows is None:
         before = (*work_items(starts, ends, tiles.block_t, items), starts, ends, slots, nvis)
         return lambda e0: call(*before, jnp.stack([jnp.asarray(e0, jnp.int32), jnp.int32(0)]), *after)[:t]
@@ -287,42 +259,3 @@ def scorer(q, w, ipool, page_table, b, n_visible, epp: int, block: int, max_segm
                     jnp.stack([jnp.asarray(e0, jnp.int32), r0]), *after)[:rows]
 
     return windowed
-
-
-# ---- FP8 scoring (IndexerTiles.fp8) ----------------------------------------------------------
-def hadamard(n: int) -> jnp.ndarray:
-    """The n x n Sylvester Hadamard matrix of +-1 (n a power of two; H H^T = n I), float32."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"the FP8 scorer's Hadamard rotation needs a power-of-two head dim, not {n}")
-    h = jnp.ones((1, 1), jnp.float32)
-    while h.shape[0] < n:
-        h = jnp.block([[h, h], [h, -h]])
-    return h
-
-
-def _quantize_rows(x):
-    """x [.., n] float32 -> (e4m3 codes [.., n], scale [..] float32): each row's amax maps to FP8_MAX.
-    The kernel runs this same function on its key rows."""
-    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _TINY) / FP8_MAX
-    return (x / scale[..., None]).astype(FP8), scale
-
-
-def fp8_queries(q, w):
-    """q [T, H, di] float32 (roped), w [T, H] -> (codes [T * H, di] e4m3 of q rotated by `hadamard(di)`,
-    w times each row's scale and 1 / di (both sides rotated by the unnormalised matrix: dots x di),
-    the matrix [di, di] float32 for the kernel's keys)."""
-    t, heads, dim = q.shape
-    had = hadamard(dim)
-    codes, scale = _quantize_rows(jnp.einsum("thd,de->the", q.astype(jnp.float32), had).reshape(t * heads, dim))
-    return codes, w.astype(jnp.float32) * scale.reshape(t, heads) / dim, had
-
-
-def fp8_scores(q, w, keys):
-    """The FP8 scorer's oracle: q [T, H, di] float32, w [T, H], keys [T, E, di] (each token's entries)
-    -> [T, E] float32: sum_h w'[t, h] * relu(q8[t, h] . k8[t, e]) * k_scale[t, e] from the codes the
-    kernel uses (the products of e4m3 values are exact in float32; only the summation order differs)."""
-    t, heads, dim = q.shape
-    codes, wq, had = fp8_queries(q, w)
-    k8, ks = _quantize_rows(jnp.einsum("ted,df->tef", keys.astype(jnp.float32), had))
-    dots = jnp.einsum("thd,ted->the", codes.reshape(t, heads, dim).astype(jnp.float32), k8.astype(jnp.float32))
-    return jnp.einsum("the,th->te", jax.nn.relu(dots), wq) * ks
