@@ -291,6 +291,40 @@ def test_unannotated_capture_divides_span_by_steps():
     assert d["categories"][GEMM]["union_ms"] == pytest.approx(100 / 1e6)
 
 
+def test_command_buffer_kernels_map_to_their_hlo_op_by_name():
+    """Kernels without an hlo_op stat (launched inside a command buffer) get the HLO op whose kernel
+    name they carry (instruction name, '.' -> '_'), when exactly one indexed op has that name;
+    layer and micro-batch then come from its op_name, and the report counts the mapped share."""
+    from atom_jax.trace.events import Step, Trace
+    from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, kernel_name_of
+
+    assert kernel_name_of("input_reduce_fusion.65") == "input_reduce_fusion_65"
+    rng = np.random.default_rng()
+    layer, n = int(rng.integers(0, 40)), int(rng.integers(2, 999))
+    step_ops = {f"input_reduce_fusion.{n}": HloOpInfo(f"input_reduce_fusion.{n}", "fusion",
+                                                      f"jit(step)/layer{layer}/mb_b/reduce_sum"),
+                "loop_add_fusion": HloOpInfo("loop_add_fusion", "fusion", "jit(step)/layer1/add")}
+    other_ops = {"loop_add_fusion": HloOpInfo("loop_add_fusion", "fusion", "jit(add)/add")}
+    index = HloIndex()
+    index.add_module("jit_step", 7, step_ops)
+    index.add_module("jit_add", 8, other_ops)
+    assert index.lookup_kernel(f"input_reduce_fusion_{n}") is step_ops[f"input_reduce_fusion.{n}"]
+    assert index.lookup_kernel("loop_add_fusion") is None  # in both modules: ambiguous
+    lanes = {"/device:GPU:0": ["Stream #1"]}
+    raw = [RawEvent("/device:GPU:0", "Stream #1", f"input_reduce_fusion_{n}", 0.0, 3000.0, {}),
+           RawEvent("/device:GPU:0", "Stream #1", "loop_add_fusion", 4000.0, 1000.0, {}),
+           # an annotated kernel keeps its own lookup: an unknown hlo_op is not guessed from the name
+           RawEvent("/device:GPU:0", "Stream #1", f"input_reduce_fusion_{n}", 6000.0, 1000.0, {"hlo_op": "x.1"})]
+    events, _, platform = normalise(raw, lanes, index)
+    assert events[0].hlo is step_ops[f"input_reduce_fusion.{n}"]
+    assert events[0].layer == f"layer{layer}" and events[0].micro_batch == "mb_b"
+    assert events[1].hlo is None and events[2].hlo is None
+    trace = Trace(Path("x"), "xplane", platform, events, [Step(0, 0.0, 8000.0)], index, {})
+    d = analyse(trace)["devices"]["/device:GPU:0"]
+    assert d["hlo_known_share"] == pytest.approx(3000 / 5000)
+    assert "HLO op known for 60.0%" in format_report(analyse(trace))
+
+
 # --- a real CPU trace ---------------------------------------------------------------------------
 
 CAPTURE_SCRIPT = textwrap.dedent("""

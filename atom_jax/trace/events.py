@@ -11,7 +11,9 @@ The xplane is preferred: it carries the compiled HLO modules (see
 
 Where device work lives:
   * GPU: planes ``/device:GPU:N``; kernels and memcpys on lines ``Stream #K(...)``,
-    each with stats ``hlo_op``, ``hlo_module``, ``program_id``.
+    each with stats ``hlo_op``, ``hlo_module``, ``program_id``, except the kernels XLA
+    launched inside a command buffer (a CUDA graph): those carry no per-op annotation and
+    are matched to their HLO instruction by kernel name (``HloIndex.lookup_kernel``).
   * CPU backend: no device planes. Each executed HLO op (thunk) is an event on a
     host thread line of ``/host:CPU`` (``tf_XLAPjRtCpuClient/...``) with stats
     ``hlo_op``, ``hlo_module``, ``device_ordinal``; those become per-device events
@@ -229,13 +231,15 @@ def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
     kernel_lines = {p: _kernel_lines(lanes[p]) for p in device_planes}
     events: list[Event] = []
 
-    def make(device, r: RawEvent) -> Event:
+    def make(device, r: RawEvent, kernel: bool = False) -> Event:
         info = hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
+        if info is None and kernel and not r.stats.get("hlo_op"):  # a command buffer's kernel: by its name
+            info = hlo.lookup_kernel(r.name)
         return Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
 
     for r in raw:
         if r.dur_ns > 0 and r.plane in device_planes and r.line in kernel_lines[r.plane]:
-            events.append(make(r.plane, r))
+            events.append(make(r.plane, r, kernel=True))
     if not events:
         # CPU backend: the executed HLO ops are host-thread events tagged with hlo_op.
         for r in raw:

@@ -16,6 +16,7 @@ the protobuf wire format. Field numbers are those of ``xplane.proto`` and
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator
 
 # xplane.proto
@@ -48,17 +49,29 @@ class HloOpInfo:
     fused_op_names: tuple[str, ...] = ()  # op_name of every op fused into this one
 
 
+def kernel_name_of(instruction: str) -> str:
+    """The name XLA's GPU backend gives the kernel of a fused instruction: the instruction's name
+    with every character outside [A-Za-z0-9_] made '_' (``input_reduce_fusion.65`` ->
+    ``input_reduce_fusion_65``, ``gemm_fusion_dot.54`` -> ``gemm_fusion_dot_54``)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", instruction)
+
+
 class HloIndex:
-    """``lookup(program_id, module, hlo_op)`` -> :class:`HloOpInfo` or None."""
+    """``lookup(program_id, module, hlo_op)`` -> :class:`HloOpInfo` or None; ``lookup_kernel(name)``
+    for device events that carry no ``hlo_op`` (kernels XLA launched inside a command buffer, a
+    CUDA graph, have no per-op annotation): the instruction whose kernel name it is, where exactly
+    one instruction of all the indexed modules has that kernel name."""
 
     def __init__(self) -> None:
         self._by_program: dict[int, dict[str, HloOpInfo]] = {}
         self._by_module: dict[str, dict[str, HloOpInfo]] = {}
+        self._kernels: dict[str, HloOpInfo | None] | None = None  # kernel name -> op (None: ambiguous)
 
     def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo]) -> None:
         if program_id is not None:
             self._by_program[program_id] = ops
         self._by_module.setdefault(module_name, ops)
+        self._kernels = None
 
     def lookup(self, program_id, module, hlo_op) -> HloOpInfo | None:
         if not hlo_op:
@@ -72,6 +85,17 @@ class HloIndex:
         if ops is None and module:
             ops = self._by_module.get(str(module))
         return ops.get(hlo_op) if ops else None
+
+    def lookup_kernel(self, kernel: str) -> HloOpInfo | None:
+        """The op whose kernel (`kernel_name_of`) is named `kernel`, if exactly one indexed op's is
+        (a small program's ``loop_add_fusion`` may share a name with the step's: then None)."""
+        if self._kernels is None:
+            self._kernels = {}
+            for ops in {id(o): o for o in [*self._by_module.values(), *self._by_program.values()]}.values():
+                for name, info in ops.items():
+                    key = kernel_name_of(name)
+                    self._kernels[key] = info if key not in self._kernels else None
+        return self._kernels.get(kernel)
 
     @property
     def module_names(self) -> list[str]:

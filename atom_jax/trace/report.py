@@ -188,6 +188,10 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         "communication": _comm_dict(communication_split(events, compute), n),
         "micro_batches": micro,
         "top_kernels": _top_kernels(events, top, n),
+        # share of the kernels' time whose HLO op is known (op_name, layer, micro-batch come from it);
+        # a low share means the trace lacks the module or the kernels' annotations
+        "hlo_known_share": round(sum(e.dur_ns for e in events if e.hlo is not None)
+                                 / max(sum(e.dur_ns for e in events), 1e-9), 4) if events else None,
     }
 
 
@@ -239,6 +243,8 @@ def _device_lines(device: str, d: dict) -> list[str]:
            + (f"\n   period {d['step_period_ms']:.3f} ms (step start to next step start), device busy "
               f"{_pct_text(100 * d['busy_share_of_period'])} of it" if d.get("busy_share_of_period") is not None else ""),
            _launch_line(d.get("launches")),
+           *([f"   HLO op known for {_pct_text(100 * d['hlo_known_share'])} of the kernels' time"]
+             if d.get("hlo_known_share") is not None else []),
            f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% step':>8}"]
     for c, v in d["categories"].items():
         pct = _pct(v["union_ms"], d["step_time_ms"])
