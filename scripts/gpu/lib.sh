@@ -3,7 +3,7 @@
 #   step NAME MAXSEC CMD...   runs CMD with its output in $OUT/NAME.log, stopped at MAXSEC or at
 #                             the call's DEADLINE (whichever is first); skipped when < 20 s remain
 # Results: every step's log and whatever it writes under $OUT (JSON: --json $OUT/...), packed at
-# exit into $OUT/res.tgz beside $OUT/summary.txt (the tool brings back at most 8 files, 16 MiB each).
+# exit into $OUT/res.tgz beside $OUT/summary.txt (files named *.keep.gz come back on their own) (the tool brings back at most 8 files, 16 MiB each).
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : "${OUT:?run me through the device tool: \$OUT must be set}"
@@ -33,7 +33,7 @@ gpu_tests() { JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovid
 pack() {  # at exit: everything but the summary into one archive; the compile cache beside it
   tar czf /tmp/jc.tgz -C "$JAX_COMPILATION_CACHE_DIR" . && (( $(stat -c %s /tmp/jc.tgz) < 15000000 )) \
     && mv /tmp/jc.tgz "$OUT/jc.tgz" || echo "compile cache not brought back (too large or failed)" >>"$SUMMARY"
-  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name res.tgz ! -name jc.tgz -print0 \
+  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name res.tgz ! -name jc.tgz ! -name "*.keep.gz" -print0 \
       | xargs -0 -r tar czf res.tgz --remove-files ) || echo "pack failed" >>"$SUMMARY"
 }
 trap pack EXIT

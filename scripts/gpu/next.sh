@@ -128,5 +128,65 @@ n1)  # next session: the sampler per batch (radix 1.7x slower than sorted at b1 
   step decode_b64 300 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 64 --modes off,on --steps 48 \
     --replay 16 --json "$J/decode_b64.json"
   ;;
+s15a)  # session 15: the FP8 indexer scorer (tests, kernel alone, 128K prefill), a larger score budget
+  step tests_fp8 150 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py -k "fp8 or compiled_indexer"
+  step indexer 120 python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768 --policies rowselect \
+    --scorer pallas-prefill,pallas-fp8 --iters 5 --json "$J/indexer.json"
+  step indexer_budget 90 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+    --scorer pallas-prefill,pallas-fp8 --iters 5 --score-budget 67108864 --json "$J/indexer_budget.json"
+  step lc 250 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --indexer-paths auto,fp8 --json "$J/long_context.json"
+  ;;
+s15b)  # FP8 keys made before the kernel vs in it (is the e4m3 dot itself slow?); 16 warps for the attention kernel;
+  # a 4x score budget (fewer, larger indexer calls) at 128K
+  step tests_fp8 150 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py -k "fp8"
+  step indexer 100 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+    --scorer pallas-prefill,pallas-fp8,pallas-fp8pool --iters 5 --json "$J/indexer.json"
+  step attention 130 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    default,64x128x16x1x0x1x1x4x1x0x1
+  step lc 120 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/long_context.json"
+  step lc_budget 120 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --score-budget 67108864 --json "$J/long_context_budget.json"
+  ;;
+s15c)  # the indexer's heads path with the next token's queries loaded ahead (prefetch_q); selection tiles;
+  # 128K prefill with it (PREFILL_TILES prefetch_q=True in this tree) against BASE (HEAD before it), same machine
+  step tests_indexer 120 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_sparse_kernels.py -k "compiled_indexer or decode_batch"
+  # pallas-prefill: PREFILL_TILES (prefetch_q on in this tree); pallas with these flags: the same tiles without it
+  step indexer_ahead 100 python -m atom_jax.bench indexer --tokens 8192 --visible 8192,32768 --policies rowselect \
+    --scorer pallas-prefill,pallas --block-e 256 --num-warps 8 --prefetch-q 0 --iters 5 --json "$J/indexer_ahead.json"
+  step indexer_ahead64 80 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+    --scorer pallas-prefill,pallas --block-t 64 --block-e 256 --num-warps 8 --prefetch-q 1 --iters 5 \
+    --json "$J/indexer_ahead64.json"
+  step select_w1024 60 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+    --scorer none --select-block-w 1024 --iters 5 --json "$J/select_w1024.json"
+  step select_default 60 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+    --scorer none --iters 5 --json "$J/select_default.json"
+  step lc 110 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/long_context.json"
+  step lc_base 110 base python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/long_context_base.json"
+  ;;
+s15d)  # issue 27 at batch 1: the sampler per batch size (radix vs sorted: choose by rows?) and which kernels a
+  # b1 decode step launches (command buffers kept under the profiler)
+  step sampler 150 python -m atom_jax.bench sampler --batches 1,4,16,64 --iters 10 --variants default,8x1 \
+    --json "$J/sampler.json"
+  step decode_b1 200 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true python -m atom_jax.bench \
+    decode --dp 1 --layers 4 --batches 1 --modes on --steps 64 --replay 16 --trace /tmp/dtr --json "$J/decode_b1.json"
+  step report 60 bash -c 'python -m atom_jax.trace report "$(ls -d /tmp/dtr/on_b1* | head -1)" --top 80 \
+    --json "$0/decode_b1_report.json"' "$J"
+  ;;
+s15e)  # raw traces for the trace tool's kernel -> HLO op mapping (op_name empty for most kernels in s14's reports):
+  # a b1 decode step (command buffers as by default under the profiler) and a 16K prefill chunk, xplane files kept
+  step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
+    --trace-steps 4 --trace /tmp/dtr --json "$J/decode_b1.json"
+  step lc_trace 150 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps 1 --json "$J/long_context_trace.json"
+  step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/$(basename $d).xplane.pb.keep.gz"; done; done; ls -la "$0"' "$J"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
