@@ -5,10 +5,8 @@ which no emulating device holds) are zero. The collectives move a dp=4 rank's vo
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from atom_jax.config import tiny
 from atom_jax.loader import random_model

@@ -380,7 +380,7 @@ def run_cli(args) -> int:
     print("(thr): the dispatch thread, per step: its launch (the program called, the input block copied by the call;"
           " the engine thread packed it)")
     if any("replay_steps" in r for r in results):
-        print(f"\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
+        print("\nreplay of the last step without the engine loop (ms/step; launch = one call's return)")
         print(f"{'variant':>14} {'batch/rank':>10} {'mode':>6} {'loop':>9} {'run':>9} {'call':>9} {'launch':>9} "
               f"{'placed':>9} {'p.launch':>9} {'idle l.':>9} {'args l.':>9} {'read':>9} {'sync':>9} {'busy':>9}")
         for r in results:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 from atom_jax.bench.gemm import SHAPES, TOPK, dense_case, save  # the same expert shapes per rank
 FP4_BYTES_PER_WEIGHT = 0.5 + 1 / 32

@@ -19,7 +19,6 @@ from atom_jax.kernels.norm_rope import rope_queries, unrope_output
 from atom_jax.kernels.platform import is_cpu, target_platform
 from atom_jax.models.attention import Attention
 from atom_jax.models.cache_reads import entry_addresses, jnp_index_scorer, max_windows, visible_counts
-from atom_jax.models.compressor import Compressor
 from atom_jax.models.index_topk import TopkPlan, index_topk, plan_topk
 from atom_jax.models.layers import rope_cos_sin
 from atom_jax.models.trace_once import traced_once
@@ -109,7 +108,6 @@ def _compress_step(comps, proj, b, tail, pools, plan, inv_freq, page_tail=None, 
     token: only the tokens that close a window gather their window's rows."""
     r, overlap = comps[0].ratio, comps[0].overlap
     pos = b["pos"]
-    n = pos.shape[0]
     width = tail.shape[-1]
     # each compressor's gate columns get its position bias; its kv columns nothing
     bias = jnp.concatenate([part for comp in comps for part in
