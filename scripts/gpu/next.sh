@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU session plans (parts c1-c5 written in session 12, s13 and s14a-f run in sessions 13-14; n1 is the next
-# session's first). One `run` call per part, each under 10 minutes:
+# GPU session plans (parts c1-c5 written in session 12, s13-s15 run in sessions 13-15; s15a-c name variants that were
+# reverted after measuring (FP8 scorer: ffe57e1); n1 and n2 are for the next session). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -183,6 +183,17 @@ s15e)  # raw traces for the trace tool's kernel -> HLO op mapping (op_name empty
   # a b1 decode step (command buffers as by default under the profiler) and a 16K prefill chunk, xplane files kept
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
     --trace-steps 4 --trace /tmp/dtr --json "$J/decode_b1.json"
+  step lc_trace 150 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps 1 --json "$J/long_context_trace.json"
+  step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/$(basename $d).xplane.pb.keep.gz"; done; done; ls -la "$0"' "$J"
+  ;;
+n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
+  # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
+  step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
+    --trace-steps 4 --trace /tmp/dtr --json "$J/decode_b1.json"
+  step report 60 bash -c 'python -m atom_jax.trace report "$(ls -d /tmp/dtr/on_b1* | head -1)" --top 120 \
+    --json "$0/decode_b1_report.json"' "$J"
   step lc_trace 150 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
     --trace /tmp/lctr --trace-steps 1 --json "$J/long_context_trace.json"
   step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
