@@ -196,6 +196,7 @@ n2)  # next session, first call: the trace tool's kernel-name mapping on real GP
     --json "$0/decode_b1_report.json"' "$J"
   step lc_trace 150 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
     --trace /tmp/lctr --trace-steps 1 --json "$J/long_context_trace.json"
+  step leaf_dispatch 60 python scripts/gpu/leaf_dispatch.py
   step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/$(basename $d).xplane.pb.keep.gz"; done; done; ls -la "$0"' "$J"
   ;;
