@@ -293,8 +293,9 @@ def test_unannotated_capture_divides_span_by_steps():
 
 def test_command_buffer_kernels_map_to_their_hlo_op_by_name():
     """Kernels without an hlo_op stat (launched inside a command buffer) get the HLO op whose kernel
-    name they carry (instruction name, '.' -> '_'), when exactly one indexed op has that name;
-    layer and micro-batch then come from its op_name, and the report counts the mapped share."""
+    name they carry (instruction name, '.' -> '_'): in their own program where a stat names it,
+    else the op every indexed program agrees on (another bucket's step program may hold the same
+    name); layer and micro-batch then come from its op_name, and the report counts the mapped share."""
     from atom_jax.trace.events import Step, Trace
     from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, kernel_name_of
 
@@ -305,18 +306,30 @@ def test_command_buffer_kernels_map_to_their_hlo_op_by_name():
                                                       f"jit(step)/layer{layer}/mb_b/reduce_sum"),
                 "loop_add_fusion": HloOpInfo("loop_add_fusion", "fusion", "jit(step)/layer1/add")}
     other_ops = {"loop_add_fusion": HloOpInfo("loop_add_fusion", "fusion", "jit(add)/add")}
+    # another bucket's step program: the same reduce under the same instruction name, another op as fusion.3
+    bucket_ops = {f"input_reduce_fusion.{n}": HloOpInfo(f"input_reduce_fusion.{n}", "fusion",
+                                                        f"jit(step)/layer{layer}/mb_b/reduce_sum"),
+                  "fusion.3": HloOpInfo("fusion.3", "fusion", "jit(step)/layer2/mul")}
     index = HloIndex()
     index.add_module("jit_step", 7, step_ops)
     index.add_module("jit_add", 8, other_ops)
-    assert index.lookup_kernel(f"input_reduce_fusion_{n}") is step_ops[f"input_reduce_fusion.{n}"]
-    assert index.lookup_kernel("loop_add_fusion") is None  # in both modules: ambiguous
+    index.add_module("jit_step", 9, bucket_ops)
+    assert index.lookup_kernel(f"input_reduce_fusion_{n}").op_name == step_ops[f"input_reduce_fusion.{n}"].op_name
+    assert index.lookup_kernel("loop_add_fusion") is None  # two modules, two different ops: ambiguous
+    assert index.lookup_kernel("loop_add_fusion", program_id=8) is other_ops["loop_add_fusion"]  # its own program
+    assert index.lookup_kernel("fusion_3") is bucket_ops["fusion.3"]
+    assert index.lookup_kernel("fusion_3", program_id=7) is None  # not in that program
+    clash = HloIndex()  # two instructions of one module with one kernel name: no guess
+    clash.add_module("m", 1, {"fusion.1": HloOpInfo("fusion.1", "fusion", "a"),
+                              "fusion_1": HloOpInfo("fusion_1", "fusion", "a")})
+    assert clash.lookup_kernel("fusion_1") is None
     lanes = {"/device:GPU:0": ["Stream #1"]}
     raw = [RawEvent("/device:GPU:0", "Stream #1", f"input_reduce_fusion_{n}", 0.0, 3000.0, {}),
            RawEvent("/device:GPU:0", "Stream #1", "loop_add_fusion", 4000.0, 1000.0, {}),
            # an annotated kernel keeps its own lookup: an unknown hlo_op is not guessed from the name
            RawEvent("/device:GPU:0", "Stream #1", f"input_reduce_fusion_{n}", 6000.0, 1000.0, {"hlo_op": "x.1"})]
     events, _, platform = normalise(raw, lanes, index)
-    assert events[0].hlo is step_ops[f"input_reduce_fusion.{n}"]
+    assert events[0].hlo.op_name == step_ops[f"input_reduce_fusion.{n}"].op_name
     assert events[0].layer == f"layer{layer}" and events[0].micro_batch == "mb_b"
     assert events[1].hlo is None and events[2].hlo is None
     trace = Trace(Path("x"), "xplane", platform, events, [Step(0, 0.0, 8000.0)], index, {})

@@ -234,7 +234,7 @@ def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
     def make(device, r: RawEvent, kernel: bool = False) -> Event:
         info = hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
         if info is None and kernel and not r.stats.get("hlo_op"):  # a command buffer's kernel: by its name
-            info = hlo.lookup_kernel(r.name)
+            info = hlo.lookup_kernel(r.name, r.stats.get("program_id"), r.stats.get("hlo_module"))
         return Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
 
     for r in raw:

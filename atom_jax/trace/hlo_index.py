@@ -49,6 +49,13 @@ class HloOpInfo:
     fused_op_names: tuple[str, ...] = ()  # op_name of every op fused into this one
 
 
+def _by_kernel_name(ops: dict[str, HloOpInfo]) -> dict[str, list[HloOpInfo]]:
+    out: dict[str, list[HloOpInfo]] = {}
+    for name, info in ops.items():
+        out.setdefault(kernel_name_of(name), []).append(info)
+    return out
+
+
 def kernel_name_of(instruction: str) -> str:
     """The name XLA's GPU backend gives the kernel of a fused instruction: the instruction's name
     with every character outside [A-Za-z0-9_] made '_' (``input_reduce_fusion.65`` ->
@@ -59,23 +66,21 @@ def kernel_name_of(instruction: str) -> str:
 class HloIndex:
     """``lookup(program_id, module, hlo_op)`` -> :class:`HloOpInfo` or None; ``lookup_kernel(name)``
     for device events that carry no ``hlo_op`` (kernels XLA launched inside a command buffer, a
-    CUDA graph, have no per-op annotation): the instruction whose kernel name it is, where exactly
-    one instruction of all the indexed modules has that kernel name."""
+    CUDA graph, have no per-op annotation): the instruction whose kernel name it is (see
+    `lookup_kernel` for which module's)."""
 
     def __init__(self) -> None:
         self._by_program: dict[int, dict[str, HloOpInfo]] = {}
         self._by_module: dict[str, dict[str, HloOpInfo]] = {}
-        self._kernels: dict[str, HloOpInfo | None] | None = None  # kernel name -> op (None: ambiguous)
+        self._kernels: dict[int, dict[str, list[HloOpInfo]]] = {}  # id(module's ops) -> kernel name -> ops
 
     def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo]) -> None:
         if program_id is not None:
             self._by_program[program_id] = ops
         self._by_module.setdefault(module_name, ops)
-        self._kernels = None
+        self._kernels.setdefault(id(ops), _by_kernel_name(ops))
 
-    def lookup(self, program_id, module, hlo_op) -> HloOpInfo | None:
-        if not hlo_op:
-            return None
+    def _ops(self, program_id, module) -> dict[str, HloOpInfo] | None:
         ops = None
         if program_id not in (None, ""):
             try:
@@ -84,18 +89,33 @@ class HloIndex:
                 ops = None
         if ops is None and module:
             ops = self._by_module.get(str(module))
+        return ops
+
+    def lookup(self, program_id, module, hlo_op) -> HloOpInfo | None:
+        if not hlo_op:
+            return None
+        ops = self._ops(program_id, module)
         return ops.get(hlo_op) if ops else None
 
-    def lookup_kernel(self, kernel: str) -> HloOpInfo | None:
-        """The op whose kernel (`kernel_name_of`) is named `kernel`, if exactly one indexed op's is
-        (a small program's ``loop_add_fusion`` may share a name with the step's: then None)."""
-        if self._kernels is None:
-            self._kernels = {}
-            for ops in {id(o): o for o in [*self._by_module.values(), *self._by_program.values()]}.values():
-                for name, info in ops.items():
-                    key = kernel_name_of(name)
-                    self._kernels[key] = info if key not in self._kernels else None
-        return self._kernels.get(kernel)
+    def lookup_kernel(self, kernel: str, program_id=None, module=None) -> HloOpInfo | None:
+        """The op whose kernel (`kernel_name_of`) is named `kernel`: in the event's own program or
+        module where it names one; else among all indexed modules (a trace holds every bucket's step
+        program, whose instructions may share names), the op they agree on: every op of that kernel
+        name with the same opcode and op_name, so layer and micro-batch do not depend on which
+        program ran. None where a module holds two such ops or the candidates disagree."""
+        ops = self._ops(program_id, module)
+        if ops is not None:
+            found = self._kernels.get(id(ops), {}).get(kernel, [])
+            return found[0] if len(found) == 1 else None
+        found = []
+        for by_name in self._kernels.values():
+            here = by_name.get(kernel, [])
+            if len(here) > 1:
+                return None
+            found += here
+        if found and all((f.opcode, f.op_name) == (found[0].opcode, found[0].op_name) for f in found):
+            return found[0]
+        return None
 
     @property
     def module_names(self) -> list[str]:
