@@ -231,15 +231,15 @@ def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
     kernel_lines = {p: _kernel_lines(lanes[p]) for p in device_planes}
     events: list[Event] = []
 
-    def make(device, r: RawEvent, kernel: bool = False) -> Event:
+    def make(device, r: RawEvent) -> Event:
         info = hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
-        if info is None and kernel and not r.stats.get("hlo_op"):  # a command buffer's kernel: by its name
+        if info is None and not r.stats.get("hlo_op"):  # a command buffer's kernel: by its name
             info = hlo.lookup_kernel(r.name, r.stats.get("program_id"), r.stats.get("hlo_module"))
         return Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
 
     for r in raw:
         if r.dur_ns > 0 and r.plane in device_planes and r.line in kernel_lines[r.plane]:
-            events.append(make(r.plane, r, kernel=True))
+            events.append(make(r.plane, r))
     if not events:
         # CPU backend: the executed HLO ops are host-thread events tagged with hlo_op.
         for r in raw:

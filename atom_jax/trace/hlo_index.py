@@ -72,13 +72,15 @@ class HloIndex:
     def __init__(self) -> None:
         self._by_program: dict[int, dict[str, HloOpInfo]] = {}
         self._by_module: dict[str, dict[str, HloOpInfo]] = {}
-        self._kernels: dict[int, dict[str, list[HloOpInfo]]] = {}  # id(module's ops) -> kernel name -> ops
+        # id(a module's ops) -> (those ops, kept so the id stays theirs; kernel name -> ops)
+        self._kernels: dict[int, tuple[dict[str, HloOpInfo], dict[str, list[HloOpInfo]]]] = {}
 
     def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo]) -> None:
         if program_id is not None:
             self._by_program[program_id] = ops
         self._by_module.setdefault(module_name, ops)
-        self._kernels.setdefault(id(ops), _by_kernel_name(ops))
+        if id(ops) not in self._kernels:
+            self._kernels[id(ops)] = ops, _by_kernel_name(ops)
 
     def _ops(self, program_id, module) -> dict[str, HloOpInfo] | None:
         ops = None
@@ -105,10 +107,10 @@ class HloIndex:
         program ran. None where a module holds two such ops or the candidates disagree."""
         ops = self._ops(program_id, module)
         if ops is not None:
-            found = self._kernels.get(id(ops), {}).get(kernel, [])
+            found = self._kernels[id(ops)][1].get(kernel, [])
             return found[0] if len(found) == 1 else None
         found = []
-        for by_name in self._kernels.values():
+        for _, by_name in self._kernels.values():
             here = by_name.get(kernel, [])
             if len(here) > 1:
                 return None

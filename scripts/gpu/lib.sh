@@ -3,7 +3,8 @@
 #   step NAME MAXSEC CMD...   runs CMD with its output in $OUT/NAME.log, stopped at MAXSEC or at
 #                             the call's DEADLINE (whichever is first); skipped when < 20 s remain
 # Results: every step's log and whatever it writes under $OUT (JSON: --json $OUT/...), packed at
-# exit into $OUT/res.tgz beside $OUT/summary.txt (files named *.keep.gz come back on their own) (the tool brings back at most 8 files, 16 MiB each).
+# exit into $OUT/res.tgz beside $OUT/summary.txt; files named *.keep.gz come back on their own (the tool
+# brings back at most 8 files, 16 MiB each).
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : "${OUT:?run me through the device tool: \$OUT must be set}"
