@@ -370,8 +370,12 @@ def _restore_as(where: str, abstract_state, host: bool):
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_state)
         with ocp.PyTreeCheckpointer() as ckpt:
             return ckpt.restore(where, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args))
+    # Every leaf onto this process's first device: without a sharding orbax falls back to the
+    # saved one, whose devices (e.g. the CPU the embedded model was saved on) may not exist here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
     with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(where, abstract_state)
+        return ckpt.restore(where, target)
 
 
 def _restore_unfused(where: str, abstract_state, host: bool = False):
@@ -383,8 +387,11 @@ def _restore_unfused(where: str, abstract_state, host: bool = False):
     import jax
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as ckpt:
-        tree = ckpt.restore(where)
+    with ocp.PyTreeCheckpointer() as ckpt:  # as numpy: the saved devices may not exist here
+        saved = ckpt.metadata(where)
+        saved = getattr(saved, "item_metadata", saved)
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        tree = ckpt.restore(where, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     value = lambda v: np.asarray(v["value"])  # noqa: E731 (a saved leaf: {"value": array})
     fused = False
 

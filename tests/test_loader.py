@@ -167,6 +167,45 @@ def test_orbax_saved_before_fused_projections(tmp_path, weights):
         np.testing.assert_array_equal(np.asarray(jit_forward(restored)(ids)), want)
 
 
+def test_orbax_saved_on_a_device_this_process_lacks(tmp_path):
+    """The embedded default model is saved from a CPU; a GPU process has no cpu:0 and orbax would
+    place each leaf as saved. Saved from this process's last device, the checkpoint (current and
+    older fused layouts) restores in a process with one device to the same logits."""
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    last = jax.devices()[-1]
+    assert last.id > 0, "conftest simulates 8 CPU devices"
+    model = random_model(tiny(), seed=7)
+    nnx.update(model, jax.device_put(nnx.state(model), last))
+    out = save_orbax(model, str(tmp_path / "ckpt"))
+    legacy = str(tmp_path / "legacy")  # a tree the fused layout cannot take: the unfused path reads it
+    save_orbax(model, legacy)
+    pure = nnx.state(model).to_pure_dict()
+    attn = pure["layers"][0]["attn"]
+    attn["wq_a"], attn["wkv"] = np.split(np.asarray(attn.pop("wqkv")), [model.cfg.q_lora_rank], axis=-1)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(legacy, "orbax"), jax.tree.map(lambda a: {"value": jax.device_put(a, last)}, pure),
+                  force=True)
+    ids = np.random.default_rng(3).integers(0, 256, size=(1, 24))
+    np.save(tmp_path / "ids.npy", ids)
+    code = ("import sys, numpy as np, jax\n"
+            "from atom_jax.loader import load_model\nfrom atom_jax.models import jit_forward\n"
+            "assert len(jax.devices()) == 1\nids = np.load(sys.argv[1])\n"
+            "for i, path in enumerate(sys.argv[2:]):\n"
+            "    np.save(f'{sys.argv[1]}.{i}.npy', np.asarray(jit_forward(load_model(path))(ids)))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ids.npy"), out, legacy], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = np.asarray(jit_forward(model)(ids))
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"ids.npy.{i}.npy"), want)
+
+
 def test_random_init_any_config():
     model = random_model(tiny(), seed=3)
     logits = jit_forward(model)(np.arange(50)[None] % 500)
