@@ -163,6 +163,7 @@ def test_command_buffer_modes_name_their_compile_options_and_keep_outputs():
 
     assert set(COMMAND_BUFFERS) == set(COMMAND_BUFFER_OPTIONS)
     assert COMMAND_BUFFER_OPTIONS["off"] == {"xla_gpu_enable_command_buffer": ""}
+    assert COMMAND_BUFFER_OPTIONS["concurrent"] == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
     rng = np.random.default_rng()
     prompts = [list(map(int, rng.integers(0, 256, n))) for n in (23, 9)]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -172,7 +173,7 @@ def test_command_buffer_modes_name_their_compile_options_and_keep_outputs():
                                   max_tokens_per_step=32, chunk_size=32, buckets=(32,), command_buffers=mode))
         assert eng.runner.command_buffers == mode
         outs[mode] = [o.token_ids for o in eng.generate(prompts, params)]
-    assert outs["off"] == outs["xla"]
+    assert outs["off"] == outs["xla"] == outs["concurrent"]
     runner = eng.runner
     runner.precompile([(32, False)], workers=1)
     assert runner._compiled

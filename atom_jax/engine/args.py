@@ -22,7 +22,7 @@ from atom_jax.scheduler import TBO_MIN_TOKENS
 from atom_jax.scheduler.pages import default_state_pages
 from atom_jax.weights.formats import AUTO, FORMATS_HELP, LAYOUT_CHOICES, LAYOUT_HELP, WEIGHT_FORMATS, resolve_layout
 
-COMMAND_BUFFERS = ("xla", "off")  # --command-buffers (runner.COMMAND_BUFFER_OPTIONS: what each compiles with)
+COMMAND_BUFFERS = ("xla", "off", "concurrent")  # --command-buffers (runner.COMMAND_BUFFER_OPTIONS: what each compiles with)
 
 log = logging.getLogger("atom_jax.engine")
 
@@ -158,7 +158,8 @@ class EngineConfig:
         metavar="{on,off}", show_default="off")
     command_buffers: str = setting(
         "xla", "the step program's XLA GPU command buffers (CUDA graphs): xla = XLA's default "
-        "set; off = none, every kernel launched on its own (no effect on CPU)",
+        "set; off = none, every kernel launched on its own; concurrent = XLA's set with each graph's "
+        "kernels ordered by data dependencies only (no effect on CPU)",
         choices=COMMAND_BUFFERS)
     seed: int = setting(0, "seed of random weights and of requests that give no seed", type=int)
     compilation_cache_dir: str | None = setting(

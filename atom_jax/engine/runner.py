@@ -412,7 +412,11 @@ def max_samples(layout: CacheLayout, dp: int) -> int:
 # --command-buffers -> the step program's XLA compile options. "off" clears XLA's repeated
 # xla_gpu_enable_command_buffer (an empty value leaves no command type): each kernel is then
 # launched on its own instead of through CUDA graphs that XLA updates when buffers move.
-COMMAND_BUFFER_OPTIONS = {"xla": None, "off": {"xla_gpu_enable_command_buffer": ""}}
+# "concurrent": XLA's default command types, but each graph's nodes depend on their operands'
+# producers only (XLA's default, LHS, chains them in the scheduled order), so independent small
+# kernels of a batch-1 step may run side by side instead of paying a launch gap each.
+COMMAND_BUFFER_OPTIONS = {"xla": None, "off": {"xla_gpu_enable_command_buffer": ""},
+                          "concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}}
 
 
 def device_step_program(model, mesh, layout: CacheLayout, opts: StepOptions = StepOptions(),

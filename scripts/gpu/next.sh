@@ -188,6 +188,22 @@ s15e)  # raw traces for the trace tool's kernel -> HLO op mapping (op_name empty
   step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/$(basename $d).xplane.pb.keep.gz"; done; done; ls -la "$0"' "$J"
   ;;
+s16a)  # session 16: issue 27 at batch 1 with CONCURRENT command buffers (graph nodes ordered by data only: do
+  # the ~280 small kernels' launch gaps overlap?), outputs equal across modes on the GPU, kernels per layer (n2's
+  # name mapping on a real trace), host cost per argument count; one raw trace kept
+  step cb_outputs 120 env JAX_PLATFORMS=cuda python -m pytest -q -x -p no:cacheprovider tests/test_runner_inputs.py \
+    -k command_buffer_modes
+  step decode_b1 260 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true python -m atom_jax.bench \
+    decode --dp 1 --layers 4 --batches 1 --modes on --steps 64 --replay 16 --command-buffers xla,concurrent \
+    --trace /tmp/dtr --json "$J/decode_b1.json"
+  for cb in xla concurrent; do
+    step "report_$cb" 60 bash -c 'python -m atom_jax.trace report "$(ls -d /tmp/dtr/on_b1_cb$1* | head -1)" --top 120 \
+      --json "$0/decode_b1_report_$1.json"' "$J" "$cb"
+  done
+  step leaf_dispatch 60 python scripts/gpu/leaf_dispatch.py
+  step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
