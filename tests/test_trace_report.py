@@ -338,6 +338,128 @@ def test_command_buffer_kernels_map_to_their_hlo_op_by_name():
     assert "HLO op known for 60.0%" in format_report(analyse(trace))
 
 
+def _pb(*fields) -> bytes:
+    """Protobuf wire bytes of (field number, int | str | bytes) pairs (varint or length-delimited)."""
+    def varint(n):
+        out = b""
+        while True:
+            out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+    out = b""
+    for num, v in fields:
+        if isinstance(v, int):
+            out += varint(num << 3) + varint(v)
+        else:
+            v = v.encode() if isinstance(v, str) else v
+            out += varint(num << 3 | 2) + varint(len(v)) + v
+    return out
+
+
+def _instr(iid, name, opcode, op_name="", called=(), target="", backend=""):
+    # HloInstructionProto: name 1, opcode 2, metadata 7 (OpMetadata.op_name 2), custom_call_target 28,
+    # id 35, called_computation_ids 38, backend_config 43
+    return _pb((1, name), (2, opcode), *([(7, _pb((2, op_name)))] if op_name else []),
+               *([(28, target)] if target else []), (35, iid), *[(38, c) for c in called],
+               *([(43, backend)] if backend else []))
+
+
+def _step_hlo_proto() -> bytes:
+    """A decode step's optimized module as a GPU trace stores it, two layers, in the pattern of a real
+    H200 trace: layer 1's norm reuses layer 0's kernel (named input_reduce_fusion_3), each layer runs
+    two Pallas kernels named after the kernel ('grouped_gemm', then 'grouped_gemm__1'), a copy
+    launches 'memcpy32_post', a sort fusion's kernel is named after its sort, and the logits GEMM
+    (outside the layers) fuses an op of layer 1 (shared position arithmetic)."""
+    pallas = ('{grid_x = 8 : i32, ir = "ML\\EFR\\0D", name = "grouped_gemm", num_warps = 4 : i32}')
+    fused = [(10, "fused_norm", [_instr(100, "reduce.1", "reduce", "jit(step)/layer0/reduce_sum")]),
+             (11, "fused_norm.1", [_instr(101, "reduce.2", "reduce", "jit(step)/layer1/reduce_sum")]),
+             (12, "fused_sort", [_instr(102, "sort.2.1", "sort", "jit(step)/layer1/top_k")]),
+             (13, "fused_dot", [_instr(103, "sub.4", "subtract", "jit(step)/layer1/sub"),
+                                _instr(104, "dot.5", "dot", "jit(step)/dot_general")])]
+    entry = [  # (id, instruction), listed out of order: the schedule gives the order
+        (12, _instr(12, "tuple.10", "tuple")),
+        (11, _instr(11, "gemm_fusion_dot.8", "fusion", "jit(step)/dot_general", called=[13])),
+        (7, _instr(7, "input_reduce_fusion.7", "fusion", "jit(step)/layer1/reduce_sum", called=[11])),
+        (1, _instr(1, "param.0", "parameter")),
+        (2, _instr(2, "input_reduce_fusion.3", "fusion", "jit(step)/layer0/reduce_sum", called=[10])),
+        *[(i, _instr(i, f"pallas_call.{i}", "custom-call", f"jit(step)/layer{layer}/grouped_gemm/pallas_call",
+                     target="__gpu$xla.gpu.triton", backend=pallas)) for i, layer in ((3, 0), (4, 0), (8, 1), (9, 1))],
+        (5, _instr(5, "copy.4", "copy")),
+        (6, _instr(6, "get-tuple-element.5", "get-tuple-element")),
+        (10, _instr(10, "fusion.9", "fusion", "jit(step)/layer1/top_k", called=[12])),
+    ]
+    comps = [_pb((1, name), *[(2, i) for i in instrs], (5, cid)) for cid, name, instrs in fused]
+    comps.append(_pb((1, "main.1"), *[(2, i) for _, i in entry], (5, 1)))
+    ids = b"".join(bytes([i]) for i in range(1, 13))  # packed instruction ids 1..12 (each < 128)
+    schedule = _pb((1, _pb((1, 1), (2, _pb((1, ids))))))  # computation 1 -> its sequence
+    module = _pb((1, "jit_step"), *[(3, c) for c in comps], (6, 1), (7, schedule))
+    return _pb((1, module))
+
+
+STEP_KERNELS = ["input_reduce_fusion_3", "grouped_gemm", "grouped_gemm__1", "memcpy32_post",
+                "input_reduce_fusion_3", "grouped_gemm", "grouped_gemm__1", "sort_2_1", "gemm_fusion_dot_8"]
+STEP_LAUNCH_ORDER = ["input_reduce_fusion.3", "pallas_call.3", "pallas_call.4", "copy.4", "input_reduce_fusion.7",
+                     "pallas_call.8", "pallas_call.9", "fusion.9", "gemm_fusion_dot.8"]
+
+
+def _graph_launch_events(correlation: int, t0: float, kernels=STEP_KERNELS) -> list[RawEvent]:
+    """One CUDA-graph launch of the step program as a trace records it: every kernel tagged with the
+    command buffer's thunk as hlo_op, the graph, its node and the launch's correlation id."""
+    return [RawEvent("/device:GPU:0", "Stream #14(Compute)", k, t0 + 3000.0 * i, 2000.0,
+                     {"hlo_op": "command_buffer_1", "hlo_module": "jit_step", "program_id": 5,
+                      "cuda_graph_id": 62, "cuda_graph_node_id": 266287972352 + i, "correlation_id": correlation})
+            for i, k in enumerate(kernels)]
+
+
+def test_command_buffer_launch_maps_kernels_by_schedule_place():
+    """Real H200 decode trace (XLA command buffers): kernels carry hlo_op 'command_buffer_1' (no
+    instruction of the stored module), and a kernel's name does not say which instruction ran it
+    (reused kernels, Pallas and runtime names). One graph node per launching instruction of the entry
+    schedule does: each kernel gets the instruction at its place, so layers come out per launch."""
+    from atom_jax.trace.events import Step, Trace
+    from atom_jax.trace.hlo_index import HloIndex, parse_hlo_proto
+    from atom_jax.trace.report import _launches
+
+    name, ops, order = parse_hlo_proto(_step_hlo_proto())
+    assert name == "jit_step" and order == STEP_LAUNCH_ORDER
+    assert ops["pallas_call.3"].backend_kernel == "grouped_gemm" and ops["copy.4"].backend_kernel == ""
+    index = HloIndex()
+    index.add_module(name, 5, ops, order)
+    index.add_module("jit_step", 6, dict(ops), [])  # another bucket's program of the same name
+    raw = _graph_launch_events(1, 0.0) + _graph_launch_events(2, 100_000.0)
+    random.Random(3).shuffle(raw)  # node order, not list order
+    lanes = {"/device:GPU:0": ["Stream #14(Compute)"]}
+    events, _, platform = normalise(raw, lanes, index)
+    for corr in (1, 2):
+        launch = sorted((e for e in events if e.stats["correlation_id"] == corr),
+                        key=lambda e: e.stats["cuda_graph_node_id"])
+        assert [e.hlo.name for e in launch] == STEP_LAUNCH_ORDER
+        # the logits GEMM fuses a layer-1 op but its own op_name is outside the layers
+        assert [e.layer for e in launch] == ["layer0"] * 3 + ["step"] + ["layer1"] * 4 + ["step"]
+    la = _launches(events, 2)
+    assert la["by_layer"] == {"layer0": 3, "layer1": 4} and la["outside_layers_per_step"] == 2
+    trace = Trace(Path("x"), "xplane", platform, events, [Step(0, 0.0, 200_000.0)], index, {})
+    assert analyse(trace)["devices"]["/device:GPU:0"]["hlo_known_share"] == 1.0
+
+    # a launch of part of the program maps where only one stretch fits; one layer's kernels fit
+    # either layer's stretch, so none of them is placed
+    assert [o.name for o in index.lookup_launch(STEP_KERNELS[5:], 5)] == STEP_LAUNCH_ORDER[5:]
+    assert index.lookup_launch(STEP_KERNELS[:3], 5) == [None] * 3
+
+    # A launch that does not fit the schedule (a node missing): no place is trusted, and a name
+    # launched twice in it (a reused kernel) is not guessed; a name launched once maps by name.
+    kernels = STEP_KERNELS[:3] + STEP_KERNELS[4:]
+    events, _, _ = normalise(_graph_launch_events(3, 0.0, kernels), lanes, index)
+    got = {e.name: e.hlo.name if e.hlo else None for e in events}
+    assert got == {"input_reduce_fusion_3": None, "grouped_gemm": None, "grouped_gemm__1": None,
+                   "sort_2_1": "sort.2.1", "gemm_fusion_dot_8": "gemm_fusion_dot.8"}
+    # a kernel named after another kind of instruction contradicts the place: no window either
+    kernels = [k if k != "memcpy32_post" else "gemm_fusion_dot_8" for k in STEP_KERNELS]
+    events, _, _ = normalise(_graph_launch_events(4, 0.0, kernels), lanes, index)
+    assert all(e.hlo is None for e in events if e.name != "sort_2_1")
+
+
 # --- a real CPU trace ---------------------------------------------------------------------------
 
 CAPTURE_SCRIPT = textwrap.dedent("""

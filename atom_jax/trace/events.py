@@ -12,8 +12,9 @@ The xplane is preferred: it carries the compiled HLO modules (see
 Where device work lives:
   * GPU: planes ``/device:GPU:N``; kernels and memcpys on lines ``Stream #K(...)``,
     each with stats ``hlo_op``, ``hlo_module``, ``program_id``, except the kernels XLA
-    launched inside a command buffer (a CUDA graph): those carry no per-op annotation and
-    are matched to their HLO instruction by kernel name (``HloIndex.lookup_kernel``).
+    launched inside a command buffer (a CUDA graph): those carry the command buffer's
+    ``hlo_op`` (``command_buffer_1``) or none, and are matched to their HLO instruction by
+    their place in the graph launch and their name (``HloIndex.lookup_launch``).
   * CPU backend: no device planes. Each executed HLO op (thunk) is an event on a
     host thread line of ``/host:CPU`` (``tf_XLAPjRtCpuClient/...``) with stats
     ``hlo_op``, ``hlo_module``, ``device_ordinal``; those become per-device events
@@ -83,11 +84,13 @@ class Event:
 
     @functools.cached_property
     def layer(self) -> str:
-        """The decoder layer scope ("layer<i>") of the op it ran (its own op_name first, then
-        the ops fused into it), else categories.NO_LAYER."""
+        """The decoder layer scope ("layer<i>") of the op it ran: its own op_name's, else
+        categories.NO_LAYER; the ops fused into it only where it has no op_name of its own (a
+        fusion also holds ops XLA shares between scopes: a decode step's layer-2 position arithmetic
+        is fused into other layers' kernels and into the sampling after the last layer)."""
         texts = [str(v) for k, v in self.stats.items() if k in _SCOPE_STATS]
         if self.hlo is not None:
-            texts = [self.hlo.op_name] + texts + list(self.hlo.fused_op_names)
+            texts = [self.hlo.op_name] + texts + ([] if self.hlo.op_name else list(self.hlo.fused_op_names))
         return layer_of(texts)
 
 
@@ -223,30 +226,50 @@ def _kernel_lines(line_names: Iterable[str]) -> set[str]:
     return names - DERIVED_LINES
 
 
+def _graph_launches(picked: list[tuple[str, RawEvent]], infos: list[HloOpInfo | None]):
+    """The kernels to match by name and place, one group per graph launch: events whose hlo_op
+    names no instruction, for want of one or because they ran as CUDA-graph nodes (stat
+    ``cuda_graph_id``), whose hlo_op is the command buffer's thunk (``command_buffer_1``). A launch's
+    kernels share a correlation id; they are ordered by graph node id, else start time. Yields
+    (indexes into `picked`, kernel names, program id, module)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, ((device, r), info) in enumerate(zip(picked, infos)):
+        if info is not None or (r.stats.get("hlo_op") and "cuda_graph_id" not in r.stats):
+            continue  # found, or an annotated kernel whose op is unknown: not guessed from its name
+        corr = r.stats.get("correlation_id")
+        key = (device, r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("context_id"),
+               corr if corr not in (None, "") else ("event", i))
+        groups.setdefault(key, []).append(i)
+    for (_, program, module, _, _), idx in groups.items():
+        events = [picked[i][1] for i in idx]
+        if all("cuda_graph_node_id" in r.stats for r in events):
+            idx.sort(key=lambda i: (picked[i][1].stats["cuda_graph_node_id"], picked[i][1].start_ns))
+        else:
+            idx.sort(key=lambda i: picked[i][1].start_ns)
+        yield idx, [picked[i][1].name for i in idx], program, module
+
+
 def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
               hlo: HloIndex | None = None) -> tuple[list[Event], list[Step], str]:
     """Device events, step markers and platform from raw recorded events."""
     hlo = hlo or HloIndex()
     device_planes = {p for p in lanes if _DEVICE_PLANE_RE.match(p)}
     kernel_lines = {p: _kernel_lines(lanes[p]) for p in device_planes}
-    events: list[Event] = []
-
-    def make(device, r: RawEvent) -> Event:
-        info = hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
-        if info is None and not r.stats.get("hlo_op"):  # a command buffer's kernel: by its name
-            info = hlo.lookup_kernel(r.name, r.stats.get("program_id"), r.stats.get("hlo_module"))
-        return Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
-
-    for r in raw:
-        if r.dur_ns > 0 and r.plane in device_planes and r.line in kernel_lines[r.plane]:
-            events.append(make(r.plane, r))
-    if not events:
+    picked = [(r.plane, r) for r in raw
+              if r.dur_ns > 0 and r.plane in device_planes and r.line in kernel_lines[r.plane]]
+    if not picked:
         # CPU backend: the executed HLO ops are host-thread events tagged with hlo_op.
         for r in raw:
             if r.dur_ns > 0 and r.plane.startswith("/host:") and r.stats.get("hlo_op"):
                 ordinal = r.stats.get("device_ordinal")
-                device = f"/device:CPU:{ordinal}" if ordinal not in (None, "") else r.plane
-                events.append(make(device, r))
+                picked.append((f"/device:CPU:{ordinal}" if ordinal not in (None, "") else r.plane, r))
+    infos = [hlo.lookup(r.stats.get("program_id"), r.stats.get("hlo_module"), r.stats.get("hlo_op"))
+             for _, r in picked]
+    for idx, names, program, module in _graph_launches(picked, infos):
+        for i, info in zip(idx, hlo.lookup_launch(names, program, module)):
+            infos[i] = info
+    events = [Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
+              for (device, r), info in zip(picked, infos)]
     events.sort(key=lambda e: (e.device, e.start_ns))
 
     steps: dict[int, Step] = {}

@@ -7,6 +7,11 @@ plane (one event-metadata entry per program, stats ``Hlo Proto`` and
 ``ynn_fusion.1`` is traced back to the ``dot`` it computes and to the
 ``jax.named_scope`` (``.../mb_a/...``) it was written under.
 
+Kernels XLA launches inside a command buffer (a CUDA graph) carry the command buffer's
+``hlo_op`` (``command_buffer_1``, a thunk with no instruction in the stored module) or none;
+`HloIndex.lookup_launch` matches one graph launch's kernels, in graph-node order, to the
+entry computation's schedule (`parse_hlo_proto`'s launch order).
+
 ``jax.profiler.ProfileData`` does not expose plane metadata, and jaxlib ships no
 generated protobuf classes, so this decodes the few fields needed straight from
 the protobuf wire format. Field numbers are those of ``xplane.proto`` and
@@ -28,15 +33,25 @@ _XSTATMETA_ID, _XSTATMETA_NAME = 1, 2
 _XSTAT_METADATA_ID, _XSTAT_UINT64, _XSTAT_INT64, _XSTAT_STR, _XSTAT_BYTES = 1, 3, 4, 5, 6
 # hlo.proto
 _HLOPROTO_MODULE = 1
-_MODULE_NAME, _MODULE_COMPUTATIONS = 1, 3
+_MODULE_NAME, _MODULE_COMPUTATIONS, _MODULE_ENTRY_ID, _MODULE_SCHEDULE = 1, 3, 6, 7
+_SCHEDULE_SEQUENCES, _SEQUENCE_IDS = 1, 1  # HloScheduleProto: map<computation id, {instruction ids}>
 _COMP_INSTRUCTIONS, _COMP_ID = 2, 5
 _INSTR_NAME, _INSTR_OPCODE, _INSTR_METADATA = 1, 2, 7
-_INSTR_CUSTOM_CALL_TARGET, _INSTR_CALLED_COMPUTATIONS = 28, 38
+_INSTR_CUSTOM_CALL_TARGET, _INSTR_ID, _INSTR_CALLED_COMPUTATIONS, _INSTR_BACKEND_CONFIG = 28, 35, 38, 43
 _OPMETA_OP_NAME = 2
 
 METADATA_PLANE = "/host:metadata"
 # Opcodes whose called computations run inside the same kernel(s).
 _INLINED_CALLERS = frozenset({"fusion", "async-start", "custom-call"})
+# Entry-computation opcodes that launch nothing on the device (besides every "*-done").
+_NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "bitcast", "constant", "tuple", "after-all",
+                        "add-dependency", "opt-barrier", "domain"})
+# A Triton (Pallas) custom call's kernel name in its backend_config: `name = "grouped_gemm"`.
+_BACKEND_KERNEL_RE = re.compile(r'\bname = "([^"\\]*)"')
+# The suffix XLA's name uniquer gives the second, third, ... distinct kernel of one name
+# ("grouped_gemm__1"), and an instruction name's number ("input_reduce_fusion.65").
+_UNIQUER_RE = re.compile(r"__\d+$")
+_NUMBER_RE = re.compile(r"[._]\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +62,7 @@ class HloOpInfo:
     custom_call_target: str = ""
     fused_opcodes: frozenset[str] = frozenset()
     fused_op_names: tuple[str, ...] = ()  # op_name of every op fused into this one
+    backend_kernel: str = ""  # a Triton / Pallas custom call's kernel name (backend_config `name`)
 
 
 def _by_kernel_name(ops: dict[str, HloOpInfo]) -> dict[str, list[HloOpInfo]]:
@@ -63,24 +79,55 @@ def kernel_name_of(instruction: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", instruction)
 
 
+def _fits(kernel: str, op: HloOpInfo, by_name: dict[str, list[HloOpInfo]], pallas: set[str],
+          launching: set[str]) -> bool | None:
+    """Whether a kernel can be `op`'s launch: True where its name says so (`op`'s own kernel, a
+    Pallas custom call's kernel name with or without the uniquer's ``__<n>``, the kernel of an
+    instruction of the same opcode and name stem, which XLA reuses for identical fusions, or of an
+    instruction fused into `op`, as a sort fusion's kernel ``sort_2_1`` is its ``sort.2.1``'s);
+    False where the name says nothing (no instruction's or Pallas kernel's: ``memcpy32_post``, a
+    library kernel); None where it contradicts (another kind of launching instruction's kernel, or
+    another Pallas kernel)."""
+    if kernel == kernel_name_of(op.name):
+        return True
+    bare = _UNIQUER_RE.sub("", kernel)
+    if op.backend_kernel:
+        return True if bare == kernel_name_of(op.backend_kernel) else None
+    if bare in pallas:
+        return None
+    named = by_name.get(kernel, [])
+    stem = _NUMBER_RE.sub("", op.name)
+    if any(o.name in launching and o.opcode == op.opcode and _NUMBER_RE.sub("", o.name) == stem for o in named):
+        return True
+    if any(o.name in launching for o in named):
+        return None
+    if any(o.opcode in op.fused_opcodes and o.op_name in op.fused_op_names for o in named):
+        return True
+    return False
+
+
 class HloIndex:
-    """``lookup(program_id, module, hlo_op)`` -> :class:`HloOpInfo` or None; ``lookup_kernel(name)``
-    for device events that carry no ``hlo_op`` (kernels XLA launched inside a command buffer, a
-    CUDA graph, have no per-op annotation): the instruction whose kernel name it is (see
-    `lookup_kernel` for which module's)."""
+    """``lookup(program_id, module, hlo_op)`` -> :class:`HloOpInfo` or None; for device events whose
+    ``hlo_op`` names no instruction (kernels XLA launched inside a command buffer, a CUDA graph, carry
+    the command buffer's thunk name or none), `lookup_launch` (one graph launch's kernels, by their
+    place in the schedule) and `lookup_kernel` (one kernel, by its name)."""
 
     def __init__(self) -> None:
         self._by_program: dict[int, dict[str, HloOpInfo]] = {}
         self._by_module: dict[str, dict[str, HloOpInfo]] = {}
-        # id(a module's ops) -> (those ops, kept so the id stays theirs; kernel name -> ops)
-        self._kernels: dict[int, tuple[dict[str, HloOpInfo], dict[str, list[HloOpInfo]]]] = {}
+        # id(a module's ops) -> (those ops, kept so the id stays theirs; kernel name -> ops;
+        # the entry computation's launching instructions in schedule order)
+        self._kernels: dict[int, tuple[dict[str, HloOpInfo], dict[str, list[HloOpInfo]], tuple[str, ...]]] = {}
+        self._windows: dict[tuple, tuple[int, ...]] = {}  # (id(ops), kernel names) -> schedule offsets
 
-    def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo]) -> None:
+    def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo],
+                   launch_order: tuple[str, ...] | list[str] = ()) -> None:
         if program_id is not None:
             self._by_program[program_id] = ops
         self._by_module.setdefault(module_name, ops)
         if id(ops) not in self._kernels:
-            self._kernels[id(ops)] = ops, _by_kernel_name(ops)
+            order = tuple(n for n in launch_order if n in ops)
+            self._kernels[id(ops)] = ops, _by_kernel_name(ops), order
 
     def _ops(self, program_id, module) -> dict[str, HloOpInfo] | None:
         ops = None
@@ -110,7 +157,7 @@ class HloIndex:
             found = self._kernels[id(ops)][1].get(kernel, [])
             return found[0] if len(found) == 1 else None
         found = []
-        for _, by_name in self._kernels.values():
+        for _, by_name, _ in self._kernels.values():
             here = by_name.get(kernel, [])
             if len(here) > 1:
                 return None
@@ -118,6 +165,51 @@ class HloIndex:
         if found and all((f.opcode, f.op_name) == (found[0].opcode, found[0].op_name) for f in found):
             return found[0]
         return None
+
+    def lookup_launch(self, kernels: list[str], program_id=None, module=None) -> list[HloOpInfo | None]:
+        """The ops of one command-buffer launch's kernels, given in graph-node order.
+
+        XLA names a kernel after the instruction it was first compiled for and reuses it for every
+        identical fusion (layer 3's norm launches layer 0's ``input_reduce_fusion_19``), names a
+        Pallas kernel after the kernel (``grouped_gemm__1``) and a copy's after the runtime
+        (``memcpy32_post``): a name alone does not say which instruction ran. One graph node per
+        launching instruction in schedule order does: where the kernels fit a stretch of the entry
+        computation's schedule (`_fits` at every place, some place named by its kernel), each kernel
+        is the instruction at its place, where every stretch they fit agrees on it (a launch of one
+        layer's kernels fits every layer alike). Where they fit none, each kernel by `lookup_kernel`,
+        except a name launched more than once here (a reused kernel: its instruction is one of them)."""
+        ops = self._ops(program_id, module)
+        if ops is not None and len(kernels) > 1:
+            key = (id(ops), tuple(kernels))
+            if key not in self._windows:
+                self._windows[key] = self._fitting(kernels, *self._kernels[id(ops)])
+            starts = self._windows[key]
+            if starts:
+                order = self._kernels[id(ops)][2]
+                return [ops[order[starts[0] + k]] if len({order[s + k] for s in starts}) == 1 else None
+                        for k in range(len(kernels))]
+        counts: dict[str, int] = {}
+        for k in kernels:
+            counts[k] = counts.get(k, 0) + 1
+        return [self.lookup_kernel(k, program_id, module) if counts[k] == 1 else None for k in kernels]
+
+    @staticmethod
+    def _fitting(kernels, ops, by_name, order) -> tuple[int, ...]:
+        """The schedule offsets where `kernels` fit."""
+        pallas = {kernel_name_of(o.backend_kernel) for o in ops.values() if o.backend_kernel}
+        launching = set(order)
+        found = []
+        for start in range(len(order) - len(kernels) + 1):
+            named = False
+            for k, kernel in enumerate(kernels):
+                fit = _fits(kernel, ops[order[start + k]], by_name, pallas, launching)
+                if fit is None:
+                    break
+                named |= fit
+            else:
+                if named:
+                    found.append(start)
+        return tuple(found)
 
     @property
     def module_names(self) -> list[str]:
@@ -183,10 +275,13 @@ class _RawInstr:
     op_name: str = ""
     custom_call_target: str = ""
     called: list[int] = dataclasses.field(default_factory=list)
+    id: int | None = None
+    backend_kernel: str = ""
 
 
 def _parse_instruction(buf: memoryview) -> _RawInstr:
     ins = _RawInstr()
+    backend_config = None
     for f, w, v in _fields(buf):
         if f == _INSTR_NAME:
             ins.name = _text(v)
@@ -200,19 +295,57 @@ def _parse_instruction(buf: memoryview) -> _RawInstr:
             ins.custom_call_target = _text(v)
         elif f == _INSTR_CALLED_COMPUTATIONS:
             ins.called.extend(_packed_varints(v, w))
+        elif f == _INSTR_ID:
+            ins.id = v
+        elif f == _INSTR_BACKEND_CONFIG:
+            backend_config = v
+    if backend_config is not None and "triton" in ins.custom_call_target:
+        # the name follows the (long, escaped) Triton IR: the last match is the attribute's
+        names = _BACKEND_KERNEL_RE.findall(_text(backend_config))
+        ins.backend_kernel = names[-1] if names else ""
     return ins
 
 
-def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo]]:
-    """Module name and ``{instruction name: HloOpInfo}`` for a serialized ``HloProto``."""
+def _schedule(buf: memoryview) -> dict[int, list[int]]:
+    """HloScheduleProto: computation id -> instruction ids in execution order."""
+    out = {}
+    for f, _, entry in _fields(buf):
+        if f != _SCHEDULE_SEQUENCES:
+            continue
+        comp, ids = None, []
+        for ef, _, ev in _fields(entry):
+            if ef == _MAP_KEY:
+                comp = ev
+            elif ef == _MAP_VALUE:
+                for sf, sw, sv in _fields(ev):
+                    if sf == _SEQUENCE_IDS:
+                        ids += _packed_varints(sv, sw)
+        if comp is not None:
+            out[comp] = ids
+    return out
+
+
+def _launches(opcode: str) -> bool:
+    return opcode not in _NO_LAUNCH and not opcode.endswith("-done")
+
+
+def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo], list[str]]:
+    """Module name, ``{instruction name: HloOpInfo}`` and the launch order for a serialized
+    ``HloProto``: the names of the entry computation's instructions that launch device work, in
+    the module's schedule (empty without one)."""
     module_name = ""
     computations: dict[int, list[_RawInstr]] = {}
+    entry_id, schedule = None, {}
     for f, _, v in _fields(memoryview(data)):
         if f != _HLOPROTO_MODULE:
             continue
         for mf, _, mv in _fields(v):
             if mf == _MODULE_NAME:
                 module_name = _text(mv)
+            elif mf == _MODULE_ENTRY_ID:
+                entry_id = mv
+            elif mf == _MODULE_SCHEDULE:
+                schedule = _schedule(mv)
             elif mf == _MODULE_COMPUTATIONS:
                 comp_id, instrs = None, []
                 for cf, _, cv in _fields(mv):
@@ -253,8 +386,11 @@ def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo]
                 custom_call_target=ins.custom_call_target,
                 fused_opcodes=frozenset(fused_ops),
                 fused_op_names=tuple(dict.fromkeys(fused_names)),
+                backend_kernel=ins.backend_kernel,
             )
-    return module_name, ops
+    by_id = {ins.id: ins for ins in computations.get(entry_id, []) if ins.id is not None}
+    order = [by_id[i].name for i in schedule.get(entry_id, []) if i in by_id and _launches(by_id[i].opcode)]
+    return module_name, ops, order
 
 
 # --- XSpace -----------------------------------------------------------------------------
@@ -302,6 +438,6 @@ def hlo_index_from_xspace(data: bytes | memoryview) -> HloIndex:
                 elif name == "program_id":
                     program_id = stat.get(_XSTAT_UINT64, stat.get(_XSTAT_INT64))
             if proto is not None:
-                module_name, ops = parse_hlo_proto(proto)
-                index.add_module(module_name, program_id, ops)
+                module_name, ops, order = parse_hlo_proto(proto)
+                index.add_module(module_name, program_id, ops, order)
     return index

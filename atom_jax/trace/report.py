@@ -91,7 +91,9 @@ def _top_kernels(events: list[Event], top: int, steps: int) -> list[dict]:
             "total_ms": round(dur / MS, 6),
             "per_step_ms": _ms(dur, steps),
             "mean_us": round(dur / len(evs) / 1e3, 3),
-            "hlo_ops": sorted({e.hlo_op for e in evs if e.hlo_op})[:3],
+            # the instructions it ran (a command buffer's kernels carry the buffer's hlo_op stat)
+            "hlo_ops": sorted({e.hlo.name if e.hlo is not None else e.hlo_op for e in evs} - {""})[:3],
+            "layers": sorted({e.layer for e in evs}),
         })
     rows.sort(key=lambda r: -r["total_ms"])
     return rows[:top]
