@@ -204,6 +204,31 @@ s16a)  # session 16: issue 27 at batch 1 with CONCURRENT command buffers (graph 
   step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
   ;;
+s16b)  # CONCURRENT graphs made the host the bottleneck at b1 (launch 1.3 ms: the graph's update): the dispatch
+  # thread beside them, and XLA's SKIP_TEMP command-buffer update mode (temporaries at stable addresses: fewer
+  # node updates per launch) if this jaxlib has it; outputs equal across command-buffer modes on the GPU
+  step cb_outputs 120 env JAX_PLATFORMS=cuda python -m pytest -q -x -p no:cacheprovider tests/test_runner_inputs.py \
+    -k command_buffer_modes
+  step decode_b1 230 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true python -m atom_jax.bench \
+    decode --dp 1 --layers 4 --batches 1 --modes on,thread --steps 64 --replay 16 --command-buffers xla,concurrent \
+    --trace /tmp/dtr --json "$J/decode_b1.json"
+  step decode_b1_skiptemp 230 env XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true \
+    --xla_gpu_command_buffer_update_mode=SKIP_TEMP" python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 \
+    --modes on,thread --steps 64 --replay 16 --command-buffers xla,concurrent --trace /tmp/dtr2 \
+    --json "$J/decode_b1_skiptemp.json"
+  ;;
+s16c)  # the README's quick start on the GPU (found in s16a: the embedded model's orbax restore failed with no CPU
+  # device; fixed in ebc845c) and every GPU-marked test. carry [".gpu", ".whl"]: fastapi, uvicorn, pydantic as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit
+  step serve 300 bash scripts/gpu/serve_smoke.sh
+  step gpu_tests 280 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs tests
+  ;;
+s16d)  # the GPU-marked tests s16c had no time for (it ran fp4_dequant, grouped_gemm, index_topk: 44 passed)
+  step gpu_tests_rest 300 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs \
+    tests/test_sparse_kernels.py tests/test_step_program.py tests/test_mhc.py tests/test_moe_route.py tests/test_sampling.py
+  step gpu_tests_w4a16 300 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_w4a16_gpu.py
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
