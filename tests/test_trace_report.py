@@ -412,6 +412,34 @@ def _graph_launch_events(correlation: int, t0: float, kernels=STEP_KERNELS) -> l
             for i, k in enumerate(kernels)]
 
 
+def test_graph_launches_give_each_step_its_whole_work():
+    """Overlap schedule with command buffers: a step's host annotation closes early while its graph
+    launch runs on, so per-window busy time drops kernels; one launch (correlation id) of the step
+    program holds the step's whole work. A launch cut by the capture's end and a smaller program's
+    launches do not count."""
+    from atom_jax.trace.events import Step, Trace
+    from atom_jax.trace.hlo_index import HloIndex
+
+    rng = random.Random()
+    starts = [40_000.0 * i + rng.uniform(0, 5_000) for i in range(4)]
+    raw = [e for i, t0 in enumerate(starts) for e in _graph_launch_events(10 + i, t0)]
+    raw += _graph_launch_events(99, 170_000.0, STEP_KERNELS[:4])  # cut by the capture's end
+    raw += [RawEvent(e.plane, e.line, e.name, e.start_ns, 100.0, {**e.stats, "program_id": 6, "correlation_id": 7})
+            for e in _graph_launch_events(0, 200_000.0)]  # another program, less kernel time
+    events, _, platform = normalise(raw, {"/device:GPU:0": ["Stream #14(Compute)"]})
+    marks = [Step(i, t0 - 1_000.0, 10_000.0) for i, t0 in enumerate(starts)]
+    d = analyse(Trace(Path("x"), "xplane", platform, events, marks, HloIndex(), {}))["devices"]["/device:GPU:0"]
+    n = len(STEP_KERNELS)
+    busy_ns, span_ns = 2_000.0 * n, 3_000.0 * (n - 1) + 2_000.0
+    assert d["executions"] == {"program_id": 5, "hlo_module": "jit_step", "executions": 4, "partial": 1, "kernels": n,
+                               "busy_ms": busy_ns / 1e6, "span_ms": span_ns / 1e6,
+                               "busy_share_of_span": round(busy_ns / span_ns, 4)}
+    assert d["busy_ms"] < 0.5 * busy_ns / 1e6  # the windows saw only each launch's first kernels
+    assert "per launch of jit_step (4 whole, 1 cut; 9 kernels each): busy 0.018 ms" in format_report(
+        {"trace": "x", "source": "xplane", "platform": platform, "annotated_steps": [], "compiled_steps": [],
+         "hlo_modules": [], "devices": {"/device:GPU:0": d}})
+
+
 def test_command_buffer_launch_maps_kernels_by_schedule_place():
     """Real H200 decode trace (XLA command buffers): kernels carry hlo_op 'command_buffer_1' (no
     instruction of the stored module), and a kernel's name does not say which instruction ran it

@@ -39,7 +39,9 @@ graphs) and runs every case with each (a jax.profiler trace turns command buffer
 XLA_FLAGS has --xla_enable_command_buffers_during_profiling=true, so a traced step shows the "off" launch).
 With --trace, a jax.profiler trace of --trace-steps more decode steps per case is read with
 `atom_jax.trace.report`: device-busy time per step over the annotated step time (the overlap
-schedule annotates a whole engine iteration, so steps tile the timeline). Weights are random
+schedule annotates a whole engine iteration, so steps tile the timeline); with command buffers
+also the busy time of one graph launch of the step program (the step's whole work, wherever the
+annotations fall) over the untraced loop's ms per step ("busy/launch", "of loop"). Weights are random
 bf16 at V4-Flash layer dims (float32 tiny model with --tiny)."""
 
 from __future__ import annotations
@@ -303,6 +305,11 @@ def run_case(engine, vocab: int, batch: int, mode: str, args, rng) -> dict:
                    step_period_ms_traced=round(statistics.fmean(d["step_period_ms"] for d in devs), 3) if shares else None,
                    busy_share_of_period=round(statistics.fmean(shares), 3) if shares else None)
         res.update(_launch_summary([d["launches"] for d in devs if d.get("launches")]))
+        runs = [d["executions"] for d in devs if d.get("executions")]
+        if runs:  # command buffers: one graph launch per step; its busy time is the step's whole work
+            per_launch = statistics.fmean(x["busy_ms"] for x in runs)
+            res.update(busy_ms_per_launch=round(per_launch, 3), launch_kernels=runs[0]["kernels"],
+                       launch_busy_share_of_untraced_step=round(per_launch / res["ms_per_step"], 3))
     for rid in ids:  # what is left of max_tokens is not measured: abort, so every page is free again
         engine.abort(rid)
     while engine.has_unfinished():  # a step in flight (overlap schedule) completes
@@ -361,12 +368,15 @@ def run_cli(args) -> int:
     finally:
         index_topk.AUTO_POLICY, index_topk.AUTO_SWITCH_FREE = default_policy, switch_free
     print(f"\n{'variant':>14} {'batch/rank':>10} {'mode':>6} {'ms/step':>9} {'median':>8} {'p90':>8} {'max':>8} {'tok/s':>10} "
-          f"{'busy share':>10} {'of period':>10}")
-    for r in results:  # busy share: of the annotated step; of period: of step start to next start
+          f"{'busy share':>10} {'of period':>10} {'busy/launch':>11} {'of loop':>8}")
+    for r in results:  # busy share: of the annotated step; of period: of step start to next start;
+        # busy/launch: one graph launch's kernel time (ms), of loop: that over the untraced ms/step
         share, period = r.get("device_busy_share"), r.get("busy_share_of_period")
+        launch, of_loop = r.get("busy_ms_per_launch"), r.get("launch_busy_share_of_untraced_step")
         print(f"{r['variant']:>14} {r['batch_per_rank']:>10} {r['mode']:>6} {r['ms_per_step']:>9.3f} {r['ms_per_step_median']:>8.3f} "
               f"{r['ms_per_step_p90']:>8.3f} {r['ms_per_step_max']:>8.3f} {r['output_tok_s']:>10.1f} "
-              f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10}")
+              f"{'' if share is None else f'{share:.0%}':>10} {'' if period is None else f'{period:.0%}':>10} "
+              f"{'' if launch is None else f'{launch:.3f}':>11} {'' if of_loop is None else f'{of_loop:.0%}':>8}")
     phases = list(PHASES) + ["host", "total"]
     for title, part in (("wall time, perf_counter", lambda h: h), ("the thread's CPU time", lambda h: h["cpu"])):
         print(f"\nhost ms/step by phase ({title}; wait = blocked on the device, host = all but wait)")

@@ -19,6 +19,7 @@ from atom_jax.trace.categories import (
     CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, NO_LAYER, UNKNOWN_MB,
 )
 from atom_jax.trace.events import Event, Trace, load_trace
+from atom_jax.trace.executions import executions
 
 MS = 1e6  # ns per ms
 MB_ORDER = (*MICRO_BATCHES, MIXED_MB, UNKNOWN_MB)
@@ -186,6 +187,8 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         "busy_ms": _ms(iv.total(_spans(events)), n),
         "step_period_ms": period_ms,  # start to start of consecutive annotated steps (None: < 2)
         "busy_share_of_period": busy_period,
+        # per graph launch of the step program (None without command buffers): a step's whole work
+        "executions": executions(all_events),
         "categories": categories,
         "communication": _comm_dict(communication_split(events, compute), n),
         "micro_batches": micro,
@@ -238,12 +241,19 @@ def _launch_line(la: dict | None) -> str:
     return line
 
 
+def _executions_line(x: dict) -> str:
+    return (f"   per launch of {x['hlo_module']} ({x['executions']} whole, {x['partial']} cut; {x['kernels']} kernels"
+            f" each): busy {x['busy_ms']:.3f} ms of a {x['span_ms']:.3f} ms span"
+            + (f" ({_pct_text(100 * x['busy_share_of_span'])})" if x["busy_share_of_span"] is not None else ""))
+
+
 def _device_lines(device: str, d: dict) -> list[str]:
     out = [f"== {device}: {d['events']} events over {d['steps']} step(s) ({d['step_source']})",
            f"   step {d['step_time_ms']:.3f} ms | device span {d['device_span_ms']:.3f} ms"
            f" | busy {d['busy_ms']:.3f} ms  (per step)"
            + (f"\n   period {d['step_period_ms']:.3f} ms (step start to next step start), device busy "
               f"{_pct_text(100 * d['busy_share_of_period'])} of it" if d.get("busy_share_of_period") is not None else ""),
+           *([_executions_line(d["executions"])] if d.get("executions") else []),
            _launch_line(d.get("launches")),
            *([f"   HLO op known for {_pct_text(100 * d['hlo_known_share'])} of the kernels' time"]
              if d.get("hlo_known_share") is not None else []),
