@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU session plans (parts c1-c5 written in session 12, s13-s15 run in sessions 13-15; s15a-c name variants that were
-# reverted after measuring (FP8 scorer: ffe57e1); n1 and n2 are for the next session). One `run` call per part, each under 10 minutes:
+# GPU session plans (parts c1-c5 written in session 12, s13-s16 run in sessions 13-16; s15a-c name variants that were
+# reverted after measuring (FP8 scorer: ffe57e1); n1, n2 (partly run as s16a) and n3 are for the next session). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -228,6 +228,16 @@ s16d)  # the GPU-marked tests s16c had no time for (it ran fp4_dequant, grouped_
   step gpu_tests_rest 300 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs \
     tests/test_sparse_kernels.py tests/test_step_program.py tests/test_mhc.py tests/test_moe_route.py tests/test_sampling.py
   step gpu_tests_w4a16 300 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_w4a16_gpu.py
+  ;;
+n3)  # next session: the per-launch busy share (trace/executions.py, new in s16) on a second machine, default and
+  # CONCURRENT command buffers with the dispatch thread; the 7 GPU tests s16 had no time for; raw trace kept
+  step gpu_tests_last 200 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs \
+    tests/test_mhc.py tests/test_moe_route.py tests/test_sampling.py
+  step decode_b1 260 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true python -m atom_jax.bench \
+    decode --dp 1 --layers 4 --batches 1 --modes on,thread --steps 64 --replay 16 --command-buffers xla,concurrent \
+    --trace /tmp/dtr --json "$J/decode_b1.json"
+  step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done' "$J"
   ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
