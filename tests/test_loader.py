@@ -197,7 +197,9 @@ def test_orbax_saved_on_a_device_this_process_lacks(tmp_path):
             "assert len(jax.devices()) == 1\nids = np.load(sys.argv[1])\n"
             "for i, path in enumerate(sys.argv[2:]):\n"
             "    np.save(f'{sys.argv[1]}.{i}.npy', np.asarray(jit_forward(load_model(path))(ids)))\n")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    # this process's XLA flags but one device: the same compile options, so the same logits bit for bit
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ids.npy"), out, legacy], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
