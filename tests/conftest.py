@@ -1,14 +1,35 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported anywhere)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On CPU, XLA's LLVM optimisation is turned down (as test_multihost.py does for its processes):
+# the suite's time is mostly compiling small programs that then run a few steps; the HLO passes,
+# and so the programs' semantics, are the same. Not on a GPU run (JAX_PLATFORMS set otherwise).
+FAST_CPU_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+_cpu = os.environ.setdefault("JAX_PLATFORMS", "cpu") == "cpu"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + (" " + FAST_CPU_XLA if _cpu else ""))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# A CPU run keeps one persistent XLA compilation cache for the whole session, in a fresh
+# temporary directory (CI starts from nothing; no run reads another's). Tests build many engines
+# whose programs lower to the same HLO, and jax's in-memory cache keys on the Python callable,
+# so each new Engine compiled them again; the persistent cache keys on the HLO and the compile
+# options, so a repeat is loaded instead. Every compile is cached (the default skips those under
+# 1 s). The process keeps the first cache jax opened, this one: an engine given its own
+# `compilation_cache_dir` still sets the config (test_engine records that), later compiles
+# still land here.
+if _cpu:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="atom_jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def pytest_collection_modifyitems(config, items):
