@@ -33,11 +33,12 @@ from atom_jax.distributed import DistributedConfig, resolve
 from atom_jax.distributed.init import add_distributed_args
 from atom_jax.distributed.plan_channel import NOOP, STEP, STOP, ChannelError, PlanChannel, encode_step
 from atom_jax.engine.runner import SamplingRows, StepInputs
+from conftest import FAST_CPU_XLA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_FLAGS = ["--num-slots", "4", "--num-pages", "64", "--page-tokens", "32", "--max-pages-per-seq", "16",
                 "--max-tokens-per-step", "32", "--chunk-size", "16", "--buckets", "32", "--tbo", "off"]
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_XLA = FAST_CPU_XLA  # the same flags the suite compiles its own CPU programs with (conftest)
 RUN_TIMEOUT = 240
 
 
