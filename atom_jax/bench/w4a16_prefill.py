@@ -12,7 +12,8 @@ Pallas kernel with `transpose_b`), so that one GPU call picks its defaults:
 * on the first shape, the fused W4A16 kernel on the same K-major codes at taller row tiles
   (`W4A16_TILES`: 256 rows decode each weight tile once per 256 rows instead of per 64-128, and
   no bf16 copy of the experts is written and read back), checked the same way, timed beside
-  the decode-then-bf16 path (`path` rows: the decode + the best bf16 tiles, as the seam runs it).
+  the decode-then-bf16 path (`path` rows: the decode + the best bf16 tiles, as the seam runs it);
+* at every shape, the fused W4A16 kernel with the swap-AB product (`W4A16_SWAP_TILES`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ DECODE_TILES = [(512, 64, 4, 1), (256, 128, 4, 1), (1024, 32, 4, 1), (512, 128, 
 # [K/2, N] codes' 8K-token best (128x128x128, 8 warps).
 W4A16_TILES = [(256, 64, 64, 8, 3), (256, 64, 128, 8, 2), (256, 64, 64, 8, 4), (128, 64, 128, 8, 3),
                (128, 128, 128, 8, 3)]
+# The same kernel with the swap-AB product (out^T = W^T . A^T), timed at every shape: the decoded
+# weight tile is then wgmma's A operand, which Hopper takes from registers (no trip through shared
+# memory, the cost that held the plain kernel at 28-44% of dense at 8K tokens), and the token
+# rows are its N side: (block_m rows = N side, block_n weights = M side, block_k, warps, stages).
+W4A16_SWAP_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                    (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 4, 4), (256, 64, 64, 4, 3)]
 COMPILE_THREADS = 8  # candidates compiled at once (Triton and ptxas release the GIL)
 TINY_GEMM_TILES = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2)]
 TINY_DECODE_TILES = [(64, 32, 4, 1)]
 TINY_W4A16_TILES = [(32, 32, 64, 4, 2)]
+TINY_W4A16_SWAP_TILES = [(32, 32, 64, 4, 2)]
 
 
 def _row_err(got, want, valid: int) -> float:
@@ -72,6 +80,7 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
     gemm_tiles = [pg.TileConfig(*t) for t in (TINY_GEMM_TILES if args.tiny else GEMM_TILES)]
     decode_tiles = [fd.DequantTiles(*t) for t in (TINY_DECODE_TILES if args.tiny else DECODE_TILES)]
     w4a16_tiles = [pg.TileConfig(*t) for t in (TINY_W4A16_TILES if args.tiny else W4A16_TILES)]
+    swap_tiles = [pg.TileConfig(*t, swap_ab=True) for t in (TINY_W4A16_SWAP_TILES if args.tiny else W4A16_SWAP_TILES)]
     out.setdefault("prefill_sweep", [])
     out.setdefault("prefill_decode_sweep", [])
     rng = np.random.default_rng(1)
@@ -107,6 +116,8 @@ def prefill_sweep(args, shapes, tokens, ceil, out, on_cpu: bool, save):
             if si == 0:
                 jobs |= {("w4a16_kmajor", c): (lambda a, b, s, ids, c=c: wg.grouped_gemm(
                     a, b, s, cfg=c, interpret=on_cpu), w_km) for c in w4a16_tiles}
+            jobs |= {("w4a16_kmajor_swap", c): (lambda a, b, s, ids, c=c: wg.grouped_gemm(
+                a, b, s, cfg=c, interpret=on_cpu), w_km) for c in swap_tiles}
             t0 = time.time()
             compiled = compile_all(jobs, [(xs[0], None, sizes[0])], COMPILE_THREADS)
             print(f"# prefill sweep {shape} {t}: {len(jobs)} compiled in {time.time() - t0:.0f} s", flush=True)

@@ -239,6 +239,13 @@ n3)  # next session: the per-launch busy share (trace/executions.py, new in s16)
   step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done' "$J"
   ;;
+s17a)  # issue 19: the fused W4A16 kernel with the swap-AB product at 8K tokens per rank (decoded weights as wgmma's
+  # register A operand) beside the seam's decode + bf16 path, same run; then the 7 GPU tests s16 had no time for
+  step w4a16_swap_prefill 330 python -m atom_jax.bench w4a16 --tokens 8192 --shapes flash_up,flash_down,pro_up \
+    --kernels dequant_pallas_kmajor_transpose --prefill-sweep --json "$J/w4a16_swap_prefill.json"
+  step gpu_tests_last 180 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs \
+    tests/test_mhc.py tests/test_moe_route.py tests/test_sampling.py
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
