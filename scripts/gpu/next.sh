@@ -246,6 +246,18 @@ s17a)  # issue 19: the fused W4A16 kernel with the swap-AB product at 8K tokens 
   step gpu_tests_last 180 env JAX_PLATFORMS=cuda python -m pytest -q -m gpu -p no:cacheprovider -rs \
     tests/test_mhc.py tests/test_moe_route.py tests/test_sampling.py
   ;;
+s17b)  # the 7 GPU tests that never finished (s16, s17a): one file a step, each test's stacks dumped after 45 s;
+  # then n3's batch-1 decode (per-launch busy share on a second machine)
+  for f in test_sampling test_moe_route test_mhc; do
+    step "gt_$f" 70 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs \
+      -o faulthandler_timeout=45 --durations=0 "tests/$f.py"
+  done
+  step decode_b1 260 env XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true python -m atom_jax.bench \
+    decode --dp 1 --layers 4 --batches 1 --modes on,thread --steps 64 --replay 16 --command-buffers xla,concurrent \
+    --trace /tmp/dtr --json "$J/decode_b1.json"
+  step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done' "$J"
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
