@@ -60,16 +60,44 @@ def hc_mixes(streams, fn, eps: float):
     return (both[..., :m] + both[..., m:]) * inv
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def sinkhorn_reference(logits, iters: int, eps: float):
     """logits [..., n, n] -> doubly stochastic comb: softmax over each row + eps, normalised
     over columns, then `iters - 1` times over rows and columns (each sum + eps). The jnp path
-    (CPU) and the oracle of kernels/hc_sinkhorn.py."""
+    (CPU) and the oracle of kernels/hc_sinkhorn.py. Forward unrolled (a GPU runs a rolled loop
+    as a while loop that reads its predicate on the host each trip); its gradient is the rolled
+    form's (`_sinkhorn_rolled`, the same arithmetic): on an H200 XLA did not finish compiling the
+    unrolled form's backward (V4's 20 iterations) in 60 s, the rolled one's took 0.6 s
+    (docs/benchmarks.md, session 17)."""
     comb = jax.nn.softmax(logits, axis=-1) + eps
     comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
     for _ in range(iters - 1):
-        comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
-        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+        comb = _sinkhorn_step(comb, eps)
     return comb
+
+
+def _sinkhorn_step(comb, eps: float):
+    comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + eps)
+    return comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+
+
+def _sinkhorn_rolled(logits, iters: int, eps: float):
+    """`sinkhorn_reference`'s arithmetic with its iterations in a fori_loop (differentiated as a
+    scan: a backward of one loop body, not of `iters` copies)."""
+    comb = jax.nn.softmax(logits, axis=-1) + eps
+    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+    return jax.lax.fori_loop(0, iters - 1, lambda _, c: _sinkhorn_step(c, eps), comb)
+
+
+def _sinkhorn_reference_fwd(logits, iters, eps):
+    return sinkhorn_reference(logits, iters, eps), logits
+
+
+def _sinkhorn_reference_bwd(iters, eps, logits, g):
+    return jax.vjp(lambda x: _sinkhorn_rolled(x, iters, eps), logits)[1](g)
+
+
+sinkhorn_reference.defvjp(_sinkhorn_reference_fwd, _sinkhorn_reference_bwd)
 
 
 # "auto": the Pallas kernel (kernels/hc_sinkhorn.py, one launch) where the program is lowered
