@@ -258,6 +258,12 @@ s17b)  # the 7 GPU tests that never finished (s16, s17a): one file a step, each 
   step keep 30 bash -c 'find /tmp/dtr -path "*cbxla*" -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/decode_b1_xla.xplane.pb.keep.gz"; done' "$J"
   ;;
+s17c)  # the mHC gradient fix (5615e55) on the GPU: test_mhc's GPU tests and the new CPU one; a short train_tiny run
+  step gt_test_mhc 150 env JAX_PLATFORMS=cuda python -m pytest -v -p no:cacheprovider -rs -o faulthandler_timeout=60 \
+    --durations=0 tests/test_mhc.py -k "on_gpu or unrolled"
+  step train_tiny 200 python -m atom_jax.train_tiny --steps 20 --max-files 20 --save-every 1000 --out /tmp/tt_m \
+    --work /tmp/tt_w --plot "$J/train_tiny_loss.png"
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
