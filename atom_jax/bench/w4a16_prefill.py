@@ -37,6 +37,8 @@ W4A16_TILES = [(256, 64, 64, 8, 3), (256, 64, 128, 8, 2), (256, 64, 64, 8, 4), (
 # weight tile is then wgmma's A operand, which Hopper takes from registers (no trip through shared
 # memory, the cost that held the plain kernel at 28-44% of dense at 8K tokens), and the token
 # rows are its N side: (block_m rows = N side, block_n weights = M side, block_k, warps, stages).
+# H200, session 17: best 128x64x128 4 warps 3 stages, 1.3x the plain fused kernel, 1.2x slower than
+# the seam's decode + bf16 path (docs/benchmarks.md), so the seam keeps that path.
 W4A16_SWAP_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                     (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 4, 4), (256, 64, 64, 4, 3)]
 COMPILE_THREADS = 8  # candidates compiled at once (Triton and ptxas release the GIL)
