@@ -60,6 +60,40 @@ def test_transpose_b_reads_weights_n_by_k_with_gathered_rows():
                         row_ids=jnp.asarray(ids), transpose_b=True)
 
 
+@pytest.mark.parametrize("gathered", [False, True])
+def test_half_tail_items_store_every_group_row_once(gathered):
+    """`half_tail`: a group's last tile with at most block_m / 2 rows left runs a half-height
+    product (sizes at and around the half and whole tiles: 1, 8, 9, 16, 17, 24, 25, ..., empty
+    groups, fresh random ones), in place of the full tile: every group row once against float64,
+    rows past the groups zero; with gathered rows, K-major weights and an epilogue too."""
+    rng = np.random.default_rng()
+    cfg = pg.TileConfig(block_m=16, block_n=32, block_k=16, half_tail=True)
+    fixed = [1, 0, 8, 9, 16, 17, 24, 25, 0, 40]
+    sizes = np.array(fixed + list(rng.integers(0, 41, 4)))
+    g, k, n, m, r = len(sizes), 32, 64, int(sizes.sum()) + 5, 50
+    x = rng.standard_normal((r if gathered else m, k)).astype(np.float32)
+    ids = rng.integers(0, r, m).astype(np.int32) if gathered else None
+    weights = rng.standard_normal((g, k, n)).astype(np.float32)
+    other = rng.standard_normal((m, n)).astype(np.float32)
+    kwargs = dict(row_ids=jnp.asarray(ids), transpose_b=True, epilogue=(lambda o, p: o * p, jnp.asarray(other))) \
+        if gathered else {}
+    w = np.swapaxes(weights, 1, 2) if gathered else weights
+    out = np.asarray(pg.grouped_gemm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes), cfg=cfg, interpret=True,
+                                     **kwargs))
+    ref = grouped_reference(x[ids] if gathered else x, weights, sizes)
+    if gathered:
+        ref = other * ref
+    used = int(sizes.sum())
+    np.testing.assert_allclose(out[:used], ref[:used], rtol=1e-4, atol=1e-4)
+    assert np.all(out[used:] == 0)
+    with pytest.raises(ValueError, match="half_tail"):  # the W4A16 kernel's products are whole tiles
+        from atom_jax.kernels import packed, w4a16_grouped_gemm
+        codes = jnp.zeros((g, k // 2, n), jnp.uint8)
+        fp4 = packed.Fp4Weights(codes, jnp.zeros((g, k // packed.FP4_BLOCK, n), jnp.uint8))
+        w4a16_grouped_gemm.grouped_gemm(jnp.asarray(x[:m], jnp.bfloat16), fp4, jnp.asarray(sizes), cfg=cfg,
+                                        interpret=True)
+
+
 def test_pallas_bf16_inputs_accumulate_in_float32():
     rng = np.random.default_rng()
     g, k, n, m = 4, 256, 32, 48

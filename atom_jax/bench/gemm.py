@@ -119,6 +119,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     help="only sweep the bf16 kernel's tiles at a prefill chunk's MoE calls (bench/gemm_tiles.py)")
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="--prefill-tiles: time no candidate past this many seconds")
+    ap.add_argument("--tile-cases", default="",
+                    help="--prefill-tiles: only these cases (comma list of up_dp1, down_dp1, up_dp2, down_dp2)")
     ap.add_argument("--compile-threads", type=int, default=8,
                     help="--prefill-tiles: kernels compiled at once (1: one after another)")
     ap.set_defaults(func=run_cli)

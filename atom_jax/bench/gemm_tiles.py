@@ -76,6 +76,9 @@ CANDIDATES = [
     T(128, 256, 64, 8, 4), T(128, 256, 64, 8, 3), T(64, 256, 64, 4, 4), T(64, 256, 64, 8, 4),
     T(64, 256, 64, 8, 3), T(64, 128, 64, 4, 4), T(64, 128, 128, 4, 3), T(64, 128, 128, 8, 4),
     T(128, 128, 64, 4, 4), T(128, 128, 64, 8, 4), T(128, 128, 128, 8, 3), T(128, 128, 128, 4, 3),
+    # half tails (`TileConfig.half_tail`: a group's last tile with <= 64 rows left runs 64 rows)
+    T(128, 256, 64, 8, 4, half_tail=True), T(128, 256, 64, 8, 3, half_tail=True),
+    T(128, 128, 64, 8, 4, half_tail=True),
 ]
 MAX_ERR = 2e-2  # bf16 outputs (one rounding each) of float32 sums in another order
 SWIGLU_LIMIT = 10.0  # V4's swiglu_limit
@@ -84,7 +87,7 @@ SWIGLU_LIMIT = 10.0  # V4's swiglu_limit
 PAIR_CANDIDATES = [T(64, 128, 64, 4, 4), T(128, 128, 64, 8, 3), T(64, 128, 64, 8, 4)]
 TINY_CASES = [Case("up", 1, tokens=16), Case("down", 2, tokens=16)]
 TINY_SHAPE = (8, 64, 128)  # (experts, hidden, inter) of the CPU smoke run
-TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2)]
+TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2), T(32, 128, 64, 4, 2, half_tail=True)]
 
 
 def tiny_shape(case: Case) -> tuple[int, int, int]:
@@ -94,7 +97,7 @@ def tiny_shape(case: Case) -> tuple[int, int, int]:
 
 
 def tiles_name(cfg: pg.TileConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s"
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s" + (" ht" if cfg.half_tail else "")
 
 
 def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
@@ -221,7 +224,8 @@ def constant_line(name: str, rows) -> str | None:
     if t is None:
         return None
     return (f"{name} = TileConfig(block_m={t['block_m']}, block_n={t['block_n']}, block_k={t['block_k']}, "
-            f"num_warps={t['num_warps']}, num_stages={t['num_stages']})")
+            f"num_warps={t['num_warps']}, num_stages={t['num_stages']}" +
+            (", half_tail=True)" if t.get("half_tail") else ")"))
 
 
 def gate_up_rows(out, case: Case, inputs, ws, calls, rows_per_group: float, flops: float, dense_s, iters: int):
@@ -278,6 +282,11 @@ def pair_line(rows) -> str | None:
 def run(args) -> int:
     rng = np.random.default_rng(0)
     cases, candidates = (TINY_CASES, TINY_CANDIDATES) if args.tiny else (CASES, CANDIDATES)
+    if getattr(args, "tile_cases", ""):
+        wanted = args.tile_cases.split(",")
+        if unknown := set(wanted) - {c.name for c in cases}:
+            raise SystemExit(f"--tile-cases: unknown {sorted(unknown)}; choose from {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
     on_gpu = jax.default_backend() != "cpu"
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "topk": TOPK,
            "current": {"MID_TILES": dataclasses.asdict(pg.MID_TILES),

@@ -55,6 +55,11 @@ class TileConfig:
     # each of the work item's block_m rows elementwise and sums over K (CUDA-core FMAs, float32),
     # so the decoded tile never goes through shared memory into an MMA operand layout.
     gemv: bool = False
+    # Half tail (the bf16 kernel): a work item with at most block_m / 2 rows left in its group
+    # (a group's last tile) runs a block_m / 2-row product instead (one branch per program, each
+    # with its own K loop), so a 192-row group computes 128 + 64 rows, not 2 x 128 (dp=1 prefill:
+    # an 8K-token chunk x top-6 over 256 experts is ~192 rows an expert).
+    half_tail: bool = False
 
 
 # Chosen from the tile sweeps of `python -m atom_jax.bench gemm` on H100 (docs/benchmarks.md,
@@ -118,9 +123,10 @@ def work_items(starts, ends, block_m: int, max_items: int):
 def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: TileConfig, num_groups: int,
               accumulate, e_ref=None, epilogue=None):
     """The frame the dropless kernels share: program (j, i) is column tile j of work item i (a
-    row tile of one range); `accumulate(g, rows, cols, mine)` returns its float32 [block_m,
-    block_n] product for a real group, stored as epilogue(e_ref's tile as float32, product)
-    when `epilogue` is given; range num_groups is the zero range."""
+    row tile of one range); `accumulate(g, rows, cols, mine)` returns its float32 [rows.size,
+    block_n] product for a real group (rows.size: block_m, or block_m / 2 for a half tail,
+    `TileConfig.half_tail`), stored as epilogue(e_ref's tile as float32, product) when
+    `epilogue` is given; range num_groups is the zero range."""
     j = pl.program_id(0)  # column tile: fastest, so one work item's column tiles run together
     i = pl.program_id(1)
 
@@ -128,22 +134,32 @@ def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: 
     def _():
         g = group_ref[i]
         row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
-        mine = (row0 + jnp.arange(cfg.block_m, dtype=jnp.int32) < ends_ref[g])[:, None]
-        rows, cols = pl.ds(row0, cfg.block_m), pl.ds(j * cfg.block_n, cfg.block_n)
-        out = o_ref.at[rows, cols]
+        cols = pl.ds(j * cfg.block_n, cfg.block_n)
 
-        @pl.when(g < num_groups)
-        def _matmul():
-            acc = accumulate(g, rows, cols, mine)
-            if epilogue is not None:
-                acc = epilogue(plt.load(e_ref.at[rows, cols], mask=mine, other=0.0).astype(jnp.float32), acc)
-            plt.store(out, acc.astype(o_ref.dtype), mask=mine)
+        def tile(bm: int):  # the item's rows as a bm-row tile (accumulate's product is [bm, block_n])
+            rows = pl.ds(row0, bm)
+            mine = (row0 + jnp.arange(bm, dtype=jnp.int32) < ends_ref[g])[:, None]
+            out = o_ref.at[rows, cols]
 
-        # Range num_groups is the zero range: stored without a K loop (under DP with experts
-        # sharded, most rows are choices of other ranks' experts and land here).
-        @pl.when(g == num_groups)
-        def _zeros():
-            plt.store(out, jnp.zeros((cfg.block_m, cfg.block_n), o_ref.dtype), mask=mine)
+            @pl.when(g < num_groups)
+            def _matmul():
+                acc = accumulate(g, rows, cols, mine)
+                if epilogue is not None:
+                    acc = epilogue(plt.load(e_ref.at[rows, cols], mask=mine, other=0.0).astype(jnp.float32), acc)
+                plt.store(out, acc.astype(o_ref.dtype), mask=mine)
+
+            # Range num_groups is the zero range: stored without a K loop (under DP with experts
+            # sharded, most rows are choices of other ranks' experts and land here).
+            @pl.when(g == num_groups)
+            def _zeros():
+                plt.store(out, jnp.zeros((bm, cfg.block_n), o_ref.dtype), mask=mine)
+
+        if not cfg.half_tail:
+            tile(cfg.block_m)
+            return
+        half = ends_ref[g] - row0 <= cfg.block_m // 2
+        pl.when(half)(lambda: tile(cfg.block_m // 2))
+        pl.when(jnp.logical_not(half))(lambda: tile(cfg.block_m))
 
 
 def a_tiles(x_ref, ids_ref, rows, mine):
@@ -186,7 +202,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             a = load(ks)
             return tuple(acc + product(a, w_ref, ks) for acc, w_ref in zip(accs, w_refs))
 
-        zero = jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32)
+        zero = jnp.zeros((mine.shape[0], cfg.block_n), jnp.float32)  # block_m rows, or half of them
         accs = jax.lax.fori_loop(0, k_steps, step, (zero,) * len(w_refs))
         if combine is None:
             return accs[0]

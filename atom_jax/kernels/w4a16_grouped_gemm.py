@@ -468,6 +468,9 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     if (k_major or one_multiply) and cfg.gemv:
         raise ValueError("K-major codes (packed.Fp4WeightsKMajor) and one_multiply run on the MMA tiles only, "
                          "not gemv")
+    if cfg.half_tail:
+        raise ValueError("half_tail is a bf16-kernel option (pallas_grouped_gemm); the W4A16 kernel's products are "
+                         "block_m rows")
     if cfg.gemv and (cfg.swap_ab or cfg.block_m > GEMV_MAX_BLOCK_M):
         raise ValueError(f"gemv tiles take block_m <= {GEMV_MAX_BLOCK_M} rows (larger groups run as several "
                          f"items) and no swap_ab; got block_m={cfg.block_m}, swap_ab={cfg.swap_ab}")
