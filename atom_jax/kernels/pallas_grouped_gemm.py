@@ -78,7 +78,7 @@ PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, nu
 # PREFILL_TILES were the best of 12 candidates at 192 rows per expert too (64-row tiles 10-30%
 # slower), so MID_TILES is PREFILL_TILES on NVIDIA; the tier is there for a platform (ROCm) whose
 # sweep says otherwise.
-MID_TILES = PREFILL_TILES
+MID_TILES = dataclasses.replace(PREFILL_TILES, half_tail=True)
 MID_MAX_ROWS_PER_GROUP = 256
 
 DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)

@@ -264,6 +264,17 @@ s17c)  # the mHC gradient fix (5615e55) on the GPU: test_mhc's GPU tests and the
   step train_tiny 200 python -m atom_jax.train_tiny --steps 20 --max-files 20 --save-every 1000 --out /tmp/tt_m \
     --work /tmp/tt_w --plot "$J/train_tiny_loss.png"
   ;;
+s17d)  # half tails (cf88b2d) at dp=1's ~192 rows per expert: the tiles sweep's dp=1 cases, then the 128K prefill
+  # with MID_TILES half_tail (this tree) vs BASE (cf88b2d: MID_TILES = PREFILL_TILES); first the mHC fix's GPU test
+  step gt_test_mhc 80 env JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider -rs -o faulthandler_timeout=60 \
+    tests/test_mhc.py tests/test_grouped_gemm_gpu.py -k "on_gpu or unrolled or half_tail"
+  step gemm_tiles 120 python -m atom_jax.bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1 --budget-s 70 \
+    --json "$J/gemm_tiles_dp1.json"
+  step lc_half 170 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/lc128k_half_tail.json"
+  step lc_base 170 base python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --json "$J/lc128k_base.json"
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
