@@ -275,6 +275,18 @@ s17d)  # half tails (cf88b2d) at dp=1's ~192 rows per expert: the tiles sweep's 
   step lc_base 170 base python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --json "$J/lc128k_base.json"
   ;;
+s17e)  # the 128K prefill three ways, one machine: half tails for gathered calls only (this tree), none (.gpu/base
+  # = cf88b2d), everywhere in the mid tier (.gpu/base_ht); the dp=1 tile sweep again (its noise); then the GPU tests
+  # s17d cut (half tails compiled, the mHC gradient)
+  step gemm_tiles 60 python -m atom_jax.bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1 --budget-s 40 \
+    --json "$J/gemm_tiles_dp1_b.json"
+  for v in gathered:. none:.gpu/base all:.gpu/base_ht; do
+    step "lc_${v%%:*}" 110 env PYTHONPATH="$PWD/${v#*:}:$PYTHONPATH" python -m atom_jax.bench long-context \
+      --prompts 131072 --backends pallas --decode-tokens 4 --json "$J/lc128k_${v%%:*}.json"
+  done
+  step gt 120 env JAX_PLATFORMS=cuda python -m pytest -v -p no:cacheprovider -rs tests/test_grouped_gemm_gpu.py \
+    tests/test_mhc.py -k "half_tail or on_gpu"
+  ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
   step decode_b1 150 python -m atom_jax.bench decode --dp 1 --layers 4 --batches 1 --modes on --steps 16 --replay 0 \
