@@ -12,7 +12,6 @@ from atom_jax.kernels import grouped_gemm
 from atom_jax.kernels import pallas_grouped_gemm as pg
 
 MID = pg.TileConfig(64, 128, 64, 4, 3)  # distinct from DECODE_TILES and PREFILL_TILES
-MID_GATHERED = pg.TileConfig(64, 128, 64, 4, 3, half_tail=True)
 
 
 @pytest.mark.parametrize("rows,want", [(1, "decode"), (pg.DECODE_MAX_ROWS_PER_GROUP - 0.5, "decode"),
@@ -23,11 +22,7 @@ def test_default_tiles_has_three_regimes(monkeypatch, rows, want):
     """Changing MID_TILES alone moves the mid regime (dp=1 prefill chunks: 8K tokens x 6 / 256
     experts = 192 rows per expert); dp=2's 384 rows keep PREFILL_TILES."""
     monkeypatch.setattr(pg, "MID_TILES", MID)
-    monkeypatch.setattr(pg, "MID_TILES_GATHERED", MID_GATHERED)
     assert pg.default_tiles(rows) == {"decode": pg.DECODE_TILES, "mid": MID, "prefill": pg.PREFILL_TILES}[want]
-    # calls with gathered rows (the MoE's up projections) have their own mid tiles
-    assert pg.default_tiles(rows, gathered=True) == {"decode": pg.DECODE_TILES, "mid": MID_GATHERED,
-                                                     "prefill": pg.PREFILL_TILES}[want]
     assert pg.DECODE_MAX_ROWS_PER_GROUP < 192 < pg.MID_MAX_ROWS_PER_GROUP <= 384
 
 
@@ -35,15 +30,13 @@ def test_seam_picks_mid_tiles_from_the_callers_rows_per_expert(monkeypatch):
     """The pallas backend passes the routing shape's mean rows per expert (not this call's
     rows over its experts) to default_tiles."""
     monkeypatch.setattr(pg, "MID_TILES", MID)
-    monkeypatch.setattr(pg, "MID_TILES_GATHERED", MID_GATHERED)
     seen = []
     monkeypatch.setattr(pg, "grouped_gemm", lambda *a, cfg=None, **kw: seen.append(cfg))
     x, w = np.zeros((8, 4), np.float32), np.zeros((2, 4, 4), np.float32)
     sizes = np.array([4, 4], np.int32)
     for mean in (192, 384, 8):
         grouped_gemm.get("pallas")(x, w, sizes, mean_group=mean)
-    grouped_gemm.get("pallas")(x, w, sizes, mean_group=192, row_ids=np.zeros(8, np.int32))
-    assert seen == [MID, pg.PREFILL_TILES, pg.DECODE_TILES, MID_GATHERED]
+    assert seen == [MID, pg.PREFILL_TILES, pg.DECODE_TILES]
 
 
 def test_constant_line_is_the_least_total_time_over_every_case():

@@ -6,7 +6,7 @@ beside a dense matmul of the same useful rows; prints the best tiles per case an
     python -m atom_jax.bench gemm --prefill-tiles --tiny                # CPU smoke run
 
 Cases (`CASES`): dp=1 (256 experts, ~192 rows per expert: where `pallas_grouped_gemm.MID_TILES`
-applies, MID_TILES_GATHERED for the up case) and dp=2 (128 experts per rank; each rank multiplies both ranks' gathered tokens, the
+applies) and dp=2 (128 experts per rank; each rank multiplies both ranks' gathered tokens, the
 half of the choices that are its experts', ~384 rows per expert: PREFILL_TILES), each for the
 up projection (hidden -> moe_inter, rows gathered from the tokens by `row_ids`, as the w1 and w3
 GEMMs run) and the down projection (moe_inter -> hidden, rows in place); rows past the last
@@ -352,15 +352,10 @@ def run(args) -> int:
     for c, r in out["best"].items():
         print(f"best {c}: {tiles_name(pg.TileConfig(**r['tiles']))} {r['ms']:.3f} ms", flush=True)
     # The constants to set: the least total time over the cases each regime covers.
-    # The mid tier: MID_TILES from the down cases (rows in place), MID_TILES_GATHERED from the up
-    # cases (rows gathered by row_ids).
     mid = [r for r in out["rows"] if r["rows_per_group"] < pg.MID_MAX_ROWS_PER_GROUP]
     big = [r for r in out["rows"] if r["rows_per_group"] >= pg.MID_MAX_ROWS_PER_GROUP]
-    out["current"]["MID_TILES_GATHERED"] = dataclasses.asdict(pg.MID_TILES_GATHERED)
-    out["set"] = {name: line for name, line in (
-        ("MID_TILES", constant_line("MID_TILES", [r for r in mid if r["case"].startswith("down")])),
-        ("MID_TILES_GATHERED", constant_line("MID_TILES_GATHERED", [r for r in mid if r["case"].startswith("up")])),
-        ("PREFILL_TILES", constant_line("PREFILL_TILES", big))) if line}
+    out["set"] = {name: line for name, line in (("MID_TILES", constant_line("MID_TILES", mid)),
+                                                ("PREFILL_TILES", constant_line("PREFILL_TILES", big))) if line}
     for line in out["set"].values():
         print(f"set in atom_jax/kernels/pallas_grouped_gemm.py: {line}", flush=True)
     line = fuse_line(out["gate_up"])

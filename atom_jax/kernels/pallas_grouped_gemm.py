@@ -78,26 +78,18 @@ PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, nu
 # PREFILL_TILES were the best of 12 candidates at 192 rows per expert too (64-row tiles 10-30%
 # slower), so MID_TILES is PREFILL_TILES on NVIDIA; the tier is there for a platform (ROCm) whose
 # sweep says otherwise.
-MID_TILES = PREFILL_TILES
-# The mid tier's tiles for gathered rows (`row_ids`: the MoE's up projections, hidden -> moe_inter)
-# with half tails (`TileConfig.half_tail`): `bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1`
-# on an H200 (session 17, docs/benchmarks.md) timed the up case 1.897 vs 2.037 ms with them and the
-# down case (rows in place) 2.098 vs 1.862 ms, so only gathered calls take them.
-MID_TILES_GATHERED = dataclasses.replace(PREFILL_TILES, half_tail=True)
+MID_TILES = dataclasses.replace(PREFILL_TILES, half_tail=True)
 MID_MAX_ROWS_PER_GROUP = 256
 
 DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)
 
 
-def default_tiles(rows_per_group: float, gathered: bool = False) -> TileConfig:
-    """DECODE_TILES below DECODE_MAX_ROWS_PER_GROUP rows per expert, MID_TILES (MID_TILES_GATHERED
-    for a call whose rows are gathered by `row_ids`) below MID_MAX_ROWS_PER_GROUP, PREFILL_TILES
-    from there."""
+def default_tiles(rows_per_group: float) -> TileConfig:
+    """DECODE_TILES below DECODE_MAX_ROWS_PER_GROUP rows per expert, MID_TILES below
+    MID_MAX_ROWS_PER_GROUP, PREFILL_TILES from there."""
     if rows_per_group < DECODE_MAX_ROWS_PER_GROUP:
         return DECODE_TILES
-    if rows_per_group < MID_MAX_ROWS_PER_GROUP:
-        return MID_TILES_GATHERED if gathered else MID_TILES
-    return PREFILL_TILES
+    return MID_TILES if rows_per_group < MID_MAX_ROWS_PER_GROUP else PREFILL_TILES
 
 
 COMPARE_ALL_MAX = 1 << 22  # a.size * v.size up to which searchsorted_right compares all pairs
@@ -372,6 +364,6 @@ def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
     (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
     `transpose_b`: weights stored [G, N, K] (rows @ weights[g].T)."""
     if cfg is None:
-        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1), row_ids is not None)
+        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
     return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
                             zero_tail=zero_tail, epilogue=epilogue, transpose_b=transpose_b)
