@@ -77,8 +77,10 @@ PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, nu
 # (`python -m atom_jax.bench gemm --prefill-tiles`, 2026-12-01 session 10, docs/benchmarks.md):
 # PREFILL_TILES were the best of 12 candidates at 192 rows per expert too (64-row tiles 10-30%
 # slower), so MID_TILES is PREFILL_TILES on NVIDIA; the tier is there for a platform (ROCm) whose
-# sweep says otherwise.
-MID_TILES = dataclasses.replace(PREFILL_TILES, half_tail=True)
+# sweep says otherwise. Half tails (session 17, two sweeps on an H200): the up case 8% faster, the
+# down case 13-16% slower, and the 128K prefill of `bench long-context` unchanged within its noise
+# (134.3K tok/s with them on the up calls, 135.7K on all mid calls, 135.4K without), so not here.
+MID_TILES = PREFILL_TILES
 MID_MAX_ROWS_PER_GROUP = 256
 
 DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)
