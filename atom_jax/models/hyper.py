@@ -69,11 +69,15 @@ def sinkhorn_reference(logits, iters: int, eps: float):
     form's (`_sinkhorn_rolled`, the same arithmetic): on an H200 XLA did not finish compiling the
     unrolled form's backward (V4's 20 iterations) in 60 s, the rolled one's took 0.6 s
     (docs/benchmarks.md, session 17)."""
-    comb = jax.nn.softmax(logits, axis=-1) + eps
-    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+    comb = _sinkhorn_start(logits, eps)
     for _ in range(iters - 1):
         comb = _sinkhorn_step(comb, eps)
     return comb
+
+
+def _sinkhorn_start(logits, eps: float):  # the row softmax + eps, then the first column normalisation
+    comb = jax.nn.softmax(logits, axis=-1) + eps
+    return comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
 
 
 def _sinkhorn_step(comb, eps: float):
@@ -84,9 +88,7 @@ def _sinkhorn_step(comb, eps: float):
 def _sinkhorn_rolled(logits, iters: int, eps: float):
     """`sinkhorn_reference`'s arithmetic with its iterations in a fori_loop (differentiated as a
     scan: a backward of one loop body, not of `iters` copies)."""
-    comb = jax.nn.softmax(logits, axis=-1) + eps
-    comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
-    return jax.lax.fori_loop(0, iters - 1, lambda _, c: _sinkhorn_step(c, eps), comb)
+    return jax.lax.fori_loop(0, iters - 1, lambda _, c: _sinkhorn_step(c, eps), _sinkhorn_start(logits, eps))
 
 
 def _sinkhorn_reference_fwd(logits, iters, eps):
