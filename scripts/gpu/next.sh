@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU session plans (parts c1-c5 written in session 12, s13-s16 run in sessions 13-16; s15a-c name variants that were
-# reverted after measuring (FP8 scorer: ffe57e1); n1, n2 (partly run as s16a) and n3 are for the next session). One `run` call per part, each under 10 minutes:
+# reverted after measuring (FP8 scorer: ffe57e1); s17a-e run in session 17; n1, n2 (partly run as s16a) and n4 are for
+# the next session; n3 ran as s17b). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -286,6 +287,13 @@ s17e)  # the 128K prefill three ways, one machine: half tails for gathered calls
   done
   step gt 120 env JAX_PLATFORMS=cuda python -m pytest -v -p no:cacheprovider -rs tests/test_grouped_gemm_gpu.py \
     tests/test_mhc.py -k "half_tail or on_gpu"
+  ;;
+n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
+  # then the W4A16 and bf16 decode rows of issue 19 on a second machine
+  step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
+    --work /tmp/tt_w --plot "$J/train_tiny_loss.png"
+  step w4a16_decode 240 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
+    --kernels w4a16_kmajor --json "$J/w4a16_decode.json"
   ;;
 n2)  # next session, first call: the trace tool's kernel-name mapping on real GPU traces (s15e's steps), then the
   # b1 decode's kernels per layer from the report (which layers' small kernels to cut: issue 27's busy share)
