@@ -86,10 +86,9 @@ def test_half_tail_items_store_every_group_row_once(gathered):
     used = int(sizes.sum())
     np.testing.assert_allclose(out[:used], ref[:used], rtol=1e-4, atol=1e-4)
     assert np.all(out[used:] == 0)
+    from atom_jax.kernels import packed, w4a16_grouped_gemm
+    fp4 = packed.Fp4Weights(jnp.zeros((g, k // 2, n), jnp.uint8), jnp.zeros((g, k // packed.FP4_BLOCK, n), jnp.uint8))
     with pytest.raises(ValueError, match="half_tail"):  # the W4A16 kernel's products are whole tiles
-        from atom_jax.kernels import packed, w4a16_grouped_gemm
-        codes = jnp.zeros((g, k // 2, n), jnp.uint8)
-        fp4 = packed.Fp4Weights(codes, jnp.zeros((g, k // packed.FP4_BLOCK, n), jnp.uint8))
         w4a16_grouped_gemm.grouped_gemm(jnp.asarray(x[:m], jnp.bfloat16), fp4, jnp.asarray(sizes), cfg=cfg,
                                         interpret=True)
 

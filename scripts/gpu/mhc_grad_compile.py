@@ -1,5 +1,9 @@
-"""Why test_mhc's GPU test never finishes: XLA compile time of the mHC comb's gradient on a GPU,
-one subprocess per case (a case that hangs is killed at its limit and reported as such).
+"""XLA compile time of the mHC comb's gradient on a GPU, one subprocess per case (a case that hangs
+is killed at its limit and reported as such): the reference's and the kernel's gradients as the
+code has them (since 5615e55 the rolled form's backward), and `unrolled_grad`, plain autodiff
+through the 20 unrolled iterations (what both were before). Session 17's run
+(docs/bench_data/s17_mhc_grad_compile_h200.jsonl) predates the fix: its ref_grad / kernel_grad are
+the unrolled form's (timed out at 60 s), its rolled_grad the loop form's (0.6 s).
 
     python scripts/gpu/mhc_grad_compile.py [limit_s]
 """
@@ -19,18 +23,18 @@ mixes = jnp.asarray(rng.standard_normal((tokens, (2 + n) * n)) * 4, jnp.float32)
 scale, bias = jnp.float32(1.7), jnp.asarray(rng.standard_normal(n * n), jnp.float32)
 w = jnp.asarray(rng.standard_normal((tokens, n, n)), jnp.float32)
 
-def rolled(m, s, b):
+def unrolled(m, s, b):  # the reference before 5615e55: plain autodiff through every iteration's copy
     logits = m[..., 2 * n:].reshape(*m.shape[:-1], n, n) * s + b.reshape(n, n)
     c = jax.nn.softmax(logits, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    def body(_, c):
+    for _ in range(iters - 1):
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    return jax.lax.fori_loop(0, iters - 1, body, c)
+        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    return c
 
 fns = {"kernel_fwd": lambda m, s, b: hyper.comb_of_mixes(m, s, b, n, iters, eps),
        "ref_fwd": lambda m, s, b: hyper.affine_sinkhorn_reference(m, s, b, 2 * n, n, iters, eps)}
-grads = {"kernel_grad": fns["kernel_fwd"], "ref_grad": fns["ref_fwd"], "rolled_grad": rolled}
+grads = {"kernel_grad": fns["kernel_fwd"], "ref_grad": fns["ref_fwd"], "unrolled_grad": unrolled}
 if case in fns:
     f = jax.jit(fns[case])
 else:
@@ -47,7 +51,7 @@ print("RESULT", ct)
 def main():
     limit = float(sys.argv[1]) if len(sys.argv) > 1 else 60
     rows = []
-    for case in ("kernel_fwd", "ref_fwd", "rolled_grad", "ref_grad", "kernel_grad"):
+    for case in ("kernel_fwd", "ref_fwd", "ref_grad", "kernel_grad", "unrolled_grad"):
         for tokens in (1, 1000):
             t0 = time.time()
             try:
