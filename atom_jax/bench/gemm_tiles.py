@@ -97,7 +97,8 @@ def tiny_shape(case: Case) -> tuple[int, int, int]:
 
 
 def tiles_name(cfg: pg.TileConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s" + (" ht" if cfg.half_tail else "")
+    half = " ht" if cfg.half_tail else ""
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s{half}"
 
 
 def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
