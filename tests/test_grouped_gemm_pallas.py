@@ -60,21 +60,15 @@ def test_transpose_b_reads_weights_n_by_k_with_gathered_rows():
                         row_ids=jnp.asarray(ids), transpose_b=True)
 
 
-TAILS = {"half": dict(half_tail=True), "fold": dict(fold_tail=True), "both": dict(half_tail=True, fold_tail=True)}
-
-
-@pytest.mark.parametrize("tail", list(TAILS))
 @pytest.mark.parametrize("gathered", [False, True])
-def test_tail_items_store_every_group_row_once(gathered, tail):
+def test_half_tail_items_store_every_group_row_once(gathered):
     """`half_tail`: a group's last tile with at most block_m / 2 rows left runs a half-height
-    product; `fold_tail`: a last tile with more than block_m (up to 1.5 block_m) rows runs a
-    block_m and a block_m / 2 product from one K loop (sizes at and around the half, whole and
-    1.5 tiles: 1, 8, 9, 16, 17, 24, 25, ..., empty groups, fresh random ones): every group row
-    once against float64, rows past the groups zero; with gathered rows, K-major weights and an
-    epilogue too."""
+    product (sizes at and around the half and whole tiles: 1, 8, 9, 16, 17, 24, 25, ..., empty
+    groups, fresh random ones), in place of the full tile: every group row once against float64,
+    rows past the groups zero; with gathered rows, K-major weights and an epilogue too."""
     rng = np.random.default_rng()
-    cfg = pg.TileConfig(block_m=16, block_n=32, block_k=16, **TAILS[tail])
-    fixed = [1, 0, 8, 9, 16, 17, 24, 25, 0, 40, 41, 56, 57]
+    cfg = pg.TileConfig(block_m=16, block_n=32, block_k=16, half_tail=True)
+    fixed = [1, 0, 8, 9, 16, 17, 24, 25, 0, 40]
     sizes = np.array(fixed + list(rng.integers(0, 41, 4)))
     g, k, n, m, r = len(sizes), 32, 64, int(sizes.sum()) + 5, 50
     x = rng.standard_normal((r if gathered else m, k)).astype(np.float32)
@@ -94,7 +88,7 @@ def test_tail_items_store_every_group_row_once(gathered, tail):
     assert np.all(out[used:] == 0)
     from atom_jax.kernels import packed, w4a16_grouped_gemm
     fp4 = packed.Fp4Weights(jnp.zeros((g, k // 2, n), jnp.uint8), jnp.zeros((g, k // packed.FP4_BLOCK, n), jnp.uint8))
-    with pytest.raises(ValueError, match="fold_tail"):  # the W4A16 kernel's products are whole tiles
+    with pytest.raises(ValueError, match="half_tail"):  # the W4A16 kernel's products are whole tiles
         w4a16_grouped_gemm.grouped_gemm(jnp.asarray(x[:m], jnp.bfloat16), fp4, jnp.asarray(sizes), cfg=cfg,
                                         interpret=True)
 
@@ -123,25 +117,6 @@ def test_work_items_tile_each_group_from_its_first_row():
     pairs = list(zip(np.asarray(group)[:int(count[0])].tolist(), np.asarray(tile)[:int(count[0])].tolist()))
     expected = [(g, t) for g in range(9) for t in range(-(-int(sizes[g]) // bm))]
     assert pairs == expected  # group order, ceil(size / block_m) tiles each, none for empty groups
-
-
-def test_fold_tail_work_items_give_the_last_tile_up_to_half_a_tile_more():
-    """`fold_tail`: a group of s rows takes max(1, ceil((s - block_m / 2) / block_m)) items (none
-    when empty), so its last item holds at most 1.5 block_m rows and every other exactly
-    block_m; the pair kernel with folded tiles equals the two calls it replaces."""
-    bm = 16
-    sizes = np.array([0, 1, 8, 9, 16, 17, 24, 25, 40, 41, 0, 56, 57])
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    group, tile, count = jax.jit(pg.work_items, static_argnums=(2, 3, 4))(
-        jnp.asarray(starts), jnp.asarray(ends), bm, -(-int(sizes.sum()) // bm) + len(sizes), True)
-    got = np.bincount(np.asarray(group)[:int(count[0])], minlength=len(sizes))
-    assert got.tolist() == [0, 1, 1, 1, 1, 1, 1, 2, 2, 3, 0, 3, 4]
-    last_rows = sizes - (got - 1) * bm
-    assert np.all(last_rows[sizes > 0] <= bm * 3 // 2) and np.all(last_rows[sizes > 0] > 0)
-    from pair_check import check_pair_against_two_calls
-    check_pair_against_two_calls(np.random.default_rng(), pg.TileConfig(16, 32, 16, fold_tail=True), SMALL, 6, 32,
-                                 64, r=40, m=150, trailing=5, interpret=True, zero_tail=True, k_major=True)
 
 
 @pytest.mark.parametrize("n_a,n_v", [(129, 200), (4097, 1100)])  # compare-all; past its limit: sort

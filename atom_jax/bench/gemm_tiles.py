@@ -79,22 +79,15 @@ CANDIDATES = [
     # half tails (`TileConfig.half_tail`: a group's last tile with <= 64 rows left runs 64 rows)
     T(128, 256, 64, 8, 4, half_tail=True), T(128, 256, 64, 8, 3, half_tail=True),
     T(128, 128, 64, 8, 4, half_tail=True),
-    # folded tails (`TileConfig.fold_tail`: a group's last item takes up to 64 more rows, its
-    # 128- and 64-row products from one load of each weight tile), and 16 warps without
-    T(128, 256, 64, 8, 4, fold_tail=True), T(128, 256, 64, 8, 3, fold_tail=True),
-    T(128, 256, 64, 16, 3, fold_tail=True), T(128, 256, 64, 16, 4, fold_tail=True),
-    T(128, 128, 64, 8, 4, fold_tail=True), T(128, 256, 64, 16, 4),
 ]
 MAX_ERR = 2e-2  # bf16 outputs (one rounding each) of float32 sums in another order
 SWIGLU_LIMIT = 10.0  # V4's swiglu_limit
 # The fused gate/up kernel's alternatives to `pg.pair_tiles` (each K step multiplies the A tile
 # by two [block_k, block_n] weight tiles; two float32 accumulators).
-PAIR_CANDIDATES = [T(64, 128, 64, 4, 4), T(128, 128, 64, 8, 3), T(64, 128, 64, 8, 4),
-                   T(128, 128, 64, 8, 3, fold_tail=True), T(128, 128, 64, 16, 3, fold_tail=True)]
+PAIR_CANDIDATES = [T(64, 128, 64, 4, 4), T(128, 128, 64, 8, 3), T(64, 128, 64, 8, 4)]
 TINY_CASES = [Case("up", 1, tokens=16), Case("down", 2, tokens=16)]
 TINY_SHAPE = (8, 64, 128)  # (experts, hidden, inter) of the CPU smoke run
-TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2), T(32, 128, 64, 4, 2, half_tail=True),
-                   T(32, 128, 64, 4, 2, fold_tail=True)]
+TINY_CANDIDATES = [T(16, 64, 32, 4, 2), T(32, 128, 64, 4, 2), T(32, 128, 64, 4, 2, half_tail=True)]
 
 
 def tiny_shape(case: Case) -> tuple[int, int, int]:
@@ -103,12 +96,9 @@ def tiny_shape(case: Case) -> tuple[int, int, int]:
     return (g, d, i) if case.projection == "up" else (g, i, d)
 
 
-TAIL_OPTIONS = {"half_tail": "ht", "fold_tail": "ft"}  # TileConfig's tail flags: their short names
-
-
 def tiles_name(cfg: pg.TileConfig) -> str:
-    tails = "".join(f" {short}" for flag, short in TAIL_OPTIONS.items() if getattr(cfg, flag))
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s{tails}"
+    half = " ht" if cfg.half_tail else ""
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s{half}"
 
 
 def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
@@ -236,7 +226,7 @@ def constant_line(name: str, rows) -> str | None:
         return None
     return (f"{name} = TileConfig(block_m={t['block_m']}, block_n={t['block_n']}, block_k={t['block_k']}, "
             f"num_warps={t['num_warps']}, num_stages={t['num_stages']}" +
-            "".join(f", {flag}=True" for flag in TAIL_OPTIONS if t.get(flag)) + ")")
+            (", half_tail=True)" if t.get("half_tail") else ")"))
 
 
 def gate_up_rows(out, case: Case, inputs, ws, calls, rows_per_group: float, flops: float, dense_s, iters: int):

@@ -60,12 +60,6 @@ class TileConfig:
     # with its own K loop), so a 192-row group computes 128 + 64 rows, not 2 x 128 (dp=1 prefill:
     # an 8K-token chunk x top-6 over 256 experts is ~192 rows an expert).
     half_tail: bool = False
-    # Folded tail (the bf16 kernel): a group's last work item takes up to block_m / 2 more rows
-    # (so a group of s rows takes max(1, ceil((s - block_m / 2) / block_m)) items), and an item
-    # with more than block_m rows runs a block_m-row and a block_m / 2-row product in ONE K loop,
-    # each weight tile loaded once for both: a 192-row group computes 192 rows from one weight
-    # read, where half_tail runs a second program that reads the weights again.
-    fold_tail: bool = False
 
 
 # Chosen from the tile sweeps of `python -m atom_jax.bench gemm` on H100 (docs/benchmarks.md,
@@ -113,19 +107,14 @@ def searchsorted_right(a, v):
     return jnp.searchsorted(a, v, side="right", method=method)
 
 
-def work_items(starts, ends, block_m: int, max_items: int, fold_tail: bool = False):
+def work_items(starts, ends, block_m: int, max_items: int):
     """(group, row tile) pairs in group order, padded to `max_items`. Row tiles start at their
     group's first row (not on a global grid), so a group of s rows takes ceil(s / block_m)
-    tiles and no tile holds two groups' rows; with `fold_tail` (`TileConfig.fold_tail`) the last
-    tile takes up to block_m / 2 more rows: max(1, ceil((s - block_m / 2) / block_m)) tiles.
+    tiles and no tile holds two groups' rows.
 
     Returns item_group [W], item_tile [W] (tile index within the group), num_items [1]."""
     g = starts.shape[0]
-    size = jnp.maximum(ends - starts, 0)
-    if fold_tail:
-        count = jnp.where(size > 0, jnp.maximum((size + block_m // 2 - 1) // block_m, 1), 0)
-    else:
-        count = (size + block_m - 1) // block_m
+    count = (jnp.maximum(ends - starts, 0) + block_m - 1) // block_m
     cum = jnp.cumsum(count)
     item = jnp.arange(max_items, dtype=jnp.int32)
     group = jnp.minimum(searchsorted_right(cum, item), g - 1).astype(jnp.int32)
@@ -136,11 +125,10 @@ def work_items(starts, ends, block_m: int, max_items: int, fold_tail: bool = Fal
 def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: TileConfig, num_groups: int,
               accumulate, e_ref=None, epilogue=None):
     """The frame the dropless kernels share: program (j, i) is column tile j of work item i (a
-    row tile of one range); `accumulate(g, cols, blocks)` returns, for a real group, the float32
-    [rows.size, block_n] product of each of the item's row blocks ((rows, mine) pairs: one of
-    block_m rows; one of block_m / 2 for a half tail, `TileConfig.half_tail`; block_m then
-    block_m / 2 for a folded tail, `TileConfig.fold_tail`), each stored as epilogue(e_ref's tile
-    as float32, product) when `epilogue` is given; range num_groups is the zero range."""
+    row tile of one range); `accumulate(g, rows, cols, mine)` returns its float32 [rows.size,
+    block_n] product for a real group (rows.size: block_m, or block_m / 2 for a half tail,
+    `TileConfig.half_tail`), stored as epilogue(e_ref's tile as float32, product) when
+    `epilogue` is given; range num_groups is the zero range."""
     j = pl.program_id(0)  # column tile: fastest, so one work item's column tiles run together
     i = pl.program_id(1)
 
@@ -150,46 +138,30 @@ def work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg: 
         row0 = starts_ref[g] + tile_ref[i] * cfg.block_m
         cols = pl.ds(j * cfg.block_n, cfg.block_n)
 
-        def tile(heights):  # the item's rows as consecutive blocks of these heights
-            blocks, r = [], row0
-            for bm in heights:
-                blocks.append((pl.ds(r, bm), (r + jnp.arange(bm, dtype=jnp.int32) < ends_ref[g])[:, None]))
-                r = r + bm
+        def tile(bm: int):  # the item's rows as a bm-row tile (accumulate's product is [bm, block_n])
+            rows = pl.ds(row0, bm)
+            mine = (row0 + jnp.arange(bm, dtype=jnp.int32) < ends_ref[g])[:, None]
+            out = o_ref.at[rows, cols]
 
             @pl.when(g < num_groups)
             def _matmul():
-                for (rows, mine), acc in zip(blocks, accumulate(g, cols, tuple(blocks))):
-                    if epilogue is not None:
-                        acc = epilogue(plt.load(e_ref.at[rows, cols], mask=mine, other=0.0).astype(jnp.float32), acc)
-                    plt.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=mine)
+                acc = accumulate(g, rows, cols, mine)
+                if epilogue is not None:
+                    acc = epilogue(plt.load(e_ref.at[rows, cols], mask=mine, other=0.0).astype(jnp.float32), acc)
+                plt.store(out, acc.astype(o_ref.dtype), mask=mine)
 
             # Range num_groups is the zero range: stored without a K loop (under DP with experts
             # sharded, most rows are choices of other ranks' experts and land here).
             @pl.when(g == num_groups)
             def _zeros():
-                for rows, mine in blocks:
-                    plt.store(o_ref.at[rows, cols], jnp.zeros((mine.shape[0], cfg.block_n), o_ref.dtype), mask=mine)
+                plt.store(out, jnp.zeros((bm, cfg.block_n), o_ref.dtype), mask=mine)
 
-        bm = cfg.block_m
-        if not (cfg.half_tail or cfg.fold_tail):
-            tile((bm,))
+        if not cfg.half_tail:
+            tile(cfg.block_m)
             return
-        left = ends_ref[g] - row0
-        # (condition, block heights): the item's one branch among the enabled options, else whole
-        special = ([(left <= bm // 2, (bm // 2,))] if cfg.half_tail else []) + \
-            ([(left > bm, (bm, bm // 2))] if cfg.fold_tail else [])
-        for cond, heights in special:
-            pl.when(cond)(functools.partial(tile, heights))
-        pl.when(jnp.logical_not(functools.reduce(jnp.logical_or, [c for c, _ in special])))(lambda: tile((bm,)))
-
-
-def one_block(accumulate):
-    """`work_item`'s accumulate from one that takes a single row block, accumulate(g, rows, cols,
-    mine) (kernels whose items are never folded)."""
-    def blocks_accumulate(g, cols, blocks):
-        return tuple(accumulate(g, rows, cols, mine) for rows, mine in blocks)
-
-    return blocks_accumulate
+        half = ends_ref[g] - row0 <= cfg.block_m // 2
+        pl.when(half)(lambda: tile(cfg.block_m // 2))
+        pl.when(jnp.logical_not(half))(lambda: tile(cfg.block_m))
 
 
 def a_tiles(x_ref, ids_ref, rows, mine):
@@ -219,26 +191,25 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             num_groups: int, gather: bool, epilogue, transpose_b: bool = False, combine=None):
     ids_ref, e_ref, (x_ref, *w_refs, o_ref) = split_refs(refs, gather, epilogue is not None)
 
-    def accumulate(g, cols, blocks):
-        loads = [a_tiles(x_ref, ids_ref, rows, mine) for rows, mine in blocks]
+    def accumulate(g, rows, cols, mine):
+        load = a_tiles(x_ref, ids_ref, rows, mine)
 
-        def weight_tile(w_ref, ks):
-            # weights [G, N, K] with transpose_b: the [block_n, block_k] tile, K-major
-            return w_ref[g, cols, ks] if transpose_b else w_ref[g, ks, cols]
+        def product(a, w_ref, ks):
+            if transpose_b:  # weights [G, N, K]: the [block_n, block_k] tile, K-major
+                return plt.dot(a, w_ref[g, cols, ks], trans_b=True)
+            return plt.dot(a, w_ref[g, ks, cols])
 
-        def step(kk, accs):  # each A tile and each weight tile loaded once per K step
+        def step(kk, accs):  # one A tile load per K step for every weight stack
             ks = pl.ds(pl.multiple_of(kk * cfg.block_k, cfg.block_k), cfg.block_k)
-            ws = [weight_tile(w_ref, ks) for w_ref in w_refs]
-            prods = [plt.dot(a, w, trans_b=transpose_b) for a in [load(ks) for load in loads] for w in ws]
-            return tuple(acc + p for acc, p in zip(accs, prods))
+            a = load(ks)
+            return tuple(acc + product(a, w_ref, ks) for acc, w_ref in zip(accs, w_refs))
 
-        zeros = tuple(jnp.zeros((mine.shape[0], cfg.block_n), jnp.float32) for _, mine in blocks for _ in w_refs)
-        accs = jax.lax.fori_loop(0, k_steps, step, zeros)
-        per_block = [accs[b * len(w_refs):(b + 1) * len(w_refs)] for b in range(len(blocks))]
+        zero = jnp.zeros((mine.shape[0], cfg.block_n), jnp.float32)  # block_m rows, or half of them
+        accs = jax.lax.fori_loop(0, k_steps, step, (zero,) * len(w_refs))
         if combine is None:
-            return tuple(a[0] for a in per_block)
+            return accs[0]
         # the first product rounded as the unfused first GEMM stores it (`grouped_gemm_pair`)
-        return tuple(combine(a[0].astype(o_ref.dtype).astype(jnp.float32), a[1]) for a in per_block)
+        return combine(accs[0].astype(o_ref.dtype).astype(jnp.float32), accs[1])
 
     work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
               e_ref, epilogue)
@@ -279,7 +250,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: TileConfig | None = No
     a_operands = padded_a(rows, row_ids, pad)
     fn, e_operands = epilogue_operands(epilogue, (m, n), pad)
     items = -(-m // cfg.block_m) + starts.shape[0]  # each range adds at most one partly filled tile
-    group, tile, count = work_items(starts, ends, cfg.block_m, items, cfg.fold_tail)
+    group, tile, count = work_items(starts, ends, cfg.block_m, items)
     call = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, k_steps=k // bk, num_groups=g, gather=row_ids is not None,
                           epilogue=fn, transpose_b=transpose_b, combine=combine),

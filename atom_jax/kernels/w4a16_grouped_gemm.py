@@ -102,8 +102,8 @@ from jax.experimental.pallas import triton as plt
 
 from atom_jax.kernels import packed
 from atom_jax.kernels.pallas_grouped_gemm import (DECODE_MAX_ROWS_PER_GROUP, TileConfig, a_tiles, epilogue_operands,
-                                                  from_group_sizes, num_rows, one_block, padded_a, split_refs,
-                                                  with_zero_range, work_item, work_items)
+                                                  from_group_sizes, num_rows, padded_a, split_refs, with_zero_range,
+                                                  work_item, work_items)
 
 # block_k counts inputs (codes tile = block_k / 2 bytes); it must be a multiple of 32 (whole
 # scale groups). The fastest of `python -m atom_jax.bench w4a16 --sweep` on 1x H200 with the
@@ -329,8 +329,8 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
     bks = cfg.block_k // packed.FP4_BLOCK  # scale rows per K step
     if cfg.gemv:
         accumulate = _gemv_accumulate(x_ref, ids_ref, c_ref, s_ref, cfg, k_steps, half_k, decode)
-        work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups,
-                  one_block(accumulate), e_ref, epilogue)
+        work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
+                  e_ref, epilogue)
         return
     if cfg.swap_ab:  # out^T [block_n, block_m] += W^T [block_n, bkh] . A^T [bkh, block_m]
         acc_shape = (cfg.block_n, cfg.block_m)
@@ -361,7 +361,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, *refs, cfg: Ti
             acc = acc * jnp.float32(2.0 ** ONE_MUL_SHIFT)
         return acc.T if cfg.swap_ab else acc
 
-    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, one_block(accumulate),
+    work_item(group_ref, tile_ref, count_ref, starts_ref, ends_ref, o_ref, cfg, num_groups, accumulate,
               e_ref, epilogue)
 
 
@@ -468,9 +468,9 @@ def _ranges(rows, weights: packed.Fp4Weights, starts, ends, cfg, interpret, zero
     if (k_major or one_multiply) and cfg.gemv:
         raise ValueError("K-major codes (packed.Fp4WeightsKMajor) and one_multiply run on the MMA tiles only, "
                          "not gemv")
-    if cfg.half_tail or cfg.fold_tail:
-        raise ValueError("half_tail and fold_tail are bf16-kernel options (pallas_grouped_gemm); the W4A16 kernel's "
-                         "products are block_m rows")
+    if cfg.half_tail:
+        raise ValueError("half_tail is a bf16-kernel option (pallas_grouped_gemm); the W4A16 kernel's products are "
+                         "block_m rows")
     if cfg.gemv and (cfg.swap_ab or cfg.block_m > GEMV_MAX_BLOCK_M):
         raise ValueError(f"gemv tiles take block_m <= {GEMV_MAX_BLOCK_M} rows (larger groups run as several "
                          f"items) and no swap_ab; got block_m={cfg.block_m}, swap_ab={cfg.swap_ab}")
