@@ -288,6 +288,17 @@ s17e)  # the 128K prefill three ways, one machine: half tails for gathered calls
   step gt 120 env JAX_PLATFORMS=cuda python -m pytest -v -p no:cacheprovider -rs tests/test_grouped_gemm_gpu.py \
     tests/test_mhc.py -k "half_tail or on_gpu"
   ;;
+s18a)  # (run in session 18 at 0745942; fold_tail lost and was reverted, 23ae3a6) folded tails at dp=1's ~192 rows per expert: the GPU tests, the dp=1 tiles sweep with
+  # the fold candidates, then the 128K prefill with MID_TILES folded (scripts/gpu/with_tiles.py) vs today's default
+  step gt 120 env JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider -rs tests/test_grouped_gemm_gpu.py \
+    -k "tail or pair"
+  step gemm_tiles 160 python -m atom_jax.bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1 --budget-s 100 \
+    --json "$J/gemm_tiles_dp1_fold.json"
+  for spec in ${SPECS:-default 128x256x64x8x4xft}; do
+    step "lc_$spec" 115 python scripts/gpu/with_tiles.py "$spec" -- long-context --prompts 131072 --backends pallas \
+      --decode-tokens 4 --json "$J/lc128k_$spec.json"
+  done
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
