@@ -299,6 +299,25 @@ s18a)  # (run in session 18 at 0745942; fold_tail lost and was reverted, 23ae3a6
       --decode-tokens 4 --json "$J/lc128k_$spec.json"
   done
   ;;
+s18b)  # 256-row tiles at dp=1 (a ~192-row group in one item): the dp=1 sweep; the 128K prefill with the sweep's
+  # best mid tiles (scripts/gpu/with_tiles.py) vs the default when they differ; then n4's train_tiny on the GPU
+  step gemm_tiles 120 python -m atom_jax.bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1 --budget-s 80 \
+    --json "$J/gemm_tiles_dp1_256.json"
+  spec=$(python -c 'import json,sys
+from atom_jax.bench.gemm_tiles import best_tiles
+t = best_tiles(json.load(open(sys.argv[1]))["rows"])
+print("x".join(str(t[k]) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")) + ("xht" if t["half_tail"] else ""))' \
+    "$J/gemm_tiles_dp1_256.json" 2>/dev/null)
+  echo "best mid tiles: ${spec:-none}" | tee -a "$SUMMARY"
+  if [ -n "$spec" ] && [ "$spec" != 128x256x64x8x4 ]; then
+    for s in default "$spec"; do
+      step "lc_$s" 115 python scripts/gpu/with_tiles.py "$s" -- long-context --prompts 131072 --backends pallas \
+        --decode-tokens 4 --json "$J/lc128k_$s.json"
+    done
+  fi
+  step train_tiny 200 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
+    --work /tmp/tt_w --plot "$J/train_tiny_loss.png"
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
