@@ -71,6 +71,9 @@ CASES = [Case("up", 1), Case("down", 1), Case("up", 2), Case("down", 2)]
 T = pg.TileConfig
 # Around today's PREFILL_TILES (first): 64-row tiles (a 192-row group takes 3 with no padding,
 # vs 2 x 128 = 256 rows), 128-wide column tiles, 128-deep K steps, warps and pipeline depth.
+# Tried in session 18 and dropped (docs/benchmarks.md): 256-row tiles (a 192-row group in one item,
+# each weight tile loaded once: 256x128x64 at 8 warps 4 or 3 stages, 16 warps 4) 1.16-1.20x slower
+# than 128x256x64, and a folded tail (a 128- and a 64-row product in one K loop) 1.09-1.16x slower.
 # Each fits an H200's 227 KB of shared memory (stages x (block_m + block_n) x block_k x 2 B).
 CANDIDATES = [
     T(128, 256, 64, 8, 4), T(128, 256, 64, 8, 3), T(64, 256, 64, 4, 4), T(64, 256, 64, 8, 4),
@@ -79,9 +82,6 @@ CANDIDATES = [
     # half tails (`TileConfig.half_tail`: a group's last tile with <= 64 rows left runs 64 rows)
     T(128, 256, 64, 8, 4, half_tail=True), T(128, 256, 64, 8, 3, half_tail=True),
     T(128, 128, 64, 8, 4, half_tail=True),
-    # 256-row tiles: a ~192-row group in ONE item (the same MMA rows as 2 x 128, each weight tile
-    # loaded once); offline (bench sass) none spills: 186 registers at 8 warps, 102 at 16
-    T(256, 128, 64, 8, 4), T(256, 128, 64, 8, 3), T(256, 128, 64, 16, 4),
 ]
 MAX_ERR = 2e-2  # bf16 outputs (one rounding each) of float32 sums in another order
 SWIGLU_LIMIT = 10.0  # V4's swiglu_limit

@@ -318,6 +318,17 @@ print("x".join(str(t[k]) for k in ("block_m", "block_n", "block_k", "num_warps",
   step train_tiny 200 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
     --work /tmp/tt_w --plot "$J/train_tiny_loss.png"
   ;;
+s18c)  # the trace tool's kernel -> HLO op mapping on a real GPU trace (one 8K chunk of a 16K prompt: the report's
+  # "HLO op known" share and op names), kept raw; then n4's W4A16 decode rows on this machine
+  step lc_trace 170 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps 1 --json "$J/lc16k_trace.json"
+  step report 60 bash -c 'python -m atom_jax.trace report "$(find /tmp/lctr -name "*.xplane.pb" | head -1)" --top 40 \
+    --json "$0/lc16k_report.json"' "$J"
+  step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/lc16k.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
+  step w4a16_decode 240 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
+    --kernels w4a16_kmajor --json "$J/w4a16_decode.json"
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
