@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         json.dump(info, f, indent=1)
     if args.plot and losses:
         plot_losses(losses, args.plot, f"tiny DeepSeek-V4 on stdlib docstrings (seed {args.seed}, "
-                    f"batch {args.batch}x{args.seq}, {train_s / 60:.1f} min CPU)")
+                    f"batch {args.batch}x{args.seq}, {train_s / 60:.1f} min {jax.default_backend().upper()})")
     print(f"done: {len(losses)} steps, loss {losses[0]:.3f} -> {info['final_loss_mean_last_50']:.3f} "
           f"(mean of last 50), training {train_s:.0f} s, total {time.time() - t_start:.0f} s; "
           f"model in {out}, plot in {args.plot}", flush=True)

@@ -329,6 +329,16 @@ s18c)  # the trace tool's kernel -> HLO op mapping on a real GPU trace (one 8K c
   step w4a16_decode 240 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
     --kernels w4a16_kmajor --json "$J/w4a16_decode.json"
   ;;
+s18d)  # where the two largest kernels of a prefill chunk stall: ncu on one dp=1 grouped GEMM (down, ~192 rows an
+  # expert) and one HCA attention call (8K tokens at 120K), if ncu is here and may read the counters
+  step ncu_probe 20 bash -c 'command -v ncu; ncu --version; ls -d /usr/local/cuda*/ /opt/nvidia/nsight-compute* 2>/dev/null'
+  if command -v ncu >/dev/null; then
+    step ncu_gemm 200 ncu --clock-control none -k regex:grouped_gemm --launch-skip 1 --launch-count 1 --set full \
+      python scripts/gpu/one_gemm.py --case down_dp1 --calls 3
+    step ncu_attention 200 ncu --clock-control none -k regex:sparse_attention --launch-skip 1 --launch-count 1 \
+      --set full python -m atom_jax.bench attention --modes all --iters 2
+  fi
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
