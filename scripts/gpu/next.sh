@@ -339,6 +339,16 @@ s18d)  # where the two largest kernels of a prefill chunk stall: ncu on one dp=1
       --set full python -m atom_jax.bench attention --modes all --iters 2
   fi
   ;;
+s18e)  # why the folded tail (0745942, reverted) lost: ncu stall reasons of the dp=1 down GEMM, today's tiles vs folded
+  # (.gpu/fold = git archive 0745942 atom_jax), both in one machine
+  sec=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section Occupancy --print-details all)
+  step ncu_base 150 ncu --clock-control none -k regex:grouped_gemm --launch-skip 1 --launch-count 1 "${sec[@]}" \
+    python scripts/gpu/one_gemm.py --case down_dp1 --calls 3 --tiles 128x256x64x8x4
+  step ncu_fold 150 env PYTHONPATH="$PWD/.gpu/fold:$PYTHONPATH" ncu --clock-control none -k regex:grouped_gemm \
+    --launch-skip 1 --launch-count 1 "${sec[@]}" python scripts/gpu/one_gemm.py --case down_dp1 --calls 3 \
+    --tiles 128x256x64x8x4xft
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
