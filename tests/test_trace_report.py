@@ -4,6 +4,7 @@ in a subprocess with 2 host devices (shard_map all_gather / psum_scatter under m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -357,10 +358,10 @@ def _pb(*fields) -> bytes:
     return out
 
 
-def _instr(iid, name, opcode, op_name="", called=(), target="", backend=""):
-    # HloInstructionProto: name 1, opcode 2, metadata 7 (OpMetadata.op_name 2), custom_call_target 28,
-    # id 35, called_computation_ids 38, backend_config 43
-    return _pb((1, name), (2, opcode), *([(7, _pb((2, op_name)))] if op_name else []),
+def _instr(iid, name, opcode, op_name="", called=(), target="", backend="", shape=b""):
+    # HloInstructionProto: name 1, opcode 2, shape 3, metadata 7 (OpMetadata.op_name 2),
+    # custom_call_target 28, id 35, called_computation_ids 38, backend_config 43
+    return _pb((1, name), (2, opcode), *([(3, shape)] if shape else []), *([(7, _pb((2, op_name)))] if op_name else []),
                *([(28, target)] if target else []), (35, iid), *[(38, c) for c in called],
                *([(43, backend)] if backend else []))
 
@@ -415,8 +416,8 @@ def _graph_launch_events(correlation: int, t0: float, kernels=STEP_KERNELS) -> l
 def test_graph_launches_give_each_step_its_whole_work():
     """Overlap schedule with command buffers: a step's host annotation closes early while its graph
     launch runs on, so per-window busy time drops kernels; one launch (correlation id) of the step
-    program holds the step's whole work. A launch cut by the capture's end and a smaller program's
-    launches do not count."""
+    program holds the step's whole work (without host launch events, one launch is taken as one
+    execution). A launch cut by the capture's end and a smaller program's launches do not count."""
     from atom_jax.trace.events import Step, Trace
     from atom_jax.trace.hlo_index import HloIndex
 
@@ -435,7 +436,7 @@ def test_graph_launches_give_each_step_its_whole_work():
                                "busy_ms": busy_ns / 1e6, "span_ms": span_ns / 1e6,
                                "busy_share_of_span": round(busy_ns / span_ns, 4)}
     assert d["busy_ms"] < 0.5 * busy_ns / 1e6  # the windows saw only each launch's first kernels
-    assert "per launch of jit_step (4 whole, 1 cut; 9 kernels each): busy 0.018 ms" in format_report(
+    assert "per execution of jit_step (4 whole, 1 cut; 9 kernels each): busy 0.018 ms" in format_report(
         {"trace": "x", "source": "xplane", "platform": platform, "annotated_steps": [], "compiled_steps": [],
          "hlo_modules": [], "devices": {"/device:GPU:0": d}})
 
@@ -449,11 +450,11 @@ def test_command_buffer_launch_maps_kernels_by_schedule_place():
     from atom_jax.trace.hlo_index import HloIndex, parse_hlo_proto
     from atom_jax.trace.report import _launches
 
-    name, ops, order = parse_hlo_proto(_step_hlo_proto())
-    assert name == "jit_step" and order == STEP_LAUNCH_ORDER
+    name, ops, orders = parse_hlo_proto(_step_hlo_proto())
+    assert name == "jit_step" and orders == [STEP_LAUNCH_ORDER]
     assert ops["pallas_call.3"].backend_kernel == "grouped_gemm" and ops["copy.4"].backend_kernel == ""
     index = HloIndex()
-    index.add_module(name, 5, ops, order)
+    index.add_module(name, 5, ops, orders)
     index.add_module("jit_step", 6, dict(ops), [])  # another bucket's program of the same name
     raw = _graph_launch_events(1, 0.0) + _graph_launch_events(2, 100_000.0)
     random.Random(3).shuffle(raw)  # node order, not list order
@@ -475,17 +476,216 @@ def test_command_buffer_launch_maps_kernels_by_schedule_place():
     assert [o.name for o in index.lookup_launch(STEP_KERNELS[5:], 5)] == STEP_LAUNCH_ORDER[5:]
     assert index.lookup_launch(STEP_KERNELS[:3], 5) == [None] * 3
 
-    # A launch that does not fit the schedule (a node missing): no place is trusted, and a name
-    # launched twice in it (a reused kernel) is not guessed; a name launched once maps by name.
+    # An instruction that launched nothing (the copy's node missing) leaves the rest in place.
     kernels = STEP_KERNELS[:3] + STEP_KERNELS[4:]
     events, _, _ = normalise(_graph_launch_events(3, 0.0, kernels), lanes, index)
-    got = {e.name: e.hlo.name if e.hlo else None for e in events}
-    assert got == {"input_reduce_fusion_3": None, "grouped_gemm": None, "grouped_gemm__1": None,
-                   "sort_2_1": "sort.2.1", "gemm_fusion_dot_8": "gemm_fusion_dot.8"}
-    # a kernel named after another kind of instruction contradicts the place: no window either
+    assert [e.hlo.name for e in events] == STEP_LAUNCH_ORDER[:3] + STEP_LAUNCH_ORDER[4:]
+    # a kernel named after another kind of instruction cannot take the copy's place: it alone is
+    # left unplaced (not guessed by its name: that op runs at the end)
     kernels = [k if k != "memcpy32_post" else "gemm_fusion_dot_8" for k in STEP_KERNELS]
     events, _, _ = normalise(_graph_launch_events(4, 0.0, kernels), lanes, index)
-    assert all(e.hlo is None for e in events if e.name != "sort_2_1")
+    assert [e.hlo.name if e.hlo else None for e in events] == [
+        n if n != "copy.4" else None for n in STEP_LAUNCH_ORDER]
+    # a stray kernel is left out rather than made a fusion's second kernel
+    events, _, _ = normalise(_graph_launch_events(5, 0.0, STEP_KERNELS + ["other_kernel"]), lanes, index)
+    assert [e.hlo.name if e.hlo else None for e in events] == STEP_LAUNCH_ORDER + [None]
+    # a program stored without a schedule: each kernel by its name where launched once
+    raw = [RawEvent(e.plane, e.line, e.name, e.start_ns, e.dur_ns, {**e.stats, "program_id": 6})
+           for e in _graph_launch_events(6, 0.0, ["gemm_fusion_dot_8"] + ["input_reduce_fusion_3"] * 2)]
+    events, _, _ = normalise(raw, lanes, index)
+    assert [e.hlo.name if e.hlo else None for e in events] == ["gemm_fusion_dot.8", None, None]
+
+
+def _prefill_hlo_proto() -> bytes:
+    """A two-layer prefill step's module in the pattern of a real H200 prefill trace, which XLA runs
+    as several command buffers with thunks between them: a cub sort (a custom call outside any
+    graph) and a conditional whose branches (one per size bucket, the same fusions at other shapes)
+    run their own command buffers. cuBLAS calls launch library kernels (some after a Memset), a copy
+    launches 'memcpy32_post', layer 1's norm reuses layer 0's kernel 'fusion_1' (an identical fusion:
+    same shape and fused ops), and each layer's Pallas grouped GEMM is the kernel 'grouped_gemm'."""
+    gemm = '{grid_x = 8 : i32, name = "grouped_gemm", num_warps = 4 : i32}'
+    topk = '{grid_x = 1 : i32, name = "topk", num_warps = 4 : i32}'
+    s8, s4 = _pb((1, 11), (2, 8)), _pb((1, 11), (2, 4))  # ShapeProto: element type, one dimension
+    fused = [(10, [_instr(100, "mul.1", "multiply", "jit(step)/layer0/mul")]),
+             (11, [_instr(101, "mul.2", "multiply", "jit(step)/layer1/mul")]),
+             (12, [_instr(102, "add.1", "add", "jit(step)/layer1/cond/branch_0_fun/add")]),
+             (13, [_instr(103, "add.2", "add", "jit(step)/layer1/cond/branch_1_fun/add")])]
+    lib = "__cublas$lt$matmul"
+    entry = [
+        _instr(1, "param.0", "parameter"),
+        _instr(2, "fusion.1", "fusion", "jit(step)/layer0/norm", called=[10], shape=s8),
+        _instr(3, "custom-call.1", "custom-call", "jit(step)/layer0/dot_general", target=lib),
+        _instr(4, "custom-call.2", "custom-call", "jit(step)/layer0/dot_general", target=lib),
+        _instr(5, "copy.1", "copy"),
+        _instr(6, "custom-call.3", "custom-call", "jit(step)/layer0/sort", target="xla.gpu.ext.cub_sort_pairs"),
+        _instr(7, "pallas_call.7", "custom-call", "jit(step)/layer0/grouped_gemm/pallas_call",
+               target="__gpu$xla.gpu.triton", backend=gemm),
+        _instr(8, "fusion.2", "fusion", "jit(step)/layer1/norm", called=[11], shape=s8),
+        _instr(9, "custom-call.4", "custom-call", "jit(step)/layer1/dot_general", target=lib),
+        _instr(10, "cond.1", "conditional", "jit(step)/layer1/cond", called=[20, 21]),
+        _instr(11, "pallas_call.11", "custom-call", "jit(step)/layer1/grouped_gemm/pallas_call",
+               target="__gpu$xla.gpu.triton", backend=gemm),
+        _instr(12, "fusion.3", "fusion", "jit(step)/layer1/add", called=[12], shape=s4),
+    ]
+    branches = [(20, [_instr(21, "loop_add_fusion", "fusion", "jit(step)/layer1/cond/branch_0_fun/add",
+                             called=[12], shape=s8),
+                      _instr(22, "pallas_call.22", "custom-call", "jit(step)/layer1/cond/branch_0_fun/topk",
+                             target="__gpu$xla.gpu.triton", backend=topk)]),
+                (21, [_instr(31, "loop_add_fusion.1", "fusion", "jit(step)/layer1/cond/branch_1_fun/add",
+                             called=[13], shape=s4),
+                      _instr(32, "pallas_call.32", "custom-call", "jit(step)/layer1/cond/branch_1_fun/topk",
+                             target="__gpu$xla.gpu.triton", backend=topk)])]
+    comps = [_pb(*[(2, i) for i in instrs], (5, cid)) for cid, instrs in fused]
+    comps += [_pb((1, "main"), *[(2, i) for i in entry], (5, 1))]
+    comps += [_pb(*[(2, i) for i in instrs], (5, cid)) for cid, instrs in branches]
+
+    def sequence(comp, ids):
+        return (1, _pb((1, comp), (2, _pb((1, bytes(ids))))))
+    schedule = _pb(sequence(1, range(1, 13)), sequence(20, [21, 22]), sequence(21, [31, 32]))
+    return _pb((1, _pb((1, "jit_step"), *[(3, c) for c in comps], (6, 1), (7, schedule))))
+
+
+# One execution of the prefill step: (correlation id, launched inside a CUDA graph, [(kernel, graph node)]),
+# in launch order. Graph nodes as XLA numbers them: a cuBLAS call's kernels (child-graph nodes) after
+# all of the command buffer's own nodes, so node order is not run order.
+PREFILL_LAUNCHES = [
+    (10, True, [("fusion_1", 0), ("nvjet_tss_64x256_NNN", 5), ("Memset 0", 6), ("nvjet_tst_128x160_NNT", 7),
+                ("memcpy32_post", 3)]),
+    (11, False, [("Memset 3", None)]),  # the cub sort: a thunk of its own, with its hlo_op
+    (12, False, [("void cub::DeviceRadixSortOnesweepKernel", None)]),
+    (13, True, [("grouped_gemm", 0), ("fusion_1", 1), ("Memset 0", 4), ("nvjet_tst_128x160_NNT", 5)]),
+    (14, False, [("MemcpyD2H", None)]),  # the conditional's predicate
+    (15, True, [("loop_add_fusion", 0), ("topk", 1)]),  # branch 0's command buffer
+    (16, True, [("grouped_gemm", 0), ("fusion_3", 1)]),
+]
+PREFILL_OPS = ["fusion.1", "custom-call.1", "custom-call.2", "custom-call.2", "copy.1", "custom-call.3",
+               "custom-call.3", "pallas_call.7", "fusion.2", "custom-call.4", "custom-call.4", "cond.1",
+               "loop_add_fusion", "pallas_call.22", "pallas_call.11", "fusion.3"]
+
+
+def _prefill_raw(run_id=77, t0=0.0, launches=PREFILL_LAUNCHES, ran=None, corr0=0) -> list[RawEvent]:
+    """Host and device events of one execution: the host launches everything within 0.5 ms (inside
+    a 1 ms step annotation), the device runs each kernel for 100 us, one after another, from 0.2 ms:
+    most of them after the annotation closes. `ran`: the correlation ids that reached the device
+    (the rest were cut by the capture's end); `corr0` offsets the correlation ids (unique in a trace)."""
+    dev, host = [], [RawEvent("/host:CPU", "python", "step", t0, 1e6, {"step_num": run_id}),
+                     RawEvent("/host:CPU", "python", "PjRtLoadedExecutable::Execute", t0 + 1e4, 5e5,
+                              {"run_id": run_id})]
+    t = t0 + 2e5
+    for n, (corr, graph, kernels) in enumerate(launches):
+        corr += corr0
+        host.append(RawEvent("/host:CPU", "python", "cuGraphLaunch" if graph else kernels[0][0], t0 + 2e4 * (n + 1),
+                             5e3, {"correlation_id": corr, "context_id": "$$1", "device_id": 0}))
+        if ran is not None and corr not in ran:
+            continue
+        hlo_op = PREFILL_OPS[sum(len(k) for _, _, k in launches[:n])]
+        for kernel, node in kernels:
+            stats = {"correlation_id": corr, "context_id": "$$1", "program_id": 5, "hlo_module": "jit_step",
+                     "hlo_op": f"command_buffer_{corr}" if graph else hlo_op}
+            if graph:
+                stats.update(cuda_graph_id=corr, cuda_graph_node_id=(corr << 32) + node)
+            dev.append(RawEvent("/device:GPU:0", "Stream #14(Compute)", kernel, t, 1e5, stats))
+            t += 1e5
+    return host + dev
+
+
+def _prefill_trace(raw):
+    from atom_jax.trace.events import Trace
+    from atom_jax.trace.hlo_index import HloIndex, parse_hlo_proto
+    from atom_jax.trace.launches import host_launches
+
+    name, ops, orders = parse_hlo_proto(_prefill_hlo_proto())
+    index = HloIndex()
+    index.add_module(name, 5, ops, orders)
+    lanes = {"/device:GPU:0": ["Stream #14(Compute)"], "/host:CPU": ["python"]}
+    launches = host_launches(raw)
+    events, steps, platform = normalise(raw, lanes, index, launches)
+    return Trace(Path("x"), "xplane", platform, events, steps, index, lanes, launches.by_run)
+
+
+def test_prefill_command_buffers_map_every_kernel_to_its_instruction():
+    """A prefill step XLA split into command buffers around a cub sort and a conditional: each graph
+    launch's kernels, in the order they ran, align to a stretch of the entry schedule or of a branch's;
+    cuBLAS kernels (numbered after the graph's own nodes, some after a Memset) take their custom
+    call's place, so every kernel's layer is known and each grouped GEMM launch gets its own layer."""
+    trace = _prefill_trace(_prefill_raw())
+    ran = sorted(trace.events, key=lambda e: e.start_ns)
+    assert [e.hlo.name if e.hlo else None for e in ran] == PREFILL_OPS
+    gemms = [e for e in ran if e.name == "grouped_gemm"]
+    assert [e.layer for e in gemms] == ["layer0", "layer1"]
+    assert [e.layer for e in ran if e.name == "fusion_1"] == ["layer0", "layer1"]  # one kernel, two layers
+    d = analyse(trace, top=20)["devices"]["/device:GPU:0"]
+    assert d["hlo_known_share"] == 1.0
+    top = {k["name"]: k for k in d["top_kernels"]}
+    assert top["grouped_gemm"]["layers"] == ["layer0", "layer1"]
+    assert "layer0-1" in format_report(analyse(trace, top=20))
+
+
+def test_branch_kernels_take_the_branch_whose_shapes_match():
+    """Size-bucket branches hold the same fusions at other shapes: only the branch whose fusion
+    XLA compiled the kernel for can have run it, so the launch places in that branch; a
+    same-named fusion of another shape cannot reuse the kernel."""
+    from atom_jax.trace.hlo_index import HloIndex, parse_hlo_proto
+    index = HloIndex()
+    name, ops, orders = parse_hlo_proto(_prefill_hlo_proto())
+    assert orders[1:] == [["loop_add_fusion", "pallas_call.22"], ["loop_add_fusion.1", "pallas_call.32"]]
+    index.add_module(name, 5, ops, orders)
+    placed = index.lookup_launch(["loop_add_fusion", "topk"], 5)
+    assert [o.name for o in placed] == ["loop_add_fusion", "pallas_call.22"]
+    # were branch 1's fusion of branch 0's shape (an identical fusion), the launch could be either branch
+    same = dict(ops, **{"loop_add_fusion.1": dataclasses.replace(ops["loop_add_fusion.1"],
+                                                                 shape=ops["loop_add_fusion"].shape,
+                                                                 fused_opcodes=ops["loop_add_fusion"].fused_opcodes)})
+    index.add_module("other", 6, same, orders)
+    assert index.lookup_launch(["loop_add_fusion", "topk"], 6) == [None, None]
+
+
+def test_a_step_owns_the_kernels_it_launched_past_its_annotation():
+    """The host launches a prefill step's kernels within its 1 ms annotation and returns; the device
+    runs them for 1.6 ms from 0.2 ms. Each kernel belongs to the step that launched it (its correlation
+    id's host call is inside the window): the step's busy time is all of them, and its one execution
+    (the PjRt run_id around the launches) spans every graph launch and thunk between them."""
+    trace = _prefill_trace(_prefill_raw())
+    d = analyse(trace)["devices"]["/device:GPU:0"]
+    n = sum(len(k) for _, _, k in PREFILL_LAUNCHES)
+    assert d["events"] == n
+    assert d["busy_ms"] == pytest.approx(n * 0.1)  # 1.6 ms, not the 0.8 ms that start inside the window
+    assert d["device_after_step_ms"] == pytest.approx(0.2 + n * 0.1 - 1.0)
+    assert d["executions"]["executions"] == 1 and d["executions"]["partial"] == 0
+    assert d["executions"]["kernels"] == n and d["executions"]["busy_ms"] == pytest.approx(n * 0.1)
+    text = format_report(analyse(trace))
+    assert "per execution of jit_step (1 whole, 0 cut; 16 kernels each)" in text
+    assert "a step's kernels run on 0.800 ms past its window" in text
+
+
+def test_an_execution_cut_by_the_capture_is_not_whole():
+    """A second execution whose last graph launch never reached the device (the capture stopped) is
+    cut: its host launched a correlation id no device event carries."""
+    raw = _prefill_raw() + _prefill_raw(run_id=78, t0=5e6, ran={110, 111, 112, 113}, corr0=100)
+    x = analyse(_prefill_trace(raw))["devices"]["/device:GPU:0"]["executions"]
+    assert (x["executions"], x["partial"], x["kernels"]) == (1, 1, 16)
+
+
+def test_bench_trace_summary_names_every_layer_of_a_shared_kernel(monkeypatch):
+    """The long-context bench's summary of a trace: a kernel name that ran in several layers (the
+    grouped GEMM, one per layer) is labelled with all of them, never with the last one seen; a
+    kernel no op was found for is '?', not 'step'."""
+    from atom_jax.bench import long_context
+    from atom_jax.trace import events as events_mod
+    from atom_jax.trace.categories import layers_label
+
+    assert layers_label(["layer3"]) == "layer3" and layers_label(["layer2", "layer0", "layer1"]) == "layer0-2"
+    assert layers_label(["layer0", "layer2", "step", "?"]) == "layer0,2+step+?"
+    raw = _prefill_raw()
+    raw.append(RawEvent("/device:GPU:0", "Stream #14(Compute)", "mystery_kernel", 9e6, 1e5, {}))
+    monkeypatch.setattr(events_mod, "load_trace", lambda path: _prefill_trace(raw))
+    s = long_context.trace_summary("unused", steps=1)
+    k = {t["name"]: t for t in s["top_kernels"]}
+    assert k["grouped_gemm"]["layer"] == "layer0-1" and k["grouped_gemm"]["count"] == 2
+    assert k["grouped_gemm"]["op_name"] == "jit(step)/layer*/grouped_gemm/pallas_call"
+    assert k["topk"]["layer"] == "layer1" and k["mystery_kernel"]["layer"] == "?"
+    assert s["by_layer_category_ms"]["?/other"] == pytest.approx(0.1)
+    assert s["busy_ms"] == pytest.approx(1.7)
 
 
 # --- a real CPU trace ---------------------------------------------------------------------------

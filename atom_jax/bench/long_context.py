@@ -239,9 +239,11 @@ def _trace_prompt(engine, vocab: int, length: int, chunk: int, steps: int, path:
 def trace_summary(path: str, steps: int, top: int = 60) -> dict:
     """Device time per profiled step of a trace: busy (the union of the GPU's kernels), the sum of
     kernel times per decoder layer and category, and the `top` kernels by time with their HLO
-    op_name (the jax source path of the op they ran)."""
+    op_name (the jax source path of the op they ran) and the layers they ran in: one kernel name
+    serves every layer (`layers_label`: ``layer0-3``; ``?`` where no op was found to say)."""
     import collections
 
+    from atom_jax.trace.categories import layers_label
     from atom_jax.trace.events import load_trace
     from atom_jax.trace.intervals import total
 
@@ -249,20 +251,33 @@ def trace_summary(path: str, steps: int, top: int = 60) -> dict:
     events = [e for e in trace.events if "GPU" in e.device or "gpu" in e.device.lower()] or trace.events
     per_step = lambda ns: round(ns / 1e6 / steps, 3)  # noqa: E731
     table = collections.defaultdict(float)
-    kernels = collections.defaultdict(lambda: [0.0, 0, "", "", ""])
+    kernels = collections.defaultdict(lambda: [0.0, 0, "", set(), {}])
     for e in events:
-        table[(e.layer, e.category)] += e.dur_ns
+        table[(e.placed_layer, e.category)] += e.dur_ns
         k = kernels[e.name]
         k[0] += e.dur_ns
         k[1] += 1
-        k[2], k[3] = e.category, e.layer
-        k[4] = k[4] or (e.hlo.op_name if e.hlo is not None else "")
+        k[2] = e.category
+        k[3].add(e.placed_layer)
+        if e.hlo is not None and e.hlo.op_name:
+            k[4][e.hlo.op_name] = None
     return {"steps": steps, "busy_ms": per_step(total([(e.start_ns, e.end_ns) for e in events])),
             "sum_ms": per_step(sum(e.dur_ns for e in events)),
             "by_layer_category_ms": {f"{layer}/{cat}": per_step(ns) for (layer, cat), ns in sorted(table.items())},
             "top_kernels": [{"name": n, "ms": per_step(v[0]), "count": v[1] / steps, "category": v[2],
-                             "layer": v[3], "op_name": v[4]}
+                             "layer": layers_label(v[3]), "op_name": _op_names(list(v[4]))}
                             for n, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def _op_names(names: list[str]) -> str:
+    """One kernel's op_names: the one; several that differ only in their layer scope as one with
+    ``layer*``; else the first and how many more."""
+    import re
+
+    if len(names) <= 1:
+        return names[0] if names else ""
+    scoped = {re.sub(r"/layer\d+/", "/layer*/", n) for n in names}
+    return scoped.pop() if len(scoped) == 1 else f"{names[0]} (+{len(names) - 1} more)"
 
 
 def format_trace_summary(summary: dict) -> str:

@@ -130,6 +130,7 @@ _MB_PATTERNS = {mb: re.compile(rf"(?<![A-Za-z0-9]){re.escape(mb)}(?![A-Za-z0-9])
 # (input unpacking, embedding, logits, sampling) count as NO_LAYER.
 LAYER_SCOPE = "layer{}"
 NO_LAYER = "step"
+UNKNOWN_LAYER = "?"  # a kernel nothing places (no HLO op found, no scope stat): not NO_LAYER, which is a claim
 _LAYER_RE = re.compile(r'(?:^|[/"(])(layer\d+)(?:/|"|$)')
 
 
@@ -140,6 +141,22 @@ def layer_of(texts: Iterable[str]) -> str:
         if m:
             return m.group(1)
     return NO_LAYER
+
+
+def layers_label(layers: Iterable[str]) -> str:
+    """One label for the layers a kernel name ran in (the same kernel serves every layer):
+    ``layer3``, ``layer0-3`` (consecutive), ``layer0,2``, with ``+step`` / ``+?`` for NO_LAYER and
+    UNKNOWN_LAYER, so a summary never names one layer for a kernel that ran in several."""
+    found = set(layers)
+    nums = sorted(int(x[5:]) for x in found if _LAYER_RE.fullmatch(x))
+    if len(nums) == 1:
+        text = f"layer{nums[0]}"
+    elif nums and nums == list(range(nums[0], nums[-1] + 1)):
+        text = f"layer{nums[0]}-{nums[-1]}"
+    else:
+        text = "layer" + ",".join(map(str, nums)) if nums else ""
+    rest = [x for x in (NO_LAYER, UNKNOWN_LAYER) if x in found]
+    return "+".join(([text] if text else []) + rest)
 
 
 def micro_batch(texts: Iterable[str]) -> str:

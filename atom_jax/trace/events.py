@@ -14,7 +14,9 @@ Where device work lives:
     each with stats ``hlo_op``, ``hlo_module``, ``program_id``, except the kernels XLA
     launched inside a command buffer (a CUDA graph): those carry the command buffer's
     ``hlo_op`` (``command_buffer_1``) or none, and are matched to their HLO instruction by
-    their place in the graph launch and their name (``HloIndex.lookup_launch``).
+    their place in the graph launch and their name (``HloIndex.lookup_launch``). Each also
+    carries the correlation id of the host call that launched it (:mod:`.launches`): when, and
+    in which program execution.
   * CPU backend: no device planes. Each executed HLO op (thunk) is an event on a
     host thread line of ``/host:CPU`` (``tf_XLAPjRtCpuClient/...``) with stats
     ``hlo_op``, ``hlo_module``, ``device_ordinal``; those become per-device events
@@ -34,8 +36,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from atom_jax.trace import intervals as iv
-from atom_jax.trace.categories import classify, layer_of, micro_batch as micro_batch_of
+from atom_jax.trace.categories import (
+    NO_LAYER, UNKNOWN_LAYER, classify, layer_of, micro_batch as micro_batch_of,
+)
 from atom_jax.trace.hlo_index import HloIndex, HloOpInfo, hlo_index_from_xspace
+from atom_jax.trace.launches import HostLaunches, host_launches
 
 XPLANE_GLOB = "*.xplane.pb"
 CHROME_GLOB = "*.trace.json.gz"
@@ -57,6 +62,8 @@ class Event:
     dur_ns: float
     stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     hlo: HloOpInfo | None = None  # the HLO instruction it ran, when the trace has the module
+    launch_ns: float | None = None  # when the host launched it (GPU: its correlation id's host call)
+    run_id: int | None = None  # the program execution that launched it (PjRt run_id), where known
 
     @property
     def end_ns(self) -> float:
@@ -81,7 +88,6 @@ class Event:
             texts += [self.hlo.op_name, *self.hlo.fused_op_names]
         return micro_batch_of(texts)
 
-
     @functools.cached_property
     def layer(self) -> str:
         """The decoder layer scope ("layer<i>") of the op it ran: its own op_name's, else
@@ -92,6 +98,14 @@ class Event:
         if self.hlo is not None:
             texts = [self.hlo.op_name] + texts + ([] if self.hlo.op_name else list(self.hlo.fused_op_names))
         return layer_of(texts)
+
+    @property
+    def placed_layer(self) -> str:
+        """`layer` where its HLO op or a scope stat says it, else categories.UNKNOWN_LAYER (its
+        NO_LAYER would claim that an op no one identified ran outside every layer)."""
+        layer = self.layer
+        scoped = any("/" in str(v) for k, v in self.stats.items() if k in _SCOPE_STATS)  # an op_name path
+        return UNKNOWN_LAYER if layer == NO_LAYER and self.hlo is None and not scoped else layer
 
 
 # Stats that may hold the op_name path; GPU kernels carry it as "name"
@@ -120,6 +134,8 @@ class Trace:
     steps: list[Step]
     hlo: HloIndex
     lanes: dict[str, list[str]]  # plane name -> its line names, for diagnostics
+    # (run_id, device_id) -> correlation ids the host launched in that program execution
+    runs: Mapping[tuple, set] = dataclasses.field(default_factory=dict)
 
     @property
     def devices(self) -> list[str]:
@@ -230,8 +246,9 @@ def _graph_launches(picked: list[tuple[str, RawEvent]], infos: list[HloOpInfo | 
     """The kernels to match by name and place, one group per graph launch: events whose hlo_op
     names no instruction, for want of one or because they ran as CUDA-graph nodes (stat
     ``cuda_graph_id``), whose hlo_op is the command buffer's thunk (``command_buffer_1``). A launch's
-    kernels share a correlation id; they are ordered by graph node id, else start time. Yields
-    (indexes into `picked`, kernel names, program id, module)."""
+    kernels share a correlation id; they are ordered by start time, the order the graph ran them in
+    (not by graph node id: a cuBLAS call's kernels are nodes of a child graph, numbered after all of
+    the command buffer's own nodes). Yields (indexes into `picked`, kernel names, program id, module)."""
     groups: dict[tuple, list[int]] = {}
     for i, ((device, r), info) in enumerate(zip(picked, infos)):
         if info is not None or (r.stats.get("hlo_op") and "cuda_graph_id" not in r.stats):
@@ -241,18 +258,15 @@ def _graph_launches(picked: list[tuple[str, RawEvent]], infos: list[HloOpInfo | 
                corr if corr not in (None, "") else ("event", i))
         groups.setdefault(key, []).append(i)
     for (_, program, module, _, _), idx in groups.items():
-        events = [picked[i][1] for i in idx]
-        if all("cuda_graph_node_id" in r.stats for r in events):
-            idx.sort(key=lambda i: (picked[i][1].stats["cuda_graph_node_id"], picked[i][1].start_ns))
-        else:
-            idx.sort(key=lambda i: picked[i][1].start_ns)
+        idx.sort(key=lambda i: (picked[i][1].start_ns, picked[i][1].stats.get("cuda_graph_node_id", 0)))
         yield idx, [picked[i][1].name for i in idx], program, module
 
 
-def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
-              hlo: HloIndex | None = None) -> tuple[list[Event], list[Step], str]:
+def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]], hlo: HloIndex | None = None,
+              launches: HostLaunches | None = None) -> tuple[list[Event], list[Step], str]:
     """Device events, step markers and platform from raw recorded events."""
     hlo = hlo or HloIndex()
+    launches = launches or host_launches(raw)
     device_planes = {p for p in lanes if _DEVICE_PLANE_RE.match(p)}
     kernel_lines = {p: _kernel_lines(lanes[p]) for p in device_planes}
     picked = [(r.plane, r) for r in raw
@@ -268,8 +282,11 @@ def normalise(raw: list[RawEvent], lanes: Mapping[str, list[str]],
     for idx, names, program, module in _graph_launches(picked, infos):
         for i, info in zip(idx, hlo.lookup_launch(names, program, module)):
             infos[i] = info
-    events = [Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info)
-              for (device, r), info in zip(picked, infos)]
+    events = []
+    for (device, r), info in zip(picked, infos):
+        launch = launches.of(r.stats)
+        events.append(Event(device, r.line, r.name, r.start_ns, r.dur_ns, r.stats, info,
+                            *((launch.host_ns, launch.run_id) if launch else ())))
     events.sort(key=lambda e: (e.device, e.start_ns))
 
     steps: dict[int, Step] = {}
@@ -299,5 +316,6 @@ def load_trace(path: str | Path) -> Trace:
     else:
         raw, lanes = read_chrome_trace(data)
         hlo, source = HloIndex(), "chrome"
-    events, steps, platform = normalise(raw, lanes, hlo)
-    return Trace(file, source, platform, events, steps, hlo, lanes)
+    launches = host_launches(raw)
+    events, steps, platform = normalise(raw, lanes, hlo, launches)
+    return Trace(file, source, platform, events, steps, hlo, lanes, launches.by_run)

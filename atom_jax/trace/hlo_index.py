@@ -9,8 +9,8 @@ plane (one event-metadata entry per program, stats ``Hlo Proto`` and
 
 Kernels XLA launches inside a command buffer (a CUDA graph) carry the command buffer's
 ``hlo_op`` (``command_buffer_1``, a thunk with no instruction in the stored module) or none;
-`HloIndex.lookup_launch` matches one graph launch's kernels, in graph-node order, to the
-entry computation's schedule (`parse_hlo_proto`'s launch order).
+`HloIndex.lookup_launch` matches one graph launch's kernels, in the order they ran, to a stretch
+of a computation's schedule (`parse_hlo_proto`'s launch orders; `launch_align`).
 
 ``jax.profiler.ProfileData`` does not expose plane metadata, and jaxlib ships no
 generated protobuf classes, so this decodes the few fields needed straight from
@@ -24,6 +24,8 @@ import dataclasses
 import re
 from typing import Iterator
 
+from atom_jax.trace.launch_align import KernelFit, align, bare_kernel_name, kernel_name_of
+
 # xplane.proto
 _XSPACE_PLANES = 1
 _XPLANE_NAME, _XPLANE_EVENT_METADATA, _XPLANE_STAT_METADATA = 2, 4, 5
@@ -36,22 +38,20 @@ _HLOPROTO_MODULE = 1
 _MODULE_NAME, _MODULE_COMPUTATIONS, _MODULE_ENTRY_ID, _MODULE_SCHEDULE = 1, 3, 6, 7
 _SCHEDULE_SEQUENCES, _SEQUENCE_IDS = 1, 1  # HloScheduleProto: map<computation id, {instruction ids}>
 _COMP_INSTRUCTIONS, _COMP_ID = 2, 5
-_INSTR_NAME, _INSTR_OPCODE, _INSTR_METADATA = 1, 2, 7
+_INSTR_NAME, _INSTR_OPCODE, _INSTR_SHAPE, _INSTR_METADATA = 1, 2, 3, 7
 _INSTR_CUSTOM_CALL_TARGET, _INSTR_ID, _INSTR_CALLED_COMPUTATIONS, _INSTR_BACKEND_CONFIG = 28, 35, 38, 43
 _OPMETA_OP_NAME = 2
 
 METADATA_PLANE = "/host:metadata"
 # Opcodes whose called computations run inside the same kernel(s).
 _INLINED_CALLERS = frozenset({"fusion", "async-start", "custom-call"})
+# Opcodes whose called computations run as their own kernels (a while body, a conditional's branches).
+_CONTROL_FLOW = frozenset({"while", "conditional", "call"})
 # Entry-computation opcodes that launch nothing on the device (besides every "*-done").
 _NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "bitcast", "constant", "tuple", "after-all",
                         "add-dependency", "opt-barrier", "domain"})
 # A Triton (Pallas) custom call's kernel name in its backend_config: `name = "grouped_gemm"`.
 _BACKEND_KERNEL_RE = re.compile(r'\bname = "([^"\\]*)"')
-# The suffix XLA's name uniquer gives the second, third, ... distinct kernel of one name
-# ("grouped_gemm__1"), and an instruction name's number ("input_reduce_fusion.65").
-_UNIQUER_RE = re.compile(r"__\d+$")
-_NUMBER_RE = re.compile(r"[._]\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ class HloOpInfo:
     fused_opcodes: frozenset[str] = frozenset()
     fused_op_names: tuple[str, ...] = ()  # op_name of every op fused into this one
     backend_kernel: str = ""  # a Triton / Pallas custom call's kernel name (backend_config `name`)
+    shape: bytes = b""  # its result's ShapeProto, serialized: identical fusions (one kernel) have one shape
 
 
 def _by_kernel_name(ops: dict[str, HloOpInfo]) -> dict[str, list[HloOpInfo]]:
@@ -72,38 +73,20 @@ def _by_kernel_name(ops: dict[str, HloOpInfo]) -> dict[str, list[HloOpInfo]]:
     return out
 
 
-def kernel_name_of(instruction: str) -> str:
-    """The name XLA's GPU backend gives the kernel of a fused instruction: the instruction's name
-    with every character outside [A-Za-z0-9_] made '_' (``input_reduce_fusion.65`` ->
-    ``input_reduce_fusion_65``, ``gemm_fusion_dot.54`` -> ``gemm_fusion_dot_54``)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", instruction)
+def _by_pallas_kernel(ops: dict[str, HloOpInfo]) -> dict[str, list[HloOpInfo]]:
+    out: dict[str, list[HloOpInfo]] = {}
+    for info in ops.values():
+        if info.backend_kernel:
+            out.setdefault(kernel_name_of(info.backend_kernel), []).append(info)
+    return out
 
 
-def _fits(kernel: str, op: HloOpInfo, by_name: dict[str, list[HloOpInfo]], pallas: set[str],
-          launching: set[str]) -> bool | None:
-    """Whether a kernel can be `op`'s launch: True where its name says so (`op`'s own kernel, a
-    Pallas custom call's kernel name with or without the uniquer's ``__<n>``, the kernel of an
-    instruction of the same opcode and name stem, which XLA reuses for identical fusions, or of an
-    instruction fused into `op`, as a sort fusion's kernel ``sort_2_1`` is its ``sort.2.1``'s);
-    False where the name says nothing (no instruction's or Pallas kernel's: ``memcpy32_post``, a
-    library kernel); None where it contradicts (another kind of launching instruction's kernel, or
-    another Pallas kernel)."""
-    if kernel == kernel_name_of(op.name):
-        return True
-    bare = _UNIQUER_RE.sub("", kernel)
-    if op.backend_kernel:
-        return True if bare == kernel_name_of(op.backend_kernel) else None
-    if bare in pallas:
-        return None
-    named = by_name.get(kernel, [])
-    stem = _NUMBER_RE.sub("", op.name)
-    if any(o.name in launching and o.opcode == op.opcode and _NUMBER_RE.sub("", o.name) == stem for o in named):
-        return True
-    if any(o.name in launching for o in named):
-        return None
-    if any(o.opcode in op.fused_opcodes and o.op_name in op.fused_op_names for o in named):
-        return True
-    return False
+@dataclasses.dataclass
+class _Module:
+    ops: dict[str, HloOpInfo]  # kept so the id() key of the index stays theirs
+    by_name: dict[str, list[HloOpInfo]]  # kernel name (`kernel_name_of`) -> ops
+    by_pallas: dict[str, list[HloOpInfo]]  # Pallas kernel name -> its custom calls
+    fit: KernelFit  # the schedules' launching instructions, for `launch_align.align`
 
 
 class HloIndex:
@@ -115,19 +98,20 @@ class HloIndex:
     def __init__(self) -> None:
         self._by_program: dict[int, dict[str, HloOpInfo]] = {}
         self._by_module: dict[str, dict[str, HloOpInfo]] = {}
-        # id(a module's ops) -> (those ops, kept so the id stays theirs; kernel name -> ops;
-        # the entry computation's launching instructions in schedule order)
-        self._kernels: dict[int, tuple[dict[str, HloOpInfo], dict[str, list[HloOpInfo]], tuple[str, ...]]] = {}
-        self._windows: dict[tuple, tuple[int, ...]] = {}  # (id(ops), kernel names) -> schedule offsets
+        self._modules: dict[int, _Module] = {}  # id(a module's ops) -> its indexes
+        self._aligned: dict[tuple, list] = {}  # (id(ops), kernel names) -> places
 
     def add_module(self, module_name: str, program_id: int | None, ops: dict[str, HloOpInfo],
-                   launch_order: tuple[str, ...] | list[str] = ()) -> None:
+                   launch_orders=()) -> None:
+        """`launch_orders`: the launching instructions of each scheduled computation, in schedule
+        order (`parse_hlo_proto`), the entry computation's first."""
         if program_id is not None:
             self._by_program[program_id] = ops
         self._by_module.setdefault(module_name, ops)
-        if id(ops) not in self._kernels:
-            order = tuple(n for n in launch_order if n in ops)
-            self._kernels[id(ops)] = ops, _by_kernel_name(ops), order
+        if id(ops) not in self._modules:
+            by_name = _by_kernel_name(ops)
+            orders = tuple(o for o in (tuple(n for n in order if n in ops) for order in launch_orders) if o)
+            self._modules[id(ops)] = _Module(ops, by_name, _by_pallas_kernel(ops), KernelFit(ops, by_name, orders))
 
     def _ops(self, program_id, module) -> dict[str, HloOpInfo] | None:
         ops = None
@@ -146,19 +130,25 @@ class HloIndex:
         ops = self._ops(program_id, module)
         return ops.get(hlo_op) if ops else None
 
+    @staticmethod
+    def _named(mod: _Module, kernel: str) -> list[HloOpInfo]:
+        """The module's ops a kernel is named after: the instruction's kernel name, else a Pallas
+        kernel's (without the uniquer's ``__<n>``: XLA's second distinct kernel of one name)."""
+        return mod.by_name.get(kernel) or mod.by_pallas.get(bare_kernel_name(kernel), [])
+
     def lookup_kernel(self, kernel: str, program_id=None, module=None) -> HloOpInfo | None:
-        """The op whose kernel (`kernel_name_of`) is named `kernel`: in the event's own program or
-        module where it names one; else among all indexed modules (a trace holds every bucket's step
-        program, whose instructions may share names), the op they agree on: every op of that kernel
-        name with the same opcode and op_name, so layer and micro-batch do not depend on which
-        program ran. None where a module holds two such ops or the candidates disagree."""
+        """The op whose kernel (`kernel_name_of`, or a Pallas call's kernel name) is named `kernel`: in
+        the event's own program or module where it names one; else among all indexed modules (a trace
+        holds every bucket's step program, whose instructions may share names), the op they agree on:
+        every op of that kernel name with the same opcode and op_name, so layer and micro-batch do not
+        depend on which program ran. None where a module holds two such ops or the candidates disagree."""
         ops = self._ops(program_id, module)
         if ops is not None:
-            found = self._kernels[id(ops)][1].get(kernel, [])
+            found = self._named(self._modules[id(ops)], kernel)
             return found[0] if len(found) == 1 else None
         found = []
-        for _, by_name, _ in self._kernels.values():
-            here = by_name.get(kernel, [])
+        for mod in self._modules.values():
+            here = self._named(mod, kernel)
             if len(here) > 1:
                 return None
             found += here
@@ -167,49 +157,25 @@ class HloIndex:
         return None
 
     def lookup_launch(self, kernels: list[str], program_id=None, module=None) -> list[HloOpInfo | None]:
-        """The ops of one command-buffer launch's kernels, given in graph-node order.
-
-        XLA names a kernel after the instruction it was first compiled for and reuses it for every
-        identical fusion (layer 3's norm launches layer 0's ``input_reduce_fusion_19``), names a
-        Pallas kernel after the kernel (``grouped_gemm__1``) and a copy's after the runtime
-        (``memcpy32_post``): a name alone does not say which instruction ran. One graph node per
-        launching instruction in schedule order does: where the kernels fit a stretch of the entry
-        computation's schedule (`_fits` at every place, some place named by its kernel), each kernel
-        is the instruction at its place, where every stretch they fit agrees on it (a launch of one
-        layer's kernels fits every layer alike). Where they fit none, each kernel by `lookup_kernel`,
-        except a name launched more than once here (a reused kernel: its instruction is one of them)."""
+        """The ops of one command-buffer launch's kernels, given in the order they ran: by their place
+        in a stretch of a scheduled computation (`launch_align.align`; None where the place is
+        ambiguous: one layer's kernels fit every layer alike). Where the launch fits no schedule,
+        by `lookup_kernel`, except a name launched more than once here (a reused kernel: its
+        instruction is one of them)."""
         ops = self._ops(program_id, module)
+        placed = None
         if ops is not None and len(kernels) > 1:
             key = (id(ops), tuple(kernels))
-            if key not in self._windows:
-                self._windows[key] = self._fitting(kernels, *self._kernels[id(ops)])
-            starts = self._windows[key]
-            if starts:
-                order = self._kernels[id(ops)][2]
-                return [ops[order[starts[0] + k]] if len({order[s + k] for s in starts}) == 1 else None
-                        for k in range(len(kernels))]
+            if key not in self._aligned:
+                self._aligned[key] = align(kernels, self._modules[id(ops)].fit)
+            placed = self._aligned[key]
+        if placed is not None:
+            orders = self._modules[id(ops)].fit.orders
+            return [ops[orders[p[0]][p[1]]] if p is not None else None for p in placed]
         counts: dict[str, int] = {}
         for k in kernels:
             counts[k] = counts.get(k, 0) + 1
         return [self.lookup_kernel(k, program_id, module) if counts[k] == 1 else None for k in kernels]
-
-    @staticmethod
-    def _fitting(kernels, ops, by_name, order) -> tuple[int, ...]:
-        """The schedule offsets where `kernels` fit."""
-        pallas = {kernel_name_of(o.backend_kernel) for o in ops.values() if o.backend_kernel}
-        launching = set(order)
-        found = []
-        for start in range(len(order) - len(kernels) + 1):
-            named = False
-            for k, kernel in enumerate(kernels):
-                fit = _fits(kernel, ops[order[start + k]], by_name, pallas, launching)
-                if fit is None:
-                    break
-                named |= fit
-            else:
-                if named:
-                    found.append(start)
-        return tuple(found)
 
     @property
     def module_names(self) -> list[str]:
@@ -277,6 +243,7 @@ class _RawInstr:
     called: list[int] = dataclasses.field(default_factory=list)
     id: int | None = None
     backend_kernel: str = ""
+    shape: bytes = b""
 
 
 def _parse_instruction(buf: memoryview) -> _RawInstr:
@@ -287,6 +254,8 @@ def _parse_instruction(buf: memoryview) -> _RawInstr:
             ins.name = _text(v)
         elif f == _INSTR_OPCODE:
             ins.opcode = _text(v)
+        elif f == _INSTR_SHAPE:
+            ins.shape = bytes(v)
         elif f == _INSTR_METADATA:
             for mf, _, mv in _fields(v):
                 if mf == _OPMETA_OP_NAME:
@@ -329,10 +298,11 @@ def _launches(opcode: str) -> bool:
     return opcode not in _NO_LAUNCH and not opcode.endswith("-done")
 
 
-def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo], list[str]]:
-    """Module name, ``{instruction name: HloOpInfo}`` and the launch order for a serialized
-    ``HloProto``: the names of the entry computation's instructions that launch device work, in
-    the module's schedule (empty without one)."""
+def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo], list[list[str]]]:
+    """Module name, ``{instruction name: HloOpInfo}`` and the launch orders for a serialized
+    ``HloProto``: per computation the device runs through the schedule (the entry computation first,
+    then the bodies and branches of its control flow), the names of its instructions
+    that launch device work, in the module's schedule (none without one)."""
     module_name = ""
     computations: dict[int, list[_RawInstr]] = {}
     entry_id, schedule = None, {}
@@ -387,10 +357,26 @@ def parse_hlo_proto(data: bytes | memoryview) -> tuple[str, dict[str, HloOpInfo]
                 fused_opcodes=frozenset(fused_ops),
                 fused_op_names=tuple(dict.fromkeys(fused_names)),
                 backend_kernel=ins.backend_kernel,
+                shape=ins.shape,
             )
-    by_id = {ins.id: ins for ins in computations.get(entry_id, []) if ins.id is not None}
-    order = [by_id[i].name for i in schedule.get(entry_id, []) if i in by_id and _launches(by_id[i].opcode)]
-    return module_name, ops, order
+    return module_name, ops, _launch_orders(computations, entry_id, schedule)
+
+
+def _launch_orders(computations: dict[int, list[_RawInstr]], entry_id, schedule) -> list[list[str]]:
+    """The launching instructions of the entry computation and of every computation its control flow
+    runs (a conditional's branches, a loop's body: each runs its own command buffers), in schedule
+    order, breadth first from the entry."""
+    orders, seen, todo = [], set(), [entry_id]
+    while todo:
+        cid = todo.pop(0)
+        if cid in seen or cid not in schedule:
+            continue
+        seen.add(cid)
+        by_id = {ins.id: ins for ins in computations.get(cid, []) if ins.id is not None}
+        run = [by_id[i] for i in schedule[cid] if i in by_id]
+        orders.append([ins.name for ins in run if _launches(ins.opcode)])
+        todo += [c for ins in run if ins.opcode in _CONTROL_FLOW for c in ins.called]
+    return orders
 
 
 # --- XSpace -----------------------------------------------------------------------------
@@ -438,6 +424,6 @@ def hlo_index_from_xspace(data: bytes | memoryview) -> HloIndex:
                 elif name == "program_id":
                     program_id = stat.get(_XSTAT_UINT64, stat.get(_XSTAT_INT64))
             if proto is not None:
-                module_name, ops, order = parse_hlo_proto(proto)
-                index.add_module(module_name, program_id, ops, order)
+                module_name, ops, orders = parse_hlo_proto(proto)
+                index.add_module(module_name, program_id, ops, orders)
     return index

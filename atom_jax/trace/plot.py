@@ -14,6 +14,7 @@ from pathlib import Path
 from atom_jax.trace import intervals as iv
 from atom_jax.trace.categories import COLLECTIVE, MICRO_BATCHES, MIXED_MB, UNKNOWN_MB
 from atom_jax.trace.events import Trace, load_trace
+from atom_jax.trace.report import launched_at
 
 COMPUTE_COLOURS = {MICRO_BATCHES[0]: "#1f77b4", MICRO_BATCHES[1]: "#ff7f0e",
                    MIXED_MB: "#9467bd", UNKNOWN_MB: "#9e9e9e"}
@@ -53,8 +54,11 @@ def plot_timeline(path: str | Path, out: str | Path, *, step: int | None = None)
     fig, ax = plt.subplots(figsize=(14, fig_h))
     yticks, ylabels = [], []
     used: set[tuple[str, str]] = set()  # (lane kind, micro-batch) drawn, for the legend
+    # a step's kernels are those it launched; they may run on past its window, and are drawn
+    mine = [e for e in trace.events if start <= launched_at(e) < end]
+    end = max([end] + [e.end_ns for e in mine])
     for i, device in enumerate(devices):
-        events = [e for e in trace.events if e.device == device and start <= e.start_ns < end]
+        events = [e for e in mine if e.device == device]
         compute_y, comm_y = 2 * i, 2 * i + 1  # y axis inverted below: compute above comm
         for kind, y, lane_events, colours in (
             ("compute", compute_y, [e for e in events if e.category != COLLECTIVE], COMPUTE_COLOURS),

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from atom_jax.trace import intervals as iv
 from atom_jax.trace.categories import (
-    CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, NO_LAYER, UNKNOWN_MB,
+    CATEGORIES, COLLECTIVE, COMPUTE_CATEGORIES, MICRO_BATCHES, MIXED_MB, NO_LAYER, UNKNOWN_MB, layers_label,
 )
 from atom_jax.trace.events import Event, Trace, load_trace
 from atom_jax.trace.executions import executions
@@ -46,9 +46,16 @@ def infer_step_count(events: list[Event]) -> int:
     return max(1, len(run_ids))
 
 
+def launched_at(e: Event) -> float:
+    """When `e` was launched (the host call's time where the trace has it), else when it started."""
+    return e.launch_ns if e.launch_ns is not None else e.start_ns
+
+
 def in_windows(events: list[Event], windows: list[tuple[float, float]]) -> list[Event]:
-    """Events that start inside some window (a kernel belongs to the step that launched it)."""
-    return [e for e in events if any(s <= e.start_ns < t for s, t in windows)]
+    """Events launched inside some window: a kernel belongs to the step that launched it, wherever
+    it ran (the host does not wait for the device: an H200 prefill step's kernels ran on for 23 ms
+    past its 27 ms annotation)."""
+    return [e for e in events if any(s <= launched_at(e) < t for s, t in windows)]
 
 
 def communication_split(events: list[Event], compute: list[iv.Interval]) -> dict:
@@ -94,7 +101,8 @@ def _top_kernels(events: list[Event], top: int, steps: int) -> list[dict]:
             "mean_us": round(dur / len(evs) / 1e3, 3),
             # the instructions it ran (a command buffer's kernels carry the buffer's hlo_op stat)
             "hlo_ops": sorted({e.hlo.name if e.hlo is not None else e.hlo_op for e in evs} - {""})[:3],
-            "layers": sorted({e.layer for e in evs}),
+            # every layer it ran in (one kernel serves all layers alike; "?": no op found to say)
+            "layers": sorted({e.placed_layer for e in evs}),
         })
     rows.sort(key=lambda r: -r["total_ms"])
     return rows[:top]
@@ -139,11 +147,12 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         n = steps or infer_step_count(events)
         step_ms = (windows[0][1] - windows[0][0]) / MS / n if windows else 0.0
         step_source = "event span / steps"
-    spans_per_step = []
+    spans_per_step, past_end = [], []
     for s, t in windows:
-        inside = [e for e in events if s <= e.start_ns < t]
+        inside = [e for e in events if s <= launched_at(e) < t]
         if inside:
             spans_per_step.append(max(e.end_ns for e in inside) - min(e.start_ns for e in inside))
+            past_end.append(max(0.0, max(e.end_ns for e in inside) - t))
 
     # With the overlap schedule a step's annotation (host side) need not cover the gap before the
     # next step: the period from one step's start to the next is the wall-clock step, and the
@@ -184,11 +193,13 @@ def analyse_device(trace: Trace, device: str, *, top: int = 10, steps: int | Non
         "step_source": step_source,
         "step_time_ms": round(step_ms, 6),
         "device_span_ms": round(statistics.fmean(spans_per_step) / MS, 6) if spans_per_step else 0.0,
+        # how long a step's kernels run on after its window closes (the host did not wait for them)
+        "device_after_step_ms": round(statistics.fmean(past_end) / MS, 6) if past_end else 0.0,
         "busy_ms": _ms(iv.total(_spans(events)), n),
         "step_period_ms": period_ms,  # start to start of consecutive annotated steps (None: < 2)
         "busy_share_of_period": busy_period,
-        # per graph launch of the step program (None without command buffers): a step's whole work
-        "executions": executions(all_events),
+        # per execution of the step program (None where kernels do not say which one launched them)
+        "executions": executions(all_events, trace.runs),
         "categories": categories,
         "communication": _comm_dict(communication_split(events, compute), n),
         "micro_batches": micro,
@@ -242,8 +253,8 @@ def _launch_line(la: dict | None) -> str:
 
 
 def _executions_line(x: dict) -> str:
-    return (f"   per launch of {x['hlo_module']} ({x['executions']} whole, {x['partial']} cut; {x['kernels']} kernels"
-            f" each): busy {x['busy_ms']:.3f} ms of a {x['span_ms']:.3f} ms span"
+    return (f"   per execution of {x['hlo_module']} ({x['executions']} whole, {x['partial']} cut;"
+            f" {x['kernels']} kernels each): busy {x['busy_ms']:.3f} ms of a {x['span_ms']:.3f} ms span"
             + (f" ({_pct_text(100 * x['busy_share_of_span'])})" if x["busy_share_of_span"] is not None else ""))
 
 
@@ -251,15 +262,17 @@ def _device_lines(device: str, d: dict) -> list[str]:
     out = [f"== {device}: {d['events']} events over {d['steps']} step(s) ({d['step_source']})",
            f"   step {d['step_time_ms']:.3f} ms | device span {d['device_span_ms']:.3f} ms"
            f" | busy {d['busy_ms']:.3f} ms  (per step)"
+           + (f"\n   a step's kernels run on {d['device_after_step_ms']:.3f} ms past its window (launched in it,"
+              " counted in it)" if d.get("device_after_step_ms", 0) > 0.01 * d["step_time_ms"] else "")
            + (f"\n   period {d['step_period_ms']:.3f} ms (step start to next step start), device busy "
               f"{_pct_text(100 * d['busy_share_of_period'])} of it" if d.get("busy_share_of_period") is not None else ""),
            *([_executions_line(d["executions"])] if d.get("executions") else []),
            _launch_line(d.get("launches")),
            *([f"   HLO op known for {_pct_text(100 * d['hlo_known_share'])} of the kernels' time"]
              if d.get("hlo_known_share") is not None else []),
-           f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% step':>8}"]
+           f"   {'category':<12}{'union ms':>10}{'sum ms':>10}{'count':>8}{'% busy':>8}"]
     for c, v in d["categories"].items():
-        pct = _pct(v["union_ms"], d["step_time_ms"])
+        pct = _pct(v["union_ms"], d["busy_ms"])  # of the busy time: a step's kernels may outlast its window
         out.append(f"   {c:<12}{_f(v['union_ms'], 10)}{_f(v['sum_ms'], 10)}{v['count']:>8}"
                    f"{_f(pct, 8, 1)}")
     cm = d["communication"]
@@ -277,11 +290,12 @@ def _device_lines(device: str, d: dict) -> list[str]:
                        + _f(m["communication"]["exposed_ms"], 10))
     if d["top_kernels"]:
         out.append(f"   top kernels: {'total ms':>10}{'count':>7}{'mean us':>10}  "
-                   f"{'category':<11}{'mb':<12}name")
+                   f"{'category':<11}{'mb':<12}{'layer':<12}name")
         for k in d["top_kernels"]:
             name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
+            layer = layers_label(k.get("layers", []))
             out.append(f"   {'':<13}{_f(k['total_ms'], 10)}{k['count']:>7}"
-                       f"{_f(k['mean_us'], 10, 1)}  {k['category']:<11}{k['micro_batch']:<12}{name}")
+                       f"{_f(k['mean_us'], 10, 1)}  {k['category']:<11}{k['micro_batch']:<12}{layer:<12}{name}")
     return out
 
 
