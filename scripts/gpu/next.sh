@@ -349,6 +349,14 @@ s18e)  # why the folded tail (0745942, reverted) lost: ncu stall reasons of the 
     --launch-skip 1 --launch-count 1 "${sec[@]}" python scripts/gpu/one_gemm.py --case down_dp1 --calls 3 \
     --tiles 128x256x64x8x4xft
   ;;
+s18f)  # where the HCA attention kernel's warps stall, per SASS line (ncu's warp-state sampling with source counters),
+  # for the next session's kernel work: one launch of bench attention's `all` mode, the report kept, its SASS table as CSV
+  step ncu_att_src 240 ncu --clock-control none -k regex:sparse_attention --launch-skip 1 --launch-count 1 \
+    --section WarpStateStats --section SourceCounters --section SpeedOfLight --import-source no -o "$J/att_all" \
+    python -m atom_jax.bench attention --modes all --iters 2
+  step ncu_att_csv 60 bash -c 'ncu --import "$0/att_all.ncu-rep" --page source --csv --print-source sass \
+    >"$0/att_all_sass.csv" && gzip -c "$0/att_all_sass.csv" >"$0/att_all_sass.csv.keep.gz"; ls -la "$0"' "$J"
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
