@@ -357,6 +357,15 @@ s18f)  # where the HCA attention kernel's warps stall, per SASS line (ncu's warp
   step ncu_att_csv 60 bash -c 'ncu --import "$0/att_all.ncu-rep" --page source --csv --print-source sass \
     >"$0/att_all_sass.csv" && gzip -c "$0/att_all_sass.csv" >"$0/att_all_sass.csv.keep.gz"; ls -la "$0"' "$J"
   ;;
+s18g)  # does the GPU idle between the 128K prompt's prefill chunks? three chunks traced (the untraced rate is 60 ms a
+  # chunk against ~55 ms of kernels), reported with the session's trace tool (10c67e7), the raw trace kept
+  step lc_trace 200 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps 3 --json "$J/lc128k_trace3.json"
+  step report 90 bash -c 'python -m atom_jax.trace report "$(find /tmp/lctr -name "*.xplane.pb" | head -1)" --top 30 \
+    --json "$0/lc128k_trace3_report.json"' "$J"
+  step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/lc128k_trace3.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
