@@ -24,7 +24,8 @@ work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles
 with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
 with all heads in one dot per token), pallas-prefill (the Pallas kernel with
 kernels/sparse_indexer.PREFILL_TILES, the engine's tiles for long steps once
-PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it), jnp, none (precomputed random
+PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it; pallas-prefill:e128:w8:t2 those
+tiles with block_e 128, 8 warps, 2 tokens per dot, any of the three), jnp, none (precomputed random
 scores, relu: many exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on
 GPUs, jnp on CPU (the kernel interpreted on CPU measures nothing; pallas scorers run
 interpreted there, as a check only).
@@ -42,6 +43,7 @@ the Pallas selection:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -142,8 +144,8 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp
     from atom_jax.kernels import sparse_indexer, topk_select
     from atom_jax.models.cache_reads import jnp_index_scorer
 
-    if scorer == "pallas-prefill":
-        tiles, scorer = sparse_indexer.PREFILL_TILES, "pallas"
+    if scorer.startswith("pallas-prefill"):
+        tiles, scorer = prefill_variant(scorer), "pallas"
     plan = it.plan_topk(t, capacity, k, policy, align=tiles.block_e)
     path = scorer.split("-")[1] if "-" in scorer else "auto"
 
@@ -167,6 +169,24 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp
     return jax.jit(select), plan
 
 
+_VARIANT_FIELDS = {"e": "block_e", "w": "num_warps", "t": "tokens_per_dot"}
+
+
+def prefill_variant(scorer: str):
+    """`pallas-prefill` -> sparse_indexer.PREFILL_TILES; `pallas-prefill:e128:w8:t2` -> those tiles
+    with block_e 128, 8 warps, 2 tokens per dot (any of e, w, t); SystemExit when malformed."""
+    from atom_jax.kernels import sparse_indexer
+
+    name, *fields = scorer.split(":")
+    try:
+        if name != "pallas-prefill":
+            raise ValueError
+        given = {_VARIANT_FIELDS[f[0]]: int(f[1:]) for f in fields}
+        return sparse_indexer.tiles_for("auto", dataclasses.replace(sparse_indexer.PREFILL_TILES, **given))
+    except (KeyError, ValueError, IndexError):
+        raise SystemExit(f"--scorer {scorer!r}: pallas-prefill[:e<block_e>][:w<warps>][:t<tokens per dot>]") from None
+
+
 def _same(a, b) -> float:
     (ai, aok), (bi, bok) = [(np.asarray(i), np.asarray(o)) for i, o in (a, b)]
     rows = [set(ai[r][aok[r]].tolist()) == set(bi[r][bok[r]].tolist()) for r in range(ai.shape[0])]
@@ -174,7 +194,6 @@ def _same(a, b) -> float:
 
 
 def run_cli(args) -> int:
-    import dataclasses
 
     from atom_jax.kernels import sparse_indexer
 
@@ -204,7 +223,10 @@ def run_cli(args) -> int:
         it.plan_topk(1, capacity, 1, p)  # unknown names fail here, before any work
     auto = "jnp" if jax.default_backend() == "cpu" else "pallas-tiles,pallas-heads"
     scorers = list(dict.fromkeys(args.scorer.replace("auto", auto).split(",")))
-    if set(scorers) - set(SCORERS):
+    for sc in scorers:
+        if sc.startswith("pallas-prefill:"):
+            prefill_variant(sc)  # malformed variants fail here, before any work
+    if set(scorers) - set(SCORERS) - {sc for sc in scorers if sc.startswith("pallas-prefill:")}:
         raise SystemExit(f"unknown --scorer {sorted(set(scorers) - set(SCORERS))}; known: auto, {', '.join(SCORERS)}")
     dtype = jnp.float32 if tiny or jax.default_backend() == "cpu" else jnp.bfloat16
     row_select = args.row_select if args.row_select != "auto" else ("jnp" if jax.default_backend() == "cpu"

@@ -366,6 +366,14 @@ s18g)  # does the GPU idle between the 128K prompt's prefill chunks? three chunk
   step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/lc128k_trace3.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
   ;;
+s18h)  # the indexer's heads path with 2 or 4 tokens per dot (IndexerTiles.tokens_per_dot): compiled test at V4 dims,
+  # then the prefill scorer + selection at 8K tokens x 32K entries against today's PREFILL_TILES
+  step gt 100 env JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider -rs tests/test_sparse_kernels.py \
+    -k "compiled_indexer and (heads or tiles2 or tiles4)"
+  step indexer 170 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect --iters 5 \
+    --scorer pallas-prefill,pallas-prefill:t2,pallas-prefill:e128:t2,pallas-prefill:e128:t4 \
+    --json "$J/indexer_tokens_per_dot.json"
+  ;;
 n4)  # next session: train_tiny on a GPU after the mHC gradient fix (5615e55; the unrolled backward never compiled),
   # then the W4A16 and bf16 decode rows of issue 19 on a second machine
   step train_tiny 240 python -m atom_jax.train_tiny --steps 30 --max-files 20 --save-every 1000 --out /tmp/tt_m \
