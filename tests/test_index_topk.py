@@ -260,6 +260,20 @@ def test_bench_indexer_runs_every_policy_and_they_agree(tmp_path):
     assert all(r["same"] == 1.0 and r["same_base"] == 1.0 for r in rows)
 
 
+def test_bench_indexer_prefill_variants_replace_the_named_fields_only():
+    """`--scorer pallas-prefill:e128:w4`: PREFILL_TILES with block_e 128 and 4 warps, the rest as
+    they are; a malformed variant stops the bench before any work."""
+    from atom_jax.bench.indexer import prefill_variant
+
+    got = prefill_variant("pallas-prefill:e128:w4")
+    assert (got.block_e, got.num_warps) == (128, 4)
+    assert got.block_t == sparse_indexer.PREFILL_TILES.block_t and prefill_variant("pallas-prefill") == \
+        sparse_indexer.PREFILL_TILES
+    for bad in ("pallas-prefill:x4", "pallas-prefill:e", "pallas-prefil:e128", "pallas-prefill:w4x"):
+        with pytest.raises(SystemExit, match="pallas-prefill"):
+            prefill_variant(bad)
+
+
 # ---- compiled on a GPU (skipped on CPU): `python -m pytest -q -m gpu tests/test_index_topk.py`
 # Lean on purpose (each rung is its own Triton kernels to compile): RUNG_MIN is raised so a step
 # has 2-3 rungs, and the loop's selections at V4-Flash dims are compiled once for every policy.

@@ -136,20 +136,6 @@ def test_scorer_looping_over_sub_blocks_matches_reference(path, monkeypatch):
     assert _check_scorer_and_row_windows(sparse_indexer.IndexerTiles(block_t=16, block_e=16), 160, path) == 156
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_heads_scorer_with_several_tokens_per_dot_matches_reference(n):
-    """The heads path with `tokens_per_dot` tokens of a work item in one dot (their heads side by
-    side as its columns, each token's sum over its own): ragged chunks (items whose token count is
-    no multiple of n: the last dot's missing tokens masked), whole buffer and row windows, the
-    same scores as the jnp scorer; other than "cols" heads or 1, 2, 4 tokens are refused."""
-    _check_scorer_and_row_windows(sparse_indexer.IndexerTiles(block_t=16, block_e=16, tokens_per_dot=n),
-                                  path="heads")
-    with pytest.raises(ValueError, match="tokens_per_dot"):
-        sparse_indexer.tiles_for("heads", sparse_indexer.IndexerTiles(tokens_per_dot=2, heads_as="rows"))
-    with pytest.raises(ValueError, match="tokens_per_dot"):
-        sparse_indexer.tiles_for("auto", sparse_indexer.IndexerTiles(tokens_per_dot=3))
-
-
 @pytest.mark.parametrize("t,heads_as", [(1, "cols"), (8, "cols"), (8, "rows")])
 def test_heads_scorer_on_decode_steps_matches_oracle(t, heads_as):
     """The heads path on decode steps (one token per chunk; T = 1, and 5 tokens of
@@ -408,14 +394,12 @@ def flash_indexer_case():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,tiles", [(p, None) for p in sparse_indexer.SCORER_PATHS] + [
-    ("heads", dataclasses.replace(sparse_indexer.PREFILL_TILES, tokens_per_dot=n)) for n in (2, 4)])
-def test_compiled_indexer_at_v4_flash_dims(path, tiles, flash_indexer_case):
+@pytest.mark.parametrize("path", sparse_indexer.SCORER_PATHS)
+def test_compiled_indexer_at_v4_flash_dims(path, flash_indexer_case):
     """64 heads x 128 dims, bf16 keys: block scores match the float32 scorer; the running top-k
-    of 512 picks nearly the same entries (bf16 rounding may swap near-ties). Each scorer path,
-    and the prefill tiles with 2 and 4 tokens per dot."""
+    of 512 picks nearly the same entries (bf16 rounding may swap near-ties). Each scorer path."""
     (q, w, pool, page_table, b, n_vis, epp, block), want, (ri, rok) = flash_indexer_case
-    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6, path=path, tiles=tiles)
+    ker = sparse_indexer.scorer(q, w, pool, page_table, b, n_vis, epp, block, 6, path=path)
     live = np.arange(block)[None, :] < np.asarray(n_vis)[:, None]
     got = np.asarray(jax.jit(ker)(0))
     assert np.linalg.norm(np.where(live, got - want, 0)) / np.linalg.norm(np.where(live, want, 0)) < 1e-3

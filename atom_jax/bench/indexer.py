@@ -24,8 +24,8 @@ work item's path chosen by kernels/sparse_indexer.TILES.heads_max), pallas-tiles
 with tokens as the dots' rows: the kernel before the decode path), pallas-heads (every item
 with all heads in one dot per token), pallas-prefill (the Pallas kernel with
 kernels/sparse_indexer.PREFILL_TILES, the engine's tiles for long steps once
-PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it; pallas-prefill:e128:w8:t2 those
-tiles with block_e 128, 8 warps, 2 tokens per dot, any of the three), jnp, none (precomputed random
+PREFILL_MIN_TOKENS is set; --block-e etc. do not apply to it; pallas-prefill:e128:w4 those
+tiles with block_e 128, 4 warps, either), jnp, none (precomputed random
 scores, relu: many exact-zero ties; the selection alone); auto: pallas-tiles,pallas-heads on
 GPUs, jnp on CPU (the kernel interpreted on CPU measures nothing; pallas scorers run
 interpreted there, as a check only).
@@ -169,12 +169,12 @@ def _selector(policy, t, capacity, k, epp, slots, scorer, tiles, row_select="jnp
     return jax.jit(select), plan
 
 
-_VARIANT_FIELDS = {"e": "block_e", "w": "num_warps", "t": "tokens_per_dot"}
+_VARIANT_FIELDS = {"e": "block_e", "w": "num_warps"}
 
 
 def prefill_variant(scorer: str):
-    """`pallas-prefill` -> sparse_indexer.PREFILL_TILES; `pallas-prefill:e128:w8:t2` -> those tiles
-    with block_e 128, 8 warps, 2 tokens per dot (any of e, w, t); SystemExit when malformed."""
+    """`pallas-prefill` -> sparse_indexer.PREFILL_TILES; `pallas-prefill:e128:w4` -> those tiles
+    with block_e 128, 4 warps (either); SystemExit when malformed."""
     from atom_jax.kernels import sparse_indexer
 
     name, *fields = scorer.split(":")
@@ -184,7 +184,7 @@ def prefill_variant(scorer: str):
         given = {_VARIANT_FIELDS[f[0]]: int(f[1:]) for f in fields}
         return sparse_indexer.tiles_for("auto", dataclasses.replace(sparse_indexer.PREFILL_TILES, **given))
     except (KeyError, ValueError, IndexError):
-        raise SystemExit(f"--scorer {scorer!r}: pallas-prefill[:e<block_e>][:w<warps>][:t<tokens per dot>]") from None
+        raise SystemExit(f"--scorer {scorer!r}: pallas-prefill[:e<block_e>][:w<warps>]") from None
 
 
 def _same(a, b) -> float:

@@ -53,10 +53,6 @@ class IndexerTiles:
     # The heads path's dot: "cols" [block_e, di] x [di, H] (its sum over the heads stays within
     # a warp) or "rows" [H, di] x [di, block_e] (the sum over rows crosses warps).
     heads_as: str = "cols"
-    # The heads path ("cols") with this many consecutive tokens of the item in one dot: [block_e, di] x
-    # [di, tokens x H], each token's sum over its own columns, so a key tile read from shared memory
-    # feeds tokens x H columns (an N of 128 instead of 64 at V4's 64 heads) and half the wgmmas issue.
-    tokens_per_dot: int = 1
 
 
 TILES = IndexerTiles()
@@ -105,9 +101,6 @@ def tiles_for(path: str, tiles: IndexerTiles = TILES) -> IndexerTiles:
         raise ValueError(f"unknown indexer scorer path {path!r}; known: {list(SCORER_PATHS)}")
     if tiles.heads_as not in ("cols", "rows"):
         raise ValueError(f"heads_as must be 'cols' or 'rows', not {tiles.heads_as!r}")
-    if tiles.tokens_per_dot not in (1, 2, 4) or (tiles.tokens_per_dot > 1 and tiles.heads_as != "cols"):
-        raise ValueError(f"tokens_per_dot must be 1, 2 or 4 (more than 1: heads_as 'cols' only), not "
-                         f"{tiles.tokens_per_dot} with heads_as {tiles.heads_as!r}")
     if path == "auto":
         return tiles
     return dataclasses.replace(tiles, heads_max=0 if path == "tiles" else tiles.block_t)
@@ -188,30 +181,7 @@ def _kernel(group_ref, tile_ref, count_ref, starts_ref, ends_ref, slot_ref, nvis
                     o_ref[jnp.zeros((be,), jnp.int32) + r - e0_ref[1], cols] = out
                     return carry
 
-                def tokens(p, carry):  # tokens_per_dot consecutive tokens in one dot, their heads side by side
-                    n = tiles.tokens_per_dot
-                    c = jnp.arange(n * hp, dtype=jnp.int32)
-                    which, hh = c // hp, jnp.minimum(c % hp, heads - 1)
-                    rr = row0 + p * n + which
-                    ok = (c % hp < heads) & (rr < end)
-                    rr = jnp.minimum(rr, end - 1)
-                    qt = plt.load(q_ref.at[(rr * heads + hh)[:, None], d[None, :]], mask=ok[:, None], other=0.0)
-                    wt = plt.load(w_ref.at[rr * heads + hh], mask=ok, other=0.0)
-                    y = jnp.maximum(plt.dot(keys, qt, trans_b=True, allow_tf32=tf32), 0.0) * wt[None, :]
-                    for k in range(n):  # token k's sum over its own columns
-                        acc = jnp.sum(jnp.where((which == k)[None, :], y, 0.0), axis=1)  # [be]
-                        r = row0 + p * n + k
-                        rc = jnp.minimum(r, end - 1)  # past the item's end: masked (the row stays in range)
-                        out = jnp.where(e < nvis_ref[rc], acc, -jnp.inf)
-                        plt.store(o_ref.at[jnp.zeros((be,), jnp.int32) + rc - e0_ref[1], cols], out,
-                                  mask=jnp.zeros((be,), jnp.bool_) | (r < end))
-                    return carry
-
-                if tiles.tokens_per_dot == 1:
-                    jax.lax.fori_loop(row0, end, token, row0)
-                else:
-                    n_dots = (end - row0 + tiles.tokens_per_dot - 1) // tiles.tokens_per_dot
-                    jax.lax.fori_loop(0, n_dots, tokens, row0)
+                jax.lax.fori_loop(row0, end, token, row0)
 
             if tiles.heads_max <= 0:
                 tokens_as_rows()
