@@ -366,7 +366,7 @@ s18g)  # does the GPU idle between the 128K prompt's prefill chunks? three chunk
   step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/lc128k_trace3.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
   ;;
-s18h)  # the indexer's heads path with 2 or 4 tokens per dot (IndexerTiles.tokens_per_dot): compiled test at V4 dims,
+s18h)  # (run at b94827f; tokens_per_dot lost and was removed) the indexer's heads path with 2 or 4 tokens per dot: compiled test at V4 dims,
   # then the prefill scorer + selection at 8K tokens x 32K entries against today's PREFILL_TILES
   step gt 100 env JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider -rs tests/test_sparse_kernels.py \
     -k "compiled_indexer and (heads or tiles2 or tiles4)"
