@@ -23,6 +23,16 @@ base() {  # run "$@" with the BASE tree's atom_jax first on the path
   PYTHONPATH="$PWD/.gpu/base:$PYTHONPATH" "$@"
 }
 
+lc_traced() {  # PROMPT STEPS NAME MAXSEC: bench long-context with STEPS prefill chunks traced, `trace report` of
+  # the trace ($J/NAME_report.json) and the raw xplane kept ($J/NAME.xplane.pb.keep.gz)
+  step lc_trace "$4" python -m atom_jax.bench long-context --prompts "$1" --backends pallas --decode-tokens 4 \
+    --trace /tmp/lctr --trace-steps "$2" --json "$J/$3.json"
+  step report 90 bash -c 'python -m atom_jax.trace report "$(find /tmp/lctr -name "*.xplane.pb" | head -1)" --top 40 \
+    --json "$0/$1_report.json"' "$J" "$3"
+  step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
+    gzip -c "$f" >"$0/$1.xplane.pb.keep.gz"; done; ls -la "$0"' "$J" "$3"
+}
+
 case $part in
 c1)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
@@ -321,12 +331,7 @@ print("x".join(str(t[k]) for k in ("block_m", "block_n", "block_k", "num_warps",
   ;;
 s18c)  # the trace tool's kernel -> HLO op mapping on a real GPU trace (one 8K chunk of a 16K prompt: the report's
   # "HLO op known" share and op names), kept raw; then n4's W4A16 decode rows on this machine
-  step lc_trace 170 python -m atom_jax.bench long-context --prompts 16384 --backends pallas --decode-tokens 4 \
-    --trace /tmp/lctr --trace-steps 1 --json "$J/lc16k_trace.json"
-  step report 60 bash -c 'python -m atom_jax.trace report "$(find /tmp/lctr -name "*.xplane.pb" | head -1)" --top 40 \
-    --json "$0/lc16k_report.json"' "$J"
-  step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
-    gzip -c "$f" >"$0/lc16k.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
+  lc_traced 16384 1 lc16k 170
   step w4a16_decode 240 python -m atom_jax.bench w4a16 --tokens 64,256 --shapes flash_up,flash_down \
     --kernels w4a16_kmajor --json "$J/w4a16_decode.json"
   ;;
@@ -360,12 +365,7 @@ s18f)  # where the HCA attention kernel's warps stall, per SASS line (ncu's warp
   ;;
 s18g)  # does the GPU idle between the 128K prompt's prefill chunks? three chunks traced (the untraced rate is 60 ms a
   # chunk against ~55 ms of kernels), reported with the session's trace tool (10c67e7), the raw trace kept
-  step lc_trace 200 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
-    --trace /tmp/lctr --trace-steps 3 --json "$J/lc128k_trace3.json"
-  step report 90 bash -c 'python -m atom_jax.trace report "$(find /tmp/lctr -name "*.xplane.pb" | head -1)" --top 30 \
-    --json "$0/lc128k_trace3_report.json"' "$J"
-  step keep 30 bash -c 'find /tmp/lctr -name "*.xplane.pb" | head -1 | while read f; do
-    gzip -c "$f" >"$0/lc128k_trace3.xplane.pb.keep.gz"; done; ls -la "$0"' "$J"
+  lc_traced 131072 3 lc128k_trace3 200
   ;;
 s18h)  # (run at b94827f; tokens_per_dot lost and was removed) the indexer's heads path with 2 or 4 tokens per dot: compiled test at V4 dims,
   # then the prefill scorer + selection at 8K tokens x 32K entries against today's PREFILL_TILES
