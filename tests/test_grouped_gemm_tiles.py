@@ -39,6 +39,21 @@ def test_seam_picks_mid_tiles_from_the_callers_rows_per_expert(monkeypatch):
     assert seen == [MID, pg.PREFILL_TILES, pg.DECODE_TILES]
 
 
+def test_tiles_spec_round_trips_and_refuses_what_it_cannot_read():
+    """The GPU scripts' tiles spec (with_tiles.py, one_gemm.py, next.sh): TileConfig -> spec ->
+    the same TileConfig, half tail included; malformed specs are refused."""
+    import dataclasses
+
+    for cfg in (pg.PREFILL_TILES, pg.TileConfig(128, 256, 64, 8, 4, half_tail=True)):
+        spec = gemm_tiles.tiles_spec(dataclasses.asdict(cfg))
+        assert gemm_tiles.tiles_from_spec(spec) == cfg
+    assert gemm_tiles.tiles_spec(dataclasses.asdict(pg.TileConfig(128, 256, 64, 8, 4, half_tail=True))) == \
+        "128x256x64x8x4xht"
+    for bad in ("128x256x64x8", "128x256x64x8x4xft", "128x256x64x8xfour"):
+        with pytest.raises(ValueError):
+            gemm_tiles.tiles_from_spec(bad)
+
+
 def test_constant_line_is_the_least_total_time_over_every_case():
     a, b = pg.TileConfig(64, 128, 64, 4, 3), pg.TileConfig(128, 256, 64, 8, 4)
     c = pg.TileConfig(64, 256, 64, 4, 4)

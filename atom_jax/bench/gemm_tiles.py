@@ -104,6 +104,26 @@ def tiles_name(cfg: pg.TileConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} {cfg.num_warps}w {cfg.num_stages}s{half}"
 
 
+_SPEC_FLAGS = {"ht": "half_tail"}  # a tiles spec's flag suffixes -> TileConfig fields
+_SPEC_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+
+
+def tiles_spec(tiles: dict) -> str:
+    """A TileConfig (as a dict, the sweep JSON's `tiles`) as the spec the GPU scripts take:
+    MxNxKxWARPSxSTAGES, then xht for a half tail (``128x256x64x8x4xht``)."""
+    return "x".join(str(tiles[f]) for f in _SPEC_FIELDS) + "".join(
+        f"x{short}" for short, flag in _SPEC_FLAGS.items() if tiles.get(flag))
+
+
+def tiles_from_spec(spec: str) -> pg.TileConfig:
+    """`tiles_spec`'s inverse; ValueError when malformed."""
+    parts = spec.split("x")
+    if len(parts) < len(_SPEC_FIELDS) or any(p not in _SPEC_FLAGS for p in parts[len(_SPEC_FIELDS):]):
+        raise ValueError(f"tiles spec {spec!r}: MxNxKxWARPSxSTAGES[x{'|x'.join(_SPEC_FLAGS)}]")
+    return pg.TileConfig(*map(int, parts[:len(_SPEC_FIELDS)]),
+                         **{_SPEC_FLAGS[p]: True for p in parts[len(_SPEC_FIELDS):]})
+
+
 def case_inputs(case: Case, rng, groups: int, k: int, n: int, copies: int = 2):
     """`copies` inputs of one MoE call, as `routed_experts` makes it: (a, row_ids or None, sizes).
     up: a = the gathered tokens [tokens x dp, K], row_ids [tokens x dp x TOPK] (the sorted

@@ -194,7 +194,6 @@ def _same(a, b) -> float:
 
 
 def run_cli(args) -> int:
-
     from atom_jax.kernels import sparse_indexer
 
     tiny = args.tiny
@@ -223,11 +222,11 @@ def run_cli(args) -> int:
         it.plan_topk(1, capacity, 1, p)  # unknown names fail here, before any work
     auto = "jnp" if jax.default_backend() == "cpu" else "pallas-tiles,pallas-heads"
     scorers = list(dict.fromkeys(args.scorer.replace("auto", auto).split(",")))
-    for sc in scorers:
-        if sc.startswith("pallas-prefill:"):
-            prefill_variant(sc)  # malformed variants fail here, before any work
-    if set(scorers) - set(SCORERS) - {sc for sc in scorers if sc.startswith("pallas-prefill:")}:
-        raise SystemExit(f"unknown --scorer {sorted(set(scorers) - set(SCORERS))}; known: auto, {', '.join(SCORERS)}")
+    variants = [sc for sc in scorers if sc.startswith("pallas-prefill:")]
+    if unknown := sorted(set(scorers) - set(SCORERS) - set(variants)):
+        raise SystemExit(f"unknown --scorer {unknown}; known: auto, {', '.join(SCORERS)}")
+    for sc in variants:
+        prefill_variant(sc)  # malformed variants fail here, before any work
     dtype = jnp.float32 if tiny or jax.default_backend() == "cpu" else jnp.bfloat16
     row_select = args.row_select if args.row_select != "auto" else ("jnp" if jax.default_backend() == "cpu"
                                                                     else "pallas")

@@ -315,10 +315,8 @@ s18b)  # 256-row tiles at dp=1 (a ~192-row group in one item): the dp=1 sweep; t
   step gemm_tiles 120 python -m atom_jax.bench gemm --prefill-tiles --tile-cases up_dp1,down_dp1 --budget-s 80 \
     --json "$J/gemm_tiles_dp1_256.json"
   spec=$(python -c 'import json,sys
-from atom_jax.bench.gemm_tiles import best_tiles
-t = best_tiles(json.load(open(sys.argv[1]))["rows"])
-print("x".join(str(t[k]) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")) + ("xht" if t["half_tail"] else ""))' \
-    "$J/gemm_tiles_dp1_256.json" 2>/dev/null)
+from atom_jax.bench.gemm_tiles import best_tiles, tiles_spec
+print(tiles_spec(best_tiles(json.load(open(sys.argv[1]))["rows"])))' "$J/gemm_tiles_dp1_256.json" 2>/dev/null)
   echo "best mid tiles: ${spec:-none}" | tee -a "$SUMMARY"
   if [ -n "$spec" ] && [ "$spec" != 128x256x64x8x4 ]; then
     for s in default "$spec"; do

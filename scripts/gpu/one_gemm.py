@@ -4,7 +4,8 @@ profiler (ncu) on the device machine.
 
     python scripts/gpu/one_gemm.py --case down_dp1 --calls 3 [--tiles 128x256x64x8x4xht]
 
---tiles: MxNxKxWARPSxSTAGES then any of xht (half_tail) / xft (fold_tail, in a tree that has it)."""
+--tiles: `bench/gemm_tiles.tiles_spec`'s (MxNxKxWARPSxSTAGES[xht]). (Session 18's s18e ran it with an
+xft flag for the reverted fold_tail tree, 0745942.)"""
 import argparse
 
 import jax
@@ -22,12 +23,7 @@ case = next(c for c in gemm_tiles.CASES if c.name == args.case)
 k, n = case.kn
 a, ids, sizes = gemm_tiles.case_inputs(case, np.random.default_rng(0), case.groups, k, n, copies=1)[0]
 w = jax.random.normal(jax.random.key(7), (case.groups, k, n), jax.numpy.bfloat16) * 0.02
-if args.tiles:
-    parts = args.tiles.split("x")
-    flags = {"ht": "half_tail", "ft": "fold_tail"}
-    cfg = pg.TileConfig(*map(int, parts[:5]), **{flags[p]: True for p in parts[5:]})
-else:
-    cfg = pg.default_tiles(case.rows_per_group)
+cfg = gemm_tiles.tiles_from_spec(args.tiles) if args.tiles else pg.default_tiles(case.rows_per_group)
 f = jax.jit(lambda a, w, s, i: pg.grouped_gemm(a, w, s, cfg=cfg, row_ids=i, zero_tail=False))
 for _ in range(args.calls):
     out = f(a, w, sizes, ids)
