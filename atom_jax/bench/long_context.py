@@ -58,6 +58,7 @@ import numpy as np
 from atom_jax.bench.timing import device_ceilings
 from atom_jax.config import CSA, HCA, ModelConfig, tiny, v4_flash
 from atom_jax.kernels import sparse_attention, sparse_indexer
+from atom_jax.kernels.names import MOE_BACKENDS
 from atom_jax.models import index_topk
 from atom_jax.weights.formats import BF16, resolve_layout
 
@@ -102,6 +103,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
                     "longest prompt with the kernels (see above) into DIR")
     ap.add_argument("--trace-steps", type=int, default=2, help="--trace: prefill chunks profiled")
+    ap.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
+                    help="the routed experts' grouped-GEMM backend (default auto: the engine's choice)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -186,14 +189,15 @@ def decode_cache_bytes(cfg: ModelConfig, context: int, itemsize: int) -> float:
 
 
 # ---- measurement ---------------------------------------------------------------------------
-def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens, prefix_caching=True):
+def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens, prefix_caching=True, moe_backend="auto"):
     from atom_jax.engine import Engine, EngineConfig
 
     buckets = tuple(sorted({16, chunk} | {min(p, chunk) for p in prompts}))
     ec = EngineConfig(dtype=str(jnp.dtype(dtype)), num_slots=2, page_tokens=page_tokens,
                       num_pages=-(-cache_len // page_tokens) + 1, max_model_len=cache_len,
                       max_tokens_per_step=chunk, chunk_size=chunk, buckets=buckets, tbo=False,
-                      attn_backend=backend, compilation_cache_dir=None, enable_prefix_caching=prefix_caching)
+                      attn_backend=backend, moe_backend=moe_backend, compilation_cache_dir=None,
+                      enable_prefix_caching=prefix_caching)
     engine = Engine(ec, model=model, tokenizer=None)
     t0 = time.perf_counter()
     engine.warmup()
@@ -365,7 +369,7 @@ def run_cli(args) -> int:
         sparse_attention.TILES = (attention_tiles(at) if at != "-" else None) or attn_default  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
-                                     not args.no_prefix_caching)
+                                     not args.no_prefix_caching, args.moe_backend)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
             results.append({"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -374,7 +378,7 @@ def run_cli(args) -> int:
         rng = np.random.default_rng(0)
         done = []  # the prompts that ran (a failed one is not traced: its prefill may not reach a chunk)
         for n in lens:
-            row = {"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
+            row = {"experts": layout, "moe": args.moe_backend, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
                    "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
