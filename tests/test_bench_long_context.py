@@ -23,11 +23,16 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path, monkeypat
         return real(engine, vocab, length, decode_tokens, rng)
 
     monkeypatch.setattr(long_context, "_run_prompt", run_prompt)
+    built = []  # the engines' configs: --moe-backend must reach them
+    real_engine = long_context._engine
+    monkeypatch.setattr(long_context, "_engine",
+                        lambda *a, **k: built.append((e := real_engine(*a, **k))[0].config) or e)
     out = tmp_path / "lc.json"
     assert main(["long-context", "--tiny", "--prompts", "300,400", "--decode-tokens", "3", "--json", str(out),
-                 "--trace", str(tmp_path / "trace"), "--trace-steps", "1"]) == 0
+                 "--trace", str(tmp_path / "trace"), "--trace-steps", "1", "--moe-backend", "dense"]) == 0
     res = json.loads(out.read_text())
     row, failed = res["results"]
+    assert [c.moe_backend for c in built] == ["dense"] and row["moe"] == "dense"
     assert failed["prompt"] == 400 and "RESOURCE_EXHAUSTED" in failed["error"]
     assert (row["backend"], row["prompt"], row["cache_len"], row["chunk"]) == ("jnp", 300, 4096, 256)
     assert row["prefill_s"] > 0 and row["decode_ms"] > 0

@@ -54,23 +54,19 @@ def test_compiled_transpose_b_matches_float32_reference(tiles):
     assert np.all(out[sizes.sum():] == 0)
 
 
-@pytest.mark.parametrize("skip_tail", [False, True])
 @pytest.mark.parametrize("m,trailing", [(1500, 5), (1496, 0), (1496, 9)])
-def test_mosaic_kernel_matches_float32_reference(m, trailing, skip_tail):
+def test_mosaic_kernel_matches_float32_reference(m, trailing):
     """Our Mosaic GPU (Hopper) kernel: skewed sizes put group starts off 8-row boundaries, the
     case that zero-filled rows before tiles were aligned down to 8 rows. M = 1500 takes the
     padded path (M not a multiple of 8); M = 1496 reads the rows in place, so the last tile's
-    TMA load runs past row M; `trailing` rows past the last group come out zero. skip_tail: an
-    item's 64-row accumulator piece with no stored row issues no wgmmas (a group's tail of <= 64
-    rows; skewed sizes make many such tails, and some pieces hold only the next group's rows)."""
+    TMA load runs past row M; `trailing` rows past the last group come out zero."""
     from atom_jax.kernels import mosaic_grouped_gemm as mg
     rng = np.random.default_rng()
     g, k, n = 24, 512, 512
     sizes = skewed_sizes(rng, m - trailing, g)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
-    cfg = mg.MosaicTiles(skip_tail=skip_tail)
-    out = np.asarray(jax.jit(lambda a, b, s: mg.grouped_gemm(a, b, s, cfg))(x, w, jnp.asarray(sizes)), np.float32)
+    out = np.asarray(jax.jit(mg.grouped_gemm)(x, w, jnp.asarray(sizes)), np.float32)
     ref = grouped_reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes)
     row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
     assert np.all(row_err[:sizes.sum()] < 2e-2)  # every row, not just the norm

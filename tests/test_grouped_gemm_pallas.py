@@ -209,23 +209,16 @@ def test_cli_backend_names_match_the_registry():
     assert sorted(MOE_BACKENDS) == grouped_gemm.available()
 
 
-@pytest.mark.parametrize("skip_tail", [False, True])
-def test_mosaic_kernel_lowers_for_hopper_on_this_jax(skip_tail):
+def test_mosaic_kernel_lowers_for_hopper_on_this_jax():
     """The Mosaic GPU kernel cannot run on CPU (no interpreter for its warp-specialized
-    pipeline), but it must build for CUDA with this jax (layouts inferred, with and without the
-    64-row accumulator pieces of skip_tail); its numerics are checked by the GPU-marked test.
-    Unaligned group starts take the 8-row-aligned tiling path."""
+    pipeline), but it must build for CUDA with this jax; its numerics are checked by the
+    GPU-marked test. Unaligned group starts take the 8-row-aligned tiling path."""
     from atom_jax.kernels import mosaic_grouped_gemm as mg
     x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((5, 256, 256), jnp.bfloat16)
     sizes = jax.ShapeDtypeStruct((5,), jnp.int32)
-    cfg = mg.MosaicTiles(skip_tail=skip_tail)
-    lowered = jax.jit(lambda a, b, s: mg.grouped_gemm(a, b, s, cfg)).trace(x, w, sizes).lower(
-        lowering_platforms=("cuda",))
+    lowered = jax.jit(mg.grouped_gemm).trace(x, w, sizes).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
-    with pytest.raises(ValueError, match="skip_tail"):
-        mg.grouped_gemm(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((5, 256, 256), jnp.bfloat16),
-                        jnp.array([8, 0, 0, 0, 0]), mg.MosaicTiles(tile_m=96, epi_m=32))
 
 
 def test_mosaic_backend_refuses_cpu_with_a_clear_error():

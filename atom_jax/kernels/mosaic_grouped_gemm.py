@@ -42,16 +42,11 @@ class MosaicTiles:
     # Launch order: the (item, column tile) grid is walked in bands of `band` column tiles,
     # snaking, so neighbouring CTAs share row tiles and weight tiles in L2.
     band: int = 8
-    # Each warpgroup's accumulator as 64-row pieces, one m64 wgmma each per k step; a piece
-    # whose rows all lie past the item's last stored row issues none (a group's tail of <= 64
-    # rows in a 128-row item: at dp=1's ~192 rows an expert, about half the groups).
-    skip_tail: bool = True
 
 
 # The defaults (3 stages, bands of 8): best of the H100 comparison (docs/benchmarks.md, round 4).
 PREFILL_MOSAIC = MosaicTiles()
 ROW_ALIGN = 8
-PIECE_M = 64  # wgmma's M
 
 
 def _num_sms() -> int:
@@ -94,10 +89,6 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
         raise ValueError(f"rows have K={k}, weights K={k2}")
     if k % bk or n % cta_n or bm % cfg.epi_m:
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
-    piece = PIECE_M if cfg.skip_tail else bm  # accumulator rows per wgmma (and per ACC)
-    if bm % piece or piece % cfg.epi_m:
-        raise ValueError(f"skip_tail: tile_m {bm} must be a multiple of {PIECE_M}, of epi_m {cfg.epi_m}")
-    pieces = bm // piece
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
     starts, ends = with_zero_range(starts, ends, zero_from, m)  # range g: stored as zeros
@@ -140,12 +131,11 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
                     row0, lo, hi, gi = row0_ref[i], lo_ref[i], hi_ref[i], group_ref[i]
                     cols = pl.ds(j * cta_n + wg * bn, bn)
 
-                    def store(accs):
-                        per_piece = piece // cfg.epi_m
+                    def store(acc):
+                        acc = acc.astype(o_ref.dtype)
                         for c in range(bm // cfg.epi_m):
-                            acc, r = accs[c // per_piece], (c % per_piece) * cfg.epi_m
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot free again
-                            out_smem[wg] = acc[r:r + cfg.epi_m].astype(o_ref.dtype)
+                            out_smem[wg] = acc[c * cfg.epi_m:(c + 1) * cfg.epi_m]
                             plgpu.commit_smem()
                             # this chunk stores its rows [chunk_lo, chunk_lo + n_store)
                             chunk_lo = jnp.clip(lo - c * cfg.epi_m, 0, cfg.epi_m)
@@ -162,20 +152,15 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
                                 size //= 2
 
                     def compute_context(run_pipeline):
-                        @functools.partial(pl.run_scoped, accs=[plgpu.ACC((piece, bn), jnp.float32)] * pieces)
-                        def _(accs):
-                            run_pipeline(accs)
-                            store([a[...] for a in accs])
+                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+                        def _(acc_ref):
+                            run_pipeline(acc_ref)
+                            store(acc_ref[...])
 
-                    def mma(_, a_smem, b_smem, accs):
-                        b = b_smem.at[:, pl.ds(wg * bn, bn)]
-                        plgpu.wgmma(accs[0], a_smem.at[pl.ds(0, piece)] if pieces > 1 else a_smem, b)
-                        for p in range(1, pieces):
-                            @pl.when(p * piece < hi)  # the piece holds a stored row
-                            def _(p=p):
-                                plgpu.wgmma(accs[p], a_smem.at[pl.ds(p * piece, piece)], b)
+                    def mma(_, a_smem, b_smem, acc_ref):
+                        plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg * bn, bn)])
                         plgpu.wgmma_wait(0)
-                        return accs
+                        return acc_ref
 
                     @pl.when(gi < g)
                     def _matmul():
@@ -187,7 +172,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
 
                     @pl.when((gi == g) & (wg < 2))  # the zero range: compute warpgroups only
                     def _zeros():
-                        store([plgpu.layout_cast(jnp.zeros((piece, bn), jnp.float32), plgpu.Layout.WGMMA)] * pieces)
+                        store(plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -392,9 +392,10 @@ n2)  # next session, first call: the trace tool's kernel-name mapping on real GP
   step keep 30 bash -c 'for d in /tmp/dtr /tmp/lctr; do find $d -name "*.xplane.pb" | head -1 | while read f; do
     gzip -c "$f" >"$0/$(basename $d).xplane.pb.keep.gz"; done; done; ls -la "$0"' "$J"
   ;;
-s19a)  # the Mosaic grouped GEMM with skip_tail (a 64-row accumulator piece with no stored row issues no wgmmas):
-  # GPU tests; scripts/gpu/mosaic_ab.py beside the Triton kernel at the engine's tiles (8K-token chunk cases);
-  # then the 128K prefill with --moe-backend pallas and mosaic, same machine
+s19a)  # (run in session 19 at 15b1ab0; skip_tail and scripts/gpu/mosaic_ab.py were removed after: they lost) the
+  # Mosaic grouped GEMM with skip_tail (a 64-row accumulator piece with no stored row issues no wgmmas): GPU tests;
+  # mosaic_ab.py beside the Triton kernel at the engine's tiles (8K-token chunk cases); then the 128K prefill with
+  # --moe-backend pallas and mosaic, same machine
   step gt 150 env JAX_PLATFORMS=cuda python -m pytest -q -p no:cacheprovider -rs tests/test_grouped_gemm_gpu.py -k mosaic
   step mosaic_ab 150 python scripts/gpu/mosaic_ab.py --json "$J/mosaic_ab.json" --cases ${CASES:-up_dp1,down_dp1,up_dp2,down_dp2}
   for moe in ${MOES:-pallas mosaic}; do
