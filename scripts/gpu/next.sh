@@ -403,5 +403,9 @@ s19a)  # (run in session 19 at 15b1ab0; skip_tail and scripts/gpu/mosaic_ab.py w
       --moe-backend "$moe" --json "$J/lc128k_$moe.json"
   done
   ;;
+s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES (default: all); -v lines show which ran
+  step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
+    ${FILES:-tests}
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
