@@ -205,19 +205,32 @@ def _engine(model, dtype, backend, cache_len, chunk, prompts, page_tokens, prefi
 
 
 def _run_prompt(engine, vocab: int, length: int, decode_tokens: int, rng):
+    """-> (prefill s, median decode gap s, prefill detail): the detail has `add_ms` (add_request:
+    validation, the prefix cache's lookup), `steps_ms` (each engine.step until the first token;
+    with the overlap schedule a step returns once the previous one's tokens are read, so these
+    are the chunks' cadence) and `host` (the engine clock's ms per step by phase over the prefill)."""
     from atom_jax.engine import SamplingParams
 
     prompt = list(map(int, rng.integers(2, vocab, length)))
+    engine.host_times(reset=True)
     t0 = time.perf_counter()
     engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=decode_tokens + 1, ignore_eos=True))
-    stamps = []
+    t_add = time.perf_counter()
+    stamps, steps, host = [], [t_add], None
     while engine.has_unfinished():
         for o in engine.step():
             if o.new_token_ids:
                 stamps.append(time.perf_counter())
+        if not stamps:
+            steps.append(time.perf_counter())
+        elif host is None:  # the prefill's steps only (the first token's step included)
+            host = engine.host_times()
     prefill = stamps[0] - t0
     gaps = np.diff(stamps)
-    return prefill, (statistics.median(gaps) if len(gaps) else float("nan"))
+    detail = {"add_ms": round(1e3 * (t_add - t0), 2),
+              "steps_ms": [round(1e3 * b, 2) for b in np.diff(steps + stamps[:1])],
+              "host": {k: v for k, v in host.items() if k != "cpu"}}
+    return prefill, (statistics.median(gaps) if len(gaps) else float("nan")), detail
 
 
 def _trace_prompt(engine, vocab: int, length: int, chunk: int, steps: int, path: str, rng) -> int:
@@ -382,7 +395,7 @@ def run_cli(args) -> int:
                    "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
-                prefill_s, decode_s = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
+                prefill_s, decode_s, detail = _run_prompt(engine, cfg.vocab_size, n, args.decode_tokens, rng)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 results.append(row)
@@ -397,7 +410,7 @@ def run_cli(args) -> int:
                        prefill_floor_s=sig(max(flop_floor, byte_floor)),
                        prefill_of_floor=sig(max(flop_floor, byte_floor) / prefill_s),
                        decode_ms=sig(decode_s * 1e3), decode_floor_ms=sig(dec_floor * 1e3),
-                       decode_of_floor=sig(dec_floor / decode_s))
+                       decode_of_floor=sig(dec_floor / decode_s), prefill_detail=detail)
             results.append(row)
             done.append(n)
             print(json.dumps(row), flush=True)

@@ -407,5 +407,13 @@ s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES 
   step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
     ${FILES:-tests}
   ;;
+s20a)  # where the 128K prompt's prefill time goes: bench long-context's prefill_detail (add_request, each step's
+  # return, the host clock by phase) at 16K and 128K; then every chunk of the 128K prompt but the last traced
+  # (per-execution busy and span from `trace report`: which chunks cost more than the linear growth says)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step lc128k 200 python -m atom_jax.bench long-context --prompts 16384,131072 --backends pallas --decode-tokens 4 \
+    --json "$J/lc128k_detail.json"
+  lc_traced 131072 15 lc128k_trace15 240
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
