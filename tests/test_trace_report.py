@@ -432,9 +432,14 @@ def test_graph_launches_give_each_step_its_whole_work():
     d = analyse(Trace(Path("x"), "xplane", platform, events, marks, HloIndex(), {}))["devices"]["/device:GPU:0"]
     n = len(STEP_KERNELS)
     busy_ns, span_ns = 2_000.0 * n, 3_000.0 * (n - 1) + 2_000.0
+    each = d["executions"].pop("each")
     assert d["executions"] == {"program_id": 5, "hlo_module": "jit_step", "executions": 4, "partial": 1, "kernels": n,
                                "busy_ms": busy_ns / 1e6, "span_ms": span_ns / 1e6,
                                "busy_share_of_span": round(busy_ns / span_ns, 4)}
+    # each execution in run order, with the idle since the previous one's last kernel
+    assert each == [{"busy_ms": round(busy_ns / 1e6, 3), "span_ms": round(span_ns / 1e6, 3),
+                     "gap_ms": None if i == 0 else round((starts[i] - starts[i - 1] - span_ns) / 1e6, 3)}
+                    for i in range(4)]
     assert d["busy_ms"] < 0.5 * busy_ns / 1e6  # the windows saw only each launch's first kernels
     assert "per execution of jit_step (4 whole, 1 cut; 9 kernels each): busy 0.018 ms" in format_report(
         {"trace": "x", "source": "xplane", "platform": platform, "annotated_steps": [], "compiled_steps": [],

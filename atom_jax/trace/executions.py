@@ -69,6 +69,7 @@ def executions(events: Iterable, launched: Mapping[tuple, set] | None = None) ->
         whole = [r for r in launches if len(r) == most]
     if not whole:
         return None
+    whole.sort(key=lambda r: min(e.start_ns for e in r))
     busy = [iv.total([(e.start_ns, e.start_ns + e.dur_ns) for e in r]) for r in whole]
     span = [max(e.start_ns + e.dur_ns for e in r) - min(e.start_ns for e in r) for r in whole]
     counts = {len(r) for r in whole}
@@ -81,4 +82,10 @@ def executions(events: Iterable, launched: Mapping[tuple, set] | None = None) ->
         "busy_ms": round(statistics.fmean(busy) / MS, 6),
         "span_ms": round(statistics.fmean(span) / MS, 6),
         "busy_share_of_span": round(sum(busy) / sum(span), 4) if sum(span) else None,
+        # each execution in the order they ran (a chunked prefill's chunks: which cost more), and the
+        # idle from the previous one's last kernel to this one's first (None for the first)
+        "each": [{"busy_ms": round(b / MS, 3), "span_ms": round(s / MS, 3),
+                  "gap_ms": None if i == 0 else round((min(e.start_ns for e in r) - max(
+                      e.start_ns + e.dur_ns for e in whole[i - 1])) / MS, 3)}
+                 for i, (r, b, s) in enumerate(zip(whole, busy, span))],
     }
