@@ -25,9 +25,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # 1 s). The process keeps the first cache jax opened, this one: an engine given its own
 # `compilation_cache_dir` still sets the config (test_engine records that), later compiles
 # still land here.
+# Under pytest-xdist (`-n 2`) the workers of one run share the cache: the controlling process
+# imports this file first, makes the directory and names it in the environment the workers
+# inherit; only the process that made it removes it, at its exit (after the workers'). A read
+# that meets an entry another worker is still writing fails to load it, and jax then compiles
+# (with a warning) instead.
+_SHARED_CACHE_ENV = "ATOM_JAX_TESTS_XLA_CACHE"
 if _cpu:
-    _XLA_CACHE = tempfile.mkdtemp(prefix="atom_jax-tests-xla-cache-")
-    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    _XLA_CACHE = os.environ.get(_SHARED_CACHE_ENV)
+    if not _XLA_CACHE:
+        _XLA_CACHE = os.environ[_SHARED_CACHE_ENV] = tempfile.mkdtemp(prefix="atom_jax-tests-xla-cache-")
+        atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 

@@ -414,6 +414,8 @@ s20a)  # where the 128K prompt's prefill time goes: bench long-context's prefill
   step lc128k 200 python -m atom_jax.bench long-context --prompts 16384,131072 --backends pallas --decode-tokens 4 \
     --json "$J/lc128k_detail.json"
   lc_traced 131072 15 lc128k_trace15 240
+  step lc128k_c16k 150 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --chunk 16384 --json "$J/lc128k_c16k_detail.json"
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
