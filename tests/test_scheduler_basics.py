@@ -1,9 +1,12 @@
 """SamplingParams validation, Sequence bookkeeping, page and slot allocators."""
 
+import random
+
+import numpy as np
 import pytest
 
 from atom_jax.scheduler import PageAllocator, SamplingParams, Sequence, SlotAllocator, pages_for
-from atom_jax.scheduler.validation import InvalidRequest, check_request
+from atom_jax.scheduler.validation import InvalidRequest, check_request, check_token_ids
 
 
 def test_sampling_defaults_validate():
@@ -56,6 +59,23 @@ def test_check_request_needs_the_model():
         with pytest.raises(InvalidRequest) as e:
             check_request(*args)
         assert e.value.param == param
+
+
+def test_check_token_ids_fast_and_per_element_paths_agree():
+    """A long list of plain ints takes the numpy bounds check; anything else the per-element one.
+    Both accept and reject the same lists, and the error names the first bad ids."""
+    rng = random.Random()
+    vocab = rng.randrange(50, 5000)
+    ids = [rng.randrange(vocab) for _ in range(rng.randrange(1000, 4000))]
+    check_token_ids("prompt", ids, vocab)
+    check_token_ids("prompt", [], vocab)
+    check_token_ids("prompt", (0, vocab - 1), vocab)  # a tuple, at both bounds
+    i = rng.randrange(len(ids))
+    for bad, shown in [(vocab, str(vocab)), (-1, "-1"), (2**70, str(2**70)), (True, "True"), (1.0, "1.0"), ("7", "'7'"),
+                       (np.int64(3), "(3)")]:
+        with pytest.raises(InvalidRequest, match="out of range") as e:
+            check_token_ids("prompt", ids[:i] + [bad] + ids[i:], vocab)
+        assert e.value.param == "prompt" and e.value.code == "token_id_out_of_range" and shown in str(e.value)
 
 
 def test_sampling_normalises_lists_and_single_stop_string():

@@ -1,6 +1,6 @@
 """Request validation shared by every front end (the server, the offline `Engine` API and the
 batch tool): the one place that says which sampling values, prompts and chat messages are
-accepted. Pure Python, no jax.
+accepted. Python and numpy, no jax.
 
 Two levels:
   * `SamplingParams` checks its own fields when it is built (see scheduler/sampling.py), so a
@@ -13,7 +13,10 @@ with a 400 whose `param` is that field and the batch tool can report it with its
 
 from __future__ import annotations
 
+import array
 import math
+
+import numpy as np
 
 MAX_INT32 = 2**31 - 1  # the sampler takes top_k and the step takes lengths as int32
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; beyond it sampling is noise
@@ -64,6 +67,16 @@ def check_text(name: str, value: str) -> None:
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
+    # Fast path (a 128K-token prompt: ~4 ms instead of ~30-60 ms of per-element Python checks, paid
+    # before the first chunk can launch): every element exactly an int, bounds by numpy. Anything
+    # else (bools, int subclasses, other types, ints past int64) takes the per-element check below.
+    if set(map(type, ids)) <= {int}:
+        try:
+            a = np.frombuffer(array.array("q", ids), dtype=np.int64)
+        except OverflowError:
+            a = None
+        if a is not None and (not a.size or (int(a.min()) >= 0 and int(a.max()) < vocab_size)):
+            return
     bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequest(f"{name}: token ids out of range [0, {vocab_size}): {bad[:5]}", name,
