@@ -417,5 +417,13 @@ s20a)  # where the 128K prompt's prefill time goes: bench long-context's prefill
   step lc128k_c16k 150 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --chunk 16384 --json "$J/lc128k_c16k_detail.json"
   ;;
+s20b)  # the 128K prompt after the add_request fix (two prompts in one engine: the second differs, no prefix hit),
+  # 8K chunks, then 16K chunks on the same machine
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step lc128k_x2 240 python -m atom_jax.bench long-context --prompts 131072,131072 --backends pallas --decode-tokens 4 \
+    --json "$J/lc128k_x2.json"
+  step lc128k_c16k 150 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --chunk 16384 --json "$J/lc128k_c16k.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
