@@ -143,6 +143,26 @@ def _run_chunks(rs, work, sampled_token=7):
     return rs.on_step_done(work, {c.request_id: sampled_token for c in work if c.sample})
 
 
+def test_a_lookup_hashes_blocks_only_up_to_its_first_miss():
+    """A new prompt's cache lookup computes keys lazily (a 128K-token prompt hashed all its 512
+    blocks before its first chunk could launch); the keys it keeps are the chained digests, and
+    registration after the chunks run computes the rest."""
+    rng = np.random.default_rng()
+    pt = int(rng.integers(2, 6))
+    cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=pt, max_tokens_per_step=256, chunk_size=256)
+    rs = RankScheduler(cfg)
+    first = list(map(int, rng.integers(0, 1000, 8 * pt + 1)))
+    rs.add(Sequence("a", first, SamplingParams(max_tokens=1)))
+    _run_chunks(rs, rs.schedule())
+    hit = int(rng.integers(1, 8))  # blocks shared with the first prompt
+    prompt = first[:hit * pt] + list(map(int, rng.integers(1000, 2000, 12 * pt)))
+    seq = Sequence("b", prompt, SamplingParams(max_tokens=1))
+    assert len(rs.cached_prefix(seq)) == hit
+    assert seq._block_keys == _keys(prompt, pt)[:hit + 1]  # the hits and the first miss, no more
+    assert seq.block_keys(pt, 12) == _keys(prompt, pt)[:12]
+    assert list(seq.iter_block_keys(pt, 3)) == _keys(prompt, pt)[:3]
+
+
 def test_admission_starts_after_the_cached_prefix_and_leaves_one_token():
     cfg = RankConfig(num_slots=4, num_pages=16, page_tokens=4, max_tokens_per_step=64, chunk_size=64)
     rs = RankScheduler(cfg)

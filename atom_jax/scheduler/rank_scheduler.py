@@ -180,7 +180,7 @@ class RankScheduler:
         if not self.pages.prefix_caching:
             return []
         pt = self.config.page_tokens
-        return self.pages.match(seq.block_keys(pt, (seq.total_len - 1) // pt))
+        return self.pages.match(seq.iter_block_keys(pt, (seq.total_len - 1) // pt))
 
     def cached_prefix_tokens(self, seq: Sequence) -> int:
         return len(self.cached_prefix(seq)) * self.config.page_tokens

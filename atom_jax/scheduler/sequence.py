@@ -109,10 +109,17 @@ class Sequence:
 
     def block_keys(self, page_tokens: int, num_blocks: int) -> list[bytes]:
         """Prefix-cache keys of the first `num_blocks` full blocks of the known tokens."""
+        return list(self.iter_block_keys(page_tokens, num_blocks))
+
+    def iter_block_keys(self, page_tokens: int, num_blocks: int):
+        """`block_keys` one at a time, each computed (and kept) only when asked for: a prefix-cache
+        lookup stops at its first miss, so a new 128K-token prompt hashes one block on arrival, not
+        512 (the rest are hashed as its chunks complete, while the device runs)."""
         keys = self._block_keys
-        for k in range(len(keys), num_blocks):
-            keys.append(chain_key(keys[-1] if keys else b"", self.token_ids(k * page_tokens, page_tokens)))
-        return keys[:num_blocks]
+        for k in range(num_blocks):
+            if k == len(keys):
+                keys.append(chain_key(keys[-1] if keys else b"", self.token_ids(k * page_tokens, page_tokens)))
+            yield keys[k]
 
     def __repr__(self):
         return (f"Sequence({self.request_id!r}, {self.status.value}, rank={self.rank}, "
