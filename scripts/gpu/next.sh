@@ -425,5 +425,10 @@ s20b)  # the 128K prompt after the add_request fix (two prompts in one engine: t
   step lc128k_c16k 150 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --chunk 16384 --json "$J/lc128k_c16k.json"
   ;;
+s20c)  # the 128K prompt after the add_request and lazy-key fixes, three prompts in one engine (none a prefix hit)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step lc128k_x3 240 python -m atom_jax.bench long-context --prompts 131072,131072,131072 --backends pallas \
+    --decode-tokens 4 --json "$J/lc128k_x3.json"
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
