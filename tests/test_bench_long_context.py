@@ -41,6 +41,12 @@ def test_long_context_tiny_reports_times_beside_their_floors(tmp_path, monkeypat
     assert row["prefill_of_floor"] == pytest.approx(row["prefill_floor_s"] / row["prefill_s"], rel=0.05, abs=1e-3)
     assert row["decode_of_floor"] == pytest.approx(row["decode_floor_ms"] / row["decode_ms"], rel=0.05, abs=1e-3)
     assert res["ceilings"]["copy_GBps"] > 0 and res["ceilings"]["matmul_TFLOPs"] > 0
+    # the prefill's detail: add_request, then each step until the first token (300 tokens in 256-token
+    # chunks: 2, plus the step that reads the last one's token with the overlap schedule), which together
+    # are the prefill's time; the host clock counted those steps
+    det = row["prefill_detail"]
+    assert len(det["steps_ms"]) == det["host"]["steps"] in (2, 3) and det["add_ms"] >= 0
+    assert det["add_ms"] + sum(det["steps_ms"]) == pytest.approx(1e3 * row["prefill_s"], rel=0.01, abs=0.1)
     # --trace: one prefill chunk profiled after the timed run: its kernels by layer and category
     # (the CPU client may run a small step inline on the calling thread, recorded as host events,
     # so a CPU trace can hold no device events; a GPU one always does); the longest prompt that
