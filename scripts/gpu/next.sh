@@ -430,5 +430,18 @@ s20c)  # the 128K prompt after the add_request and lazy-key fixes, three prompts
   step lc128k_x3 240 python -m atom_jax.bench long-context --prompts 131072,131072,131072 --backends pallas \
     --decode-tokens 4 --json "$J/lc128k_x3.json"
   ;;
+s20d)  # command-buffer variants for the 128K prefill (XLA_FLAGS; the step has 8 graph launches around cub sorts and
+  # the rung switch's conditional, 0.57 ms of idle inside each chunk): conditionals and while loops in the graphs,
+  # then the concurrent scheduling mode; two prompts each, default first, same machine
+  for v in default cond concurrent; do
+    case $v in
+      default) f="" ;;
+      cond) f="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" ;;
+      concurrent) f="--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" ;;
+    esac
+    step "lc_$v" 150 env XLA_FLAGS="$f" python -m atom_jax.bench long-context --prompts 131072,131072 \
+      --backends pallas --decode-tokens 4 --json "$J/lc128k_cb_$v.json"
+  done
+  ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac
