@@ -70,8 +70,10 @@ def executions(events: Iterable, launched: Mapping[tuple, set] | None = None) ->
     if not whole:
         return None
     whole.sort(key=lambda r: min(e.start_ns for e in r))
+    first = [min(e.start_ns for e in r) for r in whole]  # each execution's first kernel start, last kernel end
+    last = [max(e.start_ns + e.dur_ns for e in r) for r in whole]
     busy = [iv.total([(e.start_ns, e.start_ns + e.dur_ns) for e in r]) for r in whole]
-    span = [max(e.start_ns + e.dur_ns for e in r) - min(e.start_ns for e in r) for r in whole]
+    span = [b - a for a, b in zip(first, last)]
     counts = {len(r) for r in whole}
     return {
         "program_id": program,
@@ -85,7 +87,6 @@ def executions(events: Iterable, launched: Mapping[tuple, set] | None = None) ->
         # each execution in the order they ran (a chunked prefill's chunks: which cost more), and the
         # idle from the previous one's last kernel to this one's first (None for the first)
         "each": [{"busy_ms": round(b / MS, 3), "span_ms": round(s / MS, 3),
-                  "gap_ms": None if i == 0 else round((min(e.start_ns for e in r) - max(
-                      e.start_ns + e.dur_ns for e in whole[i - 1])) / MS, 3)}
-                 for i, (r, b, s) in enumerate(zip(whole, busy, span))],
+                  "gap_ms": None if i == 0 else round((first[i] - last[i - 1]) / MS, 3)}
+                 for i, (b, s) in enumerate(zip(busy, span))],
     }
