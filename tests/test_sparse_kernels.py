@@ -209,7 +209,8 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa", "hca-split", "csa-split", "sliding-split", "csa-noprefetch",
                                   "hca-split-noprefetch", "csa-dv", "hca-split-dv", "sliding-dv", "csa-transpose",
                                   "hca-split-transpose", "csa-chunks", "sliding-window1",
-                                  "hca-split-transpose-chunks-rows-window1"])
+                                  "hca-split-transpose-chunks-rows-window1", "sliding-fast",
+                                  "csa-transpose-chunks-rows-fast", "hca-split-window1-fast"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -220,11 +221,18 @@ def test_attention_kernel_matches_reference(kind):
     through transposed indices). -chunks: q, keys and accumulator in 2 column pieces
     (AttentionTiles.dim_chunks). -rows: the entries' loop carries the next block's row addresses
     instead of its keys (AttentionTiles.prefetch_rows). -window1: the window's keys in one load
-    from the ring's rows then the chunk's (AttentionTiles.one_window_load)."""
+    from the ring's rows then the chunk's (AttentionTiles.one_window_load). -fast: tokens whose whole
+    window (4 positions here) lies in their chunk load it from the chunk's rows alone
+    (AttentionTiles.window_fast); the buffer holds such tokens and others (chunk starts, decode)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
-    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0])
+    fast = "-fast" in kind
+    b, q, kv, ring_kv, ring_pos, sinks, args = _attention_inputs(rng, kind.split("-")[0], win=4 if fast else 8)
+    if fast:  # both branches taken: whole window in the chunk, and not
+        valid = np.asarray(b["valid"])
+        inside = (np.asarray(b["pos"]) - 3 >= np.asarray(b["seg_start_pos"]))[valid]
+        assert inside.any() and not inside.all()
     scale = q.shape[-1] ** -0.5
     split = "-split" in kind
     rows = "-rows" in kind
@@ -232,7 +240,7 @@ def test_attention_kernel_matches_reference(kind):
                                             prefetch="noprefetch" not in kind and not rows,
                                             dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
                                             dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows,
-                                            one_window_load="-window1" in kind)
+                                            one_window_load="-window1" in kind, window_fast=fast)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)

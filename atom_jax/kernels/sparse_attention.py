@@ -98,6 +98,13 @@ class AttentionTiles:
     # q [T, H, 512] before the kernel (read, reduce, rotate, write) and one over the output after it (its
     # concatenate fusions): ~1 GiB of traffic a layer at an 8K-token chunk of V4-Flash.
     fuse_rope: bool = False
+    # window_fast: a token whose whole window lies in its own chunk (p - W + 1 >= the chunk's first
+    # position: every prefill token from the W-th of its chunk on) loads its window's keys with one
+    # load from this step's rows, behind a branch on that scalar condition; the others (a chunk's
+    # first W - 1 tokens, decode) take the general path: a load from the step's rows and one from
+    # the ring, each masked, and a select between them. Offline (`bench sass`, sliding kernel at
+    # 8K tokens) the select and its byte permutes are ~640 of the program's ~3,700 instructions.
+    window_fast: bool = False
     # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
     # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
     # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
@@ -139,7 +146,8 @@ class AttentionTiles:
 # time); 64 keys a step costs the same 10.8 us as 128 (the step's latency, not its keys); 2-3 pipeline stages
 # (64 keys, 4 pieces) and 256-key blocks, even with the values re-loaded piece by piece, ask 256-336 KiB of
 # shared memory (227 available); re-loading the values at 128 keys costs 1.33x (HCA) and 1.52x (CSA).
-TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True)
+TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True,
+                       window_fast=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
@@ -202,6 +210,17 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
         # blocks i >= n_win load nothing anyway
+        if tiles.window_fast:
+            return jax.lax.cond(p - win + 1 >= ssp, chunk_window_keys, any_window_keys, i)
+        return any_window_keys(i)
+
+    def chunk_window_keys(i):  # window block i when the whole window is in this step's rows
+        j = p - win + 1 + i * bk + cols
+        ok = (i * bk + cols < win) & (sp == 0)
+        row = jnp.where(ok, ssi + j - ssp, 0) + (ring_ref.shape[0] if tiles.one_window_load else 0)
+        return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
+
+    def any_window_keys(i):  # window block i from this step's rows and the slot's ring
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
         in_chunk = j >= ssp

@@ -407,6 +407,16 @@ s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES 
   step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
     ${FILES:-tests}
   ;;
+s21a)  # the window's one-load fast path (AttentionTiles.window_fast, default now): the GPU tests of the attention
+  # kernel at V4-Flash dims, bench attention and the 128K prefill, old default (..x1x0x1) first, same machine
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider tests/test_sparse_kernels.py \
+    -k compiled_attention
+  step attention 120 python -m atom_jax.bench attention --iters 5 --json "$J/attention.json" --attention-tiles \
+    64x128x8x1x0x1x1x4x1x0x1,default
+  step lc128k 280 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --attention-tiles 64x128x8x1x0x1x1x4x1x0x1,default --json "$J/lc128k_fast.json"
+  ;;
 s20a)  # where the 128K prompt's prefill time goes: bench long-context's prefill_detail (add_request, each step's
   # return, the host clock by phase) at 16K and 128K; then every chunk of the 128K prompt but the last traced
   # (per-execution busy and span from `trace report`: which chunks cost more than the linear growth says)
