@@ -105,6 +105,12 @@ class AttentionTiles:
     # the ring, each masked, and a select between them. Offline (`bench sass`, sliding kernel at
     # 8K tokens) the select and its byte permutes are ~640 of the program's ~3,700 instructions.
     window_fast: bool = False
+    # exp2: the softmax in base 2: the scores scaled by scale * log2(e) (one multiply, as the plain
+    # scale was), exponentials by exp2 (libdevice's __nv_exp2f: MUFU.EX2) instead of exp (__nv_expf:
+    # its range reduction around the MUFU.EX2 is several instructions more per score, 48 exponentials
+    # a step per thread at 64 heads x 128 keys); the running max and the sink in the same units, the
+    # split path's stored max converted back to natural-log units for `_combine`.
+    exp2: bool = False
     # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
     # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
     # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
@@ -147,13 +153,14 @@ class AttentionTiles:
 # (64 keys, 4 pieces) and 256-key blocks, even with the values re-loaded piece by piece, ask 256-336 KiB of
 # shared memory (227 available); re-loading the values at 128 keys costs 1.33x (HCA) and 1.52x (CSA).
 TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True,
-                       window_fast=True)
+                       window_fast=True, exp2=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
 # a partial softmax that `_combine` merges (flash-decoding), instead of one program's long loop.
 DECODE_SPLITS, SPLIT_MAX_TOKENS = 16, 64
 _NEG = -1e30  # running max start: finite, so fully masked blocks give exp(-inf) = 0, never NaN
+LOG2E = 1.4426950408889634  # log2(e): natural-log scores times this are base-2 ones (AttentionTiles.exp2)
 
 
 def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_ref, rpos_ref,
@@ -183,6 +190,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
     per_head = (lambda x: x[None, :]) if tiles.transpose else (lambda x: x[:, None])  # noqa: E731
     p, slot, ssi, ssp = pos_ref[t], slot_ref[t], ssi_ref[t], ssp_ref[t]
     cols = jnp.arange(bk, dtype=jnp.int32)
+    # the softmax's units: natural log (exp), or base 2 (exp2, the scores scaled by log2(e) as well)
+    unit, ex = (LOG2E, jnp.exp2) if tiles.exp2 else (1.0, jnp.exp)
 
     def update(carry, *loaded):  # loaded: (*key pieces (kcols), ok); carry: (m, l, *accumulator pieces (outs))
         m, l, accs = carry[0], carry[1], carry[2:]
@@ -193,14 +202,14 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         dot = functools.partial(plt.dot, allow_tf32=not exact)
         # scores [bh, bk] (transpose: scores^T [bk, bh], the softmax down axis 0, acc^T [dim, bh])
         if tiles.transpose:
-            s = functools.reduce(jnp.add, [dot(k, qc, trans_b=True) for k, qc in zip(keys, qs)]) * scale
+            s = functools.reduce(jnp.add, [dot(k, qc, trans_b=True) for k, qc in zip(keys, qs)]) * (scale * unit)
         else:
-            s = functools.reduce(jnp.add, [dot(qc, k, trans_b=True) for k, qc in zip(keys, qs)]) * scale
+            s = functools.reduce(jnp.add, [dot(qc, k, trans_b=True) for k, qc in zip(keys, qs)]) * (scale * unit)
         kax = 0 if tiles.transpose else 1  # the key axis of s
         s = jnp.where(ok[:, None] if tiles.transpose else ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=kax))
-        alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - per_head(m_new))
+        alpha = ex(m - m_new)
+        pr = ex(s - per_head(m_new))
         l = l * alpha + jnp.sum(pr, axis=kax)
         pv = (lambda v: dot(v, pr.astype(v.dtype), trans_a=True)) if tiles.transpose else \
             (lambda v: dot(pr.astype(v.dtype), v))
@@ -302,10 +311,10 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         else:
             ref[trow, rows[:, None] * dim + c[None, :]] = val
     if splits == 1:
-        sink = sink_ref[heads]
+        sink = sink_ref[heads] * unit
         m_new = jnp.maximum(m, sink)
-        alpha = jnp.exp(m - m_new)
-        l = l * alpha + jnp.exp(sink - m_new)
+        alpha = ex(m - m_new)
+        l = l * alpha + ex(sink - m_new)
         for acc, c, lo in zip(accs, outs, outs_lo):
             o = (acc * per_head(alpha / l)).astype(out_refs[0].dtype)
             if rope_out and _holds_rope(lo, c.shape[0], dim, rope_dim):  # undo the RoPE at the query's position
@@ -316,7 +325,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         col = sp * heads_total + heads
 
         def stats():  # identical in every value-column block: block 0 writes them
-            m_ref[trow[:, 0], col] = m
+            m_ref[trow[:, 0], col] = m / unit  # natural-log units, as `_combine` takes them
             l_ref[trow[:, 0], col] = l
         if nv == 1:
             stats()
