@@ -82,10 +82,12 @@ def test_attention_tiles_specs():
         64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, one_window_load=True)
     assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1") == dataclasses.replace(TILES, window_fast=False, exp2=False)
     assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1") == dataclasses.replace(TILES, exp2=False)
-    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1") == TILES
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1") == dataclasses.replace(TILES, lazy_sum=False)
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1x1") == dataclasses.replace(TILES, lazy_sum=True)
     for bad in ("64x32", "64x0x8", "axbxc", "64x32x8x2x1x0", "64x32x8x2x1x2x2", "64x32x8x2x1x2x1x0",
                 "64x32x8x2x1x2x1x1x2", "64x32x8x2x1x2x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x2",
-                "64x32x8x2x1x2x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x1x1"):
+                "64x32x8x2x1x2x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x1x2",
+                "64x32x8x2x1x2x1x1x1x1x1x1x1x1x1"):
         with pytest.raises(SystemExit):
             attention_tiles(bad)
 

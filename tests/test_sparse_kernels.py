@@ -211,7 +211,8 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
                                   "hca-split-transpose", "csa-chunks", "sliding-window1",
                                   "hca-split-transpose-chunks-rows-window1", "sliding-fast",
                                   "csa-transpose-chunks-rows-fast", "hca-split-window1-fast", "sliding-exp2",
-                                  "hca-split-transpose-chunks-exp2", "csa-transpose-chunks-rows-fast-exp2"])
+                                  "hca-split-transpose-chunks-exp2", "csa-transpose-chunks-rows-fast-exp2",
+                                  "hca-lazy", "csa-transpose-chunks-exp2-lazy", "sliding-split-transpose-lazy"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -226,7 +227,8 @@ def test_attention_kernel_matches_reference(kind):
     window (4 positions here) lies in their chunk load it from the chunk's rows alone
     (AttentionTiles.window_fast); the buffer holds such tokens and others (chunk starts, decode).
     -exp2: the softmax in base 2 (AttentionTiles.exp2; with -split, the partial maxima stored back in
-    natural-log units for the merge)."""
+    natural-log units for the merge). -lazy: the denominator kept per score position and summed over
+    the keys after the loop (AttentionTiles.lazy_sum)."""
     from atom_jax.models.cached_attention import reference_attend
 
     rng = np.random.default_rng()
@@ -244,7 +246,7 @@ def test_attention_kernel_matches_reference(kind):
                                             dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
                                             dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows,
                                             one_window_load="-window1" in kind, window_fast=fast,
-                                            exp2="-exp2" in kind)
+                                            exp2="-exp2" in kind, lazy_sum="-lazy" in kind)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,
                                   splits=splits, **args)

@@ -111,6 +111,10 @@ class AttentionTiles:
     # a step per thread at 64 heads x 128 keys); the running max and the sink in the same units, the
     # split path's stored max converted back to natural-log units for `_combine`.
     exp2: bool = False
+    # lazy_sum: the softmax denominator kept per score position ([block_k, heads], rescaled and added
+    # to elementwise each step) and summed over the keys once after the loop, instead of a sum over
+    # the keys (shuffles across lanes and warps, a barrier) every step.
+    lazy_sum: bool = False
     # Offline, per step of the entries' loop (`python -m atom_jax.bench sass --tiles ...`, session 12;
     # same tools as the dv_split table; SASS by nvdisasm; per thread, 8 warps, one program per SM;
     # instructions, spill (local) load/store bytes; HGMMA = Hopper wgmma, every variant uses it, never
@@ -210,7 +214,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         m_new = jnp.maximum(m, jnp.max(s, axis=kax))
         alpha = ex(m - m_new)
         pr = ex(s - per_head(m_new))
-        l = l * alpha + jnp.sum(pr, axis=kax)
+        l = l * per_head(alpha) + pr if tiles.lazy_sum else l * alpha + jnp.sum(pr, axis=kax)
         pv = (lambda v: dot(v, pr.astype(v.dtype), trans_a=True)) if tiles.transpose else \
             (lambda v: dot(pr.astype(v.dtype), v))
         # dot + add, as Triton's combine folds them into tt.dot(p, v, acc * alpha): the dot's result
@@ -288,7 +292,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
             return (*update(c[:n_carry], *c[n_carry:]), *nxt)
         return jax.lax.fori_loop(lo, hi, body, (*carry, *load(lo, lo < hi)))[:n_carry]
 
-    carry = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
+    l0 = jnp.zeros(((bk, bh) if tiles.transpose else (bh, bk)) if tiles.lazy_sum else (bh,), jnp.float32)
+    carry = (jnp.full((bh,), _NEG, jnp.float32), l0,
              *(jnp.zeros((c.shape[0], bh) if tiles.transpose else (bh, c.shape[0]), jnp.float32) for c in outs))
     # The window is split 0's alone: the other splits skip its loop (a cond around a loop of
     # static trip count; a bound chosen with jnp.where(sp == 0, ...) made jax 0.11.2's Triton
@@ -304,6 +309,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         per = (n_blocks + splits - 1) // splits
         carry = blocks(sp * per, jnp.minimum(n_blocks, sp * per + per), carry, entry_keys, entry_rows)
     m, l, accs = carry[0], carry[1], carry[2:]
+    if tiles.lazy_sum:
+        l = jnp.sum(l, axis=0 if tiles.transpose else 1)
 
     def store(ref, rows, c, val):  # val [len(rows), len(c)] (transpose: [len(c), len(rows)]) at row t
         if tiles.transpose:

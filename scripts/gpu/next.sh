@@ -410,10 +410,11 @@ s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES 
 s21b)  # the softmax in base 2 (AttentionTiles.exp2, default now) beside the window fast path alone and the
   # session-20 default, same machine; then the GPU tests of the attention kernel (TILES: both on)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  # (and the denominator summed once after the loop: AttentionTiles.lazy_sum, ...x1x1x1)
   step attention 150 python -m atom_jax.bench attention --iters 10 --json "$J/attention.json" --attention-tiles \
-    64x128x8x1x0x1x1x4x1x0x1,64x128x8x1x0x1x1x4x1x0x1x1,default
-  step lc128k 200 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
-    --attention-tiles 64x128x8x1x0x1x1x4x1x0x1x1,default --json "$J/lc128k_exp2.json"
+    64x128x8x1x0x1x1x4x1x0x1,64x128x8x1x0x1x1x4x1x0x1x1,default,64x128x8x1x0x1x1x4x1x0x1x1x1x1
+  step lc128k 220 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --attention-tiles 64x128x8x1x0x1x1x4x1x0x1x1,default,64x128x8x1x0x1x1x4x1x0x1x1x1x1 --json "$J/lc128k_exp2.json"
   step tests 240 env JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider tests/test_sparse_kernels.py \
     -k compiled_attention
   ;;
