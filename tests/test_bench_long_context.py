@@ -80,14 +80,16 @@ def test_attention_tiles_specs():
                                                                     dim_chunks=4, prefetch_rows=True)
     assert attention_tiles("64x128x8x1x0x1x1x4x1x1") == AttentionTiles(
         64, 128, 8, 1, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, one_window_load=True)
-    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1") == dataclasses.replace(TILES, window_fast=False, exp2=False)
-    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1") == dataclasses.replace(TILES, exp2=False)
+    plain = dataclasses.replace(TILES, window_fast=0, exp2=False, lazy_sum=False)
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1") == plain
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1") == dataclasses.replace(plain, window_fast=1)
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x2x1x1") == dataclasses.replace(TILES, window_fast=2)
     assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1") == dataclasses.replace(TILES, lazy_sum=False)
-    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1x1") == dataclasses.replace(TILES, lazy_sum=True)
+    assert attention_tiles("64x128x8x1x0x1x1x4x1x0x1x1x1x1") == TILES
     for bad in ("64x32", "64x0x8", "axbxc", "64x32x8x2x1x0", "64x32x8x2x1x2x2", "64x32x8x2x1x2x1x0",
                 "64x32x8x2x1x2x1x1x2", "64x32x8x2x1x2x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x2",
-                "64x32x8x2x1x2x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x1x2",
-                "64x32x8x2x1x2x1x1x1x1x1x1x1x1x1"):
+                "64x32x8x2x1x2x1x1x1x1x1x1x2", "64x32x8x2x1x2x1x1x1x1x1x1x1x2",
+                "64x32x8x2x1x2x1x1x1x1x1x1x1x1x1", "64x32x8x2x1x2x1x1x1x1x1x3"):
         with pytest.raises(SystemExit):
             attention_tiles(bad)
 

@@ -212,7 +212,8 @@ def _attention_inputs(rng, kind, dtype=jnp.float32, heads=4, d=32, win=8, k=6, r
                                   "hca-split-transpose-chunks-rows-window1", "sliding-fast",
                                   "csa-transpose-chunks-rows-fast", "hca-split-window1-fast", "sliding-exp2",
                                   "hca-split-transpose-chunks-exp2", "csa-transpose-chunks-rows-fast-exp2",
-                                  "hca-lazy", "csa-transpose-chunks-exp2-lazy", "sliding-split-transpose-lazy"])
+                                  "hca-lazy", "csa-transpose-chunks-exp2-lazy", "sliding-split-transpose-lazy",
+                                  "sliding-fast2", "csa-fast2"])
 def test_attention_kernel_matches_reference(kind):
     """-split: decode's split of the entries over 3 programs per token, the window (2 blocks of 4
     keys, partly the chunk's rows, partly the ring) counted by split 0 alone, in every mode.
@@ -225,7 +226,8 @@ def test_attention_kernel_matches_reference(kind):
     instead of its keys (AttentionTiles.prefetch_rows). -window1: the window's keys in one load
     from the ring's rows then the chunk's (AttentionTiles.one_window_load). -fast: tokens whose whole
     window (4 positions here) lies in their chunk load it from the chunk's rows alone
-    (AttentionTiles.window_fast); the buffer holds such tokens and others (chunk starts, decode).
+    (AttentionTiles.window_fast; -fast2: in the sliding kernel alone); the buffer holds such tokens and
+    others (chunk starts, decode).
     -exp2: the softmax in base 2 (AttentionTiles.exp2; with -split, the partial maxima stored back in
     natural-log units for the merge). -lazy: the denominator kept per score position and summed over
     the keys after the loop (AttentionTiles.lazy_sum)."""
@@ -245,7 +247,8 @@ def test_attention_kernel_matches_reference(kind):
                                             prefetch="noprefetch" not in kind and not rows,
                                             dv_split=2 if "-dv" in kind else 1, transpose="-transpose" in kind,
                                             dim_chunks=2 if "-chunks" in kind else 1, prefetch_rows=rows,
-                                            one_window_load="-window1" in kind, window_fast=fast,
+                                            one_window_load="-window1" in kind,
+                                            window_fast=2 if "-fast2" in kind else int(fast),
                                             exp2="-exp2" in kind, lazy_sum="-lazy" in kind)
     splits = 3 if split else 1
     out = sparse_attention.attend(q, kv, ring_kv, ring_pos, b, sinks, scale, tiles=tiles, interpret=True,

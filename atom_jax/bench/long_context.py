@@ -95,7 +95,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--attention-tiles", default="default", help="the sparse attention kernel's tiles the kernels "
                     "run with, in order: 'default' (kernels/sparse_attention.TILES) or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xB[xE[xL]]]]]]]]]]] = "
                     "query heads per program x keys per step x warps (x pipeline stages x prefetch 0/1 x value-dim "
-                    "blocks x transpose 0/1 x head-dim pieces x prefetch_rows 0/1 x one_window_load 0/1 x fuse_rope 0/1 x window_fast 0/1 x exp2 0/1 x lazy_sum 0/1: "
+                    "blocks x transpose 0/1 x head-dim pieces x prefetch_rows 0/1 x one_window_load 0/1 x fuse_rope 0/1 x window_fast 0/1/2 x exp2 0/1 x lazy_sum 0/1: "
                     "AttentionTiles), e.g. default,64x32x8,64x64x8x1x1x2; each is a separate engine, all in "
                     "this run")
     ap.add_argument("--no-prefix-caching", action="store_true", help="engines without prefix caching (no page "
@@ -120,7 +120,7 @@ _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv
 def attention_tiles(spec: str):
     """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xB[xE[xL]]]]]]]]]]]' -> AttentionTiles(
     block_h=H, block_k=K, num_warps=W, num_stages=S, prefetch=P (0/1), dv_split=D, transpose=T (0/1),
-    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1), fuse_rope=F (0/1), window_fast=B (0/1), exp2=E (0/1),
+    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1), fuse_rope=F (0/1), window_fast=B (0/1/2), exp2=E (0/1),
     lazy_sum=L (0/1)), each field left
     out AttentionTiles' field
     default (the plain layout, not the kernel's TILES)."""
@@ -131,14 +131,14 @@ def attention_tiles(spec: str):
     try:
         parts = [int(x) for x in spec.split("x")]
         if not 3 <= len(parts) <= len(_TILE_FIELDS) or min(parts[:4] + parts[5:6] + parts[7:8]) < 1 or \
-                any(f not in (0, 1) for f in parts[4:5] + parts[6:7] + parts[8:14]):
+                any(f not in (0, 1) for f in parts[4:5] + parts[6:7] + parts[8:11] + parts[12:14]) or \
+                any(f not in (0, 1, 2) for f in parts[11:12]):
             raise ValueError
     except ValueError:
         raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xB[xE[xL]]]]]]]]]]] (e.g. "
                          "64x32x8, 64x32x8x2x0, 64x64x8x1x1x2, 64x128x8x1x0x1x1x4x1x0x1)") from None
     given = dict(zip(_TILE_FIELDS, parts))
-    for flag in ("prefetch", "transpose", "prefetch_rows", "one_window_load", "fuse_rope", "window_fast", "exp2",
-                 "lazy_sum"):
+    for flag in ("prefetch", "transpose", "prefetch_rows", "one_window_load", "fuse_rope", "exp2", "lazy_sum"):
         if flag in given:
             given[flag] = bool(given[flag])
     return AttentionTiles(**given)

@@ -104,7 +104,9 @@ class AttentionTiles:
     # first W - 1 tokens, decode) take the general path: a load from the step's rows and one from
     # the ring, each masked, and a select between them. Offline (`bench sass`, sliding kernel at
     # 8K tokens) the select and its byte permutes are ~640 of the program's ~3,700 instructions.
-    window_fast: bool = False
+    # 0: never; 1: every mode; 2: the sliding-only kernel ("none") alone (measured separately: the
+    # branch helped the sliding kernel in both runs of session 21, the HCA / CSA kernels not clearly).
+    window_fast: int = 0
     # exp2: the softmax in base 2: the scores scaled by scale * log2(e) (one multiply, as the plain
     # scale was), exponentials by exp2 (libdevice's __nv_exp2f: MUFU.EX2) instead of exp (__nv_expf:
     # its range reduction around the MUFU.EX2 is several instructions more per score, 48 exponentials
@@ -157,7 +159,7 @@ class AttentionTiles:
 # (64 keys, 4 pieces) and 256-key blocks, even with the values re-loaded piece by piece, ask 256-336 KiB of
 # shared memory (227 available); re-loading the values at 128 keys costs 1.33x (HCA) and 1.52x (CSA).
 TILES = AttentionTiles(block_k=128, prefetch=False, transpose=True, dim_chunks=4, prefetch_rows=True, fuse_rope=True,
-                       window_fast=True, exp2=True)
+                       window_fast=1, exp2=True, lazy_sum=True)
 MIN_ROWS = 16  # smallest dot operand dimension Triton takes
 ROPE_PIECE_MAX = 128  # widest accumulator piece whose inverse RoPE the kernel applies (fuse_rope)
 # Decode: a token's HCA entries (8192 at 1M context) are shared out to this many programs, each
@@ -223,7 +225,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
 
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
         # blocks i >= n_win load nothing anyway
-        if tiles.window_fast:
+        if tiles.window_fast == 1 or (tiles.window_fast == 2 and mode == "none"):
             return jax.lax.cond(p - win + 1 >= ssp, chunk_window_keys, any_window_keys, i)
         return any_window_keys(i)
 

@@ -407,6 +407,16 @@ s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES 
   step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
     ${FILES:-tests}
   ;;
+s21c)  # the default with lazy_sum on (window_fast 1, exp2, lazy_sum) against the window fast path in the sliding
+  # kernel alone (..x2x1x1), same machine; the 128K prompt twice per engine; the GPU tests at the final default
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step attention 100 python -m atom_jax.bench attention --iters 10 --json "$J/attention.json" --attention-tiles \
+    default,64x128x8x1x0x1x1x4x1x0x1x2x1x1
+  step lc128k 200 python -m atom_jax.bench long-context --prompts 131072,131072 --backends pallas --decode-tokens 4 \
+    --attention-tiles default,64x128x8x1x0x1x1x4x1x0x1x2x1x1 --json "$J/lc128k_lazy.json"
+  step tests 170 env JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider tests/test_sparse_kernels.py \
+    -k compiled_attention
+  ;;
 s21b)  # the softmax in base 2 (AttentionTiles.exp2, default now) beside the window fast path alone and the
   # session-20 default, same machine; then the GPU tests of the attention kernel (TILES: both on)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
