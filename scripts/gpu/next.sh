@@ -407,6 +407,11 @@ s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES 
   step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
     ${FILES:-tests}
   ;;
+s21d)  # the engine's kernel path at the final default (window_fast, exp2, lazy_sum) against the full-sequence forward,
+  # float32, compiled on the GPU (the last ~250 s of the session's device time)
+  step tests_engine 140 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+    -p no:cacheprovider tests/test_engine.py -k "incremental and pallas"
+  ;;
 s21c)  # the default with lazy_sum on (window_fast 1, exp2, lazy_sum) against the window fast path in the sliding
   # kernel alone (..x2x1x1), same machine; the 128K prompt twice per engine; the GPU tests at the final default
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
