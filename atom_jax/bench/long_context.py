@@ -120,10 +120,9 @@ _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv
 def attention_tiles(spec: str):
     """'default' -> None (the kernel's TILES); 'HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xB[xE[xL]]]]]]]]]]]' -> AttentionTiles(
     block_h=H, block_k=K, num_warps=W, num_stages=S, prefetch=P (0/1), dv_split=D, transpose=T (0/1),
-    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1), fuse_rope=F (0/1), window_fast=B (0/1/2), exp2=E (0/1),
-    lazy_sum=L (0/1)), each field left
-    out AttentionTiles' field
-    default (the plain layout, not the kernel's TILES)."""
+    dim_chunks=C, prefetch_rows=R (0/1), one_window_load=O (0/1), fuse_rope=F (0/1), window_fast=B (0/1/2),
+    exp2=E (0/1), lazy_sum=L (0/1)), each field left out AttentionTiles' field default (the plain layout, not the
+    kernel's TILES)."""
     from atom_jax.kernels.sparse_attention import AttentionTiles
 
     if spec == "default":

@@ -103,7 +103,8 @@ class AttentionTiles:
     # load from this step's rows, behind a branch on that scalar condition; the others (a chunk's
     # first W - 1 tokens, decode) take the general path: a load from the step's rows and one from
     # the ring, each masked, and a select between them. Offline (`bench sass`, sliding kernel at
-    # 8K tokens) the select and its byte permutes are ~640 of the program's ~3,700 instructions.
+    # 8K tokens) the general path is ~1,040 SASS instructions a thread (the select and its byte
+    # permutes ~640), the fast one ~105, of a ~3,600-instruction program.
     # 0: never; 1: every mode; 2: the sliding-only kernel ("none") alone (measured separately: the
     # branch helped the sliding kernel in both runs of session 21, the HCA / CSA kernels not clearly).
     window_fast: int = 0
