@@ -2,7 +2,7 @@
 # GPU session plans (parts c1-c5 written in session 12, s13-s16 run in sessions 13-16; s15a-c name variants that were
 # reverted after measuring (FP8 scorer: ffe57e1); s17a-e run in session 17; s18a-h in session 18 (s18a/s18h measured
 # variants since removed: fold_tail, tokens_per_dot); n4 ran as s18b/s18c; n1 and n2 (partly run as s16a, its trace
-# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20; c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
+# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20, s21a-d in session 21 (s21d cut short); c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
