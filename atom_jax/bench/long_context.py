@@ -115,6 +115,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv_split", "transpose", "dim_chunks",
                 "prefetch_rows", "one_window_load", "fuse_rope", "window_fast", "exp2",
                 "lazy_sum")  # a spec's fields, in order
+_TILE_FLAGS = ("prefetch", "transpose", "prefetch_rows", "one_window_load", "fuse_rope", "exp2", "lazy_sum")  # 0/1
+_TILE_CHOICES = {**{f: (0, 1) for f in _TILE_FLAGS}, "window_fast": (0, 1, 2)}  # the other fields: integers >= 1
 
 
 def attention_tiles(spec: str):
@@ -129,18 +131,14 @@ def attention_tiles(spec: str):
         return None
     try:
         parts = [int(x) for x in spec.split("x")]
-        if not 3 <= len(parts) <= len(_TILE_FIELDS) or min(parts[:4] + parts[5:6] + parts[7:8]) < 1 or \
-                any(f not in (0, 1) for f in parts[4:5] + parts[6:7] + parts[8:11] + parts[12:14]) or \
-                any(f not in (0, 1, 2) for f in parts[11:12]):
+        given = dict(zip(_TILE_FIELDS, parts))
+        if not 3 <= len(parts) <= len(_TILE_FIELDS) or \
+                any(v not in _TILE_CHOICES[f] if f in _TILE_CHOICES else v < 1 for f, v in given.items()):
             raise ValueError
     except ValueError:
         raise SystemExit(f"--attention-tiles: {spec!r} is not 'default' or HxKxW[xS[xP[xD[xT[xC[xR[xO[xF[xB[xE[xL]]]]]]]]]]] (e.g. "
                          "64x32x8, 64x32x8x2x0, 64x64x8x1x1x2, 64x128x8x1x0x1x1x4x1x0x1)") from None
-    given = dict(zip(_TILE_FIELDS, parts))
-    for flag in ("prefetch", "transpose", "prefetch_rows", "one_window_load", "fuse_rope", "exp2", "lazy_sum"):
-        if flag in given:
-            given[flag] = bool(given[flag])
-    return AttentionTiles(**given)
+    return AttentionTiles(**{f: bool(v) if f in _TILE_FLAGS else v for f, v in given.items()})
 
 
 def _visible(ratio: int, positions: np.ndarray) -> np.ndarray:

@@ -224,21 +224,23 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         # used once, by the add (tests/test_bench_sass.py), or it is held beside the accumulator
         return (m_new, l, *(a * per_head(alpha) + pv(v) for a, v in zip(accs, vals)))
 
+    def keys_at(ref, row, ok):  # the key pieces [, value columns] of rows `row` of `ref` (loaded where ok), and ok
+        return (*(plt.load(ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
+
+    chunk_base = ring_ref.shape[0] if tiles.one_window_load else 0  # this step's first row in kv_ref
+
     def window_keys(i, live=None):  # window block i's keys [, value columns] and validity; `live` unused:
         # blocks i >= n_win load nothing anyway
-        if tiles.window_fast == 1 or (tiles.window_fast == 2 and mode == "none"):
-            return jax.lax.cond(p - win + 1 >= ssp, chunk_window_keys, any_window_keys, i)
-        return any_window_keys(i)
-
-    def chunk_window_keys(i):  # window block i when the whole window is in this step's rows
-        j = p - win + 1 + i * bk + cols
-        ok = (i * bk + cols < win) & (sp == 0)
-        row = jnp.where(ok, ssi + j - ssp, 0) + (ring_ref.shape[0] if tiles.one_window_load else 0)
-        return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
-
-    def any_window_keys(i):  # window block i from this step's rows and the slot's ring
         j = p - win + 1 + i * bk + cols  # positions
         in_win = (i * bk + cols < win) & (sp == 0)  # the window is split 0's alone
+        if tiles.window_fast == 1 or (tiles.window_fast == 2 and mode == "none"):
+            return jax.lax.cond(p - win + 1 >= ssp, chunk_window_keys, any_window_keys, j, in_win)
+        return any_window_keys(j, in_win)
+
+    def chunk_window_keys(j, in_win):  # the block when the whole window is in this step's rows
+        return keys_at(kv_ref, jnp.where(in_win, ssi + j - ssp, 0) + chunk_base, in_win)
+
+    def any_window_keys(j, in_win):  # the block from this step's rows and the slot's ring
         in_chunk = j >= ssp
         ring_row = slot * win + jax.lax.rem(j + win, win)
         rp = plt.load(rpos_ref.at[ring_row], mask=in_win & ~in_chunk, other=-1)
@@ -246,9 +248,8 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         ok_ring = in_win & ~in_chunk & (j >= 0) & (rp == j)
         chunk_row = jnp.where(ok_chunk, ssi + j - ssp, 0)
         if tiles.one_window_load:  # kv_ref: the ring's rows, then this step's
-            ok = ok_chunk | ok_ring
-            row = jnp.where(ok_chunk, ring_ref.shape[0] + chunk_row, jnp.where(ok_ring, ring_row, 0))
-            return (*(plt.load(kv_ref.at[row[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
+            return keys_at(kv_ref, jnp.where(ok_chunk, chunk_base + chunk_row, jnp.where(ok_ring, ring_row, 0)),
+                           ok_chunk | ok_ring)
 
         def rows(c):  # columns c of the block's keys
             kc = plt.load(kv_ref.at[chunk_row[:, None], c[None, :]], mask=ok_chunk[:, None], other=0.0)
@@ -270,7 +271,7 @@ def _kernel(pos_ref, slot_ref, ssi_ref, ssp_ref, nvis_ref, q_ref, kv_ref, ring_r
         return jnp.where(ok, page * epp + e % epp, 0), ok
 
     def pool_keys(addr, ok):  # the key pieces [, value columns] of pool rows addr, and ok
-        return (*(plt.load(pool_ref.at[addr[:, None], c[None, :]], mask=ok[:, None], other=0.0) for c in kcols), ok)
+        return keys_at(pool_ref, addr, ok)
 
     def entry_keys(i, live=True):  # block i's keys [, value columns] and validity
         return pool_keys(*entry_rows(i, live))
