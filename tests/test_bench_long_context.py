@@ -121,3 +121,27 @@ def test_expert_layouts_run_in_one_process_on_the_same_weights(tmp_path, monkeyp
     assert [(r["experts"], r["prompt"]) for r in rows] == [("nmajor", 300), ("kmajor", 300)]
     with pytest.raises(SystemExit, match="expert-layout"):
         main(["long-context", "--tiny", "--expert-layout", "nmajor,sideways"])
+
+
+def test_long_context_moe_backends_are_one_engine_each(tmp_path, monkeypatch):
+    """--moe-backend takes a comma list (duplicates dropped): one engine per backend, each row
+    naming its own (engines that fail to build, to keep this fast: their rows say so); an unknown
+    name fails before any engine is built."""
+    from atom_jax.bench import long_context
+
+    asked = []
+
+    def engine(*a, **k):
+        asked.append(a[-1])
+        raise RuntimeError("no engine here")
+
+    monkeypatch.setattr(long_context, "_engine", engine)
+    out = tmp_path / "lc.json"
+    assert main(["long-context", "--tiny", "--prompts", "64", "--decode-tokens", "1", "--json", str(out),
+                 "--moe-backend", "dense,ragged_dot,dense"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert asked == ["dense", "ragged_dot"]
+    assert [(r["moe"], r["error"]) for r in rows] == [(m, "RuntimeError: no engine here") for m in asked]
+    with pytest.raises(ValueError, match="'nope'"):
+        main(["long-context", "--tiny", "--prompts", "64", "--moe-backend", "dense,nope"])
+    assert len(asked) == 2

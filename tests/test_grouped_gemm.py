@@ -34,3 +34,24 @@ def test_capacity_backend_drops_overflow_rows():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="nope"):
         grouped_gemm.get("nope")
+
+
+def test_auto_runs_plain_calls_on_mosaic_only_in_its_window(monkeypatch):
+    """`auto`'s one Mosaic decision (`plain_on_mosaic`): Hopper, rows per expert in the window (open
+    below, closed above), bf16 rows and dense bf16 [G, K, N] weights the Mosaic tiles divide; the
+    window set to None turns it off. The row-gathering and epilogue calls never ask (see `auto`)."""
+    import jax
+
+    from atom_jax.kernels.packed import DenseKMajor
+    lo, hi = grouped_gemm.MOSAIC_PLAIN_ROWS_PER_GROUP
+    S = jax.ShapeDtypeStruct
+    rows, w = S((4096, 2048), jnp.bfloat16), S((16, 2048, 4096), jnp.bfloat16)
+    on = lambda r=rows, wt=w, rpg=(lo + hi) / 2, hopper=True: grouped_gemm.plain_on_mosaic(r, wt, rpg, hopper)  # noqa: E731
+    assert on() and on(rpg=hi)
+    assert not on(rpg=lo) and not on(rpg=hi + 1) and not on(hopper=False)
+    assert not on(r=S((4096, 2048), jnp.float32), wt=S((16, 2048, 4096), jnp.float32))  # float32 models
+    assert not on(wt=S((16, 2048, 4000), jnp.bfloat16))  # N not a multiple of the CTA's 256 columns
+    assert not on(wt=S((16, 2000, 4096), jnp.bfloat16))  # K not a multiple of 64
+    assert not on(wt=DenseKMajor(S((16, 4096, 2048), jnp.bfloat16)))
+    monkeypatch.setattr(grouped_gemm, "MOSAIC_PLAIN_ROWS_PER_GROUP", None)
+    assert not on()

@@ -73,6 +73,26 @@ def test_mosaic_kernel_matches_float32_reference(m, trailing):
     assert np.all(out[sizes.sum():] == 0)
 
 
+def test_auto_plain_call_in_the_mosaic_window_runs_mosaic():
+    """`auto` on a down-projection-like call (rows in place, no epilogue, rows unwritten past the
+    groups allowed) at rows per expert inside MOSAIC_PLAIN_ROWS_PER_GROUP: lowered to the Mosaic
+    kernel (no Triton call) on the H200, every group row right against float32."""
+    lo, hi = grouped_gemm.MOSAIC_PLAIN_ROWS_PER_GROUP
+    rng = np.random.default_rng()
+    g, k, n = 16, 512, 512
+    rpg = (lo + hi) / 2
+    sizes = skewed_sizes(rng, int(g * rpg), g)
+    x = jnp.asarray(rng.standard_normal((int(g * rpg), k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.bfloat16)
+    fn = jax.jit(lambda a, b, s: grouped_gemm.get("auto")(a, b, s, mean_group=rpg, zero_tail=False))
+    text = fn.lower(x, w, jnp.asarray(sizes)).as_text()
+    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+    out = np.asarray(fn(x, w, jnp.asarray(sizes)), np.float32)
+    ref = grouped_reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes)
+    row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
+    assert np.all(row_err < 2e-2)
+
+
 @pytest.mark.parametrize("backend", ["pallas", "mosaic"])
 def test_moe_through_compiled_kernels_matches_float32_experts(backend):
     """The routed-expert MoE as the model calls it, with half the experts held elsewhere (their

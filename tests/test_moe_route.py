@@ -148,6 +148,27 @@ def test_seam_row_ids_on_gathering_and_xla_backends():
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_clamped_matches_float64(dtype):
+    """swiglu_clamped (SiLU through exp2, in float32, rounded once) against float64 SiLU with the
+    clamps: float32 to a few ulps; bf16 inputs to the bf16 rounding of the exact result. Gates far
+    below zero (exp2 overflows to inf: SiLU -> -0, not NaN) and both clamps included."""
+    from atom_jax.models.layers import swiglu_clamped
+    rng = np.random.default_rng()
+    limit = 7.0
+    gate = np.concatenate([rng.standard_normal(4000) * 6, [-1e4, -200.0, -88.0, 0.0, 7.0, 50.0]])
+    up = np.concatenate([rng.standard_normal(4000) * 6, [1.0, -3.0, 2.0, 5.0, -9.0, 9.0]])
+    g, u = (jnp.asarray(a, dtype) for a in (gate, up))
+    out = np.asarray(jax.jit(swiglu_clamped, static_argnums=2)(g, u, limit), np.float64)
+    assert out.dtype == np.float64 and jnp.result_type(g) == np.dtype(dtype)
+    g64, u64 = (np.asarray(a, np.float64) for a in (g, u))  # the inputs as given (bf16-rounded)
+    g64 = np.minimum(g64, limit)
+    ref = g64 / (1.0 + np.exp(-g64)) * np.clip(u64, -limit, limit)
+    assert np.all(np.isfinite(out))
+    tol = 4 * np.finfo(np.float32).eps if dtype == "float32" else 2.0 ** -8  # bf16: half an ulp + float32 work
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=1e-30)
+
+
 @pytest.mark.parametrize("kernel", ["bf16", "w4a16"])
 def test_swiglu_epilogue_matches_xla(kernel):
     """epilogue=(swiglu, gate): the kernel stores swiglu(gate, product) for the group rows, as
@@ -253,7 +274,7 @@ def test_moe_lowers_without_row_gather_or_scatter(platform, rank_max, monkeypatc
                 walk(sub)
     walk(fn.trace(*args).jaxpr.jaxpr)
     assert (n * k, d) not in shapes.get("gather", []), shapes["gather"]
-    assert (n * k, i) not in shapes["logistic"]  # the SwiGLU runs in the w3 kernel, on its tiles
+    assert (n * k, i) not in shapes["exp2"]  # the SwiGLU (its exp2) runs in the w3 kernel, on its tiles
     if rank_max is None:  # 1536 pairs: ranked
         assert not {"sort", "scatter", "scatter-add"} & set(shapes), shapes.keys()
         return

@@ -103,8 +103,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--trace", default=None, metavar="DIR", help="also profile a few prefill chunks of the "
                     "longest prompt with the kernels (see above) into DIR")
     ap.add_argument("--trace-steps", type=int, default=2, help="--trace: prefill chunks profiled")
-    ap.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS,
-                    help="the routed experts' grouped-GEMM backend (default auto: the engine's choice)")
+    ap.add_argument("--moe-backend", default="auto",
+                    help=f"the routed experts' grouped-GEMM backends, comma list of {', '.join(MOE_BACKENDS)} "
+                    "(default auto: the engine's choice); each is a separate engine, all in this run")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
     ap.set_defaults(func=run_cli)
@@ -117,6 +118,16 @@ _TILE_FIELDS = ("block_h", "block_k", "num_warps", "num_stages", "prefetch", "dv
                 "lazy_sum")  # a spec's fields, in order
 _TILE_FLAGS = ("prefetch", "transpose", "prefetch_rows", "one_window_load", "fuse_rope", "exp2", "lazy_sum")  # 0/1
 _TILE_CHOICES = {**{f: (0, 1) for f in _TILE_FLAGS}, "window_fast": (0, 1, 2)}  # the other fields: integers >= 1
+
+
+def moe_backends(spec: str) -> list[str]:
+    """--moe-backend's comma list -> the backends in order, duplicates dropped (an unknown name:
+    ValueError before any work)."""
+    names = list(dict.fromkeys(spec.split(",")))
+    unknown = [n for n in names if n not in MOE_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown --moe-backend {', '.join(map(repr, unknown))}; known: {', '.join(MOE_BACKENDS)}")
+    return names
 
 
 def attention_tiles(spec: str):
@@ -356,22 +367,24 @@ def run_cli(args) -> int:
     atiles = list(dict.fromkeys(args.attention_tiles.split(",")))
     for a in atiles:
         attention_tiles(a)  # malformed specs fail before any work
+    moes = moe_backends(args.moe_backend)
     for layout in layouts:  # grouped by layout: the model is transposed once per layout
         for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
             reference = backend == "jnp"
             lens = [p for p in prompts if not reference or p <= args.reference_max_prompt]
             for policy in (["loop"] if reference else policies):  # the jnp path always loops
-                for path, at in ([("-", "-")] if reference else [(p, a) for p in paths for a in atiles]):
-                    runs.append((layout, backend, policy, path, at, cache_len,
+                for path, at, moe in [(p, a, m) for p, a in ([("-", "-")] if reference else
+                                                             [(p, a) for p in paths for a in atiles]) for m in moes]:
+                    runs.append((layout, backend, policy, path, at, moe, cache_len,
                                  min(chunk, args.reference_chunk) if reference else chunk, lens))
                     if args.baseline_cache_len and not reference:  # the same prompts that fit a small cache
                         small = [p for p in prompts if p + args.decode_tokens + 1 <= args.baseline_cache_len]
-                        runs.append((layout, backend, policy, path, at, args.baseline_cache_len, chunk, small))
+                        runs.append((layout, backend, policy, path, at, moe, args.baseline_cache_len, chunk, small))
     auto, tiles = (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES
     switch_free = index_topk.AUTO_SWITCH_FREE  # a named policy runs as named (its rung switch too)
     prefill_min = sparse_indexer.PREFILL_MIN_TOKENS
     attn_default = sparse_attention.TILES
-    for layout, backend, policy, path, at, c_len, b_chunk, lens in runs:
+    for layout, backend, policy, path, at, moe, c_len, b_chunk, lens in runs:
         if not lens:
             continue
         model = with_expert_layout(model, layout)  # the same model where it already holds it
@@ -383,16 +396,16 @@ def run_cli(args) -> int:
         sparse_attention.TILES = (attention_tiles(at) if at != "-" else None) or attn_default  # likewise
         try:
             engine, warm_s = _engine(model, dtype, backend, c_len, b_chunk, lens, page_tokens,
-                                     not args.no_prefix_caching, args.moe_backend)
+                                     not args.no_prefix_caching, moe)
         except Exception as e:  # noqa: BLE001 (out of memory is a result here)
-            results.append({"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
+            results.append({"experts": layout, "moe": moe, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "cache_len": c_len,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         rng = np.random.default_rng(0)
         done = []  # the prompts that ran (a failed one is not traced: its prefill may not reach a chunk)
         for n in lens:
-            row = {"experts": layout, "moe": args.moe_backend, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
+            row = {"experts": layout, "moe": moe, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": n, "cache_len": c_len,
                    "chunk": b_chunk,
                    "warmup_s": round(warm_s, 1)}
             try:
@@ -418,11 +431,11 @@ def run_cli(args) -> int:
         if args.trace and c_len == cache_len and done:
             import os
 
-            tdir = os.path.join(args.trace, f"{layout}_{backend}_{policy}_{path}_{at}_p{max(done)}".replace("-", "_"))
+            tdir = os.path.join(args.trace, f"{layout}_{moe}_{backend}_{policy}_{path}_{at}_p{max(done)}".replace("-", "_"))
             steps = _trace_prompt(engine, cfg.vocab_size, max(done), b_chunk, args.trace_steps, tdir, rng)
             summary = trace_summary(tdir, steps)
             print(format_trace_summary(summary), flush=True)
-            traces.append({"experts": layout, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(done),
+            traces.append({"experts": layout, "moe": moe, "backend": backend, "topk": policy, "indexer": path, "attn_tiles": at, "prompt": max(done),
                            "trace": tdir,
                            **summary})
         del engine
@@ -430,16 +443,16 @@ def run_cli(args) -> int:
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
     index_topk.AUTO_SWITCH_FREE = switch_free
     sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
-    print(f"\n{'experts':7} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
+    print(f"\n{'experts':7} {'moe':6} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['experts']:7} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
-                  f"{r.get('prompt', '-'):>8} "
+            print(f"{r['experts']:7} {r['moe']:6} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
+                  f"{r['cache_len']:8d} {r.get('prompt', '-'):>8} "
                   f"failed: {r['error'][:80]}")
             continue
-        print(f"{r['experts']:7} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} {r['cache_len']:8d} "
-              f"{r['prompt']:8d} {r['chunk']:6d} "
+        print(f"{r['experts']:7} {r['moe']:6} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
+              f"{r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
               f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")
     if args.json:

@@ -219,10 +219,45 @@ def dense_backend(name: str, rows_per_group: float) -> str:
     return choose(rows_per_group) if name == "auto" else name
 
 
+# Plain calls (rows in place, no epilogue: the MoE's down projection) on bf16 [G, K, N] experts run on
+# the Mosaic kernel on an NVIDIA Hopper GPU at rows per expert in (lo, hi]; the calls that gather their
+# rows or apply the SwiGLU (gate, up) stay on the Triton kernel, which does both in its loads and
+# epilogue (the Mosaic kernel does neither, and XLA's gather and SwiGLU cost more than it saves:
+# session 19). H200 (docs/benchmarks.md): at ~192 rows per expert (an 8K-token chunk at dp = 1) the
+# Mosaic kernel's down call took 1.786 / 1.906 ms against Triton's 1.946 / 2.062 (two machines), at
+# ~384 (dp = 2) 1.622 / 1.730 against 1.506 / 1.651: it wins where 128-row tiles pad the most.
+MOSAIC_PLAIN_ROWS_PER_GROUP: tuple[float, float] | None = (128.0, 256.0)
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and not is_rocm() and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def plain_on_mosaic(rows, weights, rows_per_group: float, hopper: bool | None = None) -> bool:
+    """Whether `auto` runs a plain call (no `row_ids`, no epilogue) on the Mosaic kernel: on Hopper
+    (`hopper`, default: this process's first device), rows per expert in MOSAIC_PLAIN_ROWS_PER_GROUP,
+    bf16 rows and dense [G, K, N] bf16 weights whose K and N its tiles divide."""
+    window = MOSAIC_PLAIN_ROWS_PER_GROUP
+    if window is None or not window[0] < rows_per_group <= window[1]:
+        return False
+    if not isinstance(weights, jax.Array | jax.ShapeDtypeStruct) or weights.ndim != 3:
+        return False
+    if rows.dtype != jnp.bfloat16 or weights.dtype != jnp.bfloat16:
+        return False
+    from atom_jax.kernels.mosaic_grouped_gemm import PREFILL_MOSAIC as t
+    if weights.shape[1] % t.tile_k or weights.shape[2] % (2 * t.tile_n):
+        return False
+    return _is_hopper() if hopper is None else hopper
+
+
 @register("auto", gathers_rows=True)
 def auto(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=True, epilogue=None):
-    backend = get(dense_backend("auto", _rows_per_group(rows, weights, mean_group, row_ids)))
-    return backend(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
+    name = dense_backend("auto", rows_per_group)
+    if row_ids is None and epilogue is None and not _on_cpu() and plain_on_mosaic(rows, weights, rows_per_group):
+        name = "mosaic"
+    return get(name)(rows, weights, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
 
 
 # Backend names that mean "our GPU kernel": with packed FP4 weights they all run the W4A16

@@ -2,7 +2,7 @@
 # GPU session plans (parts c1-c5 written in session 12, s13-s16 run in sessions 13-16; s15a-c name variants that were
 # reverted after measuring (FP8 scorer: ffe57e1); s17a-e run in session 17; s18a-h in session 18 (s18a/s18h measured
 # variants since removed: fold_tail, tokens_per_dot); n4 ran as s18b/s18c; n1 and n2 (partly run as s16a, its trace
-# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20, s21a-d in session 21 (s21d cut short); c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
+# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20, s21a-d in session 21 (s21d cut short), s22a- in session 22; c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -406,6 +406,19 @@ s19a)  # (run in session 19 at 15b1ab0; skip_tail and scripts/gpu/mosaic_ab.py w
 s19b)  # every GPU-marked test at HEAD (119), files in the order given by FILES (default: all); -v lines show which ran
   step gpu_tests 540 env JAX_PLATFORMS=cuda python -m pytest -v -m gpu -p no:cacheprovider -rs --durations=25 \
     ${FILES:-tests}
+  ;;
+s22a)  # the MoE's SwiGLU through exp2 (layers.swiglu_clamped, all paths) and plain calls (the down projection) on the
+  # Mosaic kernel at ~192 rows per expert (grouped_gemm.MOSAIC_PLAIN_ROWS_PER_GROUP): the grouped GEMMs' GPU tests;
+  # the 128K prefill on BASE (c26f2c2), then this tree with every call on Triton (--moe-backend pallas: the SwiGLU
+  # change alone) and auto (both), same machine; bench gemm's down shape across rows per expert, Triton vs Mosaic
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 150 gpu_tests tests/test_grouped_gemm_gpu.py
+  step lc_base 150 base python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --moe-backend pallas --json "$J/lc128k_base.json"
+  step lc 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
+    --moe-backend pallas,auto --json "$J/lc128k_moe.json"
+  step gemm 150 python -m atom_jax.bench gemm --shapes flash_down --tokens 2048,3072,4096,5120,6144,8192 \
+    --backends pallas,mosaic,auto --sweep-tokens "" --json "$J/gemm_down.json"
   ;;
 s21d)  # the engine's kernel path at the final default (window_fast, exp2, lazy_sum) against the full-sequence forward,
   # float32, compiled on the GPU (the last ~250 s of the session's device time)
