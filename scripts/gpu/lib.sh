@@ -23,13 +23,16 @@ step() {
   if (( left < 20 )); then echo "SKIP $name: ${left} s left" | tee -a "$SUMMARY"; return 0; fi
   local limit=$(( max < left ? max : left )) t0=$(date +%s) rc=0
   echo "== $name (limit ${limit} s): $*" | tee -a "$SUMMARY"
-  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+  # through bash -c, so that CMD may be an exported shell function (gpu_tests, next.sh's base): timeout alone
+  # execs CMD and cannot find those (exit 127, as s22a's first call found)
+  timeout -k 5 "$limit" bash -c '"$@"' step "$@" >"$OUT/$name.log" 2>&1 || rc=$?
   echo "   rc=$rc after $(( $(date +%s) - t0 )) s" | tee -a "$SUMMARY"
   tail -n 4 "$OUT/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
 }
 
 # GPU-marked tests of the named files (the CPU suite runs in CI; these are the ones that skip there)
 gpu_tests() { JAX_PLATFORMS=cuda python -m pytest -q -x -m gpu -p no:cacheprovider "$@"; }
+export -f gpu_tests
 
 pack() {  # at exit: everything but the summary into one archive; the compile cache beside it
   tar czf /tmp/jc.tgz -C "$JAX_COMPILATION_CACHE_DIR" . && (( $(stat -c %s /tmp/jc.tgz) < 15000000 )) \

@@ -22,6 +22,7 @@ part=${1:?part: c1 c2 c3 c4 c5}
 base() {  # run "$@" with the BASE tree's atom_jax first on the path
   PYTHONPATH="$PWD/.gpu/base:$PYTHONPATH" "$@"
 }
+export -f base
 
 lc_traced() {  # PROMPT STEPS NAME MAXSEC: bench long-context with STEPS prefill chunks traced, `trace report` of
   # the trace ($J/NAME_report.json) and the raw xplane kept ($J/NAME.xplane.pb.keep.gz)
@@ -417,6 +418,15 @@ s22a)  # the MoE's SwiGLU through exp2 (layers.swiglu_clamped, all paths) and pl
     --moe-backend pallas --json "$J/lc128k_base.json"
   step lc 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --moe-backend pallas,auto --json "$J/lc128k_moe.json"
+  ;;
+s22b)  # s22a's first call ran neither its tests nor BASE (step could not run shell functions): the grouped GEMMs'
+  # GPU tests, then the 128K prompt three times per engine: BASE (c26f2c2), this tree on Triton only, auto
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 150 gpu_tests tests/test_grouped_gemm_gpu.py tests/test_moe_route.py
+  step lc_base 150 base python -m atom_jax.bench long-context --prompts 131072,131072,131072 --backends pallas \
+    --decode-tokens 4 --moe-backend pallas --json "$J/lc128k_base_x3.json"
+  step lc 240 python -m atom_jax.bench long-context --prompts 131072,131072,131072 --backends pallas --decode-tokens 4 \
+    --moe-backend pallas,auto --json "$J/lc128k_moe_x3.json"
   step gemm 150 python -m atom_jax.bench gemm --shapes flash_down --tokens 2048,3072,4096,5120,6144,8192 \
     --backends pallas,mosaic,auto --sweep-tokens "" --json "$J/gemm_down.json"
   ;;
