@@ -151,16 +151,17 @@ def test_rowselect_windows_equal_the_loop(monkeypatch):
         _check(li, lok, want, n_vis)
 
 
-@pytest.mark.parametrize("prune", [True, False])
-def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune):
+@pytest.mark.parametrize("prune,compact_w", [(True, 0), (True, 64), (False, 0)])
+def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune, compact_w):
     """The Pallas selection (interpret mode; tiles of 16 entries, a width of 200 that is not a
-    multiple of them), pruned to the entries at or above the bound of 32 strided groups or
-    over whole rows, returns exactly `radix_select`'s indices, in the same order, which hold
+    multiple of them; compaction tiles of 16 or 64), pruned to the entries at or above the bound
+    of 32 strided groups or over whole rows, returns exactly `radix_select`'s indices, in the same order, which hold
     the oracle's sets: scores in {0, 1, 2} with many exact zeros, a row of zeros, a row with
     no eligible entry, rows with fewer than k eligible entries, negative scores; and the same
     given each row's eligible prefix instead of -inf past it."""
     assert topk_select.NO_ENTRY == NO_ENTRY
     monkeypatch.setattr(topk_select, "PRUNE", prune)
+    monkeypatch.setattr(topk_select, "COMPACT_W", compact_w)
     rng = np.random.default_rng()
     t, width = 7, 200
     scores = (rng.integers(0, 3, size=(t, width)) * (rng.random((t, width)) < 0.3)).astype(np.float32)

@@ -88,6 +88,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(rowselect's widths)")
     ap.add_argument("--select-block-w", type=int, default=None, help="override kernels/topk_select.BLOCK_W "
                     "(entries per tile of the Pallas selection, a power of two)")
+    ap.add_argument("--select-compact-w", type=int, default=None, help="override kernels/topk_select.COMPACT_W "
+                    "(entries per tile of the Pallas selection's compaction pass, a power of two; 0: BLOCK_W)")
     ap.add_argument("--select-warps", type=int, default=None, help="override kernels/topk_select.NUM_WARPS")
     ap.add_argument("--select-digit-bits", type=int, default=None, help="override kernels/topk_select.DIGIT_BITS "
                     "(1, 2, 4 or 8 bits per counting pass)")
@@ -202,6 +204,7 @@ def run_cli(args) -> int:
     for mod, name, value in ((it, "SCORE_BUDGET", args.score_budget), (it, "RUNG_MIN", args.rung_min),
                              (it, "SUB_BLOCK", args.sub_block), (it, "ROW_RUNG_RATIO", args.row_rung_ratio),
                              (topk_select, "BLOCK_W", args.select_block_w),
+                             (topk_select, "COMPACT_W", args.select_compact_w),
                              (topk_select, "NUM_WARPS", args.select_warps),
                              (topk_select, "DIGIT_BITS", args.select_digit_bits),
                              (topk_select, "PRUNE", False if args.select_no_prune else None)):
@@ -287,7 +290,7 @@ def run_cli(args) -> int:
                        "index_head_dim": cfg.index_head_dim, "score_budget": it.SCORE_BUDGET,
                        "rung_min": it.RUNG_MIN, "rung_ratio": it.RUNG_RATIO, "sub_block": it.SUB_BLOCK,
                        "row_rung_ratio": it.ROW_RUNG_RATIO, "row_select": row_select,
-                       "select_block_w": topk_select.BLOCK_W, "select_warps": topk_select.NUM_WARPS,
+                       "select_block_w": topk_select.BLOCK_W, "select_compact_w": topk_select.COMPACT_W, "select_warps": topk_select.NUM_WARPS,
                        "select_digit_bits": topk_select.DIGIT_BITS, "select_prune": topk_select.PRUNE,
                        "auto": {"policy": it.AUTO_POLICY, "max_tokens": it.AUTO_MAX_TOKENS,
                                 "large_policy": it.AUTO_LARGE_POLICY},

@@ -224,8 +224,12 @@ def dense_backend(name: str, rows_per_group: float) -> str:
 # rows or apply the SwiGLU (gate, up) stay on the Triton kernel, which does both in its loads and
 # epilogue (the Mosaic kernel does neither, and XLA's gather and SwiGLU cost more than it saves:
 # session 19). H200 (docs/benchmarks.md): at ~192 rows per expert (an 8K-token chunk at dp = 1) the
-# Mosaic kernel's down call took 1.786 / 1.906 ms against Triton's 1.946 / 2.062 (two machines), at
-# ~384 (dp = 2) 1.622 / 1.730 against 1.506 / 1.651: it wins where 128-row tiles pad the most.
+# Mosaic kernel's down call took 1.786 / 1.906 ms against Triton's 1.946 / 2.062 (session 19, two
+# machines); `bench gemm --shapes flash_down` (session 22, 128 experts, ms Mosaic / Triton) at 96 rows
+# 0.624 / 0.596, 144 0.883 / 0.873, 192 0.919 / 0.936, 240 0.980 / 1.020, 288 1.265 / 1.320, 384
+# 1.491 / 1.598. Above 256 it is left out: at dp = 2 (~384) half the rows of the engine's call are
+# other ranks' choices past the last group, which the Mosaic kernel stores as zeros and Triton skips
+# (session 19 in the engine's case: Mosaic 1.622 / 1.730 against Triton 1.506 / 1.651).
 MOSAIC_PLAIN_ROWS_PER_GROUP: tuple[float, float] | None = (128.0, 256.0)
 
 

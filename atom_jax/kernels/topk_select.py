@@ -44,6 +44,13 @@ NUM_WARPS = 8  # a program holds one row: more warps per row (few rows per call 
 NUM_STAGES = 2  # software pipelining of the tiles' loads
 PRUNE = True  # select among the entries at or above the strided groups' bound (see the module)
 PRUNE_GROUPS_PER_K = 4  # G = this x k lanes (rounded up to a power of two)
+# Entries per tile of the compaction pass (PRUNE), apart from BLOCK_W (the counting passes' tiles, whose
+# [2^DIGIT_BITS, BLOCK_W] counts live in registers). Each tile's prefix sum, sum and scatter store cost
+# barriers whatever its width (offline SASS, sm_90a, 8 warps: 8 a tile at 512 entries, 4 at 2,048 or
+# 4,096): at 32K visible entries a row's compaction went from 512 barriers (64 tiles of 512) to 64,
+# the rest of its selection being ~250; 80 registers a thread at 2,048 as at 512, 114 at 4,096.
+# 0: BLOCK_W.
+COMPACT_W = 2048
 
 
 def _ordered(x):
@@ -53,7 +60,9 @@ def _ordered(x):
 
 
 def _kth_key(key, k: int):
-    """The k-th largest of the uint32 keys [n] held in registers (bit by bit from the top)."""
+    """The k-th largest of the uint32 keys [n] held in registers (bit by bit from the top). (Offline
+    SASS, session 22: 2 or 4 bits a pass, [2^bits, n] compares each, compiled to more instructions
+    and as many barriers.)"""
     tau = jnp.uint32(0)
     for b in range(31, -1, -1):
         cand = tau | jnp.uint32(1 << b)
@@ -98,7 +107,7 @@ def _select(load, tiles, emit, k: int, bw: int, bits: int):
 
 
 def _kernel(s_ref, n_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int, stride: int, bits: int, groups: int,
-            interpret: bool):
+            cw: int, interpret: bool):
     r = pl.program_id(0)
     cols = jnp.arange(bw, dtype=jnp.int32)
     nv = jnp.clip(n_ref[r], 0, width)  # the row's eligible prefix: the tiles past it are never read
@@ -124,8 +133,9 @@ def _kernel(s_ref, n_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int,
         _select(load, tiles, emit, k, bw, bits)
         return
 
-    (sel_ref,) = scratch  # [rows, width + bw]: the survivors' entry indices, then masked lanes' room
+    (sel_ref,) = scratch  # [rows, width + cw]: the survivors' entry indices, then masked lanes' room
     lanes = jnp.arange(groups, dtype=jnp.int32)
+    ccols = jnp.arange(cw, dtype=jnp.int32)
 
     def group_max(i, m):
         c = i * groups + lanes
@@ -134,17 +144,17 @@ def _kernel(s_ref, n_ref, o_ref, *scratch, k: int, width: int, bw: int, kp: int,
 
     m = jax.lax.fori_loop(0, (nv + groups - 1) // groups, group_max, jnp.full((groups,), -jnp.inf, jnp.float32))
     bound = _kth_key(_ordered(m), k)
-    base = r * (width + bw)
+    base = r * (width + cw)
 
     def compact(i, n):
-        c = i * bw + cols
+        c = i * cw + ccols
         key, real = row(c, c < nv)
         take = (real & (key >= bound)).astype(jnp.int32)
         pos = n + jnp.cumsum(take) - take
-        plt.store(sel_ref.at[base + jnp.where(take == 1, pos, width + cols)], c, mask=take == 1)
+        plt.store(sel_ref.at[base + jnp.where(take == 1, pos, width + ccols)], c, mask=take == 1)
         return n + jnp.sum(take)
 
-    n = jax.lax.fori_loop(0, tiles, compact, jnp.int32(0))
+    n = jax.lax.fori_loop(0, (nv + cw - 1) // cw, compact, jnp.int32(0))
     if not interpret:  # the survivors were written by other threads of this program
         plt.debug_barrier()
 
@@ -178,12 +188,13 @@ def radix_select(s, k: int, n_valid=None, interpret: bool = False, block_w: int 
     kp = max(16, 1 << (k - 1).bit_length())
     stride = k + max(bw, kp)  # a row's k places, then room for its masked lanes
     groups = max(16, 1 << (PRUNE_GROUPS_PER_K * k - 1).bit_length())
+    cw = min(COMPACT_W or bw, max(16, 1 << (width - 1).bit_length()))
     out_shape = [jax.ShapeDtypeStruct((rows * stride,), jnp.int32)]
     if PRUNE:
-        out_shape.append(jax.ShapeDtypeStruct((rows * (width + bw),), jnp.int32))  # the survivors (scratch)
+        out_shape.append(jax.ShapeDtypeStruct((rows * (width + cw),), jnp.int32))  # the survivors (scratch)
     call = pl.pallas_call(
         functools.partial(_kernel, k=k, width=width, bw=bw, kp=kp, stride=stride, bits=DIGIT_BITS, groups=groups,
-                          interpret=interpret),
+                          cw=cw, interpret=interpret),
         out_shape=out_shape,
         grid=(rows,),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),

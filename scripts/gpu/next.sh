@@ -419,6 +419,20 @@ s22a)  # the MoE's SwiGLU through exp2 (layers.swiglu_clamped, all paths) and pl
   step lc 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --moe-backend pallas,auto --json "$J/lc128k_moe.json"
   ;;
+s22c)  # the selection's compaction in tiles of 2,048 entries (topk_select.COMPACT_W, default now; 0 = BLOCK_W's 512,
+  # the old kernel): the selection alone and scores + selection at 8K tokens x 32K visible entries per compaction
+  # width; the 128K prefill at 512 and 2,048, three prompts each; the GPU tests of the selection
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  for cw in 0 2048 4096; do
+    step sel_$cw 75 python -m atom_jax.bench indexer --tokens 8192 --visible 32768 --policies rowselect \
+      --scorer none,pallas --select-compact-w $cw --iters 10 --json "$J/indexer_sel_cw$cw.json"
+  done
+  for cw in 0 2048; do
+    step lc_cw$cw 100 python scripts/gpu/with_attrs.py kernels.topk_select.COMPACT_W=$cw -- long-context \
+      --prompts 131072,131072,131072 --backends pallas --decode-tokens 4 --json "$J/lc128k_cw$cw.json"
+  done
+  step tests 150 gpu_tests tests/test_index_topk.py
+  ;;
 s22b)  # s22a's first call ran neither its tests nor BASE (step could not run shell functions): the grouped GEMMs'
   # GPU tests, then the 128K prompt three times per engine: BASE (c26f2c2), this tree on Triton only, auto
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
