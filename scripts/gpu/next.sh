@@ -419,6 +419,25 @@ s22a)  # the MoE's SwiGLU through exp2 (layers.swiglu_clamped, all paths) and pl
   step lc 240 python -m atom_jax.bench long-context --prompts 131072 --backends pallas --decode-tokens 4 \
     --moe-backend pallas,auto --json "$J/lc128k_moe.json"
   ;;
+s22d)  # the session's final state: the ceilings (old timer: median of 3 batches of 10 after 2 calls; new: best of 5
+  # batches of 20 after 0.5 s) three times each in one process; issue 26's acceptance rows (4K, 16K, 128K twice, 1M with
+  # a 1M cache; 4K, 16K with a 16K one); the engine's float32 kernel-path parity (SwiGLU through exp2, auto's Mosaic)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step ceilings 60 python -c '
+import json, jax, jax.numpy as jnp
+from atom_jax.bench import timing
+a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16); mm = jax.jit(lambda v: v @ v)
+rows = []
+for _ in range(3):
+    old = 2 * 8192 ** 3 / timing.back_to_back_time(mm, [a], iters=10) / 1e12
+    rows.append({"old_TFLOPs": old, **timing.device_ceilings()})
+    print(json.dumps(rows[-1]), flush=True)
+json.dump(rows, open("'"$J"'/ceilings.json", "w"), indent=1)'
+  step lc_full 330 python -m atom_jax.bench long-context --prompts 4096,16384,131072,131072,1048559 \
+    --baseline-cache-len 16448 --backends pallas --decode-tokens 16 --json "$J/lc_full.json"
+  step tests_engine 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+    -p no:cacheprovider tests/test_engine.py -k "incremental and pallas"
+  ;;
 s22c)  # the selection's compaction in tiles of 2,048 entries (topk_select.COMPACT_W, default now; 0 = BLOCK_W's 512,
   # the old kernel): the selection alone and scores + selection at 8K tokens x 32K visible entries per compaction
   # width; the 128K prefill at 512 and 2,048, three prompts each; the GPU tests of the selection
