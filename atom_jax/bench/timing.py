@@ -56,9 +56,12 @@ def best_time(fn, inputs=(None,), iters: int = 20, repeats: int = 5, warmup_s: f
 def device_ceilings():
     """Measured copy bandwidth (bytes read + written) and dense bf16 n^3 matmul rate: 1 GiB and
     n = 8192 on an accelerator, 64 MiB and n = 1024 on CPU (smoke runs); each the best of 5
-    batches after 0.5 s of warm-up on an accelerator. (Until session 22 the matmul was the median
-    of 3 batches of 10 after 2 calls: one H200 measured 770-798 TFLOP/s from one process to the
-    next, the 128K prefill's device time the same within 1%: the floors moved with the noise.)"""
+    batches after 0.5 s of warm-up on an accelerator. Until session 22 the matmul was the median of
+    3 batches of 10 after 2 calls: one H200 measured 770-798 TFLOP/s from one process to the next
+    while the 128K prefill's device time stayed within 1%. The best-of timer reads higher and
+    spreads less, but the rate also falls as the card heats: three readings in one process, back
+    to back, 783 / 745 / 733 TFLOP/s (the median timer: 767 / 697 / 668; docs/benchmarks.md,
+    session 22). A floor from it is as steady as the card's state when the bench starts."""
     cpu = jax.default_backend() == "cpu"
     warmup_s = 0.0 if cpu else 0.5
     x = jnp.ones((1 << (25 if cpu else 29),), jnp.bfloat16) * 1.5
