@@ -126,7 +126,7 @@ def test_expert_layouts_run_in_one_process_on_the_same_weights(tmp_path, monkeyp
 def test_long_context_moe_backends_are_one_engine_each(tmp_path, monkeypatch):
     """--moe-backend takes a comma list (duplicates dropped): one engine per backend, each row
     naming its own (engines that fail to build, to keep this fast: their rows say so); an unknown
-    name fails before any engine is built."""
+    name exits with a message before any work (the ceilings, the model)."""
     from atom_jax.bench import long_context
 
     asked = []
@@ -142,6 +142,7 @@ def test_long_context_moe_backends_are_one_engine_each(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["results"]
     assert asked == ["dense", "ragged_dot"]
     assert [(r["moe"], r["error"]) for r in rows] == [(m, "RuntimeError: no engine here") for m in asked]
-    with pytest.raises(ValueError, match="'nope'"):
+    monkeypatch.setattr(long_context, "device_ceilings", lambda: pytest.fail("measured before the check"))
+    with pytest.raises(SystemExit, match="'nope'"):
         main(["long-context", "--tiny", "--prompts", "64", "--moe-backend", "dense,nope"])
     assert len(asked) == 2

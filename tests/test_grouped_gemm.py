@@ -55,3 +55,41 @@ def test_auto_runs_plain_calls_on_mosaic_only_in_its_window(monkeypatch):
     assert not on(wt=DenseKMajor(S((16, 4096, 2048), jnp.bfloat16)))
     monkeypatch.setattr(grouped_gemm, "MOSAIC_PLAIN_ROWS_PER_GROUP", None)
     assert not on()
+
+
+def test_auto_asks_about_mosaic_for_plain_calls_only(monkeypatch):
+    """`auto`'s wiring, as on a Hopper GPU (the platform checks patched, the backends spied): a
+    plain call in the window goes to 'mosaic'; the same call with row ids or an epilogue, or
+    outside the window, to 'pallas' with its arguments as given; FP4 experts on the dequant path
+    take the same route for their decoded weights."""
+    from atom_jax.kernels import packed
+
+    calls = []
+    monkeypatch.setattr(grouped_gemm, "_on_cpu", lambda: False)
+    monkeypatch.setattr(grouped_gemm, "_is_hopper", lambda: True)
+    monkeypatch.setattr(grouped_gemm, "choose", lambda rows_per_group, *a, **kw: "pallas")  # GPU's choice at these sizes
+    for name in ("mosaic", "pallas"):
+        spy = lambda rows, w, sizes, mean=None, _n=name, **kw: calls.append((_n, rows.shape, kw)) or rows  # noqa: E731
+        monkeypatch.setitem(grouped_gemm._BACKENDS, name, spy)
+    monkeypatch.setattr(grouped_gemm, "pallas", grouped_gemm._BACKENDS["pallas"])  # the dequant path's direct call
+    lo, hi = grouped_gemm.MOSAIC_PLAIN_ROWS_PER_GROUP
+    g, k, n = 4, 128, 256
+    mean = (lo + hi) / 2
+    rows, w = jnp.zeros((int(g * mean), k), jnp.bfloat16), jnp.zeros((g, k, n), jnp.bfloat16)
+    sizes = jnp.full((g,), int(mean), jnp.int32)
+    run = grouped_gemm.get("auto")
+    run(rows, w, sizes, mean_group=mean, zero_tail=False)
+    run(rows, w, sizes, mean_group=mean, row_ids=jnp.zeros((rows.shape[0],), jnp.int32))
+    run(rows, w, sizes, mean_group=mean, epilogue=(lambda a, b: b, jnp.zeros((rows.shape[0], n))))
+    run(rows, w, sizes, mean_group=hi + 1)
+    assert [c[0] for c in calls] == ["mosaic", "pallas", "pallas", "pallas"]
+    assert "row_ids" in calls[1][2] and calls[2][2]["epilogue"] is not None
+    # FP4 experts at the dequant path's rows per expert, N-major codes: decoded, then the same choice
+    calls.clear()
+    monkeypatch.setattr(grouped_gemm, "_decode", lambda how, weights, dtype: w)
+    fp4 = packed.Fp4Weights(jnp.zeros((g, k // 2, n), jnp.uint8), jnp.zeros((g, k // 32, n), jnp.uint8))
+    monkeypatch.setattr(grouped_gemm, "_dequant_path_fits", lambda weights, rpg: True)
+    big = max(mean, grouped_gemm.DEQUANT_MIN_ROWS_PER_GROUP)
+    run(rows, fp4, sizes, mean_group=big, zero_tail=False)
+    grouped_gemm.get("pallas")(rows, fp4, sizes, mean_group=big, zero_tail=False)
+    assert [c[0] for c in calls] == ["mosaic" if lo < big <= hi else "pallas", "pallas"]

@@ -151,10 +151,11 @@ def test_rowselect_windows_equal_the_loop(monkeypatch):
         _check(li, lok, want, n_vis)
 
 
-@pytest.mark.parametrize("prune,compact_w", [(True, 0), (True, 64), (False, 0)])
+@pytest.mark.parametrize("prune,compact_w", [(True, 0), (True, 8), (True, 64), (True, 2048), (False, 0)])
 def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune, compact_w):
     """The Pallas selection (interpret mode; tiles of 16 entries, a width of 200 that is not a
-    multiple of them; compaction tiles of 16 or 64), pruned to the entries at or above the bound
+    multiple of them; compaction tiles of 16, 8, 64 or the default 2,048, capped at the row: 256),
+    pruned to the entries at or above the bound
     of 32 strided groups or over whole rows, returns exactly `radix_select`'s indices, in the same order, which hold
     the oracle's sets: scores in {0, 1, 2} with many exact zeros, a row of zeros, a row with
     no eligible entry, rows with fewer than k eligible entries, negative scores; and the same
@@ -179,6 +180,9 @@ def test_pallas_radix_select_equals_the_jnp_one(monkeypatch, prune, compact_w):
     n = jnp.asarray(n_vis)
     np.testing.assert_array_equal(np.asarray(topk_select.radix_select(junk, K, n, interpret=True, block_w=16)), got)
     np.testing.assert_array_equal(np.asarray(it.radix_select(junk, K, n)), got)
+    monkeypatch.setattr(topk_select, "COMPACT_W", 24)  # not a power of two: refused before any lowering
+    with pytest.raises(ValueError, match="COMPACT_W 24"):
+        topk_select.radix_select(s, K, interpret=True, block_w=16)
 
 
 def test_plan_follows_tokens_and_capacity():

@@ -122,7 +122,7 @@ _TILE_CHOICES = {**{f: (0, 1) for f in _TILE_FLAGS}, "window_fast": (0, 1, 2)}  
 
 def moe_backends(spec: str) -> list[str]:
     """--moe-backend's comma list -> the backends in order, duplicates dropped (an unknown name:
-    ValueError before any work)."""
+    ValueError; the command exits with it before any work)."""
     names = list(dict.fromkeys(spec.split(",")))
     unknown = [n for n in names if n not in MOE_BACKENDS]
     if unknown:
@@ -344,6 +344,7 @@ def run_cli(args) -> int:
     try:  # bad names fail before any work
         layouts = list(dict.fromkeys(resolve_layout(x, jax.default_backend(), BF16)
                                      for x in args.expert_layout.split(",")))
+        moes = moe_backends(args.moe_backend)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     ceil = device_ceilings()
@@ -367,7 +368,6 @@ def run_cli(args) -> int:
     atiles = list(dict.fromkeys(args.attention_tiles.split(",")))
     for a in atiles:
         attention_tiles(a)  # malformed specs fail before any work
-    moes = moe_backends(args.moe_backend)
     for layout in layouts:  # grouped by layout: the model is transposed once per layout
         for backend in dict.fromkeys((args.backends or ("jnp" if args.tiny else "pallas,jnp")).split(",")):
             reference = backend == "jnp"
@@ -443,15 +443,15 @@ def run_cli(args) -> int:
     (index_topk.AUTO_POLICY, index_topk.AUTO_LARGE_POLICY), sparse_indexer.TILES = auto, tiles
     index_topk.AUTO_SWITCH_FREE = switch_free
     sparse_indexer.PREFILL_MIN_TOKENS, sparse_attention.TILES = prefill_min, attn_default
-    print(f"\n{'experts':7} {'moe':6} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
+    print(f"\n{'experts':7} {'moe':10} {'backend':7} {'top-k':9} {'indexer':7} {'attn tiles':10} {'cache':>8} {'prompt':>8} {'chunk':>6} {'prefill tok/s':>13} "
           f"{'of floor':>8} {'decode ms':>9} {'floor ms':>8} {'of floor':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['experts']:7} {r['moe']:6} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
+            print(f"{r['experts']:7} {r['moe']:10} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
                   f"{r['cache_len']:8d} {r.get('prompt', '-'):>8} "
                   f"failed: {r['error'][:80]}")
             continue
-        print(f"{r['experts']:7} {r['moe']:6} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
+        print(f"{r['experts']:7} {r['moe']:10} {r['backend']:7} {r['topk']:9} {r['indexer']:7} {r['attn_tiles']:10} "
               f"{r['cache_len']:8d} {r['prompt']:8d} {r['chunk']:6d} "
               f"{r['prefill_tok_s']:13.0f} {r['prefill_of_floor']:8.3f} "
               f"{r['decode_ms']:9.2f} {r['decode_floor_ms']:8.3f} {r['decode_of_floor']:8.3f}")

@@ -1,5 +1,7 @@
 """Timing helpers shared by the GPU benchmarks (warm-up, then medians; see the device
-method notes: device work is asynchronous, so every timed call is synchronised)."""
+method notes: device work is asynchronous, so every timed call is synchronised). The ceilings
+(`device_ceilings`) take the best batch instead (`best_time`), since session 22: they read higher
+than the medians did, so a share of them (a FLOP floor's, "of copy") reads lower at the same speed."""
 
 from __future__ import annotations
 

@@ -215,7 +215,9 @@ AUTO_TABLE: list[tuple[float, str, bool]] = [
 
 def dense_backend(name: str, rows_per_group: float) -> str:
     """The backend `get(name)` runs on dense (bf16) weights at this many rows per expert: `choose`'s
-    for 'auto', else `name`."""
+    for 'auto', else `name` (for 'auto', plain calls may take the Mosaic kernel instead: see
+    `plain_on_mosaic`; the FP4 dequant path and `decode_ahead`'s decoded stacks go through `auto`
+    alike)."""
     return choose(rows_per_group) if name == "auto" else name
 
 
@@ -348,8 +350,9 @@ def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, 
     """Packed FP4 experts through backend `name`. For the GPU-kernel names and for 'auto' on GPU:
     the W4A16 Pallas kernel (interpreted on CPU) below DEQUANT_MIN_ROWS_PER_GROUP rows per
     expert, from there the experts decoded by the `fp4_dequant` kernel and the bf16 Pallas kernel
-    (decoding in one XLA pass instead measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA
-    streamed ~1 TB/s). Other names: the weights decoded to rows.dtype in jnp (exact) and the named
+    (for 'auto': its bf16 choice, so a plain call of N-major decoded experts in the Mosaic window
+    takes the Mosaic kernel, as `decode_ahead`'s stacks do) (decoding in one XLA pass instead
+    measured slower on an H200, 1.1-1.4x at 8K tokens/rank: XLA streamed ~1 TB/s). Other names: the weights decoded to rows.dtype in jnp (exact) and the named
     bf16 backend ('auto' on CPU: ragged_dot). Both kernel paths gather `row_ids` themselves."""
     rows_per_group = _rows_per_group(rows, weights, mean_group, row_ids)
     how, backend = _packed_path(name, weights, rows_per_group)
@@ -359,8 +362,9 @@ def w4a16(name: str, rows, weights: Fp4Weights | Fp4WeightsKMajor, group_sizes, 
         return w4a16_grouped_gemm.grouped_gemm(rows, weights, group_sizes, cfg=tiles, interpret=_on_cpu(),
                                                row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
     dense = _decode(how, weights, rows.dtype)
-    if how == "dequant":
-        return pallas(rows, dense, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
+    if how == "dequant":  # 'auto' as it runs bf16 experts (its plain calls may take the Mosaic kernel), else Pallas
+        run = auto if name == "auto" else pallas
+        return run(rows, dense, group_sizes, mean_group, row_ids=row_ids, zero_tail=zero_tail, epilogue=epilogue)
     return get(backend)(rows, dense, group_sizes, mean_group, row_ids=row_ids, epilogue=epilogue)
 
 

@@ -3,8 +3,9 @@ interpreted on CPU): the kernel stand-in for `models/index_topk.radix_select`, s
 (indices of the k largest scores of each row, lowest index first among equal scores, listed in
 entry order, NO_ENTRY filling rows with fewer than k eligible (> -inf) entries).
 
-One program per row, read in tiles of BLOCK_W entries up to its eligible prefix (n_valid: the
-token's visible count; the work follows the context, not the width). The selection proper
+One program per row, read in tiles of BLOCK_W entries (COMPACT_W in PRUNE's compaction pass)
+up to its eligible prefix (n_valid: the token's visible count; the work follows the context, not
+the width). The selection proper
 (`_select`):
 32 / DIGIT_BITS counting passes (the radix search of `radix_select`: per pass, per lane,
 2^DIGIT_BITS counts of the keys at or above as many candidate thresholds, summed across lanes
@@ -177,8 +178,10 @@ def radix_select(s, k: int, n_valid=None, interpret: bool = False, block_w: int 
     (the others may hold anything: the scorer leaves the blocks past a tile's visible counts
     unwritten); default all W.
     block_w, num_warps: default the module's BLOCK_W and NUM_WARPS as they are at trace time
-    (as are DIGIT_BITS and PRUNE)."""
+    (as are DIGIT_BITS, PRUNE and COMPACT_W)."""
     block_w, num_warps = block_w or BLOCK_W, num_warps or NUM_WARPS
+    if COMPACT_W & (COMPACT_W - 1) or COMPACT_W < 0:
+        raise ValueError(f"COMPACT_W {COMPACT_W} must be 0 or a power of two")
     if block_w & (block_w - 1):
         raise ValueError(f"block_w {block_w} must be a power of two")
     if DIGIT_BITS not in (1, 2, 4, 8):
