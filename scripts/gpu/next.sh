@@ -2,7 +2,7 @@
 # GPU session plans (parts c1-c5 written in session 12, s13-s16 run in sessions 13-16; s15a-c name variants that were
 # reverted after measuring (FP8 scorer: ffe57e1); s17a-e run in session 17; s18a-h in session 18 (s18a/s18h measured
 # variants since removed: fold_tail, tokens_per_dot); n4 ran as s18b/s18c; n1 and n2 (partly run as s16a, its trace
-# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20, s21a-d in session 21 (s21d cut short), s22a-e in session 22 (s22a ran without its tests and BASE steps: step could not run shell functions then; s22d's engine test cut at 150 s, its second case run as s22e); c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
+# part as s18c) remain; n3 ran as s17b; s19a-b in session 19, s20a-d in session 20, s21a-d in session 21 (s21d cut short), s22a-e in session 22 (s22a ran without its tests and BASE steps: step could not run shell functions then; s22d's engine test cut at 150 s, its second case run as s22e); n5 is the next session's first call; c5 waits for the 2-GPU kind). One `run` call per part, each under 10 minutes:
 #   run: bash scripts/gpu/next.sh c1        (carry [".gpu"] when BASE below is used)
 # BASE: a git-ignored tree of an older commit for same-run baselines, made here before the call:
 #   rm -rf .gpu/base && mkdir -p .gpu/base && git archive <commit> atom_jax | tar -x -C .gpu/base
@@ -420,6 +420,15 @@ s22a)  # the MoE's SwiGLU through exp2 (layers.swiglu_clamped, all paths) and pl
     --moe-backend pallas,auto --json "$J/lc128k_moe.json"
   step gemm 150 python -m atom_jax.bench gemm --shapes flash_down --tokens 2048,3072,4096,5120,6144,8192 \
     --backends pallas,mosaic,auto --sweep-tokens "" --json "$J/gemm_down.json"
+  ;;
+n5)  # next session, first call: session 22's review fixes on the GPU (swiglu_clamped divides before multiplying by up;
+  # the FP4 dequant path under auto takes auto's bf16 choice, so N-major decoded experts in the window run on Mosaic):
+  # the grouped-GEMM, MoE, W4A16 and FP4-decode GPU tests, then the 128K prefill twice per engine (auto only)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 240 gpu_tests tests/test_grouped_gemm_gpu.py tests/test_moe_route.py tests/test_w4a16_gpu.py \
+    tests/test_fp4_dequant_gpu.py
+  step lc128k 150 python -m atom_jax.bench long-context --prompts 131072,131072 --backends pallas --decode-tokens 4 \
+    --json "$J/lc128k.json"
   ;;
 s22e)  # s22d's cut engine test, alone (session 22's last ~270 s of device time)
   env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
