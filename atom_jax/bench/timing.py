@@ -65,12 +65,12 @@ def device_ceilings():
     to back, 783 / 745 / 733 TFLOP/s (the median timer: 767 / 697 / 668; docs/benchmarks.md,
     session 22). A floor from it is as steady as the card's state when the bench starts."""
     cpu = jax.default_backend() == "cpu"
-    warmup_s = 0.0 if cpu else 0.5
+    repeats, warmup_s = (3, 0.0) if cpu else (5, 0.5)
     x = jnp.ones((1 << (25 if cpu else 29),), jnp.bfloat16) * 1.5
     copy = jax.jit(lambda v: v * 1.0001)
-    copy_s = best_time(copy, [x], iters=20, repeats=5 if not cpu else 3, warmup_s=warmup_s)
+    copy_s = best_time(copy, [x], iters=20, repeats=repeats, warmup_s=warmup_s)
     n = 1024 if cpu else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda v: v @ v)
-    mm_s = best_time(mm, [a], iters=20 if not cpu else 5, repeats=5 if not cpu else 3, warmup_s=warmup_s)
+    mm_s = best_time(mm, [a], iters=5 if cpu else 20, repeats=repeats, warmup_s=warmup_s)
     return {"copy_GBps": 2 * x.nbytes / copy_s / 1e9, "matmul_TFLOPs": 2 * n ** 3 / mm_s / 1e12}

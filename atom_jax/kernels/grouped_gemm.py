@@ -251,8 +251,8 @@ def plain_on_mosaic(rows, weights, rows_per_group: float, hopper: bool | None = 
         return False
     if rows.dtype != jnp.bfloat16 or weights.dtype != jnp.bfloat16:
         return False
-    from atom_jax.kernels.mosaic_grouped_gemm import PREFILL_MOSAIC as t
-    if weights.shape[1] % t.tile_k or weights.shape[2] % (2 * t.tile_n):
+    from atom_jax.kernels import mosaic_grouped_gemm
+    if not mosaic_grouped_gemm.fits(weights.shape[1], weights.shape[2]):
         return False
     return _is_hopper() if hopper is None else hopper
 

@@ -49,6 +49,11 @@ PREFILL_MOSAIC = MosaicTiles()
 ROW_ALIGN = 8
 
 
+def fits(k: int, n: int, cfg: MosaicTiles = PREFILL_MOSAIC) -> bool:
+    """Whether the kernel's tiles divide weights [G, k, n] (K by tile_k, N by a CTA's 2 * tile_n)."""
+    return not (k % cfg.tile_k or n % (2 * cfg.tile_n))
+
+
 def _num_sms() -> int:
     dev = jax.devices()[0]
     return getattr(dev, "core_count", None) or 132  # 132: H100/H200 SXM (CPU lowering tests)
@@ -87,7 +92,7 @@ def grouped_gemm_ranges(rows, weights, starts, ends, cfg: MosaicTiles = PREFILL_
     cta_n = 2 * bn
     if k != k2:
         raise ValueError(f"rows have K={k}, weights K={k2}")
-    if k % bk or n % cta_n or bm % cfg.epi_m:
+    if not fits(k, n, cfg) or bm % cfg.epi_m:
         raise ValueError(f"K={k} must be a multiple of {bk}, N={n} of {cta_n}, tile_m of epi_m")
     if rows.dtype != weights.dtype:
         raise ValueError(f"rows {rows.dtype} and weights {weights.dtype} must share a dtype")
