@@ -429,6 +429,10 @@ n5)  # next session, first call: session 22's review fixes on the GPU (swiglu_cl
     tests/test_fp4_dequant_gpu.py
   step lc128k 150 python -m atom_jax.bench long-context --prompts 131072,131072 --backends pallas --decode-tokens 4 \
     --json "$J/lc128k.json"
+  # session 23: half tails on the mid tier again, now that the down call is Mosaic's (auto): they reach the gathered
+  # gate / up calls only (session 17: +3-8% on those calls in bench gemm, end to end within one prompt's noise)
+  step lc128k_ht 150 python scripts/gpu/with_tiles.py 128x256x64x8x4xht -- long-context --prompts 131072,131072 \
+    --backends pallas --decode-tokens 4 --json "$J/lc128k_ht.json"
   ;;
 s22e)  # s22d's cut engine test, alone (session 22's last ~270 s of device time)
   env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
