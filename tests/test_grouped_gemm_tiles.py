@@ -2,6 +2,7 @@
 prefill tile sweep (`python -m atom_jax.bench gemm --prefill-tiles`) on CPU."""
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -24,6 +25,12 @@ def test_default_tiles_has_three_regimes(monkeypatch, rows, want):
     monkeypatch.setattr(pg, "MID_TILES", MID)
     assert pg.default_tiles(rows) == {"decode": pg.DECODE_TILES, "mid": MID, "prefill": pg.PREFILL_TILES}[want]
     assert pg.DECODE_MAX_ROWS_PER_GROUP < 192 < pg.MID_MAX_ROWS_PER_GROUP <= 384
+    # a gathered call (row ids) differs in the mid regime alone: MID_TILES with half tails
+    half = dataclasses.replace(MID, half_tail=True)
+    assert pg.default_tiles(rows, gathered=True) == {"decode": pg.DECODE_TILES, "mid": half,
+                                                     "prefill": pg.PREFILL_TILES}[want]
+    monkeypatch.setattr(pg, "MID_HALF_TAIL_GATHERED", False)
+    assert pg.default_tiles(rows, gathered=True) == pg.default_tiles(rows)
 
 
 def test_seam_picks_mid_tiles_from_the_callers_rows_per_expert(monkeypatch):
@@ -37,6 +44,10 @@ def test_seam_picks_mid_tiles_from_the_callers_rows_per_expert(monkeypatch):
     for mean in (192, 384, 8):
         grouped_gemm.get("pallas")(x, w, sizes, mean_group=mean)
     assert seen == [MID, pg.PREFILL_TILES, pg.DECODE_TILES]
+    seen.clear()  # the same with row ids (the gate and up calls): half tails in the mid regime only
+    for mean in (192, 384, 8):
+        grouped_gemm.get("pallas")(x, w, sizes, mean_group=mean, row_ids=np.arange(8, dtype=np.int32))
+    assert seen == [dataclasses.replace(MID, half_tail=True), pg.PREFILL_TILES, pg.DECODE_TILES]
 
 
 def test_tiles_spec_round_trips_and_refuses_what_it_cannot_read():

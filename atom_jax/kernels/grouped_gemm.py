@@ -125,7 +125,8 @@ def pallas(rows, weights, group_sizes, mean_group=None, row_ids=None, zero_tail=
     """Our Triton-backend Pallas kernel (NVIDIA and ROCm); interpreted on CPU (tests). Takes
     `DenseKMajor` weights as they are (the kernel's `transpose_b`)."""
     from atom_jax.kernels import pallas_grouped_gemm
-    tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids))
+    tiles = pallas_grouped_gemm.default_tiles(_rows_per_group(rows, weights, mean_group, row_ids),
+                                              gathered=row_ids is not None)
     k_major = isinstance(weights, DenseKMajor)
     return pallas_grouped_gemm.grouped_gemm(rows, weights.w if k_major else weights, group_sizes, cfg=tiles,
                                             interpret=_on_cpu(), row_ids=row_ids, zero_tail=zero_tail,

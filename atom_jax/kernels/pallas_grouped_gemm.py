@@ -82,16 +82,26 @@ PREFILL_TILES = TileConfig(block_m=128, block_n=256, block_k=64, num_warps=8, nu
 # (134.3K tok/s with them on the up calls, 135.7K on all mid calls, 135.4K without), so not here.
 MID_TILES = PREFILL_TILES
 MID_MAX_ROWS_PER_GROUP = 256
+# Half tails for the mid tier's *gathered* calls (row ids: the MoE's gate and up GEMMs) only. Their
+# loss on plain calls (the down GEMM, above) does not apply to them, and under grouped_gemm.auto the
+# mid tier's plain bf16 calls run on the Mosaic kernel anyway. Measured on an H200 (session 23,
+# docs/benchmarks.md): the 128K prefill of `bench long-context` at 8K chunks, 920-925 ms of device
+# time a prompt with them against 932-942 ms without (two prompts each, same machine; the run with
+# them second, on the hotter card).
+MID_HALF_TAIL_GATHERED = True
 
 DECODE_MAX_ROWS_PER_GROUP = 32  # decode tiles below this many rows per expert (the W4A16 kernel's too)
 
 
-def default_tiles(rows_per_group: float) -> TileConfig:
+def default_tiles(rows_per_group: float, gathered: bool = False) -> TileConfig:
     """DECODE_TILES below DECODE_MAX_ROWS_PER_GROUP rows per expert, MID_TILES below
-    MID_MAX_ROWS_PER_GROUP, PREFILL_TILES from there."""
+    MID_MAX_ROWS_PER_GROUP (with half tails for a `gathered` call: its rows given by row ids,
+    where MID_HALF_TAIL_GATHERED), PREFILL_TILES from there."""
     if rows_per_group < DECODE_MAX_ROWS_PER_GROUP:
         return DECODE_TILES
-    return MID_TILES if rows_per_group < MID_MAX_ROWS_PER_GROUP else PREFILL_TILES
+    if rows_per_group >= MID_MAX_ROWS_PER_GROUP:
+        return PREFILL_TILES
+    return dataclasses.replace(MID_TILES, half_tail=True) if gathered and MID_HALF_TAIL_GATHERED else MID_TILES
 
 
 COMPARE_ALL_MAX = 1 << 22  # a.size * v.size up to which searchsorted_right compares all pairs
@@ -366,6 +376,6 @@ def grouped_gemm(rows, weights, group_sizes, cfg: TileConfig | None = None,
     (gathered in the kernel). `epilogue` (fn, other [M, N]): fn(other, product) is stored.
     `transpose_b`: weights stored [G, N, K] (rows @ weights[g].T)."""
     if cfg is None:
-        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1))
+        cfg = default_tiles(num_rows(rows, row_ids) / max(weights.shape[0], 1), gathered=row_ids is not None)
     return from_group_sizes(grouped_gemm_ranges, rows, weights, group_sizes, cfg, interpret, row_ids=row_ids,
                             zero_tail=zero_tail, epilogue=epilogue, transpose_b=transpose_b)
