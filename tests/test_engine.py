@@ -150,6 +150,17 @@ def test_bad_requests_are_rejected_clearly():
     assert not eng.has_unfinished()
 
 
+def test_the_engine_keeps_its_own_copy_of_the_prompt_ids():
+    """One copy (checked, then kept by the sequence): the caller's later changes cannot reach it;
+    the outputs' prompt list is another, so a change to it cannot reach the scheduler either."""
+    eng = Engine(EngineConfig(**SMALL))
+    ids = [5, 6, 7]
+    rid = eng.add_request(prompt_token_ids=ids, params=SamplingParams(max_tokens=1))
+    ids[0] = 10**6
+    seq = eng.scheduler.get(rid)
+    assert seq.prompt_token_ids == [5, 6, 7] and seq.prompt_token_ids is not eng._requests[rid].prompt_ids
+
+
 def test_streamed_delta_text_adds_up_to_the_final_text_with_a_stop_string():
     """A stop string whose first characters arrive one token before the rest: delta_text must
     hold them back (not stream then retract them), so the deltas join to the cut final text."""

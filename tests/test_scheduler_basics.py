@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from atom_jax.scheduler import PageAllocator, SamplingParams, Sequence, SlotAllocator, pages_for
-from atom_jax.scheduler.validation import InvalidRequest, check_request, check_token_ids
+from atom_jax.scheduler.validation import (InvalidRequest, _bad_token_ids, _token_ids_ok_fast, check_request,
+                                           check_token_ids)
 
 
 def test_sampling_defaults_validate():
@@ -76,6 +77,62 @@ def test_check_token_ids_fast_and_per_element_paths_agree():
         with pytest.raises(InvalidRequest, match="out of range") as e:
             check_token_ids("prompt", ids[:i] + [bad] + ids[i:], vocab)
         assert e.value.param == "prompt" and e.value.code == "token_id_out_of_range" and shown in str(e.value)
+
+
+class _Id(int):  # an int subclass: an int to the per-element check, unknown to the fast path
+    pass
+
+
+def _with(ids, pos, value):
+    return ids[:pos] + [value] + ids[pos + 1:]
+
+
+_VOCAB = 300
+_BASE = [i % _VOCAB for i in range(7, 7 + 2 * _VOCAB)]  # holds 0 and 1 (at 293, 294, 593, 594)
+_LONG = list(map(int, np.random.default_rng(0).integers(0, _VOCAB, 131072)))
+_LONG_ONE = _LONG.index(1)
+
+
+@pytest.mark.parametrize("ids, vocab, ok", [
+    (_BASE, _VOCAB, True),
+    (tuple(_BASE), _VOCAB, True),
+    ([], _VOCAB, True),
+    ([5], _VOCAB, True),
+    (_LONG, _VOCAB, True),
+    ([2**31 + 5] * 200, 2**40, True),  # past int32 (and the fast path's view): an int all the same
+    (_with(_BASE, 10, 2**70), 2**80, True),  # past int64 too
+    (_with(_BASE, 3, _Id(4)), _VOCAB, True),
+    (_with(_BASE, 293, False), _VOCAB, False),  # a bool where the id was 0
+    (_with(_BASE, 294, True), _VOCAB, False),  # and where it was 1
+    (_with(_BASE, 0, True), _VOCAB, False),
+    (_with(_BASE, 599, False), _VOCAB, False),
+    ([True] * 200, _VOCAB, False),
+    (_with(_LONG, _LONG_ONE, True), _VOCAB, False),  # one bool in a 128K-token prompt
+    (_with(_BASE, 10, 1.0), _VOCAB, False),
+    (_with(_BASE, 10, 2**70), _VOCAB, False),
+    (_with(_BASE, 10, -1), _VOCAB, False),
+    (_with(_BASE, 10, -(2**31)), _VOCAB, False),
+    (_with(_BASE, 10, _VOCAB), _VOCAB, False),
+    (_with(_BASE, 10, np.int64(3)), _VOCAB, False),  # numpy scalars are not ints here
+    (_with(_BASE, 10, np.int32(3)), _VOCAB, False),
+    (_with(_BASE, 10, np.bool_(True)), _VOCAB, False),
+    (_with(_BASE, 10, None), _VOCAB, False),
+    (_with(_BASE, 10, "3"), _VOCAB, False),
+    (_with(_BASE, 10, [3]), _VOCAB, False),
+])
+def test_check_token_ids_paths_agree_on_edge_cases(ids, vocab, ok):
+    """The fast path accepts only what the per-element check accepts, and accepts lists of plain
+    ints in range (those are what it is for); check_token_ids follows the per-element check."""
+    fast = _token_ids_ok_fast(ids, vocab)
+    assert (not _bad_token_ids(ids, vocab)) == ok
+    assert fast <= ok
+    if ok and all(type(t) is int and t < 2**31 for t in ids):
+        assert fast
+    if ok:
+        check_token_ids("prompt", ids, vocab)
+    else:
+        with pytest.raises(InvalidRequest, match="out of range"):
+            check_token_ids("prompt", ids, vocab)
 
 
 def test_sampling_normalises_lists_and_single_stop_string():

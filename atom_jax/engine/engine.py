@@ -149,7 +149,7 @@ class Engine:
         check_request(len(ids), params, self.model.cfg.vocab_size, self.max_context)
         if params.seed is None:  # resolved now: the runner samples from seq.params alone
             params = dataclasses.replace(params, seed=self._rng.getrandbits(32))
-        seq = Sequence(request_id, ids, params)
+        seq = Sequence(request_id, ids, params, copy=False)  # ids: encode_prompt's new list
         tracked = _Tracked(seq, self.tokenizer)
         if chat is not None and self.tokenizer is not None:
             tracked.chat, tracked.chat_parser = chat, chat.parser()
@@ -165,6 +165,9 @@ class Engine:
 
     def encode_prompt(self, prompt=None, prompt_token_ids=None, messages=None,
                       chat: ChatPlan | None = None) -> list[int]:
+        """The prompt's token ids, checked against the vocabulary, as a new list the caller owns
+        (given ids are copied once and the copy is checked: a caller's later change to its list
+        cannot reach the engine; a tokenizer's encode returns a new list)."""
         if messages is not None:
             chat = self.plan_chat(messages)
         if chat is not None and prompt_token_ids is None:

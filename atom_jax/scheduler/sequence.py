@@ -32,11 +32,13 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
-                 arrival_time: float | None = None):
+                 arrival_time: float | None = None, *, copy: bool = True):
+        """`copy=False`: keep `prompt_token_ids` itself, a list no one else holds (the engine's own
+        copy of a request's ids: a 128K-token prompt is not copied twice)."""
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
         self.request_id = request_id
-        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.prompt_token_ids: list[int] = list(prompt_token_ids) if copy else prompt_token_ids
         self.output_token_ids: list[int] = []
         self.params = params if params is not None else SamplingParams()
         self.status = SeqStatus.WAITING

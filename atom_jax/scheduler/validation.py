@@ -13,7 +13,7 @@ with a 400 whose `param` is that field and the batch tool can report it with its
 
 from __future__ import annotations
 
-import array
+import marshal
 import math
 
 import numpy as np
@@ -66,18 +66,47 @@ def check_text(name: str, value: str) -> None:
                              "invalid_unicode") from None
 
 
+# marshal (format version 2: no back-references) writes a list or tuple as a 5-byte header
+# (b"[" or b"(", int32 length) and then each item in turn; an exact int in int32 range is b"i"
+# plus its int32, little-endian, and nothing else starts with b"i". So a list of n such ints is
+# exactly 5 * (n + 1) bytes with b"i" every 5 bytes, and any other item (a bool: b"T"/b"F", a float,
+# a numpy scalar, an int past int32, a nested list) puts its own type byte where the first of them
+# sits; int subclasses and other objects marshal cannot write raise ValueError.
+_MARSHAL_INT = np.dtype([("type", "u1"), ("value", "<i4")])
+_FAST_MIN = 128  # shorter: the per-element check is as fast
+
+
+def _token_ids_ok_fast(ids, vocab_size: int) -> bool:
+    """True if `ids` (a list or tuple) holds only exact ints in [0, vocab_size), by one C
+    pass (marshal) and numpy; False if it does not or this cannot tell (then ask `_bad_token_ids`).
+    Never True where `_bad_token_ids` finds a bad id."""
+    try:
+        data = marshal.dumps(ids, 2)
+    except ValueError:  # an int subclass or another object marshal cannot write (or a cycle)
+        return False
+    if len(data) != 5 * (len(ids) + 1):
+        return False
+    items = np.frombuffer(data, _MARSHAL_INT, offset=5)
+    if not items.size:
+        return True
+    values = items["value"]
+    return bool((items["type"] == ord("i")).all()) and int(values.min()) >= 0 \
+        and int(values.max()) < vocab_size
+
+
+def _bad_token_ids(ids, vocab_size: int) -> list:
+    return [t for t in ids if not _is_int(t) or not 0 <= t < vocab_size]
+
+
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
-    # Fast path (a 128K-token prompt: ~4 ms instead of ~30-60 ms of per-element Python checks, paid
-    # before the first chunk can launch): every element exactly an int, bounds by numpy. Anything
-    # else (bools, int subclasses, other types, ints past int64) takes the per-element check below.
-    if set(map(type, ids)) <= {int}:
-        try:
-            a = np.frombuffer(array.array("q", ids), dtype=np.int64)
-        except OverflowError:
-            a = None
-        if a is not None and (not a.size or (int(a.min()) >= 0 and int(a.max()) < vocab_size)):
-            return
-    bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab_size]
+    """Every id an int (not a bool) in [0, vocab_size). A long list or tuple of plain ints (a
+    128K-token prompt, checked before its first chunk can launch) is accepted by
+    `_token_ids_ok_fast` (128K ids: ~2-3 ms on a 2-core CPU, against ~6-9 ms for a type pass plus
+    array.array and ~20 ms per element); the per-element check decides everything else, so it
+    alone rejects, and its error names the first bad ids."""
+    if type(ids) in (list, tuple) and len(ids) >= _FAST_MIN and _token_ids_ok_fast(ids, vocab_size):
+        return
+    bad = _bad_token_ids(ids, vocab_size)
     if bad:
         raise InvalidRequest(f"{name}: token ids out of range [0, {vocab_size}): {bad[:5]}", name,
                              "token_id_out_of_range")
