@@ -239,3 +239,112 @@ def test_hc_mixes_match_float64(dtype):
         crude = np.asarray(jnp.dot(streams.reshape(t, -1), fn.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
                            np.float64) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
         assert np.abs(crude - ref).max() > 10 * np.abs(got - ref).max()
+
+
+def _merge_inputs(rng, t, n=4, d=128, m=24):
+    streams = jnp.asarray(rng.standard_normal((t, n, d)) * 3, jnp.bfloat16)
+    out = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+    post = jnp.asarray(rng.random((t, n)) * 2, jnp.float32)
+    comb = hyper.sinkhorn_reference(_logits(rng, (t, n, n)), 20, 1e-6)
+    fn = jnp.asarray(rng.standard_normal((n * d, m)) / 16, jnp.float32)
+    return streams, out, post, comb, fn
+
+
+def _bf16_steps(x):  # the spacing of bf16 at each |x| (8 significant bits)
+    return np.exp2(np.floor(np.log2(np.maximum(np.abs(x), 1e-30))) - 7)
+
+
+def _check_merge_mix(got_streams, got_mixes, streams, out, post, comb, fn):
+    """hc_merge's streams to within one bf16 rounding (XLA on a GPU may keep the product unrounded)
+    and hc_mixes' mixes of them to float32-level accuracy."""
+    ref = np.asarray(hyper.hc_merge(streams, out, post, comb), np.float32)
+    got = np.asarray(got_streams, np.float32)
+    assert got.shape == ref.shape and np.all(np.abs(got - ref) <= _bf16_steps(ref))
+    mixes = np.asarray(hyper.hc_mixes(jnp.asarray(ref, jnp.bfloat16), fn, 1e-6))
+    assert np.abs(np.asarray(got_mixes) - mixes).max() < 2e-5 * np.abs(mixes).max()
+
+
+@pytest.mark.parametrize("t,block_t,block_d", [(37, 16, 32), (16, 16, 128)])
+def test_merge_mix_kernel_interpreted(t, block_t, block_d):
+    """kernels/hc_merge_mix.py (interpreted): ragged token counts (37 over 16-token programs), the
+    stream columns in one step or several; products and squares give the mixes."""
+    from atom_jax.kernels import hc_merge_mix
+    rng = np.random.default_rng()
+    args = _merge_inputs(rng, t)
+    merged, products, squares = hc_merge_mix.merge_mix(*args, interpret=True, block_t=block_t, block_d=block_d)
+    n, d = args[0].shape[1:]
+    flat = np.asarray(merged, np.float64).reshape(t, -1)
+    np.testing.assert_allclose(np.asarray(squares), (flat ** 2).sum(1), rtol=1e-5)
+    _check_merge_mix(merged, products * jax.lax.rsqrt(squares / (n * d) + 1e-6)[:, None], *args)
+
+
+def test_after_merge_kernel_path_matches_jnp_path(monkeypatch):
+    """HyperConnection.after_merge with the kernel (forced here; a GPU's choice at prefill sizes) against
+    its jnp path (hc_merge, then the block's mHC): streams, post, comb and the collapsed input."""
+    from flax import nnx
+
+    from atom_jax.config import tiny
+
+    cfg = tiny()
+    hc = hyper.HyperConnection(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng()
+    streams, out, post, comb, _ = _merge_inputs(rng, 21, cfg.hc_mult, cfg.hidden_size)
+    want = hc.after_merge(streams, out, post, comb)
+    monkeypatch.setattr(hyper, "use_merge_mix", lambda *a: True)
+    got = hc.after_merge(streams, out, post, comb)
+    assert np.all(np.abs(np.asarray(got[0], np.float32) - np.asarray(want[0], np.float32))
+                  <= _bf16_steps(np.asarray(want[0], np.float32)))
+    for g, w in zip(got[1:3], want[1:3]):  # post, comb: float32 functions of the mixes
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    collapsed = np.asarray(want[3], np.float32)  # bf16, from the streams
+    assert np.all(np.abs(np.asarray(got[3], np.float32) - collapsed) <= _bf16_steps(collapsed))
+
+
+@pytest.mark.parametrize("tokens,backend,kernel", [(1024, "auto", True), (1023, "auto", False), (1024, "jnp", False)])
+def test_after_merge_lowers_to_the_kernel_at_prefill_sizes(tokens, backend, kernel, monkeypatch):
+    """Lowered for a GPU with bf16 streams under MERGE_MIX_BACKEND "auto", after_merge is one
+    hc_merge_mix kernel (beside the Sinkhorn's) from MERGE_MIX_MIN_TOKENS tokens and XLA's merge
+    below; under "jnp" XLA's merge always; on this CPU the jnp path always."""
+    monkeypatch.setattr(hyper, "MERGE_MIX_BACKEND", backend)
+    from flax import nnx
+
+    from atom_jax.config import tiny
+
+    cfg = tiny()
+    hc = hyper.HyperConnection(cfg, nnx.Rngs(0))
+    n, d = cfg.hc_mult, cfg.hidden_size
+    shapes = (jax.ShapeDtypeStruct((tokens, n, d), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16),
+              jax.ShapeDtypeStruct((tokens, n), jnp.float32), jax.ShapeDtypeStruct((tokens, n, n), jnp.float32))
+    fn = jax.jit(hc.after_merge)
+    with lowering_for("cuda"):
+        text = jax.export.export(fn, platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*shapes).mlir_module()
+    calls = [line for line in text.splitlines() if TRITON in line and "stablehlo.custom_call" in line]
+    assert len(calls) == 1 + kernel  # the Sinkhorn's kernel, and the merge's
+    assert TRITON not in fn.lower(*shapes).as_text()  # this CPU process: the jnp path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 4099])
+def test_merge_mix_kernel_on_gpu(tokens):
+    """The compiled kernel at V4-Flash's streams (4 x 4096, 24 mixes), a partly filled last program."""
+    from atom_jax.kernels import hc_merge_mix
+    rng = np.random.default_rng()
+    args = _merge_inputs(rng, tokens, 4, 4096, 24)
+    merged, products, squares = jax.jit(hc_merge_mix.merge_mix)(*args)
+    _check_merge_mix(merged, products * jax.lax.rsqrt(squares / (4 * 4096) + 1e-6)[:, None], *args)
+
+
+@pytest.mark.gpu
+def test_hc_mixes_keep_float32_accuracy_on_gpu():
+    """The bf16 path's fn halves on a GPU, compiled: against float64, as test_hc_mixes_match_float64
+    on CPU. (XLA removes a convert to bf16 and back where excess precision is allowed, which made lo
+    0 and the mixes bf16-accurate, ~1e-3: found by the merge kernel's GPU test, session 23.)"""
+    rng = np.random.default_rng()
+    t, n, d, m = 64, 4, 4096, 24
+    streams = jnp.asarray(rng.standard_normal((t, n, d)) * 3, jnp.bfloat16)
+    fn = jnp.asarray(rng.standard_normal((n * d, m)) / 16, jnp.float32)
+    x = np.asarray(streams.astype(jnp.float32), np.float64).reshape(t, n * d)
+    ref = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)) @ np.asarray(fn, np.float64)
+    got = np.asarray(jax.jit(lambda s, f: hyper.hc_mixes(s, f, 1e-6))(streams, fn), np.float64)
+    assert np.abs(got - ref).max() < 2e-5 * np.abs(ref).max()

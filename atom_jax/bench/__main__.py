@@ -30,6 +30,7 @@ COMMANDS = {
     "attention": "atom_jax.bench.attention",
     "prefix": "atom_jax.bench.prefix",
     "sass": "atom_jax.bench.sass",
+    "mhc": "atom_jax.bench.mhc",
 }
 
 

@@ -34,11 +34,23 @@ class Block(nnx.Module):
         post, comb, x = self.hc_ffn(streams)
         return post, comb, rms_norm(x, self.ffn_norm[...], self.cfg.rms_norm_eps)
 
+    def attn_in_after(self, streams, block_out, post, comb):
+        """The previous block's output merged into the streams (hc_merge), then `attn_in` of the
+        result -> (streams, post, comb, x): one kernel for the merge and the mixes on a GPU
+        (`HyperConnection.after_merge`)."""
+        streams, post, comb, x = self.hc_attn.after_merge(streams, block_out, post, comb)
+        return streams, post, comb, rms_norm(x, self.attn_norm[...], self.cfg.rms_norm_eps)
+
+    def ffn_in_after(self, streams, attn_out, post, comb):
+        """The attention's output merged into the streams, then `ffn_in` of the result (as
+        `attn_in_after`)."""
+        streams, post, comb, x = self.hc_ffn.after_merge(streams, attn_out, post, comb)
+        return streams, post, comb, rms_norm(x, self.ffn_norm[...], self.cfg.rms_norm_eps)
+
     def __call__(self, streams, positions, token_ids, moe_backend="ragged_dot"):
         """streams [B,S,N,D] -> [B,S,N,D] (full-sequence attention)."""
         post, comb, x = self.attn_in(streams)
-        streams = hc_merge(streams, self.attn(x, positions), post, comb)
-        post, comb, x = self.ffn_in(streams)
+        streams, post, comb, x = self.ffn_in_after(streams, self.attn(x, positions), post, comb)
         b, s, d = x.shape
         y = self.ffn(x.reshape(b * s, d), token_ids.reshape(-1), moe_backend).reshape(b, s, d)
         return hc_merge(streams, y, post, comb)

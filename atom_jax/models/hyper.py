@@ -28,8 +28,29 @@ class HyperConnection(nnx.Module):
     @traced_once
     def __call__(self, streams):
         """streams [..., N, D] -> (post [..., N], comb [..., N, N], collapsed [..., D]); float32 weights."""
+        return self._from_mixes(streams, hc_mixes(streams, self.fn[...], self.cfg.rms_norm_eps))
+
+    @traced_once
+    def after_merge(self, streams, block_out, post, comb):
+        """hc_merge(streams, block_out, post, comb), then this block's mHC of the merged streams ->
+        (streams', post', comb', collapsed'), as `hc_merge` then `__call__` compute them. Where
+        `use_merge_mix` says so, the merge and the mixes are one kernel (kernels/hc_merge_mix.py):
+        the merged streams are written once and not read back for the mixes."""
+        fn, eps = self.fn[...], self.cfg.rms_norm_eps
+        if not use_merge_mix(streams, block_out):
+            merged = hc_merge(streams, block_out, post, comb)
+            return (merged, *self._from_mixes(merged, hc_mixes(merged, fn, eps)))
+        from atom_jax.kernels.hc_merge_mix import merge_mix
+        *lead, n, d = streams.shape
+        merged, products, squares = merge_mix(streams.reshape(-1, n, d), block_out.reshape(-1, d),
+                                              post.reshape(-1, n), comb.reshape(-1, n, n), fn, interpret=is_cpu())
+        mixes = products * jax.lax.rsqrt(squares / (n * d) + eps)[:, None]  # hc_mixes' norm, applied after
+        merged = merged.reshape(streams.shape)
+        return (merged, *self._from_mixes(merged, mixes.reshape(*lead, -1)))
+
+    def _from_mixes(self, streams, mixes):
+        """(post, comb, collapsed) of the streams from their mixes (`hc_mixes`)."""
         n, eps = self.cfg.hc_mult, self.cfg.hc_eps
-        mixes = hc_mixes(streams, self.fn[...], self.cfg.rms_norm_eps)
         base, scale = self.base[...], self.scale[...]
         pre = jax.nn.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps
         post = 2.0 * jax.nn.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -53,8 +74,8 @@ def hc_mixes(streams, fn, eps: float):
     fn = fn.astype(jnp.float32)
     if flat.dtype != jnp.bfloat16:
         return (xf @ fn) * inv
-    hi = fn.astype(jnp.bfloat16)
-    lo = (fn - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    from atom_jax.kernels.hc_merge_mix import bf16_halves
+    hi, lo = bf16_halves(fn)
     both = jnp.dot(flat, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
     m = fn.shape[1]
     return (both[..., :m] + both[..., m:]) * inv
@@ -158,6 +179,27 @@ def _affine_sinkhorn_kernel_bwd(col0, n, iters, eps, interpret, res, g):
 
 
 affine_sinkhorn_kernel.defvjp(_affine_sinkhorn_kernel_fwd, _affine_sinkhorn_kernel_bwd)
+
+
+# "auto": `HyperConnection.after_merge` runs the merge and the next block's mixes as one kernel
+# (kernels/hc_merge_mix.py) where the program is lowered for a GPU, the streams are bf16 and a step
+# has at least MERGE_MIX_MIN_TOKENS tokens (prefill chunks; decode steps keep XLA's fusions);
+# "jnp": hc_merge then hc_mixes everywhere (the CPU path and the oracle). "jnp" by default: on an
+# H200 (session 23, docs/benchmarks.md) the kernel took 1.04-1.23 ms a call at an 8K-token chunk of
+# V4-Flash where XLA's merge and mixes took 0.30, and the 128K prefill ~100 ms longer.
+MERGE_MIX_BACKEND = "jnp"
+MERGE_MIX_MIN_TOKENS = 1024
+
+
+def use_merge_mix(streams, block_out) -> bool:
+    """Whether `HyperConnection.after_merge` runs the one-pass kernel (see MERGE_MIX_BACKEND)."""
+    from atom_jax.kernels import hc_merge_mix
+    if MERGE_MIX_BACKEND not in ("auto", "jnp"):
+        raise ValueError(f"hyper.MERGE_MIX_BACKEND {MERGE_MIX_BACKEND!r}: choose 'auto' or 'jnp'")
+    tokens = streams.size // (streams.shape[-1] * streams.shape[-2])
+    return (MERGE_MIX_BACKEND == "auto" and not is_cpu() and streams.dtype == jnp.bfloat16
+            and block_out.dtype == streams.dtype and tokens >= MERGE_MIX_MIN_TOKENS
+            and streams.shape[-1] % hc_merge_mix.BLOCK_D == 0)
 
 
 def hc_merge(streams, block_out, post, comb):

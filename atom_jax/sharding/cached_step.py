@@ -18,6 +18,7 @@ from atom_jax.cache.restore import restore_slots
 from atom_jax.loader import abstract_like
 from atom_jax.models import trace_once
 from atom_jax.models.cached_attention import PLANS, cached_attention
+from atom_jax.models.hyper import hc_merge
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import check_divisible, param_specs
@@ -35,6 +36,8 @@ def _slice_batch(b: dict, lo: int, hi: int) -> dict:
 
 
 class CachedRankStep(RankStep):
+    merge_last = False  # the last layer's merge for the sampled rows only (`__call__`)
+
     def __init__(self, model, opts, dp, cache, page_table, layout):
         super().__init__(model, opts, dp)
         self.cache, self.page_table, self.layout = list(cache), page_table, layout
@@ -52,9 +55,11 @@ class CachedRankStep(RankStep):
             ids = b["ids"][lo:hi]
             chains.append(Chain(ids, self.model.embed_streams(ids), context=_slice_batch(b, lo, hi)))
         self.run(chains)
-        streams = jnp.concatenate([c.streams for c in chains], axis=0)
-        # each sampled chunk has a token here: a step of t tokens samples at most t of them
-        return self.model.logits(streams[b["sample_idx"][: min(t, b["sample_idx"].shape[0])]]), self.cache
+        # each sampled chunk has a token here: a step of t tokens samples at most t of them; the last
+        # layer's merge runs for those rows alone (a prefill chunk of 8K tokens samples one)
+        rows = b["sample_idx"][: min(t, b["sample_idx"].shape[0])]
+        last = [jnp.concatenate([c.last[i] for c in chains], axis=0)[rows] for i in range(4)]
+        return self.model.logits(hc_merge(*last)), self.cache
 
 
 def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):

@@ -434,6 +434,19 @@ n5)  # next session, first call: session 22's review fixes on the GPU (swiglu_cl
   step lc128k_ht 150 python scripts/gpu/with_tiles.py 128x256x64x8x4xht -- long-context --prompts 131072,131072 \
     --backends pallas --decode-tokens 4 --json "$J/lc128k_ht.json"
   ;;
+s23a)  # session 23: the one-pass mHC merge + next mixes kernel (kernels/hc_merge_mix.py, models.hyper.after_merge),
+  # the last layer's merge for the sampled rows only, half tails on the gathered mid-tier calls (8002674): the mHC GPU
+  # tests; bench mhc (XLA vs the kernel's tiles); the 128K prefill, 3 prompts an engine: this tree, this tree with the
+  # merge kernel off, BASE (b748c1c: session 22's HEAD), this tree again (the card heats: order effects)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 120 gpu_tests tests/test_mhc.py
+  step mhc 90 python -m atom_jax.bench mhc --tokens 1024,8192 --json "$J/mhc.json"
+  LC="long-context --prompts 131072,131072,131072 --backends pallas --decode-tokens 4"
+  step lc 110 python -m atom_jax.bench $LC --json "$J/lc128k.json"
+  step lc_jnp 110 python scripts/gpu/with_attrs.py "models.hyper.MERGE_MIX_BACKEND='jnp'" -- $LC --json "$J/lc128k_jnp.json"
+  step lc_base 110 base python -m atom_jax.bench $LC --json "$J/lc128k_base.json"
+  step lc2 110 python -m atom_jax.bench $LC --json "$J/lc128k_2.json"
+  ;;
 s22e)  # s22d's cut engine test, alone (session 22's last ~270 s of device time)
   env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
     tests/test_engine.py -k "incremental and rowselect"
