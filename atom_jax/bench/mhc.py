@@ -5,11 +5,12 @@ kernel (`kernels/hc_merge_mix.py`) at its default and other tiles, same inputs, 
     python -m atom_jax.bench mhc --tokens 1024,8192 --json mhc_h200.json        # GPU, V4-Flash dims
     python -m atom_jax.bench mhc --tiny                                          # CPU smoke run
 
-Tiles: BTxBDxWARPSxSTAGES (tokens per program, stream columns per step, warps, pipeline stages).
+Tiles: BTxBDxWARPSxSTAGESxCHUNK (tokens per program, stream columns per step, warps, pipeline stages,
+stream columns per program).
 Per token count and variant: ms per call (jitted, back to back, best of 5 batches), the bytes the
 merge must move (streams and output read, new streams written) over that time, and the largest
-difference from the jnp row (new streams: in units of their dtype's rounding at the element;
-mixes: relative to the largest)."""
+difference from the jnp row (new streams: in steps of their dtype at the largest element; mixes:
+relative to the largest)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap = subparsers.add_parser("mhc", help="mHC merge + mixes: XLA vs the one-pass kernel, per token count",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default=None, help="comma list (default 1024,8192; --tiny 37)")
-    ap.add_argument("--tiles", default="default,16x64x4x3,32x128x4x2,64x64x8x3,32x64x4x2",
-                    help="comma list of kernel tiles BTxBDxWARPSxSTAGES or default")
+    ap.add_argument("--tiles", default="default,16x64x4x3x512,32x64x4x3x256,32x64x4x3x1024,64x64x8x3x512,32x128x8x2x512",
+                    help="comma list of kernel tiles BTxBDxWARPSxSTAGESxCHUNK or default")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes (the kernel interpreted)")
     ap.add_argument("--json")
@@ -37,14 +38,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def tiles_of(spec: str) -> dict:
-    """'default' -> {} (the module's), 'BTxBDxWxS' -> merge_mix keyword arguments."""
+    """'default' -> {} (the module's), 'BTxBDxWxSxC' -> merge_mix keyword arguments."""
     if spec == "default":
         return {}
     try:
-        bt, bd, w, s = (int(x) for x in spec.split("x"))
+        bt, bd, w, s, c = (int(x) for x in spec.split("x"))
     except ValueError:
-        raise SystemExit(f"--tiles: {spec!r} is not 'default' or BTxBDxWARPSxSTAGES (e.g. 32x64x4x3)") from None
-    return {"block_t": bt, "block_d": bd, "num_warps": w, "num_stages": s}
+        raise SystemExit(f"--tiles: {spec!r} is not 'default' or BTxBDxWARPSxSTAGESxCHUNK (e.g. 32x64x4x3x512)") from None
+    return {"block_t": bt, "block_d": bd, "num_warps": w, "num_stages": s, "chunk_d": c}
 
 
 def inputs(tokens: int, n: int, d: int, m: int, dtype, seed: int = 0):
@@ -90,7 +91,7 @@ def run_cli(args) -> int:
         return run
 
     rows = []
-    print(f"{'tokens':>7} {'variant':>14} {'ms':>8} {'GB/s':>7} {'streams diff (ulp)':>19} {'mixes rel diff':>15}")
+    print(f"{'tokens':>7} {'variant':>20} {'ms':>8} {'GB/s':>7} {'streams diff (steps)':>20} {'mixes rel diff':>15}")
     for t in tokens:
         args_t = inputs(t, n, d, m, dtype)
         moved = (2 * args_t[0].nbytes + args_t[1].nbytes)  # streams in and out, the output in
@@ -102,20 +103,19 @@ def run_cli(args) -> int:
                 sec = best_time(lambda _: f(*args_t), iters=args.iters if not interpret else 1,
                                 repeats=5 if not interpret else 1)
             except Exception as e:  # a tile the kernel cannot compile: reported, the others still run
-                print(f"{t:7d} {name:>14} failed: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{t:7d} {name:>20} failed: {type(e).__name__}: {str(e)[:200]}")
                 rows.append({"tokens": t, "variant": name, "error": f"{type(e).__name__}: {str(e)[:500]}"})
                 continue
             if ref is None:
                 ref = got
-            s_ref = np.asarray(ref[0], np.float32)
-            ulp = rounding_step(s_ref, dtype)
-            s_diff = float(np.max(np.abs(np.asarray(got[0], np.float32) - s_ref) / ulp))
+            s_ref = np.asarray(ref[0], np.float32)  # in steps of the dtype at the largest element
+            s_diff = float(np.max(np.abs(np.asarray(got[0], np.float32) - s_ref)) / rounding_step(np.abs(s_ref).max(), dtype))
             mix_ref = np.asarray(ref[1])
             m_diff = float(np.max(np.abs(np.asarray(got[1]) - mix_ref)) / np.max(np.abs(mix_ref)))
             row = {"tokens": t, "variant": name, "ms": round(sec * 1e3, 4), "GBps": round(moved / sec / 1e9, 1),
                    "streams_diff_ulp": s_diff, "mixes_rel_diff": m_diff}
             rows.append(row)
-            print(f"{t:7d} {name:>14} {row['ms']:8.4f} {row['GBps']:7.0f} {s_diff:19.2f} {m_diff:15.2e}")
+            print(f"{t:7d} {name:>20} {row['ms']:8.4f} {row['GBps']:7.0f} {s_diff:20.3f} {m_diff:15.2e}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "n": n, "d": d, "m": m,

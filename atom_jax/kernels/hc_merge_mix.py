@@ -7,10 +7,11 @@ ones, the block's output and the per-token post / comb weights), then the next b
 block's fn [n * D, m], as the bf16 fn halves hi and lo). XLA runs those as a merge fusion that
 also reduces the squares, then a GEMM that reads the new streams back: at an 8K-token prefill
 chunk of V4-Flash, 256 MiB of streams written and read again, about 0.2 + 0.08 ms per merge,
-seven merges a 4-layer chunk (H200 trace, docs/benchmarks.md session 20). Here one program per
-block of tokens walks D in chunks: it loads the n streams' chunk and the output's, stores the
-new streams' chunk, and adds its squares and its products with fn's hi and lo rows (two small
-dots, bf16 x bf16 exact in float32) to float32 accumulators. The new streams are written once
+seven merges a 4-layer chunk (H200 trace, docs/benchmarks.md session 20). Here a program per
+(block of tokens, chunk of D) walks its columns in steps: it loads the n streams' step and the
+output's, stores the new streams' step, and adds its squares and its products with fn's hi and lo
+rows (two small dots, bf16 x bf16 exact in float32) to float32 accumulators; the chunks' partial
+sums are added after (a [T, D / CHUNK_D, m] array). The new streams are written once
 and never read back.
 
 The merge's arithmetic is hc_merge's, per element: comb and post rounded to the streams' dtype,
@@ -29,27 +30,31 @@ from jax.experimental.pallas import triton as plt
 
 BLOCK_T = 32  # tokens per program (a dot needs >= 16 rows)
 BLOCK_D = 64  # stream columns per step of a program's loop
+CHUNK_D = 512  # stream columns per program (a second grid axis); its partial sums are added after
 NUM_WARPS, NUM_STAGES = 4, 3
 MIN_COLS = 16  # the products' columns are padded to this many (and a power of 2) for the dots
 
 
 def _kernel(s_ref, o_ref, pc_ref, hi_ref, lo_ref, ns_ref, raw_ref, sq_ref, *, t: int, n: int, d: int,
-            bt: int, bd: int):
+            bt: int, bd: int, dc: int):
     r0 = pl.program_id(0) * bt
+    chunk = pl.program_id(1)
     rows = r0 + jnp.arange(bt, dtype=jnp.int32)
     mine = rows < t
     rs = pl.ds(r0, bt)
 
-    def coef(col):  # [bt] float32: column col of pc (post then comb, rounded as hc_merge rounds them);
-        # both indices arrays (interpret mode takes no integer beside a slice)
-        return plt.load(pc_ref.at[rows, jnp.full((bt,), col, jnp.int32)], mask=mine, other=0.0)
+    def col(ref, c):  # [bt] column c of ref; both indices arrays (interpret mode takes no integer beside a slice)
+        return ref.at[rows, jnp.zeros((bt,), jnp.int32) + c]
+
+    def coef(c):  # [bt] float32: column c of pc (post then comb, rounded as hc_merge rounds them)
+        return plt.load(col(pc_ref, c), mask=mine, other=0.0)
 
     post = [coef(k) for k in range(n)]
     comb = [[coef(n + j * n + k) for k in range(n)] for j in range(n)]  # comb[j][k]: stream j into k
 
     def step(i, carry):
         acc, sq = carry
-        c0 = pl.multiple_of(i * bd, bd)
+        c0 = pl.multiple_of(chunk * dc + i * bd, bd)
 
         def load(ref, col0):  # [bt, bd] float32 of ref's columns col0 .. col0 + bd, this block's rows
             return plt.load(ref.at[rs, pl.ds(col0, bd)], mask=mine[:, None], other=0.0).astype(jnp.float32)
@@ -70,9 +75,9 @@ def _kernel(s_ref, o_ref, pc_ref, hi_ref, lo_ref, ns_ref, raw_ref, sq_ref, *, t:
         return acc, sq
 
     cols = hi_ref.shape[1]
-    acc, sq = jax.lax.fori_loop(0, d // bd, step, (jnp.zeros((bt, cols), jnp.float32), jnp.zeros((bt,), jnp.float32)))
-    plt.store(raw_ref.at[rs, :], acc, mask=mine[:, None])
-    plt.store(sq_ref.at[rs], sq, mask=mine)
+    acc, sq = jax.lax.fori_loop(0, dc // bd, step, (jnp.zeros((bt, cols), jnp.float32), jnp.zeros((bt,), jnp.float32)))
+    plt.store(raw_ref.at[rs, pl.ds(chunk * cols, cols)], acc, mask=mine[:, None])  # this chunk's partial sums
+    plt.store(col(sq_ref, chunk), sq, mask=mine)
 
 
 def bf16_halves(x):
@@ -93,18 +98,20 @@ def fn_halves(fn):
 
 
 def merge_mix(streams, out, post, comb, fn, interpret: bool = False, block_t: int | None = None,
-              block_d: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+              block_d: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+              chunk_d: int | None = None):
     """streams [T, n, D], out [T, D] (the streams' dtype), post [T, n], comb [T, n, n] float32,
     fn [n * D, m] float32 -> (new streams [T, n, D] as hc_merge(streams, out, post, comb),
     products [T, m] float32 = new streams flattened @ fn, sums of squares [T] float32 of the new
     streams flattened): the mixes are products * rsqrt(squares / (n * D) + eps)."""
     t, n, d = streams.shape
     m = fn.shape[1]
-    bt, bd = block_t or BLOCK_T, min(block_d or BLOCK_D, d)
+    bt, dc = block_t or BLOCK_T, min(chunk_d or CHUNK_D, d)
+    bd = min(block_d or BLOCK_D, dc)
     if out.shape != (t, d) or out.dtype != streams.dtype:
         raise ValueError(f"merge_mix: out {out.shape} {out.dtype} for streams {streams.shape} {streams.dtype}")
-    if fn.shape[0] != n * d or d % bd:
-        raise ValueError(f"merge_mix: fn {fn.shape} for {n} streams of {d} (block_d {bd})")
+    if fn.shape[0] != n * d or d % dc or dc % bd:
+        raise ValueError(f"merge_mix: fn {fn.shape} for {n} streams of {d} (chunk_d {dc}, block_d {bd})")
     dtype = streams.dtype
     # hc_merge's roundings of the weights: post and comb in the streams' dtype
     pc = jnp.concatenate([post.astype(dtype).astype(jnp.float32).reshape(t, n),
@@ -116,13 +123,15 @@ def merge_mix(streams, out, post, comb, fn, interpret: bool = False, block_t: in
     pad = tiles * bt - t if interpret else 0  # interpret mode clamps slices instead of masking
     rows = (lambda a: jnp.pad(a, ((0, pad), (0, 0)))) if pad else (lambda a: a)  # noqa: E731
     f32 = jnp.float32
+    chunks, cols = d // dc, hi.shape[1]
     ns, raw, sq = pl.pallas_call(
-        functools.partial(_kernel, t=t, n=n, d=d, bt=bt, bd=bd),
-        out_shape=(jax.ShapeDtypeStruct((t + pad, n * d), dtype), jax.ShapeDtypeStruct((t + pad, hi.shape[1]), f32),
-                   jax.ShapeDtypeStruct((t + pad,), f32)),
-        grid=(tiles,),
+        functools.partial(_kernel, t=t, n=n, d=d, bt=bt, bd=bd, dc=dc),
+        out_shape=(jax.ShapeDtypeStruct((t + pad, n * d), dtype), jax.ShapeDtypeStruct((t + pad, chunks * cols), f32),
+                   jax.ShapeDtypeStruct((t + pad, chunks), f32)),
+        grid=(tiles, chunks),
         compiler_params=plt.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
         interpret=interpret,
         name="hc_merge_mix",
     )(rows(streams.reshape(t, n * d)), rows(out), rows(pc), hi, lo)
-    return ns[:t].reshape(t, n, d), raw[:t, :m], sq[:t]
+    products = raw[:t].reshape(t, chunks, cols).sum(axis=1)[:, :m]  # the chunks' partial sums
+    return ns[:t].reshape(t, n, d), products, sq[:t].sum(axis=1)

@@ -447,6 +447,31 @@ s23a)  # session 23: the one-pass mHC merge + next mixes kernel (kernels/hc_merg
   step lc_base 110 base python -m atom_jax.bench $LC --json "$J/lc128k_base.json"
   step lc2 110 python -m atom_jax.bench $LC --json "$J/lc128k_2.json"
   ;;
+s23b)  # session 23, after s23a: the mHC GPU tests (the fn halves' accuracy on a GPU, the merge kernel's tolerance at
+  # cancellation); the 128K prefill, 3 prompts (this tree: merge kernel off by default); the engine's float32
+  # kernel-path parity (the restructured step: the next layer's mHC in finish, the last merge on sampled rows); bench
+  # mhc with the kernel split over D chunks; if a tile beats XLA there, the 128K prefill with it on; one chunk traced
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv >"$OUT/gpu.txt" 2>&1
+  step tests 90 gpu_tests tests/test_mhc.py
+  LC="long-context --prompts 131072,131072,131072 --backends pallas --decode-tokens 4"
+  step lc 110 python -m atom_jax.bench $LC --json "$J/lc128k.json"
+  step tests_engine 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+    -p no:cacheprovider tests/test_engine.py -k "incremental and pallas and not rowselect"
+  step mhc 70 python -m atom_jax.bench mhc --tokens 8192 --json "$J/mhc.json"
+  best=$(python -c 'import json,sys; r=[x for x in json.load(open(sys.argv[1]))["rows"] if "ms" in x]
+j=[x["ms"] for x in r if x["variant"]=="jnp"]; k=sorted((x["ms"],x["variant"]) for x in r if x["variant"]!="jnp")
+v=k[0][1] if j and k and k[0][0] < 0.95*j[0] else ""
+names=("BLOCK_T","BLOCK_D","NUM_WARPS","NUM_STAGES","CHUNK_D")
+print(" ".join(f"kernels.hc_merge_mix.{a}={b}" for a,b in zip(names,v.split("x"))) if v not in ("","default") else v)' \
+    "$J/mhc.json" 2>/dev/null)
+  echo "best merge kernel tiles vs XLA: '${best}'" | tee -a "$SUMMARY"
+  if [ -n "$best" ]; then
+    [ "$best" = default ] && best=""
+    step lc_kernel 90 python scripts/gpu/with_attrs.py "models.hyper.MERGE_MIX_BACKEND='auto'" $best -- $LC \
+      --json "$J/lc128k_kernel.json"
+  fi
+  lc_traced 131072 1 lc128k_trace 100
+  ;;
 s22e)  # s22d's cut engine test, alone (session 22's last ~270 s of device time)
   env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
     tests/test_engine.py -k "incremental and rowselect"
