@@ -113,7 +113,7 @@ def run_cli(args) -> int:
             mix_ref = np.asarray(ref[1])
             m_diff = float(np.max(np.abs(np.asarray(got[1]) - mix_ref)) / np.max(np.abs(mix_ref)))
             row = {"tokens": t, "variant": name, "ms": round(sec * 1e3, 4), "GBps": round(moved / sec / 1e9, 1),
-                   "streams_diff_ulp": s_diff, "mixes_rel_diff": m_diff}
+                   "streams_diff_steps": s_diff, "mixes_rel_diff": m_diff}
             rows.append(row)
             print(f"{t:7d} {name:>20} {row['ms']:8.4f} {row['GBps']:7.0f} {s_diff:20.3f} {m_diff:15.2e}")
     if args.json:
