@@ -472,6 +472,11 @@ print(" ".join(f"kernels.hc_merge_mix.{a}={b}" for a,b in zip(names,v.split("x")
   fi
   lc_traced 131072 1 lc128k_trace 100
   ;;
+s23c)  # session 23's last call (~150 s of device time left): issue 26's rows at HEAD with one engine (1M cache): the 4K
+  # and 1M prompts' prefill (the 1M prompt at 8K chunks) and decode at 4K and 1M context
+  step lc_rows 140 python -m atom_jax.bench long-context --prompts 4096,1048559 --backends pallas --decode-tokens 16 \
+    --json "$J/lc_rows.json"
+  ;;
 s22e)  # s22d's cut engine test, alone (session 22's last ~270 s of device time)
   env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python -m pytest -q -p no:cacheprovider \
     tests/test_engine.py -k "incremental and rowselect"
