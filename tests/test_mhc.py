@@ -356,3 +356,15 @@ def test_hc_mixes_keep_float32_accuracy_on_gpu():
     ref = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)) @ np.asarray(fn, np.float64)
     got = np.asarray(jax.jit(lambda s, f: hyper.hc_mixes(s, f, 1e-6))(streams, fn), np.float64)
     assert np.abs(got - ref).max() < 2e-5 * np.abs(ref).max()
+
+
+def test_merge_kernel_only_where_its_tiles_divide_the_width(monkeypatch):
+    """use_merge_mix asks the kernel's default tiles (a program's chunk of D, then its steps) to divide
+    the streams' width: V4-Flash's 4096 and a width under one chunk do, 768 (512-column chunks) does not."""
+    from atom_jax.kernels import hc_merge_mix
+    assert hc_merge_mix.fits(4096) and hc_merge_mix.fits(256) and not hc_merge_mix.fits(768)
+    monkeypatch.setattr(hyper, "MERGE_MIX_BACKEND", "auto")
+    monkeypatch.setattr(hyper, "is_cpu", lambda: False)  # as lowered for a GPU
+    s = lambda d: jnp.zeros((1024, 4, d), jnp.bfloat16)  # noqa: E731
+    assert hyper.use_merge_mix(s(4096), jnp.zeros((1024, 4096), jnp.bfloat16))
+    assert not hyper.use_merge_mix(s(768), jnp.zeros((1024, 768), jnp.bfloat16))

@@ -80,6 +80,18 @@ def _kernel(s_ref, o_ref, pc_ref, hi_ref, lo_ref, ns_ref, raw_ref, sq_ref, *, t:
     plt.store(col(sq_ref, chunk), sq, mask=mine)
 
 
+def _widths(d: int, block_d: int | None = None, chunk_d: int | None = None) -> tuple[int, int]:
+    """(columns per step, columns per program) for streams of width d."""
+    dc = min(chunk_d or CHUNK_D, d)
+    return min(block_d or BLOCK_D, dc), dc
+
+
+def fits(d: int) -> bool:
+    """Whether the default tiles divide streams of width d (a program's chunk, and its steps)."""
+    bd, dc = _widths(d)
+    return d % dc == 0 and dc % bd == 0
+
+
 def bf16_halves(x):
     """x float32 -> (hi, lo) bf16 with hi + lo = x to ~2^-17 relative: hi = x rounded to bf16,
     lo = the rest rounded. The rounding is a reduce_precision, not a bf16 round trip: XLA on a GPU
@@ -106,8 +118,8 @@ def merge_mix(streams, out, post, comb, fn, interpret: bool = False, block_t: in
     streams flattened): the mixes are products * rsqrt(squares / (n * D) + eps)."""
     t, n, d = streams.shape
     m = fn.shape[1]
-    bt, dc = block_t or BLOCK_T, min(chunk_d or CHUNK_D, d)
-    bd = min(block_d or BLOCK_D, dc)
+    bt = block_t or BLOCK_T
+    bd, dc = _widths(d, block_d, chunk_d)
     if out.shape != (t, d) or out.dtype != streams.dtype:
         raise ValueError(f"merge_mix: out {out.shape} {out.dtype} for streams {streams.shape} {streams.dtype}")
     if fn.shape[0] != n * d or d % dc or dc % bd:

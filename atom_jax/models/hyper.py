@@ -186,7 +186,8 @@ affine_sinkhorn_kernel.defvjp(_affine_sinkhorn_kernel_fwd, _affine_sinkhorn_kern
 # has at least MERGE_MIX_MIN_TOKENS tokens (prefill chunks; decode steps keep XLA's fusions);
 # "jnp": hc_merge then hc_mixes everywhere (the CPU path and the oracle). "jnp" by default: on an
 # H200 (session 23, docs/benchmarks.md) the kernel took 1.04-1.23 ms a call at an 8K-token chunk of
-# V4-Flash where XLA's merge and mixes took 0.30, and the 128K prefill ~100 ms longer.
+# V4-Flash (1.08 at best split over chunks of D) where XLA's merge and mixes took 0.30, and the 128K
+# prefill ~100 ms longer with it.
 MERGE_MIX_BACKEND = "jnp"
 MERGE_MIX_MIN_TOKENS = 1024
 
@@ -199,7 +200,7 @@ def use_merge_mix(streams, block_out) -> bool:
     tokens = streams.size // (streams.shape[-1] * streams.shape[-2])
     return (MERGE_MIX_BACKEND == "auto" and not is_cpu() and streams.dtype == jnp.bfloat16
             and block_out.dtype == streams.dtype and tokens >= MERGE_MIX_MIN_TOKENS
-            and streams.shape[-1] % hc_merge_mix.BLOCK_D == 0)
+            and hc_merge_mix.fits(streams.shape[-1]))
 
 
 def hc_merge(streams, block_out, post, comb):
