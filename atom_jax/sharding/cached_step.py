@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -18,7 +17,6 @@ from atom_jax.cache.restore import restore_slots
 from atom_jax.loader import abstract_like
 from atom_jax.models import trace_once
 from atom_jax.models.cached_attention import PLANS, cached_attention
-from atom_jax.models.hyper import hc_merge
 from atom_jax.sharding.mesh import DP
 from atom_jax.sharding.overlap import Chain, RankStep, StepOptions
 from atom_jax.sharding.placement import check_divisible, param_specs
@@ -36,8 +34,6 @@ def _slice_batch(b: dict, lo: int, hi: int) -> dict:
 
 
 class CachedRankStep(RankStep):
-    merge_last = False  # the last layer's merge for the sampled rows only (`__call__`)
-
     def __init__(self, model, opts, dp, cache, page_table, layout):
         super().__init__(model, opts, dp)
         self.cache, self.page_table, self.layout = list(cache), page_table, layout
@@ -58,8 +54,7 @@ class CachedRankStep(RankStep):
         # each sampled chunk has a token here: a step of t tokens samples at most t of them; the last
         # layer's merge runs for those rows alone (a prefill chunk of 8K tokens samples one)
         rows = b["sample_idx"][: min(t, b["sample_idx"].shape[0])]
-        last = [jnp.concatenate([c.last[i] for c in chains], axis=0)[rows] for i in range(4)]
-        return self.model.logits(hc_merge(*last)), self.cache
+        return self.model.logits(self.final_streams(chains, rows)), self.cache
 
 
 def make_cached_step(model, mesh, layout, opts: StepOptions = StepOptions()):

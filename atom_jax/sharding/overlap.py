@@ -87,12 +87,11 @@ class Chain:
     streams: jax.Array  # [T, N, D]
     mid: LayerMid | None = None
     context: Any = None  # per step kind: the full-sequence step's segments, the cached step's batch slice
-    # (post, comb, x) of the next layer's attention mHC, computed by the previous layer's `finish`
-    # with its merge (Block.attn_in_after: one kernel on a GPU), or None
-    attn_in: tuple | None = None
-    # the last layer's merge operands (streams, output, post, comb) where the step merges only the rows
-    # it samples (RankStep.merge_last: False), else None
-    last: tuple | None = None
+    # the finished layer's merge operands (streams, output, post, comb): the next layer's attention
+    # merges them with its own mHC in one call (Block.attn_in_after), in its own layer scope; after the
+    # last layer, `final_streams` merges them (the cached step: only the rows it samples). None: the
+    # streams are current.
+    pending: tuple | None = None
 
 
 def _as_u16(a):
@@ -122,10 +121,6 @@ class RankStep:
     """The per-rank body; `model` holds this rank's parameter shards. Subclasses say how a
     chain attends (`attend_chain`) and how a step's tokens become chains."""
 
-    # False: the last layer's finish leaves its merge to the step (`Chain.last`), which needs the
-    # final streams of a few rows only (the cached step: the rows it samples)
-    merge_last = True
-
     def __init__(self, model: DeepseekV4, opts: StepOptions, dp: int):
         self.model, self.opts, self.dp = model, opts, dp
         self.cfg = model.cfg
@@ -135,10 +130,11 @@ class RankStep:
         raise NotImplementedError
 
     def attention(self, layer: int, block: Block, chain: Chain, other: Chain | None):
-        if chain.attn_in is None:
+        if chain.pending is None:
             post, comb, x = block.attn_in(chain.streams)
-        else:  # the previous layer's finish ran this layer's mHC with its merge
-            (post, comb, x), chain.attn_in = chain.attn_in, None
+        else:  # the previous layer's output merged, with this layer's attention mHC
+            chain.streams, post, comb, x = block.attn_in_after(*chain.pending)
+            chain.pending = None
         out = self.attend_chain(layer, block, chain, other, x)
         streams, post, comb, x = block.ffn_in_after(chain.streams, out, post, comb)
         mid = LayerMid(streams, post, comb, x)
@@ -194,31 +190,27 @@ class RankStep:
     def combine(self, partial):
         return jax.lax.psum_scatter(partial, DP, scatter_dimension=0, tiled=True)
 
-    def finish(self, block: Block, chain: Chain, reduced, shared=None, nxt: Block | None = None):
-        """`shared`: the shared expert's output for this chain if already computed. `nxt`: the
-        next layer, whose attention mHC then runs with this merge (`Chain.attn_in`)."""
+    def finish(self, block: Block, chain: Chain, reduced, shared=None):
+        """`shared`: the shared expert's output for this chain if already computed. The merge into
+        the streams waits in `Chain.pending` for the next layer's attention (or `final_streams`)."""
         mid = chain.mid
         y = reduced + (block.ffn.shared(mid.x) if shared is None else shared)
-        if nxt is None and not self.merge_last:
-            chain.streams, chain.last = None, (mid.streams, y, mid.post, mid.comb)
-        elif nxt is None:
-            chain.streams = hc_merge(mid.streams, y, mid.post, mid.comb)
-        else:
-            chain.streams, *attn_in = nxt.attn_in_after(mid.streams, y, mid.post, mid.comb)
-            chain.attn_in = tuple(attn_in)
+        chain.streams, chain.pending = None, (mid.streams, y, mid.post, mid.comb)
         chain.mid = None
 
-    def _next(self, i: int) -> Block | None:
-        layers = self.model.layers
-        return layers[i + 1] if i + 1 < len(layers) else None
+    @staticmethod
+    def final_streams(chains: list[Chain], rows=None):
+        """The streams after the last layer, the chains' rows concatenated: its merge, for `rows`
+        of them only when given (the cached step samples one row per chunk)."""
+        parts = [jnp.concatenate([c.pending[i] for c in chains], axis=0) for i in range(4)]
+        return hc_merge(*(parts if rows is None else [p[rows] for p in parts]))
 
     # ---- schedules ------------------------------------------------------------------------
     def run_one_chain(self, chain: Chain):
         for i, block in enumerate(self.model.layers):
             with layer_scope(i):
                 self.attention(i, block, chain, None)
-                reduced = self.combine(self.experts(block, self.dispatch(chain)))
-                self.finish(block, chain, reduced, nxt=self._next(i))
+                self.finish(block, chain, self.combine(self.experts(block, self.dispatch(chain))))
 
     def run_two_chains(self, a: Chain, b: Chain):
         """The overlapped schedule; the MoE half of each layer per `opts.tbo_schedule`
@@ -240,7 +232,7 @@ class RankStep:
                 ga, b.mid = barrier((ga, b.mid))
                 ra, pb, sa, sb = moe(block, a, b, ga)
                 with _in_a():
-                    self.finish(block, a, ra, sa, nxt=self._next(i))
+                    self.finish(block, a, ra, sa)
                 with _in_b():
                     rb = self.combine(pb)
             if i + 1 < len(layers):  # RS(B) || attn(A, next layer)
@@ -248,7 +240,7 @@ class RankStep:
                     self.attention(i + 1, layers[i + 1], a, b)
                 rb, a.mid = barrier((rb, a.mid))
             with layer_scope(i), _in_b():
-                self.finish(block, b, rb, sb, nxt=self._next(i))
+                self.finish(block, b, rb, sb)
 
     def _split_moe(self, block: Block, a: Chain, b: Chain, ga):
         """Each chain its own expert GEMM: MoE(A) || AG(B), then RS(A) || MoE(B).

@@ -74,10 +74,11 @@ class FullSeqRankStep(RankStep):
         width = self.cfg.vocab_size if self.opts.output == "logits" else self.cfg.hidden_size
         out = jnp.zeros((rows, seq, width), jnp.float32 if self.opts.output == "logits" else m.dtype)
         for chain in chains:
+            streams = self.final_streams([chain])
             if self.opts.output == "logits":
-                vals = m.logits(chain.streams)
+                vals = m.logits(streams)
             else:
-                vals = rms_norm(m.hc_head(chain.streams), m.norm[...], self.cfg.rms_norm_eps)
+                vals = rms_norm(m.hc_head(streams), m.norm[...], self.cfg.rms_norm_eps)
             off = 0
             for seg in chain.context.segments:
                 piece = vals[off: off + seg.tokens].reshape(seg.rows, seg.length, width).astype(out.dtype)
