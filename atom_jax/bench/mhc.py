@@ -87,7 +87,7 @@ def run_cli(args) -> int:
     def kernel_path(tiles):
         def run(s, o, p, c, f):
             merged, products, squares = hc_merge_mix.merge_mix(s, o, p, c, f, interpret=interpret, **tiles)
-            return merged, products * jax.lax.rsqrt(squares / (n * d) + eps)[:, None]
+            return merged, hc_merge_mix.normed_mixes(products, squares, n * d, eps)
         return run
 
     rows = []

@@ -109,13 +109,19 @@ def fn_halves(fn):
     return tuple(jnp.pad(h, ((0, 0), (0, pad))) for h in bf16_halves(fn))
 
 
+def normed_mixes(products, squares, width: int, eps: float):
+    """The mixes from `merge_mix`'s products [T, m] and squares [T] of streams `width` wide
+    (n * D): models.hyper.hc_mixes' RMS norm, its per-row scale applied after the product."""
+    return products * jax.lax.rsqrt(squares / width + eps)[:, None]
+
+
 def merge_mix(streams, out, post, comb, fn, interpret: bool = False, block_t: int | None = None,
               block_d: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               chunk_d: int | None = None):
     """streams [T, n, D], out [T, D] (the streams' dtype), post [T, n], comb [T, n, n] float32,
     fn [n * D, m] float32 -> (new streams [T, n, D] as hc_merge(streams, out, post, comb),
     products [T, m] float32 = new streams flattened @ fn, sums of squares [T] float32 of the new
-    streams flattened): the mixes are products * rsqrt(squares / (n * D) + eps)."""
+    streams flattened): the mixes are `normed_mixes(products, squares, n * D, eps)`."""
     t, n, d = streams.shape
     m = fn.shape[1]
     bt = block_t or BLOCK_T

@@ -40,11 +40,11 @@ class HyperConnection(nnx.Module):
         if not use_merge_mix(streams, block_out):
             merged = hc_merge(streams, block_out, post, comb)
             return (merged, *self._from_mixes(merged, hc_mixes(merged, fn, eps)))
-        from atom_jax.kernels.hc_merge_mix import merge_mix
+        from atom_jax.kernels.hc_merge_mix import merge_mix, normed_mixes
         *lead, n, d = streams.shape
         merged, products, squares = merge_mix(streams.reshape(-1, n, d), block_out.reshape(-1, d),
                                               post.reshape(-1, n), comb.reshape(-1, n, n), fn, interpret=is_cpu())
-        mixes = products * jax.lax.rsqrt(squares / (n * d) + eps)[:, None]  # hc_mixes' norm, applied after
+        mixes = normed_mixes(products, squares, n * d, eps)
         merged = merged.reshape(streams.shape)
         return (merged, *self._from_mixes(merged, mixes.reshape(*lead, -1)))
 
