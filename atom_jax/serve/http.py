@@ -4,7 +4,9 @@ uvicorn times out idle keep-alive connections but not a client that sends half a
 headers or a body trickling in (or never finishing) hold a connection, and its handler, for
 ever, and keep a graceful shutdown waiting. Here a request must arrive whole within
 `read_timeout` seconds of its first byte (or of the connection opening); otherwise the
-connection is closed. On shutdown, connections still receiving a request are closed at once
+connection is closed. Time the server itself holds reading paused does not count against the
+client: uvicorn pauses a connection whose buffered body (> 64 KiB) the app has not consumed
+yet, so a big body sent at full speed to a busy server is the server's delay, not a slow client. On shutdown, connections still receiving a request are closed at once
 instead of being waited for.
 """
 
@@ -60,6 +62,9 @@ class TimedH11Protocol(H11Protocol):
 
     def _timed_out(self) -> None:
         self._read_deadline = None
+        if self.flow.read_paused and not self.transport.is_closing():
+            self._arm()  # the app is behind on this body: the client gets a new deadline
+            return
         if self._receiving() and not self.transport.is_closing():
             self._close(f"sent no complete request within {self.read_timeout:g} s")
 
