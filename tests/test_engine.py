@@ -14,6 +14,7 @@ from atom_jax.engine import Engine, EngineConfig, SamplingParams
 from atom_jax.loader import random_model
 from atom_jax.config import tiny
 from atom_jax.models import jit_forward
+from atom_jax.scheduler.validation import checked_token_ids
 from cached_forward import as_jnp, cached_forward
 from hf_reference import make_hf_model
 
@@ -159,6 +160,21 @@ def test_the_engine_keeps_its_own_copy_of_the_prompt_ids():
     ids[0] = 10**6
     seq = eng.scheduler.get(rid)
     assert seq.prompt_token_ids == [5, 6, 7] and seq.prompt_token_ids is not eng._requests[rid].prompt_ids
+
+
+def test_checked_ids_are_taken_as_they_are_only_for_their_vocabulary():
+    """The server checks and copies a prompt off the engine's thread (`checked_token_ids`); the
+    engine keeps that list itself. CheckedIds made for another vocabulary are checked again."""
+    eng = Engine(EngineConfig(**SMALL))
+    vocab = eng.model.cfg.vocab_size
+    checked = checked_token_ids("prompt", [5, 6, 7], vocab)
+    rid = eng.add_request(prompt_token_ids=checked, params=SamplingParams(max_tokens=1))
+    assert eng.scheduler.get(rid).prompt_token_ids is checked.ids
+    other = checked_token_ids("prompt", [vocab + 1], vocab + 2)  # fine there, not here
+    with pytest.raises(ValueError, match="out of range"):
+        eng.add_request(prompt_token_ids=other)
+    with pytest.raises(ValueError, match="out of range"):
+        checked_token_ids("prompt", [1, vocab], vocab)
 
 
 def test_streamed_delta_text_adds_up_to_the_final_text_with_a_stop_string():

@@ -24,7 +24,7 @@ from atom_jax.engine.outputs import Prefix, RequestOutput, TextPrefix
 from atom_jax.engine.profiling import StepProfiler
 from atom_jax.engine.runner import ModelRunner
 from atom_jax.scheduler import PENDING, DPScheduler, RankConfig, SamplingParams, Sequence, make_delayer
-from atom_jax.scheduler.validation import check_request, check_text, check_token_ids
+from atom_jax.scheduler.validation import CheckedIds, check_request, check_text, checked_token_ids
 from atom_jax.sharding import StepOptions, make_dp_mesh
 from atom_jax.weights.formats import AUTO
 
@@ -167,16 +167,18 @@ class Engine:
                       chat: ChatPlan | None = None) -> list[int]:
         """The prompt's token ids, checked against the vocabulary, as a new list the caller owns
         (given ids are copied once and the copy is checked: a caller's later change to its list
-        cannot reach the engine; a tokenizer's encode returns a new list)."""
+        cannot reach the engine; a tokenizer's encode returns a new list). `CheckedIds` for this
+        vocabulary were checked and copied already: their list is taken as it is."""
         if messages is not None:
             chat = self.plan_chat(messages)
         if chat is not None and prompt_token_ids is None:
             prompt_token_ids = self._require_tokenizer().encode(chat.prompt, add_bos=chat.add_bos)
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt_token_ids = prompt
-        if prompt_token_ids is not None:
-            ids = list(prompt_token_ids)
-            check_token_ids("prompt", ids, self.model.cfg.vocab_size)
+        if isinstance(prompt_token_ids, CheckedIds) and prompt_token_ids.vocab_size == self.model.cfg.vocab_size:
+            ids = prompt_token_ids.ids  # checked and copied by the caller (the server, off this thread)
+        elif prompt_token_ids is not None:
+            ids = checked_token_ids("prompt", prompt_token_ids, self.model.cfg.vocab_size).ids
         elif isinstance(prompt, str):
             check_text("prompt", prompt)
             ids = self._require_tokenizer().encode(prompt)

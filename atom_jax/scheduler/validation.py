@@ -112,6 +112,31 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
                              "token_id_out_of_range")
 
 
+class CheckedIds:
+    """A prompt's token ids, copied and checked by `checked_token_ids`, for a caller that
+    validates off the engine's thread (the server): `Engine.add_request` keeps `ids` as they
+    are, with no second check or copy, when its vocabulary has this `vocab_size`. No one
+    changes `ids` afterwards (the engine's Sequence reads them while it runs)."""
+
+    __slots__ = ("ids", "vocab_size")
+
+    def __init__(self, ids: list[int], vocab_size: int):
+        self.ids, self.vocab_size = ids, vocab_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+
+def checked_token_ids(name: str, ids, vocab_size: int) -> CheckedIds:
+    """`ids` copied into a new list and checked (`check_token_ids`), ready for the engine."""
+    own = list(ids)  # the check sees exactly what is kept
+    check_token_ids(name, own, vocab_size)
+    return CheckedIds(own, vocab_size)
+
+
 def check_messages(messages) -> None:
     """OpenAI chat messages as plain dicts: a non-empty list of objects whose role is one of
     CHAT_ROLES, every string in them valid Unicode. (Content and tool calls are checked by the

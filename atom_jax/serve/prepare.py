@@ -15,7 +15,7 @@ from atom_jax.chat import ChatPlan, EncodingError, plan_chat
 from atom_jax.engine.args import REQUEST_DEFAULT_TEMPERATURE
 from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
-from atom_jax.scheduler.validation import InvalidRequest, check_request, check_token_ids
+from atom_jax.scheduler.validation import CheckedIds, InvalidRequest, check_request, checked_token_ids
 from atom_jax.serve.errors import OpenAIError, bad_request
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -26,7 +26,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class PreparedRequest:
     request_id: str
     kind: str  # "completion" | "chat"
-    prompt_token_ids: list[int]
+    prompt_token_ids: CheckedIds  # checked here, taken by the engine without a second pass
     params: SamplingParams
     stream: bool
     include_usage: bool
@@ -78,7 +78,7 @@ def _require_tokenizer(info: EngineInfo, what: str):
     return info.tokenizer
 
 
-def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int]:
+def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> CheckedIds:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -90,14 +90,13 @@ def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[int
             raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
         ids = _require_tokenizer(info, "a text prompt").encode(prompt)
     else:
-        check_token_ids("prompt", prompt, info.vocab_size)
-        ids = list(prompt)
+        ids = prompt
     if not ids:
         raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
-    return ids
+    return checked_token_ids("prompt", ids, info.vocab_size)
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[list[int], ChatPlan]:
+def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[CheckedIds, ChatPlan]:
     """The prompt ids and the plan for the output (reasoning / tool-call parsing)."""
     tok = _require_tokenizer(info, "chat messages")
     tool_choice = body.tool_choice
@@ -112,7 +111,8 @@ def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[list
     ids = tok.encode(plan.prompt, add_bos=plan.add_bos)
     if not ids:
         raise bad_request("the chat prompt is empty", param="messages", code="empty_prompt")
-    return ids, plan
+    with _as_bad_request():
+        return checked_token_ids("messages", ids, info.vocab_size), plan
 
 
 def sampling_params(body, info: EngineInfo, prompt_len: int, max_tokens: int | None,
