@@ -199,6 +199,35 @@ def test_seeded_sampling_is_reproducible(server):
     assert a == b
 
 
+def test_n_choices_sample_their_own_seeds_and_stream_as_they_return(server):
+    """n = 3: three sequences of one prompt; a seed makes each choice reproducible and the
+    choices differ; usage counts the prompt once and every choice's tokens; the stream
+    carries each choice by index, in order within a choice, ending with one usage chunk."""
+    body = {"prompt": [7, 8, 9, 10], "max_tokens": 6, "temperature": 1.0, "seed": 77, "n": 3,
+            "ignore_eos": True, "return_token_ids": True}
+    full = post(server, "/v1/completions", body).json()
+    assert [c["index"] for c in full["choices"]] == [0, 1, 2]
+    ids = [c["token_ids"] for c in full["choices"]]
+    assert all(len(t) == 6 for t in ids) and len({tuple(t) for t in ids}) > 1, ids
+    assert full["usage"]["prompt_tokens"] == 4 and full["usage"]["completion_tokens"] == 18
+    assert [c["token_ids"] for c in post(server, "/v1/completions", body).json()["choices"]] == ids
+    r = post(server, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = sse_chunks(r.text)
+    streamed, finishes = {0: [], 1: [], 2: []}, {}
+    for c in chunks[:-2]:
+        (choice,) = c["choices"]
+        assert choice["index"] not in finishes  # nothing after a choice's finish
+        streamed[choice["index"]] += choice["token_ids"]
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert [streamed[i] for i in range(3)] == ids and finishes == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == 18
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 2, "n": 2, "ignore_eos": True}).json()
+    assert [(c["index"], c["message"]["role"]) for c in chat["choices"]] == [(0, "assistant"), (1, "assistant")]
+    assert engine_state(server)["num_running"] == 0
+
+
 def test_stop_token_ids_and_stop_strings(server):
     base = {"prompt": [9, 10, 11], "max_tokens": 24, "temperature": 0.0, "ignore_eos": True,
             "return_token_ids": True}
@@ -286,9 +315,9 @@ def test_openai_client(server):
     assert [c.choices[0].finish_reason for c in text_stream][-1] == "length"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="atom-jax-tiny", prompt="x", max_tokens=1, n=2)
-    assert err.value.body["param"] == "n"
+    two = client.completions.create(model="atom-jax-tiny", prompt="x", max_tokens=2, n=2,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 4
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -324,7 +353,9 @@ BAD_INPUTS = [
     ("top_p zero", "/v1/completions", {"prompt": "x", "top_p": 0.0}, 400, "top_p"),
     ("top_p above one", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("top_k below -1", "/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k"),
-    ("n > 1", "/v1/completions", {"prompt": "x", "n": 3}, 400, "n"),
+    ("n 0", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("n above 128", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 129},
+     400, "n"),
     ("best_of", "/v1/completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
     ("logit_bias", "/v1/completions", {"prompt": "x", "logit_bias": {"5": 10.0}}, 400, "logit_bias"),
     ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
@@ -335,7 +366,6 @@ BAD_INPUTS = [
      400, "tools"),
     ("top_logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                               "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),
-    ("chat n", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, VOCAB]}, 400, "prompt"),
     ("negative token id", "/v1/completions", {"prompt": [1, -1]}, 400, "prompt"),
     ("stop token id out of vocab", "/v1/completions", {"prompt": "x", "stop_token_ids": [10**6]},
@@ -603,6 +633,18 @@ def test_queue_full_gets_503_with_retry_after(limited_server):
         for r in accepted + refused:
             r.close()
         client.close()
+    snap = wait_idle(limited_server, headers=AUTH)
+    assert snap["in_flight"] == 0 and snap["ranks"][0]["free_pages"] == 64
+
+
+def test_n_choices_are_admitted_together(limited_server):
+    """4 slots + 1 waiting place: n = 6 would leave 2 waiting, so it is refused whole (503,
+    nothing left in flight); n = 5 fits and returns its 5 choices."""
+    body = {"prompt": [1, 2, 3], "max_tokens": 2, "ignore_eos": True}
+    r = post(limited_server, "/v1/completions", {**body, "n": 6}, headers=AUTH)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+    r = post(limited_server, "/v1/completions", {**body, "n": 5}, headers=AUTH)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 5, r.text
     snap = wait_idle(limited_server, headers=AUTH)
     assert snap["in_flight"] == 0 and snap["ranks"][0]["free_pages"] == 64
 

@@ -118,7 +118,7 @@ def test_stream_chunks_byte_by_byte_reassemble_to_the_full_response():
             for c in calls] == [(0, "function", "get_weather", CALL_ARGS)]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     final = list(outputs_token_by_token(CALL))[-1]
-    body = full_response(chat_request(stream=False), INFO, final)
+    body = full_response(chat_request(stream=False), INFO, [final])
     msg = body["choices"][0]["message"]
     assert body["choices"][0]["finish_reason"] == "tool_calls"
     assert (msg["reasoning_content"], msg["content"]) == (reasoning, content)
@@ -128,7 +128,7 @@ def test_stream_chunks_byte_by_byte_reassemble_to_the_full_response():
 def test_without_tools_or_parser_text_is_content():
     req = chat_request(thinking=False, tools=())
     final = list(outputs_token_by_token(ANSWER))[-1]
-    body = full_response(req, INFO, final)
+    body = full_response(req, INFO, [final])
     assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
     assert body["choices"][0]["finish_reason"] == "stop"
 

@@ -14,7 +14,7 @@ import pytest
 from atom_jax.engine.info import EngineInfo
 from atom_jax.engine.outputs import RequestOutput as Output
 from atom_jax.scheduler import SamplingParams
-from atom_jax.serve.engine_loop import EngineLoop
+from atom_jax.serve.engine_loop import EngineLoop, merged_outputs
 from atom_jax.serve.errors import OpenAIError
 from atom_jax.serve.prepare import PreparedRequest
 from atom_jax.serve.responses import ChunkWriter, Deltas
@@ -202,6 +202,43 @@ def test_waiting_limit():
     run_loop(engine, body, max_waiting=1)
 
 
+def test_choices_run_as_requests_of_their_own_with_derived_seeds():
+    seeded = dataclasses.replace(prepared("c", max_tokens=2), params=SamplingParams(max_tokens=2, seed=5), n=3)
+    kids = seeded.choice_requests()
+    assert [k.request_id for k in kids] == ["c-0", "c-1", "c-2"] and all(k.n == 1 for k in kids)
+    seeds = [k.params.seed for k in kids]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    assert all(k.prompt_token_ids is seeded.prompt_token_ids for k in kids)
+    unseeded = dataclasses.replace(prepared("u"), n=2).choice_requests()
+    assert [k.params.seed for k in unseeded] == [None, None]  # the engine draws each one
+    assert prepared("one").choice_requests()[0].request_id == "one"
+
+
+def test_choices_are_refused_together_and_merge_in_order():
+    """One choice the engine refuses: the others are aborted and nothing stays in flight. A
+    whole set: their outputs arrive merged, each choice in order, each finished once."""
+    engine = FakeEngine()
+
+    async def body(loop):
+        mixed = [prepared("ok-0", max_tokens=10**6), prepared("no-1", prompt=(0,))]
+        with pytest.raises(OpenAIError) as err:
+            await loop.submit_all(mixed)
+        assert err.value.status == 400
+        streams = await loop.submit_all([prepared(f"m-{i}", max_tokens=i + 2) for i in range(3)])
+        seen = {0: [], 1: [], 2: []}
+        async for i, out in merged_outputs(streams):
+            seen[i].append(len(out.token_ids))
+        assert {i: v[-1] for i, v in seen.items()} == {0: 2, 1: 3, 2: 4}
+        assert all(v == sorted(set(v)) for v in seen.values())
+        for _ in range(500):  # the refused set's first choice: aborted
+            if not loop.snapshot()["in_flight"]:
+                break
+            await asyncio.sleep(0.01)
+        assert loop.snapshot()["in_flight"] == 0
+
+    run_loop(engine, body)
+
+
 def test_engine_start_failure_is_reported():
     def broken():
         raise RuntimeError("no devices")
@@ -247,7 +284,7 @@ def test_completion_logprobs_leave_out_a_cut_stop_string():
     ids = list(b"hi STOP")  # the fake tokenizer: one byte per token
     req = dataclasses.replace(prepared("r", stop=("ST",)), logprobs=True)
     final = Output("r", [1], ids, ids, "hi ", None, True, "stop", [-0.5] * len(ids))
-    lp = full_response(req, INFO, final)["choices"][0]["logprobs"]
+    lp = full_response(req, INFO, [final])["choices"][0]["logprobs"]
     assert lp["tokens"] == ["h", "i", " "] and lp["text_offset"] == [0, 1, 2]
     assert lp["token_logprobs"] == [-0.5] * 3
     w = ChunkWriter(req, INFO)  # streamed: the same tokens over the chunks
@@ -257,7 +294,7 @@ def test_completion_logprobs_leave_out_a_cut_stop_string():
     assert streamed == [["h", "i"], [" "]]
     # a length finish keeps every token
     full = Output("r", [1], ids, ids, "hi STOP", None, True, "length", [-0.5] * len(ids))
-    assert full_response(req, INFO, full)["choices"][0]["logprobs"]["tokens"] == list("hi STOP")
+    assert full_response(req, INFO, [full])["choices"][0]["logprobs"]["tokens"] == list("hi STOP")
 
 
 # ---- bench client summary --------------------------------------------------------------------

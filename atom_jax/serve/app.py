@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from atom_jax.serve.engine_loop import EngineLoop, RequestStream
+from atom_jax.serve.engine_loop import EngineLoop, RequestStream, merged_outputs
 from atom_jax.serve.errors import OpenAIError, install_error_handlers, unavailable
 from atom_jax.serve.metrics import ServeMetrics
 from atom_jax.serve.body import json_body, read_json
@@ -28,7 +28,7 @@ from atom_jax.serve.middleware import AllowedHosts, ApiKeyAuth, BodySizeLimit, H
 from atom_jax.serve.prepare import PreparedRequest, prepare_chat, prepare_completion
 from atom_jax.serve.profiling import DEFAULT_PROFILE_DIR, add_profile_routes
 from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest, ProfileRequest
-from atom_jax.serve.responses import ChunkWriter, full_response, sse
+from atom_jax.serve.responses import ChunkWriter, end_chunks, full_response, sse
 from atom_jax.serve.streaming import EventStreamResponse, result_or_disconnect
 
 
@@ -156,44 +156,45 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
 
     async def _respond(prepared: PreparedRequest, request: Request):
         info = engine_loop.info
-        stream = await engine_loop.submit(prepared)
-        rid = prepared.request_id
+        streams = await engine_loop.submit_all(prepared.choice_requests())
 
-        def abort_unless_finished():
-            if not stream.finished:
-                engine_loop.abort(rid)
+        def abort_unfinished():
+            for stream in streams:
+                if not stream.finished:
+                    engine_loop.abort(stream.request_id)
 
         if prepared.stream:
-            return EventStreamResponse(_events(stream, prepared, info), abort_unless_finished)
-        result = asyncio.ensure_future(stream.final_output())
+            return EventStreamResponse(_events(streams, prepared, info), abort_unfinished)
+        result = asyncio.ensure_future(asyncio.gather(*(s.final_output() for s in streams)))
         try:
-            final = await result_or_disconnect(result, request)
+            finals = await result_or_disconnect(result, request)
         finally:
-            abort_unless_finished()  # client gone or handler cancelled: free the pages now
+            abort_unfinished()  # client gone, a choice failed or handler cancelled: free the pages now
             result.cancel()
-        if final is None:  # the client is gone; nobody reads this
+        if finals is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
-        if final.finish_reason == "abort":
+        if any(f.finish_reason == "abort" for f in finals):
             raise unavailable("the request was aborted: the server is shutting down",
                               "request_aborted", 5)
-        return JSONResponse(full_response(prepared, info, final))
+        return JSONResponse(full_response(prepared, info, finals))
 
-    async def _events(stream: RequestStream, prepared: PreparedRequest, info):
-        writer = ChunkWriter(prepared, info)
-        for chunk in writer.start():
-            yield chunk
-        final = None
+    async def _events(streams: list[RequestStream], prepared: PreparedRequest, info):
+        writers = [ChunkWriter(prepared, info, i) for i in range(len(streams))]
+        for writer in writers:
+            for chunk in writer.start():
+                yield chunk
+        finals = [None] * len(streams)
         try:
-            async for out in stream:
-                for chunk in writer.output(out):
+            async for i, out in merged_outputs(streams):
+                for chunk in writers[i].output(out):
                     yield chunk
                 if out.finished:
-                    final = out
+                    finals[i] = out
         except OpenAIError as e:  # headers are sent: report in-band, as OpenAI does
             yield sse(e.body())
             yield sse("[DONE]")
             return
-        for chunk in writer.end(final):
+        for chunk in end_chunks(prepared, info, finals):
             yield chunk
 
     return app

@@ -90,6 +90,28 @@ class RequestStream:
         return await self.next_output()
 
 
+async def merged_outputs(streams: list[RequestStream]):
+    """(index, output) from several streams (a request's choices) as they arrive, until each
+    has finished; a failure (OpenAIError) of any ends the iteration by raising it."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    waiting = {asyncio.ensure_future(s.next_output()): i for i, s in enumerate(streams)}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=waiting.get):  # same-step outputs in choice order
+                i = waiting.pop(task)
+                out = task.result()
+                yield i, out
+                if not out.finished:
+                    waiting[asyncio.ensure_future(streams[i].next_output())] = i
+    finally:
+        for task in waiting:  # the consumer stopped, or a choice failed
+            task.cancel()
+
+
 class EngineLoop:
     def __init__(self, build_engine, model_name: str, *, warmup=None, max_waiting: int | None = None,
                  metrics=None, on_start_failure=None):
@@ -125,34 +147,51 @@ class EngineLoop:
     async def submit(self, request: PreparedRequest) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises OpenAIError (503 when
         not ready, shutting down or the waiting queue is full; 400 if the engine refuses it)."""
+        return (await self.submit_all([request]))[0]
+
+    async def submit_all(self, requests: list[PreparedRequest]) -> list[RequestStream]:
+        """`submit` for the choices of one request (n > 1): admitted together against
+        --max-waiting, and if the engine refuses one, the others are aborted and its error
+        raised (the client gets all of its choices or none)."""
         if not self.ready.is_set() or self.info is None:
             raise unavailable("the engine is still loading; retry shortly", "server_starting", 5)
-        stream = RequestStream(request)
+        streams = [RequestStream(r) for r in requests]
         with self._lock:
             if not self._accepting:
                 raise unavailable("the server is shutting down", "server_shutting_down", 5)
-            if self._max_waiting is not None and self._queued() >= self._max_waiting:
+            if self._max_waiting is not None and self._queued(len(streams)) > self._max_waiting:
                 if self._metrics:
                     self._metrics.requests_rejected.labels("queue_full").inc()
                 raise unavailable(f"the waiting queue is full ({self._max_waiting} requests); "
                                   "retry later", "queue_full", 1)
-            self._in_flight += 1
-        self._commands.put(("add", stream))
+            self._in_flight += len(streams)
+        for stream in streams:
+            self._commands.put(("add", stream))
+        error = None
         try:
-            first = await stream.queue.get()
+            for stream in streams:
+                first = await stream.queue.get()
+                if isinstance(first, Failed):
+                    stream.finished = True
+                    error = error or first.error
         except BaseException:
-            self.abort(request.request_id)  # the handler went away before the ack
+            for stream in streams:
+                self.abort(stream.request_id)  # the handler went away before the acks
             raise
-        if isinstance(first, Failed):
-            stream.finished = True
-            raise first.error
-        return stream
+        if error is not None:
+            for stream in streams:
+                if not stream.finished:
+                    self.abort(stream.request_id)
+            raise error
+        return streams
 
-    def _queued(self) -> int:
-        """Requests not yet holding a slot: beyond the slots of all ranks, or (when pages or the
-        token budget hold admissions back) what the scheduler reported after its last step."""
+    def _queued(self, adding: int = 0) -> int:
+        """Requests not yet holding a slot once `adding` more are admitted: beyond the slots of
+        all ranks, or (when pages or the token budget hold admissions back) what the scheduler
+        reported after its last step, plus those added."""
         slots = self.info.dp * self.info.num_slots
-        return max(self._in_flight - slots, self._engine_waiting)
+        held_back = self._engine_waiting + adding if self._engine_waiting else 0
+        return max(self._in_flight + adding - slots, held_back)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

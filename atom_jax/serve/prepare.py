@@ -35,6 +35,22 @@ class PreparedRequest:
     arrival: float  # time.perf_counter() when the request reached the handler
     chat: ChatPlan | None = None  # chat: how the output splits into reasoning, content, tool calls
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    n: int = 1  # choices: each its own engine request (`choice_requests`)
+
+    def choice_requests(self) -> list[PreparedRequest]:
+        """What the engine runs for the n choices: this request itself when n is 1; else one
+        request per choice, ids `<id>-<i>`, the same prompt ids (nobody changes them), and with a
+        seed, choice i's seed derived from it (choice 0 keeps it: n = 1 samples the same)."""
+        if self.n == 1:
+            return [self]
+        return [dataclasses.replace(self, request_id=f"{self.request_id}-{i}", n=1,
+                                    params=_choice_params(self.params, i)) for i in range(self.n)]
+
+
+def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    if params.seed is None or i == 0:
+        return params  # unseeded: the engine draws each request's seed
+    return dataclasses.replace(params, seed=(params.seed + i * 0x9E3779B9) % 2**32)
 
 
 def check_model(requested: str | None, info: EngineInfo) -> None:
@@ -46,14 +62,14 @@ def check_model(requested: str | None, info: EngineInfo) -> None:
 def reject_unsupported(body) -> None:
     """400 for fields this server cannot honour (silently ignoring them would change results)."""
     checks = [
-        ("n", body.n != 1, "n > 1 is not supported: send one request per completion"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("presence_penalty", bool(body.presence_penalty), "presence_penalty is not supported (only 0)"),
         ("frequency_penalty", bool(body.frequency_penalty), "frequency_penalty is not supported (only 0)"),
     ]
     if isinstance(body, CompletionRequest):
         checks += [
-            ("best_of", body.best_of not in (None, 1), "best_of is not supported"),
+            ("best_of", body.best_of not in (None, body.n),
+             "best_of other than n is not supported (every sampled completion is returned)"),
             ("echo", body.echo, "echo is not supported"),
             ("suffix", bool(body.suffix), "suffix is not supported"),
         ]
@@ -158,7 +174,7 @@ def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float
     params = sampling_params(body, info, len(ids), max_tokens, "prompt", want_logprobs)
     return PreparedRequest(_new_id("cmpl"), "completion", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
-                           want_logprobs, body.return_token_ids, arrival)
+                           want_logprobs, body.return_token_ids, arrival, n=body.n)
 
 
 def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
@@ -169,4 +185,4 @@ def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) 
     params = sampling_params(body, info, len(ids), max_tokens, "messages", body.logprobs)
     return PreparedRequest(_new_id("chatcmpl"), "chat", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
-                           body.logprobs, body.return_token_ids, arrival, chat=plan)
+                           body.logprobs, body.return_token_ids, arrival, chat=plan, n=body.n)

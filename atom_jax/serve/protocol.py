@@ -3,7 +3,7 @@
 Types are strict (no "5" for 5, no 1 for true), as OpenAI's API is. Unknown fields are
 ignored, so clients that send extra OpenAI or vendor fields (`user`, `metadata`, ...) keep
 working; fields that exist but would change the result in a way this server cannot honour
-(`n` > 1, `best_of`, `logit_bias`, `functions`, penalties, `echo`, ...) are rejected with a 400
+(`best_of` other than `n`, `logit_bias`, `functions`, penalties, `echo`, ...) are rejected with a 400
 naming the parameter (see `prepare.reject_unsupported`).
 """
 
@@ -39,6 +39,7 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Int(ge=-1, le=2**31 - 1)  # -1 or 0: off (vLLM's convention)
 Seed = Int(ge=-(2**63), le=2**64 - 1)
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MAX_N = 128  # completions per request (OpenAI's bound for chat)
 MaxTokens = Int(ge=1, le=2**31 - 1)
 StopString = Annotated[str, Field(min_length=1)]
 Stop = Union[StopString, Annotated[list[StopString], Field(max_length=16)]]
@@ -76,7 +77,9 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Int(ge=1, le=128) = Field(1, **unsupported(maximum=1))
+    n: Int(ge=1, le=MAX_N) = Field(1, description="How many completions to sample for the prompt "
+                                     "(each its own sequence; with a seed, choice i samples from "
+                                     "a seed derived from it and i).")
     presence_penalty: Penalty | None = Field(None, **unsupported(minimum=0, maximum=0))
     frequency_penalty: Penalty | None = Field(None, **unsupported(minimum=0, maximum=0))
     logit_bias: dict[str, float] | None = Field(None, **unsupported(maxProperties=0))
@@ -93,7 +96,8 @@ class CompletionRequest(_SamplingFields):
                           "(top_logprobs is always null: alternatives are not computed).")
     echo: bool = Field(False, **unsupported(enum=[False]))
     suffix: str | None = Field(None, **unsupported(maxLength=0))
-    best_of: Int(ge=0, le=128) | None = Field(None, **unsupported(minimum=1, maximum=1))
+    best_of: Int(ge=0, le=MAX_N) | None = Field(
+        None, description="Only as many as n (the default): every sampled completion is returned.")
 
 
 class ContentPart(_Strict):

@@ -12,12 +12,14 @@ from atom_jax.serve.prepare import PreparedRequest
 # vLLM's spelling. "error" never reaches here: the engine loop turns it into a failure.
 
 
-def usage(out) -> dict:
-    prompt, completion = len(out.prompt_token_ids), out.num_tokens
+def usage(outs: list) -> dict:
+    """The finished outputs of a request's choices: the prompt counted once (as OpenAI and vLLM
+    count it for n > 1), the completions summed."""
+    prompt, completion = len(outs[0].prompt_token_ids), sum(o.num_tokens for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # prompt tokens served from the prefix cache (OpenAI's field)
-            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+            # prompt tokens served from the prefix cache (OpenAI's field), for the first choice
+            "prompt_tokens_details": {"cached_tokens": outs[0].num_cached_tokens}}
 
 
 def _finite(lp: float) -> float:
@@ -86,28 +88,32 @@ def _envelope(req: PreparedRequest, model: str, obj: str, choices: list) -> dict
             "choices": choices}
 
 
-def full_response(req: PreparedRequest, info: EngineInfo, out) -> dict:
-    """The non-streaming body for a finished output."""
+def full_response(req: PreparedRequest, info: EngineInfo, outs: list) -> dict:
+    """The non-streaming body for the finished outputs of the request's choices, in order."""
+    choices = [_choice(req, info, out, index) for index, out in enumerate(outs)]
+    obj = "text_completion" if req.kind == "completion" else "chat.completion"
+    body = _envelope(req, info.model_name, obj, choices)
+    body["usage"] = usage(outs)
+    return body
+
+
+def _choice(req: PreparedRequest, info: EngineInfo, out, index: int) -> dict:
     deltas = Deltas(req, info)
     text, ids, lps = deltas.update(out)
     if req.kind == "completion":
-        choice = {"index": 0, "text": text, "finish_reason": out.finish_reason,
+        choice = {"index": index, "text": text, "finish_reason": out.finish_reason,
                   "logprobs": completion_logprobs(deltas, ids, lps, 0, _text_end(out, 0, text))
                   if req.logprobs else None}
-        obj = "text_completion"
     else:
         message, finish = {"role": "assistant", "content": text}, out.finish_reason
         if req.chat is not None:
             message, parser = req.chat.message(text)
             finish = parser.finish_reason(out.finish_reason)
-        choice = {"index": 0, "message": message, "finish_reason": finish,
+        choice = {"index": index, "message": message, "finish_reason": finish,
                   "logprobs": chat_logprobs(deltas, ids, lps) if req.logprobs else None}
-        obj = "chat.completion"
     if req.return_token_ids:
         choice["token_ids"] = ids
-    body = _envelope(req, info.model_name, obj, [choice])
-    body["usage"] = usage(out)
-    return body
+    return choice
 
 
 def sse(data) -> str:
@@ -116,11 +122,12 @@ def sse(data) -> str:
 
 
 class ChunkWriter:
-    """Stream chunks for one request, in OpenAI's order: (chat: a role chunk,) content chunks,
-    a chunk carrying finish_reason, (with include_usage: a usage chunk,) then [DONE]."""
+    """Stream chunks for one choice (`index`) of a request, in OpenAI's order: (chat: a role
+    chunk,) content chunks, a chunk carrying finish_reason; then, once for the request
+    (`end_chunks`), with include_usage a usage chunk, and [DONE]."""
 
-    def __init__(self, req: PreparedRequest, info: EngineInfo):
-        self.req, self.info = req, info
+    def __init__(self, req: PreparedRequest, info: EngineInfo, index: int = 0):
+        self.req, self.info, self.index = req, info, index
         self.deltas = Deltas(req, info)
         self.obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
         self.text_offset = 0
@@ -136,7 +143,7 @@ class ChunkWriter:
 
     def start(self) -> list[str]:
         if self.req.kind == "chat":
-            return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+            return [self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""},
                                  "finish_reason": None, "logprobs": None})]
         return []
 
@@ -174,19 +181,24 @@ class ChunkWriter:
             if self.req.logprobs:
                 logprobs = completion_logprobs(self.deltas, ids, lps, self.text_offset,
                                                _text_end(out, self.text_offset, text))
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": self.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
         else:
             logprobs = chat_logprobs(self.deltas, ids, lps) if self.req.logprobs else None
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         if self.req.return_token_ids:
             choice["token_ids"] = ids
         self.text_offset += len(text)
         return [self._chunk(choice)]
 
-    def end(self, final) -> list[str]:
-        chunks = []
-        if self.req.include_usage and final is not None:
-            body = _envelope(self.req, self.info.model_name, self.obj, [])
-            body["usage"] = usage(final)
-            chunks.append(sse(body))
-        return chunks + [sse("[DONE]")]
+
+
+def end_chunks(req: PreparedRequest, info: EngineInfo, finals: list) -> list[str]:
+    """The stream's end: with include_usage (and every choice finished) the usage chunk, then
+    [DONE]."""
+    chunks = []
+    if req.include_usage and finals and all(f is not None for f in finals):
+        obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+        body = _envelope(req, info.model_name, obj, [])
+        body["usage"] = usage(finals)
+        chunks.append(sse(body))
+    return chunks + [sse("[DONE]")]
