@@ -9,8 +9,8 @@ from atom_jax.scheduler import (DPScheduler, RankConfig, SamplingParams, Sequenc
                                 default_buckets, make_delayer)
 
 
-def seq(rid, n, max_tokens=4, **kw):
-    return Sequence(rid, [11] * n, SamplingParams(max_tokens=max_tokens, **kw))
+def seq(rid, n, max_tokens=4, tok=11, **kw):
+    return Sequence(rid, [tok] * n, SamplingParams(max_tokens=max_tokens, **kw))
 
 
 def run_step(sched, token=7):
@@ -31,15 +31,52 @@ def test_placement_least_pending_then_kv_usage_then_rank():
     cfg = RankConfig(num_slots=4, num_pages=64, page_tokens=16, max_tokens_per_step=256,
                      chunk_size=256)
     sched = DPScheduler(3, cfg, delayer=make_delayer("off"))
-    assert sched.add(seq("a", 100)) == 0
-    assert sched.add(seq("b", 50)) == 1
-    assert sched.add(seq("c", 70)) == 2
-    assert sched.add(seq("d", 10)) == 1  # rank 1 has the least pending (50)
+    assert sched.add(seq("a", 100, tok=1)) == 0  # prompts that share no page
+    assert sched.add(seq("b", 50, tok=2)) == 1
+    assert sched.add(seq("c", 70, tok=3)) == 2
+    assert sched.add(seq("d", 10, tok=4)) == 1  # rank 1 has the least pending (50)
     run_step(sched)  # every prompt is cached now: nothing pending anywhere
     usage = [r.kv_usage for r in sched.ranks]
     assert sched.add(seq("e", 5)) == min(range(3), key=lambda r: (usage[r], r))
     with pytest.raises(ValueError, match="already live"):
         sched.add(seq("a", 3))
+
+
+def test_choices_of_one_prompt_compute_its_pages_once_on_one_rank():
+    """Four requests with one 100-token prompt (n = 4), 16-token pages, two ranks: they go to
+    one rank (their shared pages count as reused there), the first computes the 6 full pages
+    while the others wait (past them, an unrelated request is admitted at once), then each
+    other computes only its last 4 tokens from the cached pages."""
+    cfg = RankConfig(num_slots=8, num_pages=64, page_tokens=16, max_tokens_per_step=64,
+                     chunk_size=32)
+    sched = DPScheduler(2, cfg, delayer=make_delayer("off"))
+    prompt = list(range(1, 101))
+    ranks = [sched.add(Sequence(f"c{i}", prompt, SamplingParams(max_tokens=2))) for i in range(4)]
+    assert ranks == [0, 0, 0, 0]
+    other_rank = sched.add(seq("other", 40, tok=500))
+    assert other_rank == 1
+    first_step, _ = run_step(sched)
+    assert [c.request_id for c in first_step.per_rank[0]] == ["c0"]  # the others wait for c0's pages
+    assert [c.request_id for c in first_step.per_rank[1]] == ["other"]
+    computed = {}
+    plan = first_step
+    while True:
+        for w in plan.per_rank:
+            for c in w:
+                if c.num_tokens > 1 or c.request_id not in computed:
+                    computed[c.request_id] = computed.get(c.request_id, 0) + c.num_tokens
+        if not sched.has_work():
+            break
+        plan, _ = run_step(sched)
+    assert computed["c0"] == 100 and [computed[f"c{i}"] for i in (1, 2, 3)] == [4, 4, 4]
+    assert sched.metrics.snapshot()["prefill_tokens"] == 100 + 3 * 4 + 40
+
+
+def test_choices_of_one_prompt_fill_one_ranks_free_slots_then_the_next():
+    cfg = RankConfig(num_slots=2, num_pages=64, page_tokens=16, max_tokens_per_step=64, chunk_size=32)
+    sched = DPScheduler(2, cfg, delayer=make_delayer("off"))
+    prompt = list(range(1, 101))
+    assert [sched.add(Sequence(f"c{i}", prompt, SamplingParams(max_tokens=2))) for i in range(5)] == [0, 0, 1, 1, 0]
 
 
 def test_one_bucket_for_all_ranks_waste_and_tbo():
@@ -80,7 +117,7 @@ def test_metrics_snapshot_is_consistent_and_json_ready():
                      chunk_size=32)
     sched = DPScheduler(2, cfg, delayer=make_delayer("off"), tbo_min_tokens=64)
     for i in range(4):
-        sched.add(seq(f"r{i}", 20 + 10 * i, max_tokens=3))
+        sched.add(seq(f"r{i}", 20 + 10 * i, max_tokens=3, tok=i + 1))  # no page shared
     finished = []
     while sched.has_work():
         finished += run_step(sched)[1].finished

@@ -18,6 +18,10 @@ Two parts, each run with the cache off and on:
   (system prompt, earlier turns and the engine's answers), all at once, and waits for the
   answers (--output-len tokens each). Reports the prefix cache hit rate (hit / queried tokens
   at admission), mean TTFT of the first round and of the later ones, and throughput.
+- choices: --choices copies of one --choices-len prompt added at once, each sampled with its own
+  seed (what the server runs for a request with n = --choices): the prefill tokens the engine
+  computed (cache on: the shared pages once, `RankScheduler.shared_prefill_pages`), its steps,
+  the time to the last choice's first token and to the end (--output-len tokens each).
 Every bucket is compiled first (Engine.warmup), so no compile lands in a timed run."""
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--turn-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--choices", type=int, default=8, help="choices of one prompt (0: skip that part)")
+    ap.add_argument("--choices-len", type=int, default=4096)
     ap.add_argument("--page-tokens", type=int, default=128)
     ap.add_argument("--chunk-size", type=int, default=None, help="default: 2048 (GPU), 256 (--tiny)")
     ap.add_argument("--prefix-state-pages", type=int, default=None,
@@ -182,16 +188,36 @@ def run_conversations(engine, rng, vocab, args) -> dict:
             "output_tok_s": round(out_tokens / wall, 1), "total_tok_s": round((in_tokens + out_tokens) / wall, 1)}
 
 
+def run_choices(engine, rng, vocab, args) -> dict:
+    prompt = list(map(int, rng.integers(2, vocab, args.choices_len)))
+    before = engine.stats()
+    first = {}
+    t0 = time.perf_counter()
+    for i in range(args.choices):
+        engine.add_request(prompt_token_ids=prompt, request_id=f"n{i}", params=SamplingParams(
+            max_tokens=args.output_len, ignore_eos=True, temperature=1.0, seed=i))
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.new_token_ids and o.request_id not in first:
+                first[o.request_id] = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = engine.stats()
+    return {"choices_prefill_tokens": after["prefill_tokens"] - before["prefill_tokens"],
+            "choices_steps": after["steps"] - before["steps"],
+            "choices_ttft_last_ms": round(1e3 * max(first.values()), 2), "choices_wall_s": round(wall, 3)}
+
+
 def run_cli(args) -> int:
     cfg = tiny() if args.tiny else v4_flash(num_layers=args.layers)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     pt = args.page_tokens
     chunk = args.chunk_size or (256 if args.tiny else 2048)
-    longest = max(args.pair_len, args.system_len + args.turns * (args.turn_len + args.output_len))
+    longest = max(args.pair_len, args.system_len + args.turns * (args.turn_len + args.output_len),
+                  args.choices_len + args.output_len)
     max_len = -(-(longest + 1) // pt) * pt
     # every conversation resident at once, plus room for the cache to keep what finished
-    pages = 2 * max(args.conversations // args.dp + 1, 2) * (max_len // pt)
-    ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=max(args.conversations, 4),
+    pages = 2 * max(max(args.conversations, args.choices) // args.dp + 1, 2) * (max_len // pt)
+    ec = EngineConfig(dp=args.dp, dtype=str(jnp.dtype(dtype)), num_slots=max(args.conversations, args.choices, 4),
                       num_pages=pages, page_tokens=pt, max_model_len=max_len, max_tokens_per_step=chunk,
                       chunk_size=chunk, moe_backend=args.moe_backend, seed=args.seed,
                       compilation_cache_dir=None, weights="bf16" if args.tiny else args.weights,
@@ -215,6 +241,9 @@ def run_cli(args) -> int:
         engine.reset_scheduler(prefix_caching=on)  # the conversations start with an empty cache
         if args.conversations:  # 0: the pair alone
             row.update(run_conversations(engine, rng, cfg.vocab_size, args))
+        if args.choices:
+            engine.reset_scheduler(prefix_caching=on)
+            row.update(run_choices(engine, rng, cfg.vocab_size, args))
         row["compiles_after_warmup"] = engine.snapshot()["step_compiles"]["after_warmup"]
         rows.append(row)
     # the step's cost without the cache: a lone prompt of the 2nd's uncached tokens, and of a chunk
@@ -226,14 +255,15 @@ def run_cli(args) -> int:
           f"{engine.layout.state_pages}; build + warm-up {warm_s:.1f} s")
     print(f"pair: {args.pair_len} tokens, then {args.pair_shared:.0%} shared | conversations: "
           f"{args.conversations} x {args.turns} turns, system {args.system_len}, turn {args.turn_len}, "
-          f"answer {args.output_len}")
+          f"answer {args.output_len} | choices: {args.choices} of one {args.choices_len}-token prompt")
     head = ("cache", "TTFT 1st ms", "TTFT 2nd ms", "2nd/1st", "hit rate", "TTFT r1 ms", "TTFT r2+ ms",
-            "total tok/s", "out tok/s", "state evict")
+            "total tok/s", "out tok/s", "state evict", "n: prefill", "n: steps", "n: TTFT ms", "n: wall s")
     print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
         vals = [r.get(k, "-") for k in ("prefix_cache", "ttft_first_ms", "ttft_second_ms", "second_over_first",
                                          "hit_rate", "ttft_first_round_ms", "ttft_later_rounds_ms", "total_tok_s",
-                                         "output_tok_s", "state_evictions")]
+                                         "output_tok_s", "state_evictions", "choices_prefill_tokens",
+                                         "choices_steps", "choices_ttft_last_ms", "choices_wall_s")]
         print(" ".join(f"{v:>12}" for v in vals))
     for r in rows:  # what the engine did from the 2nd request's arrival to its first token
         steps = ", ".join(f"{s['ms']} ms: " + (f"bucket {s['bucket']} ({s['prefill_tokens']} prefill, "

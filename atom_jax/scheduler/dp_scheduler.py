@@ -97,12 +97,23 @@ class DPScheduler:
         pending prefill tokens plus the request's tokens not in that rank's prefix cache. So
         a request goes to the rank holding its longest cached prefix unless that rank's queued
         prefill exceeds another rank's by more than the cache saves (ties: longer cached
-        prefix, lower KV usage, lower rank id). Returns the rank."""
+        prefix, lower KV usage, lower rank id). Pages another request on a rank is about to
+        compute and this one would reuse (`shared_prefill_pages`: the n choices of a request)
+        count as cached there while the rank has a free slot for each request waiting on it,
+        this one included (so choices fill one rank's slots, then the next rank's), and their
+        tokens leave that rank's pending work as this request sees it (it shares that work
+        instead of queueing behind it). Returns the rank."""
         if self.get(seq.request_id) is not None:
             raise ValueError(f"request id {seq.request_id!r} is already live")
-        hit = {r.rank: r.cached_prefix_tokens(seq) for r in self.ranks}
-        rank = min(self.ranks, key=lambda r: (r.pending_prefill_tokens + seq.total_len - hit[r.rank],
-                                              -hit[r.rank], r.kv_usage, r.rank))
+        cost, reuse = {}, {}
+        for r in self.ranks:
+            cached = len(r.cached_prefix(seq))
+            room = r.slots.num_free > r.num_waiting
+            shared = r.shared_prefill_pages(seq, cached, waiting_too=True) * r.config.page_tokens if room else 0
+            reuse[r.rank] = cached * r.config.page_tokens + shared
+            cost[r.rank] = r.pending_prefill_tokens - shared + seq.total_len - reuse[r.rank]
+        rank = min(self.ranks, key=lambda r: (cost[r.rank], -reuse[r.rank], r.kv_usage, r.rank))
+        seq.reuse_hint = reuse[rank.rank]
         seq.arrival_tick = self._tick
         rank.add(seq)
         self._collect_finished()  # a prompt that can never fit fails on add

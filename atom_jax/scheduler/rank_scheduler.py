@@ -21,13 +21,17 @@ starts the first chunk after it (at least one token is always computed, for the 
 chunk carries `restore=True`, so the runner first rebuilds the slot's per-sequence state at
 that position from the state stored with the pages. Every page a step fills completely is
 registered when the step is done. Finished and preempted sequences drop their references;
-cached pages nobody holds are evicted least recently used first when pages run out.
+cached pages nobody holds are evicted least recently used first when pages run out. A
+waiting sequence whose next pages a running prefill here is computing is passed over until
+they are registered (`shared_prefill_pages`), so requests sharing a prefix in flight compute
+it once.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 
 from atom_jax.scheduler.pages import PageAllocator, SlotAllocator
 from atom_jax.scheduler.sequence import PENDING, Sequence, SeqStatus
@@ -121,6 +125,12 @@ class PrefillOutlook:
     token_budget: int = 0  # the rank's max_tokens_per_step
 
 
+# Whether requests wait for pages another request is computing (`shared_prefill_pages`). False:
+# each computes what is not cached when it is admitted (the policy before; for A/B runs:
+# `scripts/gpu/with_attrs.py scheduler.rank_scheduler.SHARE_PREFILL_IN_FLIGHT=False -- prefix ...`).
+SHARE_PREFILL_IN_FLIGHT = True
+
+
 @dataclasses.dataclass
 class PrefixCacheStats:
     """Prefix-cache lookups of one rank, one per admission (re-admissions after preemption too)."""
@@ -170,8 +180,9 @@ class RankScheduler:
 
     @property
     def pending_prefill_tokens(self) -> int:
-        """Prompt (or recompute) tokens not yet in the cache: used to place new requests."""
-        return (sum(s.num_uncomputed for s in self.waiting)
+        """Prompt (or recompute) tokens not yet in the cache: used to place new requests (a
+        waiting sequence counts what it was placed expecting to compute, `reuse_hint`)."""
+        return (sum(max(s.num_uncomputed - s.reuse_hint, 0) for s in self.waiting)
                 + sum(s.remaining_prefill_tokens for s in self.running))
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
@@ -184,6 +195,36 @@ class RankScheduler:
 
     def cached_prefix_tokens(self, seq: Sequence) -> int:
         return len(self.cached_prefix(seq)) * self.config.page_tokens
+
+    def shared_prefill_pages(self, seq: Sequence, first: int, waiting_too: bool = False) -> int:
+        """Pages of `seq` from page `first` on (the pages before are cached) that another live
+        sequence on this rank has yet to compute and will register: the longest run of block
+        keys `seq` shares from there with a running sequence still prefilling (`waiting_too`:
+        or a waiting one, which placement counts). So n choices of one prompt, or requests
+        with one long system prompt arriving together, compute their shared pages once."""
+        if not (self.pages.prefix_caching and SHARE_PREFILL_IN_FLIGHT):
+            return 0
+        pt = self.config.page_tokens
+        limit = (seq.total_len - 1) // pt  # as `cached_prefix`: the last known token is computed
+        if first >= limit:
+            return 0
+        others = [s for s in self.running if s.is_prefilling]
+        if waiting_too:
+            others += [s for s in self.waiting if s is not seq]
+        best = 0
+        for other in others:
+            if other.num_computed >= (first + 1) * pt:  # computed that page already: not shared
+                continue
+            ends = min(limit, other.total_len // pt)  # the full pages its prefill will register
+            mine = itertools.islice(seq.iter_block_keys(pt, ends), first, None)
+            theirs = itertools.islice(other.iter_block_keys(pt, ends), first, None)
+            run = 0
+            for a, b in zip(mine, theirs):  # chained keys: equal means the whole prefix is equal
+                if a != b:
+                    break
+                run += 1
+            best = max(best, run)
+        return best
 
     # -- requests --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -280,9 +321,16 @@ class RankScheduler:
                     n = min(cfg.chunk_size, seq.num_uncomputed, self._budget)
                     if self._reserve(seq, seq.num_computed + n):
                         self._put(seq, seq.num_computed, n, seq.num_computed + n == seq.total_len)
-            # 3. Admit waiting sequences in arrival order (no skipping: FCFS, no starvation).
-            while self.waiting and self._budget > 0 and self.slots.num_free:
-                if not self._admit(self.waiting[0]):
+            # 3. Admit waiting sequences in arrival order, passing over those whose next pages a
+            # running prefill is computing (`shared_prefill_pages`: they wait to reuse them; it
+            # runs every step, so they wait a bounded time); the first that does not fit stops it.
+            for seq in list(self.waiting):
+                if self._budget <= 0 or not self.slots.num_free:
+                    break
+                hit = self.cached_prefix(seq)
+                if self.shared_prefill_pages(seq, len(hit)):
+                    continue
+                if not self._admit(seq, hit):
                     break
 
         # Keep the engine's view stable: running order (oldest first).
@@ -358,16 +406,18 @@ class RankScheduler:
         return bool(out) and out[-1] == PENDING and self._at_length(seq)
 
     # -- internals -------------------------------------------------------------------------
-    def _admit(self, seq: Sequence) -> bool:
-        """Admit the first waiting sequence onto its cached prefix plus fresh pages for its
-        first chunk; False (nothing changed) if the pages are not there."""
+    def _admit(self, seq: Sequence, hit: list[int]) -> bool:
+        """Admit a waiting sequence onto its cached prefix (`hit`, its `cached_prefix`) plus
+        fresh pages for its first chunk; False (nothing changed) if the pages are not there."""
         pt = self.config.page_tokens
-        hit = self.cached_prefix(seq)
         start = len(hit) * pt
         n = min(self.config.chunk_size, seq.total_len - start, self._budget)
         if self.pages.pages_for(start + n) - len(hit) > self.pages.num_free_after_acquire(hit):
             return False
-        self.waiting.popleft()
+        if self.waiting[0] is seq:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(seq)
         seq.slot = self.slots.allocate()
         seq.pages = self.pages.acquire(hit)
         # the window state the restore reads, before `extend` may give its entries to new pages
@@ -463,6 +513,7 @@ class RankScheduler:
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.num_registered_pages = 0
+        seq.reuse_hint = 0  # (its recompute: placed long ago)
         self.waiting.appendleft(seq)  # preempted work goes first when memory returns
 
     def _free_resources(self, seq: Sequence) -> None:

@@ -50,6 +50,9 @@ class Sequence:
         self.arrival_tick: int | None = None
         self.arrival_time = arrival_time
         self.num_preemptions = 0
+        # tokens placement expected it to reuse on its rank (cached, or computed by another
+        # request there first): while it waits, its prefill work counts as the rest
+        self.reuse_hint = 0
         # prefix cache: prompt tokens found cached at the first admission (None: not admitted
         # yet), block keys computed so far, how many of `pages` are registered, and how many
         # (the first ones) were reused from the cache at this admission (the rest it computes)
