@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 import types
 
 import pytest
@@ -237,6 +238,56 @@ def test_choices_are_refused_together_and_merge_in_order():
         assert loop.snapshot()["in_flight"] == 0
 
     run_loop(engine, body)
+
+
+class _EndsWith:
+    def __init__(self, suffix):
+        self.suffix = suffix
+
+    def __contains__(self, request_id):
+        return request_id.endswith(self.suffix)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_choice_fails_the_request_and_stops_the_others(stream):
+    """Choice 1 of 3 gets a malformed output: the response is a 500 (streamed: an error event,
+    then [DONE]) and choices 0 and 2 are aborted (not left to run to their length)."""
+    from starlette.testclient import TestClient
+
+    from atom_jax.serve.app import ServerSettings, create_app
+
+    class SlowEngine(FakeEngine):  # 126 tokens take 2.5 s: the others end by abort, not length
+        aborted = []
+
+        def step(self):
+            time.sleep(0.02)
+            return super().step()
+
+        def abort(self, request_id):
+            self.aborted.append(request_id)
+            return super().abort(request_id)
+
+    engine = SlowEngine()
+    engine.poison = _EndsWith("-1")
+    app = create_app(ServerSettings(model_name="fake", allowed_hosts=("testserver",)), lambda: engine)
+    with TestClient(app) as client:
+        for _ in range(200):
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.02)
+        r = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 126, "n": 3,
+                                                 "stream": stream})
+        if stream:
+            events = [e for e in r.text.split("\n\n") if e.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "internal_error"
+        else:
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        for _ in range(200):
+            if client.get("/debug/engine").json()["in_flight"] == 0:
+                break
+            time.sleep(0.02)
+        assert client.get("/debug/engine").json()["in_flight"] == 0 and not engine.live
+        assert sorted(rid[-2:] for rid in engine.aborted) == ["-0", "-1", "-2"]
 
 
 def test_engine_start_failure_is_reported():

@@ -191,6 +191,9 @@ def create_app(settings: ServerSettings, build_engine) -> FastAPI:
                 if out.finished:
                     finals[i] = out
         except OpenAIError as e:  # headers are sent: report in-band, as OpenAI does
+            for stream in streams:  # a failed choice ends the response: stop the other choices
+                if not stream.finished:
+                    engine_loop.abort(stream.request_id)
             yield sse(e.body())
             yield sse("[DONE]")
             return

@@ -6,8 +6,9 @@ ever, and keep a graceful shutdown waiting. Here a request must arrive whole wit
 `read_timeout` seconds of its first byte (or of the connection opening); otherwise the
 connection is closed. Time the server itself holds reading paused does not count against the
 client: uvicorn pauses a connection whose buffered body (> 64 KiB) the app has not consumed
-yet, so a big body sent at full speed to a busy server is the server's delay, not a slow client. On shutdown, connections still receiving a request are closed at once
-instead of being waited for.
+yet, so a big body sent at full speed to a busy server is the server's delay, not a slow
+client. On shutdown, connections still receiving a request are closed at once instead of
+being waited for.
 """
 
 from __future__ import annotations
