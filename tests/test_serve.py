@@ -228,6 +228,22 @@ def test_n_choices_sample_their_own_seeds_and_stream_as_they_return(server):
     assert engine_state(server)["num_running"] == 0
 
 
+def test_a_batch_of_prompts_returns_n_choices_per_prompt_in_order(server):
+    """prompt: a list of token lists, n = 2: choice i * 2 + j is prompt i's j-th; greedy
+    choices of one prompt are equal; usage counts each prompt once; a batch of strings too."""
+    body = {"prompt": [[5, 6, 7], [8, 9, 10, 11, 12]], "n": 2, "max_tokens": 4, "temperature": 0.0,
+            "ignore_eos": True, "return_token_ids": True}
+    r = post(server, "/v1/completions", body).json()
+    ids = [c["token_ids"] for c in r["choices"]]
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3] and ids[0] == ids[1] and ids[2] == ids[3]
+    assert r["usage"]["prompt_tokens"] == 3 + 5 and r["usage"]["completion_tokens"] == 16
+    alone = post(server, "/v1/completions", {**body, "prompt": [8, 9, 10, 11, 12], "n": 1}).json()
+    assert alone["usage"]["prompt_tokens"] == 5 and len(alone["choices"]) == 1
+    text = post(server, "/v1/completions", {"prompt": ["Once", "upon a"], "max_tokens": 2,
+                                            "ignore_eos": True}).json()
+    assert [c["index"] for c in text["choices"]] == [0, 1] and text["usage"]["completion_tokens"] == 4
+
+
 def test_stop_token_ids_and_stop_strings(server):
     base = {"prompt": [9, 10, 11], "max_tokens": 24, "temperature": 0.0, "ignore_eos": True,
             "return_token_ids": True}
@@ -336,7 +352,10 @@ BAD_INPUTS = [
     ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("empty token prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("empty nested prompt", "/v1/completions", {"prompt": [[]]}, 400, "prompt"),
-    ("batched prompts", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("an empty prompt in a batch", "/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
+    ("a token out of vocab in a batch", "/v1/completions", {"prompt": [[1], [2, VOCAB]]}, 400, "prompt"),
+    ("batch x n over 256", "/v1/completions", {"prompt": ["a", "b", "c"], "n": 100}, 400, "prompt"),
+    ("batch over 128", "/v1/completions", {"prompt": ["a"] * 129}, 400, "prompt"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
     ("image part", "/v1/chat/completions",

@@ -17,7 +17,7 @@ from atom_jax.engine.info import EngineInfo
 from atom_jax.scheduler import SamplingParams
 from atom_jax.scheduler.validation import CheckedIds, InvalidRequest, check_request, checked_token_ids
 from atom_jax.serve.errors import OpenAIError, bad_request
-from atom_jax.serve.protocol import ChatCompletionRequest, CompletionRequest
+from atom_jax.serve.protocol import MAX_CHOICES, MAX_N, ChatCompletionRequest, CompletionRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -35,16 +35,20 @@ class PreparedRequest:
     arrival: float  # time.perf_counter() when the request reached the handler
     chat: ChatPlan | None = None  # chat: how the output splits into reasoning, content, tool calls
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    n: int = 1  # choices: each its own engine request (`choice_requests`)
+    n: int = 1  # choices per prompt: each its own engine request (`choice_requests`)
+    batch: tuple[CheckedIds, ...] = ()  # /v1/completions' further prompts (the first is above)
 
     def choice_requests(self) -> list[PreparedRequest]:
-        """What the engine runs for the n choices: this request itself when n is 1; else one
-        request per choice, ids `<id>-<i>`, the same prompt ids (nobody changes them), and with a
-        seed, choice i's seed derived from it (choice 0 keeps it: n = 1 samples the same)."""
-        if self.n == 1:
+        """What the engine runs for the choices: this request itself for one prompt and n = 1;
+        else one request per choice i * n + j (prompt i, its j-th completion; OpenAI's and vLLM's
+        order), ids `<id>-<index>`, the prompt ids as they are (nobody changes them), and with a
+        seed, choice index's seed derived from it (choice 0 keeps it)."""
+        prompts = (self.prompt_token_ids, *self.batch)
+        if len(prompts) == 1 and self.n == 1:
             return [self]
-        return [dataclasses.replace(self, request_id=f"{self.request_id}-{i}", n=1,
-                                    params=_choice_params(self.params, i)) for i in range(self.n)]
+        return [dataclasses.replace(self, request_id=f"{self.request_id}-{i * self.n + j}", n=1, batch=(),
+                                    prompt_token_ids=ids, params=_choice_params(self.params, i * self.n + j))
+                for i, ids in enumerate(prompts) for j in range(self.n)]
 
 
 def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
@@ -94,22 +98,30 @@ def _require_tokenizer(info: EngineInfo, what: str):
     return info.tokenizer
 
 
-def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> CheckedIds:
+def completion_prompt_ids(body: CompletionRequest, info: EngineInfo) -> list[CheckedIds]:
+    """The prompt's ids, or each prompt's of a batch (a list of strings or of token lists)."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise bad_request(f"batched prompts ({len(prompt)} prompts) are not supported: send "
-                              "one prompt per request", param="prompt", code="unsupported_parameter")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
-        ids = _require_tokenizer(info, "a text prompt").encode(prompt)
-    else:
-        ids = prompt
-    if not ids:
-        raise bad_request("the prompt is empty", param="prompt", code="empty_prompt")
-    return checked_token_ids("prompt", ids, info.vocab_size)
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(batch) > MAX_N:
+        raise bad_request(f"a batch of {len(batch)} prompts; at most {MAX_N} are accepted in one request",
+                          param="prompt", code="too_many_entries")
+    if len(batch) * body.n > MAX_CHOICES:
+        raise bad_request(f"{len(batch)} prompts x n = {body.n} is {len(batch) * body.n} completions; at most "
+                          f"{MAX_CHOICES} are accepted in one request", param="prompt", code="too_many_choices")
+    out = []
+    for i, one in enumerate(batch):
+        name = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+        if isinstance(one, str):
+            if not one:
+                raise bad_request(f"{name} is empty", param="prompt", code="empty_prompt")
+            one = _require_tokenizer(info, "a text prompt").encode(one)
+        if not one:
+            raise bad_request(f"{name} is empty", param="prompt", code="empty_prompt")
+        try:
+            out.append(checked_token_ids(name, one, info.vocab_size))
+        except InvalidRequest as e:
+            raise bad_request(str(e), param="prompt", code=e.code) from None
+    return out
 
 
 def chat_prompt_ids(body: ChatCompletionRequest, info: EngineInfo) -> tuple[CheckedIds, ChatPlan]:
@@ -167,14 +179,14 @@ def _new_id(prefix: str) -> str:
 def prepare_completion(body: CompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:
     check_model(body.model, info)
     reject_unsupported(body)
-    with _as_bad_request():
-        ids = completion_prompt_ids(body, info)
+    ids, *batch = completion_prompt_ids(body, info)
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     want_logprobs = body.logprobs is not None and body.logprobs is not False
-    params = sampling_params(body, info, len(ids), max_tokens, "prompt", want_logprobs)
+    longest = max(len(p) for p in (ids, *batch))  # the context check holds for every prompt
+    params = sampling_params(body, info, longest, max_tokens, "prompt", want_logprobs)
     return PreparedRequest(_new_id("cmpl"), "completion", ids, params, body.stream,
                            bool(body.stream_options and body.stream_options.include_usage),
-                           want_logprobs, body.return_token_ids, arrival, n=body.n)
+                           want_logprobs, body.return_token_ids, arrival, n=body.n, batch=tuple(batch))
 
 
 def prepare_chat(body: ChatCompletionRequest, info: EngineInfo, arrival: float) -> PreparedRequest:

@@ -39,7 +39,8 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Int(ge=-1, le=2**31 - 1)  # -1 or 0: off (vLLM's convention)
 Seed = Int(ge=-(2**63), le=2**64 - 1)
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-MAX_N = 128  # completions per request (OpenAI's bound for chat)
+MAX_N = 128  # completions per prompt (OpenAI's bound for chat), and prompts per batch
+MAX_CHOICES = 256  # completions per request: a batch of prompts times n
 MaxTokens = Int(ge=1, le=2**31 - 1)
 StopString = Annotated[str, Field(min_length=1)]
 Stop = Union[StopString, Annotated[list[StopString], Field(max_length=16)]]
@@ -47,12 +48,13 @@ TokenIds = list[Int(ge=-(2**63), le=2**63 - 1)]
 
 _TOKEN_LIST = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 PROMPT_SCHEMA = {
-    "description": "A string, a list of token ids, or a one-element list of either "
-                   "(batches of prompts are not supported).",
+    "description": f"A string, a list of token ids, or a batch: a list of up to {MAX_N} of either "
+                   f"(choice i * n + j is prompt i's j-th completion; at most {MAX_CHOICES} "
+                   "completions in all).",
     "anyOf": [{"type": "string", "minLength": 1}, _TOKEN_LIST,
-              {"type": "array", "minItems": 1, "maxItems": 1,
+              {"type": "array", "minItems": 1, "maxItems": MAX_N,
                "items": {"type": "string", "minLength": 1}},
-              {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKEN_LIST}]}
+              {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": _TOKEN_LIST}]}
 
 
 class _Strict(BaseModel):

@@ -12,14 +12,15 @@ from atom_jax.serve.prepare import PreparedRequest
 # vLLM's spelling. "error" never reaches here: the engine loop turns it into a failure.
 
 
-def usage(outs: list) -> dict:
-    """The finished outputs of a request's choices: the prompt counted once (as OpenAI and vLLM
-    count it for n > 1), the completions summed."""
-    prompt, completion = len(outs[0].prompt_token_ids), sum(o.num_tokens for o in outs)
+def usage(outs: list, n: int = 1) -> dict:
+    """The finished outputs of a request's choices, n per prompt (choice i * n + j: prompt i):
+    each prompt counted once (as OpenAI and vLLM count them), the completions summed."""
+    firsts = outs[::n]  # one choice of each prompt
+    prompt, completion = sum(len(o.prompt_token_ids) for o in firsts), sum(o.num_tokens for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # prompt tokens served from the prefix cache (OpenAI's field), for the first choice
-            "prompt_tokens_details": {"cached_tokens": outs[0].num_cached_tokens}}
+            # prompt tokens served from the prefix cache (OpenAI's field), for each prompt's first choice
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}}
 
 
 def _finite(lp: float) -> float:
@@ -93,7 +94,7 @@ def full_response(req: PreparedRequest, info: EngineInfo, outs: list) -> dict:
     choices = [_choice(req, info, out, index) for index, out in enumerate(outs)]
     obj = "text_completion" if req.kind == "completion" else "chat.completion"
     body = _envelope(req, info.model_name, obj, choices)
-    body["usage"] = usage(outs)
+    body["usage"] = usage(outs, req.n)
     return body
 
 
@@ -199,6 +200,6 @@ def end_chunks(req: PreparedRequest, info: EngineInfo, finals: list) -> list[str
     if req.include_usage and finals and all(f is not None for f in finals):
         obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
         body = _envelope(req, info.model_name, obj, [])
-        body["usage"] = usage(finals)
+        body["usage"] = usage(finals, req.n)
         chunks.append(sse(body))
     return chunks + [sse("[DONE]")]
