@@ -33,6 +33,17 @@ def test_delayer_all_and_none_allow_mixed_delays():
                                                  (False, "delay")]
 
 
+def test_delayer_leaves_out_ranks_with_no_work():
+    """A rank that neither prefills nor decodes is padding either way: a lone prefillable rank
+    beside idle ones is allowed; beside one that decodes, it waits."""
+    d = PrefillDelayer(max_delay_passes=30)
+    d.decide(NONE)  # first tick
+    lone = [o(True, decodes=0), o(False, decodes=0), o(False, decodes=0)]
+    beside_decodes = [o(True, decodes=0), o(False, decodes=0), o(False, decodes=2)]
+    assert decisions(d, [lone, beside_decodes]) == [(True, "allow"), (False, "delay")]
+    assert d.decide(lone).state == "mixed"  # (reported as it is across all ranks)
+
+
 def test_delayer_first_tick_is_allowed_even_when_mixed():
     d = PrefillDelayer()
     assert decisions(d, [MIXED, MIXED]) == [(True, "allow"), (False, "delay")]

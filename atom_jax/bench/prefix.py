@@ -136,7 +136,7 @@ def run_pair(engine, rng, vocab, length, shared, prefix_caching: bool, repeats: 
 
 def model_step_bucket(steps: list[dict]) -> int:
     """The bucket of the first model step in a `_ttft_alone` step log (0: none); the engine's
-    first calls may be idle ticks (the delayer holding a lone prefill a moment)."""
+    first calls may be idle ticks (a prefill gate holding the prefill a moment)."""
     return next((s["bucket"] for s in steps if s["bucket"]), 0)
 
 

@@ -54,7 +54,8 @@ class _TickGate:
 class PrefillDelayer(_TickGate):
     """Mode "on" (SGLang/ATOM PrefillDelayer).
 
-    all / none -> allow. mixed -> delay; a run of `max_delay_passes` consecutive delayed
+    all / none -> allow. mixed (among the ranks with work: one that neither prefills nor
+    decodes is left out) -> delay; a run of `max_delay_passes` consecutive delayed
     ticks is followed by an allowed tick ("timeout"), after which the count starts again.
     In a mixed tick, a prefillable rank whose KV usage is under `low_watermark` forces allow
     (a nearly empty rank should not sit idle; None disables). The first tick ever is allowed.
@@ -72,7 +73,10 @@ class PrefillDelayer(_TickGate):
         self._ticks += 1
         state = classify(outlooks)
         waited = self._delayed
-        if self._ticks == 1 or state != "mixed":
+        # A rank with nothing to prefill and nothing to decode is padding either way: waiting
+        # for it aligns nothing (n choices of one prompt share one rank; a lone request).
+        busy = [o for o in outlooks if o.prefillable or o.num_decodes]
+        if self._ticks == 1 or classify(busy) != "mixed":
             return self._allow("allow", state, waited)
         lw = self.low_watermark
         if lw is not None and any(o.prefillable and o.kv_usage < lw for o in outlooks):
