@@ -151,6 +151,7 @@ class RankScheduler:
         self.prefix_stats = PrefixCacheStats()
         self.slots = SlotAllocator(config.num_slots)
         self.waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting_prefill = 0  # sum of `_waiting_work` over `waiting` (kept, not recounted per add)
         self.running: list[Sequence] = []  # admission order: oldest first
         self._live: dict[str, Sequence] = {}
         self._finished: list[Sequence] = []  # finished since the last pop_finished()
@@ -182,8 +183,11 @@ class RankScheduler:
     def pending_prefill_tokens(self) -> int:
         """Prompt (or recompute) tokens not yet in the cache: used to place new requests (a
         waiting sequence counts what it was placed expecting to compute, `reuse_hint`)."""
-        return (sum(max(s.num_uncomputed - s.reuse_hint, 0) for s in self.waiting)
-                + sum(s.remaining_prefill_tokens for s in self.running))
+        return self._waiting_prefill + sum(s.remaining_prefill_tokens for s in self.running)
+
+    @staticmethod
+    def _waiting_work(seq: Sequence) -> int:
+        return max(seq.num_uncomputed - seq.reuse_hint, 0)
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Pages of `seq`'s longest cached prefix on this rank (read only). At least the last
@@ -235,6 +239,7 @@ class RankScheduler:
         seq.rank = self.rank
         self._live[seq.request_id] = seq
         self.waiting.append(seq)
+        self._waiting_prefill += self._waiting_work(seq)
         too_long = self.config.max_seq_len is not None and seq.total_len > self.config.max_seq_len
         if too_long or self.pages.pages_for(seq.total_len) > self.pages.num_pages:
             self._release(seq, "error")  # the prompt alone can never be cached
@@ -418,6 +423,7 @@ class RankScheduler:
             self.waiting.popleft()
         else:
             self.waiting.remove(seq)
+        self._waiting_prefill -= self._waiting_work(seq)
         seq.slot = self.slots.allocate()
         seq.pages = self.pages.acquire(hit)
         # the window state the restore reads, before `extend` may give its entries to new pages
@@ -515,6 +521,7 @@ class RankScheduler:
         seq.num_registered_pages = 0
         seq.reuse_hint = 0  # (its recompute: placed long ago)
         self.waiting.appendleft(seq)  # preempted work goes first when memory returns
+        self._waiting_prefill += self._waiting_work(seq)
 
     def _free_resources(self, seq: Sequence) -> None:
         if seq.pages:
@@ -529,6 +536,7 @@ class RankScheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+            self._waiting_prefill -= self._waiting_work(seq)
         if self._work is not None:  # failing inside schedule(): drop its chunk
             chunk = self._work.pop(seq.request_id, None)
             if chunk is not None:
@@ -558,3 +566,4 @@ class RankScheduler:
             assert s.status is SeqStatus.RUNNING, s
             assert self.pages.pages_for(s.num_computed) <= len(s.pages), s
         assert len(self._live) == len(self.running) + len(self.waiting)
+        assert self._waiting_prefill == sum(map(self._waiting_work, self.waiting)), self._waiting_prefill
