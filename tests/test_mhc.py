@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from atom_jax.bench.mhc import inputs as mhc_inputs, rounding_step
 from atom_jax.kernels import hc_sinkhorn
 from atom_jax.kernels.platform import lowering_for
 from atom_jax.models import hyper
@@ -242,16 +243,12 @@ def test_hc_mixes_match_float64(dtype):
 
 
 def _merge_inputs(rng, t, n=4, d=128, m=24):
-    streams = jnp.asarray(rng.standard_normal((t, n, d)) * 3, jnp.bfloat16)
-    out = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
-    post = jnp.asarray(rng.random((t, n)) * 2, jnp.float32)
-    comb = hyper.sinkhorn_reference(_logits(rng, (t, n, n)), 20, 1e-6)
-    fn = jnp.asarray(rng.standard_normal((n * d, m)) / 16, jnp.float32)
-    return streams, out, post, comb, fn
+    """bench mhc's inputs (bf16 streams and output, Sinkhorn combs), fresh for each call."""
+    return mhc_inputs(t, n, d, m, jnp.bfloat16, seed=int(rng.integers(2**63)))
 
 
-def _bf16_steps(x):  # the spacing of bf16 at each |x| (8 significant bits)
-    return np.exp2(np.floor(np.log2(np.maximum(np.abs(x), 1e-30))) - 7)
+def _bf16_steps(x):
+    return rounding_step(x, jnp.bfloat16)
 
 
 def _check_merge_mix(got_streams, got_mixes, streams, out, post, comb, fn):
