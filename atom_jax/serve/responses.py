@@ -117,6 +117,10 @@ def _choice(req: PreparedRequest, info: EngineInfo, out, index: int) -> dict:
     return choice
 
 
+def _chunk_object(req: PreparedRequest) -> str:
+    return "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+
+
 def sse(data) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, allow_nan=False)
     return f"data: {payload}\n\n"
@@ -130,7 +134,7 @@ class ChunkWriter:
     def __init__(self, req: PreparedRequest, info: EngineInfo, index: int = 0):
         self.req, self.info, self.index = req, info, index
         self.deltas = Deltas(req, info)
-        self.obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
+        self.obj = _chunk_object(req)
         self.text_offset = 0
         self.pending_ids: list[int] = []  # tokens not yet sent in a chunk
         self.pending_lps: list[float] = []
@@ -198,8 +202,7 @@ def end_chunks(req: PreparedRequest, info: EngineInfo, finals: list) -> list[str
     [DONE]."""
     chunks = []
     if req.include_usage and finals and all(f is not None for f in finals):
-        obj = "text_completion" if req.kind == "completion" else "chat.completion.chunk"
-        body = _envelope(req, info.model_name, obj, [])
+        body = _envelope(req, info.model_name, _chunk_object(req), [])
         body["usage"] = usage(finals, req.n)
         chunks.append(sse(body))
     return chunks + [sse("[DONE]")]
